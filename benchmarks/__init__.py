@@ -1,0 +1,1 @@
+"""Benchmarks: real pretrained models vs the tools users pick today, side by side in one run."""

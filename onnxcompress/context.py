@@ -1,0 +1,96 @@
+"""PassContext: what every pass may read besides the graph.
+
+- ``calibration``: a re-iterable ``FeedSet`` of input feeds (dicts name -> array), or None.
+- ``seed``: the seed every stochastic step derives its generator from (``ctx.rng(salt)``).
+- ``target_opset``: the default-domain opset a pass may upgrade to when it needs newer ops (None: leave it).
+- ``dims``: user bindings for symbolic input dims (``--dim batch=1``).
+- analyses: computed lazily by name and cached; the PassManager drops the ones a pass did not preserve
+  (LLVM's preserved-analyses idea). An analysis is a function ``(graph, ctx) -> value`` registered with
+  ``register_analysis``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from onnxcompress.data import FeedSet
+
+log = logging.getLogger(__name__)
+
+AnalysisFn = Callable[["gs.Graph", "PassContext"], Any]
+_ANALYSES: dict[str, AnalysisFn] = {}
+
+
+def register_analysis(name: str) -> Callable[[AnalysisFn], AnalysisFn]:
+    def deco(fn: AnalysisFn) -> AnalysisFn:
+        _ANALYSES[name] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class PassContext:
+    calibration: FeedSet | None = None
+    seed: int = 0
+    target_opset: int | None = None
+    dims: dict[str, int] = field(default_factory=dict)
+    #: the original model, serialised once at import (None for > 2 GB models: then ``original_path`` is used).
+    original_bytes: bytes | None = None
+    original_path: str | None = None
+    #: the ModelProto the current graph was imported from (opset imports, metadata) - read-only for passes.
+    model_template: onnx.ModelProto | None = None
+    show_progress: bool = False
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def rng(self, salt: str = "") -> np.random.Generator:
+        """A generator seeded from ``seed`` and a salt, so each pass gets an independent, reproducible stream."""
+        digest = hashlib.sha256(f"{self.seed}:{salt}".encode()).digest()
+        return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+    def analysis(self, name: str, graph: gs.Graph) -> Any:
+        if name not in self._cache:
+            _load_builtin_analyses()
+            try:
+                fn = _ANALYSES[name]
+            except KeyError:
+                raise KeyError(f"unknown analysis {name!r}; known: {sorted(_ANALYSES)}") from None
+            log.debug("computing analysis %s", name)
+            self._cache[name] = fn(graph, self)
+        return self._cache[name]
+
+    def cached_analyses(self) -> list[str]:
+        return sorted(self._cache)
+
+    def invalidate(self, preserved: frozenset[str] | set[str] = frozenset()) -> None:
+        """Drop every cached analysis not named in ``preserved`` ("all" keeps everything)."""
+        if "all" in preserved:
+            return
+        for key in list(self._cache):
+            if key not in preserved:
+                del self._cache[key]
+
+    def opset(self) -> int:
+        """Default-domain opset of the model being compressed."""
+        if self.model_template is None:
+            return 17
+        for imp in self.model_template.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return imp.version
+        return 17
+
+
+def _load_builtin_analyses() -> None:
+    import importlib
+
+    importlib.import_module("onnxcompress.analyses")

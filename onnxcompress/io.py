@@ -1,0 +1,341 @@
+"""Model I/O: ModelProto <-> onnx-graphsurgeon Graph, external data, safety checks, atomic writes.
+
+Rules this module enforces:
+
+- Reading never modifies the input file. A file that is not a parseable ONNX model, or is an empty protobuf, is a
+  ``BadInputError`` with one clear line.
+- External data must live inside the model's folder: an absolute ``location`` or one that resolves outside the
+  folder (``../x``, symlinks out) is refused before anything is read.
+- ``Constant`` nodes that carry a tensor are weights, exactly like initializers: ``lift_constant_nodes`` turns them
+  into initializers of the graph they live in (subgraphs included), so every pass sees one kind of weight.
+- Writes are atomic: the model (and its external data file) are written to a temporary folder next to the target
+  and renamed into place; a failure leaves nothing behind.
+- A model whose weights exceed ``PROTO_LIMIT`` is saved with external data: a > 2 GB protobuf is never serialised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from onnxcompress.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+#: Protobuf refuses messages >= 2 GiB; keep a margin for the graph structure itself.
+PROTO_LIMIT = 1_800_000_000
+
+_SUBGRAPH_ATTR_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+# --------------------------------------------------------------------------------------------------- traversal
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph below it (If/Loop/Scan bodies), depth first."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers and Constant-node values, subgraphs included."""
+    for g in iter_graphs(model.graph):
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield sp.values
+            yield sp.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
+def iter_gs_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graphsurgeon graph and all its subgraphs."""
+    yield graph
+    yield from graph.subgraphs(recursive=True)
+
+
+# ----------------------------------------------------------------------------------------------- external data
+def _external_location(t: onnx.TensorProto) -> str | None:
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    for entry in t.external_data:
+        if entry.key == "location":
+            return entry.value
+    return ""
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
+    """Refuse external data that escapes ``base_dir``; return the distinct files it references."""
+    base = base_dir.resolve()
+    files: dict[Path, None] = {}
+    for t in iter_tensors(model):
+        loc = _external_location(t)
+        if loc is None:
+            continue
+        if not loc:
+            raise BadInputError(f"tensor {t.name!r} has external data without a location")
+        if os.path.isabs(loc) or loc.startswith(("/", "\\")) or Path(loc).drive:
+            raise BadInputError(
+                f"tensor {t.name!r}: external data location {loc!r} is an absolute path; only files inside the "
+                "model's folder are allowed"
+            )
+        target = (base / loc).resolve()
+        if target != base and base not in target.parents:
+            raise BadInputError(
+                f"tensor {t.name!r}: external data location {loc!r} points outside the model's folder {base}"
+            )
+        if not target.is_file():
+            raise BadInputError(f"tensor {t.name!r}: external data file {loc!r} not found next to the model")
+        files[target] = None
+    return list(files)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
+    """Parse an ONNX file with safety checks; external data (if any) is checked and loaded into memory."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(f"{p}: no such file")
+    if p.is_dir():
+        raise BadInputError(f"{p}: is a folder, not an ONNX file")
+    try:
+        model = onnx.load_model(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, or RuntimeWarning-like errors on garbage
+        raise BadInputError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from exc
+    if model.ir_version <= 0 or not model.HasField("graph") or (len(model.graph.node) == 0 and not model.graph.output):
+        raise BadInputError(f"{p}: not an ONNX model (no graph, or no IR version)")
+    files = check_external_data(model, p.parent)
+    if files and load_weights:
+        try:
+            onnx.load_external_data_for_model(model, str(p.parent))
+        except Exception as exc:
+            raise BadInputError(f"{p}: cannot load external data ({_first_line(exc)})") from exc
+        # also load Constant-node attribute tensors stored externally (onnx only loads initializers for some versions)
+        for t in iter_tensors(model):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                onnx.external_data_helper.load_external_data_for_tensor(t, str(p.parent))
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+    return model
+
+
+def model_from_bytes(data: bytes, what: str = "model") -> onnx.ModelProto:
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:
+        raise BadInputError(f"{what}: not a readable ONNX model ({_first_line(exc)})") from exc
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------- Constant lifting
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The tensor a ``Constant`` node produces, or None for sparse/string forms we leave as nodes."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def lift_constant_nodes(model: onnx.ModelProto) -> int:
+    """Turn tensor-valued ``Constant`` nodes into initializers of their own (sub)graph. Returns how many.
+
+    The produced value keeps its name, so consumers are untouched. IR < 4 requires initializers to be graph inputs,
+    so lifting is skipped for such old models.
+    """
+    if model.ir_version < 4:
+        return 0
+    lifted = 0
+    for g in iter_graphs(model.graph):
+        keep = []
+        for node in g.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+                value_attr = next((a for a in node.attribute if a.name == "value"), None)
+                if value_attr is not None:
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(value_attr.t)
+                    tensor.name = node.output[0]
+                    g.initializer.append(tensor)
+                    lifted += 1
+                    continue
+                arr = constant_node_value(node)
+                if arr is not None:
+                    g.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+                    lifted += 1
+                    continue
+            keep.append(node)
+        if len(keep) != len(g.node):
+            del g.node[:]
+            g.node.extend(keep)
+    return lifted
+
+
+# ----------------------------------------------------------------------------------------- graph conversions
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import into graphsurgeon (weights as ``gs.Constant``; subgraphs as Graph attributes)."""
+    try:
+        return gs.import_onnx(model)
+    except Exception as exc:
+        raise BadInputError(f"cannot import the model graph ({_first_line(exc)})") from exc
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None, opset: int | None = None) -> onnx.ModelProto:
+    """Export a graphsurgeon graph, keeping the template's opset imports, IR version and metadata.
+
+    ``opset`` overrides the default-domain opset (a pass upgraded it); other domains keep the template's versions.
+    """
+    if template is None:
+        model = gs.export_onnx(graph, do_type_check=False)
+        return model
+    imports = [onnx.helper.make_opsetid(i.domain, i.version) for i in template.opset_import]
+    # domains a pass introduced (e.g. com.microsoft) must be imported too
+    have = {i.domain for i in imports}
+    for dom in _used_domains(graph) - have:
+        imports.append(onnx.helper.make_opsetid(dom, 1))
+    if opset is not None:
+        imports = [onnx.helper.make_opsetid(i.domain, opset) if i.domain in ("", "ai.onnx") else i for i in imports]
+        if not any(i.domain in ("", "ai.onnx") for i in imports):
+            imports.append(onnx.helper.make_opsetid("", opset))
+    model = gs.export_onnx(graph, do_type_check=False, opset_imports=imports)
+    model.ir_version = max(template.ir_version, _min_ir_for_opset(opset)) if opset else template.ir_version
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    return model
+
+
+def _used_domains(graph: gs.Graph) -> set[str]:
+    domains = set()
+    for g in iter_gs_graphs(graph):
+        for node in g.nodes:
+            if node.domain not in (None, "", "ai.onnx"):
+                domains.add(node.domain)
+    return domains
+
+
+def _min_ir_for_opset(opset: int) -> int:
+    # IR versions that introduced each opset range (onnx/helper.py VERSION_TABLE)
+    if opset >= 23:
+        return 11
+    if opset >= 21:
+        return 10
+    if opset >= 19:
+        return 9
+    if opset >= 15:
+        return 8
+    return 7
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by tensors (initializers, Constant values) of the model, subgraphs included."""
+    total = 0
+    for t in iter_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next((e.value for e in t.external_data if e.key == "length"), 0) or 0)
+        elif t.raw_data:
+            total += len(t.raw_data)
+        else:
+            total += t.ByteSize()
+    return total
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    return weight_bytes(model) >= PROTO_LIMIT
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    """Serialise a < 2 GB model (callers check ``needs_external_data`` first)."""
+    return model.SerializeToString()
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Write atomically. External data (``<name>.data`` beside the model) when asked or when the model is too big.
+
+    The target folder must exist. Nothing half-written is left behind on failure.
+    """
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise BadInputError(f"output folder {folder} does not exist")
+    use_external = needs_external_data(model) if external_data is None else external_data
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=folder))
+    try:
+        tmp_model = tmpdir / out.name
+        data_name = out.name + ".data"
+        if use_external:
+            to_save = onnx.ModelProto()
+            to_save.CopyFrom(model)
+            onnx.save_model(
+                to_save,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            with open(tmp_model, "wb") as f:
+                f.write(serialize(model))
+                f.flush()
+                os.fsync(f.fileno())
+        if (tmpdir / data_name).exists():
+            os.replace(tmpdir / data_name, folder / data_name)
+        elif (folder / data_name).exists() and not use_external:
+            log.debug("leaving unrelated %s in place", folder / data_name)
+        os.replace(tmp_model, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+def file_size_on_disk(path: str | os.PathLike) -> int:
+    """The model file plus the external data files it references."""
+    p = Path(path)
+    total = p.stat().st_size
+    model = onnx.load_model(str(p), load_external_data=False)
+    for f in check_external_data(model, p.parent):
+        total += f.stat().st_size
+    return total

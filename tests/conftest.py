@@ -1,0 +1,53 @@
+"""Shared test helpers: build tiny models, run them under ORT, apply passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a ModelProto on the CPU EP with graph optimizations disabled (so ORT does not hide our mistakes)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[str, np.ndarray]:
+    """Random float/int feeds for a model with static (or small symbolic) input shapes."""
+    rng = np.random.default_rng(seed)
+    init_names = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        tt = inp.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else dim for d in tt.shape.dim]
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(np_dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(np_dtype)
+        elif np_dtype == np.bool_:
+            feeds[inp.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[inp.name] = rng.integers(0, 5, shape).astype(np_dtype)
+    return feeds
+
+
+def apply_passes(model: onnx.ModelProto, *passes, ctx=None) -> onnx.ModelProto:
+    """Import -> run the passes through a PassManager -> export; returns the new ModelProto."""
+    from onnxcompress.context import PassContext
+    from onnxcompress.manager import PassManager
+
+    ctx = ctx or PassContext()
+    result = PassManager(list(passes)).run(model, ctx)
+    return result.model
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
