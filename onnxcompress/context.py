@@ -3,7 +3,7 @@
 - ``calibration``: a re-iterable ``FeedSet`` of input feeds (dicts name -> array), or None.
 - ``seed``: the seed every stochastic step derives its generator from (``ctx.rng(salt)``).
 - ``target_opset``: the default-domain opset a pass may upgrade to when it needs newer ops (None: leave it).
-- ``dims``: user bindings for symbolic input dims (``--dim batch=1``).
+- ``dims`` / ``input_shapes``: user bindings for symbolic input dims (``--dim batch=1``, ``--shape x=1x3x48x192``).
 - analyses: computed lazily by name and cached; the PassManager drops the ones a pass did not preserve
   (LLVM's preserved-analyses idea). An analysis is a function ``(graph, ctx) -> value`` registered with
   ``register_analysis``.
@@ -45,6 +45,8 @@ class PassContext:
     seed: int = 0
     target_opset: int | None = None
     dims: dict[str, int] = field(default_factory=dict)
+    #: explicit concrete input shapes (``--shape``), used when there is no data to bind symbolic dims
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: the original model, serialised once at import (None for > 2 GB models: then ``original_path`` is used).
     original_bytes: bytes | None = None
     original_path: str | None = None

@@ -1,0 +1,77 @@
+"""Ledger figures for one model: parameters, bytes (raw and zip-compressed), op histogram, node count, MACs.
+
+- params: elements of floating-point weight tensors (initializers and Constant values, subgraphs included); integer
+  weights (quantized) count too, under ``int_params``; shape-plumbing integer constants are not parameters.
+- bytes_raw: the serialised model (protobuf) size; bytes_zip: its zlib (level 6) size, which is what clustering and
+  pruning buy when the file is shipped compressed; zip of > 2 GB models is estimated on the weights alone.
+- ops / nodes: histogram of op types over the graph and its subgraphs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxcompress import io
+from onnxcompress.analyses.macs import count_macs
+
+_INT_PARAM_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+@dataclass
+class ModelStats:
+    params: int = 0
+    int_params: int = 0
+    bytes_raw: int = 0
+    bytes_zip: int = 0
+    nodes: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+    macs: int | None = None
+    macs_unknown: int = 0
+    opset: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _elements(t: onnx.TensorProto) -> int:
+    return int(np.prod(list(t.dims), dtype=np.int64)) if len(t.dims) else 1
+
+
+def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                feed: dict[str, np.ndarray] | None = None, with_zip: bool = True) -> ModelStats:
+    st = ModelStats(opset=io.default_opset(model))
+    for t in io.iter_tensors(model):
+        if t.data_type in _FLOAT_TYPES:
+            st.params += _elements(t)
+        elif t.data_type in _INT_PARAM_TYPES and _elements(t) > 16:
+            st.int_params += _elements(t)
+    ops: Counter[str] = Counter()
+    for g in io.iter_graphs(model.graph):
+        for n in g.node:
+            ops[n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"] += 1
+    st.ops = dict(ops.most_common())
+    st.nodes = sum(ops.values())
+    if io.needs_external_data(model):
+        st.bytes_raw = model.ByteSize()
+        if with_zip:
+            comp = zlib.compressobj(6)
+            total = 0
+            for t in io.iter_tensors(model):
+                total += len(comp.compress(t.raw_data))
+            st.bytes_zip = total + len(comp.flush())
+    else:
+        data = model.SerializeToString()
+        st.bytes_raw = len(data)
+        if with_zip:
+            st.bytes_zip = len(zlib.compress(data, 6))
+    if input_shapes is not None:
+        macs = count_macs(model, input_shapes, feed)
+        st.macs = macs.total
+        st.macs_unknown = len(macs.unknown)
+    return st

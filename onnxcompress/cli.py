@@ -1,0 +1,348 @@
+"""The ``onnxcompress`` command line. The only module that prints.
+
+    onnxcompress compress IN -o OUT (--passes TEXT | --recipe F.toml) [--calib DATA] [--val DATA] [--report R.json]
+    onnxcompress inspect IN [--dim name=value] [--json]
+    onnxcompress validate A B [--data DATA] [--dim name=value] [--json]
+    onnxcompress passes
+
+Errors print one line to stderr and exit non-zero (2 bad input, 3 pass failure, 4 validation failure, 1 other);
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+
+from onnxcompress import io
+from onnxcompress.errors import BadInputError, OnnxCompressError
+
+log = logging.getLogger("onnxcompress")
+
+
+def _progress():
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    if not sys.stderr.isatty():
+        return None
+    return lambda it, total=None, desc=None: tqdm(it, total=total, desc=desc, leave=False, file=sys.stderr)
+
+
+def _parse_dims(items: list[str] | None) -> dict[str, int]:
+    dims = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit() or int(value) <= 0:
+            raise BadInputError(f"--dim {item!r}: expected name=positive integer, e.g. --dim batch=1")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def _parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for item in items or []:
+        name, sep, value = item.rpartition("=")
+        try:
+            dims = tuple(int(d) for d in value.lower().replace(",", "x").split("x"))
+        except ValueError:
+            dims = ()
+        if not sep or not name or not dims or any(d <= 0 for d in dims):
+            raise BadInputError(f"--shape {item!r}: expected input=DxDxD, e.g. --shape x=1x3x48x192")
+        shapes[name.strip()] = dims
+    return shapes
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)))
+
+
+# ------------------------------------------------------------------------------------------------- commands
+def cmd_compress(args: argparse.Namespace) -> int:
+    from onnxcompress.api import compress, resolve_passes
+    from onnxcompress.latency import measure_latency
+    from onnxcompress.report import ledger_rows, to_markdown, write_json
+
+    src, out = Path(args.input), Path(args.output)
+    if not (args.passes or args.recipe):
+        raise BadInputError("give the passes: --passes 'cleanup,...' or --recipe recipe.toml")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise BadInputError("the output path is the input file; onnxcompress never overwrites its input")
+    if not out.parent.resolve().is_dir():
+        raise BadInputError(f"output folder {out.parent} does not exist")
+    passes = resolve_passes(args.recipe or args.passes)
+    model = io.read_model(src)
+    result = compress(model, passes, calibration=args.calib, validation=args.val, dims=_parse_dims(args.dim),
+                      shapes=_parse_shapes(args.shape), seed=args.seed, validate=not args.no_validate, validate_each=args.validate_each,
+                      max_validation=args.max_val, progress=_progress())
+    report = result.to_dict()
+    report["input"] = str(src)
+    report["output"] = str(out)
+    notes = report.setdefault("notes", [])
+    if result.fidelity is not None and result.fidelity.synthetic:
+        notes.append("fidelity measured on RANDOM inputs (no --calib/--val given): it says little about real inputs")
+    if not args.no_latency:
+        feed = next(iter(_feeds_for_latency(model, args)), None)
+        if feed is not None:
+            lat = measure_latency({"original": model, "compressed": result.model}, feed, threads=1,
+                                  budget_s=args.latency_budget)
+            report["latency_ms"] = {**lat, "threads": 1}
+    io.save_model(result.model, out)
+    report_path = Path(args.report) if args.report else out.with_name(out.name + ".report.json")
+    write_json(report, report_path)
+    report_path.with_suffix(".md").write_text(to_markdown(report))
+    if not args.quiet:
+        print(f"pipeline: {result.pipeline}")
+        _print_table(["stage", "nodes", "params", "bytes", "zipped", "MACs", "time", "changes"], ledger_rows(report))
+        if result.fidelity is not None:
+            w = result.fidelity.worst()
+            parts = [f"cosine {w.get('cosine', 1):.6f}", f"SQNR {w.get('sqnr_db', float('inf')):.1f} dB",
+                     f"max-abs {w.get('max_abs', 0):.3g}"]
+            if "top1_agreement" in w:
+                parts.append(f"top-1 agreement {w['top1_agreement']:.4f}")
+            print(f"fidelity ({result.fidelity.feeds} feeds, worst output): " + ", ".join(parts))
+        if "latency_ms" in report:
+            lat = report["latency_ms"]
+            print(f"latency (ORT CPU, 1 thread): {lat['original']:.3f} ms -> {lat['compressed']:.3f} ms "
+                  f"({lat['compressed'] / lat['original']:.2f}x)")
+        for note in notes:
+            print(f"note: {note}")
+        print(f"wrote {out} ({human(out.stat().st_size)}) and {report_path}")
+    return 0
+
+
+def _feeds_for_latency(model, args):
+    from onnxcompress.data import load_feeds, random_feeds
+
+    feeds = load_feeds(args.val or args.calib, model) if (args.val or args.calib) else None
+    if feeds is None:
+        feeds = random_feeds(model, _parse_dims(args.dim), n=1, shapes=_parse_shapes(args.shape))
+    return feeds.take(1)
+
+
+def human(n: int) -> str:
+    from onnxcompress.report import human_bytes
+
+    return human_bytes(n)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+    import onnx
+
+    from onnxcompress.analyses.model_stats import model_stats
+    from onnxcompress.data import bind_dims, model_inputs
+    from onnxcompress.report import human_bytes, human_count
+
+    model = io.read_model(args.input)
+    inputs = model_inputs(model)
+    shapes = bind_dims(inputs, _parse_dims(args.dim), _parse_shapes(args.shape))
+    st = model_stats(model, shapes)
+    weights = []
+    for g in io.iter_graphs(model.graph):
+        for t in g.initializer:
+            n = int(np.prod(list(t.dims), dtype=np.int64)) if len(t.dims) else 1
+            weights.append((t.name, onnx.TensorProto.DataType.Name(t.data_type), list(t.dims), n))
+        for node in g.node:
+            if node.op_type == "Constant":
+                arr = io.constant_node_value(node)
+                if arr is not None:
+                    weights.append((node.output[0], str(arr.dtype), list(arr.shape), int(arr.size)))
+    weights.sort(key=lambda w: -w[3])
+    info = {
+        "file": str(args.input),
+        "opset": st.opset,
+        "ir_version": model.ir_version,
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in inputs],
+        "outputs": [o.name for o in model.graph.output],
+        "input_shapes_for_macs": {k: list(v) for k, v in shapes.items()},
+        "stats": st.to_dict(),
+        "weights": [{"name": n, "dtype": d, "shape": s, "elements": e} for n, d, s, e in weights],
+    }
+    groups = _channel_groups(model)
+    if groups is not None:
+        info["channel_groups"] = groups
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{args.input}: opset {st.opset}, IR {model.ir_version}, producer '{info['producer']}'")
+    for s in inputs:
+        print(f"  input  {s.name}: {s.dtype} {['?' if d is None else d for d in s.shape]}")
+    for o in info["outputs"]:
+        print(f"  output {o}")
+    print(f"nodes {st.nodes}, params {human_count(st.params)}" + (f" (+{human_count(st.int_params)} integer)"
+                                                                   if st.int_params else "")
+          + f", bytes {human_bytes(st.bytes_raw)} (zipped {human_bytes(st.bytes_zip)}), MACs "
+          f"{human_count(st.macs)} at {info['input_shapes_for_macs']}"
+          + (f" ({st.macs_unknown} nodes with unknown shapes not counted)" if st.macs_unknown else ""))
+    print("ops: " + ", ".join(f"{k} {v}" for k, v in st.ops.items()))
+    print(f"largest weight tensors ({len(weights)} in all):")
+    _print_table(["name", "dtype", "shape", "elements"],
+                 [[n[:60], d, str(s), human_count(e)] for n, d, s, e in weights[: args.top]])
+    if groups is not None:
+        print(f"channel groups: {len(groups)}")
+        _print_table(["group", "channels", "members", "prunable"],
+                     [[str(g["id"]), str(g["size"]), str(len(g["members"])), "yes" if g["prunable"] else
+                       f"no: {g['reason']}"] for g in groups[: args.top]])
+    return 0
+
+
+def _channel_groups(model):
+    """Channel groups, when the analysis exists (the prune-channels work adds it)."""
+    try:
+        from onnxcompress.analyses import channel_groups  # noqa: F401
+    except ImportError:
+        return None
+    from onnxcompress.analyses.channel_groups import describe_groups
+
+    return describe_groups(model)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from onnxcompress.data import load_feeds, random_feeds
+    from onnxcompress.latency import measure_latency
+    from onnxcompress.report import fmt_metric
+    from onnxcompress.validate import compare_models, structural_problems
+
+    a, b = io.read_model(args.a), io.read_model(args.b)
+    feeds = load_feeds(args.data, a) if args.data else random_feeds(a, _parse_dims(args.dim), n=8,
+                                                                   shapes=_parse_shapes(args.shape))
+    if args.max_val:
+        feeds = feeds.take(args.max_val)
+    rep = compare_models(a, b, feeds, progress=_progress())
+    problems = structural_problems(b)
+    size_a, size_b = io.file_size_on_disk(args.a), io.file_size_on_disk(args.b)
+    lat = measure_latency({"a": a, "b": b}, feeds.first(), budget_s=args.latency_budget)
+    out = {"fidelity": rep.to_dict(), "bytes": {"a": size_a, "b": size_b}, "latency_ms": lat,
+           "problems_b": problems}
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    if feeds.synthetic:
+        print("warning: no --data given: fidelity on RANDOM inputs says little about real inputs", file=sys.stderr)
+    keys = ["max_abs", "rel_max_abs", "mean_abs", "cosine", "cosine_min", "sqnr_db", "top1_agreement",
+            "top5_agreement"]
+    _print_table(["output"] + keys, [[n] + [fmt_metric(m[k]) if k in m else "-" for k in keys]
+                                     for n, m in rep.outputs.items()])
+    print(f"feeds: {rep.feeds} from {rep.source}")
+    print(f"size: {human(size_a)} -> {human(size_b)} ({size_b / size_a:.3f}x)")
+    print(f"latency (ORT CPU, 1 thread): {lat['a']:.3f} ms -> {lat['b']:.3f} ms ({lat['b'] / lat['a']:.2f}x)")
+    for p in problems:
+        print(f"structural problem in {args.b}: {p}")
+    return 0
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from onnxcompress.pass_base import option_fields, registered_passes
+
+    for name, cls in registered_passes().items():
+        kind = "exact" if cls.exact else "lossy"
+        print(f"{name}  [{kind}]  {cls.description}")
+        hints = typing.get_type_hints(cls)
+        for f in option_fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            helptext = cls.option_help.get(f.name, "")
+            print(f"    {f.name}: {_type_name(hints.get(f.name))} = {default!r}" + (f"  -- {helptext}" if helptext
+                                                                                      else ""))
+        print()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="onnxcompress", description="Compress ONNX models, measured against onnxruntime.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="run a pipeline of passes and write the compressed model + report")
+    c.add_argument("input")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--passes", help='pipeline text, e.g. "cleanup,quantize{mode=static}"')
+    c.add_argument("--recipe", help="TOML recipe file")
+    c.add_argument("--calib", help="calibration data: .npz (arrays named like the inputs) or a folder")
+    c.add_argument("--val", help="validation data for the fidelity report (default: the calibration data)")
+    c.add_argument("--report", help="report JSON path (default OUTPUT.report.json; Markdown beside it)")
+    c.add_argument("--shape", action="append", help="concrete input shape: name=1x3x224x224 (repeatable)")
+    c.add_argument("--dim", action="append", help="bind a symbolic input dim: name=value (repeatable)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-val", type=int, default=None, help="validate on at most this many feeds")
+    c.add_argument("--no-validate", action="store_true", help="skip the final fidelity measurement")
+    c.add_argument("--validate-each", action="store_true", help="measure fidelity after every pass")
+    c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    c.add_argument("--latency-budget", type=float, default=3.0, help="seconds spent measuring latency")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_compress)
+
+    i = sub.add_parser("inspect", help="ops, params, MACs, bytes, weight tensors, channel groups")
+    i.add_argument("input")
+    i.add_argument("--shape", action="append", help="concrete input shape: name=1x3x224x224 (repeatable)")
+    i.add_argument("--dim", action="append")
+    i.add_argument("--top", type=int, default=15)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    v = sub.add_parser("validate", help="fidelity, size and latency of B against A on the same feeds")
+    v.add_argument("a")
+    v.add_argument("b")
+    v.add_argument("--data", help=".npz or folder of feeds (default: random, with a warning)")
+    v.add_argument("--shape", action="append", help="concrete input shape: name=1x3x224x224 (repeatable)")
+    v.add_argument("--dim", action="append")
+    v.add_argument("--max-val", type=int, default=None)
+    v.add_argument("--latency-budget", type=float, default=3.0)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("passes", help="every pass with its options and defaults")
+    p.set_defaults(func=cmd_passes)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
+    try:
+        return args.func(args)
+    except OnnxCompressError as exc:
+        if args.debug:
+            raise
+        print(f"onnxcompress: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxcompress: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line, with how to see more
+        if args.debug:
+            raise
+        msg = str(exc).strip().splitlines()
+        print(f"onnxcompress: internal error: {type(exc).__name__}: {msg[0] if msg else ''} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

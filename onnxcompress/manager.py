@@ -1,0 +1,177 @@
+"""PassManager: import once, run passes under their contracts, record the ledger, export once, validate.
+
+For each pass: ``requires -> run -> ensures``. Any failure is re-raised as ``PassError`` naming the pass and the
+passes that ran before it. Analyses the pass did not declare preserved are dropped from the context. After each
+pass the graph is exported to measure the ledger row (params, bytes raw/zip, nodes, ops, MACs, wall time) and,
+when asked (``validate_each``), its fidelity against the original.
+
+At the end: the structural gate (checker + ORT session), then fidelity against the original on the validation feeds.
+If every pass in the pipeline is exact, the result must match the original within ``exact_tolerance``
+(max-abs relative to the output's scale), else ``ValidationError``.
+
+The original model is kept as serialised bytes (models over the protobuf limit: as the caller's ModelProto), never
+shared with the working graph: graphsurgeon's Graph.copy() shares weight arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress import io
+from onnxcompress.analyses.model_stats import model_stats
+from onnxcompress.context import PassContext
+from onnxcompress.data import FeedSet, bind_dims, feed_shapes, model_inputs
+from onnxcompress.errors import OnnxCompressError, PassError, ValidationError
+from onnxcompress.pass_base import Pass
+from onnxcompress.pipeline import format_pipeline
+from onnxcompress.validate import FidelityReport, compare_models, structural_gate, structural_problems
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LedgerRow:
+    stage: str
+    modified: bool = False
+    seconds: float = 0.0
+    model: dict[str, Any] = field(default_factory=dict)
+    pass_stats: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    exact: bool | None = None
+    fidelity: dict[str, Any] | None = None
+
+
+@dataclass
+class CompressResult:
+    model: onnx.ModelProto
+    pipeline: str
+    ledger: list[LedgerRow]
+    fidelity: FidelityReport | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    tolerated_problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "seconds": self.seconds,
+            "ledger": [asdict(r) for r in self.ledger],
+            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
+            "tolerated_problems": self.tolerated_problems,
+        }
+
+
+class PassManager:
+    def __init__(
+        self,
+        passes: list[Pass],
+        *,
+        validation: FeedSet | None = None,
+        validate_each: bool = False,
+        measure: bool = True,
+        gate: bool = True,
+        exact_tolerance: float = 1e-4,
+        progress: Callable | None = None,
+    ):
+        if not passes:
+            raise ValueError("PassManager needs at least one pass")
+        self.passes = list(passes)
+        self.validation = validation
+        self.validate_each = validate_each
+        self.measure = measure
+        self.gate = gate
+        self.exact_tolerance = exact_tolerance
+        self.progress = progress
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _input_shapes(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[dict, dict | None]:
+        feeds = self.validation or ctx.calibration
+        if feeds is not None:
+            feed = feeds.first()
+            return feed_shapes(feed), feed
+        return bind_dims(model_inputs(model), ctx.dims, ctx.input_shapes), None
+
+    def _stats(self, model: onnx.ModelProto, shapes: dict, feed: dict | None) -> dict[str, Any]:
+        if not self.measure:
+            return {}
+        return model_stats(model, shapes, feed).to_dict()
+
+    @staticmethod
+    def _export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+        opset = graph.opset if graph.opset and graph.opset != io.default_opset(template) else None
+        return io.to_model(graph, template, opset=opset)
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> CompressResult:
+        ctx = ctx or PassContext()
+        t_start = time.perf_counter()
+        original = model
+        big = io.needs_external_data(model)
+        ctx.original_bytes = None if big else model.SerializeToString()
+        original_ref: onnx.ModelProto | bytes = original if big else ctx.original_bytes
+        original_problems = structural_problems(original) if self.gate else []
+
+        working = onnx.ModelProto()
+        working.CopyFrom(original)
+        lifted = io.lift_constant_nodes(working)
+        ctx.model_template = working
+        graph = io.to_graph(working)
+        shapes, feed = self._input_shapes(original, ctx)
+
+        ledger = [LedgerRow("original", model=self._stats(original, shapes, feed),
+                            pass_stats={"constant_nodes_lifted": lifted} if lifted else {})]
+        done: list[str] = []
+        current = working
+        for p in self.passes:
+            label = p.to_text()
+            t0 = time.perf_counter()
+            try:
+                p.requires(graph, ctx)
+                result = p.run(graph, ctx)
+                p.ensures(graph, ctx)
+                current = self._export(graph, ctx.model_template)
+            except OnnxCompressError as exc:
+                raise PassError(_failure(label, done, exc)) from exc
+            except Exception as exc:  # a bug or an unexpected graph: still name the pass
+                raise PassError(_failure(label, done, exc)) from exc
+            seconds = time.perf_counter() - t0
+            ctx.invalidate(result.preserved)
+            row = LedgerRow(label, result.modified, seconds, self._stats(current, shapes, feed), dict(result.stats),
+                            p.options(), p.exact)
+            if self.validate_each and self.validation is not None:
+                row.fidelity = compare_models(original_ref, current, self.validation).to_dict()
+            ledger.append(row)
+            done.append(label)
+            log.info("%s: %s in %.2fs", label, "modified" if result.modified else "unchanged", seconds)
+
+        final = current
+        tolerated: list[str] = []
+        if self.gate:
+            tolerated = structural_gate(final, original_problems)
+        fidelity = None
+        if self.validation is not None:
+            fidelity = compare_models(original_ref, final, self.validation, progress=self.progress)
+            ledger[-1].fidelity = fidelity.to_dict()
+            if all(p.exact for p in self.passes):
+                worst = fidelity.worst()
+                if worst.get("rel_max_abs", 0.0) > self.exact_tolerance or worst.get("mismatched_elements", 0):
+                    raise ValidationError(
+                        f"exact pipeline {format_pipeline(self.passes)!r} changed the outputs: relative max-abs "
+                        f"{worst.get('rel_max_abs', 0.0):.3g} > {self.exact_tolerance:g}"
+                    )
+        return CompressResult(final, format_pipeline(self.passes), ledger, fidelity, shapes, tolerated,
+                              time.perf_counter() - t_start)
+
+
+def _failure(label: str, done: list[str], exc: BaseException) -> str:
+    before = f" (after {', '.join(done)})" if done else " (first pass)"
+    return f"pass {label}{before} failed: {type(exc).__name__}: {io._first_line(exc)}" if not isinstance(
+        exc, OnnxCompressError) else f"pass {label}{before} failed: {io._first_line(exc)}"

@@ -1,0 +1,119 @@
+"""Ledger -> JSON and Markdown.
+
+The Markdown report has one row per stage (the original, then each pass): nodes, parameters, bytes raw and zipped,
+MACs, each as a value and as a ratio to the original, plus the pass's wall time and counters; then the final
+fidelity per output and the measured latency ratio. The pipeline text at the top reproduces the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def human_count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _ratio(v: float | None, base: float | None) -> str:
+    if v is None or not base:
+        return ""
+    return f" ({v / base:.2f}x)"
+
+
+def fmt_metric(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        if v == 0:
+            return "0"
+        if abs(v) >= 1000 or abs(v) < 1e-3:
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+def ledger_rows(report: dict) -> list[list[str]]:
+    ledger = report["ledger"]
+    base = ledger[0]["model"] if ledger and ledger[0]["model"] else {}
+    rows = []
+    for row in ledger:
+        m = row["model"] or {}
+        stats = ", ".join(f"{k}={v}" for k, v in row["pass_stats"].items() if not isinstance(v, (dict, list)))
+        rows.append([
+            row["stage"],
+            f"{m.get('nodes', '-')}{_ratio(m.get('nodes'), base.get('nodes'))}",
+            f"{human_count(m.get('params'))}{_ratio(m.get('params'), base.get('params'))}",
+            f"{human_bytes(m.get('bytes_raw'))}{_ratio(m.get('bytes_raw'), base.get('bytes_raw'))}",
+            f"{human_bytes(m.get('bytes_zip'))}{_ratio(m.get('bytes_zip'), base.get('bytes_zip'))}",
+            f"{human_count(m.get('macs'))}{_ratio(m.get('macs'), base.get('macs'))}",
+            f"{row['seconds']:.2f}s" if row["stage"] != "original" else "",
+            stats[:120],
+        ])
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# onnxcompress report: {report.get('input', '')}", "", f"pipeline: `{report['pipeline']}`", ""]
+    lines.append(markdown_table(["stage", "nodes", "params", "bytes", "bytes zipped", "MACs", "time", "changes"],
+                                ledger_rows(report)))
+    fid = report.get("fidelity")
+    if fid:
+        lines += ["", f"Fidelity vs the original on {fid['feeds']} feeds from {fid['source']}"
+                  + (" (RANDOM inputs: says little about real inputs)" if fid.get("synthetic") else "") + ":", ""]
+        keys = ["max_abs", "rel_max_abs", "mean_abs", "cosine", "cosine_min", "sqnr_db", "top1_agreement",
+                "top5_agreement"]
+        rows = [[name] + [fmt_metric(m[k]) if k in m else "-" for k in keys] for name, m in fid["outputs"].items()]
+        lines.append(markdown_table(["output"] + keys, rows))
+    lat = report.get("latency_ms")
+    if lat:
+        lines += ["", f"Latency (ORT CPU, {lat.get('threads', 1)} thread, median of interleaved runs): original "
+                  f"{lat['original']:.3f} ms, compressed {lat['compressed']:.3f} ms, ratio "
+                  f"{lat['compressed'] / lat['original']:.2f}x"]
+    for note in report.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(report: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=True))
+    tmp.replace(path)
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    return str(o)

@@ -1,0 +1,75 @@
+"""onnxruntime sessions for ModelProtos of any size.
+
+Models under the protobuf limit go to ORT as bytes; larger ones are written (with external data) into a temporary
+folder that lives as long as the session wrapper. Every session runs on the CPU execution provider.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from onnxcompress import io
+from onnxcompress.errors import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+def session_options(threads: int = 1, optimize: bool = True) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return so
+
+
+class Session:
+    """An ``InferenceSession`` built from a ModelProto, bytes or a path (temporary files cleaned up on close)."""
+
+    def __init__(self, model: onnx.ModelProto | bytes | str | Path, threads: int = 1, optimize: bool = True,
+                 what: str = "model"):
+        self._tmpdir: str | None = None
+        so = session_options(threads, optimize)
+        try:
+            if isinstance(model, onnx.ModelProto):
+                if io.needs_external_data(model):
+                    self._tmpdir = tempfile.mkdtemp(prefix="onnxcompress-")
+                    path = Path(self._tmpdir) / "model.onnx"
+                    io.save_model(model, path, external_data=True)
+                    self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+                else:
+                    self.sess = ort.InferenceSession(model.SerializeToString(), so,
+                                                     providers=["CPUExecutionProvider"])
+            elif isinstance(model, bytes):
+                self.sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+            else:
+                self.sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            self.close()
+            raise ValidationError(f"onnxruntime cannot load the {what}: {io._first_line(exc)}") from exc
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+
+    def run(self, feed: dict, outputs: list[str] | None = None) -> list:
+        return self.sess.run(outputs, {k: v for k, v in feed.items() if k in self.input_names})
+
+    def close(self) -> None:
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

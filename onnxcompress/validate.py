@@ -1,0 +1,182 @@
+"""The ORT oracle: run the original and the candidate on the same feeds and compare, plus the structural gate.
+
+Per output, accumulated over all feeds in one streaming pass (no output is kept after its feed):
+
+- max-abs  = max |r - c|;  mean-abs = sum |r - c| / count
+- cosine   = <r, c> / (||r|| ||c||) over all elements of all feeds; ``cosine_min`` is the worst single feed
+- SQNR dB  = 10 log10( sum r^2 / sum (r - c)^2 )   (inf when identical)
+- rel_max_abs = max-abs / max |r|  (the scale-free form of max-abs)
+- top-1 / top-5 agreement, when the output looks like class scores (float, last axis 2..100000 wide, rank >= 2):
+  the fraction of rows (all leading positions) where argmax(c) == argmax(r), resp. argmax(r) is in top5(c).
+
+Structural gate (before anything is written): ``onnx.checker`` full check (which includes strict shape inference) and
+an ORT session. A check the ORIGINAL model already fails (old exporters, custom domains) is not held against the
+result; the ORT session must always build.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxcompress import io
+from onnxcompress.data import FeedSet
+from onnxcompress.errors import ValidationError
+from onnxcompress.runtime import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OutputFidelity:
+    name: str
+    count: int = 0
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    ref_max_abs: float = 0.0
+    dot: float = 0.0
+    ref_sq: float = 0.0
+    cand_sq: float = 0.0
+    err_sq: float = 0.0
+    cosine_min: float = 1.0
+    top1_hits: int = 0
+    top5_hits: int = 0
+    rows: int = 0
+    classifier: bool = False
+    exact_mismatch: int = 0  # for non-float outputs: elements that differ
+
+    def update(self, r: np.ndarray, c: np.ndarray) -> None:
+        if r.shape != c.shape:
+            raise ValidationError(f"output {self.name!r}: shape {list(c.shape)} differs from the original {list(r.shape)}")
+        if not np.issubdtype(r.dtype, np.floating):
+            self.exact_mismatch += int(np.count_nonzero(r != c))
+            self.count += r.size
+            return
+        r64 = r.astype(np.float64).ravel()
+        c64 = c.astype(np.float64).ravel()
+        diff = np.abs(r64 - c64)
+        self.count += r64.size
+        if r64.size:
+            self.max_abs = max(self.max_abs, float(np.nanmax(diff)))
+            self.ref_max_abs = max(self.ref_max_abs, float(np.nanmax(np.abs(r64))))
+        self.sum_abs += float(np.nansum(diff))
+        dot, rr, cc = float(r64 @ c64), float(r64 @ r64), float(c64 @ c64)
+        self.dot += dot
+        self.ref_sq += rr
+        self.cand_sq += cc
+        self.err_sq += float(diff @ diff)
+        self.cosine_min = min(self.cosine_min, _cos(dot, rr, cc))
+        if r.ndim >= 2 and 2 <= r.shape[-1] <= 100_000:
+            self.classifier = True
+            rr2 = r.reshape(-1, r.shape[-1])
+            cc2 = c.reshape(-1, c.shape[-1])
+            top_r = rr2.argmax(axis=1)
+            self.top1_hits += int(np.count_nonzero(cc2.argmax(axis=1) == top_r))
+            k = min(5, r.shape[-1])
+            top5 = np.argpartition(-cc2, k - 1, axis=1)[:, :k]
+            self.top5_hits += int(np.count_nonzero((top5 == top_r[:, None]).any(axis=1)))
+            self.rows += rr2.shape[0]
+
+    def summary(self) -> dict[str, float]:
+        if self.ref_sq == 0 and self.cand_sq == 0 and self.count and self.exact_mismatch == 0 and self.max_abs == 0:
+            sqnr = math.inf
+        else:
+            sqnr = 10 * math.log10(self.ref_sq / self.err_sq) if self.err_sq > 0 else math.inf
+        out = {
+            "max_abs": self.max_abs,
+            "mean_abs": self.sum_abs / self.count if self.count else 0.0,
+            "rel_max_abs": self.max_abs / self.ref_max_abs if self.ref_max_abs > 0 else self.max_abs,
+            "cosine": _cos(self.dot, self.ref_sq, self.cand_sq),
+            "cosine_min": self.cosine_min,
+            "sqnr_db": sqnr,
+        }
+        if self.exact_mismatch:
+            out["mismatched_elements"] = self.exact_mismatch
+        if self.classifier and self.rows:
+            out["top1_agreement"] = self.top1_hits / self.rows
+            out["top5_agreement"] = self.top5_hits / self.rows
+        return out
+
+
+def _cos(dot: float, rr: float, cc: float) -> float:
+    if rr == 0 and cc == 0:
+        return 1.0
+    if rr == 0 or cc == 0:
+        return 0.0
+    return dot / math.sqrt(rr * cc)
+
+
+@dataclass
+class FidelityReport:
+    outputs: dict[str, dict[str, float]] = field(default_factory=dict)
+    feeds: int = 0
+    source: str = ""
+    synthetic: bool = False
+
+    def worst(self) -> dict[str, float]:
+        """The worst value of each metric over all outputs (max for errors, min for similarities)."""
+        worst: dict[str, float] = {}
+        for metrics in self.outputs.values():
+            for k, v in metrics.items():
+                higher_is_worse = k in ("max_abs", "mean_abs", "rel_max_abs", "mismatched_elements")
+                if k not in worst:
+                    worst[k] = v
+                else:
+                    worst[k] = max(worst[k], v) if higher_is_worse else min(worst[k], v)
+        return worst
+
+    def to_dict(self) -> dict:
+        return {"feeds": self.feeds, "source": self.source, "synthetic": self.synthetic, "outputs": self.outputs,
+                "worst": self.worst()}
+
+
+def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.ModelProto | bytes | str,
+                   feeds: FeedSet, threads: int = 1, progress=None) -> FidelityReport:
+    """Run both models on every feed and accumulate the per-output metrics above."""
+    with Session(original, threads, what="original model") as ref_s, \
+            Session(candidate, threads, what="compressed model") as cand_s:
+        names = ref_s.output_names
+        missing = [n for n in names if n not in cand_s.output_names]
+        if missing:
+            raise ValidationError(f"the compressed model lost output {missing[0]!r}")
+        acc = {n: OutputFidelity(n) for n in names}
+        n_feeds = 0
+        iterator = progress(feeds, total=len(feeds), desc="validate") if progress else feeds
+        for feed in iterator:
+            ref = ref_s.run(feed, names)
+            cand = cand_s.run(feed, names)
+            for name, r, c in zip(names, ref, cand, strict=True):
+                acc[name].update(np.asarray(r), np.asarray(c))
+            n_feeds += 1
+    return FidelityReport({n: a.summary() for n, a in acc.items()}, n_feeds, feeds.source, feeds.synthetic)
+
+
+# -------------------------------------------------------------------------------------------- structural gate
+def structural_problems(model: onnx.ModelProto) -> list[str]:
+    """Checker (full, strict shape inference) problems of a model; [] when clean."""
+    problems = []
+    try:
+        if io.needs_external_data(model):
+            onnx.checker.check_model(model, full_check=False)
+        else:
+            onnx.checker.check_model(model.SerializeToString(), full_check=True)
+    except Exception as exc:
+        problems.append(f"onnx.checker: {io._first_line(exc)}")
+    return problems
+
+
+def structural_gate(candidate: onnx.ModelProto, original_problems: list[str] | None = None) -> list[str]:
+    """Raise ValidationError if the candidate fails a check the original passed, or ORT cannot load it.
+
+    Returns the (tolerated) problems the original already had.
+    """
+    problems = structural_problems(candidate)
+    if problems and not original_problems:
+        raise ValidationError(f"the compressed model is invalid: {problems[0]}")
+    with Session(candidate, what="compressed model"):
+        pass
+    return problems
