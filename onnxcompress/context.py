@@ -82,6 +82,28 @@ class PassContext:
             if key not in preserved:
                 del self._cache[key]
 
+    def export(self, graph: gs.Graph) -> onnx.ModelProto:
+        """The current graph as a ModelProto (opset imports and metadata from the original) - e.g. to run it in ORT."""
+        from onnxcompress import io
+
+        template = self.model_template
+        if template is None:
+            return io.to_model(graph)
+        opset = graph.opset if graph.opset and graph.opset != io.default_opset(template) else None
+        return io.to_model(graph, template, opset=opset)
+
+    def original_model(self) -> onnx.ModelProto:
+        """The untouched original (a fresh copy each call; the teacher for distillation)."""
+        import onnx as _onnx
+
+        if self.original_bytes is not None:
+            return _onnx.load_model_from_string(self.original_bytes)
+        if self.original_path is not None:
+            from onnxcompress import io
+
+            return io.read_model(self.original_path)
+        raise RuntimeError("the context holds no original model")
+
     def opset(self) -> int:
         """Default-domain opset of the model being compressed."""
         if self.model_template is None:

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Protobuf refuses messages >= 2 GiB; keep a margin for the graph structure itself.
 PROTO_LIMIT = 1_800_000_000
+#: tensors at least this big go to the external data file when a model is saved with external data
+EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 _SUBGRAPH_ATTR_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
@@ -314,7 +316,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
                 location=data_name,
-                size_threshold=1024,
+                size_threshold=EXTERNAL_TENSOR_MIN_BYTES,
             )
         else:
             with open(tmp_model, "wb") as f:

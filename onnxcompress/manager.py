@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import onnx
-import onnx_graphsurgeon as gs
 
 from onnxcompress import io
 from onnxcompress.analyses.model_stats import model_stats
@@ -104,11 +103,6 @@ class PassManager:
             return {}
         return model_stats(model, shapes, feed).to_dict()
 
-    @staticmethod
-    def _export(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-        opset = graph.opset if graph.opset and graph.opset != io.default_opset(template) else None
-        return io.to_model(graph, template, opset=opset)
-
     # ------------------------------------------------------------------------------------------------ run
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> CompressResult:
         ctx = ctx or PassContext()
@@ -137,7 +131,7 @@ class PassManager:
                 p.requires(graph, ctx)
                 result = p.run(graph, ctx)
                 p.ensures(graph, ctx)
-                current = self._export(graph, ctx.model_template)
+                current = ctx.export(graph)
             except OnnxCompressError as exc:
                 raise PassError(_failure(label, done, exc)) from exc
             except Exception as exc:  # a bug or an unexpected graph: still name the pass

@@ -1,0 +1,181 @@
+"""Model I/O: Constant-node weights, subgraphs, external data safety, atomic writes, bad files."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress import io
+from onnxcompress.errors import BadInputError
+from tests.conftest import ort_run
+
+
+def conv_model_with_constant_node() -> onnx.ModelProto:
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    const = helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w, "W"))
+    scale = helper.make_node("Constant", [], ["s"], value_float=2.0)
+    conv = helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1])
+    mul = helper.make_node("Mul", ["c", "s"], ["y"])
+    g = helper.make_graph([const, scale, conv, mul], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def if_model() -> onnx.ModelProto:
+    """An If whose branches hold Constant weights and read an outer-scope tensor."""
+    def branch(name: str, value: float) -> onnx.GraphProto:
+        c = helper.make_node("Constant", [], [f"{name}_c"],
+                             value=numpy_helper.from_array(np.full((3,), value, np.float32)))
+        add = helper.make_node("Add", ["outer", f"{name}_c"], [f"{name}_out"])
+        return helper.make_graph([c, add], name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT,
+                                                                                    [3])])
+    relu = helper.make_node("Relu", ["x"], ["outer"])
+    cond = helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0)
+    gt = helper.make_node("Greater", ["s", "zero"], ["cond"])
+    iff = helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", -1.0))
+    g = helper.make_graph([relu, cond, gt, iff], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+                          initializer=[numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def roundtrip(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    io.lift_constant_nodes(m)
+    return io.to_model(io.to_graph(m), m)
+
+
+def test_constant_node_weights_become_graphsurgeon_constants():
+    model = conv_model_with_constant_node()
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    assert io.lift_constant_nodes(m) == 2
+    graph = io.to_graph(m)
+    conv = next(n for n in graph.nodes if n.op == "Conv")
+    assert isinstance(conv.inputs[1], gs.Constant)
+    assert conv.inputs[1].values.shape == (4, 3, 3, 3)
+    assert [n.op for n in graph.nodes] == ["Conv", "Mul"]
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    out = io.to_model(graph, m)
+    onnx.checker.check_model(out, full_check=True)
+    np.testing.assert_allclose(ort_run(out, {"x": x})[0], ort_run(model, {"x": x})[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("xval", [1.0, -1.0])
+def test_subgraphs_survive_roundtrip_with_outer_scope_reads(xval):
+    model = if_model()
+    out = roundtrip(model)
+    iff = next(n for n in out.graph.node if n.op_type == "If")
+    then_g = next(a.g for a in iff.attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_g.node] == ["Add"]  # the Constant became a subgraph initializer
+    assert len(then_g.initializer) == 1
+    onnx.checker.check_model(out, full_check=True)
+    x = np.full((3,), xval, np.float32)
+    np.testing.assert_array_equal(ort_run(out, {"x": x})[0], ort_run(model, {"x": x})[0])
+
+
+def test_iter_graphs_visits_nested_bodies():
+    model = if_model()
+    assert len(list(io.iter_graphs(model.graph))) == 3
+
+
+def _save_external(model: onnx.ModelProto, folder, location: str = "m.onnx.data") -> str:
+    path = folder / "m.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save_model with external data rewrites the proto it is given
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+                    size_threshold=0)
+    return str(path)
+
+
+def test_external_data_inside_folder_loads(tmp_path):
+    model = conv_model_with_constant_node()
+    io.lift_constant_nodes(model)
+    path = _save_external(model, tmp_path)
+    loaded = io.read_model(path)
+    assert all(t.data_location == TensorProto.DEFAULT for t in loaded.graph.initializer)
+    x = np.ones((1, 3, 8, 8), np.float32)
+    np.testing.assert_array_equal(ort_run(loaded, {"x": x})[0], ort_run(model, {"x": x})[0])
+
+
+@pytest.mark.parametrize("location", ["../x.data", "/etc/passwd", "sub/../../x.data"])
+def test_external_data_escaping_the_folder_is_refused(tmp_path, location):
+    model = conv_model_with_constant_node()
+    io.lift_constant_nodes(model)
+    path = _save_external(model, tmp_path)
+    m = onnx.load_model(path, load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    (tmp_path.parent / "x.data").write_bytes(b"\0" * 1024)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(m.SerializeToString())
+    with pytest.raises(BadInputError, match="external data location"):
+        io.read_model(bad)
+
+
+def test_missing_external_file_is_a_clear_error(tmp_path):
+    model = conv_model_with_constant_node()
+    io.lift_constant_nodes(model)
+    path = _save_external(model, tmp_path)
+    os.remove(tmp_path / "m.onnx.data")
+    with pytest.raises(BadInputError, match="not found"):
+        io.read_model(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not an onnx model at all \x00\xff\xfe", b"\x08\x07"])
+def test_non_onnx_files_are_refused(tmp_path, content):
+    p = tmp_path / "bad.onnx"
+    p.write_bytes(content)
+    with pytest.raises(BadInputError):
+        io.read_model(p)
+
+
+def test_truncated_model_is_refused(tmp_path):
+    data = conv_model_with_constant_node().SerializeToString()
+    p = tmp_path / "trunc.onnx"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInputError):
+        io.read_model(p)
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
+    model = conv_model_with_constant_node()
+    out = tmp_path / "out.onnx"
+    io.save_model(model, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+    assert onnx.load_model(str(out)).SerializeToString() == model.SerializeToString()
+
+
+def test_save_into_missing_folder_fails_cleanly(tmp_path):
+    with pytest.raises(BadInputError, match="does not exist"):
+        io.save_model(conv_model_with_constant_node(), tmp_path / "nope" / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_big_models_are_saved_with_external_data(tmp_path, monkeypatch):
+    """Above the protobuf limit (lowered here) the writer switches to external data and ORT still loads it."""
+    monkeypatch.setattr(io, "PROTO_LIMIT", 100)
+    monkeypatch.setattr(io, "EXTERNAL_TENSOR_MIN_BYTES", 0)
+    model = conv_model_with_constant_node()
+    io.lift_constant_nodes(model)
+    assert io.needs_external_data(model)
+    out = tmp_path / "big.onnx"
+    io.save_model(model, out)
+    assert (tmp_path / "big.onnx.data").exists()
+    loaded = io.read_model(out)
+    x = np.ones((1, 3, 8, 8), np.float32)
+    np.testing.assert_array_equal(ort_run(loaded, {"x": x})[0], ort_run(model, {"x": x})[0])
+    from onnxcompress.runtime import Session
+
+    with Session(model) as s:  # a "too big" ModelProto goes to ORT through a temporary folder
+        np.testing.assert_allclose(s.run({"x": x})[0], ort_run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    assert io.file_size_on_disk(out) > out.stat().st_size
