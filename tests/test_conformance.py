@@ -6,10 +6,18 @@ The cases are regenerated from the generators in the installed onnx wheel into t
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from benchmarks import conformance as conf
+try:
+    from benchmarks import conformance as conf
+except ModuleNotFoundError:
+    # plain `pytest` does not put the repository root on sys.path (`python -m pytest` does)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import conformance as conf
 
 SAMPLE = 150
 SEED = 0
