@@ -22,6 +22,18 @@ from onnxcompress.pipeline import load_recipe, parse_pipeline
 FeedSource = str | Path | Iterable[Feed] | FeedSet | None
 
 
+def _check_loads(model: onnx.ModelProto) -> None:
+    """The input must itself run in ORT (unknown ops, broken graphs): say so before any pass runs."""
+    from onnxcompress.errors import BadInputError, ValidationError
+    from onnxcompress.runtime import Session
+
+    try:
+        with Session(model, optimize=False, what="input model"):
+            pass
+    except ValidationError as exc:
+        raise BadInputError(str(exc)) from None
+
+
 def resolve_passes(passes: str | Path | list[Pass]) -> list[Pass]:
     if isinstance(passes, list):
         return passes
@@ -48,6 +60,7 @@ def compress(
 ) -> CompressResult:
     proto = model if isinstance(model, onnx.ModelProto) else io.read_model(model)
     pass_list = resolve_passes(passes)
+    _check_loads(proto)
     calib = load_feeds(calibration, proto)
     valid = load_feeds(validation, proto) if validation is not None else calib
     if valid is None and validate:

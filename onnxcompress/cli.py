@@ -79,8 +79,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise BadInputError("give the passes: --passes 'cleanup,...' or --recipe recipe.toml")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise BadInputError("the output path is the input file; onnxcompress never overwrites its input")
-    if not out.parent.resolve().is_dir():
-        raise BadInputError(f"output folder {out.parent} does not exist")
+    if out.exists() and out.is_dir():
+        raise BadInputError(f"output {out} is a folder; give a file name")
     passes = resolve_passes(args.recipe or args.passes)
     model = io.read_model(src)
     result = compress(model, passes, calibration=args.calib, validation=args.val, dims=_parse_dims(args.dim),
@@ -98,6 +98,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             lat = measure_latency({"original": model, "compressed": result.model}, feed, threads=1,
                                   budget_s=args.latency_budget)
             report["latency_ms"] = {**lat, "threads": 1}
+    out.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves nothing behind
     io.save_model(result.model, out)
     report_path = Path(args.report) if args.report else out.with_name(out.name + ".report.json")
     write_json(report, report_path)
