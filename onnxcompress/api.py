@@ -68,7 +68,7 @@ def compress(
     if valid is not None and max_validation is not None:
         valid = valid.take(max_validation)
     ctx = PassContext(calibration=calib, seed=seed, dims=dict(dims or {}), input_shapes=dict(shapes or {}),
-                      show_progress=progress is not None)
+                      progress=progress)
     manager = PassManager(pass_list, validation=valid if validate else None, validate_each=validate_each,
                           measure=measure, progress=progress)
     return manager.run(proto, ctx)

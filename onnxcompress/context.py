@@ -52,7 +52,9 @@ class PassContext:
     original_path: str | None = None
     #: the ModelProto the current graph was imported from (opset imports, metadata) - read-only for passes.
     model_template: onnx.ModelProto | None = None
-    show_progress: bool = False
+    #: ``progress(iterable, total=..., desc=...)`` wrapper (a tqdm bar in the CLI) or None; pass it on to
+    #: ``stream_activations(..., progress=ctx.progress)`` and other long loops
+    progress: Callable | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def rng(self, salt: str = "") -> np.random.Generator:
