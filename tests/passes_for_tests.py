@@ -63,7 +63,6 @@ class ScaleWeightsPass(Pass):
 
     name = "test-scale"
     description = "scales all float weights"
-    exact: bool = False  # type: ignore[misc]
     factor: float = 1.01
     claim_exact: bool = False
     preserve: tuple[str, ...] = ()
