@@ -269,18 +269,19 @@ class Cleanup(Pass):
             stats["constants_folded"] += folded_total
         return folded_total > 0
 
-    def _fold_graph(
+    def _fold_candidates(
         self,
         g: gs.Graph,
         static: dict[str, tuple[tuple[int, ...], np.dtype | None]] | None,
         any_out: set[int],
-        imports: list[onnx.OperatorSetIdProto],
-        stats: Counter,
         kept: dict[int, str],
-    ) -> int:
+        excluded: frozenset[int],
+    ) -> tuple[list[gs.Node], dict[int, np.ndarray]]:
+        """Nodes (topological order) whose inputs are constant or become constant, and the static Shape/Size
+        values known without evaluation (tensor id -> value)."""
         cand: list[gs.Node] = []
         will_be_const: set[int] = set()
-        direct: dict[int, np.ndarray] = {}  # tensor id -> value known without evaluation (static Shape/Size)
+        direct: dict[int, np.ndarray] = {}
         for node in g.nodes:
             if not _is_default_domain(node) or node.op in _NO_FOLD or any(True for _ in node.subgraphs()):
                 continue
@@ -294,13 +295,39 @@ class Cleanup(Pass):
                     continue
                 cand.append(node)
                 will_be_const.update(id(t) for t in outs)
-            elif node.op in ("Shape", "Size") and static is not None and len(outs) == 1:
+            elif (
+                node.op in ("Shape", "Size")
+                and static is not None
+                and len(outs) == 1
+                and id(node) not in excluded
+            ):
                 info = static.get(ins[0].name)
                 val = _shape_value(node, info[0]) if info is not None else None
                 if val is not None:
                     direct[id(outs[0])] = val
                     cand.append(node)
                     will_be_const.add(id(outs[0]))
+        return cand, direct
+
+    def _fold_graph(
+        self,
+        g: gs.Graph,
+        static: dict[str, tuple[tuple[int, ...], np.dtype | None]] | None,
+        any_out: set[int],
+        imports: list[onnx.OperatorSetIdProto],
+        stats: Counter,
+        kept: dict[int, str],
+    ) -> int:
+        cand, direct = self._fold_candidates(g, static, any_out, kept, frozenset())
+        if direct:
+            # Shape/Size folds are the only values that become constant here but not in onnxruntime's own folding.
+            # One that decides an If condition lets ORT inline a branch at load and re-run shape inference on it,
+            # which rejects some graphs that ran fine (1-element tensors where the spec wants scalars): keep those.
+            blocked = _feeding_if_conditions(cand, direct)
+            if blocked:
+                for nid in blocked:
+                    kept[nid] = "fold_skipped_if_condition"
+                cand, direct = self._fold_candidates(g, static, any_out, kept, frozenset(blocked))
         if not cand:
             return 0
 
@@ -447,6 +474,30 @@ def _rewire_producer_check(
 
 
 # ----------------------------------------------------------------------------------------- folding helpers
+def _feeding_if_conditions(cand: list[gs.Node], direct: dict[int, np.ndarray]) -> set[int]:
+    """ids of the static Shape/Size candidates whose value reaches an If condition through candidate nodes."""
+    cand_ids = {id(n) for n in cand}
+    stack = []
+    for node in cand:
+        for t in node.outputs:
+            if any(c.op == "If" and c.inputs and c.inputs[0] is t for c in t.outputs):
+                stack.append(node)
+    blocked: set[int] = set()
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.outputs and id(node.outputs[0]) in direct:
+            blocked.add(id(node))
+            continue
+        for t in node.inputs:
+            if len(t.inputs) == 1 and id(t.inputs[0]) in cand_ids:
+                stack.append(t.inputs[0])
+    return blocked
+
+
 def _nbytes(t: gs.Tensor, avail: dict[int, np.ndarray]) -> int:
     if id(t) in avail:
         return int(avail[id(t)].nbytes)
@@ -513,6 +564,7 @@ def _computed_static_shapes(
     try:
         model = gs.export_onnx(graph, do_type_check=False, opset_imports=imports)
         _strip_declared_shapes(model.graph, main=True)
+        _weights_to_inputs(model.graph)
         inferred = onnx.shape_inference.infer_shapes(
             model, check_type=False, strict_mode=False, data_prop=True
         )
@@ -538,6 +590,28 @@ def _computed_static_shapes(
                 dtype = None
             out[vi.name] = (tuple(dims), dtype)
     return out
+
+
+def _weights_to_inputs(g: onnx.GraphProto, min_elements: int = 1024) -> None:
+    """Large float initializers become typed graph inputs: shape inference needs only their shapes, and data
+    propagation only small integer tensors, so the big bytes need not be serialised again."""
+    keep, moved = [], []
+    declared = {i.name for i in g.input}
+    for t in g.initializer:
+        n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        if n >= min_elements and t.data_type in _FLOAT_TENSOR_TYPES and t.name not in declared:
+            moved.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            keep.append(t)
+    if moved:
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        g.input.extend(moved)
+
+
+_FLOAT_TENSOR_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+)
 
 
 def _strip_declared_shapes(g: onnx.GraphProto, main: bool) -> None:
@@ -782,6 +856,10 @@ def _dedup_initializers(graph: gs.Graph, stats: Counter) -> bool:
             canon = next((c for c in buckets[digest] if _same_bytes(c, arr)), None)
             if canon is None:
                 buckets[digest].append(t)
+                continue
+            if canon.name == t.name:
+                # a subgraph's shadow copy of an outer initializer (the exporter writes one per scope that reads
+                # it): merging changes nothing once exported, and would make the pass report work forever
                 continue
             redirect_consumers(t, canon)
             merged += 1

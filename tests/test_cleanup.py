@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conftest import ort_run, random_feeds
 from hypothesis import HealthCheck, given, settings
@@ -569,3 +570,27 @@ def test_real_ppocr_cls_exact():
     ref, got = ort_run(m, feeds), ort_run(out, feeds)
     for a, b in zip(ref, got, strict=True):
         assert np.max(np.abs(a - b)) <= 1e-4 * max(1.0, float(np.max(np.abs(a))))
+
+
+def test_static_size_feeding_an_if_condition_not_folded():
+    # onnx's AffineGrid expansion: Range reads a 1-element tensor from an If branch. A constant condition lets ORT
+    # inline the branch at load, and its shape inference then rejects the Range the model ran fine with.
+    m = parse("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (int64[2] size) => (int64[N] y) <int64 two = {2}, int64 zero = {0}, int64 one = {1}>
+    {
+        n = Size(size)
+        is2 = Equal(n, two)
+        w = If(is2) <
+            then_branch = t () => (int64[1] a) { a0, a = Split<num_outputs = 2>(size) },
+            else_branch = e () => (int64[1] b) { b = Identity(size) }
+        >
+        y = Range(zero, w, one)
+    }""")
+    out, row = run_cleanup(m)
+    assert ops(out)["Size"] == 1
+    assert row.pass_stats["fold_skipped_if_condition"] == 1
+    sess = ort.InferenceSession(
+        out.SerializeToString(), providers=["CPUExecutionProvider"]
+    )  # optimisations on
+    np.testing.assert_array_equal(sess.run(None, {"size": np.array([3, 4], np.int64)})[0], np.arange(4))
