@@ -147,7 +147,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from onnxcompress.report import human_bytes, human_count
 
     model = io.read_model(args.input)
-    inputs = model_inputs(model)
+    inputs = model_inputs(model, tensors_only=True)
     shapes = bind_dims(inputs, _parse_dims(args.dim), _parse_shapes(args.shape))
     st = model_stats(model, shapes)
     weights = []

@@ -41,8 +41,11 @@ class InputSpec:
     shape: tuple[int | str | None, ...]  # int: static; str: symbolic name; None: unknown
 
 
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The model's real inputs (graph inputs that are not initializers)."""
+def model_inputs(model: onnx.ModelProto, tensors_only: bool = False) -> list[InputSpec]:
+    """The model's real inputs (graph inputs that are not initializers).
+
+    Sequence/optional/map inputs cannot be fed from arrays: an error, or skipped with ``tensors_only``.
+    """
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for vi in model.graph.input:
@@ -50,6 +53,8 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
+            if tensors_only:
+                continue
             raise BadInputError(f"input {vi.name!r} is not a tensor (sequence/map inputs are not supported)")
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
         dims: list[int | str | None] = []

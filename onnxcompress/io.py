@@ -31,6 +31,15 @@ from onnxcompress.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
+# graphsurgeon prints its own warnings to stderr ("[W] ..."); what matters of them is handled here
+# (typed attributes, non-tensor values), so only its errors are let through.
+try:
+    from onnx_graphsurgeon.logger import G_LOGGER as _GS_LOGGER
+
+    _GS_LOGGER.severity = _GS_LOGGER.ERROR
+except Exception:  # pragma: no cover - logger API differs across versions
+    pass
+
 #: Protobuf refuses messages >= 2 GiB; keep a margin for the graph structure itself.
 PROTO_LIMIT = 1_800_000_000
 #: tensors at least this big go to the external data file when a model is saved with external data
@@ -203,7 +212,77 @@ def lift_constant_nodes(model: onnx.ModelProto) -> int:
     return lifted
 
 
+# ------------------------------------------------------------------------ what graphsurgeon cannot represent
+_TYPE_ATTRS = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
+
+
+def name_typed_attribute_nodes(model: onnx.ModelProto) -> int:
+    """Give a unique name to every node carrying a TYPE_PROTO attribute (Optional, SequenceEmpty-like ops).
+
+    graphsurgeon drops such attributes on import; ``to_model`` re-attaches them by node name from the template.
+    """
+    taken = {n.name for g in iter_graphs(model.graph) for n in g.node if n.name}
+    named = 0
+    for g in iter_graphs(model.graph):
+        for node in g.node:
+            if not node.name and any(a.type in _TYPE_ATTRS for a in node.attribute):
+                i = len(taken)
+                while f"onnxcompress_typed_{i}" in taken:
+                    i += 1
+                node.name = f"onnxcompress_typed_{i}"
+                taken.add(node.name)
+                named += 1
+    return named
+
+
+def _template_extras(template: onnx.ModelProto) -> tuple[dict[str, list], dict[str, onnx.TypeProto]]:
+    """Typed attributes by node name, and non-tensor value types (sequence/optional/map) by value name."""
+    attrs: dict[str, list] = {}
+    types: dict[str, onnx.TypeProto] = {}
+    for g in iter_graphs(template.graph):
+        for node in g.node:
+            typed = [a for a in node.attribute if a.type in _TYPE_ATTRS]
+            if typed and node.name:
+                attrs[node.name] = typed
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.WhichOneof("value") not in (None, "tensor_type"):
+                types[vi.name] = vi.type
+    return attrs, types
+
+
+def _mark_non_tensor_values(graph: gs.Graph) -> None:
+    """graphsurgeon's exporter only handles tensor/sequence/sparse values: export others as untyped tensors
+    (``to_model`` restores their real types from the template)."""
+    for g in iter_gs_graphs(graph):
+        for t in list(g.inputs) + list(g.outputs):
+            if isinstance(t, gs.Variable) and getattr(t, "type", "tensor_type") not in (
+                    "tensor_type", "sequence_type", "sparse_tensor_type"):
+                t.type = "tensor_type"
+                t.dtype = None
+                t.shape = None
+
+
+def _restore_extras(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    attrs, types = _template_extras(template)
+    if not attrs and not types:
+        return
+    for g in iter_graphs(model.graph):
+        for node in g.node:
+            if node.name in attrs and not any(a.type in _TYPE_ATTRS for a in node.attribute):
+                node.attribute.extend(attrs[node.name])
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.name in types:
+                vi.type.CopyFrom(types[vi.name])
+
+
 # ----------------------------------------------------------------------------------------- graph conversions
+def prepare_for_import(model: onnx.ModelProto) -> int:
+    """In place: Constant nodes -> initializers, and names for nodes whose attributes graphsurgeon drops.
+    Returns the number of Constant nodes lifted."""
+    name_typed_attribute_nodes(model)
+    return lift_constant_nodes(model)
+
+
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import into graphsurgeon (weights as ``gs.Constant``; subgraphs as Graph attributes)."""
     try:
@@ -217,6 +296,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None, opset: in
 
     ``opset`` overrides the default-domain opset (a pass upgraded it); other domains keep the template's versions.
     """
+    _mark_non_tensor_values(graph)
     if template is None:
         model = gs.export_onnx(graph, do_type_check=False)
         return model
@@ -238,6 +318,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None, opset: in
     model.doc_string = template.doc_string
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
+    _restore_extras(model, template)
     return model
 
 

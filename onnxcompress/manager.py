@@ -96,7 +96,7 @@ class PassManager:
         if feeds is not None:
             feed = feeds.first()
             return feed_shapes(feed), feed
-        return bind_dims(model_inputs(model), ctx.dims, ctx.input_shapes), None
+        return bind_dims(model_inputs(model, tensors_only=True), ctx.dims, ctx.input_shapes), None
 
     def _stats(self, model: onnx.ModelProto, shapes: dict, feed: dict | None) -> dict[str, Any]:
         if not self.measure:
@@ -115,7 +115,7 @@ class PassManager:
 
         working = onnx.ModelProto()
         working.CopyFrom(original)
-        lifted = io.lift_constant_nodes(working)
+        lifted = io.prepare_for_import(working)
         ctx.model_template = working
         graph = io.to_graph(working)
         shapes, feed = self._input_shapes(original, ctx)

@@ -179,3 +179,22 @@ def test_big_models_are_saved_with_external_data(tmp_path, monkeypatch):
     with Session(model) as s:  # a "too big" ModelProto goes to ORT through a temporary folder
         np.testing.assert_allclose(s.run({"x": x})[0], ort_run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
     assert io.file_size_on_disk(out) > out.stat().st_size
+
+
+def test_typed_attributes_and_optional_values_survive_roundtrip():
+    """graphsurgeon drops TYPE_PROTO attributes and cannot export optional-typed values: io restores both."""
+    elem = helper.make_tensor_type_proto(TensorProto.FLOAT, [2])
+    opt_type = helper.make_optional_type_proto(elem)
+    node = helper.make_node("Optional", [], ["o"], type=elem)
+    has = helper.make_node("OptionalHasElement", ["o"], ["y"])
+    g = helper.make_graph([node, has], "g", [], [helper.make_tensor_value_info("y", TensorProto.BOOL, [])],
+                          value_info=[helper.make_value_info("o", opt_type)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    io.prepare_for_import(m)
+    out = io.to_model(io.to_graph(m), m)
+    opt_node = next(n for n in out.graph.node if n.op_type == "Optional")
+    assert [a.name for a in opt_node.attribute] == ["type"]
+    onnx.checker.check_model(out, full_check=True)
+    assert ort_run(out, {})[0] == ort_run(model, {})[0]
