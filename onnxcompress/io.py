@@ -254,7 +254,7 @@ def _mark_non_tensor_values(graph: gs.Graph) -> None:
     """graphsurgeon's exporter only handles tensor/sequence/sparse values: export others as untyped tensors
     (``to_model`` restores their real types from the template)."""
     for g in iter_gs_graphs(graph):
-        for t in list(g.inputs) + list(g.outputs):
+        for t in g.tensors().values():
             if isinstance(t, gs.Variable) and getattr(t, "type", "tensor_type") not in (
                     "tensor_type", "sequence_type", "sparse_tensor_type"):
                 t.type = "tensor_type"
