@@ -594,3 +594,28 @@ def test_static_size_feeding_an_if_condition_not_folded():
         out.SerializeToString(), providers=["CPUExecutionProvider"]
     )  # optimisations on
     np.testing.assert_array_equal(sess.run(None, {"size": np.array([3, 4], np.int64)})[0], np.arange(4))
+
+
+def test_loop_body_identities_and_constants():
+    m = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2] x, int64 trip) => (float[2] y) <float[2] a = {1.0, 2.0}, float[2] b = {3.0, 4.0}, bool t = {1}>
+    {
+        y = Loop(trip, t, x) <body = body (int64 i, bool c_in, float[2] acc_in) => (bool c_out, float[2] acc_out) {
+            c_out = Identity(c_in)
+            ab = Add(a, b)
+            s = Add(acc_in, ab)
+            acc_out = Identity(s)
+        }>
+    }""")
+    out, row = run_cleanup(m)
+    body = next(a.g for a in out.graph.node[0].attribute if a.name == "body")
+    assert [n.op_type for n in body.node] == [
+        "Identity",
+        "Add",
+    ]  # c_out passthrough stays; acc_out renamed onto Add
+    assert [o.name for o in body.output] == ["c_out", "acc_out"]
+    assert row.pass_stats["identity_removed"] == 1 and row.pass_stats["constants_folded"] == 1
+    onnx.checker.check_model(out, full_check=True)
+    feeds = {"x": np.array([0.5, -1.0], np.float32), "trip": np.array(3, np.int64)}
+    np.testing.assert_allclose(ort_run(out, feeds)[0], ort_run(m, feeds)[0])
