@@ -276,11 +276,65 @@ def _restore_extras(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
 
 
 # ----------------------------------------------------------------------------------------- graph conversions
+def drop_redundant_value_info(model: onnx.ModelProto) -> int:
+    """Remove value_info entries that repeat a graph input/output name (they can shadow the output's shape)."""
+    dropped = 0
+    for g in iter_graphs(model.graph):
+        io_names = {v.name for v in g.input} | {v.name for v in g.output}
+        keep = [vi for vi in g.value_info if vi.name not in io_names]
+        if len(keep) != len(g.value_info):
+            dropped += len(g.value_info) - len(keep)
+            del g.value_info[:]
+            g.value_info.extend(keep)
+    return dropped
+
+
 def prepare_for_import(model: onnx.ModelProto) -> int:
-    """In place: Constant nodes -> initializers, and names for nodes whose attributes graphsurgeon drops.
-    Returns the number of Constant nodes lifted."""
+    """In place: Constant nodes -> initializers, names for nodes whose attributes graphsurgeon drops, no
+    value_info shadowing graph inputs/outputs. Returns the number of Constant nodes lifted."""
     name_typed_attribute_nodes(model)
+    drop_redundant_value_info(model)
     return lift_constant_nodes(model)
+
+
+def hoist_shared_initializers(model: onnx.ModelProto, template: onnx.ModelProto | None = None) -> int:
+    """Undo graphsurgeon's copying of outer weights into every subgraph that reads them.
+
+    An initializer that stands in more than one graph, or that the template held outside subgraphs, is kept once
+    in the main graph. ONNX names are unique across all scopes, so the main graph's copy is what every subgraph
+    sees. Returns the number of copies removed.
+    """
+    subgraphs = [g for g in iter_graphs(model.graph) if g is not model.graph]
+    if not subgraphs:
+        return 0
+    template_sub_names: set[str] = set()
+    if template is not None:
+        for g in iter_graphs(template.graph):
+            if g is not template.graph:
+                template_sub_names.update(t.name for t in g.initializer)
+    main_names = {t.name for t in model.graph.initializer}
+    where: dict[str, int] = {}
+    for g in subgraphs:
+        for t in g.initializer:
+            where[t.name] = where.get(t.name, 0) + 1
+    hoist = {n for n, count in where.items()
+             if n in main_names or count > 1 or (template is not None and n not in template_sub_names)}
+    removed = 0
+    for g in subgraphs:
+        keep = []
+        for t in g.initializer:
+            if t.name in hoist:
+                if t.name not in main_names:
+                    model.graph.initializer.append(t)
+                    main_names.add(t.name)
+                else:
+                    removed += 1
+            else:
+                keep.append(t)
+        if len(keep) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(keep)
+    return removed
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -299,6 +353,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None, opset: in
     _mark_non_tensor_values(graph)
     if template is None:
         model = gs.export_onnx(graph, do_type_check=False)
+        hoist_shared_initializers(model)
         return model
     imports = [onnx.helper.make_opsetid(i.domain, i.version) for i in template.opset_import]
     # domains a pass introduced (e.g. com.microsoft) must be imported too
@@ -319,6 +374,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None, opset: in
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
     _restore_extras(model, template)
+    hoist_shared_initializers(model, template)
     return model
 
 

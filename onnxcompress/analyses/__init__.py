@@ -2,5 +2,5 @@
 
 from importlib import import_module
 
-for _name in ("model_stats",):
+for _name in ("model_stats", "channel_groups"):
     import_module(f"{__name__}.{_name}")

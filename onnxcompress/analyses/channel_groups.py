@@ -80,6 +80,7 @@ POOL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "
 SUM_REDUCTIONS = frozenset({"ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2"})
 OTHER_REDUCTIONS = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceLogSum", "ReduceLogSumExp"})
 SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+_FOLDABLE = frozenset({"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose"})
 
 
 # ------------------------------------------------------------------------------------------------ data types
@@ -197,6 +198,13 @@ class ChannelGroups:
     mac_terms: list[MacTerm]
     total_macs: int
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    #: values of non-constant tensors computed from constants (a Reshape'd bias): sliced copies replace them
+    folded: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def value(self, t: gs.Tensor) -> np.ndarray:
+        if isinstance(t, gs.Constant):
+            return np.asarray(t.values)
+        return self.folded[t.name]
 
     # ---------------------------------------------------------------------------------------------- queries
     @property
@@ -261,7 +269,7 @@ class ChannelGroups:
             key = (id(node), index)
             if key in const_edits:
                 return const_edits[key][2]
-            return np.asarray(node.inputs[index].values)
+            return self.value(node.inputs[index])
 
         for s in self.slices:
             arr = current(s.node, s.index)
@@ -322,7 +330,7 @@ class ChannelGroups:
         """Physically remove ``removed_units`` from ``graph`` (the graph this analysis was computed on)."""
         removed_units = list(removed_units)
         const_edits, attr_edits = self.edits(removed_units)
-        stats = _write_const_edits(graph, const_edits)
+        stats = _write_const_edits(graph, const_edits, self.value)
         for node, attr, value in attr_edits:
             if attr == "__split__":
                 _set_split_sizes(graph, node, value)
@@ -405,7 +413,20 @@ def _axis_elements(spec: AxisSpec) -> np.ndarray:
     return np.moveaxis(spec.el, spec.pos, 0).reshape(spec.el.shape[spec.pos], -1)
 
 
-def _write_const_edits(graph: gs.Graph, const_edits: dict) -> dict[str, int]:
+def _position_units(spec: AxisSpec, unit_of: np.ndarray) -> np.ndarray:
+    """Sorted unique (position, unit) pairs along a spec's axis: equal for two axes iff their kept counts always
+    agree."""
+    u = unit_of[spec.el]
+    if u.ndim == 1:
+        pos = np.arange(u.size)
+    else:
+        u = np.moveaxis(u, spec.pos, 0)
+        pos = np.broadcast_to(np.arange(u.shape[0]).reshape((-1,) + (1,) * (u.ndim - 1)), u.shape)
+    return np.unique(np.stack([np.asarray(pos).ravel(), u.ravel()]), axis=1)
+
+
+def _write_const_edits(graph: gs.Graph, const_edits: dict, value_of: Callable[[gs.Tensor], np.ndarray]
+                       ) -> dict[str, int]:
     """Assign new constant values. A constant every consumer changes the same way keeps its name; otherwise each
     distinct new value becomes a new constant for the nodes that need it."""
     by_tensor: dict[int, list[tuple[gs.Node, int, np.ndarray]]] = defaultdict(list)
@@ -418,14 +439,14 @@ def _write_const_edits(graph: gs.Graph, const_edits: dict) -> dict[str, int]:
     stats = {"constants_sliced": 0, "constants_copied": 0, "params_before": 0, "params_after": 0}
     for tid, uses in by_tensor.items():
         t = tensors[tid]
-        old = np.asarray(t.values)
+        old = value_of(t)
         consumers = {id(n) for n in t.outputs}
         users = {(id(n), i) for n, i, _ in uses}
         all_slots = {(id(n), i) for n in t.outputs for i, x in enumerate(n.inputs) if x is t}
         first = uses[0][2]
         same = all(a.shape == first.shape and a.dtype == first.dtype and np.array_equal(a, first) for _, _, a in uses)
         stats["params_before"] += int(old.size)
-        if same and users >= all_slots and consumers:
+        if same and users >= all_slots and consumers and isinstance(t, gs.Constant):
             t.values = np.ascontiguousarray(first)
             stats["constants_sliced"] += 1
             stats["params_after"] += int(first.size)
@@ -576,6 +597,8 @@ class _Walker:
         self.mac_terms: list[MacTerm] = []
         self.total_macs = 0
         self.producer_blocks: set[int] = set()
+        self.folded: dict[str, np.ndarray] = {}
+        self.ties: list[tuple[AxisSpec, AxisSpec, str]] = []
         self.n = 0
 
     # ------------------------------------------------------------------------------------------ primitives
@@ -603,6 +626,41 @@ class _Walker:
         if isinstance(t, gs.Constant):
             return list(np.asarray(t.values).shape)
         return self.shapes.get(t.name)
+
+    def const(self, t: gs.Tensor, depth: int = 0) -> np.ndarray | None:
+        """The value of a constant, or of a small chain of shape ops over constants (Reshape(bias, [1,C,1,1]))."""
+        if isinstance(t, gs.Constant):
+            return np.asarray(t.values)
+        if not t.name or not t.inputs or depth > 6:
+            return None
+        if t.name in self.folded:
+            return self.folded[t.name]
+        p = t.inputs[0]
+        if p.op not in _FOLDABLE or len(p.outputs) != 1:
+            return None
+        vals = [self.const(x, depth + 1) if x.name else None for x in p.inputs]
+        x = vals[0]
+        if x is None:
+            return None
+        try:
+            if p.op in ("Identity", "Cast"):
+                out = x if p.op == "Identity" else x.astype(onnx.helper.tensor_dtype_to_np_dtype(p.attrs["to"]))
+            elif p.op == "Reshape":
+                shp = self.shape(p.outputs[0])
+                if shp is None:
+                    return None
+                out = x.reshape(shp)
+            elif p.op in ("Unsqueeze", "Squeeze", "Flatten"):
+                shp = self.shape(p.outputs[0])
+                if shp is None:
+                    return None
+                out = x.reshape(shp)
+            else:  # Transpose
+                out = np.transpose(x, p.attrs.get("perm"))
+        except (ValueError, KeyError, TypeError):
+            return None
+        self.folded[t.name] = out
+        return out
 
     def lay(self, t: gs.Tensor) -> Layout | None:
         return self.layouts.get(t.name) if t.name else None
@@ -754,7 +812,7 @@ class _Walker:
             for pos, a in enumerate(S):
                 ca = a - off
                 if ca >= 0 and shp[ca] > 1:
-                    if isinstance(t, gs.Constant):
+                    if self.const(t) is not None:
                         if shp[ca] != out_shape[a]:
                             raise _Blocked(f"{node.op}: constant {t.name} does not match the channel axis")
                         specs.append(AxisSpec(ca, result.el, pos))
@@ -774,7 +832,7 @@ class _Walker:
         if 1 in lay.axes:
             pos = lay.axes.index(1)
             for i in range(1, 5):
-                if not isinstance(node.inputs[i], gs.Constant):
+                if self.const(node.inputs[i]) is None:
                     raise _Blocked("BatchNormalization with non-constant parameters")
                 self.slices.append(ConstSlice(node, i, [AxisSpec(0, lay.el, pos)], "bn" if i == 1 else "param"))
         self.set(node.outputs[0], lay)
@@ -786,7 +844,7 @@ class _Walker:
         if any(a >= 2 for a in lay.axes) or 0 in lay.axes:
             raise _Blocked("InstanceNormalization over a channel-carrying axis")
         for i in (1, 2):
-            if not isinstance(node.inputs[i], gs.Constant):
+            if self.const(node.inputs[i]) is None:
                 raise _Blocked("InstanceNormalization with non-constant parameters")
             self.slices.append(ConstSlice(node, i, [AxisSpec(0, lay.el, 0)], "param"))
         self.set(node.outputs[0], lay)
@@ -863,7 +921,7 @@ class _Walker:
         r = len(shp)
         axes = self.attr(node, "axes", None)
         if axes is None and _present(node, 1):
-            c = _const(node.inputs[1])
+            c = self.const(node.inputs[1])
             if c is None:
                 raise _Blocked(f"{node.op} with dynamic axes")
             axes = c.reshape(-1).tolist()
@@ -1015,7 +1073,7 @@ class _Walker:
         self.macs(node, factors)
         if _present(node, 2):
             c = node.inputs[2]
-            cv = _const(c)
+            cv = self.const(c)
             if cv is None:
                 self.block(out, "Gemm with a non-constant C")
             elif cv.ndim >= 1 and cv.shape[-1] > 1:
@@ -1158,7 +1216,7 @@ class _Walker:
         if len(lay.axes) != 1:
             raise _Blocked("Split of a multi-axis channel layout")
         if _present(node, 1):
-            c = _const(node.inputs[1])
+            c = self.const(node.inputs[1])
             if c is None:
                 raise _Blocked("Split with dynamic sizes")
             sizes = [int(v) for v in c.reshape(-1)]
@@ -1189,7 +1247,7 @@ class _Walker:
             vals = []
             for i in (1, 2, 3, 4):
                 if _present(node, i):
-                    c = _const(node.inputs[i])
+                    c = self.const(node.inputs[i])
                     if c is None:
                         vals.append(None)
                     else:
@@ -1198,7 +1256,7 @@ class _Walker:
                     vals.append(None)
             starts, ends, axes, steps = vals
             if starts is None or ends is None:
-                if any(_present(node, i) and _const(node.inputs[i]) is None for i in (1, 2)):
+                if any(_present(node, i) and self.const(node.inputs[i]) is None for i in (1, 2)):
                     # dynamic ranges are fine on free axes only; we cannot tell which: require constant axes
                     if axes is None or any(int(a) % r in lay.axes for a in axes):
                         raise _Blocked("Slice with dynamic starts/ends on a channel axis")
@@ -1264,7 +1322,7 @@ class _Walker:
         if "axes" in node.attrs:
             return [int(a) for a in node.attrs["axes"]]
         if _present(node, 1):
-            c = _const(node.inputs[1])
+            c = self.const(node.inputs[1])
             if c is None:
                 raise _Blocked(f"{node.op} with dynamic axes")
             return [int(a) for a in c.reshape(-1)]
@@ -1340,56 +1398,89 @@ class _Walker:
         self._shape_vector_edits(node, 1, entries, identity, allow_minus_one=True)
         self.set(node.outputs[0], new)
 
+    def trace_vector(self, node: gs.Node, index: int, depth: int = 0) -> list[tuple] | None:
+        """Where each entry of a 1-D int tensor comes from: ("const", node, input, offset, value) for an editable
+        constant slot, ("dim", tensor, axis) for a Shape() read, None when unknown."""
+        t = node.inputs[index]
+        if isinstance(t, gs.Constant):
+            return [("const", node, index, k, int(v)) for k, v in enumerate(np.asarray(t.values).reshape(-1))]
+        shp = self.shape(t)
+        length = int(np.prod(shp)) if shp is not None else None
+        p = t.inputs[0] if t.inputs else None
+        if p is None or depth > 8:
+            return [None] * length if length is not None else None
+        out: list[tuple] | None = None
+        try:
+            if p.op == "Concat":
+                out = []
+                for i in range(len(p.inputs)):
+                    sub = self.trace_vector(p, i, depth + 1)
+                    if sub is None:
+                        return [None] * length if length is not None else None
+                    out += sub
+            elif p.op == "Shape":
+                src = p.inputs[0]
+                ss = self.shape(src)
+                if ss is not None:
+                    r = len(ss)
+                    a0 = int(p.attrs.get("start", 0))
+                    a1 = int(p.attrs.get("end", r))
+                    a0, a1 = (a0 + r if a0 < 0 else a0), (a1 + r if a1 < 0 else a1)
+                    out = [("dim", src, a) for a in range(max(0, a0), min(r, a1))]
+            elif p.op in ("Cast", "Identity", "Unsqueeze", "Squeeze"):
+                out = self.trace_vector(p, 0, depth + 1)
+            elif p.op == "Slice" and len(p.inputs) >= 3:
+                sub = self.trace_vector(p, 0, depth + 1)
+                st, en = self.const(p.inputs[1]), self.const(p.inputs[2])
+                steps = self.const(p.inputs[4]) if _present(p, 4) else None
+                if sub is not None and st is not None and en is not None and (steps is None or int(steps[0]) == 1):
+                    n = len(sub)
+                    a0, a1 = int(st.reshape(-1)[0]), int(en.reshape(-1)[0])
+                    a0 = max(0, min(n, a0 + n if a0 < 0 else a0))
+                    a1 = max(0, min(n, a1 + n if a1 < 0 else a1))
+                    out = sub[a0:a1]
+            elif p.op == "Gather":
+                sub = self.trace_vector(p, 0, depth + 1)
+                idx = self.const(p.inputs[1])
+                if sub is not None and idx is not None:
+                    out = [sub[int(i)] for i in idx.reshape(-1)]
+        except (IndexError, KeyError, ValueError, TypeError):
+            out = None
+        if out is None or (length is not None and len(out) != length):
+            return [None] * length if length is not None else None
+        return out
+
     def _shape_vector_edits(self, node: gs.Node, index: int, entries: list[tuple[int, AxisSpec]],
                             identity: set[int], allow_minus_one: bool) -> None:
-        """Record edits making entry k of the shape vector (input ``index``) the kept count along axis k."""
-        t = node.inputs[index]
-        vec = _const(t)
-        if vec is not None:
-            edits = []
-            flat = vec.reshape(-1)
-            for k, spec in entries:
-                v = int(flat[k])
+        """Make entry k of the shape vector (input ``index``) follow the kept count along axis k: constant slots
+        are edited; entries read from Shape() of a tensor whose axis carries the same channels follow by
+        themselves (checked once units are known); anything else blocks."""
+        src = self.trace_vector(node, index)
+        if src is None:
+            raise _Blocked(f"{node.op} with an untraceable target shape on a channel axis")
+        by_slot: dict[tuple[int, int], tuple[gs.Node, int, list[tuple[int, AxisSpec]]]] = {}
+        for k, spec in entries:
+            e = src[k] if k < len(src) else None
+            if e is None:
+                raise _Blocked(f"{node.op} with a dynamic target size on a channel axis")
+            if e[0] == "const":
+                _, n, i, off, v = e
                 if v == -1 and allow_minus_one:
                     continue
-                if v == 0:
+                if v == 0 and not node.attrs.get("allowzero", 0):
                     if k in identity:
                         continue
                     raise _Blocked(f"{node.op} copies a channel dim from another axis")
-                edits.append((k, spec))
-            if edits:
-                self.shape_edits.append(ShapeEdit(node, index, edits))
-            return
-        # a shape vector assembled by Concat from pieces: edit constant pieces
-        prod = t.inputs[0] if t.inputs else None
-        if prod is None or prod.op != "Concat":
-            raise _Blocked(f"{node.op} with a dynamic target shape on a channel axis")
-        offsets = []
-        off = 0
-        for piece in prod.inputs:
-            sp = self.shape(piece)
-            if sp is None or len(sp) != 1:
-                raise _Blocked(f"{node.op}: shape pieces of unknown length")
-            offsets.append((off, off + sp[0], piece))
-            off += sp[0]
-        by_piece: dict[int, list[tuple[int, AxisSpec]]] = defaultdict(list)
-        for k, spec in entries:
-            for pi, (a, b, piece) in enumerate(offsets):
-                if a <= k < b:
-                    pv = _const(piece)
-                    if pv is None:
-                        raise _Blocked(f"{node.op} with a dynamic target size on a channel axis")
-                    v = int(pv.reshape(-1)[k - a])
-                    if v == -1 and allow_minus_one:
-                        break
-                    if v == 0:
-                        if k in identity:
-                            break
-                        raise _Blocked(f"{node.op} copies a channel dim from another axis")
-                    by_piece[pi].append((k - a, spec))
-                    break
-        for pi, e in by_piece.items():
-            self.shape_edits.append(ShapeEdit(prod, pi, e))
+                by_slot.setdefault((id(n), i), (n, i, []))[2].append((off, spec))
+            else:
+                _, t2, j = e
+                lay2 = self.lay(t2)
+                if lay2 is None or j not in lay2.axes:
+                    raise _Blocked(f"{node.op} reads the size of a channel axis from {t2.name}, whose channels are "
+                                   "fixed")
+                self.ties.append((spec, AxisSpec(j, lay2.el, lay2.axes.index(j)), f"{node.op} {node.name}"))
+        for n, i, e in by_slot.values():
+            self.shape_edits.append(ShapeEdit(n, i, e))
 
     def op_Expand(self, node: gs.Node) -> None:
         lay = self.lay(node.inputs[0])
@@ -1400,7 +1491,7 @@ class _Walker:
             raise _Blocked("Expand: shapes unknown")
         off = len(sy) - len(sx)
         new = Layout(tuple(a + off for a in lay.axes), lay.el)
-        vec = _const(node.inputs[1])
+        vec = self.const(node.inputs[1])
         if vec is None:
             raise _Blocked("Expand with a dynamic shape on a channel tensor")
         n = vec.size
@@ -1417,7 +1508,7 @@ class _Walker:
         lay = self.lay(node.inputs[0])
         if lay is None:
             return
-        rep = _const(node.inputs[1])
+        rep = self.const(node.inputs[1])
         if rep is None or any(int(rep.reshape(-1)[a]) != 1 for a in lay.axes):
             raise _Blocked("Tile repeats a channel axis")
         self.set(node.outputs[0], lay)
@@ -1433,13 +1524,13 @@ class _Walker:
         if "pads" in node.attrs:
             pads = list(node.attrs["pads"])
         else:
-            c = _const(node.inputs[1]) if _present(node, 1) else None
+            c = self.const(node.inputs[1]) if _present(node, 1) else None
             if c is None:
                 raise _Blocked("Pad with dynamic pads")
             pads = [int(v) for v in c.reshape(-1)]
         axes = list(range(r))
         if _present(node, 3):
-            c = _const(node.inputs[3])
+            c = self.const(node.inputs[3])
             if c is None:
                 raise _Blocked("Pad with dynamic axes")
             axes = [int(a) % r for a in c.reshape(-1)]
@@ -1455,18 +1546,18 @@ class _Walker:
             return
         scales = sizes = None
         if node.op == "Upsample" or (self.opset < 11 and len(node.inputs) >= 2):
-            scales = _const(node.inputs[1]) if _present(node, 1) else None
+            scales = self.const(node.inputs[1]) if _present(node, 1) else None
             if scales is None and "scales" in node.attrs:
                 scales = np.asarray(node.attrs["scales"])
             if scales is None:
                 raise _Blocked("Resize with dynamic scales")
         else:
             if _present(node, 3):
-                sizes = _const(node.inputs[3])
+                sizes = self.const(node.inputs[3])
                 if sizes is None:
                     raise _Blocked("Resize with dynamic sizes")
             elif _present(node, 2):
-                scales = _const(node.inputs[2])
+                scales = self.const(node.inputs[2])
                 if scales is None:
                     raise _Blocked("Resize with dynamic scales")
         if "axes" in node.attrs:
@@ -1483,7 +1574,7 @@ class _Walker:
         lay = self.lay(node.inputs[0])
         if lay is None:
             return
-        scale = _const(node.inputs[1])
+        scale = self.const(node.inputs[1])
         if scale is None:
             raise _Blocked(f"{node.op} with a dynamic scale")
         if scale.size > 1:
@@ -1554,6 +1645,10 @@ def analyse(graph: gs.Graph, shapes: dict[str, list[int]]) -> ChannelGroups:
                                                                                                    u.shape), u))
             if varying > 1:
                 w.block(lay.el, f"{name}: channels spread over several axes (no dense cut)")
+    for a_spec, b_spec, what in w.ties:
+        if not np.array_equal(_position_units(a_spec, unit_of), _position_units(b_spec, unit_of)):
+            w.block(np.concatenate([a_spec.el.ravel(), b_spec.el.ravel()]),
+                    f"{what}: target size read from an axis with other channels")
     blocked_units = np.zeros(n_units, dtype=bool)
     reasons: dict[int, str] = {}
     for el, reason in w.blocks:
@@ -1603,7 +1698,7 @@ def analyse(graph: gs.Graph, shapes: dict[str, list[int]]) -> ChannelGroups:
         channels = int(w.sizes[blocks_in[0]]) if blocks_in else 0
         groups.append(ChannelGroup(gid, units, channels, members.get(gid, []), producers, prunable, reason))
     return ChannelGroups(n, unit_of, unit_group, groups, w.layouts, w.slices, w.shape_edits, w.range_edits,
-                         w.split_edits, w.group_edits, w.mac_terms, w.total_macs, shapes)
+                         w.split_edits, w.group_edits, w.mac_terms, w.total_macs, shapes, w.folded)
 
 
 def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
