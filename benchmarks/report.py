@@ -105,6 +105,8 @@ def markdown(records: list[dict], seconds: float | None = None) -> str:
         )
         if seconds is not None:
             parts.append(f"Run time: {seconds:.0f} s.")
+        elif all("seconds" in r for r in records):
+            parts.append(f"Run time (sum over models): {sum(r['seconds'] for r in records):.0f} s.")
         parts.append("")
         parts.append(
             "Primary metric per model: "
@@ -146,6 +148,10 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     method_names = sorted({m for r in recs for m in r["methods"]})
     cmap = plt.get_cmap("tab10")
     colors = {m: cmap(i % 10) for i, m in enumerate(method_names)}
+    marks = "os^Dv<>PX*"
+    markers = {
+        m: marks[i % len(marks)] for i, m in enumerate(method_names)
+    }  # overlapping points stay visible
     for fname, xlabel, xget in (
         ("plot_size.png", "size ratio (candidate / FP32)", lambda row: row.get("size_ratio")),
         ("plot_latency.png", "latency ratio at 1 thread (candidate / FP32)", lambda row: _lat(row, "t1")),
@@ -159,7 +165,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
                 x, y = xget(row), primary_value(rec, row)
                 if row.get("error") or x is None or y is None:
                     continue
-                ax.scatter([x], [y], color=colors[name], label=name, s=28)
+                ax.scatter([x], [y], color=colors[name], marker=markers[name], label=name, s=36, alpha=0.75)
             ax.axvline(1.0, color="0.8", lw=0.8, zorder=0)
             ax.set_title(rec["model"], fontsize=9)
             ax.set_xlabel(xlabel, fontsize=7)
@@ -167,7 +173,9 @@ def plots(records: list[dict], out: Path) -> list[Path]:
             ax.tick_params(labelsize=7)
         for ax in list(axes.flat)[len(recs) :]:
             ax.axis("off")
-        handles = [plt.Line2D([], [], marker="o", ls="", color=colors[m], label=m) for m in method_names]
+        handles = [
+            plt.Line2D([], [], marker=markers[m], ls="", color=colors[m], label=m) for m in method_names
+        ]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7, frameon=False)
         fig.tight_layout(rect=(0, 0.04 + 0.02 * math.ceil(len(handles) / 4), 1, 1))
         path = out / fname
