@@ -705,7 +705,7 @@ class _Walker:
 
     # ------------------------------------------------------------------------------------------ the walk
     def run(self) -> None:
-        for node in _toposort(self.graph):
+        for node in toposort(self.graph):
             op = node.op
             handler: Callable[[gs.Node], None] | None = getattr(self, f"op_{op}", None)
             has_layout = any(self.lay(t) is not None for t in node.inputs)
@@ -1590,7 +1590,7 @@ class _Walker:
     op_DequantizeLinear = op_QuantizeLinear
 
 
-def _toposort(graph: gs.Graph) -> list[gs.Node]:
+def toposort(graph: gs.Graph) -> list[gs.Node]:
     """Kahn's algorithm over the main graph (node order of the file breaks ties); O(nodes + edges)."""
     nodes = list(graph.nodes)
     index = {id(n): i for i, n in enumerate(nodes)}

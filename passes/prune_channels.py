@@ -1,0 +1,242 @@
+"""``prune-channels``: structured pruning — remove whole channels, neurons or attention heads.
+
+The channel-group analysis (``onnxcompress.analyses.channel_groups``) says which channels of which tensors go
+together; this pass scores every removable unit (``_prune_scores``: l1/l2 of all coupled weights, BN scale, mean
+|activation|, or the reconstruction error E[x_c^2]·||W[:,c]||^2 on calibration data), decides how many units each
+group keeps (``_prune_plan``: a uniform ratio, one global threshold, or a sensitivity-driven MAC budget with a per-group
+floor and ``round_to``), and physically slices every coupled tensor: producer weights and biases, BatchNorm
+statistics, per-channel constants, consumer weights, Concat/Split sizes, Slice ranges, Reshape/Expand/Resize
+targets and depthwise ``group`` attributes. The result is a smaller dense graph ORT runs as is — no masks.
+
+Pruning a set of units gives exactly the outputs of the original with the same channels' weights zeroed
+(``ChannelGroups.zeroed_model``); the loss of accuracy comes from the channels themselves. Follow with ``distill``,
+which refits the layers after each cut on calibration data against the original model.
+
+Names: every surviving tensor keeps its name (so ``distill`` can match student to teacher); a constant shared by
+nodes that are cut differently is split into ``<name>_pruned`` copies. The kept positions of every cut tensor are
+left in the context as the ``channel_map`` analysis.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress.analyses.channel_groups import ChannelGroups, remember_channel_map
+from onnxcompress.context import PassContext
+from onnxcompress.errors import PassError
+from onnxcompress.pass_base import Pass, PassResult, register
+
+from . import _prune_plan as plan_mod
+from ._prune_scores import IMPORTANCES, unit_scores
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")
+
+
+@register
+@dataclass(frozen=True)
+class PruneChannels(Pass):
+    name: ClassVar[str] = "prune-channels"
+    description: ClassVar[str] = ("remove whole channels / neurons / attention heads by group importance; shrinks "
+                                  "every coupled tensor (real MAC cut); follow with distill")
+    option_help: ClassVar[dict[str, str]] = {
+        "ratio": "fraction of each group's channels to remove (uniform), or of all channels (global)",
+        "target_macs": "keep this fraction of the model's MACs (e.g. 0.5); overrides ratio",
+        "importance": "auto (recon with data, else l2), l1, l2, bn, act (mean |x|), recon (E[x^2]*||W[:,c]||^2)",
+        "allocation": "auto (sensitivity for target_macs with data, else global; uniform for ratio), uniform, "
+                      "global, sensitivity",
+        "min_keep": "per-group floor: keep at least this fraction of every group",
+        "round_to": "kept channel counts are multiples of this (SIMD-friendly); groups not larger are left alone",
+        "exclude": "groups to leave alone: glob patterns on node/tensor/weight names, or group ids",
+        "samples": "calibration feeds used for activation-based importance",
+        "sensitivity_samples": "calibration feeds used per sensitivity trial",
+        "sensitivity_ratios": "ratios each group is pruned at alone to measure its sensitivity",
+        "verify": "run the pruned model once under ORT before returning",
+    }
+
+    ratio: float = 0.0
+    target_macs: float | None = None
+    importance: str = "auto"
+    allocation: str = "auto"
+    min_keep: float = 0.1
+    round_to: int = 1
+    exclude: tuple[str, ...] = ()
+    samples: int = 32
+    sensitivity_samples: int = 8
+    sensitivity_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise ValueError(f"target_macs must be in (0, 1], got {self.target_macs}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {IMPORTANCES}, got {self.importance!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if not 0.0 < self.min_keep <= 1.0:
+            raise ValueError(f"min_keep must be in (0, 1], got {self.min_keep}")
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+        if self.samples < 1 or self.sensitivity_samples < 1:
+            raise ValueError("samples and sensitivity_samples must be >= 1")
+        if not self.sensitivity_ratios or any(not 0.0 < r < 1.0 for r in self.sensitivity_ratios):
+            raise ValueError("sensitivity_ratios must be in (0, 1)")
+        if self.allocation == "uniform" and self.target_macs is not None:
+            raise ValueError("allocation=uniform takes ratio, not target_macs")
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        cg: ChannelGroups = ctx.analysis("channel_groups", graph)
+        excluded = cg.group_of_name(self.exclude)
+        candidates = [g.id for g in cg.groups if g.prunable and g.id not in excluded]
+        reasons = Counter(_reason_key(g.reason) for g in cg.groups if not g.prunable and (g.members or g.producers))
+        stats: dict = {
+            "groups": len([g for g in cg.groups if g.members or g.producers]),
+            "prunable_groups": len([g for g in cg.groups if g.prunable]),
+            "excluded_groups": len(excluded),
+            "not_prunable": dict(reasons.most_common(8)),
+        }
+        if not candidates or (self.ratio == 0.0 and self.target_macs in (None, 1.0)):
+            stats["pruned_groups"] = 0
+            return PassResult(False, stats, frozenset({"channel_groups", "channel_map"}))
+        feeds = ctx.calibration
+        model = ctx.export(graph)
+        progress = getattr(ctx, "progress", None)
+        scores, used = unit_scores(cg, self.importance, model,
+                                   feeds.take(self.samples) if feeds is not None else None, set(candidates),
+                                   progress)
+        plans = plan_mod.make_plans(cg, candidates, scores, self.min_keep, self.round_to)
+        allocation = self._allocation(feeds is not None)
+        kept = self._allocate(cg, plans, allocation, model, ctx)
+        removed = plan_mod.removed_units(plans, kept)
+        restore = cg.check_removal(removed.tolist())
+        if restore:
+            removed = np.setdiff1d(removed, np.asarray(restore, dtype=np.int64))
+        keep_el = cg.keep_elements(removed)
+        if removed.size == 0:
+            stats["pruned_groups"] = 0
+            return PassResult(False, stats, frozenset({"channel_groups", "channel_map"}))
+        remember_channel_map(ctx, cg.kept_positions(removed))
+        pruned_groups = sorted({int(g) for g in cg.unit_group[removed]})
+        apply_stats = cg.apply(graph, removed)
+        graph.cleanup()
+        stats.update({
+            "importance": used,
+            "allocation": allocation,
+            "pruned_groups": len(pruned_groups),
+            "units_removed": int(removed.size),
+            "units_in_candidates": int(sum(p.n for p in plans)),
+            "macs_ratio_estimate": round(cg.macs_after(keep_el) / cg.total_macs, 4) if cg.total_macs else 1.0,
+            "params_removed": int(apply_stats["params_before"] - apply_stats["params_after"]),
+            "constants_sliced": apply_stats["constants_sliced"] + apply_stats["constants_copied"],
+            "kept_per_group": {str(g): int(kept[g]) for g in pruned_groups if g in kept},
+        })
+        if self.verify:
+            _verify(graph, ctx)
+        log.info("prune-channels: removed %d units in %d groups, MACs x%.3f (estimate)", removed.size,
+                 len(pruned_groups), stats["macs_ratio_estimate"])
+        return PassResult(True, stats, frozenset({"channel_map"}))
+
+    def _allocation(self, have_data: bool) -> str:
+        if self.allocation != "auto":
+            if self.allocation == "sensitivity" and not have_data:
+                log.warning("prune-channels: sensitivity allocation needs calibration data; using global")
+                return "global"
+            return self.allocation
+        if self.target_macs is not None:
+            return "sensitivity" if have_data else "global"
+        return "uniform"
+
+    def _allocate(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], allocation: str, model, ctx
+                  ) -> dict[int, int]:
+        if allocation == "uniform":
+            return plan_mod.uniform(plans, self.ratio)
+        total_units = sum(p.n for p in plans)
+        if self.target_macs is not None:
+            target = self.target_macs * cg.total_macs
+
+            def meets(kept: dict[int, int]) -> bool:
+                removed = plan_mod.removed_units(plans, kept)
+                return cg.macs_after(cg.keep_elements(removed)) <= target
+        else:
+            def meets(kept: dict[int, int]) -> bool:
+                return sum(p.n - kept[p.gid] for p in plans) >= self.ratio * total_units
+
+        if allocation == "global":
+            return plan_mod.global_threshold(plans, meets)
+        curves, saves = self._sensitivity(cg, plans, model, ctx)
+        return plan_mod.marginal(plans, curves, saves, meets)
+
+    def _sensitivity(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], model, ctx
+                     ) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+        from onnxcompress.runtime import Session
+
+        feeds = list(ctx.calibration.take(self.sensitivity_samples))
+        with Session(model, what="model for sensitivity") as s:
+            base = [s.run(f) for f in feeds]
+        curves: dict[int, np.ndarray] = {}
+        saves: dict[int, float] = {}
+        total = float(cg.total_macs) or 1.0
+        for p in plans:
+            all_gone = cg.keep_elements(p.order)
+            if self.target_macs is not None:
+                saves[p.gid] = (total - cg.macs_after(all_gone)) / total
+            else:
+                saves[p.gid] = p.n / max(1, sum(q.n for q in plans))
+            measured: dict[int, float] = {}
+            for r in self.sensitivity_ratios:
+                k = plan_mod.round_up(p, p.n - math.floor(r * p.n))
+                if k >= p.n or k in measured:
+                    continue
+                zm = cg.zeroed_model(model, p.order[: p.n - k])
+                with Session(zm, what="sensitivity trial") as s:
+                    measured[k] = _relative_error(base, [s.run(f) for f in feeds])
+            curves[p.gid] = plan_mod.error_curve(p, measured)
+            log.debug("sensitivity group %d (n=%d): %s", p.gid, p.n, measured)
+        return curves, saves
+
+
+def _relative_error(base: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float:
+    """Mean over outputs of sum ||y - y0||^2 / sum ||y0||^2 across the feeds."""
+    errs = []
+    for o in range(len(base[0])):
+        num = sum(float(np.sum(np.square(c[o].astype(np.float64) - b[o]))) for b, c in zip(base, cand, strict=True)
+                  if np.issubdtype(np.asarray(b[o]).dtype, np.floating))
+        den = sum(float(np.sum(np.square(b[o].astype(np.float64)))) for b in base
+                  if np.issubdtype(np.asarray(b[o]).dtype, np.floating))
+        if den > 0:
+            errs.append(num / den)
+    return float(np.mean(errs)) if errs else 0.0
+
+
+def _reason_key(reason: str) -> str:
+    """Group similar reasons for the stats ("reaches graph output X" -> "reaches graph output")."""
+    for key in ("reaches graph output", "meets", "concatenated with", "is read inside a subgraph", "not understood"):
+        if key in reason:
+            return key if key != "meets" else "meets a tensor whose channels are fixed"
+    return reason
+
+
+def _verify(graph: gs.Graph, ctx: PassContext) -> None:
+    from onnxcompress.analyses.channel_groups import _random_feed
+    from onnxcompress.data import model_inputs
+    from onnxcompress.runtime import Session
+
+    model = ctx.export(graph)
+    feed = ctx.calibration.first() if ctx.calibration is not None else _random_feed(
+        model, {s.name: tuple(d if isinstance(d, int) else 1 for d in s.shape) for s in model_inputs(model)})
+    try:
+        with Session(model, optimize=False, what="pruned model") as s:
+            s.run(feed)
+    except Exception as exc:
+        raise PassError(f"the pruned model does not run under onnxruntime: {exc}") from exc
