@@ -389,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("onnxcompress", "root"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("onnxcompress").setLevel(logging.WARNING)
 
     specs = load_specs()
     names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else list(specs))
