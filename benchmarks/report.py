@@ -197,7 +197,16 @@ def write_report(records: list[dict], out: Path, seconds: float | None = None) -
 
 
 def load_records(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    """The per-model records of ``benchmarks.run`` in ``folder`` (other JSON files there are skipped)."""
+    records = []
+    for p in sorted(folder.glob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "model" in rec and "primary_metric" in rec:
+            records.append(rec)
+    return records
 
 
 if __name__ == "__main__":
