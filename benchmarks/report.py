@@ -48,6 +48,19 @@ def primary_value(rec: dict, row: dict) -> float | None:
     return metrics.get(rec.get("primary_metric"))
 
 
+def _short(text: str, limit: int = 180) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _memory_hint(rec: dict, row: dict) -> str:
+    """Say so when a tool ran out of memory under the harness's per-tool address-space limit."""
+    err = row.get("error") or ""
+    limit = (rec.get("config") or {}).get("tool_mem_limit_gb")
+    if limit and ("allocate memory" in err or "MemoryError" in err or "bad_alloc" in err):
+        return f" (out of memory under the {limit:g} GB per-tool limit)"
+    return ""
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -76,7 +89,7 @@ def table(records: list[dict]) -> str:
                 else f"{_f(worst.get('cosine'), '{:.4f}')} / {_f(worst.get('sqnr_db'), '{:.1f}')}"
             )
             if row.get("error"):
-                note = f"**{_cell(row['error'])}**"
+                note = f"**{_cell(_short(row['error']))}**{_memory_hint(rec, row)}"
             else:
                 note = "; ".join(_cell(n) for n in row.get("notes", []))
                 lat_err = row.get("latency_error")
