@@ -4,8 +4,9 @@ A layer computes y = W x + b on rows: Conv on im2col patches (one row per output
 of W[:, c, i, j]), Gemm/MatMul on the rows of its input. With X the student's input rows (an extra column of ones
 when the layer has a bias) and Y the teacher's output rows (restricted to the kept output channels):
 
-    [W; b] = argmin ||X [W; b] - Y||^2 + lambda ||W||^2 = (X^T X + lambda I')^{-1} X^T Y,
-    lambda = ridge * mean(diag(X^T X)) (the bias is not penalised).
+    [W; b] = argmin ||X [W; b] - Y||^2 + lambda ||W - W0||^2 = (X^T X + lambda I')^{-1} (X^T Y + lambda I' W0),
+    lambda = ridge * mean(diag(X^T X)), W0 the current weights (the bias is not penalised): directions the
+    calibration data does not excite keep their weights instead of collapsing to 0.
 
 Only X^T X and X^T Y are accumulated, feed by feed (``Normal``); a random subset of rows per feed (output positions
 for Conv) bounds the cost. Variants:
@@ -199,29 +200,34 @@ def conv_rows(x: np.ndarray, node: gs.Node, w_shape: tuple[int, ...], out_spatia
     return np.moveaxis(patches, -1, 1), pos
 
 
-def solve(stats: Normal, ridge: float, has_bias: bool, mask: np.ndarray | None = None) -> np.ndarray:
-    """Ridge solution of the accumulated system; ``mask`` [K(+1), N] restricts each column's support."""
+def solve(stats: Normal, ridge: float, has_bias: bool, mask: np.ndarray | None = None,
+          prior: np.ndarray | None = None) -> np.ndarray:
+    """Ridge solution of the accumulated system, shrunk towards ``prior`` (the current weights) rather than 0:
+    (X^T X + lambda I') W = X^T Y + lambda I' W_prior. A weight whose input never fires on the calibration data keeps
+    its value. ``mask`` [K(+1), N] restricts each column's support (zeros stay zeros)."""
     a = stats.xtx
     b = stats.xty
     k = a.shape[-1] - (1 if has_bias else 0)
     if stats.per_channel:
         diag = np.einsum("ckk->ck", a)[:, :k]
         lam = ridge * np.maximum(diag.mean(axis=1), 1e-12)
-        reg = np.zeros_like(a)
-        idx = np.arange(k)
-        reg[:, idx, idx] = lam[:, None]
-        return np.linalg.solve(a + reg + 1e-12 * np.eye(a.shape[-1]), b[..., None])[..., 0]
+        reg = np.zeros(a.shape[:2])
+        reg[:, :k] = lam[:, None]
+        rhs = b + (reg * prior if prior is not None else 0.0)
+        a_reg = a + reg[:, :, None] * np.eye(a.shape[-1])[None] + 1e-12 * np.eye(a.shape[-1])
+        return np.linalg.solve(a_reg, rhs[..., None])[..., 0]
     lam = ridge * max(float(np.mean(np.diag(a)[:k])), 1e-12)
     reg = np.zeros(a.shape[0])
     reg[:k] = lam
     a_reg = a + np.diag(reg + 1e-12)
+    rhs = b + (reg[:, None] * prior if prior is not None else 0.0)
     if mask is None:
-        return _sym_solve(a_reg, b)
-    out = np.zeros_like(b)
-    for j in range(b.shape[1]):
+        return _sym_solve(a_reg, rhs)
+    out = np.zeros_like(rhs)
+    for j in range(rhs.shape[1]):
         s = np.flatnonzero(mask[:, j])
         if s.size:
-            out[s, j] = _sym_solve(a_reg[np.ix_(s, s)], b[s, j])
+            out[s, j] = _sym_solve(a_reg[np.ix_(s, s)], rhs[s, j])
     return out
 
 

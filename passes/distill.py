@@ -264,7 +264,7 @@ class Distill(Pass):
             cur = w.reshape(w.shape[0], -1)
             b_cur = L.b.get().reshape(-1) if L.b is not None else np.zeros(w.shape[0])
             wb_cur = np.concatenate([cur, b_cur[:, None]], axis=1)
-            new = solve(st, self.ridge, True)
+            new = solve(st, self.ridge, True, prior=wb_cur)
             before, after = objective(st, wb_cur), objective(st, new)
             if not after < before:
                 return ("no improvement", 0.0, 0.0)
@@ -284,7 +284,7 @@ class Distill(Pass):
         mask = None
         if np.mean(wm == 0) > 0.2:  # sparse weights: keep the support
             mask = np.concatenate([wm != 0, np.ones((1, wm.shape[1]), bool)], axis=0) if has_bias else wm != 0
-        new = solve(st, self.ridge, has_bias, mask)
+        new = solve(st, self.ridge, has_bias, mask, prior=wb_cur)
         before, after = objective(st, wb_cur), objective(st, new)
         if not after < before:
             log.debug("distill: %s: refit does not lower the objective (%.4g >= %.4g)", L.node.name, after, before)

@@ -1674,6 +1674,12 @@ def analyse(graph: gs.Graph, shapes: dict[str, list[int]]) -> ChannelGroups:
         for g in gids:
             if label not in members[g]:
                 members[g].append(label)
+    for e in w.shape_edits:
+        for pos, spec in e.entries:
+            label = f"{e.node.inputs[e.index].name}[{pos}]"
+            for g in np.unique(unit_group[unit_of[spec.el.ravel()]]).tolist():
+                if label not in members[g]:
+                    members[g].append(label)
     groups = []
     unit_order = np.argsort(first_el, kind="stable")
     units_by_group: dict[int, list[int]] = defaultdict(list)
@@ -1749,23 +1755,30 @@ def channel_groups(graph: gs.Graph, ctx: PassContext) -> ChannelGroups:
     return analyse(graph, static_shapes(model, shapes_in, feed))
 
 
+#: the kept positions of every pruning in this run live on the context itself: they are provenance, not a fact about
+#: the current graph, and must survive passes that drop cached analyses (quantize between prune and distill)
+_PROVENANCE_ATTR = "_pruned_channel_map"
+
+
 @register_analysis("channel_map")
 def channel_map(graph: gs.Graph, ctx: PassContext) -> dict[str, dict[int, np.ndarray]]:
-    """Kept channel positions per pruned tensor, left by ``prune-channels`` (empty when no pruning is known)."""
-    return {}
+    """Kept channel positions per pruned tensor: tensor name -> {axis: indices into the original tensor}, as left by
+    ``prune-channels`` in this run (empty when nothing was pruned)."""
+    return getattr(ctx, _PROVENANCE_ATTR, {})
 
 
 def remember_channel_map(ctx: PassContext, mapping: dict[str, dict[int, np.ndarray]]) -> None:
-    """Store the kept positions of a pruning for later passes (``distill`` matches student to teacher with it).
+    """Record the kept positions of a pruning for later passes (``distill`` matches student to teacher with them).
 
-    Merged with an earlier map: positions compose (kept-of-kept)."""
-    old = ctx._cache.get("channel_map") or {}
+    Composed with an earlier pruning of the same run: positions index the original (kept-of-kept)."""
+    old = getattr(ctx, _PROVENANCE_ATTR, {})
     merged = {k: dict(v) for k, v in old.items()}
     for name, axes in mapping.items():
         for axis, idx in axes.items():
             prev = merged.get(name, {}).get(axis)
             merged.setdefault(name, {})[axis] = prev[idx] if prev is not None else idx
-    ctx._cache["channel_map"] = merged
+    setattr(ctx, _PROVENANCE_ATTR, merged)
+    ctx.invalidate(frozenset(k for k in ctx.cached_analyses() if k != "channel_map"))
 
 
 def describe_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None

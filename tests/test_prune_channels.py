@@ -1,0 +1,203 @@
+"""prune-channels: structure, options, MAC budgets, importance, and real models (skipped when absent)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcompress.analyses.macs import count_macs
+from onnxcompress.context import PassContext
+from onnxcompress.data import load_feeds
+from onnxcompress.errors import BadInputError
+from onnxcompress.manager import PassManager
+from onnxcompress.pipeline import parse_pipeline
+from tests.conftest import ort_run
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+CALIB = ROOT / "models" / "digits_calib.npz"
+CACHE = Path.home() / ".cache" / "onnxcompress" / "files"
+
+
+def _run(model, pipeline, calib=True, ctx=None):
+    ctx = ctx or PassContext(calibration=load_feeds(str(CALIB), model) if calib else None)
+    return PassManager(parse_pipeline(pipeline)).run(model, ctx), ctx
+
+
+def _init(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def _macs(model, n=1):
+    return count_macs(model, {"image": (n, 1, 8, 8)}).total
+
+
+def _prune_stats(result):
+    return next(r.pass_stats for r in result.ledger if r.stage.startswith("prune-channels"))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return onnx.load(DIGITS)
+
+
+def test_uniform_ratio_shrinks_every_coupled_tensor(digits):
+    res, _ = _run(digits, "cleanup,prune-channels{ratio=0.5}", calib=False)
+    m = res.model
+    onnx.checker.check_model(m, full_check=True)
+    assert _init(m, "conv1.weight").shape == (8, 1, 3, 3)
+    assert _init(m, "conv2.weight").shape == (16, 8, 3, 3)
+    assert _init(m, "conv3.weight").shape == (16, 16, 3, 3)  # residual: conv2 and conv3 cut together
+    assert _init(m, "fc1.weight").shape == (32, 16 * 16)  # Flatten: 16 features per channel
+    assert _init(m, "fc2.weight").shape == (10, 32)  # the output layer keeps its 10 logits
+    st = _prune_stats(res)
+    assert st["importance"] == "l2" and st["allocation"] == "uniform"
+    assert st["pruned_groups"] == 3 and st["units_removed"] == 8 + 16 + 32
+    assert 0.2 < st["macs_ratio_estimate"] < 0.3
+    x = np.load(CALIB)["image"][:4]
+    (y,) = ort_run(m, {"image": x})
+    assert y.shape == (4, 10)
+
+
+@pytest.mark.parametrize("allocation", ["global", "sensitivity"])
+def test_target_macs_is_met(digits, allocation):
+    res, _ = _run(digits, f"cleanup,prune-channels{{target_macs=0.5 allocation={allocation}}}")
+    ratio = _macs(res.model) / _macs(digits)
+    assert 0.35 < ratio <= 0.5 + 1e-6
+    assert _prune_stats(res)["allocation"] == allocation
+    assert abs(_prune_stats(res)["macs_ratio_estimate"] - ratio) < 0.01
+
+
+def test_round_to_and_floor(digits):
+    res, _ = _run(digits, "cleanup,prune-channels{ratio=0.7 round_to=4 min_keep=0.25}", calib=False)
+    m = res.model
+    for name in ("conv1.weight", "conv2.weight", "fc1.weight"):
+        assert _init(m, name).shape[0] % 4 == 0
+    assert _init(m, "conv1.weight").shape[0] >= 4  # 25% of 16
+    assert _init(m, "conv2.weight").shape[0] == 12  # 32 * 0.3 = 9.6 -> rounded up to 12
+
+
+def test_exclude_leaves_group_alone(digits):
+    res, _ = _run(digits, 'cleanup,prune-channels{ratio=0.5 exclude=["conv1"]}', calib=False)
+    assert _init(res.model, "conv1.weight").shape[0] == 16
+    assert _init(res.model, "conv2.weight").shape == (16, 16, 3, 3)
+    assert _prune_stats(res)["excluded_groups"] == 1
+
+
+def test_channel_map_left_for_distill(digits):
+    _, ctx = _run(digits, "prune-channels{ratio=0.25}", calib=False)
+    cmap = ctx.analysis("channel_map", None)
+    conv1_out = next(n.output[0] for n in digits.graph.node if n.name == "conv1")
+    kept = cmap[conv1_out][1]
+    assert len(kept) == 12 and np.all(np.diff(kept) > 0) and kept.max() < 16
+
+
+def test_bn_importance_drops_small_gammas(digits):
+    m = onnx.ModelProto()
+    m.CopyFrom(digits)
+    gamma = next(t for t in m.graph.initializer if t.name == "bn1.weight")
+    g = numpy_helper.to_array(gamma).copy()
+    g[[2, 7, 11, 13]] = 1e-4
+    gamma.CopyFrom(numpy_helper.from_array(g, "bn1.weight"))
+    _, ctx = _run(m, "prune-channels{ratio=0.25 importance=bn}", calib=False)
+    conv1_out = next(n.output[0] for n in m.graph.node if n.name == "conv1")
+    kept = set(ctx.analysis("channel_map", None)[conv1_out][1].tolist())
+    assert kept == set(range(16)) - {2, 7, 11, 13}
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn", "act", "recon"])
+def test_every_importance_runs(digits, importance):
+    res, _ = _run(digits, f"cleanup,prune-channels{{ratio=0.25 importance={importance}}}")
+    assert _prune_stats(res)["importance"] == importance
+    x = np.load(CALIB)["image"][:2]
+    assert ort_run(res.model, {"image": x})[0].shape == (2, 10)
+
+
+def _two_branch_model() -> onnx.ModelProto:
+    """Two equally expensive branches; branch a's channels barely reach the output (tiny consumer weights)."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+    inits = [numpy_helper.from_array(w(8, 3, 3, 3), "wa"), numpy_helper.from_array(w(8, 3, 3, 3), "wb"),
+             numpy_helper.from_array(w(4, 8, 3, 3, scale=1e-3), "wa2"), numpy_helper.from_array(w(4, 8, 3, 3), "wb2")]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1] * 4, name="conv_a"),
+             helper.make_node("Conv", ["x", "wb"], ["b"], pads=[1] * 4, name="conv_b"),
+             helper.make_node("Relu", ["a"], ["ar"]), helper.make_node("Relu", ["b"], ["br"]),
+             helper.make_node("Conv", ["ar", "wa2"], ["a2"], pads=[1] * 4),
+             helper.make_node("Conv", ["br", "wb2"], ["b2"], pads=[1] * 4),
+             helper.make_node("Add", ["a2", "b2"], ["y"])]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_sensitivity_spends_pruning_where_the_model_cares_least():
+    m = _two_branch_model()
+    rng = np.random.default_rng(1)
+    feeds = load_feeds([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)], m)
+    # importance l2 ranks channels inside a group only; the split between the groups is the sensitivity's
+    res, _ = _run(m, "prune-channels{target_macs=0.7 allocation=sensitivity importance=l2}",
+                  ctx=PassContext(calibration=feeds))
+    wa, wb = _init(res.model, "wa"), _init(res.model, "wb")
+    # removing 5 of branch a's 8 channels saves 5/8 of half the MACs (>= 30%) at almost no error
+    assert wb.shape[0] == 8 and wa.shape[0] == 3
+
+
+def test_nothing_to_prune_is_a_no_op():
+    m = _two_branch_model()
+    res, _ = _run(m, "prune-channels{ratio=0.5 exclude=[conv_a, conv_b]}", calib=False)
+    assert not res.ledger[-1].modified
+    assert _init(res.model, "wa").shape == (8, 3, 3, 3)
+
+
+@pytest.mark.parametrize("bad", ["ratio=1.5", "target_macs=0", "importance=foo", "allocation=best",
+                                 "round_to=0", "min_keep=0", "sensitivity_ratios=[1.5]"])
+def test_bad_options(bad):
+    with pytest.raises(BadInputError):
+        parse_pipeline(f"prune-channels{{{bad}}}")
+
+
+# ------------------------------------------------------------------------------------------- real models
+def _real(name: str) -> onnx.ModelProto:
+    path = CACHE / name
+    if not path.exists():
+        pytest.skip(f"{name} is not in the model cache (python -m benchmarks.models fetch)")
+    return onnx.load(path)
+
+
+@pytest.mark.realmodel
+def test_ppocr_cls_half_macs():
+    m = _real("ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    rng = np.random.default_rng(0)
+    feeds = load_feeds([{"x": rng.random((1, 3, 48, 192), np.float32)} for _ in range(4)], m)
+    res = PassManager(parse_pipeline("cleanup,prune-channels{target_macs=0.5 round_to=8}")).run(
+        m, PassContext(calibration=feeds))
+    onnx.checker.check_model(res.model, full_check=True)
+    ratio = count_macs(res.model, {"x": (1, 3, 48, 192)}).total / count_macs(m, {"x": (1, 3, 48, 192)}).total
+    assert ratio <= 0.51
+
+
+@pytest.mark.realmodel
+def test_minilm_ffn_neurons_and_heads():
+    m = _real("paraphrase-MiniLM-L3-v2.onnx")
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(1000, 5000, (1, 12)).astype(np.int64),
+              "attention_mask": np.ones((1, 12), np.int64)} for _ in range(2)]
+    res = PassManager(parse_pipeline("prune-channels{ratio=0.3}")).run(m, PassContext(calibration=load_feeds(feeds,
+                                                                                                              m)))
+    st = _prune_stats(res)
+    assert st["pruned_groups"] == 6  # 3 FFN + 3 attention (heads) groups
+    shapes = {t.name: list(t.dims) for t in res.model.graph.initializer}
+    assert shapes["onnx::MatMul_481"] == [384, 1536 - 460]  # FFN: floor(0.3 * 1536) neurons removed
+    assert shapes["onnx::MatMul_470"] == [384, 9 * 32]  # queries: 3 of 12 heads removed
+    out = ort_run(res.model, feeds[0])
+    assert out[3].shape == (1, 384)
