@@ -165,4 +165,17 @@ def marginal(plans: list[GroupPlan], curves: dict[int, np.ndarray], saves: dict[
             hi = mid
         else:
             lo = mid + 1
-    return alloc(hi)
+    kept = alloc(hi)
+    # coarse steps (round_to, small groups) can overshoot: undo the costliest steps taken while the budget holds
+    by_gid = {p.gid: p for p in plans}
+    for i in range(hi - 1, -1, -1):
+        g = int(g_all[i])
+        p = by_gid[g]
+        j = int(np.searchsorted(p.options, kept[g]))
+        if j + 1 >= len(p.options) or int(k_all[i]) != kept[g]:
+            continue
+        trial = dict(kept)
+        trial[g] = int(p.options[j + 1])
+        if meets(trial):
+            kept = trial
+    return kept

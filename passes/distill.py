@@ -87,7 +87,7 @@ class Distill(Pass):
         teacher_weights = _teacher_weights(teacher)
         cmap = ctx.analysis("channel_map", graph)
         layers, skipped = self._find_layers(graph, teacher_outputs, teacher_weights, cmap)
-        feeds = list(ctx.calibration.take(self.samples))
+        feeds = ctx.calibration.take(self.samples)  # re-iterated per stage, one feed in memory at a time
         rng = ctx.rng("distill")
         stats: dict = {"layers_refit": 0, "layers_bias_corrected": 0, "stages": 0}
         fit_before, fit_after = [], []
@@ -158,11 +158,12 @@ class Distill(Pass):
 
     # ------------------------------------------------------------------------------------------ statistics
     def _accumulate(self, student: onnx.ModelProto, teacher: onnx.ModelProto, layers: list[Layer],
-                    feeds: list[dict], rng: np.random.Generator) -> None:
+                    feeds, rng: np.random.Generator) -> None:
         s_names = sorted({L.x for L in layers} | {L.y for L in layers if L.kind == "bias"})
         t_names = sorted({L.y for L in layers})
-        with Session(_expose(student, s_names), optimize=False, what="student") as ss, \
-                Session(_expose(teacher, t_names), optimize=False, what="teacher") as ts:
+        n_feeds = len(feeds)
+        with Session(_expose(student, s_names), what="student") as ss, \
+                Session(_expose(teacher, t_names), what="teacher") as ts:
             for feed in feeds:
                 xs = dict(zip(s_names, ss.run(feed, s_names), strict=True))
                 ys = dict(zip(t_names, ts.run(feed, t_names), strict=True))
@@ -170,7 +171,7 @@ class Distill(Pass):
                     if L.reason:
                         continue
                     try:
-                        self._update(L, xs, ys, len(feeds), rng)
+                        self._update(L, xs, ys, n_feeds, rng)
                     except _Skip as exc:
                         L.reason = str(exc)
 

@@ -291,6 +291,40 @@ def test_attention_heads_are_units():
     assert shapes["split_heads"] == [1, t, h - 2, d] and shapes["merge_heads"] == [1, t, (h - 2) * d]
 
 
+def test_packed_qkv_heads():
+    """One projection for q, k and v: [B,T,3*H*D] -> [B,T,3,H,D] -> [3,B,H,T,D] -> Split -> Squeeze (SVTR, ViT)."""
+    rng = np.random.default_rng(9)
+    h, d, e, t = 3, 2, 6, 4
+    inits = [numpy_helper.from_array(_w(rng, e, 3 * h * d), "wqkv"), numpy_helper.from_array(_w(rng, h * d, e), "wo"),
+             numpy_helper.from_array(np.array([1, t, 3, h, d], np.int64), "to5"),
+             numpy_helper.from_array(np.array([1, t, h * d], np.int64), "merge"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax0")]
+    nodes = [helper.make_node("MatMul", ["x", "wqkv"], ["qkv"]),
+             helper.make_node("Reshape", ["qkv", "to5"], ["r5"]),
+             helper.make_node("Transpose", ["r5"], ["t5"], perm=[2, 0, 3, 1, 4]),
+             helper.make_node("Split", ["t5"], ["q1", "k1", "v1"], axis=0, num_outputs=3),
+             helper.make_node("Squeeze", ["q1", "ax0"], ["q"]),
+             helper.make_node("Squeeze", ["k1", "ax0"], ["k"]),
+             helper.make_node("Squeeze", ["v1", "ax0"], ["v"]),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["c"]),
+             helper.make_node("Transpose", ["c"], ["ct"], perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["ct", "merge"], ["cm"]),
+             helper.make_node("MatMul", ["cm", "wo"], ["y"])]
+    model = _model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, t, e])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, t, e])], opset=18)
+    _, cg = _analysis(model)
+    heads = cg.prunable_groups()
+    assert len(heads) == 1 and heads[0].size == h
+    feed = {"x": rng.standard_normal((1, t, e)).astype(np.float32)}
+    pruned, err, n = prune_vs_zero(model, lambda cg: cg.prunable_groups()[0].units[[1]], feed)
+    assert err < 1e-5 and n == 1
+    init = {i.name: numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    assert init["wqkv"].shape == (e, 3 * (h - 1) * d) and init["to5"].tolist() == [1, t, 3, h - 1, d]
+
+
 def test_ffn_neurons_and_layernorm_block():
     """x -> MatMul -> Add(b) -> Gelu(erf form) -> MatMul -> Add(residual) -> LayerNorm: neurons prunable, the
     hidden size is not (LayerNorm normalises over it)."""

@@ -1213,8 +1213,7 @@ class _Walker:
             for out in node.outputs:
                 self.set(out, lay)
             return
-        if len(lay.axes) != 1:
-            raise _Blocked("Split of a multi-axis channel layout")
+        pos = lay.axes.index(axis)
         if _present(node, 1):
             c = self.const(node.inputs[1])
             if c is None:
@@ -1231,8 +1230,8 @@ class _Walker:
             raise _Blocked("Split sizes do not add up")
         bounds = np.cumsum([0] + sizes)
         for out, a, b in zip(node.outputs, bounds[:-1], bounds[1:], strict=True):
-            self.set(out, Layout(lay.axes, lay.el[a:b]))
-        self.split_edits.append(SplitEdit(node, AxisSpec(axis, lay.el), sizes))
+            self.set(out, Layout(lay.axes, np.take(lay.el, np.arange(a, b), axis=pos)))
+        self.split_edits.append(SplitEdit(node, AxisSpec(axis, lay.el, pos), sizes))
 
     def op_Slice(self, node: gs.Node) -> None:
         x = node.inputs[0]
@@ -1280,8 +1279,6 @@ class _Walker:
             s = max(0, min(d, s + d if s < 0 else s))
             e = max(0, min(d, e + d if e < 0 else e))
             pos = lay.axes.index(a)
-            if len(lay.axes) != 1:
-                raise _Blocked("Slice of a multi-axis channel layout")
             if s == 0 and e == d:
                 continue
             self.range_edits.append(RangeEdit(node, slot, AxisSpec(a, el, pos), s, e))
@@ -1650,19 +1647,21 @@ def analyse(graph: gs.Graph, shapes: dict[str, list[int]]) -> ChannelGroups:
             w.block(np.concatenate([a_spec.el.ravel(), b_spec.el.ravel()]),
                     f"{what}: target size read from an axis with other channels")
     blocked_units = np.zeros(n_units, dtype=bool)
-    reasons: dict[int, str] = {}
+    reasons: dict[int, list[str]] = defaultdict(list)
     for el, reason in w.blocks:
         us = unit_of[el]
         blocked_units[us] = True
         for g in np.unique(unit_group_raw[us]).tolist():
-            reasons.setdefault(g, reason)
+            if reason not in reasons[g]:
+                reasons[g].append(reason)
     # renumber groups by first element (stable, readable ids)
     order = np.unique(unit_group_raw[np.argsort(first_el)], return_index=True)
     gid_sorted = order[0][np.argsort(order[1])]
     remap = np.empty(int(unit_group_raw.max()) + 1 if n_units else 0, dtype=np.int64)
     remap[gid_sorted] = np.arange(len(gid_sorted))
     unit_group = remap[unit_group_raw] if n_units else unit_group_raw
-    reasons = {int(remap[g]): r for g, r in reasons.items()}
+    reason_text = {int(remap[g]): "; ".join(r[:2]) + (f" (+{len(r) - 2} more)" if len(r) > 2 else "")
+                   for g, r in reasons.items()}
     # members per group
     members: dict[int, list[str]] = defaultdict(list)
     for s in w.slices:
@@ -1695,7 +1694,7 @@ def analyse(graph: gs.Graph, shapes: dict[str, list[int]]) -> ChannelGroups:
         units = np.asarray(units_by_group[gid], dtype=np.int64)
         blocks_in = blocks_by_group[gid]
         producers = [w.alloc_owner[bk] for bk in blocks_in if producer_block[bk]]
-        reason = reasons.get(gid, "")
+        reason = reason_text.get(gid, "")
         prunable = not reason
         if prunable and len(units) < 2:
             prunable, reason = False, "a single channel"
