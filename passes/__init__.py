@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-_PASS_MODULES = ["cleanup", "prune_channels", "distill"]
+_PASS_MODULES = ["cleanup", "prune_channels", "quantize", "distill"]
 
 for _name in _PASS_MODULES:
     import_module(f"{__name__}.{_name}")

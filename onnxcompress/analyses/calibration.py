@@ -102,7 +102,7 @@ class GrowingHistogram:
         elif new_lo < self.start or new_hi > self.start + self.counts.size - 1:
             grown = np.zeros(new_hi - new_lo + 1, dtype=np.int64)
             off = self.start - new_lo
-            grown[off:off + self.counts.size] = self.counts
+            grown[off : off + self.counts.size] = self.counts
             self.counts, self.start = grown, new_lo
         idx = np.floor(x / self.width).astype(np.int64) - self.start
         np.clip(idx, 0, self.counts.size - 1, out=idx)  # float rounding at the very edge
@@ -143,7 +143,12 @@ class TensorStats:
     def update(self, x: np.ndarray, histogram: bool, channel_sums: bool) -> None:
         if x.size == 0 or not np.issubdtype(x.dtype, np.floating):
             return
-        xmin, xmax = float(np.nanmin(x)), float(np.nanmax(x))
+        finite = np.isfinite(x)
+        if not finite.all():  # inf/nan say nothing about the range to represent
+            x = x[finite]
+            if x.size == 0:
+                return
+        xmin, xmax = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, xmin), max(self.max, xmax)
         self.samples += 1
         if histogram:
@@ -181,12 +186,15 @@ def collect_statistics(
 ) -> dict[str, TensorStats]:
     """Stream ``feeds`` through ``model`` and reduce the named tensors to ``TensorStats``."""
     names = list(dict.fromkeys(names))
+    if not names:
+        return {}
     sums = set(channel_sums)
     stats = {n: TensorStats(_extra={"bins": max_bins}) for n in names}
     t0 = time.perf_counter()
     n_feeds = 0
-    for _feed, acts in stream_activations(model, names, feeds, max_tensors_per_run=max_tensors_per_run,
-                                          progress=progress, desc="calibrate"):
+    for _feed, acts in stream_activations(
+        model, names, feeds, max_tensors_per_run=max_tensors_per_run, progress=progress, desc="calibrate"
+    ):
         n_feeds += 1
         for n, a in acts.items():
             stats[n].update(np.asarray(a), histograms, n in sums)
@@ -195,8 +203,9 @@ def collect_statistics(
 
 
 # ------------------------------------------------------------------------------------------------ range rules
-def choose_range(st: TensorStats, method: str, *, levels: int = 256, symmetric: bool = False,
-                 percentile: float = 99.999) -> tuple[float, float]:
+def choose_range(
+    st: TensorStats, method: str, *, levels: int = 256, symmetric: bool = False, percentile: float = 99.999
+) -> tuple[float, float]:
     """The quantization range ``[lo, hi]`` of a tensor by ``method`` (see the module docstring)."""
     if not np.isfinite(st.min) or not np.isfinite(st.max):
         return 0.0, 0.0
@@ -227,8 +236,9 @@ def _percentile_range(st: TensorStats, percentile: float) -> tuple[float, float]
     return lo, hi
 
 
-def _expected_sq_error(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                       levels: int) -> np.ndarray:
+def _expected_sq_error(
+    centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, levels: int
+) -> np.ndarray:
     """Expected squared error for each candidate range (vectorised over candidates)."""
     step = (hi - lo) / (levels - 1)
     c = centers[None, :]
@@ -305,7 +315,7 @@ def _entropy_range(st: TensorStats, levels: int, symmetric: bool) -> tuple[float
     lo0, hi0 = min(st.min, 0.0), max(st.max, 0.0)
     if lo0 >= 0.0:  # one-sided: bins from 0 upwards
         k0 = -h.start
-        counts = h.counts[max(k0, 0):]
+        counts = h.counts[max(k0, 0) :]
         i = _kl_threshold(counts, levels)
         return 0.0, float(min(hi0, i * h.width))
     abs_counts, w = h.abs_histogram()
