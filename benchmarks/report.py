@@ -184,13 +184,17 @@ def plots(records: list[dict], out: Path) -> list[Path]:
             ax.set_xlabel(xlabel, fontsize=7)
             ax.set_ylabel(str(rec.get("primary_metric")), fontsize=7)
             ax.tick_params(labelsize=7)
+            ax.ticklabel_format(useOffset=False, style="plain")
         for ax in list(axes.flat)[len(recs) :]:
             ax.axis("off")
         handles = [
             plt.Line2D([], [], marker=markers[m], ls="", color=colors[m], label=m) for m in method_names
         ]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7, frameon=False)
-        fig.tight_layout(rect=(0, 0.04 + 0.02 * math.ceil(len(handles) / 4), 1, 1))
+        legend_h = (
+            0.25 + 0.18 * math.ceil(len(handles) / 4)
+        ) / fig.get_figheight()  # inches -> figure fraction
+        fig.tight_layout(rect=(0, legend_h, 1, 1))
         path = out / fname
         fig.savefig(path, dpi=110)
         plt.close(fig)
