@@ -1,7 +1,9 @@
 """``cleanup``: exact graph simplification.
 
-Every rewrite leaves the model's outputs equal (up to float rounding of the BN fold) and keeps the names, dtypes and
-order of the graph outputs; graph inputs are never removed. Rewrites, repeated until none applies:
+Every rewrite leaves the model's outputs equal (up to float rounding of the BN / Conv-affine folds) and keeps the
+names, dtypes and order of the graph outputs; graph inputs are never removed. Shapes are only ever taken from
+*computed* shape inference (``_cleanup_shapes``: declared value_info and output shapes are stripped first, they can
+be wrong). Rewrites, repeated until none applies:
 
 * **Dead code.** Nodes that contribute to no graph output are dropped (``Graph.cleanup``, subgraphs included). A
   tensor a subgraph reads from an enclosing scope counts as used. Initializers nobody reads are not exported.
@@ -13,9 +15,13 @@ order of the graph outputs; graph inputs are never removed. Rewrites, repeated u
   off, so the very same kernels produce the value) and replaced by an initializer, provided that
   ``bytes(outputs) <= bytes(inputs) + fold_size_limit`` (Tile/Expand/ConstantOfShape/Range/Cast-up do not inflate
   the file). Never folded: nodes with subgraphs, random ops, Q/DQ (weight-only and QDQ patterns must stay for ORT),
-  sequence/optional ops, non-default domains, values that are graph outputs. ``Shape``/``Size`` of a main-graph
-  tensor fold only when its shape is static by *computed* shape inference from the graph inputs' declared static dims
-  (declared value_info and output shapes are stripped first: they can be wrong).
+  sequence/optional ops, non-default domains, values that are graph outputs.
+* **Shape folding** (``fold_shapes``). A small integer value computed from ``Shape``/``Size`` is a constant when
+  every element is known from computed shapes, however dynamic the rest of the tensor is: ``Gather(Shape(s), 0)``
+  with ``s: [2, batch, 128]`` is 2. A Reshape target computed from shapes becomes a constant with 0 (copy) for
+  dims provably equal to the data's dim at the same position and -1 for one remaining dim.
+* **Constant If** (``inline_if``). An If whose condition is constant is replaced by the branch it takes
+  (``_cleanup_if``); constants inside branches fold like any others.
 * **BatchNormalization into Conv / ConvTranspose / Gemm.** With ``s = γ / sqrt(σ² + ε)`` per output channel::
 
       W' = W · s   (Conv: axis 0 of [Cout, Cin/g, k..]; ConvTranspose: axis 1 of [Cin, Cout/g, k..] per group;
@@ -23,11 +29,16 @@ order of the graph outputs; graph inputs are never removed. Rewrites, repeated u
       b' = (b − μ) · s + β           (Gemm: b = beta·C, then beta := 1)
 
   computed in float64 and cast back to the weight dtype; only when the producer's output feeds the BN alone and
-  every weight is an initializer (a weight that is a graph input is a skip reason in stats).
+  every weight is an initializer (a weight that is a graph input is a skip reason in stats). The same arithmetic
+  folds a per-channel constant ``+ c`` / ``- c`` / ``· c`` after a Conv/ConvTranspose (``fold_conv_affine``).
+* **No-op nodes, chains, common subexpressions** (``remove_noops``, ``merge_chains``, ``cse``): see
+  ``_cleanup_rewrites`` for the exact rule of each (Cast to the same dtype, identity Transpose/Reshape/Slice/Pad,
+  ``x·1``, ``x+0``; Reshape/Unsqueeze/Transpose/Slice chains; same op + attributes + inputs -> one node).
 * **Duplicate initializers.** Constants with the same dtype, shape and bytes (blake2b over the raw bytes, then a
   byte comparison) are merged into the first one met (main graph first); subgraphs then read the outer copy.
 
-Not done on purpose (they make ORT CPU slower): folding Pad into Conv, MatMul+Add into Gemm.
+Not done on purpose (they make ORT CPU slower, see design.md §4): folding Pad into Conv, MatMul+Add into Gemm.
+A Reshape target is never taken from a declared output shape (onnxslim does, and changes ddddocr's output).
 """
 
 from __future__ import annotations
@@ -48,6 +59,9 @@ from onnxcompress.context import PassContext
 from onnxcompress.errors import PassError
 from onnxcompress.pass_base import Pass, PassResult, register
 
+from . import _cleanup_rewrites as rw
+from ._cleanup_if import inline_constant_ifs
+from ._cleanup_shapes import Facts, SymVal, infer_facts, sym_values
 from ._graph_utils import (
     all_graphs,
     all_tensor_names,
@@ -79,20 +93,35 @@ _NO_FOLD = frozenset(
 
 _BN_PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 
+_BOOL_OPTIONS = (
+    "remove_dead", "remove_identity", "remove_dropout", "fold_constants", "fold_shapes", "inline_if",
+    "fold_batchnorm", "fold_conv_affine", "remove_noops", "merge_chains", "cse", "dedup_initializers",
+)  # fmt: skip
+
 
 def _is_default_domain(node: gs.Node) -> bool:
     return (node.domain or "") in _DEFAULT_DOMAINS
 
 
+class _Analysis:
+    """Computed facts and symbolic values of one round (valid by name: rewrites replace values by equal ones)."""
+
+    def __init__(self, graph: gs.Graph, imports: list) -> None:
+        self.facts: Facts = infer_facts(graph, imports)
+        self.sym: dict[str, SymVal] = sym_values(graph, self.facts)
+
+
 @register
 @dataclass(frozen=True)
 class Cleanup(Pass):
-    """Exact simplification: dead code, Identity/Dropout, constant folding, BN folding, duplicate initializers."""
+    """Exact simplification: dead code, Identity/Dropout, constant/shape folding, constant If, BN and Conv-affine
+    folding, no-op nodes, chains, common subexpressions, duplicate initializers."""
 
     name: ClassVar[str] = "cleanup"
     description: ClassVar[str] = (
-        "dead nodes/initializers, Identity/Dropout, constant folding, BN folded into Conv/Gemm, duplicate "
-        "initializers merged (exact)"
+        "dead nodes/initializers, Identity/Dropout, constant and shape folding, constant If inlined, BN and "
+        "per-channel Add/Mul folded into Conv, no-op nodes, merged chains, common subexpressions, duplicate "
+        "initializers (exact)"
     )
     exact: ClassVar[bool] = True
     option_help: ClassVar[dict[str, str]] = {
@@ -100,8 +129,13 @@ class Cleanup(Pass):
         "remove_identity": "bypass Identity nodes",
         "remove_dropout": "bypass inference-mode Dropout nodes",
         "fold_constants": "evaluate constant-only nodes with onnxruntime",
-        "fold_shapes": "fold Shape/Size of tensors whose shape inference (from static inputs) is static",
+        "fold_shapes": "fold shape values known from computed shapes; constant Reshape targets (0 / -1)",
+        "inline_if": "replace an If with a constant condition by the branch it takes",
         "fold_batchnorm": "fold BatchNormalization into a preceding Conv/ConvTranspose/Gemm",
+        "fold_conv_affine": "fold a per-channel constant Add/Sub/Mul into the preceding Conv/ConvTranspose",
+        "remove_noops": "bypass nodes that provably return their input (Cast to same type, x*1, full Slice...)",
+        "merge_chains": "merge Reshape/Unsqueeze/Transpose/Slice chains",
+        "cse": "merge nodes with the same op, attributes and inputs",
         "dedup_initializers": "merge initializers with equal dtype, shape and bytes",
         "fold_size_limit": "bytes a folded result may exceed its inputs by (else not folded)",
         "max_rounds": "upper bound on rewrite rounds before giving up on a fixed point",
@@ -112,14 +146,18 @@ class Cleanup(Pass):
     remove_dropout: bool = True
     fold_constants: bool = True
     fold_shapes: bool = True
+    inline_if: bool = True
     fold_batchnorm: bool = True
+    fold_conv_affine: bool = True
+    remove_noops: bool = True
+    merge_chains: bool = True
+    cse: bool = True
     dedup_initializers: bool = True
     fold_size_limit: int = 65536
     max_rounds: int = 8
 
     def __post_init__(self) -> None:
-        for f in ("remove_dead", "remove_identity", "remove_dropout", "fold_constants", "fold_shapes",
-                  "fold_batchnorm", "dedup_initializers"):  # fmt: skip
+        for f in _BOOL_OPTIONS:
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"cleanup: {f} must be true or false, got {getattr(self, f)!r}")
         if (
@@ -133,6 +171,10 @@ class Cleanup(Pass):
         if isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int) or self.max_rounds < 1:
             raise ValueError(f"cleanup: max_rounds must be an integer >= 1, got {self.max_rounds!r}")
 
+    @property
+    def _needs_facts(self) -> bool:
+        return self.fold_shapes or self.remove_noops or self.merge_chains
+
     # ------------------------------------------------------------------------------------------------- driver
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         out_sig = [(t.name, t.dtype) for t in graph.outputs]
@@ -144,14 +186,22 @@ class Cleanup(Pass):
         #: id(node) -> why it was kept; overwritten every round so the last word counts.
         kept: dict[int, str] = {}
         modified = False
+        an: _Analysis | None = None
         for rnd in range(self.max_rounds):
-            changed = self._round(graph, ctx, stats, kept)
+            changed, an = self._round(graph, ctx, stats, kept)
             log.debug("cleanup round %d: changed=%s", rnd, changed)
             if not changed:
                 break
             modified = True
         else:
             log.warning("cleanup: still changing after %d rounds; stopping", self.max_rounds)
+            an = _Analysis(graph, _opset_imports(graph, ctx)) if self._needs_facts else None
+        if modified and an is not None:
+            # a rewrite can let shape inference see through to a declared shape that was always wrong (ddddocr's
+            # output); declared shapes that contradict the computed ones are corrected so the model stays valid
+            n = _reconcile_declared_shapes(graph, an.facts)
+            if n:
+                stats["declared_shapes_corrected"] = n
 
         graphs = all_graphs(graph)
         alive = {id(n) for g in graphs for n in g.nodes}
@@ -178,7 +228,24 @@ class Cleanup(Pass):
         )
         return PassResult(modified=modified, stats=dict(sorted(stats.items())), preserved=frozenset())
 
-    def _round(self, graph: gs.Graph, ctx: PassContext, stats: Counter, kept: dict[int, str]) -> bool:
+    def _env(self, graph: gs.Graph, an: _Analysis | None) -> rw.Env:
+        graphs = all_graphs(graph)
+        return rw.Env(
+            graph=graph,
+            graphs=graphs,
+            facts=an.facts if an is not None else Facts(),
+            sym=an.sym if an is not None else {},
+            opset=int(graph.opset or 1),
+            any_out=graph_output_ids(graphs),
+            any_in=graph_input_ids(graphs),
+            owner=node_owner(graphs),
+            taken=all_tensor_names(graphs),
+        )
+
+    def _round(
+        self, graph: gs.Graph, ctx: PassContext, stats: Counter, kept: dict[int, str]
+    ) -> tuple[bool, _Analysis | None]:
+        """One pass of every enabled rewrite; (anything changed, the analysis the round started from)."""
         changed = False
         if self.remove_dead:
             n = _remove_dead(graph)
@@ -187,31 +254,51 @@ class Cleanup(Pass):
                 changed = True
         if self.remove_identity or self.remove_dropout:
             changed |= self._bypass_identities(graph, stats, kept)
+        imports = _opset_imports(graph, ctx)
+        an = _Analysis(graph, imports) if self._needs_facts else None
         if self.fold_constants:
-            changed |= self._fold_constants(graph, ctx, stats, kept)
+            changed |= self._fold_constants(graph, imports, an, stats, kept)
+        if self.inline_if:
+            graphs = all_graphs(graph)
+            changed |= inline_constant_ifs(graphs, all_tensor_names(graphs), stats) > 0
         if self.fold_batchnorm:
             changed |= self._fold_batchnorms(graph, stats, kept)
+        if self.fold_conv_affine:
+            env = self._env(graph, an)
+            changed |= self._apply(env, rw.fold_conv_affine(env, stats, kept, self._affine_fn(env)))
+        if self.fold_shapes and an is not None:
+            changed |= rw.simplify_reshape_shapes(self._env(graph, an), stats) > 0
+        if self.remove_noops and an is not None:
+            env = self._env(graph, an)
+            changed |= self._apply(env, rw.remove_noops(env, stats, kept))
+        if self.merge_chains and an is not None:
+            env = self._env(graph, an)
+            changed |= self._apply(env, rw.merge_chains(env, stats))
         if self.dedup_initializers:
             changed |= _dedup_initializers(graph, stats)
-        return changed
+        if self.cse:
+            env = self._env(graph, an)
+            changed |= self._apply(env, rw.eliminate_common(env, stats))
+        return changed, an
+
+    @staticmethod
+    def _apply(env: rw.Env, removed: set[int]) -> bool:
+        _purge(env.graphs, removed)
+        return bool(removed)
 
     # ---------------------------------------------------------------------------------- Identity / Dropout
     def _bypass_identities(self, graph: gs.Graph, stats: Counter, kept: dict[int, str]) -> bool:
-        graphs = all_graphs(graph)
-        owner = node_owner(graphs)
-        any_out = graph_output_ids(graphs)
-        any_in = graph_input_ids(graphs)
+        env = self._env(graph, None)
         opset = graph.opset or 1
         removed: set[int] = set()
-        for g in graphs:
-            g_out = {id(t) for t in g.outputs}
-            for node in g.nodes:
+        for g in env.graphs:
+            for node in list(g.nodes):
                 if not _is_default_domain(node) or not node.inputs or not node.outputs:
                     continue
                 if node.op == "Identity" and self.remove_identity:
                     key = "identity_removed"
                 elif node.op == "Dropout" and self.remove_dropout:
-                    why = _dropout_training(node, opset, any_out)
+                    why = _dropout_training(node, opset, env.any_out)
                     if why:
                         kept[id(node)] = why
                         continue
@@ -221,49 +308,26 @@ class Cleanup(Pass):
                 x, y = node.inputs[0], node.outputs[0]
                 if x.is_empty() or y.is_empty():
                     continue
-                if id(y) in g_out:
-                    reason = _rewire_producer_check(x, y, g, owner, any_out, any_in)
-                    if reason:
-                        kept[id(node)] = f"{key.split('_')[0]}_kept_{reason}"
-                        continue
-                    producer = x.inputs[0]
-                    detach(node)
-                    redirect_consumers(x, y)
-                    idx = next(i for i, t in enumerate(producer.outputs) if t is x)
-                    producer.outputs[idx] = y
-                elif id(y) in any_out:
-                    # y is the output of a nested subgraph as well: leave it, renaming it is not worth the risk
-                    kept[id(node)] = f"{key.split('_')[0]}_kept_subgraph_output"
+                reason = rw.bypass(node, x, y, g, env)
+                if reason:
+                    kept[id(node)] = f"{key.split('_')[0]}_kept_{reason}"
                     continue
-                else:
-                    detach(node)
-                    redirect_consumers(y, x)
                 removed.add(id(node))
                 stats[key] += 1
-        _purge(graphs, removed)
+        _purge(env.graphs, removed)
         return bool(removed)
 
     # ------------------------------------------------------------------------------------ constant folding
     def _fold_constants(
-        self, graph: gs.Graph, ctx: PassContext, stats: Counter, kept: dict[int, str]
+        self, graph: gs.Graph, imports: list, an: _Analysis | None, stats: Counter, kept: dict[int, str]
     ) -> bool:
         graphs = all_graphs(graph)
         any_out = graph_output_ids(graphs)
-        imports = _opset_imports(graph, ctx)
         eval_imports = [i for i in imports if i.domain in _DEFAULT_DOMAINS]  # only default-domain nodes fold
-        static = None
-        if self.fold_shapes and any(
-            n.op in ("Shape", "Size")
-            and _is_default_domain(n)
-            and n.inputs
-            and not isinstance(n.inputs[0], gs.Constant)
-            for n in graph.nodes
-        ):
-            static = _computed_static_shapes(graph, imports)
         folded_total = 0
         for g in graphs:
             folded_total += self._fold_graph(
-                g, static if g is graph else None, any_out, eval_imports, stats, kept
+                g, an if self.fold_shapes else None, any_out, eval_imports, stats, kept
             )
         if folded_total:
             stats["constants_folded"] += folded_total
@@ -272,13 +336,13 @@ class Cleanup(Pass):
     def _fold_candidates(
         self,
         g: gs.Graph,
-        static: dict[str, tuple[tuple[int, ...], np.dtype | None]] | None,
+        an: _Analysis | None,
         any_out: set[int],
         kept: dict[int, str],
         excluded: frozenset[int],
     ) -> tuple[list[gs.Node], dict[int, np.ndarray]]:
-        """Nodes (topological order) whose inputs are constant or become constant, and the static Shape/Size
-        values known without evaluation (tensor id -> value)."""
+        """Nodes (topological order) whose inputs are constant or become constant, and the values known from
+        computed shapes without evaluation (tensor id -> value)."""
         cand: list[gs.Node] = []
         will_be_const: set[int] = set()
         direct: dict[int, np.ndarray] = {}
@@ -290,21 +354,15 @@ class Cleanup(Pass):
             if not outs or not ins or any(id(t) in any_out for t in outs):
                 continue
             if all(isinstance(t, gs.Constant) or id(t) in will_be_const for t in ins):
-                if static is not None and _too_large_by_inference(node, static, self.fold_size_limit):
+                if an is not None and _too_large_by_inference(node, an.facts, self.fold_size_limit):
                     kept[id(node)] = "fold_skipped_too_large"
                     continue
                 cand.append(node)
                 will_be_const.update(id(t) for t in outs)
-            elif (
-                node.op in ("Shape", "Size")
-                and static is not None
-                and len(outs) == 1
-                and id(node) not in excluded
-            ):
-                info = static.get(ins[0].name)
-                val = _shape_value(node, info[0]) if info is not None else None
-                if val is not None:
-                    direct[id(outs[0])] = val
+            elif an is not None and len(outs) == 1 and id(node) not in excluded:
+                sv = an.sym.get(outs[0].name)
+                if sv is not None and sv.known:
+                    direct[id(outs[0])] = sv.array()
                     cand.append(node)
                     will_be_const.add(id(outs[0]))
         return cand, direct
@@ -312,22 +370,23 @@ class Cleanup(Pass):
     def _fold_graph(
         self,
         g: gs.Graph,
-        static: dict[str, tuple[tuple[int, ...], np.dtype | None]] | None,
+        an: _Analysis | None,
         any_out: set[int],
         imports: list[onnx.OperatorSetIdProto],
         stats: Counter,
         kept: dict[int, str],
     ) -> int:
-        cand, direct = self._fold_candidates(g, static, any_out, kept, frozenset())
-        if direct:
-            # Shape/Size folds are the only values that become constant here but not in onnxruntime's own folding.
+        cand, direct = self._fold_candidates(g, an, any_out, kept, frozenset())
+        if direct and not self.inline_if:
+            # Shape folds are the only values that become constant here but not in onnxruntime's own folding.
             # One that decides an If condition lets ORT inline a branch at load and re-run shape inference on it,
-            # which rejects some graphs that ran fine (1-element tensors where the spec wants scalars): keep those.
+            # which rejects some graphs that ran fine (1-element tensors where the spec wants scalars): without
+            # our own If inlining, keep those.
             blocked = _feeding_if_conditions(cand, direct)
             if blocked:
                 for nid in blocked:
                     kept[nid] = "fold_skipped_if_condition"
-                cand, direct = self._fold_candidates(g, static, any_out, kept, frozenset(blocked))
+                cand, direct = self._fold_candidates(g, an, any_out, kept, frozenset(blocked))
         if not cand:
             return 0
 
@@ -381,25 +440,30 @@ class Cleanup(Pass):
 
     # -------------------------------------------------------------------------------------------- BN folding
     def _fold_batchnorms(self, graph: gs.Graph, stats: Counter, kept: dict[int, str]) -> bool:
-        graphs = all_graphs(graph)
-        owner = node_owner(graphs)
-        any_out = graph_output_ids(graphs)
-        io_ids = any_out | graph_input_ids(graphs)
-        taken = all_tensor_names(graphs)
+        env = self._env(graph, None)
         removed: set[int] = set()
-        for g in graphs:
+        for g in env.graphs:
             for bn in g.nodes:
                 if bn.op != "BatchNormalization" or not _is_default_domain(bn):
                     continue
-                reason = _fold_one_bn(bn, g, owner, any_out, io_ids, taken)
+                reason = _fold_one_bn(bn, g, env)
                 if reason is None:
                     removed.add(id(bn))
                     stats["bn_folded"] += 1
                     kept.pop(id(bn), None)
                 else:
                     kept[id(bn)] = f"bn_kept_{reason}"
-        _purge(graphs, removed)
+        _purge(env.graphs, removed)
         return bool(removed)
+
+    @staticmethod
+    def _affine_fn(env: rw.Env):
+        io_ids = env.any_out | env.any_in
+
+        def apply(producer: gs.Node, s: np.ndarray, t: np.ndarray, y: gs.Tensor) -> str | None:
+            return _apply_affine(producer, s, t, io_ids, env.taken, y.name)
+
+        return apply
 
 
 # ====================================================================================================== helpers
@@ -409,6 +473,32 @@ def _purge(graphs: list[gs.Graph], removed: set[int]) -> None:
     for g in graphs:
         if any(id(n) in removed for n in g.nodes):
             g.nodes = [n for n in g.nodes if id(n) not in removed]
+
+
+def _reconcile_declared_shapes(graph: gs.Graph, facts: Facts) -> int:
+    """Declared (non-input) shapes that contradict computed facts -- other rank, or another static dim -- are
+    replaced by the computed dims (symbols become unnamed dims). Returns how many were corrected."""
+    graphs = all_graphs(graph)
+    inputs = graph_input_ids(graphs)
+    fixed = 0
+    seen: set[int] = set()
+    for g in graphs:
+        for t in list(g.outputs) + [o for n in g.nodes for o in n.outputs]:
+            if id(t) in seen or id(t) in inputs or not isinstance(t, gs.Variable) or t.shape is None:
+                continue
+            seen.add(id(t))
+            f = facts.get(t.name)
+            if f is None or f.dims is None:
+                continue
+            decl = list(t.shape)
+            wrong = len(decl) != len(f.dims) or any(
+                isinstance(d, (int, np.integer)) and d > 0 and isinstance(c, int) and int(d) != c
+                for d, c in zip(decl, f.dims, strict=True)
+            )
+            if wrong:
+                t.shape = [c if isinstance(c, int) else None for c in f.dims]
+                fixed += 1
+    return fixed
 
 
 def _remove_dead(graph: gs.Graph) -> int:
@@ -458,21 +548,6 @@ def _dropout_training(node: gs.Node, opset: int, any_out: set[int]) -> str | Non
     return None
 
 
-def _rewire_producer_check(
-    x: gs.Tensor, y: gs.Tensor, g: gs.Graph, owner: dict[int, gs.Graph], any_out: set[int], any_in: set[int]
-) -> str | None:
-    """Can ``x``'s producer be made to produce the graph output ``y`` directly? None if yes, else why not."""
-    if isinstance(x, gs.Constant):
-        return "output_of_initializer"
-    if id(x) in any_in:
-        return "output_of_graph_input"
-    if id(x) in any_out:
-        return "output_of_output"
-    if len(x.inputs) != 1 or owner.get(id(x.inputs[0])) is not g:
-        return "output_of_outer_scope"
-    return None
-
-
 # ----------------------------------------------------------------------------------------- folding helpers
 def _feeding_if_conditions(cand: list[gs.Node], direct: dict[int, np.ndarray]) -> set[int]:
     """ids of the static Shape/Size candidates whose value reaches an If condition through candidate nodes."""
@@ -509,36 +584,16 @@ def _nbytes(t: gs.Tensor, avail: dict[int, np.ndarray]) -> int:
     return 0
 
 
-def _shape_value(node: gs.Node, dims: tuple[int, ...] | None) -> np.ndarray | None:
-    """Value of Shape/Size when the needed dims are static and positive; None otherwise."""
-    if dims is None:
-        return None
-    rank = len(dims)
-    if node.op == "Size":
-        return (
-            np.array(int(np.prod(dims, dtype=np.int64)), dtype=np.int64) if all(d > 0 for d in dims) else None
-        )
-    start = int(node.attrs.get("start", 0))
-    end = node.attrs.get("end")
-    end = rank if end is None else int(end)
-    start = min(max(start + rank if start < 0 else start, 0), rank)
-    end = min(max(end + rank if end < 0 else end, 0), rank)
-    sel = dims[start:end] if end > start else ()
-    if any(d <= 0 for d in sel):
-        return None
-    return np.array(sel, dtype=np.int64)
-
-
-def _too_large_by_inference(node: gs.Node, static: dict, limit: int) -> bool:
-    """Skip before evaluating when inferred output shapes already prove the result would inflate."""
+def _too_large_by_inference(node: gs.Node, facts: Facts, limit: int) -> bool:
+    """Skip before evaluating when computed output shapes already prove the result would inflate."""
     out_bytes = 0
     for t in node.outputs:
         if t.is_empty():
             continue
-        info = static.get(t.name)
-        if info is None or info[1] is None:
+        f = facts.get(t.name)
+        if f is None or f.static is None or f.dtype is None:
             return False
-        out_bytes += int(np.prod(info[0], dtype=np.int64)) * info[1].itemsize
+        out_bytes += int(np.prod(f.static, dtype=np.int64)) * f.dtype.itemsize
     in_bytes = 0
     for t in node.inputs:
         if t.is_empty():
@@ -546,95 +601,11 @@ def _too_large_by_inference(node: gs.Node, static: dict, limit: int) -> bool:
         if isinstance(t, gs.Constant):
             in_bytes += _nbytes(t, {})
             continue
-        info = static.get(t.name)
-        if info is None or info[1] is None:
+        f = facts.get(t.name)
+        if f is None or f.static is None or f.dtype is None:
             return False
-        in_bytes += int(np.prod(info[0], dtype=np.int64)) * info[1].itemsize
+        in_bytes += int(np.prod(f.static, dtype=np.int64)) * f.dtype.itemsize
     return out_bytes > in_bytes + limit
-
-
-def _computed_static_shapes(
-    graph: gs.Graph, imports: list
-) -> dict[str, tuple[tuple[int, ...], np.dtype | None]]:
-    """name -> (static shape, dtype) of main-graph values, by shape inference from the graph inputs alone.
-
-    Declared value_info, graph-output shapes and subgraph I/O shapes are stripped before inference: only the
-    graph inputs' positive static dims (which onnxruntime enforces on every run) and the constants are trusted.
-    """
-    try:
-        model = gs.export_onnx(graph, do_type_check=False, opset_imports=imports)
-        _strip_declared_shapes(model.graph, main=True)
-        _weights_to_inputs(model.graph)
-        inferred = onnx.shape_inference.infer_shapes(
-            model, check_type=False, strict_mode=False, data_prop=True
-        )
-    except Exception as exc:  # a model onnx cannot infer: fold no shapes
-        log.info(
-            "cleanup: shape inference failed (%s); Shape/Size are not folded", str(exc).splitlines()[0][:200]
-        )
-        return {}
-    out: dict[str, tuple[tuple[int, ...], np.dtype | None]] = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
-        if tt is None or not tt.HasField("shape"):
-            continue
-        dims = []
-        for d in tt.shape.dim:
-            if not d.HasField("dim_value") or d.dim_value <= 0:
-                break
-            dims.append(int(d.dim_value))
-        else:
-            try:
-                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else None
-            except Exception:
-                dtype = None
-            out[vi.name] = (tuple(dims), dtype)
-    return out
-
-
-def _weights_to_inputs(g: onnx.GraphProto, min_elements: int = 1024) -> None:
-    """Large float initializers become typed graph inputs: shape inference needs only their shapes, and data
-    propagation only small integer tensors, so the big bytes need not be serialised again."""
-    keep, moved = [], []
-    declared = {i.name for i in g.input}
-    for t in g.initializer:
-        n = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
-        if n >= min_elements and t.data_type in _FLOAT_TENSOR_TYPES and t.name not in declared:
-            moved.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            keep.append(t)
-    if moved:
-        del g.initializer[:]
-        g.initializer.extend(keep)
-        g.input.extend(moved)
-
-
-_FLOAT_TENSOR_TYPES = frozenset(
-    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-)
-
-
-def _strip_declared_shapes(g: onnx.GraphProto, main: bool) -> None:
-    del g.value_info[:]
-    for vi in g.output:
-        if vi.type.HasField("tensor_type"):
-            vi.type.tensor_type.ClearField("shape")
-    for idx, vi in enumerate(g.input):
-        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-            continue
-        if not main:
-            vi.type.tensor_type.ClearField("shape")
-            continue
-        for j, d in enumerate(vi.type.tensor_type.shape.dim):
-            if d.HasField("dim_value") and d.dim_value <= 0:  # -1 / 0 mean "unknown" in some exporters
-                d.dim_param = f"__cleanup_dyn_{idx}_{j}"
-    for node in g.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _strip_declared_shapes(attr.g, main=False)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    _strip_declared_shapes(sub, main=False)
 
 
 def _evaluate(nodes: list[gs.Node], direct: dict[int, np.ndarray], imports: list) -> dict[str, np.ndarray]:
@@ -723,9 +694,7 @@ def _run_reference(node, direct, known, imports) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- BN folding
-def _fold_one_bn(
-    bn: gs.Node, g: gs.Graph, owner: dict[int, gs.Graph], any_out: set[int], io_ids: set[int], taken: set[str]
-) -> str | None:
+def _fold_one_bn(bn: gs.Node, g: gs.Graph, env: rw.Env) -> str | None:
     """Fold one BatchNormalization into its producer; None on success, else the reason it stays."""
     if len(bn.inputs) < 5 or any(t.is_empty() for t in bn.inputs[:5]) or not bn.outputs:
         return "malformed"
@@ -734,19 +703,39 @@ def _fold_one_bn(
     if int(bn.attrs.get("spatial", 1)) == 0:
         return "not_spatial"
     for extra in bn.outputs[1:]:
-        if not extra.is_empty() and (extra.outputs or id(extra) in any_out):
+        if not extra.is_empty() and (extra.outputs or id(extra) in env.any_out):
             return "training_outputs_used"
     x, gamma, beta, mean, var = bn.inputs[:5]
     y = bn.outputs[0]
     producer = x.inputs[0] if len(x.inputs) == 1 else None
     if producer is None or producer.op not in _BN_PRODUCERS or not _is_default_domain(producer):
         return "no_linear_producer"
-    if owner.get(id(producer)) is not g:
+    if env.owner.get(id(producer)) is not g:
         return "producer_in_outer_scope"
-    if len(x.outputs) != 1 or id(x) in any_out or producer.outputs[0] is not x:
+    if len(x.outputs) != 1 or id(x) in env.any_out or producer.outputs[0] is not x:
         return "producer_output_shared"
     if not all(isinstance(p, gs.Constant) for p in (gamma, beta, mean, var)):
         return "params_not_constant"
+    params = [np.asarray(p.values, dtype=np.float64).reshape(-1) for p in (gamma, beta, mean, var)]
+    c = params[0].size
+    if any(p.size != c for p in params):
+        return "shape_mismatch"
+    g64, beta64, mean64, var64 = params
+    eps = float(bn.attrs.get("epsilon", 1e-5))
+    s = g64 / np.sqrt(var64 + eps)
+    reason = _apply_affine(producer, s, beta64 - mean64 * s, env.any_out | env.any_in, env.taken, y.name)
+    if reason:
+        return reason
+    detach(bn)
+    producer.outputs[0] = y
+    return None
+
+
+def _apply_affine(
+    producer: gs.Node, s: np.ndarray, t: np.ndarray, io_ids: set[int], taken: set[str], base: str
+) -> str | None:
+    """Make a Conv/ConvTranspose/Gemm compute ``out · s + t`` per output channel: W' = W·s, b' = b·s + t
+    (float64, cast back). None on success, else the reason nothing was changed."""
     if len(producer.inputs) < 2 or not isinstance(producer.inputs[1], gs.Constant):
         return "weight_not_constant"
     w_t = producer.inputs[1]
@@ -756,13 +745,7 @@ def _fold_one_bn(
     w = np.asarray(w_t.values)
     if w.dtype.kind != "f":
         return "weight_not_float"
-    params = [np.asarray(p.values, dtype=np.float64).reshape(-1) for p in (gamma, beta, mean, var)]
-    c = params[0].size
-    if any(p.size != c for p in params):
-        return "shape_mismatch"
-    g64, beta64, mean64, var64 = params
-    eps = float(bn.attrs.get("epsilon", 1e-5))
-    s = g64 / np.sqrt(var64 + eps)
+    c = s.size
     w64 = w.astype(np.float64)
     gemm_beta = None
     if producer.op == "Conv":
@@ -776,7 +759,7 @@ def _fold_one_bn(
         cout_g = w.shape[1]
         grouped = w64.reshape((group, w.shape[0] // group, cout_g) + w.shape[2:])
         w_new = (grouped * s.reshape((group, 1, cout_g) + (1,) * (w.ndim - 2))).reshape(w.shape)
-    else:  # Gemm
+    elif producer.op == "Gemm":
         if w.ndim != 2:
             return "shape_mismatch"
         trans_b = int(producer.attrs.get("transB", 0))
@@ -784,6 +767,8 @@ def _fold_one_bn(
             return "shape_mismatch"
         w_new = w64 * (s[:, None] if trans_b else s[None, :])
         gemm_beta = float(producer.attrs.get("beta", 1.0))
+    else:
+        return "no_linear_producer"
     if b_t is None:
         b64 = np.zeros(c, dtype=np.float64)
     else:
@@ -796,7 +781,7 @@ def _fold_one_bn(
             return "shape_mismatch"
         else:
             b64 = b64.reshape(c)
-    b_new = (b64 - mean64) * s + beta64  # Gemm: broadcasts C ([], [N], [1,N], [M,1], [M,N]) against [N]
+    b_new = b64 * s + t  # Gemm: broadcasts C ([], [N], [1,N], [M,1], [M,N]) against [N]
     if gemm_beta is not None and b_new.ndim > 2:
         return "shape_mismatch"
 
@@ -805,8 +790,7 @@ def _fold_one_bn(
         if old is not None and len(old.outputs) == 1 and id(old) not in io_ids:
             name = old.name
         else:
-            base = old.name if old is not None else (producer.name or y.name)
-            name = unique_name(f"{base}_{suffix}", taken)
+            name = unique_name(f"{old.name if old is not None else (producer.name or base)}_{suffix}", taken)
         return gs.Constant(name, values=np.ascontiguousarray(values.astype(w.dtype)))
 
     new_w = fresh(w_t, "bnfold", w_new)
@@ -818,8 +802,6 @@ def _fold_one_bn(
         producer.inputs.append(new_b)
     if gemm_beta is not None:
         producer.attrs["beta"] = 1.0
-    detach(bn)
-    producer.outputs[0] = y
     return None
 
 
