@@ -246,6 +246,7 @@ def fp32_method(fp32: Path, calib: list[Feed], out: Path) -> MethodResult:
 METHODS: dict[str, Method] = {
     "fp32": fp32_method,
     "ours_cleanup": ours("cleanup"),
+    "ours_int8": ours("cleanup,quantize{mode=static}"),
     "ort_static_minmax": ort_static("MinMax"),
     "ort_static_percentile": ort_static("Percentile"),
     "ort_static_entropy": ort_static("Entropy"),

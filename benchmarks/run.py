@@ -2,7 +2,7 @@
 
     python -m benchmarks.run --quick                       # 4 models, 6 methods, few eval inputs (< 5 min, 2 cores)
     python -m benchmarks.run                               # every model in benchmarks.models.MODELS, every method
-    python -m benchmarks.run --models ppocr_cls --methods fp32,ort_dynamic,"ours:cleanup" --n-eval 16
+    python -m benchmarks.run --models ppocr_cls --methods "fp32,ort_dynamic,ours:cleanup,quantize{mode=static}"
 
 Per model: fetch it, build ``n_calib`` calibration and ``n_eval`` evaluation inputs (disjoint), run the FP32 model once
 on the eval feeds, then for every method: produce the candidate (one subprocess per method: crashes and OOM kills
@@ -365,6 +365,26 @@ def _json_default(o: Any) -> Any:
         return str(o)
 
 
+def split_methods(text: str) -> list[str]:
+    """``fp32,ours:cleanup,quantize{mode=static},ort_dynamic`` -> the pipeline keeps its commas: a piece that is
+    not a method name continues the ``ours:`` pipeline before it (braces may hold commas too)."""
+    out: list[str] = []
+    depth = 0
+    for piece in text.split(","):
+        continues = (
+            out
+            and out[-1].startswith("ours:")
+            and piece not in anchors.METHODS
+            and not piece.startswith("ours:")
+        )
+        if out and (depth > 0 or continues):
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+        depth += piece.count("{") - piece.count("}")
+    return [m for m in out if m]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 models, 6 methods, few eval inputs (< 5 min)")
@@ -400,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     method_names = (
-        args.methods.split(",")
+        split_methods(args.methods)
         if args.methods
         else (anchors.QUICK_METHODS if args.quick else list(anchors.METHODS))
     )

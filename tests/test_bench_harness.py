@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import anchors, report
-from benchmarks.run import RunConfig, run
+from benchmarks.run import RunConfig, run, split_methods
 from benchmarks.spec import ModelSpec
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -128,3 +128,12 @@ def test_feeds_roundtrip_with_ragged_shapes(tmp_path):
 def test_table_marks_model_setup_errors():
     text = report.table([{"model": "m", "error": "setup: FileNotFoundError: x"}])
     assert "setup: FileNotFoundError: x" in text
+
+
+def test_method_list_keeps_pipeline_commas():
+    assert split_methods("fp32,ours:cleanup,quantize{mode=static,exclude=a,b},ort_dynamic,ours:cleanup") == [
+        "fp32",
+        "ours:cleanup,quantize{mode=static,exclude=a,b}",
+        "ort_dynamic",
+        "ours:cleanup",
+    ]
