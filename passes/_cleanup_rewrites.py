@@ -19,6 +19,7 @@ Shapes come from ``_cleanup_shapes`` (computed, never declared). Rules:
   ``Transpose(Transpose(x, p1), p2)`` is ``Transpose(x, p)`` with ``p[i] = p1[p2[i]]`` (identity: both go).
   ``Slice(Slice(x, ...))`` on disjoint axes, all parameters constant, is one Slice over the union of the axes.
   ``Concat(.., Concat(a, b), ..)`` on the same axis is ``Concat(.., a, b, ..)``.
+  ``Squeeze(Unsqueeze(x, a), a)`` and ``Unsqueeze(Squeeze(x, a), a)`` are ``x``.
   A ``Transpose`` feeding only Reshapes that moves nothing but size-1 axes (every other axis, symbols included,
   keeps its relative order) is the Reshape to its output dims (0 = copy where the dim is provably ``x``'s dim at
   the same position, -1 for one remaining dim), which the Reshape chain rule then absorbs.
@@ -352,7 +353,9 @@ def merge_chains(env: Env, stats: Counter) -> set[int]:
             elif op == "Reshape":
                 key = _reshape_chain(node, g, env, removed)
             elif op == "Unsqueeze":
-                key = _unsqueeze_chain(node, g, env, removed)
+                key = _squeeze_pair(node, g, env, removed) or _unsqueeze_chain(node, g, env, removed)
+            elif op == "Squeeze":
+                key = _squeeze_pair(node, g, env, removed)
             elif op == "Slice":
                 key = _slice_chain(node, g, env, removed)
             elif op == "Concat":
@@ -520,6 +523,33 @@ def _concat_chain(node: gs.Node, g: gs.Graph, env: Env, removed: set[int]) -> st
     node.inputs.clear()
     node.inputs.extend(new_inputs)
     return "concat_chain_merged"
+
+
+def _squeeze_pair(node: gs.Node, g: gs.Graph, env: Env, removed: set[int]) -> str | None:
+    """``Squeeze(Unsqueeze(x, a), a)`` and ``Unsqueeze(Squeeze(x, a), a)`` are ``x`` (a Squeeze only removes size-1
+    axes, so re-inserting them at the same places restores ``x``); axes compared in the rank of the tensor that has
+    them (Unsqueeze's output, Squeeze's input)."""
+    mid = node.inputs[0]
+    first = _producer(mid, env, g)
+    pair = {node.op, first.op} if first is not None else set()
+    if pair != {"Squeeze", "Unsqueeze"} or not _single_use(mid, env):
+        return None
+    a1, a2 = _axes_of(first), _axes_of(node)
+    if not a1 or not a2:
+        return None
+    x = first.inputs[0]
+    r = _rank(mid if first.op == "Unsqueeze" else x, env)
+    if r is None and any(a < 0 for a in a1 + a2):
+        return None
+    norm1 = sorted(a + r if a < 0 else a for a in a1) if r is not None else sorted(a1)
+    norm2 = sorted(a + r if a < 0 else a for a in a2) if r is not None else sorted(a2)
+    if norm1 != norm2 or len(set(norm1)) != len(norm1):
+        return None
+    if bypass(node, x, node.outputs[0], g, env) is not None:
+        return None
+    removed.add(id(node))
+    _drop(first, removed)
+    return "squeeze_pair_removed"
 
 
 def _slice_params(node: gs.Node, rank: int | None) -> list[np.ndarray] | None:

@@ -1122,3 +1122,32 @@ def test_dynamic_quantize_lstm_output_shape_is_computed(rng):
     assert _shape_const(out) == [0, 1, -1]
     feeds = {"x": rng.standard_normal((5, 1, i)).astype(np.float32)}
     assert_same_outputs(m, out, feeds=feeds)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_squeeze_unsqueeze_pairs_cancel(opset):
+    def call(op, src, axes):
+        if opset < 13:
+            return f"{op}<axes = {axes}>({src})"
+        name = "ax_" + "_".join(str(a).replace("-", "m") for a in axes)
+        return f"{op}({src}, {name})"
+
+    m = parse(f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[2, 1, 3] x) => (float[2, 1, 3] y, float[2, 1, 3] z, float[2, 3, 1] w)
+    <int64[1] ax_1 = {{1}}, int64[1] ax_3 = {{3}}, int64[1] ax_m1 = {{-1}}, int64[1] ax_m2 = {{-2}}>
+    {{
+        r1 = Relu(x)
+        a = {call("Unsqueeze", "r1", [-1])}
+        y = {call("Squeeze", "a", [3])}
+        r2 = Neg(x)
+        b = {call("Squeeze", "r2", [1])}
+        z = {call("Unsqueeze", "b", [-2])}
+        r3 = Abs(x)
+        c = {call("Squeeze", "r3", [1])}
+        w = {call("Unsqueeze", "c", [-1])}
+    }}""")
+    out, row = run_cleanup(m)
+    assert row.pass_stats["squeeze_pair_removed"] == 2  # y is Relu(x), z is Neg(x); w moves the 1: it stays
+    assert ops(out) == {"Relu": 1, "Neg": 1, "Abs": 1, "Squeeze": 1, "Unsqueeze": 1}
+    assert_same_outputs(m, out)
