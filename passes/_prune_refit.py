@@ -62,8 +62,11 @@ class WeightRef:
     def _qparams(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         q = np.asarray(self.dq.inputs[0].values)
         scale = np.asarray(self.dq.inputs[1].values).astype(np.float64)
-        zp = np.asarray(self.dq.inputs[2].values) if len(self.dq.inputs) > 2 and self.dq.inputs[2].name else \
-            np.zeros((), dtype=q.dtype)
+        zp = (
+            np.asarray(self.dq.inputs[2].values)
+            if len(self.dq.inputs) > 2 and self.dq.inputs[2].name
+            else np.zeros((), dtype=q.dtype)
+        )
         axis = int(self.dq.attrs.get("axis", 1)) % max(q.ndim, 1)
         return q, scale, zp, axis
 
@@ -78,7 +81,9 @@ class WeightRef:
         if self.dq is None:
             return np.asarray(self.node.inputs[self.index].values).astype(np.float64)
         q, scale, zp, axis = self._qparams()
-        return (q.astype(np.float64) - self._bshape(q, zp.astype(np.float64), axis)) * self._bshape(q, scale, axis)
+        return (q.astype(np.float64) - self._bshape(q, zp.astype(np.float64), axis)) * self._bshape(
+            q, scale, axis
+        )
 
     def set(self, value: np.ndarray) -> np.ndarray:
         """Write ``value`` (float64); returns what the graph now computes with (re-quantized when quantized)."""
@@ -86,7 +91,9 @@ class WeightRef:
             t = self.node.inputs[self.index]
             new = value.astype(np.asarray(t.values).dtype)
             if len({id(c) for c in t.outputs}) > 1:
-                self.node.inputs[self.index] = gs.Constant(f"{t.name}_distilled_{id(self.node) % 100000}", new)
+                self.node.inputs[self.index] = gs.Constant(
+                    f"{t.name}_distilled_{id(self.node) % 100000}", new
+                )
             else:
                 t.values = new
             return new.astype(np.float64)
@@ -119,6 +126,10 @@ class Layer:
     trans_a: bool = False
     trans_b: bool = False
     kept_out: np.ndarray | None = None  # teacher channel per student output channel
+    res_out: str | None = (
+        None  # residual Add this layer feeds (target: teacher(res_out) - student(res_other))
+    )
+    res_other: str | None = None
     stage: int = 0
     reason: str = ""
     stats: Normal | None = None
@@ -172,8 +183,14 @@ def _conv_geometry(node: gs.Node, w_shape: tuple[int, ...], in_spatial: list[int
     return k, strides, dil, begin
 
 
-def conv_rows(x: np.ndarray, node: gs.Node, w_shape: tuple[int, ...], out_spatial: list[int], rows: int,
-              rng: np.random.Generator) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+def conv_rows(
+    x: np.ndarray,
+    node: gs.Node,
+    w_shape: tuple[int, ...],
+    out_spatial: list[int],
+    rows: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """Patches [R, C, k...] at ``rows`` random output positions, and those positions (n, o_1, .., o_d)."""
     n = x.shape[0]
     in_spatial = list(x.shape[2:])
@@ -184,8 +201,10 @@ def conv_rows(x: np.ndarray, node: gs.Node, w_shape: tuple[int, ...], out_spatia
     pos = np.unravel_index(flat, [n] + list(out_spatial))
     # pad generously on both sides, then index
     pad_lo = [max(0, b) for b in begin]
-    pad_hi = [max(0, (out_spatial[i] - 1) * strides[i] + (k[i] - 1) * dil[i] + 1 - in_spatial[i] - begin[i])
-              for i in range(len(k))]
+    pad_hi = [
+        max(0, (out_spatial[i] - 1) * strides[i] + (k[i] - 1) * dil[i] + 1 - in_spatial[i] - begin[i])
+        for i in range(len(k))
+    ]
     xp = np.pad(x, [(0, 0), (0, 0)] + [(lo, hi) for lo, hi in zip(pad_lo, pad_hi, strict=True)])
     xt = np.moveaxis(xp, 1, -1)  # [N, S..., C]
     nd = len(k)
@@ -200,8 +219,13 @@ def conv_rows(x: np.ndarray, node: gs.Node, w_shape: tuple[int, ...], out_spatia
     return np.moveaxis(patches, -1, 1), pos
 
 
-def solve(stats: Normal, ridge: float, has_bias: bool, mask: np.ndarray | None = None,
-          prior: np.ndarray | None = None) -> np.ndarray:
+def solve(
+    stats: Normal,
+    ridge: float,
+    has_bias: bool,
+    mask: np.ndarray | None = None,
+    prior: np.ndarray | None = None,
+) -> np.ndarray:
     """Ridge solution of the accumulated system, shrunk towards ``prior`` (the current weights) rather than 0:
     (X^T X + lambda I') W = X^T Y + lambda I' W_prior. A weight whose input never fires on the calibration data keeps
     its value. ``mask`` [K(+1), N] restricts each column's support (zeros stay zeros)."""

@@ -9,6 +9,9 @@ Every coupled weight contributes (``ConstSlice`` members of the channel-group an
 - ``recon``: the output-reconstruction error of removing a channel from each consumer, to first order
   E[x_c^2] * ||W[:, c]||^2 (the diagonal of tr(W_S Sigma_SS W_S^T) for a removed set S) — "how much of the next
   layer's output this channel carries". Needs calibration data.
+- ``ablation``: for groups of at most ``ABLATION_MAX_UNITS`` units (attention heads, small layers), the measured
+  relative error of the model's outputs when that one unit is zeroed (one ORT run over a few calibration feeds per
+  unit); larger groups use ``recon``.
 
 Members have different scales (a 3x3 conv vs a BN vector), so each member's scores are divided by their mean over the
 units of each group it touches before they are summed: every member votes with equal weight, as in Torch-Pruning's
@@ -29,7 +32,7 @@ from onnxcompress.data import FeedSet
 
 log = logging.getLogger(__name__)
 
-IMPORTANCES = ("auto", "l1", "l2", "bn", "act", "recon")
+IMPORTANCES = ("auto", "l1", "l2", "bn", "act", "recon", "ablation")
 
 
 def _position_to_units(spec: AxisSpec, position_scores: np.ndarray, unit_of: np.ndarray, n_units: int) -> np.ndarray:
@@ -142,6 +145,29 @@ def activation_scores(cg: ChannelGroups, stats: dict, kind: str) -> np.ndarray:
         touched = np.unique(cg.unit_of[spec.el.reshape(-1)])
         _normalise_into(total, member, touched, cg.unit_group)
     return total
+
+
+ABLATION_MAX_UNITS = 64
+
+
+def ablation_scores(cg: ChannelGroups, model: onnx.ModelProto, feeds: list[dict], groups: set[int],
+                    error: callable) -> tuple[np.ndarray, set[int]]:
+    """Output error of zeroing each unit alone, for the small groups among ``groups``."""
+    from onnxcompress.runtime import Session
+
+    scores = np.zeros(cg.n_units)
+    done: set[int] = set()
+    small = [g for g in cg.groups if g.id in groups and g.size <= ABLATION_MAX_UNITS]
+    if not small:
+        return scores, done
+    with Session(model, what="model for ablation") as s:
+        base = [s.run(f) for f in feeds]
+    for g in small:
+        for u in g.units.tolist():
+            with Session(cg.zeroed_model(model, [u]), what="ablation trial") as s:
+                scores[u] = error(base, [s.run(f) for f in feeds])
+        done.add(g.id)
+    return scores, done
 
 
 def unit_scores(cg: ChannelGroups, kind: str, model: onnx.ModelProto | None, feeds: FeedSet | None,

@@ -47,15 +47,19 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Distill(Pass):
     name: ClassVar[str] = "distill"
-    description: ClassVar[str] = ("refit layers by ridge least squares so the compressed model matches the original "
-                                  "on calibration data, layer by layer; bias correction for the rest")
+    description: ClassVar[str] = (
+        "refit layers by ridge least squares so the compressed model matches the original "
+        "on calibration data, layer by layer; bias correction for the rest"
+    )
     option_help: ClassVar[dict[str, str]] = {
         "ridge": "ridge strength relative to the mean diagonal of X^T X",
         "samples": "calibration feeds used",
-        "rows": "design rows per layer (0: max(2048, 8 x inputs)), drawn evenly from the feeds",
+        "rows": "design rows per layer (0: 32 x inputs, within 16k..64k), drawn evenly from the feeds",
         "max_inputs": "layers with more inputs per output (Cin*k) only get bias correction",
         "layers": "changed (layers whose input or weights differ from the teacher) or all",
         "bias_correction": "bias-correct layers that are not refit by least squares",
+        "compensate": "a layer feeding a residual Add fits teacher(Add) - student(other branch): it absorbs the "
+        "error that reached the residual stream",
     }
 
     ridge: float = 1e-2
@@ -64,6 +68,7 @@ class Distill(Pass):
     max_inputs: int = 4096
     layers: str = "changed"
     bias_correction: bool = True
+    compensate: bool = True
 
     def __post_init__(self) -> None:
         if self.ridge < 0:
@@ -93,7 +98,7 @@ class Distill(Pass):
         fit_before, fit_after = [], []
         stages = sorted({L.stage for L in layers})
         progress = getattr(ctx, "progress", None)
-        for stage in (progress(stages, total=len(stages), desc="distill") if progress else stages):
+        for stage in progress(stages, total=len(stages), desc="distill") if progress else stages:
             todo = [L for L in layers if L.stage == stage]
             self._accumulate(ctx.export(graph), teacher, todo, feeds, rng)
             for L in todo:
@@ -116,17 +121,24 @@ class Distill(Pass):
             stats["fit_residual_before"] = round(float(np.mean(fit_before)), 5)
             stats["fit_residual_after"] = round(float(np.mean(fit_after)), 5)
         modified = stats["layers_refit"] + stats["layers_bias_corrected"] > 0
-        log.info("distill: %d layers refit, %d bias-corrected in %d stages", stats["layers_refit"],
-                 stats["layers_bias_corrected"], stats["stages"])
+        log.info(
+            "distill: %d layers refit, %d bias-corrected in %d stages",
+            stats["layers_refit"],
+            stats["layers_bias_corrected"],
+            stats["stages"],
+        )
         return PassResult(modified, stats, frozenset({"channel_map"}) if modified else frozenset({"all"}))
 
     # ------------------------------------------------------------------------------------------ layer discovery
-    def _find_layers(self, graph: gs.Graph, teacher_outputs: set[str], teacher_weights: dict, cmap: dict
-                     ) -> tuple[list[Layer], Counter]:
+    def _find_layers(
+        self, graph: gs.Graph, teacher_outputs: set[str], teacher_weights: dict, cmap: dict
+    ) -> tuple[list[Layer], Counter]:
         skipped: Counter = Counter()
         changed: set[str] = set(cmap)
         depth: dict[str, int] = {}
         layers: list[Layer] = []
+        tensors = graph.tensors()
+        graph_out = {id(t) for t in graph.outputs}
         for node in toposort(graph):
             d_in = max((depth.get(t.name, 0) for t in node.inputs), default=0)
             in_changed = any(t.name in changed for t in node.inputs if isinstance(t, gs.Variable))
@@ -139,6 +151,8 @@ class Distill(Pass):
                     L = None
             if L is not None:
                 L.kept_out = _kept(cmap, L.y, L.out_axis)
+                if self.compensate:
+                    _residual_target(L, tensors, graph_out, teacher_outputs)
                 modified = _weights_modified(L, teacher_weights, cmap)
                 node_changed = node_changed or modified
                 if self.layers == "all" or in_changed or modified:
@@ -157,13 +171,25 @@ class Distill(Pass):
         return layers, skipped
 
     # ------------------------------------------------------------------------------------------ statistics
-    def _accumulate(self, student: onnx.ModelProto, teacher: onnx.ModelProto, layers: list[Layer],
-                    feeds, rng: np.random.Generator) -> None:
-        s_names = sorted({L.x for L in layers} | {L.y for L in layers if L.kind == "bias"})
-        t_names = sorted({L.y for L in layers})
+    def _accumulate(
+        self,
+        student: onnx.ModelProto,
+        teacher: onnx.ModelProto,
+        layers: list[Layer],
+        feeds,
+        rng: np.random.Generator,
+    ) -> None:
+        s_names = sorted(
+            {L.x for L in layers}
+            | {L.y for L in layers if L.kind == "bias"}
+            | {L.res_other for L in layers if L.res_other}
+        )
+        t_names = sorted({L.res_out or L.y for L in layers})
         n_feeds = len(feeds)
-        with Session(_expose(student, s_names), what="student") as ss, \
-                Session(_expose(teacher, t_names), what="teacher") as ts:
+        with (
+            Session(_expose(student, s_names), what="student") as ss,
+            Session(_expose(teacher, t_names), what="teacher") as ts,
+        ):
             for feed in feeds:
                 xs = dict(zip(s_names, ss.run(feed, s_names), strict=True))
                 ys = dict(zip(t_names, ts.run(feed, t_names), strict=True))
@@ -177,10 +203,21 @@ class Distill(Pass):
 
     def _update(self, L: Layer, xs: dict, ys: dict, n_feeds: int, rng: np.random.Generator) -> None:
         x = np.asarray(xs[L.x], dtype=np.float64)
-        yt = np.asarray(ys[L.y], dtype=np.float64)
+        yt = np.asarray(ys[L.res_out or L.y], dtype=np.float64)
         axis = L.out_axis % yt.ndim
         if L.kept_out is not None:
             yt = np.take(yt, L.kept_out, axis=axis)
+        if L.res_out:  # the part of the teacher's residual sum this layer must supply
+            other = np.asarray(xs[L.res_other], dtype=np.float64)
+            if other.shape != yt.shape:
+                other = (
+                    np.broadcast_to(other, yt.shape)
+                    if np.broadcast_shapes(other.shape, yt.shape) == yt.shape
+                    else None
+                )
+                if other is None:
+                    raise _Skip("residual branch shape differs from the teacher's sum")
+            yt = yt - other
         if L.kind == "bias":
             ysv = np.asarray(xs[L.y], dtype=np.float64)
             if ysv.shape != yt.shape:
@@ -236,7 +273,8 @@ class Distill(Pass):
         L.stats.update(xr, yr)
 
     def _rows_per_feed(self, cols: int, n_feeds: int) -> int:
-        total = self.rows or max(2048, 8 * cols)
+        # default budget: 32 rows per unknown, at least 16k, at most 64k and ~4e11 multiply-adds for X^T X
+        total = self.rows or int(min(65536, max(16384, 32 * cols), 4e11 / (cols * cols)))
         return max(16, math.ceil(total / max(n_feeds, 1)))
 
     # ------------------------------------------------------------------------------------------ solving
@@ -272,10 +310,16 @@ class Distill(Pass):
             w_eff = L.w.set(new[:, :-1].reshape(w.shape)).reshape(w.shape[0], -1)
             if L.w.quantized:  # bias for the re-quantized weights, per channel
                 a, b = st.xtx, st.xty
-                new[:, -1] = (b[:, -1] - np.einsum("ck,ck->c", a[:, -1, :-1], w_eff)) / np.maximum(a[:, -1, -1], 1)
+                new[:, -1] = (b[:, -1] - np.einsum("ck,ck->c", a[:, -1, :-1], w_eff)) / np.maximum(
+                    a[:, -1, -1], 1
+                )
             b_ref = L.b or _add_bias(L)
             b_ref.set(new[:, -1].reshape(b_ref.get().shape))
-            return ("ls", _rel(st, before), _rel(st, objective(st, np.concatenate([w_eff, new[:, -1:]], axis=1))))
+            return (
+                "ls",
+                _rel(st, before),
+                _rel(st, objective(st, np.concatenate([w_eff, new[:, -1:]], axis=1))),
+            )
         wm = _to_matrix(L, w)  # [K, N]
         k = wm.shape[0]
         if k > self.max_inputs:
@@ -288,7 +332,9 @@ class Distill(Pass):
         new = solve(st, self.ridge, has_bias, mask, prior=wb_cur)
         before, after = objective(st, wb_cur), objective(st, new)
         if not after < before:
-            log.debug("distill: %s: refit does not lower the objective (%.4g >= %.4g)", L.node.name, after, before)
+            log.debug(
+                "distill: %s: refit does not lower the objective (%.4g >= %.4g)", L.node.name, after, before
+            )
             return ("no improvement", 0.0, 0.0)
         w_eff = _from_matrix(L, new[:k], w.shape)
         w_eff_m = _to_matrix(L, L.w.set(w_eff))
@@ -316,7 +362,11 @@ def _rel(st: Normal, obj: float) -> float:
 # ---------------------------------------------------------------------------------------------- helpers
 def _make_layer(node: gs.Node) -> Layer | None:
     op = node.op
-    if node.domain not in (None, "", "ai.onnx") or not node.inputs or not isinstance(node.inputs[0], gs.Variable):
+    if (
+        node.domain not in (None, "", "ai.onnx")
+        or not node.inputs
+        or not isinstance(node.inputs[0], gs.Variable)
+    ):
         return None
     x = node.inputs[0].name
     if op == "Conv":
@@ -346,9 +396,19 @@ def _make_layer(node: gs.Node) -> Layer | None:
         n = w.get().shape[0 if node.attrs.get("transB", 0) else 1]
         if b is not None and b.get().size != n:
             return None  # a C that varies along M cannot be refit per output
-        return Layer(node, "gemm", x, node.outputs[0].name, 1, w, b, alpha=float(node.attrs.get("alpha", 1.0)),
-                     beta=float(node.attrs.get("beta", 1.0)), trans_a=bool(node.attrs.get("transA", 0)),
-                     trans_b=bool(node.attrs.get("transB", 0)))
+        return Layer(
+            node,
+            "gemm",
+            x,
+            node.outputs[0].name,
+            1,
+            w,
+            b,
+            alpha=float(node.attrs.get("alpha", 1.0)),
+            beta=float(node.attrs.get("beta", 1.0)),
+            trans_a=bool(node.attrs.get("transA", 0)),
+            trans_b=bool(node.attrs.get("transB", 0)),
+        )
     if op == "MatMul":
         w = WeightRef.resolve(node, 1)
         if w is None or w.get().ndim != 2:
@@ -367,6 +427,20 @@ def _make_layer(node: gs.Node) -> Layer | None:
     return None
 
 
+def _residual_target(L: Layer, tensors: dict, graph_out: set[int], teacher_outputs: set[str]) -> None:
+    """If the layer's output only feeds Add(y, other) with ``other`` an activation, fit teacher(sum) - other."""
+    y = tensors.get(L.y)
+    if y is None or len(y.outputs) != 1 or y.outputs[0].op != "Add" or id(y) in graph_out:
+        return
+    add = y.outputs[0]
+    if len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
+        return
+    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    out = add.outputs[0].name
+    if isinstance(other, gs.Variable) and other.name and out in teacher_outputs:
+        L.res_out, L.res_other = out, other.name
+
+
 def _kept(cmap: dict, name: str, axis: int) -> np.ndarray | None:
     entry = cmap.get(name)
     if not entry:
@@ -381,7 +455,11 @@ def _teacher_weights(teacher: onnx.ModelProto) -> dict[str, np.ndarray]:
     inits = {t.name: t for t in teacher.graph.initializer}
     out = {}
     for n in teacher.graph.node:
-        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits:
+        if (
+            n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+            and len(n.input) > 1
+            and n.input[1] in inits
+        ):
             out[n.output[0]] = inits[n.input[1]]
     return out
 
@@ -459,8 +537,11 @@ def _add_bias(L: Layer) -> WeightRef | None:
     if node.op not in ("Conv", "ConvTranspose", "Gemm"):
         return None
     w = L.w.get()
-    n = {"Conv": w.shape[0], "ConvTranspose": w.shape[1] * int(node.attrs.get("group", 1)),
-         "Gemm": w.shape[0] if L.trans_b else w.shape[1]}[node.op]
+    n = {
+        "Conv": w.shape[0],
+        "ConvTranspose": w.shape[1] * int(node.attrs.get("group", 1)),
+        "Gemm": w.shape[0] if L.trans_b else w.shape[1],
+    }[node.op]
     dtype = np.float32 if L.w.quantized else np.asarray(node.inputs[1].values).dtype
     const = gs.Constant(f"{node.outputs[0].name}_bias", np.zeros(n, dtype=dtype))
     while len(node.inputs) < 3:
@@ -478,8 +559,9 @@ def _expose(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    has_sub = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node
-                  for a in n.attribute)
+    has_sub = any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute
+    )
     if not has_sub:
         producer = {o: i for i, n in enumerate(g.node) for o in n.output}
         need = set()

@@ -34,7 +34,7 @@ from onnxcompress.errors import PassError
 from onnxcompress.pass_base import Pass, PassResult, register
 
 from . import _prune_plan as plan_mod
-from ._prune_scores import IMPORTANCES, unit_scores
+from ._prune_scores import IMPORTANCES, ablation_scores, unit_scores
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class PruneChannels(Pass):
     option_help: ClassVar[dict[str, str]] = {
         "ratio": "fraction of each group's channels to remove (uniform), or of all channels (global)",
         "target_macs": "keep this fraction of the model's MACs (e.g. 0.5); overrides ratio",
-        "importance": "auto (recon with data, else l2), l1, l2, bn, act (mean |x|), recon (E[x^2]*||W[:,c]||^2)",
+        "importance": "auto (recon with data, else l2), l1, l2, bn, act (mean |x|), recon (E[x^2]*||W[:,c]||^2), "
+                      "ablation (measured output error per unit for groups of <= 64 units, recon otherwise)",
         "allocation": "auto (sensitivity for target_macs with data, else global; uniform for ratio), uniform, "
                       "global, sensitivity",
         "min_keep": "per-group floor: keep at least this fraction of every group",
@@ -66,7 +67,7 @@ class PruneChannels(Pass):
     target_macs: float | None = None
     importance: str = "auto"
     allocation: str = "auto"
-    min_keep: float = 0.1
+    min_keep: float = 0.25
     round_to: int = 1
     exclude: tuple[str, ...] = ()
     samples: int = 32
@@ -112,9 +113,16 @@ class PruneChannels(Pass):
         feeds = ctx.calibration
         model = ctx.export(graph)
         progress = getattr(ctx, "progress", None)
-        scores, used = unit_scores(cg, self.importance, model,
+        base_kind = "recon" if self.importance == "ablation" else self.importance
+        scores, used = unit_scores(cg, base_kind, model,
                                    feeds.take(self.samples) if feeds is not None else None, set(candidates),
                                    progress)
+        if self.importance == "ablation" and feeds is not None:
+            abl, done = ablation_scores(cg, model, list(feeds.take(self.sensitivity_samples)), set(candidates),
+                                        _relative_error)
+            in_done = np.isin(cg.unit_group, list(done))
+            scores = np.where(in_done, abl, scores)
+            used = "ablation" if done else used
         plans = plan_mod.make_plans(cg, candidates, scores, self.min_keep, self.round_to)
         allocation = self._allocation(feeds is not None)
         kept = self._allocate(cg, plans, allocation, model, ctx)

@@ -110,7 +110,7 @@ def test_bn_importance_drops_small_gammas(digits):
     assert kept == set(range(16)) - {2, 7, 11, 13}
 
 
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn", "act", "recon"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn", "act", "recon", "ablation"])
 def test_every_importance_runs(digits, importance):
     res, _ = _run(digits, f"cleanup,prune-channels{{ratio=0.25 importance={importance}}}")
     assert _prune_stats(res)["importance"] == importance
@@ -150,6 +150,21 @@ def test_sensitivity_spends_pruning_where_the_model_cares_least():
     wa, wb = _init(res.model, "wa"), _init(res.model, "wb")
     # removing 5 of branch a's 8 channels saves 5/8 of half the MACs (>= 30%) at almost no error
     assert wb.shape[0] == 8 and wa.shape[0] == 3
+
+
+def test_ablation_importance_measures_each_unit():
+    m = _two_branch_model()
+    wb2 = next(t for t in m.graph.initializer if t.name == "wb2")
+    w = numpy_helper.to_array(wb2).copy()
+    w[:, [3, 5]] = 0.0  # channels 3 and 5 of branch b reach nothing
+    wb2.CopyFrom(numpy_helper.from_array(w, "wb2"))
+    rng = np.random.default_rng(2)
+    feeds = load_feeds([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)], m)
+    res, ctx = _run(m, "prune-channels{ratio=0.25 importance=ablation exclude=[conv_a]}",
+                    ctx=PassContext(calibration=feeds))
+    assert _prune_stats(res)["importance"] == "ablation"
+    kept = ctx.analysis("channel_map", None)["b"][1].tolist()
+    assert kept == [0, 1, 2, 4, 6, 7]
 
 
 def test_nothing_to_prune_is_a_no_op():
