@@ -120,6 +120,12 @@ def markdown(records: list[dict], seconds: float | None = None) -> str:
             parts.append(f"Run time: {seconds:.0f} s.")
         elif all("seconds" in r for r in records):
             parts.append(f"Run time (sum over models): {sum(r['seconds'] for r in records):.0f} s.")
+        floor = _noise_floor(records)
+        if floor:
+            parts.append(
+                "Latency noise floor: the `fp32` row times the FP32 model against a second session of itself; "
+                f"its ratios in this run span {floor}. Latency differences inside that band are noise."
+            )
         parts.append("")
         parts.append(
             "Primary metric per model: "
@@ -140,6 +146,16 @@ def markdown(records: list[dict], seconds: float | None = None) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+def _noise_floor(records: list[dict]) -> str:
+    spans = []
+    for key in ("t1", "t2"):
+        vals = [_lat(r["methods"]["fp32"], key) for r in records if "fp32" in r.get("methods", {})]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            spans.append(f"{min(vals):.2f}-{max(vals):.2f} at {key}")
+    return " and ".join(spans)
 
 
 def _fp32_score(rec: dict) -> str:
