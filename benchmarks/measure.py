@@ -9,7 +9,7 @@
   without running both models a second time.
 - latency: ``onnxcompress.latency.measure_latency`` with FP32 and every candidate of the model in the same call
   (interleaved rounds, medians), at 1 and 2 intra-op threads; reported as candidate / FP32. At 2 threads the
-  thread pools do not spin (``no_spinning``): spinning pools of neighbouring sessions distort each other's times.
+  thread pools do not spin (``onnxcompress.latency``): spinning pools of neighbouring sessions distort each other's times.
 - session memory: peak RSS of a fresh subprocess that creates an ORT session for the model and runs it
   (``delta`` = peak minus the RSS after imports and loading the feed; the high-water mark is reset at that point,
   Linux ``/proc/self/clear_refs``, so import-time transients do not hide small sessions).
@@ -21,13 +21,11 @@ Run as a worker for the session-memory measurement::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import resource
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,50 +82,22 @@ def fidelity(names: list[str], ref: list[Outputs], cand: list[Outputs]) -> dict[
 
 
 # ---------------------------------------------------------------------------------------------------- latency
-@contextlib.contextmanager
-def no_spinning() -> Iterator[None]:
-    """Sessions created inside get ``session.intra_op.allow_spinning = 0``.
-
-    With several sessions in one process and more than one intra-op thread, each session's idle pool threads keep
-    spinning after its run and steal the CPU from the session timed next: on 2 cores, measured on ppocr_cls with
-    rotated interleaving, two sessions of the SAME model came out 1.8-2.6x apart and a dynamic-int8 model 3-5x
-    slower than without spinning. Rotation keeps the cyclic order, so the same model always pays. With spinning off
-    every session pays the same wake-up cost and the ratios are stable. (``onnxcompress.runtime.session_options``
-    has no option for it, so it is wrapped here for the duration of the latency call.)
-    """
-    from onnxcompress import runtime
-
-    original = runtime.session_options
-
-    def patched(*args, **kwargs):
-        so = original(*args, **kwargs)
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return so
-
-    runtime.session_options = patched
-    try:
-        yield
-    finally:
-        runtime.session_options = original
-
-
 def latency_ratios(
     models: dict[str, Path], reference: str, feed: Feed, threads: int, budget_s: float, min_rounds: int = 5
 ) -> dict[str, dict[str, float]]:
     """{name: {"ms": median, "ratio": median / reference median}} from one interleaved ``measure_latency`` call.
 
-    More than one thread: pool spinning is switched off (see ``no_spinning``)."""
+    ``measure_latency`` switches intra-op pool spinning off (see onnxcompress.latency)."""
     from onnxcompress.latency import measure_latency
 
-    with no_spinning() if threads > 1 else contextlib.nullcontext():
-        ms = measure_latency(
-            {k: str(v) for k, v in models.items()},
-            feed,
-            threads=threads,
-            warmup=2,
-            min_rounds=min_rounds,
-            budget_s=budget_s,
-        )
+    ms = measure_latency(
+        {k: str(v) for k, v in models.items()},
+        feed,
+        threads=threads,
+        warmup=2,
+        min_rounds=min_rounds,
+        budget_s=budget_s,
+    )
     ref = ms[reference]
     return {k: {"ms": v, "ratio": v / ref if ref > 0 else float("nan")} for k, v in ms.items()}
 

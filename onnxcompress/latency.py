@@ -3,7 +3,8 @@
 Each round runs every model once (order rotated per round); the result per model is the median over rounds, in
 milliseconds, after ``warmup`` untimed rounds. Rounds stop at ``max_rounds`` or when ``budget_s`` is spent (at least
 ``min_rounds``). Ratios between models measured in the same call are what to report; absolute times on a shared
-machine are noise.
+machine are noise. Intra-op pools do not spin: with spinning on, the idle pool of one session steals the CPU from
+the session timed next (two sessions of the SAME model measured 1.8-2.6x apart at 2 threads on 2 cores).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def measure_latency(
     max_rounds: int = 200,
     budget_s: float = 5.0,
 ) -> dict[str, float]:
-    sessions = {name: Session(m, threads=threads, what=name) for name, m in models.items()}
+    sessions = {name: Session(m, threads=threads, what=name, spin=False) for name, m in models.items()}
     try:
         names = list(sessions)
         for _ in range(warmup):

@@ -20,9 +20,13 @@ from onnxcompress.errors import ValidationError
 log = logging.getLogger(__name__)
 
 
-def session_options(threads: int = 1, optimize: bool = True) -> ort.SessionOptions:
+def session_options(threads: int = 1, optimize: bool = True, spin: bool = True) -> ort.SessionOptions:
+    """CPU session options. ``spin=False`` stops idle intra-op pool threads from busy-waiting: needed when several
+    sessions are timed interleaved in one process, where a spinning pool steals the CPU from the next session."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     if not optimize:
@@ -34,9 +38,9 @@ class Session:
     """An ``InferenceSession`` built from a ModelProto, bytes or a path (temporary files cleaned up on close)."""
 
     def __init__(self, model: onnx.ModelProto | bytes | str | Path, threads: int = 1, optimize: bool = True,
-                 what: str = "model"):
+                 what: str = "model", spin: bool = True):
         self._tmpdir: str | None = None
-        so = session_options(threads, optimize)
+        so = session_options(threads, optimize, spin)
         try:
             if isinstance(model, onnx.ModelProto):
                 if io.needs_external_data(model):
