@@ -7,10 +7,14 @@ agreement ``mean(argmax r == argmax c)`` over every position of every feed (a cl
 model the per-step agreement — also reported: the fraction of feeds agreeing at every step); SQNR ``10 log10(Σr² / Σ(r − c)²)``. The model's score
 is the worst output.
 
-**Sensitivity** of a layer (anchor node): quantize that layer alone, everything else float, and score the outputs
-(one model per layer). **Mixed precision**: order layers from most to least sensitive and keep the first ``k`` in
-float, with ``k`` the smallest count that meets the target (``min_cosine``, ``max_agreement_drop``), found by
-doubling then bisection (assumes more float layers never hurt, which holds up to noise).
+**Sensitivity** of a layer (anchor node), one model per layer: *leave-one-out* (default) keeps that layer float in
+the otherwise quantized model and scores the outputs — the marginal gain at the operating point; *one-at-a-time*
+quantizes that layer alone. On deep, noise-amplifying nets (PP-OCR's recognizer) any single quantized layer already
+saturates the output metrics, so one-at-a-time cannot rank layers, while leave-one-out finds the one depthwise
+Conv whose wide-range output costs most. **Mixed precision**: order layers from most to least sensitive and keep
+the first ``k`` in float, with ``k`` the smallest count that meets the target (``min_cosine``,
+``max_agreement_drop``), found by doubling then bisection (assumes more float layers never hurt, which holds up to
+noise).
 
 **Bias correction** (Nagel et al. 2019, empirical form). Quantization shifts the mean of a layer's output:
 ``E[ŷ] − E[y] = E[(Ŵ x̂) − (W x)]`` per output channel. Measured on the calibration feeds (per-channel means of the
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -51,20 +55,73 @@ class Reference:
     feeds: list[Feed]
     outputs: list[list[np.ndarray]]
     names: list[str]
+    #: anchors whose activation input is scored too (the features the model's last layers read)
+    feature_nodes: list[str] = field(default_factory=list)
+    features: list[list[np.ndarray]] = field(default_factory=list)
 
 
-def run_model(model: onnx.ModelProto, feeds: list[Feed]) -> list[list[np.ndarray]]:
-    with Session(model, threads=1, optimize=True, what="quantized candidate") as s:
-        return [list(s.run(f)) for f in feeds]
+def feature_nodes(graph: gs.Graph, max_walk: int = 64) -> list[str]:
+    """For each graph output, the nearest anchor (Conv/MatMul/Gemm) upstream of it: the model's last layers.
+
+    Their inputs are continuous features; unlike softmax/argmax outputs they do not saturate under small
+    perturbations, so they rank layers by how much noise they add."""
+    found: list[str] = []
+    for out in graph.outputs:
+        stack, seen, walked = [out], set(), 0
+        while stack and walked < max_walk:
+            t = stack.pop()
+            if id(t) in seen or not t.inputs:
+                continue
+            seen.add(id(t))
+            walked += 1
+            node = t.inputs[0]
+            if node.op in ("Conv", "MatMul", "Gemm") and node.name:
+                if node.name not in found:
+                    found.append(node.name)
+                continue
+            stack.extend(x for x in node.inputs if not isinstance(x, gs.Constant))
+    return found
 
 
-def reference(model: onnx.ModelProto, feeds: list[Feed]) -> Reference:
-    outs = run_model(model, feeds)
-    return Reference(feeds, outs, [o.name for o in model.graph.output])
+def _feature_tensor_names(model: onnx.ModelProto, nodes: list[str]) -> list[str]:
+    by_name = {n.name: n for n in model.graph.node}
+    return [by_name[n].input[0] for n in nodes if n in by_name]
 
 
-def score(ref: Reference, cand: list[list[np.ndarray]]) -> dict[str, float]:
-    """Worst-output cosine (mean over feeds), top-1 agreement (class-like outputs) and SQNR."""
+def run_model(
+    model: onnx.ModelProto, feeds: list[Feed], features: list[str] = ()
+) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """Outputs (and the inputs of the ``features`` nodes) of ``model`` on ``feeds``, optimized CPU session."""
+    from onnxcompress.analyses.activations import expose_outputs
+
+    extra = _feature_tensor_names(model, list(features))
+    m = expose_outputs(model, extra) if extra else model
+    n_out = len(model.graph.output)
+    with Session(m, threads=1, optimize=True, what="quantized candidate") as s:
+        names = [o.name for o in model.graph.output] + extra
+        runs = [list(s.run(f, names)) for f in feeds]
+    return [r[:n_out] for r in runs], [r[n_out:] for r in runs]
+
+
+def reference(model: onnx.ModelProto, feeds: list[Feed], features: list[str] = ()) -> Reference:
+    outs, feats = run_model(model, feeds, features)
+    return Reference(feeds, outs, [o.name for o in model.graph.output], list(features), feats)
+
+
+def _sqnr(refs: list[np.ndarray], cands: list[np.ndarray]) -> float:
+    sig = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in refs)
+    err = sum(
+        float(np.sum((np.asarray(r, np.float64) - np.asarray(c, np.float64)) ** 2))
+        for r, c in zip(refs, cands, strict=True)
+    )
+    if err == 0:
+        return float("inf")
+    return float(10 * np.log10(sig / err)) if sig > 0 else float("-inf")
+
+
+def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarray]]]) -> dict[str, float]:
+    """Worst-output cosine (mean over feeds), top-1 agreement (class-like outputs) and SQNR; worst feature SQNR."""
+    cand, cand_features = cand
     cos_by_out: list[float] = []
     agree_by_out: list[float] = []
     sqnr_by_out: list[float] = []
@@ -107,6 +164,12 @@ def score(ref: Reference, cand: list[list[np.ndarray]]) -> dict[str, float]:
         "cosine": min(cos_by_out) if cos_by_out else 1.0,
         "sqnr_db": min(sqnr_by_out) if sqnr_by_out else float("inf"),
     }
+    if ref.features and ref.features[0] and cand_features and len(cand_features[0]) == len(ref.features[0]):
+        sq = [
+            _sqnr([f[i] for f in ref.features], [f[i] for f in cand_features])
+            for i in range(len(ref.features[0]))
+        ]
+        out["feature_sqnr_db"] = min(sq)
     if agree_by_out:
         out["agreement"] = min(agree_by_out)
         out["feeds_all_positions_agree"] = min(exact_by_out)
@@ -121,9 +184,10 @@ def meets(s: dict[str, float], min_cosine: float | None, max_agreement_drop: flo
     return True
 
 
-def rank_key(s: dict[str, float]) -> tuple[float, float]:
-    """Sort key of a score, best first: agreement lost, then output SQNR (higher is better)."""
-    return (1.0 - s.get("agreement", 1.0), -s["sqnr_db"])
+def rank_key(s: dict[str, float]) -> tuple[float, float, float]:
+    """Sort key of a score, best first: the noise of the last layers' input features (continuous, does not
+    saturate), then agreement lost, then output SQNR."""
+    return (-s.get("feature_sqnr_db", 0.0), 1.0 - s.get("agreement", 1.0), -s["sqnr_db"])
 
 
 # ------------------------------------------------------------------------------------------- mixed precision
@@ -161,6 +225,7 @@ def search_float_set(
     n = len(order)
     while k <= n:
         s = evaluate_with_float(order[:k])
+        log.debug("mixed precision: %d float -> %s", k, s)
         evals += 1
         scores[k] = s
         if meets(s, min_cosine, max_agreement_drop):
@@ -175,6 +240,7 @@ def search_float_set(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         s = evaluate_with_float(order[:mid])
+        log.debug("mixed precision: %d float -> %s", mid, s)
         evals += 1
         scores[mid] = s
         if meets(s, min_cosine, max_agreement_drop):

@@ -12,6 +12,14 @@ produces the affine's output directly, and the per-channel weight scales absorb 
 extra requantized elementwise op per layer (PP-LCNet's "learnable affine blocks" are such a Mul+Add after every Conv).
 The consumer's output tensor keeps its name, so graph outputs are unchanged. A weight shared with other nodes is
 copied, never modified in place.
+
+**Constant offsets into the next Conv.** ``Conv(t + k)`` with ``k`` a scalar or per-input-channel constant and a
+Conv without padding (1x1 pointwise convs, valid convs) is ``Conv(t) + Σ_{c,kh,kw} W[o, c, kh, kw]·k_c``::
+
+    b'[o] = b[o] + Σ_{c in group(o)} k_c · Σ_{kh,kw} W[o, c, kh, kw]
+
+(exact; with zero padding it would not be: the padded border would see ``k`` in one graph and 0 in the other).
+This removes one requantized Add per such layer.
 """
 
 from __future__ import annotations
@@ -75,6 +83,58 @@ def fold_affine_into_conv(graph: gs.Graph, names: set[str]) -> int:
             nxt.outputs.clear()
             folded += 1
             changed = True
+    if folded:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return folded
+
+
+def fold_offset_into_next_conv(graph: gs.Graph, names: set[str]) -> int:
+    """Fold ``Add(t, k)`` / ``Sub(t, k)`` feeding only an unpadded Conv into that Conv's bias. Returns folds made."""
+    outputs = {id(t) for t in graph.outputs}
+    folded = 0
+    for conv in list(graph.nodes):
+        if conv.op != "Conv" or len(conv.inputs) < 2 or not conv.inputs[0].inputs:
+            continue
+        w = const_value(conv.inputs[1])
+        if w is None or w.dtype != np.float32 or w.ndim < 3:
+            continue
+        pads = conv.attrs.get("pads", [0] * (2 * (w.ndim - 2)))
+        if any(int(p) for p in pads) or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            continue
+        u = conv.inputs[0]
+        add = u.inputs[0]
+        if add.op not in ("Add", "Sub") or len(add.inputs) != 2 or len(u.outputs) != 1 or id(u) in outputs:
+            continue
+        a, b = add.inputs
+        t, k = (a, b) if const_value(b) is not None else (b, a)
+        kv = const_value(k)
+        if kv is None or const_value(t) is not None or not np.issubdtype(kv.dtype, np.floating):
+            continue
+        if add.op == "Sub" and k is not b:
+            continue
+        groups = int(conv.attrs.get("group", 1))
+        cin = w.shape[1] * groups
+        kc = _per_channel(kv, cin, w.ndim)
+        if kc is None:
+            continue
+        if add.op == "Sub":
+            kc = -kc
+        cout, cin_g = w.shape[0], w.shape[1]
+        wsum = w.astype(np.float64).reshape(cout, cin_g, -1).sum(axis=2)  # (Cout, Cin/g)
+        g_of_o = np.arange(cout) // (cout // groups)
+        delta = np.sum(wsum * kc.reshape(groups, cin_g)[g_of_o], axis=1)
+        has_bias = len(conv.inputs) > 2 and conv.inputs[2].name != ""
+        bias = const_value(conv.inputs[2]) if has_bias else np.zeros(cout, np.float32)
+        if bias is None:
+            continue
+        new_b = gs.Constant(
+            _unique(f"{conv.name or 'conv'}_bias_offset", names),
+            (bias.astype(np.float64) + delta).astype(w.dtype),
+        )
+        conv.inputs = [t, conv.inputs[1], new_b]
+        add.inputs.clear()
+        add.outputs.clear()
+        folded += 1
     if folded:
         graph.cleanup(remove_unused_graph_inputs=False)
     return folded

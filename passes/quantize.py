@@ -14,11 +14,18 @@ Modes:
   ``com.microsoft.MatMulNBits`` (``weight_format=matmulnbits``). Activations stay float.
 
 Static pipeline: refuse already-quantized models -> opset upgrade if the format needs it (``_quant_opset``) ->
-exact affine folding into Conv (``_quant_prepare``) -> optional cross-layer equalization -> probe run (dtypes) ->
-placement -> streamed calibration (``onnxcompress.analyses.calibration``: minmax / percentile / entropy / mse) ->
-Q/DQ insertion -> optional bias correction -> optional mixed precision to a target -> latency guard (a QDQ model
-slower than the float one under ORT is not returned: fall back to depthwise-float placement, else leave the graph
-unchanged and say why).
+exact folds (``_quant_prepare``: per-channel affine into the Conv before it, constant offsets into the unpadded
+Conv after it) -> optional cross-layer equalization -> dtypes (type inference, probe run) -> placement ->
+streamed calibration (``onnxcompress.analyses.calibration``: minmax / percentile / entropy / mse, or auto: the best
+of minmax, mse and percentile on the evaluation feeds) -> bias correction of the weight error -> automatic float
+layers (leave-one-out: a layer whose float version alone lifts the SQNR of the last layers' input features by
+``auto_float_db`` stays float) -> Q/DQ insertion -> optional mixed precision to a user target (``min_cosine``,
+``max_agreement_drop``) -> latency guard (a QDQ model slower than the float one under ORT is not returned: fall back
+to depthwise-float placement, else leave the graph float and say why). Embedding tables (large constant
+``Gather`` data) are stored int8 per row in every mode.
+
+Stats: nodes quantized per op type, layers kept float with the reason, calibration method and time, opset upgrade,
+weight bytes before/after, the score on the calibration feeds, the measured latency ratio.
 """
 
 from __future__ import annotations
@@ -41,10 +48,21 @@ from . import _quant_fidelity as fid
 from . import _quant_math as qm
 from . import _quant_opset as qo
 from ._quant_placement import PlacementOptions, plan_static
-from ._quant_prepare import fold_affine_into_conv, name_unnamed_nodes, tensor_names
+from ._quant_prepare import (
+    fold_affine_into_conv,
+    fold_offset_into_next_conv,
+    name_unnamed_nodes,
+    tensor_names,
+)
 from ._quant_qdq import WeightOptions, insert_qdq, resolve_params
 
 log = logging.getLogger(__name__)
+
+#: automatic float layers: leave-one-out is skipped above this many layers, and scored on this many feeds
+AUTO_FLOAT_MAX_LAYERS = 256
+AUTO_FLOAT_FEEDS = 4
+#: ... and only when the all-int8 model's last-layer features are noisier than this (SQNR, dB)
+AUTO_FLOAT_BELOW_DB = 30.0
 
 #: range rules tried by calibration=auto
 AUTO_METHODS = ("minmax", "mse", "percentile")
@@ -110,10 +128,14 @@ class Quantize(Pass):
         "min_cosine": "mixed precision: keep the most sensitive layers float until output cosine >= this",
         "max_agreement_drop": "mixed precision: ... until top-1 agreement drop <= this",
         "eval_samples": "calibration feeds used to score candidates (mixed precision, sensitivity)",
+        "sensitivity": "per-layer sensitivity for mixed precision: leave_one_out (gain of keeping the layer float "
+        "in the quantized model) | one_at_a_time (damage of quantizing the layer alone)",
         "bias_correction": "correct per-channel output mean shifts measured on calibration data",
         "equalize": "cross-layer equalization of Conv->Relu->Conv pairs before quantizing",
         "fold_affine": "fold constant per-channel Mul/Add/Sub/Div/BatchNorm into the Conv before them",
         "mixed_range_ratio": "a Concat whose inputs' ranges differ more than this stays float",
+        "auto_float_db": "keep float a layer whose float version alone lifts the SQNR of the last layers' inputs by "
+        "this many dB (leave-one-out; at most 5% of the layers; 0: off)",
         "latency_guard": "measure the result under ORT; never return a model slower than the float one",
         "already_quantized": "refuse | ignore (quantize only what is still float)",
         "dynamic_ops": "op types quantized by mode=dynamic / weight_only (Gather: embedding tables, all modes)",
@@ -134,10 +156,12 @@ class Quantize(Pass):
     min_cosine: float | None = None
     max_agreement_drop: float | None = None
     eval_samples: int = 32
+    sensitivity: Literal["leave_one_out", "one_at_a_time"] = "leave_one_out"
     bias_correction: bool = True
     equalize: bool = False
     fold_affine: bool = True
     mixed_range_ratio: float = 16.0
+    auto_float_db: float = 1.0
     latency_guard: bool = True
     already_quantized: Literal["refuse", "ignore"] = "refuse"
     dynamic_ops: tuple[str, ...] = ("MatMul", "Gemm", "Gather")
@@ -167,8 +191,12 @@ class Quantize(Pass):
             raise ValueError(f"max_agreement_drop must be in [0, 1), got {self.max_agreement_drop}")
         if self.calibration_samples < 0 or self.eval_samples < 1:
             raise ValueError("calibration_samples must be >= 0 and eval_samples >= 1")
+        if self.auto_float_db < 0:
+            raise ValueError(f"auto_float_db must be >= 0, got {self.auto_float_db}")
         if self.mixed_range_ratio <= 1.0:
             raise ValueError(f"mixed_range_ratio must be > 1, got {self.mixed_range_ratio}")
+        if self.sensitivity not in ("leave_one_out", "one_at_a_time"):
+            raise ValueError(f"sensitivity must be leave_one_out or one_at_a_time, got {self.sensitivity!r}")
         if self.already_quantized not in ("refuse", "ignore"):
             raise ValueError(f"already_quantized must be refuse or ignore, got {self.already_quantized!r}")
         if isinstance(self.exclude, str) or isinstance(self.dynamic_ops, str):
@@ -252,7 +280,11 @@ class _StaticRun:
         )
 
     def _build(self, float_nodes=(), reasons=()) -> tuple[gs.Graph, object, dict]:
-        """A quantized copy of the prepared float graph."""
+        """A quantized copy of the prepared float graph (layers in ``float_nodes`` and the automatically chosen
+        float layers stay float)."""
+        if self.auto_float:
+            float_nodes = list(dict.fromkeys([*float_nodes, *self.auto_float]))
+            reasons = tuple(self.auto_float.items()) + tuple(reasons)
         g = self.base.copy()
         g.toposort()
         plan = plan_static(g, self.dtypes, self._placement_options(float_nodes, reasons), self.minmax)
@@ -298,7 +330,7 @@ class _StaticRun:
             self.method = method
             self.ranges = {n: self._range(s, method) for n, s in self.tstats.items()}
             g, _, _ = self._build()
-            results[method] = fid.score(ref, fid.run_model(self._export(g), eval_feeds))
+            results[method] = fid.score(ref, fid.run_model(self._export(g), eval_feeds, ref.feature_nodes))
         best = min(results, key=lambda m: fid.rank_key(results[m]))
         self.method = best
         self.ranges = {n: self._range(s, best) for n, s in self.tstats.items()}
@@ -306,18 +338,41 @@ class _StaticRun:
             m: {k: round(v, 5) for k, v in r.items()} for m, r in results.items()
         }
 
-    def _probe_dtypes(self) -> dict[str, np.dtype]:
-        """Computed dtype of every main-graph tensor, from one real feed (declared types can be missing/wrong)."""
-        from onnxcompress.analyses.activations import stream_activations
+    def _probe_dtypes(self, chunk: int = 256) -> dict[str, np.dtype]:
+        """Element type of every main-graph tensor: ONNX type inference from the inputs (declared value_info is
+        dropped first), then one real feed through ORT for whatever inference could not type (custom ops ...),
+        ``chunk`` tensors per session so memory stays bounded."""
+        from onnxcompress.analyses.activations import expose_outputs
+        from onnxcompress.runtime import Session
 
-        names = [t.name for t in self.base.tensors().values() if isinstance(t, gs.Variable) and t.name]
         dtypes: dict[str, np.dtype] = {}
-        for _feed, acts in stream_activations(self.float_model, names, self._feeds(1), desc="probe"):
-            for n, a in acts.items():
-                dtypes[n] = np.asarray(a).dtype
         for t in self.base.tensors().values():
             if isinstance(t, gs.Constant):
                 dtypes[t.name] = np.asarray(t.values).dtype
+        try:
+            m = onnx.ModelProto()
+            m.CopyFrom(self.float_model)
+            del m.graph.value_info[:]
+            inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False)
+            for vi in (
+                list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+            ):
+                et = vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
+                if et:
+                    dtypes.setdefault(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(et)))
+        except Exception as exc:  # inference is best effort; the probe below covers the rest
+            log.debug("type inference failed: %s", exc)
+        names = [
+            t.name
+            for t in self.base.tensors().values()
+            if isinstance(t, gs.Variable) and t.name and t.name not in dtypes
+        ]
+        feed = self.ctx.calibration.first()
+        for i in range(0, len(names), chunk):
+            part = names[i : i + chunk]
+            with Session(expose_outputs(self.float_model, part), optimize=False, what="probe model") as s:
+                for n, a in zip(part, s.run(feed, part), strict=True):
+                    dtypes[n] = np.asarray(a).dtype
         return dtypes
 
     # --------------------------------------------------------------------------------------------- main
@@ -340,6 +395,10 @@ class _StaticRun:
             if k:
                 stats["affine_folded_into_conv"] = k
                 prepared = True
+            k = fold_offset_into_next_conv(graph, names)
+            if k:
+                stats["offset_folded_into_next_conv"] = k
+                prepared = True
         if p.equalize:
             k = fid.equalize(graph, names)
             stats["cle_pairs"] = k
@@ -352,6 +411,7 @@ class _StaticRun:
         self.minmax: dict[str, tuple[float, float]] = {}
         self.tstats: dict = {}
         self.bias_shift: dict[str, np.ndarray] = {}
+        self.auto_float: dict[str, str] = {}
         self.method = "minmax" if p.calibration == "auto" else p.calibration
         self.depthwise = p.depthwise
 
@@ -360,17 +420,20 @@ class _StaticRun:
         self._calibrate(list(plan0.tensors))
 
         eval_feeds = list(self._feeds(p.eval_samples))
-        ref = fid.reference(self.float_model, eval_feeds)
+        ref = fid.reference(self.float_model, eval_feeds, fid.feature_nodes(self.base))
 
         if p.bias_correction:
             self._bias_correction(eval_feeds)
         if p.calibration == "auto":
             self._choose_method(ref, eval_feeds)
 
+        if p.auto_float_db > 0:
+            self._auto_float(ref, eval_feeds)
+
         g, plan, counters = self._build()
         cand = self._export(g)
-        sc = fid.score(ref, fid.run_model(cand, eval_feeds))
-        float_layers: dict[str, str] = {}
+        sc = fid.score(ref, fid.run_model(cand, eval_feeds, ref.feature_nodes))
+        float_layers: dict[str, str] = dict(self.auto_float)
         if p.min_cosine is not None or p.max_agreement_drop is not None:
             g, plan, counters, sc, float_layers = self._mixed_precision(
                 ref, eval_feeds, g, plan, counters, sc
@@ -436,6 +499,53 @@ class _StaticRun:
             fixed += 1
         self.stats["bias_corrected_layers"] = fixed
 
+    def _auto_float(self, ref, eval_feeds) -> None:
+        """Keep float the few layers that, alone, add a large share of the noise: leave-one-out on the SQNR of the
+        last layers' input features; a layer whose float version lifts it by ``auto_float_db`` dB or more (1 dB:
+        the layer contributes ~20% of all the quantization noise there) stays float. At most 5% of the layers,
+        and only when those features are noisy at all (SQNR below ``AUTO_FLOAT_BELOW_DB``).
+        Layers are left out one at a time: the effects are not additive (on PP-OCR's recognizer, keeping one early
+        depthwise Conv float *lowers* the features' SQNR while keeping a later one float lifts it by 2 dB), so
+        testing groups of layers misses the layers that matter."""
+        p = self.p
+        g, plan, _ = self._build()
+        layers = plan.int8_anchor_names()
+        if not ref.feature_nodes or not layers or len(layers) > AUTO_FLOAT_MAX_LAYERS:
+            return
+        feeds = eval_feeds[: min(len(eval_feeds), AUTO_FLOAT_FEEDS)]
+        sub = fid.Reference(
+            feeds, ref.outputs[: len(feeds)], ref.names, ref.feature_nodes, ref.features[: len(feeds)]
+        )
+        base = fid.score(sub, fid.run_model(self._export(g), feeds, ref.feature_nodes)).get("feature_sqnr_db")
+        if base is None or not np.isfinite(base) or base >= AUTO_FLOAT_BELOW_DB:
+            return  # already accurate: nothing worth a float layer
+        t0 = time.perf_counter()
+
+        def gain(names: list[str]) -> float:
+            gg, _, _ = self._build(names)
+            s_ = fid.score(sub, fid.run_model(self._export(gg), feeds, ref.feature_nodes))
+            return s_.get("feature_sqnr_db", base) - base
+
+        gains: dict[str, float] = {}
+        for name in layers:
+            gains[name] = gain([name])
+        evaluations = len(layers)
+        limit = max(1, len(layers) // 20)
+        ranked = sorted(gains, key=lambda n: -gains[n])
+        chosen = [n for n in ranked[:limit] if gains[n] >= p.auto_float_db]
+        for n in chosen:
+            self.auto_float[n] = (
+                f"kept float automatically: alone it adds {gains[n]:.1f} dB of noise to the "
+                f"features of the last layers (all-int8: {base:.1f} dB SQNR)"
+            )
+        self.stats["auto_float"] = {
+            "feature_sqnr_db_all_int8": round(base, 2),
+            "top_gains_db": {n: round(gains[n], 2) for n in ranked[:5]},
+            "kept_float": chosen,
+            "evaluations": evaluations,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+
     def _mixed_precision(self, ref, eval_feeds, g, plan, counters, sc):
         p = self.p
         float_layers: dict[str, str] = {}
@@ -445,27 +555,37 @@ class _StaticRun:
         layers = plan.int8_anchor_names()
         all_anchor_names = [n.name for n in plan.anchors]
 
-        def only(name: str) -> dict[str, float]:
-            others = [x for x in all_anchor_names if x != name]
-            gg, _, _ = self._build(others)
-            return fid.score(ref, fid.run_model(self._export(gg), eval_feeds))
+        def evaluate(float_names: list[str]) -> dict[str, float]:
+            gg, _, _ = self._build(float_names)
+            return fid.score(ref, fid.run_model(self._export(gg), eval_feeds, ref.feature_nodes))
 
         t0 = time.perf_counter()
-        sens = fid.sensitivity(layers, only, self.ctx.progress)
-        order = sorted(layers, key=lambda n: fid.rank_key(sens[n]), reverse=True)
+        if p.sensitivity == "leave_one_out":
+            # the gain of keeping each layer float while every other layer is quantized
+            sens = fid.sensitivity(layers, lambda name: evaluate([name]), self.ctx.progress)
+            order = sorted(layers, key=lambda n: fid.rank_key(sens[n]))
+            how = "float alone it lifts the score to"
+        else:
+            # the damage of quantizing each layer alone
+            sens = fid.sensitivity(
+                layers, lambda name: evaluate([x for x in all_anchor_names if x != name]), self.ctx.progress
+            )
+            order = sorted(layers, key=lambda n: fid.rank_key(sens[n]), reverse=True)
+            how = "quantized alone the score drops to"
 
-        def with_float(names: list[str]) -> dict[str, float]:
-            gg, _, _ = self._build(names)
-            return fid.score(ref, fid.run_model(self._export(gg), eval_feeds))
-
-        k, best, evals = fid.search_float_set(order, with_float, p.min_cosine, p.max_agreement_drop, sc)
+        self.stats["sensitivity_top"] = [
+            {"layer": n, **{k: round(v, 5) for k, v in sens[n].items()}} for n in order[:10]
+        ]
+        k, best, evals = fid.search_float_set(order, evaluate, p.min_cosine, p.max_agreement_drop, sc)
         chosen = order[:k]
-        for n in chosen:
-            s = sens[n]
-            parts = [f"cosine {s['cosine']:.5f}"]
-            if "agreement" in s:
-                parts.append(f"agreement {s['agreement']:.4f}")
-            float_layers[n] = "mixed precision: most sensitive (quantized alone: " + ", ".join(parts) + ")"
+        for rank, n in enumerate(chosen, 1):
+            s_ = sens[n]
+            parts = [f"cosine {s_['cosine']:.5f}", f"SQNR {s_['sqnr_db']:.1f} dB"]
+            if "agreement" in s_:
+                parts.append(f"agreement {s_['agreement']:.4f}")
+            float_layers[n] = (
+                f"mixed precision: sensitivity rank {rank} of {len(layers)} ({how} " + ", ".join(parts) + ")"
+            )
         reasons = tuple(float_layers.items())
         g, plan, counters = self._build(chosen, reasons)
         met = fid.meets(best, p.min_cosine, p.max_agreement_drop)
@@ -499,7 +619,7 @@ class _StaticRun:
             ratio2 = lat2["int8"] / lat2["float"]
             self.stats["latency_ratio_depthwise_float"] = round(ratio2, 3)
             if ratio2 < 1.0:
-                sc2 = fid.score(ref, fid.run_model(cand2, eval_feeds))
+                sc2 = fid.score(ref, fid.run_model(cand2, eval_feeds, ref.feature_nodes))
                 return g2, plan2, counters2, sc2
         self.stats["skipped"] = (
             f"the quantized model was slower than the float one under ORT (latency ratio "

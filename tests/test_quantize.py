@@ -346,11 +346,17 @@ def deep_mlp(layers: int = 6, width: int = 32, seed: int = 0) -> onnx.ModelProto
 def test_mixed_precision_keeps_the_fewest_sensitive_layers_float_to_meet_the_target():
     model = deep_mlp()
     feeds = feeds_for(model, 16)
-    _, stats0 = quantize(model, feeds, calibration="minmax", bias_correction=False)
+    _, stats0 = quantize(model, feeds, calibration="minmax", bias_correction=False, auto_float_db=0)
     base = stats0["score_on_calibration"]["cosine"]
     target = 1.0 - (1.0 - base) / 4  # demand 4x less error than all-int8 gives
     q, stats = quantize(
-        model, feeds, calibration="minmax", bias_correction=False, min_cosine=target, eval_samples=16
+        model,
+        feeds,
+        calibration="minmax",
+        bias_correction=False,
+        min_cosine=target,
+        eval_samples=16,
+        auto_float_db=0,
     )
     mp = stats["mixed_precision"]
     assert mp["met"] is True
@@ -360,6 +366,58 @@ def test_mixed_precision_keeps_the_fewest_sensitive_layers_float_to_meet_the_tar
     assert len(kept) == mp["layers_float"] and all("mixed precision" in r for r in kept.values())
     got = np.mean([cosine(ort_run(model, f)[0], ort_run(q, f)[0]) for f in feeds])
     assert got >= target - 1e-6
+
+
+def test_auto_float_keeps_the_layer_that_adds_most_noise_float():
+    model = deep_mlp()
+    feeds = feeds_for(model, 16)
+    q0, s0 = quantize(model, feeds, calibration="minmax", auto_float_db=0)
+    q1, s1 = quantize(model, feeds, calibration="minmax")
+    auto = s1["auto_float"]
+    assert auto["feature_sqnr_db_all_int8"] < 30 and len(auto["kept_float"]) == 1
+    layer = auto["kept_float"][0]
+    assert auto["top_gains_db"][layer] >= 1.0
+    assert s1["layers_kept_float"][layer].startswith("kept float automatically")
+    assert s1["score_on_calibration"]["feature_sqnr_db"] > s0["score_on_calibration"]["feature_sqnr_db"] + 1.0
+
+
+def test_auto_float_does_nothing_on_an_accurate_model():
+    model = conv_net()
+    _, stats = quantize(model, feeds_for(model))
+    assert stats["layers_kept_float"] == {} and "auto_float" not in stats
+
+
+def test_offset_before_an_unpadded_conv_is_folded_into_its_bias():
+    rng = np.random.default_rng(12)
+    m = onnx.parser.parse_model("""<ir_version: 7, opset_import: ["" : 13]>
+    g (float[1,4,8,8] x) => (float[1,6,8,8] y) {
+      c = Conv<pads=[1,1,1,1]>(x, w, b)
+      r = Relu(c)
+      a = Add(r, k)
+      y = Conv<group=2>(a, w2, b2)
+    }""")
+    model = _init(
+        m,
+        w=rng.standard_normal((4, 4, 3, 3)).astype(np.float32),
+        b=rng.standard_normal(4).astype(np.float32),
+        k=rng.standard_normal((4, 1, 1)).astype(np.float32),
+        w2=rng.standard_normal((6, 2, 1, 1)).astype(np.float32),
+        b2=rng.standard_normal(6).astype(np.float32),
+    )
+    q, stats = quantize(model, feeds_for(model), calibration="minmax")
+    assert stats["offset_folded_into_next_conv"] == 1
+    assert ops(q)["Add"] == 0
+    f = feeds_for(model, 1, seed=13)[0]
+    assert cosine(ort_run(model, f)[0], ort_run(q, f)[0]) > 0.99
+    # the fold itself is exact (float graph, no quantization)
+    from onnxcompress.passes._quant_prepare import fold_offset_into_next_conv, tensor_names
+
+    from onnxcompress import io
+
+    g = io.to_graph(model)
+    assert fold_offset_into_next_conv(g, tensor_names(g)) == 1
+    folded = io.to_model(g, model)
+    np.testing.assert_allclose(ort_run(folded, f)[0], ort_run(model, f)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_precision_target_already_met_changes_nothing():
