@@ -9,6 +9,9 @@ Every coupled weight contributes (``ConstSlice`` members of the channel-group an
 - ``recon``: the output-reconstruction error of removing a channel from each consumer, to first order
   E[x_c^2] * ||W[:, c]||^2 (the diagonal of tr(W_S Sigma_SS W_S^T) for a removed set S) — "how much of the next
   layer's output this channel carries". Needs calibration data.
+- ``obs``: the error of removing a unit *after* the optimal refit of its consumers (structured Optimal Brain
+  Surgeon, greedy; ``_prune_obs``) — ``recon`` with the correlations between channels; what ``distill`` recovers.
+  Groups whose consumers it cannot model use ``recon``.
 - ``ablation``: for groups of at most ``ABLATION_MAX_UNITS`` units (attention heads, small layers), the measured
   relative error of the model's outputs when that one unit is zeroed (one ORT run over a few calibration feeds per
   unit); larger groups use ``recon``.
@@ -32,7 +35,7 @@ from onnxcompress.data import FeedSet
 
 log = logging.getLogger(__name__)
 
-IMPORTANCES = ("auto", "l1", "l2", "bn", "act", "recon", "ablation")
+IMPORTANCES = ("auto", "l1", "l2", "bn", "act", "recon", "obs", "ablation")
 
 
 def _position_to_units(spec: AxisSpec, position_scores: np.ndarray, unit_of: np.ndarray, n_units: int) -> np.ndarray:

@@ -34,6 +34,7 @@ from onnxcompress.errors import PassError
 from onnxcompress.pass_base import Pass, PassResult, register
 
 from . import _prune_plan as plan_mod
+from ._prune_obs import obs_scores
 from ._prune_scores import IMPORTANCES, ablation_scores, unit_scores
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class PruneChannels(Pass):
         "ratio": "fraction of each group's channels to remove (uniform), or of all channels (global)",
         "target_macs": "keep this fraction of the model's MACs (e.g. 0.5); overrides ratio",
         "importance": "auto (recon with data, else l2), l1, l2, bn, act (mean |x|), recon (E[x^2]*||W[:,c]||^2), "
-                      "ablation (measured output error per unit for groups of <= 64 units, recon otherwise)",
+                      "obs (error after optimal refit of the consumers, structured OBS), ablation (measured output error per unit for groups of <= 64 units, recon otherwise)",
         "allocation": "auto (sensitivity for target_macs with data, else global; uniform for ratio), uniform, "
                       "global, sensitivity",
         "min_keep": "per-group floor: keep at least this fraction of every group",
@@ -113,10 +114,15 @@ class PruneChannels(Pass):
         feeds = ctx.calibration
         model = ctx.export(graph)
         progress = getattr(ctx, "progress", None)
-        base_kind = "recon" if self.importance == "ablation" else self.importance
+        base_kind = "recon" if self.importance in ("ablation", "obs") else self.importance
         scores, used = unit_scores(cg, base_kind, model,
                                    feeds.take(self.samples) if feeds is not None else None, set(candidates),
                                    progress)
+        if self.importance == "obs" and feeds is not None:
+            obs, done = obs_scores(cg, model, feeds.take(self.samples), set(candidates), self.min_keep,
+                                   ctx.rng("prune-channels obs"), progress=progress)
+            scores = np.where(np.isin(cg.unit_group, list(done)), obs, scores)
+            used = "obs" if done else used
         if self.importance == "ablation" and feeds is not None:
             abl, done = ablation_scores(cg, model, list(feeds.take(self.sensitivity_samples)), set(candidates),
                                         _relative_error)

@@ -110,7 +110,7 @@ def test_bn_importance_drops_small_gammas(digits):
     assert kept == set(range(16)) - {2, 7, 11, 13}
 
 
-@pytest.mark.parametrize("importance", ["l1", "l2", "bn", "act", "recon", "ablation"])
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn", "act", "recon", "obs", "ablation"])
 def test_every_importance_runs(digits, importance):
     res, _ = _run(digits, f"cleanup,prune-channels{{ratio=0.25 importance={importance}}}")
     assert _prune_stats(res)["importance"] == importance
@@ -165,6 +165,26 @@ def test_ablation_importance_measures_each_unit():
     assert _prune_stats(res)["importance"] == "ablation"
     kept = ctx.analysis("channel_map", None)["b"][1].tolist()
     assert kept == [0, 1, 2, 4, 6, 7]
+
+
+def test_obs_removes_a_redundant_channel_first():
+    """Two identical, strong channels: after a refit one can stand in for the other, so OBS removes one of them
+    first; the diagonal ``recon`` score ranks both as the most important."""
+    m = _two_branch_model()
+    wb = next(t for t in m.graph.initializer if t.name == "wb")
+    w = numpy_helper.to_array(wb).copy()
+    w[1] = w[0] = 3.0 * w[0]
+    wb.CopyFrom(numpy_helper.from_array(w, "wb"))
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(16)]
+    kept = {}
+    for imp in ("recon", "obs"):
+        res, ctx = _run(m, f"prune-channels{{ratio=0.125 importance={imp} exclude=[conv_a]}}",
+                        ctx=PassContext(calibration=load_feeds(feeds, m)))
+        assert _prune_stats(res)["importance"] == imp
+        kept[imp] = set(ctx.analysis("channel_map", None)["b"][1].tolist())
+    assert {0, 1} <= kept["recon"]
+    assert len({0, 1} & kept["obs"]) == 1
 
 
 def test_nothing_to_prune_is_a_no_op():
