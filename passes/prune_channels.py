@@ -221,15 +221,37 @@ class PruneChannels(Pass):
 
 
 def _relative_error(base: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float:
-    """Mean over outputs of sum ||y - y0||^2 / sum ||y0||^2 across the feeds."""
+    """Mean over outputs of the relative squared error sum ||y - y0||^2 / sum ||y0||^2 across the feeds.
+
+    Outputs of rank >= 3 are measured per feature along their smallest non-batch axis (a detector's [1, 4+C, A]:
+    box coordinates and class scores count alike, whatever their scales), each feature's energy floored at 1% of
+    the mean feature energy."""
     errs = []
     for o in range(len(base[0])):
-        num = sum(float(np.sum(np.square(c[o].astype(np.float64) - b[o]))) for b, c in zip(base, cand, strict=True)
-                  if np.issubdtype(np.asarray(b[o]).dtype, np.floating))
-        den = sum(float(np.sum(np.square(b[o].astype(np.float64)))) for b in base
-                  if np.issubdtype(np.asarray(b[o]).dtype, np.floating))
-        if den > 0:
-            errs.append(num / den)
+        b0 = np.asarray(base[0][o])
+        if not np.issubdtype(b0.dtype, np.floating) or b0.size == 0:
+            continue
+        axis = None
+        if b0.ndim >= 3:
+            dims = [(b0.shape[a], a) for a in range(1, b0.ndim) if b0.shape[a] > 1]
+            axis = min(dims)[1] if dims else None
+        if axis is None:
+            num = sum(float(np.sum(np.square(c[o].astype(np.float64) - b[o]))) for b, c in zip(base, cand,
+                                                                                               strict=True))
+            den = sum(float(np.sum(np.square(b[o].astype(np.float64)))) for b in base)
+            if den > 0:
+                errs.append(num / den)
+            continue
+        num = np.zeros(b0.shape[axis])
+        den = np.zeros(b0.shape[axis])
+        for b, c in zip(base, cand, strict=True):
+            bb = np.moveaxis(b[o].astype(np.float64), axis, 0).reshape(b0.shape[axis], -1)
+            cc = np.moveaxis(c[o].astype(np.float64), axis, 0).reshape(b0.shape[axis], -1)
+            num += np.square(cc - bb).sum(axis=1)
+            den += np.square(bb).sum(axis=1)
+        den = np.maximum(den, 0.01 * den.mean())
+        if den.mean() > 0:
+            errs.append(float(np.mean(num / den)))
     return float(np.mean(errs)) if errs else 0.0
 
 
