@@ -388,3 +388,39 @@ def quantize_gathers(graph: gs.Graph, exclude: tuple[str, ...] = ()) -> int:
         graph.nodes.extend(new_nodes)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return done
+
+
+def quantize_float_op_weights(
+    graph: gs.Graph, ops: tuple[str, ...], per_channel: bool, exclude: tuple[str, ...] = ()
+) -> int:
+    """Weight-only int8 for ops that have no integer kernel (ConvTranspose): ``DQ(W_q, s_w, axis)`` feeding the
+    float op, so the file shrinks even where the compute stays float. Returns the number of weights quantized."""
+    from ._quant_ops import weight_axis
+
+    namer = Namer(graph)
+    new_nodes: list[gs.Node] = []
+    for n in graph.nodes:
+        if n.op not in ops or (n.name and n.name in exclude) or n.op in exclude or len(n.inputs) < 2:
+            continue
+        w = const_value(n.inputs[1])
+        if w is None or w.dtype != np.float32 or w.ndim < 3:
+            continue
+        if n.op == "ConvTranspose" and int(n.attrs.get("group", 1)) != 1:
+            continue  # axis 1 of a grouped ConvTranspose weight is not the output channel
+        axis = weight_axis(n, w) if per_channel else None
+        qw = qm.quantize_weight(w, qm.INT8, axis)
+        node, out = _dq_node(
+            namer,
+            n.inputs[1].name,
+            qw.q,
+            qw.scale,
+            qw.zero_point,
+            {"axis": int(axis)} if axis is not None else {},
+            int4=False,
+        )
+        n.inputs[1] = out
+        new_nodes.append(node)
+    if new_nodes:
+        graph.nodes.extend(new_nodes)
+        graph.toposort()
+    return len(new_nodes)

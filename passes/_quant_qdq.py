@@ -222,6 +222,8 @@ def insert_qdq(
         ws = weight_slot(n) if n.op in ("Conv", "Gemm", "MatMul") else None
         if ws is not None:
             new_nodes.extend(_quantize_anchor_weights(n, ws, namer, wopts, stats))
+            if n.op == "MatMul" and n.outputs[0].name not in q_params:
+                new_nodes.extend(_matmul_bias_int32(n, namer, stats))
         elif n.op in ("Add", "Mul"):
             for s in activation_slots(n):
                 x = n.inputs[s]
@@ -310,6 +312,50 @@ def _quantize_anchor_weights(
         added.append(bnode)
         stats["bias_int32"] += 1
     return added
+
+
+def _matmul_bias_int32(n: gs.Node, namer: Namer, stats: dict) -> list[gs.Node]:
+    """``MatMul -> Add(bias)`` with a float MatMul output: the bias becomes int32 (``s_x · s_w``) behind a DQ.
+
+    ORT folds MatMul + Add into a Gemm before it fuses QDQ; with a float bias that Gemm stays float and dequantizes
+    its weights on every run, with an int32 bias it becomes QGemm. Where ORT does not fold them (symbolic shapes),
+    MatMulIntegerToFloat runs and the small bias DQ is an elementwise add."""
+    y = n.outputs[0]
+    if len(y.outputs) != 1 or y.outputs[0].op != "Add":
+        return []
+    add = y.outputs[0]
+    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    b = np.asarray(other.values, np.float32) if is_float_const(other) else None
+    x, w = n.inputs[0], n.inputs[1]
+    if b is None or b.ndim != 1 or not x.inputs or x.inputs[0].op != "DequantizeLinear":
+        return []
+    if not w.inputs or w.inputs[0].op != "DequantizeLinear":
+        return []
+    s_x = float(np.asarray(x.inputs[0].inputs[1].values))
+    s_w = np.asarray(w.inputs[0].inputs[1].values, np.float32)
+    if s_w.ndim and s_w.shape != b.shape:
+        return []
+    bq, sb = qm.quantize_bias(b, s_x, np.broadcast_to(s_w, b.shape) if s_w.ndim else s_w)
+    if np.any(np.abs(bq.astype(np.int64)) >= 2**31 - 1):
+        return []
+    out = gs.Variable(namer(f"{other.name}_dequantized"), dtype=np.float32)
+    attrs = {"axis": 0} if np.ndim(sb) else {}
+    node = gs.Node(
+        "DequantizeLinear",
+        namer(f"{other.name}_DequantizeLinear"),
+        attrs=attrs,
+        inputs=[
+            _const(namer, f"{other.name}_quantized", bq),
+            _const(namer, f"{other.name}_scale", sb),
+            _const(namer, f"{other.name}_zero_point", np.zeros(np.shape(sb), np.int32)),
+        ],
+        outputs=[out],
+    )
+    for i, t in enumerate(add.inputs):
+        if t is other:
+            add.inputs[i] = out
+    stats["bias_int32"] += 1
+    return [node]
 
 
 def _quantized_constant(x: gs.Constant, qt: qm.QType, namer: Namer) -> tuple[gs.Variable, gs.Node]:

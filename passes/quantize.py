@@ -417,6 +417,11 @@ class _StaticRun:
 
         # calibrate everything the full placement needs (ranges of later, smaller placements are subsets)
         plan0 = plan_static(self.base.copy().toposort(), self.dtypes, self._placement_options())
+        if not plan0.int8:
+            stats["layers_kept_float"] = dict(plan0.kept_float)
+            stats["skipped"] = "nothing to quantize: no Conv/MatMul/Gemm with a constant float weight"
+            stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
+            return PassResult(prepared or "opset_upgrade" in stats, stats)
         self._calibrate(list(plan0.tensors))
 
         eval_feeds = list(self._feeds(p.eval_samples))
@@ -448,6 +453,11 @@ class _StaticRun:
             g, plan, counters, sc = outcome
 
         qo.transplant(graph, g)
+        from ._quant_dynamic import quantize_float_op_weights
+
+        k = quantize_float_op_weights(graph, ("ConvTranspose",), self.per_channel, tuple(p.exclude))
+        if k:
+            stats["weights_only_float_ops"] = k
         if "Gather" in p.dynamic_ops:
             from ._quant_dynamic import quantize_gathers
 
