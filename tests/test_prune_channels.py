@@ -236,3 +236,17 @@ def test_minilm_ffn_neurons_and_heads():
     assert shapes["onnx::MatMul_470"] == [384, 9 * 32]  # queries: 3 of 12 heads removed
     out = ort_run(res.model, feeds[0])
     assert out[3].shape == (1, 384)
+
+
+def test_sensitivity_error_weighs_output_features_alike():
+    from onnxcompress.passes.prune_channels import _relative_error
+
+    rng = np.random.default_rng(0)
+    y = np.stack([100.0 * rng.standard_normal(50), rng.random(50)])[None]  # [1, 2 features, 50]: boxes, scores
+    broken_scores = y.copy()
+    broken_scores[0, 1] = 0.0
+    # the flat relative error barely sees the scores vanish; per feature it is half the damage
+    flat = float(np.sum((y - broken_scores) ** 2) / np.sum(y ** 2))
+    assert flat < 1e-3
+    assert _relative_error([[y]], [[broken_scores]]) == pytest.approx(0.5)
+    assert _relative_error([[y[0]]], [[broken_scores[0]]]) == pytest.approx(flat)  # rank 2: flat
