@@ -13,6 +13,9 @@ refit only after every refit layer upstream of it, on inputs produced by the alr
 not accumulate. Each stage streams the calibration feeds once through the student (its layer inputs) and the teacher
 (the targets), keeping only X^T X and X^T Y per layer (``max rows`` random rows per feed).
 
+A layer whose output only feeds a residual Add (y + r) is fit to teacher(Add) - student(r) (``compensate``): it
+absorbs the error that already reached the residual stream instead of reproducing the teacher's y.
+
 Works after ``prune-weights`` (zeros stay zeros: each output is solved on its support) and after ``quantize``
 (the float solution is re-quantized on the layer's existing grid and the bias re-solved); layers that cannot be
 solved this way (ConvTranspose, grouped Conv, very wide layers) get bias correction:

@@ -12,6 +12,10 @@ Pruning a set of units gives exactly the outputs of the original with the same c
 (``ChannelGroups.zeroed_model``); the loss of accuracy comes from the channels themselves. Follow with ``distill``,
 which refits the layers after each cut on calibration data against the original model.
 
+Large cuts work better in steps, each followed by ``distill`` (the next step's scores and sensitivities then see the
+refit model): ``prune-channels{target_macs=0.7},distill,prune-channels{target_macs=0.714},distill`` reaches 0.5x
+(``target_macs`` is relative to the graph the pass receives).
+
 Names: every surviving tensor keeps its name (so ``distill`` can match student to teacher); a constant shared by
 nodes that are cut differently is split into ``<name>_pruned`` copies. The kept positions of every cut tensor are
 left in the context as the ``channel_map`` analysis.
