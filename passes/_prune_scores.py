@@ -97,8 +97,8 @@ def weight_scores(cg: ChannelGroups, kind: str) -> np.ndarray:
 
 
 def activation_stats(model: onnx.ModelProto, cg: ChannelGroups, feeds: FeedSet, groups: set[int],
-                     progress=None) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int]]:
-    """(tensor, axis) -> (sum x^2, sum |x|, count) per position along the axis, for the consumer inputs of
+                     progress=None) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
+    """(tensor, axis) -> (sum x^2, sum |x|, count, sum x) per position along the axis, for the consumer inputs of
     ``groups``. Streamed: only per-channel sums are kept."""
     wanted: dict[str, set[int]] = defaultdict(set)
     for s in cg.slices:
@@ -116,14 +116,16 @@ def activation_stats(model: onnx.ModelProto, cg: ChannelGroups, feeds: FeedSet, 
                 moved = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
                 sq = np.einsum("ij,ij->i", moved, moved)
                 ab = np.abs(moved).sum(axis=1)
+                sm = moved.sum(axis=1)
                 cur = stats.get((name, axis))
                 if cur is None:
-                    stats[(name, axis)] = [sq, ab, moved.shape[1]]
+                    stats[(name, axis)] = [sq, ab, moved.shape[1], sm]
                 else:
                     cur[0] = cur[0] + sq
                     cur[1] = cur[1] + ab
                     cur[2] += moved.shape[1]
-    return {k: (v[0], v[1], v[2]) for k, v in stats.items()}
+                    cur[3] = cur[3] + sm
+    return {k: (v[0], v[1], v[2], v[3]) for k, v in stats.items()}
 
 
 def activation_scores(cg: ChannelGroups, stats: dict, kind: str) -> np.ndarray:
@@ -133,7 +135,7 @@ def activation_scores(cg: ChannelGroups, stats: dict, kind: str) -> np.ndarray:
     for s in cg.slices:
         if s.role != "in" or not s.act or (s.act, s.act_axis) not in stats:
             continue
-        sq, ab, count = stats[(s.act, s.act_axis)]
+        sq, ab, count, _ = stats[(s.act, s.act_axis)]
         spec = s.specs[0]
         if kind == "act":
             pos = ab / max(count, 1)
@@ -174,7 +176,7 @@ def ablation_scores(cg: ChannelGroups, model: onnx.ModelProto, feeds: list[dict]
 
 
 def unit_scores(cg: ChannelGroups, kind: str, model: onnx.ModelProto | None, feeds: FeedSet | None,
-                groups: set[int], progress=None) -> tuple[np.ndarray, str]:
+                groups: set[int], progress=None, stats: dict | None = None) -> tuple[np.ndarray, str]:
     """Scores per unit and the importance actually used (``auto``: recon with data, else l2)."""
     if kind == "auto":
         kind = "recon" if feeds is not None else "l2"
@@ -182,7 +184,8 @@ def unit_scores(cg: ChannelGroups, kind: str, model: onnx.ModelProto | None, fee
         if feeds is None or model is None:
             log.warning("importance %s needs calibration data; using l2 weight norms", kind)
             return weight_scores(cg, "l2"), "l2"
-        stats = activation_stats(model, cg, feeds, groups, progress)
+        if stats is None:
+            stats = activation_stats(model, cg, feeds, groups, progress)
         scores = activation_scores(cg, stats, kind)
         # groups no consumer weight reaches (no activation term): fall back to weight norms
         fallback = weight_scores(cg, "l2")

@@ -38,8 +38,9 @@ from onnxcompress.errors import PassError
 from onnxcompress.pass_base import Pass, PassResult, register
 
 from . import _prune_plan as plan_mod
+from ._prune_compensate import apply_after, apply_before, bias_deltas, compensate_model
 from ._prune_obs import obs_scores
-from ._prune_scores import IMPORTANCES, ablation_scores, unit_scores
+from ._prune_scores import IMPORTANCES, ablation_scores, activation_stats, unit_scores
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class PruneChannels(Pass):
         "samples": "calibration feeds used for activation-based importance",
         "sensitivity_samples": "calibration feeds used per sensitivity trial",
         "sensitivity_ratios": "ratios each group is pruned at alone to measure its sensitivity",
+        "compensate": "move the calibration mean of removed channels into the consumers' biases (needs data)",
         "verify": "run the pruned model once under ORT before returning",
     }
 
@@ -78,6 +80,7 @@ class PruneChannels(Pass):
     samples: int = 32
     sensitivity_samples: int = 8
     sensitivity_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+    compensate: bool = True
     verify: bool = True
 
     def __post_init__(self) -> None:
@@ -119,9 +122,12 @@ class PruneChannels(Pass):
         model = ctx.export(graph)
         progress = getattr(ctx, "progress", None)
         base_kind = "recon" if self.importance in ("ablation", "obs") else self.importance
+        act_stats = None
+        if feeds is not None and (self.compensate or base_kind in ("auto", "act", "recon")):
+            act_stats = activation_stats(model, cg, feeds.take(self.samples), set(candidates), progress)
         scores, used = unit_scores(cg, base_kind, model,
                                    feeds.take(self.samples) if feeds is not None else None, set(candidates),
-                                   progress)
+                                   progress, act_stats)
         if self.importance == "obs" and feeds is not None:
             obs, done = obs_scores(cg, model, feeds.take(self.samples), set(candidates), self.min_keep,
                                    ctx.rng("prune-channels obs"), progress=progress)
@@ -135,7 +141,7 @@ class PruneChannels(Pass):
             used = "ablation" if done else used
         plans = plan_mod.make_plans(cg, candidates, scores, self.min_keep, self.round_to)
         allocation = self._allocation(feeds is not None)
-        kept = self._allocate(cg, plans, allocation, model, ctx)
+        kept = self._allocate(cg, plans, allocation, model, ctx, act_stats)
         removed = plan_mod.removed_units(plans, kept)
         restore = cg.check_removal(removed.tolist())
         if restore:
@@ -144,9 +150,16 @@ class PruneChannels(Pass):
         if removed.size == 0:
             stats["pruned_groups"] = 0
             return PassResult(False, stats, frozenset({"channel_groups", "channel_map"}))
-        remember_channel_map(ctx, cg.kept_positions(removed))
+        kept_positions = cg.kept_positions(removed)
+        remember_channel_map(ctx, kept_positions)
         pruned_groups = sorted({int(g) for g in cg.unit_group[removed]})
+        later = {}
+        deltas = {}
+        if self.compensate and act_stats:
+            deltas = bias_deltas(cg, act_stats, keep_el)
+            later = apply_before(deltas)
         apply_stats = cg.apply(graph, removed)
+        biases_added = apply_after(later, kept_positions) if later else 0
         graph.cleanup()
         stats.update({
             "importance": used,
@@ -158,6 +171,8 @@ class PruneChannels(Pass):
             "params_removed": int(apply_stats["params_before"] - apply_stats["params_after"]),
             "constants_sliced": apply_stats["constants_sliced"] + apply_stats["constants_copied"],
             "kept_per_group": {str(g): int(kept[g]) for g in pruned_groups if g in kept},
+            "biases_compensated": len(deltas),
+            "biases_added": biases_added,
         })
         if self.verify:
             _verify(graph, ctx)
@@ -175,8 +190,8 @@ class PruneChannels(Pass):
             return "sensitivity" if have_data else "global"
         return "uniform"
 
-    def _allocate(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], allocation: str, model, ctx
-                  ) -> dict[int, int]:
+    def _allocate(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], allocation: str, model, ctx,
+                  act_stats: dict | None = None) -> dict[int, int]:
         if allocation == "uniform":
             return plan_mod.uniform(plans, self.ratio)
         total_units = sum(p.n for p in plans)
@@ -192,11 +207,11 @@ class PruneChannels(Pass):
 
         if allocation == "global":
             return plan_mod.global_threshold(plans, meets)
-        curves, saves = self._sensitivity(cg, plans, model, ctx)
+        curves, saves = self._sensitivity(cg, plans, model, ctx, act_stats if self.compensate else None)
         return plan_mod.marginal(plans, curves, saves, meets)
 
-    def _sensitivity(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], model, ctx
-                     ) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+    def _sensitivity(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], model, ctx,
+                     act_stats: dict | None = None) -> tuple[dict[int, np.ndarray], dict[int, float]]:
         from onnxcompress.runtime import Session
 
         feeds = list(ctx.calibration.take(self.sensitivity_samples))
@@ -216,7 +231,10 @@ class PruneChannels(Pass):
                 k = plan_mod.round_up(p, p.n - math.floor(r * p.n))
                 if k >= p.n or k in measured:
                     continue
-                zm = cg.zeroed_model(model, p.order[: p.n - k])
+                trial = p.order[: p.n - k]
+                zm = cg.zeroed_model(model, trial)
+                if act_stats:
+                    compensate_model(zm, bias_deltas(cg, act_stats, cg.keep_elements(trial)))
                 with Session(zm, what="sensitivity trial") as s:
                     measured[k] = _relative_error(base, [s.run(f) for f in feeds])
             curves[p.gid] = plan_mod.error_curve(p, measured)

@@ -250,3 +250,26 @@ def test_sensitivity_error_weighs_output_features_alike():
     assert flat < 1e-3
     assert _relative_error([[y]], [[broken_scores]]) == pytest.approx(0.5)
     assert _relative_error([[y[0]]], [[broken_scores[0]]]) == pytest.approx(flat)  # rank 2: flat
+
+
+def test_mean_compensation_keeps_outputs_calibrated(digits):
+    val = np.load(ROOT / "models" / "digits_val.npz")["image"]
+    (ref,) = ort_run(digits, {"image": val})
+    errs = {}
+    for comp in ("true", "false"):
+        res, _ = _run(digits, f"cleanup,prune-channels{{ratio=0.5 compensate={comp}}}")
+        (y,) = ort_run(res.model, {"image": val})
+        errs[comp] = float(np.mean((y - ref) ** 2))
+        if comp == "true":
+            assert _prune_stats(res)["biases_compensated"] >= 3
+    assert errs["true"] < 0.9 * errs["false"]
+
+
+def test_bias_less_consumer_gets_a_bias():
+    m = _two_branch_model()
+    rng = np.random.default_rng(4)
+    feeds = load_feeds([{"x": np.abs(rng.standard_normal((1, 3, 8, 8))).astype(np.float32)} for _ in range(4)], m)
+    res, _ = _run(m, "prune-channels{ratio=0.5}", ctx=PassContext(calibration=feeds))
+    consumers = [n for n in res.model.graph.node if n.op_type == "Conv" and n.input[0] in ("ar", "br")]
+    assert len(consumers) == 2 and all(len(n.input) == 3 for n in consumers)
+    assert _prune_stats(res)["biases_added"] == 2
