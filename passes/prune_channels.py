@@ -61,7 +61,8 @@ class PruneChannels(Pass):
         "allocation": "auto (sensitivity for target_macs with data, else global; uniform for ratio), uniform, "
                       "global, sensitivity",
         "min_keep": "per-group floor: keep at least this fraction of every group",
-        "round_to": "kept channel counts are multiples of this (SIMD-friendly); groups not larger are left alone",
+        "round_to": "kept channel counts are multiples of this (SIMD-friendly); groups not larger are left alone; "
+                    "0 = auto: 16 for groups made by Conv/ConvTranspose (ORT's NCHWc blocks), 1 for the rest",
         "exclude": "groups to leave alone: glob patterns on node/tensor/weight names, or group ids",
         "samples": "calibration feeds used for activation-based importance",
         "sensitivity_samples": "calibration feeds used per sensitivity trial",
@@ -75,7 +76,7 @@ class PruneChannels(Pass):
     importance: str = "auto"
     allocation: str = "auto"
     min_keep: float = 0.25
-    round_to: int = 1
+    round_to: int = 0
     exclude: tuple[str, ...] = ()
     samples: int = 32
     sensitivity_samples: int = 8
@@ -94,8 +95,8 @@ class PruneChannels(Pass):
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if not 0.0 < self.min_keep <= 1.0:
             raise ValueError(f"min_keep must be in (0, 1], got {self.min_keep}")
-        if self.round_to < 1:
-            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+        if self.round_to < 0:
+            raise ValueError(f"round_to must be >= 0 (0: auto), got {self.round_to}")
         if self.samples < 1 or self.sensitivity_samples < 1:
             raise ValueError("samples and sensitivity_samples must be >= 1")
         if not self.sensitivity_ratios or any(not 0.0 < r < 1.0 for r in self.sensitivity_ratios):
@@ -139,7 +140,8 @@ class PruneChannels(Pass):
             in_done = np.isin(cg.unit_group, list(done))
             scores = np.where(in_done, abl, scores)
             used = "ablation" if done else used
-        plans = plan_mod.make_plans(cg, candidates, scores, self.min_keep, self.round_to)
+        round_to = plan_mod.round_to_per_group(cg, candidates, graph, self.round_to)
+        plans = plan_mod.make_plans(cg, candidates, scores, self.min_keep, round_to)
         allocation = self._allocation(feeds is not None)
         kept = self._allocate(cg, plans, allocation, model, ctx, act_stats)
         removed = plan_mod.removed_units(plans, kept)
@@ -245,8 +247,9 @@ class PruneChannels(Pass):
 def _relative_error(base: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float:
     """Mean over outputs of the relative squared error sum ||y - y0||^2 / sum ||y0||^2 across the feeds.
 
-    Outputs of rank >= 3 are measured per feature along their smallest non-batch axis (a detector's [1, 4+C, A]:
-    box coordinates and class scores count alike, whatever their scales), each feature's energy floored at 1e-6 of
+    Outputs of rank >= 3 are measured per feature along their smallest non-batch axis of fixed size (a detector's
+    [1, 4+C, A]: box coordinates and class scores count alike, whatever their scales; an axis whose size varies
+    between feeds is not a feature axis), each feature's energy floored at 1e-6 of
     the mean feature energy (features that are always ~0 do not blow up)."""
     errs = []
     for o in range(len(base[0])):
@@ -254,8 +257,11 @@ def _relative_error(base: list[list[np.ndarray]], cand: list[list[np.ndarray]]) 
         if not np.issubdtype(b0.dtype, np.floating) or b0.size == 0:
             continue
         axis = None
-        if b0.ndim >= 3:
-            dims = [(b0.shape[a], a) for a in range(1, b0.ndim) if b0.shape[a] > 1]
+        if b0.ndim >= 3 and all(np.ndim(b[o]) == b0.ndim for b in base):
+            # feature axis: the smallest non-batch axis whose size is > 1 and the same for every feed (a
+            # segmentation map's H or W, which vary with the input, is not a feature axis)
+            dims = [(b0.shape[a], a) for a in range(1, b0.ndim)
+                    if b0.shape[a] > 1 and all(np.shape(b[o])[a] == b0.shape[a] for b in base)]
             axis = min(dims)[1] if dims else None
         if axis is None:
             num = sum(float(np.sum(np.square(c[o].astype(np.float64) - b[o]))) for b, c in zip(base, cand,

@@ -156,12 +156,12 @@ def test_convtranspose_gets_bias_correction_depthwise_is_refit():
     rng = np.random.default_rng(1)
     feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(16)]
     ctx = PassContext(calibration=load_feeds(feeds, m))
-    res = PassManager(parse_pipeline("prune-channels{ratio=0.5},distill")).run(m, ctx)
+    res = PassManager(parse_pipeline("prune-channels{ratio=0.5 round_to=1},distill")).run(m, ctx)
     st = _distill_stats(res)
     assert st["layers_bias_corrected"] == 1 and st["layers_refit"] == 2  # ConvTranspose; conv1, depthwise
     ct = next(n for n in res.model.graph.node if n.op_type == "ConvTranspose")
     assert len(ct.input) == 3  # a bias was added to carry the correction
-    pruned = PassManager(parse_pipeline("prune-channels{ratio=0.5}")).run(m, PassContext(
+    pruned = PassManager(parse_pipeline("prune-channels{ratio=0.5 round_to=1}")).run(m, PassContext(
         calibration=load_feeds(feeds, m))).model
     x = {"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)}
     ref, a, b = ort_run(m, x)[0], ort_run(pruned, x)[0], ort_run(res.model, x)[0]

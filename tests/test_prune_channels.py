@@ -47,7 +47,7 @@ def digits():
 
 
 def test_uniform_ratio_shrinks_every_coupled_tensor(digits):
-    res, _ = _run(digits, "cleanup,prune-channels{ratio=0.5}", calib=False)
+    res, _ = _run(digits, "cleanup,prune-channels{ratio=0.5 round_to=1}", calib=False)
     m = res.model
     onnx.checker.check_model(m, full_check=True)
     assert _init(m, "conv1.weight").shape == (8, 1, 3, 3)
@@ -90,7 +90,7 @@ def test_exclude_leaves_group_alone(digits):
 
 
 def test_channel_map_left_for_distill(digits):
-    _, ctx = _run(digits, "prune-channels{ratio=0.25}", calib=False)
+    _, ctx = _run(digits, "prune-channels{ratio=0.25 round_to=1}", calib=False)
     cmap = ctx.analysis("channel_map", None)
     conv1_out = next(n.output[0] for n in digits.graph.node if n.name == "conv1")
     kept = cmap[conv1_out][1]
@@ -104,7 +104,7 @@ def test_bn_importance_drops_small_gammas(digits):
     g = numpy_helper.to_array(gamma).copy()
     g[[2, 7, 11, 13]] = 1e-4
     gamma.CopyFrom(numpy_helper.from_array(g, "bn1.weight"))
-    _, ctx = _run(m, "prune-channels{ratio=0.25 importance=bn}", calib=False)
+    _, ctx = _run(m, "prune-channels{ratio=0.25 importance=bn round_to=1}", calib=False)
     conv1_out = next(n.output[0] for n in m.graph.node if n.name == "conv1")
     kept = set(ctx.analysis("channel_map", None)[conv1_out][1].tolist())
     assert kept == set(range(16)) - {2, 7, 11, 13}
@@ -145,7 +145,7 @@ def test_sensitivity_spends_pruning_where_the_model_cares_least():
     rng = np.random.default_rng(1)
     feeds = load_feeds([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)], m)
     # importance l2 ranks channels inside a group only; the split between the groups is the sensitivity's
-    res, _ = _run(m, "prune-channels{target_macs=0.7 allocation=sensitivity importance=l2}",
+    res, _ = _run(m, "prune-channels{target_macs=0.7 allocation=sensitivity importance=l2 round_to=1}",
                   ctx=PassContext(calibration=feeds))
     wa, wb = _init(res.model, "wa"), _init(res.model, "wb")
     # removing 5 of branch a's 8 channels saves 5/8 of half the MACs (>= 30%) at almost no error
@@ -160,7 +160,7 @@ def test_ablation_importance_measures_each_unit():
     wb2.CopyFrom(numpy_helper.from_array(w, "wb2"))
     rng = np.random.default_rng(2)
     feeds = load_feeds([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)], m)
-    res, ctx = _run(m, "prune-channels{ratio=0.25 importance=ablation exclude=[conv_a]}",
+    res, ctx = _run(m, "prune-channels{ratio=0.25 importance=ablation exclude=[conv_a] round_to=1}",
                     ctx=PassContext(calibration=feeds))
     assert _prune_stats(res)["importance"] == "ablation"
     kept = ctx.analysis("channel_map", None)["b"][1].tolist()
@@ -179,7 +179,7 @@ def test_obs_removes_a_redundant_channel_first():
     feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(16)]
     kept = {}
     for imp in ("recon", "obs"):
-        res, ctx = _run(m, f"prune-channels{{ratio=0.125 importance={imp} exclude=[conv_a]}}",
+        res, ctx = _run(m, f"prune-channels{{ratio=0.125 importance={imp} exclude=[conv_a] round_to=1}}",
                         ctx=PassContext(calibration=load_feeds(feeds, m)))
         assert _prune_stats(res)["importance"] == imp
         kept[imp] = set(ctx.analysis("channel_map", None)["b"][1].tolist())
@@ -195,7 +195,7 @@ def test_nothing_to_prune_is_a_no_op():
 
 
 @pytest.mark.parametrize("bad", ["ratio=1.5", "target_macs=0", "importance=foo", "allocation=best",
-                                 "round_to=0", "min_keep=0", "sensitivity_ratios=[1.5]"])
+                                 "round_to=-1", "min_keep=0", "sensitivity_ratios=[1.5]"])
 def test_bad_options(bad):
     with pytest.raises(BadInputError):
         parse_pipeline(f"prune-channels{{{bad}}}")
@@ -269,7 +269,45 @@ def test_bias_less_consumer_gets_a_bias():
     m = _two_branch_model()
     rng = np.random.default_rng(4)
     feeds = load_feeds([{"x": np.abs(rng.standard_normal((1, 3, 8, 8))).astype(np.float32)} for _ in range(4)], m)
-    res, _ = _run(m, "prune-channels{ratio=0.5}", ctx=PassContext(calibration=feeds))
+    res, _ = _run(m, "prune-channels{ratio=0.5 round_to=1}", ctx=PassContext(calibration=feeds))
     consumers = [n for n in res.model.graph.node if n.op_type == "Conv" and n.input[0] in ("ar", "br")]
     assert len(consumers) == 2 and all(len(n.input) == 3 for n in consumers)
     assert _prune_stats(res)["biases_added"] == 2
+
+
+def _conv_gemm_model() -> onnx.ModelProto:
+    """Conv (48 channels) -> Relu -> GlobalAveragePool -> Flatten -> Gemm (40 neurons) -> Relu -> Gemm (4)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((48, 3, 3, 3)).astype(np.float32), "wc"),
+             numpy_helper.from_array(rng.standard_normal((48, 40)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((40, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], pads=[1] * 4, name="conv"),
+             helper.make_node("Relu", ["c"], ["cr"]), helper.make_node("GlobalAveragePool", ["cr"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["hr"]), helper.make_node("Gemm", ["hr", "w2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "cg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize(("round_to", "conv_kept", "fc_kept"), [(0, 32, 24), (1, 29, 24), (16, 32, 32)])
+def test_round_to_auto_blocks_conv_channels_only(round_to, conv_kept, fc_kept):
+    # ratio 0.4: 19 of the 48 conv channels and 16 of the 40 neurons go (29 and 24 kept), rounded up to the next
+    # allowed count; auto (0) rounds Conv channels to the NCHWc block (16) and leaves neurons free
+    res, _ = _run(_conv_gemm_model(), f"prune-channels{{ratio=0.4 importance=l2 round_to={round_to}}}",
+                  calib=False)
+    assert _init(res.model, "wc").shape[0] == conv_kept
+    assert _init(res.model, "w1").shape == (conv_kept, fc_kept)
+    assert _init(res.model, "w2").shape == (fc_kept, 4)
+
+
+def test_sensitivity_error_on_maps_whose_size_varies():
+    from onnxcompress.passes.prune_channels import _relative_error
+
+    rng = np.random.default_rng(0)
+    base = [[rng.random((1, 1, h, 32))] for h in (16, 24)]  # a segmentation map: H varies with the input
+    cand = [[b[0] * 0.5] for b in base]
+    # no fixed feature axis: the flat relative error, (0.5)^2 of the energy
+    assert _relative_error(base, cand) == pytest.approx(0.25)
