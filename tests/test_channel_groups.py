@@ -13,6 +13,14 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import io
+from onnxcompress.analyses._groups_layout import (
+    Layout,
+    clamp_index,
+    expand,
+    part_bounds,
+    simplify,
+    varies_along,
+)
 from onnxcompress.analyses.channel_groups import (
     analyse,
     connected_components,
@@ -241,6 +249,24 @@ def test_connected_components_and_reshape_blocks():
     assert reshape_blocks([1, 32, 4, 4], [1, 512]) == [((0,), (0,)), ((1, 2, 3), (1,))]
     assert reshape_blocks([2, 5, 384], [2, 5, 12, 32]) == [((0,), (0,)), ((1,), (1,)), ((2,), (2, 3))]
     assert reshape_blocks([6], [4]) is None
+
+
+@given(st.integers(0, 12), st.integers(-20, 20), st.integers(-20, 20))
+def test_slice_bounds_follow_python_slicing(d, s, e):
+    """The clamped [start, end) used for Slice ranges and shape-vector tracing selects what ``x[s:e]`` selects."""
+    a, b = clamp_index(s, d), clamp_index(e, d)
+    assert 0 <= a <= d and 0 <= b <= d
+    assert list(range(d))[s:e] == list(range(a, b))
+
+
+def test_layout_helpers():
+    assert [(int(a), int(b)) for a, b in part_bounds([2, 0, 3])] == [(0, 2), (2, 2), (2, 5)]
+    el = np.array([[0, 0, 0], [1, 1, 1]])  # channel per row, repeated along the second axis
+    assert not varies_along(el, 1) and varies_along(el, 0)
+    lay = simplify(Layout((1, 2), el))
+    assert lay.axes == (1,) and lay.el.tolist() == [0, 1]
+    wide = expand(np.array([4, 5]), (1,), (0, 1, 2), {0: 2, 1: 2, 2: 3})
+    assert wide.shape == (2, 2, 3) and (wide[:, 1, :] == 5).all() and (wide[:, 0, :] == 4).all()
 
 
 def _model(nodes, inits, inputs, outputs, opset=17):
