@@ -1,0 +1,96 @@
+"""benchmarks.prune: variants, row extraction from harness records, goals, best-per-model and the Markdown table
+(synthetic records; no model is run)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import prune
+
+
+def _method(macs: float, lat: float, metric: float, cos: float = 0.99, error: str | None = None,
+            name: str = "agreement") -> dict:
+    if error:
+        return {"error": error}
+    return {"macs_ratio": macs, "size_ratio": macs * 0.9, "metrics": {name: metric},
+            "fidelity": {"worst": {"cosine": cos, "sqnr_db": 20.0}}, "latency": {"t1": {"ratio": lat}},
+            "tool": {"seconds": 3.0}}
+
+
+def _record(model: str = "ppocr_cls", metric_name: str = "agreement", **methods) -> dict:
+    return {"model": model, "primary_metric": metric_name, "fp32": {"macs": 1e6},
+            "methods": {"fp32": {"latency": {"t1": {"ratio": 0.97}}}, **methods}}
+
+
+def test_variants_pair_every_cut_with_distill():
+    cnn = prune.variants("ppocr_cls")
+    assert "cleanup,prune-channels{target_macs=0.5}" in cnn
+    assert "cleanup,prune-channels{target_macs=0.5},distill" in cnn
+    plain = [v for v in cnn if not v.endswith("distill")]
+    assert all(v + ",distill" in cnn for v in plain)
+    assert len(prune.variants("ppocr_cls", quick=True)) == 2
+    assert all("ratio=" in v for v in prune.variants("minilm_l6"))
+
+
+@pytest.mark.parametrize(("pipeline", "label", "distill"), [
+    ("cleanup,prune-channels{target_macs=0.5},distill", "macs 0.5", True),
+    ("cleanup,prune-channels{target_macs=0.75}", "macs 0.75", False),
+    ("cleanup,prune-channels{target_macs=0.7},distill,prune-channels{target_macs=0.714},distill",
+     "macs 0.5 (2 steps)", True),
+    ("cleanup,prune-channels{ratio=0.34},distill", "ratio 0.34", True),
+])
+def test_describe(pipeline, label, distill):
+    d = prune.describe(pipeline)
+    assert d["label"] == label and d["distill"] is distill
+
+
+def test_rows_goals_and_best():
+    rec = _record(**{
+        "ours:cleanup,prune-channels{target_macs=0.5}": _method(0.5, 0.58, 0.61),
+        "ours:cleanup,prune-channels{target_macs=0.5},distill": _method(0.5, 0.58, 1.0),
+        "ours:cleanup,prune-channels{target_macs=0.75},distill": _method(0.75, 0.8, 1.0),
+        "ours:cleanup,prune-channels{target_macs=0.4},distill": _method(0.4, 0.5, 0.95),
+        "ours:cleanup,prune-channels{target_macs=0.4}": _method(0, 0, 0, error="RuntimeError: boom"),
+    })
+    rows = prune.rows_of(rec)
+    assert len(rows) == 5  # the fp32 row is the noise band, not a variant
+    by = {(r["label"], r["distill"]): r for r in rows}
+    assert by[("macs 0.5", False)]["goal"] is None  # the goal is judged after distill only
+    assert by[("macs 0.5", True)]["goal"] is True
+    assert by[("macs 0.75", True)]["goal"] is False  # latency 0.8 > 0.6
+    assert by[("macs 0.4", True)]["goal"] is False  # metric 0.95 < 0.99
+    assert by[("macs 0.4", False)]["error"] == "RuntimeError: boom"
+    assert prune.noise_band(rec) == pytest.approx(0.97)
+    best = prune.best_per_model(rows)
+    assert best["ppocr_cls"]["label"] == "macs 0.5" and best["ppocr_cls"]["distill"]
+
+
+def test_best_without_a_goal_prefers_fast_rows_that_keep_the_metric():
+    rec = _record(**{
+        "ours:cleanup,prune-channels{target_macs=0.75},distill": _method(0.75, 0.8, 1.0),
+        "ours:cleanup,prune-channels{target_macs=0.5},distill": _method(0.5, 0.62, 0.995),
+        "ours:cleanup,prune-channels{target_macs=0.4},distill": _method(0.4, 0.5, 0.9),
+    })
+    best = prune.best_per_model(prune.rows_of(rec))["ppocr_cls"]
+    assert best["label"] == "macs 0.5" and best["goal"] is False
+
+
+def test_minilm_goal_needs_the_ratio_and_the_cosine():
+    rec = _record("minilm_l3", "cosine_mean", **{
+        "ours:cleanup,prune-channels{ratio=0.34},distill": _method(0.66, 0.8, 0.985, name="cosine_mean"),
+        "ours:cleanup,prune-channels{ratio=0.5},distill": _method(0.5, 0.6, 0.95, name="cosine_mean"),
+    })
+    goals = {r["ratio"]: r["goal"] for r in prune.rows_of(rec)}
+    assert goals == {0.34: True, 0.5: False}
+
+
+def test_markdown_has_noise_band_goal_table_and_errors():
+    rec = _record(**{
+        "ours:cleanup,prune-channels{target_macs=0.5},distill": _method(0.5, 0.58, 1.0),
+        "ours:cleanup,prune-channels{target_macs=0.4}": _method(0, 0, 0, error="RuntimeError: boom"),
+    })
+    rows = prune.rows_of(rec)
+    md = prune.render([rec], rows, {"args": "--quick", "n_calib": 32, "n_eval": 24, "seconds": 1.0})
+    assert "latency ratios 0.97-0.97" in md
+    assert "| ppocr_cls | macs 0.5 | 0.50 | 0.58 | agreement 1.000 | met |" in md
+    assert "error: RuntimeError: boom" in md
