@@ -13,6 +13,10 @@ refit only after every refit layer upstream of it, on inputs produced by the alr
 not accumulate. Each stage streams the calibration feeds once through the student (its layer inputs) and the teacher
 (the targets), keeping only X^T X and X^T Y per layer (``max rows`` random rows per feed).
 
+Each layer's ridge is chosen on held-out calibration feeds (every 4th; ``select_ridge``), and a layer keeps its
+current weights when no refit does better on them: with few calibration rows per unknown a fixed weak ridge
+interpolates the calibration data (MiniLM's FFN projections) and distill made the student worse than the pruned one.
+
 A layer whose output only feeds a residual Add (y + r) is fit to teacher(Add) - student(r) (``compensate``): it
 absorbs the error that already reached the residual stream instead of reproducing the teacher's y.
 
@@ -41,7 +45,7 @@ from onnxcompress.errors import PassError
 from onnxcompress.pass_base import Pass, PassResult, register
 from onnxcompress.runtime import Session
 
-from ._prune_refit import Layer, Normal, WeightRef, conv_rows, objective, solve
+from ._prune_refit import Layer, Normal, WeightRef, conv_rows, objective, select_ridge, solve
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,8 @@ class Distill(Pass):
         "bias_correction": "bias-correct layers that are not refit by least squares",
         "compensate": "a layer feeding a residual Add fits teacher(Add) - student(other branch): it absorbs the "
         "error that reached the residual stream",
+        "select_ridge": "hold out every 4th feed and pick each layer's ridge (ridge x 1..1000) on it; keep the "
+        "current weights when no refit does better there (needs >= 4 feeds)",
     }
 
     ridge: float = 1e-2
@@ -72,6 +78,7 @@ class Distill(Pass):
     layers: str = "changed"
     bias_correction: bool = True
     compensate: bool = True
+    select_ridge: bool = True
 
     def __post_init__(self) -> None:
         if self.ridge < 0:
@@ -117,7 +124,7 @@ class Distill(Pass):
                     stats["layers_bias_corrected"] += 1
                 else:
                     skipped[kind] += 1
-                L.stats = None
+                L.stats = L.hold = None
             stats["stages"] += 1
         stats["skipped"] = dict(skipped.most_common(8))
         if fit_before:
@@ -193,18 +200,21 @@ class Distill(Pass):
             Session(_expose(student, s_names), what="student") as ss,
             Session(_expose(teacher, t_names), what="teacher") as ts,
         ):
-            for feed in feeds:
+            holdout = self.select_ridge and n_feeds >= 4
+            for i, feed in enumerate(feeds):
+                hold = holdout and i % 4 == 3
                 xs = dict(zip(s_names, ss.run(feed, s_names), strict=True))
                 ys = dict(zip(t_names, ts.run(feed, t_names), strict=True))
                 for L in layers:
                     if L.reason:
                         continue
                     try:
-                        self._update(L, xs, ys, n_feeds, rng)
+                        self._update(L, xs, ys, n_feeds, rng, hold)
                     except _Skip as exc:
                         L.reason = str(exc)
 
-    def _update(self, L: Layer, xs: dict, ys: dict, n_feeds: int, rng: np.random.Generator) -> None:
+    def _update(self, L: Layer, xs: dict, ys: dict, n_feeds: int, rng: np.random.Generator,
+                hold: bool = False) -> None:
         x = np.asarray(xs[L.x], dtype=np.float64)
         yt = np.asarray(ys[L.res_out or L.y], dtype=np.float64)
         axis = L.out_axis % yt.ndim
@@ -243,18 +253,14 @@ class Distill(Pass):
                 xr = patches.reshape(patches.shape[0], -1)
                 if has_bias:
                     xr = np.concatenate([xr, np.ones((xr.shape[0], 1))], axis=1)
-                if L.stats is None:
-                    L.stats = Normal()
-                L.stats.update(xr, yr)
+                _stats(L, hold).update(xr, yr)
             else:
                 cin = patches.shape[1]
                 m = cout // cin
                 per = patches[:, np.arange(cout) // m].reshape(patches.shape[0], cout, -1)  # [R, Co, k]
                 per = np.transpose(per, (1, 0, 2))
                 per = np.concatenate([per, np.ones(per.shape[:2] + (1,))], axis=2)
-                if L.stats is None:
-                    L.stats = Normal(per_channel=True)
-                L.stats.update(per, yr.T)
+                _stats(L, hold, per_channel=True).update(per, yr.T)
             return
         # gemm / matmul: rows of the input
         if L.kind == "gemm":
@@ -271,9 +277,7 @@ class Distill(Pass):
             xr, yr = xr[pick], yr[pick]
         if has_bias:
             xr = np.concatenate([xr, np.ones((xr.shape[0], 1))], axis=1)
-        if L.stats is None:
-            L.stats = Normal()
-        L.stats.update(xr, yr)
+        _stats(L, hold).update(xr, yr)
 
     def _rows_per_feed(self, cols: int, n_feeds: int) -> int:
         # default budget: 32 rows per unknown, at least 16k, at most 64k and ~4e11 multiply-adds for X^T X
@@ -300,13 +304,18 @@ class Distill(Pass):
         st = L.stats
         if st is None or st.rows == 0:
             return ("no rows", 0.0, 0.0)
+        hold, L.hold = L.hold, None
         w = L.w.get()
         has_bias = L.b is not None or L.kind in ("conv", "dwconv")
         if L.kind == "dwconv":
             cur = w.reshape(w.shape[0], -1)
             b_cur = L.b.get().reshape(-1) if L.b is not None else np.zeros(w.shape[0])
             wb_cur = np.concatenate([cur, b_cur[:, None]], axis=1)
-            new = solve(st, self.ridge, True, prior=wb_cur)
+            ridge = select_ridge(st, hold, self.ridge, True, wb_cur) if self.select_ridge else self.ridge
+            if ridge is None:
+                return (_HELD_OUT, 0.0, 0.0)
+            st = st.merged(hold)
+            new = solve(st, ridge, True, prior=wb_cur)
             before, after = objective(st, wb_cur), objective(st, new)
             if not after < before:
                 return ("no improvement", 0.0, 0.0)
@@ -332,7 +341,11 @@ class Distill(Pass):
         mask = None
         if np.mean(wm == 0) > 0.2:  # sparse weights: keep the support
             mask = np.concatenate([wm != 0, np.ones((1, wm.shape[1]), bool)], axis=0) if has_bias else wm != 0
-        new = solve(st, self.ridge, has_bias, mask, prior=wb_cur)
+        ridge = select_ridge(st, hold, self.ridge, has_bias, wb_cur, mask) if self.select_ridge else self.ridge
+        if ridge is None:
+            return (_HELD_OUT, 0.0, 0.0)
+        st = st.merged(hold)
+        new = solve(st, ridge, has_bias, mask, prior=wb_cur)
         before, after = objective(st, wb_cur), objective(st, new)
         if not after < before:
             log.debug(
@@ -355,6 +368,17 @@ class Distill(Pass):
 
 class _Skip(Exception):
     pass
+
+
+_HELD_OUT = "held-out feeds prefer the current weights"
+
+
+def _stats(L: Layer, hold: bool, per_channel: bool = False) -> Normal:
+    """The layer's fit statistics, or its held-out ones."""
+    attr = "hold" if hold else "stats"
+    if getattr(L, attr) is None:
+        setattr(L, attr, Normal(per_channel=per_channel))
+    return getattr(L, attr)
 
 
 def _rel(st: Normal, obj: float) -> float:
