@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import onnx_graphsurgeon as gs
 
+from onnxcompress.naming import unique_name  # noqa: F401  (re-exported for the passes)
+
 log = logging.getLogger(__name__)
 
 
@@ -58,17 +60,6 @@ def all_tensor_names(graphs: Iterable[gs.Graph]) -> set[str]:
             names.update(t.name for t in n.outputs)
     names.discard("")
     return names
-
-
-def unique_name(base: str, taken: set[str]) -> str:
-    """``base`` if free, else ``base_1``, ``base_2`` ...; the chosen name is added to ``taken``."""
-    name = base
-    i = 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    taken.add(name)
-    return name
 
 
 def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:

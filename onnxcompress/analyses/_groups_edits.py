@@ -26,6 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.analyses._groups_layout import AxisSpec, Layout, axis_elements, part_bounds
+from onnxcompress.naming import unique_name
 
 
 # ------------------------------------------------------------------------------------------- edit records
@@ -353,14 +354,7 @@ def _write_const_edits(graph: gs.Graph, const_edits: dict, value_of: Callable[[g
         for node, index, arr in uses:
             const = next((c for a, c in made if a.shape == arr.shape and np.array_equal(a, arr)), None)
             if const is None:
-                base = f"{t.name}_pruned"
-                name = base
-                i = 0
-                while name in taken:
-                    i += 1
-                    name = f"{base}_{i}"
-                taken.add(name)
-                const = gs.Constant(name, np.ascontiguousarray(arr))
+                const = gs.Constant(unique_name(f"{t.name}_pruned", taken), np.ascontiguousarray(arr))
                 made.append((arr, const))
                 stats["constants_copied"] += 1
                 stats["params_after"] += int(arr.size)
