@@ -227,14 +227,27 @@ def ours(pipeline: str) -> Method:
 
         res = compress(fp32, pipeline, calibration=calib, validate=False)
         io.save_model(res.model, out)
-        return MethodResult(
-            f"ours:{pipeline}",
-            str(out),
-            info={"pipeline": res.pipeline, "ledger_stages": [r.stage for r in res.ledger]},
-        )
+        info: dict = {"pipeline": res.pipeline, "ledger_stages": [r.stage for r in res.ledger]}
+        for r in res.ledger:  # the quantize pass's own timings and choices (benchmarks.calib_time reads them)
+            st = r.pass_stats or {}
+            if st.get("mode") == "static":
+                info["quantize"] = {k: st[k] for k in _QUANT_STAT_KEYS if k in st}
+        return MethodResult(f"ours:{pipeline}", str(out), info=info)
 
     run.pipeline = pipeline  # type: ignore[attr-defined]
     return run
+
+
+#: stats of quantize{mode=static} copied into an ours_* result's info
+_QUANT_STAT_KEYS = (
+    "calibration",
+    "seconds_calibration",
+    "seconds_total",
+    "auto_float",
+    "latency_ratio_measured",
+    "skipped",
+    "score_on_calibration",
+)
 
 
 def fp32_method(fp32: Path, calib: list[Feed], out: Path) -> MethodResult:
@@ -254,6 +267,13 @@ METHODS: dict[str, Method] = {
     "onnxslim": onnxslim_method,
 }
 
+#: the same range rule as each ORT anchor, our automatic float-layer search off (benchmarks.calib_time); not in
+#: the default run, resolvable by name
+MATCHED_METHODS: dict[str, Method] = {
+    f"ours_int8_{rule}": ours(f"cleanup,quantize{{mode=static,calibration={rule},auto_float_db=0}}")
+    for rule in ("minmax", "percentile", "entropy")
+}
+
 QUICK_METHODS = [
     "fp32",
     "ours_cleanup",
@@ -267,9 +287,12 @@ QUICK_METHODS = [
 def resolve_method(name: str) -> Method:
     if name in METHODS:
         return METHODS[name]
+    if name in MATCHED_METHODS:
+        return MATCHED_METHODS[name]
     if name.startswith("ours:"):
         return ours(name[len("ours:") :])
-    raise KeyError(f"unknown method {name!r}; known: {', '.join(METHODS)} or ours:<pipeline>")
+    known = ", ".join([*METHODS, *MATCHED_METHODS])
+    raise KeyError(f"unknown method {name!r}; known: {known} or ours:<pipeline>")
 
 
 def run_method(name: str, method: Method, fp32: Path, calib: list[Feed], out: Path) -> MethodResult:

@@ -103,6 +103,25 @@ def run_model(
     return [r[:n_out] for r in runs], [r[n_out:] for r in runs]
 
 
+def run_features(model: onnx.ModelProto, feeds: list[Feed], features: list[str]) -> list[list[np.ndarray]]:
+    """Only the inputs of the ``features`` nodes on ``feeds`` (no graph output is fetched or scored): what the
+    automatic float-layer search ranks candidates by."""
+    from onnxcompress.analyses.activations import expose_outputs
+
+    extra = _feature_tensor_names(model, list(features))
+    if not extra:
+        return [[] for _ in feeds]
+    with Session(expose_outputs(model, extra), threads=1, optimize=True, what="quantized candidate") as s:
+        return [list(s.run(f, extra)) for f in feeds]
+
+
+def feature_sqnr_db(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float | None:
+    """Worst SQNR over the feature tensors (``None`` when there are none or they do not line up)."""
+    if not ref or not ref[0] or not cand or len(cand[0]) != len(ref[0]):
+        return None
+    return min(_sqnr([f[i] for f in ref], [f[i] for f in cand]) for i in range(len(ref[0])))
+
+
 def reference(model: onnx.ModelProto, feeds: list[Feed], features: list[str] = ()) -> Reference:
     outs, feats = run_model(model, feeds, features)
     return Reference(feeds, outs, [o.name for o in model.graph.output], list(features), feats)

@@ -47,6 +47,7 @@ from onnxcompress.pass_base import Pass, PassResult, register
 from . import _quant_fidelity as fid
 from . import _quant_math as qm
 from . import _quant_opset as qo
+from ._quant_float_patch import FloatPatcher
 from ._quant_placement import PlacementOptions, plan_static
 from ._quant_prepare import (
     fold_affine_into_conv,
@@ -61,8 +62,18 @@ log = logging.getLogger(__name__)
 #: automatic float layers: leave-one-out is skipped above this many layers, and scored on this many feeds
 AUTO_FLOAT_MAX_LAYERS = 256
 AUTO_FLOAT_FEEDS = 4
+#: ... ranked on patched models (``_quant_float_patch``); this many beyond the float-layer budget are re-scored with
+#: real builds before choosing
+AUTO_FLOAT_VERIFY = 5
+#: feeds the patched ranking runs on (the re-scoring uses AUTO_FLOAT_FEEDS)
+AUTO_FLOAT_RANK_FEEDS = 2
 #: ... and only when the all-int8 model's last-layer features are noisier than this (SQNR, dB)
 AUTO_FLOAT_BELOW_DB = 30.0
+
+#: latency guard: a candidate measured below this ratio in a short run is accepted without the longer run
+GUARD_QUICK_ACCEPT = 0.8
+#: latency guard fallback: a Conv stays int8 only where its integer kernel alone measured below this ratio
+LAYER_KEEP_INT8_BELOW = 0.9
 
 #: range rules tried by calibration=auto
 AUTO_METHODS = ("minmax", "mse", "percentile")
@@ -303,11 +314,16 @@ class _StaticRun:
     def _export(self, g: gs.Graph) -> onnx.ModelProto:
         return self.ctx.export(g)
 
-    def _calibrate(self, names: list[str]) -> None:
+    def _calibrate(self, names: list[str], channel_sums: dict[str, int] | None = None) -> None:
+        """Ranges of ``names`` (and the per-channel means of ``channel_sums``) in one pass over the feeds."""
         t0 = time.perf_counter()
         need_hist = self.p.calibration != "minmax"  # auto needs them too
         st = collect_statistics(
-            self.float_model, names, self._feeds(self.p.calibration_samples), histograms=need_hist
+            self.float_model,
+            names,
+            self._feeds(self.p.calibration_samples),
+            histograms=need_hist,
+            channel_sums=channel_sums or {},
         )
         self.tstats.update(st)
         for n, s in st.items():
@@ -422,13 +438,15 @@ class _StaticRun:
             stats["skipped"] = "nothing to quantize: no Conv/MatMul/Gemm with a constant float weight"
             stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
             return PassResult(prepared or "opset_upgrade" in stats, stats)
-        self._calibrate(list(plan0.tensors))
+        bc_anchors = self._bias_anchors() if p.bias_correction else {}
+        bc_axes = {n.inputs[0].name: (1 if n.op == "Conv" else -1) for n in bc_anchors.values()}
+        self._calibrate(list(plan0.tensors), bc_axes)
 
         eval_feeds = list(self._feeds(p.eval_samples))
         ref = fid.reference(self.float_model, eval_feeds, fid.feature_nodes(self.base))
 
-        if p.bias_correction:
-            self._bias_correction(eval_feeds)
+        if bc_anchors:
+            self._bias_correction(bc_anchors)
         if p.calibration == "auto":
             self._choose_method(ref, eval_feeds)
 
@@ -479,28 +497,25 @@ class _StaticRun:
         return PassResult(True, stats)
 
     # ------------------------------------------------------------------------------------ fidelity steps
-    def _bias_correction(self, eval_feeds) -> None:
-        """Bias correction of the weight error: ``b' = b − (Ŵ − W)·E[x]`` per output channel, ``E[x]`` the
-        per-channel mean of the layer's input on the calibration feeds (``_quant_fidelity.weight_error_shift``)."""
+    def _bias_anchors(self) -> dict[str, gs.Node]:
+        """Layers whose bias absorbs the weight error: Conv/Gemm with a constant weight and a float input."""
         anchors = {}
         for n in self.base.nodes:
-            if (
-                n.op in ("Conv", "Gemm", "MatMul")
-                and len(n.inputs) > 1
-                and isinstance(n.inputs[1], gs.Constant)
-            ):
+            if n.op in ("Conv", "Gemm") and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant):
                 x = n.inputs[0]
                 if self.dtypes.get(x.name) == np.float32:
                     anchors[n.name] = n
-        if not anchors:
-            return
-        inputs = sorted({n.inputs[0].name for n in anchors.values()})
-        axes = {n.inputs[0].name: (1 if n.op == "Conv" else -1) for n in anchors.values()}
-        means = fid.channel_means(self.float_model, inputs, self._feeds(self.p.calibration_samples), axes)
+        return anchors
+
+    def _bias_correction(self, anchors: dict[str, gs.Node]) -> None:
+        """Bias correction of the weight error: ``b' = b − (Ŵ − W)·E[x]`` per output channel, ``E[x]`` the
+        per-channel mean of the layer's input on the calibration feeds (``_quant_fidelity.weight_error_shift``),
+        collected in the calibration pass itself."""
+        means = {n: st.channel_mean for n, st in self.tstats.items() if st.channel_mean is not None}
         fixed = 0
         for n in anchors.values():
             m = means.get(n.inputs[0].name)
-            if m is None or n.op == "MatMul":  # MatMul has no bias to correct
+            if m is None:
                 continue
             shift = fid.weight_error_shift(n, m, self.per_channel)
             if shift is None or not np.any(shift):
@@ -516,31 +531,49 @@ class _StaticRun:
         and only when those features are noisy at all (SQNR below ``AUTO_FLOAT_BELOW_DB``).
         Layers are left out one at a time: the effects are not additive (on PP-OCR's recognizer, keeping one early
         depthwise Conv float *lowers* the features' SQNR while keeping a later one float lifts it by 2 dB), so
-        testing groups of layers misses the layers that matter."""
+        testing groups of layers misses the layers that matter. Each layer is ranked on a patched copy of the
+        all-int8 model (``_quant_float_patch``: no rebuild), and only the best ``limit + AUTO_FLOAT_VERIFY`` are
+        re-scored with real builds, which decide."""
         p = self.p
         g, plan, _ = self._build()
         layers = plan.int8_anchor_names()
         if not ref.feature_nodes or not layers or len(layers) > AUTO_FLOAT_MAX_LAYERS:
             return
         feeds = eval_feeds[: min(len(eval_feeds), AUTO_FLOAT_FEEDS)]
-        sub = fid.Reference(
-            feeds, ref.outputs[: len(feeds)], ref.names, ref.feature_nodes, ref.features[: len(feeds)]
-        )
-        base = fid.score(sub, fid.run_model(self._export(g), feeds, ref.feature_nodes)).get("feature_sqnr_db")
+        ref_features = ref.features[: len(feeds)]
+        model = self._export(g)
+        base = fid.feature_sqnr_db(ref_features, fid.run_features(model, feeds, ref.feature_nodes))
         if base is None or not np.isfinite(base) or base >= AUTO_FLOAT_BELOW_DB:
             return  # already accurate: nothing worth a float layer
         t0 = time.perf_counter()
 
-        def gain(names: list[str]) -> float:
-            gg, _, _ = self._build(names)
-            s_ = fid.score(sub, fid.run_model(self._export(gg), feeds, ref.feature_nodes))
-            return s_.get("feature_sqnr_db", base) - base
+        def sqnr_gain(m: onnx.ModelProto) -> float:
+            s_ = fid.feature_sqnr_db(ref_features, fid.run_features(m, feeds, ref.feature_nodes))
+            return (base if s_ is None else s_) - base
 
-        gains: dict[str, float] = {}
+        def gain(names: list[str]) -> float:  # a real build with these layers float
+            return sqnr_gain(self._export(self._build(names)[0]))
+
+        # rank every layer on the patched all-int8 model (cheap), then score the best few with real builds
+        patcher = FloatPatcher(model, self.base)
+        rank_feeds = feeds[:AUTO_FLOAT_RANK_FEEDS]
+        rank_base = fid.feature_sqnr_db(
+            ref_features[: len(rank_feeds)], fid.run_features(model, rank_feeds, ref.feature_nodes)
+        )
+        approx: dict[str, float] = {}
         for name in layers:
-            gains[name] = gain([name])
-        evaluations = len(layers)
+            if not patcher.can_patch(name):
+                approx[name] = gain([name])
+                continue
+            with patcher.float_layer(name) as m:
+                s_ = fid.feature_sqnr_db(
+                    ref_features[: len(rank_feeds)], fid.run_features(m, rank_feeds, ref.feature_nodes)
+                )
+            approx[name] = (rank_base if s_ is None else s_) - rank_base
         limit = max(1, len(layers) // 20)
+        shortlist = sorted(approx, key=lambda n: -approx[n])[: limit + AUTO_FLOAT_VERIFY]
+        gains = {n: gain([n]) for n in shortlist}
+        evaluations = len(layers) + len(shortlist)
         ranked = sorted(gains, key=lambda n: -gains[n])
         chosen = [n for n in ranked[:limit] if gains[n] >= p.auto_float_db]
         for n in chosen:
@@ -551,6 +584,7 @@ class _StaticRun:
         self.stats["auto_float"] = {
             "feature_sqnr_db_all_int8": round(base, 2),
             "top_gains_db": {n: round(gains[n], 2) for n in ranked[:5]},
+            "ranking_gains_db": {n: round(approx[n], 2) for n in shortlist},
             "kept_float": chosen,
             "evaluations": evaluations,
             "seconds": round(time.perf_counter() - t0, 2),
@@ -611,22 +645,66 @@ class _StaticRun:
             log.warning("mixed precision: target not met even with %d layers float", len(chosen))
         return g, plan, counters, best, float_layers
 
-    def _latency_guard(self, g, plan, counters, sc, float_layers, ref, eval_feeds):
+    def _latency_ratio(self, cand: onnx.ModelProto, feed) -> float:
+        """int8 / float latency (1 thread, interleaved medians): a short run settles clear wins, anything near 1
+        is measured again, longer."""
         from onnxcompress.latency import measure_latency
 
-        feed = eval_feeds[0]
-        cand = self._export(g)
-        lat = measure_latency({"float": self.float_model, "int8": cand}, feed, threads=1, budget_s=2.0)
+        models = {"float": self.float_model, "int8": cand}
+        lat = measure_latency(models, feed, threads=1, budget_s=0.6)
         ratio = lat["int8"] / lat["float"]
+        if ratio >= GUARD_QUICK_ACCEPT:
+            lat = measure_latency(models, feed, threads=1, budget_s=2.0)
+            ratio = lat["int8"] / lat["float"]
+        return ratio
+
+    def _input_shapes(self, names: list[str], feed) -> dict[str, tuple[int, ...]]:
+        from onnxcompress.analyses.activations import expose_outputs
+        from onnxcompress.runtime import Session
+
+        names = list(dict.fromkeys(names))
+        with Session(expose_outputs(self.float_model, names), optimize=False, what="shape probe") as s:
+            return {n: tuple(np.shape(a)) for n, a in zip(names, s.run(feed, names), strict=True)}
+
+    def _latency_guard(self, g, plan, counters, sc, float_layers, ref, eval_feeds):
+        """Never return a QDQ model slower than the float one. Fallbacks, each measured on the whole model:
+        (1) the Convs whose integer kernel is slower than their float Conv, measured layer by layer
+        (``_quant_layer_speed``), stay float; (2) every depthwise Conv stays float; else the graph stays float."""
+        from ._quant_layer_speed import int8_speed_ratios
+
+        feed = eval_feeds[0]
+        ratio = self._latency_ratio(self._export(g), feed)
         self.stats["latency_ratio_measured"] = round(ratio, 3)
         if ratio < 1.0:
             return g, plan, counters, sc
+        base_nodes = {n.name: n for n in self.base.nodes if n.name}  # float weights, float input names
+        convs = [
+            base_nodes[n.name]
+            for n in plan.anchors
+            if id(n) in plan.int8 and n.op == "Conv" and n.name in base_nodes
+        ]
+        if convs:
+            shapes = self._input_shapes([n.inputs[0].name for n in convs], feed)
+            speed = int8_speed_ratios(convs, shapes)
+            slow = {n: r for n, r in speed.items() if r >= LAYER_KEEP_INT8_BELOW}
+            self.stats["latency_layer_ratios"] = {n: round(r, 2) for n, r in sorted(speed.items())}
+            if slow and len(slow) < len(convs):
+                reasons = dict(float_layers)
+                for n, r in slow.items():
+                    reasons[n] = f"kept float for speed: ORT's int8 kernel measured {r:.2f}x its float Conv"
+                g2, plan2, counters2 = self._build(list(reasons), tuple(reasons.items()))
+                cand2 = self._export(g2)
+                ratio2 = self._latency_ratio(cand2, feed)
+                self.stats["latency_ratio_slow_layers_float"] = round(ratio2, 3)
+                if ratio2 < 1.0:
+                    float_layers.update(reasons)
+                    sc2 = fid.score(ref, fid.run_model(cand2, eval_feeds, ref.feature_nodes))
+                    return g2, plan2, counters2, sc2
         if self.depthwise and any(n.op == "Conv" for n in plan.anchors):
             self.depthwise = False
             g2, plan2, counters2 = self._build(list(float_layers), tuple(float_layers.items()))
             cand2 = self._export(g2)
-            lat2 = measure_latency({"float": self.float_model, "int8": cand2}, feed, threads=1, budget_s=2.0)
-            ratio2 = lat2["int8"] / lat2["float"]
+            ratio2 = self._latency_ratio(cand2, feed)
             self.stats["latency_ratio_depthwise_float"] = round(ratio2, 3)
             if ratio2 < 1.0:
                 sc2 = fid.score(ref, fid.run_model(cand2, eval_feeds, ref.feature_nodes))

@@ -606,4 +606,81 @@ def test_latency_guard_leaves_a_slower_model_float(monkeypatch):
     model = conv_net()
     q, stats = quantize(model, feeds_for(model), latency_guard=True)
     assert "slower" in stats["skipped"] and ops(q)["QuantizeLinear"] == 0
-    assert len(calls) == 2  # full placement, then depthwise Conv kept float
+    # whole models are measured twice (short, then long as 1.5 is no clear win): the full placement and the
+    # depthwise-float one; the 3 Convs once each as one-layer pairs; every Conv measured slower in int8, so no
+    # "slow layers float" candidate (it would be the float graph)
+    assert len(calls) == 2 + 3 + 2 and all(c == ["float", "int8"] for c in calls)
+    assert len(stats["latency_layer_ratios"]) == 3
+
+
+def test_latency_guard_keeps_float_the_convs_whose_int8_kernel_is_slower(monkeypatch):
+    from onnxcompress.passes import _quant_layer_speed as speed
+
+    import onnxcompress.latency as latency
+
+    by_input = {"x": 2.5, "r1": 0.4, "r2": 0.5}  # the first Conv's integer kernel loses, the others win
+    monkeypatch.setattr(
+        speed, "int8_speed_ratios", lambda convs, shapes, **kw: {n.name: by_input[n.inputs[0].name] for n in convs}
+    )
+    measured = []
+
+    def fake(models, feed, **kw):
+        m = models["int8"]
+        quantized = {n.input[0] for n in m.graph.node if n.op_type == "Conv" and n.input[1].endswith("dequantized")}
+        measured.append(len(quantized))
+        return {"float": 1.0, "int8": 1.2 if len(quantized) == 3 else 0.7}
+
+    monkeypatch.setattr(latency, "measure_latency", fake)
+    model = conv_net()
+    q, stats = quantize(model, feeds_for(model), latency_guard=True)
+    assert stats["latency_ratio_measured"] == 1.2 and stats["latency_ratio_slow_layers_float"] == 0.7
+    conv_w = [n.input[1] for n in q.graph.node if n.op_type == "Conv"]
+    assert "w1" in conv_w and "w2" not in conv_w and "w3" not in conv_w  # only the first Conv's weight is float
+    first = next(n.name for n in q.graph.node if n.op_type == "Conv" and n.input[1] == "w1")
+    assert stats["layers_kept_float"][first].startswith("kept float for speed")
+    ref = ort_run(model, feeds_for(model, 1)[0])[0]
+    assert cosine(ref, ort_run(q, feeds_for(model, 1)[0])[0]) > 0.99
+
+
+def test_layer_speed_pair_is_one_qlinearconv_and_ratios_are_measured(tmp_path):
+    import onnx_graphsurgeon as gs
+    from onnxcompress.passes._quant_layer_speed import conv_pair, int8_speed_ratios
+
+    g = gs.import_onnx(conv_net())
+    convs = [n for n in g.nodes if n.op == "Conv"]
+    for i, n in enumerate(convs):
+        n.name = f"c{i + 1}"
+    dw = next(n for n in convs if n.attrs.get("group", 1) > 1)
+    f, q = conv_pair(dw, (1, 8, 16, 16))
+    assert optimized_ops(q, tmp_path)["QLinearConv"] == 1
+    x = np.random.default_rng(0).standard_normal((1, 8, 16, 16)).astype(np.float32)
+    assert ort_run(f, {"x": x})[0].shape == (1, 8, 16, 16)
+    ratios = int8_speed_ratios(convs, {"x": (1, 3, 16, 16), "r1": (1, 8, 16, 16)}, budget_s=0.02)
+    assert set(ratios) == {"c1", "c2"} and all(r > 0 for r in ratios.values())  # c3's input shape is unknown
+
+
+def test_float_patch_rewires_one_layer_and_restores_the_model():
+    import onnx_graphsurgeon as gs
+    from onnxcompress.passes._quant_float_patch import FloatPatcher
+
+    model = conv_net()
+    for i, n in enumerate(model.graph.node):
+        n.name = f"n{i}"
+    q, _ = quantize(model, feeds_for(model), calibration="minmax", auto_float_db=0)
+    before = q.SerializeToString()
+    patcher = FloatPatcher(q, gs.import_onnx(model))
+    feeds = feeds_for(model, 8, seed=11)
+    ref = [ort_run(model, f)[0] for f in feeds]
+
+    def mse(m: onnx.ModelProto) -> float:
+        return float(np.mean([np.mean((ort_run(m, f)[0] - r) ** 2) for f, r in zip(feeds, ref, strict=True)]))
+
+    with patcher.float_layer("n0") as m:
+        c1 = next(n for n in m.graph.node if n.name == "n0")
+        assert list(c1.input)[:2] == ["x", "n0__float_input_1"]
+        mse_patched = mse(m)
+    assert q.SerializeToString() == before
+    real, _ = quantize(model, feeds_for(model), calibration="minmax", auto_float_db=0, exclude=("n0",))
+    # the first layer in float: less noise than all-int8, about as much as a real build with it float
+    assert mse_patched < mse(q)
+    assert abs(mse_patched - mse(real)) < 0.1 * mse(real)

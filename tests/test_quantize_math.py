@@ -187,3 +187,26 @@ def test_one_sided_tensors_keep_zero_as_lower_bound():
     for method in ("percentile", "entropy", "mse"):
         lo, hi = choose_range(st_, method, percentile=99.99)
         assert lo == 0.0 and 0.5 < hi <= st_.max
+
+
+def test_histogram_float32_path_bins_exactly_like_float64():
+    rng = np.random.default_rng(8)
+    x32 = (rng.standard_normal(50000) * 3 + 1).astype(np.float32)
+    h32, h64 = GrowingHistogram(256), GrowingHistogram(256)
+    h32.update(x32)
+    h64.update(x32.astype(np.float64))
+    assert h32.width == h64.width and h32.start == h64.start
+    np.testing.assert_array_equal(h32.counts, h64.counts)
+    direct = np.bincount(np.floor(x32.astype(np.float64) / np.float32(h32.width)).astype(np.int64) - h32.start)
+    assert abs(int(np.abs(direct[: h32.counts.size] - h32.counts).sum())) <= 2  # at most edge-of-bin roundings
+
+
+def test_channel_sums_on_any_axis_give_the_per_channel_mean():
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal((2, t, 5)).astype(np.float32) for t in (3, 7)]  # MatMul input: channels last
+    st_ = TensorStats()
+    for x in xs:
+        st_.update(x, histogram=False, channel_sums=-1)
+    expected = np.concatenate([x.reshape(-1, 5) for x in xs]).astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(st_.channel_mean, expected, rtol=1e-6)
+    assert TensorStats().channel_mean is None
