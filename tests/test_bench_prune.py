@@ -29,6 +29,8 @@ def test_variants_pair_every_cut_with_distill():
     plain = [v for v in cnn if not v.endswith("distill")]
     assert all(v + ",distill" in cnn for v in plain)
     assert len(prune.variants("ppocr_cls", quick=True)) == 2
+    assert prune.variants("ppocrv4_det") == ["cleanup,prune-channels{target_macs=0.5}",
+                                             "cleanup,prune-channels{target_macs=0.5},distill"]
     assert all("ratio=" in v for v in prune.variants("minilm_l6"))
 
 
@@ -37,7 +39,7 @@ def test_variants_pair_every_cut_with_distill():
     ("cleanup,prune-channels{target_macs=0.75}", "macs 0.75", False),
     ("cleanup,prune-channels{target_macs=0.7},distill,prune-channels{target_macs=0.714},distill",
      "macs 0.5 (2 steps)", True),
-    ("cleanup,prune-channels{ratio=0.34},distill", "ratio 0.34", True),
+    ("cleanup,prune-channels{ratio=0.34},distill", "ratio 0.34 (4/12 heads, 522/1536 FFN)", True),
 ])
 def test_describe(pipeline, label, distill):
     d = prune.describe(pipeline)
@@ -78,10 +80,12 @@ def test_best_without_a_goal_prefers_fast_rows_that_keep_the_metric():
 def test_minilm_goal_needs_the_ratio_and_the_cosine():
     rec = _record("minilm_l3", "cosine_mean", **{
         "ours:cleanup,prune-channels{ratio=0.34},distill": _method(0.66, 0.8, 0.985, name="cosine_mean"),
+        "ours:cleanup,prune-channels{ratio=0.3},distill": _method(0.7, 0.7, 0.99, name="cosine_mean"),
         "ours:cleanup,prune-channels{ratio=0.5},distill": _method(0.5, 0.6, 0.95, name="cosine_mean"),
     })
     goals = {r["ratio"]: r["goal"] for r in prune.rows_of(rec)}
-    assert goals == {0.34: True, 0.5: False}
+    # ratio 0.3 removes only 3 of 12 heads (25%): short of 30% whatever the cosine
+    assert goals == {0.34: True, 0.3: False, 0.5: False}
 
 
 def test_markdown_has_noise_band_goal_table_and_errors():
