@@ -177,6 +177,13 @@ def best_per_model(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
+def merge_records(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with every model that ``new`` measured replaced, in ``MODELS`` order (unknown names last)."""
+    by = {r["model"]: r for r in old} | {r["model"]: r for r in new}
+    order = {m: i for i, m in enumerate(MODELS)}
+    return sorted(by.values(), key=lambda r: order.get(r["model"], len(order)))
+
+
 # -------------------------------------------------------------------------------------------------- markdown
 def _f(v: Any, fmt: str = "{:.3f}") -> str:
     if v is None:
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-eval", type=int, default=None, help="evaluation inputs (default 64; quick 24)")
     ap.add_argument("--latency-budget", type=float, default=None, help="seconds per model (default 8; quick 3)")
     ap.add_argument("--out", type=Path, default=None, help="folder for prune.md / prune.json (default results/)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models' records of an existing prune.json in --out (re-run a subset)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
@@ -276,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                         latency_budget_s=args.latency_budget or (3.0 if args.quick else 8.0), session_rss=False)
         log.info("== %s (%d variants)", name, len(pipelines))
         records.append(benchmark_model(specs[name], cfg, methods))
+    if args.merge and (out / "prune.json").exists():
+        old = json.loads((out / "prune.json").read_text())
+        records = merge_records(old.get("records", []), records)
     rows = [r for rec in records for r in rows_of(rec)]
     meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": n_calib_default,
             "n_calib_override": {k: v for k, v in N_CALIB.items() if k in names and not args.n_calib}, "n_eval": n_eval,

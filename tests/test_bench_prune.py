@@ -98,3 +98,11 @@ def test_markdown_has_noise_band_goal_table_and_errors():
     assert "latency ratios 0.97-0.97" in md
     assert "| ppocr_cls | macs 0.5 | 0.50 | 0.58 | agreement 1.000 | met |" in md
     assert "error: RuntimeError: boom" in md
+
+
+def test_merge_replaces_measured_models_and_keeps_model_order():
+    old = [_record("minilm_l3"), _record("ppocr_cls"), _record("mtcnn_rnet")]
+    new = [_record("ppocr_cls", **{"ours:cleanup,prune-channels{target_macs=0.5},distill": _method(0.5, 0.5, 1.0)})]
+    merged = prune.merge_records(old, new)
+    assert [r["model"] for r in merged] == ["ppocr_cls", "mtcnn_rnet", "minilm_l3"]
+    assert merged[0] is new[0]
