@@ -17,7 +17,9 @@ Anchors (all onnxruntime.quantization settings as in ../shared/anchors.md):
   opset >= 13: an older model is first upgraded with ``onnx.version_converter`` (recorded).
 - ``ort_dynamic``: ``quantize_dynamic`` with QInt8 weights, after the same pre-processing.
 - ``onnxslim``: ``onnxslim.slim`` with its defaults.
-- ``ours_*``: ``onnxcompress.api.compress(path, pipeline, calibration=feeds, validate=False)``.
+- ``ours_*``: ``onnxcompress.api.compress(path, pipeline, calibration=feeds, validate=False, measure=False)``.
+  ``MATCHED_METHODS`` (``ours_int8_{minmax,percentile,entropy}``, not in the default run): the same range rule as
+  each ORT anchor with our float-layer search off, for ``benchmarks.calib_time``.
 
 Run as a worker (what ``benchmarks.run`` does, one subprocess per method, so a crash or an out-of-memory kill stays a
 row in the table and the tool's peak memory is its own)::
@@ -225,7 +227,9 @@ def ours(pipeline: str) -> Method:
         from onnxcompress import io
         from onnxcompress.api import compress
 
-        res = compress(fp32, pipeline, calibration=calib, validate=False)
+        # measure=False: the per-stage model statistics of the CLI report (MACs, zipped size) are not the tool's
+        # work; the harness measures the candidate itself
+        res = compress(fp32, pipeline, calibration=calib, validate=False, measure=False)
         io.save_model(res.model, out)
         info: dict = {"pipeline": res.pipeline, "ledger_stages": [r.stage for r in res.ledger]}
         for r in res.ledger:  # the quantize pass's own timings and choices (benchmarks.calib_time reads them)

@@ -59,6 +59,10 @@ class Reference:
     feature_nodes: list[str] = field(default_factory=list)
     features: list[list[np.ndarray]] = field(default_factory=list)
 
+    def head(self, n: int) -> Reference:
+        """The reference on its first ``n`` feeds."""
+        return Reference(self.feeds[:n], self.outputs[:n], self.names, self.feature_nodes, self.features[:n])
+
 
 def feature_nodes(graph: gs.Graph, max_walk: int = 64) -> list[str]:
     """For each graph output, the nearest anchor (Conv/MatMul/Gemm) upstream of it: the model's last layers.
@@ -83,7 +87,7 @@ def feature_nodes(graph: gs.Graph, max_walk: int = 64) -> list[str]:
     return found
 
 
-def _feature_tensor_names(model: onnx.ModelProto, nodes: list[str]) -> list[str]:
+def feature_tensor_names(model: onnx.ModelProto, nodes: list[str]) -> list[str]:
     by_name = {n.name: n for n in model.graph.node}
     return [by_name[n].input[0] for n in nodes if n in by_name]
 
@@ -94,7 +98,7 @@ def run_model(
     """Outputs (and the inputs of the ``features`` nodes) of ``model`` on ``feeds``, optimized CPU session."""
     from onnxcompress.analyses.activations import expose_outputs
 
-    extra = _feature_tensor_names(model, list(features))
+    extra = feature_tensor_names(model, list(features))
     m = expose_outputs(model, extra) if extra else model
     n_out = len(model.graph.output)
     with Session(m, threads=1, optimize=True, what="quantized candidate") as s:
@@ -108,7 +112,7 @@ def run_features(model: onnx.ModelProto, feeds: list[Feed], features: list[str])
     automatic float-layer search ranks candidates by."""
     from onnxcompress.analyses.activations import expose_outputs
 
-    extra = _feature_tensor_names(model, list(features))
+    extra = feature_tensor_names(model, list(features))
     if not extra:
         return [[] for _ in feeds]
     with Session(expose_outputs(model, extra), threads=1, optimize=True, what="quantized candidate") as s:

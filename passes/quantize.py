@@ -64,7 +64,7 @@ AUTO_FLOAT_MAX_LAYERS = 256
 AUTO_FLOAT_FEEDS = 4
 #: ... ranked on patched models (``_quant_float_patch``); this many beyond the float-layer budget are re-scored with
 #: real builds before choosing
-AUTO_FLOAT_VERIFY = 5
+AUTO_FLOAT_VERIFY = 3
 #: feeds the patched ranking runs on (the re-scoring uses AUTO_FLOAT_FEEDS)
 AUTO_FLOAT_RANK_FEEDS = 2
 #: ... and only when the all-int8 model's last-layer features are noisier than this (SQNR, dB)
@@ -75,8 +75,9 @@ GUARD_QUICK_ACCEPT = 0.8
 #: latency guard fallback: a Conv stays int8 only where its integer kernel alone measured below this ratio
 LAYER_KEEP_INT8_BELOW = 0.9
 
-#: range rules tried by calibration=auto
+#: range rules tried by calibration=auto, scored on this many evaluation feeds
 AUTO_METHODS = ("minmax", "mse", "percentile")
+AUTO_METHOD_FEEDS = 16
 
 #: ops that mark a model as already quantized
 QUANTIZED_OPS = frozenset(
@@ -314,8 +315,9 @@ class _StaticRun:
     def _export(self, g: gs.Graph) -> onnx.ModelProto:
         return self.ctx.export(g)
 
-    def _calibrate(self, names: list[str], channel_sums: dict[str, int] | None = None) -> None:
-        """Ranges of ``names`` (and the per-channel means of ``channel_sums``) in one pass over the feeds."""
+    def _calibrate(self, names: list[str], channel_sums: dict[str, int] | None = None, **capture) -> None:
+        """Ranges of ``names`` (and the per-channel means of ``channel_sums``) in one pass over the feeds;
+        ``capture``: ``fetch`` / ``on_feed`` of ``collect_statistics``."""
         t0 = time.perf_counter()
         need_hist = self.p.calibration != "minmax"  # auto needs them too
         st = collect_statistics(
@@ -324,12 +326,33 @@ class _StaticRun:
             self._feeds(self.p.calibration_samples),
             histograms=need_hist,
             channel_sums=channel_sums or {},
+            **capture,
         )
         self.tstats.update(st)
         for n, s in st.items():
             self.minmax[n] = (min(s.min, 0.0), max(s.max, 0.0)) if np.isfinite(s.min) else (0.0, 0.0)
             self.ranges[n] = self._range(s, self.method)
         self.calib_seconds += time.perf_counter() - t0
+
+    def _calibrate_with_reference(self, names, channel_sums, eval_feeds) -> fid.Reference:
+        """The first calibration pass; it also keeps the float model's outputs and last-layer features on the
+        evaluation feeds (the first ``eval_samples`` calibration feeds): the reference every candidate is scored
+        against, without running the float model on them again."""
+        features = fid.feature_nodes(self.base)
+        feature_tensors = fid.feature_tensor_names(self.float_model, features)
+        out_names = [o.name for o in self.float_model.graph.output]
+        outputs: list[list[np.ndarray]] = []
+        feats: list[list[np.ndarray]] = []
+
+        def keep(i: int, acts: dict[str, np.ndarray]) -> None:
+            if i < len(eval_feeds):
+                outputs.append([np.asarray(acts[n]) for n in out_names])
+                feats.append([np.asarray(acts[n]) for n in feature_tensors])
+
+        self._calibrate(names, channel_sums, fetch=[*out_names, *feature_tensors], on_feed=keep)
+        if len(outputs) != len(eval_feeds):  # feeds that are not a prefix of the calibration feeds: run them
+            return fid.reference(self.float_model, eval_feeds, features)
+        return fid.Reference(eval_feeds, outputs, out_names, features, feats)
 
     def _range(self, s, method: str) -> tuple[float, float]:
         if not np.isfinite(s.min):
@@ -340,14 +363,18 @@ class _StaticRun:
         )
 
     def _choose_method(self, ref, eval_feeds) -> None:
-        """calibration=auto: score minmax, mse and percentile ranges on the evaluation feeds, keep the best."""
-        results = {}
+        """calibration=auto: score minmax, mse and percentile ranges on the first ``AUTO_METHOD_FEEDS`` evaluation
+        feeds, keep the best."""
+        results, built = {}, {}
+        sub = ref.head(AUTO_METHOD_FEEDS)
         for method in AUTO_METHODS:
             self.method = method
             self.ranges = {n: self._range(s, method) for n, s in self.tstats.items()}
-            g, _, _ = self._build()
-            results[method] = fid.score(ref, fid.run_model(self._export(g), eval_feeds, ref.feature_nodes))
+            g, plan, _ = self._build()
+            built[method] = (plan, self._export(g))
+            results[method] = fid.score(sub, fid.run_model(built[method][1], sub.feeds, ref.feature_nodes))
         best = min(results, key=lambda m: fid.rank_key(results[m]))
+        self._all_int8 = (best, *built[best])  # the float-layer search starts from it
         self.method = best
         self.ranges = {n: self._range(s, best) for n, s in self.tstats.items()}
         self.stats["calibration_auto"] = {
@@ -440,10 +467,8 @@ class _StaticRun:
             return PassResult(prepared or "opset_upgrade" in stats, stats)
         bc_anchors = self._bias_anchors() if p.bias_correction else {}
         bc_axes = {n.inputs[0].name: (1 if n.op == "Conv" else -1) for n in bc_anchors.values()}
-        self._calibrate(list(plan0.tensors), bc_axes)
-
         eval_feeds = list(self._feeds(p.eval_samples))
-        ref = fid.reference(self.float_model, eval_feeds, fid.feature_nodes(self.base))
+        ref = self._calibrate_with_reference(list(plan0.tensors), bc_axes, eval_feeds)
 
         if bc_anchors:
             self._bias_correction(bc_anchors)
@@ -535,13 +560,17 @@ class _StaticRun:
         all-int8 model (``_quant_float_patch``: no rebuild), and only the best ``limit + AUTO_FLOAT_VERIFY`` are
         re-scored with real builds, which decide."""
         p = self.p
-        g, plan, _ = self._build()
+        cached = getattr(self, "_all_int8", None)
+        if cached is not None and cached[0] == self.method and not self.auto_float:
+            plan, model = cached[1], cached[2]
+        else:
+            g, plan, _ = self._build()
+            model = self._export(g)
         layers = plan.int8_anchor_names()
         if not ref.feature_nodes or not layers or len(layers) > AUTO_FLOAT_MAX_LAYERS:
             return
         feeds = eval_feeds[: min(len(eval_feeds), AUTO_FLOAT_FEEDS)]
         ref_features = ref.features[: len(feeds)]
-        model = self._export(g)
         base = fid.feature_sqnr_db(ref_features, fid.run_features(model, feeds, ref.feature_nodes))
         if base is None or not np.isfinite(base) or base >= AUTO_FLOAT_BELOW_DB:
             return  # already accurate: nothing worth a float layer

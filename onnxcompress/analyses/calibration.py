@@ -4,7 +4,8 @@ One ORT session (optimizations off) exposes the requested tensors; each feed's a
 on the spot into, per tensor (one pass over the data for everything the quantizer needs):
 
 - exact running ``min`` / ``max``;
-- a **fixed-width histogram that grows by merging**: bins are ``[k·w, (k+1)·w)`` for integer ``k`` (the grid is
+- a **fixed-width histogram that grows by merging** (of at most ``HIST_MAX_SAMPLES`` evenly strided values of each
+  activation: the cost of big detector feature maps stays bounded, the tails keep hundreds of samples): bins are ``[k·w, (k+1)·w)`` for integer ``k`` (the grid is
   anchored at 0). When a feed brings values outside the current bins and the span would exceed ``max_bins``, the
   width doubles and adjacent bins merge exactly (``k -> floor(k / 2)``), so no sample is ever re-binned
   approximately and inputs of any shape (variable sequence lengths, image sizes) are fine. Memory: ``max_bins``
@@ -141,6 +142,21 @@ class GrowingHistogram:
         return out, float(self.width)
 
 
+#: histogram samples taken from one activation at most (an evenly strided subset of a larger one; min/max stay
+#: exact over every value): 64 feeds x 2^18 keeps ~17M samples per tensor, ~170 in each 99.999% tail
+HIST_MAX_SAMPLES = 1 << 18
+
+
+def _subsample(x: np.ndarray, cap: int) -> np.ndarray:
+    """Every ``k``-th value of ``x`` (``k`` odd, so the stride does not lock onto even image/channel strides)."""
+    flat = x.ravel()
+    if flat.size <= cap:
+        return flat
+    k = -(-flat.size // cap)
+    k += 1 - k % 2
+    return flat[::k]
+
+
 @dataclass
 class TensorStats:
     """What calibration learned about one tensor."""
@@ -157,18 +173,18 @@ class TensorStats:
         """Fold one activation in. ``channel_sums``: True (axis 1), an axis (e.g. -1 for MatMul inputs) or False."""
         if x.size == 0 or not np.issubdtype(x.dtype, np.floating):
             return
-        finite = np.isfinite(x)
-        if not finite.all():  # inf/nan say nothing about the range to represent
-            x = x[finite]
+        xmin, xmax = float(x.min()), float(x.max())
+        if not (np.isfinite(xmin) and np.isfinite(xmax)):  # inf/nan say nothing about the range to represent
+            x = x[np.isfinite(x)]  # (a nan anywhere makes min/max nan, so finite extremes mean finite data)
             if x.size == 0:
                 return
-        xmin, xmax = float(x.min()), float(x.max())
+            xmin, xmax = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, xmin), max(self.max, xmax)
         self.samples += 1
         if histogram:
             if self.hist is None:
                 self.hist = GrowingHistogram(self._extra.get("bins", 2048))
-            self.hist.update(x, xmin, xmax)
+            self.hist.update(_subsample(x, HIST_MAX_SAMPLES), xmin, xmax)
         axis = 1 if channel_sums is True else (None if channel_sums is False else int(channel_sums))
         if axis is not None and x.ndim >= 2 and not self._extra.get("no_means"):
             axis %= x.ndim
@@ -199,6 +215,8 @@ def collect_statistics(
     max_bins: int = 2048,
     max_tensors_per_run: int = 4096,
     threads: int = 1,
+    fetch: Iterable[str] = (),
+    on_feed: Callable[[int, dict[str, np.ndarray]], None] | None = None,
     progress: Callable | None = None,
 ) -> dict[str, TensorStats]:
     """Stream ``feeds`` through ``model`` and reduce the named tensors to ``TensorStats``.
@@ -206,15 +224,18 @@ def collect_statistics(
     One pass over the data gives everything: ranges, histograms and the per-channel means that bias correction
     needs (``channel_sums``: names -> channel axis, or names whose axis is 1). ``threads``: intra-op threads of
     the session (0: onnxruntime's default, every core; 1 by default: on a shared machine a second, spinning
-    thread was measured to make calibration 1.5-2x slower, not faster)."""
+    thread was measured to make calibration 1.5-2x slower, not faster). ``fetch``: more tensors (graph outputs,
+    ...) run along and handed, with the reduced ones, to ``on_feed(index, {name: array})`` for every feed — so a
+    caller that needs them for its first feeds does not run the model again."""
     from onnxcompress.analyses.activations import expose_outputs
     from onnxcompress.runtime import Session
 
     sums = dict(channel_sums) if isinstance(channel_sums, dict) else dict.fromkeys(channel_sums, 1)
-    names = list(dict.fromkeys([*names, *sums]))
-    if not names:
+    reduced = list(dict.fromkeys([*names, *sums]))
+    if not reduced:
         return {}
-    stats = {n: TensorStats(_extra={"bins": max_bins}) for n in names}
+    stats = {n: TensorStats(_extra={"bins": max_bins}) for n in reduced}
+    names = list(dict.fromkeys([*reduced, *fetch]))
     t0 = time.perf_counter()
     chunks = [names[i : i + max_tensors_per_run] for i in range(0, len(names), max_tensors_per_run)]
     sessions = [
@@ -225,14 +246,18 @@ def collect_statistics(
     try:
         it = progress(feeds, total=len(feeds), desc="calibrate") if progress else feeds
         for feed in it:
-            n_feeds += 1
+            acts: dict[str, np.ndarray] = {}
             for s, c in zip(sessions, chunks, strict=True):
-                for n, a in zip(c, s.run(feed, c), strict=True):
-                    stats[n].update(np.asarray(a), histograms, sums.get(n, False))
+                acts.update(zip(c, s.run(feed, c), strict=True))
+            for n, st in stats.items():
+                st.update(np.asarray(acts[n]), histograms, sums.get(n, False))
+            if on_feed is not None:
+                on_feed(n_feeds, acts)
+            n_feeds += 1
     finally:
         for s in sessions:
             s.close()
-    log.info("calibration: %d tensors over %d feeds in %.2fs", len(names), n_feeds, time.perf_counter() - t0)
+    log.info("calibration: %d tensors over %d feeds in %.2fs", len(reduced), n_feeds, time.perf_counter() - t0)
     return stats
 
 
@@ -347,9 +372,8 @@ def _kl_threshold(counts: np.ndarray, levels: int, n_candidates: int = 128) -> i
 def _entropy_range(st: TensorStats, levels: int, symmetric: bool) -> tuple[float, float]:
     h = st.hist
     lo0, hi0 = min(st.min, 0.0), max(st.max, 0.0)
-    if lo0 >= 0.0:  # one-sided: bins from 0 upwards
-        k0 = -h.start
-        counts = h.counts[max(k0, 0) :]
+    if lo0 >= 0.0:  # one-sided: bins from 0 upwards (empty bins below the first sample included)
+        counts = np.concatenate([np.zeros(max(h.start, 0), np.int64), h.counts[max(-h.start, 0) :]])
         i = _kl_threshold(counts, levels)
         return 0.0, float(min(hi0, i * h.width))
     abs_counts, w = h.abs_histogram()
