@@ -13,7 +13,8 @@ band of that same call.
 
 Variants (``variants``): CNNs at ``target_macs`` 0.75, 0.5 and 0.4 (``cleanup,prune-channels{target_macs=X}``, then
 ``,distill``) and the stepwise 0.5 the pass docstring recommends (``prune 0.7, distill, prune 0.714, distill``);
-the large-input CNNs (``LARGE_MODELS``) at 0.5 only. MiniLM with a uniform ``ratio`` of FFN neurons and attention
+``target_latency`` 0.6 (the pass's profile-fitted latency model as the budget); the large-input CNNs
+(``LARGE_MODELS``) at ``target_macs`` 0.5 only. MiniLM with a uniform ``ratio`` of FFN neurons and attention
 heads (the only prunable groups: the hidden width is tied to the output): 0.3 (460 of 1536 neurons, 3 of 12 heads
 per layer) and 0.34 (522 neurons, 4 heads), with 256 calibration sentences (``N_CALIB``).
 
@@ -48,6 +49,8 @@ QUICK_MODELS = ["ppocr_cls", "mtcnn_rnet", "minilm_l3"]
 #: large inputs: one distill costs minutes on 2 shared cores (PP-OCRv4 det: ~7 min), so these get the 0.5x budget only
 LARGE_MODELS = {"ppocrv4_det", "ppocrv4_rec", "nudenet_320n", "ddddocr_det"}
 CNN_TARGETS = (0.75, 0.5, 0.4)
+#: the latency-aware budget (``prune-channels{target_latency=X}``: a cost model fitted to one ORT profile)
+CNN_LATENCY_TARGETS = (0.6,)
 MINILM_RATIOS = (0.3, 0.34)
 #: calibration inputs per model (default ``--n-calib``): MiniLM refits 1k-input projections from tokens, and 64
 #: sentences (~1.3k tokens) are too few rows (embedding cosine after distill 0.945 with 64, 0.961 with 256 on L3)
@@ -60,6 +63,7 @@ CNN_GOAL = {"macs": 0.5, "latency": 0.6, "metric": 0.99}
 MINILM_GOAL = {"removed": 0.30, "cosine": 0.98}
 
 _TARGET = re.compile(r"target_macs=([0-9.]+)")
+_LATENCY = re.compile(r"target_latency=([0-9.]+)")
 _RATIO = re.compile(r"ratio=([0-9.]+)")
 
 
@@ -72,6 +76,7 @@ def variants(model: str, quick: bool = False) -> list[str]:
     else:
         small = not quick and model not in LARGE_MODELS
         cuts = [f"prune-channels{{target_macs={t}}}" for t in (CNN_TARGETS if small else (0.5,))]
+        cuts += [f"prune-channels{{target_latency={t}}}" for t in (CNN_LATENCY_TARGETS if small else ())]
         stepwise = ["cleanup,prune-channels{target_macs=0.7},distill,prune-channels{target_macs=0.714},distill"
                     ] if small else []
     out = []
@@ -86,7 +91,11 @@ def describe(pipeline: str) -> dict[str, Any]:
     targets = [float(t) for t in _TARGET.findall(pipeline)]
     ratios = [float(r) for r in _RATIO.findall(pipeline)]
     d: dict[str, Any] = {"distill": "distill" in pipeline, "stepwise": cuts > 1}
-    if targets:
+    lat = _LATENCY.findall(pipeline)
+    if lat:
+        d["target_latency"] = float(lat[0])
+        d["label"] = f"latency {float(lat[0]):g} (model)"
+    elif targets:
         total = 1.0
         for t in targets:
             total *= t

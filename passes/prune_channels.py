@@ -12,6 +12,11 @@ Pruning a set of units gives exactly the outputs of the original with the same c
 (``ChannelGroups.zeroed_model``); the loss of accuracy comes from the channels themselves. Follow with ``distill``,
 which refits the layers after each cut on calibration data against the original model.
 
+Latency: ORT runs a Conv in its blocked NCHWc layout only when channel counts are multiples of the block (16 with
+AVX-512), so ``round_to=0`` (default) rounds Conv channel groups to 16. MACs still miss the memory-bound ops
+(activations, pooling, reorders: ~60% of ppocr_cls's profiled time); ``target_latency=X`` budgets a latency model
+fitted to one ORT profile of the model (``_prune_latency``) instead of, or with, ``target_macs``.
+
 Large cuts work better in steps, each followed by ``distill`` (the next step's scores and sensitivities then see the
 refit model): ``prune-channels{target_macs=0.7},distill,prune-channels{target_macs=0.714},distill`` reaches 0.5x
 (``target_macs`` is relative to the graph the pass receives).
@@ -56,6 +61,8 @@ class PruneChannels(Pass):
     option_help: ClassVar[dict[str, str]] = {
         "ratio": "fraction of each group's channels to remove (uniform), or of all channels (global)",
         "target_macs": "keep this fraction of the model's MACs (e.g. 0.5); overrides ratio",
+        "target_latency": "keep this fraction of the estimated latency (a cost model fitted to one ORT profile: MAC "
+                          "kernels + memory-bound ops); with target_macs both must hold; needs calibration data",
         "importance": "auto (recon with data, else l2), l1, l2, bn, act (mean |x|), recon (E[x^2]*||W[:,c]||^2), "
                       "obs (error after optimal refit of the consumers, structured OBS), ablation (measured output error per unit for groups of <= 64 units, recon otherwise)",
         "allocation": "auto (sensitivity for target_macs with data, else global; uniform for ratio), uniform, "
@@ -73,6 +80,7 @@ class PruneChannels(Pass):
 
     ratio: float = 0.0
     target_macs: float | None = None
+    target_latency: float | None = None
     importance: str = "auto"
     allocation: str = "auto"
     min_keep: float = 0.25
@@ -89,6 +97,8 @@ class PruneChannels(Pass):
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
             raise ValueError(f"target_macs must be in (0, 1], got {self.target_macs}")
+        if self.target_latency is not None and not 0.0 < self.target_latency <= 1.0:
+            raise ValueError(f"target_latency must be in (0, 1], got {self.target_latency}")
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {self.importance!r}")
         if self.allocation not in ALLOCATIONS:
@@ -101,8 +111,8 @@ class PruneChannels(Pass):
             raise ValueError("samples and sensitivity_samples must be >= 1")
         if not self.sensitivity_ratios or any(not 0.0 < r < 1.0 for r in self.sensitivity_ratios):
             raise ValueError("sensitivity_ratios must be in (0, 1)")
-        if self.allocation == "uniform" and self.target_macs is not None:
-            raise ValueError("allocation=uniform takes ratio, not target_macs")
+        if self.allocation == "uniform" and (self.target_macs is not None or self.target_latency is not None):
+            raise ValueError("allocation=uniform takes ratio, not target_macs / target_latency")
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -116,7 +126,8 @@ class PruneChannels(Pass):
             "excluded_groups": len(excluded),
             "not_prunable": dict(reasons.most_common(8)),
         }
-        if not candidates or (self.ratio == 0.0 and self.target_macs in (None, 1.0)):
+        if not candidates or (self.ratio == 0.0 and self.target_macs in (None, 1.0)
+                              and self.target_latency in (None, 1.0)):
             stats["pruned_groups"] = 0
             return PassResult(False, stats, frozenset({"channel_groups", "channel_map"}))
         feeds = ctx.calibration
@@ -143,7 +154,8 @@ class PruneChannels(Pass):
         round_to = plan_mod.round_to_per_group(cg, candidates, graph, self.round_to)
         plans = plan_mod.make_plans(cg, candidates, scores, self.min_keep, round_to)
         allocation = self._allocation(feeds is not None)
-        kept = self._allocate(cg, plans, allocation, model, ctx, act_stats)
+        lat = self._latency_model(cg, model, ctx)
+        kept = self._allocate(cg, plans, allocation, model, ctx, act_stats, lat)
         removed = plan_mod.removed_units(plans, kept)
         restore = cg.check_removal(removed.tolist())
         if restore:
@@ -176,6 +188,10 @@ class PruneChannels(Pass):
             "biases_compensated": len(deltas),
             "biases_added": biases_added,
         })
+        if lat is not None:
+            full = lat.estimate(cg, np.ones(cg.n_elements, bool))
+            stats["latency_ratio_estimate"] = round(lat.estimate(cg, keep_el) / full, 4) if full > 0 else 1.0
+            stats["latency_model_mac_share"] = round(lat.share_of_macs, 3)
         if self.verify:
             _verify(graph, ctx)
         log.info("prune-channels: removed %d units in %d groups, MACs x%.3f (estimate)", removed.size,
@@ -188,32 +204,45 @@ class PruneChannels(Pass):
                 log.warning("prune-channels: sensitivity allocation needs calibration data; using global")
                 return "global"
             return self.allocation
-        if self.target_macs is not None:
+        if self.target_macs is not None or self.target_latency is not None:
             return "sensitivity" if have_data else "global"
         return "uniform"
 
     def _allocate(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], allocation: str, model, ctx,
-                  act_stats: dict | None = None) -> dict[int, int]:
+                  act_stats: dict | None = None, lat=None) -> dict[int, int]:
         if allocation == "uniform":
             return plan_mod.uniform(plans, self.ratio)
         total_units = sum(p.n for p in plans)
-        if self.target_macs is not None:
-            target = self.target_macs * cg.total_macs
+        if self.target_macs is not None or lat is not None:
+            target = (self.target_macs or 1.0) * cg.total_macs
+            lat_target = (self.target_latency or 1.0) * lat.estimate(cg, np.ones(cg.n_elements, bool)) if lat \
+                else None
 
             def meets(kept: dict[int, int]) -> bool:
-                removed = plan_mod.removed_units(plans, kept)
-                return cg.macs_after(cg.keep_elements(removed)) <= target
+                keep_el = cg.keep_elements(plan_mod.removed_units(plans, kept))
+                if cg.macs_after(keep_el) > target * (1 + 1e-9):
+                    return False
+                return lat is None or lat.estimate(cg, keep_el) <= lat_target
         else:
             def meets(kept: dict[int, int]) -> bool:
                 return sum(p.n - kept[p.gid] for p in plans) >= self.ratio * total_units
 
         if allocation == "global":
             return plan_mod.global_threshold(plans, meets)
-        curves, saves = self._sensitivity(cg, plans, model, ctx, act_stats if self.compensate else None)
+        curves, saves = self._sensitivity(cg, plans, model, ctx, act_stats if self.compensate else None, lat)
         return plan_mod.marginal(plans, curves, saves, meets)
 
+    def _latency_model(self, cg: ChannelGroups, model, ctx):
+        if self.target_latency is None:
+            return None
+        if ctx.calibration is None:
+            raise PassError("prune-channels: target_latency needs calibration data (one feed is profiled)")
+        from ._prune_latency import fit
+
+        return fit(model, cg, ctx.calibration.first())
+
     def _sensitivity(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], model, ctx,
-                     act_stats: dict | None = None) -> tuple[dict[int, np.ndarray], dict[int, float]]:
+                     act_stats: dict | None = None, lat=None) -> tuple[dict[int, np.ndarray], dict[int, float]]:
         from onnxcompress.runtime import Session
 
         feeds = list(ctx.calibration.take(self.sensitivity_samples))
@@ -222,9 +251,12 @@ class PruneChannels(Pass):
         curves: dict[int, np.ndarray] = {}
         saves: dict[int, float] = {}
         total = float(cg.total_macs) or 1.0
+        base_lat = lat.estimate(cg, np.ones(cg.n_elements, bool)) if lat is not None else 0.0
         for p in plans:
             all_gone = cg.keep_elements(p.order)
-            if self.target_macs is not None:
+            if lat is not None and base_lat > 0:  # pruning goes where it buys time
+                saves[p.gid] = (base_lat - lat.estimate(cg, all_gone)) / base_lat
+            elif self.target_macs is not None:
                 saves[p.gid] = (total - cg.macs_after(all_gone)) / total
             else:
                 saves[p.gid] = p.n / max(1, sum(q.n for q in plans))

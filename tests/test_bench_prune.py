@@ -39,6 +39,7 @@ def test_variants_pair_every_cut_with_distill():
     ("cleanup,prune-channels{target_macs=0.75}", "macs 0.75", False),
     ("cleanup,prune-channels{target_macs=0.7},distill,prune-channels{target_macs=0.714},distill",
      "macs 0.5 (2 steps)", True),
+    ("cleanup,prune-channels{target_latency=0.6},distill", "latency 0.6 (model)", True),
     ("cleanup,prune-channels{ratio=0.34},distill", "ratio 0.34 (4/12 heads, 522/1536 FFN)", True),
 ])
 def test_describe(pipeline, label, distill):

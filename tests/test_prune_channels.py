@@ -195,7 +195,8 @@ def test_nothing_to_prune_is_a_no_op():
 
 
 @pytest.mark.parametrize("bad", ["ratio=1.5", "target_macs=0", "importance=foo", "allocation=best",
-                                 "round_to=-1", "min_keep=0", "sensitivity_ratios=[1.5]"])
+                                 "round_to=-1", "min_keep=0", "sensitivity_ratios=[1.5]",
+                                 "target_latency=0", "target_latency=1.5"])
 def test_bad_options(bad):
     with pytest.raises(BadInputError):
         parse_pipeline(f"prune-channels{{{bad}}}")
@@ -311,3 +312,38 @@ def test_sensitivity_error_on_maps_whose_size_varies():
     cand = [[b[0] * 0.5] for b in base]
     # no fixed feature axis: the flat relative error, (0.5)^2 of the energy
     assert _relative_error(base, cand) == pytest.approx(0.25)
+
+
+def test_latency_model_counts_memory_bound_ops_by_kept_channels():
+    from onnxcompress.passes._prune_latency import LatencyModel
+
+    class _CG:  # macs_after: MACs scale with the kept share of elements 0..3
+        total_macs = 100.0
+
+        def macs_after(self, keep_el):
+            return 100.0 * keep_el[:4].mean()
+
+    # two memory-bound nodes: one over channel elements 0..3 (1000 elements), one over 4..5 (500); 200 fixed
+    lm = LatencyModel(a=1.0, b=0.1, mac_total=100.0, cg_macs=100.0, elems=np.array([1000.0, 500.0]),
+                      owner=np.array([0, 0, 0, 0, 1, 1]), chan_el=np.arange(6), counts=np.array([4.0, 2.0]),
+                      fixed=200.0, t_fixed=10.0)
+    full = lm.estimate(_CG(), np.ones(6, bool))
+    assert full == pytest.approx(10 + 100 + 0.1 * (200 + 1500))
+    half = np.array([1, 0, 1, 0, 1, 1], bool)  # half of the first group's channels
+    assert lm.estimate(_CG(), half) == pytest.approx(10 + 50 + 0.1 * (200 + 500 + 500))
+    assert 0 < lm.share_of_macs < 1
+
+
+def test_target_latency_meets_its_estimate(digits):
+    res, _ = _run(digits, "cleanup,prune-channels{target_latency=0.7 round_to=1}")
+    st = _prune_stats(res)
+    assert st["pruned_groups"] >= 1
+    assert st["latency_ratio_estimate"] <= 0.7
+    assert 0 < st["latency_model_mac_share"] < 1
+    val = np.load(ROOT / "models" / "digits_val.npz")["image"]
+    assert ort_run(res.model, {"image": val})[0].shape[0] == val.shape[0]
+
+
+def test_target_latency_needs_data(digits):
+    with pytest.raises(Exception, match="calibration"):
+        _run(digits, "cleanup,prune-channels{target_latency=0.7}", calib=False)
