@@ -41,8 +41,8 @@ from benchmarks.run import RESULTS, RunConfig, _json_default, benchmark_model, l
 
 log = logging.getLogger("benchmarks.prune")
 
-CNN_MODELS = ["ppocrv4_det", "ppocrv4_rec", "ppocr_cls", "nudenet_320n", "ddddocr_det", "mtcnn_pnet",
-              "mtcnn_rnet", "mtcnn_onet"]
+CNN_MODELS = ["ppocr_cls", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "ppocrv4_rec", "nudenet_320n", "ddddocr_det",
+              "ppocrv4_det"]
 TRANSFORMERS = ["minilm_l3", "minilm_l6"]
 MODELS = CNN_MODELS + TRANSFORMERS
 QUICK_MODELS = ["ppocr_cls", "mtcnn_rnet", "minilm_l3"]
@@ -71,7 +71,8 @@ _RATIO = re.compile(r"ratio=([0-9.]+)")
 def variants(model: str, quick: bool = False) -> list[str]:
     """Pipelines for one model, without and with ``distill`` (method names are ``ours:<pipeline>``)."""
     if model in TRANSFORMERS:
-        cuts = [f"prune-channels{{ratio={r}}}" for r in (MINILM_RATIOS[-1:] if quick else MINILM_RATIOS)]
+        few = quick or model == "minilm_l6"  # L6 with 256 sentences: ~2x L3's minutes per variant
+        cuts = [f"prune-channels{{ratio={r}}}" for r in (MINILM_RATIOS[-1:] if few else MINILM_RATIOS)]
         stepwise: list[str] = []
     else:
         small = not quick and model not in LARGE_MODELS
@@ -285,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     n_calib_default = args.n_calib or (32 if args.quick else 64)
     n_eval = args.n_eval or (24 if args.quick else 64)
     t0 = time.perf_counter()
-    records = []
+    old = json.loads((out / "prune.json").read_text()).get("records", []) if args.merge and (
+        out / "prune.json").exists() else []
+    records: list[dict[str, Any]] = []
     for name in names:
         pipelines = variants(name, args.quick)
         methods = {"fp32": anchors.fp32_method} | {f"ours:{p}": anchors.ours(p) for p in pipelines}
@@ -294,18 +297,19 @@ def main(argv: list[str] | None = None) -> int:
                         latency_budget_s=args.latency_budget or (3.0 if args.quick else 8.0), session_rss=False)
         log.info("== %s (%d variants)", name, len(pipelines))
         records.append(benchmark_model(specs[name], cfg, methods))
-    if args.merge and (out / "prune.json").exists():
-        old = json.loads((out / "prune.json").read_text())
-        records = merge_records(old.get("records", []), records)
+        meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": n_calib_default,
+                "n_calib_override": {k: v for k, v in N_CALIB.items() if not args.n_calib}, "n_eval": n_eval,
+                "versions": versions(), "seconds": time.perf_counter() - t0}
+        write(out, merge_records(old, records), meta)  # after every model: an interrupted run keeps its results
+    print(f"wrote {out}/prune.md ({len(records)} models, {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def write(out: Path, records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     rows = [r for rec in records for r in rows_of(rec)]
-    meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": n_calib_default,
-            "n_calib_override": {k: v for k, v in N_CALIB.items() if k in names and not args.n_calib}, "n_eval": n_eval,
-            "versions": versions(), "seconds": time.perf_counter() - t0}
     (out / "prune.json").write_text(json.dumps({"meta": meta, "rows": rows, "records": records}, indent=1,
                                                default=_json_default))
     (out / "prune.md").write_text(render(records, rows, meta))
-    print(f"wrote {out}/prune.md ({len(records)} models, {meta['seconds']:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":
