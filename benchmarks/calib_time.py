@@ -134,6 +134,8 @@ def benchmark_model(
         calib_file = anchors.save_feeds(calib, work / "calib.npz")
         done: dict[str, Path] = {}
         for method in method_names(rules, cfg.default):
+            if cfg.only and method not in cfg.only:
+                continue
             row = run_tool(method, fp32, calib_file, work, cfg.timeout, cfg.mem_gb)
             runs = [row["tool"].get("seconds")]
             for _ in range(cfg.repeat - 1):  # the machine is shared: the fastest of N runs is the tool's time
@@ -265,6 +267,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-default", dest="default", action="store_false", help="skip our default (auto) row")
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--n-eval", type=int, default=32)
+    ap.add_argument("--only", help="re-measure only these rows (e.g. ours_int8); the others come from --out's JSON")
     ap.add_argument("--repeat", type=int, default=1, help="run each tool N times, keep the fastest (not crashes)")
     ap.add_argument("--latency", action="store_true", help="also measure 1-thread latency ratios vs FP32")
     ap.add_argument("--latency-budget", type=float, default=4.0)
@@ -283,10 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"unknown rule(s) {bad}; known: {RULES}", file=sys.stderr)
         return 2
+    args.only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else []
+    previous = {}
+    if args.only and (args.out / "calib_time.json").exists():  # re-measure some rows, keep the others
+        previous = {r["model"]: r for r in json.loads((args.out / "calib_time.json").read_text())}
     records = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         try:
-            records.append(benchmark_model(name, rules, args))
+            rec = benchmark_model(name, rules, args)
+            if name in previous:
+                rows = dict(previous[name]["rows"])
+                rows.update(rec["rows"])
+                rec["rows"] = {m: rows[m] for m in method_names(rules, args.default) if m in rows}
+            records.append(rec)
         except Exception as exc:  # keep the other models
             log.error("%s: %s", name, anchors.first_line(exc))
             records.append({"model": name, "error": anchors.first_line(exc), "rows": {}, "primary_metric": "-",

@@ -4,7 +4,7 @@ Rebuilding the whole QDQ graph for every leave-one-out candidate (copy, placemen
 ~0.3-0.5 s per layer on a 50-layer CNN, more than running it. Ranking only needs an approximation, so a candidate
 is made by rewiring the already exported all-int8 ``ModelProto`` in place, then undoing it:
 
-* the layer reads the float tensor in front of its input's ``QuantizeLinear`` (``x`` instead of ``DQ(Q(x))``);
+* the layer reads its original float input (``x`` instead of ``DQ(Q(x))``) when the QDQ model still computes it;
 * its weight and bias inputs point at the original float values (added as initializers; the bias without
   bias correction, like a float layer of a real build);
 * consumers of its output's ``DQ(Q(y))`` that are not integer layers (activations, pooling, Add, ...) read ``y``:
@@ -42,14 +42,19 @@ class FloatPatcher:
             for i in n.input:
                 self.consumers.setdefault(i, []).append(n)
         self.base_nodes = {n.name: n for n in base.nodes if n.name}
+        self.graph_inputs = {i.name for i in model.graph.input}
 
-    def _float_input(self, name: str) -> str | None:
-        """``x`` when ``name`` is ``DQ(Q(x))``."""
-        dq = self.producer.get(name)
+    def _float_input(self, original: str, current: str) -> str | None:
+        """The layer's float input: its original tensor when the QDQ model still computes it, else ``x`` when the
+        current input is ``DQ(Q(x))`` with the DQ standing for ``x`` itself (not for an op the placement absorbed
+        into the scale, e.g. the ``/6`` of a HardSwish: ``x`` would then be off by that factor)."""
+        if original in self.producer or original in self.graph_inputs:
+            return original
+        dq = self.producer.get(current)
         if dq is None or dq.op_type != "DequantizeLinear":
             return None
         q = self.producer.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear":
+        if q is None or q.op_type != "QuantizeLinear" or current != f"{q.input[0]}_dequantized":
             return None
         return q.input[0]
 
@@ -78,7 +83,7 @@ class FloatPatcher:
                             for i, name in enumerate(c.input):
                                 if name == dq.output[0]:
                                     c.input[i] = y
-            x = self._float_input(node.input[0]) if node.input else None
+            x = self._float_input(bnode.inputs[0].name, node.input[0]) if node.input else None
             if x is not None:
                 node.input[0] = x
             for slot in range(1, min(len(node.input), len(bnode.inputs))):

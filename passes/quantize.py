@@ -16,12 +16,15 @@ Modes:
 Static pipeline: refuse already-quantized models -> opset upgrade if the format needs it (``_quant_opset``) ->
 exact folds (``_quant_prepare``: per-channel affine into the Conv before it, constant offsets into the unpadded
 Conv after it) -> optional cross-layer equalization -> dtypes (type inference, probe run) -> placement ->
-streamed calibration (``onnxcompress.analyses.calibration``: minmax / percentile / entropy / mse, or auto: the best
-of minmax, mse and percentile on the evaluation feeds) -> bias correction of the weight error -> automatic float
-layers (leave-one-out: a layer whose float version alone lifts the SQNR of the last layers' input features by
-``auto_float_db`` stays float) -> Q/DQ insertion -> optional mixed precision to a user target (``min_cosine``,
+streamed calibration in one pass over the feeds (``onnxcompress.analyses.calibration``: ranges, histograms, the
+bias-correction means and the FP32 reference outputs together; minmax / percentile / entropy / mse, or auto: the
+best of minmax, mse and percentile on the evaluation feeds) -> bias correction of the weight error -> automatic
+float layers (leave-one-out: a layer whose float version alone lifts the SQNR of the last layers' input features
+by ``auto_float_db`` stays float; ranked on patched copies of the int8 model, ``_quant_float_patch``, the shortlist
+re-scored with real builds) -> Q/DQ insertion -> optional mixed precision to a user target (``min_cosine``,
 ``max_agreement_drop``) -> latency guard (a QDQ model slower than the float one under ORT is not returned: fall back
-to depthwise-float placement, else leave the graph float and say why). Embedding tables (large constant
+to keeping float the Convs whose integer kernel alone measured slower than their float Conv,
+``_quant_layer_speed``, then to depthwise-float placement, else leave the graph float and say why). Embedding tables (large constant
 ``Gather`` data) are stored int8 per row in every mode.
 
 Stats: nodes quantized per op type, layers kept float with the reason, calibration method and time, opset upgrade,
