@@ -25,11 +25,17 @@ def test_one_model_end_to_end_rows_times_metrics_and_report(tmp_path):
         assert row["tool"]["seconds"] > 0 and row["tool"]["runs_seconds"] == [row["tool"]["seconds"]]
         assert 0.9 <= row["primary"] <= 1.0  # top-1 agreement with FP32 on the eval digits
     q = rows["ours_int8_minmax"]["info"]["quantize"]
-    assert q["calibration"] == "minmax" and q["seconds_calibration"] > 0 and "auto_float" not in q
+    assert q["seconds_calibration"] > 0 and "auto_float" not in q
+    if "skipped" in q:  # the latency guard may keep this tiny CNN float on a loaded machine: it must say so
+        assert "slower than the float one" in q["skipped"] and q["latency_ratio_measured"] >= 1.0
+    else:
+        assert q["calibration"] == "minmax"
     text = calib_time.render([rec], ("minmax",))
     line = next(ln for ln in text.splitlines() if ln.startswith("| digits_cnn | minmax |"))
     ort_s, ours_s, ratio = (float(x) for x in line.split("|")[3:6])
-    assert abs(ratio - ours_s / ort_s) < 0.02
+    # the table prints seconds to 0.1 and the ratio (of the unrounded times) to 0.01
+    low, high = (ours_s - 0.05) / (ort_s + 0.05), (ours_s + 0.05) / max(ort_s - 0.05, 1e-9)
+    assert low - 0.005 <= ratio <= high + 0.005
 
 
 def test_report_marks_a_crashed_anchor_as_failed():
