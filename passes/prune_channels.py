@@ -60,6 +60,9 @@ class PruneChannels(Pass):
                                   "every coupled tensor (real MAC cut); follow with distill")
     option_help: ClassVar[dict[str, str]] = {
         "ratio": "fraction of each group's channels to remove (uniform), or of all channels (global)",
+        "head_ratio": "fraction of the attention heads to remove (groups whose unit spans several channels); the "
+                      "ratio option then counts the other groups only (FFN neurons, channels); with allocation "
+                      "global / sensitivity each kind is budgeted alone",
         "target_macs": "keep this fraction of the model's MACs (e.g. 0.5); overrides ratio",
         "target_latency": "keep this fraction of the estimated latency (a cost model fitted to one ORT profile: MAC "
                           "kernels + memory-bound ops); with target_macs both must hold; needs calibration data",
@@ -79,6 +82,7 @@ class PruneChannels(Pass):
     }
 
     ratio: float = 0.0
+    head_ratio: float | None = None
     target_macs: float | None = None
     target_latency: float | None = None
     importance: str = "auto"
@@ -95,6 +99,10 @@ class PruneChannels(Pass):
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.head_ratio is not None and not 0.0 <= self.head_ratio < 1.0:
+            raise ValueError(f"head_ratio must be in [0, 1), got {self.head_ratio}")
+        if self.head_ratio is not None and (self.target_macs is not None or self.target_latency is not None):
+            raise ValueError("head_ratio goes with ratio, not with target_macs / target_latency")
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
             raise ValueError(f"target_macs must be in (0, 1], got {self.target_macs}")
         if self.target_latency is not None and not 0.0 < self.target_latency <= 1.0:
@@ -126,7 +134,7 @@ class PruneChannels(Pass):
             "excluded_groups": len(excluded),
             "not_prunable": dict(reasons.most_common(8)),
         }
-        if not candidates or (self.ratio == 0.0 and self.target_macs in (None, 1.0)
+        if not candidates or (self.ratio == 0.0 and not self.head_ratio and self.target_macs in (None, 1.0)
                               and self.target_latency in (None, 1.0)):
             stats["pruned_groups"] = 0
             return PassResult(False, stats, frozenset({"channel_groups", "channel_map"}))
@@ -210,8 +218,20 @@ class PruneChannels(Pass):
 
     def _allocate(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], allocation: str, model, ctx,
                   act_stats: dict | None = None, lat=None) -> dict[int, int]:
-        if allocation == "uniform":
-            return plan_mod.uniform(plans, self.ratio)
+        if self.head_ratio is not None:  # each kind on its own budget
+            heads = {g.id for g in cg.groups if is_heads(g)}
+            kept: dict[int, int] = {}
+            for part, r in (([p for p in plans if p.gid in heads], self.head_ratio),
+                            ([p for p in plans if p.gid not in heads], self.ratio)):
+                if part:
+                    kept |= self._allocate_ratio(cg, part, allocation, model, ctx, act_stats, lat, r)
+            return kept
+        return self._allocate_ratio(cg, plans, allocation, model, ctx, act_stats, lat, self.ratio)
+
+    def _allocate_ratio(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], allocation: str, model, ctx,
+                        act_stats: dict | None, lat, ratio: float) -> dict[int, int]:
+        if allocation == "uniform" or ratio == 0.0 and self.target_macs is None and lat is None:
+            return plan_mod.uniform(plans, ratio)
         total_units = sum(p.n for p in plans)
         if self.target_macs is not None or lat is not None:
             target = (self.target_macs or 1.0) * cg.total_macs
@@ -225,7 +245,7 @@ class PruneChannels(Pass):
                 return lat is None or lat.estimate(cg, keep_el) <= lat_target
         else:
             def meets(kept: dict[int, int]) -> bool:
-                return sum(p.n - kept[p.gid] for p in plans) >= self.ratio * total_units
+                return sum(p.n - kept[p.gid] for p in plans) >= ratio * total_units
 
         if allocation == "global":
             return plan_mod.global_threshold(plans, meets)
@@ -274,6 +294,11 @@ class PruneChannels(Pass):
             curves[p.gid] = plan_mod.error_curve(p, measured)
             log.debug("sensitivity group %d (n=%d): %s", p.gid, p.n, measured)
         return curves, saves
+
+
+def is_heads(group) -> bool:
+    """A group whose every unit spans several channels of its producer (attention heads: 12 units, 384 channels)."""
+    return group.size > 0 and group.channels > group.size
 
 
 def _relative_error(base: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float:

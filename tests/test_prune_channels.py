@@ -347,3 +347,94 @@ def test_target_latency_meets_its_estimate(digits):
 def test_target_latency_needs_data(digits):
     with pytest.raises(Exception, match="calibration"):
         _run(digits, "cleanup,prune-channels{target_latency=0.7}", calib=False)
+
+
+# --------------------------------------------------------------------------------------------- head_ratio
+def _attention_ffn_model(layers: int = 2, h: int = 4, d: int = 3, e: int = 8, f: int = 10, t: int = 5,
+                         seed: int = 0) -> onnx.ModelProto:
+    """``layers`` x (attention with h heads of width d + residual, ReLU FFN of f neurons + residual)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.array([1, t, h, d], np.int64), "split"),
+             numpy_helper.from_array(np.array([1, t, h * d], np.int64), "merge"),
+             numpy_helper.from_array(np.array(math.sqrt(d), np.float32), "scale")]
+    nodes, x = [], "x"
+    for i in range(layers):
+        def w(name, *shape, i=i):
+            inits.append(numpy_helper.from_array((rng.standard_normal(shape) / math.sqrt(shape[0])).astype(
+                np.float32), f"{name}{i}"))
+            return f"{name}{i}"
+        for n in ("q", "k", "v"):
+            nodes += [helper.make_node("MatMul", [x, w(f"w{n}", e, h * d)], [f"{n}p{i}"]),
+                      helper.make_node("Reshape", [f"{n}p{i}", "split"], [f"{n}r{i}"])]
+        nodes += [helper.make_node("Transpose", [f"qr{i}"], [f"qt{i}"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Transpose", [f"kr{i}"], [f"kt{i}"], perm=[0, 2, 3, 1]),
+                  helper.make_node("Transpose", [f"vr{i}"], [f"vt{i}"], perm=[0, 2, 1, 3]),
+                  helper.make_node("MatMul", [f"qt{i}", f"kt{i}"], [f"s{i}"]),
+                  helper.make_node("Div", [f"s{i}", "scale"], [f"s2{i}"]),
+                  helper.make_node("Softmax", [f"s2{i}"], [f"p{i}"], axis=-1),
+                  helper.make_node("MatMul", [f"p{i}", f"vt{i}"], [f"c{i}"]),
+                  helper.make_node("Transpose", [f"c{i}"], [f"ct{i}"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", [f"ct{i}", "merge"], [f"cm{i}"]),
+                  helper.make_node("MatMul", [f"cm{i}", w("wo", h * d, e)], [f"o{i}"]),
+                  helper.make_node("Add", [f"o{i}", x], [f"a{i}"]),
+                  helper.make_node("MatMul", [f"a{i}", w("w1_", e, f)], [f"f{i}"]),
+                  helper.make_node("Relu", [f"f{i}"], [f"fr{i}"]),
+                  helper.make_node("MatMul", [f"fr{i}", w("w2_", f, e)], [f"g{i}"]),
+                  helper.make_node("Add", [f"g{i}", f"a{i}"], [f"y{i}"])]
+        x = f"y{i}"
+    graph = helper.make_graph(nodes, "attn_ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, t, e])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, t, e])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _attn_feeds(model, n=8, seed=1):
+    rng = np.random.default_rng(seed)
+    return load_feeds([{"x": rng.standard_normal((1, 5, 8)).astype(np.float32)} for _ in range(n)], model)
+
+
+def _kept_shapes(model, layers=2):
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return [shapes[f"wq{i}"][1] // 3 for i in range(layers)], [shapes[f"w1_{i}"][1] for i in range(layers)]
+
+
+def test_head_ratio_budgets_heads_apart_from_ffn_neurons():
+    m = _attention_ffn_model()
+    res = PassManager(parse_pipeline("prune-channels{ratio=0.5 head_ratio=0.25 allocation=uniform}")).run(
+        m, PassContext(calibration=_attn_feeds(m)))
+    heads, ffn = _kept_shapes(res.model)
+    assert heads == [3, 3] and ffn == [5, 5]
+    # without head_ratio the one ratio counts heads too
+    res2 = PassManager(parse_pipeline("prune-channels{ratio=0.5 allocation=uniform}")).run(
+        m, PassContext(calibration=_attn_feeds(m)))
+    assert _kept_shapes(res2.model) == ([2, 2], [5, 5])
+    # head_ratio=0 keeps every head
+    res3 = PassManager(parse_pipeline("prune-channels{ratio=0.5 head_ratio=0}")).run(
+        m, PassContext(calibration=_attn_feeds(m)))
+    assert _kept_shapes(res3.model) == ([4, 4], [5, 5])
+
+
+@pytest.mark.parametrize("allocation", ["global", "sensitivity"])
+def test_head_ratio_counts_heads_across_layers(allocation):
+    """3 of 8 heads over two layers (not a uniform 1 or 2 per layer), 8 of 20 FFN neurons over both layers; with
+    measured sensitivity the layer whose heads carry least loses more of them (global normalises scores per group,
+    so it cannot see that)."""
+    m = _attention_ffn_model()
+    wv = next(t for t in m.graph.initializer if t.name == "wv1")
+    arr = numpy_helper.to_array(wv).copy()
+    arr *= 0.01  # layer 1's values are tiny: its heads barely matter
+    wv.CopyFrom(numpy_helper.from_array(arr, "wv1"))
+    res = PassManager(parse_pipeline(
+        f"prune-channels{{ratio=0.4 head_ratio=0.375 allocation={allocation} min_keep=0.25}}")).run(
+        m, PassContext(calibration=_attn_feeds(m)))
+    heads, ffn = _kept_shapes(res.model)
+    assert sum(heads) == 8 - 3 and sum(ffn) == 20 - 8
+    if allocation == "sensitivity":
+        assert heads[1] < heads[0]
+    st = _prune_stats(res)
+    assert st["units_removed"] == 3 + 8
+
+
+@pytest.mark.parametrize("bad", ["head_ratio=1.0", "head_ratio=-0.1", "head_ratio=0.3 target_macs=0.5"])
+def test_head_ratio_bad_options(bad):
+    with pytest.raises(BadInputError):
+        parse_pipeline(f"prune-channels{{{bad}}}")
