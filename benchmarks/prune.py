@@ -64,7 +64,11 @@ MINILM_GOAL = {"removed": 0.30, "cosine": 0.98}
 
 _TARGET = re.compile(r"target_macs=([0-9.]+)")
 _LATENCY = re.compile(r"target_latency=([0-9.]+)")
-_RATIO = re.compile(r"ratio=([0-9.]+)")
+_RATIO = re.compile(r"(?<![a-z_])ratio=([0-9.]+)")
+_HEAD_RATIO = re.compile(r"head_ratio=([0-9.]+)")
+_UNIFORM = re.compile(r"allocation=uniform")
+#: transformer layers per MiniLM model (a non-uniform head budget counts heads over all layers)
+MINILM_LAYERS = {"minilm_l3": 3, "minilm_l6": 6}
 
 
 # --------------------------------------------------------------------------------------------------- variants
@@ -86,8 +90,13 @@ def variants(model: str, quick: bool = False) -> list[str]:
     return out + stepwise
 
 
-def describe(pipeline: str) -> dict[str, Any]:
-    """What a variant pipeline does: {"label", "distill", "stepwise", "target_macs" | "ratio"}."""
+def describe(pipeline: str, model: str | None = None) -> dict[str, Any]:
+    """What a variant pipeline does: {"label", "distill", "stepwise", "target_macs" | "ratio" (+ "head_ratio",
+    "removed": the smaller of the removed head and FFN shares)}.
+
+    ``ratio`` alone (uniform allocation) removes floor(r * n) heads and neurons of every layer. With
+    ``head_ratio`` heads and FFN neurons are budgeted apart; unless ``allocation=uniform`` each budget is counted
+    over all layers (ceil(r * L * n) units of ``model``'s L layers, spread by the allocation)."""
     cuts = pipeline.count("prune-channels")
     targets = [float(t) for t in _TARGET.findall(pipeline)]
     ratios = [float(r) for r in _RATIO.findall(pipeline)]
@@ -104,9 +113,20 @@ def describe(pipeline: str) -> dict[str, Any]:
         d["label"] = f"macs {d['target_macs']:g}" + (f" ({cuts} steps)" if cuts > 1 else "")
     elif ratios:
         d["ratio"] = ratios[0]
-        d["removed"] = min(math.floor(ratios[0] * n) / n for n in MINILM_UNITS)
-        heads, ffn = (math.floor(ratios[0] * n) for n in MINILM_UNITS)
-        d["label"] = f"ratio {ratios[0]:g} ({heads}/{MINILM_UNITS[0]} heads, {ffn}/{MINILM_UNITS[1]} FFN)"
+        hr = [float(r) for r in _HEAD_RATIO.findall(pipeline)]
+        if hr and cuts == 1:
+            d["head_ratio"] = hr[0]
+            layers = MINILM_LAYERS.get(model or "", 1) if not _UNIFORM.search(pipeline) else 1
+            heads, ffn = (math.ceil(r * layers * n - 1e-9) if layers > 1 else math.floor(r * n)
+                          for r, n in zip((hr[0], ratios[0]), MINILM_UNITS, strict=True))
+            d["removed"] = min(heads / (layers * MINILM_UNITS[0]), ffn / (layers * MINILM_UNITS[1]))
+            per = "" if layers == 1 else " over all layers"
+            d["label"] = (f"heads {hr[0]:g} / FFN {ratios[0]:g} ({heads}/{layers * MINILM_UNITS[0]} heads, "
+                          f"{ffn}/{layers * MINILM_UNITS[1]} FFN{per})")
+        else:
+            d["removed"] = min(math.floor(ratios[0] * n) / n for n in MINILM_UNITS)
+            heads, ffn = (math.floor(ratios[0] * n) for n in MINILM_UNITS)
+            d["label"] = f"ratio {ratios[0]:g} ({heads}/{MINILM_UNITS[0]} heads, {ffn}/{MINILM_UNITS[1]} FFN)"
     else:
         d["label"] = pipeline
     return d
@@ -122,7 +142,8 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
         if not name.startswith("ours:"):
             continue
         pipeline = name[len("ours:"):]
-        row: dict[str, Any] = {"model": record["model"], "pipeline": pipeline, **describe(pipeline)}
+        row: dict[str, Any] = {"model": record["model"], "pipeline": pipeline,
+                               **describe(pipeline, record["model"])}
         if m.get("error"):
             row["error"] = m["error"]
             out.append(row)

@@ -107,3 +107,29 @@ def test_merge_replaces_measured_models_and_keeps_model_order():
     merged = prune.merge_records(old, new)
     assert [r["model"] for r in merged] == ["ppocr_cls", "mtcnn_rnet", "minilm_l3"]
     assert merged[0] is new[0]
+
+
+@pytest.mark.parametrize(("pipeline", "model", "label", "removed"), [
+    # 30% of all heads (11 of 36 in L3, 22 of 72 in L6) and of all FFN neurons, spread by sensitivity
+    ("cleanup,prune-channels{ratio=0.3 head_ratio=0.3 allocation=sensitivity},distill", "minilm_l3",
+     "heads 0.3 / FFN 0.3 (11/36 heads, 1383/4608 FFN over all layers)", 1383 / 4608),
+    ("cleanup,prune-channels{ratio=0.3 head_ratio=0.3 allocation=sensitivity},distill", "minilm_l6",
+     "heads 0.3 / FFN 0.3 (22/72 heads, 2765/9216 FFN over all layers)", 2765 / 9216),
+    # uniform: per layer, floor
+    ("cleanup,prune-channels{ratio=0.3 head_ratio=0.25 allocation=uniform}", "minilm_l3",
+     "heads 0.25 / FFN 0.3 (3/12 heads, 460/1536 FFN)", 0.25),
+])
+def test_describe_head_ratio(pipeline, model, label, removed):
+    d = prune.describe(pipeline, model)
+    assert d["label"] == label
+    assert d["removed"] == pytest.approx(removed)
+    assert d["ratio"] == 0.3  # head_ratio= is not read as ratio=
+
+
+def test_minilm_goal_with_head_ratio():
+    good = "ours:cleanup,prune-channels{ratio=0.3 head_ratio=0.3 allocation=sensitivity},distill"
+    short = "ours:cleanup,prune-channels{ratio=0.3 head_ratio=0.25 allocation=uniform},distill"
+    rec = _record("minilm_l6", "cosine_mean", **{good: _method(0.7, 0.7, 0.985, name="cosine_mean"),
+                                                   short: _method(0.7, 0.7, 0.99, name="cosine_mean")})
+    goals = {r["pipeline"]: r["goal"] for r in prune.rows_of(rec)}
+    assert goals == {good[5:]: True, short[5:]: False}
