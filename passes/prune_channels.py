@@ -21,6 +21,14 @@ Large cuts work better in steps, each followed by ``distill`` (the next step's s
 refit model): ``prune-channels{target_macs=0.7},distill,prune-channels{target_macs=0.714},distill`` reaches 0.5x
 (``target_macs`` is relative to the graph the pass receives).
 
+Transformers: FFN neurons and attention heads are different kinds of unit (a head is 32 channels of Q, K, V and
+the output projection). ``head_ratio`` budgets the heads apart from the other groups (``ratio`` then counts FFN
+neurons / channels only), and with ``allocation=global`` or ``sensitivity`` each budget is counted over all layers
+and spread where it costs least: on MiniLM-L3 (3 layers x 12 heads, 1536 FFN neurons), 11 of 36 heads and 30% of the
+neurons by sensitivity gave embedding cosine 0.935 (0.969 after ``distill``) against 0.921 (0.961) for a uniform
+4 heads and 34% of the neurons per layer. ``global`` compares scores normalised per group, so it cannot see that
+one layer's heads matter less than another's (0.903 before distill there).
+
 Names: every surviving tensor keeps its name (so ``distill`` can match student to teacher); a constant shared by
 nodes that are cut differently is split into ``<name>_pruned`` copies. The kept positions of every cut tensor are
 left in the context as the ``channel_map`` analysis.
