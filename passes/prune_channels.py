@@ -26,7 +26,8 @@ the output projection). ``head_ratio`` budgets the heads apart from the other gr
 neurons / channels only), and with ``allocation=global`` or ``sensitivity`` each budget is counted over all layers
 and spread where it costs least: on MiniLM-L3 (3 layers x 12 heads, 1536 FFN neurons), 11 of 36 heads and 30% of the
 neurons by sensitivity gave embedding cosine 0.935 (0.969 after ``distill``) against 0.921 (0.961) for a uniform
-4 heads and 34% of the neurons per layer. ``global`` compares scores normalised per group, so it cannot see that
+4 heads and 34% of the neurons per layer (MiniLM-L6, 22 of 72 heads: 0.964 after ``distill`` against 0.930).
+Sensitivity is measured one group at a time at ``sensitivity_ratios``. ``global`` compares scores normalised per group, so it cannot see that
 one layer's heads matter less than another's (0.903 before distill there).
 
 Names: every surviving tensor keeps its name (so ``distill`` can match student to teacher); a constant shared by
