@@ -18,7 +18,8 @@ Variants (``variants``): CNNs at ``target_macs`` 0.75, 0.5 and 0.4 (``cleanup,pr
 heads (the only prunable groups: the hidden width is tied to the output): ``MINILM_SPREAD`` removes 30% of all
 heads (11 of 36 in L3, 22 of 72 in L6) and 30% of all FFN neurons, each kind on its own budget (``head_ratio``)
 spread over the layers by measured sensitivity; L3 also runs the uniform 0.34 (522 of 1536 neurons, 4 of 12 heads
-per layer) for reference; 256 calibration sentences (``N_CALIB``).
+per layer) for reference; ``MINILM_STEPWISE`` reaches the same budgets in two steps, each followed by ``distill``;
+256 calibration sentences (``N_CALIB``).
 
 Goals checked (``goal``): a CNN meets its goal when MACs <= 0.5x, latency <= 0.6x and the task metric >= 0.99 after
 ``distill``; MiniLM when >= 30% of FFN neurons and heads are gone and the embedding cosine is >= 0.98.
