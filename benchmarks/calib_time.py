@@ -29,22 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks import anchors
+from benchmarks.run import run_isolated
 from benchmarks.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parent.parent
 
 DEFAULT_MODELS = ("ppocrv4_rec", "ppocrv4_det", "ppocr_cls", "nudenet_320n", "ddddocr_det", "minilm_l3")
 RULES = ("minmax", "percentile", "entropy")
@@ -60,54 +57,11 @@ def run_tool(
     method: str, fp32: Path, calib_file: Path, work: Path, timeout_s: float, mem_gb: float | None
 ) -> dict[str, Any]:
     """One method in a subprocess with ``work`` as its cwd -> MethodResult dict + ``tool`` timings."""
-    out = work / f"{method}.onnx"
-    res_file = work / f"{method}.result.json"
-    cmd = [sys.executable, "-m", "benchmarks.anchors", "--method", method, "--model", str(fp32)]
-    cmd += ["--calib", str(calib_file), "--out", str(out), "--result", str(res_file)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            cwd=str(work),
-            env=env,
-            preexec_fn=_limit_memory(mem_gb),
-        )
-    except subprocess.TimeoutExpired:
-        return {"method": method, "error": f"timeout after {timeout_s:.0f} s", "tool": {"seconds": None}}
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0 or not res_file.exists():
-        tail = (proc.stderr.strip().splitlines() or [""])[-1]
-        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        return {
-            "method": method,
-            "error": f"tool process died ({why}) {tail}".strip(),
-            "tool": {"seconds": None, "process_seconds": wall},
-        }
-    payload = json.loads(res_file.read_text())
-    tool = {
-        "seconds": payload.pop("seconds"),
-        "process_seconds": wall,
-        "peak_rss_mb": payload.pop("peak_rss_mb"),
-        "base_rss_mb": payload.pop("base_rss_mb"),
-    }
-    return payload | {"tool": tool}
-
-
-def _limit_memory(gb: float | None):
-    if not gb:
-        return None
-
-    def apply() -> None:
-        import resource
-
-        limit = int(gb * (1 << 30))
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    return apply
+    res = run_isolated(method, fp32, calib_file, work / f"{method}.onnx", timeout_s, mem_gb, cwd=work)
+    if "failed" in res:
+        return {"method": method, "error": res["failed"],
+                "tool": {"seconds": None, "process_seconds": res["tool"]["seconds"]}}
+    return res
 
 
 def benchmark_model(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ from typing import Any
 from benchmarks import anchors, measure
 from benchmarks.anchors import Method, MethodResult
 from benchmarks.spec import ModelSpec
+
+REPO = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("benchmarks.run")
 
@@ -112,56 +115,39 @@ def produce(
         t0 = time.perf_counter()
         res = anchors.run_method(name, method, fp32, calib, out)
         return res.to_dict() | {"tool": {"seconds": time.perf_counter() - t0, "isolated": False}}
+    res = run_isolated(name, fp32, calib_file, out, cfg.tool_timeout_s, cfg.tool_mem_limit_gb, cwd=REPO)
+    tool = res.pop("tool") | {"isolated": True}
+    if "peak_rss_mb" in tool:
+        tool["delta_rss_mb"] = tool["peak_rss_mb"] - tool["base_rss_mb"]
+    if "failed" in res:
+        return MethodResult(name, error=res["failed"]).to_dict() | {"tool": tool}
+    return res | {"tool": tool}
+
+
+def run_isolated(method: str, fp32: Path, calib_file: Path, out: Path, timeout_s: float, mem_gb: float | None,
+                 cwd: Path) -> dict[str, Any]:
+    """``python -m benchmarks.anchors`` for one method in a subprocess (cwd ``cwd``, address space capped at
+    ``mem_gb``) -> its MethodResult payload + ``tool`` {seconds, process_seconds, peak_rss_mb, base_rss_mb}, or
+    {"failed": why, "tool": {seconds: wall time}} when it timed out or died."""
     res_file = out.with_suffix(".result.json")
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.anchors",
-        "--method",
-        name,
-        "--model",
-        str(fp32),
-        "--calib",
-        str(calib_file),
-        "--out",
-        str(out),
-        "--result",
-        str(res_file),
-    ]
+    cmd = [sys.executable, "-m", "benchmarks.anchors", "--method", method, "--model", str(fp32)]
+    cmd += ["--calib", str(calib_file), "--out", str(out), "--result", str(res_file)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=cfg.tool_timeout_s,
-            cwd=str(Path(__file__).resolve().parent.parent),
-            preexec_fn=_limit_memory(cfg.tool_mem_limit_gb),
-        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=str(cwd), env=env,
+                              preexec_fn=limit_memory(mem_gb))
     except subprocess.TimeoutExpired:
-        return MethodResult(
-            name, error=f"timeout: the tool ran over {cfg.tool_timeout_s:.0f} s"
-        ).to_dict() | {"tool": {"seconds": time.perf_counter() - t0, "isolated": True}}
+        return {"failed": f"timeout: the tool ran over {timeout_s:.0f} s", "tool": {"seconds": time.perf_counter() - t0}}
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not res_file.exists():
         tail = (proc.stderr.strip().splitlines() or [""])[-1]
-        why = (
-            f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-        )
-        return MethodResult(name, error=f"tool process died ({why}) {tail}".strip()).to_dict() | {
-            "tool": {"seconds": wall, "isolated": True}
-        }
+        why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        return {"failed": f"tool process died ({why}) {tail}".strip(), "tool": {"seconds": wall}}
     payload = json.loads(res_file.read_text())
     res_file.unlink()
-    tool = {
-        "seconds": payload.pop("seconds"),
-        "process_seconds": wall,
-        "peak_rss_mb": payload.pop("peak_rss_mb"),
-        "base_rss_mb": payload.pop("base_rss_mb"),
-        "isolated": True,
-    }
-    tool["delta_rss_mb"] = tool["peak_rss_mb"] - tool["base_rss_mb"]
-    return payload | {"tool": tool}
+    tool = {key: payload.pop(key) for key in ("seconds", "peak_rss_mb", "base_rss_mb")}
+    return payload | {"tool": tool | {"process_seconds": wall}}
 
 
 # ---------------------------------------------------------------------------------------------- one model
@@ -311,7 +297,8 @@ def _latency(
             record["methods"][name].setdefault("latency", {})[key] = res[name]
 
 
-def _limit_memory(gb: float | None):
+def limit_memory(gb: float | None):
+    """A ``preexec_fn`` that caps the child's address space at ``gb`` GiB (None: no cap)."""
     if not gb:
         return None
 
