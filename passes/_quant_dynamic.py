@@ -177,6 +177,13 @@ def run_dynamic(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
 
 
 # --------------------------------------------------------------------------------------------- weight-only
+def _int8_weight_dq(namer: Namer, name: str, w: np.ndarray, axis: int | None) -> tuple[gs.Node, gs.Variable]:
+    """Symmetric int8 ``w`` (per channel on ``axis``, per tensor when None) behind a DequantizeLinear."""
+    qw = qm.quantize_weight(w, qm.INT8, axis)
+    attrs = {"axis": int(axis)} if axis is not None else {}
+    return _dq_node(namer, name, qw.q, qw.scale, qw.zero_point, attrs, int4=False)
+
+
 def _dq_node(
     namer: Namer, base: str, q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, attrs: dict, int4: bool
 ) -> tuple[gs.Node, gs.Variable]:
@@ -270,17 +277,7 @@ def run_weight_only(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResul
         else:
             from ._quant_ops import weight_axis
 
-            axis = weight_axis(n, w) if per_channel else None
-            qw = qm.quantize_weight(w, qm.INT8, axis)
-            node, out = _dq_node(
-                namer,
-                w_t.name,
-                qw.q,
-                qw.scale,
-                qw.zero_point,
-                {"axis": int(axis)} if axis is not None else {},
-                int4=False,
-            )
+            node, out = _int8_weight_dq(namer, w_t.name, w, weight_axis(n, w) if per_channel else None)
         n.inputs[1] = out
         new_nodes.append(node)
         done[n.op] += 1
@@ -407,17 +404,7 @@ def quantize_float_op_weights(
             continue
         if n.op == "ConvTranspose" and int(n.attrs.get("group", 1)) != 1:
             continue  # axis 1 of a grouped ConvTranspose weight is not the output channel
-        axis = weight_axis(n, w) if per_channel else None
-        qw = qm.quantize_weight(w, qm.INT8, axis)
-        node, out = _dq_node(
-            namer,
-            n.inputs[1].name,
-            qw.q,
-            qw.scale,
-            qw.zero_point,
-            {"axis": int(axis)} if axis is not None else {},
-            int4=False,
-        )
+        node, out = _int8_weight_dq(namer, n.inputs[1].name, w, weight_axis(n, w) if per_channel else None)
         n.inputs[1] = out
         new_nodes.append(node)
     if new_nodes:

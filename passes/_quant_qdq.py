@@ -294,24 +294,28 @@ def _quantize_anchor_weights(
             bq = np.clip(np.rint(b.astype(np.float64) / np.float64(sb)), -qm.INT32_MAX, qm.INT32_MAX).astype(
                 np.int32
             )
-        b_name = n.inputs[bs].name
-        b_dq = gs.Variable(namer(f"{b_name}_dequantized"), dtype=np.float32)
-        battrs = {"axis": 0} if axis is not None else {}
-        bnode = gs.Node(
-            "DequantizeLinear",
-            namer(f"{b_name}_DequantizeLinear"),
-            attrs=battrs,
-            inputs=[
-                _const(namer, f"{b_name}_quantized", bq),
-                _const(namer, f"{b_name}_scale", sb),
-                _const(namer, f"{b_name}_zero_point", np.zeros(np.shape(sb), np.int32)),
-            ],
-            outputs=[b_dq],
-        )
-        n.inputs[bs] = b_dq
+        bnode = _bias_dequantizer(namer, n.inputs[bs].name, bq, sb)
+        n.inputs[bs] = bnode.outputs[0]
         added.append(bnode)
         stats["bias_int32"] += 1
     return added
+
+
+def _bias_dequantizer(namer: Namer, name: str, bq: np.ndarray, sb: np.ndarray | np.float32) -> gs.Node:
+    """``DequantizeLinear(bq int32, sb, 0)`` -> a new float tensor: the bias ``bq · sb`` (per channel on axis 0
+    when ``sb`` is a vector)."""
+    out = gs.Variable(namer(f"{name}_dequantized"), dtype=np.float32)
+    return gs.Node(
+        "DequantizeLinear",
+        namer(f"{name}_DequantizeLinear"),
+        attrs={"axis": 0} if np.ndim(sb) else {},
+        inputs=[
+            _const(namer, f"{name}_quantized", bq),
+            _const(namer, f"{name}_scale", sb),
+            _const(namer, f"{name}_zero_point", np.zeros(np.shape(sb), np.int32)),
+        ],
+        outputs=[out],
+    )
 
 
 def _matmul_bias_int32(n: gs.Node, namer: Namer, stats: dict) -> list[gs.Node]:
@@ -338,19 +342,8 @@ def _matmul_bias_int32(n: gs.Node, namer: Namer, stats: dict) -> list[gs.Node]:
     bq, sb = qm.quantize_bias(b, s_x, np.broadcast_to(s_w, b.shape) if s_w.ndim else s_w)
     if np.any(np.abs(bq.astype(np.int64)) >= 2**31 - 1):
         return []
-    out = gs.Variable(namer(f"{other.name}_dequantized"), dtype=np.float32)
-    attrs = {"axis": 0} if np.ndim(sb) else {}
-    node = gs.Node(
-        "DequantizeLinear",
-        namer(f"{other.name}_DequantizeLinear"),
-        attrs=attrs,
-        inputs=[
-            _const(namer, f"{other.name}_quantized", bq),
-            _const(namer, f"{other.name}_scale", sb),
-            _const(namer, f"{other.name}_zero_point", np.zeros(np.shape(sb), np.int32)),
-        ],
-        outputs=[out],
-    )
+    node = _bias_dequantizer(namer, other.name, bq, sb)
+    out = node.outputs[0]
     for i, t in enumerate(add.inputs):
         if t is other:
             add.inputs[i] = out
