@@ -135,6 +135,7 @@ class Layer:
         None  # residual Add this layer feeds (target: teacher(res_out) - student(res_other))
     )
     res_other: str | None = None
+    ln_axis: int | None = None  # res_out is normalised over this axis (LayerNormalization): rows weigh 1/std
     stage: int = 0
     reason: str = ""
     stats: Normal | None = None

@@ -18,7 +18,11 @@ current weights when no refit does better on them: with few calibration rows per
 interpolates the calibration data (MiniLM's FFN projections) and distill made the student worse than the pruned one.
 
 A layer whose output only feeds a residual Add (y + r) is fit to teacher(Add) - student(r) (``compensate``): it
-absorbs the error that already reached the residual stream instead of reproducing the teacher's y.
+absorbs the error that already reached the residual stream instead of reproducing the teacher's y. When that sum
+feeds a LayerNormalization, what the model sees is (s - mean(s)) / std(s) per token, so an error e in s costs
+e / std(s): each row (token) of the fit is weighted by 1 / std_teacher(s) (``ln_weight``). Unweighted, the few
+tokens with a huge residual stream (BERT's [CLS]/[SEP]: std 10-15x the median in MiniLM's first layer) dominate the
+least squares and the ordinary tokens are fit poorly.
 
 Works after ``prune-weights`` (zeros stay zeros: each output is solved on its support) and after ``quantize``
 (the float solution is re-quantized on the layer's existing grid and the bias re-solved); layers that cannot be
@@ -67,6 +71,8 @@ class Distill(Pass):
         "bias_correction": "bias-correct layers that are not refit by least squares",
         "compensate": "a layer feeding a residual Add fits teacher(Add) - student(other branch): it absorbs the "
         "error that reached the residual stream",
+        "ln_weight": "a residual sum that feeds LayerNormalization: weigh each token by 1 / std of the teacher's sum "
+        "(the error LayerNorm passes on)",
         "select_ridge": "hold out every 4th feed and pick each layer's ridge (ridge x 1..1000) on it; keep the "
         "current weights when no refit does better there (needs >= 4 feeds)",
     }
@@ -78,6 +84,7 @@ class Distill(Pass):
     layers: str = "changed"
     bias_correction: bool = True
     compensate: bool = True
+    ln_weight: bool = True
     select_ridge: bool = True
 
     def __post_init__(self) -> None:
@@ -162,7 +169,7 @@ class Distill(Pass):
             if L is not None:
                 L.kept_out = _kept(cmap, L.y, L.out_axis)
                 if self.compensate:
-                    _residual_target(L, tensors, graph_out, teacher_outputs)
+                    _residual_target(L, tensors, graph_out, teacher_outputs, self.ln_weight)
                 modified = _weights_modified(L, teacher_weights, cmap)
                 node_changed = node_changed or modified
                 if self.layers == "all" or in_changed or modified:
@@ -218,6 +225,7 @@ class Distill(Pass):
         x = np.asarray(xs[L.x], dtype=np.float64)
         yt = np.asarray(ys[L.res_out or L.y], dtype=np.float64)
         axis = L.out_axis % yt.ndim
+        row_w = _ln_row_weights(yt, L.ln_axis, axis) if L.res_out and L.ln_axis is not None else None
         if L.kept_out is not None:
             yt = np.take(yt, L.kept_out, axis=axis)
         if L.res_out:  # the part of the teacher's residual sum this layer must supply
@@ -271,12 +279,16 @@ class Distill(Pass):
         n_out = w.shape[0] if (L.kind == "gemm" and L.trans_b) else w.shape[-1]
         if yr.shape[1] != n_out or yr.shape[0] != xr.shape[0]:
             raise _Skip("output features do not match the teacher (no channel map)")
+        rw = row_w.reshape(-1) if row_w is not None and not (L.kind == "gemm" and L.trans_a) else None
         rows = self._rows_per_feed(xr.shape[1] + 1, n_feeds)
         if rows < xr.shape[0]:
             pick = rng.choice(xr.shape[0], rows, replace=False)
             xr, yr = xr[pick], yr[pick]
+            rw = rw[pick] if rw is not None else None
         if has_bias:
             xr = np.concatenate([xr, np.ones((xr.shape[0], 1))], axis=1)
+        if rw is not None:
+            xr, yr = xr * rw[:, None], yr * rw[:, None]
         _stats(L, hold).update(xr, yr)
 
     def _rows_per_feed(self, cols: int, n_feeds: int) -> int:
@@ -454,8 +466,10 @@ def _make_layer(node: gs.Node) -> Layer | None:
     return None
 
 
-def _residual_target(L: Layer, tensors: dict, graph_out: set[int], teacher_outputs: set[str]) -> None:
-    """If the layer's output only feeds Add(y, other) with ``other`` an activation, fit teacher(sum) - other."""
+def _residual_target(L: Layer, tensors: dict, graph_out: set[int], teacher_outputs: set[str],
+                     ln_weight: bool = True) -> None:
+    """If the layer's output only feeds Add(y, other) with ``other`` an activation, fit teacher(sum) - other; note
+    the LayerNormalization axis when every consumer of the sum normalises it over one axis."""
     y = tensors.get(L.y)
     if y is None or len(y.outputs) != 1 or y.outputs[0].op != "Add" or id(y) in graph_out:
         return
@@ -466,6 +480,22 @@ def _residual_target(L: Layer, tensors: dict, graph_out: set[int], teacher_outpu
     out = add.outputs[0].name
     if isinstance(other, gs.Variable) and other.name and out in teacher_outputs:
         L.res_out, L.res_other = out, other.name
+        users = add.outputs[0].outputs
+        if ln_weight and users and all(u.op == "LayerNormalization" and u.inputs[0] is add.outputs[0] for u in users):
+            axes = {int(u.attrs.get("axis", -1)) for u in users}
+            rank = len(add.outputs[0].shape) if add.outputs[0].shape is not None else None
+            if len(axes) == 1 and (next(iter(axes)) == -1 or (rank is not None and next(iter(axes)) == rank - 1)):
+                L.ln_axis = -1
+
+
+def _ln_row_weights(sum_t: np.ndarray, ln_axis: int, out_axis: int) -> np.ndarray | None:
+    """1 / std of the teacher's residual sum over the LayerNorm axis, one weight per row of the fit (the rows are
+    the positions along every other axis, the layer's output axis being the last), normalised to mean 1."""
+    if ln_axis % sum_t.ndim != out_axis:
+        return None
+    std = np.sqrt(sum_t.var(axis=out_axis) + 1e-5)
+    w = 1.0 / std
+    return w / w.mean()
 
 
 def _kept(cmap: dict, name: str, axis: int) -> np.ndarray | None:
