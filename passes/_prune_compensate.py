@@ -130,12 +130,28 @@ def compensate_model(model, deltas: dict[int, tuple[gs.Node, np.ndarray]]) -> No
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
+    protos = {n.output[0]: n for n in model.graph.node if n.output}
     for node, delta in deltas.values():
         slot = _bias_slot(node)
         if slot is None:
             continue
         bnode, idx = slot
-        if len(bnode.inputs) <= idx or bnode.inputs[idx].name not in inits:
+        if len(bnode.inputs) <= idx or not bnode.inputs[idx].name:  # a Conv/Gemm without a bias: give it one
+            proto = protos.get(bnode.outputs[0].name)
+            if proto is None or len(proto.input) > idx or bnode.op not in ("Conv", "Gemm"):
+                continue
+            while len(proto.input) < idx:
+                proto.input.append("")
+            name = f"{bnode.outputs[0].name}__compensation_bias"
+            t = numpy_helper.from_array(delta.astype(np.float32), name)
+            model.graph.initializer.append(t)
+            proto.input.append(name)
+            if bnode.op == "Gemm":
+                for a in proto.attribute:
+                    if a.name == "beta":
+                        a.f = 1.0
+            continue
+        if bnode.inputs[idx].name not in inits:
             continue
         t = inits[bnode.inputs[idx].name]
         old = numpy_helper.to_array(t)

@@ -13,8 +13,9 @@ Every coupled weight contributes (``ConstSlice`` members of the channel-group an
   Surgeon, greedy; ``_prune_obs``) — ``recon`` with the correlations between channels; what ``distill`` recovers.
   Groups whose consumers it cannot model use ``recon``.
 - ``ablation``: for groups of at most ``ABLATION_MAX_UNITS`` units (attention heads, small layers), the measured
-  relative error of the model's outputs when that one unit is zeroed (one ORT run over a few calibration feeds per
-  unit); larger groups use ``recon``.
+  relative error of the model's outputs when that one unit is removed the way the pass removes it (zeroed, its mean
+  moved into the consumers' biases when ``compensate``; one ORT run over a few calibration feeds per unit); larger
+  groups use ``recon``.
 
 Members have different scales (a 3x3 conv vs a BN vector), so each member's scores are divided by their mean over the
 units of each group it touches before they are summed: every member votes with equal weight, as in Torch-Pruning's
@@ -156,8 +157,9 @@ ABLATION_MAX_UNITS = 64
 
 
 def ablation_scores(cg: ChannelGroups, model: onnx.ModelProto, feeds: list[dict], groups: set[int],
-                    error: callable) -> tuple[np.ndarray, set[int]]:
-    """Output error of zeroing each unit alone, for the small groups among ``groups``."""
+                    error: callable, prepare: callable | None = None) -> tuple[np.ndarray, set[int]]:
+    """Output error of zeroing each unit alone, for the small groups among ``groups``; ``prepare(model, units)``
+    edits each trial model the way the pass will (e.g. the removed channels' means moved into the biases)."""
     from onnxcompress.runtime import Session
 
     scores = np.zeros(cg.n_units)
@@ -169,7 +171,10 @@ def ablation_scores(cg: ChannelGroups, model: onnx.ModelProto, feeds: list[dict]
         base = [s.run(f) for f in feeds]
     for g in small:
         for u in g.units.tolist():
-            with Session(cg.zeroed_model(model, [u]), what="ablation trial") as s:
+            trial = cg.zeroed_model(model, [u])
+            if prepare is not None:
+                prepare(trial, [u])
+            with Session(trial, what="ablation trial") as s:
                 scores[u] = error(base, [s.run(f) for f in feeds])
         done.add(g.id)
     return scores, done

@@ -163,8 +163,12 @@ class PruneChannels(Pass):
             scores = np.where(np.isin(cg.unit_group, list(done)), obs, scores)
             used = "obs" if done else used
         if self.importance == "ablation" and feeds is not None:
+            def removed_like_the_pass(trial, units):
+                if self.compensate and act_stats:
+                    compensate_model(trial, bias_deltas(cg, act_stats, cg.keep_elements(units)))
+
             abl, done = ablation_scores(cg, model, list(feeds.take(self.sensitivity_samples)), set(candidates),
-                                        _relative_error)
+                                        _relative_error, removed_like_the_pass)
             in_done = np.isin(cg.unit_group, list(done))
             scores = np.where(in_done, abl, scores)
             used = "ablation" if done else used

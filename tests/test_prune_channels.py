@@ -167,6 +167,32 @@ def test_ablation_importance_measures_each_unit():
     assert kept == [0, 1, 2, 4, 6, 7]
 
 
+def test_ablation_trial_removes_the_unit_the_way_the_pass_does():
+    """A channel whose activation is a constant costs nothing once its mean moves into the consumer's bias: the
+    compensated ablation trial sees that and removes it first, however large its consumer weights."""
+    m = _two_branch_model()
+    inits = {t.name: t for t in m.graph.initializer}
+    wb = numpy_helper.to_array(inits["wb"]).copy()
+    wb[2] = 0.0  # channel 2 of branch b: relu(0 * x + 3) = 3 everywhere
+    inits["wb"].CopyFrom(numpy_helper.from_array(wb, "wb"))
+    wb2 = numpy_helper.to_array(inits["wb2"]).copy()
+    wb2[:, 2] = 0.0
+    wb2[:, 2, 1, 1] = 5.0  # ... read with large weights (centre tap: no padding zeros at the borders)
+    inits["wb2"].CopyFrom(numpy_helper.from_array(wb2, "wb2"))
+    bias = np.zeros(8, np.float32)
+    bias[2] = 3.0
+    m.graph.initializer.append(numpy_helper.from_array(bias, "bb"))
+    next(n for n in m.graph.node if n.name == "conv_b").input.append("bb")
+    rng = np.random.default_rng(3)
+    raw = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    res, ctx = _run(m, "prune-channels{ratio=0.125 importance=ablation exclude=[conv_a] round_to=1}",
+                    ctx=PassContext(calibration=load_feeds(raw, m)))
+    kept = ctx.analysis("channel_map", None)["b"][1].tolist()
+    assert 2 not in kept and len(kept) == 7
+    (ref,), (got,) = ort_run(m, raw[0]), ort_run(res.model, raw[0])
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)  # the constant channel was free to remove
+
+
 def test_obs_removes_a_redundant_channel_first():
     """Two identical, strong channels: after a refit one can stand in for the other, so OBS removes one of them
     first; the diagonal ``recon`` score ranks both as the most important."""
