@@ -64,7 +64,8 @@ class Distill(Pass):
     )
     option_help: ClassVar[dict[str, str]] = {
         "ridge": "ridge strength relative to the mean diagonal of X^T X",
-        "samples": "calibration feeds used",
+        "samples": "calibration feeds used (time grows with them; more feeds generalise better: MiniLM-L3 "
+        "cosine 0.969 with 256 sentences, 0.979 with 550)",
         "rows": "design rows per layer (0: 32 x inputs, within 16k..64k), drawn evenly from the feeds",
         "max_inputs": "layers with more inputs per output (Cin*k) only get bias correction",
         "layers": "changed (layers whose input or weights differ from the teacher) or all",
@@ -78,7 +79,7 @@ class Distill(Pass):
     }
 
     ridge: float = 1e-2
-    samples: int = 256
+    samples: int = 1024
     rows: int = 0
     max_inputs: int = 4096
     layers: str = "changed"

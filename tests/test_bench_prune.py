@@ -137,7 +137,7 @@ def test_minilm_goal_with_head_ratio():
 
 def test_describe_stepwise_head_ratio_counts_what_each_step_left():
     # L3: 36 heads -> ceil(0.15*36)=6 gone, then ceil(0.166*30)=5; FFN 4608 -> 692, then ceil(0.177*3916)=694
-    d = prune.describe(prune.variants("minilm_l3")[-1], "minilm_l3")
+    d = prune.describe("cleanup," + prune.MINILM_STEPWISE["minilm_l3"], "minilm_l3")
     assert d["stepwise"] and d["distill"]
     assert d["label"] == "heads / FFN spread, 2 steps (11/36 heads, 1386/4608 FFN over all layers)"
     assert d["removed"] == pytest.approx(1386 / 4608)
