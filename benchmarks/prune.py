@@ -3,6 +3,7 @@
     python -m benchmarks.prune --quick                      # ppocr_cls, mtcnn_rnet, minilm_l3; 0.5x only
     python -m benchmarks.prune                              # every model below, every variant
     python -m benchmarks.prune --models ppocr_cls,mtcnn_onet
+    python -m benchmarks.prune --render                     # rewrite prune.md from prune.json
 
 Every variant is an ``ours:<pipeline>`` method of the benchmark harness (``benchmarks.run.benchmark_model``): the
 candidate is produced in its own subprocess (tool time is the pass pipeline's wall time), measured on the model's
@@ -188,12 +189,24 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
             "sqnr_db": worst.get("sqnr_db"),
             "tool_s": (m.get("tool") or {}).get("seconds"),
         })
+        row["truth"] = truth_metrics(m.get("metrics") or {})
         figs = m.get("figures") or {}
         if fp32_macs and figs.get("macs") and row["macs_ratio"] is None:
             row["macs_ratio"] = figs["macs"] / fp32_macs
         row["goal"] = goal(row)
         out.append(row)
     return out
+
+
+def truth_metrics(metrics: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """The candidate's own task scores against ground truth, where the model has it: {name: (candidate, FP32)} for
+    every ``name`` reported next to an ``fp32_<name>`` (exact match, CER, text-line recall, glyph recall...)."""
+    return {k: (float(metrics[k]), float(metrics[f"fp32_{k}"])) for k in sorted(metrics)
+            if f"fp32_{k}" in metrics and isinstance(metrics[k], int | float)}
+
+
+def _truth_cell(truth: dict[str, tuple[float, float]] | None) -> str:
+    return ", ".join(f"{k} {c:.3f} ({f:.3f})" for k, (c, f) in (truth or {}).items())
 
 
 def noise_band(record: dict[str, Any]) -> float | None:
@@ -262,7 +275,8 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
         f"{meta.get('n_eval')} evaluation inputs per model (disjoint); ratios "
         "vs FP32 in the same process; latency: 1 intra-op thread, FP32 and every variant interleaved in one call, "
         "medians. *metric* is the model's task metric vs FP32 (agreement, box F1, map IoU, embedding cosine); "
-        "*cos* / *SQNR* the worst output's. Tool time: the whole pipeline, own subprocess.")
+        "*cos* / *SQNR* the worst output's; *vs ground truth*: the pruned model's own task score where the "
+        "evaluation inputs have labels (FP32's in brackets). Tool time: the whole pipeline, own subprocess.")
     lines.append("")
     bands = {r["model"]: noise_band(r) for r in records}
     vals = [b for b in bands.values() if b is not None]
@@ -288,24 +302,25 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
     lines.append("")
     lines.append("## All variants")
     lines.append("")
-    lines.append("| model | variant | distill | MACs | latency | size | metric | cos | SQNR dB | tool s |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| model | variant | distill | MACs | latency | size | metric | vs ground truth | cos | SQNR dB "
+                 "| tool s |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for rec in records:
         band = bands.get(rec["model"])
-        head = f"| **{rec['model']}** | FP32 vs FP32 | | 1.00 | {_f(band, '{:.2f}')} | 1.00 | | | | |"
+        head = f"| **{rec['model']}** | FP32 vs FP32 | | 1.00 | {_f(band, '{:.2f}')} | 1.00 | | | | | |"
         if rec.get("error"):
-            head = f"| **{rec['model']}** | error: {rec['error']} | | | | | | | | |"
+            head = f"| **{rec['model']}** | error: {rec['error']} | | | | | | | | | |"
         lines.append(head)
         for r in (x for x in rows if x["model"] == rec["model"]):
             if r.get("error"):
                 lines.append(f"| | {r['label']} | {'yes' if r['distill'] else 'no'} | error: {r['error']} "
-                             "| | | | | | |")
+                             "| | | | | | | |")
                 continue
             lines.append(
                 f"| | {r['label']} | {'yes' if r['distill'] else 'no'} | {_f(r.get('macs_ratio'), '{:.2f}')} | "
                 f"{_f(r.get('latency_ratio'), '{:.2f}')} | {_f(r.get('size_ratio'), '{:.2f}')} | "
-                f"{r.get('metric_name')} {_f(r.get('metric'))} | {_f(r.get('cosine'), '{:.4f}')} | "
-                f"{_f(r.get('sqnr_db'), '{:.1f}')} | {_f(r.get('tool_s'), '{:.0f}')} |")
+                f"{r.get('metric_name')} {_f(r.get('metric'))} | {_truth_cell(r.get('truth'))} | "
+                f"{_f(r.get('cosine'), '{:.4f}')} | {_f(r.get('sqnr_db'), '{:.1f}')} | {_f(r.get('tool_s'), '{:.0f}')} |")
     lines.append("")
     lines.append(f"Versions: {meta.get('versions')}. Total time {meta.get('seconds', 0):.0f} s.")
     return "\n".join(lines) + "\n"
@@ -322,7 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for prune.md / prune.json (default results/)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other models' records of an existing prune.json in --out (re-run a subset)")
+    ap.add_argument("--render", action="store_true", help="only rewrite prune.md from the prune.json in --out")
     args = ap.parse_args(argv)
+    if args.render:
+        out = args.out or RESULTS
+        saved = json.loads((out / "prune.json").read_text())
+        write(out, saved["records"], saved["meta"])
+        print(f"wrote {out}/prune.md from {out}/prune.json")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
     specs = load_specs()

@@ -143,3 +143,23 @@ def test_describe_stepwise_head_ratio_counts_what_each_step_left():
     assert d["removed"] == pytest.approx(1386 / 4608)
     for m in ("minilm_l3", "minilm_l6"):  # every MiniLM variant's budget meets the 30% goal
         assert all(prune.describe(v, m)["removed"] >= 0.3 for v in prune.variants(m) if "head_ratio" in v)
+
+
+def test_ground_truth_scores_are_reported_next_to_fp32s():
+    m = _method(0.5, 0.6, 0.84)
+    m["metrics"].update({"exact_match": 0.844, "fp32_exact_match": 0.969, "cer": 0.015, "fp32_cer": 0.006,
+                         "fp32_note": "not a score"})
+    rec = _record("ppocrv4_rec", **{"ours:cleanup,prune-channels{target_macs=0.5},distill": m})
+    (row,) = prune.rows_of(rec)
+    assert row["truth"] == {"cer": (0.015, 0.006), "exact_match": (0.844, 0.969)}
+    md = prune.render([rec], [row], {"n_calib": 64, "n_eval": 64})
+    assert "cer 0.015 (0.006), exact_match 0.844 (0.969)" in md
+
+
+def test_render_rewrites_the_table_from_saved_json(tmp_path):
+    rec = _record(**{"ours:cleanup,prune-channels{target_macs=0.5},distill": _method(0.5, 0.58, 0.995)})
+    prune.write(tmp_path, [rec], {"n_calib": 64, "n_eval": 64, "args": "--models ppocr_cls"})
+    (tmp_path / "prune.md").write_text("stale")
+    assert prune.main(["--render", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "prune.md").read_text()
+    assert md.startswith("# Structured pruning") and "| ppocr_cls | macs 0.5 | 0.50 | 0.58 |" in md
