@@ -4,6 +4,7 @@
     python -m benchmarks.prune                              # every model below, every variant
     python -m benchmarks.prune --models ppocr_cls,mtcnn_onet
     python -m benchmarks.prune --render                     # rewrite prune.md from prune.json
+    python -m benchmarks.prune --models ppocrv4_det --pipelines "cleanup,prune-channels{target_macs=0.85},distill" --merge
 
 Every variant is an ``ours:<pipeline>`` method of the benchmark harness (``benchmarks.run.benchmark_model``): the
 candidate is produced in its own subprocess (tool time is the pass pipeline's wall time), measured on the model's
@@ -257,6 +258,22 @@ def merge_records(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[
     return sorted(by.values(), key=lambda r: order.get(r["model"], len(order)))
 
 
+def merge_methods(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with the variants ``new`` measured added to (or replacing) each model's own; the model's FP32 row
+    (its noise band) stays the old run's. Used with ``--pipelines``: a few extra variants without re-running all."""
+    by = {r["model"]: r for r in old}
+    for rec in new:
+        base = by.get(rec["model"])
+        if base is None or base.get("error"):
+            by[rec["model"]] = rec
+            continue
+        merged = dict(base)
+        merged["methods"] = dict(base.get("methods", {})) | {
+            k: v for k, v in rec.get("methods", {}).items() if k != "fp32"}
+        by[rec["model"]] = merged
+    return merge_records([], list(by.values()))
+
+
 # -------------------------------------------------------------------------------------------------- markdown
 def _f(v: Any, fmt: str = "{:.3f}") -> str:
     if v is None:
@@ -269,6 +286,9 @@ def _f(v: Any, fmt: str = "{:.3f}") -> str:
 def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = ["# Structured pruning on real models (`prune-channels`, `distill`)", ""]
     lines.append(f"`python -m benchmarks.prune {meta.get('args', '')}`".replace(" `", "`"))
+    for extra in meta.get("extra", []):
+        lines.append(f"plus `python -m benchmarks.prune {extra}` (rows added; each row's latency is against FP32 "
+                     "in its own run)")
     lines.append("")
     lines.append(
         f"{meta.get('n_calib')} calibration (except {meta.get('n_calib_override') or 'none'}) / "
@@ -337,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for prune.md / prune.json (default results/)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other models' records of an existing prune.json in --out (re-run a subset)")
+    ap.add_argument("--pipelines", help="';'-separated pipelines to run instead of each model's variants; with "
+                    "--merge they are added to the models' existing rows")
     ap.add_argument("--render", action="store_true", help="only rewrite prune.md from the prune.json in --out")
     args = ap.parse_args(argv)
     if args.render:
@@ -358,11 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     n_calib_default = args.n_calib or (32 if args.quick else 64)
     n_eval = args.n_eval or (24 if args.quick else 64)
     t0 = time.perf_counter()
-    old = json.loads((out / "prune.json").read_text()).get("records", []) if args.merge and (
-        out / "prune.json").exists() else []
+    saved = json.loads((out / "prune.json").read_text()) if args.merge and (out / "prune.json").exists() else {}
+    old, old_meta = saved.get("records", []), saved.get("meta")
     records: list[dict[str, Any]] = []
     for name in names:
-        pipelines = variants(name, args.quick)
+        pipelines = [p.strip() for p in args.pipelines.split(";") if p.strip()] if args.pipelines else variants(
+            name, args.quick)
         methods = {"fp32": anchors.fp32_method} | {f"ours:{p}": anchors.ours(p) for p in pipelines}
         n_calib = args.n_calib or N_CALIB.get(name, n_calib_default)
         cfg = RunConfig(methods=list(methods), n_calib=n_calib, n_eval=n_eval, threads=(1,),
@@ -372,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": n_calib_default,
                 "n_calib_override": {k: v for k, v in N_CALIB.items() if not args.n_calib}, "n_eval": n_eval,
                 "versions": versions(), "seconds": time.perf_counter() - t0}
-        write(out, merge_records(old, records), meta)  # after every model: an interrupted run keeps its results
+        merged = merge_methods(old, records) if args.pipelines else merge_records(old, records)
+        if args.pipelines and old_meta:
+            meta = old_meta | {"extra": old_meta.get("extra", []) + [meta["args"]], "seconds": old_meta.get(
+                "seconds", 0)}
+        write(out, merged, meta)  # after every model: an interrupted run keeps its results
     print(f"wrote {out}/prune.md ({len(records)} models, {time.perf_counter() - t0:.0f} s)")
     return 0
 

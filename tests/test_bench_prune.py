@@ -163,3 +163,16 @@ def test_render_rewrites_the_table_from_saved_json(tmp_path):
     assert prune.main(["--render", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "prune.md").read_text()
     assert md.startswith("# Structured pruning") and "| ppocr_cls | macs 0.5 | 0.50 | 0.58 |" in md
+
+
+def test_merge_methods_adds_variants_and_keeps_the_fp32_row():
+    a = "ours:cleanup,prune-channels{target_macs=0.5},distill"
+    b = "ours:cleanup,prune-channels{target_macs=0.85},distill"
+    old = [_record("ppocrv4_det", "map_iou", **{a: _method(0.5, 0.57, 0.886, name="map_iou")})]
+    new_rec = _record("ppocrv4_det", "map_iou", **{b: _method(0.85, 0.88, 0.992, name="map_iou")})
+    new_rec["methods"]["fp32"] = {"latency": {"t1": {"ratio": 0.5}}}
+    out = prune.merge_methods(old, [new_rec, _record("ppocr_cls")])
+    assert [r["model"] for r in out] == ["ppocr_cls", "ppocrv4_det"]
+    merged = out[1]
+    assert set(merged["methods"]) == {"fp32", a, b}
+    assert merged["methods"]["fp32"]["latency"]["t1"]["ratio"] == 0.97  # the original run's noise band
