@@ -138,14 +138,14 @@ def compensate_model(model, deltas: dict[int, tuple[gs.Node, np.ndarray]]) -> No
         bnode, idx = slot
         if len(bnode.inputs) <= idx or not bnode.inputs[idx].name:  # a Conv/Gemm without a bias: give it one
             proto = protos.get(bnode.outputs[0].name)
-            if proto is None or len(proto.input) > idx or bnode.op not in ("Conv", "Gemm"):
+            if proto is None or bnode.op not in ("Conv", "Gemm"):
                 continue
-            while len(proto.input) < idx:
+            while len(proto.input) <= idx:
                 proto.input.append("")
-            name = f"{bnode.outputs[0].name}__compensation_bias"
-            t = numpy_helper.from_array(delta.astype(np.float32), name)
-            model.graph.initializer.append(t)
-            proto.input.append(name)
+            if proto.input[idx]:
+                continue
+            proto.input[idx] = f"{bnode.outputs[0].name}__compensation_bias"
+            model.graph.initializer.append(numpy_helper.from_array(delta.astype(np.float32), proto.input[idx]))
             if bnode.op == "Gemm":
                 for a in proto.attribute:
                     if a.name == "beta":

@@ -157,9 +157,9 @@ ABLATION_MAX_UNITS = 64
 
 
 def ablation_scores(cg: ChannelGroups, model: onnx.ModelProto, feeds: list[dict], groups: set[int],
-                    error: callable, prepare: callable | None = None) -> tuple[np.ndarray, set[int]]:
-    """Output error of zeroing each unit alone, for the small groups among ``groups``; ``prepare(model, units)``
-    edits each trial model the way the pass will (e.g. the removed channels' means moved into the biases)."""
+                    error: callable, trial_model: callable | None = None) -> tuple[np.ndarray, set[int]]:
+    """Output error of removing each unit alone, for the small groups among ``groups``. ``trial_model(units)``
+    builds the model without them the way the pass will (default: their weights zeroed)."""
     from onnxcompress.runtime import Session
 
     scores = np.zeros(cg.n_units)
@@ -171,9 +171,7 @@ def ablation_scores(cg: ChannelGroups, model: onnx.ModelProto, feeds: list[dict]
         base = [s.run(f) for f in feeds]
     for g in small:
         for u in g.units.tolist():
-            trial = cg.zeroed_model(model, [u])
-            if prepare is not None:
-                prepare(trial, [u])
+            trial = trial_model([u]) if trial_model is not None else cg.zeroed_model(model, [u])
             with Session(trial, what="ablation trial") as s:
                 scores[u] = error(base, [s.run(f) for f in feeds])
         done.add(g.id)

@@ -481,11 +481,11 @@ def _residual_target(L: Layer, tensors: dict, graph_out: set[int], teacher_outpu
     out = add.outputs[0].name
     if isinstance(other, gs.Variable) and other.name and out in teacher_outputs:
         L.res_out, L.res_other = out, other.name
-        users = add.outputs[0].outputs
-        if ln_weight and users and all(u.op == "LayerNormalization" and u.inputs[0] is add.outputs[0] for u in users):
+        total = add.outputs[0]
+        users = total.outputs
+        if ln_weight and users and all(u.op == "LayerNormalization" and u.inputs[0] is total for u in users):
             axes = {int(u.attrs.get("axis", -1)) for u in users}
-            rank = len(add.outputs[0].shape) if add.outputs[0].shape is not None else None
-            if len(axes) == 1 and (next(iter(axes)) == -1 or (rank is not None and next(iter(axes)) == rank - 1)):
+            if axes == {-1} or (total.shape is not None and axes == {len(total.shape) - 1}):
                 L.ln_axis = -1
 
 

@@ -163,12 +163,9 @@ class PruneChannels(Pass):
             scores = np.where(np.isin(cg.unit_group, list(done)), obs, scores)
             used = "obs" if done else used
         if self.importance == "ablation" and feeds is not None:
-            def removed_like_the_pass(trial, units):
-                if self.compensate and act_stats:
-                    compensate_model(trial, bias_deltas(cg, act_stats, cg.keep_elements(units)))
-
-            abl, done = ablation_scores(cg, model, list(feeds.take(self.sensitivity_samples)), set(candidates),
-                                        _relative_error, removed_like_the_pass)
+            abl, done = ablation_scores(
+                cg, model, list(feeds.take(self.sensitivity_samples)), set(candidates), _relative_error,
+                lambda units: removed_like_the_pass(cg, model, units, act_stats if self.compensate else None))
             in_done = np.isin(cg.unit_group, list(done))
             scores = np.where(in_done, abl, scores)
             used = "ablation" if done else used
@@ -298,15 +295,21 @@ class PruneChannels(Pass):
                 k = plan_mod.round_up(p, p.n - math.floor(r * p.n))
                 if k >= p.n or k in measured:
                     continue
-                trial = p.order[: p.n - k]
-                zm = cg.zeroed_model(model, trial)
-                if act_stats:
-                    compensate_model(zm, bias_deltas(cg, act_stats, cg.keep_elements(trial)))
+                zm = removed_like_the_pass(cg, model, p.order[: p.n - k], act_stats)
                 with Session(zm, what="sensitivity trial") as s:
                     measured[k] = _relative_error(base, [s.run(f) for f in feeds])
             curves[p.gid] = plan_mod.error_curve(p, measured)
             log.debug("sensitivity group %d (n=%d): %s", p.gid, p.n, measured)
         return curves, saves
+
+
+def removed_like_the_pass(cg: ChannelGroups, model, units, act_stats: dict | None):
+    """A copy of ``model`` computing what the pruned model will: the units' weights zeroed and, given activation
+    statistics (``compensate``), their calibration means moved into the consumers' biases."""
+    zm = cg.zeroed_model(model, units)
+    if act_stats:
+        compensate_model(zm, bias_deltas(cg, act_stats, cg.keep_elements(units)))
+    return zm
 
 
 def is_heads(group) -> bool:
