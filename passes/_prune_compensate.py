@@ -106,6 +106,11 @@ def apply_before(deltas: dict[int, tuple[gs.Node, np.ndarray]]) -> dict[int, tup
     return later
 
 
+def _weight_dtype(node: gs.Node) -> np.dtype:
+    """The float type of a Conv/Gemm's constant weight (a new bias must match it); float32 otherwise."""
+    return np.asarray(node.inputs[1].values).dtype if isinstance(node.inputs[1], gs.Constant) else np.dtype(np.float32)
+
+
 def apply_after(later: dict[int, tuple[gs.Node, np.ndarray]], kept: dict[str, dict[int, np.ndarray]]) -> int:
     """Give bias-less Conv/Gemm consumers a bias holding their (cut) delta."""
     n = 0
@@ -113,8 +118,7 @@ def apply_after(later: dict[int, tuple[gs.Node, np.ndarray]], kept: dict[str, di
         y = node.outputs[0].name
         idx = kept.get(y, {}).get(1)
         d = delta[idx] if idx is not None else delta
-        dtype = np.asarray(node.inputs[1].values).dtype if isinstance(node.inputs[1], gs.Constant) else np.float32
-        const = gs.Constant(f"{y}_bias", d.astype(dtype))
+        const = gs.Constant(f"{y}_bias", d.astype(_weight_dtype(node)))
         while len(node.inputs) < 3:
             node.inputs.append(const)
         node.inputs[2] = const
@@ -145,7 +149,8 @@ def compensate_model(model, deltas: dict[int, tuple[gs.Node, np.ndarray]]) -> No
             if proto.input[idx]:
                 continue
             proto.input[idx] = f"{bnode.outputs[0].name}__compensation_bias"
-            model.graph.initializer.append(numpy_helper.from_array(delta.astype(np.float32), proto.input[idx]))
+            model.graph.initializer.append(numpy_helper.from_array(delta.astype(_weight_dtype(bnode)),
+                                                                   proto.input[idx]))
             if bnode.op == "Gemm":
                 for a in proto.attribute:
                     if a.name == "beta":

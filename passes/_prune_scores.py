@@ -157,9 +157,9 @@ ABLATION_MAX_UNITS = 64
 
 
 def ablation_scores(cg: ChannelGroups, model: onnx.ModelProto, feeds: list[dict], groups: set[int],
-                    error: callable, trial_model: callable | None = None) -> tuple[np.ndarray, set[int]]:
+                    error: callable, trial_model: callable) -> tuple[np.ndarray, set[int]]:
     """Output error of removing each unit alone, for the small groups among ``groups``. ``trial_model(units)``
-    builds the model without them the way the pass will (default: their weights zeroed)."""
+    builds the model without them the way the pass will."""
     from onnxcompress.runtime import Session
 
     scores = np.zeros(cg.n_units)
@@ -171,8 +171,7 @@ def ablation_scores(cg: ChannelGroups, model: onnx.ModelProto, feeds: list[dict]
         base = [s.run(f) for f in feeds]
     for g in small:
         for u in g.units.tolist():
-            trial = trial_model([u]) if trial_model is not None else cg.zeroed_model(model, [u])
-            with Session(trial, what="ablation trial") as s:
+            with Session(trial_model([u]), what="ablation trial") as s:
                 scores[u] = error(base, [s.run(f) for f in feeds])
         done.add(g.id)
     return scores, done
