@@ -255,7 +255,7 @@ def _type_name(tp) -> str:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from onnxcompress.pass_base import option_fields, registered_passes
+    from onnxcompress.pass_base import option_fields, option_help, registered_passes
 
     for name, cls in registered_passes().items():
         kind = "exact" if cls.exact else "lossy"
@@ -264,7 +264,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
         for f in option_fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-            helptext = cls.option_help.get(f.name, "")
+            helptext = option_help(cls)[f.name]
             print(f"    {f.name}: {_type_name(hints.get(f.name))} = {default!r}" + (f"  -- {helptext}" if helptext
                                                                                       else ""))
         print()

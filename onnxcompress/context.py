@@ -4,20 +4,29 @@
 - ``seed``: the seed every stochastic step derives its generator from (``ctx.rng(salt)``).
 - ``target_opset``: the default-domain opset a pass may upgrade to when it needs newer ops (None: leave it).
 - ``dims`` / ``input_shapes``: user bindings for symbolic input dims (``--dim batch=1``, ``--shape x=1x3x48x192``).
-- analyses: computed lazily by name and cached; the PassManager drops the ones a pass did not preserve
-  (LLVM's preserved-analyses idea). An analysis is a function ``(graph, ctx) -> value`` registered with
-  ``register_analysis``.
+- analyses: computed lazily and cached by name (``ctx.analysis(ChannelGroupsAnalysis, graph)``); the PassManager
+  drops the ones a pass did not preserve (LLVM's preserved-analyses idea). An analysis is a class with a ``name`` and
+  a ``compute(graph, ctx)`` (the ``Analysis`` protocol); the context imports none of them.
+- ``channel_map``: provenance a pass leaves for later ones (``prune-channels`` records which original channel every
+  kept channel is; ``distill`` matches student to teacher with it). A declared result, not a cached analysis: it
+  describes the run, not the current graph, and survives every invalidation.
+- ``latency``: the ``LatencyProfile`` every latency-driven decision goes through (recorded, replayable).
+- ``counters``: run-wide counters (e.g. ``calibration_runs``: how many times calibration feeds were streamed
+  through a model to collect statistics), reported in the ledger.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+
+from onnxcompress.latency_profile import LatencyProfile
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -27,16 +36,34 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-AnalysisFn = Callable[["gs.Graph", "PassContext"], Any]
-_ANALYSES: dict[str, AnalysisFn] = {}
+T = TypeVar("T")
 
 
-def register_analysis(name: str) -> Callable[[AnalysisFn], AnalysisFn]:
-    def deco(fn: AnalysisFn) -> AnalysisFn:
-        _ANALYSES[name] = fn
-        return fn
+@runtime_checkable
+class Analysis(Protocol[T]):
+    """A fact about the current graph, computed on demand and cached in the context under ``name``."""
 
-    return deco
+    name: ClassVar[str]
+
+    @classmethod
+    def compute(cls, graph: gs.Graph, ctx: PassContext) -> T: ...
+
+
+@dataclass
+class ChannelMap:
+    """Kept channel positions per pruned tensor: tensor name -> {axis: indices into the ORIGINAL tensor}."""
+
+    positions: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+
+    def record(self, mapping: dict[str, dict[int, np.ndarray]]) -> None:
+        """Compose a new pruning with the earlier ones of the run: positions keep indexing the original."""
+        for name, axes in mapping.items():
+            for axis, idx in axes.items():
+                prev = self.positions.get(name, {}).get(axis)
+                self.positions.setdefault(name, {})[axis] = prev[idx] if prev is not None else idx
+
+    def __bool__(self) -> bool:
+        return bool(self.positions)
 
 
 @dataclass
@@ -55,6 +82,9 @@ class PassContext:
     #: ``progress(iterable, total=..., desc=...)`` wrapper (a tqdm bar in the CLI) or None; pass it on to
     #: ``stream_activations(..., progress=ctx.progress)`` and other long loops
     progress: Callable | None = None
+    channel_map: ChannelMap = field(default_factory=ChannelMap)
+    latency: LatencyProfile = field(default_factory=LatencyProfile)
+    counters: Counter = field(default_factory=Counter)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def rng(self, salt: str = "") -> np.random.Generator:
@@ -62,16 +92,12 @@ class PassContext:
         digest = hashlib.sha256(f"{self.seed}:{salt}".encode()).digest()
         return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
-    def analysis(self, name: str, graph: gs.Graph) -> Any:
-        if name not in self._cache:
-            _load_builtin_analyses()
-            try:
-                fn = _ANALYSES[name]
-            except KeyError:
-                raise KeyError(f"unknown analysis {name!r}; known: {sorted(_ANALYSES)}") from None
-            log.debug("computing analysis %s", name)
-            self._cache[name] = fn(graph, self)
-        return self._cache[name]
+    def analysis(self, kind: type[Analysis[T]], graph: gs.Graph) -> T:
+        """The cached result of analysis ``kind`` on ``graph``, computed now if no valid one is cached."""
+        if kind.name not in self._cache:
+            log.debug("computing analysis %s", kind.name)
+            self._cache[kind.name] = kind.compute(graph, self)
+        return self._cache[kind.name]
 
     def cached_analyses(self) -> list[str]:
         return sorted(self._cache)
@@ -114,9 +140,3 @@ class PassContext:
             if imp.domain in ("", "ai.onnx"):
                 return imp.version
         return 17
-
-
-def _load_builtin_analyses() -> None:
-    import importlib
-
-    importlib.import_module("onnxcompress.analyses")

@@ -27,9 +27,9 @@ from onnxcompress import io
 from onnxcompress.analyses.model_stats import model_stats
 from onnxcompress.context import PassContext
 from onnxcompress.data import FeedSet, bind_dims, feed_shapes, model_inputs
-from onnxcompress.errors import OnnxCompressError, PassError, ValidationError
+from onnxcompress.errors import BadInputError, OnnxCompressError, PassError, ValidationError
 from onnxcompress.pass_base import Pass
-from onnxcompress.pipeline import format_pipeline
+from onnxcompress.pipeline import format_pass, format_pipeline
 from onnxcompress.validate import FidelityReport, compare_models, structural_gate, structural_problems
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,17 @@ class PassManager:
         return model_stats(model, shapes, feed).to_dict()
 
     # ------------------------------------------------------------------------------------------------ run
+    def check_needs(self, ctx: PassContext) -> None:
+        """Every pass's needs, checked before the first one runs: a missing input is bad input (exit 2), not a
+        failure after the earlier passes spent their time."""
+        if ctx.calibration is None:
+            wanting = [format_pass(p) for p in self.passes if p.needs_calibration()]
+            if wanting:
+                raise BadInputError(f"{', '.join(wanting)} needs calibration data (--calib); none was given")
+
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> CompressResult:
         ctx = ctx or PassContext()
+        self.check_needs(ctx)
         t_start = time.perf_counter()
         original = model
         big = io.needs_external_data(model)
@@ -125,7 +134,7 @@ class PassManager:
         done: list[str] = []
         current = working
         for p in self.passes:
-            label = p.to_text()
+            label = format_pass(p)
             t0 = time.perf_counter()
             try:
                 p.requires(graph, ctx)
@@ -137,7 +146,8 @@ class PassManager:
             except Exception as exc:  # a bug or an unexpected graph: still name the pass
                 raise PassError(_failure(label, done, exc)) from exc
             seconds = time.perf_counter() - t0
-            ctx.invalidate(result.preserved)
+            if result.modified:
+                ctx.invalidate(frozenset(result.preserved) | type(p).preserves)
             row = LedgerRow(label, result.modified, seconds, self._stats(current, shapes, feed), dict(result.stats),
                             p.options(), p.exact)
             if self.validate_each and self.validation is not None:

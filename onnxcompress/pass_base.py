@@ -10,6 +10,17 @@ Contract enforced by the ``PassManager``::
     run(graph, ctx)       -> PassResult(modified, stats, preserved)
     ensures(graph, ctx)   -> raises PassError if the pass broke its own postcondition
 
+Options carry their help beside them: ``ratio: float = option(0.3, "fraction of channels removed")``
+(``dataclasses.field`` metadata), listed by ``onnxcompress passes``; a test checks every registered pass documents
+every option.
+
+Class-level declarations the manager reads before and after the run:
+
+- ``needs``: what the pass needs from the run besides the graph (``"calibration"``): checked for every pass of the
+  pipeline before the first one runs, so a missing ``--calib`` is a bad-input error, not a failure half-way.
+- ``preserves``: names of the analyses still valid after the pass modified the graph (an unmodified graph keeps
+  them all); ``PassResult.preserved`` may add more for one run.
+
 ``exact = True`` declares that the pass must leave the model's outputs numerically unchanged (cleanup, folding);
 lossy passes are measured against the original instead.
 
@@ -51,8 +62,14 @@ class Pass:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     exact: ClassVar[bool] = False
-    #: option name -> one-line help, shown by ``onnxcompress passes``.
-    option_help: ClassVar[dict[str, str]] = {}
+    #: what the pass needs besides the graph, checked before the pipeline starts: "calibration"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: analyses (by name) that stay valid when this pass modifies the graph
+    preserves: ClassVar[frozenset[str]] = frozenset()
+
+    def needs_calibration(self) -> bool:
+        """Whether this configuration of the pass needs calibration feeds (default: ``"calibration" in needs``)."""
+        return "calibration" in self.needs
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         """Raise ``PassError`` if the pass cannot run on this graph. Default: no precondition."""
@@ -65,12 +82,6 @@ class Pass:
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_text(self) -> str:
-        """Pipeline text for this pass with its non-default options, e.g. ``quantize{mode=static}``."""
-        from onnxcompress.pipeline import format_pass
-
-        return format_pass(self)
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
@@ -90,7 +101,8 @@ def register(cls: type[Pass]) -> type[Pass]:
 
 
 def get_pass_class(name: str) -> type[Pass]:
-    _ensure_builtin_passes()
+    """The registered pass called ``name`` (passes register when ``onnxcompress.passes`` is imported, which
+    ``import onnxcompress`` does)."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -101,16 +113,23 @@ def get_pass_class(name: str) -> type[Pass]:
 
 
 def registered_passes() -> dict[str, type[Pass]]:
-    _ensure_builtin_passes()
     return dict(sorted(_REGISTRY.items()))
 
 
-def _ensure_builtin_passes() -> None:
-    # The core never imports a concrete pass module by name; importing the package registers them all.
-    import importlib
+def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" reads best at the call site
+    """A pass option with its one-line help: ``ratio: float = option(0.3, "fraction of channels removed")``.
 
-    importlib.import_module("onnxcompress.passes")
+    Mutable defaults (lists, dicts) are given as ``default_factory=...`` in ``kwargs`` with ``default=None``."""
+    if "default_factory" in kwargs:
+        return field(metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 def option_fields(cls: type[Pass]) -> Iterable[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def option_help(cls: type[Pass]) -> dict[str, str]:
+    """Option name -> its help text (empty where a field has none: a test keeps that from happening)."""
+    legacy = cls.__dict__.get("option_help_legacy", {})
+    return {f.name: f.metadata.get("help", "") or legacy.get(f.name, "") for f in option_fields(cls)}

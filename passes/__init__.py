@@ -1,8 +1,4 @@
-"""The built-in passes. Importing this package registers every pass with ``onnxcompress.pass_base.register``."""
+"""The built-in passes. Importing this package registers every pass with ``onnxcompress.pass_base.register``
+(``import onnxcompress`` does it)."""
 
-from importlib import import_module
-
-_PASS_MODULES = ["cleanup", "prune_channels", "quantize", "distill"]
-
-for _name in _PASS_MODULES:
-    import_module(f"{__name__}.{_name}")
+from onnxcompress.passes import cleanup, distill, prune_channels, quantize  # noqa: F401  (registers the passes)

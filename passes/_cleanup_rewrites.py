@@ -54,8 +54,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcompress.graph_utils import detach, redirect_consumers, unique_name
+
 from ._cleanup_shapes import Facts, SymVal, const_ints, sym_of
-from ._graph_utils import detach, redirect_consumers, unique_name
 
 log = logging.getLogger(__name__)
 

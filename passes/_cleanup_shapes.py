@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ._graph_utils import all_graphs
+from onnxcompress.graph_utils import all_graphs
 
 log = logging.getLogger(__name__)
 

@@ -57,12 +57,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxcompress.context import PassContext
 from onnxcompress.errors import PassError
-from onnxcompress.pass_base import Pass, PassResult, register
-
-from . import _cleanup_rewrites as rw
-from ._cleanup_if import inline_constant_ifs
-from ._cleanup_shapes import Facts, SymVal, infer_facts, sym_values
-from ._graph_utils import (
+from onnxcompress.graph_utils import (
     all_graphs,
     all_tensor_names,
     detach,
@@ -73,6 +68,11 @@ from ._graph_utils import (
     redirect_consumers,
     unique_name,
 )
+from onnxcompress.pass_base import Pass, PassResult, register
+
+from . import _cleanup_rewrites as rw
+from ._cleanup_if import inline_constant_ifs
+from ._cleanup_shapes import Facts, SymVal, infer_facts, sym_values
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Cleanup(Pass):
         "initializers (exact)"
     )
     exact: ClassVar[bool] = True
-    option_help: ClassVar[dict[str, str]] = {
+    option_help_legacy: ClassVar[dict[str, str]] = {
         "remove_dead": "drop nodes that reach no graph output",
         "remove_identity": "bypass Identity nodes",
         "remove_dropout": "bypass inference-mode Dropout nodes",

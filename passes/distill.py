@@ -1,7 +1,7 @@
 """``distill``: post-training knowledge distillation — the original model teaches the compressed one.
 
 Teacher: ``ctx.original_model()``; student: the current graph. Layers are matched by the name of their output
-tensor (passes keep names); when ``prune-channels`` cut a layer's outputs, the ``channel_map`` analysis says which
+tensor (passes keep names); when ``prune-channels`` cut a layer's outputs, the context's ``channel_map`` says which
 teacher channel each kept student channel is.
 
 For every weighted layer (Conv, depthwise Conv, Gemm, MatMul with a constant weight, with its bias — a Conv/Gemm
@@ -62,7 +62,7 @@ class Distill(Pass):
         "refit layers by ridge least squares so the compressed model matches the original "
         "on calibration data, layer by layer; bias correction for the rest"
     )
-    option_help: ClassVar[dict[str, str]] = {
+    option_help_legacy: ClassVar[dict[str, str]] = {
         "ridge": "ridge strength relative to the mean diagonal of X^T X",
         "samples": "calibration feeds used (time grows with them; more feeds generalise better: MiniLM-L3 "
         "cosine 0.969 with 256 sentences, 0.979 with 550)",
@@ -108,7 +108,7 @@ class Distill(Pass):
         io.lift_constant_nodes(teacher)
         teacher_outputs = {o for n in teacher.graph.node for o in n.output if o}
         teacher_weights = _teacher_weights(teacher)
-        cmap = ctx.analysis("channel_map", graph)
+        cmap = ctx.channel_map.positions
         layers, skipped = self._find_layers(graph, teacher_outputs, teacher_weights, cmap)
         feeds = ctx.calibration.take(self.samples)  # re-iterated per stage, one feed in memory at a time
         rng = ctx.rng("distill")
@@ -145,7 +145,7 @@ class Distill(Pass):
             stats["layers_bias_corrected"],
             stats["stages"],
         )
-        return PassResult(modified, stats, frozenset({"channel_map"}) if modified else frozenset({"all"}))
+        return PassResult(modified, stats, frozenset() if modified else frozenset({"all"}))
 
     # ------------------------------------------------------------------------------------------ layer discovery
     def _find_layers(

@@ -32,7 +32,7 @@ one layer's heads matter less than another's (0.903 before distill there).
 
 Names: every surviving tensor keeps its name (so ``distill`` can match student to teacher); a constant shared by
 nodes that are cut differently is split into ``<name>_pruned`` copies. The kept positions of every cut tensor are
-left in the context as the ``channel_map`` analysis.
+left in the context as its ``channel_map`` (a declared result).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.analyses.channel_groups import ChannelGroups, remember_channel_map
+from onnxcompress.analyses.channel_groups import ChannelGroups, ChannelGroupsAnalysis
 from onnxcompress.context import PassContext
 from onnxcompress.errors import PassError
 from onnxcompress.pass_base import Pass, PassResult, register
@@ -67,7 +67,7 @@ class PruneChannels(Pass):
     name: ClassVar[str] = "prune-channels"
     description: ClassVar[str] = ("remove whole channels / neurons / attention heads by group importance; shrinks "
                                   "every coupled tensor (real MAC cut); follow with distill")
-    option_help: ClassVar[dict[str, str]] = {
+    option_help_legacy: ClassVar[dict[str, str]] = {
         "ratio": "fraction of each group's channels to remove (uniform), or of all channels (global)",
         "head_ratio": "fraction of the attention heads to remove (groups whose unit spans several channels); the "
                       "ratio option then counts the other groups only (FFN neurons, channels); with allocation "
@@ -133,7 +133,7 @@ class PruneChannels(Pass):
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        cg: ChannelGroups = ctx.analysis("channel_groups", graph)
+        cg: ChannelGroups = ctx.analysis(ChannelGroupsAnalysis, graph)
         excluded = cg.group_of_name(self.exclude)
         candidates = [g.id for g in cg.groups if g.prunable and g.id not in excluded]
         reasons = Counter(_reason_key(g.reason) for g in cg.groups if not g.prunable and (g.members or g.producers))
@@ -146,7 +146,7 @@ class PruneChannels(Pass):
         if not candidates or (self.ratio == 0.0 and not self.head_ratio and self.target_macs in (None, 1.0)
                               and self.target_latency in (None, 1.0)):
             stats["pruned_groups"] = 0
-            return PassResult(False, stats, frozenset({"channel_groups", "channel_map"}))
+            return PassResult(False, stats, frozenset({"channel_groups"}))
         feeds = ctx.calibration
         model = ctx.export(graph)
         progress = getattr(ctx, "progress", None)
@@ -181,9 +181,9 @@ class PruneChannels(Pass):
         keep_el = cg.keep_elements(removed)
         if removed.size == 0:
             stats["pruned_groups"] = 0
-            return PassResult(False, stats, frozenset({"channel_groups", "channel_map"}))
+            return PassResult(False, stats, frozenset({"channel_groups"}))
         kept_positions = cg.kept_positions(removed)
-        remember_channel_map(ctx, kept_positions)
+        ctx.channel_map.record(kept_positions)
         pruned_groups = sorted({int(g) for g in cg.unit_group[removed]})
         later = {}
         deltas = {}
@@ -214,7 +214,7 @@ class PruneChannels(Pass):
             _verify(graph, ctx)
         log.info("prune-channels: removed %d units in %d groups, MACs x%.3f (estimate)", removed.size,
                  len(pruned_groups), stats["macs_ratio_estimate"])
-        return PassResult(True, stats, frozenset({"channel_map"}))
+        return PassResult(True, stats)
 
     def _allocation(self, have_data: bool) -> str:
         if self.allocation != "auto":

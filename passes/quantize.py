@@ -126,7 +126,7 @@ class Quantize(Pass):
         "placed for ORT's integer kernels; calibration, bias correction, mixed precision"
     )
     exact: ClassVar[bool] = False
-    option_help: ClassVar[dict[str, str]] = {
+    option_help_legacy: ClassVar[dict[str, str]] = {
         "mode": "static (needs --calib) | dynamic (MatMul/Gemm, run-time activation ranges) | weight_only",
         "per_channel": "one weight scale per output channel (opset 13, upgraded automatically)",
         "activation_type": "integer type of activations in static mode",

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import tests.passes_for_tests  # noqa: F401
-from onnxcompress.context import PassContext, register_analysis
+from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
 from onnxcompress.errors import PassError, ValidationError
 from onnxcompress.manager import PassManager
@@ -96,28 +96,31 @@ def test_original_model_is_not_modified():
 _CALLS = {"n": 0}
 
 
-@register_analysis("test-counter")
-def _counter(graph, ctx):
-    _CALLS["n"] += 1
-    return _CALLS["n"]
+class _Counter:
+    name = "test-counter"
+
+    @classmethod
+    def compute(cls, graph, ctx):
+        _CALLS["n"] += 1
+        return _CALLS["n"]
 
 
 def test_analyses_are_cached_and_invalidated_unless_preserved():
     ctx = PassContext()
     graph = None
-    first = ctx.analysis("test-counter", graph)
-    assert ctx.analysis("test-counter", graph) == first  # cached
+    first = ctx.analysis(_Counter, graph)
+    assert ctx.analysis(_Counter, graph) == first  # cached
     ctx.invalidate(frozenset({"test-counter"}))
-    assert ctx.analysis("test-counter", graph) == first  # preserved
+    assert ctx.analysis(_Counter, graph) == first  # preserved
     ctx.invalidate(frozenset())
-    assert ctx.analysis("test-counter", graph) == first + 1  # recomputed
+    assert ctx.analysis(_Counter, graph) == first + 1  # recomputed
     ctx.invalidate(frozenset({"all"}))
     assert "test-counter" in ctx.cached_analyses()
 
 
 def test_manager_drops_analyses_a_pass_does_not_preserve():
     ctx = PassContext()
-    ctx.analysis("test-counter", None)
+    ctx.analysis(_Counter, None)
     PassManager(parse_pipeline("test-scale{preserve=[test-counter]}"), gate=False).run(conv_gemm_model(), ctx)
     assert "test-counter" in ctx.cached_analyses()
     PassManager(parse_pipeline("test-scale"), gate=False).run(conv_gemm_model(), ctx)

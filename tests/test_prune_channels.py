@@ -91,7 +91,7 @@ def test_exclude_leaves_group_alone(digits):
 
 def test_channel_map_left_for_distill(digits):
     _, ctx = _run(digits, "prune-channels{ratio=0.25 round_to=1}", calib=False)
-    cmap = ctx.analysis("channel_map", None)
+    cmap = ctx.channel_map.positions
     conv1_out = next(n.output[0] for n in digits.graph.node if n.name == "conv1")
     kept = cmap[conv1_out][1]
     assert len(kept) == 12 and np.all(np.diff(kept) > 0) and kept.max() < 16
@@ -106,7 +106,7 @@ def test_bn_importance_drops_small_gammas(digits):
     gamma.CopyFrom(numpy_helper.from_array(g, "bn1.weight"))
     _, ctx = _run(m, "prune-channels{ratio=0.25 importance=bn round_to=1}", calib=False)
     conv1_out = next(n.output[0] for n in m.graph.node if n.name == "conv1")
-    kept = set(ctx.analysis("channel_map", None)[conv1_out][1].tolist())
+    kept = set(ctx.channel_map.positions[conv1_out][1].tolist())
     assert kept == set(range(16)) - {2, 7, 11, 13}
 
 
@@ -163,7 +163,7 @@ def test_ablation_importance_measures_each_unit():
     res, ctx = _run(m, "prune-channels{ratio=0.25 importance=ablation exclude=[conv_a] round_to=1}",
                     ctx=PassContext(calibration=feeds))
     assert _prune_stats(res)["importance"] == "ablation"
-    kept = ctx.analysis("channel_map", None)["b"][1].tolist()
+    kept = ctx.channel_map.positions["b"][1].tolist()
     assert kept == [0, 1, 2, 4, 6, 7]
 
 
@@ -187,7 +187,7 @@ def test_ablation_trial_removes_the_unit_the_way_the_pass_does():
     raw = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
     res, ctx = _run(m, "prune-channels{ratio=0.125 importance=ablation exclude=[conv_a] round_to=1}",
                     ctx=PassContext(calibration=load_feeds(raw, m)))
-    kept = ctx.analysis("channel_map", None)["b"][1].tolist()
+    kept = ctx.channel_map.positions["b"][1].tolist()
     assert 2 not in kept and len(kept) == 7
     (ref,), (got,) = ort_run(m, raw[0]), ort_run(res.model, raw[0])
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)  # the constant channel was free to remove
@@ -208,7 +208,7 @@ def test_obs_removes_a_redundant_channel_first():
         res, ctx = _run(m, f"prune-channels{{ratio=0.125 importance={imp} exclude=[conv_a] round_to=1}}",
                         ctx=PassContext(calibration=load_feeds(feeds, m)))
         assert _prune_stats(res)["importance"] == imp
-        kept[imp] = set(ctx.analysis("channel_map", None)["b"][1].tolist())
+        kept[imp] = set(ctx.channel_map.positions["b"][1].tolist())
     assert {0, 1} <= kept["recon"]
     assert len({0, 1} & kept["obs"]) == 1
 

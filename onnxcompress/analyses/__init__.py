@@ -1,6 +1,5 @@
-"""Shared, cached facts about a graph. Importing this package registers every analysis with the context."""
+"""Shared, cached facts about a graph (channel groups, activation statistics, MACs, model statistics).
 
-from importlib import import_module
-
-for _name in ("model_stats", "channel_groups"):
-    import_module(f"{__name__}.{_name}")
+Each analysis is a class with a ``name`` and ``compute(graph, ctx)``; a pass asks ``ctx.analysis(Kind, graph)``.
+Nothing here is imported for its side effects.
+"""

@@ -56,7 +56,7 @@ rules, dispatch), ``_groups_elementwise`` (unary/broadcast ops, norms, reduction
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -94,13 +94,13 @@ from onnxcompress.analyses._groups_walk import (
     toposort,
 )
 from onnxcompress.analyses._groups_weighted import WeightedRules
-from onnxcompress.context import PassContext, register_analysis
+from onnxcompress.context import PassContext
 
 __all__ = [
     "BROADCAST_OPS", "OTHER_REDUCTIONS", "POOL_OPS", "SHAPE_ONLY_OPS", "SUM_REDUCTIONS", "UNARY_OPS", "AxisSpec",
     "ChannelGroup", "ChannelGroups", "ConstSlice", "GroupAttrEdit", "Layout", "MacTerm", "RangeEdit", "ShapeEdit",
-    "SplitEdit", "analyse", "channel_groups", "channel_map", "connected_components", "describe_groups",
-    "input_shapes_for", "remember_channel_map", "reshape_blocks", "static_shapes", "toposort",
+    "SplitEdit", "analyse", "ChannelGroupsAnalysis", "connected_components", "describe_groups",
+    "input_shapes_for", "reshape_blocks", "static_shapes", "toposort",
 ]  # fmt: skip
 
 
@@ -244,37 +244,16 @@ def input_shapes_for(model: onnx.ModelProto, ctx: PassContext | None) -> tuple[d
     return bind_dims(model_inputs(model), dims, shapes), None
 
 
-@register_analysis("channel_groups")
-def channel_groups(graph: gs.Graph, ctx: PassContext) -> ChannelGroups:
-    model = ctx.export(graph)
-    shapes_in, feed = input_shapes_for(model, ctx)
-    return analyse(graph, static_shapes(model, shapes_in, feed))
+class ChannelGroupsAnalysis:
+    """``ctx.analysis(ChannelGroupsAnalysis, graph)``: the channel groups of the current graph at its input shape."""
 
+    name: ClassVar[str] = "channel_groups"
 
-#: the kept positions of every pruning in this run live on the context itself: they are provenance, not a fact about
-#: the current graph, and must survive passes that drop cached analyses (quantize between prune and distill)
-_PROVENANCE_ATTR = "_pruned_channel_map"
-
-
-@register_analysis("channel_map")
-def channel_map(graph: gs.Graph, ctx: PassContext) -> dict[str, dict[int, np.ndarray]]:
-    """Kept channel positions per pruned tensor: tensor name -> {axis: indices into the original tensor}, as left by
-    ``prune-channels`` in this run (empty when nothing was pruned)."""
-    return getattr(ctx, _PROVENANCE_ATTR, {})
-
-
-def remember_channel_map(ctx: PassContext, mapping: dict[str, dict[int, np.ndarray]]) -> None:
-    """Record the kept positions of a pruning for later passes (``distill`` matches student to teacher with them).
-
-    Composed with an earlier pruning of the same run: positions index the original (kept-of-kept)."""
-    old = getattr(ctx, _PROVENANCE_ATTR, {})
-    merged = {k: dict(v) for k, v in old.items()}
-    for name, axes in mapping.items():
-        for axis, idx in axes.items():
-            prev = merged.get(name, {}).get(axis)
-            merged.setdefault(name, {})[axis] = prev[idx] if prev is not None else idx
-    setattr(ctx, _PROVENANCE_ATTR, merged)
-    ctx.invalidate(frozenset(k for k in ctx.cached_analyses() if k != "channel_map"))
+    @classmethod
+    def compute(cls, graph: gs.Graph, ctx: PassContext) -> ChannelGroups:
+        model = ctx.export(graph)
+        shapes_in, feed = input_shapes_for(model, ctx)
+        return analyse(graph, static_shapes(model, shapes_in, feed))
 
 
 def describe_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
