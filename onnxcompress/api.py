@@ -2,22 +2,34 @@
 
 ``model`` is a path or a ModelProto (never modified); ``passes`` a pipeline text, a list of passes, or a TOML recipe
 path ending in ``.toml``. Calibration feeds go to the passes; validation feeds (default: the calibration feeds) are
-what the result's fidelity is measured on. Without either, random feeds are used with a warning.
+what the result's fidelity is measured on. Without either, random feeds are used and the result's notes say so.
+
+Everything a run reports comes from here, not from the CLI: the ledger, fidelity, the latency of the original and
+the compressed model (measured interleaved on one validation feed), the notes, the latency profile the passes'
+decisions used, and where the model and data came from. ``result.save(path)`` writes model + reports atomically.
+Feeds are loaded once and the passes resolved once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import onnx
 
 from onnxcompress import io
 from onnxcompress.context import PassContext
 from onnxcompress.data import Feed, FeedSet, load_feeds, random_feeds
-from onnxcompress.manager import CompressResult, PassManager
+from onnxcompress.latency_profile import LatencyProfile
+from onnxcompress.manager import PassManager
 from onnxcompress.pass_base import Pass
 from onnxcompress.pipeline import load_recipe, parse_pipeline
+from onnxcompress.result import CompressResult
+
+log = logging.getLogger(__name__)
 
 FeedSource = str | Path | Iterable[Feed] | FeedSet | None
 
@@ -35,12 +47,38 @@ def _check_loads(model: onnx.ModelProto) -> None:
 
 
 def resolve_passes(passes: str | Path | list[Pass]) -> list[Pass]:
+    """A pipeline text, a ``.toml`` recipe path, or a list of passes -> the list of passes."""
     if isinstance(passes, list):
         return passes
     text = str(passes)
     if text.endswith(".toml"):
         return load_recipe(text)
     return parse_pipeline(text)
+
+
+def versions() -> dict[str, str]:
+    """The versions that decide a run's result: onnxcompress and the libraries it computes with."""
+    import numpy
+    import onnxruntime
+
+    from onnxcompress import __version__
+
+    return {"onnxcompress": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _describe_feeds(feeds: FeedSet | None) -> dict[str, Any] | None:
+    if feeds is None:
+        return None
+    return {"source": feeds.source, "samples": len(feeds), "synthetic": bool(feeds.synthetic)}
 
 
 def compress(
@@ -56,19 +94,48 @@ def compress(
     validate_each: bool = False,
     measure: bool = True,
     max_validation: int | None = None,
+    latency: bool = False,
+    latency_budget: float = 3.0,
+    latency_profile: LatencyProfile | str | Path | None = None,
     progress: Callable | None = None,
 ) -> CompressResult:
+    """Run ``passes`` over ``model`` and measure the result against it under onnxruntime.
+
+    ``latency=True`` also times the original and the compressed model (1 thread, interleaved, ``latency_budget``
+    seconds). ``latency_profile`` (a ``LatencyProfile`` or a path to a run report / profile JSON) replays the
+    latency measurements of an earlier run so the passes make the same decisions."""
+    source = None if isinstance(model, onnx.ModelProto) else Path(model)
     proto = model if isinstance(model, onnx.ModelProto) else io.read_model(model)
     pass_list = resolve_passes(passes)
     _check_loads(proto)
     calib = load_feeds(calibration, proto)
     valid = load_feeds(validation, proto) if validation is not None else calib
-    if valid is None and validate:
+    if valid is None and (validate or latency):
         valid = random_feeds(proto, dims, n=4, seed=seed, shapes=shapes)
     if valid is not None and max_validation is not None:
         valid = valid.take(max_validation)
+    if isinstance(latency_profile, (str, Path)):
+        latency_profile = LatencyProfile.load(latency_profile)
     ctx = PassContext(calibration=calib, seed=seed, dims=dict(dims or {}), input_shapes=dict(shapes or {}),
-                      progress=progress)
+                      progress=progress, latency=latency_profile or LatencyProfile())
     manager = PassManager(pass_list, validation=valid if validate else None, validate_each=validate_each,
                           measure=measure, progress=progress)
-    return manager.run(proto, ctx)
+    result = manager.run(proto, ctx)
+    result.provenance = {
+        "input": str(source) if source else None,
+        "input_sha256": _sha256(source) if source and source.is_file() else None,
+        "versions": versions(),
+        "seed": seed,
+        "calibration": _describe_feeds(calib),
+        "validation": _describe_feeds(valid if validate else None),
+    }
+    if valid is not None and valid.synthetic:
+        result.notes.append("fidelity measured on RANDOM inputs (no calibration/validation data given): it says "
+                            "little about real inputs")
+    if latency and valid is not None:
+        from onnxcompress.latency import measure_latency
+
+        lat = measure_latency({"original": proto, "compressed": result.model}, valid.first(), threads=1,
+                              budget_s=latency_budget)
+        result.latency_ms = {**lat, "threads": 1}
+    return result

@@ -70,40 +70,26 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 # ------------------------------------------------------------------------------------------------- commands
 def cmd_compress(args: argparse.Namespace) -> int:
-    from onnxcompress.api import compress, resolve_passes
-    from onnxcompress.latency import measure_latency
-    from onnxcompress.report import ledger_rows, to_markdown, write_json
+    from onnxcompress.api import compress
+    from onnxcompress.report import ledger_rows
 
     src, out = Path(args.input), Path(args.output)
+    if args.passes and args.recipe:
+        raise BadInputError("give either --passes or --recipe, not both")
     if not (args.passes or args.recipe):
         raise BadInputError("give the passes: --passes 'cleanup,...' or --recipe recipe.toml")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise BadInputError("the output path is the input file; onnxcompress never overwrites its input")
     if out.exists() and out.is_dir():
         raise BadInputError(f"output {out} is a folder; give a file name")
-    passes = resolve_passes(args.recipe or args.passes)
-    model = io.read_model(src)
-    result = compress(model, passes, calibration=args.calib, validation=args.val, dims=_parse_dims(args.dim),
-                      shapes=_parse_shapes(args.shape), seed=args.seed, validate=not args.no_validate, validate_each=args.validate_each,
-                      max_validation=args.max_val, progress=_progress())
-    report = result.to_dict()
-    report["input"] = str(src)
-    report["output"] = str(out)
-    notes = report.setdefault("notes", [])
-    if result.fidelity is not None and result.fidelity.synthetic:
-        notes.append("fidelity measured on RANDOM inputs (no --calib/--val given): it says little about real inputs")
-    if not args.no_latency:
-        feed = next(iter(_feeds_for_latency(model, args)), None)
-        if feed is not None:
-            lat = measure_latency({"original": model, "compressed": result.model}, feed, threads=1,
-                                  budget_s=args.latency_budget)
-            report["latency_ms"] = {**lat, "threads": 1}
-    out.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves nothing behind
-    io.save_model(result.model, out)
-    report_path = Path(args.report) if args.report else out.with_name(out.name + ".report.json")
-    write_json(report, report_path)
-    report_path.with_suffix(".md").write_text(to_markdown(report))
+    result = compress(src, args.recipe or args.passes, calibration=args.calib, validation=args.val,
+                      dims=_parse_dims(args.dim), shapes=_parse_shapes(args.shape), seed=args.seed,
+                      validate=not args.no_validate, validate_each=args.validate_each, max_validation=args.max_val,
+                      latency=not args.no_latency, latency_budget=args.latency_budget,
+                      latency_profile=args.latency_profile, progress=_progress())
+    out, report_path = _save_creating_folders(result, out, Path(args.report) if args.report else None)
     if not args.quiet:
+        report = result.to_dict()
         print(f"pipeline: {result.pipeline}")
         _print_table(["stage", "nodes", "params", "bytes", "zipped", "MACs", "time", "changes"], ledger_rows(report))
         if result.fidelity is not None:
@@ -113,23 +99,38 @@ def cmd_compress(args: argparse.Namespace) -> int:
             if "top1_agreement" in w:
                 parts.append(f"top-1 agreement {w['top1_agreement']:.4f}")
             print(f"fidelity ({result.fidelity.feeds} feeds, worst output): " + ", ".join(parts))
-        if "latency_ms" in report:
-            lat = report["latency_ms"]
+        if result.latency_ms is not None:
+            lat = result.latency_ms
             print(f"latency (ORT CPU, 1 thread): {lat['original']:.3f} ms -> {lat['compressed']:.3f} ms "
                   f"({lat['compressed'] / lat['original']:.2f}x)")
-        for note in notes:
+        for note in result.notes:
             print(f"note: {note}")
         print(f"wrote {out} ({human(out.stat().st_size)}) and {report_path}")
     return 0
 
 
-def _feeds_for_latency(model, args):
-    from onnxcompress.data import load_feeds, random_feeds
-
-    feeds = load_feeds(args.val or args.calib, model) if (args.val or args.calib) else None
-    if feeds is None:
-        feeds = random_feeds(model, _parse_dims(args.dim), n=1, shapes=_parse_shapes(args.shape))
-    return feeds.take(1)
+def _save_creating_folders(result, out: Path, report: Path | None) -> tuple[Path, Path]:
+    """One rule for -o and --report: missing folders are created, but only once the run has succeeded, and removed
+    again if writing fails (a failed run leaves nothing behind)."""
+    created: list[Path] = []
+    for folder in {out.parent, *([report.parent] if report else [])}:
+        missing = []
+        f = folder
+        while str(f) not in ("", ".") and not f.exists():
+            missing.append(f)
+            f = f.parent
+        for m in reversed(missing):
+            m.mkdir()
+            created.append(m)
+    try:
+        return result.save(out, report)
+    except BaseException:
+        for m in reversed(created):
+            try:
+                m.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 def human(n: int) -> str:
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--validate-each", action="store_true", help="measure fidelity after every pass")
     c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     c.add_argument("--latency-budget", type=float, default=3.0, help="seconds spent measuring latency")
+    c.add_argument("--latency-profile", help="replay the latency measurements of an earlier run (its report JSON): "
+                   "the same input, options and data then give the same output")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)
 

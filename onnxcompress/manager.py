@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import onnx
@@ -30,42 +29,10 @@ from onnxcompress.data import FeedSet, bind_dims, feed_shapes, model_inputs
 from onnxcompress.errors import BadInputError, OnnxCompressError, PassError, ValidationError
 from onnxcompress.pass_base import Pass
 from onnxcompress.pipeline import format_pass, format_pipeline
-from onnxcompress.validate import FidelityReport, compare_models, structural_gate, structural_problems
+from onnxcompress.result import CompressResult, LedgerRow
+from onnxcompress.validate import compare_models, structural_gate, structural_problems
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LedgerRow:
-    stage: str
-    modified: bool = False
-    seconds: float = 0.0
-    model: dict[str, Any] = field(default_factory=dict)
-    pass_stats: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
-    exact: bool | None = None
-    fidelity: dict[str, Any] | None = None
-
-
-@dataclass
-class CompressResult:
-    model: onnx.ModelProto
-    pipeline: str
-    ledger: list[LedgerRow]
-    fidelity: FidelityReport | None = None
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    tolerated_problems: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "pipeline": self.pipeline,
-            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
-            "seconds": self.seconds,
-            "ledger": [asdict(r) for r in self.ledger],
-            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
-            "tolerated_problems": self.tolerated_problems,
-        }
 
 
 class PassManager:
@@ -172,7 +139,8 @@ class PassManager:
                         f"{worst.get('rel_max_abs', 0.0):.3g} > {self.exact_tolerance:g}"
                     )
         return CompressResult(final, format_pipeline(self.passes), ledger, fidelity, shapes, tolerated,
-                              time.perf_counter() - t_start)
+                              time.perf_counter() - t_start, latency_profile=ctx.latency.to_dict(),
+                              counters=dict(ctx.counters))
 
 
 def _failure(label: str, done: list[str], exc: BaseException) -> str:

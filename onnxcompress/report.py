@@ -98,9 +98,13 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def to_json_text(report: dict) -> str:
+    return json.dumps(report, indent=2, default=_json_default, allow_nan=True)
+
+
 def write_json(report: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=True))
+    tmp.write_text(to_json_text(report))
     tmp.replace(path)
 
 
