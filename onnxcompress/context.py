@@ -86,6 +86,8 @@ class PassContext:
     latency: LatencyProfile = field(default_factory=LatencyProfile)
     counters: Counter = field(default_factory=Counter)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: results valid for the whole run, never invalidated (e.g. the original model's activation statistics)
+    run_cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def rng(self, salt: str = "") -> np.random.Generator:
         """A generator seeded from ``seed`` and a salt, so each pass gets an independent, reproducible stream."""

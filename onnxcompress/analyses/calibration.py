@@ -232,7 +232,8 @@ def collect_statistics(
 
     sums = dict(channel_sums) if isinstance(channel_sums, dict) else dict.fromkeys(channel_sums, 1)
     reduced = list(dict.fromkeys([*names, *sums]))
-    if not reduced:
+    fetch = list(fetch)
+    if not reduced and not fetch:
         return {}
     stats = {n: TensorStats(_extra={"bins": max_bins}) for n in reduced}
     names = list(dict.fromkeys([*reduced, *fetch]))
