@@ -175,7 +175,7 @@ def _rss_worker(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
-    from benchmarks.anchors import load_feeds
+    from benchmarks.feeds_file import load_feeds
 
     feed = load_feeds(Path(args.feed))[0]
     reset_peak_rss()
