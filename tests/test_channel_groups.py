@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import io
-from onnxcompress.analyses._groups_layout import (
+from onnxcompress.analyses.channel_groups.layout import (
     Layout,
     clamp_index,
     expand,

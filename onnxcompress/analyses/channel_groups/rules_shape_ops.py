@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.analyses._groups_edits import ShapeEdit
-from onnxcompress.analyses._groups_layout import (
+from onnxcompress.analyses.channel_groups.edits import ShapeEdit
+from onnxcompress.analyses.channel_groups.layout import (
     AxisSpec,
     Layout,
     clamp_index,
@@ -27,7 +27,7 @@ from onnxcompress.analyses._groups_layout import (
     reshape_blocks,
     simplify,
 )
-from onnxcompress.analyses._groups_walk import WalkerBase, _Blocked, _present
+from onnxcompress.analyses.channel_groups.walk import Blocked, WalkerBase, present
 
 
 class ShapeRules(WalkerBase):
@@ -43,7 +43,7 @@ class ShapeRules(WalkerBase):
     def _axes_arg(self, node: gs.Node) -> list[int] | None:
         if "axes" in node.attrs:
             return [int(a) for a in node.attrs["axes"]]
-        if _present(node, 1):
+        if present(node, 1):
             return [int(a) for a in self.const_vector(node, 1, f"{node.op} with dynamic axes")]
         return None
 
@@ -66,7 +66,7 @@ class ShapeRules(WalkerBase):
         sx = self.shape(node.inputs[0])
         axes = self._axes_arg(node)
         if sx is None or axes is None:
-            raise _Blocked("Unsqueeze: shape or axes unknown")
+            raise Blocked("Unsqueeze: shape or axes unknown")
         ro = len(sx) + len(axes)
         ins = sorted(a % ro for a in axes)
         remaining = [i for i in range(ro) if i not in ins]
@@ -83,7 +83,7 @@ class ShapeRules(WalkerBase):
     def reshape_layout(self, lay: Layout, sx: list[int], so: list[int]) -> Layout | None:
         blocks = reshape_blocks(list(sx), list(so))
         if blocks is None:
-            raise _Blocked("Reshape shapes do not decompose")
+            raise Blocked("Reshape shapes do not decompose")
         used = [(bi, bo) for bi, bo in blocks if set(bi) & set(lay.axes)]
         in_axes = tuple(a for bi, _ in used for a in bi)
         out_axes = tuple(a for _, bo in used for a in bo)
@@ -98,7 +98,7 @@ class ShapeRules(WalkerBase):
             return
         sx, sy = self.shape(x), self.shape(node.outputs[0])
         if sx is None or sy is None:
-            raise _Blocked("Reshape: shapes unknown")
+            raise Blocked("Reshape: shapes unknown")
         new = self.reshape_layout(lay, sx, sy)
         if new is None:
             return
@@ -163,12 +163,12 @@ class ShapeRules(WalkerBase):
         themselves (checked once units are known); anything else blocks."""
         src = self.trace_vector(node, index)
         if src is None:
-            raise _Blocked(f"{node.op} with an untraceable target shape on a channel axis")
+            raise Blocked(f"{node.op} with an untraceable target shape on a channel axis")
         by_slot: dict[tuple[int, int], tuple[gs.Node, int, list[tuple[int, AxisSpec]]]] = {}
         for k, spec in entries:
             e = src[k] if k < len(src) else None
             if e is None:
-                raise _Blocked(f"{node.op} with a dynamic target size on a channel axis")
+                raise Blocked(f"{node.op} with a dynamic target size on a channel axis")
             if e[0] == "const":
                 _, n, i, off, v = e
                 if v == -1 and allow_minus_one:
@@ -176,13 +176,13 @@ class ShapeRules(WalkerBase):
                 if v == 0 and not node.attrs.get("allowzero", 0):
                     if k in identity:
                         continue
-                    raise _Blocked(f"{node.op} copies a channel dim from another axis")
+                    raise Blocked(f"{node.op} copies a channel dim from another axis")
                 by_slot.setdefault((id(n), i), (n, i, []))[2].append((off, spec))
             else:
                 _, t2, j = e
                 lay2 = self.lay(t2)
                 if lay2 is None or j not in lay2.axes:
-                    raise _Blocked(f"{node.op} reads the size of a channel axis from {t2.name}, whose channels are "
+                    raise Blocked(f"{node.op} reads the size of a channel axis from {t2.name}, whose channels are "
                                    "fixed")
                 self.ties.append((spec, AxisSpec(j, lay2.el, lay2.axes.index(j)), f"{node.op} {node.name}"))
         for n, i, e in by_slot.values():
@@ -193,12 +193,12 @@ class ShapeRules(WalkerBase):
             return
         sx, sy = self.shape(node.inputs[0]), self.shape(node.outputs[0])
         if sx is None or sy is None:
-            raise _Blocked("Expand: shapes unknown")
+            raise Blocked("Expand: shapes unknown")
         off = len(sy) - len(sx)
         new = Layout(tuple(a + off for a in lay.axes), lay.el)
         vec = self.const(node.inputs[1])
         if vec is None:
-            raise _Blocked("Expand with a dynamic shape on a channel tensor")
+            raise Blocked("Expand with a dynamic shape on a channel tensor")
         vec = vec.reshape(-1)
         first = len(sy) - vec.size  # output axis of the vector's entry 0
         entries = [(a - first, AxisSpec(a, new.el, pos)) for pos, a in enumerate(new.axes)

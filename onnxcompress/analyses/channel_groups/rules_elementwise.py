@@ -20,9 +20,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.analyses._groups_edits import ConstSlice
-from onnxcompress.analyses._groups_layout import AxisSpec, Layout
-from onnxcompress.analyses._groups_walk import OTHER_REDUCTIONS, WalkerBase, _Blocked, _present
+from onnxcompress.analyses.channel_groups.edits import ConstSlice
+from onnxcompress.analyses.channel_groups.layout import AxisSpec, Layout
+from onnxcompress.analyses.channel_groups.walk import OTHER_REDUCTIONS, Blocked, WalkerBase, present
 
 
 class ElementwiseRules(WalkerBase):
@@ -30,7 +30,7 @@ class ElementwiseRules(WalkerBase):
         lay = self.lay(node.inputs[0])
         for i, t in enumerate(node.inputs[1:], 1):
             if self.lay(t) is not None and not (node.op == "CastLike" and i == 1):
-                raise _Blocked(f"{node.op} with a channel-carrying attribute input")
+                raise Blocked(f"{node.op} with a channel-carrying attribute input")
         if lay is not None:
             for out in node.outputs[:1]:
                 self.set(out, lay)
@@ -40,16 +40,16 @@ class ElementwiseRules(WalkerBase):
     def op_broadcast(self, node: gs.Node) -> None:
         operands = list(range(len(node.inputs)))
         if node.op == "Clip":
-            operands = [0] + [i for i in (1, 2) if _present(node, i) and self.lay(node.inputs[i]) is not None]
+            operands = [0] + [i for i in (1, 2) if present(node, i) and self.lay(node.inputs[i]) is not None]
         out = node.outputs[0]
         self.set(out, self.broadcast(node, operands, self.shape(out)))
 
     def broadcast(self, node: gs.Node, operands: list[int], out_shape: list[int] | None) -> Layout | None:
-        lays = [(i, self.lay(node.inputs[i])) for i in operands if _present(node, i)]
+        lays = [(i, self.lay(node.inputs[i])) for i in operands if present(node, i)]
         if not any(lay is not None for _, lay in lays):
             return None
         if out_shape is None:
-            raise _Blocked(f"{node.op}: output shape unknown")
+            raise Blocked(f"{node.op}: output shape unknown")
         r = len(out_shape)
         mapped: list[Layout] = []
         for i, lay in lays:
@@ -57,7 +57,7 @@ class ElementwiseRules(WalkerBase):
                 continue
             shp = self.shape(node.inputs[i])
             if shp is None:
-                raise _Blocked(f"{node.op}: input shape unknown")
+                raise Blocked(f"{node.op}: input shape unknown")
             off = r - len(shp)
             m = self.place(lay, shp, lambda a, off=off: a + off, out_shape, f"{node.op} broadcasts a channel axis")
             if m is not None:
@@ -75,7 +75,7 @@ class ElementwiseRules(WalkerBase):
         t = node.inputs[i]
         shp = self.shape(t)
         if shp is None:
-            raise _Blocked(f"{node.op}: operand {t.name} has an unknown shape")
+            raise Blocked(f"{node.op}: operand {t.name} has an unknown shape")
         off = len(out_shape) - len(shp)
         specs = []
         for pos, a in enumerate(result.axes):
@@ -86,7 +86,7 @@ class ElementwiseRules(WalkerBase):
                 self.block(result.el, f"{node.op} meets {t.name}, whose channels are fixed")
                 return
             if shp[ca] != out_shape[a]:
-                raise _Blocked(f"{node.op}: constant {t.name} does not match the channel axis")
+                raise Blocked(f"{node.op}: constant {t.name} does not match the channel axis")
             specs.append(AxisSpec(ca, result.el, pos))
         if specs:
             self.slices.append(ConstSlice(node, i, specs, "param"))
@@ -97,7 +97,7 @@ class ElementwiseRules(WalkerBase):
         """Constant inputs ``indices`` hold one entry per channel (axis 0): sliced with the channels."""
         for i in indices:
             if self.const(node.inputs[i]) is None:
-                raise _Blocked(f"{node.op} with non-constant parameters")
+                raise Blocked(f"{node.op} with non-constant parameters")
             self.slices.append(ConstSlice(node, i, [AxisSpec(0, el, pos)], first_role if i == indices[0] else "param"))
 
     def _statistics(self, node: gs.Node, lay: Layout, red: set[int], reason: str) -> None:
@@ -117,7 +117,7 @@ class ElementwiseRules(WalkerBase):
         if (lay := self.lay(node.inputs[0])) is None:
             return
         if any(a >= 2 for a in lay.axes) or 0 in lay.axes:
-            raise _Blocked("InstanceNormalization over a channel-carrying axis")
+            raise Blocked("InstanceNormalization over a channel-carrying axis")
         self._per_channel_params(node, (1, 2), lay.el, 0, "param")
         self.set(node.outputs[0], lay)
 
@@ -163,7 +163,7 @@ class ElementwiseRules(WalkerBase):
         lay, shp = got
         r = len(shp)
         axes = self.attr(node, "axes", None)
-        if axes is None and _present(node, 1):
+        if axes is None and present(node, 1):
             axes = self.const_vector(node, 1, f"{node.op} with dynamic axes").tolist()
         if not axes:
             if self.attr(node, "noop_with_empty_axes", 0):

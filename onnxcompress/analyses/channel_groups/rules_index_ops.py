@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.analyses._groups_edits import RangeEdit, SplitEdit
-from onnxcompress.analyses._groups_layout import AxisSpec, Layout, clamp_index, part_bounds
-from onnxcompress.analyses._groups_walk import WalkerBase, _Blocked, _present
+from onnxcompress.analyses.channel_groups.edits import RangeEdit, SplitEdit
+from onnxcompress.analyses.channel_groups.layout import AxisSpec, Layout, clamp_index, part_bounds
+from onnxcompress.analyses.channel_groups.walk import Blocked, WalkerBase, present
 
 
 class IndexRules(WalkerBase):
@@ -32,7 +32,7 @@ class IndexRules(WalkerBase):
         y = node.outputs[0]
         sy = self.shape(y)
         if sy is None:
-            raise _Blocked("Concat: output shape unknown")
+            raise Blocked("Concat: output shape unknown")
         axis = int(self.attr(node, "axis", 0)) % len(sy)
         if all(lay is None or axis not in lay.axes for lay in lays):
             # concatenation along a free axis: channel axes must agree across inputs
@@ -47,13 +47,13 @@ class IndexRules(WalkerBase):
         for t, lay in zip(ins, lays, strict=True):
             st = self.shape(t)
             if st is None:
-                raise _Blocked("Concat: input shape unknown")
+                raise Blocked("Concat: input shape unknown")
             if lay is None:
                 filler = self.fresh(st[axis], f"{t.name} (fixed)", producer=False)
                 self.block(filler, f"concatenated with {t.name}, whose channels are fixed")
                 parts.append(filler)
             elif lay.axes != (axis,):
-                raise _Blocked("Concat of multi-axis channel layouts")
+                raise Blocked("Concat of multi-axis channel layouts")
             else:
                 parts.append(lay.el)
         self.set(y, Layout((axis,), np.concatenate(parts)))
@@ -68,7 +68,7 @@ class IndexRules(WalkerBase):
                 self.set(out, lay)
             return
         pos = lay.axes.index(axis)
-        if _present(node, 1):
+        if present(node, 1):
             sizes = [int(v) for v in self.const_vector(node, 1, "Split with dynamic sizes")]
         elif "split" in node.attrs:
             sizes = [int(v) for v in node.attrs["split"]]
@@ -78,7 +78,7 @@ class IndexRules(WalkerBase):
             chunk = -(-d // n)
             sizes = [min(chunk, d - i * chunk) for i in range(n)]
         if sum(sizes) != sx[axis]:
-            raise _Blocked("Split sizes do not add up")
+            raise Blocked("Split sizes do not add up")
         for out, (a, b) in zip(node.outputs, part_bounds(sizes), strict=True):
             self.set(out, Layout(lay.axes, np.take(lay.el, np.arange(a, b), axis=pos)))
         self.split_edits.append(SplitEdit(node, AxisSpec(axis, lay.el, pos), sizes))
@@ -91,10 +91,10 @@ class IndexRules(WalkerBase):
                 for i in (1, 2, 3, 4)]
         starts, ends, axes, steps = vals
         if starts is None or ends is None:
-            if any(_present(node, i) and self.const(node.inputs[i]) is None for i in (1, 2)):
+            if any(present(node, i) and self.const(node.inputs[i]) is None for i in (1, 2)):
                 # dynamic ranges are fine on free axes only; we cannot tell which: require constant axes
                 if axes is None or any(int(a) % r in lay.axes for a in axes):
-                    raise _Blocked("Slice with dynamic starts/ends on a channel axis")
+                    raise Blocked("Slice with dynamic starts/ends on a channel axis")
                 return None
         return starts, ends, axes, steps
 
@@ -118,7 +118,7 @@ class IndexRules(WalkerBase):
             if a not in lay.axes:
                 continue
             if st != 1:
-                raise _Blocked("Slice with a step on a channel axis")
+                raise Blocked("Slice with a step on a channel axis")
             d = sx[a]
             s, e = clamp_index(s, d), clamp_index(e, d)
             pos = lay.axes.index(a)
@@ -133,15 +133,15 @@ class IndexRules(WalkerBase):
     def op_Gather(self, node: gs.Node) -> None:
         lay = self.lay(node.inputs[0])
         if self.lay(node.inputs[1]) is not None:
-            raise _Blocked("Gather indexed by channels")
+            raise Blocked("Gather indexed by channels")
         if lay is None:
             return
         sx = self.shape(node.inputs[0])
         si = self.shape(node.inputs[1])
         if sx is None or si is None:
-            raise _Blocked("Gather: shape unknown")
+            raise Blocked("Gather: shape unknown")
         axis = int(self.attr(node, "axis", 0)) % len(sx)
         if axis in lay.axes:
-            raise _Blocked("Gather along a channel axis")
+            raise Blocked("Gather along a channel axis")
         q = len(si)
         self.set(node.outputs[0], Layout(tuple(a if a < axis else a + q - 1 for a in lay.axes), lay.el))

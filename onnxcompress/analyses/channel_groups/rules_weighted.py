@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.analyses._groups_edits import ConstSlice, GroupAttrEdit, MacTerm
-from onnxcompress.analyses._groups_layout import AxisSpec, Layout
-from onnxcompress.analyses._groups_walk import WalkerBase, _Blocked, _const, _present
+from onnxcompress.analyses.channel_groups.edits import ConstSlice, GroupAttrEdit, MacTerm
+from onnxcompress.analyses.channel_groups.layout import AxisSpec, Layout
+from onnxcompress.analyses.channel_groups.walk import Blocked, WalkerBase, const_value, present
 
 
 class WeightedRules(WalkerBase):
@@ -55,12 +55,12 @@ class WeightedRules(WalkerBase):
         """(input layout, weight, has bias) of a Conv/ConvTranspose; None when the weight or bias is not constant
         (blocking the input channels)."""
         lx = self.lay(node.inputs[0])
-        wv = _const(node.inputs[1])
-        has_bias = _present(node, 2)
+        wv = const_value(node.inputs[1])
+        has_bias = present(node, 2)
         if wv is None or (has_bias and not isinstance(node.inputs[2], gs.Constant)):
             if lx is not None:
                 what = "weight" if wv is None or node.op == "ConvTranspose" else "bias"
-                raise _Blocked(f"{node.op} {what} is not a constant")
+                raise Blocked(f"{node.op} {what} is not a constant")
             return None
         if lx is not None and lx.axes != (1,):
             self.block(lx.el, f"{node.op} input channels spread over spatial axes")
@@ -101,10 +101,10 @@ class WeightedRules(WalkerBase):
     def op_Gemm(self, node: gs.Node) -> None:
         a, b = node.inputs[0], node.inputs[1]
         la = self.lay(a)
-        bv = _const(b)
+        bv = const_value(b)
         if bv is None or bv.ndim != 2:
             if la is not None or self.lay(b) is not None:
-                raise _Blocked("Gemm with a non-constant B")
+                raise Blocked("Gemm with a non-constant B")
             return
         trans_a, trans_b = int(self.attr(node, "transA", 0)), int(self.attr(node, "transB", 0))
         k_axis = 0 if trans_a else 1
@@ -113,7 +113,7 @@ class WeightedRules(WalkerBase):
             la = None
         n = bv.shape[0] if trans_b else bv.shape[1]
         out = self.produce(node, n, (0, 1) if trans_b else (1, 0), la, k_axis, False)
-        if _present(node, 2):
+        if present(node, 2):
             c = node.inputs[2]
             cv = self.const(c)
             if cv is None:
@@ -125,12 +125,12 @@ class WeightedRules(WalkerBase):
     def op_MatMul(self, node: gs.Node) -> None:
         a, b = node.inputs[0], node.inputs[1]
         la, lb = self.lay(a), self.lay(b)
-        av, bv = _const(a), _const(b)
+        av, bv = const_value(a), const_value(b)
         if bv is not None:
             if bv.ndim == 2:
                 sa = self.shape(a)
                 if sa is None:
-                    raise _Blocked("MatMul: input shape unknown")
+                    raise Blocked("MatMul: input shape unknown")
                 k_axis = len(sa) - 1
                 if la is not None and la.axes != (k_axis,):
                     self.block(la.el, "MatMul input carries channels on a non-contracted axis")
@@ -139,11 +139,11 @@ class WeightedRules(WalkerBase):
                 self.set(node.outputs[0], Layout((k_axis,), out))
                 return
             if la is not None:
-                raise _Blocked(f"MatMul with a constant {bv.ndim}-D right operand")
+                raise Blocked(f"MatMul with a constant {bv.ndim}-D right operand")
             return
         if av is not None:
             if lb is not None:
-                raise _Blocked("MatMul with a constant left operand")
+                raise Blocked("MatMul with a constant left operand")
             return
         if la is not None or lb is not None:
             self.matmul_activations(node, la, lb)
@@ -151,7 +151,7 @@ class WeightedRules(WalkerBase):
     def matmul_activations(self, node: gs.Node, la: Layout | None, lb: Layout | None) -> None:
         sa, sb, sy = self.shape(node.inputs[0]), self.shape(node.inputs[1]), self.shape(node.outputs[0])
         if sa is None or sb is None or sy is None or len(sa) < 2 or len(sb) < 2:
-            raise _Blocked("MatMul of activations with unknown or 1-D shapes")
+            raise Blocked("MatMul of activations with unknown or 1-D shapes")
         nb = len(sy) - 2
         # virtual Z[batch..., M, K, N]
         zdims = {i: sy[i] for i in range(nb)}

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.analyses._groups_layout import AxisSpec, Layout, axis_elements, part_bounds
+from onnxcompress.analyses.channel_groups.layout import AxisSpec, Layout, axis_elements, part_bounds
 from onnxcompress.naming import unique_name
 
 

@@ -14,7 +14,7 @@ Shared rules used by several op families:
 - ``const``: the value of a constant, or of a short chain of shape ops (Identity/Cast/Reshape/Squeeze/Unsqueeze/
   Flatten/Transpose) over a constant, which is folded once and remembered (``folded``) so edits can slice it.
 
-An op the rules raise ``_Blocked`` for (or that fails with an ordinary error) blocks every channel reaching it and
+An op the rules raise ``Blocked`` for (or that fails with an ordinary error) blocks every channel reaching it and
 leaves its outputs without layouts; ops in foreign domains block likewise.
 """
 
@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.analyses import _groups_edits as rec
-from onnxcompress.analyses._groups_layout import AxisSpec, Layout, expand
+from onnxcompress.analyses.channel_groups import edits as rec
+from onnxcompress.analyses.channel_groups.layout import AxisSpec, Layout, expand
 
 log = logging.getLogger("onnxcompress.analyses.channel_groups")
 
@@ -51,17 +51,19 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _FOLDABLE = frozenset({"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose"})
 
 
-class _Blocked(Exception):
-    pass
+class Blocked(Exception):
+    """Raised by an op rule: the channels reaching this node can never be removed (the message is the reason)."""
 
 
-def _const(t: gs.Tensor) -> np.ndarray | None:
+def const_value(t: gs.Tensor) -> np.ndarray | None:
+    """The value of ``t`` when it is a constant (no folding through ops; see ``WalkerBase.const`` for that)."""
     if isinstance(t, gs.Constant):
         return np.asarray(t.values)
     return None
 
 
-def _present(node: gs.Node, i: int) -> bool:
+def present(node: gs.Node, i: int) -> bool:
+    """Whether ``node`` has input ``i`` (an optional input left empty counts as absent)."""
     return len(node.inputs) > i and node.inputs[i].name != ""
 
 
@@ -178,13 +180,13 @@ class WalkerBase:
 
     def input_const(self, node: gs.Node, i: int) -> np.ndarray | None:
         """``const`` of input ``i``; None when the input is absent."""
-        return self.const(node.inputs[i]) if _present(node, i) else None
+        return self.const(node.inputs[i]) if present(node, i) else None
 
     def const_vector(self, node: gs.Node, i: int, reason: str) -> np.ndarray:
         """Input ``i`` as a flat constant; blocks with ``reason`` when it is absent or not a (folded) constant."""
         c = self.input_const(node, i)
         if c is None:
-            raise _Blocked(reason)
+            raise Blocked(reason)
         return c.reshape(-1)
 
     def lay(self, t: gs.Tensor) -> Layout | None:
@@ -201,7 +203,7 @@ class WalkerBase:
             return None
         shp = self.shape(node.inputs[0])
         if shp is None:
-            raise _Blocked(f"{node.op}: input shape unknown")
+            raise Blocked(f"{node.op}: input shape unknown")
         return lay, shp
 
     def block_inputs(self, node: gs.Node, reason: str) -> None:
@@ -306,7 +308,7 @@ class WalkerBase:
                 self.total_macs += self.node_macs(node)
             try:
                 self.dispatch(node, has_layout)
-            except _Blocked as exc:
+            except Blocked as exc:
                 self.give_up(node, str(exc))
             except (KeyError, IndexError, TypeError, ValueError) as exc:
                 log.debug("channel groups: %s %s: %s", op, node.name, exc)

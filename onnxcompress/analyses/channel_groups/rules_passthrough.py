@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.analyses._groups_edits import ConstSlice, ShapeEdit
-from onnxcompress.analyses._groups_layout import AxisSpec
-from onnxcompress.analyses._groups_walk import WalkerBase, _Blocked, _present
+from onnxcompress.analyses.channel_groups.edits import ConstSlice, ShapeEdit
+from onnxcompress.analyses.channel_groups.layout import AxisSpec
+from onnxcompress.analyses.channel_groups.walk import Blocked, WalkerBase, present
 
 
 class PassThroughRules(WalkerBase):
@@ -24,10 +24,10 @@ class PassThroughRules(WalkerBase):
         if (lay := self.lay(node.inputs[0])) is None:
             return
         if lay.axes != (1,):
-            raise _Blocked(f"{node.op} over a channel-carrying spatial axis")
+            raise Blocked(f"{node.op} over a channel-carrying spatial axis")
         self.set(node.outputs[0], lay)
         if len(node.outputs) > 1 and node.outputs[1].outputs:
-            raise _Blocked(f"{node.op} indices output is used")
+            raise Blocked(f"{node.op} indices output is used")
 
     def op_Pad(self, node: gs.Node) -> None:
         if (got := self.data_input(node)) is None:
@@ -39,12 +39,12 @@ class PassThroughRules(WalkerBase):
         else:
             pads = [int(v) for v in self.const_vector(node, 1, "Pad with dynamic pads")]
         axes = list(range(r))
-        if _present(node, 3):
+        if present(node, 3):
             axes = [int(a) % r for a in self.const_vector(node, 3, "Pad with dynamic axes")]
         n = len(axes)
         for i, a in enumerate(axes):
             if a in lay.axes and (pads[i] != 0 or pads[i + n] != 0):
-                raise _Blocked("Pad on a channel axis")
+                raise Blocked("Pad on a channel axis")
         self.set(node.outputs[0], lay)
 
     def op_Resize(self, node: gs.Node) -> None:
@@ -56,15 +56,15 @@ class PassThroughRules(WalkerBase):
             if scales is None and "scales" in node.attrs:
                 scales = np.asarray(node.attrs["scales"])
             if scales is None:
-                raise _Blocked("Resize with dynamic scales")
-        elif _present(node, 3):
+                raise Blocked("Resize with dynamic scales")
+        elif present(node, 3):
             sizes = self.const_vector(node, 3, "Resize with dynamic sizes")
-        elif _present(node, 2):
+        elif present(node, 2):
             scales = self.const_vector(node, 2, "Resize with dynamic scales")
         if "axes" in node.attrs:
-            raise _Blocked("Resize with an axes attribute")
+            raise Blocked("Resize with an axes attribute")
         if scales is not None and scales.size and any(float(scales.reshape(-1)[a]) != 1.0 for a in lay.axes):
-            raise _Blocked("Resize scales a channel axis")
+            raise Blocked("Resize scales a channel axis")
         if sizes is not None:
             self.shape_edits.append(ShapeEdit(node, 3, [(a, AxisSpec(a, lay.el, p)) for p, a in enumerate(lay.axes)]))
         self.set(node.outputs[0], lay)
@@ -76,7 +76,7 @@ class PassThroughRules(WalkerBase):
             return
         rep = self.const(node.inputs[1])
         if rep is None or any(int(rep.reshape(-1)[a]) != 1 for a in lay.axes):
-            raise _Blocked("Tile repeats a channel axis")
+            raise Blocked("Tile repeats a channel axis")
         self.set(node.outputs[0], lay)
 
     def op_QuantizeLinear(self, node: gs.Node) -> None:
@@ -84,14 +84,14 @@ class PassThroughRules(WalkerBase):
             return
         scale = self.const(node.inputs[1])
         if scale is None:
-            raise _Blocked(f"{node.op} with a dynamic scale")
+            raise Blocked(f"{node.op} with a dynamic scale")
         if scale.size > 1:
             sx = self.shape(node.inputs[0])
             axis = int(self.attr(node, "axis", 1)) % len(sx)
             if axis in lay.axes:
                 pos = lay.axes.index(axis)
                 for i in (1, 2):
-                    if _present(node, i):
+                    if present(node, i):
                         self.slices.append(ConstSlice(node, i, [AxisSpec(0, lay.el, pos)], "param"))
         self.set(node.outputs[0], lay)
 

@@ -22,7 +22,8 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.graph_utils import detach, redirect_consumers, unique_name
+from onnxcompress.graph_utils import detach, redirect_consumers
+from onnxcompress.naming import unique_name
 
 log = logging.getLogger(__name__)
 
