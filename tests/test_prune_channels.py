@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from onnxcompress.analyses.macs import count_macs
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
 from onnxcompress.errors import BadInputError
+from onnxcompress.latency_profile import LatencyProfile
 from onnxcompress.manager import PassManager
 from onnxcompress.pipeline import parse_pipeline
 from tests.conftest import ort_run
@@ -266,7 +268,7 @@ def test_minilm_ffn_neurons_and_heads():
 
 
 def test_sensitivity_error_weighs_output_features_alike():
-    from onnxcompress.passes.prune_channels import _relative_error
+    from onnxcompress.passes.prune_channels.sensitivity import relative_error as _relative_error
 
     rng = np.random.default_rng(0)
     y = np.stack([100.0 * rng.standard_normal(50), rng.random(50)])[None]  # [1, 2 features, 50]: boxes, scores
@@ -331,7 +333,7 @@ def test_round_to_auto_blocks_conv_channels_only(round_to, conv_kept, fc_kept):
 
 
 def test_sensitivity_error_on_maps_whose_size_varies():
-    from onnxcompress.passes.prune_channels import _relative_error
+    from onnxcompress.passes.prune_channels.sensitivity import relative_error as _relative_error
 
     rng = np.random.default_rng(0)
     base = [[rng.random((1, 1, h, 32))] for h in (16, 24)]  # a segmentation map: H varies with the input
@@ -341,7 +343,7 @@ def test_sensitivity_error_on_maps_whose_size_varies():
 
 
 def test_latency_model_counts_memory_bound_ops_by_kept_channels():
-    from onnxcompress.passes._prune_latency import LatencyModel
+    from onnxcompress.passes.prune_channels.latency_model import LatencyModel
 
     class _CG:  # macs_after: MACs scale with the kept share of elements 0..3
         total_macs = 100.0
@@ -360,14 +362,47 @@ def test_latency_model_counts_memory_bound_ops_by_kept_channels():
     assert 0 < lm.share_of_macs < 1
 
 
-def test_target_latency_meets_its_estimate(digits):
-    res, _ = _run(digits, "cleanup,prune-channels{target_latency=0.7 round_to=1}")
+TARGET_LATENCY = "cleanup,prune-channels{target_latency=0.7 round_to=1}"
+#: a hand-made ORT profile of the cleaned digits_cnn (``profile_op_times``: ORT kernel -> one median time per node, in
+#: seconds), shaped like one measured on an idle machine: the latency model is fitted to it instead of to a timing
+STUB_OP_TIMES = {"Conv": [1.7e-05, 2.0e-05, 1.4e-05], "MaxPool": [9.0e-06], "Add": [9.0e-06],
+                 "ReorderOutput": [7.5e-06], "Flatten": [7.0e-06], "FusedGemm": [1.4e-05], "Gemm": [9.5e-06]}
+
+
+@pytest.fixture(scope="module")
+def recorded_latency(digits):
+    """One run of the target_latency pipeline that profiles for real: its result and the latency profile it
+    recorded (the key the pass asks for, with the measured op times)."""
+    ctx = PassContext(calibration=load_feeds(str(CALIB), digits))
+    res = PassManager(parse_pipeline(TARGET_LATENCY)).run(digits, ctx)
+    return res, ctx.latency
+
+
+def test_target_latency_meets_its_estimate(digits, recorded_latency):
+    # the same key, answered by the stub: the cut does not depend on how loaded the machine is
+    stub = LatencyProfile(dict.fromkeys(recorded_latency[1].entries, STUB_OP_TIMES), replay_only=True)
+    res, ctx = _run(digits, TARGET_LATENCY, ctx=PassContext(calibration=load_feeds(str(CALIB), digits),
+                                                            latency=stub))
+    assert ctx.latency.measured == 0 and ctx.latency.replayed == 1
     st = _prune_stats(res)
     assert st["pruned_groups"] >= 1
     assert st["latency_ratio_estimate"] <= 0.7
     assert 0 < st["latency_model_mac_share"] < 1
     val = np.load(ROOT / "models" / "digits_val.npz")["image"]
     assert ort_run(res.model, {"image": val})[0].shape[0] == val.shape[0]
+
+
+def test_target_latency_replays_a_recorded_profile(digits, recorded_latency):
+    """The profile a run recorded (as its report holds it, through JSON), fed back: nothing is measured and the
+    pruned model is the same, byte for byte."""
+    first, recorded = recorded_latency
+    assert recorded.measured == 1 and all(k.startswith("prune-channels/op-times/") for k in recorded.entries)
+    replay = LatencyProfile(json.loads(json.dumps(first.latency_profile)), replay_only=True)
+    res, _ = _run(digits, TARGET_LATENCY, ctx=PassContext(calibration=load_feeds(str(CALIB), digits),
+                                                          latency=replay))
+    assert replay.measured == 0 and replay.replayed == 1
+    assert res.model.SerializeToString() == first.model.SerializeToString()
+    assert _prune_stats(res)["latency_ratio_estimate"] == _prune_stats(first)["latency_ratio_estimate"]
 
 
 def test_target_latency_needs_data(digits):

@@ -1,9 +1,9 @@
 """``prune-channels``: structured pruning — remove whole channels, neurons or attention heads.
 
 The channel-group analysis (``onnxcompress.analyses.channel_groups``) says which channels of which tensors go
-together; this pass scores every removable unit (``_prune_scores``: l1/l2 of all coupled weights, BN scale, mean
+together; this pass scores every removable unit (``importance``: l1/l2 of all coupled weights, BN scale, mean
 |activation|, or the reconstruction error E[x_c^2]·||W[:,c]||^2 on calibration data), decides how many units each
-group keeps (``_prune_plan``: a uniform ratio, one global threshold, or a sensitivity-driven MAC budget with a per-group
+group keeps (``allocation``: a uniform ratio, one global threshold, or a sensitivity-driven MAC budget with a per-group
 floor and ``round_to``), and physically slices every coupled tensor: producer weights and biases, BatchNorm
 statistics, per-channel constants, consumer weights, Concat/Split sizes, Slice ranges, Reshape/Expand/Resize
 targets and depthwise ``group`` attributes. The result is a smaller dense graph ORT runs as is — no masks.
@@ -15,7 +15,8 @@ which refits the layers after each cut on calibration data against the original 
 Latency: ORT runs a Conv in its blocked NCHWc layout only when channel counts are multiples of the block (16 with
 AVX-512), so ``round_to=0`` (default) rounds Conv channel groups to 16. MACs still miss the memory-bound ops
 (activations, pooling, reorders: ~60% of ppocr_cls's profiled time); ``target_latency=X`` budgets a latency model
-fitted to one ORT profile of the model (``_prune_latency``) instead of, or with, ``target_macs``.
+fitted to one ORT profile of the model (``latency_model``; taken through ``ctx.latency``, so a recorded profile
+replays the same cut) instead of, or with, ``target_macs``.
 
 Large cuts work better in steps, each followed by ``distill`` (the next step's scores and sensitivities then see the
 refit model): ``prune-channels{target_macs=0.7},distill,prune-channels{target_macs=0.714},distill`` reaches 0.5x
@@ -38,7 +39,6 @@ left in the context as its ``channel_map`` (a declared result).
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
@@ -49,12 +49,13 @@ import onnx_graphsurgeon as gs
 from onnxcompress.analyses.channel_groups import ChannelGroups, ChannelGroupsAnalysis
 from onnxcompress.context import PassContext
 from onnxcompress.errors import PassError
-from onnxcompress.pass_base import Pass, PassResult, register
+from onnxcompress.pass_base import Pass, PassResult, option, register
 
-from . import _prune_plan as plan_mod
-from ._prune_compensate import apply_after, apply_before, bias_deltas, compensate_model
-from ._prune_obs import obs_scores
-from ._prune_scores import IMPORTANCES, ablation_scores, activation_stats, unit_scores
+from . import allocation as plan_mod
+from .importance import IMPORTANCES, ablation_scores, activation_stats, unit_scores
+from .mean_compensation import apply_after, apply_before, bias_deltas
+from .obs_importance import obs_scores
+from .sensitivity import relative_error, removed_like_the_pass, sensitivity_curves
 
 log = logging.getLogger(__name__)
 
@@ -67,43 +68,39 @@ class PruneChannels(Pass):
     name: ClassVar[str] = "prune-channels"
     description: ClassVar[str] = ("remove whole channels / neurons / attention heads by group importance; shrinks "
                                   "every coupled tensor (real MAC cut); follow with distill")
-    option_help_legacy: ClassVar[dict[str, str]] = {
-        "ratio": "fraction of each group's channels to remove (uniform), or of all channels (global)",
-        "head_ratio": "fraction of the attention heads to remove (groups whose unit spans several channels); the "
-                      "ratio option then counts the other groups only (FFN neurons, channels); with allocation "
-                      "global / sensitivity each kind is budgeted alone",
-        "target_macs": "keep this fraction of the model's MACs (e.g. 0.5); overrides ratio",
-        "target_latency": "keep this fraction of the estimated latency (a cost model fitted to one ORT profile: MAC "
-                          "kernels + memory-bound ops); with target_macs both must hold; needs calibration data",
-        "importance": "auto (recon with data, else l2), l1, l2, bn, act (mean |x|), recon (E[x^2]*||W[:,c]||^2), "
-                      "obs (error after optimal refit of the consumers, structured OBS), ablation (measured output error per unit for groups of <= 64 units, recon otherwise)",
-        "allocation": "auto (sensitivity for target_macs with data, else global; uniform for ratio), uniform, "
-                      "global, sensitivity",
-        "min_keep": "per-group floor: keep at least this fraction of every group",
-        "round_to": "kept channel counts are multiples of this (SIMD-friendly); groups not larger are left alone; "
-                    "0 = auto: 16 for groups made by Conv/ConvTranspose (ORT's NCHWc blocks), 1 for the rest",
-        "exclude": "groups to leave alone: glob patterns on node/tensor/weight names, or group ids",
-        "samples": "calibration feeds used for activation-based importance",
-        "sensitivity_samples": "calibration feeds used per sensitivity trial",
-        "sensitivity_ratios": "ratios each group is pruned at alone to measure its sensitivity",
-        "compensate": "move the calibration mean of removed channels into the consumers' biases (needs data)",
-        "verify": "run the pruned model once under ORT before returning",
-    }
+    needs: ClassVar[frozenset[str]] = frozenset({"calibration"})  # for target_latency only: see needs_calibration
+    #: none: the cut changes tensor shapes, so channel groups, MACs and activation statistics are all stale
+    preserves: ClassVar[frozenset[str]] = frozenset()
 
-    ratio: float = 0.0
-    head_ratio: float | None = None
-    target_macs: float | None = None
-    target_latency: float | None = None
-    importance: str = "auto"
-    allocation: str = "auto"
-    min_keep: float = 0.25
-    round_to: int = 0
-    exclude: tuple[str, ...] = ()
-    samples: int = 32
-    sensitivity_samples: int = 8
-    sensitivity_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
-    compensate: bool = True
-    verify: bool = True
+    ratio: float = option(0.0, "fraction of each group's channels to remove (uniform), or of all channels (global)")
+    head_ratio: float | None = option(
+        None, "fraction of the attention heads to remove (groups whose unit spans several channels); the ratio "
+              "option then counts the other groups only (FFN neurons, channels); with allocation global / "
+              "sensitivity each kind is budgeted alone")
+    target_macs: float | None = option(None, "keep this fraction of the model's MACs (e.g. 0.5); overrides ratio")
+    target_latency: float | None = option(
+        None, "keep this fraction of the estimated latency (a cost model fitted to one ORT profile: MAC kernels + "
+              "memory-bound ops; replayed from --latency-profile); with target_macs both must hold; needs "
+              "calibration data")
+    importance: str = option(
+        "auto", "auto (recon with data, else l2), l1, l2, bn, act (mean |x|), recon (E[x^2]*||W[:,c]||^2), obs "
+                "(error after optimal refit of the consumers, structured OBS), ablation (measured output error "
+                "per unit for groups of <= 64 units, recon otherwise)")
+    allocation: str = option("auto", "auto (sensitivity for target_macs with data, else global; uniform for "
+                                     "ratio), uniform, global, sensitivity")
+    min_keep: float = option(0.25, "per-group floor: keep at least this fraction of every group")
+    round_to: int = option(0, "kept channel counts are multiples of this (SIMD-friendly); groups not larger are "
+                              "left alone; 0 = auto: 16 for groups made by Conv/ConvTranspose (ORT's NCHWc "
+                              "blocks), 1 for the rest")
+    exclude: tuple[str, ...] = option((), "groups to leave alone: glob patterns on node/tensor/weight names, or "
+                                          "group ids")
+    samples: int = option(32, "calibration feeds used for activation-based importance")
+    sensitivity_samples: int = option(8, "calibration feeds used per sensitivity trial")
+    sensitivity_ratios: tuple[float, ...] = option((0.25, 0.5, 0.75), "ratios each group is pruned at alone to "
+                                                                      "measure its sensitivity")
+    compensate: bool = option(True, "move the calibration mean of removed channels into the consumers' biases "
+                                    "(needs data)")
+    verify: bool = option(True, "run the pruned model once under ORT before returning")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -130,6 +127,11 @@ class PruneChannels(Pass):
             raise ValueError("sensitivity_ratios must be in (0, 1)")
         if self.allocation == "uniform" and (self.target_macs is not None or self.target_latency is not None):
             raise ValueError("allocation=uniform takes ratio, not target_macs / target_latency")
+
+    def needs_calibration(self) -> bool:
+        """Only ``target_latency`` cannot run without data (one feed is profiled); the data-driven importances and
+        allocations fall back to weight norms / ``global`` with a warning, and ``compensate`` is skipped."""
+        return self.target_latency is not None
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -164,7 +166,7 @@ class PruneChannels(Pass):
             used = "obs" if done else used
         if self.importance == "ablation" and feeds is not None:
             abl, done = ablation_scores(
-                cg, model, list(feeds.take(self.sensitivity_samples)), set(candidates), _relative_error,
+                cg, model, list(feeds.take(self.sensitivity_samples)), set(candidates), relative_error,
                 lambda units: removed_like_the_pass(cg, model, units, act_stats if self.compensate else None))
             in_done = np.isin(cg.unit_group, list(done))
             scores = np.where(in_done, abl, scores)
@@ -259,7 +261,10 @@ class PruneChannels(Pass):
 
         if allocation == "global":
             return plan_mod.global_threshold(plans, meets)
-        curves, saves = self._sensitivity(cg, plans, model, ctx, act_stats if self.compensate else None, lat)
+        feeds = list(ctx.calibration.take(self.sensitivity_samples))
+        curves, saves = sensitivity_curves(cg, plans, model, feeds, self.sensitivity_ratios,
+                                           act_stats if self.compensate else None, lat,
+                                           by_macs=self.target_macs is not None)
         return plan_mod.marginal(plans, curves, saves, meets)
 
     def _latency_model(self, cg: ChannelGroups, model, ctx):
@@ -267,93 +272,14 @@ class PruneChannels(Pass):
             return None
         if ctx.calibration is None:
             raise PassError("prune-channels: target_latency needs calibration data (one feed is profiled)")
-        from ._prune_latency import fit
+        from .latency_model import fit
 
-        return fit(model, cg, ctx.calibration.first())
-
-    def _sensitivity(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], model, ctx,
-                     act_stats: dict | None = None, lat=None) -> tuple[dict[int, np.ndarray], dict[int, float]]:
-        from onnxcompress.runtime import Session
-
-        feeds = list(ctx.calibration.take(self.sensitivity_samples))
-        with Session(model, what="model for sensitivity") as s:
-            base = [s.run(f) for f in feeds]
-        curves: dict[int, np.ndarray] = {}
-        saves: dict[int, float] = {}
-        total = float(cg.total_macs) or 1.0
-        base_lat = lat.estimate(cg, np.ones(cg.n_elements, bool)) if lat is not None else 0.0
-        for p in plans:
-            all_gone = cg.keep_elements(p.order)
-            if lat is not None and base_lat > 0:  # pruning goes where it buys time
-                saves[p.gid] = (base_lat - lat.estimate(cg, all_gone)) / base_lat
-            elif self.target_macs is not None:
-                saves[p.gid] = (total - cg.macs_after(all_gone)) / total
-            else:
-                saves[p.gid] = p.n / max(1, sum(q.n for q in plans))
-            measured: dict[int, float] = {}
-            for r in self.sensitivity_ratios:
-                k = plan_mod.round_up(p, p.n - math.floor(r * p.n))
-                if k >= p.n or k in measured:
-                    continue
-                zm = removed_like_the_pass(cg, model, p.order[: p.n - k], act_stats)
-                with Session(zm, what="sensitivity trial") as s:
-                    measured[k] = _relative_error(base, [s.run(f) for f in feeds])
-            curves[p.gid] = plan_mod.error_curve(p, measured)
-            log.debug("sensitivity group %d (n=%d): %s", p.gid, p.n, measured)
-        return curves, saves
-
-
-def removed_like_the_pass(cg: ChannelGroups, model, units, act_stats: dict | None):
-    """A copy of ``model`` computing what the pruned model will: the units' weights zeroed and, given activation
-    statistics (``compensate``), their calibration means moved into the consumers' biases."""
-    zm = cg.zeroed_model(model, units)
-    if act_stats:
-        compensate_model(zm, bias_deltas(cg, act_stats, cg.keep_elements(units)))
-    return zm
+        return fit(model, cg, ctx.calibration.first(), profile=ctx.latency)
 
 
 def is_heads(group) -> bool:
     """A group whose every unit spans several channels of its producer (attention heads: 12 units, 384 channels)."""
     return group.size > 0 and group.channels > group.size
-
-
-def _relative_error(base: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float:
-    """Mean over outputs of the relative squared error sum ||y - y0||^2 / sum ||y0||^2 across the feeds.
-
-    Outputs of rank >= 3 are measured per feature along their smallest non-batch axis of fixed size (a detector's
-    [1, 4+C, A]: box coordinates and class scores count alike, whatever their scales; an axis whose size varies
-    between feeds is not a feature axis), each feature's energy floored at 1e-6 of
-    the mean feature energy (features that are always ~0 do not blow up)."""
-    errs = []
-    for o in range(len(base[0])):
-        b0 = np.asarray(base[0][o])
-        if not np.issubdtype(b0.dtype, np.floating) or b0.size == 0:
-            continue
-        axis = None
-        if b0.ndim >= 3 and all(np.ndim(b[o]) == b0.ndim for b in base):
-            # feature axis: the smallest non-batch axis whose size is > 1 and the same for every feed (a
-            # segmentation map's H or W, which vary with the input, is not a feature axis)
-            dims = [(b0.shape[a], a) for a in range(1, b0.ndim)
-                    if b0.shape[a] > 1 and all(np.shape(b[o])[a] == b0.shape[a] for b in base)]
-            axis = min(dims)[1] if dims else None
-        if axis is None:
-            num = sum(float(np.sum(np.square(c[o].astype(np.float64) - b[o]))) for b, c in zip(base, cand,
-                                                                                               strict=True))
-            den = sum(float(np.sum(np.square(b[o].astype(np.float64)))) for b in base)
-            if den > 0:
-                errs.append(num / den)
-            continue
-        num = np.zeros(b0.shape[axis])
-        den = np.zeros(b0.shape[axis])
-        for b, c in zip(base, cand, strict=True):
-            bb = np.moveaxis(b[o].astype(np.float64), axis, 0).reshape(b0.shape[axis], -1)
-            cc = np.moveaxis(c[o].astype(np.float64), axis, 0).reshape(b0.shape[axis], -1)
-            num += np.square(cc - bb).sum(axis=1)
-            den += np.square(bb).sum(axis=1)
-        den = np.maximum(den, 1e-6 * den.mean())
-        if den.mean() > 0:
-            errs.append(float(np.mean(num / den)))
-    return float(np.mean(errs)) if errs else 0.0
 
 
 def _reason_key(reason: str) -> str:
@@ -365,12 +291,12 @@ def _reason_key(reason: str) -> str:
 
 
 def _verify(graph: gs.Graph, ctx: PassContext) -> None:
-    from onnxcompress.analyses.channel_groups import _random_feed
+    from onnxcompress.analyses.channel_groups import random_feed
     from onnxcompress.data import model_inputs
     from onnxcompress.runtime import Session
 
     model = ctx.export(graph)
-    feed = ctx.calibration.first() if ctx.calibration is not None else _random_feed(
+    feed = ctx.calibration.first() if ctx.calibration is not None else random_feed(
         model, {s.name: tuple(d if isinstance(d, int) else 1 for d in s.shape) for s in model_inputs(model)})
     try:
         with Session(model, optimize=False, what="pruned model") as s:

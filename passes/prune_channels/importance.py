@@ -10,7 +10,7 @@ Every coupled weight contributes (``ConstSlice`` members of the channel-group an
   E[x_c^2] * ||W[:, c]||^2 (the diagonal of tr(W_S Sigma_SS W_S^T) for a removed set S) — "how much of the next
   layer's output this channel carries". Needs calibration data.
 - ``obs``: the error of removing a unit *after* the optimal refit of its consumers (structured Optimal Brain
-  Surgeon, greedy; ``_prune_obs``) — ``recon`` with the correlations between channels; what ``distill`` recovers.
+  Surgeon, greedy; ``obs_importance``) — ``recon`` with the correlations between channels; what ``distill`` recovers.
   Groups whose consumers it cannot model use ``recon``.
 - ``ablation``: for groups of at most ``ABLATION_MAX_UNITS`` units (attention heads, small layers), the measured
   relative error of the model's outputs when that one unit is removed the way the pass removes it (zeroed, its mean

@@ -15,8 +15,13 @@ per saved estimated time) and as the budget.
 
 Accuracy, measured (benchmarks/results/prune.md): the profiler inflates small kernels, so the fitted per-kernel cost
 is high and the model over-estimates the time left — ``target_latency=0.6`` measured 0.47-0.51x on ppocr_cls and
-MTCNN rnet/onet (MACs 0.27-0.37x). The profile is a timing, so the allocation can differ between runs on a busy
-machine (ppocr_cls: MACs 0.32x in one run, 0.35x in the next); use ``target_macs`` where a reproducible cut matters.
+MTCNN rnet/onet (MACs 0.27-0.37x).
+
+Determinism: the profile is a timing (on a busy machine ppocr_cls was cut to MACs 0.32x in one run, 0.35x in the
+next), so it is taken through the run's latency profile, ``ctx.latency.measure(key, fn)``: the key
+``prune-channels/op-times/<fingerprint of the model bytes, the feed shapes and the run count>`` names what is
+profiled, the value is the op-times dict of ``profile_op_times`` (JSON). A run fed the recorded profile
+(``--latency-profile``) replays it without profiling and makes the same cut, byte for byte.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import onnx
 
 from onnxcompress.analyses.channel_groups import ChannelGroups
 from onnxcompress.analyses.macs import MAC_OPS, count_macs, infer_shapes
+from onnxcompress.latency_profile import LatencyProfile, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +101,21 @@ def profile_op_times(model: onnx.ModelProto, feed: dict[str, np.ndarray], runs: 
     return out
 
 
-def fit(model: onnx.ModelProto, cg: ChannelGroups, feed: dict[str, np.ndarray], runs: int = 20) -> LatencyModel:
+def op_times_key(model: onnx.ModelProto, feed: dict[str, np.ndarray], runs: int) -> str:
+    """The latency-profile key of ``profile_op_times(model, feed, runs)``: what is profiled, not when."""
+    shapes_in = {k: tuple(v.shape) for k, v in feed.items()}
+    return f"prune-channels/op-times/{fingerprint(model.SerializeToString(), str(shapes_in), str(runs))}"
+
+
+def fit(model: onnx.ModelProto, cg: ChannelGroups, feed: dict[str, np.ndarray], runs: int = 20,
+        profile: LatencyProfile | None = None) -> LatencyModel:
+    """The latency model of ``model`` at ``feed``'s shapes, from one ORT profile taken through ``profile`` (the
+    run's ``ctx.latency``: recorded, or replayed when it holds the key; None: a fresh, unrecorded profile)."""
     shapes_in = {k: tuple(v.shape) for k, v in feed.items()}
     shapes = infer_shapes(model, shapes_in)
     mac_total = float(count_macs(model, shapes_in).total)
-    times = profile_op_times(model, feed, runs)
+    profile = profile if profile is not None else LatencyProfile()
+    times = profile.measure(op_times_key(model, feed, runs), lambda: profile_op_times(model, feed, runs))
     every = np.concatenate([np.asarray(v) for v in times.values()]) if times else np.zeros(1)
     per_node = float(np.percentile(every, 10))  # fixed cost of any kernel: the floor of the small ones
     t_mac = sum(max(0.0, t - per_node) for op, v in times.items() if op in PROFILE_MAC_OPS for t in v)

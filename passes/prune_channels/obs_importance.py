@@ -15,7 +15,8 @@ greedily, the cheapest first, and after each removal the remaining weights and H
 
 A unit's score is the accumulated error when it goes (so the order is the greedy order); a group with several
 consumers sums their dE. Only consumers with at most ``max_dim`` input rows take part (H is dense); groups without one
-keep the fallback score. H is streamed (X^T X per feed, a random subset of rows) and damped by 1% of its mean diagonal.
+keep the fallback score. H is streamed (X^T X per feed, a random subset of rows: im2col patches for a Conv,
+``onnxcompress.analyses.conv_rows``) and damped by 1% of its mean diagonal.
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ import onnx
 
 from onnxcompress.analyses.activations import stream_activations
 from onnxcompress.analyses.channel_groups import ChannelGroups, ConstSlice
+from onnxcompress.analyses.conv_rows import conv_output_spatial, conv_rows
 from onnxcompress.data import FeedSet
-
-from ._prune_refit import conv_rows
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +69,7 @@ def _features(c: _Consumer, x: np.ndarray, rows: int, rng: np.random.Generator) 
     node = c.s.node
     if node.op == "Conv":
         k = list(np.asarray(node.inputs[1].values).shape)
-        strides = list(node.attrs.get("strides", [1] * (len(k) - 2)))
-        dil = list(node.attrs.get("dilations", [1] * (len(k) - 2)))
-        auto = node.attrs.get("auto_pad", "NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else auto
-        pads = list(node.attrs.get("pads", [0] * (2 * (len(k) - 2))))
-        out = []
-        for i, n_in in enumerate(x.shape[2:]):
-            eff = (k[2 + i] - 1) * dil[i] + 1
-            if auto in ("SAME_UPPER", "SAME_LOWER"):
-                out.append(-(-n_in // strides[i]))
-            elif auto == "VALID":
-                out.append((n_in - eff) // strides[i] + 1)
-            else:
-                out.append((n_in + pads[i] + pads[i + len(k) - 2] - eff) // strides[i] + 1)
+        out = conv_output_spatial(node, tuple(k), x.shape[2:])
         patches, _ = conv_rows(x, node, tuple(k), out, rows, rng)
         return patches.reshape(patches.shape[0], -1)
     if node.op == "Gemm":

@@ -1,0 +1,179 @@
+"""Solving one layer from its statistics and writing the result into the graph.
+
+``solve_layer`` turns a layer's accumulated statistics into new weights (see ``ridge`` for the maths):
+
+- least squares (``conv``, ``gemm``, ``matmul``): W as a [K, N] matrix with y = x @ W (Conv: W.reshape(Cout, -1)^T;
+  Gemm: alpha and transB folded in, the bias scaled by beta), the bias as the last row; sparse weights (more than
+  20% zeros) keep their support; the ridge is chosen on the held-out feeds (or fixed); the refit is kept only when
+  it lowers the objective on all feeds; quantized weights are re-quantized and the bias re-solved for them:
+  b = (X^T Y[bias row] - X^T X[bias row, :K] W_q) / n;
+- depthwise Conv: the same per channel;
+- bias correction (``bias``): b += mean(y_teacher - y_student) per output channel.
+
+A Conv / ConvTranspose / Gemm without a bias is given a zero one (``<output>_bias``) to hold the fitted bias.
+Returns (what was done, relative residual before, after): "ls", "bias", or the reason the layer was skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .layers import Layer
+from .normal_equations import Normal
+from .ridge import objective, select_ridge, solve
+from .weight_refs import WeightRef
+
+log = logging.getLogger(__name__)
+
+HELD_OUT = "held-out feeds prefer the current weights"
+
+
+def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: bool = True,
+                choose_ridge: bool = True) -> tuple[str, float, float] | None:
+    """Refit (or bias-correct) ``L`` from ``L.stats`` / ``L.hold`` / ``L.bias_sum``; None when there is nothing to
+    do. ``choose_ridge``: pick the ridge on the held-out statistics (``select_ridge``), else use ``ridge``."""
+    if L.reason:
+        log.debug("distill: %s skipped: %s", L.node.name, L.reason)
+        return (L.reason, 0.0, 0.0)
+    if L.kind == "bias":
+        if L.bias_sum is None or not bias_correction:
+            return None
+        delta = L.bias_sum / max(L.bias_count, 1)
+        b_ref = L.b or _add_bias(L)
+        if b_ref is None:
+            return ("no bias to correct", 0.0, 0.0)
+        cur = b_ref.get().reshape(-1)
+        if cur.size != delta.size:
+            return ("bias shape", 0.0, 0.0)
+        b_ref.set((cur + delta).reshape(b_ref.get().shape))
+        return ("bias", 0.0, 0.0)
+    st = L.stats
+    if st is None or st.rows == 0:
+        return ("no rows", 0.0, 0.0)
+    hold, L.hold = L.hold, None
+    w = L.w.get()
+    has_bias = L.b is not None or L.kind in ("conv", "dwconv")
+    if L.kind == "dwconv":
+        cur = w.reshape(w.shape[0], -1)
+        b_cur = L.b.get().reshape(-1) if L.b is not None else np.zeros(w.shape[0])
+        wb_cur = np.concatenate([cur, b_cur[:, None]], axis=1)
+        ridge_used = select_ridge(st, hold, ridge, True, wb_cur) if choose_ridge else ridge
+        if ridge_used is None:
+            return (HELD_OUT, 0.0, 0.0)
+        st = st.merged(hold)
+        new = solve(st, ridge_used, True, prior=wb_cur)
+        before, after = objective(st, wb_cur), objective(st, new)
+        if not after < before:
+            return ("no improvement", 0.0, 0.0)
+        w_eff = L.w.set(new[:, :-1].reshape(w.shape)).reshape(w.shape[0], -1)
+        if L.w.quantized:  # bias for the re-quantized weights, per channel
+            a, b = st.xtx, st.xty
+            new[:, -1] = (b[:, -1] - np.einsum("ck,ck->c", a[:, -1, :-1], w_eff)) / np.maximum(
+                a[:, -1, -1], 1
+            )
+        b_ref = L.b or _add_bias(L)
+        b_ref.set(new[:, -1].reshape(b_ref.get().shape))
+        return (
+            "ls",
+            _rel(st, before),
+            _rel(st, objective(st, np.concatenate([w_eff, new[:, -1:]], axis=1))),
+        )
+    wm = _to_matrix(L, w)  # [K, N]
+    k = wm.shape[0]
+    if k > max_inputs:
+        return (f"more than {max_inputs} inputs", 0.0, 0.0)
+    b_cur = _bias_vector(L, wm.shape[1]) if has_bias else None
+    wb_cur = np.concatenate([wm, b_cur[None, :]], axis=0) if has_bias else wm
+    mask = None
+    if np.mean(wm == 0) > 0.2:  # sparse weights: keep the support
+        mask = np.concatenate([wm != 0, np.ones((1, wm.shape[1]), bool)], axis=0) if has_bias else wm != 0
+    ridge_used = select_ridge(st, hold, ridge, has_bias, wb_cur, mask) if choose_ridge else ridge
+    if ridge_used is None:
+        return (HELD_OUT, 0.0, 0.0)
+    st = st.merged(hold)
+    new = solve(st, ridge_used, has_bias, mask, prior=wb_cur)
+    before, after = objective(st, wb_cur), objective(st, new)
+    if not after < before:
+        log.debug(
+            "distill: %s: refit does not lower the objective (%.4g >= %.4g)", L.node.name, after, before
+        )
+        return ("no improvement", 0.0, 0.0)
+    w_eff = _from_matrix(L, new[:k], w.shape)
+    w_eff_m = _to_matrix(L, L.w.set(w_eff))
+    if has_bias:
+        b_new = new[k]
+        if L.w.quantized:
+            a, b = st.xtx, st.xty
+            b_new = (b[k] - a[k, :k] @ w_eff_m) / max(a[k, k], 1.0)
+        _set_bias(L, b_new)
+        final = np.concatenate([w_eff_m, b_new[None, :]], axis=0)
+    else:
+        final = w_eff_m
+    return ("ls", _rel(st, before), _rel(st, objective(st, final)))
+
+
+def _rel(st: Normal, obj: float) -> float:
+    """Residual energy relative to the target's: (||XW - Y||^2) / ||Y||^2."""
+    return max(0.0, (obj + st.yty) / st.yty) if st.yty > 0 else 0.0
+
+
+def _to_matrix(L: Layer, w: np.ndarray) -> np.ndarray:
+    """The layer's weight as [K, N] with y = x @ W (Gemm: alpha folded in)."""
+    if L.kind == "conv":
+        return w.reshape(w.shape[0], -1).T
+    if L.kind == "gemm":
+        return (w.T if L.trans_b else w) * L.alpha
+    return w
+
+
+def _from_matrix(L: Layer, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if L.kind == "conv":
+        return m.T.reshape(shape)
+    if L.kind == "gemm":
+        b = m / L.alpha
+        return b.T if L.trans_b else b
+    return m
+
+
+def _bias_vector(L: Layer, n: int) -> np.ndarray:
+    if L.b is None:
+        return np.zeros(n)
+    b = L.b.get().reshape(-1)
+    return b * L.beta if L.kind == "gemm" else b
+
+
+def _set_bias(L: Layer, b: np.ndarray) -> None:
+    ref = L.b or _add_bias(L)
+    if ref is None:
+        return
+    shape = ref.get().shape
+    if L.kind == "gemm":
+        b = b / L.beta
+    ref.set(b.reshape(shape))
+
+
+def _add_bias(L: Layer) -> WeightRef | None:
+    """Give a Conv / ConvTranspose / Gemm a zero bias input (float, like the layer's output)."""
+    node = L.node
+    if node.op not in ("Conv", "ConvTranspose", "Gemm"):
+        return None
+    w = L.w.get()
+    n = {
+        "Conv": w.shape[0],
+        "ConvTranspose": w.shape[1] * int(node.attrs.get("group", 1)),
+        "Gemm": w.shape[0] if L.trans_b else w.shape[1],
+    }[node.op]
+    dtype = np.float32 if L.w.quantized else np.asarray(node.inputs[1].values).dtype
+    const = gs.Constant(f"{node.outputs[0].name}_bias", np.zeros(n, dtype=dtype))
+    while len(node.inputs) < 3:
+        node.inputs.append(const)
+    node.inputs[2] = const
+    if node.op == "Gemm":
+        node.attrs["beta"] = 1.0
+        L.beta = 1.0
+    L.b = WeightRef(node, 2)
+    return L.b
+

@@ -1,0 +1,245 @@
+"""Which layers ``distill`` refits, and in which stage.
+
+A layer is a weighted node whose output the teacher has under the same name: Conv (``conv``), depthwise Conv
+(``dwconv``: one small system per channel), Gemm (``gemm``), MatMul with a constant 2-D weight (``matmul``, with the
+bias of the Add that follows it); grouped Conv and ConvTranspose get bias correction only (``bias``). A layer is
+refit when its input differs from the teacher's (downstream of a cut or of modified weights: "changed" tensors
+propagate through the graph in topological order) or its own weights differ beyond the slicing the channel map
+describes (pruned, quantized); ``layers=all`` refits every layer.
+
+Stage of a layer = 1 + the largest stage of the refit layers upstream of it (its input's depth): a stage is refit
+only after every earlier one, on inputs the already refit student produces, so errors do not pile up.
+
+Residual targets (``compensate``): a layer whose output only feeds Add(y, other), other an activation, is fit to
+teacher(Add) - student(other); when every consumer of that sum is a LayerNormalization over the last axis, the
+rows are weighted by 1 / std of the teacher's sum (``ln_weight``; see ``stage_statistics``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress.analyses.channel_groups import toposort
+
+from .normal_equations import Normal
+from .weight_refs import WeightRef
+
+
+@dataclass
+class Layer:
+    node: gs.Node
+    kind: str  # conv, dwconv, gemm, matmul, bias (bias correction only)
+    x: str  # student input activation
+    y: str  # output tensor matched against the teacher
+    out_axis: int
+    w: WeightRef | None
+    b: WeightRef | None = None
+    alpha: float = 1.0
+    beta: float = 1.0
+    trans_a: bool = False
+    trans_b: bool = False
+    kept_out: np.ndarray | None = None  # teacher channel per student output channel
+    res_out: str | None = (
+        None  # residual Add this layer feeds (target: teacher(res_out) - student(res_other))
+    )
+    res_other: str | None = None
+    ln_axis: int | None = None  # res_out is normalised over this axis (LayerNormalization): rows weigh 1/std
+    stage: int = 0
+    reason: str = ""
+    stats: Normal | None = None
+    hold: Normal | None = None  # statistics of the held-out feeds (ridge selection)
+    bias_sum: np.ndarray | None = None
+    bias_count: int = 0
+
+
+def find_layers(graph: gs.Graph, teacher: onnx.ModelProto, cmap: dict, *, layers: str = "changed",
+                compensate: bool = True, ln_weight: bool = True) -> tuple[list[Layer], Counter]:
+    """The layers to refit, each with its stage, and why others were skipped (reason -> count). ``cmap``: the
+    run's channel map (tensor -> axis -> kept teacher positions)."""
+    teacher_outputs = {o for n in teacher.graph.node for o in n.output if o}
+    teacher_weights = _teacher_weights(teacher)
+    skipped: Counter = Counter()
+    changed: set[str] = set(cmap)
+    depth: dict[str, int] = {}
+    found: list[Layer] = []
+    tensors = graph.tensors()
+    graph_out = {id(t) for t in graph.outputs}
+    for node in toposort(graph):
+        d_in = max((depth.get(t.name, 0) for t in node.inputs), default=0)
+        in_changed = any(t.name in changed for t in node.inputs if isinstance(t, gs.Variable))
+        L = _make_layer(node)
+        node_changed = in_changed
+        refit = False
+        if L is not None:
+            if L.y not in teacher_outputs:
+                skipped["output not in the teacher"] += 1
+                L = None
+        if L is not None:
+            L.kept_out = _kept(cmap, L.y, L.out_axis)
+            if compensate:
+                _residual_target(L, tensors, graph_out, teacher_outputs, ln_weight)
+            modified = _weights_modified(L, teacher_weights, cmap)
+            node_changed = node_changed or modified
+            if layers == "all" or in_changed or modified:
+                L.stage = d_in + 1
+                found.append(L)
+                refit = True
+        out_depth = L.stage if refit else d_in
+        for t in node.outputs:
+            depth[t.name] = out_depth
+            if node_changed:
+                changed.add(t.name)
+        if L is not None and L.y != node.outputs[0].name:  # MatMul + bias Add: the Add output too
+            depth[L.y] = out_depth
+            if node_changed:
+                changed.add(L.y)
+    return found, skipped
+
+
+def _make_layer(node: gs.Node) -> Layer | None:
+    op = node.op
+    if (
+        node.domain not in (None, "", "ai.onnx")
+        or not node.inputs
+        or not isinstance(node.inputs[0], gs.Variable)
+    ):
+        return None
+    x = node.inputs[0].name
+    if op == "Conv":
+        w = WeightRef.resolve(node, 1)
+        if w is None:
+            return None
+        wv = w.get()
+        group = int(node.attrs.get("group", 1))
+        b = WeightRef.resolve(node, 2)
+        if group == 1:
+            kind = "conv"
+        elif wv.shape[1] == 1:
+            kind = "dwconv"
+        else:
+            kind = "bias"
+        return Layer(node, kind, x, node.outputs[0].name, 1, w, b)
+    if op == "ConvTranspose":
+        w = WeightRef.resolve(node, 1)
+        if w is None:
+            return None
+        return Layer(node, "bias", x, node.outputs[0].name, 1, w, WeightRef.resolve(node, 2))
+    if op == "Gemm":
+        w = WeightRef.resolve(node, 1)
+        if w is None:
+            return None
+        b = WeightRef.resolve(node, 2)
+        n = w.get().shape[0 if node.attrs.get("transB", 0) else 1]
+        if b is not None and b.get().size != n:
+            return None  # a C that varies along M cannot be refit per output
+        return Layer(
+            node,
+            "gemm",
+            x,
+            node.outputs[0].name,
+            1,
+            w,
+            b,
+            alpha=float(node.attrs.get("alpha", 1.0)),
+            beta=float(node.attrs.get("beta", 1.0)),
+            trans_a=bool(node.attrs.get("transA", 0)),
+            trans_b=bool(node.attrs.get("transB", 0)),
+        )
+    if op == "MatMul":
+        w = WeightRef.resolve(node, 1)
+        if w is None or w.get().ndim != 2:
+            return None
+        y = node.outputs[0]
+        b = None
+        yname = y.name
+        if len(y.outputs) == 1 and y.outputs[0].op == "Add":
+            add = y.outputs[0]
+            other = 1 if add.inputs[0] is y else 0
+            ref = WeightRef.resolve(add, other)
+            if ref is not None and ref.get().size == w.get().shape[1] and ref.get().ndim == 1:
+                b = ref
+                yname = add.outputs[0].name
+        return Layer(node, "matmul", x, yname, -1, w, b)
+    return None
+
+
+def _residual_target(L: Layer, tensors: dict, graph_out: set[int], teacher_outputs: set[str],
+                     ln_weight: bool = True) -> None:
+    """If the layer's output only feeds Add(y, other) with ``other`` an activation, fit teacher(sum) - other; note
+    the LayerNormalization axis when every consumer of the sum normalises it over one axis."""
+    y = tensors.get(L.y)
+    if y is None or len(y.outputs) != 1 or y.outputs[0].op != "Add" or id(y) in graph_out:
+        return
+    add = y.outputs[0]
+    if len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
+        return
+    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    out = add.outputs[0].name
+    if isinstance(other, gs.Variable) and other.name and out in teacher_outputs:
+        L.res_out, L.res_other = out, other.name
+        total = add.outputs[0]
+        users = total.outputs
+        if ln_weight and users and all(u.op == "LayerNormalization" and u.inputs[0] is total for u in users):
+            axes = {int(u.attrs.get("axis", -1)) for u in users}
+            if axes == {-1} or (total.shape is not None and axes == {len(total.shape) - 1}):
+                L.ln_axis = -1
+
+
+def _kept(cmap: dict, name: str, axis: int) -> np.ndarray | None:
+    entry = cmap.get(name)
+    if not entry:
+        return None
+    if axis >= 0:
+        return entry.get(axis)
+    return entry.get(max(entry)) if len(entry) == 1 else None
+
+
+def _teacher_weights(teacher: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """output tensor name -> weight of the node producing it (Conv/ConvTranspose/Gemm/MatMul)."""
+    inits = {t.name: t for t in teacher.graph.initializer}
+    out = {}
+    for n in teacher.graph.node:
+        if (
+            n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+            and len(n.input) > 1
+            and n.input[1] in inits
+        ):
+            out[n.output[0]] = inits[n.input[1]]
+    return out
+
+
+def _weights_modified(L: Layer, teacher_weights: dict, cmap: dict) -> bool:
+    """Whether the layer's weights differ from the teacher's beyond slicing (pruned weights, quantization...)."""
+    if L.w.quantized:
+        return True
+    t = teacher_weights.get(L.node.outputs[0].name)
+    if t is None:
+        return False
+    tw = onnx.numpy_helper.to_array(t)
+    sw = np.asarray(L.node.inputs[1].values)
+    if tw.shape == sw.shape:
+        return not np.array_equal(tw, sw)
+    # sliced: compare on the kept positions when the maps are known
+    kin = _kept(cmap, L.x, 1 if L.kind != "matmul" else -1)
+    kout = L.kept_out
+    try:
+        if L.kind in ("conv", "dwconv", "bias"):
+            if kout is not None:
+                tw = tw[kout]
+            if kin is not None and L.kind == "conv":
+                tw = tw[:, kin]
+        elif L.kind == "matmul":
+            if kin is not None:
+                tw = tw[kin]
+            if kout is not None:
+                tw = tw[:, kout]
+        else:
+            return True
+    except IndexError:
+        return True
+    return tw.shape != sw.shape or not np.array_equal(tw, sw)
