@@ -22,12 +22,13 @@ import onnx
 
 from onnxcompress import io
 from onnxcompress.context import PassContext
-from onnxcompress.data import Feed, FeedSet, load_feeds, random_feeds
+from onnxcompress.data import Feed, FeedSet, load_feeds
 from onnxcompress.latency_profile import LatencyProfile
 from onnxcompress.manager import PassManager
 from onnxcompress.pass_base import Pass
 from onnxcompress.pipeline import load_recipe, parse_pipeline
 from onnxcompress.result import CompressResult
+from onnxcompress.synthetic_feeds import accepted_random_feeds
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,9 @@ def compress(
     _check_loads(proto)
     calib = load_feeds(calibration, proto)
     valid = load_feeds(validation, proto) if validation is not None else calib
+    made_up_notes: list[str] = []
     if valid is None and (validate or latency):
-        valid = random_feeds(proto, dims, n=4, seed=seed, shapes=shapes)
+        valid, made_up_notes = accepted_random_feeds(proto, dims, shapes, n=4, seed=seed)
     if valid is not None and max_validation is not None:
         valid = valid.take(max_validation)
     if isinstance(latency_profile, (str, Path)):
@@ -129,9 +131,7 @@ def compress(
         "calibration": _describe_feeds(calib),
         "validation": _describe_feeds(valid if validate else None),
     }
-    if valid is not None and valid.synthetic:
-        result.notes.append("fidelity measured on RANDOM inputs (no calibration/validation data given): it says "
-                            "little about real inputs")
+    result.notes.extend(made_up_notes)
     if latency and valid is not None:
         from onnxcompress.latency import measure_latency
 

@@ -26,14 +26,15 @@ from onnxcompress.errors import BadInputError, OnnxCompressError
 log = logging.getLogger("onnxcompress")
 
 
-def _progress():
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
+def _progress(args: argparse.Namespace | None = None):
+    """Bars in a terminal; heartbeat log lines otherwise; nothing with --quiet."""
+    from onnxcompress import progress
+
+    if args is not None and getattr(args, "quiet", False):
         return None
-    if not sys.stderr.isatty():
-        return None
-    return lambda it, total=None, desc=None: tqdm(it, total=total, desc=desc, leave=False, file=sys.stderr)
+    if sys.stderr.isatty():
+        return progress.terminal_bars()
+    return progress.heartbeat()
 
 
 def _parse_dims(items: list[str] | None) -> dict[str, int]:
@@ -86,7 +87,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                       dims=_parse_dims(args.dim), shapes=_parse_shapes(args.shape), seed=args.seed,
                       validate=not args.no_validate, validate_each=args.validate_each, max_validation=args.max_val,
                       latency=not args.no_latency, latency_budget=args.latency_budget,
-                      latency_profile=args.latency_profile, progress=_progress())
+                      latency_profile=args.latency_profile, progress=_progress(args))
     out, report_path = _save_creating_folders(result, out, Path(args.report) if args.report else None)
     if not args.quiet:
         report = result.to_dict()
@@ -223,7 +224,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                                                    shapes=_parse_shapes(args.shape))
     if args.max_val:
         feeds = feeds.take(args.max_val)
-    rep = compare_models(a, b, feeds, progress=_progress())
+    rep = compare_models(a, b, feeds, progress=_progress(args))
     problems = structural_problems(b)
     size_a, size_b = io.file_size_on_disk(args.a), io.file_size_on_disk(args.b)
     lat = measure_latency({"a": a, "b": b}, feeds.first(), budget_s=args.latency_budget)
@@ -296,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--latency-budget", type=float, default=3.0, help="seconds spent measuring latency")
     c.add_argument("--latency-profile", help="replay the latency measurements of an earlier run (its report JSON): "
                    "the same input, options and data then give the same output")
-    c.add_argument("-q", "--quiet", action="store_true")
+    c.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    c.add_argument("-v", "--verbose", action="count", default=0, help="log what the passes do (-vv: debug)")
     c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser("inspect", help="ops, params, MACs, bytes, weight tensors, channel groups")
@@ -323,12 +325,40 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (main() may run many times in one process,
+    each with its own stderr, as under a test runner's capture)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    verbose = getattr(args, "verbose", 0)
+    level = logging.DEBUG if args.debug or verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    progress_log = logging.getLogger("onnxcompress.progress")
+    if not getattr(args, "quiet", False):
+        progress_log.setLevel(logging.INFO)
+        if not sys.stderr.isatty():  # CI / pipes: plain lines (a terminal has the bars and the final table)
+            if not any(isinstance(h, _CurrentStderrHandler) for h in progress_log.handlers):
+                handler = _CurrentStderrHandler()
+                handler.setFormatter(logging.Formatter("onnxcompress: %(message)s"))
+                progress_log.addHandler(handler)
+            progress_log.propagate = False
+    else:
+        progress_log.setLevel(logging.WARNING)
     if not args.debug:
         os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
     try:
         return args.func(args)
     except OnnxCompressError as exc:
@@ -336,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"onnxcompress: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `onnxcompress inspect m.onnx | head`: the reader left, nothing is wrong
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout must stay writable for interpreter exit
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         print("onnxcompress: interrupted", file=sys.stderr)
         return 130

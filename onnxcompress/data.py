@@ -95,6 +95,11 @@ def check_feed(feed: Feed, inputs: list[InputSpec], where: str = "feed") -> Feed
                     f"{where}: input {spec.name!r} has shape {list(arr.shape)}, the model expects "
                     f"{_fmt_shape(spec.shape)} (axis {axis})"
                 )
+        if np.issubdtype(arr.dtype, np.floating) and arr.size:
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                raise BadInputError(f"{where}: input {spec.name!r} holds {bad} non-finite value(s) (NaN/inf) of "
+                                    f"{arr.size}: calibration and validation data must be finite")
         out[spec.name] = arr
     return out
 
@@ -225,7 +230,8 @@ def load_feeds(source: str | Path | Iterable[Feed] | FeedSet | None, model: onnx
 
 
 def bind_dims(inputs: list[InputSpec], dims: dict[str, int],
-              shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
+              shapes: dict[str, tuple[int, ...]] | None = None, *, free_dim: int | dict[str, int] = DEFAULT_FREE_DIM,
+              guesses: list[str] | None = None) -> dict[str, tuple[int, ...]]:
     """Concrete input shapes.
 
     An explicit shape per input (``--shape x=1x3x48x192``) wins; else static dims stay, symbolic dims come from
@@ -233,6 +239,11 @@ def bind_dims(inputs: list[InputSpec], dims: dict[str, int],
     ``DEFAULT_FREE_DIM`` elsewhere, with a log line saying so.
     """
     explicit = shapes or {}
+    known = {spec.name for spec in inputs}
+    unknown = sorted(set(explicit) - known)
+    if unknown:
+        raise BadInputError(f"--shape names no model input: {', '.join(unknown)} (the inputs: "
+                            f"{', '.join(sorted(known)) or 'none'})")
     out = {}
     for spec in inputs:
         if spec.name in explicit:
@@ -251,7 +262,10 @@ def bind_dims(inputs: list[InputSpec], dims: dict[str, int],
             elif isinstance(d, str) and d in dims:
                 shape.append(int(dims[d]))
             else:
-                guess = 1 if axis == 0 else DEFAULT_FREE_DIM
+                free = free_dim.get(spec.name, DEFAULT_FREE_DIM) if isinstance(free_dim, dict) else free_dim
+                guess = 1 if axis == 0 else free
+                if guesses is not None:
+                    guesses.append(f"{spec.name} axis {axis} ({d or '?'}) = {guess}")
                 log.info("input %s axis %d (%s) is not bound: using %d (set --dim or --shape)", spec.name, axis,
                          d or "?", guess)
                 shape.append(guess)
@@ -260,14 +274,19 @@ def bind_dims(inputs: list[InputSpec], dims: dict[str, int],
 
 
 def random_feeds(model: onnx.ModelProto, dims: dict[str, int] | None = None, n: int = 8, seed: int = 0,
-                 shapes: dict[str, tuple[int, ...]] | None = None) -> FeedSet:
-    """Standard-normal floats / small non-negative ints. Logs a warning: use real data when you have it."""
+                 shapes: dict[str, tuple[int, ...]] | None = None, *, free_dim: int | dict[str, int] = DEFAULT_FREE_DIM,
+                 int_values: dict[str, int] | None = None, guesses: list[str] | None = None,
+                 quiet: bool = False) -> FeedSet:
+    """Standard-normal floats / small non-negative ints (``int_values`` pins an integer input to one value).
+    Logs a warning: use real data when you have it."""
     inputs = model_inputs(model)
-    shapes = bind_dims(inputs, dims or {}, shapes)
-    log.warning(
-        "no calibration/validation data given: using %d random feeds; fidelity numbers on random inputs say little "
-        "about real inputs", n
-    )
+    shapes = bind_dims(inputs, dims or {}, shapes, free_dim=free_dim, guesses=guesses)
+    pinned = int_values or {}
+    if not quiet:
+        log.warning(
+            "no calibration/validation data given: using %d random feeds; fidelity numbers on random inputs say "
+            "little about real inputs", n
+        )
 
     def gen() -> Iterator[Feed]:
         rng = np.random.default_rng(seed)
@@ -279,6 +298,8 @@ def random_feeds(model: onnx.ModelProto, dims: dict[str, int] | None = None, n: 
                     feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
                 elif spec.dtype == np.bool_:
                     feed[spec.name] = rng.integers(0, 2, shape).astype(np.bool_)
+                elif spec.name in pinned:
+                    feed[spec.name] = np.full(shape, pinned[spec.name], dtype=spec.dtype)
                 else:
                     feed[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
             yield feed

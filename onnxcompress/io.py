@@ -131,7 +131,7 @@ def read_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
     try:
         model = onnx.load_model(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, or RuntimeWarning-like errors on garbage
-        raise BadInputError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise BadInputError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})") from exc
     if model.ir_version <= 0 or not model.HasField("graph") or (len(model.graph.node) == 0 and not model.graph.output):
         raise BadInputError(f"{p}: not an ONNX model (no graph, or no IR version)")
     files = check_external_data(model, p.parent)
@@ -139,7 +139,7 @@ def read_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
         except Exception as exc:
-            raise BadInputError(f"{p}: cannot load external data ({_first_line(exc)})") from exc
+            raise BadInputError(f"{p}: cannot load external data ({first_line(exc)})") from exc
         # also load Constant-node attribute tensors stored externally (onnx only loads initializers for some versions)
         for t in iter_tensors(model):
             if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -153,11 +153,11 @@ def model_from_bytes(data: bytes, what: str = "model") -> onnx.ModelProto:
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:
-        raise BadInputError(f"{what}: not a readable ONNX model ({_first_line(exc)})") from exc
+        raise BadInputError(f"{what}: not a readable ONNX model ({first_line(exc)})") from exc
     return model
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -342,7 +342,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     try:
         return gs.import_onnx(model)
     except Exception as exc:
-        raise BadInputError(f"cannot import the model graph ({_first_line(exc)})") from exc
+        raise BadInputError(f"cannot import the model graph ({first_line(exc)})") from exc
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None, opset: int | None = None) -> onnx.ModelProto:

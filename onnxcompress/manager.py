@@ -22,7 +22,7 @@ from typing import Any
 
 import onnx
 
-from onnxcompress import io
+from onnxcompress import io, progress
 from onnxcompress.analyses.model_stats import model_stats
 from onnxcompress.context import PassContext
 from onnxcompress.data import FeedSet, bind_dims, feed_shapes, model_inputs
@@ -100,9 +100,10 @@ class PassManager:
                             pass_stats={"constant_nodes_lifted": lifted} if lifted else {})]
         done: list[str] = []
         current = working
-        for p in self.passes:
+        for index, p in enumerate(self.passes, 1):
             label = format_pass(p)
             t0 = time.perf_counter()
+            progress.pass_started(label, index, len(self.passes), t0 - t_start)
             try:
                 p.requires(graph, ctx)
                 result = p.run(graph, ctx)
@@ -121,7 +122,8 @@ class PassManager:
                 row.fidelity = compare_models(original_ref, current, self.validation).to_dict()
             ledger.append(row)
             done.append(label)
-            log.info("%s: %s in %.2fs", label, "modified" if result.modified else "unchanged", seconds)
+            progress.pass_finished(label, index, len(self.passes), time.perf_counter() - t_start, seconds,
+                                   result.modified)
 
         final = current
         tolerated: list[str] = []
@@ -131,19 +133,49 @@ class PassManager:
         if self.validation is not None:
             fidelity = compare_models(original_ref, final, self.validation, progress=self.progress)
             ledger[-1].fidelity = fidelity.to_dict()
+            bad = {n: m["nonfinite_metrics"] for n, m in fidelity.outputs.items() if m.get("nonfinite_metrics")}
+            if bad:
+                name, keys = next(iter(bad.items()))
+                raise ValidationError(f"fidelity of output {name!r} is not a number ({', '.join(keys)}): the "
+                                      "compressed or the original model produced non-finite values on the "
+                                      "validation feeds")
             if all(p.exact for p in self.passes):
-                worst = fidelity.worst()
-                if worst.get("rel_max_abs", 0.0) > self.exact_tolerance or worst.get("mismatched_elements", 0):
-                    raise ValidationError(
-                        f"exact pipeline {format_pipeline(self.passes)!r} changed the outputs: relative max-abs "
-                        f"{worst.get('rel_max_abs', 0.0):.3g} > {self.exact_tolerance:g}"
-                    )
+                self._check_exact(original_ref, fidelity)
         return CompressResult(final, format_pipeline(self.passes), ledger, fidelity, shapes, tolerated,
                               time.perf_counter() - t_start, latency_profile=ctx.latency.to_dict(),
                               counters=dict(ctx.counters))
 
 
+    def _check_exact(self, original_ref, fidelity) -> None:
+        """An exact pipeline must reproduce the original up to float rounding.
+
+        Per output: max|r - c| <= max(tol · max|r|, 8 · noise), where ``noise`` is the max-abs difference between
+        the original run with and without onnxruntime's own graph optimizations on the same feeds (ORT folds
+        BatchNorm into Conv too: its rounding is the scale of what an exact rewrite may change). The floor matters
+        when an output's magnitude is tiny next to the values that produced it (a detection map near 3e-8 at a
+        made-up input): then the rounding of the intermediate sums is all the difference there is."""
+        noise = None
+        for name, m in fidelity.outputs.items():
+            if m.get("mismatched_elements", 0):
+                raise ValidationError(f"exact pipeline {format_pipeline(self.passes)!r} changed output {name!r}: "
+                                      f"{m['mismatched_elements']} elements differ")
+            if m.get("rel_max_abs", 0.0) <= self.exact_tolerance:
+                continue
+            if noise is None:
+                noise = compare_models(original_ref, original_ref, self.validation, optimize_original=False,
+                                       task="none").outputs
+            floor = 8.0 * noise.get(name, {}).get("max_abs", 0.0)
+            if m["max_abs"] <= floor:
+                log.info("exact check: output %s differs by %.3g, within 8x onnxruntime's own rounding (%.3g)",
+                         name, m["max_abs"], floor / 8)
+                continue
+            raise ValidationError(
+                f"exact pipeline {format_pipeline(self.passes)!r} changed output {name!r}: relative max-abs "
+                f"{m['rel_max_abs']:.3g} > {self.exact_tolerance:g} (max-abs {m['max_abs']:.3g}, onnxruntime's own "
+                f"rounding {floor / 8:.3g})")
+
+
 def _failure(label: str, done: list[str], exc: BaseException) -> str:
     before = f" (after {', '.join(done)})" if done else " (first pass)"
-    return f"pass {label}{before} failed: {type(exc).__name__}: {io._first_line(exc)}" if not isinstance(
-        exc, OnnxCompressError) else f"pass {label}{before} failed: {io._first_line(exc)}"
+    return f"pass {label}{before} failed: {type(exc).__name__}: {io.first_line(exc)}" if not isinstance(
+        exc, OnnxCompressError) else f"pass {label}{before} failed: {io.first_line(exc)}"

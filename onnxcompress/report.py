@@ -50,7 +50,9 @@ def fmt_metric(v: Any) -> str:
     return str(v)
 
 
-def ledger_rows(report: dict) -> list[list[str]]:
+def ledger_rows(report: dict, stats_width: int | None = 120) -> list[list[str]]:
+    """One row per stage; the pass's scalar stats joined (cut at ``stats_width`` characters for a console, whole
+    with None)."""
     ledger = report["ledger"]
     base = ledger[0]["model"] if ledger and ledger[0]["model"] else {}
     rows = []
@@ -65,7 +67,7 @@ def ledger_rows(report: dict) -> list[list[str]]:
             f"{human_bytes(m.get('bytes_zip'))}{_ratio(m.get('bytes_zip'), base.get('bytes_zip'))}",
             f"{human_count(m.get('macs'))}{_ratio(m.get('macs'), base.get('macs'))}",
             f"{row['seconds']:.2f}s" if row["stage"] != "original" else "",
-            stats[:120],
+            stats if stats_width is None else stats[:stats_width],
         ])
     return rows
 
@@ -79,7 +81,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def to_markdown(report: dict) -> str:
     lines = [f"# onnxcompress report: {report.get('input', '')}", "", f"pipeline: `{report['pipeline']}`", ""]
     lines.append(markdown_table(["stage", "nodes", "params", "bytes", "bytes zipped", "MACs", "time", "changes"],
-                                ledger_rows(report)))
+                                ledger_rows(report, stats_width=None)))
     fid = report.get("fidelity")
     if fid:
         lines += ["", f"Fidelity vs the original on {fid['feeds']} feeds from {fid['source']}"

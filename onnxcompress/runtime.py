@@ -57,7 +57,7 @@ class Session:
                 self.sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             self.close()
-            raise ValidationError(f"onnxruntime cannot load the {what}: {io._first_line(exc)}") from exc
+            raise ValidationError(f"onnxruntime cannot load the {what}: {io.first_line(exc)}") from exc
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.input_names = [i.name for i in self.sess.get_inputs()]
 

@@ -6,8 +6,11 @@ Per output, accumulated over all feeds in one streaming pass (no output is kept 
 - cosine   = <r, c> / (||r|| ||c||) over all elements of all feeds; ``cosine_min`` is the worst single feed
 - SQNR dB  = 10 log10( sum r^2 / sum (r - c)^2 )   (inf when identical)
 - rel_max_abs = max-abs / max |r|  (the scale-free form of max-abs)
-- top-1 / top-5 agreement, when the output looks like class scores (float, last axis 2..100000 wide, rank >= 2):
-  the fraction of rows (all leading positions) where argmax(c) == argmax(r), resp. argmax(r) is in top5(c).
+- top-1 / top-5 agreement, for outputs that ARE class scores: produced (through shape-only ops: Reshape, Flatten,
+  Squeeze, Transpose, Identity, Cast) by Softmax / LogSoftmax, by Gemm, or by a MatMul(+constant Add) head, with a
+  last axis 2..100000 wide (or every output when the user says ``task="classify"``): the fraction of rows (all
+  leading positions) where argmax(c) == argmax(r), resp. argmax(r) is in top5(c). A detection map or an embedding
+  is not class scores, whatever its width: its report says ``metric_kind: values``.
 
 Structural gate (before anything is written): ``onnx.checker`` full check (which includes strict shape inference) and
 an ORT session. A check the ORIGINAL model already fails (old exporters, custom domains) is not held against the
@@ -47,6 +50,7 @@ class OutputFidelity:
     top5_hits: int = 0
     rows: int = 0
     classifier: bool = False
+    class_scores: bool = False  # whether this output gets top-k agreement
     exact_mismatch: int = 0  # for non-float outputs: elements that differ
 
     def update(self, r: np.ndarray, c: np.ndarray) -> None:
@@ -70,7 +74,7 @@ class OutputFidelity:
         self.cand_sq += cc
         self.err_sq += float(diff @ diff)
         self.cosine_min = min(self.cosine_min, _cos(dot, rr, cc))
-        if r.ndim >= 2 and 2 <= r.shape[-1] <= 100_000:
+        if self.class_scores and r.ndim >= 2 and 2 <= r.shape[-1] <= 100_000:
             self.classifier = True
             rr2 = r.reshape(-1, r.shape[-1])
             cc2 = c.reshape(-1, c.shape[-1])
@@ -96,6 +100,9 @@ class OutputFidelity:
         }
         if self.exact_mismatch:
             out["mismatched_elements"] = self.exact_mismatch
+        nonfinite = [k for k in ("max_abs", "mean_abs", "cosine", "cosine_min") if not math.isfinite(out[k])]
+        if nonfinite or math.isnan(out["sqnr_db"]):
+            out["nonfinite_metrics"] = nonfinite or ["sqnr_db"]
         if self.classifier and self.rows:
             out["top1_agreement"] = self.top1_hits / self.rows
             out["top5_agreement"] = self.top5_hits / self.rows
@@ -122,6 +129,8 @@ class FidelityReport:
         worst: dict[str, float] = {}
         for metrics in self.outputs.values():
             for k, v in metrics.items():
+                if not isinstance(v, (int, float)):
+                    continue
                 higher_is_worse = k in ("max_abs", "mean_abs", "rel_max_abs", "mismatched_elements")
                 if k not in worst:
                     worst[k] = v
@@ -134,16 +143,62 @@ class FidelityReport:
                 "worst": self.worst()}
 
 
+_SHAPE_ONLY = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast"}
+
+
+def class_score_outputs(model: onnx.ModelProto) -> set[str]:
+    """Graph outputs that are class scores (see the module docstring): the ones top-k agreement is reported for."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consts = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node
+                                                            if n.op_type == "Constant"}
+    out = set()
+    for o in model.graph.output:
+        node = producer.get(o.name)
+        while node is not None and node.op_type in _SHAPE_ONLY:
+            node = producer.get(node.input[0])
+        if node is None:
+            continue
+        if node.op_type in ("Softmax", "LogSoftmax", "Gemm"):
+            out.add(o.name)
+        elif node.op_type == "Add" and any(i in consts for i in node.input):
+            other = next((producer.get(i) for i in node.input if i not in consts), None)
+            if other is not None and other.op_type == "MatMul" and any(i in consts for i in other.input):
+                out.add(o.name)
+        elif node.op_type == "MatMul" and any(i in consts for i in node.input[1:]):
+            out.add(o.name)
+    return out
+
+
+def _as_proto(model: onnx.ModelProto | bytes | str) -> onnx.ModelProto | None:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, bytes):
+        return onnx.load_model_from_string(model)
+    try:
+        return onnx.load_model(str(model), load_external_data=False)
+    except Exception:  # unreadable here: the session below says why
+        return None
+
+
 def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.ModelProto | bytes | str,
-                   feeds: FeedSet, threads: int = 1, progress=None) -> FidelityReport:
-    """Run both models on every feed and accumulate the per-output metrics above."""
-    with Session(original, threads, what="original model") as ref_s, \
+                   feeds: FeedSet, threads: int = 1, progress=None, *, task: str = "auto",
+                   optimize_original: bool = True) -> FidelityReport:
+    """Run both models on every feed and accumulate the per-output metrics above.
+
+    ``task``: "auto" (top-k agreement for outputs detected as class scores), "classify" (for every float output
+    with a class axis) or "none". ``optimize_original=False`` runs the original without ORT's graph optimizations
+    (the exactness check compares that with the optimized original to measure ORT's own rounding)."""
+    if task not in ("auto", "classify", "none"):
+        raise ValueError(f"task must be auto, classify or none, got {task!r}")
+    proto = _as_proto(original) if task == "auto" else None
+    scores = class_score_outputs(proto) if proto is not None else set()
+    with Session(original, threads, optimize=optimize_original, what="original model") as ref_s, \
             Session(candidate, threads, what="compressed model") as cand_s:
         names = ref_s.output_names
         missing = [n for n in names if n not in cand_s.output_names]
         if missing:
             raise ValidationError(f"the compressed model lost output {missing[0]!r}")
-        acc = {n: OutputFidelity(n) for n in names}
+        acc = {n: OutputFidelity(n, class_scores=task == "classify" or n in scores) for n in names}
         n_feeds = 0
         iterator = progress(feeds, total=len(feeds), desc="validate") if progress else feeds
         for feed in iterator:
@@ -152,7 +207,10 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
             for name, r, c in zip(names, ref, cand, strict=True):
                 acc[name].update(np.asarray(r), np.asarray(c))
             n_feeds += 1
-    return FidelityReport({n: a.summary() for n, a in acc.items()}, n_feeds, feeds.source, feeds.synthetic)
+    summaries = {}
+    for n, a in acc.items():
+        summaries[n] = {**a.summary(), "metric_kind": "class scores" if a.class_scores else "values"}
+    return FidelityReport(summaries, n_feeds, feeds.source, feeds.synthetic)
 
 
 # -------------------------------------------------------------------------------------------- structural gate
@@ -165,7 +223,7 @@ def structural_problems(model: onnx.ModelProto) -> list[str]:
         else:
             onnx.checker.check_model(model.SerializeToString(), full_check=True)
     except Exception as exc:
-        problems.append(f"onnx.checker: {io._first_line(exc)}")
+        problems.append(f"onnx.checker: {io.first_line(exc)}")
     return problems
 
 

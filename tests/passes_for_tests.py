@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcompress.errors import PassError
-from onnxcompress.pass_base import Pass, PassResult, register
+from onnxcompress.pass_base import Pass, PassResult, option, register
 
 
 @register
@@ -18,13 +18,13 @@ class OptionsPass(Pass):
     name = "test-options"
     description = "does nothing; has one option of each kind"
     exact = True
-    count: int = 3
-    ratio: float = 0.5
-    flag: bool = False
-    label: str = "abc"
-    mode: Literal["fast", "slow"] = "fast"
-    exclude: tuple[str, ...] = ()
-    limit: int | None = None
+    count: int = option(3, "an integer")
+    ratio: float = option(0.5, "a fraction in [0, 1]")
+    flag: bool = option(False, "a switch")
+    label: str = option("abc", "a string")
+    mode: Literal["fast", "slow"] = option("fast", "one of two choices")
+    exclude: tuple[str, ...] = option((), "names to leave alone")
+    limit: int | None = option(None, "an optional integer")
 
     def __post_init__(self):
         if not 0 <= self.ratio <= 1:
@@ -40,7 +40,7 @@ class FailingPass(Pass):
     name = "test-fail"
     description = "fails in the phase it is told to"
     exact = True
-    phase: str = "run"
+    phase: str = option("run", "where to fail: requires, run or ensures")
 
     def requires(self, graph, ctx):
         if self.phase == "requires":
@@ -63,9 +63,9 @@ class ScaleWeightsPass(Pass):
 
     name = "test-scale"
     description = "scales all float weights"
-    factor: float = 1.01
-    claim_exact: bool = False
-    preserve: tuple[str, ...] = ()
+    factor: float = option(1.01, "the weight multiplier")
+    claim_exact: bool = option(False, "declare the pass exact (to test the exactness check)")
+    preserve: tuple[str, ...] = option((), "analyses the pass claims to preserve")
 
     @property
     def exact(self) -> bool:  # type: ignore[override]

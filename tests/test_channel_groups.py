@@ -13,6 +13,13 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress import io
+from onnxcompress.analyses.channel_groups import (
+    analyse,
+    connected_components,
+    describe_groups,
+    reshape_blocks,
+    static_shapes,
+)
 from onnxcompress.analyses.channel_groups.layout import (
     Layout,
     clamp_index,
@@ -20,13 +27,6 @@ from onnxcompress.analyses.channel_groups.layout import (
     part_bounds,
     simplify,
     varies_along,
-)
-from onnxcompress.analyses.channel_groups import (
-    analyse,
-    connected_components,
-    describe_groups,
-    reshape_blocks,
-    static_shapes,
 )
 from tests.conftest import ort_run
 

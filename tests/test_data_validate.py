@@ -87,7 +87,7 @@ def test_output_fidelity_metrics_match_hand_computation():
     c = r + 0.1 * rng.standard_normal((4, 10)).astype(np.float32)
     c[0] = r[0]
     c[1, r[1].argmax()] -= 100  # destroys row 1's argmax
-    acc = OutputFidelity("y")
+    acc = OutputFidelity("y", class_scores=True)
     acc.update(r[:2], c[:2])
     acc.update(r[2:], c[2:])
     s = acc.summary()

@@ -14,9 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
-from onnxcompress.errors import BadInputError, PassError
+from onnxcompress.errors import BadInputError
 from onnxcompress.manager import PassManager
-from onnxcompress.pass_base import Pass, PassResult, get_pass_class, register
+from onnxcompress.pass_base import Pass, PassResult, get_pass_class, option, register
 from onnxcompress.pipeline import parse_pipeline
 from tests.conftest import ort_run
 
@@ -33,7 +33,7 @@ class _Sparsify(Pass):
 
     name = "test-sparsify"
     description = "zero the smallest half of each Conv/Gemm weight"
-    fraction: float = 0.5
+    fraction: float = option(0.5, "share of each weight set to zero")
 
     def run(self, graph: gs.Graph, ctx) -> PassResult:
         for node in graph.nodes:
@@ -84,7 +84,8 @@ def test_distill_recovers_pruned_fidelity(digits, val):
 
 
 def test_distill_needs_calibration(digits):
-    with pytest.raises(PassError, match="calibration"):
+    # checked by the manager before any pass runs: a missing --calib is bad input (exit 2), not a pass failure
+    with pytest.raises(BadInputError, match="calibration"):
         _compress(digits, "distill", calib=False)
 
 

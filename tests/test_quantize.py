@@ -15,7 +15,7 @@ from onnxcompress.passes.quantize import Quantize
 
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
-from onnxcompress.errors import PassError
+from onnxcompress.errors import BadInputError, PassError
 from onnxcompress.manager import PassManager
 
 
@@ -114,7 +114,8 @@ def test_bad_options_raise_value_error(bad):
 
 
 def test_static_without_calibration_data_is_a_clear_error():
-    with pytest.raises(PassError, match="calibration data"):
+    # the manager checks every pass's needs before the first runs: a missing --calib is bad input (exit 2)
+    with pytest.raises(BadInputError, match="calibration data"):
         quantize(conv_net())
 
 
@@ -435,9 +436,10 @@ def test_offset_before_an_unpadded_conv_is_folded_into_its_bias():
     f = feeds_for(model, 1, seed=13)[0]
     assert cosine(ort_run(model, f)[0], ort_run(q, f)[0]) > 0.99
     # the fold itself is exact (float graph, no quantization)
-    from onnxcompress.passes._quant_prepare import fold_offset_into_next_conv, tensor_names
+    from onnxcompress.passes.quantize.prepare import fold_offset_into_next_conv
 
     from onnxcompress import io
+    from onnxcompress.naming import graph_names as tensor_names
 
     g = io.to_graph(model)
     assert fold_offset_into_next_conv(g, tensor_names(g)) == 1
@@ -614,7 +616,7 @@ def test_latency_guard_leaves_a_slower_model_float(monkeypatch):
 
 
 def test_latency_guard_keeps_float_the_convs_whose_int8_kernel_is_slower(monkeypatch):
-    from onnxcompress.passes import _quant_layer_speed as speed
+    from onnxcompress.passes.quantize import layer_speed as speed
 
     import onnxcompress.latency as latency
 
@@ -644,7 +646,7 @@ def test_latency_guard_keeps_float_the_convs_whose_int8_kernel_is_slower(monkeyp
 
 def test_layer_speed_pair_is_one_qlinearconv_and_ratios_are_measured(tmp_path):
     import onnx_graphsurgeon as gs
-    from onnxcompress.passes._quant_layer_speed import conv_pair, int8_speed_ratios
+    from onnxcompress.passes.quantize.layer_speed import conv_pair, int8_speed_ratios
 
     g = gs.import_onnx(conv_net())
     convs = [n for n in g.nodes if n.op == "Conv"]
@@ -661,7 +663,7 @@ def test_layer_speed_pair_is_one_qlinearconv_and_ratios_are_measured(tmp_path):
 
 def test_float_patch_rewires_one_layer_and_restores_the_model():
     import onnx_graphsurgeon as gs
-    from onnxcompress.passes._quant_float_patch import FloatPatcher
+    from onnxcompress.passes.quantize.float_patch import FloatPatcher
 
     model = conv_net()
     for i, n in enumerate(model.graph.node):
@@ -684,3 +686,57 @@ def test_float_patch_rewires_one_layer_and_restores_the_model():
     # the first layer in float: less noise than all-int8, about as much as a real build with it float
     assert mse_patched < mse(q)
     assert abs(mse_patched - mse(real)) < 0.1 * mse(real)
+
+
+# ---------------------------------------------------------------------------------------- latency profile
+def _static_run(model: onnx.ModelProto, latency) -> tuple[onnx.ModelProto, dict, PassContext]:
+    from onnxcompress.pipeline import parse_pipeline
+
+    ctx = PassContext(calibration=load_feeds(feeds_for(model), model), latency=latency)
+    result = PassManager(parse_pipeline("cleanup,quantize{mode=static}"), measure=False).run(model, ctx)
+    return result.model, result.ledger[-1].pass_stats, ctx
+
+
+def test_latency_guard_replays_its_profile_byte_for_byte():
+    from onnxcompress.latency_profile import LatencyProfile
+
+    model = conv_net()
+    first, stats1, ctx1 = _static_run(model, LatencyProfile())
+    assert ctx1.latency.measured > 0 and stats1["latency_measurements"]["measured"] == ctx1.latency.measured
+    replay = LatencyProfile(ctx1.latency.to_dict(), replay_only=True)
+    second, stats2, ctx2 = _static_run(model, replay)
+    assert second.SerializeToString() == first.SerializeToString()
+    assert ctx2.latency.measured == 0 and stats2["latency_measurements"]["measured"] == 0
+    assert stats2["latency_measurements"]["replayed"] == stats1["latency_measurements"]["measured"]
+
+
+def test_latency_guard_returns_the_float_model_when_the_profile_says_int8_is_slower():
+    from onnxcompress.passes.quantize.layer_speed import conv_speed_key
+
+    from onnxcompress import io
+    from onnxcompress.latency_profile import LatencyProfile
+
+    class Int8Slower(LatencyProfile):
+        """Every ratio asked for is 2.0 (int8 twice as slow), nothing is measured."""
+
+        def measure(self, key, fn):
+            self.entries[key] = 2.0
+            self.replayed += 1
+            return 2.0
+
+    model = conv_net()
+    q, stats, ctx = _static_run(model, Int8Slower())
+    assert "slower" in stats["skipped"] and ops(q)["QuantizeLinear"] == 0 and ops(q)["Conv"] == 3
+    # the keys asked for: each Conv layer by weight shape / attributes / input shape, and two whole candidates
+    # (the full placement, then depthwise Convs float; every layer is slow, so no "slow layers float" candidate)
+    shapes = {"x": (1, 3, 16, 16), "r1": (1, 8, 16, 16), "r2": (1, 8, 16, 16)}
+    convs = [n for n in io.to_graph(model).nodes if n.op == "Conv"]
+    layer_keys = {conv_speed_key(n, shapes[n.inputs[0].name]) for n in convs}
+    assert len(layer_keys) == 3 and layer_keys <= set(ctx.latency.entries)
+    model_keys = [k for k in ctx.latency.entries if k not in layer_keys]
+    assert len(model_keys) == 2 and all(k.startswith("quantize/model-ratio/") for k in model_keys)
+    # the same decisions from a plain profile holding those ratios, replayed strictly
+    replayed, stats2, ctx2 = _static_run(model, LatencyProfile(ctx.latency.to_dict(), replay_only=True))
+    assert replayed.SerializeToString() == q.SerializeToString() and ctx2.latency.measured == 0
+    assert stats2["latency_measurements"] == {"measured": 0, "replayed": 5}
+

@@ -7,8 +7,8 @@ import onnx_graphsurgeon as gs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnxcompress.passes import _quant_math as qm
-from onnxcompress.passes._quant_ops import weight_axis
+from onnxcompress.passes.quantize import qparams_math as qm
+from onnxcompress.passes.quantize.ort_int8_kernels import weight_axis
 
 from onnxcompress.analyses.calibration import GrowingHistogram, TensorStats, choose_range
 

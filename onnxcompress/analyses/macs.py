@@ -82,7 +82,7 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     return shapes
 
 
-def _ort_shapes(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> dict[str, list[int]]:
+def ort_shapes(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> dict[str, list[int]]:
     """Shapes of the named intermediate tensors from one ORT run."""
     from onnxcompress.runtime import Session
 
@@ -167,7 +167,7 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
 
     missing = sorted({t for n in mac_nodes for t in need(n)})
     if missing and feed is not None:
-        shapes.update(_ort_shapes(model, missing, feed))
+        shapes.update(ort_shapes(model, missing, feed))
     result = MacCount()
     for i, node in enumerate(mac_nodes):
         macs = _node_macs(node, shapes.get)

@@ -1,7 +1,8 @@
 """Ledger figures for one model: parameters, bytes (raw and zip-compressed), op histogram, node count, MACs.
 
-- params: elements of floating-point weight tensors (initializers and Constant values, subgraphs included); integer
-  weights (quantized) count too, under ``int_params``; shape-plumbing integer constants are not parameters.
+- params: elements of every weight tensor (initializers and Constant values, subgraphs included), float and integer
+  (quantized int8/int4 weights are still parameters); ``float_params`` / ``int_params`` split them; shape-plumbing
+  integer constants (<= 16 elements) are not parameters.
 - bytes_raw: the serialised model (protobuf) size; bytes_zip: its zlib (level 6) size, which is what clustering and
   pruning buy when the file is shipped compressed; zip of > 2 GB models is estimated on the weights alone.
 - ops / nodes: histogram of op types over the graph and its subgraphs.
@@ -26,6 +27,7 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 @dataclass
 class ModelStats:
     params: int = 0
+    float_params: int = 0
     int_params: int = 0
     bytes_raw: int = 0
     bytes_zip: int = 0
@@ -48,9 +50,10 @@ def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
     st = ModelStats(opset=io.default_opset(model))
     for t in io.iter_tensors(model):
         if t.data_type in _FLOAT_TYPES:
-            st.params += _elements(t)
+            st.float_params += _elements(t)
         elif t.data_type in _INT_PARAM_TYPES and _elements(t) > 16:
             st.int_params += _elements(t)
+    st.params = st.float_params + st.int_params
     ops: Counter[str] = Counter()
     for g in io.iter_graphs(model.graph):
         for n in g.node:

@@ -66,7 +66,6 @@ from onnxcompress.analyses.channel_groups.edits import (
 )
 from onnxcompress.analyses.channel_groups.layout import AxisSpec, Layout, connected_components, reshape_blocks
 from onnxcompress.analyses.channel_groups.shapes import (
-    _random_feed,  # noqa: F401  (old name, still imported by passes/prune_channels.py)
     input_shapes_for,
     random_feed,
     static_shapes,

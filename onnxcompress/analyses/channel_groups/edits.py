@@ -153,7 +153,7 @@ class ChannelGroups:
         return total
 
     def check_removal(self, removed_units: Iterable[int]) -> list[int]:
-        """Units (from ``removed_units``) to put back so that no Split part / Slice range becomes empty."""
+        """Units (from ``removed_units``) to put back so that no Split part / Slice range / weight axis becomes empty."""
         removed = set(int(u) for u in removed_units)
         restore: list[int] = []
         changed = True
@@ -168,6 +168,8 @@ class ChannelGroups:
                 k = e.spec.keep(keep_el)
                 if not k[e.start:e.end].any() and e.end > e.start:
                     ranges.append(axis_elements(e.spec)[e.start:e.end])
+            for sl in self.slices:  # no weight may lose a whole axis (a Concat input's producer, an SE squeeze)
+                ranges += [axis_elements(spec) for spec in sl.specs if not spec.keep(keep_el).any()]
             for els in ranges:
                 units = [u for u in np.unique(self.unit_of[els.ravel()]).tolist() if u in removed]
                 if units:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
                   feed: dict[str, np.ndarray] | None = None) -> dict[str, list[int]]:
     """Shapes of every tensor at ``input_shapes``: ONNX inference, then one ORT run for what it could not tell."""
-    from onnxcompress.analyses.macs import _ort_shapes, infer_shapes  # macs' owner: to be renamed ort_shapes
+    from onnxcompress.analyses.macs import infer_shapes, ort_shapes
 
     shapes = infer_shapes(model, input_shapes)
     init = {t.name for t in model.graph.initializer}
@@ -27,7 +27,7 @@ def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
     if missing:
         if feed is None:
             feed = random_feed(model, input_shapes)
-        shapes.update(_ort_shapes(model, missing, feed))
+        shapes.update(ort_shapes(model, missing, feed))
     return shapes
 
 
@@ -61,4 +61,3 @@ def input_shapes_for(model: onnx.ModelProto, ctx: PassContext | None) -> tuple[d
     return bind_dims(model_inputs(model), dims, shapes), None
 
 
-_random_feed = random_feed  # old private name, still imported by passes/prune_channels.py

@@ -12,7 +12,7 @@ is made by rewiring the already exported all-int8 ``ModelProto`` in place, then 
 
 Everything else is left as it is: an integer region grown through Add/Concat around the layer keeps its Q/DQ, and
 Q/DQ nodes left without consumers still run (a per-channel weight DQ: negligible). So the patched gain is a slight underestimate of the real one; the search
-re-scores its best few candidates with real builds before it decides (``quantize._StaticRun._auto_float``).
+re-scores its best few candidates with real builds before it decides (``float_layer_search``).
 """
 
 from __future__ import annotations

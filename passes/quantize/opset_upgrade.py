@@ -11,18 +11,24 @@ blocked Q/DQ (``block_size``), int4     21
 Several ops changed their signature on the way (Split/Squeeze/Unsqueeze/ReduceSum take axes as an input from 13,
 the other Reduce* from 18, Resize and Pad gained inputs, BatchNormalization dropped outputs ...). Rather than
 re-implementing every adapter, the model is converted with ``onnx.version_converter`` (which knows them all), checked,
-and re-imported; graphs in other domains (com.microsoft ...) keep their versions.
+and re-imported; graphs in other domains (com.microsoft ...) keep their versions. ``ensure_opset`` is what the modes
+call: upgrade only when the graph's opset is below what the format needs, and record the upgrade (or why it failed)
+in the pass stats.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from onnxcompress import io
+
+if TYPE_CHECKING:  # pragma: no cover
+    from onnxcompress.context import PassContext
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +64,18 @@ def upgrade_graph(graph: gs.Graph, model: onnx.ModelProto, target: int) -> None:
     new = io.to_graph(converted)
     new.opset = target
     transplant(graph, new)
+
+
+def ensure_opset(graph: gs.Graph, ctx: PassContext, needed: int, stats: dict) -> bool:
+    """Upgrade the default-domain opset to ``needed`` if lower; True on success (stats record it)."""
+    have = graph_opset(graph) or ctx.opset()
+    if have >= needed:
+        return True
+    try:
+        upgrade_graph(graph, ctx.export(graph), needed)
+    except Exception as exc:  # version_converter covers most but not all ops
+        log.warning("opset upgrade %d -> %d failed: %s", have, needed, exc)
+        stats["opset_upgrade_failed"] = f"{have} -> {needed}: {str(exc).splitlines()[0][:200]}"
+        return False
+    stats["opset_upgrade"] = f"{have} -> {needed}"
+    return True

@@ -33,24 +33,26 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxcompress.context import PassContext
+from onnxcompress import io
 from onnxcompress.errors import PassError
+from onnxcompress.naming import Namer, graph_names
 from onnxcompress.pass_base import PassResult
 
-from . import _quant_math as qm
-from . import _quant_opset as qo
-from ._quant_ops import const_value
-from ._quant_qdq import Namer
+from . import opset_upgrade as qo
+from . import qparams_math as qm
+from .opset_upgrade import ensure_opset
+from .ort_int8_kernels import const_value, weight_axis
+from .prepare import name_unnamed_nodes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .quantize import Quantize
+    from onnxcompress.context import PassContext
+
+    from .quantize_pass import Quantize
 
 log = logging.getLogger(__name__)
 
 
 def _weight_bytes(graph: gs.Graph, ctx: PassContext) -> int:
-    from onnxcompress import io
-
     return io.weight_bytes(ctx.export(graph))
 
 
@@ -72,9 +74,7 @@ def _matmul_weight(n: gs.Node) -> tuple[np.ndarray, float, bool] | None:
 
 
 def _candidates(p: Quantize, graph: gs.Graph, ops: tuple[str, ...]) -> tuple[list[gs.Node], dict[str, str]]:
-    from ._quant_prepare import name_unnamed_nodes, tensor_names
-
-    name_unnamed_nodes(graph, tensor_names(graph))
+    name_unnamed_nodes(graph, graph_names(graph))
     chosen, skipped = [], {}
     for n in graph.nodes:
         if n.op not in ops:
@@ -86,10 +86,23 @@ def _candidates(p: Quantize, graph: gs.Graph, ops: tuple[str, ...]) -> tuple[lis
     return chosen, skipped
 
 
+def _finish(
+    p: Quantize, graph: gs.Graph, ctx: PassContext, new_nodes: list[gs.Node], done: Counter, skipped: dict, stats: dict
+) -> None:
+    """Add the new nodes, drop the replaced ones, quantize embedding tables, and fill the common stats."""
+    graph.nodes.extend(new_nodes)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    if "Gather" in p.dynamic_ops:
+        k = quantize_gathers(graph, tuple(p.exclude))
+        if k:
+            done["Gather"] += k
+    stats["nodes_quantized"] = dict(done)
+    stats["layers_kept_float"] = skipped
+    stats["weight_bytes_after"] = _weight_bytes(graph, ctx)
+
+
 # ------------------------------------------------------------------------------------------------- dynamic
 def run_dynamic(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
-    from .quantize import ensure_opset
-
     stats: dict = {"mode": "dynamic", "weight_bytes_before": _weight_bytes(graph, ctx)}
     per_channel = p.per_channel
     if not ensure_opset(graph, ctx, qo.PER_TENSOR_OPSET, stats):
@@ -164,15 +177,7 @@ def run_dynamic(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
         n.outputs.clear()
         new_nodes.extend(chain)
         done[n.op] += 1
-    graph.nodes.extend(new_nodes)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    if "Gather" in p.dynamic_ops:
-        k = quantize_gathers(graph, tuple(p.exclude))
-        if k:
-            done["Gather"] += k
-    stats["nodes_quantized"] = dict(done)
-    stats["layers_kept_float"] = skipped
-    stats["weight_bytes_after"] = _weight_bytes(graph, ctx)
+    _finish(p, graph, ctx, new_nodes, done, skipped, stats)
     return PassResult(bool(done), stats)
 
 
@@ -207,8 +212,6 @@ def _dq_node(
 
 
 def run_weight_only(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
-    from .quantize import ensure_opset
-
     stats: dict = {
         "mode": "weight_only",
         "weight_bits": p.weight_bits,
@@ -275,21 +278,11 @@ def run_weight_only(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResul
                 int4=True,
             )
         else:
-            from ._quant_ops import weight_axis
-
             node, out = _int8_weight_dq(namer, w_t.name, w, weight_axis(n, w) if per_channel else None)
         n.inputs[1] = out
         new_nodes.append(node)
         done[n.op] += 1
-    graph.nodes.extend(new_nodes)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    if "Gather" in p.dynamic_ops:
-        k = quantize_gathers(graph, tuple(p.exclude))
-        if k:
-            done["Gather"] += k
-    stats["nodes_quantized"] = dict(done)
-    stats["layers_kept_float"] = skipped
-    stats["weight_bytes_after"] = _weight_bytes(graph, ctx)
+    _finish(p, graph, ctx, new_nodes, done, skipped, stats)
     return PassResult(bool(done) or "opset_upgrade" in stats, stats)
 
 
@@ -392,8 +385,6 @@ def quantize_float_op_weights(
 ) -> int:
     """Weight-only int8 for ops that have no integer kernel (ConvTranspose): ``DQ(W_q, s_w, axis)`` feeding the
     float op, so the file shrinks even where the compute stays float. Returns the number of weights quantized."""
-    from ._quant_ops import weight_axis
-
     namer = Namer(graph)
     new_nodes: list[gs.Node] = []
     for n in graph.nodes:

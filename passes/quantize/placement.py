@@ -2,7 +2,7 @@
 
 The graph is split into an integer domain and a float domain. A tensor crossing from float to integer costs a
 QuantizeLinear, the other way a DequantizeLinear; inside the integer domain ORT runs QLinear* kernels and the Q/DQ
-pairs vanish (see ``_quant_ops``). Rules, in order (all linear in the graph size):
+pairs vanish (see ``ort_int8_kernels``). Rules, in order (all linear in the graph size):
 
 1. **Anchors** (Conv 1-D/2-D, MatMul, Gemm with a constant float weight; MatMul of two activations only when asked)
    are integer unless excluded (by name, op type, or ``depthwise=False`` for depthwise Conv).
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._quant_ops import (
+from .ort_int8_kernels import (
     ABSORBED_ACTIVATIONS,
     ANCHOR_OPS,
     BINARY_OPS,

@@ -16,6 +16,11 @@ timed interleaved on one thread (``onnxcompress.latency.measure_latency``, media
 ranks the layers; the latency guard keeps float the layers above ``keep_int8_below`` and measures the whole model
 again. (Isolated float Convs pay the NCHWc layout reorders that a chain of float Convs shares, so the ratio slightly
 favours int8; the whole-model measurement afterwards is what decides.)
+
+Every ratio goes through the run's ``LatencyProfile`` under ``conv_speed_key``: the weight shape, the Conv's
+attributes, the input shape and the thread count (what the kernel's speed depends on; weight values do not), so
+equal layers are measured once and a replayed profile gives the same ratios. A Conv ORT rejects in isolation is
+recorded as ``None`` (no verdict).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-from . import _quant_math as qm
+from onnxcompress.latency_profile import LatencyProfile, fingerprint
+
+from . import qparams_math as qm
 
 log = logging.getLogger(__name__)
 
@@ -88,31 +95,58 @@ def conv_pair(node: gs.Node, x_shape: tuple[int, ...], opset: int = 13) -> tuple
     return helper.make_model(f_graph, opset_imports=ops), helper.make_model(q_graph, opset_imports=ops)
 
 
-def int8_speed_ratios(
-    nodes: list[gs.Node], shapes: dict[str, tuple[int, ...]], budget_s: float = LAYER_BUDGET_S, seed: int = 0
-) -> dict[str, float]:
-    """``t_int8 / t_float`` per Conv node (by name) whose input shape is in ``shapes`` (keyed by input name)."""
+#: measurements are single-threaded (the key records it)
+LAYER_THREADS = 1
+
+
+def conv_speed_key(node: gs.Node, x_shape: tuple[int, ...], threads: int = LAYER_THREADS) -> str:
+    """The latency-profile key of Conv ``node``'s int8/float ratio for an input of ``x_shape``."""
+    w_shape = tuple(int(d) for d in np.shape(node.inputs[1].values))
+    attrs = sorted((k, str(v)) for k, v in _attrs(node).items())
+    digest = fingerprint(str(w_shape), str(attrs), str(tuple(int(d) for d in x_shape)), f"threads={threads}")
+    return f"quantize/conv-int8-ratio/{digest}"
+
+
+def _measure_ratio(node: gs.Node, shape: tuple[int, ...], budget_s: float, seed: int) -> float | None:
+    """``t_int8 / t_float`` of the layer pair, or None when ORT does not run it (or the float time is 0)."""
     from onnxcompress.latency import measure_latency
 
     rng = np.random.default_rng(seed)
+    try:
+        f, q = conv_pair(node, shape)
+        feed = {
+            "x": rng.standard_normal(shape).astype(np.float32),
+            "xq": rng.integers(0, 256, size=shape, dtype=np.uint8),
+        }
+        lat = measure_latency(
+            {"float": f, "int8": q}, feed, threads=LAYER_THREADS, min_rounds=5, budget_s=budget_s
+        )
+    except Exception as exc:  # an unusual Conv (attrs ORT rejects in isolation): no verdict for it
+        log.debug("layer speed of %s not measured: %s", node.name, exc)
+        return None
+    return float(lat["int8"] / lat["float"]) if lat["float"] > 0 else None
+
+
+def int8_speed_ratios(
+    nodes: list[gs.Node],
+    shapes: dict[str, tuple[int, ...]],
+    budget_s: float = LAYER_BUDGET_S,
+    seed: int = 0,
+    profile: LatencyProfile | None = None,
+) -> dict[str, float]:
+    """``t_int8 / t_float`` per Conv node (by name) whose input shape is in ``shapes`` (keyed by input name), each
+    measured through ``profile`` (a fresh one when None) under ``conv_speed_key``."""
+    profile = profile if profile is not None else LatencyProfile()
     out: dict[str, float] = {}
     for n in nodes:
         shape = shapes.get(n.inputs[0].name)
         if n.op != "Conv" or shape is None or not isinstance(n.inputs[1], gs.Constant):
             continue
-        try:
-            f, q = conv_pair(n, tuple(int(d) for d in shape))
-            feed = {
-                "x": rng.standard_normal(shape).astype(np.float32),
-                "xq": rng.integers(0, 256, size=shape, dtype=np.uint8),
-            }
-            lat = measure_latency({"float": f, "int8": q}, feed, threads=1, min_rounds=5, budget_s=budget_s)
-        except Exception as exc:  # an unusual Conv (attrs ORT rejects in isolation): no verdict for it
-            log.debug("layer speed of %s not measured: %s", n.name, exc)
-            continue
-        if lat["float"] > 0:
-            out[n.name] = float(lat["int8"] / lat["float"])
+        shape = tuple(int(d) for d in shape)
+        ratio = profile.measure(conv_speed_key(n, shape), lambda n=n, shape=shape: _measure_ratio(n, shape, budget_s, seed))
+        if ratio is not None:
+            out[n.name] = float(ratio)
     return out
 
 
-__all__ = ["conv_pair", "int8_speed_ratios"]
+__all__ = ["conv_pair", "conv_speed_key", "int8_speed_ratios"]

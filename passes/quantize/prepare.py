@@ -20,6 +20,9 @@ Conv without padding (1x1 pointwise convs, valid convs) is ``Conv(t) + Σ_{c,kh,
 
 (exact; with zero padding it would not be: the padded border would see ``k`` in one graph and 0 in the other).
 This removes one requantized Add per such layer.
+
+New initializers and node names come from ``onnxcompress.naming.unique_name`` against the caller's set of taken
+names (``graph_names(graph)``), so they never collide with a tensor of the graph.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._quant_ops import const_value
+from onnxcompress.naming import unique_name
+
+from .ort_int8_kernels import const_value
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +79,8 @@ def fold_affine_into_conv(graph: gs.Graph, names: set[str]) -> int:
                 continue
             w2 = (w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
             b2 = (b.astype(np.float64) * scale + shift).astype(w.dtype)
-            new_w = gs.Constant(_unique(f"{conv.inputs[1].name}_folded", names), w2)
-            new_b = gs.Constant(_unique(f"{conv.name or 'conv'}_bias_folded", names), b2)
+            new_w = gs.Constant(unique_name(f"{conv.inputs[1].name}_folded", names), w2)
+            new_b = gs.Constant(unique_name(f"{conv.name or 'conv'}_bias_folded", names), b2)
             out = nxt.outputs[0]
             conv.inputs = [conv.inputs[0], new_w, new_b]
             conv.outputs = [out]
@@ -128,7 +133,7 @@ def fold_offset_into_next_conv(graph: gs.Graph, names: set[str]) -> int:
         if bias is None:
             continue
         new_b = gs.Constant(
-            _unique(f"{conv.name or 'conv'}_bias_offset", names),
+            unique_name(f"{conv.name or 'conv'}_bias_offset", names),
             (bias.astype(np.float64) + delta).astype(w.dtype),
         )
         conv.inputs = [t, conv.inputs[1], new_b]
@@ -176,27 +181,12 @@ def _affine_of(node: gs.Node, y: gs.Tensor, cout: int, rank: int) -> tuple[np.nd
     return None
 
 
-def _unique(base: str, names: set[str]) -> str:
-    name, i = base, 0
-    while name in names:
-        i += 1
-        name = f"{base}_{i}"
-    names.add(name)
-    return name
-
-
-def tensor_names(graph: gs.Graph) -> set[str]:
-    names = set(graph.tensors().keys())
-    names.update(n.name for n in graph.nodes if n.name)
-    return names
-
-
 def name_unnamed_nodes(graph: gs.Graph, names: set[str]) -> int:
     """Give every unnamed node of the main graph a unique name (``<op>_<n>``): layers are reported and excluded by
     name, so every layer needs one."""
     k = 0
     for i, n in enumerate(graph.nodes):
         if not n.name:
-            n.name = _unique(f"{n.op}_{i}", names)
+            n.name = unique_name(f"{n.op}_{i}", names)
             k += 1
     return k

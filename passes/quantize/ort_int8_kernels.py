@@ -54,8 +54,6 @@ ABSORBED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 #: ops whose weights we quantize when they stay float (weight storage only)
 WEIGHT_ONLY_FLOAT_OPS = frozenset({"ConvTranspose"})
 
-FLOAT_DTYPES = (np.float32,)
-
 
 def attr(node: gs.Node, name: str, default=None):
     return node.attrs.get(name, default)

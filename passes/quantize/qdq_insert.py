@@ -10,7 +10,9 @@ Mul/Div nodes disappear.
 
 Weights become integer initializers ``W_q`` (int8, symmetric, per channel or per tensor) read through a
 DequantizeLinear (``axis`` = the output channel); Conv/Gemm biases become int32 with ``s_b = s_x · s_w``
-(``_quant_math``). Float constants feeding an integer Add/Mul are quantized per tensor with the activation type.
+(``qparams_math``). Float constants feeding an integer Add/Mul are quantized per tensor with the activation type.
+New tensors and nodes are named ``<tensor>_quantized``, ``<tensor>_scale``, ``<tensor>_DequantizeLinear`` ...
+(``onnxcompress.naming.Namer``: ``_1``, ``_2`` ... on a clash).
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import _quant_math as qm
-from ._quant_ops import (
+from onnxcompress.naming import Namer
+
+from . import qparams_math as qm
+from .ort_int8_kernels import (
     activation_slots,
     bias_slot,
     is_float_const,
     weight_axis,
     weight_slot,
 )
-from ._quant_placement import Plan
+from .placement import Plan
 
 log = logging.getLogger(__name__)
 
@@ -121,20 +125,6 @@ def resolve_params(
             q_params[name] = dq_params[name] = p
             replaces[name] = name
     return q_params, dq_params, replaces
-
-
-class Namer:
-    def __init__(self, graph: gs.Graph):
-        self.taken = set(graph.tensors().keys())
-        self.taken.update(n.name for n in graph.nodes if n.name)
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
 
 
 def _const(namer: Namer, base: str, value: np.ndarray) -> gs.Constant:

@@ -1,0 +1,1 @@
+"""onnxcompress tune: search pipelines to a budget (being built; see issue 17)."""

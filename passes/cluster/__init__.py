@@ -1,0 +1,1 @@
+"""cluster: weight clustering with codebook storage (being built; see issue 15)."""

@@ -1,0 +1,1 @@
+"""prune-weights: unstructured and N:M weight sparsity (being built; see issue 13)."""

@@ -1,0 +1,50 @@
+"""``quantize``: 8-bit (and 4-bit weight-only) quantization as QDQ graphs that onnxruntime runs on integer kernels.
+
+Modes:
+
+* ``static`` — weights int8 symmetric per output channel (``per_channel=false``: per tensor), activations
+  uint8/int8 (asymmetric by default) with ranges from calibration data (``ctx.calibration``, required); biases int32
+  with ``s_b = s_x · s_w``. Q/DQ placement follows what ORT's CPU EP fuses (``placement``): integer regions around
+  Conv/MatMul/Gemm grown through Add/Mul/Concat/pooling/data-movement ops, float kept for ops without integer
+  kernels and for outputs, Concats that mix ranges stay float. Stage by stage in ``static_run``.
+* ``dynamic`` — MatMul/Gemm weights int8 per channel; activations quantized at run time
+  (DynamicQuantizeLinear -> MatMulInteger, fused by ORT into DynamicQuantizeMatMul). No calibration needed.
+* ``weight_only`` — weights stored as int8 per channel (opset 13) or int4 in blocks of ``block_size`` along the
+  reduction axis (blocked DequantizeLinear, opset 21; ORT turns DQ(int4) -> MatMul into MatMulNBits), or directly as
+  ``com.microsoft.MatMulNBits`` (``weight_format=matmulnbits``). Activations stay float.
+
+Embedding tables (large constant ``Gather`` data) are stored int8 per row in every mode.
+
+Modules:
+
+=======================  ================================================================================
+``quantize_pass``        the ``Quantize`` pass class: options, needs/preserves, contract, mode dispatch
+``static_run``           static mode: the stage sequence and the state the stages share; ``build``
+``calibrate``            stage: activation statistics on the calibration feeds, the float reference
+``range_choice``         stage: per-tensor ranges from the statistics; ``calibration=auto``
+``bias_correction``      stage: ``b' = b − (Ŵ − W)·E[x]``
+``float_layer_search``   stage: automatic float layers (leave-one-out on the last layers' feature SQNR)
+``mixed_precision``      stage: sensitivity ranking and the float-layer count that meets a user target
+``latency_guard``        stage: never slower than float under ORT; measurements through ``ctx.latency``
+``placement``            which tensors cross between the integer and the float domain (the ``Plan``)
+``qdq_insert``           writing a ``Plan`` into the graph: Q/DQ pairs, integer weights, int32 biases
+``qparams_math``         scales, zero points, (blocked) weight quantization, bias scales, int4 packing
+``ort_int8_kernels``     what ORT's CPU EP runs on integers; weight/bias slots and per-channel axes
+``fidelity``             scores of a candidate against the float reference
+``float_patch``          cheap "this layer float" variants of an exported QDQ model, for ranking
+``layer_speed``          int8 vs float speed of one Conv in isolation
+``prepare``              exact folds before quantizing (affine into Conv, offsets into the next Conv)
+``equalization``         cross-layer equalization
+``tensor_types``         element type of every tensor (inference, then a probe run)
+``opset_upgrade``        opsets the formats need, and upgrading a graph to them
+``dynamic``              dynamic and weight-only modes, embedding tables, weights of float-only ops
+=======================  ================================================================================
+
+Stats: nodes quantized per op type, layers kept float with the reason, calibration method and time, opset upgrade,
+weight bytes before/after, the score on the calibration feeds, the measured latency ratios and how many latency
+measurements were taken or replayed from the profile.
+"""
+
+from .quantize_pass import QUANTIZED_OPS, Quantize
+
+__all__ = ["Quantize", "QUANTIZED_OPS"]

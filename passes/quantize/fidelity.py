@@ -1,0 +1,204 @@
+"""How close a quantized candidate is to the float model: the scores every stage of ``quantize`` decides by.
+
+**Reference**: the float model's outputs, and the inputs of its last layers (``feature_nodes``: for each graph
+output the nearest Conv/MatMul/Gemm upstream), on the evaluation feeds, kept once (``calibrate.calibrate_with_reference``
+records them during the first calibration pass).
+
+**Scores** of a candidate against the reference on the same feeds, per graph output ``o``:
+cosine ``⟨r, c⟩ / (‖r‖‖c‖)`` averaged over feeds; for outputs with a class axis (last dim >= 2) the top-1
+agreement ``mean(argmax r == argmax c)`` over every position of every feed (a classifier's top-1; for a sequence
+model the per-step agreement — also reported: the fraction of feeds agreeing at every step); SQNR
+``10 log10(Σr² / Σ(r − c)²)``. The model's score is the worst output; ``feature_sqnr_db`` is the worst SQNR of the
+last layers' input features, which (unlike softmax/argmax outputs) do not saturate under small perturbations.
+
+**Ranking** (``rank_key``, best first): feature SQNR, then agreement lost, then output SQNR. **Targets**
+(``meets``): ``cosine >= min_cosine`` and ``1 − agreement <= max_agreement_drop``.
+
+Bias correction, cross-layer equalization and the mixed-precision search that use these scores live in
+``bias_correction``, ``equalization`` and ``mixed_precision``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress.data import Feed
+from onnxcompress.runtime import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reference:
+    feeds: list[Feed]
+    outputs: list[list[np.ndarray]]
+    names: list[str]
+    #: anchors whose activation input is scored too (the features the model's last layers read)
+    feature_nodes: list[str] = field(default_factory=list)
+    features: list[list[np.ndarray]] = field(default_factory=list)
+
+    def head(self, n: int) -> Reference:
+        """The reference on its first ``n`` feeds."""
+        return Reference(self.feeds[:n], self.outputs[:n], self.names, self.feature_nodes, self.features[:n])
+
+
+def feature_nodes(graph: gs.Graph, max_walk: int = 64) -> list[str]:
+    """For each graph output, the nearest anchor (Conv/MatMul/Gemm) upstream of it: the model's last layers.
+
+    Their inputs are continuous features; unlike softmax/argmax outputs they do not saturate under small
+    perturbations, so they rank layers by how much noise they add."""
+    found: list[str] = []
+    for out in graph.outputs:
+        stack, seen, walked = [out], set(), 0
+        while stack and walked < max_walk:
+            t = stack.pop()
+            if id(t) in seen or not t.inputs:
+                continue
+            seen.add(id(t))
+            walked += 1
+            node = t.inputs[0]
+            if node.op in ("Conv", "MatMul", "Gemm") and node.name:
+                if node.name not in found:
+                    found.append(node.name)
+                continue
+            stack.extend(x for x in node.inputs if not isinstance(x, gs.Constant))
+    return found
+
+
+def feature_tensor_names(model: onnx.ModelProto, nodes: list[str]) -> list[str]:
+    by_name = {n.name: n for n in model.graph.node}
+    return [by_name[n].input[0] for n in nodes if n in by_name]
+
+
+def run_model(
+    model: onnx.ModelProto, feeds: list[Feed], features: list[str] = ()
+) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """Outputs (and the inputs of the ``features`` nodes) of ``model`` on ``feeds``, optimized CPU session."""
+    from onnxcompress.analyses.activations import expose_outputs
+
+    extra = feature_tensor_names(model, list(features))
+    m = expose_outputs(model, extra) if extra else model
+    n_out = len(model.graph.output)
+    with Session(m, threads=1, optimize=True, what="quantized candidate") as s:
+        names = [o.name for o in model.graph.output] + extra
+        runs = [list(s.run(f, names)) for f in feeds]
+    return [r[:n_out] for r in runs], [r[n_out:] for r in runs]
+
+
+def run_features(model: onnx.ModelProto, feeds: list[Feed], features: list[str]) -> list[list[np.ndarray]]:
+    """Only the inputs of the ``features`` nodes on ``feeds`` (no graph output is fetched or scored): what the
+    automatic float-layer search ranks candidates by."""
+    from onnxcompress.analyses.activations import expose_outputs
+
+    extra = feature_tensor_names(model, list(features))
+    if not extra:
+        return [[] for _ in feeds]
+    with Session(expose_outputs(model, extra), threads=1, optimize=True, what="quantized candidate") as s:
+        return [list(s.run(f, extra)) for f in feeds]
+
+
+def feature_sqnr_db(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float | None:
+    """Worst SQNR over the feature tensors (``None`` when there are none or they do not line up)."""
+    if not ref or not ref[0] or not cand or len(cand[0]) != len(ref[0]):
+        return None
+    return min(_sqnr([f[i] for f in ref], [f[i] for f in cand]) for i in range(len(ref[0])))
+
+
+def reference(model: onnx.ModelProto, feeds: list[Feed], features: list[str] = ()) -> Reference:
+    """The float ``model``'s outputs and ``features`` inputs on ``feeds``."""
+    outs, feats = run_model(model, feeds, features)
+    return Reference(feeds, outs, [o.name for o in model.graph.output], list(features), feats)
+
+
+def score_model(ref: Reference, model: onnx.ModelProto) -> dict[str, float]:
+    """``score`` of ``model`` run on the reference's own feeds (and feature nodes)."""
+    return score(ref, run_model(model, ref.feeds, ref.feature_nodes))
+
+
+def _sqnr(refs: list[np.ndarray], cands: list[np.ndarray]) -> float:
+    sig = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in refs)
+    err = sum(
+        float(np.sum((np.asarray(r, np.float64) - np.asarray(c, np.float64)) ** 2))
+        for r, c in zip(refs, cands, strict=True)
+    )
+    if err == 0:
+        return float("inf")
+    return float(10 * np.log10(sig / err)) if sig > 0 else float("-inf")
+
+
+def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarray]]]) -> dict[str, float]:
+    """Worst-output cosine (mean over feeds), top-1 agreement (class-like outputs) and SQNR; worst feature SQNR."""
+    cand, cand_features = cand
+    cos_by_out: list[float] = []
+    agree_by_out: list[float] = []
+    sqnr_by_out: list[float] = []
+    exact_by_out: list[float] = []
+    n_out = len(ref.names)
+    for k in range(n_out):
+        cos, agree_hits, agree_total, sig, err = [], 0, 0, 0.0, 0.0
+        feeds_exact, feeds_seen = 0, 0
+        for r_outs, c_outs in zip(ref.outputs, cand, strict=True):
+            r = np.asarray(r_outs[k])
+            c = np.asarray(c_outs[k])
+            if not np.issubdtype(r.dtype, np.floating) or r.shape != c.shape:
+                continue
+            # plain float64 reductions, no BLAS call: a multi-threaded BLAS spins on a shared machine
+            r64, c64 = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
+            rr, cc = float(np.sum(r64 * r64)), float(np.sum(c64 * c64))
+            nr, nc = np.sqrt(rr), np.sqrt(cc)
+            if nr == 0 and nc == 0:
+                cos.append(1.0)
+            elif nr == 0 or nc == 0:
+                cos.append(0.0)
+            else:
+                cos.append(float(np.sum(r64 * c64)) / (nr * nc))
+            sig += rr
+            err += float(np.sum((r64 - c64) ** 2))
+            if r.ndim >= 1 and r.shape[-1] >= 2:
+                a = np.argmax(r.reshape(-1, r.shape[-1]), axis=1)
+                b = np.argmax(c.reshape(-1, c.shape[-1]), axis=1)
+                agree_hits += int(np.sum(a == b))
+                agree_total += a.size
+                feeds_exact += int(np.all(a == b))
+                feeds_seen += 1
+        if cos:
+            cos_by_out.append(float(np.mean(cos)))
+            sqnr_by_out.append(
+                float("inf") if err == 0 else (10 * np.log10(sig / err) if sig > 0 else -np.inf)
+            )
+        if agree_total:
+            agree_by_out.append(agree_hits / agree_total)
+            exact_by_out.append(feeds_exact / feeds_seen)
+    out = {
+        "cosine": min(cos_by_out) if cos_by_out else 1.0,
+        "sqnr_db": min(sqnr_by_out) if sqnr_by_out else float("inf"),
+    }
+    if ref.features and ref.features[0] and cand_features and len(cand_features[0]) == len(ref.features[0]):
+        sq = [
+            _sqnr([f[i] for f in ref.features], [f[i] for f in cand_features])
+            for i in range(len(ref.features[0]))
+        ]
+        out["feature_sqnr_db"] = min(sq)
+    if agree_by_out:
+        out["agreement"] = min(agree_by_out)
+        out["feeds_all_positions_agree"] = min(exact_by_out)
+    return out
+
+
+def meets(s: dict[str, float], min_cosine: float | None, max_agreement_drop: float | None) -> bool:
+    if min_cosine is not None and s["cosine"] < min_cosine:
+        return False
+    if max_agreement_drop is not None and "agreement" in s and 1.0 - s["agreement"] > max_agreement_drop:
+        return False
+    return True
+
+
+def rank_key(s: dict[str, float]) -> tuple[float, float, float]:
+    """Sort key of a score, best first: the noise of the last layers' input features (continuous, does not
+    saturate), then agreement lost, then output SQNR."""
+    return (-s.get("feature_sqnr_db", 0.0), 1.0 - s.get("agreement", 1.0), -s["sqnr_db"])

@@ -1,0 +1,106 @@
+"""Automatic float layers (``auto_float_db``): keep float the few layers that, alone, add a large share of the noise.
+
+Rule: let ``S`` be the SQNR (dB) of the last layers' input features (``fidelity.feature_nodes``) of the all-int8
+model against the float one, and ``S_l`` the same with layer ``l`` alone kept float. The layers with the largest
+gain ``S_l − S >= auto_float_db`` stay float (1 dB: the layer contributes ~20% of all the quantization noise there),
+at most 5% of the layers, and only when the features are noisy at all (``S < AUTO_FLOAT_BELOW_DB``) and the model
+has at most ``AUTO_FLOAT_MAX_LAYERS`` quantized layers.
+
+Layers are left out one at a time: the effects are not additive (on PP-OCR's recognizer, keeping one early
+depthwise Conv float *lowers* the features' SQNR while keeping a later one float lifts it by 2 dB), so testing groups
+of layers misses the layers that matter. Each layer is ranked on a patched copy of the all-int8 model
+(``float_patch``: no rebuild) on ``AUTO_FLOAT_RANK_FEEDS`` feeds, and only the best ``limit + AUTO_FLOAT_VERIFY``
+are re-scored with real builds on ``AUTO_FLOAT_FEEDS`` feeds, which decide.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from onnxcompress.data import Feed
+
+from . import fidelity as fid
+from .float_patch import FloatPatcher
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .static_run import StaticRun
+
+#: leave-one-out is skipped above this many layers, and scored on this many feeds
+AUTO_FLOAT_MAX_LAYERS = 256
+AUTO_FLOAT_FEEDS = 4
+#: ... ranked on patched models (``float_patch``); this many beyond the float-layer budget are re-scored with real
+#: builds before choosing
+AUTO_FLOAT_VERIFY = 3
+#: feeds the patched ranking runs on (the re-scoring uses AUTO_FLOAT_FEEDS)
+AUTO_FLOAT_RANK_FEEDS = 2
+#: ... and only when the all-int8 model's last-layer features are noisier than this (SQNR, dB)
+AUTO_FLOAT_BELOW_DB = 30.0
+
+
+def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Feed]) -> None:
+    """The module rule; the chosen layers go into ``run.auto_float`` (name -> reason, kept float by every later
+    build) and the search's figures into ``run.stats["auto_float"]``."""
+    p = run.p
+    cached = run.all_int8
+    if cached is not None and cached[0] == run.method and not run.auto_float:
+        plan, model = cached[1], cached[2]
+    else:
+        b = run.build()
+        plan, model = b.plan, run.export(b.graph)
+    layers = plan.int8_anchor_names()
+    if not ref.feature_nodes or not layers or len(layers) > AUTO_FLOAT_MAX_LAYERS:
+        return
+    feeds = eval_feeds[: min(len(eval_feeds), AUTO_FLOAT_FEEDS)]
+    ref_features = ref.features[: len(feeds)]
+    base = fid.feature_sqnr_db(ref_features, fid.run_features(model, feeds, ref.feature_nodes))
+    if base is None or not np.isfinite(base) or base >= AUTO_FLOAT_BELOW_DB:
+        return  # already accurate: nothing worth a float layer
+    t0 = time.perf_counter()
+
+    def gain(names: list[str]) -> float:  # a real build with these layers float
+        m = run.export(run.build(names).graph)
+        s_ = fid.feature_sqnr_db(ref_features, fid.run_features(m, feeds, ref.feature_nodes))
+        return (base if s_ is None else s_) - base
+
+    approx = _patched_gains(run, model, layers, ref, feeds[:AUTO_FLOAT_RANK_FEEDS], gain)
+    limit = max(1, len(layers) // 20)
+    shortlist = sorted(approx, key=lambda n: -approx[n])[: limit + AUTO_FLOAT_VERIFY]
+    gains = {n: gain([n]) for n in shortlist}
+    ranked = sorted(gains, key=lambda n: -gains[n])
+    chosen = [n for n in ranked[:limit] if gains[n] >= p.auto_float_db]
+    for n in chosen:
+        run.auto_float[n] = (
+            f"kept float automatically: alone it adds {gains[n]:.1f} dB of noise to the "
+            f"features of the last layers (all-int8: {base:.1f} dB SQNR)"
+        )
+    run.stats["auto_float"] = {
+        "feature_sqnr_db_all_int8": round(base, 2),
+        "top_gains_db": {n: round(gains[n], 2) for n in ranked[:5]},
+        "ranking_gains_db": {n: round(approx[n], 2) for n in shortlist},
+        "kept_float": chosen,
+        "evaluations": len(layers) + len(shortlist),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _patched_gains(
+    run: StaticRun, model: onnx.ModelProto, layers: list[str], ref: fid.Reference, rank_feeds: list[Feed], gain
+) -> dict[str, float]:
+    """Approximate feature-SQNR gain of each layer kept float, on patched copies of the all-int8 ``model``
+    (a real build, ``gain([name])``, for a layer the patcher cannot patch)."""
+    patcher = FloatPatcher(model, run.base)
+    rank_features = ref.features[: len(rank_feeds)]
+    rank_base = fid.feature_sqnr_db(rank_features, fid.run_features(model, rank_feeds, ref.feature_nodes))
+    approx: dict[str, float] = {}
+    for name in layers:
+        if not patcher.can_patch(name):
+            approx[name] = gain([name])
+            continue
+        with patcher.float_layer(name) as m:
+            s_ = fid.feature_sqnr_db(rank_features, fid.run_features(m, rank_feeds, ref.feature_nodes))
+        approx[name] = (rank_base if s_ is None else s_) - rank_base
+    return approx

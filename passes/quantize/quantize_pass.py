@@ -1,0 +1,216 @@
+"""The ``quantize`` pass class: its options (with their help), what it needs and preserves, its contract, and the
+dispatch to the mode that does the work.
+
+* ``mode=static`` (``static_run``) needs calibration feeds: ``needs_calibration()`` is True only for it, so the
+  pipeline refuses to start without ``--calib`` before any pass runs; ``dynamic`` and ``weight_only``
+  (``dynamic``) need no data.
+* Preserves no analysis: every mode rewrites weights into integer initializers behind DequantizeLinear (and static
+  folds affine ops into Convs), so channel groups and activation statistics of the float graph no longer hold.
+* ``requires``: a model that already holds quantized ops (``QUANTIZED_OPS``) is refused unless
+  ``already_quantized=ignore`` (quantizing twice stacks the errors). ``ensures``: every constant Q/DQ scale is > 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress.analyses.calibration import METHODS
+from onnxcompress.context import PassContext
+from onnxcompress.errors import PassError
+from onnxcompress.pass_base import Pass, PassResult, option, register
+
+from .dynamic import run_dynamic, run_weight_only
+from .static_run import run_static
+
+#: ops that mark a model as already quantized
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+        "QLinearAdd",
+        "QLinearMul",
+        "QGemm",
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
+        "MatMulNBits",
+        "MatMulIntegerToFloat",
+        "QAttention",
+        "QLinearConcat",
+        "QLinearSigmoid",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+        "QLinearLeakyRelu",
+        "QLinearSoftmax",
+        "QEmbedLayerNormalization",
+    }
+)
+
+
+@register
+@dataclass(frozen=True)
+class Quantize(Pass):
+    name: ClassVar[str] = "quantize"
+    description: ClassVar[str] = (
+        "int8 QDQ quantization (static with calibration, dynamic, weight-only int8/int4) "
+        "placed for ORT's integer kernels; calibration, bias correction, mixed precision"
+    )
+    exact: ClassVar[bool] = False
+    #: calibration feeds, for mode=static only (``needs_calibration``)
+    needs: ClassVar[frozenset[str]] = frozenset({"calibration"})
+    #: none: integer weights and folded affines invalidate every analysis of the float graph
+    preserves: ClassVar[frozenset[str]] = frozenset()
+
+    mode: Literal["static", "dynamic", "weight_only"] = option(
+        "static",
+        "static (needs --calib) | dynamic (MatMul/Gemm, run-time activation ranges) | weight_only",
+    )
+    per_channel: bool = option(True, "one weight scale per output channel (opset 13, upgraded automatically)")
+    activation_type: Literal["uint8", "int8"] = option("uint8", "integer type of activations in static mode")
+    symmetric_activations: bool = option(
+        False,
+        "zero point fixed at 0 (int8) / 128 (uint8); Relu/Clip outputs stay one-sided",
+    )
+    calibration: Literal["auto", "minmax", "percentile", "entropy", "mse"] = option(
+        "auto",
+        "activation range rule: minmax | percentile | entropy (KL) | mse | auto (the best of minmax, mse, "
+        "percentile on the evaluation feeds)",
+    )
+    percentile: float = option(99.999, "percentile kept by calibration=percentile")
+    calibration_samples: int = option(128, "calibration feeds used (0: all)")
+    weight_bits: int = option(8, "8, or 4 (weight_only only)")
+    block_size: int = option(32, "4-bit block length along the reduction axis (power of 2, >= 16)")
+    weight_format: Literal["qdq", "matmulnbits"] = option(
+        "qdq",
+        "weight_only storage: qdq (DequantizeLinear) | matmulnbits (com.microsoft.MatMulNBits)",
+    )
+    exclude: tuple[str, ...] = option((), "node names or op types kept float")
+    depthwise: bool = option(True, "quantize depthwise Conv too")
+    min_cosine: float | None = option(
+        None,
+        "mixed precision: keep the most sensitive layers float until output cosine >= this",
+    )
+    max_agreement_drop: float | None = option(None, "mixed precision: ... until top-1 agreement drop <= this")
+    eval_samples: int = option(
+        32,
+        "calibration feeds used to score candidates (mixed precision, sensitivity)",
+    )
+    sensitivity: Literal["leave_one_out", "one_at_a_time"] = option(
+        "leave_one_out",
+        "per-layer sensitivity for mixed precision: leave_one_out (gain of keeping the layer float in the "
+        "quantized model) | one_at_a_time (damage of quantizing the layer alone)",
+    )
+    bias_correction: bool = option(
+        True,
+        "correct per-channel output mean shifts measured on calibration data",
+    )
+    equalize: bool = option(False, "cross-layer equalization of Conv->Relu->Conv pairs before quantizing")
+    fold_affine: bool = option(
+        True,
+        "fold constant per-channel Mul/Add/Sub/Div/BatchNorm into the Conv before them",
+    )
+    mixed_range_ratio: float = option(16.0, "a Concat whose inputs' ranges differ more than this stays float")
+    auto_float_db: float = option(
+        1.0,
+        "keep float a layer whose float version alone lifts the SQNR of the last layers' inputs by this "
+        "many dB (leave-one-out; at most 5% of the layers; 0: off)",
+    )
+    latency_guard: bool = option(
+        True,
+        "measure the result under ORT; never return a model slower than the float one",
+    )
+    already_quantized: Literal["refuse", "ignore"] = option(
+        "refuse",
+        "refuse | ignore (quantize only what is still float)",
+    )
+    dynamic_ops: tuple[str, ...] = option(
+        ("MatMul", "Gemm", "Gather"),
+        "op types quantized by mode=dynamic / weight_only (Gather: embedding tables, all modes)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("static", "dynamic", "weight_only"):
+            raise ValueError(f"mode must be static, dynamic or weight_only, got {self.mode!r}")
+        if self.activation_type not in ("uint8", "int8"):
+            raise ValueError(f"activation_type must be uint8 or int8, got {self.activation_type!r}")
+        if self.calibration not in ("auto", *METHODS):
+            raise ValueError(f"calibration must be auto or one of {METHODS}, got {self.calibration!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.weight_bits not in (4, 8):
+            raise ValueError(f"weight_bits must be 8 or 4, got {self.weight_bits}")
+        if self.weight_bits == 4 and self.mode != "weight_only":
+            raise ValueError("weight_bits=4 is only supported with mode=weight_only")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.weight_format not in ("qdq", "matmulnbits"):
+            raise ValueError(f"weight_format must be qdq or matmulnbits, got {self.weight_format!r}")
+        if self.weight_format == "matmulnbits" and self.mode != "weight_only":
+            raise ValueError("weight_format=matmulnbits needs mode=weight_only")
+        if self.min_cosine is not None and not 0.0 < self.min_cosine <= 1.0:
+            raise ValueError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
+        if self.max_agreement_drop is not None and not 0.0 <= self.max_agreement_drop < 1.0:
+            raise ValueError(f"max_agreement_drop must be in [0, 1), got {self.max_agreement_drop}")
+        if self.calibration_samples < 0 or self.eval_samples < 1:
+            raise ValueError("calibration_samples must be >= 0 and eval_samples >= 1")
+        if self.auto_float_db < 0:
+            raise ValueError(f"auto_float_db must be >= 0, got {self.auto_float_db}")
+        if self.mixed_range_ratio <= 1.0:
+            raise ValueError(f"mixed_range_ratio must be > 1, got {self.mixed_range_ratio}")
+        if self.sensitivity not in ("leave_one_out", "one_at_a_time"):
+            raise ValueError(f"sensitivity must be leave_one_out or one_at_a_time, got {self.sensitivity!r}")
+        if self.already_quantized not in ("refuse", "ignore"):
+            raise ValueError(f"already_quantized must be refuse or ignore, got {self.already_quantized!r}")
+        if isinstance(self.exclude, str) or isinstance(self.dynamic_ops, str):
+            raise ValueError("exclude and dynamic_ops must be lists of names")
+
+    # ------------------------------------------------------------------------------------------ contract
+    def needs_calibration(self) -> bool:
+        return self.mode == "static"
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        found = sorted(
+            {
+                n.op
+                for g in [graph, *graph.subgraphs(recursive=True)]
+                for n in g.nodes
+                if n.op in QUANTIZED_OPS
+            }
+        )
+        if found and self.already_quantized == "refuse":
+            raise PassError(
+                f"the model is already quantized (it has {', '.join(found)}); quantizing it again would stack "
+                "errors. Quantize the float original instead, or pass already_quantized=ignore to quantize only "
+                "the parts that are still float"
+            )
+        if self.mode == "static" and ctx.calibration is None:
+            raise PassError(
+                "quantize{mode=static} needs calibration data (--calib FILE.npz or a folder of "
+                "feeds); use mode=dynamic or mode=weight_only to quantize without data"
+            )
+
+    # ----------------------------------------------------------------------------------------------- run
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if self.mode == "static":
+            return run_static(self, graph, ctx)
+        if self.mode == "dynamic":
+            return run_dynamic(self, graph, ctx)
+        return run_weight_only(self, graph, ctx)
+
+    def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
+        for n in graph.nodes:
+            if n.op in ("QuantizeLinear", "DequantizeLinear") and len(n.inputs) > 1:
+                s = n.inputs[1]
+                if isinstance(s, gs.Constant) and not np.all(np.asarray(s.values) > 0):
+                    raise PassError(f"{n.name}: non-positive quantization scale")
+
+
+__all__ = ["Quantize", "QUANTIZED_OPS"]

@@ -1,0 +1,234 @@
+"""``quantize{mode=static}``: the stages of one static int8 quantization, in order, and the state they share.
+
+1. **Prepare** (exact): opset upgrade for per-channel Q/DQ (13; per tensor at 10 if that fails, ``opset_upgrade``),
+   a name for every node, affine and offset folds into Convs (``prepare``), optional cross-layer equalization
+   (``equalization``). The result is copied once: the float graph every build starts from (``StaticRun.base``) and
+   its export (``float_model``); ``tensor_types`` gives each tensor's element type.
+2. **Placement** of the full integer domain (``placement``), whose tensors are all calibrated at once; later, smaller
+   placements need subsets of those ranges.
+3. **Calibration** (``calibrate``): one streamed pass over the feeds for ranges, histograms, the bias-correction
+   means and the float reference outputs together; **bias correction** of the weight error (``bias_correction``).
+4. **Range choice** (``range_choice``): the rule's ranges, or for ``calibration=auto`` the best of minmax, mse and
+   percentile on the evaluation feeds.
+5. **Float-layer search** (``float_layer_search``), then the **build** of the Q/DQ graph (``StaticRun.build``:
+   placement, bias shifts, Q/DQ parameters and insertion, ``qdq_insert``) and its score (``fidelity``).
+6. **Mixed precision** to a user target (``mixed_precision``), **latency guard** (``latency_guard``).
+7. The chosen build replaces the pass's graph; ConvTranspose weights and embedding tables are stored int8 too
+   (``dynamic``).
+
+Every build is a fresh copy of ``base``; the set of taken names (``StaticRun.names``) persists across builds, so a
+name minted by an earlier build (a corrected bias ``<b>_bc``) gets a suffix in a later one: the output depends on
+the sequence of builds, which is deterministic.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress import io
+from onnxcompress.data import FeedSet
+from onnxcompress.errors import PassError
+from onnxcompress.naming import graph_names
+from onnxcompress.pass_base import PassResult
+
+from . import fidelity as fid
+from . import opset_upgrade as qo
+from . import qparams_math as qm
+from .bias_correction import add_to_bias, bias_anchors, channel_axes, correct_biases
+from .calibrate import calibrate, calibrate_with_reference
+from .dynamic import quantize_float_op_weights, quantize_gathers
+from .equalization import equalize
+from .float_layer_search import search_float_layers
+from .latency_guard import latency_guard
+from .mixed_precision import mixed_precision
+from .opset_upgrade import ensure_opset
+from .ort_int8_kernels import WEIGHT_ONLY_FLOAT_OPS
+from .placement import PlacementOptions, Plan, plan_static
+from .prepare import fold_affine_into_conv, fold_offset_into_next_conv, name_unnamed_nodes
+from .qdq_insert import WeightOptions, insert_qdq, resolve_params
+from .range_choice import choose_method
+from .tensor_types import probe_dtypes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from onnxcompress.analyses.calibration import TensorStats
+    from onnxcompress.context import PassContext
+
+    from .quantize_pass import Quantize
+
+
+class Built(NamedTuple):
+    """One quantized candidate: the Q/DQ graph, the placement it realises, and the insertion counters."""
+
+    graph: gs.Graph
+    plan: Plan
+    counters: dict[str, int]
+
+
+def run_static(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """``quantize{mode=static}`` on ``graph`` (modified in place)."""
+    return StaticRun(p, graph, ctx).run()
+
+
+class StaticRun:
+    """One static quantization of one graph: the prepared float graph and what the stages learn about it."""
+
+    def __init__(self, p: Quantize, graph: gs.Graph, ctx: PassContext):
+        self.p, self.graph, self.ctx = p, graph, ctx
+        self.qt = qm.qtype(p.activation_type)
+        self.stats: dict = {"mode": "static"}
+        self.per_channel = p.per_channel
+        self.depthwise = p.depthwise
+        #: the range rule the ranges are computed with (calibration=auto: the one being tried, then the best)
+        self.method = "minmax" if p.calibration == "auto" else p.calibration
+        self.calib_seconds = 0.0
+        #: set by ``prepare``: names taken in the graph, the float graph builds start from, its export, dtypes
+        self.names: set[str] = set()
+        self.base: gs.Graph
+        self.float_model: onnx.ModelProto
+        self.dtypes: dict[str, np.dtype] = {}
+        #: calibration: statistics, (min(0), max(0)) and quantization range per tensor
+        self.tstats: dict[str, TensorStats] = {}
+        self.minmax: dict[str, tuple[float, float]] = {}
+        self.ranges: dict[str, tuple[float, float]] = {}
+        #: bias correction: anchor name -> shift added to its bias when it is quantized
+        self.bias_shift: dict[str, np.ndarray] = {}
+        #: float-layer search: anchor name -> reason; every build keeps these float
+        self.auto_float: dict[str, str] = {}
+        #: calibration=auto: (method, plan, exported model) of the best all-int8 build, reused by the search
+        self.all_int8: tuple[str, Plan, onnx.ModelProto] | None = None
+
+    # ----------------------------------------------------------------------------------------- shared helpers
+    def feeds(self, n: int) -> FeedSet:
+        """The first ``n`` calibration feeds (all of them for 0)."""
+        feeds = self.ctx.calibration
+        return feeds.take(n) if n and n < len(feeds) else feeds
+
+    def placement_options(self, float_nodes=(), reasons=()) -> PlacementOptions:
+        return PlacementOptions(
+            exclude=tuple(self.p.exclude),
+            depthwise=self.depthwise,
+            mixed_range_ratio=self.p.mixed_range_ratio,
+            float_nodes=frozenset(float_nodes),
+            float_reasons=tuple(reasons),
+        )
+
+    def build(self, float_nodes=(), reasons=()) -> Built:
+        """A quantized copy of the prepared float graph (layers in ``float_nodes`` and the automatically chosen
+        float layers stay float; ``reasons``: (name, why) pairs for the stats)."""
+        if self.auto_float:
+            float_nodes = list(dict.fromkeys([*float_nodes, *self.auto_float]))
+            reasons = tuple(self.auto_float.items()) + tuple(reasons)
+        g = self.base.copy()
+        g.toposort()
+        plan = plan_static(g, self.dtypes, self.placement_options(float_nodes, reasons), self.minmax)
+        for n in plan.anchors:  # bias correction applies to the layers that are quantized
+            if id(n) in plan.int8 and n.name in self.bias_shift:
+                add_to_bias(n, self.bias_shift[n.name], self.names)
+        missing = [n for n in plan.tensors if n not in self.ranges]
+        if missing:
+            calibrate(self, missing)
+        q, dq, rep = resolve_params(plan, self.ranges, self.qt, self.p.symmetric_activations)
+        counters = insert_qdq(
+            g, plan, q, dq, rep, self.qt, WeightOptions(per_channel=self.per_channel, qtype=qm.INT8)
+        )
+        return Built(g, plan, counters)
+
+    def export(self, g: gs.Graph) -> onnx.ModelProto:
+        return self.ctx.export(g)
+
+    # -------------------------------------------------------------------------------------------- stages
+    def prepare(self) -> bool:
+        """Stage 1; True when it changed the graph (an opset upgrade is recorded in the stats instead)."""
+        p, graph, ctx, stats = self.p, self.graph, self.ctx, self.stats
+        if self.per_channel and not ensure_opset(graph, ctx, qo.PER_CHANNEL_OPSET, stats):
+            self.per_channel = False
+            stats["per_channel"] = "off: the opset upgrade to 13 failed"
+            if not ensure_opset(graph, ctx, qo.PER_TENSOR_OPSET, stats):
+                raise PassError("cannot upgrade the model to opset 10 (QuantizeLinear/DequantizeLinear)")
+        self.names = names = graph_names(graph)
+        prepared = name_unnamed_nodes(graph, names) > 0
+        if p.fold_affine:
+            k = fold_affine_into_conv(graph, names)
+            if k:
+                stats["affine_folded_into_conv"] = k
+                prepared = True
+            k = fold_offset_into_next_conv(graph, names)
+            if k:
+                stats["offset_folded_into_next_conv"] = k
+                prepared = True
+        if p.equalize:
+            k = equalize(graph, names)
+            stats["cle_pairs"] = k
+            prepared = prepared or bool(k)
+        graph.toposort()
+        self.base = graph.copy()
+        self.float_model = ctx.export(self.base)
+        self.dtypes = probe_dtypes(self.base, self.float_model, ctx.calibration.first())
+        return prepared
+
+    def run(self) -> PassResult:
+        p, stats = self.p, self.stats
+        t_start = time.perf_counter()
+        stats["weight_bytes_before"] = io.weight_bytes(self.ctx.export(self.graph))
+        prepared = self.prepare()
+
+        # calibrate everything the full placement needs (ranges of later, smaller placements are subsets)
+        plan0 = plan_static(self.base.copy().toposort(), self.dtypes, self.placement_options())
+        if not plan0.int8:
+            stats["layers_kept_float"] = dict(plan0.kept_float)
+            stats["skipped"] = "nothing to quantize: no Conv/MatMul/Gemm with a constant float weight"
+            stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
+            return PassResult(prepared or "opset_upgrade" in stats, stats)
+        anchors = bias_anchors(self.base, self.dtypes) if p.bias_correction else {}
+        eval_feeds = list(self.feeds(p.eval_samples))
+        ref = calibrate_with_reference(self, list(plan0.tensors), channel_axes(anchors), eval_feeds)
+        if anchors:
+            correct_biases(self, anchors)
+        if p.calibration == "auto":
+            choose_method(self, ref)
+        if p.auto_float_db > 0:
+            search_float_layers(self, ref, eval_feeds)
+
+        built = self.build()
+        sc = fid.score_model(ref, self.export(built.graph))
+        float_layers: dict[str, str] = dict(self.auto_float)
+        if p.min_cosine is not None or p.max_agreement_drop is not None:
+            built, sc, float_layers = mixed_precision(self, ref, built, sc)
+        if p.latency_guard:
+            outcome = latency_guard(self, built, sc, float_layers, ref, eval_feeds)
+            if outcome is None:
+                stats["seconds_calibration"] = round(self.calib_seconds, 3)
+                stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
+                return PassResult(prepared or "opset_upgrade" in stats, stats)
+            built, sc = outcome
+        self.adopt(built, sc, float_layers)
+        stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
+        return PassResult(True, stats)
+
+    def adopt(self, built: Built, sc: dict[str, float], float_layers: dict[str, str]) -> None:
+        """Stage 7: ``built`` becomes the pass's graph; the remaining float weights are stored int8; final stats."""
+        p, graph, stats = self.p, self.graph, self.stats
+        qo.transplant(graph, built.graph)
+        k = quantize_float_op_weights(graph, tuple(sorted(WEIGHT_ONLY_FLOAT_OPS)), self.per_channel, tuple(p.exclude))
+        if k:
+            stats["weights_only_float_ops"] = k
+        if "Gather" in p.dynamic_ops:
+            k = quantize_gathers(graph, tuple(p.exclude))
+            if k:
+                stats["embedding_tables_quantized"] = k
+        final = self.ctx.export(graph)
+        stats.update(built.counters)
+        stats["nodes_quantized"] = dict(sorted(built.plan.int8_ops().items()))
+        kept = dict(built.plan.kept_float)
+        kept.update(float_layers)
+        stats["layers_kept_float"] = kept
+        stats["calibration"] = self.method
+        stats["calibrated_tensors"] = len(self.ranges)
+        stats["score_on_calibration"] = {k: round(v, 6) for k, v in sc.items()}
+        stats["weight_bytes_after"] = io.weight_bytes(final)
+        stats["seconds_calibration"] = round(self.calib_seconds, 3)

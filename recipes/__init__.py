@@ -1,0 +1,1 @@
+"""Named compression recipes (TOML files in this folder), loaded by ``--recipe NAME``."""
