@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.graph_utils import all_graphs
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .shape_facts import Facts
+    from .facts import Facts
 
 #: float element types whose large tensors inference needs only the shapes of
 FLOAT_TENSOR_TYPES = frozenset(

@@ -27,12 +27,12 @@ proves the Reshape/Expand dims above. ``RoundFacts`` holds both for one round of
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .facts import Elem, Fact, Facts
 from .inference_models import (
     FLOAT_TENSOR_TYPES,
     export_without_weights,
@@ -42,39 +42,13 @@ from .inference_models import (
     unique_input_symbols,
     weights_to_inputs,
 )
-from .symbolic_values import Elem, SymVal, sym_of, sym_values
+from .symbolic_values import SymVal, sym_of, sym_values
 
 log = logging.getLogger(__name__)
 
 
 #: outer constants at most this big are copied (with values) into a branch's standalone model
 _SMALL_CONST = 4096
-
-
-@dataclass(frozen=True)
-class Fact:
-    """Computed facts about one value: dims (None: rank unknown) and dtype (None: unknown)."""
-
-    dims: tuple[Elem, ...] | None
-    dtype: np.dtype | None
-
-    @property
-    def static(self) -> tuple[int, ...] | None:
-        if self.dims is None or not all(isinstance(d, int) for d in self.dims):
-            return None
-        return self.dims  # type: ignore[return-value]
-
-
-class Facts(dict):
-    """name -> Fact; ``of(tensor)`` also answers for constants."""
-
-    def of(self, t: gs.Tensor) -> Fact | None:
-        if isinstance(t, gs.Constant):
-            try:
-                return Fact(tuple(int(d) for d in t.shape), np.dtype(t.dtype))
-            except Exception:
-                return None
-        return self.get(t.name)
 
 
 class RoundFacts:

@@ -20,13 +20,13 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.graph_utils import all_graphs
 
+from .facts import Elem
+
 if TYPE_CHECKING:  # pragma: no cover
-    from .shape_facts import Facts
+    from .facts import Facts
 
 log = logging.getLogger(__name__)
 
-#: one element of a symbolic value or a dim: an int, a dim symbol (str), or an expression (op, a, b) of them
-Elem = int | str | tuple
 
 
 _INT_DTYPES = frozenset({np.dtype(np.int64), np.dtype(np.int32)})
