@@ -2,7 +2,13 @@
 
 ``model`` is a path or a ModelProto (never modified); ``passes`` a pipeline text, a list of passes, or a TOML recipe
 path ending in ``.toml``. Calibration feeds go to the passes; validation feeds (default: the calibration feeds) are
-what the result's fidelity is measured on. Without either, random feeds are used and the result's notes say so.
+what the result's fidelity is measured on. Without either, random feeds the original model accepts are used and the
+result's notes say so (and which input shapes were guessed).
+
+Data comes in any form ``data_sources.feeds_from_any`` reads: a ``.npz``/``.npy`` path or a folder of them, a folder
+of images (``preprocess=`` says how they become tensors), a ``.txt`` of sentences (``tokenizer=`` a tokenizer.json),
+a dict of arrays or an ``np.load`` result (first axis = samples), a list / iterable of feed dicts, a callable
+returning a fresh iterator of them, or a ``FeedSet``.
 
 Everything a run reports comes from here, not from the CLI: the ledger, fidelity, the latency of the original and
 the compressed model (measured interleaved on one validation feed), the notes, the latency profile the passes'
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,9 @@ import onnx
 
 from onnxcompress import io
 from onnxcompress.context import PassContext
-from onnxcompress.data import Feed, FeedSet, load_feeds
+from onnxcompress.data import Feed, FeedSet
+from onnxcompress.data_sources import feeds_from_any
+from onnxcompress.image_feeds import Preprocess
 from onnxcompress.latency_profile import LatencyProfile
 from onnxcompress.manager import PassManager
 from onnxcompress.pass_base import Pass
@@ -32,7 +40,7 @@ from onnxcompress.synthetic_feeds import accepted_random_feeds
 
 log = logging.getLogger(__name__)
 
-FeedSource = str | Path | Iterable[Feed] | FeedSet | None
+FeedSource = str | Path | Mapping[str, Any] | Iterable[Feed] | Callable | FeedSet | None
 
 
 def _check_loads(model: onnx.ModelProto) -> None:
@@ -99,18 +107,38 @@ def compress(
     latency_budget: float = 3.0,
     latency_profile: LatencyProfile | str | Path | None = None,
     progress: Callable | None = None,
+    preprocess: Preprocess | str | None = None,
+    tokenizer: Any = None,
+    max_length: int = 128,
+    task: str = "auto",
 ) -> CompressResult:
     """Run ``passes`` over ``model`` and measure the result against it under onnxruntime.
 
     ``latency=True`` also times the original and the compressed model (1 thread, interleaved, ``latency_budget``
     seconds). ``latency_profile`` (a ``LatencyProfile`` or a path to a run report / profile JSON) replays the
-    latency measurements of an earlier run so the passes make the same decisions."""
+    latency measurements of an earlier run so the passes make the same decisions.
+
+    ``calibration`` / ``validation``: any data form of the module docstring; ``preprocess`` (a ``Preprocess`` or
+    its text, e.g. ``"resize=224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225"``) applies to image folders,
+    ``tokenizer`` (a tokenizer.json path or a ``tokenizers.Tokenizer``) and ``max_length`` to sentence files.
+    ``dims`` binds symbolic input dims by name, ``shapes`` gives whole input shapes; both shape made-up feeds.
+    ``task``: "auto" reports top-1/top-5 agreement only for outputs that are class scores (a Softmax/Gemm/MatMul
+    head), "classify" for every float output, "none" never. ``progress`` wraps long loops (``progress.heartbeat()`` or ``progress.terminal_bars()``).
+
+    Raises ``BadInputError`` (unreadable model or data, a pass that needs calibration data without it),
+    ``PassError`` (a pass failed; names it and the passes before), ``ValidationError`` (the result is invalid, an
+    exact pipeline changed the outputs, or a fidelity metric is not a number). Nothing is written: call
+    ``result.save(path)``."""
+    if task not in ("auto", "classify", "none"):
+        from onnxcompress.errors import BadInputError
+
+        raise BadInputError(f"task must be auto, classify or none (got {task!r})")
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
     proto = model if isinstance(model, onnx.ModelProto) else io.read_model(model)
     pass_list = resolve_passes(passes)
     _check_loads(proto)
-    calib = load_feeds(calibration, proto)
-    valid = load_feeds(validation, proto) if validation is not None else calib
+    calib = feeds_from_any(calibration, proto, preprocess, tokenizer, max_length)
+    valid = feeds_from_any(validation, proto, preprocess, tokenizer, max_length) if validation is not None else calib
     made_up_notes: list[str] = []
     if valid is None and (validate or latency):
         valid, made_up_notes = accepted_random_feeds(proto, dims, shapes, n=4, seed=seed)
@@ -121,7 +149,7 @@ def compress(
     ctx = PassContext(calibration=calib, seed=seed, dims=dict(dims or {}), input_shapes=dict(shapes or {}),
                       progress=progress, latency=latency_profile or LatencyProfile())
     manager = PassManager(pass_list, validation=valid if validate else None, validate_each=validate_each,
-                          measure=measure, progress=progress)
+                          measure=measure, progress=progress, task=task)
     result = manager.run(proto, ctx)
     result.provenance = {
         "input": str(source) if source else None,
@@ -131,7 +159,7 @@ def compress(
         "calibration": _describe_feeds(calib),
         "validation": _describe_feeds(valid if validate else None),
     }
-    result.notes.extend(made_up_notes)
+    result.notes[:0] = made_up_notes
     if latency and valid is not None:
         from onnxcompress.latency import measure_latency
 

@@ -1,12 +1,16 @@
 """The ``onnxcompress`` command line. The only module that prints.
 
     onnxcompress compress IN -o OUT (--passes TEXT | --recipe F.toml) [--calib DATA] [--val DATA] [--report R.json]
-    onnxcompress inspect IN [--dim name=value] [--json]
+                         [--preprocess TEXT] [--tokenizer tokenizer.json] [--task auto|classify|none] [-q | -v]
+    onnxcompress inspect IN [--dim name=value] [--shape name=DxD] [--json]
     onnxcompress validate A B [--data DATA] [--dim name=value] [--json]
     onnxcompress passes
 
-Errors print one line to stderr and exit non-zero (2 bad input, 3 pass failure, 4 validation failure, 1 other);
-``--debug`` shows the traceback.
+DATA is a .npz, a .npy, a folder of .npz/.npy files, a folder of images (with ``--preprocess``) or a .txt of
+sentences (with ``--tokenizer``). Errors print one line to stderr and exit non-zero (2 bad input, 3 pass failure,
+4 validation failure, 1 other, 128+signal when interrupted by SIGINT/SIGTERM); ``--debug`` shows the traceback.
+Output paths are checked before any work: a missing folder is created once the run has succeeded, an existing
+file or an unwritable folder in the way is refused up front; a failed or interrupted run leaves no output.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -81,14 +86,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise BadInputError("give the passes: --passes 'cleanup,...' or --recipe recipe.toml")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise BadInputError("the output path is the input file; onnxcompress never overwrites its input")
-    if out.exists() and out.is_dir():
-        raise BadInputError(f"output {out} is a folder; give a file name")
+    report_arg = Path(args.report) if args.report else None
+    for target, flag in ((out, "-o"), *(((report_arg, "--report"),) if report_arg else ())):
+        _check_output_target(target, flag)
     result = compress(src, args.recipe or args.passes, calibration=args.calib, validation=args.val,
                       dims=_parse_dims(args.dim), shapes=_parse_shapes(args.shape), seed=args.seed,
                       validate=not args.no_validate, validate_each=args.validate_each, max_validation=args.max_val,
                       latency=not args.no_latency, latency_budget=args.latency_budget,
-                      latency_profile=args.latency_profile, progress=_progress(args))
-    out, report_path = _save_creating_folders(result, out, Path(args.report) if args.report else None)
+                      latency_profile=args.latency_profile, progress=_progress(args),
+                      preprocess=args.preprocess, tokenizer=args.tokenizer, max_length=args.max_length,
+                      task=args.task)
+    out, report_path = _save_creating_folders(result, out, report_arg)
     if not args.quiet:
         report = result.to_dict()
         print(f"pipeline: {result.pipeline}")
@@ -100,14 +108,32 @@ def cmd_compress(args: argparse.Namespace) -> int:
             if "top1_agreement" in w:
                 parts.append(f"top-1 agreement {w['top1_agreement']:.4f}")
             print(f"fidelity ({result.fidelity.feeds} feeds, worst output): " + ", ".join(parts))
+            kinds = {n: m.get("metric_kind", "values") for n, m in result.fidelity.outputs.items()}
+            print("metrics per output: " + ", ".join(f"{n}: {k}" + (" (top-1/top-5 agreement)"
+                                                                    if k == "class scores" else "")
+                                                     for n, k in kinds.items()))
         if result.latency_ms is not None:
             lat = result.latency_ms
             print(f"latency (ORT CPU, 1 thread): {lat['original']:.3f} ms -> {lat['compressed']:.3f} ms "
                   f"({lat['compressed'] / lat['original']:.2f}x)")
         for note in result.notes:
             print(f"note: {note}")
-        print(f"wrote {out} ({human(out.stat().st_size)}) and {report_path}")
+        print(f"wrote {out} ({human(out.stat().st_size)}) and {report_path} (+ .md, .html)")
     return 0
+
+
+def _check_output_target(target: Path, flag: str) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder, or a file in the way of a folder
+    to create, or a folder we may not write into. Missing folders are fine (created after the run)."""
+    if target.is_dir():
+        raise BadInputError(f"{flag} {target} is a folder; give a file name")
+    folder = target.parent if str(target.parent) else Path(".")
+    while not folder.exists():
+        folder = folder.parent if str(folder.parent) else Path(".")
+    if not folder.is_dir():
+        raise BadInputError(f"{flag} {target}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInputError(f"{flag} {target}: cannot write into {folder}")
 
 
 def _save_creating_folders(result, out: Path, report: Path | None) -> tuple[Path, Path]:
@@ -214,17 +240,18 @@ def _channel_groups(model):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from onnxcompress.data import load_feeds, random_feeds
+    from onnxcompress.data import random_feeds
+    from onnxcompress.data_sources import feeds_from_any
     from onnxcompress.latency import measure_latency
     from onnxcompress.report import fmt_metric
     from onnxcompress.validate import compare_models, structural_problems
 
     a, b = io.read_model(args.a), io.read_model(args.b)
-    feeds = load_feeds(args.data, a) if args.data else random_feeds(a, _parse_dims(args.dim), n=8,
-                                                                   shapes=_parse_shapes(args.shape))
+    feeds = (feeds_from_any(args.data, a, args.preprocess, args.tokenizer, args.max_length) if args.data
+             else random_feeds(a, _parse_dims(args.dim), n=8, shapes=_parse_shapes(args.shape)))
     if args.max_val:
         feeds = feeds.take(args.max_val)
-    rep = compare_models(a, b, feeds, progress=_progress(args))
+    rep = compare_models(a, b, feeds, progress=_progress(args), task=args.task)
     problems = structural_problems(b)
     size_a, size_b = io.file_size_on_disk(args.a), io.file_size_on_disk(args.b)
     lat = measure_latency({"a": a, "b": b}, feeds.first(), budget_s=args.latency_budget)
@@ -284,9 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--passes", help='pipeline text, e.g. "cleanup,quantize{mode=static}"')
     c.add_argument("--recipe", help="TOML recipe file")
-    c.add_argument("--calib", help="calibration data: .npz (arrays named like the inputs) or a folder")
+    c.add_argument("--calib", help="calibration data: .npz/.npy (arrays named like the inputs), a folder of .npz/.npy "
+                   "files, a folder of images (see --preprocess) or a .txt of sentences (see --tokenizer)")
     c.add_argument("--val", help="validation data for the fidelity report (default: the calibration data)")
-    c.add_argument("--report", help="report JSON path (default OUTPUT.report.json; Markdown beside it)")
+    c.add_argument("--preprocess", help='how images become tensors, e.g. "resize=224,mean=0.485:0.456:0.406,'
+                   'std=0.229:0.224:0.225,layout=NCHW,bgr=false" (default: the model\'s H/W, pixels/255)')
+    c.add_argument("--tokenizer", help="tokenizer.json (HuggingFace tokenizers) for a .txt of sentences")
+    c.add_argument("--max-length", type=int, default=128, help="truncate sentences to this many tokens")
+    c.add_argument("--task", choices=("auto", "classify", "none"), default="auto",
+                   help="top-1/top-5 agreement: auto = only for outputs that are class scores (Softmax/Gemm/MatMul "
+                   "head), classify = every output, none = never")
+    c.add_argument("--report", help="report JSON path (default OUTPUT.report.json; Markdown and HTML beside it)")
     c.add_argument("--shape", action="append", help="concrete input shape: name=1x3x224x224 (repeatable)")
     c.add_argument("--dim", action="append", help="bind a symbolic input dim: name=value (repeatable)")
     c.add_argument("--seed", type=int, default=0)
@@ -312,7 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="fidelity, size and latency of B against A on the same feeds")
     v.add_argument("a")
     v.add_argument("b")
-    v.add_argument("--data", help=".npz or folder of feeds (default: random, with a warning)")
+    v.add_argument("--data", help="feeds, in any form --calib takes (default: random, with a warning)")
+    v.add_argument("--preprocess", help="how images become tensors (see compress --preprocess)")
+    v.add_argument("--tokenizer", help="tokenizer.json for a .txt of sentences")
+    v.add_argument("--max-length", type=int, default=128)
+    v.add_argument("--task", choices=("auto", "classify", "none"), default="auto")
     v.add_argument("--shape", action="append", help="concrete input shape: name=1x3x224x224 (repeatable)")
     v.add_argument("--dim", action="append")
     v.add_argument("--max-val", type=int, default=None)
@@ -359,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         import onnxruntime
 
         onnxruntime.set_default_logger_severity(3)
+    previous = _interrupt_on_sigterm()
     try:
         return args.func(args)
     except OnnxCompressError as exc:
@@ -373,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     except KeyboardInterrupt:
-        print("onnxcompress: interrupted", file=sys.stderr)
-        return 130
+        signum = _received_signal[0] or signal.SIGINT
+        print(f"onnxcompress: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + int(signum)
     except Exception as exc:  # a bug: still one line, with how to see more
         if args.debug:
             raise
@@ -382,6 +423,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxcompress: internal error: {type(exc).__name__}: {msg[0] if msg else ''} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        _received_signal[0] = None
+        if previous is not _NOT_SET:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+_received_signal: list[int | None] = [None]
+_NOT_SET = object()
+
+
+def _interrupt_on_sigterm():
+    """SIGTERM (CI timeouts, ``kill``) unwinds like Ctrl-C: a KeyboardInterrupt, so every temp file is removed on the
+    way out. Returns the previous handler (``_NOT_SET`` outside the main thread, where signals cannot be set)."""
+
+    def handler(signum, frame):
+        _received_signal[0] = signum
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return _NOT_SET
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,7 @@ class PassManager:
         gate: bool = True,
         exact_tolerance: float = 1e-4,
         progress: Callable | None = None,
+        task: str = "auto",
     ):
         if not passes:
             raise ValueError("PassManager needs at least one pass")
@@ -56,6 +58,7 @@ class PassManager:
         self.gate = gate
         self.exact_tolerance = exact_tolerance
         self.progress = progress
+        self.task = task
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _input_shapes(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[dict, dict | None]:
@@ -99,6 +102,7 @@ class PassManager:
         ledger = [LedgerRow("original", model=self._stats(original, shapes, feed),
                             pass_stats={"constant_nodes_lifted": lifted} if lifted else {})]
         done: list[str] = []
+        notes: list[str] = []
         current = working
         for index, p in enumerate(self.passes, 1):
             label = format_pass(p)
@@ -109,6 +113,8 @@ class PassManager:
                 result = p.run(graph, ctx)
                 p.ensures(graph, ctx)
                 current = ctx.export(graph)
+            except BadInputError as exc:  # the data the pass read is bad (non-finite, wrong shape): exit 2
+                raise BadInputError(_failure(label, done, exc)) from exc
             except OnnxCompressError as exc:
                 raise PassError(_failure(label, done, exc)) from exc
             except Exception as exc:  # a bug or an unexpected graph: still name the pass
@@ -119,9 +125,11 @@ class PassManager:
             row = LedgerRow(label, result.modified, seconds, self._stats(current, shapes, feed), dict(result.stats),
                             p.options(), p.exact)
             if self.validate_each and self.validation is not None:
-                row.fidelity = compare_models(original_ref, current, self.validation).to_dict()
+                row.fidelity = compare_models(original_ref, current, self.validation, task=self.task).to_dict()
             ledger.append(row)
             done.append(label)
+            if not result.modified and not p.exact:
+                notes.append(unchanged_note(label, p, ledger[0].model.get("ops", {})))
             progress.pass_finished(label, index, len(self.passes), time.perf_counter() - t_start, seconds,
                                    result.modified)
 
@@ -131,7 +139,8 @@ class PassManager:
             tolerated = structural_gate(final, original_problems)
         fidelity = None
         if self.validation is not None:
-            fidelity = compare_models(original_ref, final, self.validation, progress=self.progress)
+            fidelity = compare_models(original_ref, final, self.validation, progress=self.progress,
+                                      task=self.task)
             ledger[-1].fidelity = fidelity.to_dict()
             bad = {n: m["nonfinite_metrics"] for n, m in fidelity.outputs.items() if m.get("nonfinite_metrics")}
             if bad:
@@ -140,21 +149,23 @@ class PassManager:
                                       "compressed or the original model produced non-finite values on the "
                                       "validation feeds")
             if all(p.exact for p in self.passes):
-                self._check_exact(original_ref, fidelity)
+                notes.extend(self._check_exact(original_ref, fidelity))
         return CompressResult(final, format_pipeline(self.passes), ledger, fidelity, shapes, tolerated,
                               time.perf_counter() - t_start, latency_profile=ctx.latency.to_dict(),
-                              counters=dict(ctx.counters))
+                              counters=dict(ctx.counters), notes=notes)
 
 
-    def _check_exact(self, original_ref, fidelity) -> None:
+    def _check_exact(self, original_ref, fidelity) -> list[str]:
         """An exact pipeline must reproduce the original up to float rounding.
 
         Per output: max|r - c| <= max(tol · max|r|, 8 · noise), where ``noise`` is the max-abs difference between
         the original run with and without onnxruntime's own graph optimizations on the same feeds (ORT folds
         BatchNorm into Conv too: its rounding is the scale of what an exact rewrite may change). The floor matters
         when an output's magnitude is tiny next to the values that produced it (a detection map near 3e-8 at a
-        made-up input): then the rounding of the intermediate sums is all the difference there is."""
+        made-up input): then the rounding of the intermediate sums is all the difference there is. Returns a note for
+        every output accepted by that floor."""
         noise = None
+        notes: list[str] = []
         for name, m in fidelity.outputs.items():
             if m.get("mismatched_elements", 0):
                 raise ValidationError(f"exact pipeline {format_pipeline(self.passes)!r} changed output {name!r}: "
@@ -166,13 +177,39 @@ class PassManager:
                                        task="none").outputs
             floor = 8.0 * noise.get(name, {}).get("max_abs", 0.0)
             if m["max_abs"] <= floor:
-                log.info("exact check: output %s differs by %.3g, within 8x onnxruntime's own rounding (%.3g)",
-                         name, m["max_abs"], floor / 8)
+                notes.append(f"exact check: output {name!r} differs by {m['max_abs']:.3g} (relative "
+                             f"{m['rel_max_abs']:.3g}: its values peak at only {m['max_abs'] / m['rel_max_abs']:.3g}), "
+                             f"within 8x onnxruntime's own rounding ({floor / 8:.3g}) — float rounding, not a change; "
+                             "cosine/SQNR of such tiny outputs mean little")
                 continue
             raise ValidationError(
                 f"exact pipeline {format_pipeline(self.passes)!r} changed output {name!r}: relative max-abs "
                 f"{m['rel_max_abs']:.3g} > {self.exact_tolerance:g} (max-abs {m['max_abs']:.3g}, onnxruntime's own "
                 f"rounding {floor / 8:.3g})")
+        return notes
+
+
+def unchanged_note(label: str, p: Pass, ops: dict[str, int]) -> str:
+    """What to tell the user when a lossy pass changed nothing: which op types its options name and how many of them
+    the model has, and its other modes (from the option's declared choices)."""
+    note = f"{label} changed nothing"
+    opts = p.options()
+    named = [v for v in opts.values() if isinstance(v, (tuple, list)) and v and all(
+        isinstance(x, str) and x[:1].isupper() for x in v)]
+    if named:
+        wanted = list(named[0])
+        have = {op: ops.get(op, 0) for op in wanted}
+        present = ", ".join(f"{op} {n}" for op, n in have.items() if n)
+        note += (f": it works on {', '.join(wanted)}, and the model has " + (present if present else "none of them")
+                 + "; top ops of the model: " + ", ".join(f"{k} {v}" for k, v in sorted(
+                     ops.items(), key=lambda kv: -kv[1])[:4]))
+    hints = typing.get_type_hints(type(p))
+    mode = opts.get("mode")
+    if mode is not None and typing.get_origin(hints.get("mode")) is typing.Literal:
+        others = [m for m in typing.get_args(hints["mode"]) if m != mode]
+        if others:
+            note += f" (other modes: {', '.join(f'mode={m}' for m in others)}; see `onnxcompress passes`)"
+    return note
 
 
 def _failure(label: str, done: list[str], exc: BaseException) -> str:

@@ -277,6 +277,11 @@ def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def is_finite(v: Any) -> bool:
+    """A number a plot can draw (an infinite SQNR of identical outputs is shown in the tables, not drawn)."""
+    return is_number(v) and math.isfinite(v)
+
+
 def is_scalar(v: Any) -> bool:
     return not isinstance(v, (dict, list, tuple))
 
@@ -402,12 +407,12 @@ def draw_plots(report: dict) -> dict[str, Any] | None:
     per_stage("MACs per pass", {"MACs": [m.get("macs") for m in models]}, "MACs")
     base = models[0] if models else {}
     per_stage("Ratio to the original per pass",
-              {k: [m[k] / base[k] if is_number(m.get(k)) and base.get(k) else None for m in models]
+              {k: [m[k] / base[k] if is_finite(m.get(k)) and base.get(k) else None for m in models]
                for k in ("nodes", "params", "bytes_raw", "bytes_zip", "macs")}, "x original")
 
     lat = report.get("latency_ms") or {}
-    bars = {k: lat[k] for k in ("original", "compressed") if is_number(lat.get(k))}
-    bars.update({lab: r["latency_ms"] for lab, r in zip(labels, ledger, strict=True) if is_number(r.get("latency_ms"))})
+    bars = {k: lat[k] for k in ("original", "compressed") if is_finite(lat.get(k))}
+    bars.update({lab: r["latency_ms"] for lab, r in zip(labels, ledger, strict=True) if is_finite(r.get("latency_ms"))})
     if bars:
         fig, (ax,) = figure(max(4.0, 1.2 * len(bars)), 3.2)
         ax.bar(range(len(bars)), list(bars.values()), color=["#6e7781", "#2f81f7"] + ["#8250df"] * len(bars))
@@ -423,7 +428,7 @@ def draw_plots(report: dict) -> dict[str, Any] | None:
     outs = ordered_keys([f.get("outputs") or {} for _, f in fid_rows])
     metrics = [m for m in ordered_keys([o for _, f in fid_rows for o in (f.get("outputs") or {}).values()],
                                        METRIC_ORDER)
-               if any(is_number((f.get("outputs") or {}).get(o, {}).get(m)) for _, f in fid_rows for o in outs)]
+               if any(is_finite((f.get("outputs") or {}).get(o, {}).get(m)) for _, f in fid_rows for o in outs)]
     if metrics:
         ncols = min(4, len(metrics))
         nrows = math.ceil(len(metrics) / ncols)
@@ -433,7 +438,7 @@ def draw_plots(report: dict) -> dict[str, Any] | None:
             for j, out in enumerate(outs):
                 ys = [(f.get("outputs") or {}).get(out, {}).get(metric) for _, f in fid_rows]
                 ax.bar([x + j * width for x in range(len(fid_rows))],
-                       [y if is_number(y) else math.nan for y in ys], width, label=out)
+                       [y if is_finite(y) else math.nan for y in ys], width, label=out)
             ax.set_xticks([x + width * (len(outs) - 1) / 2 for x in range(len(fid_rows))],
                           [lab for lab, _ in fid_rows], fontsize=7)
             ax.set_title(metric, fontsize=9)
@@ -447,13 +452,13 @@ def draw_plots(report: dict) -> dict[str, Any] | None:
     for i, row in enumerate(ledger):
         for key, value in (row.get("pass_stats") or {}).items():
             title = f"{row.get('stage', '')}: {key}"
-            if isinstance(value, dict) and value and all(is_number(v) for v in value.values()):
+            if isinstance(value, dict) and value and all(is_finite(v) for v in value.values()):
                 fig, (ax,) = figure(*bar_size(len(value)))
                 draw_bars(ax, [str(k) for k in value], list(value.values()), title)
                 stages.setdefault(i, []).append((title, png(fig)))
             elif (recs := as_records(value)) is not None:
                 _, names, records = recs
-                columns = [c for c in ordered_keys(records) if any(is_number(r.get(c)) for r in records)]
+                columns = [c for c in ordered_keys(records) if any(is_finite(r.get(c)) for r in records)]
                 if not columns:
                     continue
                 ncols = min(3, len(columns))
@@ -461,7 +466,7 @@ def draw_plots(report: dict) -> dict[str, Any] | None:
                 fig, axes = figure(max(w, 3.6 * ncols), h * math.ceil(len(columns) / ncols),
                                    math.ceil(len(columns) / ncols), ncols)
                 for ax, col in zip(axes, columns, strict=False):
-                    vals = [r.get(col) if is_number(r.get(col)) else math.nan for r in records]
+                    vals = [r.get(col) if is_finite(r.get(col)) else math.nan for r in records]
                     draw_bars(ax, names, vals, col)
                 for ax in axes[len(columns):]:
                     ax.set_visible(False)

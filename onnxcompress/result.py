@@ -1,8 +1,8 @@
 """What a compression run returns: the model, the per-pass ledger, fidelity, latency, notes, and how to save them.
 
-``CompressResult.save(path)`` writes the model and its reports (JSON + Markdown beside it, or at ``report``)
-atomically: every file goes to a temporary name first and is renamed into place only when all of them were written,
-so a failure leaves no output at all.
+``CompressResult.save(path)`` writes the model and its reports (JSON, Markdown and a self-contained HTML file beside
+it, or at ``report``) atomically: every file goes to a temporary name first and is renamed into place only when all
+of them were written, so a failure (or an interrupt) leaves no output and no temporary file behind.
 """
 
 from __future__ import annotations
@@ -67,33 +67,44 @@ class CompressResult:
             out["latency_ms"] = dict(self.latency_ms)
         return out
 
-    def save(self, path: str | os.PathLike, report: str | os.PathLike | None = None) -> tuple[Path, Path]:
-        """Write the model to ``path`` and the report to ``report`` (default ``path.report.json``) with a Markdown
-        twin beside it; all or nothing. Returns (model path, report path)."""
+    def save(self, path: str | os.PathLike, report: str | os.PathLike | None = None,
+             html: bool = True) -> tuple[Path, Path]:
+        """Write the model to ``path`` and the reports: JSON at ``report`` (default ``path.report.json``), Markdown
+        (``.md``) and, with ``html``, HTML (``.html``) beside it; all or nothing. The folders must exist.
+        Returns (model path, JSON report path)."""
         from onnxcompress import io
         from onnxcompress.report import to_json_text, to_markdown
 
         out = Path(path)
         report_path = Path(report) if report is not None else out.with_name(out.name + ".report.json")
-        for target in (out, report_path):
+        data = {**self.to_dict(), "output": str(out)}
+        texts = [(report_path, lambda: to_json_text(data)), (report_path.with_suffix(".md"), lambda: to_markdown(data))]
+        if html:
+            from onnxcompress.report_html import to_html
+
+            texts.append((report_path.with_suffix(".html"), lambda: to_html(data)))
+        for target in (out, *(t for t, _ in texts)):
             folder = target.parent if str(target.parent) else Path(".")
             if not folder.is_dir():
                 raise BadInputError(f"output folder {folder} does not exist (create it first)")
             if target.is_dir():
                 raise BadInputError(f"output {target} is a folder; give a file name")
-        data = {**self.to_dict(), "output": str(out)}
-        md_path = report_path.with_suffix(".md")
         staged: list[tuple[Path, Path]] = []
+        placed: list[Path] = []
         try:
-            for target, text in ((report_path, to_json_text(data)), (md_path, to_markdown(data))):
+            for target, text in texts:
                 tmp = target.with_name(f".{target.name}.tmp")
-                tmp.write_text(text)
                 staged.append((tmp, target))
+                tmp.write_text(text(), encoding="utf-8")
             io.save_model(self.model, out)  # itself atomic (temp file + rename)
+            placed += [out, out.with_name(out.name + ".data")]
+            for tmp, target in staged:
+                os.replace(tmp, target)
+                placed.append(target)
         except BaseException:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
+            for target in placed:  # a half-written set is no output: take back what was placed
+                target.unlink(missing_ok=True)
             raise
-        for tmp, target in staged:
-            os.replace(tmp, target)
         return out, report_path
