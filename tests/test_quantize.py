@@ -16,6 +16,7 @@ from onnxcompress.passes.quantize import Quantize
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
 from onnxcompress.errors import BadInputError, PassError
+from onnxcompress.latency_profile import LatencyProfile
 from onnxcompress.manager import PassManager
 
 
@@ -62,9 +63,19 @@ def feeds_for(model: onnx.ModelProto, n: int = 8, seed: int = 7) -> list[dict[st
     return [{inp.name: rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
 
 
-def quantize(model: onnx.ModelProto, feeds=None, **options) -> tuple[onnx.ModelProto, dict]:
+class SameSpeed(LatencyProfile):
+    """Every latency ratio asked for is 0.5, nothing is measured: float layers cost no latency, only size."""
+
+    def measure(self, key, fn):
+        self.replayed += 1
+        return 0.5
+
+
+def quantize(model: onnx.ModelProto, feeds=None, latency=None, **options) -> tuple[onnx.ModelProto, dict]:
     options.setdefault("latency_guard", False)
     ctx = PassContext(calibration=load_feeds(feeds, model) if feeds is not None else None)
+    if latency is not None:
+        ctx.latency = latency
     result = PassManager([Quantize(**options)], measure=False).run(model, ctx)
     return result.model, result.ledger[-1].pass_stats
 
@@ -398,12 +409,18 @@ def test_auto_float_keeps_the_layer_that_adds_most_noise_float():
     model = deep_mlp()
     feeds = feeds_for(model, 16)
     q0, s0 = quantize(model, feeds, calibration="minmax", auto_float_db=0)
-    q1, s1 = quantize(model, feeds, calibration="minmax")
+    # one of six equal layers float costs 12% of the float model's bytes: allow 0.1 per dB (no latency cost)
+    q1, s1 = quantize(model, feeds, SameSpeed(), calibration="minmax", auto_float_cost_per_db=0.1)
     auto = s1["auto_float"]
     assert auto["feature_sqnr_db_all_int8"] < 30 and len(auto["kept_float"]) == 1
     layer = auto["kept_float"][0]
     assert auto["top_gains_db"][layer] >= 1.0
     assert s1["layers_kept_float"][layer].startswith("kept float automatically")
+    (rec,) = s1["kept_float"]
+    assert rec["layer"] == layer and rec["latency_cost"] == 0 and 0.1 < rec["size_cost"] < 0.13
+    # at the default 0.05 per dB the same 2 dB do not pay for 12% of the size
+    _, s2 = quantize(model, feeds, SameSpeed(), calibration="minmax")
+    assert s2["auto_float"]["kept_float"] == [] and "size" in s2["auto_float"]["rejected"][0]["reason"]
     assert s1["score_on_calibration"]["feature_sqnr_db"] > s0["score_on_calibration"]["feature_sqnr_db"] + 1.0
 
 

@@ -24,6 +24,7 @@ Modules:
 ``range_choice``         stage: per-tensor ranges from the statistics; ``calibration=auto``
 ``bias_correction``      stage: ``b' = b − (Ŵ − W)·E[x]``
 ``float_layer_search``   stage: automatic float layers (leave-one-out on the last layers' feature SQNR)
+``float_cost``           what a float layer costs (measured latency, bytes) against what it buys (dB)
 ``mixed_precision``      stage: sensitivity ranking and the float-layer count that meets a user target
 ``latency_guard``        stage: never slower than float under ORT; measurements through ``ctx.latency``
 ``placement``            which tensors cross between the integer and the float domain (the ``Plan``)
@@ -40,7 +41,8 @@ Modules:
 ``dynamic``              dynamic and weight-only modes, embedding tables, weights of float-only ops
 =======================  ================================================================================
 
-Stats: nodes quantized per op type, layers kept float with the reason, calibration method and time, opset upgrade,
+Stats: nodes quantized per op type, layers kept float with the reason (``layers_kept_float``: name -> reason;
+``kept_float``: ``[{layer, reason, macs_share, fidelity_gain_db, latency_cost, size_cost}]``), calibration method and time, opset upgrade,
 weight bytes before/after, the score on the calibration feeds, the measured latency ratios and how many latency
 measurements were taken or replayed from the profile.
 """

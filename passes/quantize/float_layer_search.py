@@ -10,7 +10,12 @@ Layers are left out one at a time: the effects are not additive (on PP-OCR's rec
 depthwise Conv float *lowers* the features' SQNR while keeping a later one float lifts it by 2 dB), so testing groups
 of layers misses the layers that matter. Each layer is ranked on a patched copy of the all-int8 model
 (``float_patch``: no rebuild) on ``AUTO_FLOAT_RANK_FEEDS`` feeds, and only the best ``limit + AUTO_FLOAT_VERIFY``
-are re-scored with real builds on ``AUTO_FLOAT_FEEDS`` feeds, which decide.
+are re-scored with real builds on ``AUTO_FLOAT_FEEDS`` feeds.
+
+A gain alone does not keep a layer float: ``float_cost`` weighs what the layer costs float (measured latency and
+weight bytes, against the all-int8 model) against what it buys (the gain, and a better output score), so a layer
+that holds most of the MACs is not kept float for a dB or two. Every decision, kept or rejected, is in
+``stats["auto_float"]`` with its reason, MAC share, gain and costs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import onnx
 from onnxcompress.data import Feed
 
 from . import fidelity as fid
+from . import float_cost
 from .float_patch import FloatPatcher
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,8 +67,12 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
         return  # already accurate: nothing worth a float layer
     t0 = time.perf_counter()
 
+    builds: dict[str, onnx.ModelProto] = {}
+
     def gain(names: list[str]) -> float:  # a real build with these layers float
         m = run.export(run.build(names).graph)
+        if len(names) == 1:
+            builds[names[0]] = m
         s_ = fid.feature_sqnr_db(ref_features, fid.run_features(m, feeds, ref.feature_nodes))
         return (base if s_ is None else s_) - base
 
@@ -71,17 +81,21 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
     shortlist = sorted(approx, key=lambda n: -approx[n])[: limit + AUTO_FLOAT_VERIFY]
     gains = {n: gain([n]) for n in shortlist}
     ranked = sorted(gains, key=lambda n: -gains[n])
-    chosen = [n for n in ranked[:limit] if gains[n] >= p.auto_float_db]
-    for n in chosen:
-        run.auto_float[n] = (
-            f"kept float automatically: alone it adds {gains[n]:.1f} dB of noise to the "
-            f"features of the last layers (all-int8: {base:.1f} dB SQNR)"
-        )
+    worth = {n: gains[n] for n in ranked[:limit] if gains[n] >= p.auto_float_db}
+    chosen: list[str] = []
+    kept: list[dict] = []
+    rejected: list[dict] = []
+    if worth:  # what each costs in measured latency and size against what it buys (``float_cost``)
+        chosen, kept, rejected = float_cost.choose(run, worth, builds, model, ref, eval_feeds[0])
+    for rec in kept:
+        run.auto_float[rec["layer"]] = rec["reason"]
+        run.float_details[rec["layer"]] = rec
     run.stats["auto_float"] = {
         "feature_sqnr_db_all_int8": round(base, 2),
         "top_gains_db": {n: round(gains[n], 2) for n in ranked[:5]},
         "ranking_gains_db": {n: round(approx[n], 2) for n in shortlist},
         "kept_float": chosen,
+        "rejected": rejected,
         "evaluations": len(layers) + len(shortlist),
         "seconds": round(time.perf_counter() - t0, 2),
     }

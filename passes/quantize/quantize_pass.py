@@ -123,6 +123,11 @@ class Quantize(Pass):
         "keep float a layer whose float version alone lifts the SQNR of the last layers' inputs by this "
         "many dB (leave-one-out; at most 5% of the layers; 0: off)",
     )
+    auto_float_cost_per_db: float = option(
+        0.05,
+        "a layer kept float automatically may cost this share of the float model's measured latency and of its "
+        "size per dB it lifts the features (capped at 0.25); its outputs must improve too",
+    )
     latency_guard: bool = option(
         True,
         "measure the result under ORT; never return a model slower than the float one",
@@ -163,6 +168,8 @@ class Quantize(Pass):
             raise ValueError("calibration_samples must be >= 0 and eval_samples >= 1")
         if self.auto_float_db < 0:
             raise ValueError(f"auto_float_db must be >= 0, got {self.auto_float_db}")
+        if self.auto_float_cost_per_db < 0:
+            raise ValueError(f"auto_float_cost_per_db must be >= 0, got {self.auto_float_cost_per_db}")
         if self.mixed_range_ratio <= 1.0:
             raise ValueError(f"mixed_range_ratio must be > 1, got {self.mixed_range_ratio}")
         if self.sensitivity not in ("leave_one_out", "one_at_a_time"):

@@ -99,6 +99,8 @@ class StaticRun:
         self.bias_shift: dict[str, np.ndarray] = {}
         #: float-layer search: anchor name -> reason; every build keeps these float
         self.auto_float: dict[str, str] = {}
+        #: anchor name -> what the float-layer search measured for it (``float_cost`` record)
+        self.float_details: dict[str, dict] = {}
         #: calibration=auto: (method, plan, exported model) of the best all-int8 build, reused by the search
         self.all_int8: tuple[str, Plan, onnx.ModelProto] | None = None
 
@@ -210,6 +212,21 @@ class StaticRun:
         stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
         return PassResult(True, stats)
 
+    def kept_float_records(self, kept: dict[str, str]) -> list[dict]:
+        """Every layer kept float as ``{layer, reason, macs_share, ...}`` (the search's measurements where it made
+        the decision), largest MAC share first."""
+        from .float_cost import macs_shares
+
+        if not kept:
+            return []
+        shares = macs_shares(self, self.ctx.calibration.first())
+        recs = []
+        for name, reason in kept.items():
+            rec = {"layer": name, "reason": reason, "macs_share": round(shares.get(name, float("nan")), 4)}
+            rec.update({k: v for k, v in self.float_details.get(name, {}).items() if k not in rec})
+            recs.append(rec)
+        return sorted(recs, key=lambda r: -(r["macs_share"] if np.isfinite(r["macs_share"]) else -1.0))
+
     def adopt(self, built: Built, sc: dict[str, float], float_layers: dict[str, str]) -> None:
         """Stage 7: ``built`` becomes the pass's graph; the remaining float weights are stored int8; final stats."""
         p, graph, stats = self.p, self.graph, self.stats
@@ -227,6 +244,7 @@ class StaticRun:
         kept = dict(built.plan.kept_float)
         kept.update(float_layers)
         stats["layers_kept_float"] = kept
+        stats["kept_float"] = self.kept_float_records(kept)
         stats["calibration"] = self.method
         stats["calibrated_tensors"] = len(self.ranges)
         stats["score_on_calibration"] = {k: round(v, 6) for k, v in sc.items()}

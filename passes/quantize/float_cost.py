@@ -1,0 +1,173 @@
+"""What keeping a layer float costs, against what it buys: the trade the automatic float-layer search decides by.
+
+A layer kept float in an otherwise int8 model costs
+
+* **latency**: ``Δt = r(l float) − r(all int8)``, with ``r = t_candidate / t_float`` measured on the whole model under
+  ORT through the run's latency profile (``latency_guard.latency_ratio``: recorded, replayable) — a Conv holding
+  90% of the MACs kept float takes back most of the int8 speed-up, a depthwise Conv whose integer kernel is slower
+  than its float one costs nothing or less;
+* **size**: ``Δs = (bytes(l float) − bytes(all int8)) / bytes(float model)``, the weight bytes the layer keeps at
+  four bytes per value (exact, from the exported candidates);
+
+and buys **fidelity**: ``g`` dB of SQNR at the last layers' inputs (the search's gain) — and it must buy something
+at the outputs too: a candidate whose output SQNR is not higher (by 0.1 dB, with top-1 agreement not lower by
+more than ``AGREEMENT_TOLERANCE``) than the all-int8 model's is never kept.
+
+Rule: the layer stays float iff ``g >= auto_float_db``, the outputs improve, and
+``max(Δt, Δs) <= min(auto_float_cost_per_db · g, MAX_COST)``: each dB of fidelity may cost that share of the float
+model's latency or size (default 0.05: 3 dB may cost 15%), never more than ``MAX_COST``. The float model is the unit
+of both costs, so they add across layers: the layers are taken best gain first while the summed costs stay within
+the summed allowances, and the chosen set is scored and measured once more as a whole — a set that is not better
+than all-int8 at the outputs, or not within its allowance, is dropped. So the result is never worse on both axes
+than the all-int8 candidate.
+
+``macs_share`` (the layer's MACs / all MACs, from ``onnxcompress.analyses.macs`` on the first calibration feed)
+is reported beside every decision; it explains a cost, the measured ratio decides.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from onnxcompress import io
+from onnxcompress.data import Feed
+
+from . import fidelity as fid
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .static_run import StaticRun
+
+log = logging.getLogger(__name__)
+
+#: a float layer never costs more than this share of the float model's latency or size
+MAX_COST = 0.25
+#: top-1 agreement differences up to this are noise on the evaluation feeds
+AGREEMENT_TOLERANCE = 0.02
+
+
+@dataclass
+class Candidate:
+    """One model scored and measured: output score, latency ratio vs float, weight bytes."""
+
+    score: dict[str, float]
+    latency_ratio: float
+    weight_bytes: int
+
+
+def outputs_better(cand: dict[str, float], base: dict[str, float], min_db: float = 0.1) -> bool:
+    """``cand`` is better than ``base`` at the outputs: output SQNR higher by at least ``min_db`` (a hair of SQNR
+    buys nothing) with top-1 agreement lower by at most ``AGREEMENT_TOLERANCE`` (a flip or two among the
+    evaluation positions is noise), or agreement higher by more than that."""
+    a_c, a_b = cand.get("agreement", 1.0), base.get("agreement", 1.0)
+    if a_c > a_b + AGREEMENT_TOLERANCE:
+        return True
+    return a_c >= a_b - AGREEMENT_TOLERANCE and cand["sqnr_db"] >= base["sqnr_db"] + min_db
+
+
+def macs_shares(run: StaticRun, feed: Feed) -> dict[str, float]:
+    """MACs of each node of the prepared float model / all its MACs (empty when they cannot be counted)."""
+    from onnxcompress.analyses.macs import count_macs
+
+    shapes = {k: tuple(int(d) for d in np.shape(v)) for k, v in feed.items()}
+    try:
+        mc = count_macs(run.float_model, shapes, dict(feed))
+    except Exception as exc:  # MACs only explain the measured cost; never fail a quantization on them
+        log.debug("MACs not counted: %s", exc)
+        return {}
+    total = float(mc.total) or 1.0
+    return {n: m / total for n, m in mc.by_node.items()}
+
+
+def measure(run: StaticRun, model: onnx.ModelProto, ref: fid.Reference, feed: Feed) -> Candidate:
+    """Score ``model`` on the reference feeds, measure its latency ratio (through ``ctx.latency``), count bytes."""
+    from .latency_guard import latency_ratio
+
+    return Candidate(fid.score_model(ref, model), latency_ratio(run, model, feed), io.weight_bytes(model))
+
+
+def costs(cand: Candidate, base: Candidate, float_bytes: int) -> tuple[float, float]:
+    """(latency cost, size cost) of ``cand`` over ``base``, both as shares of the float model."""
+    return cand.latency_ratio - base.latency_ratio, (cand.weight_bytes - base.weight_bytes) / max(float_bytes, 1)
+
+
+def allowance(gain_db: float, per_db: float) -> float:
+    return min(per_db * max(gain_db, 0.0), MAX_COST)
+
+
+def choose(
+    run: StaticRun,
+    gains: dict[str, float],
+    builds: dict[str, onnx.ModelProto],
+    all_int8: onnx.ModelProto,
+    ref: fid.Reference,
+    feed: Feed,
+) -> tuple[list[str], list[dict], list[dict]]:
+    """The module rule on the layers of ``gains`` (each with feature-SQNR gain >= auto_float_db; ``builds``: their
+    one-layer-float models). Returns (chosen layers, kept records, rejected records); records are
+    ``{layer, reason, macs_share, fidelity_gain_db, latency_cost, size_cost}``."""
+    p = run.p
+    float_bytes = io.weight_bytes(run.float_model)
+    shares = macs_shares(run, feed)
+    base = measure(run, all_int8, ref, feed)
+    run.stats["auto_float_all_int8"] = {
+        "latency_ratio": round(base.latency_ratio, 3),
+        "weight_bytes": base.weight_bytes,
+        "score": {k: round(v, 5) for k, v in base.score.items()},
+    }
+    kept: list[dict] = []
+    rejected: list[dict] = []
+    spent_t = spent_s = budget = 0.0
+    for name in sorted(gains, key=lambda n: -gains[n]):
+        g = gains[name]
+        cand = measure(run, builds[name], ref, feed)
+        dt, ds = costs(cand, base, float_bytes)
+        rec = {
+            "layer": name,
+            "macs_share": round(shares.get(name, float("nan")), 4),
+            "fidelity_gain_db": round(g, 2),
+            "output_sqnr_gain_db": round(cand.score["sqnr_db"] - base.score["sqnr_db"], 2),
+            "latency_cost": round(dt, 3),
+            "size_cost": round(ds, 4),
+        }
+        allow = allowance(g, p.auto_float_cost_per_db)
+        if not outputs_better(cand.score, base.score):
+            rec["reason"] = (
+                f"kept int8: float alone it lifts the last layers' features by {g:.1f} dB but not the outputs "
+                f"(output SQNR {cand.score['sqnr_db']:.1f} vs {base.score['sqnr_db']:.1f} dB all-int8)"
+            )
+            rejected.append(rec)
+        elif max(dt, ds) > allow or spent_t + dt > budget + allow or spent_s + ds > budget + allow:
+            rec["reason"] = (
+                f"kept int8: float it would cost {dt:+.1%} latency and {ds:+.1%} size of the float model "
+                f"({rec['macs_share']:.0%} of the MACs) for {g:.1f} dB; the allowance is {allow:.1%}"
+            )
+            rejected.append(rec)
+        else:
+            rec["reason"] = (
+                f"kept float automatically: alone it lifts the last layers' features by {g:.1f} dB "
+                f"(all-int8 outputs {base.score['sqnr_db']:.1f} dB SQNR) for {dt:+.1%} latency and {ds:+.1%} size"
+            )
+            kept.append(rec)
+            spent_t, spent_s, budget = spent_t + dt, spent_s + ds, budget + allow
+    if len(kept) > 1:  # the set as a whole: effects are not additive
+        names = [r["layer"] for r in kept]
+        whole = measure(run, run.export(run.build(names).graph), ref, feed)
+        dt, ds = costs(whole, base, float_bytes)
+        if not outputs_better(whole.score, base.score) or max(dt, ds) > budget:
+            for r in kept:
+                r["reason"] = (
+                    f"kept int8: together the {len(names)} float candidates cost {dt:+.1%} latency and "
+                    f"{ds:+.1%} size (allowance {budget:.1%}) for output SQNR "
+                    f"{whole.score['sqnr_db']:.1f} vs {base.score['sqnr_db']:.1f} dB"
+                )
+            rejected.extend(kept)
+            kept = []
+    return [r["layer"] for r in kept], kept, rejected
+
+
+__all__ = ["Candidate", "MAX_COST", "allowance", "choose", "costs", "macs_shares", "measure", "outputs_better"]
