@@ -22,6 +22,7 @@ Modules:
 ``static_run``           static mode: the stage sequence and the state the stages share; ``build``
 ``calibrate``            stage: activation statistics on the calibration feeds, the float reference
 ``range_choice``         stage: per-tensor ranges from the statistics; ``calibration=auto``
+``rounding``             stage: weight scales and rounding chosen against each layer's output (closed form)
 ``bias_correction``      stage: ``b' = b − (Ŵ − W)·E[x]``
 ``float_layer_search``   stage: automatic float layers (leave-one-out on the last layers' feature SQNR)
 ``float_cost``           what a float layer costs (measured latency, bytes) against what it buys (dB)

@@ -49,6 +49,8 @@ class WeightOptions:
     per_channel: bool = True
     qtype: qm.QType = qm.INT8
     clip_search: bool = False
+    #: anchor name -> integer weights chosen beforehand (``rounding``); used when the layout matches
+    rounded: dict | None = None
 
 
 def resolve_params(
@@ -242,7 +244,9 @@ def _quantize_anchor_weights(
     w_t = n.inputs[ws]
     w = np.asarray(w_t.values, dtype=np.float32)
     axis = weight_axis(n, w) if wopts.per_channel else None
-    qw = qm.quantize_weight(w, wopts.qtype, axis, symmetric=True, clip_search=wopts.clip_search)
+    qw = (wopts.rounded or {}).get(n.name)
+    if qw is None or axis is None or qw.axis != axis or qw.q.shape != w.shape:
+        qw = qm.quantize_weight(w, wopts.qtype, axis, symmetric=True, clip_search=wopts.clip_search)
     bs = bias_slot(n)
     s_x = _input_scale(n)
     b = None

@@ -108,6 +108,12 @@ class Quantize(Pass):
         "per-layer sensitivity for mixed precision: leave_one_out (gain of keeping the layer float in the "
         "quantized model) | one_at_a_time (damage of quantizing the layer alone)",
     )
+    weight_rounding: Literal["auto", "output", "nearest"] = option(
+        "auto",
+        "weight scales and rounding: output (chosen per layer against its output on calibration inputs, "
+        "closed form) | nearest | auto (output where it improves the model's outputs on the evaluation feeds)",
+    )
+    rounding_samples: int = option(32, "calibration feeds whose layer inputs weight_rounding fits to")
     bias_correction: bool = option(
         True,
         "correct per-channel output mean shifts measured on calibration data",
@@ -168,6 +174,10 @@ class Quantize(Pass):
             raise ValueError("calibration_samples must be >= 0 and eval_samples >= 1")
         if self.auto_float_db < 0:
             raise ValueError(f"auto_float_db must be >= 0, got {self.auto_float_db}")
+        if self.weight_rounding not in ("auto", "output", "nearest"):
+            raise ValueError(f"weight_rounding must be auto, output or nearest, got {self.weight_rounding!r}")
+        if self.rounding_samples < 1:
+            raise ValueError(f"rounding_samples must be >= 1, got {self.rounding_samples}")
         if self.auto_float_cost_per_db < 0:
             raise ValueError(f"auto_float_cost_per_db must be >= 0, got {self.auto_float_cost_per_db}")
         if self.mixed_range_ratio <= 1.0:

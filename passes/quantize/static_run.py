@@ -9,7 +9,9 @@
 3. **Calibration** (``calibrate``): one streamed pass over the feeds for ranges, histograms, the bias-correction
    means and the float reference outputs together; **bias correction** of the weight error (``bias_correction``).
 4. **Range choice** (``range_choice``): the rule's ranges, or for ``calibration=auto`` the best of minmax, mse and
-   percentile on the evaluation feeds.
+   percentile on the evaluation feeds. **Weight rounding** (``rounding``): per-layer scales and rounding chosen
+   against each layer's output on the all-int8 model's inputs (``weight_rounding``; ``auto`` keeps it only when the
+   outputs improve).
 5. **Float-layer search** (``float_layer_search``), then the **build** of the Q/DQ graph (``StaticRun.build``:
    placement, bias shifts, Q/DQ parameters and insertion, ``qdq_insert``) and its score (``fidelity``).
 6. **Mixed precision** to a user target (``mixed_precision``), **latency guard** (``latency_guard``).
@@ -52,6 +54,7 @@ from .placement import PlacementOptions, Plan, plan_static
 from .prepare import fold_affine_into_conv, fold_offset_into_next_conv, name_unnamed_nodes
 from .qdq_insert import WeightOptions, insert_qdq, resolve_params
 from .range_choice import choose_method
+from .rounding import optimise_rounding
 from .tensor_types import probe_dtypes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,6 +104,8 @@ class StaticRun:
         self.auto_float: dict[str, str] = {}
         #: anchor name -> what the float-layer search measured for it (``float_cost`` record)
         self.float_details: dict[str, dict] = {}
+        #: optimised rounding: anchor name -> integer weights every build uses for that layer (``rounding``)
+        self.rounded: dict[str, qm.QuantizedWeight] = {}
         #: calibration=auto: (method, plan, exported model) of the best all-int8 build, reused by the search
         self.all_int8: tuple[str, Plan, onnx.ModelProto] | None = None
 
@@ -136,7 +141,7 @@ class StaticRun:
             calibrate(self, missing)
         q, dq, rep = resolve_params(plan, self.ranges, self.qt, self.p.symmetric_activations)
         counters = insert_qdq(
-            g, plan, q, dq, rep, self.qt, WeightOptions(per_channel=self.per_channel, qtype=qm.INT8)
+            g, plan, q, dq, rep, self.qt, WeightOptions(per_channel=self.per_channel, qtype=qm.INT8, rounded=self.rounded)
         )
         return Built(g, plan, counters)
 
@@ -193,6 +198,8 @@ class StaticRun:
             correct_biases(self, anchors)
         if p.calibration == "auto":
             choose_method(self, ref)
+        if p.weight_rounding != "nearest" and self.per_channel:
+            optimise_rounding(self, ref)
         if p.auto_float_db > 0:
             search_float_layers(self, ref, eval_feeds)
 
