@@ -47,6 +47,10 @@ from onnxcompress.pass_base import Pass, PassResult, option, register
 from .layer_solve import solve_layer
 from .layers import find_layers
 from .stage_statistics import stream_stage_statistics
+from .train_entry import require_torch, train_student
+from .train_losses import parse_augment, parse_loss
+
+MODES = ("refit", "train", "refit+train")
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,25 @@ class Distill(Pass):
                                    "the teacher's sum (the error LayerNorm passes on)")
     select_ridge: bool = option(True, "hold out every 4th feed and pick each layer's ridge (ridge x 1..1000) on it; "
                                       "keep the current weights when no refit does better there (needs >= 4 feeds)")
+    mode: str = option("refit", "refit (closed-form, layer by layer), train (gradient descent on the whole student "
+                                "against the teacher's outputs: needs the [train] extra, torch) or refit+train")
+    steps: int = option(300, "train: optimizer steps (block-wise: shared among the blocks by weight count)")
+    lr: float = option(3e-4, "train: Adam learning rate (cosine decay to 0 over the steps)")
+    batch: int = option(8, "train: calibration feeds per step (stacked when their shapes agree)")
+    blockwise: bool = option(False, "train: block by block (BRECQ-style), each block from the current student's "
+                                    "block input to the teacher's block output; else end-to-end")
+    blocks: int = option(0, "train: blocks for blockwise / feature matching (0: 8)")
+    augment: str = option("auto", "train: image augmentation, auto (crop+noise), none, or a '+'-joined subset of "
+                                   "crop, flip, noise; token ids are never augmented")
+    loss: str = option("auto", "train: per-output loss, auto (kl on class scores, cosine on [batch, dim] "
+                                "embeddings, normalized mse else), one of mse/kl/cosine, or 'out:kind;out:kind'")
+    temperature: float = option(2.0, "train: KL temperature on class scores")
+    features: float = option(0.0, "train: weight of normalized-MSE matching at block boundaries shared with the "
+                                   "teacher (0: outputs only)")
+    max_minutes: float = option(15.0, "train: time budget; training stops (keeping the best weights) when it runs out")
+    eval_every: int = option(25, "train: steps between held-out evaluations (every 4th calibration feed)")
+    patience: int = option(4, "train: stop after this many held-out evaluations without improvement")
+    masks: bool = option(True, "train: exact zeros of a weight stay zero (pruned weights)")
 
     def __post_init__(self) -> None:
         if self.ridge < 0:
@@ -87,6 +110,14 @@ class Distill(Pass):
             raise ValueError("rows must be >= 0 and max_inputs >= 1")
         if self.layers not in ("changed", "all"):
             raise ValueError(f"layers must be 'changed' or 'all', got {self.layers!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.steps < 1 or self.lr <= 0 or self.batch < 1 or self.blocks < 0 or self.eval_every < 1:
+            raise ValueError("steps, batch and eval_every must be >= 1, lr > 0, blocks >= 0")
+        if self.temperature <= 0 or self.features < 0 or self.max_minutes <= 0 or self.patience < 1:
+            raise ValueError("temperature and max_minutes must be > 0, features >= 0, patience >= 1")
+        parse_loss(self.loss)
+        parse_augment(self.augment)
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.calibration is None:
@@ -94,6 +125,19 @@ class Distill(Pass):
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if self.mode == "refit":
+            return self.refit(graph, ctx)
+        require_torch()  # fail before any refit work when the extra is missing
+        stats: dict = {}
+        modified = False
+        if self.mode == "refit+train":
+            r = self.refit(graph, ctx)
+            stats["refit"], modified = r.stats, r.modified
+        stats["train"] = train_student(graph, ctx, self)
+        modified = modified or stats["train"].get("improved", False) or bool(stats["train"].get("blocks_trained"))
+        return PassResult(modified, stats, frozenset() if modified else frozenset({"all"}))
+
+    def refit(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         teacher = ctx.original_model()
         io.lift_constant_nodes(teacher)
         layers, skipped = find_layers(graph, teacher, ctx.channel_map.positions, layers=self.layers,

@@ -1,0 +1,215 @@
+"""``distill{mode=train}``: the student graph learns the teacher's outputs by gradient descent (PyTorch, optional).
+
+    min_W  sum_o w_o L_o(student_W(x), teacher(x)) + features * sum_f nmse(student_W(x)_f, teacher(x)_f)
+
+over the calibration feeds x (augmented, ``train_losses``), with Adam at ``lr`` decayed by a cosine schedule, a
+minibatch of ``batch`` feeds per step. The teacher runs in onnxruntime (the original model, with the matched
+feature tensors exposed); the student is the current graph run by ``torch_interpreter.TorchGraph``, whose float
+weights are the only parameters: the graph never changes, only the values of its constants, written back at the end.
+
+Early stop: every 4th calibration feed is held out (>= 8 feeds); the held-out loss is measured every
+``eval_every`` steps, the best weights so far are kept, training stops after ``patience`` evaluations without a
+better one or when ``max_minutes`` run out, and the best weights are written back only if they beat the untrained
+student's held-out loss (otherwise the graph is left as it was).
+
+Deterministic given the seed: the minibatches and augmentation come from ``ctx.rng``, torch is seeded from it, and
+the ops run on CPU in a fixed order (same machine, same thread count -> the same bytes).
+
+Feature tensors (``features`` > 0): graph tensors that exist in the teacher under the same name and whose values
+depend on trained weights, at the block boundaries ``blocks.partition`` finds (the residual stream / stage outputs
+the pruning kept); a channel-pruned tensor is compared with the teacher's kept channels (``ctx.channel_map``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxcompress.errors import PassError
+from onnxcompress.runtime import Session
+
+from .torch_interpreter import TorchGraph, Unsupported
+from .train_losses import (
+    augment_feed,
+    batch_groups,
+    loss_kinds,
+    normalized_mse,
+    output_loss,
+    parse_augment,
+    prob_outputs,
+    require_torch,
+    teacher_view,
+)
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                 "MatMulInteger", "DynamicQuantizeLinear"}
+
+
+def take_channels(value: np.ndarray, mapping: dict[int, np.ndarray] | None) -> np.ndarray:
+    """The teacher's value restricted to the channels the student kept (``channel_map`` positions)."""
+    for axis, idx in (mapping or {}).items():
+        value = np.take(value, idx, axis=axis)
+    return value
+
+
+class Trainer:
+    """One training run; ``run`` returns the stats and leaves the best weights in ``graph`` (written back)."""
+
+    def __init__(self, graph: Any, ctx: Any, student_model: onnx.ModelProto, teacher: onnx.ModelProto,
+                 opts: Any) -> None:
+        self.torch = torch = require_torch()
+        quantized = sorted({n.op for n in graph.nodes} & QUANTIZED_OPS)
+        if quantized:
+            raise PassError(f"distill{{mode=train}} runs before quantize (the graph has {', '.join(quantized)}): "
+                            "put it before quantize in the pipeline")
+        self.graph, self.ctx, self.opts = graph, ctx, opts
+        torch.manual_seed(int(ctx.rng("distill-train-torch").integers(0, 2**31 - 1)))
+        self.rng = ctx.rng("distill-train")
+        self.tg = TorchGraph(graph, torch, masks=opts.masks, codebooks=True)
+        self.kinds = loss_kinds(student_model, opts.loss)
+        self.probs = prob_outputs(student_model)
+        self.teacher = teacher
+        self.positions = ctx.channel_map.positions
+        self.batchable = False
+        self.feature_weight = opts.features
+
+    # ------------------------------------------------------------------------------------------------ data
+    def split(self, feeds: list[dict]) -> tuple[list[dict], list[dict]]:
+        if len(feeds) >= 8:
+            return [f for i, f in enumerate(feeds) if i % 4 != 3], [f for i, f in enumerate(feeds) if i % 4 == 3]
+        return feeds, feeds[: max(1, len(feeds) // 2)]
+
+    def stackable(self, sess: Session, feed: dict) -> bool:
+        """Whether feeds can be stacked on axis 0: every input's first dim is dynamic in the teacher."""
+        dims = {i.name: i.shape for i in sess.sess.get_inputs()}
+        return all(name in dims and dims[name] and not isinstance(dims[name][0], int) for name in feed)
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def loss(self, student: dict, targets: dict[str, np.ndarray], features: list[str]) -> Any:
+        torch = self.torch
+        total = 0.0
+        for name, (kind, axis) in self.kinds.items():
+            t = torch.from_numpy(np.asarray(targets[name], dtype=np.float32))
+            s = student[name].float()
+            if s.shape != t.shape:
+                raise PassError(f"distill{{mode=train}}: output {name} has shape {tuple(s.shape)} in the student "
+                                f"and {tuple(t.shape)} in the teacher")
+            total = total + output_loss(torch, kind, s, t, axis, self.opts.temperature, name in self.probs)
+        for name in features:
+            t = torch.from_numpy(np.asarray(take_channels(targets[name], self.positions.get(name)),
+                                            dtype=np.float32))
+            total = total + self.feature_weight * normalized_mse(torch, student[name].float(), t)
+        return total
+
+    def feature_tensors(self) -> list[str]:
+        if self.opts.features <= 0:
+            return []
+        from .blocks import partition
+
+        teacher_names = {v for n in self.teacher.graph.node for v in n.output}
+        cuts = partition(self.tg, teacher_names, self.opts.blocks or 8)
+        names = [t for c in cuts for t in c.targets if t not in self.kinds]
+        return list(dict.fromkeys(names))
+
+    # ------------------------------------------------------------------------------------------------ fit
+    def batch_loss(self, feeds: list[dict], forward: Any, targets: Any, features: list[str]) -> Any:
+        """Mean loss over ``feeds``: stacked along axis 0 where shapes agree and the graph takes a batch."""
+        total, count = 0.0, len(feeds)
+        groups = batch_groups(feeds, self.batchable)
+        if self.batchable and len(groups) < len(feeds):
+            try:
+                return sum(self.loss(forward(g), targets(g), features) * (next(iter(g.values())).shape[0] / count)
+                           for g in groups)
+            except Unsupported:
+                raise
+            except Exception as exc:  # the graph fixes its batch size somewhere: one feed at a time from now on
+                log.info("distill train: stacked feeds failed (%s); one feed at a time", str(exc)[:120])
+                self.batchable = False
+        for f in feeds:
+            total = total + self.loss(forward(f), targets(f), features) / count
+        return total
+
+    def fit(self, params: list, steps: int, budget_s: float, train: list[dict], held: list[dict],
+            forward: Any, targets: Any, features: list[str], desc: str) -> dict:
+        """Adam + cosine decay on ``params``; keeps (and restores) the best held-out weights. Returns stats."""
+        torch, opts = self.torch, self.opts
+        aug = parse_augment(opts.augment)
+
+        def held_loss() -> float:
+            with torch.no_grad():
+                return float(np.mean([float(self.batch_loss(held[i:i + opts.batch], forward, targets, features))
+                                      for i in range(0, len(held), opts.batch)]))
+
+        opt = torch.optim.Adam(params, lr=opts.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: 0.5 * (1 + float(np.cos(np.pi * min(k, steps) / steps))))
+        start = held_loss()
+        best, best_state, bad, stop = start, None, 0, "steps"
+        history, train_losses, done = [(0, round(start, 6))], [], 0
+        t0 = time.perf_counter()
+        eval_every = max(1, min(opts.eval_every, steps))
+        progress = getattr(self.ctx, "progress", None)
+        for step in progress(range(1, steps + 1), total=steps, desc=desc) if progress else range(1, steps + 1):
+            picks = self.rng.choice(len(train), size=min(opts.batch, len(train)), replace=False)
+            batch = [augment_feed(torch, train[i], aug, self.rng) for i in np.sort(picks)]
+            opt.zero_grad(set_to_none=True)
+            value = self.batch_loss(batch, forward, targets, features)
+            value.backward()
+            opt.step()
+            sched.step()
+            done = step
+            train_losses.append(float(value))
+            if step % eval_every == 0 or step == steps:
+                current = held_loss()
+                history.append((step, round(current, 6)))
+                log.info("%s: step %d/%d, train loss %.5f, held-out %.5f (start %.5f)", desc, step, steps,
+                         float(np.mean(train_losses[-eval_every:])), current, start)
+                if current < best:
+                    best, bad = current, 0
+                    best_state = [p.detach().clone() for p in params]
+                else:
+                    bad += 1
+                    if bad >= opts.patience:
+                        stop = "early stop"
+                        break
+            if time.perf_counter() - t0 > budget_s:
+                stop = "time budget"
+                break
+        if best_state is not None:
+            with torch.no_grad():
+                for p, v in zip(params, best_state, strict=True):
+                    p.copy_(v)
+        return {"steps": done, "stopped_by": stop, "seconds": round(time.perf_counter() - t0, 1),
+                "heldout_loss_start": round(start, 6), "heldout_loss_best": round(best, 6),
+                "improved": best_state is not None, "loss_history": history}
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self, feeds: list[dict]) -> dict:
+        """End-to-end: the whole student against the teacher's outputs (and features)."""
+        if self.tg.unsupported:
+            op, node = self.tg.unsupported[0]
+            ops = sorted({o for o, _ in self.tg.unsupported})
+            raise PassError(f"distill{{mode=train}}: op {op} (node {node!r}) is not supported by the training "
+                            f"interpreter (unsupported: {', '.join(ops)}); blockwise=true trains the other "
+                            "blocks, or use mode=refit")
+        features = self.feature_tensors()
+        train, held = self.split(feeds)
+        want = list(self.kinds) + features
+        with Session(teacher_view(self.teacher, features), what="teacher") as t_sess:
+            self.batchable = self.stackable(t_sess, feeds[0])
+
+            def targets(feed: dict) -> dict[str, np.ndarray]:
+                return dict(zip(want, t_sess.run(feed, want), strict=True))
+
+            stats = self.fit(self.tg.parameters(), self.opts.steps, self.opts.max_minutes * 60.0, train, held,
+                             lambda f: self.tg.forward(f, features), targets, features, "distill train")
+        written = self.tg.write_back() if stats["improved"] else 0
+        return {"mode": "train", **stats, "weights_trained": len(self.tg.weights), "weights_written": written,
+                "features": len(features), "losses": {k: v[0] for k, v in self.kinds.items()},
+                "batched": self.batchable, "train_feeds": len(train), "heldout_feeds": len(held)}

@@ -1,0 +1,173 @@
+"""Distillation losses per output, feeds and augmentation for ``distill{mode=train}`` (torch imported by callers).
+
+Per graph output o with teacher value t and student value s (``loss_kinds`` picks the kind, overridable):
+
+- ``kl`` (class scores: ``validate.class_score_outputs`` — Softmax/LogSoftmax/Gemm/MatMul(+bias) outputs): with
+  temperature T, KL(softmax(z_t / T) || softmax(z_s / T)) * T^2 over the class axis, where z = log p for an output
+  that already is a probability (a Softmax output) and z = the output for logits;
+- ``cosine`` (other rank-2 outputs [batch, dim]: embeddings): mean over rows of 1 - cos(t, s);
+- ``mse`` (everything else: maps, boxes, sequences): mean((s - t)^2) / (var(t) + eps), so outputs of any scale
+  weigh alike.
+
+Feature matching at intermediate tensors uses the normalized MSE too. Augmentation (images only: a float input of
+rank 4 with 1 or 3 channels on axis 1 or 3): ``crop`` (a random box of 80-100% of each side, resized back
+bilinearly), ``flip`` (mirror the width axis), ``noise`` (Gaussian, 3% of the feed's std). Integer inputs (token ids)
+are never augmented. ``auto`` is crop + noise: a flip changes what orientation and text models see (the PP-OCR
+0/180 classifier's task *is* the flip), so it is opt-in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxcompress.errors import PassError
+from onnxcompress.validate import class_score_outputs
+
+TRAIN_EXTRA = "distill{mode=train} needs PyTorch: pip install onnxcompress[train]  (torch==2.13.0, CPU)"
+KINDS = ("mse", "kl", "cosine")
+AUGMENTS = ("crop", "flip", "noise")
+
+
+def parse_loss(spec: str) -> tuple[str | None, dict[str, str]]:
+    """``auto`` | one kind for every output | ``name:kind;name:kind`` -> (default kind or None, per output)."""
+    if spec in ("", "auto"):
+        return None, {}
+    if spec in KINDS:
+        return spec, {}
+    per: dict[str, str] = {}
+    for item in spec.split(";"):
+        name, _, kind = item.rpartition(":")
+        if not name or kind not in KINDS:
+            raise ValueError(f"loss must be auto, one of {KINDS} or 'output:kind;...', got {spec!r}")
+        per[name] = kind
+    return None, per
+
+
+def parse_augment(spec: str) -> tuple[str, ...]:
+    if spec == "auto":
+        return ("crop", "noise")
+    if spec in ("", "none"):
+        return ()
+    items = tuple(s.strip() for s in spec.split("+") if s.strip())
+    bad = [s for s in items if s not in AUGMENTS]
+    if bad:
+        raise ValueError(f"augment must be auto, none or a '+'-joined subset of {AUGMENTS}, got {spec!r}")
+    return items
+
+
+def loss_kinds(model: onnx.ModelProto, spec: str) -> dict[str, tuple[str, int]]:
+    """Output name -> (loss kind, class axis) for every graph output."""
+    default, per = parse_loss(spec)
+    classes = class_score_outputs(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for o in model.graph.output:
+        node = producer.get(o.name)
+        axis = -1
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        rank = len(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape") else 0
+        kind = per.get(o.name) or default
+        if kind is None:
+            kind = "kl" if o.name in classes else "cosine" if rank == 2 else "mse"
+        out[o.name] = (kind, axis)
+    return out
+
+
+def prob_outputs(model: onnx.ModelProto) -> set[str]:
+    """Outputs produced by Softmax: their log is the logits the KL divides by T."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return {o.name for o in model.graph.output if o.name in producer and producer[o.name].op_type == "Softmax"}
+
+
+def output_loss(torch: Any, kind: str, s: Any, t: Any, axis: int, temperature: float, probs: bool) -> Any:
+    if kind == "kl":
+        if probs:
+            zs, zt = torch.log(s.clamp_min(1e-12)), torch.log(t.clamp_min(1e-12))
+        else:
+            zs, zt = s, t
+        ls = torch.log_softmax(zs / temperature, axis)
+        lt = torch.log_softmax(zt / temperature, axis)
+        kl = (lt.exp() * (lt - ls)).sum(axis)
+        return kl.mean() * temperature ** 2
+    if kind == "cosine":
+        s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+        return (1 - torch.nn.functional.cosine_similarity(s2, t2, dim=-1, eps=1e-8)).mean()
+    return normalized_mse(torch, s, t)
+
+
+def normalized_mse(torch: Any, s: Any, t: Any) -> Any:
+    return ((s - t) ** 2).mean() / (t.var(unbiased=False) + 1e-8)
+
+
+def image_layout(arr: np.ndarray) -> tuple[int, int] | None:
+    """(height axis, width axis) of an image-like feed, or None."""
+    if arr.ndim != 4 or not np.issubdtype(arr.dtype, np.floating):
+        return None
+    if arr.shape[1] in (1, 3) and min(arr.shape[2:]) >= 8:
+        return 2, 3
+    if arr.shape[3] in (1, 3) and min(arr.shape[1:3]) >= 8:
+        return 1, 2
+    return None
+
+
+def augment_feed(torch: Any, feed: dict[str, np.ndarray], kinds: tuple[str, ...],
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One augmented copy of ``feed`` (image inputs only; others returned as they are)."""
+    if not kinds:
+        return feed
+    out = dict(feed)
+    for name, arr in feed.items():
+        layout = image_layout(arr)
+        if layout is None:
+            continue
+        x = arr
+        h_ax, w_ax = layout
+        if "crop" in kinds:
+            h, w = x.shape[h_ax], x.shape[w_ax]
+            ch, cw = (max(4, int(round(n * rng.uniform(0.8, 1.0)))) for n in (h, w))
+            y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            idx: list[Any] = [slice(None)] * 4
+            idx[h_ax], idx[w_ax] = slice(y0, y0 + ch), slice(x0, x0 + cw)
+            crop = torch.from_numpy(np.ascontiguousarray(x[tuple(idx)], dtype=np.float32))
+            if layout == (1, 2):
+                crop = crop.permute(0, 3, 1, 2)
+            crop = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+            if layout == (1, 2):
+                crop = crop.permute(0, 2, 3, 1)
+            x = crop.contiguous().numpy()
+        if "flip" in kinds and rng.random() < 0.5:
+            x = np.flip(x, axis=w_ax)
+        if "noise" in kinds:
+            x = x + rng.normal(0.0, 0.03 * float(x.std()) + 1e-12, size=x.shape)
+        out[name] = np.ascontiguousarray(x, dtype=arr.dtype)
+    return out
+
+
+def batch_groups(feeds: list[dict[str, np.ndarray]], batchable: bool) -> list[dict[str, np.ndarray]]:
+    """Feeds with equal shapes concatenated along axis 0 (when the model takes a batch), else one by one."""
+    if not batchable:
+        return feeds
+    groups: dict[tuple, list[dict[str, np.ndarray]]] = {}
+    for f in feeds:
+        groups.setdefault(tuple((k, v.shape, str(v.dtype)) for k, v in sorted(f.items())), []).append(f)
+    return [{k: np.concatenate([f[k] for f in g], axis=0) for k in g[0]} for g in groups.values()]
+
+
+def require_torch() -> Any:
+    """torch, or a PassError whose one line names the extra to install."""
+    try:
+        import torch
+    except ImportError:
+        raise PassError(TRAIN_EXTRA) from None
+    return torch
+
+
+def teacher_view(teacher: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """The teacher with ``names`` exposed as extra outputs."""
+    from onnxcompress.analyses.activations import expose_outputs
+
+    return expose_outputs(teacher, names) if names else teacher
