@@ -1,1 +1,14 @@
-"""cluster: weight clustering with codebook storage (being built; see issue 15)."""
+"""``cluster``: weight sharing with codebook storage that really shrinks the file (``Cluster``).
+
+- ``cluster_pass``: the pass — options, candidates, statistics, the per-tensor loop;
+- ``kmeans1d``: exact 1-D (weighted) k-means by Lloyd on sorted values, vectorised over rows;
+- ``cluster_tensor``: one tensor: rows, element weights, k-means, refit, storage choice;
+- ``codebook_refit``: least squares over the shared values with the indices fixed (also for ``distill``);
+- ``storage``: bit packing and the integer decode subgraph (codebook + indices -> Gather -> Reshape);
+- ``layouts``: a weight's channel axis, matrix view and design rows in its consumer.
+"""
+
+from onnxcompress.passes.cluster.cluster_pass import Cluster
+from onnxcompress.passes.cluster.codebook_refit import refit_codebook
+
+__all__ = ["Cluster", "refit_codebook"]

@@ -1,0 +1,241 @@
+"""``cluster``: weight sharing — every weight tensor (or output channel) reduced to k = 2^bits shared values.
+
+For each float weight constant of a Conv / ConvTranspose / Gemm / MatMul (the constant B) / Gather (embedding
+table) with at least ``min_size`` elements: exact 1-D k-means of its values (``kmeans1d``; weighted by the layer's
+input energy with ``activation_aware``; 0 a fixed centroid when >= ``zero_fraction`` of the tensor is exactly zero,
+i.e. it was pruned), optionally the least-squares refit of the shared values on calibration data (``refit``,
+``codebook_refit``), then stored as a codebook + packed indices decoded in the graph, or snapped in place, whichever
+is smaller on disk (``storage=auto``; ``storage``). A constant read by several nodes (tied weights) is clustered once
+and all its readers read the one decoded tensor. Statistics (Gram matrices X^T X of the layer inputs) come from the
+shared ``ActivationStatistics`` of the current graph in one streaming run.
+
+Stats: tensors clustered / skipped (with reasons), storage per tensor kind, bytes of the clustered tensors before and
+after (as planned: data + decode overhead), the largest number of distinct values in any tensor row, the weighted
+relative error sum w (v - v̂)^2 / sum w v^2 (mean over tensors), the refit objective before/after (summed).
+Raw file size shrinks only with codebook storage; snapped values shrink under zip and feed a later ``quantize``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress.analyses.activation_stats import ActivationStatistics, StatsRequest
+from onnxcompress.context import PassContext
+from onnxcompress.errors import BadInputError
+from onnxcompress.graph_utils import redirect_consumers
+from onnxcompress.naming import Namer
+from onnxcompress.pass_base import Pass, PassResult, option, register
+
+from .cluster_tensor import cluster_tensor, element_weights
+from .kmeans1d import INITS
+from .layouts import WEIGHT_SLOTS, Use
+from .storage import DecodeBuilder
+
+log = logging.getLogger(__name__)
+
+STORAGES = ("auto", "codebook", "snap")
+
+
+@dataclass
+class _Candidate:
+    tensor: gs.Constant
+    uses: list[Use]
+
+
+@register
+@dataclass(frozen=True)
+class Cluster(Pass):
+    name: ClassVar[str] = "cluster"
+    description: ClassVar[str] = (
+        "weight sharing: k-means of each weight tensor (or output channel) to 2^bits values, stored as a codebook "
+        "+ packed indices decoded in the graph (smaller file) or snapped in place"
+    )
+    needs: ClassVar[frozenset[str]] = frozenset()
+    preserves: ClassVar[frozenset[str]] = frozenset()
+
+    bits: int = option(4, "index bits: k = 2^bits shared values per tensor (per channel with per_channel), 1..8")
+    per_channel: bool = option(False, "one codebook per output channel instead of one per tensor")
+    init: str = option("linear", "k-means init: linear (even over [min, max]), density (quantiles) or kmeans++")
+    activation_aware: bool = option(False, "weight each element by its input's energy ||x_j||^2 on calibration "
+                                           "data (needs --calib)")
+    refit: bool = option(False, "refit the shared values by least squares on calibration data (indices fixed; "
+                                "needs --calib)")
+    storage: str = option("auto", "auto (smaller on disk per tensor), codebook (packed indices + Gather) or snap "
+                                  "(values replaced in place)")
+    exclude: tuple[str, ...] = option((), "tensor or node names (fnmatch patterns) left alone")
+    min_size: int = option(1024, "tensors with fewer elements are left alone")
+    embeddings: bool = option(True, "also cluster Gather tables (embeddings)")
+    zero_fraction: float = option(0.05, "a tensor with at least this share of exact zeros (pruned) keeps 0 as a "
+                                        "fixed centroid; 1 disables")
+    samples: int = option(256, "calibration feeds for activation_aware / refit statistics")
+    max_inputs: int = option(2304, "refit only layers with at most this many inputs per output (Gram size)")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer in 1..8, got {self.bits!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.storage not in STORAGES:
+            raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {self.storage!r}")
+        if self.min_size < 1 or self.samples < 1 or self.max_inputs < 1:
+            raise ValueError("min_size, samples and max_inputs must be >= 1")
+        if not 0.0 < self.zero_fraction <= 1.0:
+            raise ValueError(f"zero_fraction must be in (0, 1], got {self.zero_fraction}")
+
+    def needs_calibration(self) -> bool:
+        return self.activation_aware or self.refit
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if self.needs_calibration() and ctx.calibration is None:
+            raise BadInputError("cluster{activation_aware/refit} needs calibration data (--calib)")
+
+    # ------------------------------------------------------------------------------------------ candidates
+    def _candidates(self, graph: gs.Graph, skipped: Counter) -> list[_Candidate]:
+        found: dict[int, _Candidate] = {}
+        outputs = {id(t) for t in graph.outputs}
+        for node in graph.nodes:
+            slot = WEIGHT_SLOTS.get(node.op)
+            if slot is None or len(node.inputs) <= slot or not isinstance(node.inputs[slot], gs.Constant):
+                continue
+            if node.op == "Gather" and not self.embeddings:
+                continue
+            t = node.inputs[slot]
+            if id(t) in found:
+                found[id(t)].uses.append(Use(node, slot))
+                continue
+            v = t.values
+            reason = None
+            if not np.issubdtype(np.dtype(v.dtype), np.floating):
+                reason = "not a float tensor"
+            elif v.size < self.min_size:
+                reason = f"fewer than {self.min_size} elements"
+            elif any(fnmatch.fnmatchcase(t.name, p) or fnmatch.fnmatchcase(node.name or "", p)
+                     for p in self.exclude):
+                reason = "excluded by name"
+            elif id(t) in outputs:
+                reason = "a graph output"
+            elif v.ndim < 1 or (node.op == "Gather" and v.ndim != 2):
+                reason = "not a weight matrix"
+            if reason:
+                skipped[reason] += 1
+                found[id(t)] = None  # type: ignore[assignment]
+                continue
+            found[id(t)] = _Candidate(t, [Use(node, slot)])
+        return [c for c in found.values() if c is not None]
+
+    # ------------------------------------------------------------------------------------------ statistics
+    def _statistics(self, graph: gs.Graph, ctx: PassContext, cands: list[_Candidate]) -> dict[int, tuple]:
+        """Per candidate: (norms, per_column, refit Gram or None) from ONE streaming run of the current graph."""
+        rng = ctx.rng("cluster")
+        n_feeds = min(self.samples, len(ctx.calibration))
+        plan: dict[int, tuple[str, str | None]] = {}
+        req = StatsRequest(samples=self.samples)
+        for c in cands:
+            use = c.uses[0]
+            x = use.activation()
+            shape = tuple(c.tensor.values.shape)
+            if isinstance(x, gs.Constant) or use.op in ("Gather", "ConvTranspose"):
+                continue
+            if len({(u.op, u.channel_axis(len(shape))) for u in c.uses}) > 1:
+                continue  # tied across different roles: no one input to weight by
+            chan_key = design_key = None
+            if self.refit and use.refit_reason(shape) is None:
+                n_in = use.to_matrix(np.empty(shape, np.uint8)).shape[1]
+                if n_in <= self.max_inputs:
+                    per_feed = max(64, -(-8 * n_in // max(n_feeds, 1)))
+                    design_key = f"{x.name}:cluster-rows:{use.node.name}"
+                    req.second_moments[design_key] = (x.name, use.design_rows(shape, per_feed, rng))
+            if self.activation_aware and design_key is None:
+                chan_key = f"{x.name}:channels"
+                req.second_moments[chan_key] = (x.name, use.channel_rows())
+            plan[id(c.tensor)] = (chan_key, design_key)
+        if not req.second_moments:
+            return {}
+        store = ctx.analysis(ActivationStatistics, graph).get(req)
+        out = {}
+        for c in cands:
+            keys = plan.get(id(c.tensor))
+            if keys is None:
+                continue
+            chan_key, design_key = keys
+            design = store.gram(design_key, self.samples) if design_key else None
+            chan = store.gram(chan_key, self.samples) if chan_key else None
+            gram = None if design is None else design.xtx / max(design.rows, 1)
+            if self.activation_aware and design is not None:
+                out[id(c.tensor)] = (np.diag(gram).copy(), True, gram)
+            elif chan is not None:
+                out[id(c.tensor)] = (chan.channel_sq_norms / max(chan.rows, 1), False, None)
+            else:
+                out[id(c.tensor)] = (None, False, gram)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        skipped: Counter = Counter()
+        cands = self._candidates(graph, skipped)
+        for c in cands:
+            axis = c.uses[0].channel_axis(c.tensor.values.ndim)
+            if self.per_channel and c.tensor.values.shape[axis] == 1:
+                raise BadInputError(f"cluster{{per_channel=true}}: {c.tensor.name} has a single output channel "
+                                    f"(shape {list(c.tensor.values.shape)}); exclude it or cluster per tensor")
+        stats_of = self._statistics(graph, ctx, cands) if self.needs_calibration() and cands else {}
+        storage = self.storage
+        if ctx.opset() < 11 and storage != "snap":
+            storage = "snap"
+            skipped["codebook storage needs opset >= 11: snapped"] += len(cands)
+        builder = DecodeBuilder(graph, Namer(graph))
+        rng = ctx.rng("cluster-init")
+        k = 1 << self.bits
+        st: dict = {"tensors_clustered": 0, "storage": Counter(), "bytes_before": 0, "bytes_after": 0,
+                    "max_unique_per_row": 0, "weighted": 0, "refit_layers": 0}
+        errs, refit_before, refit_after = [], 0.0, 0.0
+        for c in cands:
+            w = np.asarray(c.tensor.values)
+            norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
+            if self.activation_aware and norms is None:
+                skipped["activation_aware: no input statistics (unweighted)"] += 1
+            if self.refit and gram is None:
+                reason = c.uses[0].refit_reason(w.shape) or "inputs above max_inputs or tied across roles"
+                skipped[f"refit: {reason}"] += 1
+            res = cluster_tensor(w, k, use=c.uses[0], per_channel=self.per_channel, init=self.init,
+                                 zero_fraction=self.zero_fraction, col_norms=norms, per_column=per_column,
+                                 refit_gram=gram, storage=storage, rng=rng)
+            wf = w.astype(np.float64)
+            wt = 1.0 if norms is None else element_weights(c.uses[0], w.shape, norms, per_column)
+            errs.append(float(np.sum(wt * (wf - res.snapped) ** 2) / max(np.sum(wt * wf**2), 1e-30)))
+            if res.refit is not None:
+                st["refit_layers"] += 1
+                refit_before += res.refit[0]
+                refit_after += res.refit[1]
+            st["weighted"] += int(res.weighted)
+            st["max_unique_per_row"] = max(st["max_unique_per_row"], int(res.codebook.shape[1]))
+            st["bytes_before"] += res.bytes_raw
+            st["bytes_after"] += res.bytes_planned[res.storage]
+            st["storage"][res.storage] += 1
+            st["tensors_clustered"] += 1
+            if res.storage == "snap":
+                c.tensor.values = np.ascontiguousarray(res.snapped.astype(w.dtype))
+            else:
+                out, _ = builder.build(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook, res.labels,
+                                       axis=res.axis, out_name=f"{c.tensor.name}_clustered",
+                                       sparse_zero=res.zero_label if res.storage == "sparse-codebook" else None)
+                redirect_consumers(c.tensor, out)
+        if st["tensors_clustered"]:
+            graph.cleanup().toposort()
+        st["storage"] = dict(st["storage"])
+        st["skipped"] = dict(skipped.most_common(12))
+        st["relative_error"] = round(float(np.mean(errs)), 6) if errs else 0.0
+        if st["refit_layers"]:
+            st["refit_objective_before"] = refit_before
+            st["refit_objective_after"] = refit_after
+        log.info("cluster: %d tensors to %d values (%s), %d -> %d bytes", st["tensors_clustered"], k,
+                 st["storage"], st["bytes_before"], st["bytes_after"])
+        modified = st["tensors_clustered"] > 0
+        return PassResult(modified, st, frozenset() if modified else frozenset({"all"}))

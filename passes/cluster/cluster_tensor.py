@@ -1,0 +1,114 @@
+"""One weight tensor clustered: rows (the tensor, or one row per output channel), element weights, k-means,
+codebook order, optional refit, and the storage that is smallest on disk.
+
+Element weights (``activation_aware``): the cost of moving weight M_oi by d on the layer's output is d^2 E[x_i^2]
+summed over calibration rows, so each element is weighted by ||x_i||^2 / rows of the input column it multiplies
+(the diagonal of the layer's Gram matrix: per input channel, or per im2col column of a Conv when the refit's Gram is
+there), floored at 1e-3 of the mean so that dead inputs still pull their weights to some centroid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .codebook_refit import refit_codebook
+from .kmeans1d import kmeans_1d
+from .layouts import Use
+from .storage import plan_bytes
+
+
+@dataclass
+class Clustered:
+    """The outcome for one tensor, in the tensor's own layout."""
+
+    codebook: np.ndarray  # [R, k] in the tensor's dtype
+    labels: np.ndarray  # the tensor's shape, uint8
+    axis: int | None  # channel axis (per channel) or None
+    zero_label: int | None  # label of the fixed zero (0 in every row) or None
+    snapped: np.ndarray
+    storage: str = "snap"  # snap | codebook | sparse-codebook
+    bytes_raw: int = 0
+    bytes_planned: dict[str, int] = field(default_factory=dict)
+    weighted: bool = False
+    refit: tuple[float, float] | None = None
+
+
+def to_rows(a: np.ndarray, axis: int | None) -> np.ndarray:
+    return a.reshape(1, -1) if axis is None else np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+
+
+def from_rows(r: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np.ndarray:
+    if axis is None:
+        return r.reshape(shape)
+    moved = (shape[axis],) + tuple(s for i, s in enumerate(shape) if i != axis)
+    return np.moveaxis(r.reshape(moved), 0, axis)
+
+
+def element_weights(use: Use, shape: tuple[int, ...], norms: np.ndarray, per_column: bool) -> np.ndarray:
+    """Tensor-layout weights from norms per column of the matrix view (``per_column``) or per input channel."""
+    m_shape = use.to_matrix(np.empty(shape, np.uint8)).shape
+    wm = np.broadcast_to(norms[None, :], m_shape) if per_column else norms[use.input_channel_of(shape)]
+    wm = np.maximum(wm, 1e-3 * max(float(np.mean(wm)), 1e-30))
+    return use.from_matrix(np.ascontiguousarray(wm), shape)
+
+
+def _zero_first(cents: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder every codebook row so its exact zero is entry 0 (the sparse form's implicit value)."""
+    perm = np.argsort(cents != 0.0, axis=1, kind="stable")  # zero (False) first, the rest in order
+    inv = np.argsort(perm, axis=1)
+    return np.take_along_axis(cents, perm, 1), np.take_along_axis(inv, labels.astype(np.int64), 1)
+
+
+def cluster_tensor(
+    w: np.ndarray,
+    k: int,
+    *,
+    use: Use,
+    per_channel: bool,
+    init: str,
+    zero_fraction: float,
+    col_norms: np.ndarray | None,
+    per_column: bool,
+    refit_gram: np.ndarray | None,
+    storage: str,
+    rng: np.random.Generator,
+) -> Clustered:
+    shape, dtype = w.shape, w.dtype
+    axis = use.channel_axis(w.ndim) if per_channel else None
+    rows_v = to_rows(w, axis)
+    weights = None
+    if col_norms is not None:
+        weights = to_rows(element_weights(use, shape, col_norms, per_column), axis)
+    fixed_zero = zero_fraction < 1.0 and float(np.mean(w == 0)) >= zero_fraction
+    cents, labels = kmeans_1d(rows_v, k, weights, init=init, fixed_zero=fixed_zero, rng=rng)
+    if axis is None:  # drop unused entries: fewer entries may need fewer index bits
+        used = np.unique(labels)
+        remap = np.zeros(cents.shape[1], np.int64)
+        remap[used] = np.arange(used.size)
+        cents, labels = cents[:, used], remap[labels]
+    if fixed_zero:
+        cents, labels = _zero_first(cents, labels)
+    codebook = cents.astype(dtype)
+    labels = labels.astype(np.uint8)
+    refit = None
+    if refit_gram is not None:
+        lab_m = use.to_matrix(from_rows(labels, shape, axis))
+        fixed = (codebook == 0) if fixed_zero else None
+        codebook, before, after = refit_codebook(codebook, lab_m, refit_gram,
+                                                 target=use.to_matrix(w.astype(np.float64)), fixed=fixed)
+        codebook = codebook.astype(dtype)
+        refit = (before, after)
+    snapped_rows = np.take_along_axis(codebook, labels.astype(np.int64), axis=1)
+    out = Clustered(codebook=codebook, labels=from_rows(labels, shape, axis), axis=axis,
+                    zero_label=0 if fixed_zero else None, snapped=from_rows(snapped_rows, shape, axis),
+                    bytes_raw=int(w.nbytes), weighted=weights is not None, refit=refit)
+    rows, k, n, item = codebook.shape[0], codebook.shape[1], w.size, dtype.itemsize
+    plans = {"snap": int(w.nbytes), "codebook": plan_bytes(n, rows, k, itemsize=item)}
+    if fixed_zero:
+        plans["sparse-codebook"] = plan_bytes(n, rows, k, nonzero=int(np.count_nonzero(labels)), itemsize=item)
+    out.bytes_planned = plans
+    allowed = {"snap": ["snap"], "codebook": [p for p in plans if p != "snap"], "auto": list(plans)}[storage]
+    out.storage = min(allowed, key=lambda p: plans[p])
+    return out
