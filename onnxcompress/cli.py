@@ -377,22 +377,39 @@ class _CurrentStderrHandler(logging.StreamHandler):
         pass
 
 
+def _configure_logging(args: argparse.Namespace):
+    """Levels for this run: -q errors only, default warnings, -v info, -vv/--debug debug. Progress lines (pass
+    start/end) go to stderr as plain lines; long loops get heartbeat lines when stderr is not a terminal (CI, pipes)
+    and tqdm bars in a terminal (``_progress``). Returns a function that puts the loggers back as they were (main() may run many times in one
+    process)."""
+    verbose, quiet = getattr(args, "verbose", 0), getattr(args, "quiet", False)
+    level = (logging.DEBUG if args.debug or verbose > 1 else logging.INFO if verbose else
+             logging.ERROR if quiet else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    package, progress_log = logging.getLogger("onnxcompress"), logging.getLogger("onnxcompress.progress")
+    saved = (package.level, progress_log.level, progress_log.propagate, list(progress_log.handlers))
+    package.setLevel(level)
+    if quiet:
+        progress_log.setLevel(logging.WARNING)
+    else:
+        progress_log.setLevel(logging.INFO)  # pass start/end lines everywhere; heartbeats only outside a terminal
+        handler = _CurrentStderrHandler()
+        handler.setFormatter(logging.Formatter("onnxcompress: %(message)s"))
+        progress_log.handlers[:] = [handler]
+        progress_log.propagate = False
+
+    def restore() -> None:
+        package.setLevel(saved[0])
+        progress_log.setLevel(saved[1])
+        progress_log.propagate = saved[2]
+        progress_log.handlers[:] = saved[3]
+
+    return restore
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    verbose = getattr(args, "verbose", 0)
-    level = logging.DEBUG if args.debug or verbose > 1 else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    progress_log = logging.getLogger("onnxcompress.progress")
-    if not getattr(args, "quiet", False):
-        progress_log.setLevel(logging.INFO)
-        if not sys.stderr.isatty():  # CI / pipes: plain lines (a terminal has the bars and the final table)
-            if not any(isinstance(h, _CurrentStderrHandler) for h in progress_log.handlers):
-                handler = _CurrentStderrHandler()
-                handler.setFormatter(logging.Formatter("onnxcompress: %(message)s"))
-                progress_log.addHandler(handler)
-            progress_log.propagate = False
-    else:
-        progress_log.setLevel(logging.WARNING)
+    restore_logging = _configure_logging(args)
     if not args.debug:
         os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
         import onnxruntime
@@ -427,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         _received_signal[0] = None
         if previous is not _NOT_SET:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        restore_logging()
 
 
 _received_signal: list[int | None] = [None]

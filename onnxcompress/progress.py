@@ -20,8 +20,10 @@ HEARTBEAT_S = 10.0
 Progress = Callable[..., Iterable]
 
 
-def heartbeat(interval_s: float = HEARTBEAT_S) -> Progress:
-    """A ``progress(iterable, total=, desc=)`` wrapper that logs a line every ``interval_s`` seconds and at the end."""
+def heartbeat(interval_s: float | None = None) -> Progress:
+    """A ``progress(iterable, total=, desc=)`` wrapper that logs a line every ``interval_s`` seconds (default
+    ``HEARTBEAT_S``, read when called) and a closing line when the loop took longer than that."""
+    interval_s = HEARTBEAT_S if interval_s is None else interval_s
 
     def wrap(it: Iterable, total: int | None = None, desc: str | None = None) -> Iterator:
         name = desc or "working"
