@@ -18,9 +18,10 @@ propagation, O(unit) each). Kinds, each found by one linear walk over the main g
   ``attention`` and ``ffn`` (sub-block units, each a valid bypass too: pre-LN h' := h; post-LN
   LN(h + Attn(h)) -> LN(h)).
 - ``stage``: a layer of a plain chain: from the input of a weighted op (Conv/ConvTranspose/Gemm/MatMul with a
-  constant weight) through the single-entry single-exit hops after it (BN, activations, x * sigmoid(x) ...) up to the
-  input of the next weighted op, when its entry and exit shapes match, nothing in between is read from outside,
-  and it holds no residual unit.
+  constant weight) through the single-entry single-exit hops after it (BN, activations, x * sigmoid(x), pooling
+  ...) towards the input of the next weighted op, a graph output or a fork; the exit is the last tensor of that walk
+  with the entry's shape. Nothing in between may be read from outside (a projection whose output meets another
+  activation, like attention's Q, is not a layer of a chain), and a stage holds no residual unit.
 - ``noop``: layers that return their input, proved by value (``blocks_noops``); exact.
 
 Anything else is not removable; candidates that looked like a unit but fail a rule are listed with the reason.
@@ -271,14 +272,14 @@ def _transformers(ix: GraphIndex, shapes: dict[str, list[int]], residuals: list[
             rejected.append({"where": a.exit, "kind": "transformer", "reason": "attention block not followed by an "
                                                                                "FFN block: not a whole layer"})
             continue
-        y = _after_norm(ix, f.exit)
+        post = h != a.exit
+        y = _after_norm(ix, f.exit) if post else f.exit  # pre-LN: a final LayerNorm is not part of the layer
         if not _same(shapes, a.entry, y):
             continue
         dead = ix.dead_set(y, a.entry)
         if dead is None or not set(a.nodes) | set(f.nodes) <= {ix.nodes[i].name for i in dead}:
             rejected.append({"where": y, "kind": "transformer", "reason": "the layer's nodes are read outside it"})
             continue
-        post = h != a.exit
         layer = _unit(ix, "transformer", "post-LN" if post else "pre-LN", a.entry, y,
                       ("post-LN" if post else "pre-LN") + " encoder layer: attention + FFN between two hidden "
                       "states; bypass to the layer input", dead)
@@ -317,6 +318,7 @@ def _stages(ix: GraphIndex, shapes: dict[str, list[int]]) -> list[tuple[str, str
         if any(isinstance(t, gs.Variable) for t in node.inputs[1:] if t.name):
             continue
         z = node.outputs[0].name
+        last = z if _same(shapes, x, z) else None  # the last tensor of the walk with x's shape
         covered = 1
         clean = False  # the walk ended where a layer ends: before a weighted op, at a graph output or a fork
         while covered < HOP_LIMIT:
@@ -332,8 +334,10 @@ def _stages(ix: GraphIndex, shapes: dict[str, list[int]]) -> list[tuple[str, str
                 clean = hop is not None or len(t.outputs) > 1
                 break
             z, covered = hop[0], covered + len(hop[1])
-        if clean and _same(shapes, x, z) and z != x:
-            out.append((x, z))
+            if _same(shapes, x, z):
+                last = z
+        if clean and last is not None and last != x:
+            out.append((x, last))
     return out
 
 
