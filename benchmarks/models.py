@@ -19,10 +19,11 @@ from benchmarks.spec import ModelSpec
 
 def _collect() -> dict[str, ModelSpec]:
     specs: list[ModelSpec] = []
-    from benchmarks import speech_text, vision
+    from benchmarks import imagenet, speech_text, vision
 
     specs += vision.SPECS
     specs += speech_text.SPECS
+    specs += imagenet.SPECS
     return {s.name: s for s in specs}
 
 
