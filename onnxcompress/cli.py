@@ -361,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("passes", help="every pass with its options and defaults")
     p.set_defaults(func=cmd_passes)
+
+    from onnxcompress.tune.commands import add_parsers as add_tune_parsers  # `tune` and `batch`
+
+    add_tune_parsers(sub)
     return ap
 
 

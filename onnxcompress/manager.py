@@ -129,7 +129,7 @@ class PassManager:
             ledger.append(row)
             done.append(label)
             if not result.modified and not p.exact:
-                notes.append(unchanged_note(label, p, ledger[0].model.get("ops", {})))
+                notes.append(unchanged_note(label, p, result.stats, ledger[0].model.get("ops", {})))
             progress.pass_finished(label, index, len(self.passes), time.perf_counter() - t_start, seconds,
                                    result.modified)
 
@@ -189,26 +189,31 @@ class PassManager:
         return notes
 
 
-def unchanged_note(label: str, p: Pass, ops: dict[str, int]) -> str:
-    """What to tell the user when a lossy pass changed nothing: which op types its options name and how many of them
-    the model has, and its other modes (from the option's declared choices)."""
+def unchanged_note(label: str, p: Pass, stats: dict[str, Any], ops: dict[str, int]) -> str:
+    """What to tell the user when a lossy pass changed nothing: the pass's own reason when its stats give one
+    (``skipped`` / ``reason``), else the op types its ``*_ops`` option for the active mode names and how many of them
+    the model has; and the pass's other modes (from the option's declared choices)."""
     note = f"{label} changed nothing"
     opts = p.options()
-    named = [v for v in opts.values() if isinstance(v, (tuple, list)) and v and all(
-        isinstance(x, str) and x[:1].isupper() for x in v)]
-    if named:
-        wanted = list(named[0])
-        have = {op: ops.get(op, 0) for op in wanted}
-        present = ", ".join(f"{op} {n}" for op, n in have.items() if n)
-        note += (f": it works on {', '.join(wanted)}, and the model has " + (present if present else "none of them")
-                 + "; top ops of the model: " + ", ".join(f"{k} {v}" for k, v in sorted(
-                     ops.items(), key=lambda kv: -kv[1])[:4]))
     hints = typing.get_type_hints(type(p))
     mode = opts.get("mode")
-    if mode is not None and typing.get_origin(hints.get("mode")) is typing.Literal:
-        others = [m for m in typing.get_args(hints["mode"]) if m != mode]
-        if others:
-            note += f" (other modes: {', '.join(f'mode={m}' for m in others)}; see `onnxcompress passes`)"
+    modes = typing.get_args(hints["mode"]) if typing.get_origin(hints.get("mode")) is typing.Literal else ()
+    reason = next((stats[k] for k in ("skipped", "reason") if isinstance(stats.get(k), str) and stats[k]), None)
+    op_lists = [v for k, v in opts.items() if k.endswith("_ops") and isinstance(v, (tuple, list)) and v
+                and (not modes or k.startswith(f"{mode}_") or not any(k.startswith(f"{m}_") for m in modes))]
+    if reason:
+        note += f": {reason}"
+    elif op_lists:
+        wanted = list(op_lists[0])
+        present = ", ".join(f"{op} {ops[op]}" for op in wanted if ops.get(op))
+        top = ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:4])
+        note += f": it works on {', '.join(wanted)}"
+        if ops:
+            note += (" and the model has " + (f"{present} (none it could change)" if present else "none of them")
+                     + f"; the model's ops: {top}")
+    others = [m for m in modes if m != mode]
+    if others:
+        note += f" (other modes: {', '.join(f'mode={m}' for m in others)}; see `onnxcompress passes`)"
     return note
 
 
