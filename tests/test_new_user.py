@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -331,3 +332,15 @@ def test_sigterm_exits_with_one_line_and_no_output(tmp_path, capsys, monkeypatch
     assert err.strip().splitlines()[-1] == "onnxcompress: interrupted by SIGTERM"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is main()'s only
+
+
+def test_int8_weights_still_count_as_parameters(capsys, tmp_path):
+    code, out, err = run(capsys, "compress", MODEL, "-o", tmp_path / "o.onnx", "--passes", "quantize{mode=dynamic}",
+                         "--calib", CALIB, "--max-val", "8", "--no-latency")
+    assert code == 0, err
+    report = json.loads((tmp_path / "o.onnx.report.json").read_text())
+    before, after = report["ledger"][0]["model"], report["ledger"][-1]["model"]
+    assert after["int_params"] > 30000  # the two Gemm weights, now int8
+    assert 0.99 < after["params"] / before["params"] < 1.05  # was: 0.30x (only the float ones counted)
+    row = next(x for x in out.splitlines() if x.startswith("quantize"))
+    assert re.search(r"\s4\d\.\d\dk \(1\.0\dx\)", row), row  # the console's params column
