@@ -12,7 +12,8 @@ analysis is linear in the graph for non-nested units and never O(nodes^2).
 
 ``bypass_graph`` applies bypasses to a graphsurgeon graph (the pass); ``bypass_model`` to a ModelProto with its own
 dead-code elimination (the trial models of the importance measurement). Both keep graph output names: a y that is a
-graph output becomes ``Identity(x)`` named y.
+graph output is produced under its name by x's producer (x is renamed y), or by ``Identity(x)`` when x is a graph
+input or output itself.
 """
 
 from __future__ import annotations
@@ -98,25 +99,34 @@ def bypass_graph(graph: gs.Graph, pairs: Iterable[tuple[str, str]]) -> int:
 
     Pairs are applied in order; an entry that an earlier pair bypassed resolves to that pair's entry (so a chain of
     adjacent units collapses onto the first entry)."""
-    tensors = graph.tensors()
+    objs = graph.tensors()  # by the names the pairs use; renaming a tensor below does not change this map
     alias: dict[str, str] = {}
+    in_ids = {id(t) for t in graph.inputs}
     applied = 0
     for entry, exit_name in pairs:
         while entry in alias:
             entry = alias[entry]
-        x = tensors.get(entry)
-        y = tensors.get(exit_name)
+        x = objs.get(entry)
+        y = objs.get(exit_name)
         if x is None or y is None or x is y:
             continue
+        alias[exit_name] = entry
         redirect_consumers(y, x)
         for i, out in enumerate(graph.outputs):
-            if out is y:
-                y.name = f"{exit_name}__bypassed"
-                new = gs.Variable(exit_name, dtype=y.dtype, shape=y.shape)
-                graph.nodes.append(gs.Node("Identity", name=f"{exit_name}__bypass", inputs=[x], outputs=[new]))
+            if out is not y:
+                continue
+            name = y.name
+            y.name = f"{name}__bypassed"
+            if x.inputs and id(x) not in in_ids and all(o is not x for o in graph.outputs):
+                # x takes the output's name (as cleanup does for Identity): no extra node
+                x.name = name
+                x.dtype = x.dtype if x.dtype is not None else y.dtype
+                x.shape = y.shape if y.shape is not None else x.shape
+                graph.outputs[i] = x
+            else:
+                new = gs.Variable(name, dtype=y.dtype, shape=y.shape)
+                graph.nodes.append(gs.Node("Identity", name=f"{name}__bypass", inputs=[x], outputs=[new]))
                 graph.outputs[i] = new
-                tensors[exit_name] = new
-        alias[exit_name] = entry
         applied += 1
     graph.cleanup(remove_unused_graph_inputs=False)
     return applied

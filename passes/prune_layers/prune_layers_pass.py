@@ -122,11 +122,13 @@ class PruneLayers(Pass):
                             + "): model unchanged")
             log.info("prune-layers: %s", stats["why"])
             return PassResult(bool(noops), stats)
-        k_max = len(cands) - 1
+        n_all = len([u for u in ru.units if u.kind != "noop" and u.kind in self.kinds])
+        k_max = min(len(cands), n_all - 1)  # excluded units stay, so all candidates may go when there are some
         want = self.layers or (round(self.ratio * len(cands)) if self.ratio else None)
         if want is not None and want > k_max:
             raise BadInputError(f"prune-layers: removing {want} units would remove every unit; the model has "
-                                f"{len(cands)} removable units of kinds {','.join(self.kinds)}: at most {k_max}")
+                                f"{n_all} removable units of kinds {','.join(self.kinds)} ({len(cands)} not "
+                                f"excluded): at most {k_max}")
         if ctx.calibration is None:
             raise PassError("prune-layers: measuring units needs calibration data (--calib)")
         removed = self._greedy(graph, ctx, want, k_max, stats)
