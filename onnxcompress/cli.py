@@ -76,6 +76,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 # ------------------------------------------------------------------------------------------------- commands
 def cmd_compress(args: argparse.Namespace) -> int:
+    """``onnxcompress compress``: run the pipeline, save model + reports, print the ledger and notes."""
     from onnxcompress.api import compress
     from onnxcompress.report import ledger_rows
 
@@ -161,12 +162,14 @@ def _save_creating_folders(result, out: Path, report: Path | None) -> tuple[Path
 
 
 def human(n: int) -> str:
+    """Bytes for humans (``report.human_bytes``)."""
     from onnxcompress.report import human_bytes
 
     return human_bytes(n)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """``onnxcompress inspect``: ops, params, MACs, bytes, largest weights and channel groups of a model."""
     import numpy as np
     import onnx
 
@@ -240,6 +243,7 @@ def _channel_groups(model):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """``onnxcompress validate``: fidelity, size and latency of model B against model A on the same feeds."""
     from onnxcompress.data import random_feeds
     from onnxcompress.data_sources import feeds_from_any
     from onnxcompress.latency import measure_latency
@@ -284,6 +288,7 @@ def _type_name(tp) -> str:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
+    """``onnxcompress passes``: every registered pass with its options, defaults and help."""
     from onnxcompress.pass_base import option_fields, option_help, registered_passes
 
     for name, cls in registered_passes().items():
@@ -302,6 +307,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
     ap = argparse.ArgumentParser(prog="onnxcompress", description="Compress ONNX models, measured against onnxruntime.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -412,6 +418,7 @@ def _configure_logging(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse ``argv``, run the subcommand, turn errors into one line and an exit code."""
     args = build_parser().parse_args(argv)
     restore_logging = _configure_logging(args)
     if not args.debug:

@@ -68,6 +68,7 @@ class ChannelMap:
 
 @dataclass
 class PassContext:
+    """Everything a pass may read besides the graph (module docstring): data, seed, shapes, cached analyses."""
     calibration: FeedSet | None = None
     seed: int = 0
     target_opset: int | None = None

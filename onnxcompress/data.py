@@ -36,6 +36,7 @@ DEFAULT_FREE_DIM = 32
 
 @dataclass(frozen=True)
 class InputSpec:
+    """A model input: name, NumPy dtype and shape (int static, str symbolic, None unknown)."""
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...]  # int: static; str: symbolic name; None: unknown
@@ -308,4 +309,5 @@ def random_feeds(model: onnx.ModelProto, dims: dict[str, int] | None = None, n: 
 
 
 def feed_shapes(feed: Feed) -> dict[str, tuple[int, ...]]:
+    """The shape of every array of one feed."""
     return {k: tuple(v.shape) for k, v in feed.items()}

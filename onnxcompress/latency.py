@@ -27,6 +27,9 @@ def measure_latency(
     max_rounds: int = 200,
     budget_s: float = 5.0,
 ) -> dict[str, float]:
+    """Median wall time (ms) per model on the same feed: ``warmup`` runs each, then rounds that run every model once
+    in a rotating order (so drift hits all alike) until ``budget_s`` seconds and ``min_rounds`` are reached (at most
+    ``max_rounds``); ``threads`` intra-op threads, no spinning."""
     sessions = {name: Session(m, threads=threads, what=name, spin=False) for name, m in models.items()}
     try:
         names = list(sessions)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class PassManager:
+    """Runs a list of passes over one model under their contracts and measures the result (module docstring)."""
     def __init__(
         self,
         passes: list[Pass],
@@ -83,6 +84,8 @@ class PassManager:
                 raise BadInputError(f"{', '.join(wanting)} needs calibration data (--calib); none was given")
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> CompressResult:
+        """Check every pass's needs, run the passes in order, gate and validate the result; ``model`` is not
+        modified. Raises BadInputError / PassError / ValidationError (see ``onnxcompress.errors``)."""
         ctx = ctx or PassContext()
         self.check_needs(ctx)
         t_start = time.perf_counter()

@@ -56,9 +56,11 @@ def terminal_bars() -> Progress | None:
 
 
 def pass_started(label: str, index: int, count: int, elapsed: float) -> None:
+    """Log the start of pass ``index`` of ``count`` at ``elapsed`` seconds into the run."""
     log.info("[%6.1fs] pass %d/%d %s: start", elapsed, index, count, label)
 
 
 def pass_finished(label: str, index: int, count: int, elapsed: float, seconds: float, modified: bool) -> None:
+    """Log the end of a pass: whether it changed the graph and how long it took."""
     log.info("[%6.1fs] pass %d/%d %s: %s in %.2fs", elapsed, index, count, label,
              "modified" if modified else "unchanged", seconds)

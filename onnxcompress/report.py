@@ -14,6 +14,7 @@ from typing import Any
 
 
 def human_bytes(n: float | None) -> str:
+    """Bytes as B / KB / MB / GB (powers of 1000), '-' for None."""
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB"):
@@ -24,6 +25,7 @@ def human_bytes(n: float | None) -> str:
 
 
 def human_count(n: float | None) -> str:
+    """A count as k / M / G (powers of 1000), '-' for None."""
     if n is None:
         return "-"
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -39,6 +41,7 @@ def _ratio(v: float | None, base: float | None) -> str:
 
 
 def fmt_metric(v: Any) -> str:
+    """A fidelity metric for a table: 4 decimals, scientific when tiny or huge, 'inf' for infinity."""
     if isinstance(v, float):
         if math.isinf(v):
             return "inf"
@@ -73,12 +76,14 @@ def ledger_rows(report: dict, stats_width: int | None = 120) -> list[list[str]]:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table from a header and string rows."""
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 
 
 def to_markdown(report: dict) -> str:
+    """The run report (``CompressResult.to_dict()``) as Markdown: ledger, fidelity per output, latency, notes."""
     lines = [f"# onnxcompress report: {report.get('input', '')}", "", f"pipeline: `{report['pipeline']}`", ""]
     lines.append(markdown_table(["stage", "nodes", "params", "bytes", "bytes zipped", "MACs", "time", "changes"],
                                 ledger_rows(report, stats_width=None)))
@@ -101,10 +106,12 @@ def to_markdown(report: dict) -> str:
 
 
 def to_json_text(report: dict) -> str:
+    """The run report as indented JSON (NumPy values converted, infinities kept as Infinity)."""
     return json.dumps(report, indent=2, default=_json_default, allow_nan=True)
 
 
 def write_json(report: dict, path: Path) -> None:
+    """Write the JSON report atomically (temporary file, then rename)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(to_json_text(report))
     tmp.replace(path)

@@ -20,6 +20,8 @@ from onnxcompress.validate import FidelityReport
 
 @dataclass
 class LedgerRow:
+    """One stage of a run: the pass label, whether it changed the graph, its wall time, the model facts after it
+    (``model_stats``), the pass's full statistics and options, whether it is exact, and its fidelity (when measured)."""
     stage: str
     modified: bool = False
     seconds: float = 0.0
@@ -32,6 +34,7 @@ class LedgerRow:
 
 @dataclass
 class CompressResult:
+    """What ``compress()`` / ``PassManager.run`` return; ``to_dict()`` is the JSON report, ``save()`` writes it all."""
     model: onnx.ModelProto
     pipeline: str
     ledger: list[LedgerRow]
@@ -51,6 +54,7 @@ class CompressResult:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The run report as a JSON-ready dict: provenance, pipeline, ledger, fidelity, latency, notes, counters."""
         out = {
             **self.provenance,
             "pipeline": self.pipeline,

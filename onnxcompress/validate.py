@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OutputFidelity:
+    """Streaming accumulator of one output's metrics over all feeds (module docstring for the formulas)."""
     name: str
     count: int = 0
     max_abs: float = 0.0
@@ -54,6 +55,7 @@ class OutputFidelity:
     exact_mismatch: int = 0  # for non-float outputs: elements that differ
 
     def update(self, r: np.ndarray, c: np.ndarray) -> None:
+        """Add one feed's reference ``r`` and candidate ``c`` outputs (same shape) to the sums."""
         if r.shape != c.shape:
             raise ValidationError(f"output {self.name!r}: shape {list(c.shape)} differs from the original {list(r.shape)}")
         if not np.issubdtype(r.dtype, np.floating):
@@ -87,6 +89,8 @@ class OutputFidelity:
             self.rows += rr2.shape[0]
 
     def summary(self) -> dict[str, float]:
+        """The metrics so far: max/mean-abs, rel max-abs, cosine (+ worst feed), SQNR, top-k for class scores;
+        ``nonfinite_metrics`` lists the ones that are NaN/inf."""
         if self.ref_sq == 0 and self.cand_sq == 0 and self.count and self.exact_mismatch == 0 and self.max_abs == 0:
             sqnr = math.inf
         else:
@@ -120,6 +124,7 @@ def _cos(dot: float, rr: float, cc: float) -> float:
 
 @dataclass
 class FidelityReport:
+    """Per-output metrics of a comparison, with how many feeds and where they came from."""
     outputs: dict[str, dict[str, float]] = field(default_factory=dict)
     feeds: int = 0
     source: str = ""
@@ -140,6 +145,7 @@ class FidelityReport:
         return worst
 
     def to_dict(self) -> dict:
+        """JSON-ready form, with the worst value of each metric over the outputs."""
         return {"feeds": self.feeds, "source": self.source, "synthetic": self.synthetic, "outputs": self.outputs,
                 "worst": self.worst()}
 
