@@ -1,0 +1,254 @@
+"""Layer pruning on real models: ``prune-layers`` by units removed, with and without ``distill``, and against
+``prune-channels`` and both at a latency budget.
+
+    python -m benchmarks.prune_layers                         # the grid below
+    python -m benchmarks.prune_layers --models minilm_l3,nudenet_320n
+    python -m benchmarks.prune_layers --models ppocrv4_det --merge       # add a model to an existing run
+    python -m benchmarks.prune_layers --render                # rewrite prune_layers.md from prune_layers.json
+
+Every variant is an ``ours:<pipeline>`` method of the benchmark harness (``benchmarks.run.benchmark_model``): built
+in its own subprocess, measured on the model's evaluation inputs (disjoint from calibration) against FP32 with the
+model's task metric and the worst-output cosine, and timed at 1 intra-op thread interleaved with FP32 in one latency
+call (an ``fp32`` row gives that call's noise band). *units removed* is counted on the written model: the FP32
+model's removable units (``describe_units``, kinds of the pass's default) none of whose nodes is left, not counting
+units inside another removed one.
+
+Variants (``variants``): MiniLM (post-LN BERT): ``prune-layers{layers=k kinds=[transformer]}`` for k = 1, 2 (L3,
+3 layers) and 1, 2, 3 (L6), each with and without ``distill``. CNNs: ``layers`` = 1, 2, 4 (the curve of units
+removed vs metric and latency, no distill), then at a latency budget, all with ``distill``: ``prune-layers
+{target_latency=0.7}``, ``prune-channels{target_latency=0.6}`` (its profile-fitted model over-estimates the time
+left: 0.6 measured ~0.5 on the small CNNs, see benchmarks/results/prune.md) and both
+(``prune-layers{target_latency=0.85},prune-channels{target_latency=0.8}``); the table shows the measured latency
+of each, so they are compared where their measured latencies meet.
+
+Goals (``goal``): MiniLM-L6 with 2 of 6 layers removed: latency <= 0.72x and embedding cosine >= 0.98 after
+``distill``; each CNN: the best of layers / channels / both at measured latency <= 0.7x keeps >= 0.99 of FP32's
+task metric.
+
+Writes ``benchmarks/results/prune_layers.json`` (harness records + rows) and ``prune_layers.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import anchors
+from benchmarks.prune import noise_band, truth_metrics
+from benchmarks.run import RESULTS, RunConfig, _json_default, benchmark_model, load_specs, versions
+
+log = logging.getLogger("benchmarks.prune_layers")
+
+TRANSFORMERS = {"minilm_l3": (1, 2), "minilm_l6": (1, 2, 3)}
+CNN_MODELS = ["nudenet_320n", "ppocrv4_rec", "ddddocr_det", "ppocrv4_det"]
+MODELS = [*TRANSFORMERS, *CNN_MODELS]
+CNN_LAYERS = (1, 2, 4)
+LATENCY_VARIANTS = {
+    "layers": "cleanup,prune-layers{target_latency=0.7},distill",
+    "channels": "cleanup,prune-channels{target_latency=0.6},distill",
+    "both": "cleanup,prune-layers{target_latency=0.85},prune-channels{target_latency=0.8},distill",
+}
+N_CALIB = {"minilm_l3": 256, "minilm_l6": 256}
+GOAL_MINILM = {"latency": 0.72, "cosine": 0.98}
+GOAL_CNN = {"latency": 0.7, "metric": 0.99}
+_LAYERS = re.compile(r"prune-layers\{[^}]*layers=(\d+)")
+
+
+def variants(model: str) -> list[str]:
+    if model in TRANSFORMERS:
+        out = []
+        for k in TRANSFORMERS[model]:
+            p = f"prune-layers{{layers={k} kinds=[transformer]}}"
+            out += [p, f"{p},distill"]
+        return out
+    return [f"cleanup,prune-layers{{layers={k}}}" for k in CNN_LAYERS] + list(LATENCY_VARIANTS.values())
+
+
+def describe(pipeline: str) -> dict[str, Any]:
+    kind = next((k for k, v in LATENCY_VARIANTS.items() if v == pipeline), None)
+    m = _LAYERS.search(pipeline)
+    d: dict[str, Any] = {"distill": pipeline.endswith("distill"), "method": kind or "layers"}
+    if m:
+        d["layers"] = int(m.group(1))
+        d["label"] = f"layers={m.group(1)}"
+    else:
+        d["label"] = {"layers": "prune-layers @latency 0.7", "channels": "prune-channels @latency 0.6",
+                      "both": "layers 0.85 + channels 0.8"}.get(kind or "", pipeline)
+    return d
+
+
+def units_removed(fp32: Path, cand: Path) -> int | None:
+    """Maximal FP32 units (default kinds) whose nodes are all gone from ``cand``."""
+    import onnx
+
+    from onnxcompress.analyses.blocks import describe_units
+
+    try:
+        units = [u for u in describe_units(onnx.load(fp32)) if u["removable"] and u["kind"] in (
+            "residual", "transformer", "stage")]
+        left = {n.name for n in onnx.load(cand, load_external_data=False).graph.node}
+    except Exception as exc:  # the count is informational
+        log.warning("units_removed: %s", exc)
+        return None
+    gone = [set(u["nodes"]) for u in units if not set(u["nodes"]) & left]
+    return sum(1 for g in gone if not any(g < h for h in gone))
+
+
+def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
+    primary = record.get("primary_metric")
+    out = []
+    for name, m in record.get("methods", {}).items():
+        if not name.startswith("ours:"):
+            continue
+        pipeline = name[len("ours:"):]
+        row: dict[str, Any] = {"model": record["model"], "pipeline": pipeline, **describe(pipeline)}
+        if m.get("error"):
+            out.append(row | {"error": m["error"]})
+            continue
+        worst = (m.get("fidelity") or {}).get("worst", {})
+        row.update({
+            "units_removed": m.get("units_removed"),
+            "macs_ratio": m.get("macs_ratio"),
+            "latency_ratio": ((m.get("latency") or {}).get("t1") or {}).get("ratio"),
+            "size_ratio": m.get("size_ratio"),
+            "metric_name": primary,
+            "metric": (m.get("metrics") or {}).get(primary),
+            "cosine": worst.get("cosine"),
+            "tool_s": (m.get("tool") or {}).get("seconds"),
+            "truth": truth_metrics(m.get("metrics") or {}),
+        })
+        out.append(row)
+    return out
+
+
+def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per goal: MiniLM-L6 layers=2 + distill; per CNN the best latency variant at <= 0.7x."""
+    out = []
+    for r in rows:
+        if r["model"] == "minilm_l6" and r.get("layers") == 2 and r["distill"] and not r.get("error"):
+            ok = (r.get("latency_ratio") or 9) <= GOAL_MINILM["latency"] and (r.get("metric") or 0) >= \
+                GOAL_MINILM["cosine"]
+            out.append({"model": "minilm_l6", "variant": r["label"] + " + distill", "latency": r.get("latency_ratio"),
+                        "metric": r.get("metric"), "met": ok})
+    for model in CNN_MODELS:
+        cands = [r for r in rows if r["model"] == model and r["method"] in LATENCY_VARIANTS and r["distill"]
+                 and not r.get("error") and r.get("latency_ratio") is not None]
+        if not cands:
+            continue
+        fast = [r for r in cands if r["latency_ratio"] <= GOAL_CNN["latency"]]
+        best = max(fast or cands, key=lambda r: r.get("metric") or 0)
+        out.append({"model": model, "variant": best["label"], "latency": best["latency_ratio"],
+                    "metric": best.get("metric"), "met": bool(fast) and (best.get("metric") or 0) >= GOAL_CNN["metric"]})
+    return out
+
+
+def _f(v: Any, fmt: str = "{:.3f}") -> str:
+    return "" if v is None else fmt.format(v)
+
+
+def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = ["# Layer pruning on real models (`prune-layers`, vs `prune-channels`, with `distill`)", "",
+             f"`python -m benchmarks.prune_layers {meta.get('args', '')}`".replace(" `", "`")]
+    for extra in meta.get("extra", []):
+        lines.append(f"plus `python -m benchmarks.prune_layers {extra}`")
+    lines += ["", f"Calibration inputs: {meta.get('n_calib')} (MiniLM: {N_CALIB}); evaluation inputs: "
+              f"{meta.get('n_eval')} (disjoint). Latency: 1 intra-op thread, FP32 and every variant interleaved in "
+              "one call (medians); *FP32 vs FP32* is that call's noise band. *metric*: the model's task metric vs "
+              "FP32; *cos*: the worst output's cosine; *vs ground truth*: the candidate's own task score (FP32's "
+              "in brackets).", "", "## Goals", "",
+              f"MiniLM-L6, 2 of 6 layers removed + distill: latency <= {GOAL_MINILM['latency']}x, embedding "
+              f"cosine >= {GOAL_MINILM['cosine']}. CNNs: the best of layers / channels / both at measured latency <= "
+              f"{GOAL_CNN['latency']}x keeps >= {GOAL_CNN['metric']} of FP32's metric.", "",
+              "| model | variant | latency | metric | goal |", "|---|---|---|---|---|"]
+    for g in goals(rows):
+        lines.append(f"| {g['model']} | {g['variant']} | {_f(g['latency'], '{:.2f}')} | {_f(g['metric'])} | "
+                     f"{'met' if g['met'] else 'not met'} |")
+    lines += ["", "## All variants", "",
+              "| model | variant | distill | units removed | latency | size | metric | vs ground truth | cos | tool s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        head = f"| **{rec['model']}** | FP32 vs FP32 | | 0 | {_f(noise_band(rec), '{:.2f}')} | 1.00 | | | | |"
+        if rec.get("error"):
+            head = f"| **{rec['model']}** | error: {rec['error']} | | | | | | | | |"
+        lines.append(head)
+        for r in (x for x in rows if x["model"] == rec["model"]):
+            if r.get("error"):
+                lines.append(f"| | {r['label']} | {'yes' if r['distill'] else 'no'} | error: {r['error'][:200]} "
+                             "| | | | | | |")
+                continue
+            truth = "; ".join(f"{k} {c:.3f} ({f:.3f})" for k, (c, f) in (r.get("truth") or {}).items())
+            lines.append(
+                f"| | {r['label']} | {'yes' if r['distill'] else 'no'} | {_f(r.get('units_removed'), '{}')} | "
+                f"{_f(r.get('latency_ratio'), '{:.2f}')} | {_f(r.get('size_ratio'), '{:.2f}')} | "
+                f"{r.get('metric_name')} {_f(r.get('metric'))} | {truth} | {_f(r.get('cosine'), '{:.4f}')} | "
+                f"{_f(r.get('tool_s'), '{:.0f}')} |")
+    lines += ["", f"Versions: {meta.get('versions')}. Total time {meta.get('seconds', 0):.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    rows = [r for rec in records for r in rows_of(rec)]
+    (out / "prune_layers.json").write_text(json.dumps({"meta": meta, "rows": rows, "records": records}, indent=1,
+                                                      default=_json_default))
+    (out / "prune_layers.md").write_text(render(records, rows, meta))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.prune_layers", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", help=f"comma-separated (default: {','.join(MODELS)})")
+    ap.add_argument("--pipelines", help="';'-separated pipelines instead of each model's variants")
+    ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--n-eval", type=int, default=32)
+    ap.add_argument("--latency-budget", type=float, default=5.0, help="seconds of latency timing per model")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--merge", action="store_true", help="keep the other models' records of an existing json")
+    ap.add_argument("--render", action="store_true", help="only rewrite prune_layers.md from prune_layers.json")
+    args = ap.parse_args(argv)
+    out = args.out
+    if args.render:
+        saved = json.loads((out / "prune_layers.json").read_text())
+        write(out, saved["records"], saved["meta"])
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("onnxcompress").setLevel(logging.WARNING)
+    specs = load_specs()
+    names = args.models.split(",") if args.models else MODELS
+    if [n for n in names if n not in specs]:
+        print(f"unknown model(s) in {names}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    saved = json.loads((out / "prune_layers.json").read_text()) if args.merge and (
+        out / "prune_layers.json").exists() else {}
+    old = [r for r in saved.get("records", []) if r["model"] not in names]
+    t0 = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    keep = Path("/tmp") / "prune_layers_models"
+    for name in names:
+        pipelines = [p.strip() for p in args.pipelines.split(";")] if args.pipelines else variants(name)
+        methods = {"fp32": anchors.fp32_method} | {f"ours:{p}": anchors.ours(p) for p in pipelines}
+        cfg = RunConfig(methods=list(methods), n_calib=N_CALIB.get(name, args.n_calib), n_eval=args.n_eval,
+                        threads=(1,), latency_budget_s=args.latency_budget, session_rss=False, keep_models=keep)
+        log.info("== %s (%d variants)", name, len(pipelines))
+        rec = benchmark_model(specs[name], cfg, methods)
+        fp32 = Path(specs[name].fetch(Path.home() / ".cache" / "onnxcompress" / "files"))
+        for m in rec.get("methods", {}).values():
+            if m.get("path") and not m.get("error") and m.get("method", "").startswith("ours:"):
+                m["units_removed"] = units_removed(fp32, Path(m["path"]))
+        records.append(rec)
+        meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": args.n_calib,
+                "n_eval": args.n_eval, "versions": versions(), "seconds": time.perf_counter() - t0}
+        if saved.get("meta"):
+            meta = saved["meta"] | {"extra": saved["meta"].get("extra", []) + [meta["args"]]}
+        write(out, old + records, meta)
+    print(f"wrote {out}/prune_layers.md ({len(records)} models, {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
