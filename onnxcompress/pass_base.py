@@ -14,6 +14,15 @@ Options carry their help beside them: ``ratio: float = option(0.3, "fraction of 
 (``dataclasses.field`` metadata), listed by ``onnxcompress passes``; a test checks every registered pass documents
 every option.
 
+Searchable options (``onnxcompress tune``) say so beside the field with ``search=``:
+
+- a list of choices: ``mode: str = option("static", "...", search=["static", "dynamic"])``
+  (``None`` may be a choice: "option off");
+- a range ``(low, high)``, ``(low, high, "log")`` or ``(low, high, step)``: ints give an int range, floats a float
+  range; ``step`` makes it a grid ``low, low + step, ...`` (never past ``high``).
+
+``search_space(cls)`` returns the declared dimensions (``SearchDim``), validated when the class is defined.
+
 Class-level declarations the manager reads before and after the run:
 
 - ``needs``: what the pass needs from the run besides the graph (``"calibration"``): checked for every pass of the
@@ -116,13 +125,85 @@ def registered_passes() -> dict[str, type[Pass]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - "help" reads best at the call site
+@dataclass(frozen=True)
+class SearchDim:
+    """One searchable option: ``choices`` (a categorical dimension) or a ``low..high`` range (``kind`` "int" or
+    "float"; ``log`` for a log-uniform range, ``step`` for a grid)."""
+
+    name: str
+    kind: str  # "choice" | "int" | "float"
+    choices: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+    def grid(self, points: int = 3) -> list[Any]:
+        """``points`` values spread over the dimension (every choice of a categorical one), ascending."""
+        if self.kind == "choice":
+            return list(self.choices)
+        import numpy as np
+
+        lo, hi = float(self.low), float(self.high)
+        vals = np.geomspace(lo, hi, points) if self.log else np.linspace(lo, hi, points)
+        return sorted({self.snap(v) for v in vals})
+
+    def snap(self, value: float) -> Any:
+        """A value of the range rounded onto the dimension (its step grid, its int type, inside its bounds)."""
+        lo, hi = float(self.low), float(self.high)
+        v = min(max(float(value), lo), hi)
+        if self.step:
+            v = lo + round((v - lo) / self.step) * self.step
+            v = min(v, lo + int((hi - lo) / self.step + 1e-9) * self.step)
+        return int(round(v)) if self.kind == "int" else round(v, 10)
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return "{" + ", ".join("none" if c is None else str(c) for c in self.choices) + "}"
+        extra = " log" if self.log else f" step {self.step:g}" if self.step else ""
+        return f"[{self.low:g}, {self.high:g}]{extra} ({self.kind})"
+
+
+def parse_search(name: str, spec: Any) -> SearchDim:
+    """``search=`` metadata -> ``SearchDim``; ``ValueError`` when it is not a valid list of choices or range."""
+    if isinstance(spec, SearchDim):
+        return spec
+    if isinstance(spec, list):
+        if not spec:
+            raise ValueError(f"option {name}: search choices are empty")
+        return SearchDim(name, "choice", tuple(spec))
+    if isinstance(spec, tuple) and len(spec) in (2, 3):
+        low, high = spec[0], spec[1]
+        extra = spec[2] if len(spec) == 3 else None
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in (low, high)):
+            raise ValueError(f"option {name}: search range bounds must be numbers, got {spec!r}")
+        if not low < high:
+            raise ValueError(f"option {name}: search range needs low < high, got {spec!r}")
+        kind = "int" if isinstance(low, int) and isinstance(high, int) else "float"
+        if extra == "log":
+            if low <= 0:
+                raise ValueError(f"option {name}: a log range needs low > 0, got {spec!r}")
+            return SearchDim(name, kind, low=low, high=high, log=True)
+        if extra is None:
+            return SearchDim(name, kind, low=low, high=high)
+        if isinstance(extra, bool) or not isinstance(extra, (int, float)) or not 0 < extra <= high - low:
+            raise ValueError(f"option {name}: search step must be a number in (0, high - low], got {extra!r}")
+        return SearchDim(name, kind, low=low, high=high, step=extra)
+    raise ValueError(f"option {name}: search= takes a list of choices or (low, high[, 'log' | step]), got {spec!r}")
+
+
+def option(default: Any, help: str, *, search: Any = None, **kwargs: Any) -> Any:  # noqa: A002 - "help" reads best
     """A pass option with its one-line help: ``ratio: float = option(0.3, "fraction of channels removed")``.
 
-    Mutable defaults (lists, dicts) are given as ``default_factory=...`` in ``kwargs`` with ``default=None``."""
+    ``search`` declares the option searchable by ``onnxcompress tune`` (see the module docstring); it is checked
+    here, so a bad range fails when the pass is defined. Mutable defaults (lists, dicts) are given as
+    ``default_factory=...`` in ``kwargs`` with ``default=None``."""
+    metadata: dict[str, Any] = {"help": help}
+    if search is not None:
+        metadata["search"] = parse_search("?", search)
     if "default_factory" in kwargs:
-        return field(metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 def option_fields(cls: type[Pass]) -> Iterable[dataclasses.Field]:
@@ -133,3 +214,13 @@ def option_help(cls: type[Pass]) -> dict[str, str]:
     """Option name -> its help text (empty where a field has none: a test keeps that from happening)."""
     legacy = cls.__dict__.get("option_help_legacy", {})
     return {f.name: f.metadata.get("help", "") or legacy.get(f.name, "") for f in option_fields(cls)}
+
+
+def search_space(cls: type[Pass]) -> dict[str, SearchDim]:
+    """The options ``cls`` declares searchable (``option(..., search=...)``), by option name, in field order."""
+    out = {}
+    for f in option_fields(cls):
+        dim = f.metadata.get("search")
+        if dim is not None:
+            out[f.name] = dataclasses.replace(dim, name=f.name)
+    return out

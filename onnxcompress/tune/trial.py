@@ -1,0 +1,135 @@
+"""One tune trial: a real ``compress`` of the model with one pipeline, then ORT validation and latency, in stages.
+
+Stages, each a chance to stop a trial that can no longer meet the target (``status = "stopped"``):
+
+(``full=True``, the sensitivity curves: every stage runs whatever was missed.)
+
+1. ``compress(model, pipeline, calibration)`` (the structural gate included): size = serialized bytes / FP32's,
+   macs = MACs / FP32's (ledger rows); stop here if a size or MAC bound is already missed;
+2. validation on the validation feeds (``compare_models``): metric (top-1 agreement of class-score outputs, else
+   the worst cosine) and cosine; stop if a similarity bound is missed;
+3. latency ratio t(candidate) / t(FP32), 1 thread, interleaved (``onnxcompress.latency.measure_latency``), taken
+   through the study's latency profile under ``tune/latency-ratio/<fingerprint of both models and feed shapes>``
+   so a replayed profile gives the same numbers (and decisions) without measuring.
+
+A pass that fails (``OnnxCompressError`` or a bug) gives ``status = "failed"`` with its one-line reason: that is a
+property of the pipeline, not of the machine, so it is not retried. Crashes and time-outs are the executor's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxcompress.latency_profile import LatencyProfile, fingerprint
+from onnxcompress.tune.targets import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialTask:
+    """Everything a worker needs for one trial (picklable; the model and feeds by path or as loaded objects)."""
+
+    number: int
+    pipeline: str
+    model: Any  # path or ModelProto
+    calibration: Any
+    validation: Any
+    target: Target
+    profile: dict[str, Any] | LatencyProfile = field(default_factory=dict)
+    seed: int = 0
+    latency_budget: float = 1.5
+    max_validation: int | None = None
+    dims: dict[str, int] | None = None
+    shapes: dict[str, tuple[int, ...]] | None = None
+    keep_model: bool = True
+    attempt: int = 1
+    #: measure every quantity even when a bound is already missed (the sensitivity curves)
+    full: bool = False
+
+
+def latency_key(original: bytes, candidate: bytes, feed: dict) -> str:
+    import numpy as np
+
+    shapes = sorted((name, tuple(int(d) for d in np.shape(a))) for name, a in feed.items())
+    return f"tune/latency-ratio/{fingerprint(original, candidate, str(shapes), 'threads=1')}"
+
+
+def task_metric(fidelity_worst: dict[str, float]) -> float:
+    """The task metric relative to FP32: top-1 agreement where outputs are class scores, else the worst cosine."""
+    if "top1_agreement" in fidelity_worst:
+        return float(fidelity_worst["top1_agreement"])
+    return float(fidelity_worst.get("cosine", 0.0))
+
+
+def run_trial(task: TrialTask) -> dict[str, Any]:
+    """Run one trial; returns a JSON-able record (plus ``model_bytes`` when kept)."""
+    from onnxcompress import io
+    from onnxcompress.api import compress
+    from onnxcompress.data import load_feeds
+    from onnxcompress.errors import OnnxCompressError
+
+    t0 = time.perf_counter()
+    profile = task.profile if isinstance(task.profile, LatencyProfile) else LatencyProfile(dict(task.profile))
+    before = set(profile.entries)
+    rec: dict[str, Any] = {"number": task.number, "pipeline": task.pipeline, "attempt": task.attempt, "values": {}}
+    values = rec["values"]
+
+    def stop_for() -> list[str]:
+        return [] if task.full else task.target.violates_known(values)
+
+    try:
+        proto = task.model if not isinstance(task.model, (str, Path)) else io.read_model(task.model)
+        original = proto.SerializeToString()
+        result = compress(task.model, task.pipeline, calibration=task.calibration, validation=task.validation,
+                          dims=task.dims, shapes=task.shapes, seed=task.seed, validate=False, latency=False,
+                          latency_profile=profile)
+        candidate = result.model.SerializeToString()
+        first, last = result.ledger[0].model, result.ledger[-1].model
+        values["size"] = len(candidate) / len(original)
+        if first.get("macs"):
+            values["macs"] = last.get("macs", 0) / first["macs"]
+        if first.get("bytes_zip"):
+            values["zip"] = last.get("bytes_zip", 0) / first["bytes_zip"]
+        if not stop_for():
+            from onnxcompress.validate import compare_models
+
+            feeds = load_feeds(task.validation if task.validation is not None else task.calibration, proto)
+            if feeds is None:
+                from onnxcompress.synthetic_feeds import accepted_random_feeds
+
+                feeds, _ = accepted_random_feeds(proto, task.dims, task.shapes, n=4, seed=task.seed)
+            if task.max_validation is not None:
+                feeds = feeds.take(task.max_validation)
+            worst = compare_models(original, candidate, feeds).worst()
+            values["metric"] = task_metric(worst)
+            values["cosine"] = float(worst.get("cosine", 0.0))
+            if not stop_for():
+                values["latency"] = measure_ratio(profile, original, candidate, feeds.first(), task.latency_budget)
+        missed = task.target.violates_known(values)
+        rec["status"] = "stopped" if missed and any(k not in values for k in task.target.bounds) else "ok"
+        rec["missed"] = missed
+        rec["pass_seconds"] = result.seconds
+        if task.keep_model and rec["status"] == "ok":
+            rec["model_bytes"] = candidate
+    except OnnxCompressError as exc:
+        rec["status"], rec["error"] = "failed", io.first_line(exc)
+    except Exception as exc:  # a bug in a pass on this pipeline: recorded, the study goes on
+        rec["status"], rec["error"] = "failed", f"{type(exc).__name__}: {io.first_line(exc)}"
+    rec["seconds"] = time.perf_counter() - t0
+    rec["profile"] = {k: profile.entries[k] for k in profile.entries if k not in before}
+    return rec
+
+
+def measure_ratio(profile: LatencyProfile, original: bytes, candidate: bytes, feed: dict, budget_s: float) -> float:
+    def measure() -> float:
+        from onnxcompress.latency import measure_latency
+
+        lat = measure_latency({"original": original, "compressed": candidate}, feed, threads=1, budget_s=budget_s)
+        return float(lat["compressed"] / lat["original"])
+
+    return float(profile.measure(latency_key(original, candidate, feed), measure))
