@@ -244,15 +244,18 @@ def _channel_groups(model):
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """``onnxcompress validate``: fidelity, size and latency of model B against model A on the same feeds."""
-    from onnxcompress.data import random_feeds
     from onnxcompress.data_sources import feeds_from_any
     from onnxcompress.latency import measure_latency
     from onnxcompress.report import fmt_metric
+    from onnxcompress.synthetic_feeds import accepted_random_feeds
     from onnxcompress.validate import compare_models, structural_problems
 
     a, b = io.read_model(args.a), io.read_model(args.b)
-    feeds = (feeds_from_any(args.data, a, args.preprocess, args.tokenizer, args.max_length) if args.data
-             else random_feeds(a, _parse_dims(args.dim), n=8, shapes=_parse_shapes(args.shape)))
+    notes: list[str] = []
+    if args.data:
+        feeds = feeds_from_any(args.data, a, args.preprocess, args.tokenizer, args.max_length)
+    else:
+        feeds, notes = accepted_random_feeds(a, _parse_dims(args.dim), _parse_shapes(args.shape), n=8, seed=0)
     if args.max_val:
         feeds = feeds.take(args.max_val)
     rep = compare_models(a, b, feeds, progress=_progress(args), task=args.task)
@@ -260,12 +263,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     size_a, size_b = io.file_size_on_disk(args.a), io.file_size_on_disk(args.b)
     lat = measure_latency({"a": a, "b": b}, feeds.first(), budget_s=args.latency_budget)
     out = {"fidelity": rep.to_dict(), "bytes": {"a": size_a, "b": size_b}, "latency_ms": lat,
-           "problems_b": problems}
+           "problems_b": problems, "notes": notes}
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
-    if feeds.synthetic:
-        print("warning: no --data given: fidelity on RANDOM inputs says little about real inputs", file=sys.stderr)
+    for note in notes:  # what was made up: random values, guessed dims, pinned integer inputs
+        print(f"warning: {note}", file=sys.stderr)
     keys = ["max_abs", "rel_max_abs", "mean_abs", "cosine", "cosine_min", "sqnr_db", "top1_agreement",
             "top5_agreement"]
     _print_table(["output"] + keys, [[n] + [fmt_metric(m[k]) if k in m else "-" for k in keys]
