@@ -97,7 +97,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                       latency_profile=args.latency_profile, progress=_progress(args),
                       preprocess=args.preprocess, tokenizer=args.tokenizer, max_length=args.max_length,
                       task=args.task)
-    out, report_path = _save_creating_folders(result, out, report_arg)
+    out, report_path, created = _save_creating_folders(result, out, report_arg)
     if not args.quiet:
         report = result.to_dict()
         print(f"pipeline: {result.pipeline}")
@@ -119,6 +119,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                   f"({lat['compressed'] / lat['original']:.2f}x)")
         for note in result.notes:
             print(f"note: {note}")
+        if created:
+            print(f"created folder {', '.join(str(c) for c in created)}")
         print(f"wrote {out} ({human(out.stat().st_size)}) and {report_path} (+ .md, .html)")
     return 0
 
@@ -137,7 +139,7 @@ def _check_output_target(target: Path, flag: str) -> None:
         raise BadInputError(f"{flag} {target}: cannot write into {folder}")
 
 
-def _save_creating_folders(result, out: Path, report: Path | None) -> tuple[Path, Path]:
+def _save_creating_folders(result, out: Path, report: Path | None) -> tuple[Path, Path, list[Path]]:
     """One rule for -o and --report: missing folders are created, but only once the run has succeeded, and removed
     again if writing fails (a failed run leaves nothing behind)."""
     created: list[Path] = []
@@ -151,7 +153,7 @@ def _save_creating_folders(result, out: Path, report: Path | None) -> tuple[Path
             m.mkdir()
             created.append(m)
     try:
-        return result.save(out, report)
+        return (*result.save(out, report), created)
     except BaseException:
         for m in reversed(created):
             try:

@@ -178,10 +178,13 @@ def test_nan_fidelity_is_a_validation_failure(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ 4. output folders
 def test_report_and_output_into_missing_folders(tmp_path, capsys):
     out, report = tmp_path / "a" / "b" / "o.onnx", tmp_path / "r" / "run.json"
-    code, _, err = run(capsys, "compress", MODEL, "-o", out, "--passes", "cleanup", "--calib", CALIB, "--max-val", "8",
-                       "--report", report, "--no-latency")
+    code, stdout, err = run(capsys, "compress", MODEL, "-o", out, "--passes", "cleanup", "--calib", CALIB,
+                            "--max-val", "8", "--report", report, "--no-latency")
     assert code == 0, err  # was: internal error FileNotFoundError, model left behind
     assert out.exists() and report.exists()
+    created = next(x for x in stdout.splitlines() if x.startswith("created folder "))
+    assert {str(tmp_path / "a"), str(tmp_path / "a" / "b"), str(tmp_path / "r")} == set(
+        created.removeprefix("created folder ").split(", "))
     assert report.with_suffix(".md").exists() and report.with_suffix(".html").exists()
 
 
