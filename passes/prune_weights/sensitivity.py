@@ -1,0 +1,103 @@
+"""``allocation=sensitivity``: each layer's sparsity from its measured output-error curve.
+
+Curve: layer l alone is pruned at each of ``levels`` (its mask from the pass's own scores, no OBS update) and the
+model is run under ORT on a few calibration feeds; its error is the relative squared error of all outputs against
+the unpruned model, e_l(s) = Σ_feeds Σ_outputs ||y_s - y||² / Σ ||y||² (e_l(0) = 0; linear between the measured
+levels).
+
+Allocation: minimise Σ_l e_l(s_l) subject to Σ_l n_l s_l = S · Σ_l n_l (n_l: the layer's elements, S the target
+sparsity). For a price λ each layer takes the s on a fine grid (0.01 steps up to the largest level) that minimises
+e_l(s) - λ · s · n_l / N; λ is bisected until the layers' zeros reach the budget, and the last elements are spread
+over the layers in proportion to their size, so the total is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from onnxcompress.runtime import Session
+
+log = logging.getLogger(__name__)
+
+
+def output_error(sess: Session, feeds: list[dict], base: list[list[np.ndarray]]) -> float:
+    num = den = 0.0
+    for feed, ref in zip(feeds, base, strict=True):
+        for a, b in zip(ref, sess.run(feed), strict=True):
+            a = np.asarray(a, dtype=np.float64)
+            b = np.asarray(b, dtype=np.float64)
+            if a.shape != b.shape or a.dtype.kind not in "fc":
+                continue
+            num += float(np.sum(np.square(b - a)))
+            den += float(np.sum(np.square(a)))
+    return num / den if den > 0 else num
+
+
+def measure_curves(model: onnx.ModelProto, names: list[str], zeroed_at: list, levels: tuple[float, ...],
+                   feeds: list[dict]) -> np.ndarray:
+    """e[l, j]: the output error with tensor ``names[l]`` replaced by ``zeroed_at[l](levels[j])`` (a dense array),
+    every other weight untouched. ``model`` is the current graph exported (weights as initializers)."""
+    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
+    with Session(model, what="model for sensitivity") as s:
+        base = [s.run(f) for f in feeds]
+    curves = np.zeros((len(names), len(levels)))
+    for li, name in enumerate(names):
+        i = index.get(name)
+        if i is None:
+            curves[li] = np.inf
+            continue
+        original = onnx.TensorProto()
+        original.CopyFrom(model.graph.initializer[i])
+        for j, level in enumerate(levels):
+            model.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(zeroed_at[li](level), name))
+            with Session(model, what="sensitivity trial") as s:
+                curves[li, j] = output_error(s, feeds, base)
+        model.graph.initializer[i].CopyFrom(original)
+    return curves
+
+
+def allocate(curves: np.ndarray, levels: tuple[float, ...], sizes: list[int], sparsity: float) -> list[int]:
+    """Zero counts per layer (summing to round(sparsity · Σ sizes)) that minimise the summed curve errors."""
+    n = np.asarray(sizes, dtype=np.float64)
+    total = float(n.sum())
+    k = int(round(sparsity * total))
+    top = max(levels)
+    grid = np.round(np.arange(0.0, top + 1e-9, 0.01), 4)
+    xs = np.concatenate([[0.0], np.asarray(levels, dtype=np.float64)])
+    err = np.stack([np.interp(grid, xs, np.concatenate([[0.0], np.maximum(c, 0.0)])) for c in curves])
+    if k >= top * total:
+        return [int(round(top * x)) for x in n]
+
+    def pick(lam: float) -> np.ndarray:
+        cost = err - lam * grid[None, :] * (n[:, None] / total)
+        return grid[np.argmin(cost, axis=1)]
+
+    lo, hi = 0.0, 1.0
+    while (pick(hi) * n).sum() < k and hi < 1e12:
+        hi *= 4.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if (pick(mid) * n).sum() >= k:
+            hi = mid
+        else:
+            lo = mid
+    s = pick(hi)
+    counts = np.floor(s * n).astype(np.int64)
+    cap = np.floor(top * n).astype(np.int64)
+    diff = k - int(counts.sum())
+    # spread the rest (or the excess) in proportion to size, within [0, cap]
+    while diff != 0:
+        room = (cap - counts) if diff > 0 else counts
+        if room.sum() == 0:
+            break
+        share = np.floor(abs(diff) * room / room.sum()).astype(np.int64)
+        if share.sum() == 0:
+            share[np.argmax(room)] = 1
+        share = np.minimum(share, room)
+        counts += share if diff > 0 else -share
+        diff = k - int(counts.sum())
+    log.debug("sensitivity allocation: %s", np.round(counts / n, 3).tolist())
+    return [int(c) for c in counts]
