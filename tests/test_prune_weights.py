@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes.prune_weights.storage import to_sparse_initializers
 
 from onnxcompress.analyses.activations import expose_outputs
 from onnxcompress.analyses.sparsity import nm_pattern, sparsity_table, summary
@@ -20,7 +21,6 @@ from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
 from onnxcompress.errors import BadInputError
 from onnxcompress.manager import PassManager
-from onnxcompress.passes.prune_weights.storage import to_sparse_initializers
 from onnxcompress.pipeline import parse_pipeline
 from tests.conftest import ort_run
 
