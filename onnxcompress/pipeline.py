@@ -10,8 +10,9 @@ Option values are converted by the pass dataclass's field types (bool, int, floa
 ``format_pipeline`` prints only non-default options, so ``parse(format(p)) == p`` and the report's pipeline text
 reproduces the run.
 
-TOML recipe::
+TOML recipe (a path, or the NAME of a shipped recipe in ``onnxcompress.recipes``)::
 
+    description = "one line shown by `onnxcompress recipes`"
     # either one line
     passes = "cleanup,quantize{mode=static}"
     # or tables, in order
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxcompress.errors import BadInputError
-from onnxcompress.pass_base import Pass, get_pass_class, option_fields
+from onnxcompress.pass_base import Pass, get_pass_class, option_fields, registered_passes
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
@@ -156,6 +157,14 @@ def build_pass(name: str, options: dict[str, Any]) -> Pass:
 
 
 def parse_pipeline(text: str) -> list[Pass]:
+    """Pipeline text -> passes. A text that is only the NAME of a shipped recipe (and no pass of that name) is that
+    recipe, so ``--recipe NAME`` works wherever a pipeline text is accepted."""
+    name = text.strip()
+    if _NAME.fullmatch(name) and name not in registered_passes():
+        from onnxcompress.recipes import list_recipes
+
+        if name in list_recipes():
+            return load_recipe(name)
     passes = []
     for item in _split_top(text, ","):
         m = _NAME.match(item)
@@ -178,7 +187,11 @@ def parse_pipeline(text: str) -> list[Pass]:
 
 
 def load_recipe(path: str | Path) -> list[Pass]:
-    p = Path(path)
+    """A recipe by path, or a shipped recipe by bare NAME (``recipes/NAME.toml``; an unknown name lists the shipped
+    ones). Keys besides ``passes`` / ``[[pass]]``: ``description`` (listed by ``onnxcompress recipes``)."""
+    from onnxcompress.recipes import recipe_path
+
+    p = recipe_path(path)
     try:
         data = tomllib.loads(p.read_text())
     except FileNotFoundError:
