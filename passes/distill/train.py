@@ -164,7 +164,7 @@ class Trainer:
             opt.step()
             sched.step()
             done = step
-            train_losses.append(float(value))
+            train_losses.append(float(value.detach()))
             if step % eval_every == 0 or step == steps:
                 current = held_loss()
                 history.append((step, round(current, 6)))
