@@ -37,6 +37,7 @@ Modules:
 ``layer_speed``          int8 vs float speed of one Conv in isolation
 ``prepare``              exact folds before quantizing (affine into Conv, offsets into the next Conv)
 ``equalization``         cross-layer equalization
+``smoothing``            SmoothQuant: MatMul inputs' channel outliers moved into the weights
 ``tensor_types``         element type of every tensor (inference, then a probe run)
 ``opset_upgrade``        opsets the formats need, and upgrading a graph to them
 ``dynamic``              dynamic and weight-only modes, embedding tables, weights of float-only ops

@@ -119,6 +119,12 @@ class Quantize(Pass):
         "correct per-channel output mean shifts measured on calibration data",
     )
     equalize: bool = option(False, "cross-layer equalization of Conv->Relu->Conv pairs before quantizing")
+    smooth: Literal["auto", "all", "none"] = option(
+        "none",
+        "SmoothQuant: move MatMul inputs' channel outliers into the weights (exact in float): all | none | auto "
+        "(only activations whose largest channel RMS is >= 8x the median)",
+    )
+    smooth_alpha: float = option(0.5, "smoothing strength: s_j = rms_j^alpha / max|W_j|^(1-alpha)")
     fold_affine: bool = option(
         True,
         "fold constant per-channel Mul/Add/Sub/Div/BatchNorm into the Conv before them",
@@ -174,6 +180,10 @@ class Quantize(Pass):
             raise ValueError("calibration_samples must be >= 0 and eval_samples >= 1")
         if self.auto_float_db < 0:
             raise ValueError(f"auto_float_db must be >= 0, got {self.auto_float_db}")
+        if self.smooth not in ("auto", "all", "none"):
+            raise ValueError(f"smooth must be auto, all or none, got {self.smooth!r}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.weight_rounding not in ("auto", "output", "nearest"):
             raise ValueError(f"weight_rounding must be auto, output or nearest, got {self.weight_rounding!r}")
         if self.rounding_samples < 1:

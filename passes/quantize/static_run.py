@@ -2,7 +2,7 @@
 
 1. **Prepare** (exact): opset upgrade for per-channel Q/DQ (13; per tensor at 10 if that fails, ``opset_upgrade``),
    a name for every node, affine and offset folds into Convs (``prepare``), optional cross-layer equalization
-   (``equalization``). The result is copied once: the float graph every build starts from (``StaticRun.base``) and
+   (``equalization``), activation smoothing of MatMul inputs with outlier channels (``smoothing``). The result is copied once: the float graph every build starts from (``StaticRun.base``) and
    its export (``float_model``); ``tensor_types`` gives each tensor's element type.
 2. **Placement** of the full integer domain (``placement``), whose tensors are all calibrated at once; later, smaller
    placements need subsets of those ranges.
@@ -55,6 +55,7 @@ from .prepare import fold_affine_into_conv, fold_offset_into_next_conv, name_unn
 from .qdq_insert import WeightOptions, insert_qdq, resolve_params
 from .range_choice import choose_method
 from .rounding import optimise_rounding
+from .smoothing import smooth
 from .tensor_types import probe_dtypes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -172,6 +173,10 @@ class StaticRun:
             k = equalize(graph, names)
             stats["cle_pairs"] = k
             prepared = prepared or bool(k)
+        if p.smooth != "none":
+            st = smooth(self, graph, names)
+            stats["smoothing"] = st
+            prepared = prepared or bool(st["smoothed"])
         graph.toposort()
         self.base = graph.copy()
         self.float_model = ctx.export(self.base)

@@ -1,0 +1,385 @@
+"""int8 on inputs with thin margins (issue 12): hard inputs beside the easy ones, SQNR and cosine beside every task
+metric, one row per quantization technique switched on alone, the default, and ORT's static quantizer.
+
+    python -m benchmarks.int8_margins                                  # every model below, every variant
+    python -m benchmarks.int8_margins --models ppocrv4_rec --variants nearest,default
+    python -m benchmarks.int8_margins --render                         # rewrite the Markdown from the JSON
+
+Inputs per model (calibration and evaluation from disjoint seeds):
+
+* **PP-OCRv4 rec**: the harness's easy lines (English words, 28-40 px, FP32 exact match ~0.97) and **hard lines**
+  (``hard_lines``): random characters (letters, digits, punctuation) 8-18 long in 12 DejaVu faces at 11-22 px
+  (upscaled to the model's 48 px height), dim low-contrast ink, slight blur and pixel noise — lines where the FP32
+  model's own exact match is about one half, so its logits' margins are thin. Calibration: half easy, half hard.
+* **MiniLM-L3**: the harness's sentences and **long inputs** (``long_sentences``): 4-8 consecutive sentences in one
+  feed, up to 128 tokens. Calibration: half each.
+* det / nudenet / ddddocr_det: the harness's inputs.
+
+Per evaluation set and variant: the model's task metric (``ModelSpec.evaluate``: string agreement / CER for rec, box
+F1 / map IoU for detectors, embedding cosine for MiniLM), the SQNR and cosine of the logits (the worst float output;
+MiniLM: the sentence embedding), latency vs FP32 (1 thread, interleaved in one call), weight bytes, tool seconds.
+
+Variants (``VARIANTS``): ``nearest`` (round-to-nearest weights, what the pass did before ``weight_rounding``),
+``rounding`` (``weight_rounding=output``: scales and rounding fitted to each layer's output), ``default`` (the pass's
+defaults, ``weight_rounding=auto``), ``all-int8`` (no automatic float layers), and ``ort_minmax`` (ORT's
+``quantize_static``, QDQ, per channel, MinMax). Writes ``benchmarks/results/int8_margins.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import string
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import anchors, measure
+from benchmarks.run import RESULTS, load_specs, versions
+from benchmarks.spec import Feed, ModelSpec, Outputs
+
+log = logging.getLogger("benchmarks.int8_margins")
+
+MODELS = ["ppocrv4_rec", "minilm_l3", "nudenet_320n", "ddddocr_det", "ppocrv4_det"]
+VARIANTS: dict[str, str] = {
+    "nearest": "cleanup,quantize{weight_rounding=nearest}",
+    "rounding": "cleanup,quantize{weight_rounding=output}",
+    "default": "cleanup,quantize",
+    "all-int8": "cleanup,quantize{auto_float_db=0}",
+    "ort_minmax": "ort",
+}
+#: calibration / evaluation feeds per set (2 shared cores: modest counts)
+N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 128, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16}
+N_EVAL = {"ppocrv4_rec": 64, "minilm_l3": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 12}
+#: the embedding output of paraphrase-MiniLM-L3 (speech_text.L3_EMBEDDING_OUTPUT)
+MINILM_L3_EMBEDDING = 3
+
+# ------------------------------------------------------------------------------------------------- hard text lines
+HARD_CHARS = string.ascii_letters + string.digits + "-.,:;!?()/%&+#@'"
+HARD_FONTS = (
+    "DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansCondensed.ttf",
+    "DejaVuSerif-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSansMono-Bold.ttf",
+    "DejaVuSans-ExtraLight.ttf", "DejaVuSerifCondensed.ttf", "DejaVuSansCondensed-Oblique.ttf",
+)
+HARD_SIZES = (11, 22)
+_SPLIT_SEED = {"calib": 0, "eval": 1}
+
+
+def _font(file: str, size: int):
+    from PIL import ImageFont
+
+    root = Path(os.environ.get("ONNXCOMPRESS_FONT_DIR") or "/usr/share/fonts/truetype/dejavu")
+    path = root / file
+    return ImageFont.truetype(str(path if path.is_file() else root / "DejaVuSans.ttf"), size)
+
+
+def hard_line(rng: np.random.Generator):
+    """(PIL image, text) of one hard line (module docstring)."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    n = int(rng.integers(8, 19))
+    text = "".join(HARD_CHARS[i] for i in rng.integers(0, len(HARD_CHARS), n))
+    font = _font(HARD_FONTS[int(rng.integers(len(HARD_FONTS)))], int(rng.integers(*HARD_SIZES)))
+    left, _, right, _ = font.getbbox(text)
+    ascent, descent = font.getmetrics()
+    pad = int(rng.integers(1, 4))
+    w, h = right - left + 2 * pad, int((ascent + descent) * 1.1)
+    bg = int(rng.integers(120, 230))
+    ink = int(np.clip(bg - rng.integers(50, 110), 0, 255))
+    im = Image.new("L", (w, h), bg)
+    ImageDraw.Draw(im).text((pad - left, (h - ascent - descent) // 2), text, font=font, fill=ink)
+    im = im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 0.9))))
+    a = np.asarray(im, np.float32) + rng.normal(0, 8, (h, w))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB"), text
+
+
+def _rec_norm(im, height: int = 48, width: int = 320) -> np.ndarray:
+    """rapidocr's resize_norm_img (as ``vision``): aspect kept at ``height``, capped at ``width``, right-padded; BGR,
+    NCHW, [-1, 1]."""
+    from PIL import Image
+
+    w, h = im.size
+    rw = max(1, min(width, int(np.ceil(height * w / h))))
+    a = np.asarray(im.resize((rw, height), Image.BILINEAR), np.float32)[:, :, ::-1]
+    x = np.zeros((1, 3, height, width), np.float32)
+    x[0, :, :, :rw] = (a.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
+    return x
+
+
+def hard_lines(n: int, split: str) -> tuple[list[Feed], list[str]]:
+    """``n`` hard lines as PP-OCRv4 rec feeds, and their texts."""
+    feeds, texts = [], []
+    for i in range(n):
+        im, text = hard_line(np.random.default_rng([21, _SPLIT_SEED[split], i]))
+        feeds.append({"x": _rec_norm(im)})
+        texts.append(text)
+    return feeds, texts
+
+
+def rec_strings(outs: list[Outputs]) -> list[str]:
+    from benchmarks.vision import ctc_greedy, rec_charset
+
+    chars = rec_charset()
+    return [ctc_greedy(o[0][0], chars) for o in outs]
+
+
+def cer(refs: list[str], hyps: list[str]) -> float:
+    from benchmarks.vision import levenshtein
+
+    return sum(levenshtein(r, h) for r, h in zip(refs, hyps, strict=True)) / max(sum(len(r) for r in refs), 1)
+
+
+def hard_rec_metrics(truth: list[str], ref: list[Outputs], cand: list[Outputs]) -> dict[str, float]:
+    r, c = rec_strings(ref), rec_strings(cand)
+    return {
+        "agreement": float(np.mean([a == b for a, b in zip(r, c, strict=True)])),
+        "cer_vs_fp32": cer(r, c),
+        "fp32_exact_match": float(np.mean([a == t for a, t in zip(r, truth, strict=True)])),
+        "exact_match": float(np.mean([a == t for a, t in zip(c, truth, strict=True)])),
+        "fp32_cer": cer(truth, r),
+        "cer": cer(truth, c),
+    }
+
+
+# -------------------------------------------------------------------------------------------------- long sentences
+def long_sentences(n: int, split: str) -> list[Feed]:
+    """``n`` feeds of 4-8 consecutive sentences each (up to 128 tokens), for MiniLM-L3."""
+    from benchmarks.speech_text import split_sentences, tokenizer
+
+    tok = tokenizer()
+    sents = split_sentences(split)
+    rng = np.random.default_rng([22, _SPLIT_SEED[split]])
+    feeds = []
+    for _ in range(n):
+        k = int(rng.integers(4, 9))
+        i = int(rng.integers(0, len(sents) - k))
+        ids = np.asarray([tok.encode(" ".join(sents[i : i + k]), max_length=128)], dtype=np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return feeds
+
+
+# ----------------------------------------------------------------------------------------------------- data sets
+def eval_sets(spec: ModelSpec) -> tuple[list[Feed], dict[str, tuple[list[Feed], Any]]]:
+    """(calibration feeds, {set name: (eval feeds, ground truth or None)}) for one model."""
+    n_c, n_e = N_CALIB.get(spec.name, 32), N_EVAL.get(spec.name, 32)
+    if spec.name == "ppocrv4_rec":
+        hard_c, _ = hard_lines(n_c // 2, "calib")
+        hard_e, truth = hard_lines(n_e, "eval")
+        calib = [f for pair in zip(spec.make_inputs(n_c - n_c // 2, "calib"), hard_c, strict=False) for f in pair]
+        return calib, {"easy": (spec.make_inputs(n_e, "eval"), None), "hard": (hard_e, truth)}
+    if spec.name.startswith("minilm"):
+        long_c = long_sentences(n_c // 2, "calib")
+        calib = [f for pair in zip(spec.make_inputs(n_c - n_c // 2, "calib"), long_c, strict=False) for f in pair]
+        return calib, {"easy": (spec.make_inputs(n_e, "eval"), None), "long": (long_sentences(n_e, "eval"), None)}
+    return spec.make_inputs(n_c, "calib"), {"easy": (spec.make_inputs(n_e, "eval"), None)}
+
+
+def logit_fidelity(spec: ModelSpec, names: list[str], ref: list[Outputs], cand: list[Outputs]) -> dict[str, float]:
+    """SQNR (dB) and cosine of the logits: the worst float output, or MiniLM's sentence embedding."""
+    if spec.name == "minilm_l3":
+        names = [names[MINILM_L3_EMBEDDING]]
+        ref = [[o[MINILM_L3_EMBEDDING]] for o in ref]
+        cand = [[o[MINILM_L3_EMBEDDING]] for o in cand]
+    worst = measure.fidelity(names, ref, cand)["worst"]
+    return {"sqnr_db": worst.get("sqnr_db"), "cosine": worst.get("cosine_min", worst.get("cosine"))}
+
+
+# ------------------------------------------------------------------------------------------------------ variants
+def produce(variant: str, fp32: Path, calib: list[Feed], out: Path) -> dict[str, Any]:
+    """Make one candidate at ``out``; {tool_seconds, quantize stats | error}."""
+    t0 = time.perf_counter()
+    if VARIANTS[variant] == "ort":
+        res = anchors.run_method(variant, anchors.ort_static("MinMax"), fp32, calib, out)
+        return {"tool_seconds": time.perf_counter() - t0, "error": res.error}
+    from onnxcompress import io
+    from onnxcompress.api import compress
+
+    try:
+        result = compress(fp32, VARIANTS[variant], calibration=calib, validate=False, measure=False)
+    except Exception as exc:  # a failing variant becomes its row's error
+        return {"tool_seconds": time.perf_counter() - t0, "error": anchors.first_line(exc)}
+    io.save_model(result.model, out)
+    stats = result.ledger[-1].pass_stats
+    keep = ("kept_float", "weight_rounding", "auto_float", "calibration", "latency_ratio_measured", "skipped")
+    return {"tool_seconds": time.perf_counter() - t0, "error": None,
+            "stats": {k: stats[k] for k in keep if k in stats}}
+
+
+def bench_model(spec: ModelSpec, variants: list[str], budget_s: float) -> dict[str, Any]:
+    from benchmarks.fetch import cache_dir
+
+    t_model = time.perf_counter()
+    fp32 = Path(spec.fetch(cache_dir()))
+    calib, sets = eval_sets(spec)
+    rec: dict[str, Any] = {"model": spec.name, "n_calib": len(calib),
+                           "sets": {k: len(v[0]) for k, v in sets.items()}, "variants": {}}
+    refs = {k: measure.run_outputs(fp32, feeds) for k, (feeds, _) in sets.items()}
+    rec["fp32"] = {k: _set_truth(spec, k, sets[k], refs[k][1]) for k in sets}
+    with tempfile.TemporaryDirectory(prefix=f"margins-{spec.name}-") as tmp:
+        paths = {}
+        for v in variants:
+            out = Path(tmp) / f"{v}.onnx"
+            row = produce(v, fp32, calib, out)
+            log.info("%s / %s: %s (%.1f s)", spec.name, v, row["error"] or "ok", row["tool_seconds"])
+            if row["error"] is None:
+                paths[v] = out
+                row["weight_bytes"] = _weight_bytes(out)
+                row["sets"] = {}
+                for k, (feeds, truth) in sets.items():
+                    names, ref = refs[k]
+                    _, cand = measure.run_outputs(out, feeds, names)
+                    row["sets"][k] = {**logit_fidelity(spec, names, ref, cand), **_task(spec, k, feeds, truth, ref,
+                                                                                         cand)}
+            rec["variants"][v] = row
+        rec["fp32_weight_bytes"] = _weight_bytes(fp32)
+        first = next(iter(sets.values()))[0][0]
+        lat = measure.latency_ratios({"fp32": fp32, **paths}, "fp32", first, threads=1, budget_s=budget_s)
+        for v, r in lat.items():
+            if v in rec["variants"]:
+                rec["variants"][v]["latency_ratio"] = r["ratio"]
+        rec["fp32_ms"] = lat["fp32"]["ms"]
+    rec["seconds"] = time.perf_counter() - t_model
+    return rec
+
+
+def _task(spec: ModelSpec, set_name: str, feeds, truth, ref, cand) -> dict[str, float]:
+    if set_name == "hard":
+        return hard_rec_metrics(truth, ref, cand)
+    return spec.evaluate(feeds, ref, cand)
+
+
+def _set_truth(spec: ModelSpec, set_name: str, data, ref_outs) -> dict[str, float]:
+    """The FP32 model's own task score on a set with ground truth (hard lines)."""
+    feeds, truth = data
+    if set_name == "hard" and truth is not None:
+        m = hard_rec_metrics(truth, ref_outs, ref_outs)
+        return {"exact_match": m["fp32_exact_match"], "cer": m["fp32_cer"]}
+    return {}
+
+
+def _weight_bytes(path: Path) -> int:
+    from onnxcompress import io
+
+    return io.weight_bytes(io.read_model(path))
+
+
+# ------------------------------------------------------------------------------------------------------- report
+def _f(v: Any, fmt: str = "{:.3f}") -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "—"
+    return fmt.format(v)
+
+
+#: the task metric shown per set (the harness's primary metric; hard lines: agreement with FP32)
+def _task_cols(model: str, set_name: str) -> list[str]:
+    if model == "ppocrv4_rec":
+        return ["agreement", "cer_vs_fp32", "exact_match"] if set_name == "hard" else ["agreement", "cer_vs_fp32"]
+    if model.startswith("minilm"):
+        return ["cosine_mean", "cosine_min"]
+    specs = load_specs()
+    return [specs[model].primary_metric] if model in specs else []
+
+
+def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# int8 on thin margins (issue 12)",
+        "",
+        "Written by `python -m benchmarks.int8_margins` (module docstring: inputs, variants). Latency: 1 thread, "
+        "interleaved with FP32 in one call, on the first feed of the first set; SQNR / cosine: the worst float output "
+        "(MiniLM: the sentence embedding) against FP32 on the same feeds; bytes: initializers.",
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
+        "",
+    ]
+    for rec in records:
+        m = rec["model"]
+        lines += [f"## {m}", "", f"calibration feeds {rec['n_calib']}; evaluation sets {rec['sets']}; "
+                  f"FP32 {rec.get('fp32_ms', float('nan')):.1f} ms"]
+        for k, v in rec.get("fp32", {}).items():
+            if v:
+                lines.append(f"FP32 on the {k} set vs ground truth: " + ", ".join(f"{a} {b:.3f}" for a, b in v.items()))
+        lines.append("")
+        sets = list(rec["sets"])
+        head = ["variant", "latency", "bytes", "tool s"]
+        for k in sets:
+            head += [f"{k}: SQNR dB", f"{k}: cosine"] + [f"{k}: {c}" for c in _task_cols(m, k)]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for v, row in rec["variants"].items():
+            if row.get("error"):
+                lines.append(f"| {v} | error: {row['error']} |")
+                continue
+            cells = [v, _f(row.get("latency_ratio"), "{:.2f}x"),
+                     _f(row["weight_bytes"] / rec["fp32_weight_bytes"], "{:.2f}x"), _f(row["tool_seconds"], "{:.0f}")]
+            for k in sets:
+                r = row["sets"][k]
+                cells += [_f(r.get("sqnr_db"), "{:.1f}"), _f(r.get("cosine"), "{:.4f}")]
+                cells += [_f(r.get(c)) for c in _task_cols(m, k)]
+            lines.append("| " + " | ".join(cells) + " |")
+        notes = []
+        for v, row in rec["variants"].items():
+            st = row.get("stats") or {}
+            wr = st.get("weight_rounding")
+            if wr:
+                notes.append(f"- {v}: weight_rounding {wr.get('layers')} layers "
+                             f"(median per-layer output-error gain {wr.get('output_error_db_gain_median')} dB), "
+                             f"kept={wr.get('kept')}, {wr.get('seconds')} s; skipped {len(wr.get('skipped', {}))}")
+            for kf in st.get("kept_float", []):
+                notes.append(f"- {v}: float `{kf['layer']}` ({kf.get('macs_share', 0):.1%} of MACs): {kf['reason']}")
+            for rj in (st.get("auto_float") or {}).get("rejected", []):
+                notes.append(f"- {v}: int8 `{rj['layer']}` ({rj.get('macs_share', 0):.1%} of MACs): {rj['reason']}")
+        lines += ["", *notes, ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--latency-budget", type=float, default=4.0)
+    ap.add_argument("--out", type=Path, default=RESULTS / "int8_margins")
+    ap.add_argument("--merge", action="store_true", help="replace only these models/variants in the existing JSON")
+    ap.add_argument("--render", action="store_true", help="rewrite the Markdown from the JSON")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
+    old = json.loads(json_path.read_text()) if json_path.is_file() else {"records": [], "meta": {}}
+    if args.render:
+        md_path.write_text(render(old["records"], old["meta"]))
+        return 0
+    specs = load_specs()
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    records = {r["model"]: r for r in old["records"]} if args.merge else {}
+    for name in [m for m in args.models.split(",") if m]:
+        rec = bench_model(specs[name], variants, args.latency_budget)
+        if args.merge and name in records:
+            records[name]["variants"].update(rec["variants"])
+            for k in ("fp32", "fp32_ms", "sets", "n_calib", "fp32_weight_bytes"):
+                records[name][k] = rec[k]
+        else:
+            records[name] = rec
+        meta = {"versions": versions(), "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        json_path.write_text(json.dumps({"records": list(records.values()), "meta": meta}, indent=1,
+                                        default=_json_default))
+        md_path.write_text(render(list(records.values()), meta))
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

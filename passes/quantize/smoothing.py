@@ -1,0 +1,149 @@
+"""Activation smoothing for MatMul inputs with outlier channels (SmoothQuant, Xiao et al. 2023), an exact rewrite
+``quantize{smooth=...}`` runs before calibration.
+
+An activation ``X`` [.., K] read by MatMuls ``Y_m = X W_m`` (constant W_m [K, N_m]; Gemm ``B`` alike) is quantized
+per tensor, so a few channels with a large magnitude (transformers' LayerNorm outputs have them) set the scale and
+every other channel keeps only a few integer levels. With per-channel factors ``s_j > 0``::
+
+    Y_m = (X · diag(1/s)) (diag(s) W_m)          for every m,
+
+so the activation's channels are divided by ``s`` and the weights' rows multiplied by it; the weights are quantized
+per output channel, which absorbs the larger rows. SmoothQuant's choice ``s_j = a_j^α / w_j^(1−α)`` balances the
+two (``a_j``: the channel's magnitude in the activation, ``w_j = max_m max_n |W_m[j, n]|``; α = ``smooth_alpha``).
+``a_j`` is the channel's root mean square on the calibration feeds, from the shared activation statistics (the
+diagonal of the Gram matrix of ``X``'s rows, ``onnxcompress.analyses.activation_stats``).
+
+Where ``diag(1/s)`` goes: into the LayerNormalization that produces ``X`` (``γ/s``, ``β/s``) when every consumer of
+``X`` is one of these MatMuls; else a ``Mul(X, 1/s)`` node feeds the MatMuls (the other consumers — a residual Add —
+keep reading ``X``). New constants are named ``<name>_smooth``.
+
+``smooth=auto`` smooths an activation only when its channels are uneven: ``max_j a_j / median_j a_j >=
+SMOOTH_MIN_RATIO``; ``smooth=all`` smooths every candidate. Float outputs are unchanged up to rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcompress.analyses.activation_stats import StatisticsStore, StatsRequest
+from onnxcompress.naming import unique_name
+
+from .ort_int8_kernels import attr, const_value
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .static_run import StaticRun
+
+log = logging.getLogger(__name__)
+
+#: smooth=auto: the largest channel RMS over the median one at least this
+SMOOTH_MIN_RATIO = 8.0
+#: factors are kept within [1/S_LIMIT, S_LIMIT]
+S_LIMIT = 1e4
+
+
+def _weight_rows(node: gs.Node, x: gs.Tensor) -> np.ndarray | None:
+    """``W`` [K, N] of a MatMul/Gemm that reads ``x`` as its left operand with a constant weight, else None."""
+    if not node.inputs or node.inputs[0] is not x or len(node.inputs) < 2:
+        return None
+    w = const_value(node.inputs[1])
+    if w is None or w.dtype != np.float32 or w.ndim != 2:
+        return None
+    if node.op == "MatMul":
+        return w
+    if node.op == "Gemm" and not attr(node, "transA", 0) and float(attr(node, "alpha", 1.0)) == 1.0:
+        return w.T if attr(node, "transB", 0) else w
+    return None
+
+
+def candidates(graph: gs.Graph) -> dict[str, tuple[gs.Variable, list[gs.Node]]]:
+    """Activation name -> (tensor, the MatMul/Gemm consumers that read it with a constant weight)."""
+    out = {}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) or not t.inputs:
+            continue
+        mms = [n for n in t.outputs if n.op in ("MatMul", "Gemm") and _weight_rows(n, t) is not None]
+        if mms and len({_weight_rows(n, t).shape[0] for n in mms}) == 1:
+            out[t.name] = (t, mms)
+    return out
+
+
+def factors(rms: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    """``s_j = a_j^α / w_j^(1−α)``, 1 where either is 0, within [1/S_LIMIT, S_LIMIT], normalised to geometric
+    mean 1 (the overall level moves to neither side)."""
+    ok = (rms > 0) & (w_max > 0)
+    s = np.ones_like(rms, dtype=np.float64)
+    s[ok] = rms[ok] ** alpha / w_max[ok] ** (1.0 - alpha)
+    s[ok] /= np.exp(np.mean(np.log(s[ok]))) if ok.any() else 1.0
+    return np.clip(s, 1.0 / S_LIMIT, S_LIMIT)
+
+
+def smooth(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
+    """Smooth the candidates of ``graph`` (modified in place; statistics from its current export); returns stats."""
+    p = run.p
+    cands = candidates(graph)
+    if not cands:
+        return {"smoothed": 0}
+    model = run.ctx.export(graph)
+    feeds = run.feeds(p.calibration_samples)
+    store = StatisticsStore(model, feeds, run.ctx, "float model (smoothing)")
+
+    def rows(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+
+    req = StatsRequest(second_moments={f"{k}:smooth": (k, rows) for k in cands}, samples=len(feeds))
+    store.get(req)
+    done: dict[str, float] = {}
+    skipped: dict[str, float] = {}
+    for name, (x, mms) in cands.items():
+        g = store.gram(f"{name}:smooth", samples=len(feeds))
+        if g is None or g.rows == 0:
+            continue
+        rms = np.sqrt(np.maximum(np.diag(g.xtx), 0.0) / g.rows)
+        med = float(np.median(rms))
+        ratio = float(rms.max() / med) if med > 0 else float("inf")
+        if p.smooth == "auto" and ratio < SMOOTH_MIN_RATIO:
+            skipped[name] = round(ratio, 1)
+            continue
+        w_max = np.max([np.abs(_weight_rows(n, x)).max(axis=1) for n in mms], axis=0).astype(np.float64)
+        s = factors(rms, w_max, p.smooth_alpha)
+        _apply(graph, x, mms, s, names)
+        done[name] = round(ratio, 1)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return {"smoothed": len(done), "channel_ratio": done, "not_smoothed_ratio": skipped, "alpha": p.smooth_alpha}
+
+
+def _apply(graph: gs.Graph, x: gs.Variable, mms: list[gs.Node], s: np.ndarray, names: set[str]) -> None:
+    inv = (1.0 / s).astype(np.float32)
+    for n in mms:  # diag(s) W
+        w = np.asarray(n.inputs[1].values, np.float32)
+        scaled = w * (s[None, :] if n.op == "Gemm" and attr(n, "transB", 0) else s[:, None])
+        n.inputs[1] = gs.Constant(unique_name(f"{n.inputs[1].name}_smooth", names), scaled.astype(np.float32))
+    prod = x.inputs[0]
+    if prod.op == "LayerNormalization" and len(x.outputs) == len(mms) and _ln_last_axis(prod, s.size):
+        gamma = const_value(prod.inputs[1])
+        prod.inputs[1] = gs.Constant(unique_name(f"{prod.inputs[1].name}_smooth", names), gamma * inv)
+        if len(prod.inputs) > 2 and prod.inputs[2].name:
+            beta = const_value(prod.inputs[2])
+            prod.inputs[2] = gs.Constant(unique_name(f"{prod.inputs[2].name}_smooth", names), beta * inv)
+        return
+    xs = gs.Variable(unique_name(f"{x.name}_smooth", names), dtype=x.dtype, shape=x.shape)
+    mul = gs.Node("Mul", unique_name(f"{x.name}_smooth_Mul", names),
+                  inputs=[x, gs.Constant(unique_name(f"{x.name}_smooth_scale", names), inv)], outputs=[xs])
+    for n in mms:
+        n.inputs[0] = xs
+    graph.nodes.append(mul)
+
+
+def _ln_last_axis(ln: gs.Node, k: int) -> bool:
+    if int(attr(ln, "axis", -1)) != -1 or len(ln.inputs) < 2:
+        return False
+    gamma = const_value(ln.inputs[1])
+    beta = const_value(ln.inputs[2]) if len(ln.inputs) > 2 and ln.inputs[2].name else None
+    return gamma is not None and gamma.shape == (k,) and (beta is None or beta.shape == (k,))
+
+
+__all__ = ["SMOOTH_MIN_RATIO", "candidates", "factors", "smooth"]
