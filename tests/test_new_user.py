@@ -135,14 +135,14 @@ def test_a_model_rejecting_every_made_up_input_asks_for_data(tmp_path, capsys):
 
 
 @pytest.mark.realmodel
-@pytest.mark.parametrize("name", ["ch_PP-OCRv4_det_infer", "silero_vad", "silero_vad_16k_op15", "silero_vad_half",
-                                  "silero_vad_op18_ifless"])
+@pytest.mark.parametrize("name", ["ch_PP-OCRv4_det_infer", "ch_ppocr_mobile_v2.0_cls_infer", "silero_vad",
+                                  "silero_vad_16k_op15", "silero_vad_half", "silero_vad_op18_ifless"])
 def test_real_models_clean_up_without_data(tmp_path, capsys, name):
     src = CACHE / f"{name}.onnx"
     if not src.exists():
         pytest.skip(f"{name}.onnx not in the model cache (python -m benchmarks.models fetch)")
     code, out, err = run(capsys, "compress", src, "-o", tmp_path / "o.onnx", "--passes", "cleanup", "--no-latency")
-    assert code == 0, err
+    assert code == 0, err  # ppocr_cls declares its batch dim as -1 (a Paddle habit): unknown, not bad input
     assert "made-up input shape" in out or "pinned" in out
 
 
