@@ -50,7 +50,9 @@ log = logging.getLogger("benchmarks.prune")
 CNN_MODELS = ["ppocr_cls", "mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "ppocrv4_rec", "nudenet_320n", "ddddocr_det",
               "ppocrv4_det"]
 TRANSFORMERS = ["minilm_l3", "minilm_l6"]
-MODELS = CNN_MODELS + TRANSFORMERS
+#: outside the original corpus: an ImageNet classifier (``benchmarks.imagenet``), in the ``--train`` rows
+IMAGENET = ["efficientnet_lite2"]
+MODELS = CNN_MODELS + TRANSFORMERS + IMAGENET
 QUICK_MODELS = ["ppocr_cls", "mtcnn_rnet", "minilm_l3"]
 #: large inputs: one distill costs minutes on 2 shared cores (PP-OCRv4 det: ~7 min), so these get the 0.5x budget only
 LARGE_MODELS = {"ppocrv4_det", "ppocrv4_rec", "nudenet_320n", "ddddocr_det"}
@@ -81,6 +83,14 @@ N_CALIB = {"minilm_l3": 550, "minilm_l6": 550}
 MINILM_UNITS = (12, 1536)
 
 CNN_GOAL = {"macs": 0.5, "latency": 0.6, "metric": 0.99}
+#: issue 11 (``distill{mode=train}``): at 0.5x MACs the ImageNet classifier keeps top-1 agreement >= 0.95, the
+#: large CNNs >= 0.97 of FP32's task metric; MiniLM with 30% of heads + FFN removed keeps cosine >= 0.985
+TRAIN_GOAL = {"imagenet": 0.95, "cnn": 0.97, "minilm": 0.985, "macs": 0.5}
+#: the ``--train`` rows: every model with the closed-form refit and with training, same run, same feeds
+TRAIN_MODELS = ["ppocrv4_rec", "ppocrv4_det", "nudenet_320n", "ddddocr_det", "minilm_l3", "efficientnet_lite2"]
+#: the training variant (refit first, then train on the refit student within the time budget)
+TRAIN_DISTILL = "distill{{mode=refit+train max_minutes={minutes:g}}}"
+_MODE = re.compile(r"distill\{[^}]*mode=([a-z+]+)")
 MINILM_GOAL = {"removed": 0.30, "cosine": 0.98}
 
 _TARGET = re.compile(r"target_macs=([0-9.]+)")
@@ -112,6 +122,37 @@ def variants(model: str, quick: bool = False) -> list[str]:
     return out + stepwise
 
 
+def train_variants(model: str, minutes: float = 8.0, targets: tuple[float, ...] = (0.5,),
+                   refit: bool = True) -> list[str]:
+    """The ``--train`` rows for one model: the cut, then closed-form ``distill`` and ``TRAIN_DISTILL``."""
+    cuts = [MINILM_SPREAD] if model in TRANSFORMERS else [f"prune-channels{{target_macs={t}}}" for t in targets]
+    out = []
+    for c in cuts:
+        out += ([f"cleanup,{c},distill"] if refit else []) + [
+            f"cleanup,{c},{TRAIN_DISTILL.format(minutes=minutes)}"]
+    return out
+
+
+def distill_mode(pipeline: str) -> str | None:
+    """refit / train / refit+train for the (last) distill of a pipeline; None without distill."""
+    if "distill" not in pipeline:
+        return None
+    modes = _MODE.findall(pipeline)
+    return modes[-1] if modes else "refit"
+
+
+def train_goal(row: dict[str, Any]) -> bool | None:
+    """Issue 11's goal for a distilled row (None where it does not apply)."""
+    if not row.get("distill") or row.get("error") or row.get("metric") is None:
+        return None
+    if row["model"] in TRANSFORMERS:
+        return (row.get("removed") or 0) >= MINILM_GOAL["removed"] and row["metric"] >= TRAIN_GOAL["minilm"]
+    if row.get("macs_ratio") is None:
+        return None
+    bar = TRAIN_GOAL["imagenet"] if row["model"] in IMAGENET else TRAIN_GOAL["cnn"]
+    return row["macs_ratio"] <= TRAIN_GOAL["macs"] + 0.01 and row["metric"] >= bar
+
+
 def describe(pipeline: str, model: str | None = None) -> dict[str, Any]:
     """What a variant pipeline does: {"label", "distill", "stepwise", "target_macs" | "ratio" (+ "head_ratio",
     "removed": the smaller of the removed head and FFN shares)}.
@@ -122,7 +163,8 @@ def describe(pipeline: str, model: str | None = None) -> dict[str, Any]:
     cuts = pipeline.count("prune-channels")
     targets = [float(t) for t in _TARGET.findall(pipeline)]
     ratios = [float(r) for r in _RATIO.findall(pipeline)]
-    d: dict[str, Any] = {"distill": "distill" in pipeline, "stepwise": cuts > 1}
+    d: dict[str, Any] = {"distill": "distill" in pipeline, "stepwise": cuts > 1,
+                         "distill_mode": distill_mode(pipeline)}
     lat = _LATENCY.findall(pipeline)
     if lat:
         d["target_latency"] = float(lat[0])
@@ -190,12 +232,14 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
             "cosine": worst.get("cosine"),
             "sqnr_db": worst.get("sqnr_db"),
             "tool_s": (m.get("tool") or {}).get("seconds"),
+            "tool_peak_mb": (m.get("tool") or {}).get("peak_rss_mb"),
         })
         row["truth"] = truth_metrics(m.get("metrics") or {})
         figs = m.get("figures") or {}
         if fp32_macs and figs.get("macs") and row["macs_ratio"] is None:
             row["macs_ratio"] = figs["macs"] / fp32_macs
         row["goal"] = goal(row)
+        row["train_goal"] = train_goal(row)
         out.append(row)
     return out
 
@@ -334,17 +378,48 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
         lines.append(head)
         for r in (x for x in rows if x["model"] == rec["model"]):
             if r.get("error"):
-                lines.append(f"| | {r['label']} | {'yes' if r['distill'] else 'no'} | error: {r['error']} "
+                lines.append(f"| | {r['label']} | {_mode(r)} | error: {r['error']} "
                              "| | | | | | | |")
                 continue
             lines.append(
-                f"| | {r['label']} | {'yes' if r['distill'] else 'no'} | {_f(r.get('macs_ratio'), '{:.2f}')} | "
+                f"| | {r['label']} | {_mode(r)} | {_f(r.get('macs_ratio'), '{:.2f}')} | "
                 f"{_f(r.get('latency_ratio'), '{:.2f}')} | {_f(r.get('size_ratio'), '{:.2f}')} | "
                 f"{r.get('metric_name')} {_f(r.get('metric'))} | {_truth_cell(r.get('truth'))} | "
                 f"{_f(r.get('cosine'), '{:.4f}')} | {_f(r.get('sqnr_db'), '{:.1f}')} | {_f(r.get('tool_s'), '{:.0f}')} |")
+    lines += render_train(rows)
     lines.append("")
     lines.append(f"Versions: {meta.get('versions')}. Total time {meta.get('seconds', 0):.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def _mode(r: dict[str, Any]) -> str:
+    if not r.get("distill"):
+        return "no"
+    return "yes" if r.get("distill_mode") in (None, "refit") else r["distill_mode"]
+
+
+def render_train(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 11's table: closed-form refit and training side by side, with tool time and peak memory."""
+    sel = [r for r in rows if r["model"] in TRAIN_MODELS and r.get("distill") and not r.get("stepwise")
+           and (r.get("distill_mode") != "refit" or any(x["model"] == r["model"] and x.get("distill_mode", "refit")
+                                                         != "refit" for x in rows))]
+    if not any(r.get("distill_mode") not in (None, "refit") for r in sel):
+        return []
+    lines = ["", "## Distillation by training (`distill{mode=train}`) beside the closed-form refit", "",
+             f"Goals (issue 11): at <= {TRAIN_GOAL['macs']}x MACs the ImageNet classifier keeps top-1 agreement >= "
+             f"{TRAIN_GOAL['imagenet']}, the large CNNs >= {TRAIN_GOAL['cnn']} of FP32's task metric; MiniLM with "
+             f"30% of heads + FFN removed keeps cosine >= {TRAIN_GOAL['minilm']}. Same run, same feeds per model.",
+             "", "| model | variant | distill | MACs | latency | metric | goal | tool s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sel:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['label']} | {_mode(r)} | error: {r['error']} | | | | | |")
+            continue
+        met = {True: "met", False: "not met"}.get(r.get("train_goal"), "-")
+        lines.append(f"| {r['model']} | {r['label']} | {r.get('distill_mode')} | {_f(r.get('macs_ratio'), '{:.2f}')} "
+                     f"| {_f(r.get('latency_ratio'), '{:.2f}')} | {r.get('metric_name')} {_f(r.get('metric'))} | "
+                     f"{met} | {_f(r.get('tool_s'), '{:.0f}')} | {_f(r.get('tool_peak_mb'), '{:.0f}')} |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------------- run
@@ -361,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pipelines", help="';'-separated pipelines to run instead of each model's variants; with "
                     "--merge they are added to the models' existing rows")
     ap.add_argument("--render", action="store_true", help="only rewrite prune.md from the prune.json in --out")
+    ap.add_argument("--train", type=float, default=None, metavar="MINUTES",
+                    help="run issue 11's rows (closed-form distill and distill{mode=refit+train max_minutes=M}) "
+                    f"on --models (default {','.join(TRAIN_MODELS)}); with --merge added to the existing rows")
+    ap.add_argument("--no-refit-rows", action="store_true", help="with --train: only the training rows")
     args = ap.parse_args(argv)
     if args.render:
         out = args.out or RESULTS
@@ -371,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
     specs = load_specs()
-    names = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else MODELS)
+    names = args.models.split(",") if args.models else (
+        TRAIN_MODELS if args.train else QUICK_MODELS if args.quick else MODELS)
     unknown = [n for n in names if n not in specs]
     if unknown:
         print(f"unknown model(s): {', '.join(unknown)}", file=sys.stderr)
@@ -385,8 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     old, old_meta = saved.get("records", []), saved.get("meta")
     records: list[dict[str, Any]] = []
     for name in names:
-        pipelines = [p.strip() for p in args.pipelines.split(";") if p.strip()] if args.pipelines else variants(
-            name, args.quick)
+        if args.train:
+            pipelines = train_variants(name, args.train, refit=not args.no_refit_rows)
+        elif args.pipelines:
+            pipelines = [p.strip() for p in args.pipelines.split(";") if p.strip()]
+        else:
+            pipelines = variants(name, args.quick)
         methods = {"fp32": anchors.fp32_method} | {f"ours:{p}": anchors.ours(p) for p in pipelines}
         n_calib = args.n_calib or N_CALIB.get(name, n_calib_default)
         cfg = RunConfig(methods=list(methods), n_calib=n_calib, n_eval=n_eval, threads=(1,),
@@ -396,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": n_calib_default,
                 "n_calib_override": {k: v for k, v in N_CALIB.items() if not args.n_calib}, "n_eval": n_eval,
                 "versions": versions(), "seconds": time.perf_counter() - t0}
-        merged = merge_methods(old, records) if args.pipelines else merge_records(old, records)
-        if args.pipelines and old_meta:
+        adding = args.pipelines or args.train
+        merged = merge_methods(old, records) if adding else merge_records(old, records)
+        if adding and old_meta:
             meta = old_meta | {"extra": old_meta.get("extra", []) + [meta["args"]], "seconds": old_meta.get(
                 "seconds", 0)}
         write(out, merged, meta)  # after every model: an interrupted run keeps its results
