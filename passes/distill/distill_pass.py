@@ -28,6 +28,13 @@ Works after ``prune-weights`` (zeros stay zeros: each output is solved on its su
 (the float solution is re-quantized on the layer's existing grid and the bias re-solved); layers that cannot be
 solved this way (ConvTranspose, grouped Conv, very wide layers) get bias correction:
 b += E[y_teacher - y_student] per channel.
+
+``mode=train`` replaces the layer-wise solve by gradient descent on the whole student (or block by block) against
+the teacher's outputs (``train``: KL on class scores, cosine on embeddings, normalized MSE else), with PyTorch as
+an optional extra; ``mode=refit+train`` trains from the refit student. Training changes the values of the graph's
+float constants only; exact zeros stay zero, few-valued (clustered) weights train their codebook; a quantized graph
+is refused (run it before ``quantize``). The default stays ``refit``: see the pass's README section for the measured
+comparison.
 """
 
 from __future__ import annotations

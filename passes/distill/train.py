@@ -152,7 +152,7 @@ class Trainer:
         start = held_loss()
         best, best_state, bad, stop = start, None, 0, "steps"
         history, train_losses, done = [(0, round(start, 6))], [], 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         eval_every = max(1, min(opts.eval_every, steps))
         progress = getattr(self.ctx, "progress", None)
         for step in progress(range(1, steps + 1), total=steps, desc=desc) if progress else range(1, steps + 1):
@@ -186,6 +186,7 @@ class Trainer:
                 for p, v in zip(params, best_state, strict=True):
                     p.copy_(v)
         return {"steps": done, "stopped_by": stop, "seconds": round(time.perf_counter() - t0, 1),
+                "cpu_seconds": round(time.process_time() - c0, 1),
                 "heldout_loss_start": round(start, 6), "heldout_loss_best": round(best, 6),
                 "improved": best_state is not None, "loss_history": history}
 
