@@ -190,6 +190,37 @@ def test_a_killed_trial_is_recorded_and_retried_once(tmp_path):
     assert len(crashed) == 1 and crashed[0]["number"] == 1 and "-9" in crashed[0]["error"]
 
 
+def sleep_first_attempt(task):
+    """Trial function of the time-out test: the first attempt of trial 1 hangs."""
+    if task.number == 1 and task.attempt == 1:
+        import time
+
+        time.sleep(60)
+    return run_trial(task)
+
+
+def test_a_timed_out_trial_is_killed_recorded_and_retried(tmp_path):
+    res = _tune(tmp_path / "m.onnx", trials=2, timeout=4.0, trial_fn=sleep_first_attempt)
+    assert [r["status"] for r in res.records] == ["ok", "ok"] and res.retried == 1
+    lines = [json.loads(x) for x in (tmp_path / "m.tune.jsonl").read_text().splitlines()[1:]]
+    assert [x["status"] for x in lines if x["number"] == 1] == ["timeout", "ok"]
+
+
+def test_space_is_printed(capsys):
+    import argparse
+
+    from onnxcompress.tune.commands import add_parsers
+
+    ap = argparse.ArgumentParser()
+    add_parsers(ap.add_subparsers())
+    args = ap.parse_args(["tune", "--space"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    for p in build_space().passes:
+        assert p.name in text
+    assert "target_macs" in text and "not searched" in text
+
+
 def test_resume_continues_the_study_and_refuses_another_models_journal(tmp_path):
     out = tmp_path / "m.onnx"
     first = _tune(out, trials=2)

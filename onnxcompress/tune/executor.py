@@ -52,6 +52,10 @@ def default_workers(model_bytes: int) -> int:
     return int(max(1, min(cores, by_memory)))
 
 
+def _noop() -> None:
+    pass
+
+
 def _child(trial_fn: Callable[[TrialTask], dict], task: TrialTask, conn) -> None:
     try:
         conn.send(trial_fn(task))
@@ -75,6 +79,10 @@ class LocalExecutor:
         self.ctx.set_forkserver_preload(["onnxcompress"])
         self.running: dict[int, tuple[Any, Any, TrialTask, float]] = {}
         self.retried = 0
+        # boot the fork server now (imports onnxcompress once): its start-up is not charged to a trial's timeout
+        warm = self.ctx.Process(target=_noop, daemon=True)
+        warm.start()
+        warm.join()
 
     def capacity(self) -> int:
         return self.workers - len(self.running)

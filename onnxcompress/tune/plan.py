@@ -3,7 +3,7 @@
 Phase ``sensitivity``: the baseline (``cleanup`` only), then each searched pass alone, one dimension at a time over
 its grid (every choice; 3 points of a range) with its other options at their base values (``PassSpace.base``: the
 pass's default where the space holds it). Levels that give the same pipeline are measured once. The trials are ordered
-round-robin over the passes, so a small budget still measures every pass once.
+round-robin over the passes (``space.PRIORITY`` first), so a small budget still measures every pass once.
 
 Phase ``combine``: every combination of at most one measured level per pass (or the pass off) is predicted from the
 single-pass measurements relative to the baseline ``b``:
@@ -22,7 +22,7 @@ import json
 import math
 from typing import Any
 
-from onnxcompress.tune.space import Space
+from onnxcompress.tune.space import PRIORITY, Space
 from onnxcompress.tune.targets import RATIOS, Target
 
 Config = dict[str, dict[str, Any] | None]
@@ -36,7 +36,8 @@ def sensitivity_configs(space: Space, points: int = 3) -> list[Config]:
     """Baseline first, then single-pass levels round-robin over the passes (deduplicated later by pipeline)."""
     base = space.default_config()
     per_pass: list[list[Config]] = []
-    for p in space.passes:
+    order = sorted(space.passes, key=lambda p: PRIORITY.index(p.name) if p.name in PRIORITY else len(PRIORITY))
+    for p in order:
         if p.always:
             continue
         levels = []

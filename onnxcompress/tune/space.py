@@ -44,6 +44,8 @@ FALLBACK: dict[tuple[str, str], Any] = {
 STAGE = {"cleanup": 0, "prune-layers": 10, "prune-channels": 20, "distill": 30, "prune-weights": 40,
          "cluster": 50, "quantize": 60, "strip-metadata": 90}
 DEFAULT_STAGE = 35
+#: the order passes are first measured in (a small budget measures the first ones): the broadly useful first
+PRIORITY = ["quantize", "prune-channels", "cluster", "prune-layers", "prune-weights"]
 #: passes that change the model's structure: ``distill`` follows them when any is on
 STRUCTURAL = {"prune-layers", "prune-channels"}
 #: always in the pipeline (exact)

@@ -140,8 +140,8 @@ class Study:
                                   dims=dims, shapes=shapes)
         size = len(model_bytes) or 1 << 28
         self.executor = make_executor(ray, workers or default_workers(size), timeout, trial_fn)
-        self.by_pipeline = {r["pipeline"]: r for r in self.journal.final()}
-        self.finished = {r["number"] for r in self.journal.final()}
+        self.by_pipeline = {r["pipeline"]: r for r in self.journal.final() if self._reusable(r)}
+        self.finished = {r["number"] for r in self.journal.final() if r["pipeline"] in self.by_pipeline}
         self.next_number = max(self.finished, default=-1) + 1
         self.in_flight: dict[int, tuple[str, dict, Any]] = {}
         self.best_model: bytes | None = None
@@ -150,6 +150,15 @@ class Study:
         self._load_best()
 
     # ------------------------------------------------------------------------------------------- bookkeeping
+    def _reusable(self, rec: dict) -> bool:
+        """A journaled trial answers this study's target when it failed for good, already misses one of its bounds,
+        or measured every quantity the target needs (a study resumed with another target re-runs the rest)."""
+        if rec["status"] in ("failed", "crashed", "timeout"):
+            return True
+        values = rec["values"]
+        needed = set(self.target.bounds) | {self.target.minimize, "metric"}
+        return bool(self.target.misses(values)) or needed <= set(values)
+
     def _load_best(self) -> None:
         best = self.best()
         path = self.paths["best"]
@@ -157,8 +166,13 @@ class Study:
             if path.with_suffix(".number").read_text().strip() == str(best["number"]):
                 self.best_model, self.best_number = path.read_bytes(), best["number"]
 
+    def records(self) -> list[dict]:
+        """One record per pipeline (its latest trial), by trial number."""
+        latest = {r["pipeline"]: r for r in self.journal.final()}
+        return sorted(latest.values(), key=lambda r: r["number"])
+
     def best(self) -> dict | None:
-        feasible = [r for r in self.journal.final() if r["status"] == "ok" and self.target.feasible(r["values"])]
+        feasible = [r for r in self.records() if r["status"] == "ok" and self.target.feasible(r["values"])]
         return min(feasible, key=lambda r: (*self.target.rank_key(r["values"]), r["number"]), default=None)
 
     def budget_left(self) -> int:
@@ -243,7 +257,7 @@ class Study:
             cap = max(2, math.ceil(share * self.trials))
             self.drive(iter([(c, None) for c in first[:cap]]), "sensitivity")
             limit = self.budget_left() if self.sampler == "cheap" else max(1, self.budget_left() // 2)
-            combos = plan.predict_combinations(self.space, self.journal.final(), self.target, limit)
+            combos = plan.predict_combinations(self.space, self.records(), self.target, limit)
             self.drive(iter([(c, None) for c in combos]), "combine")
             if self.sampler in ("optuna", "nsga2") and self.budget_left() > 0:
                 self._model_phase()
@@ -262,7 +276,7 @@ class Study:
             warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for constraints / multivariate
             ms = ModelSearch(self.space, self.target, self.paths["db"], self.study_name, self.seed, self.sampler,
                              self.executor.workers)
-            ms.seed_with(self.journal.final())
+            ms.seed_with(self.records())
 
             def asks() -> Iterator[tuple[dict, Any]]:
                 while True:
@@ -276,7 +290,7 @@ class Study:
                 ms.abandon()
 
     def _result(self, wall: float) -> TuneResult:
-        records = self.journal.final()
+        records = self.records()
         best = self.best()
         closest = None
         if best is None:

@@ -2,8 +2,6 @@
 
 Stages, each a chance to stop a trial that can no longer meet the target (``status = "stopped"``):
 
-(``full=True``, the sensitivity curves: every stage runs whatever was missed.)
-
 1. ``compress(model, pipeline, calibration)`` (the structural gate included): size = serialized bytes / FP32's,
    macs = MACs / FP32's (ledger rows); stop here if a size or MAC bound is already missed;
 2. validation on the validation feeds (``compare_models``): metric (top-1 agreement of class-score outputs, else
@@ -11,6 +9,8 @@ Stages, each a chance to stop a trial that can no longer meet the target (``stat
 3. latency ratio t(candidate) / t(FP32), 1 thread, interleaved (``onnxcompress.latency.measure_latency``), taken
    through the study's latency profile under ``tune/latency-ratio/<fingerprint of both models and feed shapes>``
    so a replayed profile gives the same numbers (and decisions) without measuring.
+
+With ``full=True`` (the sensitivity curves) every stage runs whatever was missed.
 
 A pass that fails (``OnnxCompressError`` or a bug) gives ``status = "failed"`` with its one-line reason: that is a
 property of the pipeline, not of the machine, so it is not retried. Crashes and time-outs are the executor's.
