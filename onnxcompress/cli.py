@@ -29,6 +29,8 @@ from onnxcompress import io
 from onnxcompress.errors import BadInputError, OnnxCompressError
 
 log = logging.getLogger("onnxcompress")
+#: decisions with reasons (layers kept float ...) printed on the console; the reports have all of them
+MAX_REASON_LINES = 20
 
 
 def _progress(args: argparse.Namespace | None = None):
@@ -78,7 +80,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     """``onnxcompress compress``: run the pipeline, save model + reports, print the ledger and notes."""
     from onnxcompress.api import compress
-    from onnxcompress.report import ledger_rows
+    from onnxcompress.report import ledger_rows, pass_reasons
 
     src, out = Path(args.input), Path(args.output)
     if args.passes and args.recipe:
@@ -113,6 +115,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
             print("metrics per output: " + ", ".join(f"{n}: {k}" + (" (top-1/top-5 agreement)"
                                                                     if k == "class scores" else "")
                                                      for n, k in kinds.items()))
+        reasons = pass_reasons(report)
+        for stage, key, what, reason in reasons[:MAX_REASON_LINES]:
+            print(f"{stage}: {key.replace('_', ' ')}: {what}: {reason}")
+        if len(reasons) > MAX_REASON_LINES:
+            print(f"... {len(reasons) - MAX_REASON_LINES} more decisions with reasons in the reports")
         if result.latency_ms is not None:
             lat = result.latency_ms
             print(f"latency (ORT CPU, 1 thread): {lat['original']:.3f} ms -> {lat['compressed']:.3f} ms "

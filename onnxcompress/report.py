@@ -75,6 +75,36 @@ def ledger_rows(report: dict, stats_width: int | None = 120) -> list[list[str]]:
     return rows
 
 
+#: record fields that name what a pass decided about (first one present wins)
+NAME_FIELDS = ("layer", "name", "node", "tensor", "group", "output")
+
+
+def pass_reasons(report: dict) -> list[tuple[str, str, str, str]]:
+    """Every decision a pass explained in its statistics, as (stage, statistic, what, reason) rows.
+
+    By shape, not by pass: a list of records with a ``reason`` field (named by its ``layer``/``name``/... field), or
+    a dict of name -> text (e.g. ``layers_kept_float: {conv1: "..."}``). The same (stage, what, reason) is listed once.
+    """
+    rows: list[tuple[str, str, str, str]] = []
+    seen: set[tuple[str, str, str]] = set()
+    for row in report.get("ledger", [])[1:]:
+        stage = row["stage"]
+        found: list[tuple[str, str, str]] = []
+        for key, value in (row.get("pass_stats") or {}).items():
+            if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+                for rec in value:
+                    if isinstance(rec.get("reason"), str):
+                        what = next((str(rec[f]) for f in NAME_FIELDS if f in rec), "?")
+                        found.append((key, what, rec["reason"]))
+            elif isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
+                found += [(key, str(name), text) for name, text in value.items()]
+        for key, what, reason in found:
+            if (stage, what, reason) not in seen:
+                seen.add((stage, what, reason))
+                rows.append((stage, key, what, reason))
+    return rows
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table from a header and string rows."""
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -95,6 +125,11 @@ def to_markdown(report: dict) -> str:
                 "top5_agreement"]
         rows = [[name] + [fmt_metric(m[k]) if k in m else "-" for k in keys] for name, m in fid["outputs"].items()]
         lines.append(markdown_table(["output"] + keys, rows))
+    reasons = pass_reasons(report)
+    if reasons:
+        lines += ["", "What the passes decided, with their reasons:", ""]
+        lines.append(markdown_table(["stage", "statistic", "what", "reason"],
+                                    [[_md(c) for c in r] for r in reasons]))
     lat = report.get("latency_ms")
     if lat:
         lines += ["", f"Latency (ORT CPU, {lat.get('threads', 1)} thread, median of interleaved runs): original "
@@ -103,6 +138,10 @@ def to_markdown(report: dict) -> str:
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def to_json_text(report: dict) -> str:

@@ -355,3 +355,24 @@ def test_validate_without_data_uses_inputs_the_model_accepts(tmp_path, capsys):
     code, out, err = run(capsys, "validate", src, src, "--latency-budget", "0.05")
     assert code == 0, err  # was: internal error from the reflect Pad on 32 samples
     assert "RANDOM" in err and "sr=16000" in err and "samples) = 128" in err
+
+
+def test_layers_kept_float_are_listed_with_their_reason(tmp_path, capsys):
+    code, out, err = run(capsys, "compress", MODEL, "-o", tmp_path / "o.onnx", "--passes",
+                         "quantize{mode=dynamic,exclude=[fc2]}", "--calib", CALIB, "--max-val", "8", "--no-latency")
+    assert code == 0, err
+    assert "quantize{mode=dynamic exclude=[fc2]}: layers kept float: fc2: excluded by the user" in out
+    md = (tmp_path / "o.onnx.report.md").read_text()
+    assert "| quantize{mode=dynamic exclude=[fc2]} | layers_kept_float | fc2 | excluded by the user |" in md
+
+
+def test_pass_reasons_reads_records_and_name_to_text_dicts_once():
+    from onnxcompress.report import pass_reasons
+
+    report = {"ledger": [{"stage": "original", "pass_stats": {}}, {"stage": "q", "pass_stats": {
+        "layers_kept_float": {"conv1": "3.5 dB better"},
+        "kept_float": [{"layer": "conv1", "reason": "3.5 dB better", "macs_share": 0.9}],
+        "rejected": [{"layer": "conv2", "reason": "costs 59% latency for 0.2 dB"}],
+        "counts": {"Conv": 3}}}]}
+    assert pass_reasons(report) == [("q", "layers_kept_float", "conv1", "3.5 dB better"),
+                                    ("q", "rejected", "conv2", "costs 59% latency for 0.2 dB")]
