@@ -11,26 +11,13 @@ be wrong). Rewrites, repeated until none applies:
   absent or constant false; opset < 7 only with ``is_test=1``) are bypassed: consumers of ``y`` read ``x``. When ``y``
   is an output of its graph the producer of ``x`` is made to produce ``y`` instead, so the output name survives; if
   ``x`` is a graph input, an initializer, another output, or comes from an enclosing scope, the node stays.
-* **Constant folding.** A node whose inputs are all constants is evaluated with onnxruntime (all optimisations
-  off, so the very same kernels produce the value) and replaced by an initializer, provided that
-  ``bytes(outputs) <= bytes(inputs) + fold_size_limit`` (Tile/Expand/ConstantOfShape/Range/Cast-up do not inflate
-  the file). Never folded: nodes with subgraphs, random ops, Q/DQ (weight-only and QDQ patterns must stay for ORT),
-  sequence/optional ops, non-default domains, values that are graph outputs.
-* **Shape folding** (``fold_shapes``). A small integer value computed from ``Shape``/``Size`` is a constant when
-  every element is known from computed shapes, however dynamic the rest of the tensor is: ``Gather(Shape(s), 0)``
-  with ``s: [2, batch, 128]`` is 2. A Reshape target computed from shapes becomes a constant with 0 (copy) for
-  dims provably equal to the data's dim at the same position and -1 for one remaining dim.
+* **Constant and shape folding** (``constant_folding``): nodes whose inputs are all constants are evaluated with
+  onnxruntime and replaced by their value when that does not inflate the file; small integer values computed from
+  ``Shape``/``Size`` become constants when computed shapes determine them.
 * **Constant If** (``inline_if``). An If whose condition is constant is replaced by the branch it takes
   (``if_inlining``); constants inside branches fold like any others.
-* **BatchNormalization into Conv / ConvTranspose / Gemm.** With ``s = γ / sqrt(σ² + ε)`` per output channel::
-
-      W' = W · s   (Conv: axis 0 of [Cout, Cin/g, k..]; ConvTranspose: axis 1 of [Cin, Cout/g, k..] per group;
-                    Gemm: the N axis of B, i.e. rows if transB else columns)
-      b' = (b − μ) · s + β           (Gemm: b = beta·C, then beta := 1)
-
-  computed in float64 and cast back to the weight dtype; only when the producer's output feeds the BN alone and
-  every weight is an initializer (a weight that is a graph input is a skip reason in stats). The same arithmetic
-  folds a per-channel constant ``+ c`` / ``- c`` / ``· c`` after a Conv/ConvTranspose (``fold_conv_affine``).
+* **BatchNormalization and per-channel affines into Conv / ConvTranspose / Gemm** (``batchnorm_folding``,
+  ``conv_affine_folding``): ``W' = W·γ/σ``, ``b' = (b − μ)·γ/σ + β``, in float64, cast back.
 * **No-op nodes, chains, common subexpressions** (``remove_noops``, ``merge_chains``, ``cse``): see
   ``noops``, ``chains`` and ``cse`` for the exact rule of each (Cast to the same dtype, identity Transpose/Reshape/Slice/Pad,
   ``x·1``, ``x+0``; Reshape/Unsqueeze/Transpose/Slice chains; same op + attributes + inputs -> one node).
