@@ -263,3 +263,24 @@ def test_dead_set_is_local_and_linear():
     model = residual_cnn(scales=(0.5,) * 40, c=4)
     units = [u for u in _units(model) if u["kind"] == "residual"]
     assert len(units) == 40 and all(len(u["nodes"]) == 4 for u in units)
+
+
+CACHE = __import__("pathlib").Path.home() / ".cache" / "onnxcompress" / "files"
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("file, shapes, expect", [
+    ("paraphrase-MiniLM-L3-v2.onnx", {"input_ids": (1, 16), "attention_mask": (1, 16)},
+     {"transformer": 3, "attention": 3, "ffn": 3}),
+    ("ch_PP-OCRv4_rec_infer.onnx", {"x": (1, 3, 48, 320)}, {"transformer": 2, "attention": 2, "ffn": 2}),
+    ("320n.onnx", {"images": (1, 3, 320, 320)}, {"residual": 6}),
+])
+def test_real_models_units(file, shapes, expect):
+    """BERT (post-LN), SVTR (pre-LN, decomposed LayerNorm) and YOLOv8 C2f bottlenecks are found as units."""
+    path = CACHE / file
+    if not path.exists():
+        pytest.skip(f"{file} not in the model cache (python -m benchmarks.models fetch)")
+    units = _units(onnx.load(path), shapes)
+    for kind, n in expect.items():
+        assert sum(u["kind"] == kind for u in units) == n, kind
+    assert {u["role"] for u in units if u["kind"] == "transformer"} <= {"pre-LN", "post-LN"}
