@@ -196,3 +196,24 @@ def test_unreadable_in_memory_data_is_bad_input():
         api.compress(MODEL, "cleanup", calibration=3)
     with pytest.raises(BadInputError, match="no array for model input 'image'"):
         api.compress(MODEL, "cleanup", calibration={"pixels": np.zeros((2, 1, 8, 8), np.float32)})
+
+
+@pytest.mark.realmodel
+def test_minilm_sentences_match_the_benchmarks_tokenizer(tmp_path):
+    cache = Path.home() / ".cache" / "onnxcompress" / "files"
+    vocab, model_path = cache / "all-MiniLM-L6-v2" / "vocab.txt", cache / "paraphrase-MiniLM-L3-v2.onnx"
+    if not (vocab.exists() and model_path.exists()):
+        pytest.skip("MiniLM vocab/model not in the model cache (python -m benchmarks.models fetch)")
+    from tokenizers import BertWordPieceTokenizer
+
+    from benchmarks.speech_text import WordPieceTokenizer
+
+    BertWordPieceTokenizer(str(vocab), lowercase=True).save(str(tmp_path / "tokenizer.json"))
+    sentences = ["The quick brown fox jumps over the lazy dog.", "Tokenizers split unbelievable words: 3.14!",
+                 "onnxcompress measures fidelity against onnxruntime."]
+    (tmp_path / "s.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    model = onnx.load(str(model_path), load_external_data=False)
+    feeds = list(feeds_from_any(tmp_path / "s.txt", model, tokenizer=tmp_path / "tokenizer.json"))
+    reference = WordPieceTokenizer.from_file(vocab)  # the benchmarks' own BERT tokenizer: an independent oracle
+    assert [f["input_ids"][0].tolist() for f in feeds] == [reference.encode(s) for s in sentences]
+    assert all(f["attention_mask"].min() == 1 and f["input_ids"].dtype == np.int64 for f in feeds)
