@@ -28,7 +28,7 @@ import onnx
 
 from onnxcompress import io
 from onnxcompress.context import PassContext
-from onnxcompress.data import Feed, FeedSet
+from onnxcompress.data import Feed, FeedSet, feed_shapes
 from onnxcompress.data_sources import feeds_from_any
 from onnxcompress.image_feeds import Preprocess
 from onnxcompress.latency_profile import LatencyProfile
@@ -142,6 +142,7 @@ def compress(
     made_up_notes: list[str] = []
     if valid is None and (validate or latency):
         valid, made_up_notes = accepted_random_feeds(proto, dims, shapes, n=4, seed=seed)
+        shapes = feed_shapes(valid.first())  # the passes see the shapes the model accepted, not a fresh guess
     if valid is not None and max_validation is not None:
         valid = valid.take(max_validation)
     if isinstance(latency_profile, (str, Path)):
