@@ -139,6 +139,17 @@ def test_combinations_are_predicted_from_single_pass_curves():
     assert plan.predict_combinations(space, recs[:2], Target.parse("latency<=0.4"), 5) == []  # one pass only
 
 
+def test_neighbours_step_each_option_and_switch_each_pass():
+    space = build_space().restrict(["quantize", "prune-channels"])
+    config = {**space.default_config(), "prune-channels": {"target_macs": 0.6}}
+    near = plan.neighbours(space, config)
+    macs = sorted(c["prune-channels"]["target_macs"] for c in near if c["prune-channels"] and c["quantize"] is None)
+    assert macs == [0.55, 0.65]
+    assert {**config, "prune-channels": None} in near  # switched off
+    assert {**config, "quantize": space.get("quantize").base()} in near  # switched on at its base options
+    assert all(build_pass("prune-channels", c["prune-channels"]) for c in near if c["prune-channels"])
+
+
 def test_pareto_front_keeps_the_non_dominated():
     t = Target.parse("metric>=0.9,minimize=size")
     recs = [_rec(0, {}, {"size": 1.0, "metric": 1.0}), _rec(1, {}, {"size": 0.3, "metric": 0.99}),

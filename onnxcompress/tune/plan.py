@@ -13,6 +13,10 @@ single-pass measurements relative to the baseline ``b``:
 
 Combinations predicted to meet the target are verified best-predicted-objective first; when none is predicted
 feasible, the least predicted shortfall first. Nothing predicted is returned: only the real trials count.
+
+Phase ``refine`` (when no model-based sampler follows): the neighbours of the best trial so far (or of the closest
+one): each searched option one grid step either way / each other choice, and each other pass switched on at its
+base options or off; repeated around the new best while the budget lasts.
 """
 
 from __future__ import annotations
@@ -102,3 +106,32 @@ def predict_combinations(space: Space, records: list[dict], target: Target, limi
         scored.append((not feasible, score, config_key(config), config))
     scored.sort(key=lambda t: t[:3])
     return [t[3] for t in scored[:limit]]
+
+
+def neighbours(space: Space, config: Config) -> list[Config]:
+    """Configs one step from ``config`` (see the module docstring), nearest-first and deduplicated."""
+    out: list[Config] = []
+    for p in space.passes:
+        if p.always:
+            continue
+        opts = config.get(p.name)
+        if opts is None:
+            out.append({**config, p.name: p.base()})
+            continue
+        for name, dim in p.dims.items():
+            cur = opts.get(name, p.base().get(name))
+            if dim.kind == "choice":
+                values = [c for c in dim.choices if c != cur]
+            else:
+                step = dim.step or (float(dim.high) - float(dim.low)) / 4
+                base = float(cur) if isinstance(cur, (int, float)) else float(p.base()[name])
+                values = [v for v in {dim.snap(base - step), dim.snap(base + step)} if v != cur]
+            out += [{**config, p.name: {**opts, name: v}} for v in sorted(values, key=str)]
+        out.append({**config, p.name: None})
+    seen, unique = set(), []
+    for c in out:
+        key = config_key(c)
+        if key not in seen:
+            seen.add(key)
+            unique.append(c)
+    return unique

@@ -6,7 +6,8 @@ Phases, in one trial budget (``trials``, counting the trials of a resumed study)
    model-based phase follows, 75% otherwise;
 2. ``combine`` (``plan.predict_combinations``): combinations predicted from phase 1, verified by real trials;
 3. ``model`` (``model_search``): Optuna TPE / NSGA-II for the rest of the budget (sampler ``optuna`` / ``nsga2``;
-   ``auto`` uses TPE when Optuna is installed, else stops after phase 2; ``cheap`` never uses it).
+   ``auto`` uses TPE when Optuna is installed; ``cheap`` never does: it measures the rest of the curves, then
+   the neighbours of the best trial, ``plan.neighbours``, while the budget lasts).
 
 A pipeline already measured (an earlier phase, or the journal of a resumed study) is not run again. Every trial is a
 real ``compress`` + ORT validation (``trial.run_trial``) in a worker process (``executor``); the best trial's model
@@ -127,7 +128,7 @@ class Study:
         self.paths = study_paths(output)
         self.paths["model"].parent.mkdir(parents=True, exist_ok=True)
         space_id = hashlib.sha256(self.space.fingerprint().encode()).hexdigest()[:16]
-        self.study_name = f"onnxcompress-{sha[:16]}"
+        self.study_name = f"onnxcompress-{sha[:16]}-{hashlib.sha256(target.text().encode()).hexdigest()[:8]}"
         header = {"model_sha256": sha, "target": target.text(), "space": space_id, "seed": seed}
         self.journal = Journal(self.paths["journal"], header, resume)
         if not resume and self.paths["db"].exists():
@@ -261,11 +262,25 @@ class Study:
             self.drive(iter([(c, None) for c in combos]), "combine")
             if self.sampler in ("optuna", "nsga2") and self.budget_left() > 0:
                 self._model_phase()
-            else:  # no model-based phase: the rest of the curves while the budget lasts
+            else:  # no model-based phase: the rest of the curves, then the neighbours of the best
                 self.drive(iter([(c, None) for c in first[cap:]]), "sensitivity")
+                self._refine()
         finally:
             self.executor.close()
         return self._result(time.perf_counter() - t0)
+
+    def _refine(self) -> None:
+        while self.budget_left() > 0:
+            centre = self.best()
+            if centre is None:
+                measured = [r for r in self.records() if r["values"] and r.get("config")]
+                centre = min(measured, key=lambda r: (self.target.shortfall(r["values"]), r["number"]), default=None)
+            if centre is None or not centre.get("config"):
+                return
+            before = len(self.finished)
+            self.drive(iter([(c, None) for c in plan.neighbours(self.space, centre["config"])]), "refine")
+            if len(self.finished) == before:  # every neighbour already measured: a local optimum
+                return
 
     def _model_phase(self) -> None:
         import warnings
