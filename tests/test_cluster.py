@@ -112,11 +112,14 @@ def test_packed_indices_round_trip(bits, n, seed):
 
 
 # ------------------------------------------------------------------------------------ graph: codebook storage
-@pytest.mark.parametrize("per_channel", [False, True])
+MODES = {"tensor": "channel_scales=false", "scales": "channel_scales=true", "channel": "per_channel=true"}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_codebook_decode_is_bit_exact_under_ort(rng, per_channel, bits):
+def test_codebook_decode_is_bit_exact_under_ort(rng, mode, bits):
     model = _model(rng)
-    pipe = f"cluster{{bits={bits} per_channel={str(per_channel).lower()} min_size=500"
+    pipe = f"cluster{{bits={bits} {MODES[mode]} min_size=500"
     coded, st_c = _run(model, pipe + " storage=codebook}")
     snapped, st_s = _run(model, pipe + " storage=snap}")
     assert st_c["storage"] and "snap" not in st_c["storage"] and st_s["storage"] == {"snap": 3}
@@ -124,8 +127,15 @@ def test_codebook_decode_is_bit_exact_under_ort(rng, per_channel, bits):
     k = 1 << bits
     for name in ("conv_w", "mm_w", "emb"):  # <= k values per tensor, per output channel when asked
         axis = {"conv_w": 0, "mm_w": 1, "emb": 0}[name]
-        rows = np.moveaxis(w[name], axis, 0).reshape(w[name].shape[axis], -1) if per_channel else w[name][None]
+        rows = np.moveaxis(w[name], axis, 0).reshape(w[name].shape[axis], -1)
         assert max(np.unique(r).size for r in rows) <= k
+        if mode == "tensor" or (mode == "scales" and name == "emb"):  # tables take no channel scales
+            assert np.unique(w[name]).size <= k
+        elif mode == "scales":  # one shared codebook: every channel is its RMS times values from k shared ones
+            scale = next(v for n, v in _inits(coded).items() if n.endswith("_scale") and v.size == rows.shape[0]
+                         and v.shape[axis] == rows.shape[0])
+            u = rows / scale.reshape(-1, 1)
+            assert np.unique(np.round(u, 5)).size <= k
     # the decoded tensors, exposed as outputs, are bit-identical to the snapped constants
     dec = onnx.ModelProto()
     dec.CopyFrom(coded)
@@ -236,8 +246,8 @@ def test_refit_keeps_k_values_and_lowers_calibration_error():
     rf, st_r = _run(model, "cluster{bits=3 storage=snap refit=true samples=32}", calib)
     assert st_r["refit_layers"] == 3 and st_r["refit_objective_after"] < st_r["refit_objective_before"]
     for name, w in _inits(rf).items():
-        if w.size >= 1024:
-            assert np.unique(w).size <= 8, name
+        if w.size >= 1024:  # conv [O, I, k, k] and Gemm transB [O, I]: <= k values in every output channel
+            assert max(np.unique(r).size for r in w.reshape(w.shape[0], -1)) <= 8, name
     feeds = list(calib)
     ref = [ort_run(model, f)[0] for f in feeds]
     err = lambda m: float(np.mean([np.mean((ort_run(m, f)[0] - r) ** 2) for f, r in zip(feeds, ref, strict=True)]))  # noqa: E731
@@ -250,13 +260,14 @@ def test_refit_math_least_squares_over_shared_values(rng):
     target = rng.standard_normal((6, 12))
     cents, labels = kmeans_1d(target.reshape(1, -1), 4)
     lab = labels.reshape(6, 12)
-    new, before, after = refit_codebook(cents, lab, gram, target=target)
-    # the exact optimum: normal equations in the 4 shared values
-    a = np.stack([(lab == c).astype(float) for c in range(4)], axis=-1)  # [6, 12, 4]
+    scale = rng.uniform(0.5, 2.0, 6)
+    new, before, after = refit_codebook(cents, lab, gram, target=target, row_scale=scale)
+    # the exact optimum: normal equations in the 4 shared values (times each output's scale)
+    a = np.stack([(lab == c).astype(float) for c in range(4)], axis=-1) * scale[:, None, None]  # [6, 12, 4]
     h = np.einsum("oic,ij,ojd->cd", a, gram, a)
     b = np.einsum("oic,ij,oj->c", a, gram, target)
     np.testing.assert_allclose(new[0], np.linalg.solve(h, b), rtol=1e-6, atol=1e-9)
-    assert after < before and np.isclose(after, objective(new[0][lab], gram, target))
+    assert after < before and np.isclose(after, objective(scale[:, None] * new[0][lab], gram, target))
 
 
 # ------------------------------------------------------------------------------------------------ bad input

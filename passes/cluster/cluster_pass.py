@@ -62,6 +62,10 @@ class Cluster(Pass):
 
     bits: int = option(4, "index bits: k = 2^bits shared values per tensor (per channel with per_channel), 1..8")
     per_channel: bool = option(False, "one codebook per output channel instead of one per tensor")
+    channel_scales: bool = option(True, "per-tensor codebook of values divided by each output channel's RMS, "
+                                        "times a float scale per channel (<= k values per channel; for channels "
+                                        "of very different size, e.g. BatchNorm folded into Conv)")
+    skip_depthwise: bool = option(True, "leave depthwise convolutions alone (few weights, large effect)")
     init: str = option("linear", "k-means init: linear (even over [min, max]), density (quantiles) or kmeans++")
     activation_aware: bool = option(False, "weight each element by its input's energy ||x_j||^2 on calibration "
                                            "data (needs --calib)")
@@ -123,6 +127,9 @@ class Cluster(Pass):
                 reason = "a graph output"
             elif v.ndim < 1 or (node.op == "Gather" and v.ndim != 2):
                 reason = "not a weight matrix"
+            elif self.skip_depthwise and node.op == "Conv" and v.ndim >= 3 and v.shape[1] == 1 and \
+                    int(node.attrs.get("group", 1)) > 1:
+                reason = "depthwise Conv (skip_depthwise)"
             if reason:
                 skipped[reason] += 1
                 found[id(t)] = None  # type: ignore[assignment]
@@ -204,12 +211,15 @@ class Cluster(Pass):
             if self.refit and gram is None:
                 reason = c.uses[0].refit_reason(w.shape) or "inputs above max_inputs or tied across roles"
                 skipped[f"refit: {reason}"] += 1
-            res = cluster_tensor(w, k, use=c.uses[0], per_channel=self.per_channel, init=self.init,
+            scales = self.channel_scales and c.uses[0].op != "Gather" and \
+                w.shape[c.uses[0].channel_axis(w.ndim)] > 1
+            res = cluster_tensor(w, k, use=c.uses[0], per_channel=self.per_channel, channel_scales=scales,
+                                 init=self.init,
                                  zero_fraction=self.zero_fraction, col_norms=norms, per_column=per_column,
                                  refit_gram=gram, storage=storage, rng=rng)
             wf = w.astype(np.float64)
             wt = 1.0 if norms is None else element_weights(c.uses[0], w.shape, norms, per_column)
-            errs.append(float(np.sum(wt * (wf - res.snapped) ** 2) / max(np.sum(wt * wf**2), 1e-30)))
+            errs.append(float(np.sum(wt * (wf - res.snapped) ** 2) / max(float(np.sum(wt * wf**2)), 1e-30)))
             if res.refit is not None:
                 st["refit_layers"] += 1
                 refit_before += res.refit[0]
@@ -225,6 +235,7 @@ class Cluster(Pass):
             else:
                 out, _ = builder.build(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook, res.labels,
                                        axis=res.axis, out_name=f"{c.tensor.name}_clustered",
+                                       scale=res.scale, scale_axis=res.scale_axis,
                                        sparse_zero=res.zero_label if res.storage == "sparse-codebook" else None)
                 redirect_consumers(c.tensor, out)
         if st["tensors_clustered"]:

@@ -5,6 +5,11 @@ Element weights (``activation_aware``): the cost of moving weight M_oi by d on t
 summed over calibration rows, so each element is weighted by ||x_i||^2 / rows of the input column it multiplies
 (the diagonal of the layer's Gram matrix: per input channel, or per im2col column of a Conv when the refit's Gram is
 there), floored at 1e-3 of the mean so that dead inputs still pull their weights to some centroid.
+
+Channel scales (``channel_scales``, per-tensor codebooks only): w_oi = s_o u_oi with s_o the RMS of output channel o;
+the u of the whole tensor share one codebook of k values (element weights x s_o^2: an error in u costs s_o^2 in w),
+so every channel has <= k values and channels of very different magnitude (a BatchNorm folded into a Conv) each get
+their own resolution for C extra floats instead of C codebooks. Decoded as Gather -> Reshape -> Mul(s).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 from .codebook_refit import refit_codebook
 from .kmeans1d import kmeans_1d
 from .layouts import Use
-from .storage import plan_bytes
+from .storage import OVERHEAD_SCALE, plan_bytes
 
 
 @dataclass
@@ -33,6 +38,8 @@ class Clustered:
     bytes_planned: dict[str, int] = field(default_factory=dict)
     weighted: bool = False
     refit: tuple[float, float] | None = None
+    scale: np.ndarray | None = None  # per output channel (channel_scales), along scale_axis
+    scale_axis: int | None = None
 
 
 def to_rows(a: np.ndarray, axis: int | None) -> np.ndarray:
@@ -67,6 +74,7 @@ def cluster_tensor(
     *,
     use: Use,
     per_channel: bool,
+    channel_scales: bool,
     init: str,
     zero_fraction: float,
     col_norms: np.ndarray | None,
@@ -76,13 +84,27 @@ def cluster_tensor(
     rng: np.random.Generator,
 ) -> Clustered:
     shape, dtype = w.shape, w.dtype
-    axis = use.channel_axis(w.ndim) if per_channel else None
-    rows_v = to_rows(w, axis)
+    ch_axis = use.channel_axis(w.ndim)
+    axis = ch_axis if per_channel else None  # the codebook rows
     weights = None
     if col_norms is not None:
-        weights = to_rows(element_weights(use, shape, col_norms, per_column), axis)
+        weights = element_weights(use, shape, col_norms, per_column)
+    scale = None
+    values = w
+    if channel_scales and not per_channel:
+        # one codebook for the tensor's values divided by their output channel's RMS s_c: the error of u in channel
+        # c costs s_c^2 times as much in w
+        rms = np.sqrt(np.mean(to_rows(w.astype(np.float64), ch_axis) ** 2, axis=1))
+        scale = np.where(rms > 0, rms, 1.0).astype(dtype)
+        bshape = [1] * w.ndim
+        bshape[ch_axis] = -1
+        values = w.astype(np.float64) / scale.reshape(bshape).astype(np.float64)
+        sw = np.broadcast_to(scale.reshape(bshape).astype(np.float64) ** 2, shape)
+        weights = sw if weights is None else weights * sw
+    rows_v = to_rows(values, axis)
+    rows_w = None if weights is None else to_rows(np.asarray(weights), axis)
     fixed_zero = zero_fraction < 1.0 and float(np.mean(w == 0)) >= zero_fraction
-    cents, labels = kmeans_1d(rows_v, k, weights, init=init, fixed_zero=fixed_zero, rng=rng)
+    cents, labels = kmeans_1d(rows_v, k, rows_w, init=init, fixed_zero=fixed_zero, rng=rng)
     if axis is None:  # drop unused entries: fewer entries may need fewer index bits
         used = np.unique(labels)
         remap = np.zeros(cents.shape[1], np.int64)
@@ -96,18 +118,28 @@ def cluster_tensor(
     if refit_gram is not None:
         lab_m = use.to_matrix(from_rows(labels, shape, axis))
         fixed = (codebook == 0) if fixed_zero else None
-        codebook, before, after = refit_codebook(codebook, lab_m, refit_gram,
+        row_scale = None
+        if scale is not None:  # the matrix view's rows are the output channels
+            row_scale = scale.astype(np.float64)
+        codebook, before, after = refit_codebook(codebook, lab_m, refit_gram, row_scale=row_scale,
                                                  target=use.to_matrix(w.astype(np.float64)), fixed=fixed)
         codebook = codebook.astype(dtype)
         refit = (before, after)
-    snapped_rows = np.take_along_axis(codebook, labels.astype(np.int64), axis=1)
+    shared = from_rows(np.take_along_axis(codebook, labels.astype(np.int64), axis=1), shape, axis)
+    if scale is not None:
+        bshape = [1] * w.ndim
+        bshape[ch_axis] = -1
+        shared = shared * scale.reshape(bshape)  # in the tensor's dtype, as the graph's Mul computes it
     out = Clustered(codebook=codebook, labels=from_rows(labels, shape, axis), axis=axis,
-                    zero_label=0 if fixed_zero else None, snapped=from_rows(snapped_rows, shape, axis),
-                    bytes_raw=int(w.nbytes), weighted=weights is not None, refit=refit)
-    rows, k, n, item = codebook.shape[0], codebook.shape[1], w.size, dtype.itemsize
-    plans = {"snap": int(w.nbytes), "codebook": plan_bytes(n, rows, k, itemsize=item)}
+                    zero_label=0 if fixed_zero else None, snapped=shared.astype(dtype),
+                    bytes_raw=int(w.nbytes), weighted=col_norms is not None, refit=refit,
+                    scale=scale, scale_axis=ch_axis if scale is not None else None)
+    rows, kk, n, item = codebook.shape[0], codebook.shape[1], w.size, dtype.itemsize
+    extra = 0 if scale is None else scale.nbytes + OVERHEAD_SCALE
+    plans = {"snap": int(w.nbytes), "codebook": plan_bytes(n, rows, kk, itemsize=item) + extra}
     if fixed_zero:
-        plans["sparse-codebook"] = plan_bytes(n, rows, k, nonzero=int(np.count_nonzero(labels)), itemsize=item)
+        plans["sparse-codebook"] = plan_bytes(n, rows, kk, nonzero=int(np.count_nonzero(labels)),
+                                              itemsize=item) + extra
     out.bytes_planned = plans
     allowed = {"snap": ["snap"], "codebook": [p for p in plans if p != "snap"], "auto": list(plans)}[storage]
     out.storage = min(allowed, key=lambda p: plans[p])

@@ -2,7 +2,7 @@
 
 A layer y = M x (M [out, in], the weight's matrix view, ``layouts``) whose weights are shared values
 M_oi = C[r(o), L_oi] (codebook rows r(o): one row for a per-tensor codebook, r(o) = o per channel; L the labels)
-is fit on calibration rows X with Gram G = X^T X:
+(times a fixed s_o per output with channel scales) is fit on calibration rows X with Gram G = X^T X:
 
     min_C  sum_o || X (m̂_o - m_o) ||^2   =  sum_o (m̂_o - m_o)^T G (m̂_o - m_o)          (target weights M)
     min_C  sum_o || X m̂_o - y_o ||^2     =  sum_o m̂_o^T G m̂_o - 2 m̂_o^T (X^T Y)_o + c    (teacher outputs Y)
@@ -45,13 +45,15 @@ def refit_codebook(
     target: np.ndarray | None = None,
     xty: np.ndarray | None = None,
     fixed: np.ndarray | None = None,
+    row_scale: np.ndarray | None = None,
     iters: int = 50,
     tol: float = 1e-10,
 ) -> tuple[np.ndarray, float, float]:
     """Refit ``codebook`` [R, k] for the matrix-view labels [out, in] (R = 1 or R = out) on Gram [in, in].
 
     ``target`` [out, in] (the weights to reproduce) or ``xty`` [in, out] (X^T Y of the teacher's outputs);
-    ``fixed`` [R, k] bool marks entries that keep their value. Returns (codebook, objective before, after)."""
+    ``fixed`` [R, k] bool marks entries that keep their value; ``row_scale`` [out]: m̂_oi = s_o C[r(o), L_oi] (channel
+    scales; S then scatters s_o A_oi). Returns (codebook, objective before, after)."""
     if (target is None) == (xty is None):
         raise ValueError("give exactly one of target and xty")
     out, n_in = labels.shape
@@ -61,18 +63,20 @@ def refit_codebook(
     flat = (row_of[:, None] * k + labels.astype(np.int64)).reshape(-1)
     size = rows * k
     c0 = codebook.astype(np.float64).reshape(-1)
-    b = _scatter(target @ g, flat, size) if xty is None else _scatter(np.asarray(xty, np.float64).T, flat, size)
+    sc = np.ones((out, 1)) if row_scale is None else np.asarray(row_scale, np.float64).reshape(out, 1)
+    b = _scatter(sc * (target @ g), flat, size) if xty is None else \
+        _scatter(sc * np.asarray(xty, np.float64).T, flat, size)
     # unknowns: used, not fixed entries
     used = np.bincount(flat, minlength=size) > 0
     free = used & ~(fixed.reshape(-1) if fixed is not None else np.zeros(size, bool))
-    diag = _scatter(np.broadcast_to(np.diag(g), (out, n_in)), flat, size)
+    diag = _scatter(sc**2 * np.diag(g)[None, :], flat, size)
     precond = np.where(free & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
 
     def hv(v: np.ndarray) -> np.ndarray:
-        return _scatter(v.reshape(rows, k)[row_of[:, None], labels] @ g, flat, size)
+        return _scatter(sc * ((sc * v.reshape(rows, k)[row_of[:, None], labels]) @ g), flat, size)
 
     def obj(c: np.ndarray) -> float:
-        m_hat = c.reshape(rows, k)[row_of[:, None], labels]
+        m_hat = sc * c.reshape(rows, k)[row_of[:, None], labels]
         return objective(m_hat, g, target, xty)
 
     before = obj(c0)

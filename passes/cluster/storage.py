@@ -21,6 +21,8 @@ of the non-zero weights only, 1 + (1 - sparsity)·b bits per weight. Decoded as
 **Per channel** (axis a, C channels, stride s = prod(shape[a+1:])): element i belongs to channel (i // s) mod C and
 reads ``codebook[channel · k + idx_i]``.
 
+**Channel scales**: ``Mul`` by s [C] broadcast along the channel axis after the Reshape.
+
 **Snapped**: the tensor keeps its layout and dtype with every value replaced by its centroid; the raw size is
 unchanged, only zip (and the int8 of a later ``quantize``) gains.
 
@@ -42,6 +44,7 @@ import onnx_graphsurgeon as gs
 OVERHEAD_UNPACK = {"aligned": 1320, "crossing": 1720, "bytes": 640}
 OVERHEAD_PER_CHANNEL = 470
 OVERHEAD_SPARSE = 1900
+OVERHEAD_SCALE = 160
 
 
 def decode_overhead(bits: int, per_channel: bool, sparse: bool) -> int:
@@ -120,8 +123,8 @@ class DecodeBuilder:
         return self._op("Mod", [q, self._const(f"{base}_mask", np.int32(1 << bits))], f"{base}_idx", np.int32)
 
     def build(self, base: str, shape: tuple[int, ...], codebook: np.ndarray, labels: np.ndarray, *,
-              axis: int | None, sparse_zero: int | None = None, out_name: str | None = None
-              ) -> tuple[gs.Variable, dict]:
+              axis: int | None, sparse_zero: int | None = None, out_name: str | None = None,
+              scale: np.ndarray | None = None, scale_axis: int | None = None) -> tuple[gs.Variable, dict]:
         """Decode subgraph for a tensor of ``shape``: ``codebook`` [C, k] (C = 1 unless per channel along
         ``axis``), ``labels`` in the tensor's own layout. ``sparse_zero``: the label of the zero entry (per channel:
         the same label in every row), for the sparse form. ``base`` prefixes the internal names (keep it short:
@@ -159,8 +162,14 @@ class DecodeBuilder:
             idx = self._op("Add", [idx, off], f"{base}_cbidx", np.int32)
         values = self._op("Gather", [self._const(f"{base}_codebook", codebook.reshape(-1)), idx],
                           f"{base}_values", codebook.dtype, {"axis": 0})
+        last = scale is None
         out = self._op("Reshape", [values, self._const(f"{base}_shape", np.asarray(shape, np.int64))],
-                       out_name or f"{base}_decoded", codebook.dtype)
+                       (out_name or f"{base}_decoded") if last else f"{base}_shared", codebook.dtype)
+        if not last:  # per-output-channel scales: w = s_c * codebook[idx]
+            bshape = [1] * len(shape)
+            bshape[scale_axis] = -1
+            out = self._op("Mul", [out, self._const(f"{base}_scale", scale.reshape(bshape))],
+                           out_name or f"{base}_decoded", codebook.dtype)
         out.shape = list(shape)
-        info["stored_bytes"] = int(info["data_bytes"] + codebook.nbytes)
+        info["stored_bytes"] = int(info["data_bytes"] + codebook.nbytes + (0 if scale is None else scale.nbytes))
         return out, info
