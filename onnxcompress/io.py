@@ -4,8 +4,9 @@ Rules this module enforces:
 
 - Reading never modifies the input file. A file that is not a parseable ONNX model, or is an empty protobuf, is a
   ``BadInputError`` with one clear line.
-- External data must live inside the model's folder: an absolute ``location`` or one that resolves outside the
-  folder (``../x``, symlinks out) is refused before anything is read.
+- Before anything else reads a parsed model, ``model_safety`` checks it: external data inside the model's folder
+  and within its file (absolute paths, ``..``, symlinks out, offsets past the end refused), well-formed weights
+  (data length == shape x dtype, sane dims), sane declared input/output shapes, no value defined twice.
 - ``Constant`` nodes that carry a tensor are weights, exactly like initializers: ``lift_constant_nodes`` turns them
   into initializers of the graph they live in (subgraphs included), so every pass sees one kind of weight.
 - Writes are atomic: the model (and its external data file) are written to a temporary folder next to the target
@@ -28,6 +29,16 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from onnxcompress.errors import BadInputError
+from onnxcompress.model_safety import (  # noqa: F401  (re-exported: io is where callers look for them)
+    MAX_ELEMENTS,
+    check_external_data,
+    check_model_sanity,
+    check_tensor,
+    external_location,
+    iter_graphs,
+    iter_tensors,
+    tensor_nbytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,75 +60,10 @@ _SUBGRAPH_ATTR_TYPES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 # --------------------------------------------------------------------------------------------------- traversal
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph below it (If/Loop/Scan bodies), depth first."""
-    stack = [graph]
-    while stack:
-        g = stack.pop()
-        yield g
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
-
-
-def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of the model: initializers and Constant-node values, subgraphs included."""
-    for g in iter_graphs(model.graph):
-        yield from g.initializer
-        for sp in g.sparse_initializer:
-            yield sp.values
-            yield sp.indices
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    yield from attr.tensors
-
-
 def iter_gs_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     """The graphsurgeon graph and all its subgraphs."""
     yield graph
     yield from graph.subgraphs(recursive=True)
-
-
-# ----------------------------------------------------------------------------------------------- external data
-def _external_location(t: onnx.TensorProto) -> str | None:
-    if t.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    for entry in t.external_data:
-        if entry.key == "location":
-            return entry.value
-    return ""
-
-
-def check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
-    """Refuse external data that escapes ``base_dir``; return the distinct files it references."""
-    base = base_dir.resolve()
-    files: dict[Path, None] = {}
-    for t in iter_tensors(model):
-        loc = _external_location(t)
-        if loc is None:
-            continue
-        if not loc:
-            raise BadInputError(f"tensor {t.name!r} has external data without a location")
-        if os.path.isabs(loc) or loc.startswith(("/", "\\")) or Path(loc).drive:
-            raise BadInputError(
-                f"tensor {t.name!r}: external data location {loc!r} is an absolute path; only files inside the "
-                "model's folder are allowed"
-            )
-        target = (base / loc).resolve()
-        if target != base and base not in target.parents:
-            raise BadInputError(
-                f"tensor {t.name!r}: external data location {loc!r} points outside the model's folder {base}"
-            )
-        if not target.is_file():
-            raise BadInputError(f"tensor {t.name!r}: external data file {loc!r} not found next to the model")
-        files[target] = None
-    return list(files)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -135,6 +81,7 @@ def read_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
     if model.ir_version <= 0 or not model.HasField("graph") or (len(model.graph.node) == 0 and not model.graph.output):
         raise BadInputError(f"{p}: not an ONNX model (no graph, or no IR version)")
     files = check_external_data(model, p.parent)
+    check_model_sanity(model)
     if files and load_weights:
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
