@@ -20,7 +20,8 @@ F1 / map IoU for detectors, embedding cosine for MiniLM), the SQNR and cosine of
 MiniLM: the sentence embedding), latency vs FP32 (1 thread, interleaved in one call), weight bytes, tool seconds.
 
 Variants (``VARIANTS``): ``nearest`` (round-to-nearest weights, what the pass did before ``weight_rounding``),
-``rounding`` (``weight_rounding=output``: scales and rounding fitted to each layer's output), ``default`` (the pass's
+``rounding`` (``weight_rounding=output``: scales and rounding fitted to each layer's output), ``smooth``
+(``smooth=all``: SmoothQuant factors on every MatMul input, round-to-nearest weights), ``default`` (the pass's
 defaults, ``weight_rounding=auto``), ``all-int8`` (no automatic float layers), and ``ort_minmax`` (ORT's
 ``quantize_static``, QDQ, per channel, MinMax). Writes ``benchmarks/results/int8_margins.{json,md}``.
 """
@@ -50,13 +51,14 @@ MODELS = ["ppocrv4_rec", "minilm_l3", "nudenet_320n", "ddddocr_det", "ppocrv4_de
 VARIANTS: dict[str, str] = {
     "nearest": "cleanup,quantize{weight_rounding=nearest}",
     "rounding": "cleanup,quantize{weight_rounding=output}",
+    "smooth": "cleanup,quantize{smooth=all weight_rounding=nearest}",
     "default": "cleanup,quantize",
     "all-int8": "cleanup,quantize{auto_float_db=0}",
     "ort_minmax": "ort",
 }
 #: calibration / evaluation feeds per set (2 shared cores: modest counts)
-N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 128, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16}
-N_EVAL = {"ppocrv4_rec": 64, "minilm_l3": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 12}
+N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16}
+N_EVAL = {"ppocrv4_rec": 64, "minilm_l3": 48, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 12}
 #: the embedding output of paraphrase-MiniLM-L3 (speech_text.L3_EMBEDDING_OUTPUT)
 MINILM_L3_EMBEDDING = 3
 

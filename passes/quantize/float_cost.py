@@ -2,8 +2,8 @@
 
 A layer kept float in an otherwise int8 model costs
 
-* **latency**: ``Δt = r(l float) − r(all int8)``, with ``r = t_candidate / t_float`` measured on the whole model under
-  ORT through the run's latency profile (``latency_guard.latency_ratio``: recorded, replayable) — a Conv holding
+* **latency**: ``Δt = (t(l float) − t(all int8)) / t_float``, the three whole models timed interleaved in one run
+  under ORT (1 thread) through the run's latency profile (``paired_difference``: recorded, replayable) — a Conv holding
   90% of the MACs kept float takes back most of the int8 speed-up, a depthwise Conv whose integer kernel is slower
   than its float one costs nothing or less;
 * **size**: ``Δs = (bytes(l float) − bytes(all int8)) / bytes(float model)``, the weight bytes the layer keeps at
@@ -83,11 +83,40 @@ def macs_shares(run: StaticRun, feed: Feed) -> dict[str, float]:
     return {n: m / total for n, m in mc.by_node.items()}
 
 
-def measure(run: StaticRun, model: onnx.ModelProto, ref: fid.Reference, feed: Feed) -> Candidate:
-    """Score ``model`` on the reference feeds, measure its latency ratio (through ``ctx.latency``), count bytes."""
+def measure(run: StaticRun, model: onnx.ModelProto, ref: fid.Reference, feed: Feed,
+            against: onnx.ModelProto | None = None) -> Candidate:
+    """Score ``model`` on the reference feeds, measure its latency ratio to the float model (through
+    ``ctx.latency``), count bytes. With ``against`` (the all-int8 model) the ratio is the all-int8 model's measured
+    ratio plus the difference measured in the same interleaved run (``paired_difference``): a difference of two
+    separate runs on a busy machine is mostly noise."""
     from .latency_guard import latency_ratio
 
-    return Candidate(fid.score_model(ref, model), latency_ratio(run, model, feed), io.weight_bytes(model))
+    if against is None:
+        ratio = latency_ratio(run, model, feed)
+    else:
+        ratio = latency_ratio(run, against, feed) + paired_difference(run, against, model, feed)
+    return Candidate(fid.score_model(ref, model), ratio, io.weight_bytes(model))
+
+
+def paired_difference(run: StaticRun, base: onnx.ModelProto, cand: onnx.ModelProto, feed: Feed) -> float:
+    """``(t_cand − t_base) / t_float`` from ONE interleaved measurement of the three models (1 thread), through
+    the run's latency profile."""
+    from onnxcompress.latency_profile import fingerprint
+
+    from .latency_guard import GUARD_THREADS
+
+    shapes = sorted((k, tuple(int(d) for d in np.shape(a))) for k, a in feed.items())
+    key = "quantize/float-cost/" + fingerprint(run.float_model.SerializeToString(), base.SerializeToString(),
+                                               cand.SerializeToString(), str(shapes), f"threads={GUARD_THREADS}")
+
+    def fn() -> float:
+        from onnxcompress.latency import measure_latency
+
+        lat = measure_latency({"float": run.float_model, "base": base, "cand": cand}, feed,
+                              threads=GUARD_THREADS, budget_s=1.5)
+        return float((lat["cand"] - lat["base"]) / lat["float"])
+
+    return float(run.ctx.latency.measure(key, fn))
 
 
 def costs(cand: Candidate, base: Candidate, float_bytes: int) -> tuple[float, float]:
@@ -124,7 +153,7 @@ def choose(
     spent_t = spent_s = budget = 0.0
     for name in sorted(gains, key=lambda n: -gains[n]):
         g = gains[name]
-        cand = measure(run, builds[name], ref, feed)
+        cand = measure(run, builds[name], ref, feed, against=all_int8)
         dt, ds = costs(cand, base, float_bytes)
         rec = {
             "layer": name,
@@ -156,7 +185,7 @@ def choose(
             spent_t, spent_s, budget = spent_t + dt, spent_s + ds, budget + allow
     if len(kept) > 1:  # the set as a whole: effects are not additive
         names = [r["layer"] for r in kept]
-        whole = measure(run, run.export(run.build(names).graph), ref, feed)
+        whole = measure(run, run.export(run.build(names).graph), ref, feed, against=all_int8)
         dt, ds = costs(whole, base, float_bytes)
         if not outputs_better(whole.score, base.score) or max(dt, ds) > budget:
             for r in kept:
@@ -170,4 +199,5 @@ def choose(
     return [r["layer"] for r in kept], kept, rejected
 
 
-__all__ = ["Candidate", "MAX_COST", "allowance", "choose", "costs", "macs_shares", "measure", "outputs_better"]
+__all__ = ["Candidate", "MAX_COST", "allowance", "choose", "costs", "macs_shares", "measure", "outputs_better",
+           "paired_difference"]

@@ -113,7 +113,7 @@ class Quantize(Pass):
         "weight scales and rounding: output (chosen per layer against its output on calibration inputs, "
         "closed form) | nearest | auto (output where it improves the model's outputs on the evaluation feeds)",
     )
-    rounding_samples: int = option(32, "calibration feeds whose layer inputs weight_rounding fits to")
+    rounding_samples: int = option(16, "calibration feeds whose layer inputs weight_rounding fits to")
     bias_correction: bool = option(
         True,
         "correct per-channel output mean shifts measured on calibration data",

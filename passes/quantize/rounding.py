@@ -57,10 +57,11 @@ BLOCK = 128
 #: Gram matrices held at once (float64); bigger sets of layers are collected in several streaming runs
 GRAM_BUDGET_BYTES = 600 * 2**20
 #: design rows per layer in total (spread evenly over the feeds), at least ``ROWS_PER_COLUMN`` x K
-ROWS_TOTAL = 16384
-ROWS_PER_COLUMN = 4
-#: layers with more im2col columns than this keep round-to-nearest (H alone would be > 200 MB)
-MAX_COLUMNS = 5000
+ROWS_TOTAL = 8192
+ROWS_PER_COLUMN = 2
+#: layers with more im2col columns than this keep round-to-nearest (H's accumulation, R·K² per layer, and its
+#: inverse, K³, dominate the stage's time: 2304 = a 3x3 Conv over 256 channels)
+MAX_COLUMNS = 2304
 #: damping of H: this share of its mean diagonal
 DAMP = 0.01
 
@@ -128,10 +129,11 @@ def channel_scales(wm: np.ndarray, h: np.ndarray, grid=CLIP_GRID) -> np.ndarray:
     m = np.where(m > 0, m, 1.0)
     best = np.full(wm.shape[0], np.inf)
     scale = m / 127.0
+    h32 = h.astype(np.float32)  # a ranking of a few candidates: float32 products are plenty
     for a in grid:
         s = a * m / 127.0
-        e = wm - np.clip(np.rint(wm / s[:, None]), -127, 127) * s[:, None]
-        err = np.einsum("ok,ok->o", e @ h, e)
+        e = (wm - np.clip(np.rint(wm / s[:, None]), -127, 127) * s[:, None]).astype(np.float32)
+        err = np.einsum("ok,ok->o", e @ h32, e).astype(np.float64)
         better = err < best
         best = np.where(better, err, best)
         scale = np.where(better, s, scale)
@@ -203,6 +205,7 @@ def round_layers(run: StaticRun, model: onnx.ModelProto, layers: list[str]) -> d
     feeds = run.feeds(run.p.rounding_samples)
     n_feeds = len(feeds)
     improved: dict[str, float] = {}
+    solve_seconds: dict[str, float] = {}
     chunk: list = []
     chunk_bytes = 0
 
@@ -224,7 +227,9 @@ def round_layers(run: StaticRun, model: onnx.ModelProto, layers: list[str]) -> d
             if g is None or g.rows == 0:
                 skipped[name] = "no input rows collected"
                 continue
+            t_layer = time.perf_counter()
             solve_layer(run, name, node, wm, g.xtx, g.row_sum / g.rows, improved)
+            solve_seconds[name] = time.perf_counter() - t_layer
         chunk, chunk_bytes = [], 0
 
     for item in todo:
@@ -242,6 +247,7 @@ def round_layers(run: StaticRun, model: onnx.ModelProto, layers: list[str]) -> d
         "output_error_db_gain_median": round(float(np.median(gains)), 2) if gains.size else None,
         "output_error_db_gain_min": round(float(gains.min()), 2) if gains.size else None,
         "samples": n_feeds,
+        "seconds_solving": round(sum(solve_seconds.values()), 2),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 

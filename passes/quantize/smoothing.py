@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: smooth=auto: the largest channel RMS over the median one at least this
 SMOOTH_MIN_RATIO = 8.0
+#: rows (tokens) per feed whose squares estimate the channel RMS
+SMOOTH_ROWS_PER_FEED = 32
 #: factors are kept within [1/S_LIMIT, S_LIMIT]
 S_LIMIT = 1e4
 
@@ -91,8 +93,11 @@ def smooth(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
     feeds = run.feeds(p.calibration_samples)
     store = StatisticsStore(model, feeds, run.ctx, "float model (smoothing)")
 
-    def rows(x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+    rng = run.ctx.rng("quantize/smoothing")
+
+    def rows(x: np.ndarray) -> np.ndarray:  # only the diagonal is used: a sample of rows per feed is plenty
+        r = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+        return r[rng.choice(r.shape[0], SMOOTH_ROWS_PER_FEED, replace=False)] if r.shape[0] > SMOOTH_ROWS_PER_FEED else r
 
     req = StatsRequest(second_moments={f"{k}:smooth": (k, rows) for k in cands}, samples=len(feeds))
     store.get(req)
