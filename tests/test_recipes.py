@@ -78,7 +78,8 @@ def test_every_recipe_runs_on_the_bundled_model(digits, name):
     (ref,), (got,) = ort_run(digits, {"image": x}), ort_run(result.model, {"image": x})
     assert float((ref.argmax(1) == got.argmax(1)).mean()) >= 0.95
     smaller = digits.ByteSize() / result.model.ByteSize()
-    if name in ("small", "deep-compression"):  # 4-bit codebooks: the file really shrinks
+    if name in ("small", "deep-compression"):  # 4-bit codebooks (more bits where needed): the file really shrinks
         stats = result.ledger[-1].pass_stats
-        assert stats["tensors_clustered"] >= 3 and stats["max_unique_per_row"] <= 16
-        assert smaller >= 5.0
+        assert stats["tensors_clustered"] >= 3 and min(int(b) for b in stats["bits"]) == 4
+        assert stats["max_unique_per_row"] <= 2 ** max(int(b) for b in stats["bits"])
+        assert smaller >= 4.0

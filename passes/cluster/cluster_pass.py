@@ -71,6 +71,11 @@ class Cluster(Pass):
                                            "data (needs --calib)")
     refit: bool = option(False, "refit the shared values by least squares on calibration data (indices fixed; "
                                 "needs --calib)")
+    max_error: float | None = option(None, "with refit: a tensor whose relative output error on calibration "
+                                           "data, ||X(W - Ŵ)||^2 / ||XW||^2, is above this gets one more bit, up to "
+                                           "8 (mixed precision)")
+    obs: bool = option(True, "with refit: assign the weights input by input, each rounding error moved onto the "
+                             "weights not yet assigned through the layer's inverse Gram (GPTQ with the codebook)")
     storage: str = option("auto", "auto (smaller on disk per tensor), codebook (packed indices + Gather) or snap "
                                   "(values replaced in place)")
     exclude: tuple[str, ...] = option((), "tensor or node names (fnmatch patterns) left alone")
@@ -90,6 +95,8 @@ class Cluster(Pass):
             raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {self.storage!r}")
         if self.min_size < 1 or self.samples < 1 or self.max_inputs < 1:
             raise ValueError("min_size, samples and max_inputs must be >= 1")
+        if self.max_error is not None and not self.max_error > 0:
+            raise ValueError(f"max_error must be > 0, got {self.max_error}")
         if not 0.0 < self.zero_fraction <= 1.0:
             raise ValueError(f"zero_fraction must be in (0, 1], got {self.zero_fraction}")
 
@@ -200,7 +207,7 @@ class Cluster(Pass):
         builder = DecodeBuilder(graph, Namer(graph))
         rng = ctx.rng("cluster-init")
         k = 1 << self.bits
-        st: dict = {"tensors_clustered": 0, "storage": Counter(), "bytes_before": 0, "bytes_after": 0,
+        st: dict = {"tensors_clustered": 0, "storage": Counter(), "bits": Counter(), "bytes_before": 0, "bytes_after": 0,
                     "max_unique_per_row": 0, "weighted": 0, "refit_layers": 0}
         errs, refit_before, refit_after = [], 0.0, 0.0
         for c in cands:
@@ -213,10 +220,19 @@ class Cluster(Pass):
                 skipped[f"refit: {reason}"] += 1
             scales = self.channel_scales and c.uses[0].op != "Gather" and \
                 w.shape[c.uses[0].channel_axis(w.ndim)] > 1
-            res = cluster_tensor(w, k, use=c.uses[0], per_channel=self.per_channel, channel_scales=scales,
-                                 init=self.init,
-                                 zero_fraction=self.zero_fraction, col_norms=norms, per_column=per_column,
-                                 refit_gram=gram, storage=storage, rng=rng)
+            bits, energy = self.bits, None
+            if self.max_error is not None and gram is not None:
+                m = c.uses[0].to_matrix(w.astype(np.float64))
+                energy = max(float(np.sum((m @ gram) * m)), 1e-30)
+            while True:
+                res = cluster_tensor(w, 1 << bits, use=c.uses[0], per_channel=self.per_channel,
+                                     channel_scales=scales, init=self.init, zero_fraction=self.zero_fraction,
+                                     col_norms=norms, per_column=per_column, refit_gram=gram, obs=self.obs,
+                                     storage=storage, rng=rng)
+                if energy is None or res.refit is None or bits >= 8 or res.refit[1] / energy <= self.max_error:
+                    break
+                bits += 1
+            st["bits"][bits] += 1
             wf = w.astype(np.float64)
             wt = 1.0 if norms is None else element_weights(c.uses[0], w.shape, norms, per_column)
             errs.append(float(np.sum(wt * (wf - res.snapped) ** 2) / max(float(np.sum(wt * wf**2)), 1e-30)))
@@ -241,6 +257,7 @@ class Cluster(Pass):
         if st["tensors_clustered"]:
             graph.cleanup().toposort()
         st["storage"] = dict(st["storage"])
+        st["bits"] = {str(b): n for b, n in sorted(st["bits"].items())}
         st["skipped"] = dict(skipped.most_common(12))
         st["relative_error"] = round(float(np.mean(errs)), 6) if errs else 0.0
         if st["refit_layers"]:

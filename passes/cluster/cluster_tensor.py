@@ -21,6 +21,7 @@ import numpy as np
 from .codebook_refit import refit_codebook
 from .kmeans1d import kmeans_1d
 from .layouts import Use
+from .obs_assign import obs_assign
 from .storage import OVERHEAD_SCALE, plan_bytes
 
 
@@ -81,6 +82,7 @@ def cluster_tensor(
     per_column: bool,
     refit_gram: np.ndarray | None,
     storage: str,
+    obs: bool = True,
     rng: np.random.Generator,
 ) -> Clustered:
     shape, dtype = w.shape, w.dtype
@@ -105,6 +107,12 @@ def cluster_tensor(
     rows_w = None if weights is None else to_rows(np.asarray(weights), axis)
     fixed_zero = zero_fraction < 1.0 and float(np.mean(w == 0)) >= zero_fraction
     cents, labels = kmeans_1d(rows_v, k, rows_w, init=init, fixed_zero=fixed_zero, rng=rng)
+    if refit_gram is not None and obs:  # re-assign with error feedback (cents are sorted per row here)
+        lab_m = obs_assign(use.to_matrix(w.astype(np.float64)), cents, refit_gram,
+                           row_scale=None if scale is None else scale.astype(np.float64),
+                           zero_mask=use.to_matrix(w == 0) if fixed_zero else None,
+                           zero_label=np.argmax(cents == 0.0, axis=1) if fixed_zero else None)
+        labels = to_rows(use.from_matrix(lab_m, shape), axis)
     if axis is None:  # drop unused entries: fewer entries may need fewer index bits
         used = np.unique(labels)
         remap = np.zeros(cents.shape[1], np.int64)
