@@ -13,7 +13,10 @@ better one or when ``max_minutes`` run out, and the best weights are written bac
 student's held-out loss (otherwise the graph is left as it was).
 
 Deterministic given the seed: the minibatches and augmentation come from ``ctx.rng``, torch is seeded from it, and
-the ops run on CPU in a fixed order (same machine, same thread count -> the same bytes).
+the ops run on CPU in a fixed order (same machine, same thread count -> the same bytes). The learning rate decays
+with the larger of the step fraction and the time-budget fraction, and the held-out loss is also measured every
+sixth of the budget and when it runs out: a run cut by ``max_minutes`` keeps what it reached, but then depends on
+the machine's speed (only runs ended by ``steps`` or early stop are reproducible to the byte).
 
 Feature tensors (``features`` > 0): graph tensors that exist in the teacher under the same name and whose values
 depend on trained weights, at the block boundaries ``blocks.partition`` finds (the residual stream / stage outputs
@@ -147,26 +150,31 @@ class Trainer:
                                       for i in range(0, len(held), opts.batch)]))
 
         opt = torch.optim.Adam(params, lr=opts.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: 0.5 * (1 + float(np.cos(np.pi * min(k, steps) / steps))))
         start = held_loss()
         best, best_state, bad, stop = start, None, 0, "steps"
         history, train_losses, done = [(0, round(start, 6))], [], 0
         t0, c0 = time.perf_counter(), time.process_time()
+        last_eval = t0
         eval_every = max(1, min(opts.eval_every, steps))
         progress = getattr(self.ctx, "progress", None)
         for step in progress(range(1, steps + 1), total=steps, desc=desc) if progress else range(1, steps + 1):
+            # cosine decay over the steps, or over the time budget when that runs out first
+            frac = max((step - 1) / steps, (time.perf_counter() - t0) / budget_s)
+            for group in opt.param_groups:
+                group["lr"] = opts.lr * 0.5 * (1 + float(np.cos(np.pi * min(frac, 1.0))))
             picks = self.rng.choice(len(train), size=min(opts.batch, len(train)), replace=False)
             batch = [augment_feed(torch, train[i], aug, self.rng) for i in np.sort(picks)]
             opt.zero_grad(set_to_none=True)
             value = self.batch_loss(batch, forward, targets, features)
             value.backward()
             opt.step()
-            sched.step()
             done = step
             train_losses.append(float(value.detach()))
-            if step % eval_every == 0 or step == steps:
+            now = time.perf_counter()
+            out_of_time = now - t0 > budget_s
+            if step % eval_every == 0 or step == steps or out_of_time or now - last_eval > budget_s / 6:
                 current = held_loss()
+                last_eval = time.perf_counter()
                 history.append((step, round(current, 6)))
                 log.info("%s: step %d/%d, train loss %.5f, held-out %.5f (start %.5f)", desc, step, steps,
                          float(np.mean(train_losses[-eval_every:])), current, start)
@@ -178,7 +186,7 @@ class Trainer:
                     if bad >= opts.patience:
                         stop = "early stop"
                         break
-            if time.perf_counter() - t0 > budget_s:
+            if out_of_time:
                 stop = "time budget"
                 break
         if best_state is not None:
