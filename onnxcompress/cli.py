@@ -81,15 +81,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
     """``onnxcompress compress``: run the pipeline, save model + reports, print the ledger and notes."""
     from onnxcompress.api import compress
     from onnxcompress.report import ledger_rows, pass_reasons
+    from onnxcompress.result import report_paths
 
     src, out = Path(args.input), Path(args.output)
     if args.passes and args.recipe:
         raise BadInputError("give either --passes or --recipe, not both")
     if not (args.passes or args.recipe):
         raise BadInputError("give the passes: --passes 'cleanup,...' or --recipe recipe.toml")
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise BadInputError("the output path is the input file; onnxcompress never overwrites its input")
     report_arg = Path(args.report) if args.report else None
+    written = report_paths(out, report_arg)
+    for target in (out, *written):
+        if target.exists() and src.exists() and target.resolve() == src.resolve():
+            raise BadInputError(f"output {target} is the input file; onnxcompress never overwrites its input")
+    if len({t.resolve() for t in (out, *written)}) < 1 + len(written):
+        raise BadInputError(f"-o {out} and the reports {', '.join(map(str, written))} must be different files")
     for target, flag in ((out, "-o"), *(((report_arg, "--report"),) if report_arg else ())):
         _check_output_target(target, flag)
     result = compress(src, args.recipe or args.passes, calibration=args.calib, validation=args.val,

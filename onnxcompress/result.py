@@ -18,6 +18,13 @@ from onnxcompress.errors import BadInputError
 from onnxcompress.validate import FidelityReport
 
 
+def report_paths(model_path: Path, report: Path | None = None, html: bool = True) -> list[Path]:
+    """Where ``save`` writes the reports: JSON at ``report`` (default ``<model>.report.json``), Markdown and HTML
+    beside it with the suffix replaced."""
+    json_path = Path(report) if report is not None else model_path.with_name(model_path.name + ".report.json")
+    return [json_path, json_path.with_suffix(".md"), *([json_path.with_suffix(".html")] if html else [])]
+
+
 @dataclass
 class LedgerRow:
     """One stage of a run: the pass label, whether it changed the graph, its wall time, the model facts after it
@@ -80,13 +87,16 @@ class CompressResult:
         from onnxcompress.report import to_json_text, to_markdown
 
         out = Path(path)
-        report_path = Path(report) if report is not None else out.with_name(out.name + ".report.json")
+        paths = report_paths(out, Path(report) if report is not None else None, html)
+        report_path = paths[0]
+        if len({p.resolve() for p in (out, *paths)}) < 1 + len(paths):
+            raise BadInputError(f"the model {out} and its reports {', '.join(map(str, paths))} must be different files")
         data = {**self.to_dict(), "output": str(out)}
-        texts = [(report_path, lambda: to_json_text(data)), (report_path.with_suffix(".md"), lambda: to_markdown(data))]
+        texts = [(paths[0], lambda: to_json_text(data)), (paths[1], lambda: to_markdown(data))]
         if html:
             from onnxcompress.report_html import to_html
 
-            texts.append((report_path.with_suffix(".html"), lambda: to_html(data)))
+            texts.append((paths[2], lambda: to_html(data)))
         for target in (out, *(t for t, _ in texts)):
             folder = target.parent if str(target.parent) else Path(".")
             if not folder.is_dir():

@@ -385,3 +385,14 @@ def test_pass_reasons_reads_records_and_name_to_text_dicts_once():
         "counts": {"Conv": 3}}}]}
     assert pass_reasons(report) == [("q", "layers_kept_float", "conv1", "3.5 dB better"),
                                     ("q", "rejected", "conv2", "costs 59% latency for 0.2 dB")]
+
+
+@pytest.mark.parametrize("report", ["m.onnx", "o.onnx", "o.md"])
+def test_reports_never_overwrite_the_input_or_the_model(tmp_path, capsys, report):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(MODEL.read_bytes())
+    code, _, err = run(capsys, "compress", src, "-o", tmp_path / "o.onnx", "--passes", "cleanup", "--report",
+                       tmp_path / report)
+    assert code == 2 and ("never overwrites its input" in err or "must be different files" in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert src.read_bytes() == MODEL.read_bytes()
