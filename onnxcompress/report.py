@@ -61,7 +61,8 @@ def ledger_rows(report: dict, stats_width: int | None = 120) -> list[list[str]]:
     rows = []
     for row in ledger:
         m = row["model"] or {}
-        stats = ", ".join(f"{k}={v}" for k, v in row["pass_stats"].items() if not isinstance(v, (dict, list)))
+        stats = _joined([f"{k}={v}" for k, v in row["pass_stats"].items() if not isinstance(v, (dict, list))],
+                        stats_width)
         rows.append([
             row["stage"],
             f"{m.get('nodes', '-')}{_ratio(m.get('nodes'), base.get('nodes'))}",
@@ -70,7 +71,7 @@ def ledger_rows(report: dict, stats_width: int | None = 120) -> list[list[str]]:
             f"{human_bytes(m.get('bytes_zip'))}{_ratio(m.get('bytes_zip'), base.get('bytes_zip'))}",
             f"{human_count(m.get('macs'))}{_ratio(m.get('macs'), base.get('macs'))}",
             f"{row['seconds']:.2f}s" if row["stage"] != "original" else "",
-            stats if stats_width is None else stats[:stats_width],
+            stats,
         ])
     return rows
 
@@ -103,6 +104,20 @@ def pass_reasons(report: dict) -> list[tuple[str, str, str, str]]:
                 seen.add((stage, what, reason))
                 rows.append((stage, key, what, reason))
     return rows
+
+
+def _joined(items: list[str], width: int | None) -> str:
+    """``items`` joined by ", "; with a ``width``, whole items only, then "(+N more)" (never a number cut in two)."""
+    if width is None:
+        return ", ".join(items)
+    out: list[str] = []
+    used = 0
+    for i, item in enumerate(items):
+        if used + len(item) + 2 > width and out:
+            return ", ".join(out) + f", ... (+{len(items) - i} more in the reports)"
+        out.append(item)
+        used += len(item) + 2
+    return ", ".join(out)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

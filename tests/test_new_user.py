@@ -396,3 +396,17 @@ def test_reports_never_overwrite_the_input_or_the_model(tmp_path, capsys, report
     assert code == 2 and ("never overwrites its input" in err or "must be different files" in err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert src.read_bytes() == MODEL.read_bytes()
+
+
+def test_console_changes_column_cuts_whole_items_only():
+    from onnxcompress.report import ledger_rows
+
+    stats = {f"counter_{i}": 1000 + i for i in range(20)}
+    report = {"ledger": [{"stage": "original", "model": {}, "pass_stats": {}, "seconds": 0},
+                         {"stage": "p", "model": {}, "pass_stats": stats, "seconds": 0.1}]}
+    cut = ledger_rows(report)[1][-1]
+    shown, _, rest = cut.partition(", ... (+")
+    items = shown.split(", ")
+    assert all(item in {f"{k}={v}" for k, v in stats.items()} for item in items)  # was: "counter_7=10" (cut)
+    assert rest == f"{20 - len(items)} more in the reports)" and len(shown) <= 120
+    assert ledger_rows(report, stats_width=None)[1][-1].count("=") == 20
