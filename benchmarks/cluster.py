@@ -12,8 +12,9 @@ load and 3 runs (``benchmarks.measure.session_rss``: the codebook decode is fold
 float weights whatever the file holds), and timed at 1 intra-op thread interleaved with FP32.
 
 Variant sets (``--set``): ``cluster`` — ``cluster{bits=b}`` for b in ``BITS`` (codebook storage where smaller),
-4-bit (and 3-bit) with ``activation_aware``, with ``refit`` (least squares over the shared values on calibration
-data: the codebook-preserving form of ``distill``) and with both; ``recipes`` — every recipe in ``recipes/`` by name.
+4-bit with ``activation_aware``, with ``refit`` (error-feedback assignment + least squares over the shared values on
+calibration data: the codebook-preserving form of ``distill``), with both, and with ``max_error`` (more bits for the
+tensors whose output error stays above it); ``recipes`` — every recipe in ``recipes/`` by name.
 
 Goals (``goals``): 4-bit clustering (+refit) keeps >= 0.99 of FP32's metric on every model; ``deep-compression``
 makes MiniLM and >= 2 CNNs >= 12x smaller on disk (raw) at >= 0.99 of FP32's metric.
@@ -48,9 +49,9 @@ GOAL_DEEP_X = 12.0
 
 def cluster_variants() -> list[str]:
     out = [f"cleanup,cluster{{bits={b}}}" for b in BITS]
-    for b in (4, 3):
-        out += [f"cleanup,cluster{{bits={b} activation_aware=true}}", f"cleanup,cluster{{bits={b} refit=true}}",
-                f"cleanup,cluster{{bits={b} activation_aware=true refit=true}}"]
+    out += ["cleanup,cluster{bits=4 activation_aware=true}", "cleanup,cluster{bits=4 refit=true}",
+            "cleanup,cluster{bits=4 activation_aware=true refit=true}",
+            "cleanup,cluster{bits=4 refit=true max_error=0.003}", "cleanup,cluster{bits=3 refit=true max_error=0.003}"]
     return out
 
 

@@ -106,9 +106,10 @@ def test_kmeans_fixed_zero_keeps_zeros_and_weights_pull_centroids(rng):
 @given(st.integers(1, 8), st.integers(1, 500), st.integers(0, 2**31 - 1))
 def test_packed_indices_round_trip(bits, n, seed):
     idx = np.random.default_rng(seed).integers(0, 1 << bits, n)
-    data = pack_bits(idx, bits)
-    assert data.dtype == np.uint8 and data.size == -(-n * bits // 8) + 1
-    np.testing.assert_array_equal(unpack_bits(data, bits, n), idx)
+    streams = pack_bits(idx, bits)
+    assert all(s.dtype == np.uint8 for s in streams)
+    assert sum(s.size for s in streams) <= -(-n * bits // 8) + len(streams)  # b bits per index (+ byte tails)
+    np.testing.assert_array_equal(unpack_bits(streams, bits, n), idx)
 
 
 # ------------------------------------------------------------------------------------ graph: codebook storage
@@ -150,6 +151,19 @@ def test_codebook_decode_is_bit_exact_under_ort(rng, mode, bits):
     ref = ort_run(snapped, feeds)[0]
     np.testing.assert_allclose(got[0], ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
     assert not any(n in _inits(coded) for n in names)  # the float tensors are gone from the file
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_old_opsets_decode_too(rng, opset):
+    model = _model(rng)
+    model.opset_import[0].version = opset
+    coded, st_c = _run(model, "cluster{bits=3 min_size=500 storage=codebook}")
+    snapped, _ = _run(model, "cluster{bits=3 min_size=500 storage=snap}")
+    onnx.checker.check_model(coded, full_check=True)
+    dec = onnx.ModelProto()
+    dec.CopyFrom(coded)
+    dec.graph.output.append(onnx.ValueInfoProto(name="mm_w_clustered"))
+    np.testing.assert_array_equal(ort_run(dec, _feeds(rng))[-1], _inits(snapped)["mm_w"])
 
 
 def test_default_ort_session_folds_the_decode_to_the_same_outputs(rng):

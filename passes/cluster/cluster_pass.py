@@ -204,7 +204,7 @@ class Cluster(Pass):
         if ctx.opset() < 11 and storage != "snap":
             storage = "snap"
             skipped["codebook storage needs opset >= 11: snapped"] += len(cands)
-        builder = DecodeBuilder(graph, Namer(graph))
+        builder = DecodeBuilder(graph, Namer(graph), ctx.opset())
         rng = ctx.rng("cluster-init")
         k = 1 << self.bits
         st: dict = {"tensors_clustered": 0, "storage": Counter(), "bits": Counter(), "bytes_before": 0, "bytes_after": 0,

@@ -145,7 +145,7 @@ def cluster_tensor(
     rows, kk, n, item = codebook.shape[0], codebook.shape[1], w.size, dtype.itemsize
     extra = 0 if scale is None else scale.nbytes + OVERHEAD_SCALE
     plans = {"snap": int(w.nbytes), "codebook": plan_bytes(n, rows, kk, itemsize=item) + extra}
-    if fixed_zero:
+    if fixed_zero and rows == 1:
         plans["sparse-codebook"] = plan_bytes(n, rows, kk, nonzero=int(np.count_nonzero(labels)),
                                               itemsize=item) + extra
     out.bytes_planned = plans

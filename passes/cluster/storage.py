@@ -1,25 +1,26 @@
 """How a clustered tensor is stored: a codebook and packed indices decoded in the graph, or the values snapped.
 
-**Codebook.** The k (per channel: C·k) float centroids, and the index of every weight packed into a little-endian
-bit stream of b = ceil(log2 k) bits per index: index i holds bits [i·b, (i+1)·b) of the stream, byte j holding bits
-8j..8j+7 (LSB first). b <= 8, so an index lies within two consecutive bytes:
+**Codebook.** The k float values (per channel: a [C, k] table) and b = ceil(log2 k) bits per weight index, split
+into streams of byte-aligned widths (``STREAMS``: 3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1; 1, 2, 4, 8 alone).
+A stream of width w holds bits [o, o + w) of every index, p = 8 / w of them per byte, entry t of byte j at bits
+t·w .. t·w + w - 1:
 
-    o = i·b,  word = byte[o // 8] + 256 · byte[o // 8 + 1],  idx_i = (word // 2^(o mod 8)) mod 2^b
+    part_i = (byte[i // p] << (8 - w - (i mod p)·w)) >> (8 - w)        (uint8 shifts: the high bits fall off)
+    idx_i  = sum_streams part_i · 2^o
 
-(one padding byte keeps ``o // 8 + 1`` in range; for b in {1, 2, 4, 8} no index crosses a byte and the second byte
-is not read). The graph evaluates exactly this with integer ops (Range, Mul, Div, Mod, Gather, Cast — opset 11):
-``Gather(codebook, idx) -> Reshape`` feeds the original consumer(s). All inputs are constants, so ORT folds the
-decode at session start: the file holds b bits per weight, the session the float tensor (measured in the benchmark).
+The graph computes exactly this in uint8 (Reshape [M, 1], BitShift left by the p shifts, BitShift right, Reshape,
+Slice; Mul/Add to combine streams, in int32 before opset 14), then Cast to int32 and ``Gather(codebook, idx) -> Reshape`` feeding the original
+consumer(s). Every input is a constant, so ORT folds the decode at session start: the file holds b bits per weight,
+the session the float tensor; the uint8 intermediates keep the folding's peak memory near 2x the float tensor
+(measured in ``benchmarks/results/cluster.md``).
 
-**Sparse codebook** (a pruned tensor whose zero is a codebook entry): a 1-bit mask m (weight != 0) and the indices
-of the non-zero weights only, 1 + (1 - sparsity)·b bits per weight. Decoded as
+**Sparse codebook** (a pruned tensor, one codebook): a 1-bit stream mask m (weight != 0) and the indices of the
+non-zero weights only, 1 + (1 - sparsity)·b bits per weight, decoded as
 
-    p = CumSum(m) - 1,  idx = Where(m, nz_idx[p], zero_index)
+    v = [0, codebook[nz_idx]],  pos = CumSum(m) · m,  w = v[pos]
 
-(``Gather`` with p = -1 reads the last entry; the mask discards it).
-
-**Per channel** (axis a, C channels, stride s = prod(shape[a+1:])): element i belongs to channel (i // s) mod C and
-reads ``codebook[channel · k + idx_i]``.
+**Per channel** (axis a, C channels): the indices are stored channel-major ([C, n / C], the channel axis moved
+first) and decoded by ``GatherElements(codebook [C, k], idx [C, n / C], axis=1)``, then Reshape and Transpose back.
 
 **Channel scales**: ``Mul`` by s [C] broadcast along the channel axis after the Reshape.
 
@@ -37,19 +38,18 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+STREAMS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
+
 #: serialized bytes of a decode subgraph besides its data tensors (nodes, short names, small constants), measured
-#: with onnx 1.x protobuf on MatMul weights (tests check the predicted file size against the written one): unpacking
-#: a stream whose indices never cross a byte (b in 1, 2, 4), one that does (two Gathers), plain bytes (b = 8); the
-#: per-channel offset; the sparse form's mask, CumSum and Where
-OVERHEAD_UNPACK = {"aligned": 1320, "crossing": 1720, "bytes": 640}
-OVERHEAD_PER_CHANNEL = 470
-OVERHEAD_SPARSE = 1900
+#: with onnx 1.x protobuf on MatMul weights (tests check the predicted file size against the written one): per
+#: stream (w < 8), the rest of a dense decode, combining streams, the per-channel GatherElements/Transpose, the
+#: sparse form's mask and CumSum
+OVERHEAD_STREAM = 420
+OVERHEAD_DENSE = 330
+OVERHEAD_PER_CHANNEL = 250
+OVERHEAD_COMBINE = 170
+OVERHEAD_SPARSE = 450
 OVERHEAD_SCALE = 160
-
-
-def decode_overhead(bits: int, per_channel: bool, sparse: bool) -> int:
-    kind = "bytes" if bits == 8 else ("aligned" if 8 % bits == 0 else "crossing")
-    return OVERHEAD_UNPACK[kind] + OVERHEAD_PER_CHANNEL * per_channel + OVERHEAD_SPARSE * sparse
 
 
 def index_bits(k: int) -> int:
@@ -57,21 +57,45 @@ def index_bits(k: int) -> int:
     return max(1, math.ceil(math.log2(max(k, 2))))
 
 
-def pack_bits(idx: np.ndarray, bits: int) -> np.ndarray:
-    """Indices (each < 2^bits) -> uint8 little-endian bit stream, plus one padding byte."""
+def decode_overhead(bits: int, per_channel: bool, sparse: bool) -> int:
+    widths = STREAMS[bits] + ((1,) if sparse else ())
+    return OVERHEAD_DENSE + OVERHEAD_STREAM * sum(w < 8 for w in widths) + \
+        OVERHEAD_COMBINE * (len(STREAMS[bits]) - 1) + OVERHEAD_PER_CHANNEL * per_channel + OVERHEAD_SPARSE * sparse
+
+
+def _pack_stream(part: np.ndarray, w: int) -> np.ndarray:
+    if w == 8:
+        return part.astype(np.uint8)
+    per = 8 // w
+    p = np.concatenate([part.astype(np.uint16), np.zeros((-part.size) % per, np.uint16)]).reshape(-1, per)
+    return (p << (np.arange(per, dtype=np.uint16) * w)[None, :]).sum(axis=1).astype(np.uint8)
+
+
+def _unpack_stream(data: np.ndarray, w: int, n: int) -> np.ndarray:
+    if w == 8:
+        return data[:n]
+    per = 8 // w
+    left = (data[:, None] << (8 - w - np.arange(per, dtype=np.uint8) * w)[None, :]).astype(np.uint8)
+    return (left >> np.uint8(8 - w)).reshape(-1)[:n]
+
+
+def pack_bits(idx: np.ndarray, bits: int) -> list[np.ndarray]:
+    """Indices (each < 2^bits) -> one uint8 array per stream of ``STREAMS[bits]``."""
     idx = np.asarray(idx).reshape(-1).astype(np.uint16)
-    if bits == 8:
-        return np.concatenate([idx.astype(np.uint8), np.zeros(1, np.uint8)])
-    planes = ((idx[:, None] >> np.arange(bits, dtype=np.uint16)[None, :]) & 1).astype(np.uint8)
-    return np.concatenate([np.packbits(planes.reshape(-1), bitorder="little"), np.zeros(1, np.uint8)])
+    out, off = [], 0
+    for w in STREAMS[bits]:
+        out.append(_pack_stream((idx >> off) & ((1 << w) - 1), w))
+        off += w
+    return out
 
 
-def unpack_bits(data: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """The NumPy reference of the graph's decode: n indices of ``bits`` bits from the stream ``data``."""
-    d = np.asarray(data).astype(np.int32)
-    o = np.arange(n, dtype=np.int64) * bits
-    word = d[o // 8] + 256 * d[o // 8 + 1]
-    return (word >> (o % 8)) & ((1 << bits) - 1)
+def unpack_bits(streams: list[np.ndarray], bits: int, n: int) -> np.ndarray:
+    """The NumPy reference of the graph's decode: n indices from the streams."""
+    acc, off = np.zeros(n, np.uint16), 0
+    for data, w in zip(streams, STREAMS[bits], strict=True):
+        acc += _unpack_stream(np.asarray(data, np.uint8), w, n).astype(np.uint16) << off
+        off += w
+    return acc
 
 
 def plan_bytes(n: int, codebook_rows: int, k: int, nonzero: int | None = None, itemsize: int = 4) -> int:
@@ -80,17 +104,17 @@ def plan_bytes(n: int, codebook_rows: int, k: int, nonzero: int | None = None, i
     bits = index_bits(k)
     book = itemsize * codebook_rows * k
     over = decode_overhead(bits, codebook_rows > 1, nonzero is not None)
-    if nonzero is None:
-        return math.ceil(n * bits / 8) + 1 + book + over
-    return (math.ceil(n / 8) + 1) + (math.ceil(nonzero * bits / 8) + 1) + book + over
+    data = sum(math.ceil((n if nonzero is None else nonzero) * w / 8) for w in STREAMS[bits])
+    return data + book + over + (0 if nonzero is None else math.ceil(n / 8))
 
 
 class DecodeBuilder:
     """Writes decode subgraphs into ``graph``; ``namer(base)`` gives unique tensor/node names."""
 
-    def __init__(self, graph: gs.Graph, namer):
+    def __init__(self, graph: gs.Graph, namer, opset: int = 17):
         self.graph = graph
         self.namer = namer
+        self.small_ints = opset >= 14  # Mul/Add take uint8 from opset 14 on
 
     def _const(self, base: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(self.namer(base), np.asarray(value))
@@ -101,75 +125,102 @@ class DecodeBuilder:
                                         attrs=attrs or {}))
         return out
 
-    def _unpack(self, base: str, data: np.ndarray, bits: int, n: int) -> gs.Variable:
-        """int32 [n] indices decoded from a packed stream constant."""
-        d32 = self._op("Cast", [self._const(f"{base}_packed", data)], f"{base}_bytes", np.int32, {"to": 6})
-        pos = self._op("Range", [self._const(f"{base}_zero", np.int32(0)), self._const(f"{base}_n", np.int32(n)),
-                                 self._const(f"{base}_one", np.int32(1))], f"{base}_pos", np.int32)
-        if bits == 8:
-            return self._op("Gather", [d32, pos], f"{base}_idx", np.int32, {"axis": 0})
-        o = self._op("Mul", [pos, self._const(f"{base}_bits", np.int32(bits))], f"{base}_bitpos", np.int32)
-        byte = self._op("Div", [o, self._const(f"{base}_eight", np.int32(8))], f"{base}_byte", np.int32)
-        shift = self._op("Mod", [o, self._const(f"{base}_eight2", np.int32(8))], f"{base}_shift", np.int32)
-        word = self._op("Gather", [d32, byte], f"{base}_lo", np.int32, {"axis": 0})
-        if 8 % bits:
-            nxt = self._op("Add", [byte, self._const(f"{base}_one2", np.int32(1))], f"{base}_byte1", np.int32)
-            hi = self._op("Gather", [d32, nxt], f"{base}_hi", np.int32, {"axis": 0})
-            hi = self._op("Mul", [hi, self._const(f"{base}_256", np.int32(256))], f"{base}_hi256", np.int32)
-            word = self._op("Add", [word, hi], f"{base}_word", np.int32)
-        div = self._op("Gather", [self._const(f"{base}_pow2", (1 << np.arange(8)).astype(np.int32)), shift],
-                       f"{base}_div", np.int32, {"axis": 0})
-        q = self._op("Div", [word, div], f"{base}_shifted", np.int32)
-        return self._op("Mod", [q, self._const(f"{base}_mask", np.int32(1 << bits))], f"{base}_idx", np.int32)
+    def _stream(self, base: str, data: np.ndarray, w: int, n: int) -> gs.Tensor:
+        """uint8 [n]: one stream's parts."""
+        c = self._const(f"{base}_p{w}", data)
+        if w == 8:
+            return c
+        per = 8 // w
+        col = self._op("Reshape", [c, self._const(f"{base}_col", np.array([-1, 1], np.int64))], f"{base}_c{w}",
+                       np.uint8)
+        left = self._op("BitShift", [col, self._const(f"{base}_l{w}", (8 - w - np.arange(per) * w).astype(np.uint8))],
+                        f"{base}_sl{w}", np.uint8, {"direction": "LEFT"})
+        right = self._op("BitShift", [left, self._const(f"{base}_r{w}", np.uint8(8 - w))], f"{base}_sr{w}",
+                         np.uint8, {"direction": "RIGHT"})
+        flat = self._op("Reshape", [right, self._const(f"{base}_flat", np.array([-1], np.int64))], f"{base}_f{w}",
+                        np.uint8)
+        if data.size * per == n:
+            return flat
+        return self._op("Slice", [flat, self._const(f"{base}_s0", np.array([0], np.int64)),
+                                  self._const(f"{base}_s1", np.array([n], np.int64))], f"{base}_x{w}", np.uint8)
+
+    def _indices(self, base: str, streams: list[np.ndarray], bits: int, n: int) -> gs.Variable:
+        """int32 [n] indices from packed streams (combined in uint8, one Cast; before opset 14 in int32)."""
+        acc, off = None, 0
+        wide = not self.small_ints and len(streams) > 1
+        for data, w in zip(streams, STREAMS[bits], strict=True):
+            part = self._stream(base, data, w, n)
+            if wide:
+                part = self._op("Cast", [part], f"{base}_w{off}", np.int32, {"to": 6})
+            if acc is None:
+                acc = part
+            else:
+                f = np.int32(1 << off) if wide else np.uint8(1 << off)
+                part = self._op("Mul", [part, self._const(f"{base}_m{off}", f)], f"{base}_o{off}", f.dtype)
+                acc = self._op("Add", [acc, part], f"{base}_a{off}", f.dtype)
+            off += w
+        return acc if wide else self._op("Cast", [acc], f"{base}_idx", np.int32, {"to": 6})
 
     def build(self, base: str, shape: tuple[int, ...], codebook: np.ndarray, labels: np.ndarray, *,
               axis: int | None, sparse_zero: int | None = None, out_name: str | None = None,
               scale: np.ndarray | None = None, scale_axis: int | None = None) -> tuple[gs.Variable, dict]:
         """Decode subgraph for a tensor of ``shape``: ``codebook`` [C, k] (C = 1 unless per channel along
-        ``axis``), ``labels`` in the tensor's own layout. ``sparse_zero``: the label of the zero entry (per channel:
-        the same label in every row), for the sparse form. ``base`` prefixes the internal names (keep it short:
-        every name is stored in the file); ``out_name`` names the decoded tensor. Returns it and what was stored."""
+        ``axis``), ``labels`` in the tensor's own layout. ``sparse_zero``: the label of the zero entry (one codebook
+        only) for the sparse form. ``base`` prefixes the internal names (keep it short: every name is stored in the
+        file); ``out_name`` names the decoded tensor. Returns it and what was stored."""
         n = int(np.prod(shape))
         rows, k = codebook.shape
         bits = index_bits(k)
-        flat = labels.reshape(-1)
         info = {"bits": bits, "codebook_entries": rows * k}
-        if sparse_zero is None:
-            data = pack_bits(flat, bits)
-            idx = self._unpack(f"{base}_cl", data, bits, n)
-            info.update(form="codebook", data_bytes=int(data.nbytes))
-        else:
+        dt = codebook.dtype
+        if sparse_zero is not None:
+            if rows != 1:
+                raise ValueError("the sparse form takes one codebook")
+            flat = labels.reshape(-1)
             mask = flat != sparse_zero
-            mbytes, nz = pack_bits(mask.astype(np.uint8), 1), pack_bits(flat[mask], bits)
-            m = self._unpack(f"{base}_clmask", mbytes, 1, n)
-            nz_idx = self._unpack(f"{base}_clnz", nz, bits, int(mask.sum())) if mask.any() else \
-                self._const(f"{base}_clnz_empty", np.zeros(1, np.int32))
-            p = self._op("CumSum", [m, self._const(f"{base}_axis0", np.int32(0))], f"{base}_clcount", np.int32)
-            p = self._op("Sub", [p, self._const(f"{base}_one3", np.int32(1))], f"{base}_clpos", np.int32)
-            picked = self._op("Gather", [nz_idx, p], f"{base}_clpicked", np.int32, {"axis": 0})
-            keep = self._op("Cast", [m], f"{base}_clkeep", np.bool_, {"to": 9})
-            idx = self._op("Where", [keep, picked, self._const(f"{base}_clzero", np.int32(sparse_zero))],
-                           f"{base}_clidx", np.int32)
-            info.update(form="sparse-codebook", data_bytes=int(mbytes.nbytes + nz.nbytes))
-        if rows > 1:
-            stride = int(np.prod(shape[axis + 1:]))
-            pos = self._op("Range", [self._const(f"{base}_z", np.int32(0)), self._const(f"{base}_N", np.int32(n)),
-                                     self._const(f"{base}_1", np.int32(1))], f"{base}_elem", np.int32)
-            ch = self._op("Div", [pos, self._const(f"{base}_stride", np.int32(stride))], f"{base}_ch", np.int32)
-            if axis > 0:
-                ch = self._op("Mod", [ch, self._const(f"{base}_C", np.int32(rows))], f"{base}_chm", np.int32)
-            off = self._op("Mul", [ch, self._const(f"{base}_k", np.int32(k))], f"{base}_choff", np.int32)
-            idx = self._op("Add", [idx, off], f"{base}_cbidx", np.int32)
-        values = self._op("Gather", [self._const(f"{base}_codebook", codebook.reshape(-1)), idx],
-                          f"{base}_values", codebook.dtype, {"axis": 0})
+            mstream = pack_bits(mask.astype(np.uint8), 1)
+            nz = pack_bits(flat[mask], bits)
+            zero = self._const(f"{base}_zero", np.zeros(1, dt))
+            if mask.any():
+                nz_idx = self._indices(f"{base}n", nz, bits, int(mask.sum()))
+                vals = self._op("Gather", [self._const(f"{base}_codebook", codebook.reshape(-1)), nz_idx],
+                                f"{base}_nzv", dt, {"axis": 0})
+                table = self._op("Concat", [zero, vals], f"{base}_tab", dt, {"axis": 0})
+            else:
+                table = zero
+            m = self._op("Cast", [self._stream(f"{base}m", mstream[0], 1, n)], f"{base}_mask", np.int32, {"to": 6})
+            pos = self._op("CumSum", [m, self._const(f"{base}_ax", np.int32(0))], f"{base}_cnt", np.int32)
+            pos = self._op("Mul", [pos, m], f"{base}_pos", np.int32)
+            values = self._op("Gather", [table, pos], f"{base}_values", dt, {"axis": 0})
+            info.update(form="sparse-codebook", data_bytes=int(sum(x.nbytes for x in mstream + nz)))
+        elif rows == 1:
+            streams = pack_bits(labels, bits)
+            idx = self._indices(base, streams, bits, n)
+            values = self._op("Gather", [self._const(f"{base}_codebook", codebook.reshape(-1)), idx],
+                              f"{base}_values", dt, {"axis": 0})
+            info.update(form="codebook", data_bytes=int(sum(x.nbytes for x in streams)))
+        else:  # per channel: channel-major indices, GatherElements on the [C, k] table, transposed back
+            moved = np.moveaxis(labels, axis, 0)
+            streams = pack_bits(moved, bits)
+            idx = self._indices(base, streams, bits, n)
+            idx = self._op("Reshape", [idx, self._const(f"{base}_ck", np.array([rows, -1], np.int64))],
+                           f"{base}_idx2", np.int32)
+            g = self._op("GatherElements", [self._const(f"{base}_codebook", codebook), idx], f"{base}_g", dt,
+                         {"axis": 1})
+            values = self._op("Reshape", [g, self._const(f"{base}_mshape", np.asarray(moved.shape, np.int64))],
+                              f"{base}_moved", dt)
+            if axis:
+                perm = list(range(1, axis + 1)) + [0] + list(range(axis + 1, len(shape)))
+                values = self._op("Transpose", [values], f"{base}_values", dt, {"perm": perm})
+            info.update(form="codebook", data_bytes=int(sum(x.nbytes for x in streams)))
         last = scale is None
-        out = self._op("Reshape", [values, self._const(f"{base}_shape", np.asarray(shape, np.int64))],
-                       (out_name or f"{base}_decoded") if last else f"{base}_shared", codebook.dtype)
+        name = (out_name or f"{base}_decoded") if last else f"{base}_shared"
+        out = self._op("Reshape", [values, self._const(f"{base}_shape", np.asarray(shape, np.int64))], name, dt)
         if not last:  # per-output-channel scales: w = s_c * codebook[idx]
             bshape = [1] * len(shape)
             bshape[scale_axis] = -1
             out = self._op("Mul", [out, self._const(f"{base}_scale", scale.reshape(bshape))],
-                           out_name or f"{base}_decoded", codebook.dtype)
+                           out_name or f"{base}_decoded", dt)
         out.shape = list(shape)
         info["stored_bytes"] = int(info["data_bytes"] + codebook.nbytes + (0 if scale is None else scale.nbytes))
         return out, info
