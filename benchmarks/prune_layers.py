@@ -15,8 +15,8 @@ units inside another removed one.
 
 Variants (``variants``): MiniLM (post-LN BERT): ``prune-layers{layers=k kinds=[transformer]}`` for k = 1, 2 (L3,
 3 layers) and 1, 2, 3 (L6), each with and without ``distill``. CNNs: ``layers`` = 1, 2, 4 (the curve of units
-removed vs metric and latency, no distill), then at a latency budget, all with ``distill``: ``prune-layers
-{target_latency=0.7}``, ``prune-channels{target_latency=0.6}`` (its profile-fitted model over-estimates the time
+removed vs metric and latency, no distill; ``trials=6 samples=8``: ``CNN_TRIALS``), then at a latency budget, all
+with ``distill``: ``prune-layers{target_latency=0.7}``, ``prune-channels{target_latency=0.6}`` (its profile-fitted model over-estimates the time
 left: 0.6 measured ~0.5 on the small CNNs, see benchmarks/results/prune.md) and both
 (``prune-layers{target_latency=0.85},prune-channels{target_latency=0.8}``); the table shows the measured latency
 of each, so they are compared where their measured latencies meet.
@@ -49,10 +49,13 @@ TRANSFORMERS = {"minilm_l3": (1, 2), "minilm_l6": (1, 2, 3)}
 CNN_MODELS = ["nudenet_320n", "ppocrv4_rec", "ddddocr_det", "ppocrv4_det"]
 MODELS = [*TRANSFORMERS, *CNN_MODELS]
 CNN_LAYERS = (1, 2, 4)
+#: CNN trials: 6 candidates per step on 8 feeds (the pass's 12 on 16 took ~100 s per step on nudenet with the
+#: machine's 2 cores shared by 7 sessions); block influence ranks the rest
+CNN_TRIALS = "trials=6 samples=8"
 LATENCY_VARIANTS = {
-    "layers": "cleanup,prune-layers{target_latency=0.7},distill",
+    "layers": f"cleanup,prune-layers{{target_latency=0.7 {CNN_TRIALS}}},distill",
     "channels": "cleanup,prune-channels{target_latency=0.6},distill",
-    "both": "cleanup,prune-layers{target_latency=0.85},prune-channels{target_latency=0.8},distill",
+    "both": f"cleanup,prune-layers{{target_latency=0.85 {CNN_TRIALS}}},prune-channels{{target_latency=0.8}},distill",
 }
 N_CALIB = {"minilm_l3": 256, "minilm_l6": 256}
 GOAL_MINILM = {"latency": 0.72, "cosine": 0.98}
@@ -67,7 +70,7 @@ def variants(model: str) -> list[str]:
             p = f"prune-layers{{layers={k} kinds=[transformer]}}"
             out += [p, f"{p},distill"]
         return out
-    return [f"cleanup,prune-layers{{layers={k}}}" for k in CNN_LAYERS] + list(LATENCY_VARIANTS.values())
+    return [f"cleanup,prune-layers{{layers={k} {CNN_TRIALS}}}" for k in CNN_LAYERS] + list(LATENCY_VARIANTS.values())
 
 
 def describe(pipeline: str) -> dict[str, Any]:
