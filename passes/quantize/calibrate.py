@@ -80,4 +80,7 @@ def calibrate_with_reference(
     calibrate(run, names, channel_sums, fetch=[*out_names, *feature_tensors], on_feed=keep)
     if len(outputs) != len(eval_feeds):  # feeds that are not a prefix of the calibration feeds: run them
         return fid.reference(run.float_model, eval_feeds, features)
-    return fid.Reference(eval_feeds, outputs, out_names, features, feats)
+    from onnxcompress.validate import class_score_outputs
+
+    return fid.Reference(eval_feeds, outputs, out_names, features, feats,
+                         frozenset(class_score_outputs(run.float_model)))

@@ -5,7 +5,8 @@ output the nearest Conv/MatMul/Gemm upstream), on the evaluation feeds, kept onc
 records them during the first calibration pass).
 
 **Scores** of a candidate against the reference on the same feeds, per graph output ``o``:
-cosine ``⟨r, c⟩ / (‖r‖‖c‖)`` averaged over feeds; for outputs with a class axis (last dim >= 2) the top-1
+cosine ``⟨r, c⟩ / (‖r‖‖c‖)`` averaged over feeds; for outputs that are class scores (a Softmax / Gemm / MatMul
+head, ``onnxcompress.validate.class_score_outputs``) with a class axis (last dim >= 2) the top-1
 agreement ``mean(argmax r == argmax c)`` over every position of every feed (a classifier's top-1; for a sequence
 model the per-step agreement — also reported: the fraction of feeds agreeing at every step); SQNR
 ``10 log10(Σr² / Σ(r − c)²)``. The model's score is the worst output; ``feature_sqnr_db`` is the worst SQNR of the
@@ -41,10 +42,14 @@ class Reference:
     #: anchors whose activation input is scored too (the features the model's last layers read)
     feature_nodes: list[str] = field(default_factory=list)
     features: list[list[np.ndarray]] = field(default_factory=list)
+    #: outputs that are class scores (``onnxcompress.validate.class_score_outputs``): the only ones top-1
+    #: agreement is computed for; None: every output with a last axis >= 2
+    class_outputs: frozenset[str] | None = None
 
     def head(self, n: int) -> Reference:
         """The reference on its first ``n`` feeds."""
-        return Reference(self.feeds[:n], self.outputs[:n], self.names, self.feature_nodes, self.features[:n])
+        return Reference(self.feeds[:n], self.outputs[:n], self.names, self.feature_nodes, self.features[:n],
+                         self.class_outputs)
 
 
 def feature_nodes(graph: gs.Graph, max_walk: int = 64) -> list[str]:
@@ -111,8 +116,11 @@ def feature_sqnr_db(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -
 
 def reference(model: onnx.ModelProto, feeds: list[Feed], features: list[str] = ()) -> Reference:
     """The float ``model``'s outputs and ``features`` inputs on ``feeds``."""
+    from onnxcompress.validate import class_score_outputs
+
     outs, feats = run_model(model, feeds, features)
-    return Reference(feeds, outs, [o.name for o in model.graph.output], list(features), feats)
+    return Reference(feeds, outs, [o.name for o in model.graph.output], list(features), feats,
+                     frozenset(class_score_outputs(model)))
 
 
 def score_model(ref: Reference, model: onnx.ModelProto) -> dict[str, float]:
@@ -159,7 +167,8 @@ def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarr
                 cos.append(float(np.sum(r64 * c64)) / (nr * nc))
             sig += rr
             err += float(np.sum((r64 - c64) ** 2))
-            if r.ndim >= 1 and r.shape[-1] >= 2:
+            is_class = ref.class_outputs is None or ref.names[k] in ref.class_outputs
+            if is_class and r.ndim >= 1 and r.shape[-1] >= 2:
                 a = np.argmax(r.reshape(-1, r.shape[-1]), axis=1)
                 b = np.argmax(c.reshape(-1, c.shape[-1]), axis=1)
                 agree_hits += int(np.sum(a == b))
