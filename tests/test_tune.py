@@ -174,6 +174,7 @@ def test_four_trial_tune_meets_an_easy_target_and_compress_reproduces_it(tmp_pat
     assert json.dumps(res.best["pipeline"]) in recipe
     md = (tmp_path / "best.tune.md").read_text()
     assert all(r["pipeline"] in md for r in res.records) and "Pareto front" in md
+    assert "<table>" in (tmp_path / "best.tune.html").read_text()
     again = tmp_path / "again.onnx"
     assert main(["compress", str(MODEL), "-o", str(again), "--recipe", str(tmp_path / "best.recipe.toml"),
                  "--calib", str(CALIB), "--latency-profile", str(tmp_path / "best.tune.profile.json"),

@@ -7,7 +7,7 @@
   replays them and writes the same model byte for byte;
 - ``OUT.tune.md`` / ``OUT.tune.json``: the target, every trial (pipeline text, phase, status, values, seconds),
   the Pareto front (objective vs metric), and ``OUT.tune.png`` (the front over all trials) when matplotlib is
-  installed.
+  installed; ``OUT.tune.html``: the same tables with the plot inlined, one self-contained file.
 
 No model or recipe is written when no trial met the target (the reports are, with the closest trial).
 """
@@ -75,6 +75,24 @@ def to_markdown(result: TuneResult, source: str | None) -> str:
     if errors:
         parts += ["", "## Failed trials", ""] + [f"- {r['number']}: {r['error']}" for r in errors]
     return "\n".join(parts) + "\n"
+
+
+def to_html(result: TuneResult, source: str | None, png: bytes | None) -> str:
+    import base64
+    import html
+
+    def table(rows: list[list[str]]) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in TRIAL_HEADER)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    img = (f'<img alt="Pareto front" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png
+           else "<p>(install matplotlib for the plot)</p>")
+    return ("<!doctype html><meta charset='utf-8'><title>onnxcompress tune</title><style>body{font-family:sans-serif}"
+            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
+            f"<h1>onnxcompress tune: {html.escape(source or 'model')}</h1><p>{html.escape(summary_line(result))}</p>"
+            f"<h2>Pareto front ({html.escape(result.target.minimize)} vs metric)</h2>{img}"
+            f"{table(trial_rows(result.pareto))}<h2>Every trial</h2>{table(trial_rows(result.records))}")
 
 
 def _atomic(path: Path, data: str | bytes) -> None:
@@ -147,6 +165,11 @@ def write_outputs(result: TuneResult, paths: dict[str, Path], source: str | Path
     _atomic(paths["json"], json.dumps(data, indent=1, default=str))
     written.update(profile=str(paths["profile"]), report=str(paths["report"]), json=str(paths["json"]),
                    journal=str(paths["journal"]))
+    png = None
     if plot(result, paths["plot"]):
         written["plot"] = str(paths["plot"])
+        png = paths["plot"].read_bytes()
+    html_path = paths["report"].with_suffix(".html")
+    _atomic(html_path, to_html(result, src, png))
+    written["html"] = str(html_path)
     return written
