@@ -9,8 +9,9 @@ Local pool: one process per trial from a ``forkserver`` (started once with onnxc
 no inherited ORT threads, cheap forks), at most ``workers`` at a time. ``default_workers`` bounds the pool by the
 cores and by the memory available (MemAvailable / an estimate of one trial's peak: 12x the model file + 256 MB).
 
-Ray: each trial a Ray task (``num_cpus=1``); the model and feeds go into the object store once and every task gets
-the reference; results stream back as tasks finish (``ray.wait``).
+Ray: each trial a Ray task (``num_cpus=1``); the model and feeds are read here and go into the object store once
+(workers on other machines do not see this machine's files), every task gets the references; results stream back
+as tasks finish (``ray.wait``).
 """
 
 from __future__ import annotations
@@ -194,19 +195,31 @@ class RayExecutor:
     def capacity(self) -> int:
         return self.workers - len(self.running)
 
-    def _put_once(self, value: Any) -> Any:
-        """Big inputs (model, feeds) into the object store once; small ones passed as they are."""
-        if isinstance(value, (str, os.PathLike)) or value is None:
-            return value
-        key = id(value)
+    def _put_once(self, key: Any, make: Callable[[], Any]) -> Any:
+        """Inputs into the object store once per study (a file is read here: workers on other machines do not
+        see this machine's paths)."""
         if key not in self.shared:
-            self.shared[key] = (self.ray.put(value), value)
-        return self.shared[key][0]
+            self.shared[key] = self.ray.put(make())
+        return self.shared[key]
 
     def submit(self, task: TrialTask) -> None:
-        refs = {k: self._put_once(getattr(task, k)) for k in ("model", "calibration", "validation")}
+        from onnxcompress import io
+        from onnxcompress.data import load_feeds
+
+        def model():
+            return io.read_model(task.model) if isinstance(task.model, (str, os.PathLike)) else task.model
+
+        model_ref = self._put_once(("model", id(task.model) if not isinstance(task.model, str) else task.model),
+                                   model)
+        refs = []
+        for source in (task.calibration, task.validation):
+            if source is None:
+                refs.append(None)
+                continue
+            key = ("feeds", source if isinstance(source, str) else id(source))
+            refs.append(self._put_once(key, lambda s=source: list(load_feeds(s, self.ray.get(model_ref)))))
         slim = replace(task, model=None, calibration=None, validation=None)
-        ref = self.remote.remote(self.fn_ref, slim, refs["model"], refs["calibration"], refs["validation"])
+        ref = self.remote.remote(self.fn_ref, slim, model_ref, refs[0], refs[1])
         self.running[ref] = (task, time.perf_counter())
 
     def wait(self) -> list[dict]:
