@@ -219,7 +219,7 @@ def bench_model(spec: ModelSpec, variants: list[str], budget_s: float) -> dict[s
     t_model = time.perf_counter()
     fp32 = Path(spec.fetch(cache_dir()))
     calib, sets = eval_sets(spec)
-    rec: dict[str, Any] = {"model": spec.name, "n_calib": len(calib),
+    rec: dict[str, Any] = {"model": spec.name, "n_calib": len(calib), "commit": _commit(),
                            "sets": {k: len(v[0]) for k, v in sets.items()}, "variants": {}}
     refs = {k: measure.run_outputs(fp32, feeds) for k, (feeds, _) in sets.items()}
     rec["fp32"] = {k: _set_truth(spec, k, sets[k], refs[k][1]) for k in sets}
@@ -265,10 +265,71 @@ def _set_truth(spec: ModelSpec, set_name: str, data, ref_outs) -> dict[str, floa
     return {}
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
 def _weight_bytes(path: Path) -> int:
     from onnxcompress import io
 
     return io.weight_bytes(io.read_model(path))
+
+
+# ------------------------------------------------------------------------------------- 16-bit activations, measured
+#: Conv shapes timed with 8-bit and 16-bit QDQ activations: (C_in, C_out, H=W, group, kernel)
+INT16_CONVS = ((128, 256, 40, 1, 1), (64, 64, 80, 64, 3), (96, 96, 40, 1, 3))
+
+
+def _qdq_conv(act: str, cin: int, cout: int, hw: int, group: int, k: int):
+    """One Conv: float, or Q -> DQ -> Conv(DQ(int8 W)) -> Q with uint8 / uint16 activations (opset 21)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((cout, cin // group, k, k)) * 0.1).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, hw, hw])
+    attrs = {"group": group, "pads": [k // 2] * 4}
+    if act == "float":
+        inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(cout, np.float32), "B")]
+        nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], **attrs)]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    else:
+        et, dt, z = (TensorProto.UINT8, np.uint8, 128) if act == "uint8" else (TensorProto.UINT16, np.uint16, 32768)
+        sw = (np.abs(w).reshape(cout, -1).max(1) / 127).astype(np.float32)
+        sx = np.float32(0.01 if act == "uint8" else 0.01 / 256)
+        inits = [numpy_helper.from_array(a, n) for n, a in (
+            ("sx", sx), ("zx", np.array(z, dt)), ("sw", sw), ("zw", np.zeros(cout, np.int8)),
+            ("Wq", np.clip(np.rint(w / sw[:, None, None, None]), -127, 127).astype(np.int8)),
+            ("Bq", np.zeros(cout, np.int32)), ("sb", (sw * sx).astype(np.float32)), ("zb", np.zeros(cout, np.int32)))]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["Wq", "sw", "zw"], ["Wd"], axis=0),
+                 helper.make_node("DequantizeLinear", ["Bq", "sb", "zb"], ["Bd"], axis=0),
+                 helper.make_node("Conv", ["xd", "Wd", "Bd"], ["yf"], **attrs),
+                 helper.make_node("QuantizeLinear", ["yf", "sx", "zx"], ["y"])]
+        out = helper.make_tensor_value_info("y", et, None)
+    g = helper.make_graph(nodes, "conv", [x], [out], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def int16_conv_speed(budget_s: float = 4.0) -> list[dict[str, Any]]:
+    """Latency of each ``INT16_CONVS`` Conv with 8- and 16-bit QDQ activations over its float Conv (1 thread, one
+    interleaved call per shape): where 16-bit activations would be an alternative to keeping a layer float."""
+    from onnxcompress.latency import measure_latency
+
+    rows = []
+    for shape in INT16_CONVS:
+        feed = {"x": np.random.default_rng(1).standard_normal((1, shape[0], shape[2], shape[2])).astype(np.float32)}
+        lat = measure_latency({a: _qdq_conv(a, *shape) for a in ("float", "uint8", "uint16")}, feed, threads=1,
+                              budget_s=budget_s)
+        rows.append({"conv": dict(zip(("cin", "cout", "hw", "group", "k"), shape, strict=True)),
+                     **{a: lat[a] / lat["float"] for a in ("uint8", "uint16")}})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -302,7 +363,7 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for rec in records:
         m = rec["model"]
         lines += [f"## {m}", "", f"calibration feeds {rec['n_calib']}; evaluation sets {rec['sets']}; "
-                  f"FP32 {rec.get('fp32_ms', float('nan')):.1f} ms"]
+                  f"FP32 {rec.get('fp32_ms', float('nan')):.1f} ms; code at {rec.get('commit') or '?'}"]
         for k, v in rec.get("fp32", {}).items():
             if v:
                 lines.append(f"FP32 on the {k} set vs ground truth: " + ", ".join(f"{a} {b:.3f}" for a, b in v.items()))
@@ -336,6 +397,16 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             for rj in (st.get("auto_float") or {}).get("rejected", []):
                 notes.append(f"- {v}: int8 `{rj['layer']}` ({rj.get('macs_share', 0):.1%} of MACs): {rj['reason']}")
         lines += ["", *notes, ""]
+    if meta.get("int16_conv_speed"):
+        lines += ["## 16-bit activations under ORT (`--int16`)", "",
+                  "One Conv, latency over its float Conv (1 thread, interleaved): ORT's CPU EP has no 16-bit "
+                  "integer Conv; a uint16 QDQ Conv runs as DQ -> float Conv -> Q.", "",
+                  "| Conv (Cin, Cout, HxW, group, k) | uint8 QDQ | uint16 QDQ |", "|---|---|---|"]
+        for r in meta["int16_conv_speed"]:
+            c = r["conv"]
+            lines.append(f"| {c['cin']}, {c['cout']}, {c['hw']}x{c['hw']}, {c['group']}, {c['k']} | "
+                         f"{r['uint8']:.2f}x | {r['uint16']:.2f}x |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -347,11 +418,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "int8_margins")
     ap.add_argument("--merge", action="store_true", help="replace only these models/variants in the existing JSON")
     ap.add_argument("--render", action="store_true", help="rewrite the Markdown from the JSON")
+    ap.add_argument("--int16", action="store_true", help="only time Convs with 8/16-bit QDQ activations")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
     old = json.loads(json_path.read_text()) if json_path.is_file() else {"records": [], "meta": {}}
     if args.render:
+        md_path.write_text(render(old["records"], old["meta"]))
+        return 0
+    if args.int16:
+        old["meta"]["int16_conv_speed"] = int16_conv_speed()
+        json_path.write_text(json.dumps(old, indent=1, default=_json_default))
         md_path.write_text(render(old["records"], old["meta"]))
         return 0
     specs = load_specs()
@@ -368,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                 records[name][k] = rec[k]
         else:
             records[name] = rec
-        meta = {"versions": versions(), "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        meta = {**old.get("meta", {}), "versions": versions(),
+                "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         json_path.write_text(json.dumps({"records": list(records.values()), "meta": meta}, indent=1,
                                         default=_json_default))
         md_path.write_text(render(list(records.values()), meta))
