@@ -1,10 +1,12 @@
 """The ``onnxcompress`` command line. The only module that prints.
 
-    onnxcompress compress IN -o OUT (--passes TEXT | --recipe F.toml) [--calib DATA] [--val DATA] [--report R.json]
+    onnxcompress compress IN -o OUT (--passes TEXT | --recipe NAME|F.toml) [--calib DATA] [--val DATA] [--report R.json]
                          [--preprocess TEXT] [--tokenizer tokenizer.json] [--task auto|classify|none] [-q | -v]
     onnxcompress inspect IN [--dim name=value] [--shape name=DxD] [--json]
     onnxcompress validate A B [--data DATA] [--dim name=value] [--json]
     onnxcompress passes
+    onnxcompress recipes
+    onnxcompress tune IN -o OUT --target ... / onnxcompress batch manifest.toml
 
 DATA is a .npz, a .npy, a folder of .npz/.npy files, a folder of images (with ``--preprocess``) or a .txt of
 sentences (with ``--tokenizer``). Errors print one line to stderr and exit non-zero (2 bad input, 3 pass failure,
@@ -69,11 +71,9 @@ def _parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)))
+    from onnxcompress.cli_inspect import print_table
+
+    print_table(header, rows)
 
 
 # ------------------------------------------------------------------------------------------------- commands
@@ -97,7 +97,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise BadInputError(f"-o {out} and the reports {', '.join(map(str, written))} must be different files")
     for target, flag in ((out, "-o"), *(((report_arg, "--report"),) if report_arg else ())):
         _check_output_target(target, flag)
-    result = compress(src, args.recipe or args.passes, calibration=args.calib, validation=args.val,
+    if args.recipe:
+        from onnxcompress.pipeline import load_recipe
+
+        pipeline = load_recipe(args.recipe)  # a shipped recipe by name, or a path to a .toml
+    else:
+        pipeline = args.passes
+    result = compress(src, pipeline, calibration=args.calib, validation=args.val,
                       dims=_parse_dims(args.dim), shapes=_parse_shapes(args.shape), seed=args.seed,
                       validate=not args.no_validate, validate_each=args.validate_each, max_validation=args.max_val,
                       latency=not args.no_latency, latency_budget=args.latency_budget,
@@ -183,77 +189,17 @@ def human(n: int) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """``onnxcompress inspect``: ops, params, MACs, bytes, largest weights and channel groups of a model."""
-    import numpy as np
-    import onnx
+    """``onnxcompress inspect`` (``cli_inspect``): ops, params, MACs, bytes, weights, sparsity, channel groups, units."""
+    from onnxcompress.cli_inspect import cmd_inspect as inspect_model
 
-    from onnxcompress.analyses.model_stats import model_stats
-    from onnxcompress.data import bind_dims, model_inputs
-    from onnxcompress.report import human_bytes, human_count
-
-    model = io.read_model(args.input)
-    inputs = model_inputs(model, tensors_only=True)
-    shapes = bind_dims(inputs, _parse_dims(args.dim), _parse_shapes(args.shape))
-    st = model_stats(model, shapes)
-    weights = []
-    for g in io.iter_graphs(model.graph):
-        for t in g.initializer:
-            n = int(np.prod(list(t.dims), dtype=np.int64)) if len(t.dims) else 1
-            weights.append((t.name, onnx.TensorProto.DataType.Name(t.data_type), list(t.dims), n))
-        for node in g.node:
-            if node.op_type == "Constant":
-                arr = io.constant_node_value(node)
-                if arr is not None:
-                    weights.append((node.output[0], str(arr.dtype), list(arr.shape), int(arr.size)))
-    weights.sort(key=lambda w: -w[3])
-    info = {
-        "file": str(args.input),
-        "opset": st.opset,
-        "ir_version": model.ir_version,
-        "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in inputs],
-        "outputs": [o.name for o in model.graph.output],
-        "input_shapes_for_macs": {k: list(v) for k, v in shapes.items()},
-        "stats": st.to_dict(),
-        "weights": [{"name": n, "dtype": d, "shape": s, "elements": e} for n, d, s, e in weights],
-    }
-    groups = _channel_groups(model)
-    if groups is not None:
-        info["channel_groups"] = groups
-    if args.json:
-        print(json.dumps(info, indent=2, default=str))
-        return 0
-    print(f"{args.input}: opset {st.opset}, IR {model.ir_version}, producer '{info['producer']}'")
-    for s in inputs:
-        print(f"  input  {s.name}: {s.dtype} {['?' if d is None else d for d in s.shape]}")
-    for o in info["outputs"]:
-        print(f"  output {o}")
-    print(f"nodes {st.nodes}, params {human_count(st.params)}" + (f" (+{human_count(st.int_params)} integer)"
-                                                                   if st.int_params else "")
-          + f", bytes {human_bytes(st.bytes_raw)} (zipped {human_bytes(st.bytes_zip)}), MACs "
-          f"{human_count(st.macs)} at {info['input_shapes_for_macs']}"
-          + (f" ({st.macs_unknown} nodes with unknown shapes not counted)" if st.macs_unknown else ""))
-    print("ops: " + ", ".join(f"{k} {v}" for k, v in st.ops.items()))
-    print(f"largest weight tensors ({len(weights)} in all):")
-    _print_table(["name", "dtype", "shape", "elements"],
-                 [[n[:60], d, str(s), human_count(e)] for n, d, s, e in weights[: args.top]])
-    if groups is not None:
-        print(f"channel groups: {len(groups)}")
-        _print_table(["group", "channels", "members", "prunable"],
-                     [[str(g["id"]), str(g["size"]), str(len(g["members"])), "yes" if g["prunable"] else
-                       f"no: {g['reason']}"] for g in groups[: args.top]])
-    return 0
+    return inspect_model(args, _parse_dims(args.dim), _parse_shapes(args.shape))
 
 
-def _channel_groups(model):
-    """Channel groups, when the analysis exists (the prune-channels work adds it)."""
-    try:
-        from onnxcompress.analyses import channel_groups  # noqa: F401
-    except ImportError:
-        return None
-    from onnxcompress.analyses.channel_groups import describe_groups
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """``onnxcompress recipes``: the shipped recipes (``cli_inspect.cmd_recipes``)."""
+    from onnxcompress.cli_inspect import cmd_recipes as list_them
 
-    return describe_groups(model)
+    return list_them(args)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -333,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--passes", help='pipeline text, e.g. "cleanup,quantize{mode=static}"')
-    c.add_argument("--recipe", help="TOML recipe file")
+    c.add_argument("--recipe", help="a shipped recipe by name (see `onnxcompress recipes`) or a TOML recipe file")
     c.add_argument("--calib", help="calibration data: .npz/.npy (arrays named like the inputs), a folder of .npz/.npy "
                    "files, a folder of images (see --preprocess) or a .txt of sentences (see --tokenizer)")
     c.add_argument("--val", help="validation data for the fidelity report (default: the calibration data)")
@@ -359,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-v", "--verbose", action="count", default=0, help="log what the passes do (-vv: debug)")
     c.set_defaults(func=cmd_compress)
 
-    i = sub.add_parser("inspect", help="ops, params, MACs, bytes, weight tensors, channel groups")
+    i = sub.add_parser("inspect", help="ops, params, MACs, bytes, weights, sparsity, channel groups, removable units")
     i.add_argument("input")
     i.add_argument("--shape", action="append", help="concrete input shape: name=1x3x224x224 (repeatable)")
     i.add_argument("--dim", action="append")
@@ -384,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("passes", help="every pass with its options and defaults")
     p.set_defaults(func=cmd_passes)
+
+    r = sub.add_parser("recipes", help="the shipped recipes (use one with compress --recipe NAME)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_recipes)
 
     from onnxcompress.tune.commands import add_parsers as add_tune_parsers  # `tune` and `batch`
 

@@ -69,6 +69,43 @@ def test_inspect_reports_ops_params_macs(capsys):
     assert info["stats"]["macs"] > 0 and info["inputs"][0]["name"] == "image"
 
 
+def test_inspect_lists_sparsity_channel_groups_and_removable_units(tmp_path, capsys):
+    model = onnx.load(MODEL)
+    w = next(t for t in model.graph.initializer if t.name == "conv2.weight")
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr.reshape(-1)[: arr.size // 2] = 0  # half of conv2's weights zero
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    sparse = tmp_path / "half_zero.onnx"
+    onnx.save(model, sparse)
+    code, out, _ = run(capsys, "inspect", sparse, "--json")
+    info = json.loads(out)
+    row = next(r for r in info["sparsity"]["tensors"] if r["name"] == "conv2.weight")
+    assert row["zeros"] >= arr.size // 2 and row["sparsity"] >= 0.5 and row["storage"] == "dense"
+    assert info["sparsity"]["summary"]["zeros"] >= arr.size // 2
+    assert any(g["prunable"] for g in info["channel_groups"])
+    units = [u for u in info["removable_units"] if u["removable"]]
+    assert [u["kind"] for u in units] == ["residual"]  # the digits CNN has one residual block
+    code, out, _ = run(capsys, "inspect", sparse)
+    assert code == 0 and "conv2.weight" in out and "removable units (prune-layers): 1" in out
+
+
+def test_recipes_listed_and_used_by_name(tmp_path, capsys):
+    code, out, _ = run(capsys, "recipes", "--json")
+    recipes = json.loads(out)
+    assert {"int8", "fast", "small", "deep-compression", "int8-accurate"} <= set(recipes)
+    assert all(r["description"] and r["pipeline"] for r in recipes.values())
+    out_model = tmp_path / "r.onnx"
+    code, _, err = run(capsys, "compress", MODEL, "-o", out_model, "--recipe", "int8", "--calib", CALIB,
+                       "--val", VAL, "--no-latency")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.onnx.report.json").read_text())
+    assert report["pipeline"] == recipes["int8"]["pipeline"]  # the recipe's passes ran, as `recipes` lists them
+    assert [row["stage"] for row in report["ledger"]][1:] == ["cleanup", "quantize"]
+    code, _, err = run(capsys, "compress", MODEL, "-o", tmp_path / "x.onnx", "--recipe", "no-such-recipe")
+    assert code == 2 and "shipped recipes" in err and "int8" in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_validate_two_models(tmp_path, capsys):
     out = tmp_path / "s.onnx"
     assert run(capsys, "compress", MODEL, "-o", out, "--passes", "cleanup", "--calib", CALIB, "--no-latency")[0] == 0
