@@ -304,3 +304,10 @@ def test_per_channel_on_single_channel_tensor_and_missing_calibration_are_bad_in
     for opt in ("activation_aware=true", "refit=true"):
         with pytest.raises(BadInputError, match="calibration"):
             _run(model, f"cluster{{{opt}}}")
+
+
+def test_embedding_bits_apply_to_gather_tables_only(rng):
+    out, st_c = _run(_model(rng), "cluster{bits=4 embedding_bits=2 channel_scales=false min_size=500 storage=snap}")
+    w = _inits(out)
+    assert st_c["bits"] == {"2": 1, "4": 2}
+    assert np.unique(w["emb"]).size <= 4 and 4 < np.unique(w["mm_w"]).size <= 16

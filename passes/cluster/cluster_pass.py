@@ -1,18 +1,28 @@
 """``cluster``: weight sharing — every weight tensor (or output channel) reduced to k = 2^bits shared values.
 
 For each float weight constant of a Conv / ConvTranspose / Gemm / MatMul (the constant B) / Gather (embedding
-table) with at least ``min_size`` elements: exact 1-D k-means of its values (``kmeans1d``; weighted by the layer's
-input energy with ``activation_aware``; 0 a fixed centroid when >= ``zero_fraction`` of the tensor is exactly zero,
-i.e. it was pruned), optionally the least-squares refit of the shared values on calibration data (``refit``,
-``codebook_refit``), then stored as a codebook + packed indices decoded in the graph, or snapped in place, whichever
-is smaller on disk (``storage=auto``; ``storage``). A constant read by several nodes (tied weights) is clustered once
-and all its readers read the one decoded tensor. Statistics (Gram matrices X^T X of the layer inputs) come from the
-shared ``ActivationStatistics`` of the current graph in one streaming run.
+table) with at least ``min_size`` elements (depthwise Convs left alone with ``skip_depthwise``):
 
-Stats: tensors clustered / skipped (with reasons), storage per tensor kind, bytes of the clustered tensors before and
-after (as planned: data + decode overhead), the largest number of distinct values in any tensor row, the weighted
-relative error sum w (v - v̂)^2 / sum w v^2 (mean over tensors), the refit objective before/after (summed).
-Raw file size shrinks only with codebook storage; snapped values shrink under zip and feed a later ``quantize``.
+1. exact 1-D k-means of its values (``kmeans1d``) — per tensor, per output channel (``per_channel``), or per tensor
+   on the values divided by each output channel's RMS with the scales kept (``channel_scales``, the default: a
+   BatchNorm folded into a Conv gives channels of very different size); weighted by the layer's input energy with
+   ``activation_aware``; 0 a fixed centroid when >= ``zero_fraction`` of the tensor is exactly zero (pruned);
+2. with ``refit`` (calibration data): the weights re-assigned input by input with error feedback (``obs_assign``,
+   ``obs``) and the shared values refit by least squares with the assignment fixed (``codebook_refit``), both on
+   the layer's Gram X^T X; with ``max_error`` a tensor whose relative output error stays above it is redone with
+   one more bit (up to 8);
+3. stored as a codebook + packed indices decoded in the graph, or snapped in place, whichever is smaller on disk
+   (``storage=auto``; ``storage``).
+
+A constant read by several nodes (tied weights) is clustered once and all its readers read the one decoded tensor.
+Statistics (Gram matrices of the layer inputs) come from the shared ``ActivationStatistics`` of the current graph,
+all in one streaming run.
+
+Stats: tensors clustered / skipped (with reasons), storage per tensor kind, bits per tensor, bytes of the clustered
+tensors before and after (as planned: data + decode overhead), the largest codebook row, the weighted relative error
+sum w (v - v̂)^2 / sum w v^2 (mean over tensors), the refit objective before/after (summed). Raw file size shrinks
+only with codebook storage (ORT folds the decode at load: the session holds float weights); snapped values shrink
+under zip and feed a later ``quantize`` (which then quantizes the snapped values).
 """
 
 from __future__ import annotations
@@ -81,6 +91,7 @@ class Cluster(Pass):
     exclude: tuple[str, ...] = option((), "tensor or node names (fnmatch patterns) left alone")
     min_size: int = option(1024, "tensors with fewer elements are left alone")
     embeddings: bool = option(True, "also cluster Gather tables (embeddings)")
+    embedding_bits: int | None = option(None, "index bits for Gather tables (default: bits)")
     zero_fraction: float = option(0.05, "a tensor with at least this share of exact zeros (pruned) keeps 0 as a "
                                         "fixed centroid; 1 disables")
     samples: int = option(256, "calibration feeds for activation_aware / refit statistics")
@@ -89,6 +100,8 @@ class Cluster(Pass):
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be an integer in 1..8, got {self.bits!r}")
+        if self.embedding_bits is not None and not 1 <= self.embedding_bits <= 8:
+            raise ValueError(f"embedding_bits must be in 1..8, got {self.embedding_bits!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.storage not in STORAGES:
@@ -221,6 +234,8 @@ class Cluster(Pass):
             scales = self.channel_scales and c.uses[0].op != "Gather" and \
                 w.shape[c.uses[0].channel_axis(w.ndim)] > 1
             bits, energy = self.bits, None
+            if self.embedding_bits is not None and c.uses[0].op == "Gather":
+                bits = self.embedding_bits
             if self.max_error is not None and gram is not None:
                 m = c.uses[0].to_matrix(w.astype(np.float64))
                 energy = max(float(np.sum((m @ gram) * m)), 1e-30)
