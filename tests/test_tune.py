@@ -183,6 +183,33 @@ def test_four_trial_tune_meets_an_easy_target_and_compress_reproduces_it(tmp_pat
     assert len(again.read_bytes()) / MODEL.stat().st_size == pytest.approx(res.best["values"]["size"], rel=1e-6)
 
 
+def test_a_trial_stops_once_a_bound_is_missed_unless_asked_for_every_number():
+    from onnxcompress.tune.executor import default_workers
+    from onnxcompress.tune.trial import TrialTask
+
+    def trial(target, full):
+        return run_trial(TrialTask(0, "cleanup,quantize{mode=dynamic}", str(MODEL), str(CALIB), str(VAL),
+                                   Target.parse(target), profile=FixedLatency(), full=full))
+
+    stopped = trial("size<=0.1,metric>=0.9", full=False)
+    assert stopped["status"] == "stopped" and stopped["missed"] == ["size"]
+    assert set(stopped["values"]) == {"size", "macs", "zip"}  # neither validated nor timed
+    assert "model_bytes" not in stopped
+    full = trial("size<=0.1,metric>=0.9", full=True)
+    assert full["status"] == "ok" and {"metric", "cosine", "latency"} <= set(full["values"])
+    assert full["values"]["size"] == stopped["values"]["size"] and full["missed"] == ["size"]
+    met = trial("size<=0.6,metric>=0.9", full=False)
+    assert met["status"] == "ok" and met["missed"] == [] and met["model_bytes"]
+    assert default_workers(1 << 50) == 1  # a model too large for two trials in memory: one worker
+
+
+def test_nsga2_runs_after_the_cheap_plan(tmp_path):
+    pytest.importorskip("optuna")
+    res = _tune(tmp_path / "m.onnx", trials=6, sampler="nsga2")
+    assert res.sampler == "nsga2" and len(res.records) == 6 and res.records[-1]["phase"] == "model"
+    assert res.best is not None
+
+
 def kill_first_attempt(marker: Path, task):
     """Trial function of the crash test: the first attempt of trial 1 dies as if the OOM killer took it."""
     if task.number == 1 and task.attempt == 1:
