@@ -261,11 +261,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in [m for m in args.models.split(",") if m]:
             log.info("=== %s", name)
             data["models"].append(run_model(name, args))
+            data["total_s"] = time.perf_counter() - t0  # partial results readable if the run is cut short
             json_path.write_text(json.dumps(data, indent=1, default=str))
+            (RESULTS / "tune.md").write_text(render(data))
     if not args.no_scaling:
         data["scaling"] = scaling(args.scaling_model, args)
         data["scaling_command"] = "python -m benchmarks.tune " + " ".join(argv if argv is not None else sys.argv[1:])
-    data["total_s"] = data.get("total_s", 0.0) + time.perf_counter() - t0
+    data["total_s"] = (data.get("total_s", 0.0) if args.scaling_only else 0.0) + time.perf_counter() - t0
     json_path.write_text(json.dumps(data, indent=1, default=str))
     (RESULTS / "tune.md").write_text(render(data))
     return 0

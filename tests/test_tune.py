@@ -203,6 +203,7 @@ def test_a_trial_stops_once_a_bound_is_missed_unless_asked_for_every_number():
     assert default_workers(1 << 50) == 1  # a model too large for two trials in memory: one worker
 
 
+@pytest.mark.slow
 def test_nsga2_runs_after_the_cheap_plan(tmp_path):
     pytest.importorskip("optuna")
     res = _tune(tmp_path / "m.onnx", trials=6, sampler="nsga2")
