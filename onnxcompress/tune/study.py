@@ -154,6 +154,8 @@ class Study:
     def _reusable(self, rec: dict) -> bool:
         """A journaled trial answers this study's target when it failed for good, already misses one of its bounds,
         or measured every quantity the target needs (a study resumed with another target re-runs the rest)."""
+        if rec.get("retried"):  # its retry never reported back (the study was interrupted): run it again
+            return False
         if rec["status"] in ("failed", "crashed", "timeout"):
             return True
         values = rec["values"]
