@@ -6,8 +6,9 @@
 - Every weight must be well formed: a known dtype, non-negative and non-absurd dims (at most ``MAX_ELEMENTS``),
   and exactly ``prod(dims) * itemsize`` bytes of raw data (``ceil(prod(dims) * bits / 8)`` for sub-byte types) or
   ``prod(dims)`` typed values (twice that for complex).
-- The main graph's inputs have a known element type; declared input/output dims are non-negative and their
-  product is at most ``MAX_ELEMENTS`` (an absurd declared input would be allocated by the first random feed).
+- The main graph's inputs have a known element type; the product of the declared input/output dims is at most
+  ``MAX_ELEMENTS`` (an absurd declared input would be allocated by the first random feed). Negative declared dims
+  are dynamic dims as some exporters write them (paddle2onnx: -1), not errors.
 - In each graph no value name is defined twice (graph inputs, initializers, node outputs; an initializer also
   listed as a graph input is the one allowed overlap).
 
@@ -197,14 +198,14 @@ def check_tensor(t: onnx.TensorProto, where: str = "") -> None:
 
 
 def _check_value_info(vi: onnx.ValueInfoProto, what: str) -> None:
+    """A graph input needs a known element type; a declared shape must not be absurd. A negative dim is how some
+    exporters (paddle2onnx: -1) write a dynamic dim, so it counts as unknown, like a missing one."""
     if not vi.type.HasField("tensor_type"):
         return
     tt = vi.type.tensor_type
     if what == "input" and _dtype_name(tt.elem_type) is None:
         raise BadInputError(f"graph input {vi.name!r} has no valid element type ({tt.elem_type})")
-    dims = [d.dim_value for d in tt.shape.dim if d.HasField("dim_value")]
-    if any(d < 0 for d in dims):
-        raise BadInputError(f"graph {what} {vi.name!r} declares a negative dimension {dims}")
+    dims = [d.dim_value for d in tt.shape.dim if d.HasField("dim_value") and d.dim_value > 0]
     n = float(np.prod(np.asarray(dims, dtype=np.float64))) if dims else 1.0
     if n > MAX_ELEMENTS:
         raise BadInputError(f"graph {what} {vi.name!r} declares a shape of {n:.3g} elements {dims}: more than "
@@ -215,8 +216,8 @@ def check_model_sanity(model: onnx.ModelProto) -> None:
     """Structural facts every command relies on, checked before anything else looks at the model (linear time):
 
     - every weight is well formed (``check_tensor``);
-    - the main graph's inputs have a known element type; declared input/output shapes are non-negative and not
-      absurd (a 10^12-element input would be allocated by the first random feed);
+    - the main graph's inputs have a known element type; declared input/output shapes are not absurd (a
+      10^12-element input would be allocated by the first random feed);
     - in each graph, no value name is defined twice (initializers, graph inputs, node outputs; an initializer that
       is also listed as a graph input is the one allowed overlap).
     """
