@@ -19,7 +19,8 @@ Per evaluation set and variant: the model's task metric (``ModelSpec.evaluate``:
 F1 / map IoU for detectors, embedding cosine for MiniLM), the SQNR and cosine of the logits (the worst float output;
 MiniLM: the sentence embedding), latency vs FP32 (1 thread, interleaved in one call), weight bytes, tool seconds.
 
-Variants (``VARIANTS``): ``nearest`` (round-to-nearest weights, what the pass did before ``weight_rounding``),
+Variants (``VARIANTS``): ``before`` (the float-layer rule before issue 18: the gain alone decides, no cost),
+``nearest`` (round-to-nearest weights, what the pass did before ``weight_rounding``),
 ``rounding`` (``weight_rounding=output``: scales and rounding fitted to each layer's output), ``smooth``
 (``smooth=all``: SmoothQuant factors on every MatMul input, round-to-nearest weights), ``default`` (the pass's
 defaults, ``weight_rounding=auto``), ``all-int8`` (no automatic float layers), and ``ort_minmax`` (ORT's
@@ -49,6 +50,7 @@ log = logging.getLogger("benchmarks.int8_margins")
 
 MODELS = ["ppocrv4_rec", "minilm_l3", "nudenet_320n", "ddddocr_det", "ppocrv4_det"]
 VARIANTS: dict[str, str] = {
+    "before": "cleanup,quantize{weight_rounding=nearest auto_float_cost_per_db=inf}",
     "nearest": "cleanup,quantize{weight_rounding=nearest}",
     "rounding": "cleanup,quantize{weight_rounding=output}",
     "smooth": "cleanup,quantize{smooth=all weight_rounding=nearest}",

@@ -106,7 +106,7 @@ def _sqnr(model, q, feeds) -> float:
 
 def test_optimised_rounding_lifts_the_model_sqnr_under_ort_and_uses_the_shared_statistics():
     model = _net()
-    q0, s0, _ = _quantize(model, weight_rounding="nearest", calibration="minmax")
+    q0, s0, _ = _quantize(model, calibration="minmax")  # the default: round to nearest
     q1, s1, ctx = _quantize(model, weight_rounding="output", calibration="minmax")
     wr = s1["weight_rounding"]
     assert wr["layers"] == 3 and wr["kept"] and wr["skipped"] == {}
@@ -135,7 +135,7 @@ def test_auto_keeps_round_to_nearest_when_the_outputs_do_not_improve():
                                 "w"),
         numpy_helper.from_array(np.zeros(4, np.float32), "b"),
     ])
-    q, stats, _ = _quantize(m, calibration="minmax")
+    q, stats, _ = _quantize(m, calibration="minmax", weight_rounding="auto")
     wr = stats["weight_rounding"]
     assert not wr["kept"] or wr["layers"] == 0
     q_nearest, _, _ = _quantize(m, calibration="minmax", weight_rounding="nearest")

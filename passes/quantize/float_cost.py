@@ -15,7 +15,8 @@ more than ``AGREEMENT_TOLERANCE``) than the all-int8 model's is never kept.
 
 Rule: the layer stays float iff ``g >= auto_float_db``, the outputs improve, and
 ``max(Δt, Δs) <= min(auto_float_cost_per_db · g, MAX_COST)``: each dB of fidelity may cost that share of the float
-model's latency or size (default 0.05: 3 dB may cost 15%), never more than ``MAX_COST``. The float model is the unit
+model's latency or size (default 0.05: 3 dB may cost 15%), never more than ``MAX_COST``; with
+``auto_float_cost_per_db=inf`` the gain alone decides and nothing is measured (the rule before costs were weighed). The float model is the unit
 of both costs, so they add across layers: the layers are taken best gain first while the summed costs stay within
 the summed allowances, and the chosen set is scored and measured once more as a whole — a set that is not better
 than all-int8 at the outputs, or not within its allowance, is dropped. So the result is never worse on both axes
@@ -140,6 +141,11 @@ def choose(
     one-layer-float models). Returns (chosen layers, kept records, rejected records); records are
     ``{layer, reason, macs_share, fidelity_gain_db, latency_cost, size_cost}``."""
     p = run.p
+    if not np.isfinite(p.auto_float_cost_per_db):  # no limit: the gain alone decides, nothing is measured
+        kept = [{"layer": n, "fidelity_gain_db": round(g, 2),
+                 "reason": f"kept float automatically: alone it lifts the last layers' features by {g:.1f} dB "
+                           "(auto_float_cost_per_db=inf: cost not weighed)"} for n, g in gains.items()]
+        return list(gains), kept, []
     float_bytes = io.weight_bytes(run.float_model)
     shares = macs_shares(run, feed)
     base = measure(run, all_int8, ref, feed)
