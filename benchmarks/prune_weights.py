@@ -53,14 +53,17 @@ _SCORE = re.compile(r"score=(\w+)")
 
 
 def variants(sparsities: list[float], patterns: list[str], scores: list[str], distill_scores: list[str],
-             extra: str = "") -> list[str]:
-    cells = [f"sparsity={s:g}" for s in sparsities] + [f"pattern={p}" for p in patterns]
+             extra: str = "", distill_cells: list[str] | None = None) -> list[str]:
+    """Pipelines: every cell (sparsity or N:M pattern) x score; ``distill_scores`` also with distill, in the
+    cells named by ``distill_cells`` ("0.5", "2:4"; None: every cell)."""
+    cells = [(f"{s:g}", f"sparsity={s:g}") for s in sparsities] + [(p, f"pattern={p}") for p in patterns]
     out = []
-    for cell in cells:
+    for label, cell in cells:
         for score in scores:
             out.append(f"prune-weights{{{cell} score={score}{extra}}}")
-        for score in distill_scores:
-            out.append(f"prune-weights{{{cell} score={score}{extra}}},distill")
+        if distill_cells is None or label in distill_cells:
+            for score in distill_scores:
+                out.append(f"prune-weights{{{cell} score={score}{extra}}},distill")
     return out
 
 
@@ -191,6 +194,21 @@ def write(out: Path, records: list[dict[str, Any]], meta: dict[str, Any]) -> Non
     (out / "prune_weights.md").write_text(render(records, rows, meta))
 
 
+def combine(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Records of several runs, one per model: the variants of later runs added to a model's earlier ones (each
+    variant's latency stays against the FP32 of its own run; the model's FP32 row is the first run's)."""
+    by: dict[str, dict[str, Any]] = {}
+    for records in runs:
+        for rec in records:
+            base = by.get(rec["model"])
+            if base is None or base.get("error"):
+                by[rec["model"]] = rec
+                continue
+            base["methods"] = dict(base.get("methods", {})) | {
+                k: v for k, v in rec.get("methods", {}).items() if k != "fp32"}
+    return [by[m] for m in dict.fromkeys([*MODELS, *by]) if m in by]
+
+
 def coo_sizes(record: dict[str, Any]) -> None:
     """``coo_ratio`` of every candidate: its raw size with COO storage where smaller, vs FP32's raw bytes."""
     import onnx
@@ -214,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patterns", default="2:4", help="N:M patterns (default 2:4; '' for none)")
     ap.add_argument("--scores", default="magnitude,wanda,obs")
     ap.add_argument("--distill-scores", default="obs", help="scores also run with distill after ('' for none)")
+    ap.add_argument("--distill-cells", default=None, help="cells run with distill, e.g. '0.5' (default: all)")
     ap.add_argument("--options", default="", help="extra prune-weights options, e.g. 'stages=4'")
     ap.add_argument("--n-calib", type=int, default=32, help="calibration inputs (MiniLM: N_CALIB)")
     ap.add_argument("--n-eval", type=int, default=32)
@@ -221,11 +240,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--merge", action="store_true", help="keep the other models' records of an existing JSON")
     ap.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON")
+    ap.add_argument("--combine", help="comma-separated folders of earlier runs' prune_weights.json: merge their "
+                                      "records (a model's variants from several runs side by side) into --out")
     args = ap.parse_args(argv)
     out = args.out or RESULTS
     if args.render:
         saved = json.loads((out / "prune_weights.json").read_text())
         write(out, saved["records"], saved["meta"])
+        return 0
+    if args.combine:
+        runs = [json.loads((Path(d) / "prune_weights.json").read_text()) for d in args.combine.split(",")]
+        records = combine([r["records"] for r in runs])
+        meta = runs[0]["meta"] | {"args": " ; ".join(r["meta"].get("args", "") for r in runs),
+                                  "seconds": sum(r["meta"].get("seconds", 0) for r in runs)}
+        out.mkdir(parents=True, exist_ok=True)
+        write(out, records, meta)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
@@ -238,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     extra = f" {args.options}" if args.options else ""
     pipelines = variants([float(s) for s in split(args.sparsities)], split(args.patterns), split(args.scores),
-                         split(args.distill_scores), extra)
+                         split(args.distill_scores), extra,
+                         split(args.distill_cells) if args.distill_cells is not None else None)
     out.mkdir(parents=True, exist_ok=True)
     saved = json.loads((out / "prune_weights.json").read_text()) if args.merge and (
         out / "prune_weights.json").exists() else {}

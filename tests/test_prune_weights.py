@@ -374,3 +374,32 @@ def test_distill_after_prune_weights_keeps_the_zeros_and_lowers_the_error():
         assert np.array_equal(p[n] == 0, d[n] == 0), n
     (ref,), (a,), (b,) = (ort_run(m, {"image": val}) for m in (digits, pruned, both.model))
     assert np.mean((b - ref) ** 2) < np.mean((a - ref) ** 2)
+
+
+# ------------------------------------------------------------------------------------------------ real model
+CACHE = Path.home() / ".cache" / "onnxcompress" / "files"
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_minilm_obs_keeps_the_embeddings_closer_than_magnitude():
+    path = CACHE / "paraphrase-MiniLM-L3-v2.onnx"
+    if not path.exists():
+        pytest.skip("MiniLM-L3 is not in the model cache (python -m benchmarks.models fetch)")
+    m = onnx.load(path)
+    rng = np.random.default_rng(0)
+    feeds = [{"input_ids": rng.integers(1000, 5000, (1, 16)).astype(np.int64),
+              "attention_mask": np.ones((1, 16), np.int64),
+              "token_type_ids": np.zeros((1, 16), np.int64)} for _ in range(24)]
+    names = {i.name for i in m.graph.input}
+    feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
+    calib, evals = feeds[:16], feeds[16:]
+    cos = {}
+    for score in ("magnitude", "obs"):
+        res = _run(m, f"prune-weights{{score={score} sparsity=0.5}}", calib)
+        st_ = _stats(res)
+        assert st_["tensors_pruned"] == 14 and st_["sparsity_pruned_tensors"] == pytest.approx(0.5, abs=1e-4)
+        a = np.concatenate([ort_run(m, f)[0].reshape(-1) for f in evals])
+        b = np.concatenate([ort_run(res.model, f)[0].reshape(-1) for f in evals])
+        cos[score] = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert cos["obs"] > cos["magnitude"], cos
