@@ -90,8 +90,9 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
     """Refuse external data that escapes ``base_dir`` or lies past the end of its file; return the distinct files.
 
     Every location must be relative and resolve (symlinks followed) to a regular file inside the folder; offset and
-    length must be non-negative integers with ``offset + length`` (length: the tensor's byte size when absent)
-    inside the file. Nothing is read here."""
+    length must be non-negative integers, length equal to the tensor's byte size and ``offset + length`` inside the
+    file; without a length (the loader then reads to the end of the file) the bytes after the offset must be
+    exactly the tensor's. Nothing is read here."""
     base = base_dir.resolve()
     files: dict[Path, None] = {}
     sizes: dict[Path, int] = {}
@@ -123,11 +124,15 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
         if length is not None and expected is not None and length != expected:
             raise BadInputError(f"tensor {t.name!r}: external data length {length} does not match its shape "
                                 f"{list(t.dims)} ({expected} bytes)")
-        need = length if length is not None else expected
         size = sizes.setdefault(target, target.stat().st_size)
-        if offset > size or (need is not None and offset + need > size):
-            raise BadInputError(f"tensor {t.name!r}: external data offset {offset} + length {need} lies past the end "
-                                f"of {loc!r} ({size} bytes)")
+        if length is None:  # the loader then reads from offset to the end of the file
+            if offset > size or (expected is not None and size - offset != expected):
+                raise BadInputError(f"tensor {t.name!r}: external data {loc!r} holds {max(size - offset, 0)} bytes "
+                                    f"after offset {offset} and gives no length; its shape {list(t.dims)} needs "
+                                    f"{expected}")
+        elif offset + length > size:
+            raise BadInputError(f"tensor {t.name!r}: external data offset {offset} + length {length} lies past the "
+                                f"end of {loc!r} ({size} bytes)")
         files[target] = None
     return list(files)
 

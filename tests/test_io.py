@@ -198,3 +198,81 @@ def test_typed_attributes_and_optional_values_survive_roundtrip():
     assert [a.name for a in opt_node.attribute] == ["type"]
     onnx.checker.check_model(out, full_check=True)
     assert ort_run(out, {})[0] == ort_run(model, {})[0]
+
+
+# ------------------------------------------------------------------------------------------- model_safety
+def _mlp() -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3])],  # paddle-style dynamic
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _write(tmp_path, model: onnx.ModelProto):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(model.SerializeToString())
+    return p
+
+
+def test_dynamic_dims_written_as_minus_one_are_accepted(tmp_path):
+    assert io.read_model(_write(tmp_path, _mlp())).graph.input[0].name == "x"
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: setattr(m.graph.initializer[0], "raw_data", m.graph.initializer[0].raw_data[:-4]), "raw_data holds 44"),
+    (lambda m: m.graph.initializer[0].dims.__setitem__(0, 3_000_000), "raw_data holds 48"),
+    (lambda m: m.graph.initializer[0].dims.__setitem__(0, -3), "negative dimension"),
+    (lambda m: setattr(m.graph.initializer[0], "data_type", 77), "unknown data type"),
+    (lambda m: m.graph.initializer[0].dims.extend([10**6, 10**6]), "declares 1.2e\\+13 elements"),
+    (lambda m: m.graph.initializer.append(numpy_helper.from_array(np.zeros(2, np.float32), "w")), "defined twice"),
+    (lambda m: m.graph.node.append(helper.make_node("Relu", ["x"], ["y"])), "produced twice"),
+    (lambda m: m.graph.input[0].type.tensor_type.shape.dim[0].__setattr__("dim_value", 10**9)
+     or m.graph.input[0].type.tensor_type.shape.dim[1].__setattr__("dim_value", 10**9), "more than onnxcompress"),
+])
+def test_malformed_models_are_refused_with_one_line(tmp_path, edit, match):
+    m = _mlp()
+    edit(m)
+    with pytest.raises(BadInputError, match=match) as info:
+        io.read_model(_write(tmp_path, m))
+    assert "\n" not in str(info.value)
+
+
+def _external_mlp(tmp_path, **entries) -> str:
+    m = _mlp()
+    t = m.graph.initializer[0]
+    (tmp_path / "w.bin").write_bytes(t.raw_data + entries.pop("extra", b""))
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in {"location": "w.bin", **entries}.items():
+        t.external_data.append(onnx.StringStringEntryProto(key=k, value=str(v)))
+    return str(_write(tmp_path, m))
+
+
+@pytest.mark.parametrize("entries,match", [
+    ({"offset": 4096}, "holds 0 bytes after offset 4096"),
+    ({"offset": 0, "length": 4096}, "length 4096 does not match"),
+    ({"offset": 8, "length": 48}, "lies past the end"),
+    ({"offset": -8}, "negative"),
+    ({"offset": "x"}, "not a number"),
+    ({"extra": b"\0" * 16}, "holds 64 bytes after offset 0 and gives no length"),
+    ({"location": "w\0.bin"}, "NUL byte"),
+    ({"location": "C:\\w.bin"}, "absolute path"),
+])
+def test_external_entries_outside_the_file_are_refused(tmp_path, entries, match):
+    if "location" in entries:
+        path = _external_mlp(tmp_path)
+        m = onnx.load_model(path, load_external_data=False)
+        m.graph.initializer[0].external_data[0].value = entries["location"]
+        path = str(_write(tmp_path, m))
+    else:
+        path = _external_mlp(tmp_path, **entries)
+    with pytest.raises(BadInputError, match=match):
+        io.read_model(path)
+
+
+def test_external_data_with_exact_offset_and_length_loads(tmp_path):
+    path = _external_mlp(tmp_path, offset=0, length=48)
+    loaded = io.read_model(path)
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]),
+                                  np.arange(12, dtype=np.float32).reshape(3, 4))
