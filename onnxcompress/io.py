@@ -11,7 +11,8 @@ Rules this module enforces:
   into initializers of the graph they live in (subgraphs included), so every pass sees one kind of weight.
 - Writes are atomic: the model (and its external data file) are written to a temporary folder next to the target
   and renamed into place; a failure leaves nothing behind.
-- A model whose weights exceed ``PROTO_LIMIT`` is saved with external data: a > 2 GB protobuf is never serialised.
+- A model whose weights exceed ``PROTO_LIMIT`` is saved with external data: a > 2 GB protobuf is never serialised,
+  and the weights are streamed to the data file one tensor at a time (no second in-memory copy of the model).
 """
 
 from __future__ import annotations
@@ -392,16 +393,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         tmp_model = tmpdir / out.name
         data_name = out.name + ".data"
         if use_external:
-            to_save = onnx.ModelProto()
-            to_save.CopyFrom(model)
-            onnx.save_model(
-                to_save,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=EXTERNAL_TENSOR_MIN_BYTES,
-            )
+            write_with_external_data(model, tmp_model, data_name)
         else:
             with open(tmp_model, "wb") as f:
                 f.write(serialize(model))
@@ -415,6 +407,59 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return out
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    for g in iter_graphs(graph):
+        yield from g.initializer
+
+
+def write_with_external_data(model: onnx.ModelProto, model_path: Path, data_name: str) -> None:
+    """Write ``model_path`` + ``data_name`` beside it, streaming: each initializer's raw bytes go to the data file
+    one tensor at a time (64-byte aligned), the tensor is switched to an external reference while the small model
+    proto is serialised, then its bytes are read back from the file. Extra memory: one tensor, never a second copy
+    of the model (``onnx.save_model`` with external data rewrites the proto it is given, which forces a full copy).
+    ``model`` is unchanged afterwards, also when writing fails."""
+    moved: list[tuple[onnx.TensorProto, int, int, bool]] = []
+    data_path = model_path.parent / data_name
+    try:
+        with open(data_path, "wb") as f:
+            offset = 0
+            for t in _initializers(model.graph):
+                if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+                    continue
+                raw = t.raw_data
+                if len(raw) < EXTERNAL_TENSOR_MIN_BYTES:
+                    continue
+                pad = (-offset) % 64
+                f.write(b"\0" * pad)
+                offset += pad
+                f.write(raw)
+                moved.append((t, offset, len(raw), t.HasField("data_location")))
+                t.ClearField("raw_data")
+                del raw
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(moved[-1][2]))):
+                    t.external_data.append(onnx.StringStringEntryProto(key=key, value=value))
+                offset += moved[-1][2]
+            f.flush()
+            os.fsync(f.fileno())
+        with open(model_path, "wb") as f:
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        if moved:
+            with open(data_path, "rb") as f:
+                for t, off, length, had_location in moved:
+                    f.seek(off)
+                    t.raw_data = f.read(length)
+                    del t.external_data[:]
+                    if had_location:
+                        t.data_location = onnx.TensorProto.DEFAULT
+                    else:
+                        t.ClearField("data_location")
 
 
 def file_size_on_disk(path: str | os.PathLike) -> int:
