@@ -15,6 +15,12 @@ Modes:
 
 Embedding tables (large constant ``Gather`` data) are stored int8 per row in every mode.
 
+Measured on real models (``benchmarks/int8_margins.py``, issue 12), off by default because they did not pay:
+``weight_rounding=output`` (per-layer output error 6-9 dB lower, model outputs within ±0.2 dB on PP-OCRv4 rec,
+nudenet, MiniLM-L3 and 4 dB worse on ddddocr_det's, at 2x the tool time: activation noise dominates) and
+``smooth`` (SmoothQuant; MiniLM-L3's embedding 1 dB worse). A uint16 QDQ Conv runs as DQ -> float Conv -> Q on
+ORT's CPU EP (1.1-2.6x the float Conv), so 16-bit activations are no cheaper than a float layer there.
+
 Modules:
 
 =======================  ================================================================================
