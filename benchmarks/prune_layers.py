@@ -127,6 +127,7 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
             "metric": (m.get("metrics") or {}).get(primary),
             "cosine": worst.get("cosine"),
             "tool_s": (m.get("tool") or {}).get("seconds"),
+            "fp32_noise": m.get("fp32_noise"),
             "truth": truth_metrics(m.get("metrics") or {}),
         })
         out.append(row)
@@ -165,7 +166,8 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
         lines.append(f"plus `python -m benchmarks.prune_layers {extra}`")
     lines += ["", f"Calibration inputs: {meta.get('n_calib')} (MiniLM: {N_CALIB}); evaluation inputs: "
               f"{meta.get('n_eval')} (disjoint). Latency: 1 intra-op thread, FP32 and every variant interleaved in "
-              "one call (medians); *FP32 vs FP32* is that call's noise band. *metric*: the model's task metric vs "
+              "one call (medians); *FP32 vs FP32* is that call's noise band (in brackets after a variant's latency when "
+              "the variant had its own call). *metric*: the model's task metric vs "
               "FP32; *cos*: the worst output's cosine; *vs ground truth*: the candidate's own task score (FP32's "
               "in brackets).", "", "## Goals", "",
               f"MiniLM-L6, 2 of 6 layers removed + distill: latency <= {GOAL_MINILM['latency']}x, embedding "
@@ -191,7 +193,8 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
             truth = "; ".join(f"{k} {c:.3f} ({f:.3f})" for k, (c, f) in (r.get("truth") or {}).items())
             lines.append(
                 f"| | {r['label']} | {'yes' if r['distill'] else 'no'} | {_f(r.get('units_removed'), '{}')} | "
-                f"{_f(r.get('latency_ratio'), '{:.2f}')} | {_f(r.get('size_ratio'), '{:.2f}')} | "
+                f"{_f(r.get('latency_ratio'), '{:.2f}')}{_f(r.get('fp32_noise'), ' [{:.2f}]')} | "
+                f"{_f(r.get('size_ratio'), '{:.2f}')} | "
                 f"{r.get('metric_name')} {_f(r.get('metric'))} | {truth} | {_f(r.get('cosine'), '{:.4f}')} | "
                 f"{_f(r.get('tool_s'), '{:.0f}')} |")
     lines += ["", f"Versions: {meta.get('versions')}. Total time {meta.get('seconds', 0):.0f} s."]
@@ -237,21 +240,30 @@ def main(argv: list[str] | None = None) -> int:
     keep = Path("/tmp") / "prune_layers_models"
     for name in names:
         pipelines = [p.strip() for p in args.pipelines.split(";")] if args.pipelines else variants(name)
-        methods = {"fp32": anchors.fp32_method} | {f"ours:{p}": anchors.ours(p) for p in pipelines}
-        cfg = RunConfig(methods=list(methods), n_calib=N_CALIB.get(name, args.n_calib), n_eval=args.n_eval,
-                        threads=(1,), latency_budget_s=args.latency_budget, session_rss=False, keep_models=keep)
-        log.info("== %s (%d variants)", name, len(pipelines))
-        rec = benchmark_model(specs[name], cfg, methods)
         fp32 = Path(specs[name].fetch(Path.home() / ".cache" / "onnxcompress" / "files"))
-        for m in rec.get("methods", {}).values():
-            if m.get("path") and not m.get("error") and m.get("method", "").startswith("ours:"):
+        rec: dict[str, Any] | None = None
+        for pipeline in pipelines:  # one harness call per variant, written after each (a long run keeps its rows)
+            methods = {"fp32": anchors.fp32_method, f"ours:{pipeline}": anchors.ours(pipeline)}
+            cfg = RunConfig(methods=list(methods), n_calib=N_CALIB.get(name, args.n_calib), n_eval=args.n_eval,
+                            threads=(1,), latency_budget_s=args.latency_budget, session_rss=False, keep_models=keep)
+            log.info("== %s: %s", name, pipeline)
+            part = benchmark_model(specs[name], cfg, methods)
+            m = part.get("methods", {}).get(f"ours:{pipeline}", {})
+            if m.get("path") and not m.get("error"):
                 m["units_removed"] = units_removed(fp32, Path(m["path"]))
-        records.append(rec)
-        meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": args.n_calib,
-                "n_eval": args.n_eval, "versions": versions(), "seconds": time.perf_counter() - t0}
-        if saved.get("meta"):
-            meta = saved["meta"] | {"extra": saved["meta"].get("extra", []) + [meta["args"]]}
-        write(out, old + records, meta)
+            if m:  # the variant's latency ratio is against FP32 in its own call; fp32_noise: that call's band
+                m["fp32_noise"] = noise_band(part)
+            if rec is None:
+                rec = part
+            else:
+                rec["methods"][f"ours:{pipeline}"] = m
+            meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": args.n_calib,
+                    "n_eval": args.n_eval, "versions": versions(), "seconds": time.perf_counter() - t0}
+            if saved.get("meta"):
+                meta = saved["meta"] | {"extra": saved["meta"].get("extra", []) + [meta["args"]]}
+            write(out, old + records + [rec], meta)
+        if rec is not None:
+            records.append(rec)
     print(f"wrote {out}/prune_layers.md ({len(records)} models, {time.perf_counter() - t0:.0f} s)")
     return 0
 
