@@ -178,22 +178,22 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
         lines.append(f"| {g['model']} | {g['variant']} | {_f(g['latency'], '{:.2f}')} | {_f(g['metric'])} | "
                      f"{'met' if g['met'] else 'not met'} |")
     lines += ["", "## All variants", "",
-              "| model | variant | distill | units removed | latency | size | metric | vs ground truth | cos | tool s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | variant | distill | units removed | MACs | latency | size | metric | vs ground truth | cos | "
+              "tool s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
-        head = f"| **{rec['model']}** | FP32 vs FP32 | | 0 | {_f(noise_band(rec), '{:.2f}')} | 1.00 | | | | |"
+        head = f"| **{rec['model']}** | FP32 vs FP32 | | 0 | 1.00 | {_f(noise_band(rec), '{:.2f}')} | 1.00 | | | | |"
         if rec.get("error"):
-            head = f"| **{rec['model']}** | error: {rec['error']} | | | | | | | | |"
+            head = f"| **{rec['model']}** | error: {rec['error']} | | | | | | | | | |"
         lines.append(head)
         for r in (x for x in rows if x["model"] == rec["model"]):
             if r.get("error"):
                 lines.append(f"| | {r['label']} | {'yes' if r['distill'] else 'no'} | error: {r['error'][:200]} "
-                             "| | | | | | |")
+                             "| | | | | | | |")
                 continue
             truth = "; ".join(f"{k} {c:.3f} ({f:.3f})" for k, (c, f) in (r.get("truth") or {}).items())
             lines.append(
                 f"| | {r['label']} | {'yes' if r['distill'] else 'no'} | {_f(r.get('units_removed'), '{}')} | "
-                f"{_f(r.get('latency_ratio'), '{:.2f}')}{_f(r.get('fp32_noise'), ' [{:.2f}]')} | "
+                f"{_f(r.get('macs_ratio'), '{:.2f}')} | {_f(r.get('latency_ratio'), '{:.2f}')}{_f(r.get('fp32_noise'), ' [{:.2f}]')} | "
                 f"{_f(r.get('size_ratio'), '{:.2f}')} | "
                 f"{r.get('metric_name')} {_f(r.get('metric'))} | {truth} | {_f(r.get('cosine'), '{:.4f}')} | "
                 f"{_f(r.get('tool_s'), '{:.0f}')} |")
