@@ -2,7 +2,7 @@
 
     min_W  sum_o w_o L_o(student_W(x), teacher(x)) + features * sum_f nmse(student_W(x)_f, teacher(x)_f)
 
-over the calibration feeds x (augmented, ``train_losses``), with Adam at ``lr`` decayed by a cosine schedule, a
+over the calibration feeds x (augmented, ``train_losses``), with Adam at ``lr`` x each tensor's RMS (a relative step) decayed by a cosine schedule, a
 minibatch of ``batch`` feeds per step. The teacher runs in onnxruntime (the original model, with the matched
 feature tensors exposed); the student is the current graph run by ``torch_interpreter.TorchGraph``, whose float
 weights are the only parameters: the graph never changes, only the values of its constants, written back at the end.
@@ -149,7 +149,10 @@ class Trainer:
                 return float(np.mean([float(self.batch_loss(held[i:i + opts.batch], forward, targets, features))
                                       for i in range(0, len(held), opts.batch)]))
 
-        opt = torch.optim.Adam(params, lr=opts.lr)
+        # Adam moves every parameter by about lr per step whatever its scale: each tensor's step is made relative
+        # to its own RMS (a 1e-3 relative change per step at lr=1e-3), so small biases and large kernels move alike
+        scales = [max(float(p.detach().pow(2).mean().sqrt()), 1e-4) for p in params]
+        opt = torch.optim.Adam([{"params": [p], "lr": opts.lr * s} for p, s in zip(params, scales, strict=True)])
         start = held_loss()
         best, best_state, bad, stop = start, None, 0, "steps"
         history, train_losses, done = [(0, round(start, 6))], [], 0
@@ -160,8 +163,8 @@ class Trainer:
         for step in progress(range(1, steps + 1), total=steps, desc=desc) if progress else range(1, steps + 1):
             # cosine decay over the steps, or over the time budget when that runs out first
             frac = max((step - 1) / steps, (time.perf_counter() - t0) / budget_s)
-            for group in opt.param_groups:
-                group["lr"] = opts.lr * 0.5 * (1 + float(np.cos(np.pi * min(frac, 1.0))))
+            for group, scale in zip(opt.param_groups, scales, strict=True):
+                group["lr"] = opts.lr * scale * 0.5 * (1 + float(np.cos(np.pi * min(frac, 1.0))))
             picks = self.rng.choice(len(train), size=min(opts.batch, len(train)), replace=False)
             batch = [augment_feed(torch, train[i], aug, self.rng) for i in np.sort(picks)]
             opt.zero_grad(set_to_none=True)

@@ -2,7 +2,8 @@
 
 Per graph output o with teacher value t and student value s (``loss_kinds`` picks the kind, overridable):
 
-- ``kl`` (class scores: ``validate.class_score_outputs`` — Softmax/LogSoftmax/Gemm/MatMul(+bias) outputs): with
+- ``kl`` (class scores: ``validate.class_score_outputs`` — Softmax/LogSoftmax outputs, and Gemm/MatMul(+bias)
+  outputs at least ``WIDE_LOGITS`` wide; narrower ones get ``mse``): with
   temperature T, KL(softmax(z_t / T) || softmax(z_s / T)) * T^2 over the class axis, where z = log p for an output
   that already is a probability (a Softmax output) and z = the output for logits;
 - ``cosine`` (other rank-2 outputs [batch, dim]: embeddings): mean over rows of 1 - cos(t, s);
@@ -28,6 +29,9 @@ from onnxcompress.validate import class_score_outputs
 
 TRAIN_EXTRA = "distill{mode=train} needs PyTorch: pip install onnxcompress[train]  (torch==2.13.0, CPU)"
 KINDS = ("mse", "kl", "cosine")
+#: a Gemm/MatMul class-score output this wide gets KL; narrower ones are as often regressions (MTCNN's 4 box and
+#: 10 landmark values) and get normalized MSE on the raw values (KL's high-temperature limit for real logits)
+WIDE_LOGITS = 100
 AUGMENTS = ("crop", "flip", "noise")
 
 
@@ -71,8 +75,12 @@ def loss_kinds(model: onnx.ModelProto, spec: str) -> dict[str, tuple[str, int]]:
             axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
         rank = len(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape") else 0
         kind = per.get(o.name) or default
+        width = o.type.tensor_type.shape.dim[-1].dim_value if rank else 0
+        if kind is None and o.name in classes:
+            probs = node is not None and node.op_type in ("Softmax", "LogSoftmax")
+            kind = "kl" if probs or width >= WIDE_LOGITS else "mse"
         if kind is None:
-            kind = "kl" if o.name in classes else "cosine" if rank == 2 else "mse"
+            kind = "cosine" if rank == 2 else "mse"
         out[o.name] = (kind, axis)
     return out
 
