@@ -342,6 +342,8 @@ def render(data: dict) -> None:
              "ort load RSS (GB) | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r["code"] == -9 and not r.get("killed") and not r.get("error"):
+            r["error"] = "SIGKILL from the kernel's OOM killer (the machine's 24 GB are shared), not the harness"
         lines.append(
             f"| `{r['method']}` | {r['code']} | {r['seconds']:.0f} | {r['peak_rss'] / 1e9:.2f} | "
             f"{r['rss_ratio']:.2f}x | {r.get('output_bytes', 0) / 1e9:.2f} | {r.get('external_data', '-')} | "
