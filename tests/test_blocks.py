@@ -99,20 +99,28 @@ def _ffn(b: Builder, x: str, d: int, i: int) -> str:
                 f"f2b{i}")
 
 
-def _ln(b: Builder, x: str, d: int, name: str) -> str:
+def _ln(b: Builder, x: str, d: int, name: str, decomposed: bool = False) -> str:
+    if decomposed:  # ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add, as older exporters write it
+        dev = b.op("Sub", [x, b.op("ReduceMean", [x], f"{name}_mu", axes=[-1])], f"{name}_d")
+        var = b.op("ReduceMean", [b.op("Pow", [dev, b.w(f"{name}_two", np.float32(2))], f"{name}_sq")],
+                   f"{name}_var", axes=[-1])
+        std = b.op("Sqrt", [b.op("Add", [var, b.w(f"{name}_eps", np.float32(1e-5))], f"{name}_ve")], f"{name}_sd")
+        scaled = b.op("Mul", [b.op("Div", [dev, std], f"{name}_n"), b.rand(f"{name}_g", d)], f"{name}_ng")
+        return b.op("Add", [scaled, b.rand(f"{name}_b", d)], name)
     return b.op("LayerNormalization", [x, b.w(f"{name}_g", np.ones(d, np.float32)),
                                        b.w(f"{name}_b", np.zeros(d, np.float32))], name, axis=-1)
 
 
-def transformer(post_ln: bool, layers: int = 2, d: int = 16, t: int = 6, seed: int = 0) -> onnx.ModelProto:
+def transformer(post_ln: bool, layers: int = 2, d: int = 16, t: int = 6, seed: int = 0,
+                decomposed: bool = False) -> onnx.ModelProto:
     """Encoder layers over x[1,t,d]. pre-LN: h = x + Attn(LN(x)); y = h + FFN(LN(h)) (final LN at the end).
     post-LN (BERT): h = LN(x + Attn(x)); y = LN(h + FFN(h))."""
     b = Builder(seed)
     x = "x"
     for i in range(layers):
         if post_ln:
-            h = _ln(b, b.op("Add", [x, _attention(b, x, d, i)], f"ares{i}"), d, f"ln_a{i}")
-            x = _ln(b, b.op("Add", [h, _ffn(b, h, d, i)], f"fres{i}"), d, f"ln_f{i}")
+            h = _ln(b, b.op("Add", [x, _attention(b, x, d, i)], f"ares{i}"), d, f"ln_a{i}", decomposed)
+            x = _ln(b, b.op("Add", [h, _ffn(b, h, d, i)], f"fres{i}"), d, f"ln_f{i}", decomposed)
         else:
             h = b.op("Add", [x, _attention(b, _ln(b, x, d, f"ln_a{i}"), d, i)], f"ares{i}")
             x = b.op("Add", [h, _ffn(b, _ln(b, h, d, f"ln_f{i}"), d, i)], f"fres{i}")
@@ -200,6 +208,15 @@ def test_post_ln_transformer_units_exact():
         ("transformer", "ln_f0", "y"), ("attention", "ln_f0", "ares1"), ("ffn", "ln_a1", "fres1"),
     }
     assert {u["role"] for u in units if u["kind"] == "transformer"} == {"post-LN"}
+
+
+def test_post_ln_with_decomposed_layernorm():
+    """The normalisation tail is found by where the paths meet again, not by the op name."""
+    units = _units(transformer(post_ln=True, decomposed=True))
+    assert _keys(units) == {
+        ("transformer", "x", "ln_f0"), ("attention", "x", "ares0"), ("ffn", "ln_a0", "fres0"),
+        ("transformer", "ln_f0", "y"), ("attention", "ln_f0", "ares1"), ("ffn", "ln_a1", "fres1"),
+    }
 
 
 def test_noop_rules_found_by_value():

@@ -211,11 +211,12 @@ def _role(ops: dict[str, int], ix: GraphIndex, u: Unit) -> str:
     return "ffn" if weighted >= 2 and ops.get("Conv", 0) == 0 else "block"
 
 
-def converge(ix: GraphIndex, start: str, allowed: frozenset[str] | None = None,
-             limit: int = HOP_LIMIT) -> tuple[str, list[int]] | None:
+def converge(ix: GraphIndex, start: str, allowed: frozenset[str] | None = None, limit: int = HOP_LIMIT,
+             last: bool = False) -> tuple[str, list[int]] | None:
     """The first tensor z after ``start`` where every path from it meets again (a local post-dominator), with the
     nodes between; every node covered reads only ``start``, tensors produced inside, and constants. ``allowed``:
-    the op types the walk may cover. None when there is no such z within ``limit`` nodes."""
+    the op types the walk may cover. None when there is no such z within ``limit`` nodes. ``last``: walk on while
+    the rules hold and return the last such z (a decomposed LayerNorm meets again after its Sub, and at its end)."""
     if start in ix.graph_outputs:
         return None
     t0 = ix.tensors.get(start)
@@ -226,14 +227,15 @@ def converge(ix: GraphIndex, start: str, allowed: frozenset[str] | None = None,
     heap = sorted({ix.index[id(c)] for c in t0.outputs})
     covered: list[int] = []
     queued = set(heap)
+    best: tuple[str, list[int]] | None = None
     while heap and len(covered) < limit:
         i = heapq.heappop(heap)
         n = ix.nodes[i]
         if (allowed is not None and n.op not in allowed) or any(True for _ in n.subgraphs()):
-            return None
+            return best
         for t in n.inputs:
             if isinstance(t, gs.Variable) and t.name not in produced:
-                return None
+                return best
         for t in n.inputs:
             if t.name in pending:  # graph outputs keep one pending edge: a walk never passes them
                 pending[t.name] -= 1
@@ -246,18 +248,20 @@ def converge(ix: GraphIndex, start: str, allowed: frozenset[str] | None = None,
             if not users and not out:
                 continue
             if any(id(c) not in ix.index for c in users):
-                return None
+                return best
             produced.add(t.name)
             pending[t.name] = len(users) + (1 if out else 0)
         if len(pending) == 1 and start not in pending:  # every path from start meets here
-            return next(iter(pending)), covered
+            best = next(iter(pending)), list(covered)
+            if not last:
+                return best
         for t in n.outputs:
             for c in t.outputs:
                 j = ix.index[id(c)]
                 if j not in queued:
                     queued.add(j)
                     heapq.heappush(heap, j)
-    return None
+    return best
 
 
 def _transformers(ix: GraphIndex, shapes: dict[str, list[int]], residuals: list[Unit], found: list[Unit],
@@ -297,7 +301,7 @@ def _transformers(ix: GraphIndex, shapes: dict[str, list[int]], residuals: list[
 
 def _after_norm(ix: GraphIndex, t: str) -> str:
     """The tensor after ``t``'s normalisation tail (post-LN), else ``t`` itself."""
-    hop = converge(ix, t, NORM_OPS)
+    hop = converge(ix, t, NORM_OPS, last=True)
     return hop[0] if hop is not None else t
 
 
