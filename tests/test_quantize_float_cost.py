@@ -149,3 +149,26 @@ def test_a_cheap_noisy_layer_is_still_kept_float_and_listed_with_its_reason(mac_
     assert rec["macs_share"] < 0.1 and rec["fidelity_gain_db"] >= 1.0 and 0 < rec["latency_cost"] <= 0.1
     assert rec["output_sqnr_gain_db"] > 0 and 0 < rec["size_cost"] < 0.1
     assert _float_convs(q) == {"w1"}
+
+
+def test_layers_join_the_float_set_one_at_a_time_only_while_the_set_improves(monkeypatch):
+    """Greedy choice on stubbed measurements: a, b and c each help alone; {a, b} is worse at the outputs than {a}
+    (effects are not additive), {a, c} is better: a and c stay float, b's reason names the set."""
+    from types import SimpleNamespace
+
+    from onnxcompress.passes.quantize import float_cost as fc
+
+    sqnr = {"all": 12.0, "a": 20.0, "b": 14.0, "c": 13.0, "a+b": 10.0, "a+c": 22.0}
+    monkeypatch.setattr(fc, "measure", lambda run, model, ref, feed, against=None: fc.Candidate(
+        {"cosine": 0.99, "sqnr_db": sqnr[model]}, 0.40 + 0.01 * model.count("+"), 1000))
+    monkeypatch.setattr(fc, "macs_shares", lambda run, feed: {})
+    monkeypatch.setattr(fc.io, "weight_bytes", lambda m: 4000)
+    run = SimpleNamespace(
+        p=SimpleNamespace(auto_float_cost_per_db=0.05), float_model=None, stats={},
+        build=lambda names: SimpleNamespace(graph="+".join(sorted(names))), export=lambda g: g,
+    )
+    chosen, kept, rejected = fc.choose(run, {"a": 3.0, "b": 2.0, "c": 1.5}, {"a": "a", "b": "b", "c": "c"}, "all",
+                                       None, {})
+    assert chosen == ["a", "c"] and [r["layer"] for r in rejected] == ["b"]
+    assert "with a float as well the outputs reach 10.0 dB" in rejected[0]["reason"]
+    assert kept[1]["set_latency_cost"] == pytest.approx(0.01)

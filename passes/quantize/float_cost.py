@@ -17,10 +17,11 @@ Rule: the layer stays float iff ``g >= auto_float_db``, the outputs improve, and
 ``max(Δt, Δs) <= min(auto_float_cost_per_db · g, MAX_COST)``: each dB of fidelity may cost that share of the float
 model's latency or size (default 0.05: 3 dB may cost 15%), never more than ``MAX_COST``; with
 ``auto_float_cost_per_db=inf`` the gain alone decides and nothing is measured (the rule before costs were weighed). The float model is the unit
-of both costs, so they add across layers: the layers are taken best gain first while the summed costs stay within
-the summed allowances, and the chosen set is scored and measured once more as a whole — a set that is not better
-than all-int8 at the outputs, or not within its allowance, is dropped. So the result is never worse on both axes
-than the all-int8 candidate.
+of both costs, so they add across layers: the layers are taken best gain first (greedy), and from the second one on
+the set with the layer is built, scored and measured as a whole — effects are not additive (on ddddocr_det three
+layers each worth 1.2-2.7 dB alone took the outputs from 12.2 to 9.5 dB together) — and the layer joins only if
+the set's outputs beat the set without it and its costs stay within the summed allowances. So the result is never
+worse on both axes than the all-int8 candidate.
 
 ``macs_share`` (the layer's MACs / all MACs, from ``onnxcompress.analyses.macs`` on the first calibration feed)
 is reported beside every decision; it explains a cost, the measured ratio decides.
@@ -156,7 +157,7 @@ def choose(
     }
     kept: list[dict] = []
     rejected: list[dict] = []
-    spent_t = spent_s = budget = 0.0
+    current, budget = base, 0.0
     for name in sorted(gains, key=lambda n: -gains[n]):
         g = gains[name]
         cand = measure(run, builds[name], ref, feed, against=all_int8)
@@ -176,32 +177,34 @@ def choose(
                 f"(output SQNR {cand.score['sqnr_db']:.1f} vs {base.score['sqnr_db']:.1f} dB all-int8)"
             )
             rejected.append(rec)
-        elif max(dt, ds) > allow or spent_t + dt > budget + allow or spent_s + ds > budget + allow:
+            continue
+        if max(dt, ds) > allow:
             rec["reason"] = (
                 f"kept int8: float it would cost {dt:+.1%} latency and {ds:+.1%} size of the float model "
                 f"({rec['macs_share']:.0%} of the MACs) for {g:.1f} dB; the allowance is {allow:.1%}"
             )
             rejected.append(rec)
-        else:
-            rec["reason"] = (
-                f"kept float automatically: alone it lifts the last layers' features by {g:.1f} dB "
-                f"(all-int8 outputs {base.score['sqnr_db']:.1f} dB SQNR) for {dt:+.1%} latency and {ds:+.1%} size"
-            )
-            kept.append(rec)
-            spent_t, spent_s, budget = spent_t + dt, spent_s + ds, budget + allow
-    if len(kept) > 1:  # the set as a whole: effects are not additive
-        names = [r["layer"] for r in kept]
-        whole = measure(run, run.export(run.build(names).graph), ref, feed, against=all_int8)
-        dt, ds = costs(whole, base, float_bytes)
-        if not outputs_better(whole.score, base.score) or max(dt, ds) > budget:
-            for r in kept:
-                r["reason"] = (
-                    f"kept int8: together the {len(names)} float candidates cost {dt:+.1%} latency and "
-                    f"{ds:+.1%} size (allowance {budget:.1%}) for output SQNR "
-                    f"{whole.score['sqnr_db']:.1f} vs {base.score['sqnr_db']:.1f} dB"
+            continue
+        if kept:  # with the layers already kept float: effects are not additive, so the set is measured
+            names = [r["layer"] for r in kept] + [name]
+            cand = measure(run, run.export(run.build(names).graph), ref, feed, against=all_int8)
+            dt_set, ds_set = costs(cand, base, float_bytes)
+            if not outputs_better(cand.score, current.score) or max(dt_set, ds_set) > budget + allow:
+                rec["reason"] = (
+                    f"kept int8: with {', '.join(names[:-1])} float as well the outputs reach "
+                    f"{cand.score['sqnr_db']:.1f} dB SQNR (without it {current.score['sqnr_db']:.1f} dB) for "
+                    f"{dt_set:+.1%} latency and {ds_set:+.1%} size (allowance {budget + allow:.1%})"
                 )
-            rejected.extend(kept)
-            kept = []
+                rejected.append(rec)
+                continue
+            rec["set_latency_cost"], rec["set_size_cost"] = round(dt_set, 3), round(ds_set, 4)
+        rec["reason"] = (
+            f"kept float automatically: alone it lifts the last layers' features by {g:.1f} dB "
+            f"(all-int8 outputs {base.score['sqnr_db']:.1f} dB SQNR, with it {cand.score['sqnr_db']:.1f} dB) for "
+            f"{dt:+.1%} latency and {ds:+.1%} size"
+        )
+        kept.append(rec)
+        current, budget = cand, budget + allow
     return [r["layer"] for r in kept], kept, rejected
 
 
