@@ -147,8 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per (model, pass)")
     ap.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON")
+    ap.add_argument("--json", default=str(JSON_PATH), help="results JSON (Markdown beside it, same stem)")
+    ap.add_argument("--merge", action="append", default=[], help="merge the rows of another results JSON (e.g. "
+                    "a run of the exact passes only) into all_passes.json before rendering")
     args = ap.parse_args(argv)
-    rows = {r["model"]: r for r in json.loads(JSON_PATH.read_text())} if JSON_PATH.exists() else {}
+    json_path = Path(args.json)
+    md_path = json_path.with_suffix(".md")
+    rows = {r["model"]: r for r in json.loads(json_path.read_text())} if json_path.exists() else {}
+    for extra in args.merge:
+        for r in json.loads(Path(extra).read_text()):
+            old = rows.get(r["model"], {"model": r["model"], "passes": {}})
+            if "passes" in r:
+                old = {**{k: v for k, v in old.items() if k != "error"}, **{k: v for k, v in r.items() if k != "passes"},
+                       "passes": {**old.get("passes", {}), **r["passes"]}}
+            rows[r["model"]] = old
+        json_path.write_text(json.dumps(list(rows.values()), indent=2, default=str))
     if not args.render:
         names = [p for p in args.passes.split(",") if p]
         for model in [m for m in args.models.split(",") if m]:
@@ -170,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model}: " + ", ".join(f"{p}={e['status']}" for p, e in row.get("passes", {}).items())
                   + (f" {row['error']}" if "error" in row else ""), flush=True)
             RESULTS.mkdir(exist_ok=True)
-            JSON_PATH.write_text(json.dumps(list(rows.values()), indent=2, default=str))
-            (RESULTS / "all_passes.md").write_text(to_markdown(list(rows.values())))
-    (RESULTS / "all_passes.md").write_text(to_markdown(list(rows.values())))
+            json_path.write_text(json.dumps(list(rows.values()), indent=2, default=str))
+            md_path.write_text(to_markdown(list(rows.values())))
+    md_path.write_text(to_markdown(list(rows.values())))
     return 0
 
 

@@ -57,12 +57,15 @@ class Tally:
     leftovers: int = 0
     misses: list[Run] = field(default_factory=list)
     codes: Counter = field(default_factory=Counter)
+    #: wall seconds by "command outcome" ("compress ok", "inspect error", ...)
+    seconds: Counter = field(default_factory=Counter)
 
     def line(self) -> str:
         return (f"{self.cases} cases, {self.runs} runs: {self.clean_errors} clean errors, {self.successes} successes, "
                 f"{self.tracebacks} tracebacks, {self.internal_errors} internal errors, {self.modified_inputs} "
                 f"modified inputs, {self.leftovers} leftovers, {len(self.misses)} misses "
-                f"(exit codes {dict(sorted(self.codes.items(), key=lambda kv: str(kv[0])))})")
+                f"(exit codes {dict(sorted(self.codes.items(), key=lambda kv: str(kv[0])))}; seconds "
+                f"{ {k: round(v) for k, v in self.seconds.most_common()} })")
 
 
 # --------------------------------------------------------------------------------------------- file checks
@@ -316,6 +319,7 @@ def add(tally: Tally, runs: list[Run]) -> None:
     for r in runs:
         tally.runs += 1
         tally.codes[r.code] += 1
+        tally.seconds[f"{r.command.split()[0]} {'ok' if r.code == 0 else 'error'}"] += r.seconds
         if r.code == 0:
             tally.successes += 1
         elif r.code in CLEAN_CODES and not r.problems:
