@@ -50,6 +50,9 @@ from .train_losses import (
 
 log = logging.getLogger(__name__)
 
+#: held-out feeds for early stopping (every 4th calibration feed, capped: an evaluation runs them all)
+MAX_HELDOUT = 32
+
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                  "MatMulInteger", "DynamicQuantizeLinear"}
 
@@ -84,8 +87,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ data
     def split(self, feeds: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Every 4th feed held out (at most ``MAX_HELDOUT``: each evaluation runs them all), the rest trained on."""
         if len(feeds) >= 8:
-            return [f for i, f in enumerate(feeds) if i % 4 != 3], [f for i, f in enumerate(feeds) if i % 4 == 3]
+            held = [f for i, f in enumerate(feeds) if i % 4 == 3][:MAX_HELDOUT]
+            ids = {id(f) for f in held}
+            return [f for f in feeds if id(f) not in ids], held
         return feeds, feeds[: max(1, len(feeds) // 2)]
 
     def stackable(self, sess: Session, feed: dict) -> bool:
@@ -153,10 +159,10 @@ class Trainer:
         # to its own RMS (a 1e-3 relative change per step at lr=1e-3), so small biases and large kernels move alike
         scales = [max(float(p.detach().pow(2).mean().sqrt()), 1e-4) for p in params]
         opt = torch.optim.Adam([{"params": [p], "lr": opts.lr * s} for p, s in zip(params, scales, strict=True)])
+        t0, c0 = time.perf_counter(), time.process_time()  # the budget counts the held-out evaluations too
         start = held_loss()
         best, best_state, bad, stop = start, None, 0, "steps"
         history, train_losses, done = [(0, round(start, 6))], [], 0
-        t0, c0 = time.perf_counter(), time.process_time()
         last_eval = t0
         eval_every = max(1, min(opts.eval_every, steps))
         progress = getattr(self.ctx, "progress", None)
