@@ -89,7 +89,7 @@ TRAIN_GOAL = {"imagenet": 0.95, "cnn": 0.97, "minilm": 0.985, "macs": 0.5}
 #: the ``--train`` rows: every model with the closed-form refit and with training, same run, same feeds
 TRAIN_MODELS = ["ppocrv4_rec", "ppocrv4_det", "nudenet_320n", "ddddocr_det", "minilm_l3", "efficientnet_lite2"]
 #: the training variant (refit first, then train on the refit student within the time budget)
-TRAIN_DISTILL = "distill{{mode=refit+train max_minutes={minutes:g}}}"
+TRAIN_DISTILL = "distill{{mode={mode} max_minutes={minutes:g}}}"
 _MODE = re.compile(r"distill\{[^}]*mode=([a-z+]+)")
 MINILM_GOAL = {"removed": 0.30, "cosine": 0.98}
 
@@ -123,13 +123,13 @@ def variants(model: str, quick: bool = False) -> list[str]:
 
 
 def train_variants(model: str, minutes: float = 8.0, targets: tuple[float, ...] = (0.5,),
-                   refit: bool = True) -> list[str]:
+                   refit: bool = True, mode: str = "refit+train") -> list[str]:
     """The ``--train`` rows for one model: the cut, then closed-form ``distill`` and ``TRAIN_DISTILL``."""
     cuts = [MINILM_SPREAD] if model in TRANSFORMERS else [f"prune-channels{{target_macs={t}}}" for t in targets]
     out = []
     for c in cuts:
         out += ([f"cleanup,{c},distill"] if refit else []) + [
-            f"cleanup,{c},{TRAIN_DISTILL.format(minutes=minutes)}"]
+            f"cleanup,{c},{TRAIN_DISTILL.format(mode=mode, minutes=minutes)}"]
     return out
 
 
@@ -440,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run issue 11's rows (closed-form distill and distill{mode=refit+train max_minutes=M}) "
                     f"on --models (default {','.join(TRAIN_MODELS)}); with --merge added to the existing rows")
     ap.add_argument("--no-refit-rows", action="store_true", help="with --train: only the training rows")
+    ap.add_argument("--train-mode", default="refit+train", choices=["train", "refit+train"],
+                    help="with --train: the distill mode of the training rows")
+    ap.add_argument("--targets", default="0.5", help="with --train: comma-separated target_macs of the CNN rows")
     args = ap.parse_args(argv)
     if args.render:
         out = args.out or RESULTS
@@ -466,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     for name in names:
         if args.train:
-            pipelines = train_variants(name, args.train, refit=not args.no_refit_rows)
+            pipelines = train_variants(name, args.train, tuple(float(t) for t in args.targets.split(",")),
+                                       refit=not args.no_refit_rows, mode=args.train_mode)
         elif args.pipelines:
             pipelines = [p.strip() for p in args.pipelines.split(";") if p.strip()]
         else:
@@ -494,7 +498,25 @@ def write(out: Path, records: list[dict[str, Any]], meta: dict[str, Any]) -> Non
     rows = [r for rec in records for r in rows_of(rec)]
     (out / "prune.json").write_text(json.dumps({"meta": meta, "rows": rows, "records": records}, indent=1,
                                                default=_json_default))
-    (out / "prune.md").write_text(render(records, rows, meta))
+    (out / "prune.md").write_text(render(records, rows, meta) + render_chain(out / "distill_train.json"))
+
+
+def render_chain(path: Path) -> str:
+    """The rows of ``benchmarks.distill_train`` (refit and training from the same pruned student, one process)
+    beside this table, when that file exists next to prune.json."""
+    if not path.exists():
+        return ""
+    rows = json.loads(path.read_text()).get("rows", [])
+    lines = ["", "## Distillation by training: refit vs train from the same pruned student", "",
+             "From `benchmarks/results/distill_train.md` (`python -m benchmarks.distill_train`; one process per model, "
+             "same feeds; training changes values only, so MACs / size / latency are the pruned row's above). Goals "
+             f"(issue 11): ImageNet top-1 >= {TRAIN_GOAL['imagenet']}, large CNNs >= {TRAIN_GOAL['cnn']}, MiniLM "
+             f"cosine >= {TRAIN_GOAL['minilm']}.", "",
+             "| model | stage | MACs | metric | cos | wall s | cpu s | peak MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['stage']} | {r['macs_ratio']:.2f} | {r['metric_name']} {r['metric']:.3f} | "
+                     f"{r['cosine']:.4f} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['peak_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
