@@ -169,18 +169,20 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
         if rec.get("error"):
             lines.append(f"| **{rec['model']}** | error: {rec['error']} | | | | | | | | | | |")
             continue
-        lines.append(f"| **{rec['model']}** | FP32 vs FP32 | | | | | | | 1.00 | 1.00 | "
+        lines.append(f"| **{rec['model']}** | FP32 vs FP32 | | | | | | 1.00 | 1.00 | 1.00 | "
                      f"{_f(noise_band(rec), '{:.2f}')} | |")
         for r in (x for x in rows if x["model"] == rec["model"]):
             head = f"| | {r['cell']} | {r['score']} | {'yes' if r['distill'] else 'no'} |"
             if r.get("error"):
-                lines.append(f"{head} error: {r['error']} | | | | | | |")
+                lines.append(f"{head} error: {r['error']} | | | | | | | |")
                 continue
             lines.append(f"{head} {r['metric_name']} {_f(r['metric'])} | {_f(r['cosine'], '{:.4f}')} | "
                          f"{_f(r['sqnr_db'], '{:.1f}')} | {_f(r['size_ratio'], '{:.2f}')} | "
                          f"{_f(r['zip_ratio'], '{:.2f}')} | {_f(r['coo_ratio'], '{:.2f}')} | "
                          f"{_f(r['latency_ratio'], '{:.2f}')} | "
                          f"{_f(r['tool_s'], '{:.0f}')} |")
+    if meta.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]]
     lines += ["", f"Versions: {meta.get('versions')}. Total time {meta.get('seconds', 0):.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--merge", action="store_true", help="keep the other models' records of an existing JSON")
     ap.add_argument("--render", action="store_true", help="only rewrite the Markdown from the JSON")
+    ap.add_argument("--notes", type=Path, help="with --combine: a text file, one note per line, for the Markdown")
     ap.add_argument("--combine", help="comma-separated folders of earlier runs' prune_weights.json: merge their "
                                       "records (a model's variants from several runs side by side) into --out")
     args = ap.parse_args(argv)
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         records = combine([r["records"] for r in runs])
         meta = runs[0]["meta"] | {"args": " ; ".join(r["meta"].get("args", "") for r in runs),
                                   "seconds": sum(r["meta"].get("seconds", 0) for r in runs)}
+        if args.notes:
+            meta["notes"] = [x.strip() for x in args.notes.read_text().splitlines() if x.strip()]
         out.mkdir(parents=True, exist_ok=True)
         write(out, records, meta)
         return 0
