@@ -103,7 +103,8 @@ def to_markdown(rows: list[dict]) -> str:
              "bytes after/before (`·` = graph unchanged). Errors, timeouts and skip reasons are listed below "
              "the table.", "",
              "| model | " + " | ".join(passes) + " |", "|---|" + "---|" * len(passes)]
-    notes = []
+    notes: list[str] = []
+    silent: list[str] = []
     for r in rows:
         cells = []
         if "error" in r:
@@ -121,6 +122,8 @@ def to_markdown(rows: list[dict]) -> str:
                 cells.append("=" if e.get("modified") else "=·")
             elif not e.get("modified"):
                 cells.append("·")
+                if not e.get("skips"):
+                    silent.append(f"{r['model']} / {p}")
             else:
                 cos = e.get("cosine")
                 cells.append(f"{cos:.4f}, {e.get('bytes_ratio', 1):.2f}x" if cos is not None else
@@ -128,7 +131,11 @@ def to_markdown(rows: list[dict]) -> str:
             if e is not None and e.get("skips"):
                 notes.append(f"- {r['model']} / {p} skipped: " + "; ".join(e["skips"][:4]))
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + ["", "## Errors, timeouts, skip reasons", ""] + (notes or ["none"])) + "\n"
+    tail = ["", "## Lossy passes that left the graph unchanged without a reason in their stats", "",
+            "With default options `prune-channels` (ratio 0, no target) and `distill` (refits changed layers only) "
+            "are no-ops on their own by design; the others below did nothing and did not say why.", ""]
+    tail += [f"- {x}" for x in silent] or ["none"]
+    return "\n".join(lines + ["", "## Errors, timeouts, skip reasons", ""] + (notes or ["none"]) + tail) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
