@@ -62,7 +62,7 @@ def _pass_names() -> list[str]:
     return list(registered_passes())
 
 
-def _run_corpus(tmp_path, every_pass: bool) -> None:
+def _run_corpus(tmp_path, capsys, every_pass: bool) -> None:
     cases = generate_cases(SEED)
     assert len(cases) >= 300
     names = _pass_names()
@@ -83,23 +83,24 @@ def _run_corpus(tmp_path, every_pass: bool) -> None:
                     r.problems = []  # counted apart, below
                 kept.append(r)
             runner.add(tally, kept)
-    print(f"\nfuzz ({'every pass' if every_pass else 'passes rotated'} over {len(names)} registered, "
-          f"{time.perf_counter() - t0:.0f} s): " + tally.line())
-    print(f"fuzz: {sum(known.values())} runs hit known bugs (strict xfail tests below): {known}")
-    for r in tally.misses[:40]:
-        print("  MISS " + runner.describe(r))
+    with capsys.disabled():  # the tally is printed in every run, not only with -s
+        print(f"\nfuzz ({'every pass' if every_pass else 'passes rotated'} over {len(names)} registered, "
+              f"{time.perf_counter() - t0:.0f} s): " + tally.line())
+        print(f"fuzz: {sum(known.values())} runs hit known bugs (strict xfail tests): {known}")
+        for r in tally.misses[:40]:
+            print("  MISS " + runner.describe(r))
     assert tally.cases == len(cases)
     assert not tally.misses, f"{len(tally.misses)} misses; first: {runner.describe(tally.misses[0])}"
     assert tally.tracebacks == tally.internal_errors == tally.modified_inputs == tally.leftovers == 0
 
 
-def test_fuzz_corpus_every_command(tmp_path):
-    _run_corpus(tmp_path, every_pass=False)
+def test_fuzz_corpus_every_command(tmp_path, capsys):
+    _run_corpus(tmp_path, capsys, every_pass=False)
 
 
 @pytest.mark.slow
-def test_fuzz_corpus_every_command_every_pass(tmp_path):
-    _run_corpus(tmp_path, every_pass=True)
+def test_fuzz_corpus_every_command_every_pass(tmp_path, capsys):
+    _run_corpus(tmp_path, capsys, every_pass=True)
 
 
 @pytest.mark.parametrize("bug", [pytest.param(b, id=b.key, marks=pytest.mark.xfail(strict=True, reason=
