@@ -356,8 +356,12 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "# int8 on thin margins (issue 12)",
         "",
         "Written by `python -m benchmarks.int8_margins` (module docstring: inputs, variants). Latency: 1 thread, "
-        "interleaved with FP32 in one call, on the first feed of the first set; SQNR / cosine: the worst float output "
-        "(MiniLM: the sentence embedding) against FP32 on the same feeds; bytes: initializers.",
+        "interleaved with FP32 in one call per run (rows from different runs: different calls; the machine was shared, "
+        "so ratios move by ~0.05), on the first feed of the first set; SQNR: the worst float output (MiniLM: the "
+        "sentence embedding) against FP32 over the set; cosine: the lowest per-feed cosine (a near-empty detection "
+        "map makes it small); bytes: initializers; `code at`: the commit the first rows of a model ran at; the `before` and `default` rows "
+        "ran at e6b2c43 or later (ddddocr_det's `default` at edbe659, the greedy float set); `rounding-auto` is the "
+        "interim default that tried optimised rounding on every model. Variants: module docstring.",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
         "",
