@@ -13,6 +13,7 @@ Inputs per model (calibration and evaluation from disjoint seeds):
   model's own exact match is about one half, so its logits' margins are thin. Calibration: half easy, half hard.
 * **MiniLM-L3**: the harness's sentences and **long inputs** (``long_sentences``): 4-8 consecutive sentences in one
   feed, up to 128 tokens. Calibration: half each.
+* EfficientNet-Lite2 (ImageNet): the harness's photo crops at several scales (``benchmarks.imagenet``).
 * det / nudenet / ddddocr_det: the harness's inputs.
 
 Per evaluation set and variant: the model's task metric (``ModelSpec.evaluate``: string agreement / CER for rec, box
@@ -48,7 +49,7 @@ from benchmarks.spec import Feed, ModelSpec, Outputs
 
 log = logging.getLogger("benchmarks.int8_margins")
 
-MODELS = ["ppocrv4_rec", "minilm_l3", "nudenet_320n", "ddddocr_det", "ppocrv4_det"]
+MODELS = ["ppocrv4_rec", "minilm_l3", "nudenet_320n", "ddddocr_det", "ppocrv4_det", "efficientnet_lite2"]
 VARIANTS: dict[str, str] = {
     "before": "cleanup,quantize{weight_rounding=nearest auto_float_cost_per_db=inf}",
     "nearest": "cleanup,quantize{weight_rounding=nearest}",
@@ -59,8 +60,10 @@ VARIANTS: dict[str, str] = {
     "ort_minmax": "ort",
 }
 #: calibration / evaluation feeds per set (2 shared cores: modest counts)
-N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16}
-N_EVAL = {"ppocrv4_rec": 64, "minilm_l3": 48, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 12}
+N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16,
+           "efficientnet_lite2": 32}
+N_EVAL = {"ppocrv4_rec": 64, "minilm_l3": 48, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 12,
+          "efficientnet_lite2": 64}
 #: the embedding output of paraphrase-MiniLM-L3 (speech_text.L3_EMBEDDING_OUTPUT)
 MINILM_L3_EMBEDDING = 3
 
