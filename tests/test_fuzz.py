@@ -109,7 +109,7 @@ def test_fuzz_corpus_every_command_every_pass(tmp_path, capsys):
 def test_fuzz_known_bug_still_present(bug, tmp_path):
     case = next(c for c in generate_cases(SEED) if c.id == bug.example)
     with runner.fuzz_environment(tmp_path / "tmp"):
-        runs = runner.run_case(case, tmp_path / "case", _pass_names(), tmp_path / "tmp")
+        runs = runner.run_case(case, tmp_path / "case", _pass_names()[:1], tmp_path / "tmp")
     bad = [runner.describe(r) for r in runs if r.problems]
     assert not bad, "\n".join(bad)
 
