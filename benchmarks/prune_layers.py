@@ -10,7 +10,7 @@ Every variant is an ``ours:<pipeline>`` method of the benchmark harness (``bench
 in its own subprocess, measured on the model's evaluation inputs (disjoint from calibration) against FP32 with the
 model's task metric and the worst-output cosine, and timed at 1 intra-op thread interleaved with FP32 in one latency
 call (an ``fp32`` row gives that call's noise band). *units removed* is counted on the written model: the FP32
-model's removable units (``describe_units``, kinds of the pass's default) none of whose nodes is left, not counting
+model's removable units (``describe_units``, every kind but noop) none of whose nodes is left, not counting
 units inside another removed one.
 
 Variants (``variants``): MiniLM (post-LN BERT): ``prune-layers{layers=k kinds=[transformer]}`` for k = 1, 2 (L3,
@@ -90,14 +90,14 @@ def describe(pipeline: str) -> dict[str, Any]:
 
 
 def units_removed(fp32: Path, cand: Path) -> int | None:
-    """Maximal FP32 units (default kinds) whose nodes are all gone from ``cand``."""
+    """Maximal FP32 units (any kind but noop) whose nodes are all gone from ``cand`` (a removed transformer layer
+    counts once, not with its attention and FFN sub-blocks)."""
     import onnx
 
     from onnxcompress.analyses.blocks import describe_units
 
     try:
-        units = [u for u in describe_units(onnx.load(fp32)) if u["removable"] and u["kind"] in (
-            "residual", "transformer", "stage")]
+        units = [u for u in describe_units(onnx.load(fp32)) if u["removable"] and u["kind"] != "noop"]
         left = {n.name for n in onnx.load(cand, load_external_data=False).graph.node}
     except Exception as exc:  # the count is informational
         log.warning("units_removed: %s", exc)
