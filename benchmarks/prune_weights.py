@@ -50,6 +50,7 @@ GOAL = {"unstructured_0.5": 0.99, "2:4": 0.98}
 _SPARSITY = re.compile(r"sparsity=([0-9.]+)")
 _PATTERN = re.compile(r"pattern=(\d+:\d+)")
 _SCORE = re.compile(r"score=(\w+)")
+_ALLOCATION = re.compile(r"allocation=(\w+)")
 
 
 def variants(sparsities: list[float], patterns: list[str], scores: list[str], distill_scores: list[str],
@@ -71,9 +72,11 @@ def describe(pipeline: str) -> dict[str, Any]:
     sp = _SPARSITY.findall(pipeline)
     pat = _PATTERN.findall(pipeline)
     score = _SCORE.findall(pipeline)
+    alloc = _ALLOCATION.findall(pipeline)
     cell = pat[0] if pat else f"{float(sp[0]) if sp else 0.5:g}"
     return {"cell": cell, "score": score[0] if score else "auto", "distill": "distill" in pipeline,
-            "storage": "auto" if "storage=auto" in pipeline else "dense"}
+            "storage": "auto" if "storage=auto" in pipeline else "dense",
+            "allocation": alloc[0] if alloc else ("uniform" if pat else "auto")}
 
 
 def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -113,7 +116,7 @@ def goal(row: dict[str, Any]) -> bool | None:
 def obs_beats_magnitude(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (model, cell, distill): obs's metric against magnitude's (None where one is missing)."""
     by = {(r["model"], r["cell"], r["distill"], r["score"]): r for r in rows
-          if r.get("storage") == "dense" and not r.get("error")}
+          if r.get("storage") == "dense" and r.get("allocation", "uniform") == "uniform" and not r.get("error")}
     out = []
     for (model, cell, dist, score), r in by.items():
         if score != "obs":
@@ -155,7 +158,8 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
     for r in rows:
         g = goal(r)
         if g is not None:
-            lines.append(f"| {r['model']} | {r['cell']} | {'yes' if r['distill'] else 'no'} | "
+            alloc = "" if r.get("allocation", "uniform") == "uniform" else f" ({r['allocation']})"
+            lines.append(f"| {r['model']} | {r['cell']}{alloc} | {'yes' if r['distill'] else 'no'} | "
                          f"{r['metric_name']} {_f(r['metric'])} | {'met' if g else 'not met'} |")
     lines += ["", "obs against magnitude at the same cell:", "", "| model | cell | distill | obs | magnitude | "
               "obs better |", "|---|---|---|---|---|---|"]
@@ -172,7 +176,8 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
         lines.append(f"| **{rec['model']}** | FP32 vs FP32 | | | | | | 1.00 | 1.00 | 1.00 | "
                      f"{_f(noise_band(rec), '{:.2f}')} | |")
         for r in (x for x in rows if x["model"] == rec["model"]):
-            head = f"| | {r['cell']} | {r['score']} | {'yes' if r['distill'] else 'no'} |"
+            alloc = "" if r.get("allocation", "uniform") == "uniform" else f" ({r['allocation']})"
+            head = f"| | {r['cell']} | {r['score']}{alloc} | {'yes' if r['distill'] else 'no'} |"
             if r.get("error"):
                 lines.append(f"{head} error: {r['error']} | | | | | | | |")
                 continue

@@ -89,7 +89,7 @@ def _stats(result) -> dict:
 def test_sparsity_reached_per_tensor_within_one_element(score, scope):
     for model in (_mlp(), _cnn()):
         feeds = _feeds(model)
-        res = _run(model, f"prune-weights{{sparsity=0.37 score={score} scope={scope} {ALL}}}", feeds)
+        res = _run(model, f"prune-weights{{sparsity=0.37 score={score} scope={scope} allocation=uniform {ALL}}}", feeds)
         st_ = _stats(res)
         after = _weights(res.model)
         assert st_["tensors_pruned"] >= 3
@@ -195,7 +195,7 @@ def _exposed(model, feeds, name) -> np.ndarray:
 def test_wanda_scores_equal_a_numpy_reference_from_exposed_activations():
     model = _mlp()
     feeds = _feeds(model, 8)
-    res = _run(model, f"prune-weights{{score=wanda sparsity=0.5 scope=row {ALL}}}", feeds)
+    res = _run(model, f"prune-weights{{score=wanda sparsity=0.5 scope=row allocation=uniform {ALL}}}", feeds)
     after, before = _weights(res.model), _weights(model)
     for name, x_name, view in (("w1", "x", lambda w: w.T), ("w2", "r1", lambda w: w), ("w3", "r2", lambda w: w.T)):
         x = _exposed(model, feeds, x_name).reshape(-1, view(before[name]).shape[1])
@@ -209,7 +209,7 @@ def test_wanda_scores_equal_a_numpy_reference_from_exposed_activations():
 def test_conv_gram_equals_im2col_reference_and_drives_wanda():
     model = _cnn()
     feeds = _feeds(model, 3)
-    res = _run(model, f"prune-weights{{score=wanda sparsity=0.5 scope=layer rows_per_feed=100000 {ALL}}}",
+    res = _run(model, f"prune-weights{{score=wanda sparsity=0.5 scope=layer allocation=uniform rows_per_feed=100000 {ALL}}}",
                feeds)
     x = _exposed(model, feeds, "x").reshape(-1, 4, 8, 8)  # conv1 input
     xp = np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)])
@@ -228,7 +228,7 @@ def test_obs_update_lowers_the_layer_calibration_error_against_magnitude_at_the_
     mix = rng.standard_normal((4, 16))  # correlated inputs (few directions + noise), as real activations are
     feeds = [{"x": (rng.standard_normal((6, 4)) @ mix + 0.1 * rng.standard_normal((6, 16))).astype(np.float32)}
              for _ in range(12)]
-    res = _run(model, f"prune-weights{{score=obs sparsity=0.5 {ALL}}}", feeds)
+    res = _run(model, f"prune-weights{{score=obs sparsity=0.5 allocation=uniform {ALL}}}", feeds)
     st_ = _stats(res)
     for row in st_["tensors"].values():
         assert row["err_after"] < row["err_before"]
@@ -237,8 +237,8 @@ def test_obs_update_lowers_the_layer_calibration_error_against_magnitude_at_the_
     obs_w1 = _weights(res.model)["w1"]
     orig = _weights(model)["w1"]
     masked = np.where(obs_w1 == 0, 0.0, orig).astype(np.float32)
-    mag = _run(model, "prune-weights{score=magnitude sparsity=0.5 keep_first_last=false min_params=0 "
-                      "exclude=[w2,w3]}", feeds)
+    mag = _run(model, "prune-weights{score=magnitude sparsity=0.5 allocation=uniform keep_first_last=false "
+                      "min_params=0 exclude=[w2,w3]}", feeds)
     errors = {}
     for label, w in (("obs", obs_w1), ("same mask", masked), ("magnitude", _weights(mag.model)["w1"])):
         m = onnx.ModelProto()
@@ -353,8 +353,11 @@ def test_data_scores_without_calibration_are_bad_input_before_any_pass_runs(opti
     model = _mlp()
     with pytest.raises(BadInputError, match="calibration"):
         PassManager(parse_pipeline(f"strip-metadata,prune-weights{{{options}}}")).run(model, PassContext())
-    res = _run(model, f"prune-weights{{{ALL}}}")  # score=auto without data: magnitude
-    assert _stats(res)["score"] == "magnitude"
+    res = _run(model, f"prune-weights{{{ALL}}}")  # score=auto without data: magnitude, uniform
+    assert _stats(res)["score"] == "magnitude" and _stats(res)["allocation"] == "uniform"
+    res = _run(model, f"prune-weights{{{ALL}}}", _feeds(model))  # with data: obs, sensitivity
+    assert _stats(res)["score"] == "obs" and _stats(res)["allocation"] == "sensitivity"
+    assert "sensitivity_curves" in _stats(res)
 
 
 # ---------------------------------------------------------------------------------------- composition
@@ -363,9 +366,9 @@ def test_distill_after_prune_weights_keeps_the_zeros_and_lowers_the_error():
     digits = onnx.load(DIGITS)
     val = np.load(ROOT / "models" / "digits_val.npz")["image"][:64]
     ctx = PassContext(calibration=load_feeds(str(CALIB), digits))
-    pruned = PassManager(parse_pipeline("prune-weights{score=magnitude sparsity=0.6}")).run(digits, ctx).model
+    pruned = PassManager(parse_pipeline("prune-weights{score=magnitude sparsity=0.6 allocation=uniform}")).run(digits, ctx).model
     ctx = PassContext(calibration=load_feeds(str(CALIB), digits))
-    both = PassManager(parse_pipeline("prune-weights{score=magnitude sparsity=0.6},distill{samples=48}")).run(
+    both = PassManager(parse_pipeline("prune-weights{score=magnitude sparsity=0.6 allocation=uniform},distill{samples=48}")).run(
         digits, ctx)
     p, d = _weights(pruned), _weights(both.model)
     changed = [n for n in p if p[n].ndim >= 2 and np.mean(p[n] == 0) > 0.5]
