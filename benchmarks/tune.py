@@ -29,6 +29,7 @@ import argparse
 import heapq
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -175,6 +176,7 @@ def scaling(name: str, args) -> dict[str, Any]:
         out[f"trial_seconds_{workers}"] = [r["seconds"] for r in res.records]
         out[f"pipelines_{workers}"] = [r["pipeline"] for r in res.records]
     out["ratio"] = out["wall_1"] / out["wall_2"]
+    out["loadavg"] = list(os.getloadavg())  # what else the 2 cores were running (1, 5, 15 min)
     per = out["trial_seconds_1"]
     out["projected"] = {n: project(per, n) for n in (1, 2, 4, 8, 16)}
     return out
@@ -217,12 +219,17 @@ def render(data: dict[str, Any]) -> str:
                   f"{_fmt(t['values'].get('size'), 2)} | {_fmt(t['values'].get('metric'))} | {t['seconds']:.0f} | "
                   f"`{t['pipeline']}`{' ' + t['error'] if t.get('error') else ''} |" for t in m["trials"]]
         lines += ["", "</details>", ""]
+    if data.get("notes"):
+        lines += ["## What this run shows", ""] + [f"- {n}" for n in data["notes"]] + [""]
     s = data.get("scaling")
     if s:
         lines += ["## 1 vs 2 workers", "",
                   f"{s['model']}, {s['trials']} trials of `--sampler cheap` over `{s['space']}`, fresh journal each: "
                   f"1 worker {s['wall_1']:.0f} s, 2 workers {s['wall_2']:.0f} s: **{s['ratio']:.2f}x** (goal >= "
-                  "1.8x). Measured late in the session on 2 cores shared with other jobs.", "",
+                  "1.8x). Measured late in the session on 2 cores shared with other jobs"
+                  + (f" (load average {', '.join(f'{x:.1f}' for x in s['loadavg'])} over 1/5/15 min at its end: the "
+                     "second worker mostly took CPU from other jobs, not from an idle core)" if s.get("loadavg")
+                     else "") + ".", "",
                   "Per-trial seconds (1 worker): " + ", ".join(f"{x:.0f}" for x in s["trial_seconds_1"]), "",
                   "| workers | projected wall s |", "|---|---|"]
         lines += [f"| {n} | {t:.0f} |" for n, t in s["projected"].items()]
