@@ -185,7 +185,7 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
         if rec.get("error"):
             head = f"| **{rec['model']}** | error: {rec['error']} | | | | | | | | | |"
         lines.append(head)
-        for r in (x for x in rows if x["model"] == rec["model"]):
+        for r in rows_of(rec):  # a model may have several records (runs): each with its own FP32 call
             if r.get("error"):
                 lines.append(f"| | {r['label']} | {'yes' if r['distill'] else 'no'} | error: {r['error'][:200]} "
                              "| | | | | | | |")
