@@ -197,6 +197,8 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
                 f"{_f(r.get('size_ratio'), '{:.2f}')} | "
                 f"{r.get('metric_name')} {_f(r.get('metric'))} | {truth} | {_f(r.get('cosine'), '{:.4f}')} | "
                 f"{_f(r.get('tool_s'), '{:.0f}')} |")
+    if meta.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]]
     lines += ["", f"Versions: {meta.get('versions')}. Total time {meta.get('seconds', 0):.0f} s."]
     return "\n".join(lines) + "\n"
 
