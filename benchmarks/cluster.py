@@ -129,6 +129,7 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
         "after load + 3 runs, vs FP32's (the codebook decode is constant-folded at load, so the session holds float "
         "weights). latency: 1 thread, interleaved with FP32 (fp32 vs fp32 noise band in brackets). metric: the "
         "model's task metric against FP32's outputs (1.0 = identical).", "",
+        *[f"Note: {n}" for n in meta.get("notes", [])], *([""] if meta.get("notes") else []),
         f"Goals: 4-bit cluster (+refit) >= {GOAL_METRIC} of FP32 on every model: "
         f"**{'met' if g['cluster4_goal'] else 'not met'}** (best 4-bit per model: "
         + ", ".join(f"{m} {v:.3f}" for m, v in g["cluster4_best_metric"].items()) + "). "
