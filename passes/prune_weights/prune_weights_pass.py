@@ -10,7 +10,7 @@ V [outputs, reduction]:
 2. zero counts per tensor (``allocation``): ``uniform`` round(sparsity · size) each; ``global`` one threshold over
    the scores made comparable across layers; ``sensitivity`` from each layer's measured output-error curve
    (``sensitivity``); ``auto`` = sensitivity with calibration data, else uniform (measured at 50% obs on
-   ``benchmarks/prune_weights.py``: MiniLM-L3 cosine 0.959 -> 0.972, nudenet box F1 0.626 -> 0.793); N:M patterns
+   ``benchmarks/prune_weights.py``: MiniLM-L3 cosine 0.959 -> 0.972, nudenet box F1 0.626 -> 0.793, ddddocr_det 0.939 -> 0.989); N:M patterns
    fix the count at (M - N) / M of every tensor;
    ``score=auto`` is obs with calibration data, else magnitude (measured: obs beat magnitude, and wanda where it
    ran, in every model and cell of the benchmark);
@@ -71,7 +71,8 @@ class PruneWeights(Pass):
     score: str = option("auto", "auto (obs with calibration data, else magnitude), magnitude (|w|), wanda "
                                 "(|w|*||x||), obs (SparseGPT: OBS saliency and update of the remaining weights)")
     allocation: str = option("auto", "auto (sensitivity with calibration data, else uniform; measured at 50% obs: "
-                                     "MiniLM-L3 cosine 0.959 -> 0.972, nudenet box F1 0.626 -> 0.793), uniform "
+                                     "MiniLM-L3 cosine 0.959 -> 0.972, nudenet box F1 0.626 -> 0.793, ddddocr_det "
+                                     "0.939 -> 0.989), uniform "
                                      "(every tensor at sparsity), global (one threshold over scores made comparable "
                                      "across layers), sensitivity (per-layer sparsity from measured output-error "
                                      "curves; needs data)")
