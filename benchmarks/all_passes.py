@@ -165,8 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in json.loads(Path(extra).read_text()):
             old = rows.get(r["model"], {"model": r["model"], "passes": {}})
             if "passes" in r:
+                # a measured result is never replaced by a timeout/error of another run
+                merged = dict(old.get("passes", {}))
+                for p, e in r["passes"].items():
+                    if p not in merged or e["status"] not in ("timeout", "error") or \
+                            merged[p]["status"] in ("timeout", "error"):
+                        merged[p] = e
                 old = {**{k: v for k, v in old.items() if k != "error"}, **{k: v for k, v in r.items() if k != "passes"},
-                       "passes": {**old.get("passes", {}), **r["passes"]}}
+                       "passes": merged}
             rows[r["model"]] = old
         json_path.write_text(json.dumps(list(rows.values()), indent=2, default=str))
     if not args.render:
