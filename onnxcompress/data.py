@@ -96,6 +96,9 @@ def check_feed(feed: Feed, inputs: list[InputSpec], where: str = "feed") -> Feed
                     f"{where}: input {spec.name!r} has shape {list(arr.shape)}, the model expects "
                     f"{_fmt_shape(spec.shape)} (axis {axis})"
                 )
+        if arr.ndim and 0 in arr.shape:
+            raise BadInputError(f"{where}: input {spec.name!r} has a zero-size axis {list(arr.shape)}: a sample "
+                                "must hold data")
         if np.issubdtype(arr.dtype, np.floating) and arr.size:
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             if bad:
@@ -180,6 +183,28 @@ def _npz_feeds(path: Path, inputs: list[InputSpec]) -> FeedSet:
     return FeedSet(gen, inputs, str(path), n)
 
 
+def _np_load(f: Path, what: str = "calibration data"):
+    """``np.load`` without pickles; a file numpy cannot read (garbage, a pickled object array) is bad input."""
+    try:
+        return np.load(f, allow_pickle=False)
+    except Exception as exc:  # ValueError (pickled objects), OSError / BadZipFile / EOFError (garbage)
+        raise BadInputError(f"{what} {f}: not a readable .npz/.npy file without pickles "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _npz_items(f: Path) -> Feed:
+    z = _np_load(f)
+    try:
+        return {k: z[k] for k in z.files}
+    except BadInputError:
+        raise
+    except Exception as exc:
+        raise BadInputError(f"calibration data {f}: an array cannot be read without pickles "
+                            f"({type(exc).__name__})") from None
+    finally:
+        z.close()
+
+
 def _folder_feeds(path: Path, inputs: list[InputSpec]) -> FeedSet:
     npz = sorted(path.glob("*.npz"))
     npy = sorted(path.glob("*.npy"))
@@ -188,8 +213,7 @@ def _folder_feeds(path: Path, inputs: list[InputSpec]) -> FeedSet:
 
         def gen() -> Iterator[Feed]:
             for f in files:
-                with np.load(f, allow_pickle=False) as z:
-                    yield {k: z[k] for k in z.files}
+                yield _npz_items(f)
 
         return FeedSet(gen, inputs, str(path), len(files))
     if npy:
@@ -199,7 +223,7 @@ def _folder_feeds(path: Path, inputs: list[InputSpec]) -> FeedSet:
 
         def gen_npy() -> Iterator[Feed]:
             for f in npy:
-                yield {name: np.load(f, allow_pickle=False)}
+                yield {name: _np_load(f)}
 
         return FeedSet(gen_npy, inputs, str(path), len(npy))
     raise BadInputError(f"{path}: folder has no .npz or .npy files")
@@ -221,7 +245,7 @@ def load_feeds(source: str | Path | Iterable[Feed] | FeedSet | None, model: onnx
         if p.suffix == ".npz":
             return _npz_feeds(p, inputs)
         if p.suffix == ".npy" and len(inputs) == 1:
-            arr = np.load(p, allow_pickle=False)
+            arr = _np_load(p)
             return load_feeds([{inputs[0].name: a[None] if arr.ndim == len(inputs[0].shape) else a} for a in arr], model)
         raise BadInputError(f"calibration data {p}: expected a .npz file or a folder of .npz/.npy files")
     if callable(source):

@@ -41,16 +41,6 @@ KNOWN_BUGS = [
              "input); compress refuses the same file with exit 2",
              lambda r: r.command == "validate" and r.code == 4 and "cannot load" in r.stderr,
              "mlp-cycle"),
-    KnownBug("data-folder-load-unwrapped", "onnxcompress/data.py",
-             "a folder of feeds (or a .npy file) whose file is garbage or holds a pickled object array raises a "
-             "raw numpy ValueError: internal error (exit 1) instead of a bad-input error",
-             _cases("data-folder-bad-npz", "data-folder-npz-pickled", "data-folder-npy-garbage",
-                    "data-object-npy-pickled"),
-             "data-folder-npz-pickled"),
-    KnownBug("data-zero-size-sample", "onnxcompress/data.py",
-             "samples with a zero-size batch axis are accepted as calibration/validation data (compress and "
-             "validate succeed on no data; prune-weights then fails with exit 3)",
-             _cases("data-zero-batch-per-sample"), "data-zero-batch-per-sample"),
 ]
 
 
