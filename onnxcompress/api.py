@@ -43,13 +43,13 @@ log = logging.getLogger(__name__)
 FeedSource = str | Path | Mapping[str, Any] | Iterable[Feed] | Callable | FeedSet | None
 
 
-def _check_loads(model: onnx.ModelProto) -> None:
-    """The input must itself run in ORT (unknown ops, broken graphs): say so before any pass runs."""
+def check_loads(model: onnx.ModelProto, what: str = "input model") -> None:
+    """The input must itself run in ORT (unknown ops, broken graphs): say so before any work (BadInputError)."""
     from onnxcompress.errors import BadInputError, ValidationError
     from onnxcompress.runtime import Session
 
     try:
-        with Session(model, optimize=False, what="input model"):
+        with Session(model, optimize=False, what=what):
             pass
     except ValidationError as exc:
         raise BadInputError(str(exc)) from None
@@ -136,7 +136,7 @@ def compress(
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
     proto = model if isinstance(model, onnx.ModelProto) else io.read_model(model)
     pass_list = resolve_passes(passes)
-    _check_loads(proto)
+    check_loads(proto)
     calib = feeds_from_any(calibration, proto, preprocess, tokenizer, max_length)
     valid = feeds_from_any(validation, proto, preprocess, tokenizer, max_length) if validation is not None else calib
     made_up_notes: list[str] = []

@@ -204,6 +204,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """``onnxcompress validate``: fidelity, size and latency of model B against model A on the same feeds."""
+    from onnxcompress.api import check_loads
     from onnxcompress.data_sources import feeds_from_any
     from onnxcompress.latency import measure_latency
     from onnxcompress.report import fmt_metric
@@ -211,6 +212,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from onnxcompress.validate import compare_models, structural_problems
 
     a, b = io.read_model(args.a), io.read_model(args.b)
+    check_loads(a, f"model {args.a}")  # a model ORT cannot load is bad input (exit 2), as compress says too
+    check_loads(b, f"model {args.b}")
     notes: list[str] = []
     if args.data:
         feeds = feeds_from_any(args.data, a, args.preprocess, args.tokenizer, args.max_length)

@@ -36,11 +36,6 @@ def _cases(*ids: str) -> Callable[[runner.Run], bool]:
 
 
 KNOWN_BUGS = [
-    KnownBug("validate-unloadable-model-exit-4", "onnxcompress/cli.py, onnxcompress/validate.py",
-             "`validate A B` with a model onnxruntime cannot load exits 4 (validation failure) instead of 2 (bad "
-             "input); compress refuses the same file with exit 2",
-             lambda r: r.command == "validate" and r.code == 4 and "cannot load" in r.stderr,
-             "mlp-cycle"),
 ]
 
 
