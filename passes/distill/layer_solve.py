@@ -88,7 +88,7 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
     b_cur = _bias_vector(L, wm.shape[1]) if has_bias else None
     wb_cur = np.concatenate([wm, b_cur[None, :]], axis=0) if has_bias else wm
     mask = None
-    if np.mean(wm == 0) > 0.2:  # sparse weights: keep the support
+    if np.any(wm == 0):  # pruned weights (any exact zero): keep the support, the zeros stay zeros
         mask = np.concatenate([wm != 0, np.ones((1, wm.shape[1]), bool)], axis=0) if has_bias else wm != 0
     ridge_used = select_ridge(st, hold, ridge, has_bias, wb_cur, mask) if choose_ridge else ridge
     if ridge_used is None:
