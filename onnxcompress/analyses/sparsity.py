@@ -81,7 +81,7 @@ def nm_pattern(values: np.ndarray, axis: int) -> str | None:
     return None
 
 
-def _dense_of_sparse(sp: onnx.SparseTensorProto) -> np.ndarray:
+def dense_of_sparse(sp: onnx.SparseTensorProto) -> np.ndarray:
     vals = numpy_helper.to_array(sp.values)
     idx = numpy_helper.to_array(sp.indices).astype(np.int64)
     dims = tuple(sp.dims)
@@ -108,7 +108,7 @@ def sparsity_table(model: onnx.ModelProto, min_elements: int = 1) -> list[Tensor
         axes = _reduction_axes(g)
         found = [(t.name, numpy_helper.to_array(t), "dense") for t in g.initializer
                  if t.data_location != onnx.TensorProto.EXTERNAL or t.raw_data]
-        found += [(sp.values.name, _dense_of_sparse(sp), "sparse_initializer") for sp in g.sparse_initializer]
+        found += [(sp.values.name, dense_of_sparse(sp), "sparse_initializer") for sp in g.sparse_initializer]
         for node in g.node:
             if node.op_type != "Constant" or not node.output:
                 continue
@@ -116,7 +116,7 @@ def sparsity_table(model: onnx.ModelProto, min_elements: int = 1) -> list[Tensor
                 if a.name == "value":
                     found.append((node.output[0], numpy_helper.to_array(a.t), "constant"))
                 elif a.name == "sparse_value":
-                    found.append((node.output[0], _dense_of_sparse(a.sparse_tensor), "constant_sparse"))
+                    found.append((node.output[0], dense_of_sparse(a.sparse_tensor), "constant_sparse"))
         for name, values, storage in found:
             e = _entry(name, values, storage, axes)
             if e is not None and e.elements >= min_elements:

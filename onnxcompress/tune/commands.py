@@ -20,11 +20,9 @@ from onnxcompress.errors import BadInputError
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)))
+    from onnxcompress.cli_inspect import print_table
+
+    print_table(header, rows)
 
 
 def _dims(items: list[str] | None) -> dict[str, int]:

@@ -48,14 +48,9 @@ def coo_bytes(values: np.ndarray) -> int:
 
 def densify(sp: onnx.SparseTensorProto) -> np.ndarray:
     """The dense array of a COO ``SparseTensorProto`` (1-D linear or 2-D coordinate indices)."""
-    vals = numpy_helper.to_array(sp.values)
-    idx = numpy_helper.to_array(sp.indices).astype(np.int64)
-    dims = tuple(sp.dims)
-    out = np.zeros(int(np.prod(dims)), dtype=vals.dtype)
-    if idx.ndim == 2:
-        idx = np.ravel_multi_index(tuple(idx.T), dims)
-    out[idx] = vals
-    return out.reshape(dims)
+    from onnxcompress.analyses.sparsity import dense_of_sparse
+
+    return dense_of_sparse(sp)
 
 
 def store_sparse(graph: gs.Graph, consts: list[gs.Constant], mode: str) -> dict[str, int]:
