@@ -8,7 +8,6 @@ import itertools
 import numpy as np
 import onnx
 import pytest
-from onnxcompress.passes.prune_layers.trials import output_error
 
 from onnxcompress import io
 from onnxcompress.analyses.blocks_graph import bypass_model
@@ -17,6 +16,7 @@ from onnxcompress.data import load_feeds
 from onnxcompress.errors import BadInputError
 from onnxcompress.latency_profile import LatencyProfile
 from onnxcompress.manager import PassManager
+from onnxcompress.output_error import relative_output_error as output_error
 from onnxcompress.pipeline import parse_pipeline
 from tests.conftest import ort_run
 from tests.test_blocks import noop_model, plain_chain, residual_cnn, transformer

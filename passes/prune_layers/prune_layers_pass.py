@@ -48,9 +48,10 @@ from onnxcompress.analyses.blocks import (
 from onnxcompress.analyses.blocks_graph import bypass_graph, bypass_model
 from onnxcompress.context import PassContext
 from onnxcompress.errors import BadInputError, PassError
+from onnxcompress.output_error import relative_output_error as output_error
 from onnxcompress.pass_base import Pass, PassResult, option, register
 
-from .trials import batch_feeds, block_influence, latency_ratio, output_cosine, output_error, run_outputs
+from .trials import batch_feeds, block_influence, latency_ratio, output_cosine, run_outputs
 
 log = logging.getLogger(__name__)
 

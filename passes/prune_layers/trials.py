@@ -1,10 +1,8 @@
 """Measurements of ``prune-layers``: output change of single-unit bypass trials, the block-influence proxy, latency.
 
-Output change of a trial (``output_error``), against the outputs y0 of the model the pass received, summed over the
-calibration feeds: per floating output the relative squared error sum ||y - y0||^2 / sum ||y0||^2; outputs of rank
->= 3 are measured per feature along their smallest non-batch axis of size > 1 (a detector's [1, 4+C, A]: box
-coordinates and class scores count alike), each feature's energy floored at 1e-6 of the mean; the mean over
-outputs. ``output_cosine``: the worst output's cosine <y, y0> / (||y|| ||y0||) over all feeds (``min_fidelity``).
+Output change of a trial: ``onnxcompress.output_error.relative_output_error`` against the outputs y0 of the model
+the pass received, over the calibration feeds (the measure prune-channels' sensitivity uses too). ``output_cosine``:
+the worst output's cosine <y, y0> / (||y|| ||y0||) over all feeds (``min_fidelity``).
 
 Shared runs: feeds whose shapes agree are concatenated along the batch axis when every model input has a symbolic
 first dim (``batch_feeds``), so a trial is one session and a few runs, not one run per feed.
@@ -57,42 +55,6 @@ def batch_feeds(feeds: list[dict], model: onnx.ModelProto, max_batch: int = 16) 
 def run_outputs(model: onnx.ModelProto, feeds: list[dict]) -> list[Outputs]:
     with Session(model, what="prune-layers trial") as s:
         return [s.run(f) for f in feeds]
-
-
-def _feature_axis(b0: np.ndarray) -> int | None:
-    if b0.ndim < 3:
-        return None
-    dims = [(b0.shape[a], a) for a in range(1, b0.ndim) if b0.shape[a] > 1]
-    return min(dims)[1] if dims else None
-
-
-def output_error(base: list[Outputs], cand: list[Outputs]) -> float:
-    errs = []
-    for o in range(len(base[0])):
-        b0 = np.asarray(base[0][o])
-        if not np.issubdtype(b0.dtype, np.floating) or b0.size == 0:
-            continue
-        axis = _feature_axis(b0)
-        if axis is not None and any(np.ndim(b[o]) != b0.ndim or b[o].shape[axis] != b0.shape[axis] for b in base):
-            axis = None
-        if axis is None:
-            num = sum(float(np.sum(np.square(c[o].astype(np.float64) - b[o]))) for b, c in zip(base, cand,
-                                                                                               strict=True))
-            den = sum(float(np.sum(np.square(b[o].astype(np.float64)))) for b in base)
-            if den > 0:
-                errs.append(num / den)
-            continue
-        num = np.zeros(b0.shape[axis])
-        den = np.zeros(b0.shape[axis])
-        for b, c in zip(base, cand, strict=True):
-            bb = np.moveaxis(b[o].astype(np.float64), axis, 0).reshape(b0.shape[axis], -1)
-            cc = np.moveaxis(c[o].astype(np.float64), axis, 0).reshape(b0.shape[axis], -1)
-            num += np.square(cc - bb).sum(axis=1)
-            den += np.square(bb).sum(axis=1)
-        den = np.maximum(den, 1e-6 * den.mean())
-        if den.mean() > 0:
-            errs.append(float(np.mean(num / den)))
-    return float(np.mean(errs)) if errs else 0.0
 
 
 def output_cosine(base: list[Outputs], cand: list[Outputs]) -> float:
