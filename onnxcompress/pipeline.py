@@ -186,18 +186,24 @@ def parse_pipeline(text: str) -> list[Pass]:
     return passes
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """The TOML document at ``path``; a missing file or invalid TOML is bad input naming ``what`` and the path."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise BadInputError(f"{what} {p}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInputError(f"{what} {p}: invalid TOML ({exc})") from None
+
+
 def load_recipe(path: str | Path) -> list[Pass]:
     """A recipe by path, or a shipped recipe by bare NAME (``recipes/NAME.toml``; an unknown name lists the shipped
     ones). Keys besides ``passes`` / ``[[pass]]``: ``description`` (listed by ``onnxcompress recipes``)."""
     from onnxcompress.recipes import recipe_path
 
     p = recipe_path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise BadInputError(f"recipe {p}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInputError(f"recipe {p}: invalid TOML ({exc})") from None
+    data = read_toml(p, "recipe")
     if "passes" in data and isinstance(data["passes"], str):
         return parse_pipeline(data["passes"])
     tables = data.get("pass")

@@ -22,7 +22,6 @@ go on. Each model's outputs go to ``OUT_DIR/<name>.onnx`` (+ reports / recipe be
 from __future__ import annotations
 
 import logging
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,10 @@ KEYS = {"name", "path", "calib", "val", "target", "passes", "recipe", "trials", 
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+    from onnxcompress.pipeline import read_toml
+
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise BadInputError(f"manifest {p}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInputError(f"manifest {p}: invalid TOML ({exc})") from None
+    data = read_toml(p, "manifest")
     defaults = data.get("defaults", {})
     models = data.get("model")
     if not isinstance(models, list) or not models:
