@@ -5,14 +5,11 @@ The pipeline of a config is ``cleanup`` (always on: exact and free), then every 
 its searched options (the others at their defaults), with ``distill`` after the structural passes whenever one of
 them is on (it is the recovery step the hand-written pipelines use: prune, then refit on calibration data).
 
-Where the dimensions come from, first match wins:
-
-1. the pass's own fields: ``option(default, help, search=...)`` (``onnxcompress.pass_base.search_space``);
-2. ``FALLBACK`` below, keyed by (pass, option), for passes that do not declare them yet; an entry whose option
-   the pass does not have is ignored (the table may name options of passes still being written).
+The dimensions come from the passes themselves: ``option(default, help, search=...)`` beside each field
+(``onnxcompress.pass_base.search_space``), so a new pass is searched as soon as it declares them.
 
 A pass with dimensions gets an on/off switch (``enabled``) as well, unless it is always on. A registered lossy pass
-with no dimensions from either source is not searched (``--space`` lists it and says why). New passes are placed by
+with no dimensions is not searched (``--space`` lists it and says why). New passes are placed by
 ``STAGE``; a pass not named there goes after the structural passes and before quantize.
 """
 
@@ -23,22 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from onnxcompress.pass_base import SearchDim, option_fields, parse_search, registered_passes, search_space
-
-#: Fallback dimensions for passes that do not declare ``search=`` on their fields yet (to move into the passes).
-FALLBACK: dict[tuple[str, str], Any] = {
-    # structural pruning: the MAC budget (the pass picks channels by measured sensitivity)
-    ("prune-channels", "target_macs"): (0.3, 0.95, 0.05),
-    # quantization: the kernel family and the fidelity floor of mixed precision (None: every layer int8)
-    ("quantize", "mode"): ["static", "dynamic", "weight_only"],
-    ("quantize", "min_cosine"): [None, 0.99, 0.995, 0.999],
-    # passes being written: applied only where the pass has the option
-    ("prune-layers", "ratio"): (0.05, 0.5, 0.05),
-    ("prune-layers", "target_macs"): (0.5, 0.95, 0.05),
-    ("prune-weights", "sparsity"): (0.3, 0.9, 0.1),
-    ("prune-weights", "ratio"): (0.3, 0.9, 0.1),
-    ("cluster", "bits"): [2, 3, 4, 5, 6],
-}
+from onnxcompress.pass_base import SearchDim, option_fields, registered_passes, search_space
 
 #: pipeline order: lower first; passes not named go at ``DEFAULT_STAGE``
 STAGE = {"cleanup": 0, "prune-layers": 10, "prune-channels": 20, "distill": 30, "prune-weights": 40,
@@ -60,7 +42,7 @@ class PassSpace:
     name: str
     stage: int
     dims: dict[str, SearchDim]
-    source: dict[str, str]  # option -> "pass" | "fallback"
+    source: dict[str, str]  # option -> "pass" | "--search-passes"
     always: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)  # option -> the pass's default value
 
@@ -165,13 +147,8 @@ def build_space() -> Space:
         if name in BY_RULE:
             skipped[name] = BY_RULE[name]
             continue
-        own = search_space(cls)
-        fields = {f.name for f in option_fields(cls)}
-        dims, source = dict(own), dict.fromkeys(own, "pass")
-        for (pname, opt), spec in FALLBACK.items():
-            if pname == name and opt in fields and opt not in dims:
-                dims[opt] = parse_search(opt, spec)
-                source[opt] = "fallback"
+        dims = dict(search_space(cls))
+        source = dict.fromkeys(dims, "pass")
         if not dims:
             skipped[name] = "declares no searchable option (option(..., search=...))"
             continue

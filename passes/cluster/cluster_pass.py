@@ -70,7 +70,8 @@ class Cluster(Pass):
     needs: ClassVar[frozenset[str]] = frozenset()
     preserves: ClassVar[frozenset[str]] = frozenset()
 
-    bits: int = option(4, "index bits: k = 2^bits shared values per tensor (per channel with per_channel), 1..8")
+    bits: int = option(4, "index bits: k = 2^bits shared values per tensor (per channel with per_channel), 1..8",
+                       search=[2, 3, 4, 5, 6])
     per_channel: bool = option(False, "one codebook per output channel instead of one per tensor")
     channel_scales: bool = option(True, "per-tensor codebook of values divided by each output channel's RMS, "
                                         "times a float scale per channel (<= k values per channel; for channels "

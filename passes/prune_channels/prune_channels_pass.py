@@ -77,7 +77,8 @@ class PruneChannels(Pass):
         None, "fraction of the attention heads to remove (groups whose unit spans several channels); the ratio "
               "option then counts the other groups only (FFN neurons, channels); with allocation global / "
               "sensitivity each kind is budgeted alone")
-    target_macs: float | None = option(None, "keep this fraction of the model's MACs (e.g. 0.5); overrides ratio")
+    target_macs: float | None = option(None, "keep this fraction of the model's MACs (e.g. 0.5); overrides ratio",
+                                       search=(0.3, 0.95, 0.05))
     target_latency: float | None = option(
         None, "keep this fraction of the estimated latency (a cost model fitted to one ORT profile: MAC kernels + "
               "memory-bound ops; replayed from --latency-profile); with target_macs both must hold; needs "

@@ -67,7 +67,7 @@ class PruneLayers(Pass):
     preserves: ClassVar[frozenset[str]] = frozenset()
 
     layers: int = option(0, "number of units to remove (0: none, only no-op layers)")
-    ratio: float = option(0.0, "fraction of the candidate units to remove (rounded)")
+    ratio: float = option(0.0, "fraction of the candidate units to remove (rounded)", search=(0.05, 0.5, 0.05))
     target_latency: float | None = option(None, "remove units until the measured ORT latency is <= this fraction "
                                                 "of the input model's (recorded in the latency profile)")
     min_fidelity: float | None = option(None, "floor on the worst output's cosine against the input model: alone, "

@@ -65,7 +65,8 @@ class PruneWeights(Pass):
     #: (shapes and channels do not change), with COO storage new Constant nodes appear
     preserves: ClassVar[frozenset[str]] = frozenset()
 
-    sparsity: float = option(0.5, "fraction of each pruned tensor's weights set to zero (unstructured), in [0, 1)")
+    sparsity: float = option(0.5, "fraction of each pruned tensor's weights set to zero (unstructured), in [0, 1)",
+                             search=(0.3, 0.9, 0.1))
     pattern: str = option("unstructured", "unstructured, or N:M (2:4, 4:8): at most N non-zeros in every M "
                                           "consecutive weights along the reduction axis (sparsity is then 1-N/M)")
     score: str = option("auto", "auto (obs with calibration data, else magnitude), magnitude (|w|), wanda "

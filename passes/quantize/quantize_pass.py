@@ -72,6 +72,7 @@ class Quantize(Pass):
     mode: Literal["static", "dynamic", "weight_only"] = option(
         "static",
         "static (needs --calib) | dynamic (MatMul/Gemm, run-time activation ranges) | weight_only",
+        search=["static", "dynamic", "weight_only"],
     )
     per_channel: bool = option(True, "one weight scale per output channel (opset 13, upgraded automatically)")
     activation_type: Literal["uint8", "int8"] = option("uint8", "integer type of activations in static mode")
@@ -97,6 +98,7 @@ class Quantize(Pass):
     min_cosine: float | None = option(
         None,
         "mixed precision: keep the most sensitive layers float until output cosine >= this",
+        search=[None, 0.99, 0.995, 0.999],
     )
     max_agreement_drop: float | None = option(None, "mixed precision: ... until top-1 agreement drop <= this")
     eval_samples: int = option(
