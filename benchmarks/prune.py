@@ -44,6 +44,7 @@ from typing import Any
 
 from benchmarks import anchors
 from benchmarks.run import RESULTS, RunConfig, _json_default, benchmark_model, load_specs, versions
+from benchmarks.variant_rows import chosen_models, variant_rows
 
 log = logging.getLogger("benchmarks.prune")
 
@@ -209,39 +210,21 @@ def describe(pipeline: str, model: str | None = None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ rows
 def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
     """One table row per pruning variant of a harness record (``benchmark_model``'s result)."""
-    primary = record.get("primary_metric")
     fp32_macs = (record.get("fp32") or {}).get("macs")
-    out = []
-    for name, m in record.get("methods", {}).items():
-        if not name.startswith("ours:"):
-            continue
-        pipeline = name[len("ours:"):]
-        row: dict[str, Any] = {"model": record["model"], "pipeline": pipeline,
-                               **describe(pipeline, record["model"])}
-        if m.get("error"):
-            row["error"] = m["error"]
-            out.append(row)
-            continue
-        worst = (m.get("fidelity") or {}).get("worst", {})
-        row.update({
-            "macs_ratio": m.get("macs_ratio"),
-            "latency_ratio": ((m.get("latency") or {}).get("t1") or {}).get("ratio"),
-            "size_ratio": m.get("size_ratio"),
-            "metric_name": primary,
-            "metric": (m.get("metrics") or {}).get(primary),
-            "cosine": worst.get("cosine"),
-            "sqnr_db": worst.get("sqnr_db"),
-            "tool_s": (m.get("tool") or {}).get("seconds"),
-            "tool_peak_mb": (m.get("tool") or {}).get("peak_rss_mb"),
-        })
-        row["truth"] = truth_metrics(m.get("metrics") or {})
+
+    def extra(m: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+        more: dict[str, Any] = {"truth": truth_metrics(m.get("metrics") or {})}
         figs = m.get("figures") or {}
         if fp32_macs and figs.get("macs") and row["macs_ratio"] is None:
-            row["macs_ratio"] = figs["macs"] / fp32_macs
-        row["goal"] = goal(row)
-        row["train_goal"] = train_goal(row)
-        out.append(row)
-    return out
+            more["macs_ratio"] = figs["macs"] / fp32_macs
+        return more
+
+    rows = variant_rows(record, lambda pipeline: describe(pipeline, record["model"]), extra)
+    for row in rows:
+        if not row.get("error"):
+            row["goal"] = goal(row)
+            row["train_goal"] = train_goal(row)
+    return rows
 
 
 def truth_metrics(metrics: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -453,11 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
     specs = load_specs()
-    names = args.models.split(",") if args.models else (
-        TRAIN_MODELS if args.train else QUICK_MODELS if args.quick else MODELS)
-    unknown = [n for n in names if n not in specs]
-    if unknown:
-        print(f"unknown model(s): {', '.join(unknown)}", file=sys.stderr)
+    names = chosen_models(args.models, TRAIN_MODELS if args.train else QUICK_MODELS if args.quick else MODELS,
+                          specs)
+    if names is None:
         return 2
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)

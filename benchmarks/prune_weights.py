@@ -37,6 +37,7 @@ from typing import Any
 
 from benchmarks import anchors
 from benchmarks.run import RESULTS, RunConfig, _json_default, benchmark_model, load_specs, versions
+from benchmarks.variant_rows import chosen_models, variant_rows
 
 log = logging.getLogger("benchmarks.prune_weights")
 
@@ -80,30 +81,7 @@ def describe(pipeline: str) -> dict[str, Any]:
 
 
 def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
-    primary = record.get("primary_metric")
-    out = []
-    for name, m in record.get("methods", {}).items():
-        if not name.startswith("ours:"):
-            continue
-        pipeline = name[len("ours:"):]
-        row: dict[str, Any] = {"model": record["model"], "pipeline": pipeline, **describe(pipeline)}
-        if m.get("error"):
-            out.append(row | {"error": m["error"]})
-            continue
-        worst = (m.get("fidelity") or {}).get("worst", {})
-        row.update({
-            "metric_name": primary,
-            "metric": (m.get("metrics") or {}).get(primary),
-            "cosine": worst.get("cosine"),
-            "sqnr_db": worst.get("sqnr_db"),
-            "size_ratio": m.get("size_ratio"),
-            "zip_ratio": m.get("zip_ratio"),
-            "coo_ratio": m.get("coo_ratio"),
-            "latency_ratio": ((m.get("latency") or {}).get("t1") or {}).get("ratio"),
-            "tool_s": (m.get("tool") or {}).get("seconds"),
-        })
-        out.append(row)
-    return out
+    return variant_rows(record, describe, lambda m, row: {"coo_ratio": m.get("coo_ratio")})
 
 
 def goal(row: dict[str, Any]) -> bool | None:
@@ -269,10 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
     specs = load_specs()
-    names = args.models.split(",") if args.models else MODELS
-    unknown = [n for n in names if n not in specs]
-    if unknown:
-        print(f"unknown model(s): {', '.join(unknown)}", file=sys.stderr)
+    names = chosen_models(args.models, MODELS, specs)
+    if names is None:
         return 2
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     extra = f" {args.options}" if args.options else ""
