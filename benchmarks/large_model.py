@@ -31,6 +31,8 @@ METHODS = {
     "ours:cleanup": ["cleanup"],
     "ours:quantize{mode=weight_only}": ["quantize{mode=weight_only}"],
     "ours:quantize{mode=weight_only weight_bits=4}": ["quantize{mode=weight_only weight_bits=4}"],
+    "ours:quantize{mode=weight_only weight_bits=4 weight_format=matmulnbits}": [
+        "quantize{mode=weight_only weight_bits=4 weight_format=matmulnbits}"],
     "ours:prune-weights{score=magnitude}": ["prune-weights{score=magnitude}"],
     "ours:cluster": ["cluster"],
     # the library with the ledger's per-stage model statistics off (api.compress(measure=False)): the CLI rows
@@ -163,14 +165,14 @@ def run_stages(passes: str, src: str, out: str) -> None:
 
         setattr(owner, attr, staged)
 
-    wrap(io, "read_model", "io.read_model (external data loaded into the proto)")
-    wrap(api, "_check_loads", "api._check_loads (ORT session on the input)")
-    wrap(manager, "structural_problems", "manager: structural_problems(original) (checker)")
+    wrap(io, "read_model", "io.read_model(mapped=True) (large external weights stay in the file)")
+    wrap(api, "check_loads", "api.check_loads (ORT session on the input file, no pre-packing)")
+    wrap(manager, "structural_problems", "manager: structural_problems (checker on mmap_weights.checkable)")
     wrap(io, "prepare_for_import", "manager: working copy + io.prepare_for_import")
-    wrap(io, "to_graph", "io.to_graph (graphsurgeon import)")
-    wrap(PassContext, "export", "ctx.export (graphsurgeon export after the pass)")
-    wrap(manager, "structural_gate", "manager: structural_gate(final) (checker + ORT session)")
-    wrap(CompressResult, "save", "CompressResult.save (atomic write, external data)")
+    wrap(io, "to_graph", "io.to_graph (graphsurgeon import, weights memory-mapped)")
+    wrap(PassContext, "export", "ctx.export (graphsurgeon export after the pass, untouched weights as references)")
+    wrap(manager, "_mapped_gate", "manager: structural gate (checker + ORT session on the written model)")
+    wrap(CompressResult, "save", "CompressResult.save (atomic write, external data streamed)")
     calib = str(Path(src).with_name("calib.npz"))
     result = api.compress(src, passes, calibration=calib, validate=False, measure=False, latency=False)
     result.save(out)
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=33)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--kill-gb", type=float, default=14.0, help="kill a child whose RSS passes this")
+    ap.add_argument("--kill-gb", type=float, default=10.0, help="kill a child whose RSS passes this")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per child")
     ap.add_argument("--keep", action="store_true", help="keep the generated model and outputs")
     ap.add_argument("--name", default="large_model")
@@ -286,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out_dir, ignore_errors=True)
             out_dir.mkdir(parents=True)
             out = out_dir / "model.onnx"
+            load = os.getloadavg()[0]
             r = measure_wait4(child_argv(method, src, out), kill, args.timeout)
             row = {"method": method, "input_bytes": size, **{k: r[k] for k in ("code", "seconds", "peak_rss",
-                                                                                 "killed")}}
+                                                                                 "killed")}, "load": round(load, 1)}
             row["rss_ratio"] = r["peak_rss"] / size
             if r["code"] == 0 and out.exists():
                 out_size = sum(p.stat().st_size for p in out_dir.iterdir() if not p.name.startswith("model.onnx.report"))
@@ -299,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["ort_load"] = "ok" if chk["code"] == 0 and '"finite": true' in chk["stdout"] else (
                     f"failed: {chk['stderr'].strip().splitlines()[-1][:200] if chk['stderr'].strip() else chk['code']}")
                 row["ort_load_rss"] = chk["peak_rss"]
+                row["pass_seconds"] = pass_seconds(out)
             else:
                 tail = (r["stderr"].strip().splitlines() or [""])[-1]
                 row["error"] = r["killed"] or tail[:300]
@@ -310,6 +314,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
     write_results(rows, size, args, gen_s)
     return 0
+
+
+def pass_seconds(out: Path) -> dict[str, float]:
+    """Wall time of every ledger stage from the run report beside the output (the CLI writes one), else {}."""
+    report = out.with_name(out.name + ".report.json")
+    if not report.exists():
+        return {}
+    ledger = json.loads(report.read_text()).get("ledger", [])
+    return {r["stage"]: round(r["seconds"], 1) for r in ledger if r.get("stage") != "original"}
 
 
 def stages_section(folder: Path, args) -> int:
@@ -338,14 +351,16 @@ def render(data: dict) -> None:
              "the larger of the child's polled VmHWM and `ru_maxrss` from wait4; a child passing `--kill-gb` is "
              "killed. Target for onnxcompress: peak RSS <= 1.5x the file size. `ort load` = the output loaded "
              "in onnxruntime and run on one feed (finite output), in a separate child.", "",
-             "| method | exit | time (s) | peak RSS (GB) | RSS / file | output (GB) | external data | ort load | "
-             "ort load RSS (GB) | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | exit | time (s) | time per pass (s) | load avg | peak RSS (GB) | RSS / file | output (GB) | "
+             "external data | ort load | ort load RSS (GB) | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["code"] == -9 and not r.get("killed") and not r.get("error"):
             r["error"] = "SIGKILL from the kernel's OOM killer (the machine's 24 GB are shared), not the harness"
+        per_pass = ", ".join(f"{v:.0f}" for v in r.get("pass_seconds", {}).values()) or "-"
         lines.append(
-            f"| `{r['method']}` | {r['code']} | {r['seconds']:.0f} | {r['peak_rss'] / 1e9:.2f} | "
+            f"| `{r['method']}` | {r['code']} | {r['seconds']:.0f} | {per_pass} | {r.get('load', '-')} | "
+            f"{r['peak_rss'] / 1e9:.2f} | "
             f"{r['rss_ratio']:.2f}x | {r.get('output_bytes', 0) / 1e9:.2f} | {r.get('external_data', '-')} | "
             f"{r.get('ort_load', '-')} | {r.get('ort_load_rss', 0) / 1e9:.2f} | {r.get('error', '')} |")
     st = data.get("stages")

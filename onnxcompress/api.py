@@ -14,6 +14,9 @@ Everything a run reports comes from here, not from the CLI: the ledger, fidelity
 the compressed model (measured interleaved on one validation feed), the notes, the latency profile the passes'
 decisions used, and where the model and data came from. ``result.save(path)`` writes model + reports atomically.
 Feeds are loaded once and the passes resolved once.
+
+A model file's large external-data weights are memory-mapped, not loaded (``mmap_weights``): a model over 2 GB is
+compressed without holding its weights twice, and its output is written with external data too.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import onnx
 
-from onnxcompress import io
+from onnxcompress import io, mmap_weights
 from onnxcompress.context import PassContext
 from onnxcompress.data import Feed, FeedSet, feed_shapes
 from onnxcompress.data_sources import feeds_from_any
@@ -43,13 +46,15 @@ log = logging.getLogger(__name__)
 FeedSource = str | Path | Mapping[str, Any] | Iterable[Feed] | Callable | FeedSet | None
 
 
-def check_loads(model: onnx.ModelProto, what: str = "input model") -> None:
-    """The input must itself run in ORT (unknown ops, broken graphs): say so before any work (BadInputError)."""
+def check_loads(model: onnx.ModelProto | str | Path, what: str = "input model") -> None:
+    """The input must itself run in ORT (unknown ops, broken graphs): say so before any work (BadInputError).
+
+    A path is loaded as it is (ORT maps its external data; no weight pre-packing: nothing is copied)."""
     from onnxcompress.errors import BadInputError, ValidationError
     from onnxcompress.runtime import Session
 
     try:
-        with Session(model, optimize=False, what=what):
+        with Session(model, optimize=False, what=what, light=not isinstance(model, onnx.ModelProto)):
             pass
     except ValidationError as exc:
         raise BadInputError(str(exc)) from None
@@ -134,9 +139,10 @@ def compress(
 
         raise BadInputError(f"task must be auto, classify or none (got {task!r})")
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
-    proto = model if isinstance(model, onnx.ModelProto) else io.read_model(model)
+    proto = model if isinstance(model, onnx.ModelProto) else io.read_model(model, mapped=True)
+    mapped = mmap_weights.has_mapped(proto)  # large external weights stay in their file (memory-mapped)
     pass_list = resolve_passes(passes)
-    check_loads(proto)
+    check_loads(source if mapped else proto)
     calib = feeds_from_any(calibration, proto, preprocess, tokenizer, max_length)
     valid = feeds_from_any(validation, proto, preprocess, tokenizer, max_length) if validation is not None else calib
     made_up_notes: list[str] = []
@@ -161,6 +167,8 @@ def compress(
         "validation": _describe_feeds(valid if validate else None),
     }
     result.notes[:0] = made_up_notes
+    if mapped:
+        result.external_data = True  # the input kept its weights in a data file: so does the output
     if latency and valid is not None:
         from onnxcompress.latency import measure_latency
 

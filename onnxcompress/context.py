@@ -75,9 +75,11 @@ class PassContext:
     dims: dict[str, int] = field(default_factory=dict)
     #: explicit concrete input shapes (``--shape``), used when there is no data to bind symbolic dims
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    #: the original model, serialised once at import (None for > 2 GB models: then ``original_path`` is used).
+    #: the original model, serialised once at import (None for > 2 GB models and models with memory-mapped weights:
+    #: then ``original_proto`` (the caller's, read-only) or ``original_path`` is used).
     original_bytes: bytes | None = None
     original_path: str | None = None
+    original_proto: onnx.ModelProto | None = None
     #: the ModelProto the current graph was imported from (opset imports, metadata) - read-only for passes.
     model_template: onnx.ModelProto | None = None
     #: ``progress(iterable, total=..., desc=...)`` wrapper (a tqdm bar in the CLI) or None; pass it on to
@@ -129,6 +131,10 @@ class PassContext:
 
         if self.original_bytes is not None:
             return _onnx.load_model_from_string(self.original_bytes)
+        if self.original_proto is not None:  # memory-mapped weights: the copy holds file references only
+            copy = _onnx.ModelProto()
+            copy.CopyFrom(self.original_proto)
+            return copy
         if self.original_path is not None:
             from onnxcompress import io
 

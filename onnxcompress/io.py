@@ -13,6 +13,8 @@ Rules this module enforces:
   and renamed into place; a failure leaves nothing behind.
 - A model whose weights exceed ``PROTO_LIMIT`` is saved with external data: a > 2 GB protobuf is never serialised,
   and the weights are streamed to the data file one tensor at a time (no second in-memory copy of the model).
+- ``read_model(path, mapped=True)`` leaves large external weights in their file, memory-mapped on use
+  (``mmap_weights``): import maps them, export references them, writers stream them from the file.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from onnxcompress import mmap_weights
 from onnxcompress.errors import BadInputError
 from onnxcompress.model_safety import (  # noqa: F401  (re-exported: io is where callers look for them)
     MAX_ELEMENTS,
@@ -68,8 +71,9 @@ def iter_gs_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def read_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
-    """Parse an ONNX file with safety checks; external data (if any) is checked and loaded into memory."""
+def read_model(path: str | os.PathLike, *, load_weights: bool = True, mapped: bool = False) -> onnx.ModelProto:
+    """Parse an ONNX file with safety checks; external data (if any) is checked and loaded into memory, or with
+    ``mapped`` its large initializers stay in the file as checked references (``mmap_weights``)."""
     p = Path(path)
     if not p.exists():
         raise BadInputError(f"{p}: no such file")
@@ -81,19 +85,24 @@ def read_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
         raise BadInputError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {first_line(exc)})") from exc
     if model.ir_version <= 0 or not model.HasField("graph") or (len(model.graph.node) == 0 and not model.graph.output):
         raise BadInputError(f"{p}: not an ONNX model (no graph, or no IR version)")
+    mmap_weights.strip_private_entries(model)
     files = check_external_data(model, p.parent)
     check_model_sanity(model)
     if files and load_weights:
         try:
-            onnx.load_external_data_for_model(model, str(p.parent))
+            if mapped:
+                mmap_weights.map_initializers(model, p.parent)
+            else:
+                onnx.load_external_data_for_model(model, str(p.parent))
+            # also load Constant-node attribute tensors stored externally (onnx only loads initializers for some
+            # versions), and with ``mapped`` the tensors left unmapped
+            for t in iter_tensors(model):
+                if t.data_location == onnx.TensorProto.EXTERNAL and not mmap_weights.is_mapped(t):
+                    onnx.external_data_helper.load_external_data_for_tensor(t, str(p.parent))
+                    del t.external_data[:]
+                    t.data_location = onnx.TensorProto.DEFAULT
         except Exception as exc:
             raise BadInputError(f"{p}: cannot load external data ({first_line(exc)})") from exc
-        # also load Constant-node attribute tensors stored externally (onnx only loads initializers for some versions)
-        for t in iter_tensors(model):
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                onnx.external_data_helper.load_external_data_for_tensor(t, str(p.parent))
-                del t.external_data[:]
-                t.data_location = onnx.TensorProto.DEFAULT
     return model
 
 
@@ -288,9 +297,11 @@ def hoist_shared_initializers(model: onnx.ModelProto, template: onnx.ModelProto 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import into graphsurgeon (weights as ``gs.Constant``; subgraphs as Graph attributes)."""
     try:
-        return gs.import_onnx(model)
+        graph = gs.import_onnx(model)
     except Exception as exc:
         raise BadInputError(f"cannot import the model graph ({first_line(exc)})") from exc
+    mmap_weights.attach(graph)
+    return graph
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None, opset: int | None = None) -> onnx.ModelProto:
@@ -299,6 +310,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto | None = None, opset: in
     ``opset`` overrides the default-domain opset (a pass upgraded it); other domains keep the template's versions.
     """
     _mark_non_tensor_values(graph)
+    mmap_weights.relazify(graph)
     if template is None:
         model = gs.export_onnx(graph, do_type_check=False)
         hoist_shared_initializers(model)
@@ -396,7 +408,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
             write_with_external_data(model, tmp_model, data_name)
         else:
             with open(tmp_model, "wb") as f:
-                f.write(serialize(model))
+                f.write(serialize(mmap_weights.materialized(model) if mmap_weights.has_mapped(model) else model))
                 f.flush()
                 os.fsync(f.fileno())
         if (tmpdir / data_name).exists():
@@ -416,33 +428,41 @@ def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 def write_with_external_data(model: onnx.ModelProto, model_path: Path, data_name: str) -> None:
     """Write ``model_path`` + ``data_name`` beside it, streaming: each initializer's raw bytes go to the data file
-    one tensor at a time (64-byte aligned), the tensor is switched to an external reference while the small model
-    proto is serialised, then its bytes are read back from the file. Extra memory: one tensor, never a second copy
-    of the model (``onnx.save_model`` with external data rewrites the proto it is given, which forces a full copy).
+    one tensor at a time (64-byte aligned; a memory-mapped tensor is copied from its file in chunks), the tensor is
+    switched to an external reference while the small model proto is serialised, then restored (raw bytes read
+    back from the file, mapped references put back). Extra memory: one tensor, never a second copy of the model
+    (``onnx.save_model`` with external data rewrites the proto it is given, which forces a full copy).
     ``model`` is unchanged afterwards, also when writing fails."""
     moved: list[tuple[onnx.TensorProto, int, int, bool]] = []
+    remapped: list[tuple[onnx.TensorProto, list[tuple[str, str]]]] = []
     data_path = model_path.parent / data_name
     try:
         with open(data_path, "wb") as f:
             offset = 0
             for t in _initializers(model.graph):
-                if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+                is_mapped = mmap_weights.is_mapped(t)
+                if not is_mapped and (t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data")):
                     continue
-                raw = t.raw_data
-                if len(raw) < EXTERNAL_TENSOR_MIN_BYTES:
+                raw = b"" if is_mapped else t.raw_data
+                length = mmap_weights.source(t)[2] if is_mapped else len(raw)
+                if length < EXTERNAL_TENSOR_MIN_BYTES and not is_mapped:  # a mapped one must leave
                     continue
                 pad = (-offset) % 64
                 f.write(b"\0" * pad)
                 offset += pad
-                f.write(raw)
-                moved.append((t, offset, len(raw), t.HasField("data_location")))
-                t.ClearField("raw_data")
+                if is_mapped:
+                    mmap_weights.copy_region(t, f)
+                    remapped.append((t, [(e.key, e.value) for e in t.external_data]))
+                else:
+                    f.write(raw)
+                    moved.append((t, offset, length, t.HasField("data_location")))
+                    t.ClearField("raw_data")
                 del raw
                 t.data_location = onnx.TensorProto.EXTERNAL
                 del t.external_data[:]
-                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(moved[-1][2]))):
+                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
                     t.external_data.append(onnx.StringStringEntryProto(key=key, value=value))
-                offset += moved[-1][2]
+                offset += length
             f.flush()
             os.fsync(f.fileno())
         with open(model_path, "wb") as f:
@@ -450,6 +470,10 @@ def write_with_external_data(model: onnx.ModelProto, model_path: Path, data_name
             f.flush()
             os.fsync(f.fileno())
     finally:
+        for t, entries in remapped:
+            del t.external_data[:]
+            for key, value in entries:
+                t.external_data.append(onnx.StringStringEntryProto(key=key, value=value))
         if moved:
             with open(data_path, "rb") as f:
                 for t, off, length, had_location in moved:

@@ -9,12 +9,18 @@ At the end: the structural gate (checker + ORT session), then fidelity against t
 If every pass in the pipeline is exact, the result must match the original within ``exact_tolerance``
 (max-abs relative to the output's scale), else ``ValidationError``.
 
-The original model is kept as serialised bytes (models over the protobuf limit: as the caller's ModelProto), never
-shared with the working graph: graphsurgeon's Graph.copy() shares weight arrays.
+The original model is kept as serialised bytes (models over the protobuf limit, or with memory-mapped weights: as
+the caller's ModelProto), never shared with the working graph: graphsurgeon's Graph.copy() shares weight arrays.
+
+Memory-mapped models (``io.read_model(mapped=True)``, see ``mmap_weights``): the working copy, every export and the
+original hold file references, not weights; the checker runs on ``mmap_weights.checkable`` (large weights as typed
+inputs), and the structural gate's ORT session loads the written model without optimizations or pre-packing after
+the working graph is released, so ORT's copy and ours never coexist.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import typing
@@ -23,7 +29,7 @@ from typing import Any
 
 import onnx
 
-from onnxcompress import io, progress
+from onnxcompress import io, mmap_weights, progress
 from onnxcompress.analyses.model_stats import model_stats
 from onnxcompress.context import PassContext
 from onnxcompress.data import FeedSet, bind_dims, feed_shapes, model_inputs
@@ -31,6 +37,7 @@ from onnxcompress.errors import BadInputError, OnnxCompressError, PassError, Val
 from onnxcompress.pass_base import Pass
 from onnxcompress.pipeline import format_pass, format_pipeline
 from onnxcompress.result import CompressResult, LedgerRow
+from onnxcompress.runtime import Session
 from onnxcompress.validate import compare_models, structural_gate, structural_problems
 
 log = logging.getLogger(__name__)
@@ -90,10 +97,14 @@ class PassManager:
         self.check_needs(ctx)
         t_start = time.perf_counter()
         original = model
-        big = io.needs_external_data(model)
+        mapped = mmap_weights.has_mapped(model)
+        big = mapped or io.needs_external_data(model)
         ctx.original_bytes = None if big else model.SerializeToString()
+        if mapped:
+            ctx.original_proto = model
         original_ref: onnx.ModelProto | bytes = original if big else ctx.original_bytes
-        original_problems = structural_problems(original) if self.gate else []
+        original_problems = structural_problems(mmap_weights.checkable(original) if mapped else original) \
+            if self.gate else []
 
         working = onnx.ModelProto()
         working.CopyFrom(original)
@@ -138,7 +149,12 @@ class PassManager:
 
         final = current
         tolerated: list[str] = []
-        if self.gate:
+        if self.gate and mapped:
+            del graph, current  # the graph's new arrays are in ``final`` too: release them before ORT loads it
+            ctx.invalidate()
+            gc.collect()
+            tolerated = _mapped_gate(final, original_problems)
+        elif self.gate:
             tolerated = structural_gate(final, original_problems)
         fidelity = None
         if self.validation is not None:
@@ -190,6 +206,17 @@ class PassManager:
                 f"{m['rel_max_abs']:.3g} > {self.exact_tolerance:g} (max-abs {m['max_abs']:.3g}, onnxruntime's own "
                 f"rounding {floor / 8:.3g})")
         return notes
+
+
+def _mapped_gate(final: onnx.ModelProto, original_problems: list[str]) -> list[str]:
+    """``validate.structural_gate`` for a model with memory-mapped weights: the checker on the stand-in without its
+    large weights, ORT on the model itself (written with external data, no optimizations or pre-packing)."""
+    problems = structural_problems(mmap_weights.checkable(final))
+    if problems and not original_problems:
+        raise ValidationError(f"the compressed model is invalid: {problems[0]}")
+    with Session(final, what="compressed model", light=True):
+        pass
+    return problems
 
 
 def unchanged_note(label: str, p: Pass, stats: dict[str, Any], ops: dict[str, int]) -> str:

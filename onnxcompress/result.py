@@ -59,6 +59,9 @@ class CompressResult:
     counters: dict[str, int] = field(default_factory=dict)
     #: where the model and the data came from (input path, calibration/validation source and counts, seed)
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: write the model with external data (None: only when it is over the protobuf limit). ``compress`` sets it
+    #: when the input's weights were memory-mapped from an external data file.
+    external_data: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The run report as a JSON-ready dict: provenance, pipeline, ledger, fidelity, latency, notes, counters."""
@@ -110,7 +113,7 @@ class CompressResult:
                 tmp = target.with_name(f".{target.name}.tmp")
                 staged.append((tmp, target))
                 tmp.write_text(text(), encoding="utf-8")
-            io.save_model(self.model, out)  # itself atomic (temp file + rename)
+            io.save_model(self.model, out, external_data=self.external_data)  # atomic (temp folder + rename)
             placed += [out, out.with_name(out.name + ".data")]
             for tmp, target in staged:
                 os.replace(tmp, target)

@@ -1,7 +1,12 @@
 """onnxruntime sessions for ModelProtos of any size.
 
-Models under the protobuf limit go to ORT as bytes; larger ones are written (with external data) into a temporary
-folder that lives as long as the session wrapper. Every session runs on the CPU execution provider.
+Models under the protobuf limit go to ORT as bytes; larger ones, and models with memory-mapped weights, are written
+(with external data, mapped weights streamed from their file) into a temporary folder that lives as long as the
+session wrapper, and ORT maps that file. Every session runs on the CPU execution provider.
+
+``light=True`` is for sessions that only prove a model loads (the input check, the structural gate): no graph
+optimizations and no weight pre-packing, so ORT does not build a second, packed copy of every MatMul weight (on a
+model with external data it then maps the file and touches nothing).
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from onnxcompress import io
+from onnxcompress import io, mmap_weights
 from onnxcompress.errors import ValidationError
 
 log = logging.getLogger(__name__)
 
 
-def session_options(threads: int = 1, optimize: bool = True, spin: bool = True) -> ort.SessionOptions:
+def session_options(threads: int = 1, optimize: bool = True, spin: bool = True,
+                    prepack: bool = True) -> ort.SessionOptions:
     """CPU session options. ``spin=False`` stops idle intra-op pool threads from busy-waiting: needed when several
     sessions are timed interleaved in one process, where a spinning pool steals the CPU from the next session."""
     so = ort.SessionOptions()
@@ -31,6 +37,8 @@ def session_options(threads: int = 1, optimize: bool = True, spin: bool = True) 
     so.log_severity_level = 3
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 
@@ -38,12 +46,12 @@ class Session:
     """An ``InferenceSession`` built from a ModelProto, bytes or a path (temporary files cleaned up on close)."""
 
     def __init__(self, model: onnx.ModelProto | bytes | str | Path, threads: int = 1, optimize: bool = True,
-                 what: str = "model", spin: bool = True):
+                 what: str = "model", spin: bool = True, light: bool = False):
         self._tmpdir: str | None = None
-        so = session_options(threads, optimize, spin)
+        so = session_options(threads, optimize and not light, spin, prepack=not light)
         try:
             if isinstance(model, onnx.ModelProto):
-                if io.needs_external_data(model):
+                if io.needs_external_data(model) or mmap_weights.has_mapped(model):
                     self._tmpdir = tempfile.mkdtemp(prefix="onnxcompress-")
                     path = Path(self._tmpdir) / "model.onnx"
                     io.save_model(model, path, external_data=True)

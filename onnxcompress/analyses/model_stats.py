@@ -5,6 +5,9 @@
   integer constants (<= 16 elements) are not parameters.
 - bytes_raw: the serialised model (protobuf) size; bytes_zip: its zlib (level 6) size, which is what clustering and
   pruning buy when the file is shipped compressed; zip of > 2 GB models is estimated on the weights alone.
+  Models with memory-mapped weights (``mmap_weights``): bytes_raw = the size the proto would have with them loaded;
+  bytes_zip = zip of that proto + each mapped tensor zipped on its own, streamed from its file (cached while the
+  file is unchanged, so untouched weights are zipped once per run). Nothing serialises a > 2 GB proto.
 - ops / nodes: histogram of op types over the graph and its subgraphs.
 """
 
@@ -17,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnxcompress import io
+from onnxcompress import io, mmap_weights
 from onnxcompress.analyses.macs import count_macs
 
 _INT_PARAM_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
@@ -60,7 +63,11 @@ def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
             ops[n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"] += 1
     st.ops = dict(ops.most_common())
     st.nodes = sum(ops.values())
-    if io.needs_external_data(model):
+    if mmap_weights.has_mapped(model):
+        st.bytes_raw = mmap_weights.serialized_size(model)
+        if with_zip:
+            st.bytes_zip = _zip_with_mapped(model)
+    elif io.needs_external_data(model):
         st.bytes_raw = model.ByteSize()
         if with_zip:
             comp = zlib.compressobj(6)
@@ -78,3 +85,18 @@ def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
         st.macs = macs.total
         st.macs_unknown = len(macs.unknown)
     return st
+
+
+def _zip_with_mapped(model: onnx.ModelProto) -> int:
+    """zlib size of the proto (raw tensors in it, mapped ones as references) plus each mapped tensor's own."""
+    comp = zlib.compressobj(6)
+    total = 0
+    for g in io.iter_graphs(model.graph):
+        for node in g.node:
+            total += len(comp.compress(node.SerializeToString()))
+        for t in g.initializer:
+            if mmap_weights.is_mapped(t):
+                total += mmap_weights.zipped_size(t)
+            else:
+                total += len(comp.compress(t.SerializeToString()))
+    return total + len(comp.flush())

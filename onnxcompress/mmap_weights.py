@@ -1,0 +1,308 @@
+"""Memory-mapped external-data weights: models over 2 GB without holding their weights twice.
+
+A model read with ``io.read_model(path, mapped=True)`` keeps every large initializer that lives in an external data
+file (at least ``MAP_MIN_BYTES``, a dtype whose raw bytes are its NumPy layout, IR >= 4) as an *external reference*
+in the ModelProto: ``location``/``offset``/``length`` plus one private entry ``FILE_KEY`` holding the resolved path
+of the data file, which ``model_safety.check_external_data`` has already confined to the model's folder (offsets and
+lengths checked against the file). The entry is stripped from any input file before the checks and never written
+out: every writer (``io.save_model``, ``runtime.Session``) turns a mapped tensor into bytes or into a reference to
+the file it writes.
+
+- Import (``attach``): the graphsurgeon ``Constant`` of a mapped tensor gets ``MappedValues``; reading ``.values``
+  returns a read-only ``np.memmap`` of exactly that file region (``MappedArray``, no copy; the kernel pages it in
+  and may drop it again). Writing into it raises: passes assign new arrays, they never write in place.
+- Resident memory: mapped pages count in RSS while mapped; each ``load`` first releases the pages of the earlier
+  mappings (``release_resident_pages``), so a pass walking every weight keeps about one tensor resident.
+- Export (``relazify``, before every graphsurgeon export): a Constant whose values are still the very array it was
+  mapped to (same object, shape, dtype) goes back to ``MappedValues``, so the exported proto references the file
+  instead of copying the bytes, and the mapping is released (its pages leave the resident set).
+- ``checkable``: a stand-in for ``onnx.checker`` (which resolves external files against the working directory):
+  large weights become typed graph inputs, everything else is the model.
+- ``materialized``: a copy with every mapped tensor loaded, exactly as ``onnx.load_external_data_for_model`` loads
+  it (raw_data, data_location DEFAULT, no external entries), for models small enough to serialise.
+
+Byte sizes of a mapped model are the proto's plus the mapped lengths; nothing here serialises a > 2 GB proto.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import weakref
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+
+from onnxcompress.model_safety import iter_graphs, iter_tensors, tensor_nbytes
+
+#: private external-data entry: the resolved path of the (checked) data file a mapped tensor reads
+FILE_KEY = "onnxcompress.mapped_file"
+#: external initializers at least this big are memory-mapped instead of loaded
+MAP_MIN_BYTES = 1 << 20
+#: weights at least this big become graph inputs in ``checkable``
+CHECK_STRIP_BYTES = 1 << 20
+_COPY_CHUNK = 16 << 20
+
+#: dtypes whose raw bytes are exactly what ``numpy_helper.to_array`` returns (little-endian hosts)
+_MAPPABLE = {
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL,
+}
+
+
+# -------------------------------------------------------------------------------------------------- protos
+def is_mapped(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL and any(e.key == FILE_KEY for e in t.external_data)
+
+
+def source(t: onnx.TensorProto) -> tuple[str, int, int]:
+    """(data file, offset, length) of a mapped tensor."""
+    entries = {e.key: e.value for e in t.external_data}
+    return entries[FILE_KEY], int(entries.get("offset") or 0), int(entries["length"])
+
+
+def has_mapped(model: onnx.ModelProto) -> bool:
+    return any(is_mapped(t) for g in iter_graphs(model.graph) for t in g.initializer)
+
+
+def mapped_bytes(model: onnx.ModelProto) -> int:
+    return sum(source(t)[2] for g in iter_graphs(model.graph) for t in g.initializer if is_mapped(t))
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The size ``model`` would serialise to with every mapped tensor loaded (exact up to the few bytes of the
+    graph's and subgraphs' own length prefixes), computed without loading or serialising anything big."""
+    total = model.ByteSize()
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            if not is_mapped(t):
+                continue
+            ref = t.ByteSize()
+            stub = onnx.TensorProto()
+            stub.CopyFrom(t)
+            del stub.external_data[:]
+            stub.data_location = onnx.TensorProto.DEFAULT
+            stub.raw_data = b""
+            length = source(t)[2]
+            real = stub.ByteSize() - 1 + _varint_len(length) + length
+            total += real + _varint_len(real) - ref - _varint_len(ref)
+    return total
+
+
+def strip_private_entries(model: onnx.ModelProto) -> None:
+    """Remove ``FILE_KEY`` entries an input file may carry (only the reader sets them, after its checks)."""
+    for t in iter_tensors(model):
+        if any(e.key == FILE_KEY for e in t.external_data):
+            keep = [(e.key, e.value) for e in t.external_data if e.key != FILE_KEY]
+            del t.external_data[:]
+            for k, v in keep:
+                t.external_data.append(onnx.StringStringEntryProto(key=k, value=v))
+
+
+def map_initializers(model: onnx.ModelProto, base_dir: Path) -> int:
+    """Mark the mappable external initializers (module docstring); call after ``check_external_data``. Returns how
+    many were marked; the other external tensors are left for the caller to load."""
+    if model.ir_version < 4 or sys.byteorder != "little":
+        return 0
+    base = base_dir.resolve()
+    marked = 0
+    for g in iter_graphs(model.graph):
+        for t in g.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type not in _MAPPABLE:
+                continue
+            nbytes = tensor_nbytes(t)
+            if nbytes is None or nbytes < MAP_MIN_BYTES:
+                continue
+            entries = {e.key: e.value for e in t.external_data}
+            target = (base / entries["location"]).resolve()
+            del t.external_data[:]
+            for k, v in (("location", entries["location"]), ("offset", str(int(entries.get("offset") or 0))),
+                         ("length", str(nbytes)), (FILE_KEY, str(target))):
+                t.external_data.append(onnx.StringStringEntryProto(key=k, value=v))
+            marked += 1
+    return marked
+
+
+def read_region(t: onnx.TensorProto) -> bytes:
+    path, offset, length = source(t)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise OSError(f"{path}: {len(data)} bytes at offset {offset}, expected {length} (file changed?)")
+    return data
+
+
+def load_into(t: onnx.TensorProto) -> None:
+    """In place: the mapped tensor's bytes as raw_data, as onnx's external-data loader leaves a tensor."""
+    t.raw_data = read_region(t)
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.DEFAULT
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every mapped tensor loaded (only for models under the protobuf limit)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for g in iter_graphs(out.graph):
+        for t in g.initializer:
+            if is_mapped(t):
+                load_into(t)
+    return out
+
+
+def copy_region(t: onnx.TensorProto, out) -> int:
+    """Append the mapped tensor's bytes to the open binary file ``out`` in chunks; returns the length."""
+    path, offset, length = source(t)
+    buf = bytearray(min(_COPY_CHUNK, max(length, 1)))
+    left = length
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while left:
+            view = memoryview(buf)[:min(left, len(buf))]
+            n = f.readinto(view)
+            if not n:
+                raise OSError(f"{path}: ends before offset {offset} + length {length} (file changed?)")
+            out.write(view[:n])
+            left -= n
+    return length
+
+
+_ZIP_CACHE: dict[tuple, int] = {}
+
+
+def zipped_size(t: onnx.TensorProto, level: int = 6) -> int:
+    """zlib size of a mapped tensor's bytes, streamed in chunks and cached by (file, offset, length, mtime)."""
+    path, offset, length = source(t)
+    key = (path, offset, length, os.stat(path).st_mtime_ns, level)
+    if key not in _ZIP_CACHE:
+        comp = zlib.compressobj(level)
+        total, left = 0, length
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while left:
+                chunk = f.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    break
+                total += len(comp.compress(chunk))
+                left -= len(chunk)
+        _ZIP_CACHE[key] = total + len(comp.flush())
+    return _ZIP_CACHE[key]
+
+
+def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for ``onnx.checker``: every mapped initializer, and every other one of at least ``CHECK_STRIP_BYTES``,
+    becomes a typed input of the main graph (names are unique across scopes, so subgraphs still see it)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    declared = {vi.name for vi in out.graph.input}
+    for g in iter_graphs(out.graph):
+        for i in reversed(range(len(g.initializer))):
+            t = g.initializer[i]
+            if is_mapped(t) or (t.HasField("raw_data") and (tensor_nbytes(t) or 0) >= CHECK_STRIP_BYTES):
+                if t.name not in declared:
+                    out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+                    declared.add(t.name)
+                del g.initializer[i]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- graphsurgeon
+class MappedArray(np.memmap):
+    """A read-only memory map of one tensor's file region; ``mapped_from`` is set only on the array ``load`` made
+    (views and results of operations have None)."""
+    mapped_from: MappedValues | None = None
+
+
+#: the mappings ``MappedValues.load`` made that may still be alive
+_LIVE_MAPS: list[weakref.ref] = []
+
+
+def release_resident_pages() -> int:
+    """Drop the resident pages of every live mapping (``MADV_DONTNEED``; read-only file mappings refault from the
+    page cache on the next read, unchanged). Keeps the resident set at about one tensor while a pass walks the
+    weights, even though a replaced Constant (and its mapping) lives on until the cycle collector frees it.
+    Returns how many mappings are alive."""
+    alive = []
+    for ref in _LIVE_MAPS:
+        mm = ref()
+        if mm is None or mm.closed:
+            continue
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError, AttributeError):  # pragma: no cover - platform without madvise
+            pass
+        alive.append(ref)
+    _LIVE_MAPS[:] = alive
+    return len(alive)
+
+
+class MappedValues(LazyValues):
+    """Lazy values of a mapped tensor: ``load()`` maps the file region, nothing is copied (and the pages of the
+    mappings made before are released: ``release_resident_pages``)."""
+
+    def load(self) -> np.ndarray:
+        path, offset, _ = source(self.tensor)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
+        release_resident_pages()
+        arr = MappedArray(path, dtype=dtype, mode="r", offset=offset, shape=tuple(int(d) for d in self.tensor.dims))
+        arr.mapped_from = self
+        mm = getattr(arr, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            _LIVE_MAPS.append(weakref.ref(mm))
+        return arr
+
+    def fresh(self) -> MappedValues:
+        """A new instance over a copy of the (small, reference-only) tensor proto: never shared between Constants."""
+        t = onnx.TensorProto()
+        t.CopyFrom(self.tensor)
+        return MappedValues(t)
+
+
+def _constants(graph) -> list:
+    graphs = [graph, *graph.subgraphs(recursive=True)]
+    seen: dict[int, object] = {}
+    for g in graphs:
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant):
+                seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def attach(graph) -> int:
+    """After ``gs.import_onnx``: Constants of mapped tensors get ``MappedValues`` (and the data location an eagerly
+    loaded tensor has, DEFAULT, so a replaced array exports exactly as it would have). Returns how many."""
+    n = 0
+    for c in _constants(graph):
+        v = c._values
+        if isinstance(v, LazyValues) and not isinstance(v, SparseValues) and is_mapped(v.tensor):
+            c._values = MappedValues(v.tensor).fresh()
+            c.data_location = onnx.TensorProto.DEFAULT
+            n += 1
+    return n
+
+
+def relazify(graph) -> int:
+    """Before an export: Constants still holding the untouched array they were mapped to go back to
+    ``MappedValues`` (exported as file references; the mapping is released). Returns how many."""
+    n = 0
+    for c in _constants(graph):
+        v = c._values
+        src = getattr(v, "mapped_from", None) if isinstance(v, MappedArray) else None
+        if src is None or tuple(v.shape) != tuple(src.shape) or v.dtype != np.dtype(src.dtype):
+            continue
+        if getattr(c, "_export_dtype", None) not in (None, v.dtype):
+            continue
+        c._values = src.fresh()
+        n += 1
+    return n
