@@ -2,9 +2,11 @@
 
 Two child processes (different PYTHONHASHSEED, so set/dict-order accidents show) each compress the bundled model
 once per registered pass (default options, the same calibration file, seed 7). Every pass's two outputs must be
-byte-identical. A pass whose decisions used live latency measurements is reproducible by contract only from its
-report (``--latency-profile``): for such a pass, a third run replaying the first run's profile must reproduce the
-first output byte for byte.
+byte-identical. ``quantize`` must be so with its default options and no replay: its latency decisions come from the
+per-machine cache (``$ONNXCOMPRESS_CACHE/latency``, a fresh folder per test, shared by the two children as two runs
+on one machine share it). Another pass whose decisions used live latency measurements is reproducible by contract
+only from its report (``--latency-profile``): for such a pass, a third run replaying the first run's profile must
+reproduce the first output byte for byte.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ out, calib, profile_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 codes = {}
 for name in json.loads(sys.argv[4]):
     argv = ["compress", sys.argv[5], "-o", f"{out}/{name}.onnx", "--passes", name, "--calib", calib, "--seed", "7",
-            "--no-latency", "--max-val", "8", "-q"]
+            "--no-latency", "--max-val", "8", "-q", *json.loads(sys.argv[6])]
     if profile_dir != "-":
         argv += ["--latency-profile", f"{profile_dir}/{name}.onnx.report.json"]
     codes[name] = main(argv)
@@ -40,11 +42,14 @@ print(json.dumps(codes))
 """
 
 
-def _run(out: Path, calib: Path, names: list[str], hashseed: str, profile_dir: Path | None = None) -> dict:
+def _run(out: Path, calib: Path, names: list[str], hashseed: str, profile_dir: Path | None = None,
+         cache: Path | None = None, extra: tuple[str, ...] = ()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONHASHSEED": hashseed, "OMP_NUM_THREADS": "1"}
+    if cache is not None:
+        env["ONNXCOMPRESS_CACHE"] = str(cache)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(out), str(calib), str(profile_dir or "-"),
-                           json.dumps(names), str(MODEL)], capture_output=True, text=True, env=env, cwd=ROOT,
+                           json.dumps(names), str(MODEL), json.dumps(list(extra))], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -60,12 +65,13 @@ def test_every_pass_is_byte_deterministic_across_processes(tmp_path):
         np.savez(tmp_path / "calib.npz", **{k: z[k][:48] for k in z.files})
     calib = tmp_path / "calib.npz"
     names = [n for n in registered_passes() if not n.startswith("test-")]  # product passes only
-    codes_a = _run(tmp_path / "a", calib, names, "1")
-    codes_b = _run(tmp_path / "b", calib, names, "2")
+    codes_a = _run(tmp_path / "a", calib, names, "1", cache=tmp_path / "cache")
+    codes_b = _run(tmp_path / "b", calib, names, "2", cache=tmp_path / "cache")
     assert codes_a == codes_b
     ran = [n for n in names if codes_a[n] == 0]
     assert set(ran) >= {"cleanup", "strip-metadata"}, codes_a
     differ = [n for n in ran if _sha(tmp_path / "a" / f"{n}.onnx") != _sha(tmp_path / "b" / f"{n}.onnx")]
+    assert "quantize" not in differ, "quantize differs between two runs sharing the machine's latency cache"
     measured = []
     for n in differ:
         report = json.loads((tmp_path / "a" / f"{n}.onnx.report.json").read_text())
@@ -82,3 +88,26 @@ def test_every_pass_is_byte_deterministic_across_processes(tmp_path):
           f"identical only with the replayed latency profile: {measured}; failed to run: "
           f"{[n for n in names if codes_a[n] != 0]}")
     assert not not_explained, f"outputs differ between two identical runs: {not_explained}"
+
+
+def _quantize_report(folder: Path) -> dict:
+    report = json.loads((folder / "quantize.onnx.report.json").read_text())
+    return next(r for r in report["ledger"] if r["stage"].startswith("quantize"))["pass_stats"]
+
+
+def test_quantize_default_is_byte_identical_across_processes(tmp_path):
+    """quantize with its default options (static, latency guard on), two fresh processes, no replay: the first
+    measures and caches its latency decisions, the second reads them, and the files are equal byte for byte."""
+    with np.load(CALIB) as z:
+        np.savez(tmp_path / "calib.npz", **{k: z[k][:16] for k in z.files})
+    calib, cache = tmp_path / "calib.npz", tmp_path / "cache"
+    fast = ("--no-validate",)  # the pass's own decisions are what is under test, not the final oracle run
+    assert _run(tmp_path / "a", calib, ["quantize"], "1", cache=cache, extra=fast) == {"quantize": 0}
+    assert _run(tmp_path / "b", calib, ["quantize"], "2", cache=cache, extra=fast) == {"quantize": 0}
+    a, b = _quantize_report(tmp_path / "a"), _quantize_report(tmp_path / "b")
+    assert a["latency_measurements"]["measured"] > 0, a  # the guard timed the model in the first run ...
+    assert b["latency_measurements"]["measured"] == 0, b  # ... and the second took every decision from the cache
+    assert b["latency_measurements"]["machine_cache"] == a["latency_measurements"]["measured"]
+    files = list((cache / "latency").glob("*.json"))
+    assert len(files) == 1 and str(files[0]) in b["latency_cache"]
+    assert _sha(tmp_path / "a" / "quantize.onnx") == _sha(tmp_path / "b" / "quantize.onnx")

@@ -28,6 +28,13 @@ def _init(model: onnx.ModelProto, **arrays: np.ndarray) -> onnx.ModelProto:
     return model
 
 
+@pytest.fixture(autouse=True)
+def _own_latency_cache(tmp_path, monkeypatch):
+    """Each test its own per-machine latency cache: stubbed timings never reach the user's cache, and a cached
+    value from an earlier run never hides a measurement a test counts."""
+    monkeypatch.setenv("ONNXCOMPRESS_LATENCY_CACHE", str(tmp_path / "latency-cache"))
+
+
 def conv_net(opset: int = 13, seed: int = 0) -> onnx.ModelProto:
     """Conv-Relu, depthwise Conv-Relu, pointwise Conv, residual Add, GAP, Gemm."""
     rng = np.random.default_rng(seed)
@@ -755,5 +762,5 @@ def test_latency_guard_returns_the_float_model_when_the_profile_says_int8_is_slo
     # the same decisions from a plain profile holding those ratios, replayed strictly
     replayed, stats2, ctx2 = _static_run(model, LatencyProfile(ctx.latency.to_dict(), replay_only=True))
     assert replayed.SerializeToString() == q.SerializeToString() and ctx2.latency.measured == 0
-    assert stats2["latency_measurements"] == {"measured": 0, "replayed": 5}
+    assert stats2["latency_measurements"] == {"measured": 0, "replayed": 5, "machine_cache": 0}
 

@@ -19,6 +19,13 @@ INT8_TIME = 0.35
 OUTLIER = 3.0
 
 
+@pytest.fixture(autouse=True)
+def _own_latency_cache(tmp_path, monkeypatch):
+    """Each test its own per-machine latency cache: stubbed timings never reach the user's cache, and a cached
+    value from an earlier run never hides a measurement a test counts."""
+    monkeypatch.setenv("ONNXCOMPRESS_LATENCY_CACHE", str(tmp_path / "latency-cache"))
+
+
 def dominant_conv_net(seed: int = 0, noisy: str = "c2") -> onnx.ModelProto:
     """c1 (3->8) -> c2 (8->96, 3x3: ~90% of the MACs; weights with an outlier on an input channel that is always 0, so its
     int8 weights are coarse) -> c3 (96->4, 1x1): the output."""

@@ -28,10 +28,17 @@ from tests.conftest import ort_run
 D = 32
 
 #: passes that change the main graph, leave the bodies alone and do not say so (strict: fixing one turns it red)
-SILENT_ON_SUBGRAPHS: dict[str, str] = {
-    "quantize": "passes/quantize: rewrites main-graph weights (static mode, even when the latency guard leaves the "
-                "graph float) and leaves the If bodies' MatMuls float without saying so in its stats",
-}
+SILENT_ON_SUBGRAPHS: dict[str, str] = {}
+
+#: the four bodies of ``nested_if_model`` as quantize's stats name them
+BODY_LABELS = {"If 'outer_if' then_branch", "If 'outer_if' else_branch", "If 'inner_if' then_branch",
+               "If 'inner_if' else_branch"}
+
+
+@pytest.fixture(autouse=True)
+def _own_latency_cache(tmp_path, monkeypatch):
+    """quantize's per-machine latency cache in the test's folder, never the user's."""
+    monkeypatch.setenv("ONNXCOMPRESS_LATENCY_CACHE", str(tmp_path / "latency-cache"))
 
 
 def nested_if_model() -> onnx.ModelProto:
@@ -174,3 +181,82 @@ def test_pass_keeps_nested_if_working(name):
         text = json.dumps(stats, default=str).lower()
         assert "subgraph" in text, (f"{name} changed the main graph, left the If bodies untouched and its stats do "
                                     f"not say so: {stats}")
+
+
+def _all_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [*model.graph.initializer, *(t for b in bodies(model.graph) for t in b.initializer)]
+
+
+#: quantize's modes on the nested-If model, and the lowest output cosine each must keep on every path
+QUANTIZE_MODES = {
+    "dynamic": ({"mode": "dynamic"}, 0.999),
+    "weight_only": ({"mode": "weight_only"}, 0.999),
+    "weight_only_int4": ({"mode": "weight_only", "weight_bits": 4, "block_size": 16}, 0.98),
+    "static": ({"mode": "static", "latency_guard": False}, 0.995),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANTIZE_MODES))
+def test_quantize_quantizes_inside_if_bodies_and_says_so(case):
+    """Every MatMul in every body reads an integer weight; W0 (main graph, read by the main MatMul and by the
+    nested then-branch) has exactly one integer copy; the stats name each body; the outputs stay close on all
+    three paths under ORT."""
+    from onnxcompress.passes.quantize import Quantize
+    from onnxcompress.passes.quantize.subgraphs import NO_RANGES
+
+    options, min_cos = QUANTIZE_MODES[case]
+    model, feeds = nested_if_model(), path_feeds()
+    result = compress(model, [Quantize(**options)], calibration=feeds, validation=feeds)
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert len(if_nodes(out.graph)) == 2 and all(len(b.node) > 0 for b in bodies(out.graph))
+    stats = result.ledger[-1].pass_stats
+    assert set(stats["subgraphs"]) == BODY_LABELS, stats
+    assert stats["subgraphs"]["If 'inner_if' else_branch"].startswith("nothing to quantize")
+    bits = "int4" if options.get("weight_bits") == 4 else "int8"
+    for label in BODY_LABELS - {"If 'inner_if' else_branch"}:
+        text = stats["subgraphs"][label]
+        assert text.startswith("1 MatMul") and bits in text, text
+        assert (NO_RANGES in text) == (options["mode"] == "static"), text
+    inits = _all_initializers(out)
+    float_weights = {t.name for t in inits if t.data_type == TensorProto.FLOAT and len(t.dims) == 2}
+    body_mms = [n for b in bodies(out.graph) for n in b.node if n.op_type in ("MatMul", "MatMulInteger")]
+    assert len(body_mms) == 3 and not any(n.input[1] in float_weights for n in body_mms)
+    w0 = [t for t in inits if t.name.startswith("W0") and int(np.prod(t.dims)) == D * D]
+    assert len(w0) == 1 and w0[0].data_type != TensorProto.FLOAT, [(t.name, t.data_type) for t in w0]
+    assert result.fidelity.worst()["cosine"] >= min_cos
+    for f in feeds:
+        got, want = ort_run(out, f)[0].ravel(), ort_run(model, f)[0].ravel()
+        assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= min_cos
+
+
+def test_quantize_weight_only_dequantizes_a_shared_outer_weight_once_in_the_main_graph():
+    """W0 is read in the main graph and two Ifs deep: one DequantizeLinear, in the main graph, feeds both."""
+    from onnxcompress.passes.quantize import Quantize
+
+    out = compress(nested_if_model(), [Quantize(mode="weight_only")], validate=False).model
+    dq_main = [n for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("W0")]
+    assert len(dq_main) == 1
+    readers = [n for n in [*out.graph.node, *(n for b in bodies(out.graph) for n in b.node)]
+               if dq_main[0].output[0] in n.input]
+    assert sorted(n.name for n in readers) == ["inner_then_mm", "mm0"]
+
+
+def test_quantize_static_left_float_by_the_latency_guard_names_every_body():
+    """When the guard keeps the float graph, the stats still say, body by body, that it was left float and why."""
+    from onnxcompress.passes.quantize import Quantize
+
+    from onnxcompress.latency_profile import LatencyProfile
+
+    class Int8Slower(LatencyProfile):
+        def measure(self, key, fn):
+            self.replayed += 1
+            return 2.0
+
+    model, feeds = nested_if_model(), path_feeds()
+    result = compress(model, [Quantize()], calibration=feeds, validate=False, latency_profile=Int8Slower())
+    stats = result.ledger[-1].pass_stats
+    assert "slower" in stats["skipped"]
+    assert set(stats["subgraphs"]) == BODY_LABELS
+    assert all(v.startswith("left float: the quantized model was slower") for v in stats["subgraphs"].values())
+    assert body_fingerprint(result.model) == body_fingerprint(model)

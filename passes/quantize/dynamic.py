@@ -30,16 +30,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxcompress import io
 from onnxcompress.errors import PassError
-from onnxcompress.naming import Namer, graph_names
+from onnxcompress.naming import Namer
 from onnxcompress.pass_base import PassResult
 
 from . import opset_upgrade as qo
 from . import qparams_math as qm
+from . import subgraphs as sg
 from .opset_upgrade import ensure_opset
 from .ort_int8_kernels import const_value, weight_axis
 from .prepare import name_unnamed_nodes
@@ -73,24 +72,42 @@ def _matmul_weight(n: gs.Node) -> tuple[np.ndarray, float, bool] | None:
     return None
 
 
-def _candidates(p: Quantize, graph: gs.Graph, ops: tuple[str, ...]) -> tuple[list[gs.Node], dict[str, str]]:
-    name_unnamed_nodes(graph, graph_names(graph))
-    chosen, skipped = [], {}
-    for n in graph.nodes:
-        if n.op not in ops:
-            continue
-        if (n.name and n.name in p.exclude) or n.op in p.exclude:
-            skipped[n.name] = "excluded by the user"
-            continue
-        chosen.append(n)
-    return chosen, skipped
+def _scoped(p: Quantize, graph: gs.Graph, ops: tuple[str, ...]):
+    """Every scope, a model-wide namer, candidates of ``ops`` in all scopes, skips, weight readers."""
+    all_scopes = sg.scopes(graph)
+    namer = sg.namer(all_scopes)
+    name_unnamed_nodes(graph, namer.taken)
+    sg.name_body_nodes(all_scopes, namer.taken)
+    nodes, skipped = sg.candidates(all_scopes, ops, tuple(p.exclude))
+    return all_scopes, namer, nodes, skipped, sg.readers(all_scopes)
+
+
+def _keep(scope: sg.Scope, skipped: dict, n: gs.Node, reason: str) -> None:
+    skipped[n.name] = reason
+    scope.kept_float[f"{n.op} float: {reason}"] += 1
+
+
+def _note_other_layers(all_scopes: list[sg.Scope], ops: tuple[str, ...], reason: str) -> None:
+    """Bodies' layers with a constant float weight that this mode does not touch, counted for the stats."""
+    for s in all_scopes[1:]:
+        for n in s.graph.nodes:
+            if n.op in ("MatMul", "Gemm", "Conv") and n.op not in ops and sg.float_weight(n, 1) is not None:
+                s.kept_float[f"{n.op} float: {reason}"] += 1
 
 
 def _finish(
-    p: Quantize, graph: gs.Graph, ctx: PassContext, new_nodes: list[gs.Node], done: Counter, skipped: dict, stats: dict
+    p: Quantize,
+    graph: gs.Graph,
+    ctx: PassContext,
+    all_scopes: list[sg.Scope],
+    new_nodes: dict[int, list[gs.Node]],
+    done: Counter,
+    skipped: dict,
+    stats: dict,
 ) -> None:
-    """Add the new nodes, drop the replaced ones, quantize embedding tables, and fill the common stats."""
-    graph.nodes.extend(new_nodes)
+    """Add the new nodes to their scopes, drop the replaced ones, quantize embedding tables, fill the stats."""
+    for s in all_scopes:
+        s.graph.nodes.extend(new_nodes.get(id(s), []))
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     if "Gather" in p.dynamic_ops:
         k = quantize_gathers(graph, tuple(p.exclude))
@@ -98,120 +115,105 @@ def _finish(
             done["Gather"] += k
     stats["nodes_quantized"] = dict(done)
     stats["layers_kept_float"] = skipped
+    if len(all_scopes) > 1:
+        stats["subgraphs"] = sg.body_stats(all_scopes)
     stats["weight_bytes_after"] = _weight_bytes(graph, ctx)
 
 
 # ------------------------------------------------------------------------------------------------- dynamic
 def run_dynamic(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """MatMul/Gemm of every scope (main graph and If/Loop/Scan bodies); one ``W_q`` per weight, shared."""
     stats: dict = {"mode": "dynamic", "weight_bytes_before": _weight_bytes(graph, ctx)}
     per_channel = p.per_channel
     if not ensure_opset(graph, ctx, qo.PER_TENSOR_OPSET, stats):
         raise PassError("dynamic quantization needs opset >= 10 and the upgrade failed")
-    namer = Namer(graph)
-    nodes, skipped = _candidates(p, graph, tuple(op for op in p.dynamic_ops if op in ("MatMul", "Gemm")))
+    ops = tuple(op for op in p.dynamic_ops if op in ("MatMul", "Gemm"))
+    all_scopes, namer, nodes, skipped, uses = _scoped(p, graph, ops)
+    _note_other_layers(all_scopes, ops, "dynamic mode quantizes MatMul/Gemm only")
+    allowed = {(id(n), 1) for _s, n in nodes}
+    shared: dict[tuple, tuple[gs.Constant, gs.Constant, gs.Constant]] = {}
     done: Counter = Counter()
-    new_nodes: list[gs.Node] = []
-    for n in nodes:
+    new_nodes: dict[int, list[gs.Node]] = {}
+    for scope, n in nodes:
         got = _matmul_weight(n)
         if got is None:
-            skipped[n.name] = "no constant 2-D float weight"
+            _keep(scope, skipped, n, "no constant 2-D float weight")
             continue
-        w, alpha, _ = got
-        x = n.inputs[0]
-        qw = qm.quantize_weight(w, qm.INT8, 1 if per_channel else None)
-        s_w = (np.asarray(qw.scale, np.float64) * alpha).astype(np.float32)
-        base = n.name or x.name
-        xq = gs.Variable(namer(f"{base}_input_quantized"), dtype=np.uint8)
-        xs = gs.Variable(namer(f"{base}_input_scale"), dtype=np.float32)
-        xz = gs.Variable(namer(f"{base}_input_zero_point"), dtype=np.uint8)
-        acc = gs.Variable(namer(f"{base}_acc"), dtype=np.int32)
-        accf = gs.Variable(namer(f"{base}_acc_float"), dtype=np.float32)
-        scale = gs.Variable(namer(f"{base}_scale"), dtype=np.float32)
-        y = n.outputs[0]
         has_c = n.op == "Gemm" and len(n.inputs) > 2 and n.inputs[2].name
-        y_mm = gs.Variable(namer(f"{base}_matmul"), dtype=np.float32) if has_c else y
-        chain = [
-            gs.Node(
-                "DynamicQuantizeLinear",
-                namer(f"{base}_DynamicQuantizeLinear"),
-                inputs=[x],
-                outputs=[xq, xs, xz],
-            ),
-            gs.Node(
-                "MatMulInteger",
-                namer(f"{base}_MatMulInteger"),
-                inputs=[
-                    xq,
-                    gs.Constant(namer(f"{base}_weight_quantized"), qw.q),
-                    xz,
-                    gs.Constant(namer(f"{base}_weight_zero_point"), np.asarray(qw.zero_point)),
-                ],
-                outputs=[acc],
-            ),
-            gs.Node(
-                "Cast",
-                namer(f"{base}_Cast"),
-                attrs={"to": onnx.TensorProto.FLOAT},
-                inputs=[acc],
-                outputs=[accf],
-            ),
-            gs.Node(
-                "Mul",
-                namer(f"{base}_scale_Mul"),
-                inputs=[xs, gs.Constant(namer(f"{base}_weight_scale"), np.asarray(s_w))],
-                outputs=[scale],
-            ),
-            gs.Node("Mul", namer(f"{base}_Mul"), inputs=[accf, scale], outputs=[y_mm]),
-        ]
-        if has_c:
-            c = n.inputs[2]
-            beta = float(n.attrs.get("beta", 1.0))
-            cv = const_value(c)
-            if cv is not None and beta != 1.0:
-                c = gs.Constant(namer(f"{base}_bias"), (cv.astype(np.float64) * beta).astype(np.float32))
-            elif beta != 1.0:
-                skipped[n.name] = "Gemm with beta != 1 and a non-constant C"
-                continue
-            chain.append(gs.Node("Add", namer(f"{base}_bias_Add"), inputs=[y_mm, c], outputs=[y]))
-        n.inputs.clear()
-        n.outputs.clear()
-        new_nodes.extend(chain)
+        beta = float(n.attrs.get("beta", 1.0))
+        if has_c and beta != 1.0 and const_value(n.inputs[2]) is None:
+            _keep(scope, skipped, n, "Gemm with beta != 1 and a non-constant C")
+            continue
+        other = sg.foreign_reader(uses.get(n.inputs[1].name, []), allowed)
+        if other:
+            _keep(scope, skipped, n, f"its weight is also read by {other}: kept float (one copy)")
+            continue
+        w, alpha, trans = got
+        key = (n.inputs[1].name, trans, alpha, per_channel)
+        if key not in shared:
+            qw = qm.quantize_weight(w, qm.INT8, 1 if per_channel else None)
+            s_w = (np.asarray(qw.scale, np.float64) * alpha).astype(np.float32)
+            wbase = n.inputs[1].name
+            shared[key] = (
+                gs.Constant(namer(f"{wbase}_quantized"), qw.q),
+                gs.Constant(namer(f"{wbase}_zero_point"), np.asarray(qw.zero_point)),
+                gs.Constant(namer(f"{wbase}_scale"), np.asarray(s_w)),
+            )
+        new_nodes.setdefault(id(scope), []).extend(_dynamic_chain(n, namer, shared[key]))
         done[n.op] += 1
-    _finish(p, graph, ctx, new_nodes, done, skipped, stats)
+        scope.done[f"{n.op} dynamic-int8"] += 1
+    _finish(p, graph, ctx, all_scopes, new_nodes, done, skipped, stats)
     return PassResult(bool(done), stats)
 
 
+def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Constant, gs.Constant]) -> list[gs.Node]:
+    """``n`` (MatMul/Gemm) as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (+ beta·C); ``n`` is emptied."""
+    w_q, w_zp, w_scale = weight
+    x = n.inputs[0]
+    base = n.name or x.name
+    xq = gs.Variable(namer(f"{base}_input_quantized"), dtype=np.uint8)
+    xs = gs.Variable(namer(f"{base}_input_scale"), dtype=np.float32)
+    xz = gs.Variable(namer(f"{base}_input_zero_point"), dtype=np.uint8)
+    acc = gs.Variable(namer(f"{base}_acc"), dtype=np.int32)
+    accf = gs.Variable(namer(f"{base}_acc_float"), dtype=np.float32)
+    scale = gs.Variable(namer(f"{base}_scale"), dtype=np.float32)
+    y = n.outputs[0]
+    has_c = n.op == "Gemm" and len(n.inputs) > 2 and n.inputs[2].name
+    y_mm = gs.Variable(namer(f"{base}_matmul"), dtype=np.float32) if has_c else y
+    chain = [
+        gs.Node("DynamicQuantizeLinear", namer(f"{base}_DynamicQuantizeLinear"), inputs=[x], outputs=[xq, xs, xz]),
+        gs.Node("MatMulInteger", namer(f"{base}_MatMulInteger"), inputs=[xq, w_q, xz, w_zp], outputs=[acc]),
+        gs.Node("Cast", namer(f"{base}_Cast"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[acc], outputs=[accf]),
+        gs.Node("Mul", namer(f"{base}_scale_Mul"), inputs=[xs, w_scale], outputs=[scale]),
+        gs.Node("Mul", namer(f"{base}_Mul"), inputs=[accf, scale], outputs=[y_mm]),
+    ]
+    if has_c:
+        c = n.inputs[2]
+        beta = float(n.attrs.get("beta", 1.0))
+        cv = const_value(c)
+        if cv is not None and beta != 1.0:
+            c = gs.Constant(namer(f"{base}_bias"), (cv.astype(np.float64) * beta).astype(np.float32))
+        chain.append(gs.Node("Add", namer(f"{base}_bias_Add"), inputs=[y_mm, c], outputs=[y]))
+    n.inputs.clear()
+    n.outputs.clear()
+    return chain
+
+
 # --------------------------------------------------------------------------------------------- weight-only
-def _int8_weight_dq(namer: Namer, name: str, w: np.ndarray, axis: int | None) -> tuple[gs.Node, gs.Variable]:
-    """Symmetric int8 ``w`` (per channel on ``axis``, per tensor when None) behind a DequantizeLinear."""
-    qw = qm.quantize_weight(w, qm.INT8, axis)
-    attrs = {"axis": int(axis)} if axis is not None else {}
-    return _dq_node(namer, name, qw.q, qw.scale, qw.zero_point, attrs, int4=False)
-
-
-def _dq_node(
-    namer: Namer, base: str, q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, attrs: dict, int4: bool
-) -> tuple[gs.Node, gs.Variable]:
-    out = gs.Variable(namer(f"{base}_dequantized"), dtype=np.float32)
-    if int4:
-        tq = numpy_helper.from_array(q, namer(f"{base}_quantized"))
-        q_c = gs.Constant(tq.name, LazyValues(tq))
-    else:
-        q_c = gs.Constant(namer(f"{base}_quantized"), q)
-    inputs = [q_c, gs.Constant(namer(f"{base}_scale"), np.asarray(scale, np.float32))]
-    if zp is not None:
-        if int4:
-            tz = numpy_helper.from_array(zp, namer(f"{base}_zero_point"))
-            inputs.append(gs.Constant(tz.name, LazyValues(tz)))
-        else:
-            inputs.append(gs.Constant(namer(f"{base}_zero_point"), np.asarray(zp)))
-    node = gs.Node(
-        "DequantizeLinear", namer(f"{base}_DequantizeLinear"), attrs=attrs, inputs=inputs, outputs=[out]
-    )
-    return node, out
+def _weight_only_skip(p: Quantize, n: gs.Node, int4: bool) -> str | None:
+    """Why ``n``'s weight cannot be stored weight-only (None: it can)."""
+    if n.op in ("MatMul", "Gemm"):
+        return None if _matmul_weight(n) is not None else "no constant 2-D float weight"
+    if n.op in ("Conv", "ConvTranspose"):
+        if sg.float_weight(n, 1) is None:
+            return "no constant float weight"
+        return "4-bit weights only for MatMul/Gemm" if int4 else None
+    return "not a MatMul/Gemm/Conv"
 
 
 def run_weight_only(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """Weights of every scope (main graph and bodies) stored as integers; one DequantizeLinear per weight, in the
+    innermost scope enclosing all its readers (``subgraphs``)."""
     stats: dict = {
         "mode": "weight_only",
         "weight_bits": p.weight_bits,
@@ -231,59 +233,53 @@ def run_weight_only(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResul
             stats["per_channel"] = "off: the opset upgrade to 13 failed"
         if not per_channel and not ensure_opset(graph, ctx, qo.PER_TENSOR_OPSET, stats):
             raise PassError("weight-only int8 needs opset >= 10 and the upgrade failed")
-    namer = Namer(graph)
-    nodes, skipped = _candidates(p, graph, tuple(p.dynamic_ops))
+    ops = tuple(op for op in p.dynamic_ops if op != "Gather")
+    all_scopes, namer, nodes, skipped, uses = _scoped(p, graph, ops)
+    _note_other_layers(all_scopes, ops, "not in dynamic_ops")
+    allowed = {(id(n), 1) for _s, n in nodes}
+    dq = sg.SharedDQ(uses)
     done: Counter = Counter()
-    new_nodes: list[gs.Node] = []
-    for n in nodes:
-        if n.op == "Gather":
-            continue  # embedding tables: quantize_gathers below
-        if n.op in ("MatMul", "Gemm"):
-            got = _matmul_weight(n)
-            if got is None:
-                skipped[n.name] = "no constant 2-D float weight"
-                continue
-        elif n.op in ("Conv", "ConvTranspose"):
-            w = const_value(n.inputs[1]) if len(n.inputs) > 1 else None
-            if w is None or w.dtype != np.float32:
-                skipped[n.name] = "no constant float weight"
-                continue
-            if int4:
-                skipped[n.name] = "4-bit weights only for MatMul/Gemm"
-                continue
-        else:
+    new_nodes: dict[int, list[gs.Node]] = {}
+    for scope, n in nodes:
+        why = _weight_only_skip(p, n, int4)
+        if why is None:
+            other = sg.foreign_reader(uses.get(n.inputs[1].name, []), allowed)
+            why = f"its weight is also read by {other}: kept float (one copy)" if other else None
+        if why is not None:
+            if n.op in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+                _keep(scope, skipped, n, why)
             continue
         w_t = n.inputs[1]
         w = np.asarray(w_t.values, np.float32)
         if int4 and p.weight_format == "matmulnbits":
             if n.op != "MatMul":
-                skipped[n.name] = "MatMulNBits replaces MatMul only"
+                _keep(scope, skipped, n, "MatMulNBits replaces MatMul only")
                 continue
-            new_nodes.append(_matmulnbits(n, w, p.block_size, namer))
+            new_nodes.setdefault(id(scope), []).append(_matmulnbits(n, w, p.block_size, namer))
             n.inputs.clear()
             n.outputs.clear()
-            done[n.op] += 1
-            continue
-        if int4:
+        elif int4:
             # blocks run along the reduction axis K: MatMul/Gemm(transB=0) W [K, N] axis 0; Gemm transB W [N, K] axis 1
             axis = 1 if (n.op == "Gemm" and int(n.attrs.get("transB", 0))) else 0
-            qw = qm.quantize_weight_blocked(w, qm.INT4, axis, p.block_size, symmetric=True, clip_search=True)
-            node, out = _dq_node(
-                namer,
-                w_t.name,
-                qw.q,
-                qw.scale,
-                None,
-                {"axis": axis, "block_size": int(p.block_size)},
-                int4=True,
-            )
+            n.inputs[1] = dq.get((w_t.name, "int4", axis, p.block_size), lambda w=w, w_t=w_t, axis=axis: sg.dq_node(
+                namer, w_t.name,
+                *_blocked(w, axis, p.block_size),
+                None, {"axis": axis, "block_size": int(p.block_size)}, int4=True), outermost=True)
         else:
-            node, out = _int8_weight_dq(namer, w_t.name, w, weight_axis(n, w) if per_channel else None)
-        n.inputs[1] = out
-        new_nodes.append(node)
+            axis = weight_axis(n, w) if per_channel else None
+            n.inputs[1] = dq.get((w_t.name, "int8", axis),
+                                 lambda w=w, w_t=w_t, axis=axis: sg.int8_weight_dq(namer, w_t.name, w, axis),
+                                 outermost=n.op in ("MatMul", "Gemm"))
         done[n.op] += 1
-    _finish(p, graph, ctx, new_nodes, done, skipped, stats)
+        scope.done[f"{n.op} weight-int{p.weight_bits}"] += 1
+    dq.insert()
+    _finish(p, graph, ctx, all_scopes, new_nodes, done, skipped, stats)
     return PassResult(bool(done) or "opset_upgrade" in stats, stats)
+
+
+def _blocked(w: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    qw = qm.quantize_weight_blocked(w, qm.INT4, axis, block, symmetric=True, clip_search=True)
+    return qw.q, qw.scale
 
 
 def _matmulnbits(n: gs.Node, w: np.ndarray, block: int, namer: Namer) -> gs.Node:
@@ -395,7 +391,7 @@ def quantize_float_op_weights(
             continue
         if n.op == "ConvTranspose" and int(n.attrs.get("group", 1)) != 1:
             continue  # axis 1 of a grouped ConvTranspose weight is not the output channel
-        node, out = _int8_weight_dq(namer, n.inputs[1].name, w, weight_axis(n, w) if per_channel else None)
+        node, out = sg.int8_weight_dq(namer, n.inputs[1].name, w, weight_axis(n, w) if per_channel else None)
         n.inputs[1] = out
         new_nodes.append(node)
     if new_nodes:

@@ -92,13 +92,14 @@ def latency_guard(
     """The module rule: the build to return and its score, or None when the graph stays float.
     ``float_layers`` (name -> reason) gains the layers fallback 1 keeps float."""
     profile = run.ctx.latency
-    measured0, replayed0 = profile.measured, profile.replayed
+    measured0, replayed0, cached0 = profile.measured, profile.replayed, profile.cached
     try:
         return _guard(run, built, sc, float_layers, ref, eval_feeds)
     finally:
         run.stats["latency_measurements"] = {
             "measured": profile.measured - measured0,
             "replayed": profile.replayed - replayed0,
+            "machine_cache": profile.cached - cached0,
         }
 
 

@@ -6,6 +6,11 @@ dispatch to the mode that does the work.
   (``dynamic``) need no data.
 * Preserves no analysis: every mode rewrites weights into integer initializers behind DequantizeLinear (and static
   folds affine ops into Convs), so channel groups and activation statistics of the float graph no longer hold.
+* Determinism: static mode's latency decisions (guard, float-layer costs, per-Conv speeds) are measured once per
+  machine and cached (``onnxcompress.latency_profile.MachineCache``, ``latency_cache`` option): the same model,
+  options, data and seed give the same bytes in every run on the machine; ``latency_cache=refresh`` measures again
+  (with hysteresis), ``--latency-profile`` replays a report's values over the cache. Generated names come from
+  ``Namer`` over the sorted, ordered graph (no set or id order), so they repeat too.
 * ``requires``: a model that already holds quantized ops (``QUANTIZED_OPS``) is refused unless
   ``already_quantized=ignore`` (quantizing twice stacks the errors). ``ensures``: every constant Q/DQ scale is > 0.
 """
@@ -21,6 +26,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.analyses.calibration import METHODS
 from onnxcompress.context import PassContext
 from onnxcompress.errors import PassError
+from onnxcompress.latency_profile import MachineCache
 from onnxcompress.pass_base import Pass, PassResult, option, register
 
 from .dynamic import run_dynamic, run_weight_only
@@ -148,6 +154,12 @@ class Quantize(Pass):
         True,
         "measure the result under ORT; never return a model slower than the float one",
     )
+    latency_cache: Literal["use", "refresh", "off"] = option(
+        "use",
+        "latency guard timings: use (measured once per machine, cached under ~/.cache/onnxcompress/latency: runs "
+        "are byte-identical) | refresh (measure again; a value moves only beyond the hysteresis) | off (this run "
+        "only)",
+    )
     already_quantized: Literal["refuse", "ignore"] = option(
         "refuse",
         "refuse | ignore (quantize only what is still float)",
@@ -198,6 +210,8 @@ class Quantize(Pass):
             raise ValueError(f"mixed_range_ratio must be > 1, got {self.mixed_range_ratio}")
         if self.sensitivity not in ("leave_one_out", "one_at_a_time"):
             raise ValueError(f"sensitivity must be leave_one_out or one_at_a_time, got {self.sensitivity!r}")
+        if self.latency_cache not in ("use", "refresh", "off"):
+            raise ValueError(f"latency_cache must be use, refresh or off, got {self.latency_cache!r}")
         if self.already_quantized not in ("refuse", "ignore"):
             raise ValueError(f"already_quantized must be refuse or ignore, got {self.already_quantized!r}")
         if isinstance(self.exclude, str) or isinstance(self.dynamic_ops, str):
@@ -230,11 +244,19 @@ class Quantize(Pass):
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if self.mode == "static":
-            return run_static(self, graph, ctx)
         if self.mode == "dynamic":
             return run_dynamic(self, graph, ctx)
-        return run_weight_only(self, graph, ctx)
+        if self.mode == "weight_only":
+            return run_weight_only(self, graph, ctx)
+        cache = None if self.latency_cache == "off" else MachineCache.default(refresh=self.latency_cache == "refresh")
+        with ctx.latency.machine_cache(cache):
+            result = run_static(self, graph, ctx)
+        if cache is not None and (cache.hits or cache.stored):
+            result.stats["latency_cache"] = {
+                str(cache.path): f"{cache.hits} latency decisions read from this machine's cache, {cache.stored} "
+                f"measured and stored (latency_cache=refresh measures them again)"
+            }
+        return result
 
     def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
         for n in graph.nodes:

@@ -41,6 +41,7 @@ from onnxcompress.pass_base import PassResult
 from . import fidelity as fid
 from . import opset_upgrade as qo
 from . import qparams_math as qm
+from . import subgraphs as sg
 from .bias_correction import add_to_bias, bias_anchors, channel_axes, correct_biases
 from .calibrate import calibrate, calibrate_with_reference
 from .dynamic import quantize_float_op_weights, quantize_gathers
@@ -71,6 +72,8 @@ class Built(NamedTuple):
     graph: gs.Graph
     plan: Plan
     counters: dict[str, int]
+    #: per If/Loop/Scan body: what was stored int8 there and what stayed float (``subgraphs.body_stats``)
+    bodies: dict[str, str] = {}
 
 
 def run_static(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -133,6 +136,7 @@ class StaticRun:
             reasons = tuple(self.auto_float.items()) + tuple(reasons)
         g = self.base.copy()
         g.toposort()
+        main_uses = sg.main_readers_of_body_weights(g)
         plan = plan_static(g, self.dtypes, self.placement_options(float_nodes, reasons), self.minmax)
         for n in plan.anchors:  # bias correction applies to the layers that are quantized
             if id(n) in plan.int8 and n.name in self.bias_shift:
@@ -144,7 +148,8 @@ class StaticRun:
         counters = insert_qdq(
             g, plan, q, dq, rep, self.qt, WeightOptions(per_channel=self.per_channel, qtype=qm.INT8, rounded=self.rounded)
         )
-        return Built(g, plan, counters)
+        bodies = sg.static_body_weights(g, main_uses, self.per_channel, tuple(self.p.exclude), self.names)
+        return Built(g, plan, counters, bodies)
 
     def export(self, g: gs.Graph) -> onnx.ModelProto:
         return self.ctx.export(g)
@@ -193,9 +198,10 @@ class StaticRun:
         plan0 = plan_static(self.base.copy().toposort(), self.dtypes, self.placement_options())
         if not plan0.int8:
             stats["layers_kept_float"] = dict(plan0.kept_float)
-            stats["skipped"] = "nothing to quantize: no Conv/MatMul/Gemm with a constant float weight"
+            stats["skipped"] = "nothing to quantize in the main graph: no Conv/MatMul/Gemm with a constant float weight"
+            bodies_done = self.bodies_only()
             stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
-            return PassResult(prepared or "opset_upgrade" in stats, stats)
+            return PassResult(bodies_done or prepared or "opset_upgrade" in stats, stats)
         anchors = bias_anchors(self.base, self.dtypes) if p.bias_correction else {}
         eval_feeds = list(self.feeds(p.eval_samples))
         ref = calibrate_with_reference(self, list(plan0.tensors), channel_axes(anchors), eval_feeds)
@@ -216,6 +222,7 @@ class StaticRun:
         if p.latency_guard:
             outcome = latency_guard(self, built, sc, float_layers, ref, eval_feeds)
             if outcome is None:
+                self.bodies_left_float(stats["skipped"])
                 stats["seconds_calibration"] = round(self.calib_seconds, 3)
                 stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
                 return PassResult(prepared or "opset_upgrade" in stats, stats)
@@ -223,6 +230,40 @@ class StaticRun:
         self.adopt(built, sc, float_layers)
         stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
         return PassResult(True, stats)
+
+    def bodies_left_float(self, reason: str) -> None:
+        """Stats: every If/Loop/Scan body left as it was, and why."""
+        labels = [s.label for s in sg.bodies(self.graph)]
+        if labels:
+            self.stats["subgraphs"] = {label: f"left float: {reason}" for label in labels}
+
+    def bodies_only(self) -> bool:
+        """The main graph has no layer to quantize: store the bodies' weights int8 (``subgraphs``), kept only if the
+        result is not slower under ORT (``latency_guard``). True when the graph changed."""
+        from .latency_guard import latency_ratio
+
+        g = self.base.copy()
+        bodies = sg.static_body_weights(g, {}, self.per_channel, tuple(self.p.exclude), self.names)
+        if not bodies:
+            return False
+        if "weight-int8" not in " ".join(bodies.values()):
+            self.stats["subgraphs"] = bodies
+            return False
+        if self.p.latency_guard:
+            profile = self.ctx.latency
+            before = profile.measured, profile.replayed, profile.cached
+            ratio = latency_ratio(self, self.export(g), self.ctx.calibration.first())
+            self.stats["latency_ratio_measured"] = round(ratio, 3)
+            self.stats["latency_measurements"] = {"measured": profile.measured - before[0],
+                                                  "replayed": profile.replayed - before[1],
+                                                  "machine_cache": profile.cached - before[2]}
+            if ratio >= 1.0:
+                self.bodies_left_float(f"weight-int8 bodies measured {ratio:.2f}x the float model's latency")
+                return False
+        qo.transplant(self.graph, g)
+        self.stats["subgraphs"] = bodies
+        self.stats["weight_bytes_after"] = io.weight_bytes(self.ctx.export(self.graph))
+        return True
 
     def kept_float_records(self, kept: dict[str, str]) -> list[dict]:
         """Every layer kept float as ``{layer, reason, macs_share, ...}`` (the search's measurements where it made
@@ -252,6 +293,8 @@ class StaticRun:
                 stats["embedding_tables_quantized"] = k
         final = self.ctx.export(graph)
         stats.update(built.counters)
+        if built.bodies:
+            stats["subgraphs"] = built.bodies
         stats["nodes_quantized"] = dict(sorted(built.plan.int8_ops().items()))
         kept = dict(built.plan.kept_float)
         kept.update(float_layers)
