@@ -12,6 +12,20 @@ Per output, accumulated over all feeds in one streaming pass (no output is kept 
   leading positions) where argmax(c) == argmax(r), resp. argmax(r) is in top5(c). A detection map or an embedding
   is not class scores, whatever its width: its report says ``metric_kind: values``.
 
+Task metrics (``onnxcompress.task_metrics`` has the maths), one per output, named by ``task``:
+
+- ``ctc``: a rank-3 output made by Softmax / LogSoftmax over its last axis ([N, T, C] sequence scores): CTC string
+  agreement and character error rate (these outputs get no per-frame top-k);
+- ``detect``: a rank-3 output made by a Concat over axis 1 or 2 of two tensors, one a Sigmoid (YOLOv8's box +
+  class-score head, [N, 4+K, A] or [N, A, 4+K]): box F1 at IoU 0.5 after threshold + class-wise NMS;
+- ``classify``: the class-score outputs above: top-1 agreement;
+- ``embed``: every other float output: mean per-sample cosine.
+
+``task="auto"`` detects the kinds from the graph as above (and falls back to ``embed`` when an output's real shape
+does not fit); ``task="ctc"`` / ``"detect"`` / ``"classify"`` / ``"embed"`` apply that kind to every float output
+whose shape fits it (others get ``embed``). ``FidelityReport.task_metric()`` is the model's task metric: the worst
+(lowest) over the ctc / detect / classify outputs, or over the embed outputs when there are none of those.
+
 Structural gate (before anything is written): ``onnx.checker`` full check (which includes strict shape inference) and
 an ORT session. A check the ORIGINAL model already fails (old exporters, custom domains) is not held against the
 result; the ORT session must always build.
@@ -22,11 +36,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 
-from onnxcompress import io
+from onnxcompress import io, task_metrics
 from onnxcompress.data import FeedSet
 from onnxcompress.errors import ValidationError
 from onnxcompress.runtime import Session
@@ -53,6 +68,10 @@ class OutputFidelity:
     classifier: bool = False
     class_scores: bool = False  # whether this output gets top-k agreement
     exact_mismatch: int = 0  # for non-float outputs: elements that differ
+    #: "ctc", "detect", "classify", "embed" or "" (none); the detection layout: [N, 4+K, A] is channels first
+    task: str = ""
+    channels_first: bool | None = None
+    task_acc: Any = None
 
     def update(self, r: np.ndarray, c: np.ndarray) -> None:
         """Add one feed's reference ``r`` and candidate ``c`` outputs (same shape) to the sums."""
@@ -62,6 +81,7 @@ class OutputFidelity:
             self.exact_mismatch += int(np.count_nonzero(r != c))
             self.count += r.size
             return
+        self._update_task(r, c)
         r64 = r.astype(np.float64).ravel()
         c64 = c.astype(np.float64).ravel()
         diff = np.abs(r64 - c64)
@@ -88,6 +108,31 @@ class OutputFidelity:
             self.top5_hits += int(np.count_nonzero((top5 == top_r[:, None]).any(axis=1)))
             self.rows += rr2.shape[0]
 
+    def _update_task(self, r: np.ndarray, c: np.ndarray) -> None:
+        """On the first feed, check that the real shape fits the task (else ``embed``) and start its accumulator;
+        add every feed (top-1 agreement of ``classify`` is counted in ``update``)."""
+        if not self.task:
+            return
+        if self.task_acc is None:
+            if self.task == "ctc" and not (r.ndim == 3 and r.shape[2] >= 2):
+                log.info("output %r: shape %s is not [N, T, C] scores; no CTC metric", self.name, list(r.shape))
+                self.task = "embed"
+            elif self.task == "detect":
+                layout = self.channels_first
+                if layout is None or r.ndim != 3 or r.shape[1 if layout else 2] < 5:
+                    layout = task_metrics.detection_layout(r.shape)
+                if layout is None:
+                    log.info("output %r: shape %s is not a YOLO box output; no box F1", self.name, list(r.shape))
+                    self.task = "embed"
+                self.channels_first = layout
+            elif self.task == "classify" and not (r.ndim >= 2 and 2 <= r.shape[-1] <= 100_000):
+                self.task, self.class_scores = "embed", False
+            self.task_acc = {"ctc": task_metrics.CtcAgreement, "embed": task_metrics.SampleCosine,
+                             "detect": lambda: task_metrics.BoxF1(bool(self.channels_first)),
+                             "classify": lambda: "top-1"}[self.task]()
+        if self.task != "classify":
+            self.task_acc.update(r, c)
+
     def summary(self) -> dict[str, float]:
         """The metrics so far: max/mean-abs, rel max-abs, cosine (+ worst feed), SQNR, top-k for class scores;
         ``nonfinite_metrics`` lists the ones that are NaN/inf."""
@@ -111,6 +156,11 @@ class OutputFidelity:
         if self.classifier and self.rows:
             out["top1_agreement"] = self.top1_hits / self.rows
             out["top5_agreement"] = self.top5_hits / self.rows
+        if self.task_acc is not None and self.task != "classify":
+            out.update(self.task_acc.summary())
+        metric = task_metrics.TASK_METRIC.get(self.task)
+        if metric in out:
+            out["task_metric"] = out[metric]
         return out
 
 
@@ -135,21 +185,37 @@ class FidelityReport:
         worst: dict[str, float] = {}
         for metrics in self.outputs.values():
             for k, v in metrics.items():
-                if not isinstance(v, (int, float)):
+                if not isinstance(v, (int, float)) or k in _COUNTS:
                     continue
-                higher_is_worse = k in ("max_abs", "mean_abs", "rel_max_abs", "mismatched_elements")
+                higher_is_worse = k in ("max_abs", "mean_abs", "rel_max_abs", "mismatched_elements", "char_error_rate")
                 if k not in worst:
                     worst[k] = v
                 else:
                     worst[k] = max(worst[k], v) if higher_is_worse else min(worst[k], v)
         return worst
 
+    def task_metric(self) -> dict[str, Any] | None:
+        """The model's task metric (module docstring): ``{"value", "metric", "title", "task", "output"}`` of the
+        worst task output, or None when no output has one."""
+        found = [(m["task_metric"], name, m["task"]) for name, m in self.outputs.items() if "task_metric" in m]
+        primary = [f for f in found if f[2] != "embed"] or found
+        if not primary:
+            return None
+        value, name, task = min(primary, key=lambda f: (f[0], f[1]))
+        metric = task_metrics.TASK_METRIC[task]
+        return {"value": float(value), "metric": metric, "title": task_metrics.METRIC_TITLE[metric], "task": task,
+                "output": name}
+
     def to_dict(self) -> dict:
-        """JSON-ready form, with the worst value of each metric over the outputs."""
+        """JSON-ready form, with the worst value of each metric over the outputs and the task metric."""
         return {"feeds": self.feeds, "source": self.source, "synthetic": self.synthetic, "outputs": self.outputs,
-                "worst": self.worst()}
+                "worst": self.worst(), "task_metric": self.task_metric()}
 
 
+_COUNTS = frozenset({"strings", "boxes_ref", "boxes"})  # sizes, not fidelity: no "worst" of them
+
+
+TASKS = ("auto", "classify", "ctc", "detect", "embed", "none")
 _SHAPE_ONLY = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast"}
 
 
@@ -176,6 +242,49 @@ def class_score_outputs(model: onnx.ModelProto) -> set[str]:
     return out
 
 
+def _through_shape_ops(name: str, producer: dict, ops: set[str]):
+    node = producer.get(name)
+    while node is not None and node.op_type in ops:
+        node = producer.get(node.input[0])
+    return node
+
+
+def _attr(node, name: str, default=None):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _rank(value_info) -> int | None:
+    t = value_info.type.tensor_type
+    return len(t.shape.dim) if t.HasField("shape") else None
+
+
+def task_outputs(model: onnx.ModelProto) -> dict[str, tuple[str, bool | None]]:
+    """Graph outputs whose task the graph shows (module docstring): name -> ("ctc", None), ("detect",
+    channels_first) or ("classify", None). Outputs not listed are ``embed``."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 13)
+    scores = class_score_outputs(model)
+    out: dict[str, tuple[str, bool | None]] = {}
+    for o in model.graph.output:
+        rank = _rank(o)
+        node = _through_shape_ops(o.name, producer, _SHAPE_ONLY)
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax") and rank in (3, None):
+            axis = _attr(node, "axis", -1 if opset >= 13 else 1)
+            if axis in (-1, 2):
+                out[o.name] = ("ctc", None)
+                continue
+        node = _through_shape_ops(o.name, producer, {"Identity", "Cast"})
+        if node is not None and node.op_type == "Concat" and len(node.input) == 2 and rank in (3, None):
+            axis = _attr(node, "axis")
+            parts = [_through_shape_ops(i, producer, _SHAPE_ONLY) for i in node.input]
+            if axis in (1, 2, -1, -2) and any(p is not None and p.op_type == "Sigmoid" for p in parts):
+                out[o.name] = ("detect", axis in (1, -2))
+                continue
+        if o.name in scores:
+            out[o.name] = ("classify", None)
+    return out
+
+
 def _as_proto(model: onnx.ModelProto | bytes | str) -> onnx.ModelProto | None:
     if isinstance(model, onnx.ModelProto):
         return model
@@ -192,20 +301,23 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
                    optimize_original: bool = True) -> FidelityReport:
     """Run both models on every feed and accumulate the per-output metrics above.
 
-    ``task``: "auto" (top-k agreement for outputs detected as class scores), "classify" (for every float output
-    with a class axis) or "none". ``optimize_original=False`` runs the original without ORT's graph optimizations
+    ``task``: one of ``TASKS`` (module docstring): "auto" (the kinds the graph shows), a kind for every float
+    output that fits it, or "none" (no task metric). ``optimize_original=False`` runs the original without ORT's graph optimizations
     (the exactness check compares that with the optimized original to measure ORT's own rounding)."""
-    if task not in ("auto", "classify", "none"):
-        raise ValueError(f"task must be auto, classify or none, got {task!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     proto = _as_proto(original) if task == "auto" else None
-    scores = class_score_outputs(proto) if proto is not None else set()
+    found = task_outputs(proto) if proto is not None else {}
     with Session(original, threads, optimize=optimize_original, what="original model") as ref_s, \
             Session(candidate, threads, what="compressed model") as cand_s:
         names = ref_s.output_names
         missing = [n for n in names if n not in cand_s.output_names]
         if missing:
             raise ValidationError(f"the compressed model lost output {missing[0]!r}")
-        acc = {n: OutputFidelity(n, class_scores=task == "classify" or n in scores) for n in names}
+        kinds = {n: found.get(n, ("embed", None)) if task == "auto" else (task if task != "none" else "", None)
+                 for n in names}
+        acc = {n: OutputFidelity(n, class_scores=k == "classify", task=k, channels_first=layout)
+               for n, (k, layout) in kinds.items()}
         n_feeds = 0
         iterator = progress(feeds, total=len(feeds), desc="validate") if progress else feeds
         for feed in iterator:
@@ -216,7 +328,11 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
             n_feeds += 1
     summaries = {}
     for n, a in acc.items():
-        summaries[n] = {**a.summary(), "metric_kind": "class scores" if a.class_scores else "values"}
+        started = a.task_acc is not None
+        kind = {"classify": "class scores", "ctc": "ctc", "detect": "detection"}.get(a.task, "values")
+        summaries[n] = {**a.summary(), "metric_kind": kind if started else "values"}
+        if started:
+            summaries[n]["task"] = a.task
     return FidelityReport(summaries, n_feeds, feeds.source, feeds.synthetic)
 
 
