@@ -15,6 +15,22 @@ Modes:
 
 Embedding tables (large constant ``Gather`` data) are stored int8 per row in every mode.
 
+**Subgraphs** (If/Loop/Scan bodies, ``subgraphs``): dynamic and weight-only modes quantize the bodies' layers like
+the main graph's; a weight held in an outer scope and read inside bodies (silero VAD's op18 export) gets one integer
+copy shared by all its readers. Static mode has no activation ranges for body tensors (the collector can expose only
+main-graph tensors), so body layers keep float compute and store their weights int8 (the main graph's int8 copy
+when it quantized the same weight); the whole result still goes through the latency guard. ``stats["subgraphs"]``
+says per body what was done and why (``"If 'x' then_branch": "2 Gemm weight-int8; compute float: no activation
+ranges inside subgraphs"``); bodies are never dropped.
+
+**Determinism**: same model, options, data and seed -> the same bytes in every run on a machine. Static mode's
+latency decisions (guard, float-layer costs, per-Conv kernel speeds) are measured once per machine and cached
+(``onnxcompress.latency_profile.MachineCache``: ``~/.cache/onnxcompress/latency/<cpu+cores+os+ORT>.json``, keys =
+model fingerprints / Conv op-shape-attribute signatures + thread count; the path is in the stats and on the console).
+``latency_cache=refresh`` measures again, a cached value moving only beyond a 0.05 hysteresis; ``latency_cache=off``
+keeps measurements to the run; ``--latency-profile`` replays a report's values over the cache. Generated names come
+from ``Namer`` (base name, then the first free ``_k`` suffix, in graph order), never from set or id order.
+
 Measured on real models (``benchmarks/int8_margins.py``, issue 12), off by default because they did not pay:
 ``weight_rounding=output`` (per-layer output error 6-9 dB lower, model outputs within ±0.2 dB on PP-OCRv4 rec,
 nudenet, MiniLM-L3 and 4 dB worse on ddddocr_det's, at 2x the tool time: activation noise dominates) and
@@ -47,12 +63,14 @@ Modules:
 ``tensor_types``         element type of every tensor (inference, then a probe run)
 ``opset_upgrade``        opsets the formats need, and upgrading a graph to them
 ``dynamic``              dynamic and weight-only modes, embedding tables, weights of float-only ops
+``subgraphs``            If/Loop/Scan bodies: scopes, weight readers, one shared integer copy, per-body stats
 =======================  ================================================================================
 
 Stats: nodes quantized per op type, layers kept float with the reason (``layers_kept_float``: name -> reason;
 ``kept_float``: ``[{layer, reason, macs_share, fidelity_gain_db, latency_cost, size_cost}]``), calibration method and time, opset upgrade,
 weight bytes before/after, the score on the calibration feeds, the measured latency ratios and how many latency
-measurements were taken or replayed from the profile.
+measurements were taken, replayed from the profile or read from the machine cache (``latency_cache``: its path),
+per If/Loop/Scan body what was quantized and what stayed float (``subgraphs``).
 """
 
 from .quantize_pass import QUANTIZED_OPS, Quantize

@@ -269,7 +269,7 @@ def run_weight_only(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResul
             axis = weight_axis(n, w) if per_channel else None
             n.inputs[1] = dq.get((w_t.name, "int8", axis),
                                  lambda w=w, w_t=w_t, axis=axis: sg.int8_weight_dq(namer, w_t.name, w, axis),
-                                 outermost=n.op in ("MatMul", "Gemm"))
+                                 outermost=n.op == "MatMul")
         done[n.op] += 1
         scope.done[f"{n.op} weight-int{p.weight_bits}"] += 1
     dq.insert()

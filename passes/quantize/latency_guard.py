@@ -12,7 +12,9 @@ If it is not, fallbacks, each measured on the whole model, first one under 1 win
 Every measurement goes through the run's ``LatencyProfile`` (``ctx.latency.measure``): whole models under
 ``model_ratio_key`` (a fingerprint of the float and candidate model bytes, the feed shapes and the thread count),
 Conv layers under ``layer_speed.conv_speed_key``. A replayed profile therefore reproduces every decision without
-measuring; the stats count the measurements taken and replayed.
+measuring; the stats count the measurements taken and replayed. The pass runs inside the per-machine cache
+(``latency_cache``, ``onnxcompress.latency_profile.MachineCache``): a key measured by an earlier run on this machine
+is read back, so a ratio near 1.0 cannot land on different sides of it in two runs (byte-identical outputs).
 """
 
 from __future__ import annotations

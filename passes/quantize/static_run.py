@@ -235,7 +235,7 @@ class StaticRun:
         """Stats: every If/Loop/Scan body left as it was, and why."""
         labels = [s.label for s in sg.bodies(self.graph)]
         if labels:
-            self.stats["subgraphs"] = {label: f"left float: {reason}" for label in labels}
+            self.stats["subgraphs"] = sg.collapse_empty(labels, f"left float: {reason}")
 
     def bodies_only(self) -> bool:
         """The main graph has no layer to quantize: store the bodies' weights int8 (``subgraphs``), kept only if the

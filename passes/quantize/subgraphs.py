@@ -11,7 +11,7 @@ name across scopes (graphsurgeon's ``Graph.copy`` gives each body its own object
 quantized once: ``W ≈ DQ(W_q, s_w, axis)``. For weight-only storage the DequantizeLinear is placed in the innermost
 scope that encloses every reader (the lowest common ancestor of the readers' scopes; a weight read by both branches
 of an If is dequantized once, before the If), and each reader takes its output. Exception: a DequantizeLinear
-feeding a MatMul/Gemm goes to the main graph — onnxruntime (1.22+) rewrites DQ -> MatMul into MatMulNBits at load
+feeding a MatMul goes to the main graph — onnxruntime (1.22+) rewrites DQ -> MatMul into MatMulNBits at load
 time, and inside a body it looks for the integer weight among the body's own initializers only: the model fails to
 load ("Missing required weight") once the export keeps that weight in the main graph. Dynamic mode shares ``W_q`` and
 ``s_w`` between the readers' MatMulInteger chains. A weight that some other op also reads (a ``Slice`` of an LSTM
@@ -283,25 +283,40 @@ def static_body_weights(
             continue
         axis = weight_axis(n, w) if per_channel else None
         n.inputs[1] = dq.get((name, "int8", axis), lambda w=w, name=name, axis=axis: int8_weight_dq(nm, name, w, axis),
-                             outermost=n.op in ("MatMul", "Gemm"))
+                             outermost=n.op == "MatMul")
         s.done[f"{n.op} weight-int8"] += 1
     dq.insert()
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return body_stats(all_scopes, static=True)
 
 
+#: more bodies than this with nothing to quantize are summed up in one stats entry
+LIST_EMPTY_BODIES = 4
+NOTHING = "nothing to quantize (no MatMul/Gemm/Conv with a constant float weight)"
+
+
 def body_stats(all_scopes: list[Scope], static: bool = False) -> dict[str, str]:
-    """One line per body: what was quantized there and what stayed float, and why."""
+    """One line per body: what was quantized there and what stayed float, and why. Bodies holding layers come
+    first; more than ``LIST_EMPTY_BODIES`` bodies without any are one entry (``"<n> other bodies"``)."""
     out: dict[str, str] = {}
+    empty: list[str] = []
     for s in all_scopes[1:]:
         parts = [f"{k} {what}" for what, k in sorted(s.done.items())]
         parts += [f"{k} {what}" for what, k in sorted(s.kept_float.items())]
         if static and s.done:
             parts.append(f"compute float: {NO_RANGES}")
-        if not parts:
-            parts = ["nothing to quantize (no MatMul/Gemm/Conv with a constant float weight)"]
-        out[s.label] = "; ".join(parts)
-    return out
+        if parts:
+            out[s.label] = "; ".join(parts)
+        else:
+            empty.append(s.label)
+    return {**out, **collapse_empty(empty, NOTHING, other=bool(out))}
+
+
+def collapse_empty(labels: list[str], text: str, other: bool = False) -> dict[str, str]:
+    """``{label: text}`` per body, or one ``"<n> (other) bodies"`` entry naming the first three."""
+    if len(labels) <= LIST_EMPTY_BODIES:
+        return dict.fromkeys(labels, text)
+    return {f"{len(labels)} {'other ' if other else ''}bodies": f"{text}: {', '.join(labels[:3])}, ..."}
 
 
 __all__ = [
@@ -311,6 +326,7 @@ __all__ = [
     "SharedDQ",
     "bodies",
     "body_stats",
+    "collapse_empty",
     "candidates",
     "float_weight",
     "foreign_reader",
