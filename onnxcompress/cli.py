@@ -1,7 +1,7 @@
 """The ``onnxcompress`` command line. The only module that prints.
 
     onnxcompress compress IN -o OUT (--passes TEXT | --recipe NAME|F.toml) [--calib DATA] [--val DATA] [--report R.json]
-                         [--preprocess TEXT] [--tokenizer tokenizer.json] [--task auto|classify|none] [-q | -v]
+                         [--preprocess TEXT] [--tokenizer tokenizer.json] [--task auto|classify|ctc|detect|embed|none] [-q | -v]
     onnxcompress inspect IN [--dim name=value] [--shape name=DxD] [--json]
     onnxcompress validate A B [--data DATA] [--dim name=value] [--json]
     onnxcompress passes
@@ -121,6 +121,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
                      f"max-abs {w.get('max_abs', 0):.3g}"]
             if "top1_agreement" in w:
                 parts.append(f"top-1 agreement {w['top1_agreement']:.4f}")
+            tm = result.fidelity.task_metric()
+            if tm is not None and tm["metric"] != "top1_agreement":
+                parts.append(f"{tm['title']} {tm['value']:.4f}")
             print(f"fidelity ({result.fidelity.feeds} feeds, worst output): " + ", ".join(parts))
             kinds = {n: m.get("metric_kind", "values") for n, m in result.fidelity.outputs.items()}
             print("metrics per output: " + ", ".join(f"{n}: {k}" + (" (top-1/top-5 agreement)"
@@ -236,6 +239,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             "top5_agreement"]
     _print_table(["output"] + keys, [[n] + [fmt_metric(m[k]) if k in m else "-" for k in keys]
                                      for n, m in rep.outputs.items()])
+    tm = rep.task_metric()
+    if tm is not None:
+        print(f"task metric: {tm['title']} {tm['value']:.4f} (output {tm['output']}, {tm['task']})")
     print(f"feeds: {rep.feeds} from {rep.source}")
     print(f"size: {human(size_a)} -> {human(size_b)} ({size_b / size_a:.3f}x)")
     print(f"latency (ORT CPU, 1 thread): {lat['a']:.3f} ms -> {lat['b']:.3f} ms ({lat['b'] / lat['a']:.2f}x)")
@@ -274,6 +280,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from onnxcompress.validate import TASKS
+
     ap = argparse.ArgumentParser(prog="onnxcompress", description="Compress ONNX models, measured against onnxruntime.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -290,9 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
                    'std=0.229:0.224:0.225,layout=NCHW,bgr=false" (default: the model\'s H/W, pixels/255)')
     c.add_argument("--tokenizer", help="tokenizer.json (HuggingFace tokenizers) for a .txt of sentences")
     c.add_argument("--max-length", type=int, default=128, help="truncate sentences to this many tokens")
-    c.add_argument("--task", choices=("auto", "classify", "none"), default="auto",
-                   help="top-1/top-5 agreement: auto = only for outputs that are class scores (Softmax/Gemm/MatMul "
-                   "head), classify = every output, none = never")
+    c.add_argument("--task", choices=TASKS, default="auto",
+                   help="the task metric per output: auto = from the graph (ctc: a [N, T, C] Softmax -> CTC string "
+                   "agreement; detect: a YOLO box+Sigmoid Concat -> box F1; classify: class scores -> top-1/top-5 "
+                   "agreement; embed: anything else -> per-sample cosine); a kind = that kind for every output that "
+                   "fits it; none = no task metric")
     c.add_argument("--report", help="report JSON path (default OUTPUT.report.json; Markdown and HTML beside it)")
     c.add_argument("--shape", action="append", help="concrete input shape: name=1x3x224x224 (repeatable)")
     c.add_argument("--dim", action="append", help="bind a symbolic input dim: name=value (repeatable)")
@@ -323,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--preprocess", help="how images become tensors (see compress --preprocess)")
     v.add_argument("--tokenizer", help="tokenizer.json for a .txt of sentences")
     v.add_argument("--max-length", type=int, default=128)
-    v.add_argument("--task", choices=("auto", "classify", "none"), default="auto")
+    v.add_argument("--task", choices=TASKS, default="auto", help="the task metric per output (see compress --task)")
     v.add_argument("--shape", action="append", help="concrete input shape: name=1x3x224x224 (repeatable)")
     v.add_argument("--dim", action="append")
     v.add_argument("--max-val", type=int, default=None)

@@ -4,6 +4,7 @@
     onnxcompress tune IN.onnx -o OUT.onnx --calib c.npz --val v.npz --target "latency<=0.5,metric>=0.99"
         [--trials 16] [--workers N] [--sampler auto|cheap|optuna|nsga2] [--ray auto|HOST:PORT] [--timeout S]
         [--resume] [--search-passes cleanup,quantize] [--latency-profile F] [--seed 0]
+        [--task auto|classify|ctc|detect|embed|none]
     onnxcompress tune --space                 # the search space of every registered pass
     onnxcompress batch manifest.toml [-o DIR] # many models through compress or tune, one summary table
 
@@ -56,7 +57,7 @@ def print_space() -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from onnxcompress.tune.output import COLUMNS, fmt, summary_line
+    from onnxcompress.tune.output import COLUMNS, fmt, metric_title, summary_line
     from onnxcompress.tune.study import tune
 
     if args.space:
@@ -70,13 +71,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     result = tune(src, args.target, out, calibration=args.calib, validation=args.val, trials=args.trials,
                   workers=args.workers, sampler=args.sampler, seed=args.seed, ray=args.ray, timeout=args.timeout,
                   resume=args.resume, search_passes=passes, latency_profile=args.latency_profile,
-                  latency_budget=args.latency_budget, max_validation=args.max_val, dims=_dims(args.dim))
+                  latency_budget=args.latency_budget, max_validation=args.max_val, dims=_dims(args.dim),
+                  task=args.task)
     if not args.quiet:
         key = result.target.minimize
         print(f"Pareto front ({key} vs metric), {len(result.records)} trials, {result.wall_seconds:.0f} s on "
               f"{result.workers} {result.executor} workers:")
         _table(["#", *COLUMNS, "pipeline"], [[str(r["number"])] + [fmt(r["values"].get(k)) for k in COLUMNS]
                                             + [r["pipeline"]] for r in result.pareto])
+        print(f"metric = {metric_title(result)}")
         print(summary_line(result))
         for name, path in result.paths.items():
             print(f"wrote {name}: {path}")
@@ -92,6 +95,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
+    from onnxcompress.validate import TASKS
+
     t = sub.add_parser("tune", help="search pipelines of the registered passes for a target (latency/size/metric)")
     t.add_argument("input", nargs="?")
     t.add_argument("-o", "--output", help="best model (recipe, reports and the study journal go beside it)")
@@ -114,6 +119,9 @@ def add_parsers(sub) -> None:
     t.add_argument("--max-val", type=int, default=None, help="validate on at most this many feeds")
     t.add_argument("--dim", action="append", help="bind a symbolic input dim: name=value")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--task", choices=TASKS, default="auto",
+                   help="what metric measures: auto (from the model's outputs: ctc string agreement, detect box F1, "
+                   "classify top-1 agreement, else embed per-sample cosine), or one kind for every output")
     t.add_argument("--space", action="store_true", help="print the search space and exit")
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(func=cmd_tune)

@@ -44,6 +44,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def metric_title(result: TuneResult) -> str:
+    """What ``metric`` measured in this study, e.g. "CTC string agreement of output 'y' vs FP32"."""
+    return f"{result.metric_name} vs FP32" if result.metric_name else "the task metric vs FP32"
+
+
 def summary_line(result: TuneResult) -> str:
     t = result.target
     if result.best is not None:
@@ -64,7 +69,7 @@ def to_markdown(result: TuneResult, source: str | None) -> str:
              f"({result.new_trials} run now, {result.retried} retried after a crash/time-out) on {result.workers} "
              f"{result.executor} workers, {result.wall_seconds:.0f} s wall.", "", summary_line(result), "",
              "Values are ratios to FP32 (latency, size = serialized bytes, zip = zipped initializer bytes, MACs) and "
-             "similarities to FP32 (metric = top-1 agreement of class-score outputs, else the worst output's cosine)."
+             f"similarities to FP32 (metric = {metric_title(result)}; cosine = the worst output's cosine)."
              " Every row is a real compress + ORT validation trial; `stopped` trials were ended once a bound was "
              "missed (the rest not measured).", "", "## Pareto front", "",
              _table(TRIAL_HEADER, trial_rows(result.pareto)) if result.pareto else "(no finished trial)", "",
@@ -91,6 +96,7 @@ def to_html(result: TuneResult, source: str | None, png: bytes | None) -> str:
     return ("<!doctype html><meta charset='utf-8'><title>onnxcompress tune</title><style>body{font-family:sans-serif}"
             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
             f"<h1>onnxcompress tune: {html.escape(source or 'model')}</h1><p>{html.escape(summary_line(result))}</p>"
+            f"<p>metric = {html.escape(metric_title(result))}</p>"
             f"<h2>Pareto front ({html.escape(result.target.minimize)} vs metric)</h2>{img}"
             f"{table(trial_rows(result.pareto))}<h2>Every trial</h2>{table(trial_rows(result.records))}")
 
@@ -136,7 +142,7 @@ def plot(result: TuneResult, path: Path) -> bool:
         elif k == "metric":
             ax.axhline(bound, ls="--", c="C3", lw=1)
     ax.set_xlabel(f"{key} (x FP32)")
-    ax.set_ylabel("metric (vs FP32)")
+    ax.set_ylabel(metric_title(result) if len(metric_title(result)) < 60 else "metric (vs FP32)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -158,7 +164,7 @@ def write_outputs(result: TuneResult, paths: dict[str, Path], source: str | Path
         written["model"], written["recipe"] = str(paths["model"]), str(paths["recipe"])
     _atomic(paths["profile"], json.dumps(dict(sorted(result.profile.items())), indent=1, default=str))
     _atomic(paths["report"], to_markdown(result, src))
-    data = {"target": result.target.text(), "sampler": result.sampler, "workers": result.workers,
+    data = {"target": result.target.text(), "metric": metric_title(result), "sampler": result.sampler, "workers": result.workers,
             "executor": result.executor, "wall_seconds": result.wall_seconds, "new_trials": result.new_trials,
             "retried": result.retried, "best": result.best, "closest": result.closest,
             "pareto": [r["number"] for r in result.pareto], "trials": result.records}

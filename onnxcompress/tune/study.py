@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class TuneResult:
     space: Space
     best_model: bytes | None = None
     paths: dict[str, str] = field(default_factory=dict)
+    #: what ``metric`` is for this model (e.g. "CTC string agreement of output 'y'")
+    metric_name: str = ""
     profile: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,13 +100,18 @@ class Study:
     def __init__(self, model, target: Target, output, *, calibration, validation, trials: int, workers: int | None,
                  sampler: str, seed: int, ray: str | None, timeout: float | None, resume: bool,
                  search_passes: list[str] | None, latency_profile, latency_budget: float,
-                 max_validation: int | None, dims, shapes, trial_fn: Callable):
+                 max_validation: int | None, dims, shapes, trial_fn: Callable, task: str = "auto"):
         from onnxcompress import io
 
         if sampler not in SAMPLERS:
             raise BadInputError(f"--sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
         if trials < 1:
             raise BadInputError("--trials must be >= 1")
+        from onnxcompress.validate import TASKS
+
+        if task not in TASKS:
+            raise BadInputError(f"--task {task!r}: one of {', '.join(TASKS)}")
+        self.task = task
         if sampler in ("optuna", "nsga2"):
             from onnxcompress.tune.model_search import import_optuna
 
@@ -141,6 +148,8 @@ class Study:
                                   dims=dims, shapes=shapes)
         size = len(model_bytes) or 1 << 28
         self.executor = make_executor(ray, workers or default_workers(size), timeout, trial_fn)
+        # several trials at once: each single-threaded (BLAS too), so N workers fill N cores without contention
+        self.task_defaults.update(task=task, blas_threads=1 if self.executor.workers > 1 else None)
         self.by_pipeline = {r["pipeline"]: r for r in self.journal.final() if self._reusable(r)}
         self.finished = {r["number"] for r in self.journal.final() if r["pipeline"] in self.by_pipeline}
         self.next_number = max(self.finished, default=-1) + 1
@@ -158,6 +167,8 @@ class Study:
             return False
         if rec["status"] in ("failed", "crashed", "timeout"):
             return True
+        if rec.get("task", "auto") != self.task and "metric" in rec["values"]:
+            return False  # its metric was another task's
         values = rec["values"]
         needed = set(self.target.bounds) | {self.target.minimize, "metric"}
         return bool(self.target.misses(values)) or needed <= set(values)
@@ -315,12 +326,14 @@ class Study:
             closest = min(measured, key=lambda r: (self.target.shortfall(r["values"]), r["number"]), default=None)
         if best is not None and self.best_number != best["number"]:
             log.info("re-running trial %d for its model (not kept by this session)", best["number"])
-            rec = run_trial(self._task(best["pipeline"], best["number"]))
+            rec = run_trial(replace(self._task(best["pipeline"], best["number"]), blas_threads=None))
             self.best_model = rec.get("model_bytes")
+        names = [r["metric_name"] for r in records if r.get("metric_name")]
         return TuneResult(self.target, records, best, closest, pareto_front(records, self.target), wall,
                           self.new_trials, self.executor.workers, self.executor.kind, self.executor.retried,
                           self.sampler, self.space, self.best_model if best else None,
-                          profile=dict(self.profile.entries))
+                          profile=dict(self.profile.entries), metric_name=max(set(names), key=names.count)
+                          if names else "")
 
 
 def tune(model, target: str | Target, output: str | Path, *, calibration=None, validation=None, trials: int = 16,
@@ -329,13 +342,15 @@ def tune(model, target: str | Target, output: str | Path, *, calibration=None, v
          latency_profile: LatencyProfile | str | Path | None = None, latency_budget: float = 1.5,
          max_validation: int | None = None, dims: dict[str, int] | None = None,
          shapes: dict[str, tuple[int, ...]] | None = None, trial_fn: Callable = run_trial,
-         write: bool = True) -> TuneResult:
-    """Search pipelines for ``target`` (see ``onnxcompress.tune.targets``); write the outputs beside ``output``."""
+         write: bool = True, task: str = "auto") -> TuneResult:
+    """Search pipelines for ``target`` (see ``onnxcompress.tune.targets``); write the outputs beside ``output``.
+
+    ``task``: what ``metric`` measures (``onnxcompress.validate.TASKS``; "auto" detects it from the graph)."""
     tgt = target if isinstance(target, Target) else Target.parse(target)
     study = Study(model, tgt, output, calibration=calibration, validation=validation, trials=trials,
                   workers=workers, sampler=sampler, seed=seed, ray=ray, timeout=timeout, resume=resume,
                   search_passes=search_passes, latency_profile=latency_profile, latency_budget=latency_budget,
-                  max_validation=max_validation, dims=dims, shapes=shapes, trial_fn=trial_fn)
+                  max_validation=max_validation, dims=dims, shapes=shapes, trial_fn=trial_fn, task=task)
     result = study.run()
     if write:
         from onnxcompress.tune.output import write_outputs

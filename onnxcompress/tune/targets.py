@@ -9,8 +9,10 @@ Quantities, all relative to the FP32 model on the same data and machine:
 - ``latency`` = t(candidate) / t(FP32), 1 thread, interleaved medians on one validation feed;
 - ``size``    = serialized bytes (candidate) / serialized bytes (FP32);
 - ``macs``    = MACs (candidate) / MACs (FP32) at the feed shapes;
-- ``metric``  = the task metric validation computes for the model's outputs: top-1 agreement with FP32 where an
-  output is class scores (the worst such output), else the cosine of the worst output;
+- ``metric``  = the model's task metric relative to FP32 (FP32 vs itself = 1.0), as validation computes it for
+  the study's ``task`` (``onnxcompress.validate``; auto-detected from the outputs): CTC string agreement for
+  sequence recognisers, box F1 at IoU 0.5 for YOLO-style detectors, top-1 agreement for class scores, else the
+  mean per-sample cosine (the worst output's when several have one);
 - ``cosine``  = the worst output's cosine with FP32.
 
 Ratios take ``<=`` (lower is better), similarities ``>=``. The objective (``minimize=``) defaults to the first

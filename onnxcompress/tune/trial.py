@@ -4,13 +4,20 @@ Stages, each a chance to stop a trial that can no longer meet the target (``stat
 
 1. ``compress(model, pipeline, calibration)`` (the structural gate included): size = serialized bytes / FP32's,
    macs = MACs / FP32's (ledger rows); stop here if a size or MAC bound is already missed;
-2. validation on the validation feeds (``compare_models``): metric (top-1 agreement of class-score outputs, else
-   the worst cosine) and cosine; stop if a similarity bound is missed;
+2. validation on the validation feeds (``compare_models`` with the study's ``task``): metric = the model's task
+   metric relative to FP32 (``FidelityReport.task_metric()``: CTC string agreement, box F1, top-1 agreement or
+   mean per-sample cosine; its name goes into the record as ``metric_name``) and cosine (the worst output's);
+   stop if a similarity bound is missed;
 3. latency ratio t(candidate) / t(FP32), 1 thread, interleaved (``onnxcompress.latency.measure_latency``), taken
    through the study's latency profile under ``tune/latency-ratio/<fingerprint of both models and feed shapes>``
    so a replayed profile gives the same numbers (and decisions) without measuring.
 
 With ``full=True`` (the sensitivity curves) every stage runs whatever was missed.
+
+Threads: with ``blas_threads`` set (the study sets 1 when more than one trial runs at a time) the trial's process
+limits BLAS / OpenMP pools (threadpoolctl when installed, torch's own pool when loaded) to that many threads, so N
+workers on N cores do not oversubscribe them; every ORT session a trial opens is 1 intra-op thread in any case.
+``cpu_seconds`` (the process's CPU time) is recorded beside ``seconds`` (wall).
 
 A pass that fails (``OnnxCompressError`` or a bug) gives ``status = "failed"`` with its one-line reason: that is a
 property of the pipeline, not of the machine, so it is not retried. Crashes and time-outs are the executor's.
@@ -50,6 +57,10 @@ class TrialTask:
     attempt: int = 1
     #: measure every quantity even when a bound is already missed (the sensitivity curves)
     full: bool = False
+    #: the validation's task kind (``onnxcompress.validate.TASKS``)
+    task: str = "auto"
+    #: cap BLAS / OpenMP threads in the trial's process (None: the libraries' defaults)
+    blas_threads: int | None = None
 
 
 def latency_key(original: bytes, candidate: bytes, feed: dict) -> str:
@@ -59,11 +70,35 @@ def latency_key(original: bytes, candidate: bytes, feed: dict) -> str:
     return f"tune/latency-ratio/{fingerprint(original, candidate, str(shapes), 'threads=1')}"
 
 
-def task_metric(fidelity_worst: dict[str, float]) -> float:
-    """The task metric relative to FP32: top-1 agreement where outputs are class scores, else the worst cosine."""
-    if "top1_agreement" in fidelity_worst:
-        return float(fidelity_worst["top1_agreement"])
-    return float(fidelity_worst.get("cosine", 0.0))
+def task_metric(report) -> tuple[float, str]:
+    """(value, name) of the model's task metric relative to FP32 (FP32 vs itself = 1.0) from a ``FidelityReport``;
+    the worst output's cosine when no output has a task metric (``task="none"``)."""
+    tm = report.task_metric()
+    if tm is None:
+        return float(report.worst().get("cosine", 0.0)), "worst output cosine"
+    return tm["value"], f"{tm['title']} of output {tm['output']!r}"
+
+
+_LIMITER: list = []  # the live threadpoolctl limiter of this process (kept so the limit holds)
+
+
+def limit_threads(n: int | None) -> None:
+    """Cap this process's BLAS / OpenMP thread pools at ``n`` (see the module docstring)."""
+    import os
+    import sys
+
+    if n is None:
+        return
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)  # libraries loaded later (torch for distill's training) read these
+    try:
+        from threadpoolctl import threadpool_limits
+
+        _LIMITER[:] = [threadpool_limits(limits=n)]
+    except ImportError:
+        log.debug("threadpoolctl not installed: BLAS keeps its own thread count")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
 
 
 def run_trial(task: TrialTask) -> dict[str, Any]:
@@ -73,7 +108,8 @@ def run_trial(task: TrialTask) -> dict[str, Any]:
     from onnxcompress.data import load_feeds
     from onnxcompress.errors import OnnxCompressError
 
-    t0 = time.perf_counter()
+    limit_threads(task.blas_threads)
+    t0, cpu0 = time.perf_counter(), time.process_time()
     profile = task.profile if isinstance(task.profile, LatencyProfile) else LatencyProfile(dict(task.profile))
     before = set(profile.entries)
     rec: dict[str, Any] = {"number": task.number, "pipeline": task.pipeline, "attempt": task.attempt, "values": {}}
@@ -105,9 +141,9 @@ def run_trial(task: TrialTask) -> dict[str, Any]:
                 feeds, _ = accepted_random_feeds(proto, task.dims, task.shapes, n=4, seed=task.seed)
             if task.max_validation is not None:
                 feeds = feeds.take(task.max_validation)
-            worst = compare_models(original, candidate, feeds).worst()
-            values["metric"] = task_metric(worst)
-            values["cosine"] = float(worst.get("cosine", 0.0))
+            report = compare_models(original, candidate, feeds, task=task.task)
+            values["metric"], rec["metric_name"] = task_metric(report)
+            values["cosine"] = float(report.worst().get("cosine", 0.0))
             if not stop_for():
                 values["latency"] = measure_ratio(profile, original, candidate, feeds.first(), task.latency_budget)
         missed = task.target.violates_known(values)
@@ -121,6 +157,8 @@ def run_trial(task: TrialTask) -> dict[str, Any]:
     except Exception as exc:  # a bug in a pass on this pipeline: recorded, the study goes on
         rec["status"], rec["error"] = "failed", f"{type(exc).__name__}: {io.first_line(exc)}"
     rec["seconds"] = time.perf_counter() - t0
+    rec["cpu_seconds"] = time.process_time() - cpu0
+    rec["task"] = task.task
     rec["profile"] = {k: profile.entries[k] for k in profile.entries if k not in before}
     return rec
 
