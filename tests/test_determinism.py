@@ -111,3 +111,65 @@ def test_quantize_default_is_byte_identical_across_processes(tmp_path):
     files = list((cache / "latency").glob("*.json"))
     assert len(files) == 1 and str(files[0]) in b["latency_cache"]
     assert _sha(tmp_path / "a" / "quantize.onnx") == _sha(tmp_path / "b" / "quantize.onnx")
+
+
+# ------------------------------------------------------------------------------------- the per-machine cache
+def test_machine_cache_reads_back_refreshes_with_hysteresis_and_merges(tmp_path, monkeypatch):
+    from onnxcompress.latency_profile import HYSTERESIS, LatencyProfile, MachineCache
+
+    monkeypatch.setenv("ONNXCOMPRESS_LATENCY_CACHE", str(tmp_path))
+    calls = []
+
+    def timer(value):
+        def fn():
+            calls.append(value)
+            return value
+        return fn
+
+    first = LatencyProfile()
+    with first.machine_cache(MachineCache.default()) as cache:
+        assert first.measure("k", timer(0.98)) == 0.98
+    assert cache.path.parent == tmp_path and first.measured == 1
+    # a later run on this machine: read back, nothing measured
+    second = LatencyProfile()
+    with second.machine_cache(MachineCache.default()):
+        assert second.measure("k", timer(1.5)) == 0.98
+    assert (second.measured, second.cached, calls) == (0, 1, [0.98])
+    # a replayed profile (--latency-profile) overrides the cache
+    replay = LatencyProfile({"k": 0.7})
+    with replay.machine_cache(MachineCache.default()):
+        assert replay.measure("k", timer(1.5)) == 0.7
+    # refresh measures again; a value within the hysteresis keeps the cached one, a bigger move replaces it
+    for fresh, kept in ((0.98 + HYSTERESIS / 2, 0.98), (1.2, 1.2)):
+        prof = LatencyProfile()
+        with prof.machine_cache(MachineCache.default(refresh=True)):
+            assert prof.measure("k", timer(fresh)) == kept
+        assert prof.measured == 1
+    # two caches on one file (two processes) merge their keys instead of overwriting each other
+    a, b = MachineCache.default(), MachineCache.default()
+    a.store("ka", 0.5)
+    b.store("kb", 0.6)
+    assert {"k", "ka", "kb"} <= set(MachineCache.default().entries)
+    assert json.loads(a.path.read_text())["machine"]["onnxruntime"]
+
+
+def test_latency_cache_off_measures_and_writes_nothing(tmp_path, monkeypatch):
+    from onnxcompress.passes.quantize import Quantize
+
+    from onnxcompress.api import compress
+    from onnxcompress.latency_profile import LatencyProfile
+
+    monkeypatch.setenv("ONNXCOMPRESS_LATENCY_CACHE", str(tmp_path / "cache"))
+
+    class Counting(LatencyProfile):
+        def measure(self, key, fn):
+            assert self.cache is None  # latency_cache=off: no machine cache in the way
+            self.replayed += 1
+            return 0.5
+
+    with np.load(CALIB) as z:
+        feeds = [{k: z[k][i:i + 1] for k in z.files} for i in range(4)]
+    result = compress(str(MODEL), [Quantize(latency_cache="off")], calibration=feeds, validate=False,
+                      latency_profile=Counting())
+    assert "latency_cache" not in result.ledger[-1].pass_stats
+    assert not (tmp_path / "cache").exists()

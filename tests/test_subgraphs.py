@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -260,3 +262,55 @@ def test_quantize_static_left_float_by_the_latency_guard_names_every_body():
     assert set(stats["subgraphs"]) == BODY_LABELS
     assert all(v.startswith("left float: the quantized model was slower") for v in stats["subgraphs"].values())
     assert body_fingerprint(result.model) == body_fingerprint(model)
+
+
+SILERO_OP18 = Path(os.environ.get("ONNXCOMPRESS_CACHE") or Path.home() / ".cache" / "onnxcompress") / "files" / \
+    "silero_vad_op18_ifless.onnx"
+
+
+def _vad_feeds(n: int = 8) -> list[dict[str, np.ndarray]]:
+    """16 kHz chunks of 576 samples: a gliding tone in noise, with small random LSTM states."""
+    rng = np.random.default_rng(3)
+    t = np.arange(576) / 16000.0
+    feeds = []
+    for k in range(n):
+        x = 0.3 * np.sin(2 * np.pi * (200 + 150 * k) * t) + 0.05 * rng.standard_normal(576)
+        feeds.append({"input": x[None].astype(np.float32), "sr": np.array(16000, np.int64),
+                      "state": (0.1 * rng.standard_normal((2, 1, 128))).astype(np.float32)})
+    return feeds
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic"])
+def test_quantize_silero_op18_if_branches_reading_outer_weights(mode):
+    """silero VAD's op18 export: all 45 weights live in the main graph and are read inside the two If branches
+    (16 kHz / 8 kHz). Each big weight ends up with one integer copy; the speech probability moves by < 0.01 and the
+    LSTM state keeps cosine >= 0.998 (measured: weight-only 0.9988-0.9998, dynamic 0.99996)."""
+    if not SILERO_OP18.exists():
+        pytest.skip("silero_vad_op18_ifless.onnx not cached; run: python -m benchmarks.models fetch "
+                    "silero_vad_op18_ifless")
+    from onnxcompress.passes.quantize import Quantize
+
+    from onnxcompress import io
+
+    model = io.read_model(SILERO_OP18)
+    feeds = _vad_feeds()
+    options = {"mode": mode, "dynamic_ops": ("MatMul", "Gemm", "Conv")}
+    out = compress(model, [Quantize(**options)], calibration=feeds, validate=False).model
+    onnx.checker.check_model(out, full_check=True)
+    assert len(if_nodes(out.graph)) == len(if_nodes(model.graph)) == 1
+    stats = compress(model, [Quantize(**options)], validate=False).ledger[-1].pass_stats
+    want = ("6 Conv weight-int8; 2 Gemm weight-int8" if mode == "weight_only"
+            else "2 Gemm dynamic-int8; 6 Conv float: dynamic mode quantizes MatMul/Gemm only")
+    assert stats["subgraphs"] == {"If 'node_cond__1' then_branch": want, "If 'node_cond__1' else_branch": want}
+    big = 4096
+    before = {t.name for t in _all_initializers(model) if int(np.prod(t.dims)) >= big}
+    after = [t for t in _all_initializers(out) if int(np.prod(t.dims)) >= big]
+    assert len({t.name for t in after}) == len(after), "a weight stored twice"
+    n_int = sum(t.data_type == TensorProto.INT8 for t in after)
+    assert n_int == (len(before) if mode == "weight_only" else 4)  # dynamic: the 2 Gemm weights of each branch
+    for f in feeds:
+        (prob, state), (prob_ref, state_ref) = ort_run(out, f), ort_run(model, f)
+        assert abs(float(prob.ravel()[0]) - float(prob_ref.ravel()[0])) < 0.01
+        state, state_ref = state.ravel().astype(np.float64), state_ref.ravel().astype(np.float64)
+        assert state @ state_ref / (np.linalg.norm(state) * np.linalg.norm(state_ref)) >= 0.998
