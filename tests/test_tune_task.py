@@ -60,3 +60,14 @@ def test_trial_metric_follows_the_task():
 def test_unknown_task_is_bad_input(tmp_path):
     with pytest.raises(BadInputError, match="--task"):
         _tune(tmp_path / "m.onnx", trials=1, task="segment")
+
+
+def test_search_passes_can_pin_an_option_the_pass_does_not_search():
+    from onnxcompress.tune.space import build_space
+
+    space = build_space().restrict(["cluster{bits=4|6 refit=true}"])
+    dims = space.get("cluster").dims
+    assert dims["refit"].choices == (True,) and dims["bits"].choices == (4, 6)
+    assert space.pipeline({"cluster": {"bits": 6, "refit": True}}) == "cleanup,cluster{bits=6 refit=true}"
+    with pytest.raises(BadInputError, match="has no option 'nonsense'"):
+        build_space().restrict(["cluster{nonsense=1}"])

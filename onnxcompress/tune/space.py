@@ -95,7 +95,9 @@ class Space:
 
     def restrict(self, items: list[str]) -> Space:
         """Only the named passes (``--search-passes quantize,prune-channels``), optionally with an option pinned
-        to a few values: ``quantize{mode=dynamic|weight_only min_cosine=none}``. Unknown names are bad input."""
+        to a few values: ``quantize{mode=dynamic|weight_only min_cosine=none}``. Any option of the pass can be
+        given (one not searched by default is then searched over, or fixed to, the values given:
+        ``cluster{bits=4|6 refit=true}``). Unknown names are bad input."""
         from onnxcompress.errors import BadInputError
 
         pins: dict[str, dict[str, list[Any]]] = {}
@@ -117,9 +119,10 @@ class Space:
                 continue
             dims, source = dict(p.dims), dict(p.source)
             for opt, values in pins.get(p.name, {}).items():
-                if opt not in dims:
-                    raise BadInputError(f"--search-passes: {p.name} has no searched option {opt!r}; searched: "
-                                        f"{', '.join(dims) or '(none)'}")
+                fields = [f.name for f in option_fields(registered_passes()[p.name])]
+                if opt not in dims and opt not in fields:
+                    raise BadInputError(f"--search-passes: {p.name} has no option {opt!r}; options: "
+                                        f"{', '.join(fields) or '(none)'}")
                 dims[opt], source[opt] = SearchDim(opt, "choice", tuple(values)), "--search-passes"
             kept.append(dataclasses.replace(p, dims=dims, source=source))
         return Space(kept, dict(self.skipped))
