@@ -314,3 +314,46 @@ def test_quantize_silero_op18_if_branches_reading_outer_weights(mode):
         assert abs(float(prob.ravel()[0]) - float(prob_ref.ravel()[0])) < 0.01
         state, state_ref = state.ravel().astype(np.float64), state_ref.ravel().astype(np.float64)
         assert state @ state_ref / (np.linalg.norm(state) * np.linalg.norm(state_ref)) >= 0.998
+
+
+def loop_model() -> onnx.ModelProto:
+    """x[1,32] -> Loop 3x: h = Relu(Gemm(h, Wl^T) + bl), the weight held in the main graph."""
+    rng = np.random.default_rng(4)
+    body = helper.make_graph(
+        [helper.make_node("Gemm", ["h_in", "Wl", "bl"], ["g"], transB=1, name="loop_gemm"),
+         helper.make_node("Relu", ["g"], ["h_out"], name="loop_relu"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="loop_cond")],
+        "loop_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, D])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, D])])
+    g = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body, name="loop")], "looped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, D])],
+        [numpy_helper.from_array((rng.standard_normal((D, D)) * 0.25).astype(np.float32), "Wl"),
+         numpy_helper.from_array((rng.standard_normal(D) * 0.05).astype(np.float32), "bl"),
+         numpy_helper.from_array(np.array(3, np.int64), "trips")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic"])
+def test_quantize_loop_body_weight_is_dequantized_outside_the_loop(mode):
+    from onnxcompress.passes.quantize import Quantize
+
+    model = loop_model()
+    onnx.checker.check_model(model, full_check=True)
+    result = compress(model, [Quantize(mode=mode)], validate=False)
+    out, stats = result.model, result.ledger[-1].pass_stats
+    onnx.checker.check_model(out, full_check=True)
+    kind = "weight-int8" if mode == "weight_only" else "dynamic-int8"
+    assert stats["subgraphs"] == {"Loop 'loop' body": f"1 Gemm {kind}"}
+    (body,) = bodies(out.graph)
+    assert not any(n.op_type == "DequantizeLinear" for n in body.node)  # never once per iteration
+    if mode == "weight_only":
+        assert [n.op_type for n in out.graph.node] == ["DequantizeLinear", "Loop"]
+    x = {"x": np.random.default_rng(5).standard_normal((1, D)).astype(np.float32)}
+    got, want = ort_run(out, x)[0].ravel(), ort_run(model, x)[0].ravel()
+    assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) > 0.999

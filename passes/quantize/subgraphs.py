@@ -10,7 +10,8 @@ name across scopes (graphsurgeon's ``Graph.copy`` gives each body its own object
 **One integer copy per weight.** A constant float weight ``W`` read by quantizable layers in several scopes is
 quantized once: ``W ≈ DQ(W_q, s_w, axis)``. For weight-only storage the DequantizeLinear is placed in the innermost
 scope that encloses every reader (the lowest common ancestor of the readers' scopes; a weight read by both branches
-of an If is dequantized once, before the If), and each reader takes its output. Exception: a DequantizeLinear
+of an If is dequantized once, before the If; never inside a Loop/Scan body, which would dequantize once per
+iteration), and each reader takes its output. Exception: a DequantizeLinear
 feeding a MatMul goes to the main graph — onnxruntime (1.22+) rewrites DQ -> MatMul into MatMulNBits at load
 time, and inside a body it looks for the integer weight among the body's own initializers only: the model fails to
 load ("Missing required weight") once the export keeps that weight in the main graph. Dynamic mode shares ``W_q`` and
@@ -50,6 +51,8 @@ class Scope:
     graph: gs.Graph
     label: str
     parent: Scope | None = None
+    #: a Loop/Scan body (runs once per iteration)
+    repeated: bool = False
     done: Counter = field(default_factory=Counter)
     kept_float: Counter = field(default_factory=Counter)
 
@@ -70,7 +73,7 @@ def scopes(graph: gs.Graph) -> list[Scope]:
         for n in s.graph.nodes:
             for key, value in n.attrs.items():
                 if isinstance(value, gs.Graph):
-                    child = Scope(value, f"{n.op} {n.name!r} {key}", s)
+                    child = Scope(value, f"{n.op} {n.name!r} {key}", s, repeated=n.op in ("Loop", "Scan"))
                     out.append(child)
                     walk(child)
 
@@ -171,6 +174,8 @@ class SharedDQ:
             node, out = make()
             readers_ = [s for s, _n, _slot in self.uses.get(key[0], [])]
             home = readers_[0].chain()[0] if outermost else lca(readers_)
+            while home.repeated and home.parent is not None:  # never dequantize once per loop iteration
+                home = home.parent
             self.placed.setdefault(id(home), []).append(node)
             self.scope_of[id(home)] = home
             self.made[key] = out
