@@ -43,7 +43,8 @@ from onnxcompress.graph_utils import redirect_consumers
 from onnxcompress.naming import Namer
 from onnxcompress.pass_base import Pass, PassResult, option, register
 
-from .cluster_tensor import cluster_tensor, element_weights
+from .allocation import FLOAT, Trials, allocate
+from .cluster_tensor import Clustered, cluster_tensor, element_weights
 from .kmeans1d import INITS
 from .layouts import WEIGHT_SLOTS, Use
 from .storage import DecodeBuilder
@@ -95,6 +96,12 @@ class Cluster(Pass):
     embedding_bits: int | None = option(None, "index bits for Gather tables (default: bits)")
     zero_fraction: float = option(0.05, "a tensor with at least this share of exact zeros (pruned) keeps 0 as a "
                                         "fixed centroid; 1 disables")
+    target_error: float | None = option(None, "mixed bit-widths from measured sensitivity: each tensor's effect "
+                                              "on the outputs (relative output error on calibration feeds, "
+                                              "clustered alone) decides who gets more bits (+2, 8) or stays "
+                                              "float, most error per byte first, until the model's measured "
+                                              "error is <= this (needs --calib)")
+    sensitivity_samples: int = option(16, "calibration feeds for target_error's trials")
     samples: int = option(256, "calibration feeds for activation_aware / refit statistics")
     max_inputs: int = option(2304, "refit only layers with at most this many inputs per output (Gram size)")
 
@@ -109,17 +116,21 @@ class Cluster(Pass):
             raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {self.storage!r}")
         if self.min_size < 1 or self.samples < 1 or self.max_inputs < 1:
             raise ValueError("min_size, samples and max_inputs must be >= 1")
+        if self.target_error is not None and not self.target_error > 0:
+            raise ValueError(f"target_error must be > 0, got {self.target_error}")
+        if self.sensitivity_samples < 1:
+            raise ValueError("sensitivity_samples must be >= 1")
         if self.max_error is not None and not self.max_error > 0:
             raise ValueError(f"max_error must be > 0, got {self.max_error}")
         if not 0.0 < self.zero_fraction <= 1.0:
             raise ValueError(f"zero_fraction must be in (0, 1], got {self.zero_fraction}")
 
     def needs_calibration(self) -> bool:
-        return self.activation_aware or self.refit
+        return self.activation_aware or self.refit or self.target_error is not None
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if self.needs_calibration() and ctx.calibration is None:
-            raise BadInputError("cluster{activation_aware/refit} needs calibration data (--calib)")
+            raise BadInputError("cluster{activation_aware/refit/target_error} needs calibration data (--calib)")
 
     # ------------------------------------------------------------------------------------------ candidates
     def _candidates(self, graph: gs.Graph, skipped: Counter) -> list[_Candidate]:
@@ -204,6 +215,40 @@ class Cluster(Pass):
                 out[id(c.tensor)] = (None, False, gram)
         return out
 
+    # ------------------------------------------------------------------------------------------- one tensor
+    def _cluster_one(self, c: _Candidate, bits: int, stats_of: dict, storage: str, rng) -> Clustered:
+        w = np.asarray(c.tensor.values)
+        norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
+        scales = self.channel_scales and c.uses[0].op != "Gather" and w.shape[c.uses[0].channel_axis(w.ndim)] > 1
+        return cluster_tensor(w, 1 << bits, use=c.uses[0], per_channel=self.per_channel, channel_scales=scales,
+                              init=self.init, zero_fraction=self.zero_fraction, col_norms=norms,
+                              per_column=per_column, refit_gram=gram, obs=self.obs, storage=storage, rng=rng)
+
+    def _allocate(self, graph: gs.Graph, ctx: PassContext, chosen: list, stats_of: dict, storage: str, rng,
+                  st: dict) -> list:
+        """``target_error``: levels (bits or float) per tensor from measured output errors (``allocation``)."""
+        by_name = {c.tensor.name: (c, bits, res) for c, bits, res in chosen}
+        levels = {n: {bits: (res.bytes_planned[res.storage], res.snapped)} for n, (c, bits, res) in by_name.items()}
+        done = {n: {bits: res} for n, (c, bits, res) in by_name.items()}
+
+        def make_level(name: str, bits: int):
+            c = by_name[name][0]
+            if bits == FLOAT:
+                return int(np.asarray(c.tensor.values).nbytes), None
+            res = self._cluster_one(c, bits, stats_of, storage, rng)
+            done[name][bits] = res
+            return res.bytes_planned[res.storage], res.snapped
+
+        feeds = list(ctx.calibration.take(self.sensitivity_samples))
+        trials = Trials(ctx.export(graph), list(by_name), feeds)
+        try:
+            pick, a_st = allocate(trials, levels, make_level, self.target_error)
+        finally:
+            trials.close()
+        st.update(a_st)
+        return [(c, pick[c.tensor.name] if pick[c.tensor.name] != FLOAT else bits,
+                 done[c.tensor.name].get(pick[c.tensor.name])) for c, bits, _ in chosen]
+
     # ------------------------------------------------------------------------------------------------ run
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         skipped: Counter = Counter()
@@ -224,6 +269,7 @@ class Cluster(Pass):
         st: dict = {"tensors_clustered": 0, "storage": Counter(), "bits": Counter(), "bytes_before": 0, "bytes_after": 0,
                     "max_unique_per_row": 0, "weighted": 0, "refit_layers": 0}
         errs, refit_before, refit_after = [], 0.0, 0.0
+        chosen: list[tuple[_Candidate, int, Clustered | None]] = []
         for c in cands:
             w = np.asarray(c.tensor.values)
             norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
@@ -232,8 +278,6 @@ class Cluster(Pass):
             if self.refit and gram is None:
                 reason = c.uses[0].refit_reason(w.shape) or "inputs above max_inputs or tied across roles"
                 skipped[f"refit: {reason}"] += 1
-            scales = self.channel_scales and c.uses[0].op != "Gather" and \
-                w.shape[c.uses[0].channel_axis(w.ndim)] > 1
             bits, energy = self.bits, None
             if self.embedding_bits is not None and c.uses[0].op == "Gather":
                 bits = self.embedding_bits
@@ -241,14 +285,20 @@ class Cluster(Pass):
                 m = c.uses[0].to_matrix(w.astype(np.float64))
                 energy = max(float(np.sum((m @ gram) * m)), 1e-30)
             while True:
-                res = cluster_tensor(w, 1 << bits, use=c.uses[0], per_channel=self.per_channel,
-                                     channel_scales=scales, init=self.init, zero_fraction=self.zero_fraction,
-                                     col_norms=norms, per_column=per_column, refit_gram=gram, obs=self.obs,
-                                     storage=storage, rng=rng)
+                res = self._cluster_one(c, bits, stats_of, storage, rng)
                 if energy is None or res.refit is None or bits >= 8 or res.refit[1] / energy <= self.max_error:
                     break
                 bits += 1
-            st["bits"][bits] += 1
+            chosen.append((c, bits, res))
+        if self.target_error is not None and chosen:
+            chosen = self._allocate(graph, ctx, chosen, stats_of, storage, rng, st)
+        for c, bits, res in chosen:
+            st["bits"][str(bits) if res is not None else "float"] += 1
+            if res is None:
+                skipped["kept float (target_error)"] += 1
+                continue
+            w = np.asarray(c.tensor.values)
+            norms, per_column, _ = stats_of.get(id(c.tensor), (None, False, None))
             wf = w.astype(np.float64)
             wt = 1.0 if norms is None else element_weights(c.uses[0], w.shape, norms, per_column)
             errs.append(float(np.sum(wt * (wf - res.snapped) ** 2) / max(float(np.sum(wt * wf**2)), 1e-30)))
@@ -273,7 +323,7 @@ class Cluster(Pass):
         if st["tensors_clustered"]:
             graph.cleanup().toposort()
         st["storage"] = dict(st["storage"])
-        st["bits"] = {str(b): n for b, n in sorted(st["bits"].items())}
+        st["bits"] = dict(sorted(st["bits"].items(), key=lambda kv: (len(kv[0]), kv[0])))
         st["skipped"] = dict(skipped.most_common(12))
         st["relative_error"] = round(float(np.mean(errs)), 6) if errs else 0.0
         if st["refit_layers"]:

@@ -1,0 +1,108 @@
+"""cluster{target_error=...}: mixed bit-widths from the measured output error of each tensor (``allocation``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes.cluster.allocation import FLOAT, allocate, ladder
+
+from onnxcompress.context import PassContext
+from onnxcompress.data import load_feeds
+from onnxcompress.errors import BadInputError
+from onnxcompress.manager import PassManager
+from onnxcompress.output_error import relative_output_error
+from onnxcompress.pipeline import parse_pipeline
+from tests.conftest import ort_run
+
+
+def _run(model, pipeline, calib=None):
+    res = PassManager(parse_pipeline(pipeline)).run(model, PassContext(calibration=calib))
+    return res.model, res.ledger[-1].pass_stats
+
+
+def _two_branches(rng):
+    """x -> MatMul(easy) -> y1 ; x -> MatMul(hard) -> y2. ``easy`` holds 4 distinct values (2-bit clustering is
+    exact), ``hard`` is heavy-tailed Gaussian: only it costs output error."""
+    easy = rng.choice(np.array([-1.0, -0.3, 0.3, 1.0], np.float32), size=(64, 48))
+    hard = (rng.standard_normal((64, 48)) ** 3).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "easy"], ["y1"]), helper.make_node("MatMul", ["x", "hard"], ["y2"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [4, 48]),
+         helper.make_tensor_value_info("y2", TensorProto.FLOAT, [4, 48])],
+        [numpy_helper.from_array(easy, "easy"), numpy_helper.from_array(hard, "hard")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(8)]
+    return model, feeds
+
+
+def test_ladder():
+    assert ladder(4) == [4, 6, 8, FLOAT]
+    assert ladder(7) == [7, 8, FLOAT]
+    assert ladder(8) == [8, FLOAT]
+
+
+def test_target_error_met_as_measured_and_bits_go_to_the_sensitive_tensor(rng):
+    model, feeds = _two_branches(rng)
+    calib = load_feeds(feeds, model)
+    ref = [ort_run(model, f) for f in feeds]
+    plain, _ = _run(model, "cluster{bits=2 min_size=100 channel_scales=false storage=snap}")
+    e_plain = relative_output_error(ref, [ort_run(plain, f) for f in feeds])
+    target = e_plain / 50
+    out, st = _run(model, f"cluster{{bits=2 min_size=100 channel_scales=false storage=snap target_error={target}}}", calib)
+    e_out = relative_output_error(ref, [ort_run(out, f) for f in feeds])
+    assert e_out <= target
+    assert st["output_error"] == pytest.approx(e_out, rel=1e-3)  # the pass reports what ORT measures
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert np.unique(inits["easy"]).size <= 4  # insensitive: stays at 2 bits
+    assert np.unique(inits["hard"]).size > 4  # sensitive: more bits (or float)
+    assert st["bits"].get("2") == 1
+
+
+def test_codebook_storage_with_target_error_decodes_what_was_measured(rng):
+    model, feeds = _two_branches(rng)
+    calib = load_feeds(feeds, model)
+    ref = [ort_run(model, f) for f in feeds]
+    out, st = _run(model, "cluster{bits=2 min_size=100 storage=codebook target_error=0.0005}", calib)
+    assert st["tensors_clustered"] + st.get("floats_kept", 0) == 2
+    e_out = relative_output_error(ref, [ort_run(out, f) for f in feeds])
+    assert e_out == pytest.approx(st["output_error"], rel=1e-3, abs=1e-9) and e_out <= 0.0005
+
+
+class _Additive:
+    """Trials whose error is the sum of known per-tensor errors of the level each tensor is given."""
+
+    def __init__(self, table):
+        self.table = table  # name -> {level: error}
+        self.runs = 0
+
+    def error(self, over):
+        self.runs += 1
+        return sum(self.table[n][1] if n not in over else self.table[n][int(over[n][0])] for n in self.table)
+
+
+def test_allocate_buys_the_most_error_per_byte_first():
+    # a: error 10 at 2 bits, 1 at 4; b: error 9 at 2 bits but 10x the bytes per level; c: no error
+    table = {"a": {2: 10.0, 4: 1.0, 8: 0.01, 1: 0.0}, "b": {2: 9.0, 4: 0.5, 8: 0.01, 1: 0.0},
+             "c": {2: 0.0, 4: 0.0, 8: 0.0, 1: 0.0}}
+    size = {"a": 100, "b": 1000, "c": 50}
+
+    def lv(name, bits):
+        level = 1 if bits == FLOAT else bits
+        return (size[name] * (8 if bits == FLOAT else bits), np.array([level]))
+
+    levels = {n: {2: lv(n, 2)} for n in table}
+    pick, st = allocate(_Additive(table), levels, lv, target=11.0)
+    assert pick == {"a": 4, "b": 2, "c": 2}  # a's upgrade buys 9 error for 200 bytes, b's 8.5 for 2000
+    assert st["output_error"] == pytest.approx(10.0)
+    pick, st = allocate(_Additive(table), {n: {2: lv(n, 2)} for n in table}, lv, target=0.05)
+    assert pick["c"] == 2 and st["output_error"] <= 0.05
+
+
+def test_target_error_options_are_checked(rng):
+    with pytest.raises(BadInputError):
+        parse_pipeline("cluster{target_error=0}")
+    model, _ = _two_branches(rng)
+    with pytest.raises(BadInputError, match="calibration"):
+        _run(model, "cluster{target_error=0.01}")
