@@ -79,7 +79,7 @@ def test_noop_layers_removed_exactly():
     model = noop_model()
     res, _ = _run(model, "prune-layers")
     st = _stats(res)
-    assert len(st["noops_removed"]) == 9 and st["why"].startswith("no budget")
+    assert len(st["noops_removed"]) == 9 and st["skipped"].startswith("no budget")
     out = _model(res)
     ops = [n.op_type for n in out.graph.node]
     assert ops == ["Conv", "Relu", "GlobalAveragePool", "Flatten"]
@@ -110,7 +110,7 @@ def test_no_removable_unit_leaves_model_unchanged():
     model = plain_chain()
     res, _ = _run(model, "prune-layers{layers=1}")
     st = _stats(res)
-    assert st["candidates"] == 0 and "no removable unit" in st["why"]
+    assert st["candidates"] == 0 and "no removable unit" in st["skipped"]
     assert not res.ledger[-1].modified
     f = _feeds(model, 1)[0]
     np.testing.assert_array_equal(ort_run(_model(res), f)[0], ort_run(model, f)[0])

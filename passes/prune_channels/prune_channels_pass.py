@@ -146,9 +146,12 @@ class PruneChannels(Pass):
             "excluded_groups": len(excluded),
             "not_prunable": dict(reasons.most_common(8)),
         }
-        if not candidates or (self.ratio == 0.0 and not self.head_ratio and self.target_macs in (None, 1.0)
-                              and self.target_latency in (None, 1.0)):
+        no_budget = (self.ratio == 0.0 and not self.head_ratio and self.target_macs in (None, 1.0)
+                     and self.target_latency in (None, 1.0))
+        if not candidates or no_budget:
             stats["pruned_groups"] = 0
+            stats["skipped"] = ("no budget given (ratio, head_ratio, target_macs, target_latency): nothing to remove"
+                                if no_budget else "no prunable channel group (see not_prunable)")
             return PassResult(False, stats, frozenset({"channel_groups"}))
         feeds = ctx.calibration
         model = ctx.export(graph)
@@ -184,6 +187,7 @@ class PruneChannels(Pass):
         keep_el = cg.keep_elements(removed)
         if removed.size == 0:
             stats["pruned_groups"] = 0
+            stats["skipped"] = "the budget is met without removing a channel (or every removal was restored)"
             return PassResult(False, stats, frozenset({"channel_groups"}))
         kept_positions = cg.kept_positions(removed)
         ctx.channel_map.record(kept_positions)

@@ -115,13 +115,13 @@ class PruneLayers(Pass):
         cands = self._candidates(ru)
         stats["candidates"] = len(cands)
         if not self._budgeted():
-            stats["why"] = "no budget given (layers, ratio, target_latency, min_fidelity): only no-op layers go"
+            stats["skipped"] = "no budget given (layers, ratio, target_latency, min_fidelity): only no-op layers go"
             return PassResult(bool(noops), stats)
         if not cands:
-            stats["why"] = ("no removable unit of kinds " + ",".join(self.kinds) + " ("
+            stats["skipped"] = ("no removable unit of kinds " + ",".join(self.kinds) + " ("
                             + (", ".join(f"{k}: {v}" for k, v in stats["not_removable"].items()) or "none found")
                             + "): model unchanged")
-            log.info("prune-layers: %s", stats["why"])
+            log.info("prune-layers: %s", stats["skipped"])
             return PassResult(bool(noops), stats)
         n_all = len([u for u in ru.units if u.kind != "noop" and u.kind in self.kinds])
         k_max = min(len(cands), n_all - 1)  # excluded units stay, so all candidates may go when there are some

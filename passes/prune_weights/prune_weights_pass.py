@@ -162,6 +162,9 @@ class PruneWeights(Pass):
                        "speed": SPEED_NOTE, "skipped": skipped}
         if not targets:
             stats["tensors_pruned"] = 0
+            if not skipped:
+                stats["skipped"] = {"(model)": "no constant float weight of a Conv / ConvTranspose / Gemm / MatMul "
+                                               "in the main graph"}
             return PassResult(False, stats, frozenset({"all"}))
         needs_h = score in ("wanda", "obs")
         grams = self._grams(ctx.analysis(ActivationStatistics, graph), targets) if needs_h else {}
