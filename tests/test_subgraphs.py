@@ -9,6 +9,11 @@ Both conditions depend on the input, so no pass may fold an If away. After each 
 calibration feeds that take every branch): the same number of If nodes, every body non-empty, onnx.checker full
 check, ORT runs every path with the original output shape; exact passes reproduce the outputs; a pass that changed
 the main graph but no body must say so in its stats (a key or value naming subgraphs).
+
+quantize has its own tests below: in every mode every body MatMul reads an integer weight, the outer weight W0 (read
+in the main graph and two Ifs deep) has one integer copy, ``stats["subgraphs"]`` names each body with what was done
+and why, outputs stay close under ORT on every path; a Loop body's weight is dequantized outside the loop; silero
+VAD's op18 export (If branches reading the main graph's weights) when the model cache is there.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ dispatch to the mode that does the work.
   options, data and seed give the same bytes in every run on the machine; ``latency_cache=refresh`` measures again
   (with hysteresis), ``--latency-profile`` replays a report's values over the cache. Generated names come from
   ``Namer`` over the sorted, ordered graph (no set or id order), so they repeat too.
-* ``requires``: a model that already holds quantized ops (``QUANTIZED_OPS``) is refused unless
-  ``already_quantized=ignore`` (quantizing twice stacks the errors). ``ensures``: every constant Q/DQ scale is > 0.
+* ``requires``: a model that already holds quantized ops (``QUANTIZED_OPS``, bodies included) is refused unless
+  ``already_quantized=ignore`` (quantizing twice stacks the errors). ``ensures``: every constant Q/DQ scale is > 0,
+  in the main graph and in every If/Loop/Scan body.
 """
 
 from __future__ import annotations
@@ -259,11 +260,12 @@ class Quantize(Pass):
         return result
 
     def ensures(self, graph: gs.Graph, ctx: PassContext) -> None:
-        for n in graph.nodes:
-            if n.op in ("QuantizeLinear", "DequantizeLinear") and len(n.inputs) > 1:
-                s = n.inputs[1]
-                if isinstance(s, gs.Constant) and not np.all(np.asarray(s.values) > 0):
-                    raise PassError(f"{n.name}: non-positive quantization scale")
+        for g in [graph, *graph.subgraphs(recursive=True)]:
+            for n in g.nodes:
+                if n.op in ("QuantizeLinear", "DequantizeLinear") and len(n.inputs) > 1:
+                    s = n.inputs[1]
+                    if isinstance(s, gs.Constant) and not np.all(np.asarray(s.values) > 0):
+                        raise PassError(f"{n.name}: non-positive quantization scale")
 
 
 __all__ = ["Quantize", "QUANTIZED_OPS"]
