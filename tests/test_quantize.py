@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import ort_run
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes.quantize import Quantize
 
 from onnxcompress.context import PassContext
@@ -764,3 +764,41 @@ def test_latency_guard_returns_the_float_model_when_the_profile_says_int8_is_slo
     assert replayed.SerializeToString() == q.SerializeToString() and ctx2.latency.measured == 0
     assert stats2["latency_measurements"] == {"measured": 0, "replayed": 5, "machine_cache": 0}
 
+
+
+# ----------------------------------------------------------------------------------- weights with other readers
+def _shared_weight_model(other: str) -> onnx.ModelProto:
+    """h = Gather(E, ids) [1, 64]; logits = Gemm(h, E, transB=1) [1, 1024] (tied) — or E also read by a Slice."""
+    rng = np.random.default_rng(0)
+    e = (rng.standard_normal((1024, 64)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+             helper.make_node("Gemm", ["h", "E"], ["logits"], transB=1, name="proj")]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1024])]
+    inits = [numpy_helper.from_array(e, "E")]
+    if other == "slice":
+        nodes.append(helper.make_node("Slice", ["E", "s0", "s1"], ["rows"], name="rows"))
+        outputs.append(helper.make_tensor_value_info("rows", TensorProto.FLOAT, [2, 64]))
+        inits += [numpy_helper.from_array(np.array([0], np.int64), "s0"),
+                  numpy_helper.from_array(np.array([2], np.int64), "s1")]
+    g = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])], outputs,
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic"])
+def test_tied_embedding_and_projection_are_both_stored_int8(mode):
+    model = _shared_weight_model("tied")
+    q, stats = quantize(model, mode=mode)
+    assert stats["nodes_quantized"] == {"Gemm": 1, "Gather": 1}
+    assert not [t.name for t in q.graph.initializer if t.data_type == TensorProto.FLOAT and t.dims == [1024, 64]]
+    feed = {"ids": np.array([5], np.int64)}
+    assert cosine(ort_run(model, feed)[0], ort_run(q, feed)[0]) > 0.999
+
+
+def test_a_weight_another_op_reads_stays_float_for_every_reader():
+    """E is also read by a Slice: an int8 copy for the Gemm would sit beside the float E (5 bytes per value)."""
+    model = _shared_weight_model("slice")
+    q, stats = quantize(model, mode="weight_only")
+    assert "Gemm" not in stats["nodes_quantized"]
+    assert stats["layers_kept_float"] == {"proj": "its weight is also read by Slice 'rows': kept float (one copy)"}
+    assert next(n for n in q.graph.node if n.op_type == "Gemm").input[1] == "E"

@@ -82,6 +82,16 @@ def _scoped(p: Quantize, graph: gs.Graph, ops: tuple[str, ...]):
     return all_scopes, namer, nodes, skipped, sg.readers(all_scopes)
 
 
+def _allowed_readers(p: Quantize, all_scopes: list[sg.Scope], nodes: list) -> set[tuple[int, int]]:
+    """(node, slot) readers a quantized weight may have: the candidates' weight slots, and embedding lookups
+    (``Gather`` data) when tables are quantized too (a tied embedding / output projection: two int8 copies,
+    2 bytes per value instead of float's 4)."""
+    allowed = {(id(n), 1) for _s, n in nodes}
+    if "Gather" in p.dynamic_ops:
+        allowed |= {(id(n), 0) for s in all_scopes for n in s.graph.nodes if n.op == "Gather"}
+    return allowed
+
+
 def _keep(scope: sg.Scope, skipped: dict, n: gs.Node, reason: str) -> None:
     skipped[n.name] = reason
     scope.kept_float[f"{n.op} float: {reason}"] += 1
@@ -130,7 +140,7 @@ def run_dynamic(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
     ops = tuple(op for op in p.dynamic_ops if op in ("MatMul", "Gemm"))
     all_scopes, namer, nodes, skipped, uses = _scoped(p, graph, ops)
     _note_other_layers(all_scopes, ops, "dynamic mode quantizes MatMul/Gemm only")
-    allowed = {(id(n), 1) for _s, n in nodes}
+    allowed = _allowed_readers(p, all_scopes, nodes)
     shared: dict[tuple, tuple[gs.Constant, gs.Constant, gs.Constant]] = {}
     done: Counter = Counter()
     new_nodes: dict[int, list[gs.Node]] = {}
@@ -236,7 +246,7 @@ def run_weight_only(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResul
     ops = tuple(op for op in p.dynamic_ops if op != "Gather")
     all_scopes, namer, nodes, skipped, uses = _scoped(p, graph, ops)
     _note_other_layers(all_scopes, ops, "not in dynamic_ops")
-    allowed = {(id(n), 1) for _s, n in nodes}
+    allowed = _allowed_readers(p, all_scopes, nodes)
     dq = sg.SharedDQ(uses)
     done: Counter = Counter()
     new_nodes: dict[int, list[gs.Node]] = {}
