@@ -2,6 +2,7 @@
 
     python -m benchmarks.distill_train --models efficientnet_lite2 --minutes 8
     python -m benchmarks.distill_train --models minilm_l3 --cut "prune-channels{ratio=0.3 head_ratio=0.3 allocation=sensitivity}"
+    python -m benchmarks.distill_train --models efficientnet_lite2 --cache /tmp/dt --variants "lr=3e-5;lr=3e-5 features=1"
 
 ``benchmarks.prune --train`` runs every variant in its own subprocess, so the refit is computed twice (once for the
 refit row, once under ``refit+train``) and each tool run must finish within the harness's 30-minute timeout; on
@@ -10,6 +11,10 @@ runs the passes once, in order, on one graph and one context, and measures a sna
 
     FP32 -> cleanup,<cut> (pruned) -> distill (refit) -> distill{mode=train} (refit+train)
                                    \\-> distill{mode=train} (train only, --train-only)
+
+``--variants`` (';'-separated distill option strings) trains several students from the same refit, one row each
+(stage ``refit+train[<options>]``); ``--cache DIR`` keeps the pruned and refit models (and the channel map) so
+later runs start from them instead of recomputing the refit (keyed by model, cut and calibration count).
 
 Every snapshot is scored on the model's evaluation inputs (disjoint from the calibration inputs) against FP32 with
 the model's task metric (``ModelSpec.evaluate``) and the worst output's cosine. Training changes values only, so
@@ -64,7 +69,8 @@ def score(spec: Any, model: onnx.ModelProto, feeds: list[dict], ref: list) -> di
 
 
 def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, train_opts: str,
-              train_only: bool) -> list[dict[str, Any]]:
+              train_only: bool, variants: list[str] | None = None, cache: Path | None = None,
+              refit_pipe: str = "distill") -> list[dict[str, Any]]:
     from benchmarks.fetch import cache_dir
     from onnxcompress import io
     from onnxcompress.analyses.macs import count_macs
@@ -110,7 +116,9 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
         train = (stats or {}).get("distill", {}).get("train")
         if train:
             row["train"] = {k: train.get(k) for k in ("steps", "stopped_by", "seconds", "cpu_seconds",
-                                                      "heldout_loss_start", "heldout_loss_best", "losses")}
+                                                      "heldout_loss_start", "heldout_loss_best", "losses",
+                                                      "loss_history", "train_feeds", "features")}
+            row["load_average"] = round(__import__("os").getloadavg()[0], 1)
         rows.append(row)
         log.info("%s %s: %s %.4f (cos %.4f), %.0f s wall, %.0f s cpu, peak %.0f MB", spec.name, stage,
                  spec.primary_metric, row["metric"], row["cosine"], row["seconds"], row["cpu_seconds"],
@@ -119,20 +127,48 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
 
     train = f"distill{{mode=train max_minutes={minutes:g}{(' ' + train_opts) if train_opts else ''}}}"
     ctx, graph = context()
+    key = None
+    if cache is not None:
+        import hashlib
+
+        key = cache / f"{spec.name}_{hashlib.sha256(f'{cut}|{n_calib}|{refit_pipe}'.encode()).hexdigest()[:10]}"
     t0, c0 = time.perf_counter(), time.process_time()
-    apply(f"cleanup,{cut}", graph, ctx)
-    pruned = record("pruned", f"cleanup,{cut}", graph, ctx, t0, c0)
-    pruned_map = ctx.channel_map
-    if train_only:
-        g2 = io.to_graph(pruned)
+    if key is not None and key.with_suffix(".refit.onnx").exists():
+        import pickle
+
+        ctx.channel_map.positions.update(pickle.loads(key.with_suffix(".cmap.pkl").read_bytes()))
+        refit = onnx.load(str(key.with_suffix(".refit.onnx")))
+        io.prepare_for_import(refit)
+        graph = io.to_graph(refit)
+        log.info("%s: pruned and refit students from the cache %s", spec.name, key)
+    else:
+        apply(f"cleanup,{cut}", graph, ctx)
+        pruned = record("pruned", f"cleanup,{cut}", graph, ctx, t0, c0)
+        pruned_map = ctx.channel_map
+        if train_only:
+            g2 = io.to_graph(pruned)
+            t0, c0 = time.perf_counter(), time.process_time()
+            record("train", f"cleanup,{cut},{train}", g2, ctx, t0, c0, apply(train, g2, ctx))
         t0, c0 = time.perf_counter(), time.process_time()
-        record("train", f"cleanup,{cut},{train}", g2, ctx, t0, c0, apply(train, g2, ctx))
-    t0, c0 = time.perf_counter(), time.process_time()
-    ctx.channel_map = pruned_map
-    apply("distill", graph, ctx)
-    record("refit", f"cleanup,{cut},distill", graph, ctx, t0, c0)
-    t0, c0 = time.perf_counter(), time.process_time()
-    record("refit+train", f"cleanup,{cut},distill,{train}", graph, ctx, t0, c0, apply(train, graph, ctx))
+        ctx.channel_map = pruned_map
+        apply(refit_pipe, graph, ctx)
+        refit = record("refit", f"cleanup,{cut},{refit_pipe}", graph, ctx, t0, c0)
+        if key is not None:
+            import pickle
+
+            key.parent.mkdir(parents=True, exist_ok=True)
+            onnx.save(refit, str(key.with_suffix(".refit.onnx")))
+            key.with_suffix(".cmap.pkl").write_bytes(pickle.dumps(ctx.channel_map.positions))
+    if not variants:
+        t0, c0 = time.perf_counter(), time.process_time()
+        record("refit+train", f"cleanup,{cut},{refit_pipe},{train}", graph, ctx, t0, c0, apply(train, graph, ctx))
+        return rows
+    start = ctx.export(graph)
+    for v in variants:
+        g = io.to_graph(start)
+        pipe = f"distill{{mode=train max_minutes={minutes:g} {v}}}"
+        t0, c0 = time.perf_counter(), time.process_time()
+        record(f"refit+train[{v}]", f"cleanup,{cut},{refit_pipe},{pipe}", g, ctx, t0, c0, apply(pipe, g, ctx))
     return rows
 
 
@@ -167,17 +203,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--n-eval", type=int, default=64)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--variants", default="", help="';'-separated distill option strings, each trained from "
+                                                   "the same refit student (one row each)")
+    ap.add_argument("--refit", default="distill", help="the closed-form stage (e.g. distill{samples=64} to "
+                                                         "refit on the first 64 calibration feeds only)")
+    ap.add_argument("--cache", type=Path, default=None, help="keep / reuse the pruned and refit students here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
     logging.getLogger("onnxcompress.passes.distill.train").setLevel(logging.INFO)
+    logging.getLogger("passes.distill.train").setLevel(logging.INFO)
     specs = load_specs()
     path = args.out / "distill_train.json"
     saved = json.loads(path.read_text()) if path.exists() else {"rows": []}
     for name in args.models.split(","):
         cut = args.cut or (MINILM_CUT if name.startswith("minilm") else CNN_CUT)
         n_calib = 550 if name.startswith("minilm") and args.n_calib == 64 else args.n_calib
-        rows = run_model(specs[name], cut, args.minutes, n_calib, args.n_eval, args.train_opts, args.train_only)
+        variants = [v.strip() for v in args.variants.split(";") if v.strip()]
+        rows = run_model(specs[name], cut, args.minutes, n_calib, args.n_eval, args.train_opts, args.train_only,
+                         variants, args.cache, args.refit)
         for r in rows:
             r["n_calib"], r["n_eval"] = n_calib, args.n_eval
         keep = [r for r in saved["rows"] if (r["model"], r["stage"]) not in {(x["model"], x["stage"]) for x in rows}]

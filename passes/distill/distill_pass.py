@@ -91,7 +91,10 @@ class Distill(Pass):
     mode: str = option("refit", "refit (closed-form, layer by layer), train (gradient descent on the whole student "
                                 "against the teacher's outputs: needs the [train] extra, torch) or refit+train")
     steps: int = option(300, "train: optimizer steps (block-wise: shared among the blocks by weight count)")
-    lr: float = option(3e-4, "train: Adam learning rate (cosine decay to 0 over the steps)")
+    lr: float = option(3e-4, "train: Adam learning rate relative to each weight's RMS (cosine decay to 0 over "
+                             "the steps)")
+    warmup: float = option(0.0, "train: fraction of the steps (or of the time budget) with a linear lr warmup "
+                                "from 0: Adam's first steps move every weight by the full lr")
     batch: int = option(8, "train: calibration feeds per step (stacked when their shapes agree)")
     blockwise: bool = option(False, "train: block by block (BRECQ-style), each block from the current student's "
                                     "block input to the teacher's block output; else end-to-end")
@@ -121,6 +124,8 @@ class Distill(Pass):
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.steps < 1 or self.lr <= 0 or self.batch < 1 or self.blocks < 0 or self.eval_every < 1:
             raise ValueError("steps, batch and eval_every must be >= 1, lr > 0, blocks >= 0")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.temperature <= 0 or self.features < 0 or self.max_minutes <= 0 or self.patience < 1:
             raise ValueError("temperature and max_minutes must be > 0, features >= 0, patience >= 1")
         parse_loss(self.loss)

@@ -12,9 +12,12 @@ Per graph output o with teacher value t and student value s (``loss_kinds`` pick
 
 Feature matching at intermediate tensors uses the normalized MSE too. Augmentation (images only: a float input of
 rank 4 with 1 or 3 channels on axis 1 or 3): ``crop`` (a random box of 80-100% of each side, resized back
-bilinearly), ``flip`` (mirror the width axis), ``noise`` (Gaussian, 3% of the feed's std). Integer inputs (token ids)
-are never augmented. ``auto`` is crop + noise: a flip changes what orientation and text models see (the PP-OCR
-0/180 classifier's task *is* the flip), so it is opt-in.
+bilinearly), ``zoom`` (the same with 35-100% of each side: new scales of the same scenes), ``flip`` (mirror the
+width axis), ``noise`` (Gaussian, 3% of the feed's std), ``mix`` (mixup of two feeds of a minibatch,
+x = l a + (1 - l) b with l ~ U(0, 1): the teacher labels the mixed image too, so the student learns the teacher's
+function between the calibration points, not only at them — "function matching", Beyer et al. 2022). Integer
+inputs (token ids) are never augmented. ``auto`` is crop + noise: a flip changes what orientation and text models
+see (the PP-OCR 0/180 classifier's task *is* the flip), so it is opt-in.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ KINDS = ("mse", "kl", "cosine")
 #: a Gemm/MatMul class-score output this wide gets KL; narrower ones are as often regressions (MTCNN's 4 box and
 #: 10 landmark values) and get normalized MSE on the raw values (KL's high-temperature limit for real logits)
 WIDE_LOGITS = 100
-AUGMENTS = ("crop", "flip", "noise")
+AUGMENTS = ("crop", "flip", "noise", "zoom", "mix")
 
 
 def parse_loss(spec: str) -> tuple[str | None, dict[str, str]]:
@@ -134,9 +137,10 @@ def augment_feed(torch: Any, feed: dict[str, np.ndarray], kinds: tuple[str, ...]
             continue
         x = arr
         h_ax, w_ax = layout
-        if "crop" in kinds:
+        if "crop" in kinds or "zoom" in kinds:
             h, w = x.shape[h_ax], x.shape[w_ax]
-            ch, cw = (max(4, int(round(n * rng.uniform(0.8, 1.0)))) for n in (h, w))
+            low = 0.35 if "zoom" in kinds else 0.8
+            ch, cw = (max(4, int(round(n * rng.uniform(low, 1.0)))) for n in (h, w))
             y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
             idx: list[Any] = [slice(None)] * 4
             idx[h_ax], idx[w_ax] = slice(y0, y0 + ch), slice(x0, x0 + cw)
@@ -152,6 +156,24 @@ def augment_feed(torch: Any, feed: dict[str, np.ndarray], kinds: tuple[str, ...]
         if "noise" in kinds:
             x = x + rng.normal(0.0, 0.03 * float(x.std()) + 1e-12, size=x.shape)
         out[name] = np.ascontiguousarray(x, dtype=arr.dtype)
+    return out
+
+
+def mix_feeds(feeds: list[dict[str, np.ndarray]], rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    """Mixup within a minibatch: feed i's image inputs become l a_i + (1 - l) a_j for a random other feed j of the
+    same shapes, l ~ U(0, 1) per feed (inputs that are not images are feed i's)."""
+    if len(feeds) < 2:
+        return feeds
+    out = []
+    for i, f in enumerate(feeds):
+        j = int(rng.integers(0, len(feeds) - 1))
+        j += j >= i
+        other, lam = feeds[j], float(rng.uniform(0.0, 1.0))
+        g = dict(f)
+        for name, arr in f.items():
+            if image_layout(arr) is not None and name in other and other[name].shape == arr.shape:
+                g[name] = (lam * arr + (1.0 - lam) * other[name]).astype(arr.dtype)
+        out.append(g)
     return out
 
 
