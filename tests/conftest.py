@@ -10,6 +10,13 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+# quantize's latency guard caches its measurements per machine (~/.cache/onnxcompress/latency): a test session gets
+# its own empty cache, so no test's decision depends on what an earlier run (or the user) measured on this machine.
+if "ONNXCOMPRESS_LATENCY_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["ONNXCOMPRESS_LATENCY_CACHE"] = tempfile.mkdtemp(prefix="onnxcompress-test-latency-")
+
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402

@@ -48,6 +48,7 @@ def _run(out: Path, calib: Path, names: list[str], hashseed: str, profile_dir: P
     env = {**os.environ, "PYTHONHASHSEED": hashseed, "OMP_NUM_THREADS": "1"}
     if cache is not None:
         env["ONNXCOMPRESS_CACHE"] = str(cache)
+        env.pop("ONNXCOMPRESS_LATENCY_CACHE", None)  # the session-wide test cache (conftest) would take precedence
     proc = subprocess.run([sys.executable, "-c", CHILD, str(out), str(calib), str(profile_dir or "-"),
                            json.dumps(names), str(MODEL), json.dumps(list(extra))], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=900)
