@@ -421,69 +421,59 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     return out
 
 
-def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    for g in iter_graphs(graph):
-        yield from g.initializer
-
-
 def write_with_external_data(model: onnx.ModelProto, model_path: Path, data_name: str) -> None:
-    """Write ``model_path`` + ``data_name`` beside it, streaming: each initializer's raw bytes go to the data file
-    one tensor at a time (64-byte aligned; a memory-mapped tensor is copied from its file in chunks), the tensor is
-    switched to an external reference while the small model proto is serialised, then restored (raw bytes read
-    back from the file, mapped references put back). Extra memory: one tensor, never a second copy of the model
-    (``onnx.save_model`` with external data rewrites the proto it is given, which forces a full copy).
-    ``model`` is unchanged afterwards, also when writing fails."""
-    moved: list[tuple[onnx.TensorProto, int, int, bool]] = []
-    remapped: list[tuple[onnx.TensorProto, list[tuple[str, str]]]] = []
-    data_path = model_path.parent / data_name
-    try:
-        with open(data_path, "wb") as f:
-            offset = 0
-            for t in _initializers(model.graph):
-                is_mapped = mmap_weights.is_mapped(t)
-                if not is_mapped and (t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data")):
-                    continue
-                raw = b"" if is_mapped else t.raw_data
-                length = mmap_weights.source(t)[2] if is_mapped else len(raw)
-                if length < EXTERNAL_TENSOR_MIN_BYTES and not is_mapped:  # a mapped one must leave
-                    continue
-                pad = (-offset) % 64
-                f.write(b"\0" * pad)
-                offset += pad
-                if is_mapped:
-                    mmap_weights.copy_region(t, f)
-                    remapped.append((t, [(e.key, e.value) for e in t.external_data]))
-                else:
-                    f.write(raw)
-                    moved.append((t, offset, length, t.HasField("data_location")))
-                    t.ClearField("raw_data")
-                del raw
-                t.data_location = onnx.TensorProto.EXTERNAL
-                del t.external_data[:]
-                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-                    t.external_data.append(onnx.StringStringEntryProto(key=key, value=value))
-                offset += length
-            f.flush()
-            os.fsync(f.fileno())
-        with open(model_path, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        for t, entries in remapped:
-            del t.external_data[:]
-            for key, value in entries:
-                t.external_data.append(onnx.StringStringEntryProto(key=key, value=value))
-        if moved:
-            with open(data_path, "rb") as f:
-                for t, off, length, had_location in moved:
-                    f.seek(off)
-                    t.raw_data = f.read(length)
-                    del t.external_data[:]
-                    if had_location:
-                        t.data_location = onnx.TensorProto.DEFAULT
-                    else:
-                        t.ClearField("data_location")
+    """Write ``model_path`` + ``data_name`` beside it, streaming: each initializer's bytes go to the data file one
+    tensor at a time (64-byte aligned; a memory-mapped tensor is copied from its file in chunks) and the model file
+    is a shell copy holding external references (``mmap_weights.shell``: the large tensors are never copied).
+    ``model`` is not touched (clearing and restoring its raw_data would grow the protobuf arena by the weights);
+    extra memory: one tensor."""
+    out = mmap_weights.shell(model)
+    offset = 0
+
+    def place(f, t: onnx.TensorProto, dst: onnx.TensorProto | None) -> None:
+        """Write ``t``'s bytes and make ``dst`` (a new shell tensor, or ``t`` itself if None) reference them."""
+        nonlocal offset
+        is_mapped = mmap_weights.is_mapped(t)
+        raw = b"" if is_mapped or not t.HasField("raw_data") else t.raw_data
+        length = mmap_weights.source(t)[2] if is_mapped else len(raw)
+        skip = not is_mapped and (t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data")
+                                  or length < EXTERNAL_TENSOR_MIN_BYTES)
+        if skip:
+            if dst is not None:
+                dst.CopyFrom(t)
+            return
+        pad = (-offset) % 64
+        f.write(b"\0" * pad)
+        offset += pad
+        if is_mapped:
+            mmap_weights.copy_region(t, f)
+        else:
+            f.write(raw)
+        del raw
+        if dst is None:
+            dst = t
+            dst.ClearField("raw_data")
+        else:
+            mmap_weights.copy_fields(dst, t, ("raw_data", "external_data"))
+        dst.data_location = onnx.TensorProto.EXTERNAL
+        del dst.external_data[:]
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+            dst.external_data.append(onnx.StringStringEntryProto(key=key, value=value))
+        offset += length
+
+    with open(model_path.parent / data_name, "wb") as f:
+        for t in model.graph.initializer:
+            place(f, t, out.graph.initializer.add())
+        for g in iter_graphs(out.graph):  # subgraph initializers: the shell's own copies, rewritten in place
+            if g is not out.graph:
+                for t in g.initializer:
+                    place(f, t, None)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(model_path, "wb") as f:
+        f.write(out.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def file_size_on_disk(path: str | os.PathLike) -> int:

@@ -76,10 +76,10 @@ class PassManager:
             return feed_shapes(feed), feed
         return bind_dims(model_inputs(model, tensors_only=True), ctx.dims, ctx.input_shapes), None
 
-    def _stats(self, model: onnx.ModelProto, shapes: dict, feed: dict | None) -> dict[str, Any]:
+    def _stats(self, model: onnx.ModelProto, shapes: dict, feed: dict | None, streamed: bool = False) -> dict[str, Any]:
         if not self.measure:
             return {}
-        return model_stats(model, shapes, feed).to_dict()
+        return model_stats(model, shapes, feed, streamed=streamed).to_dict()
 
     # ------------------------------------------------------------------------------------------------ run
     def check_needs(self, ctx: PassContext) -> None:
@@ -113,7 +113,7 @@ class PassManager:
         graph = io.to_graph(working)
         shapes, feed = self._input_shapes(original, ctx)
 
-        ledger = [LedgerRow("original", model=self._stats(original, shapes, feed),
+        ledger = [LedgerRow("original", model=self._stats(original, shapes, feed, mapped),
                             pass_stats={"constant_nodes_lifted": lifted} if lifted else {})]
         done: list[str] = []
         notes: list[str] = []
@@ -136,8 +136,8 @@ class PassManager:
             seconds = time.perf_counter() - t0
             if result.modified:
                 ctx.invalidate(frozenset(result.preserved) | type(p).preserves)
-            row = LedgerRow(label, result.modified, seconds, self._stats(current, shapes, feed), dict(result.stats),
-                            p.options(), p.exact)
+            row = LedgerRow(label, result.modified, seconds, self._stats(current, shapes, feed, mapped),
+                            dict(result.stats), p.options(), p.exact)
             if self.validate_each and self.validation is not None:
                 row.fidelity = compare_models(original_ref, current, self.validation, task=self.task).to_dict()
             ledger.append(row)

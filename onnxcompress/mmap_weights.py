@@ -79,26 +79,6 @@ def _varint_len(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
 
-def serialized_size(model: onnx.ModelProto) -> int:
-    """The size ``model`` would serialise to with every mapped tensor loaded (exact up to the few bytes of the
-    graph's and subgraphs' own length prefixes), computed without loading or serialising anything big."""
-    total = model.ByteSize()
-    for g in iter_graphs(model.graph):
-        for t in g.initializer:
-            if not is_mapped(t):
-                continue
-            ref = t.ByteSize()
-            stub = onnx.TensorProto()
-            stub.CopyFrom(t)
-            del stub.external_data[:]
-            stub.data_location = onnx.TensorProto.DEFAULT
-            stub.raw_data = b""
-            length = source(t)[2]
-            real = stub.ByteSize() - 1 + _varint_len(length) + length
-            total += real + _varint_len(real) - ref - _varint_len(ref)
-    return total
-
-
 def strip_private_entries(model: onnx.ModelProto) -> None:
     """Remove ``FILE_KEY`` entries an input file may carry (only the reader sets them, after its checks)."""
     for t in iter_tensors(model):
@@ -200,19 +180,91 @@ def zipped_size(t: onnx.TensorProto, level: int = 6) -> int:
     return _ZIP_CACHE[key]
 
 
-def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy for ``onnx.checker``: every mapped initializer, and every other one of at least ``CHECK_STRIP_BYTES``,
-    becomes a typed input of the main graph (names are unique across scopes, so subgraphs still see it)."""
+def _heavy(t: onnx.TensorProto) -> bool:
+    return is_mapped(t) or (t.HasField("raw_data") and (tensor_nbytes(t) or 0) >= CHECK_STRIP_BYTES)
+
+
+def copy_fields(dst, src, skip: tuple[str, ...] = ()) -> None:
+    """Copy every set field of message ``src`` into ``dst`` except ``skip`` (so a big one is never copied)."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if hasattr(value, "extend"):
+            getattr(dst, fd.name).extend(value)
+        elif hasattr(value, "ListFields"):
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph has no initializers yet (the caller adds them as it needs)."""
     out = onnx.ModelProto()
-    out.CopyFrom(model)
-    declared = {vi.name for vi in out.graph.input}
+    copy_fields(out, model, ("graph",))
+    copy_fields(out.graph, model.graph, ("initializer",))
+    return out
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The size ``model`` would serialise to with every mapped tensor loaded, computed without serialising any
+    large tensor (upb's ``ByteSize`` serialises the message): large weights are measured as stubs with empty data
+    plus their length. Exact but for the length prefixes of subgraphs holding mapped tensors (a few bytes)."""
+    out = shell(model)
+    delta = 0
+    for t in model.graph.initializer:
+        if not _heavy(t):
+            out.graph.initializer.add().CopyFrom(t)
+            continue
+        stub = out.graph.initializer.add()
+        copy_fields(stub, t, ("raw_data", "external_data") if is_mapped(t) else ("raw_data",))
+        if is_mapped(t):
+            stub.data_location = onnx.TensorProto.DEFAULT
+        stub.raw_data = b""
+        length = source(t)[2] if is_mapped(t) else (tensor_nbytes(t) or 0)
+        size = stub.ByteSize()
+        real = size - 1 + _varint_len(length) + length
+        delta += real + _varint_len(real) - size - _varint_len(size)
     for g in iter_graphs(out.graph):
+        if g is out.graph:
+            continue
+        for t in g.initializer:
+            if is_mapped(t):
+                ref = t.ByteSize()
+                stub = onnx.TensorProto()
+                copy_fields(stub, t, ("external_data",))
+                stub.data_location = onnx.TensorProto.DEFAULT
+                stub.raw_data = b""
+                length = source(t)[2]
+                real = stub.ByteSize() - 1 + _varint_len(length) + length
+                delta += real + _varint_len(real) - ref - _varint_len(ref)
+    g_shell = out.graph.ByteSize()
+    g_real = g_shell + delta
+    return out.ByteSize() - _varint_len(g_shell) - g_shell + _varint_len(g_real) + g_real
+
+
+def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A weightless copy for ``onnx.checker`` and shape inference: every mapped initializer, and every other one of at
+    least ``CHECK_STRIP_BYTES``, becomes a typed input of the main graph (names are unique across scopes, so
+    subgraphs still see it). The main graph's large weights are never copied."""
+    out = shell(model)
+    declared = {vi.name for vi in out.graph.input}
+
+    def declare(t: onnx.TensorProto) -> None:
+        if t.name not in declared:
+            out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            declared.add(t.name)
+
+    for t in model.graph.initializer:
+        if _heavy(t):
+            declare(t)
+        else:
+            out.graph.initializer.add().CopyFrom(t)
+    for g in iter_graphs(out.graph):
+        if g is out.graph:
+            continue
         for i in reversed(range(len(g.initializer))):
-            t = g.initializer[i]
-            if is_mapped(t) or (t.HasField("raw_data") and (tensor_nbytes(t) or 0) >= CHECK_STRIP_BYTES):
-                if t.name not in declared:
-                    out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-                    declared.add(t.name)
+            if _heavy(g.initializer[i]):
+                declare(g.initializer[i])
                 del g.initializer[i]
     return out
 

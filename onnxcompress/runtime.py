@@ -5,8 +5,9 @@ Models under the protobuf limit go to ORT as bytes; larger ones, and models with
 session wrapper, and ORT maps that file. Every session runs on the CPU execution provider.
 
 ``light=True`` is for sessions that only prove a model loads (the input check, the structural gate): no graph
-optimizations and no weight pre-packing, so ORT does not build a second, packed copy of every MatMul weight (on a
-model with external data it then maps the file and touches nothing).
+optimizations and no weight pre-packing, so ORT does not build a second, packed copy of every MatMul weight; a model
+with ``LIGHT_VIA_FILE_BYTES`` of weights or more is written to a temporary file with external data first, and ORT
+maps that file and touches nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from onnxcompress import io, mmap_weights
 from onnxcompress.errors import ValidationError
 
 log = logging.getLogger(__name__)
+
+#: a light session of a model with at least this many weight bytes loads it from a file (ORT maps the weights)
+#: instead of from serialised bytes (which ORT parses into a copy and then copies into its tensors)
+LIGHT_VIA_FILE_BYTES = 64 << 20
 
 
 def session_options(threads: int = 1, optimize: bool = True, spin: bool = True,
@@ -51,7 +56,8 @@ class Session:
         so = session_options(threads, optimize and not light, spin, prepack=not light)
         try:
             if isinstance(model, onnx.ModelProto):
-                if io.needs_external_data(model) or mmap_weights.has_mapped(model):
+                if io.needs_external_data(model) or mmap_weights.has_mapped(model) or (
+                        light and io.weight_bytes(model) >= LIGHT_VIA_FILE_BYTES):
                     self._tmpdir = tempfile.mkdtemp(prefix="onnxcompress-")
                     path = Path(self._tmpdir) / "model.onnx"
                     io.save_model(model, path, external_data=True)

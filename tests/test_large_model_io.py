@@ -136,7 +136,10 @@ def test_stats_and_checker_on_mapped_models(tmp_path):
     assert (a.params, a.macs, a.ops) == (b.params, b.macs, b.ops)
     assert abs(a.bytes_raw - b.bytes_raw) <= 0.02 * b.bytes_raw
     assert abs(a.bytes_zip - b.bytes_zip) <= 0.05 * b.bytes_zip
+    c = model_stats(eager, {"x": (1, H)}, streamed=True)  # never serialises the whole model
+    assert (c.params, c.macs, c.bytes_raw) == (b.params, b.macs, b.bytes_raw)
     assert structural_problems(mmap_weights.checkable(mapped)) == []
+    assert structural_problems(mmap_weights.checkable(eager)) == []
     broken = mmap_weights.checkable(mapped)
     broken.graph.node[0].input[1] = "nowhere"
     assert structural_problems(broken)

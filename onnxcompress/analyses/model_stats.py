@@ -7,7 +7,8 @@
   pruning buy when the file is shipped compressed; zip of > 2 GB models is estimated on the weights alone.
   Models with memory-mapped weights (``mmap_weights``): bytes_raw = the size the proto would have with them loaded;
   bytes_zip = zip of that proto + each mapped tensor zipped on its own, streamed from its file (cached while the
-  file is unchanged, so untouched weights are zipped once per run). Nothing serialises a > 2 GB proto.
+  file is unchanged, so untouched weights are zipped once per run); ``streamed=True`` takes that road for any model
+  (the manager asks for it on runs of memory-mapped models). Nothing serialises a > 2 GB proto.
 - ops / nodes: histogram of op types over the graph and its subgraphs.
 """
 
@@ -49,7 +50,10 @@ def _elements(t: onnx.TensorProto) -> int:
 
 
 def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
-                feed: dict[str, np.ndarray] | None = None, with_zip: bool = True) -> ModelStats:
+                feed: dict[str, np.ndarray] | None = None, with_zip: bool = True,
+                streamed: bool = False) -> ModelStats:
+    """The figures of the module docstring. ``streamed``: never serialise the whole model (the runs of memory-mapped
+    models ask for it): bytes from the proto's size, zip per tensor."""
     st = ModelStats(opset=io.default_opset(model))
     for t in io.iter_tensors(model):
         if t.data_type in _FLOAT_TYPES:
@@ -63,12 +67,12 @@ def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
             ops[n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"] += 1
     st.ops = dict(ops.most_common())
     st.nodes = sum(ops.values())
-    if mmap_weights.has_mapped(model):
+    if streamed or mmap_weights.has_mapped(model):
         st.bytes_raw = mmap_weights.serialized_size(model)
         if with_zip:
             st.bytes_zip = _zip_with_mapped(model)
     elif io.needs_external_data(model):
-        st.bytes_raw = model.ByteSize()
+        st.bytes_raw = mmap_weights.serialized_size(model)  # ByteSize() would serialise the > 2 GB proto
         if with_zip:
             comp = zlib.compressobj(6)
             total = 0
@@ -81,7 +85,8 @@ def model_stats(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
         if with_zip:
             st.bytes_zip = len(zlib.compress(data, 6))
     if input_shapes is not None:
-        macs = count_macs(model, input_shapes, feed)
+        # streamed: shape inference on the weightless stand-in (it would copy and serialise every weight)
+        macs = count_macs(mmap_weights.checkable(model) if streamed else model, input_shapes, feed)
         st.macs = macs.total
         st.macs_unknown = len(macs.unknown)
     return st
