@@ -106,3 +106,30 @@ def test_target_error_options_are_checked(rng):
     model, _ = _two_branches(rng)
     with pytest.raises(BadInputError, match="calibration"):
         _run(model, "cluster{target_error=0.01}")
+
+
+def test_lstm_weights_are_clustered_per_gate_row_and_decode_bit_exactly(rng):
+    """LSTM W [1, 4H, I] and R [1, 4H, H] (slots 1 and 2): clustered with a scale per gate row, decoded in the
+    graph bit-identically to the snapped weights, and the LSTM runs on them under ORT."""
+    hid, inp = 32, 24
+    w = (rng.standard_normal((1, 4 * hid, inp)) * rng.uniform(0.1, 2.0, (1, 4 * hid, 1))).astype(np.float32)
+    r = (rng.standard_normal((1, 4 * hid, hid)) * 0.3).astype(np.float32)
+    g = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=hid)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, inp])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, hid])],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    coded, st_c = _run(model, "cluster{bits=3 min_size=500 storage=codebook}")
+    snapped, st_s = _run(model, "cluster{bits=3 min_size=500 storage=snap}")
+    assert st_c["tensors_clustered"] == 2 and "snap" not in st_c["storage"]
+    s = {t.name: numpy_helper.to_array(t) for t in snapped.graph.initializer}
+    assert max(np.unique(row).size for row in s["W"][0]) <= 8 and not np.array_equal(s["W"], w)
+    dec = helper.make_model(coded.graph, opset_imports=coded.opset_import)
+    for n in ("W_clustered", "R_clustered"):
+        dec.graph.output.append(helper.make_empty_tensor_value_info(n))
+    feed = {"x": rng.standard_normal((5, 1, inp)).astype(np.float32)}
+    got = ort_run(dec, feed)
+    np.testing.assert_array_equal(got[1], s["W"])
+    np.testing.assert_array_equal(got[2], s["R"])
+    np.testing.assert_allclose(got[0], ort_run(snapped, feed)[0], rtol=1e-5, atol=1e-6)
+    assert coded.ByteSize() < 0.5 * model.ByteSize()

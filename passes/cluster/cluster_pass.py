@@ -1,7 +1,7 @@
 """``cluster``: weight sharing — every weight tensor (or output channel) reduced to k = 2^bits shared values.
 
 For each float weight constant of a Conv / ConvTranspose / Gemm / MatMul (the constant B) / Gather (embedding
-table) with at least ``min_size`` elements (depthwise Convs left alone with ``skip_depthwise``):
+table) / LSTM, GRU, RNN (W and R; no activation weights or refit) with at least ``min_size`` elements (depthwise Convs left alone with ``skip_depthwise``):
 
 1. exact 1-D k-means of its values (``kmeans1d``) — per tensor, per output channel (``per_channel``), or per tensor
    on the values divided by each output channel's RMS with the scales kept (``channel_scales``, the default: a
@@ -46,7 +46,7 @@ from onnxcompress.pass_base import Pass, PassResult, option, register
 from .allocation import FLOAT, Trials, allocate
 from .cluster_tensor import Clustered, cluster_tensor, element_weights
 from .kmeans1d import INITS
-from .layouts import WEIGHT_SLOTS, Use
+from .layouts import RECURRENT, WEIGHT_SLOTS, Use
 from .storage import DecodeBuilder
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,8 @@ class Cluster(Pass):
     def _candidates(self, graph: gs.Graph, skipped: Counter) -> list[_Candidate]:
         found: dict[int, _Candidate] = {}
         outputs = {id(t) for t in graph.outputs}
-        for node in graph.nodes:
-            slot = WEIGHT_SLOTS.get(node.op)
-            if slot is None or len(node.inputs) <= slot or not isinstance(node.inputs[slot], gs.Constant):
+        for node, slot in ((n, s) for n in graph.nodes for s in WEIGHT_SLOTS.get(n.op, ())):
+            if len(node.inputs) <= slot or not isinstance(node.inputs[slot], gs.Constant):
                 continue
             if node.op == "Gather" and not self.embeddings:
                 continue
@@ -180,7 +179,7 @@ class Cluster(Pass):
             use = c.uses[0]
             x = use.activation()
             shape = tuple(c.tensor.values.shape)
-            if isinstance(x, gs.Constant) or use.op in ("Gather", "ConvTranspose"):
+            if isinstance(x, gs.Constant) or use.op in ("Gather", "ConvTranspose") or use.op in RECURRENT:
                 continue
             if len({(u.op, u.channel_axis(len(shape))) for u in c.uses}) > 1:
                 continue  # tied across different roles: no one input to weight by

@@ -10,6 +10,7 @@ ConvTranspose      1                           none (no refit, no activation wei
 Gemm B             0 if transB else 1          B if transB else B^T                   A (A^T if transA)
 MatMul B [K, N]    last                        B^T                                    A.reshape(-1, K)
 Gather data [V,D]  0 (rows)                    none (an embedding table)              -
+LSTM/GRU/RNN W, R  1 (gate rows)               W.reshape(-1, in) (no refit)           -
 =================  ==========================  =====================================  ============================
 
 ``input_channel_of(M)`` maps every column of M to the input channel of the consumer's activation (Conv: column
@@ -25,7 +26,9 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.analyses.conv_rows import conv_output_spatial, conv_rows
 
-WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (1,), "Gather": (0,),
+                "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
+RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Use:
         return self.node.op
 
     def channel_axis(self, ndim: int) -> int:
-        if self.op == "ConvTranspose":
+        if self.op == "ConvTranspose" or self.op in RECURRENT:
             return 1
         if self.op == "Gemm":
             return 0 if self.node.attrs.get("transB", 0) else 1
@@ -49,6 +52,8 @@ class Use:
         return 0
 
     def to_matrix(self, w: np.ndarray) -> np.ndarray:
+        if self.op in RECURRENT:  # [directions, gates x hidden, in] -> one row per gate unit
+            return w.reshape(-1, w.shape[-1])
         if self.op == "Conv":
             return w.reshape(w.shape[0], -1)
         if self.op == "Gemm" and self.node.attrs.get("transB", 0):
@@ -56,7 +61,7 @@ class Use:
         return w.T
 
     def from_matrix(self, m: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
-        if self.op == "Conv":
+        if self.op == "Conv" or self.op in RECURRENT:
             return m.reshape(w_shape)
         if self.op == "Gemm" and self.node.attrs.get("transB", 0):
             return m
@@ -113,7 +118,7 @@ class Use:
 
     def refit_reason(self, w_shape: tuple[int, ...]) -> str | None:
         """Why this use cannot take part in a least-squares codebook refit (None: it can)."""
-        if self.op in ("ConvTranspose", "Gather"):
+        if self.op in ("ConvTranspose", "Gather") or self.op in RECURRENT:
             return f"{self.op} weight (no design rows)"
         if self.op == "Conv" and int(self.node.attrs.get("group", 1)) != 1:
             return "grouped Conv"
