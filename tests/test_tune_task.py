@@ -71,3 +71,20 @@ def test_search_passes_can_pin_an_option_the_pass_does_not_search():
     assert space.pipeline({"cluster": {"bits": 6, "refit": True}}) == "cleanup,cluster{bits=6 refit=true}"
     with pytest.raises(BadInputError, match="has no option 'nonsense'"):
         build_space().restrict(["cluster{nonsense=1}"])
+
+
+def slow_trial(task):
+    """Trial function that holds its worker a little, so two trials are surely in flight together."""
+    import time
+
+    time.sleep(1.0)
+    return run_trial(task)
+
+
+def test_a_pipeline_in_flight_is_not_run_twice_by_two_workers(tmp_path):
+    # the sensitivity plan of this space lists 'cleanup,quantize{mode=dynamic}' twice (base and min_cosine=none)
+    res = _tune(tmp_path / "m.onnx", trials=4, workers=2, trial_fn=slow_trial,
+                search_passes=["quantize{mode=dynamic min_cosine=none|0.999}"])
+    lines = [json.loads(x) for x in (tmp_path / "m.tune.jsonl").read_text().splitlines()[1:]]
+    pipelines = [x["pipeline"] for x in lines]
+    assert len(pipelines) == len(set(pipelines)) == len(res.records)

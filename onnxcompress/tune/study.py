@@ -154,6 +154,7 @@ class Study:
         self.finished = {r["number"] for r in self.journal.final() if r["pipeline"] in self.by_pipeline}
         self.next_number = max(self.finished, default=-1) + 1
         self.in_flight: dict[int, tuple[str, dict, Any]] = {}
+        self.in_flight_pipelines: dict[int, str] = {}  # trial number -> pipeline of the trials running now
         self.best_model: bytes | None = None
         self.best_number: int | None = None
         self.new_trials = 0
@@ -202,6 +203,7 @@ class Study:
         if rec.get("retried"):
             return None
         del self.in_flight[rec["number"]]
+        self.in_flight_pipelines.pop(rec["number"], None)
         self.finished.add(rec["number"])
         self.by_pipeline[rec["pipeline"]] = rec
         self.new_trials += 1
@@ -243,7 +245,7 @@ class Study:
                     if on_final:
                         on_final(tag, None)
                     continue
-                if pipeline in self.by_pipeline or any(p == pipeline for p, _, _ in self.in_flight.values()):
+                if pipeline in self.by_pipeline or pipeline in self.in_flight_pipelines.values():
                     skips += 1
                     if on_final and pipeline in self.by_pipeline:
                         on_final(tag, self.by_pipeline[pipeline])
@@ -253,6 +255,7 @@ class Study:
                 number = self.next_number
                 self.next_number += 1
                 self.in_flight[number] = (phase, config, tag)
+                self.in_flight_pipelines[number] = pipeline
                 self.executor.submit(self._task(pipeline, number, full=phase == "sensitivity"))
             if not self.executor.running:
                 return
