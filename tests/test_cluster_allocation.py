@@ -21,19 +21,19 @@ def _run(model, pipeline, calib=None):
     return res.model, res.ledger[-1].pass_stats
 
 
-def _two_branches(rng):
+def _two_branches(rng, n_in=64, n_out=48):
     """x -> MatMul(easy) -> y1 ; x -> MatMul(hard) -> y2. ``easy`` holds 4 distinct values (2-bit clustering is
     exact), ``hard`` is heavy-tailed Gaussian: only it costs output error."""
-    easy = rng.choice(np.array([-1.0, -0.3, 0.3, 1.0], np.float32), size=(64, 48))
-    hard = (rng.standard_normal((64, 48)) ** 3).astype(np.float32)
+    easy = rng.choice(np.array([-1.0, -0.3, 0.3, 1.0], np.float32), size=(n_in, n_out))
+    hard = (rng.standard_normal((n_in, n_out)) ** 3).astype(np.float32)
     g = helper.make_graph(
         [helper.make_node("MatMul", ["x", "easy"], ["y1"]), helper.make_node("MatMul", ["x", "hard"], ["y2"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
-        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [4, 48]),
-         helper.make_tensor_value_info("y2", TensorProto.FLOAT, [4, 48])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, n_in])],
+        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [4, n_out]),
+         helper.make_tensor_value_info("y2", TensorProto.FLOAT, [4, n_out])],
         [numpy_helper.from_array(easy, "easy"), numpy_helper.from_array(hard, "hard")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    feeds = [{"x": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(8)]
+    feeds = [{"x": rng.standard_normal((4, n_in)).astype(np.float32)} for _ in range(8)]
     return model, feeds
 
 
@@ -70,6 +70,20 @@ def test_codebook_storage_with_target_error_decodes_what_was_measured(rng):
     assert e_out == pytest.approx(st["output_error"], rel=1e-3, abs=1e-9) and e_out <= 0.0005
 
 
+def test_size_budget_spends_the_bytes_where_the_error_is(rng):
+    model, feeds = _two_branches(rng, 512, 256)
+    calib = load_feeds(feeds, model)
+    n = 2 * 512 * 256
+    out, st = _run(model, "cluster{bits=2 channel_scales=false storage=codebook size_budget=3.2}", calib)
+    assert st["bits"] == {"2": 1, "4": 1}  # 8 bits for `hard` would not fit in 3.2 bits per weight
+    assert st["bytes_after"] <= 3.2 * n / 8  # planned bytes within the budget
+    assert out.ByteSize() < 3.4 * n / 8  # and the file agrees (graph inputs/outputs add a few bytes)
+    ref = [ort_run(model, f) for f in feeds]
+    plain, _ = _run(model, "cluster{bits=2 channel_scales=false storage=codebook}")
+    e = [relative_output_error(ref, [ort_run(m, f) for f in feeds]) for m in (plain, out)]
+    assert e[1] < 0.2 * e[0]
+
+
 class _Additive:
     """Trials whose error is the sum of known per-tensor errors of the level each tensor is given."""
 
@@ -103,6 +117,8 @@ def test_allocate_buys_the_most_error_per_byte_first():
 def test_target_error_options_are_checked(rng):
     with pytest.raises(BadInputError):
         parse_pipeline("cluster{target_error=0}")
+    with pytest.raises(BadInputError):
+        parse_pipeline("cluster{size_budget=-1}")
     model, _ = _two_branches(rng)
     with pytest.raises(BadInputError, match="calibration"):
         _run(model, "cluster{target_error=0.01}")

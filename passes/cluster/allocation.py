@@ -7,8 +7,9 @@ alone at level l and every other tensor float, on a few calibration feeds. The m
 its level is predicted additively, E = sum_t e_t(l_t) (small, independent perturbations; it is verified below).
 
 Greedy allocation: while E > target, move the tensor with the largest e_t(l_t) / (B_t(next) - B_t(l_t)) — the most
-error per extra byte — one rung up (its next level is clustered and measured only then: lazily). When E <= target
-the model with all levels together is measured; if its error E* is still above the target, the working target is
+error per extra byte — one rung up (its next level is clustered and measured only then: lazily). With a byte ``budget``
+(``size_budget``: bits per weight, all-in) only the upgrades that still fit are made. When E <= target (or no
+upgrade fits) the model with all levels together is measured; if its error E* is still above the target, the working target is
 scaled by target / E* and the greedy continues (at most ``ROUNDS`` times). The result is reported as measured.
 
 All trials run in ONE onnxruntime session: the clustered tensors are made overridable initializers (also graph
@@ -77,16 +78,18 @@ class Trials:
 
 
 def allocate(trials: Trials, levels: dict[str, dict[int, tuple[int, np.ndarray | None]]], make_level,
-             target: float) -> tuple[dict[str, int], dict]:
+             target: float | None, budget: int | None = None) -> tuple[dict[str, int], dict]:
     """Choose a level per tensor. ``levels[name][bits] = (bytes, snapped values or None for float)`` holds the
     levels known so far (at least b0); ``make_level(name, bits)`` clusters a tensor at a new level and returns
-    (bytes, snapped). Returns ({name: level}, stats)."""
+    (bytes, snapped). ``budget``: bytes the tensors may take in all; only upgrades that fit are made (without a
+    ``target``: until none fits). Returns ({name: level}, stats)."""
     err: dict[str, dict[int, float]] = {}
     for name, lv in levels.items():
         b0 = min(lv)
         err[name] = {b0: trials.error({name: lv[b0][1]})}
     cur = {name: min(lv) for name, lv in levels.items()}
-    work, measured, rounds = target, None, 0
+    work, measured, rounds = (0.0 if target is None else target), None, 0
+    spent = sum(levels[n][b][0] for n, b in cur.items())
     while True:
         while sum(err[n][cur[n]] for n in cur) > work:
             best, best_gain = None, -1.0
@@ -98,12 +101,15 @@ def allocate(trials: Trials, levels: dict[str, dict[int, tuple[int, np.ndarray |
                 if nxt not in levels[n]:
                     levels[n][nxt] = make_level(n, nxt)
                 extra = max(levels[n][nxt][0] - levels[n][b][0], 1)
+                if budget is not None and spent + extra > budget:
+                    continue
                 gain = err[n][b] / extra
                 if gain > best_gain:
                     best, best_gain = (n, nxt), gain
             if best is None:
                 break
             n, nxt = best
+            spent += levels[n][nxt][0] - levels[n][cur[n]][0]
             cur[n] = nxt
             if nxt not in err[n]:
                 err[n][nxt] = 0.0 if nxt == FLOAT else trials.error({n: levels[n][nxt][1]})
@@ -112,9 +118,9 @@ def allocate(trials: Trials, levels: dict[str, dict[int, tuple[int, np.ndarray |
         predicted = sum(err[n][cur[n]] for n in cur)
         log.info("cluster allocation round %d: predicted %.3g, measured %.3g, target %.3g", rounds, predicted,
                  measured, target)
-        if measured <= target or rounds >= ROUNDS or all(b == FLOAT for b in cur.values()):
+        if target is None or measured <= target or rounds >= ROUNDS or all(b == FLOAT for b in cur.values()):
             break
         work = min(work, predicted) * target / measured
-    stats = {"target_error": target, "output_error": measured, "allocation_rounds": rounds,
+    stats = {"target_error": target, "output_error": measured, "bytes_allocated": spent, "allocation_rounds": rounds,
              "trial_runs": trials.runs, "floats_kept": sum(b == FLOAT for b in cur.values())}
     return cur, stats

@@ -101,6 +101,10 @@ class Cluster(Pass):
                                               "clustered alone) decides who gets more bits (+2, 8) or stays "
                                               "float, most error per byte first, until the model's measured "
                                               "error is <= this (needs --calib)")
+    size_budget: float | None = option(None, "mixed bit-widths within a size: bits per weight, all-in (indices, "
+                                             "codebooks, scales, decode), over the clustered tensors; tensors get "
+                                             "more bits, most measured output error per byte first, while it fits "
+                                             "(with target_error: until that is met; needs --calib)")
     sensitivity_samples: int = option(16, "calibration feeds for target_error's trials")
     samples: int = option(256, "calibration feeds for activation_aware / refit statistics")
     max_inputs: int = option(2304, "refit only layers with at most this many inputs per output (Gram size)")
@@ -118,6 +122,8 @@ class Cluster(Pass):
             raise ValueError("min_size, samples and max_inputs must be >= 1")
         if self.target_error is not None and not self.target_error > 0:
             raise ValueError(f"target_error must be > 0, got {self.target_error}")
+        if self.size_budget is not None and not self.size_budget > 0:
+            raise ValueError(f"size_budget must be > 0 bits per weight, got {self.size_budget}")
         if self.sensitivity_samples < 1:
             raise ValueError("sensitivity_samples must be >= 1")
         if self.max_error is not None and not self.max_error > 0:
@@ -126,11 +132,12 @@ class Cluster(Pass):
             raise ValueError(f"zero_fraction must be in (0, 1], got {self.zero_fraction}")
 
     def needs_calibration(self) -> bool:
-        return self.activation_aware or self.refit or self.target_error is not None
+        return self.activation_aware or self.refit or self.target_error is not None or \
+            self.size_budget is not None
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if self.needs_calibration() and ctx.calibration is None:
-            raise BadInputError("cluster{activation_aware/refit/target_error} needs calibration data (--calib)")
+            raise BadInputError("cluster{activation_aware/refit/target_error/size_budget} needs calibration data (--calib)")
 
     # ------------------------------------------------------------------------------------------ candidates
     def _candidates(self, graph: gs.Graph, skipped: Counter) -> list[_Candidate]:
@@ -225,7 +232,8 @@ class Cluster(Pass):
 
     def _allocate(self, graph: gs.Graph, ctx: PassContext, chosen: list, stats_of: dict, storage: str, rng,
                   st: dict) -> list:
-        """``target_error``: levels (bits or float) per tensor from measured output errors (``allocation``)."""
+        """``target_error`` / ``size_budget``: levels (bits or float) per tensor from measured output errors
+        (``allocation``)."""
         by_name = {c.tensor.name: (c, bits, res) for c, bits, res in chosen}
         levels = {n: {bits: (res.bytes_planned[res.storage], res.snapped)} for n, (c, bits, res) in by_name.items()}
         done = {n: {bits: res} for n, (c, bits, res) in by_name.items()}
@@ -241,7 +249,11 @@ class Cluster(Pass):
         feeds = list(ctx.calibration.take(self.sensitivity_samples))
         trials = Trials(ctx.export(graph), list(by_name), feeds)
         try:
-            pick, a_st = allocate(trials, levels, make_level, self.target_error)
+            budget = None
+            if self.size_budget is not None:
+                n_weights = sum(int(np.asarray(c.tensor.values).size) for c, _, _ in chosen)
+                budget = max(int(self.size_budget * n_weights / 8), sum(v[min(v)][0] for v in levels.values()))
+            pick, a_st = allocate(trials, levels, make_level, self.target_error, budget)
         finally:
             trials.close()
         st.update(a_st)
@@ -289,7 +301,7 @@ class Cluster(Pass):
                     break
                 bits += 1
             chosen.append((c, bits, res))
-        if self.target_error is not None and chosen:
+        if (self.target_error is not None or self.size_budget is not None) and chosen:
             chosen = self._allocate(graph, ctx, chosen, stats_of, storage, rng, st)
         for c, bits, res in chosen:
             st["bits"][str(bits) if res is not None else "float"] += 1
