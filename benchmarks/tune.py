@@ -54,11 +54,13 @@ TARGET_B = "metric>=0.99,minimize=size"
 #: stores dense zeros (no raw-size or speed change).
 #: per model (the trial budget is small: what the other result files say can pay on this model family first).
 #: Cluster with error-feedback refit is cluster.md's best 4-bit row on rec and NudeNet (22-94 s per trial there);
+#: on rec, OBS weight pruning (prune_weights.md: 50% keeps agreement 1.000, ~190 s) is the other half of the
+#: hand-written ``small`` recipe (6.7x);
 #: on MiniLM refit costs 150-250 s per trial and never reached 0.99 there, so B searches plain bits and int8.
 SPACES = {
     "ppocrv4_rec": (["quantize{mode=static|dynamic min_cosine=none|0.999}"],
-                    ["quantize{mode=static|weight_only min_cosine=none}",
-                     "cluster{bits=4|3 refit=true max_error=0.003|0.001}"]),
+                    ["quantize{mode=static min_cosine=none}", "cluster{bits=4 refit=true max_error=0.003}",
+                     "prune-weights{sparsity=0.5 allocation=uniform}"]),
     "nudenet_320n": (["quantize{mode=static min_cosine=none|0.999|0.995}"],
                      ["quantize{mode=static|weight_only min_cosine=none}",
                       "cluster{bits=8|6 refit=true max_error=0.001}"]),
