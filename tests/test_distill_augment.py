@@ -96,3 +96,29 @@ def test_warmup_and_mix_train_deterministically_and_improve():
     assert a.model.SerializeToString() == b.model.SerializeToString()
     assert err(a.model) < err(run(prune).model)
     assert replace(Distill(), warmup=0.5).warmup == 0.5
+
+
+def test_span_and_swap_change_token_ids_consistently():
+    from onnxcompress.passes.distill.train_losses import augment_feed, token_pool
+
+    ids = np.array([[101, 7, 8, 9, 10, 11, 12, 13, 14, 102]], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    pool = token_pool([feed, {**feed, "input_ids": ids + 100}])
+    assert set(pool.tolist()) == set(ids.ravel().tolist()) | set((ids + 100).ravel().tolist())
+    rng = np.random.default_rng(0)
+    lengths, swapped = set(), 0
+    for _ in range(30):
+        out = augment_feed(torch, feed, ("span", "swap"), rng, pool)
+        x = out["input_ids"]
+        lengths.add(x.shape[1])
+        assert x[0, 0] == 101 and x[0, -1] == 102  # [CLS] and [SEP] kept
+        assert out["attention_mask"].shape == x.shape == out["token_type_ids"].shape
+        assert np.all(out["attention_mask"] == 1) and np.all(out["token_type_ids"] == 0)
+        assert set(x.ravel().tolist()) <= set(pool.tolist())
+        swapped += int(np.any(x[0, 1:-1] >= 107))
+    assert min(lengths) >= 2 + 4 and max(lengths) <= 10 and len(lengths) >= 3
+    assert swapped >= 3
+    # images untouched by token augmentations; token ids untouched by image ones
+    img = {"image": np.ones((1, 3, 16, 16), np.float32)}
+    assert augment_feed(torch, img, ("span", "swap"), rng, pool)["image"] is img["image"]
+    np.testing.assert_array_equal(augment_feed(torch, feed, ("crop", "noise", "zoom"), rng)["input_ids"], ids)

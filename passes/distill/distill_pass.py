@@ -99,8 +99,9 @@ class Distill(Pass):
     blockwise: bool = option(False, "train: block by block (BRECQ-style), each block from the current student's "
                                     "block input to the teacher's block output; else end-to-end")
     blocks: int = option(0, "train: blocks for blockwise / feature matching (0: 8)")
-    augment: str = option("auto", "train: image augmentation, auto (crop+noise), none, or a '+'-joined subset of "
-                                   "crop, flip, noise; token ids are never augmented")
+    augment: str = option("auto", "train: augmentation, auto (crop+noise on images), none, or a '+'-joined subset "
+                                   "of crop, zoom, flip, noise, mix (images) and span, swap (token ids; never "
+                                   "by default)")
     loss: str = option("auto", "train: per-output loss, auto (kl on class scores, cosine on [batch, dim] "
                                 "embeddings, normalized mse else), one of mse/kl/cosine, or 'out:kind;out:kind'")
     temperature: float = option(2.0, "train: KL temperature on class scores")

@@ -51,6 +51,7 @@ from .train_losses import (
     prob_outputs,
     require_torch,
     teacher_view,
+    token_pool,
 )
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class Trainer:
         """Adam + cosine decay on ``params``; keeps (and restores) the best held-out weights. Returns stats."""
         torch, opts = self.torch, self.opts
         aug = parse_augment(opts.augment)
+        pool = token_pool(train) if "swap" in aug else None
 
         def held_loss() -> float:
             with torch.no_grad():
@@ -180,7 +182,7 @@ class Trainer:
             for group, scale in zip(opt.param_groups, scales, strict=True):
                 group["lr"] = rate * scale
             picks = self.rng.choice(len(train), size=min(opts.batch, len(train)), replace=False)
-            batch = [augment_feed(torch, train[i], aug, self.rng) for i in np.sort(picks)]
+            batch = [augment_feed(torch, train[i], aug, self.rng, pool) for i in np.sort(picks)]
             if "mix" in aug:
                 batch = mix_feeds(batch, self.rng)
             opt.zero_grad(set_to_none=True)

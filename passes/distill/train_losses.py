@@ -15,9 +15,16 @@ rank 4 with 1 or 3 channels on axis 1 or 3): ``crop`` (a random box of 80-100% o
 bilinearly), ``zoom`` (the same with 35-100% of each side: new scales of the same scenes), ``flip`` (mirror the
 width axis), ``noise`` (Gaussian, 3% of the feed's std), ``mix`` (mixup of two feeds of a minibatch,
 x = l a + (1 - l) b with l ~ U(0, 1): the teacher labels the mixed image too, so the student learns the teacher's
-function between the calibration points, not only at them — "function matching", Beyer et al. 2022). Integer
-inputs (token ids) are never augmented. ``auto`` is crop + noise: a flip changes what orientation and text models
-see (the PP-OCR 0/180 classifier's task *is* the flip), so it is opt-in.
+function between the calibration points, not only at them — "function matching", Beyer et al. 2022). ``auto`` is
+crop + noise: a flip changes what orientation and text models see (the PP-OCR 0/180 classifier's task *is* the
+flip), so it is opt-in.
+
+Token ids (integer inputs of rank 2 [batch, length], all of one shape: ids, attention mask, token types) are
+augmented only on request: ``span`` keeps the first and last position (BERT's [CLS] / [SEP]) and a random
+contiguous run of 50-100% of the interior, in every such input alike; ``swap`` replaces each interior id of the
+id input (the one with the most distinct values) with probability ``SWAP_RATE`` by an id drawn from the ids the
+calibration feeds use (``token_pool``). The teacher labels the changed sentence, so these are new training points
+of a nearby distribution, not label noise.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ KINDS = ("mse", "kl", "cosine")
 #: a Gemm/MatMul class-score output this wide gets KL; narrower ones are as often regressions (MTCNN's 4 box and
 #: 10 landmark values) and get normalized MSE on the raw values (KL's high-temperature limit for real logits)
 WIDE_LOGITS = 100
-AUGMENTS = ("crop", "flip", "noise", "zoom", "mix")
+AUGMENTS = ("crop", "flip", "noise", "zoom", "mix", "span", "swap")
+#: token augmentation: share of the interior tokens ``swap`` replaces
+SWAP_RATE = 0.15
 
 
 def parse_loss(spec: str) -> tuple[str | None, dict[str, str]]:
@@ -126,10 +135,12 @@ def image_layout(arr: np.ndarray) -> tuple[int, int] | None:
 
 
 def augment_feed(torch: Any, feed: dict[str, np.ndarray], kinds: tuple[str, ...],
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One augmented copy of ``feed`` (image inputs only; others returned as they are)."""
+                 rng: np.random.Generator, pool: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """One augmented copy of ``feed`` (image inputs; token ids only for ``span`` / ``swap``)."""
     if not kinds:
         return feed
+    if "span" in kinds or "swap" in kinds:
+        feed = augment_tokens(feed, kinds, rng, pool if pool is not None else np.zeros(0, np.int64))
     out = dict(feed)
     for name, arr in feed.items():
         layout = image_layout(arr)
@@ -156,6 +167,44 @@ def augment_feed(torch: Any, feed: dict[str, np.ndarray], kinds: tuple[str, ...]
         if "noise" in kinds:
             x = x + rng.normal(0.0, 0.03 * float(x.std()) + 1e-12, size=x.shape)
         out[name] = np.ascontiguousarray(x, dtype=arr.dtype)
+    return out
+
+
+def token_inputs(feed: dict[str, np.ndarray]) -> tuple[list[str], str | None]:
+    """(integer rank-2 inputs of the most common shape, the id input among them) or ([], None)."""
+    ints = [k for k, v in feed.items() if v.ndim == 2 and np.issubdtype(v.dtype, np.integer)]
+    if not ints:
+        return [], None
+    shape = max((feed[k].shape for k in ints), key=lambda s: sum(feed[k].shape == s for k in ints))
+    names = [k for k in ints if feed[k].shape == shape]
+    return names, max(names, key=lambda k: (len(np.unique(feed[k])), k))
+
+
+def token_pool(feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """The ids the feeds' id input uses (the vocabulary ``swap`` draws from)."""
+    ids = [f[token_inputs(f)[1]].ravel() for f in feeds if token_inputs(f)[1] is not None]
+    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+
+
+def augment_tokens(feed: dict[str, np.ndarray], kinds: tuple[str, ...], rng: np.random.Generator,
+                   pool: np.ndarray) -> dict[str, np.ndarray]:
+    names, ids = token_inputs(feed)
+    length = feed[names[0]].shape[1] if names else 0
+    if length < 4:
+        return feed
+    out = dict(feed)
+    if "span" in kinds:
+        inner = length - 2
+        n = int(rng.integers(max(1, inner // 2), inner + 1))
+        s = int(rng.integers(1, inner - n + 2))
+        keep = np.concatenate([[0], np.arange(s, s + n), [length - 1]])
+        out.update({k: np.ascontiguousarray(feed[k][:, keep]) for k in names})
+    if "swap" in kinds and pool.size:
+        x = out[ids].copy()
+        hit = rng.random(x.shape) < SWAP_RATE
+        hit[:, 0] = hit[:, -1] = False
+        x[hit] = pool[rng.integers(0, pool.size, int(hit.sum()))].astype(x.dtype)
+        out[ids] = x
     return out
 
 
