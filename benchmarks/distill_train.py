@@ -180,22 +180,25 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "inputs for every stage (disjoint). Training changes values only: MACs / size / latency are the "
              "pruned model's. Times are this stage's own; on 2 cores shared with ~6 other jobs (load average "
              "12-17), so CPU seconds are the better measure of cost.", "",
-             "| model | stage | MACs | metric | cos | train steps (stop) | held-out loss | wall s | cpu s | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | stage | MACs | metric | cos | train steps (stop) | held-out loss | wall s | cpu s | peak MB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tr = r.get("train") or {}
         steps = f"{tr.get('steps')} ({tr.get('stopped_by')})" if tr else ""
         held = f"{tr.get('heldout_loss_start'):.4g} -> {tr.get('heldout_loss_best'):.4g}" if tr else ""
         lines.append(f"| {r['model']} | {r['stage']} | {r['macs_ratio']:.2f} | {r['metric_name']} {r['metric']:.3f} "
                      f"| {r['cosine']:.4f} | {steps} | {held} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} | "
-                     f"{r['peak_mb']:.0f} |")
+                     f"{r['peak_mb']:.0f} | {r.get('load_average', '')} |")
+    if meta.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]]
     lines += ["", f"Versions: {meta.get('versions')}."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.distill_train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", required=True)
+    ap.add_argument("--models", default="")
+    ap.add_argument("--render", action="store_true", help="only rewrite distill_train.md from the JSON")
     ap.add_argument("--cut", default=None, help=f"the pruning pass (default {CNN_CUT}; MiniLM {MINILM_CUT})")
     ap.add_argument("--minutes", type=float, default=8.0, help="training time budget (max_minutes)")
     ap.add_argument("--train-opts", default="", help="extra distill options for the training stage")
@@ -216,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     specs = load_specs()
     path = args.out / "distill_train.json"
     saved = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    for name in args.models.split(","):
+    if args.render:
+        (args.out / "distill_train.md").write_text(render(saved["rows"], saved.get("meta", {})))
+        return 0
+    for name in [m for m in args.models.split(",") if m]:
         cut = args.cut or (MINILM_CUT if name.startswith("minilm") else CNN_CUT)
         n_calib = 550 if name.startswith("minilm") and args.n_calib == 64 else args.n_calib
         variants = [v.strip() for v in args.variants.split(";") if v.strip()]
@@ -225,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             r["n_calib"], r["n_eval"] = n_calib, args.n_eval
         keep = [r for r in saved["rows"] if (r["model"], r["stage"]) not in {(x["model"], x["stage"]) for x in rows}]
-        saved = {"meta": {"args": " ".join(argv if argv is not None else sys.argv[1:]), "versions": versions()},
-                 "rows": keep + rows}
+        meta = {**saved.get("meta", {}), "versions": versions()}
+        meta["args"] = " ".join(argv if argv is not None else sys.argv[1:])
+        saved = {"meta": meta, "rows": keep + rows}
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(saved, indent=1, default=_json_default))
         (args.out / "distill_train.md").write_text(render(saved["rows"], saved["meta"]))

@@ -119,6 +119,9 @@ CASES = {
     "slice": ("Slice", [_f(5, 6), _i(1), _i(1000), _i(1)], {}, 17, (1, 2, 3)),
     "gather": ("Gather", [_f(4, 5), _i(-1, 0, 2)], {"axis": 1}, 17, (1,)),
     "gather_scalar": ("Gather", [_f(4, 5), np.array(2, np.int64)], {"axis": 0}, 17, (1,)),
+    "gathernd": ("GatherND", [_f(4, 5, 3), np.array([[0, 1], [3, -1], [2, 2]], np.int64)], {}, 17, (1,)),
+    "gathernd_batch": ("GatherND", [_f(2, 5, 3), np.array([[[4], [0]], [[1], [-2]]], np.int64)],
+                       {"batch_dims": 1}, 17, (1,)),
     "squeeze": ("Squeeze", [_f(2, 1, 3, 1), _i(1, 3)], {}, 17, (1,)),
     "unsqueeze": ("Unsqueeze", [_f(2, 3), _i(0, -1)], {}, 17, (1,)),
     "unsqueeze_attr": ("Unsqueeze", [_f(2, 3)], {"axes": [1]}, 11, ()),
@@ -161,6 +164,15 @@ def test_interpreter_matches_ort_per_op(case):
         out = tg.forward(feed)["out0"].numpy()
     assert out.shape == ref.shape
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_interpreter_isnan():
+    x = np.array([[1.0, np.nan, -np.inf], [np.nan, 0.0, 2.0]], np.float32)
+    model, feed = _node_model("IsNaN", [x])
+    (ref,) = ort_run(model, feed)
+    with torch.no_grad():
+        out = TorchGraph(io.to_graph(model), torch).forward(feed)["out0"].numpy()
+    np.testing.assert_array_equal(out, ref)
 
 
 def _shape_arith_model() -> onnx.ModelProto:

@@ -91,9 +91,9 @@ class Distill(Pass):
     mode: str = option("refit", "refit (closed-form, layer by layer), train (gradient descent on the whole student "
                                 "against the teacher's outputs: needs the [train] extra, torch) or refit+train")
     steps: int = option(300, "train: optimizer steps (block-wise: shared among the blocks by weight count)")
-    lr: float = option(3e-4, "train: Adam learning rate relative to each weight's RMS (cosine decay to 0 over "
+    lr: float = option(1e-4, "train: Adam learning rate relative to each weight's RMS (cosine decay to 0 over "
                              "the steps)")
-    warmup: float = option(0.0, "train: fraction of the steps (or of the time budget) with a linear lr warmup "
+    warmup: float = option(0.1, "train: fraction of the steps (or of the time budget) with a linear lr warmup "
                                 "from 0: Adam's first steps move every weight by the full lr")
     batch: int = option(8, "train: calibration feeds per step (stacked when their shapes agree)")
     blockwise: bool = option(False, "train: block by block (BRECQ-style), each block from the current student's "

@@ -192,6 +192,18 @@ def gather(torch: Any, inputs: list, attrs: dict) -> list:
     return [out.reshape(shape)]
 
 
+def gather_nd(torch: Any, inputs: list, attrs: dict) -> list:
+    """out[b..., i...] = data[b..., idx[b..., i..., :]] with ``batch_dims`` leading batch axes (negatives wrap)."""
+    x, idx = inputs[0], inputs[1].long()
+    b = int(attrs.get("batch_dims", 0))
+    k = idx.shape[-1]
+    sizes = torch.tensor(list(x.shape[b:b + k]), dtype=torch.long)
+    idx = torch.where(idx < 0, idx + sizes, idx)
+    lead = [torch.arange(n).reshape([-1 if j == a else 1 for j in range(idx.dim() - 1)])
+            for a, n in enumerate(x.shape[:b])]
+    return [x[tuple(lead + [idx[..., j] for j in range(k)])]]
+
+
 def squeeze(torch: Any, inputs: list, attrs: dict) -> list:
     x = inputs[0]
     axes = _axes(inputs, attrs, 1)
@@ -404,6 +416,7 @@ OPS: dict[str, Callable] = {
     "Floor": _unary(lambda torch, x, a: torch.floor(x)),
     "Ceil": _unary(lambda torch, x, a: torch.ceil(x)),
     "Not": _unary(lambda torch, x, a: torch.logical_not(x)),
+    "IsNaN": _unary(lambda torch, x, a: torch.isnan(x)), "GatherND": gather_nd,
     "Identity": _unary(lambda torch, x, a: x),
     "Dropout": lambda torch, i, a: [i[0]],
     "HardSigmoid": _unary(_hard_sigmoid),
