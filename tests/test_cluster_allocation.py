@@ -38,7 +38,7 @@ def _two_branches(rng, n_in=64, n_out=48):
 
 
 def test_ladder():
-    assert ladder(4) == [4, 6, 8, FLOAT]
+    assert ladder(4) == [4, 5, 6, 8, FLOAT]
     assert ladder(7) == [7, 8, FLOAT]
     assert ladder(8) == [8, FLOAT]
 
@@ -98,8 +98,8 @@ class _Additive:
 
 def test_allocate_buys_the_most_error_per_byte_first():
     # a: error 10 at 2 bits, 1 at 4; b: error 9 at 2 bits but 10x the bytes per level; c: no error
-    table = {"a": {2: 10.0, 4: 1.0, 8: 0.01, 1: 0.0}, "b": {2: 9.0, 4: 0.5, 8: 0.01, 1: 0.0},
-             "c": {2: 0.0, 4: 0.0, 8: 0.0, 1: 0.0}}
+    table = {"a": {2: 10.0, 3: 4.0, 4: 1.0, 8: 0.01, 1: 0.0}, "b": {2: 9.0, 3: 3.0, 4: 0.5, 8: 0.01, 1: 0.0},
+             "c": {2: 0.0, 3: 0.0, 4: 0.0, 8: 0.0, 1: 0.0}}
     size = {"a": 100, "b": 1000, "c": 50}
 
     def lv(name, bits):
@@ -108,7 +108,7 @@ def test_allocate_buys_the_most_error_per_byte_first():
 
     levels = {n: {2: lv(n, 2)} for n in table}
     pick, st = allocate(_Additive(table), levels, lv, target=11.0)
-    assert pick == {"a": 4, "b": 2, "c": 2}  # a's upgrade buys 9 error for 200 bytes, b's 8.5 for 2000
+    assert pick == {"a": 4, "b": 2, "c": 2}  # a's upgrades buy 6 + 3 error per 100 bytes, b's 6 per 1000
     assert st["output_error"] == pytest.approx(10.0)
     pick, st = allocate(_Additive(table), {n: {2: lv(n, 2)} for n in table}, lv, target=0.05)
     assert pick["c"] == 2 and st["output_error"] <= 0.05

@@ -34,9 +34,9 @@ FLOAT = 32  # the "level" of a tensor left float
 
 
 def ladder(b0: int) -> list[int]:
-    """Levels above b0, in order: b0 + 2 (capped at 8), 8, then float."""
+    """Levels from b0 up, in order: b0 + 1, b0 + 2 (capped at 8), 8, then float."""
     out = [b0]
-    for b in (min(b0 + 2, 8), 8, FLOAT):
+    for b in (min(b0 + 1, 8), min(b0 + 2, 8), 8, FLOAT):
         if b > out[-1]:
             out.append(b)
     return out
