@@ -122,3 +122,16 @@ def test_span_and_swap_change_token_ids_consistently():
     img = {"image": np.ones((1, 3, 16, 16), np.float32)}
     assert augment_feed(torch, img, ("span", "swap"), rng, pool)["image"] is img["image"]
     np.testing.assert_array_equal(augment_feed(torch, feed, ("crop", "noise", "zoom"), rng)["input_ids"], ids)
+
+
+def test_heldout_feeds_are_spread_over_the_whole_calibration_list():
+    """550 ordered feeds: the 32 held-out ones come from the whole list (they used to be the first 32 every-4th
+    feeds, indices 3..127: a refit on the first 128 feeds made them look far better than the rest)."""
+    from onnxcompress.passes.distill.train import MAX_HELDOUT, Trainer
+
+    feeds = [{"x": np.full((1, 2), i, np.float32)} for i in range(550)]
+    train, held = Trainer.split(None, feeds)
+    ids = [int(f["x"][0, 0]) for f in held]
+    assert len(held) == MAX_HELDOUT and all(i % 4 == 3 for i in ids)
+    assert ids[0] == 3 and ids[-1] >= 540 and len(set(ids)) == len(ids)
+    assert len(train) == 550 - MAX_HELDOUT and not ({int(f["x"][0, 0]) for f in train} & set(ids))

@@ -224,7 +224,7 @@ def test_interpreter_reproduces_the_bundled_model():
 
 
 CORPUS = ["ppocr_cls", "mtcnn_onet", "ppocrv4_rec", "ppocrv4_det", "nudenet_320n", "ddddocr_det", "minilm_l3",
-          "efficientnet_lite2"]
+          "minilm_l6", "efficientnet_lite2"]
 
 
 @pytest.mark.realmodel
@@ -238,6 +238,7 @@ def test_interpreter_reproduces_corpus_models(name):
                                     "ppocrv4_rec": "ch_PP-OCRv4_rec_infer.onnx",
                                     "ppocrv4_det": "ch_PP-OCRv4_det_infer.onnx", "nudenet_320n": "320n.onnx",
                                     "ddddocr_det": "common_det.onnx", "minilm_l3": "paraphrase-MiniLM-L3-v2.onnx",
+                                    "minilm_l6": "all-MiniLM-L6-v2.onnx",
                                     "efficientnet_lite2": "efficientnet_lite2.onnx"}[name]
     if not path.exists():
         pytest.skip(f"{name} not cached; run: python -m benchmarks.models fetch {name}")
