@@ -55,12 +55,12 @@ TARGET_B = "metric>=0.99,minimize=size"
 #: per model (the trial budget is small: what the other result files say can pay on this model family first).
 #: Cluster with error-feedback refit is cluster.md's best 4-bit row on rec and NudeNet (22-94 s per trial there);
 #: on rec, OBS weight pruning (prune_weights.md: 50% keeps agreement 1.000, ~190 s) is the other half of the
-#: hand-written ``small`` recipe (6.7x);
+#: hand-written ``small`` recipe (6.7x; tune adds ``distill`` after it). int8 on top of a 4-bit codebook lost
+#: strings in the earlier runs (agreement 0.875-0.969), so rec's B space leaves quantize out;
 #: on MiniLM refit costs 150-250 s per trial and never reached 0.99 there, so B searches plain bits and int8.
 SPACES = {
     "ppocrv4_rec": (["quantize{mode=static|dynamic min_cosine=none|0.999}"],
-                    ["quantize{mode=static min_cosine=none}", "cluster{bits=4 refit=true max_error=0.003}",
-                     "prune-weights{sparsity=0.5 allocation=uniform}"]),
+                    ["cluster{bits=4 refit=true max_error=0.003}", "prune-weights{sparsity=0.5 allocation=uniform}"]),
     "nudenet_320n": (["quantize{mode=static min_cosine=none|0.999|0.995}"],
                      ["quantize{mode=static|weight_only min_cosine=none}",
                       "cluster{bits=8|6 refit=true max_error=0.001}"]),
@@ -217,7 +217,8 @@ def run_model(name: str, args) -> dict[str, Any]:
         row["hand_best"] = best
         row["verdict"] = verdict(row, best, Target.parse(target).minimize)
     return {"model": name, "primary_metric": spec.primary_metric, "A": row_a, "B": row_b, "trials": trials,
-            "space_a": space_a, "space_b": space_b, "wall_s": time.perf_counter() - t0, "hand_written": hand,
+            "space_a": space_a, "space_b": space_b, "trials_a": args.trials_a, "trials_b": args.trials_b,
+            "wall_s": time.perf_counter() - t0, "hand_written": hand,
             "loadavg": [list(load0), list(os.getloadavg())], "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                       time.gmtime())}
 
@@ -294,16 +295,17 @@ def render(data: dict[str, Any]) -> str:
              f"{data['workers']} local workers on 2 cores shared with other jobs (the 1-minute load average before "
              "-> after each model's run is given; latency ratios are interleaved 1-thread medians taken while the "
              "other worker ran a trial: noisier than results/summary.md's).", "",
-             f"Targets: A `{TARGET_A}` with {data['trials_a']} trials, then B `{TARGET_B}`: the same study resumed "
-             f"up to {data['trials_a'] + data['trials_b']} trials (A's trials reused where they measured what B "
-             "needs). Cleanup is always on. *metric* = tune's metric: the model's task metric vs FP32 as "
+             f"Targets: A `{TARGET_A}` with `--trials-a` trials, then B `{TARGET_B}`: the same study resumed up "
+             "to `--trials-a + --trials-b` trials (A's trials reused where they measured what B needs; budgets per "
+             "model below). Cleanup is always on. *metric* = tune's metric: the model's task metric vs FP32 as "
              "validation computes it (named per model below); *harness* = the benchmark's own task metric "
              "(`ModelSpec.evaluate`) of the best pipeline on the same inputs, the metric of the hand-written rows. "
              "*vs hand-written*: against the best hand-written row that meets the same target (its numbers come "
              "from its own run: other inputs, other load).", ""]
     for m in data["models"]:
         metric = m["A"].get("metric_name") or m["B"].get("metric_name") or "?"
-        lines += [f"## {m['model']}", "", f"metric = {metric}; search space A `{', '.join(m['space_a'])}`, B "
+        budget = f"{m.get('trials_a', '?')} + {m.get('trials_b', '?')} trials"
+        lines += [f"## {m['model']}", "", f"metric = {metric}; {budget}; search space A `{', '.join(m['space_a'])}`, B "
                   f"`{', '.join(m['space_b'])}`; run {m.get('date', '')}, load {_load(m.get('loadavg', []))}; "
                   f"command `{m.get('command', data.get('command', ''))}`.", "",
                   "| target | best pipeline | met | trials (new) | wall s | latency | size | metric | harness "

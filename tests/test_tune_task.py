@@ -88,3 +88,14 @@ def test_a_pipeline_in_flight_is_not_run_twice_by_two_workers(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "m.tune.jsonl").read_text().splitlines()[1:]]
     pipelines = [x["pipeline"] for x in lines]
     assert len(pipelines) == len(set(pipelines)) == len(res.records)
+
+
+def test_distill_follows_the_last_pruning_pass():
+    from onnxcompress.tune.space import build_space
+
+    space = build_space()
+    assert space.pipeline({"prune-weights": {"sparsity": 0.5}, "cluster": {"bits": 4}}) == \
+        "cleanup,prune-weights,distill,cluster"  # as the hand-written small / deep-compression recipes
+    assert space.pipeline({"prune-channels": {"target_macs": 0.8}, "prune-weights": {"sparsity": 0.5}}) == \
+        "cleanup,prune-channels{target_macs=0.8},prune-weights,distill"
+    assert space.pipeline({"cluster": {"bits": 4}}) == "cleanup,cluster"

@@ -2,8 +2,9 @@
 
 A point of the space is a *config*: pass name -> its searched option values, or ``None`` when the pass is off.
 The pipeline of a config is ``cleanup`` (always on: exact and free), then every enabled pass in ``STAGE`` order with
-its searched options (the others at their defaults), with ``distill`` after the structural passes whenever one of
-them is on (it is the recovery step the hand-written pipelines use: prune, then refit on calibration data).
+its searched options (the others at their defaults), with ``distill`` after the last pruning pass whenever one of
+them is on (``STRUCTURAL``: it is the recovery step the hand-written pipelines use: prune, then refit on
+calibration data).
 
 The dimensions come from the passes themselves: ``option(default, help, search=...)`` beside each field
 (``onnxcompress.pass_base.search_space``), so a new pass is searched as soon as it declares them.
@@ -28,12 +29,13 @@ STAGE = {"cleanup": 0, "prune-layers": 10, "prune-channels": 20, "distill": 30, 
 DEFAULT_STAGE = 35
 #: the order passes are first measured in (a small budget measures the first ones): the broadly useful first
 PRIORITY = ["quantize", "prune-channels", "cluster", "prune-layers", "prune-weights"]
-#: passes that change the model's structure: ``distill`` follows them when any is on
-STRUCTURAL = {"prune-layers", "prune-channels"}
+#: lossy passes the hand-written pipelines recover with ``distill`` (structural pruning, and weight pruning as in
+#: the ``small`` / ``deep-compression`` recipes): it follows the last of them when any is on
+STRUCTURAL = {"prune-layers", "prune-channels", "prune-weights"}
 #: always in the pipeline (exact)
 ALWAYS = ("cleanup",)
 #: never searched: recovery steps added by rule, or exact passes that change what the user may want kept
-BY_RULE = {"distill": "added after prune-layers / prune-channels (the recovery refit)",
+BY_RULE = {"distill": "added after prune-layers / prune-channels / prune-weights (the recovery refit)",
            "strip-metadata": "exact, removes the model's documentation: add it to the recipe by hand"}
 
 
@@ -84,8 +86,9 @@ class Space:
 
         chosen = [(p.stage, p.name, config.get(p.name)) for p in self.passes]
         enabled = [(stage, name, opts) for stage, name, opts in chosen if opts is not None or name in ALWAYS]
-        if any(name in STRUCTURAL for _, name, _ in enabled) and "distill" in registered_passes():
-            enabled.append((STAGE["distill"], "distill", {}))
+        recovered = [stage for stage, name, _ in enabled if name in STRUCTURAL]
+        if recovered and "distill" in registered_passes():
+            enabled.append((max(recovered) + 0.5, "distill", {}))
         enabled.sort(key=lambda t: t[0])
         return format_pipeline([build_pass(name, dict(opts or {})) for _, name, opts in enabled])
 
