@@ -350,29 +350,42 @@ def render(data: dict) -> None:
              "method ran in its own child process, one at a time, on the same file, in the same run. Peak RSS: "
              "the larger of the child's polled VmHWM and `ru_maxrss` from wait4; a child passing `--kill-gb` is "
              "killed. Target for onnxcompress: peak RSS <= 1.5x the file size. `ort load` = the output loaded "
-             "in onnxruntime and run on one feed (finite output), in a separate child.", "",
-             "| method | exit | time (s) | time per pass (s) | load avg | peak RSS (GB) | RSS / file | output (GB) | "
-             "external data | ort load | ort load RSS (GB) | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "in onnxruntime and run on one feed (finite output), in a separate child. `time per pass` is the "
+             "pass's own wall time from the run report (the rest of `time` is reading, the ledger's statistics "
+             "(zip of 2.2 GB at ~30 MB/s), the gate and the write); `load avg` is the 1-minute load when the child "
+             "started (2 shared cores).", "",
+             "| method | exit | time (s) | time per pass (s) | load avg | peak RSS (GB) | RSS / file | before: RSS / "
+             "file (exit) | output (GB) | external data | ort load | ort load RSS (GB) | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    before = {r["method"]: r for r in data.get("rows_before", [])}
     for r in rows:
         if r["code"] == -9 and not r.get("killed") and not r.get("error"):
             r["error"] = "SIGKILL from the kernel's OOM killer (the machine's 24 GB are shared), not the harness"
         per_pass = ", ".join(f"{v:.0f}" for v in r.get("pass_seconds", {}).values()) or "-"
+        b = before.get(r["method"])
+        was = f"{b['rss_ratio']:.2f}x ({b['code']})" if b else "-"
         lines.append(
             f"| `{r['method']}` | {r['code']} | {r['seconds']:.0f} | {per_pass} | {r.get('load', '-')} | "
             f"{r['peak_rss'] / 1e9:.2f} | "
-            f"{r['rss_ratio']:.2f}x | {r.get('output_bytes', 0) / 1e9:.2f} | {r.get('external_data', '-')} | "
+            f"{r['rss_ratio']:.2f}x | {was} | {r.get('output_bytes', 0) / 1e9:.2f} | {r.get('external_data', '-')} | "
             f"{r.get('ort_load', '-')} | {r.get('ort_load_rss', 0) / 1e9:.2f} | {r.get('error', '')} |")
     st = data.get("stages")
     if st:
         lines += ["", f"## Where the memory goes: `cleanup` on a {st['file_bytes'] / 1e9:.2f} GB model of the same "
                   f"family ({st['layers']} layers), stage by stage", "",
                   "RSS after each stage and the peak inside it (VmHWM reset before the stage), library call "
-                  "`compress(..., measure=False)` + `save`. Python + onnxruntime + numpy alone take ~0.3 GB.", "",
+                  "`compress(..., measure=False)` + `save`. Python + onnxruntime + numpy + onnx-graphsurgeon alone "
+                  "take ~0.07 GB. The second `structural_problems` row is the checker inside the final gate; the "
+                  "peak inside `ctx.export` is the RSS the pass left (cleanup reads every weight to find duplicates; "
+                  "the export releases those pages).", "",
                   "| stage | RSS after (GB) | peak inside (GB) | peak / file |", "|---|---|---|---|"]
         for r in st["rows"]:
             lines.append(f"| {r['stage']} | {r['rss_after_gb']:.2f} | {r['peak_in_stage_gb']:.2f} | "
                          f"{r['peak_in_stage_gb'] * 1e9 / st['file_bytes']:.1f}x |")
+        old = data.get("stages_before")
+        if old:
+            lines += ["", "Before memory-mapped external data (same harness, earlier commit): peak inside each stage "
+                      "(GB): " + "; ".join(f"{r['stage']} {r['peak_in_stage_gb']:.2f}" for r in old["rows"]) + "."]
     (RESULTS / "large_model.md").write_text("\n".join(lines) + "\n")
 
 
@@ -390,8 +403,9 @@ def write_results(rows: list[dict], size: int, args, gen_s: float) -> None:
     rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     old = json.loads(path.read_text()) if path.exists() else {}
     data = {"input_bytes": size, "hidden": args.hidden, "layers": args.layers, "rows": rows}
-    if "stages" in old:
-        data["stages"] = old["stages"]
+    for key in ("stages", "stages_before", "rows_before"):
+        if key in old:
+            data[key] = old[key]
     path.write_text(json.dumps(data, indent=2))
     render(data)
 

@@ -6,8 +6,8 @@
 - bytes_raw: the serialised model (protobuf) size; bytes_zip: its zlib (level 6) size, which is what clustering and
   pruning buy when the file is shipped compressed; zip of > 2 GB models is estimated on the weights alone.
   Models with memory-mapped weights (``mmap_weights``): bytes_raw = the size the proto would have with them loaded;
-  bytes_zip = zip of that proto + each mapped tensor zipped on its own, streamed from its file (cached while the
-  file is unchanged, so untouched weights are zipped once per run); ``streamed=True`` takes that road for any model
+  bytes_zip = zip of that proto + each mapped tensor zipped on its own from its file (above 8 MiB estimated from 8
+  evenly spaced 1 MiB samples: ``mmap_weights.zipped_size``; cached while the file is unchanged); ``streamed=True`` takes that road for any model
   (the manager asks for it on runs of memory-mapped models). Nothing serialises a > 2 GB proto.
 - ops / nodes: histogram of op types over the graph and its subgraphs.
 """
