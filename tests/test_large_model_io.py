@@ -97,9 +97,7 @@ def test_constants_are_memory_maps_without_a_copy(tmp_path):
 @pytest.mark.parametrize("passes", [
     "cleanup", "quantize{mode=weight_only}",
     "quantize{mode=weight_only weight_bits=4 block_size=16 weight_format=matmulnbits}",
-    pytest.param("quantize{mode=weight_only weight_bits=4 block_size=16}", marks=pytest.mark.xfail(
-        reason="passes/quantize/opset_upgrade.py runs onnx.checker on the in-memory proto (external references "
-               "resolve against the working directory); needs onnx.checker on mmap_weights.checkable(converted)")),
+    "quantize{mode=weight_only weight_bits=4 block_size=16}",
     "prune-weights{score=magnitude}", "cluster"])
 def test_mapped_compress_is_byte_identical_to_the_eager_path(tmp_path, passes):
     path = _mlp(tmp_path / "in")

@@ -25,7 +25,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
-from onnxcompress import io
+from onnxcompress import io, mmap_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from onnxcompress.context import PassContext
@@ -44,7 +44,9 @@ def graph_opset(graph: gs.Graph) -> int:
 def upgrade(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """``model`` converted to default-domain opset ``target`` (raises on failure)."""
     converted = version_converter.convert_version(model, target)
-    onnx.checker.check_model(converted)
+    # memory-mapped weights (models over 2 GB) are checked on a weightless stand-in: their external references
+    # would otherwise resolve against the working directory
+    onnx.checker.check_model(mmap_weights.checkable(converted) if mmap_weights.has_mapped(converted) else converted)
     return converted
 
 
