@@ -127,17 +127,20 @@ def compress(
     its text, e.g. ``"resize=224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225"``) applies to image folders,
     ``tokenizer`` (a tokenizer.json path or a ``tokenizers.Tokenizer``) and ``max_length`` to sentence files.
     ``dims`` binds symbolic input dims by name, ``shapes`` gives whole input shapes; both shape made-up feeds.
-    ``task``: "auto" reports top-1/top-5 agreement only for outputs that are class scores (a Softmax/Gemm/MatMul
-    head), "classify" for every float output, "none" never. ``progress`` wraps long loops (``progress.heartbeat()`` or ``progress.terminal_bars()``).
+    ``task``: the metric each output is scored with against the original (``onnxcompress.validate.TASKS``):
+    "auto" detects it from the graph (CTC sequences, YOLO-style boxes, class scores, else embeddings), "classify"
+    (top-1/top-5 agreement for every float output), "ctc", "detect", "embed", or "none". ``progress`` wraps long loops (``progress.heartbeat()`` or ``progress.terminal_bars()``).
 
     Raises ``BadInputError`` (unreadable model or data, a pass that needs calibration data without it),
     ``PassError`` (a pass failed; names it and the passes before), ``ValidationError`` (the result is invalid, an
     exact pipeline changed the outputs, or a fidelity metric is not a number). Nothing is written: call
     ``result.save(path)``."""
-    if task not in ("auto", "classify", "none"):
+    from onnxcompress.validate import TASKS
+
+    if task not in TASKS:
         from onnxcompress.errors import BadInputError
 
-        raise BadInputError(f"task must be auto, classify or none (got {task!r})")
+        raise BadInputError(f"task must be one of {', '.join(TASKS)} (got {task!r})")
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
     proto = model if isinstance(model, onnx.ModelProto) else io.read_model(model, mapped=True)
     mapped = mmap_weights.has_mapped(proto)  # large external weights stay in their file (memory-mapped)
