@@ -343,4 +343,7 @@ class Cluster(Pass):
         log.info("cluster: %d tensors to %d values (%s), %d -> %d bytes", st["tensors_clustered"], k,
                  st["storage"], st["bytes_before"], st["bytes_after"])
         modified = st["tensors_clustered"] > 0
+        if not modified and not st["skipped"]:
+            st["skipped"] = {"(model)": "no constant float weight of a Conv / ConvTranspose / Gemm / MatMul / "
+                                        "embedding Gather / LSTM / GRU / RNN in the main graph"}
         return PassResult(modified, st, frozenset() if modified else frozenset({"all"}))
