@@ -138,8 +138,8 @@ def to_markdown(rows: list[dict]) -> str:
                 notes.append(f"- {r['model']} / {p} skipped: " + "; ".join(e["skips"][:4]))
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     tail = ["", "## Lossy passes that left the graph unchanged without a reason in their stats", "",
-            "With default options `prune-channels` (ratio 0, no target) and `distill` (refits changed layers only) "
-            "are no-ops on their own by design; the others below did nothing and did not say why.", ""]
+            "A pass alone on the original model with default options may rightly do nothing (`distill` refits "
+            "only changed layers); every pass below did nothing and did not say why in its stats.", ""]
     tail += [f"- {x}" for x in silent] or ["none"]
     return "\n".join(lines + ["", "## Errors, timeouts, skip reasons", ""] + (notes or ["none"]) + tail) + "\n"
 
