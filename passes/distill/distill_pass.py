@@ -186,6 +186,9 @@ class Distill(Pass):
             stats["fit_residual_before"] = round(float(np.mean(fit_before)), 5)
             stats["fit_residual_after"] = round(float(np.mean(fit_after)), 5)
         modified = stats["layers_refit"] + stats["layers_bias_corrected"] > 0
+        if not modified and not stats["skipped"]:
+            stats["skipped"] = {"(model)": "no layer differs from the original model: nothing to recover (distill "
+                                           "follows a lossy pass, or use layers=all)"}
         log.info(
             "distill: %d layers refit, %d bias-corrected in %d stages",
             stats["layers_refit"],
