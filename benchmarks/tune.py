@@ -299,7 +299,7 @@ def _load(pair) -> str:
 
 def render(data: dict[str, Any]) -> str:
     lines = ["# `onnxcompress tune` on real models", "",
-             f"{data['n_calib']} calibration / {data['n_eval']} evaluation inputs per model (disjoint); "
+             "Calibration / evaluation inputs (disjoint) per model as stated in its section; "
              f"{data['workers']} local workers on 2 cores shared with other jobs (the 1-minute load average before "
              "-> after each model's run is given; latency ratios are interleaved 1-thread medians taken while the "
              "other worker ran a trial: noisier than results/summary.md's).", "",
@@ -314,7 +314,9 @@ def render(data: dict[str, Any]) -> str:
         metric = m["A"].get("metric_name") or m["B"].get("metric_name") or "?"
         budget = f"{m.get('trials_a', '?')} + {m.get('trials_b', '?')} trials"
         lines += [f"## {m['model']}", "", f"metric = {metric}; {budget}; search space A `{', '.join(m['space_a'])}`, B "
-                  f"`{', '.join(m['space_b'])}`; run {m.get('date', '')}, load {_load(m.get('loadavg', []))}; "
+                  f"`{', '.join(m['space_b'])}`; {m.get('n_calib', data['n_calib'])} calibration / "
+                  f"{m.get('n_eval', data['n_eval'])} evaluation inputs; run {m.get('date', '')}, load "
+                  f"{_load(m.get('loadavg', []))}; "
                   f"command `{m.get('command', data.get('command', ''))}`.", "",
                   "| target | best pipeline | met | trials (new) | wall s | latency | size | metric | harness "
                   f"({m['primary_metric']}) | best hand-written meeting it | vs hand-written |",
@@ -413,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("=== %s", name)
             row = run_model(name, args)
             row["command"] = command
+            row["n_calib"], row["n_eval"] = args.n_calib, args.n_eval
             data["models"] = [m for m in data["models"] if m["model"] != name] + [row]
             data["models"].sort(key=lambda m: MODELS.index(m["model"]) if m["model"] in MODELS else 99)
             json_path.write_text(json.dumps(data, indent=1, default=str))  # readable if the run is cut short
