@@ -36,6 +36,7 @@ from typing import Any
 from benchmarks import anchors
 from benchmarks.prune import merge_methods, merge_records, noise_band
 from benchmarks.run import RESULTS, RunConfig, _json_default, benchmark_model, load_specs, versions
+from benchmarks.variant_rows import chosen_models, variant_rows
 
 log = logging.getLogger("benchmarks.cluster")
 
@@ -66,35 +67,17 @@ def variants(which: str) -> list[str]:
 
 
 def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
-    primary = record.get("primary_metric")
     fp32 = record.get("fp32") or {}
     base_rss = (fp32.get("session_rss") or {}).get("delta_mb")
-    out = []
-    for name, m in record.get("methods", {}).items():
-        if not name.startswith("ours:"):
-            continue
-        row: dict[str, Any] = {"model": record["model"], "pipeline": name[len("ours:"):]}
-        if m.get("error"):
-            row["error"] = m["error"]
-            out.append(row)
-            continue
-        worst = (m.get("fidelity") or {}).get("worst", {})
-        figs = m.get("figures") or {}
+
+    def extra(m: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
         rss = (m.get("session_rss") or {}).get("delta_mb")
-        row.update({
-            "x_raw": 1.0 / m["size_ratio"] if m.get("size_ratio") else None,
-            "x_zip": 1.0 / m["zip_ratio"] if m.get("zip_ratio") else None,
-            "bytes_raw": figs.get("bytes_raw"),
-            "session_mb": rss,
-            "session_ratio": rss / base_rss if rss and base_rss else None,
-            "latency_ratio": ((m.get("latency") or {}).get("t1") or {}).get("ratio"),
-            "metric_name": primary,
-            "metric": (m.get("metrics") or {}).get(primary),
-            "cosine": worst.get("cosine"),
-            "tool_s": (m.get("tool") or {}).get("seconds"),
-        })
-        out.append(row)
-    return out
+        return {"x_raw": 1.0 / m["size_ratio"] if m.get("size_ratio") else None,
+                "x_zip": 1.0 / m["zip_ratio"] if m.get("zip_ratio") else None,
+                "bytes_raw": (m.get("figures") or {}).get("bytes_raw"),
+                "session_mb": rss, "session_ratio": rss / base_rss if rss and base_rss else None}
+
+    return variant_rows(record, lambda pipeline: {}, extra)
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -203,10 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
     specs = load_specs()
-    names = args.models.split(",") if args.models else MODELS
-    unknown = [n for n in names if n not in specs]
-    if unknown:
-        print(f"unknown model(s): {', '.join(unknown)}", file=sys.stderr)
+    names = chosen_models(args.models, MODELS, specs)
+    if names is None:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     saved = json.loads((out / "cluster.json").read_text()) if args.merge and (out / "cluster.json").exists() else {}

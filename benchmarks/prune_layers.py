@@ -42,6 +42,7 @@ from typing import Any
 from benchmarks import anchors
 from benchmarks.prune import noise_band, truth_metrics
 from benchmarks.run import RESULTS, RunConfig, _json_default, benchmark_model, load_specs, versions
+from benchmarks.variant_rows import chosen_models, variant_rows
 
 log = logging.getLogger("benchmarks.prune_layers")
 
@@ -107,31 +108,9 @@ def units_removed(fp32: Path, cand: Path) -> int | None:
 
 
 def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
-    primary = record.get("primary_metric")
-    out = []
-    for name, m in record.get("methods", {}).items():
-        if not name.startswith("ours:"):
-            continue
-        pipeline = name[len("ours:"):]
-        row: dict[str, Any] = {"model": record["model"], "pipeline": pipeline, **describe(pipeline)}
-        if m.get("error"):
-            out.append(row | {"error": m["error"]})
-            continue
-        worst = (m.get("fidelity") or {}).get("worst", {})
-        row.update({
-            "units_removed": m.get("units_removed"),
-            "macs_ratio": m.get("macs_ratio"),
-            "latency_ratio": ((m.get("latency") or {}).get("t1") or {}).get("ratio"),
-            "size_ratio": m.get("size_ratio"),
-            "metric_name": primary,
-            "metric": (m.get("metrics") or {}).get(primary),
-            "cosine": worst.get("cosine"),
-            "tool_s": (m.get("tool") or {}).get("seconds"),
-            "fp32_noise": m.get("fp32_noise"),
-            "truth": truth_metrics(m.get("metrics") or {}),
-        })
-        out.append(row)
-    return out
+    return variant_rows(record, describe, lambda m, row: {
+        "units_removed": m.get("units_removed"), "fp32_noise": m.get("fp32_noise"),
+        "truth": truth_metrics(m.get("metrics") or {})})
 
 
 def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -254,9 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
     specs = load_specs()
-    names = args.models.split(",") if args.models else MODELS
-    if [n for n in names if n not in specs]:
-        print(f"unknown model(s) in {names}", file=sys.stderr)
+    names = chosen_models(args.models, MODELS, specs)
+    if names is None:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     saved = json.loads((out / "prune_layers.json").read_text()) if args.merge and (
