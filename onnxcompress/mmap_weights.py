@@ -359,15 +359,58 @@ def attach(graph) -> int:
 
 def relazify(graph) -> int:
     """Before an export: Constants still holding the untouched array they were mapped to go back to
-    ``MappedValues`` (exported as file references; the mapping is released). Returns how many."""
+    ``MappedValues`` (exported as file references; the mapping is released). In a graph of a mapped model, a large
+    array a pass assigned is spilled to a scratch file and mapped too (``spill``): the exported proto never holds
+    large weights, and the pass's in-memory copy is freed. Returns how many Constants export as references."""
     n = 0
-    for c in _constants(graph):
+    constants = _constants(graph)
+    mapped_model = any(isinstance(c._values, MappedValues | MappedArray) for c in constants)
+    for c in constants:
         v = c._values
+        if getattr(c, "_export_dtype", None) not in (None, getattr(v, "dtype", None)):
+            continue
         src = getattr(v, "mapped_from", None) if isinstance(v, MappedArray) else None
-        if src is None or tuple(v.shape) != tuple(src.shape) or v.dtype != np.dtype(src.dtype):
-            continue
-        if getattr(c, "_export_dtype", None) not in (None, v.dtype):
-            continue
-        c._values = src.fresh()
-        n += 1
+        if src is not None and tuple(v.shape) == tuple(src.shape) and v.dtype == np.dtype(src.dtype):
+            c._values = src.fresh()
+            n += 1
+        elif mapped_model and type(v) is np.ndarray and v.nbytes >= MAP_MIN_BYTES and spill(c):
+            n += 1
     return n
+
+
+#: per-process scratch folder of spilled weights (removed at exit)
+_SCRATCH: list[Path] = []
+
+
+def _scratch_dir() -> Path:
+    if not _SCRATCH:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="onnxcompress-spill-"))
+        atexit.register(shutil.rmtree, folder, True)
+        _SCRATCH.append(folder)
+    return _SCRATCH[0]
+
+
+def spill(c) -> bool:
+    """Write Constant ``c``'s in-memory array to a scratch file and give it ``MappedValues`` of that file (the same
+    bytes, read back lazily). False (nothing done) for a dtype whose raw bytes are not its NumPy layout."""
+    arr = np.ascontiguousarray(c._values)
+    try:
+        data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+    except (KeyError, TypeError, ValueError):
+        return False
+    if data_type not in _MAPPABLE or sys.byteorder != "little":
+        return False
+    fd, path = __import__("tempfile").mkstemp(dir=_scratch_dir(), suffix=".bin")
+    with os.fdopen(fd, "wb") as f:
+        arr.tofile(f)
+    t = onnx.TensorProto(name=c.name, data_type=data_type, dims=list(arr.shape))
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", os.path.basename(path)), ("offset", "0"), ("length", str(arr.nbytes)),
+                 (FILE_KEY, path)):
+        t.external_data.append(onnx.StringStringEntryProto(key=k, value=v))
+    c._values = MappedValues(t)
+    return True

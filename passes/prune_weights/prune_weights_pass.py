@@ -168,23 +168,34 @@ class PruneWeights(Pass):
             return PassResult(False, stats, frozenset({"all"}))
         needs_h = score in ("wanda", "obs")
         grams = self._grams(ctx.analysis(ActivationStatistics, graph), targets) if needs_h else {}
-        layers = [_Layer(t, grams.get(t.rows_key) if t.rows_key else None, score, self.damp) for t in targets]
-        counts, curves = self._counts(layers, graph, ctx, allocation)
-        if curves:
-            stats["sensitivity_curves"] = curves
+        def layer(t: Target, source: dict) -> _Layer:
+            return _Layer(t, source.get(t.rows_key) if t.rows_key else None, score, self.damp)
+
+        layers: list[_Layer | None]
+        if allocation in ("uniform", "n:m"):
+            # counts from the tensor sizes alone: each layer's float64 state is built when it is pruned and
+            # released after, so memory holds one layer at a time (models over 2 GB)
+            layers = [None] * len(targets)
+            counts = self._counts_by_size([int(np.prod(t.const.shape)) for t in targets])
+        else:
+            layers = [layer(t, grams) for t in targets]
+            counts, curves = self._counts(layers, graph, ctx, allocation)
+            if curves:
+                stats["sensitivity_curves"] = curves
         per_tensor: dict[str, dict] = {}
         chunks = np.array_split(np.arange(len(layers)), min(self.stages, len(layers)) if needs_h else 1)
         for ci, chunk in enumerate(chunks):
             if ci > 0:  # statistics of the graph as it is now: the earlier groups already pruned
                 fresh = self._grams(ActivationStatistics.compute(graph, ctx), [targets[i] for i in chunk])
                 for i in chunk:
-                    key = targets[i].rows_key
-                    layers[i] = _Layer(targets[i], fresh.get(key) if key else None, score, self.damp)
+                    layers[i] = layer(targets[i], fresh)
             for i in chunk:
+                if layers[i] is None:
+                    layers[i] = layer(targets[i], grams)
                 per_tensor[layers[i].t.name] = self._prune(layers[i], counts[i])
                 layers[i].release()
         stats["stages"] = len(chunks)
-        consts = [L.t.const for L in layers]
+        consts = [t.const for t in targets]
         stats["storage"] = store_sparse(graph, consts, self.storage) | {"mode": self.storage}
         self._summarise(stats, per_tensor, layers)
         modified = stats["zeros_added"] > 0 or stats["storage"]["tensors"] > 0
@@ -202,12 +213,18 @@ class PruneWeights(Pass):
         store.get(StatsRequest(second_moments=req, samples=self.samples))
         return {key: store.gram(key, self.samples) for key in req}
 
+    def _counts_by_size(self, sizes: list[int]) -> list[int]:
+        """Zeros per tensor for allocations that need only the sizes: N:M, or the same sparsity everywhere."""
+        nm = self.nm
+        if nm is not None:
+            return [size * (nm[1] - nm[0]) // nm[1] for size in sizes]
+        return [int(round(self.sparsity * size)) for size in sizes]
+
     def _counts(self, layers: list[_Layer], graph: gs.Graph, ctx: PassContext,
                 allocation: str) -> tuple[list[int], dict]:
         """Zeros per tensor, and the measured sensitivity curves (allocation=sensitivity) for the stats."""
-        nm = self.nm
-        if nm is not None:
-            return [L.size * (nm[1] - nm[0]) // nm[1] for L in layers], {}
+        if self.nm is not None:
+            return self._counts_by_size([L.size for L in layers]), {}
         if allocation == "global":
             counts, _ = mk.global_counts([mk.comparable(L.scores) for L in layers], self.sparsity)
             return counts, {}
@@ -218,7 +235,7 @@ class PruneWeights(Pass):
                                     [L.zeroed_at(self.scope) for L in layers], levels, feeds)
             named = {L.t.name: [round(float(e), 6) for e in c] for L, c in zip(layers, curves, strict=True)}
             return allocate(curves, levels, [L.size for L in layers], self.sparsity), named
-        return [int(round(self.sparsity * L.size)) for L in layers], {}
+        return self._counts_by_size([L.size for L in layers]), {}
 
     def _prune(self, L: _Layer, k: int) -> dict:
         v = L.v
