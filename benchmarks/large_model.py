@@ -34,6 +34,8 @@ METHODS = {
     "ours:quantize{mode=weight_only weight_bits=4 weight_format=matmulnbits}": [
         "quantize{mode=weight_only weight_bits=4 weight_format=matmulnbits}"],
     "ours:prune-weights{score=magnitude}": ["prune-weights{score=magnitude}"],
+    # one sparsity for every tensor (allocation=uniform): no sensitivity trials, each layer pruned and spilled alone
+    "ours:prune-weights{score=magnitude allocation=uniform}": ["prune-weights{score=magnitude allocation=uniform}"],
     "ours:cluster": ["cluster"],
     # the library with the ledger's per-stage model statistics off (api.compress(measure=False)): the CLI rows
     # above stop in model_stats on > 2 GB protos; these show what the rest of the pipeline needs

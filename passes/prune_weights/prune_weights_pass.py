@@ -34,6 +34,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxcompress import mmap_weights
 from onnxcompress.analyses.activation_stats import ActivationStatistics, StatsRequest
 from onnxcompress.context import PassContext
 from onnxcompress.errors import BadInputError
@@ -248,7 +249,10 @@ class PruneWeights(Pass):
         before_zeros = int(np.count_nonzero(v == 0))
         dtype = np.asarray(L.t.const.values).dtype
         out = L.t.from_matrix(new).astype(dtype)
+        was_mapped = isinstance(L.t.const._values, np.memmap | mmap_weights.MappedValues)
         L.t.const.values = np.ascontiguousarray(out)  # a new array: never write into a Constant's values
+        if was_mapped and out.nbytes >= mmap_weights.MAP_MIN_BYTES:
+            mmap_weights.spill(L.t.const)  # a model over 2 GB: the pruned weight goes to a scratch file at once
         zeros = int(np.count_nonzero(out == 0))
         row = {"target": round(k / L.size, 6), "reached": round(zeros / L.size, 6), "score": L.score,
                "size": L.size, "zeros": zeros, "zeros_before": before_zeros}
