@@ -46,6 +46,9 @@ import numpy as np
 from benchmarks.fetch import cache_dir, fetch_package_file
 from benchmarks.spec import Feed, ModelSpec, Outputs
 
+# box IoU, greedy NMS and one-to-one box matching: the same maths the core's `detect` task metric uses
+from onnxcompress.task_metrics import box_iou, match_boxes, nms  # noqa: F401 (box_iou: used by the tests)
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("calib", "eval")
@@ -372,48 +375,6 @@ def ctc_greedy(probs: np.ndarray, charset: list[str] | tuple[str, ...], blank: i
     keep[1:] = idx[1:] != idx[:-1]
     keep &= idx != blank
     return "".join(charset[i] for i in idx[keep] if i < len(charset))
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of xyxy boxes [N, 4] x [M, 4]."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float) -> np.ndarray:
-    """Greedy non-maximum suppression; returns kept indices, best score first."""
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    keep: list[int] = []
-    while order.size:
-        i = int(order[0])
-        keep.append(i)
-        if order.size == 1:
-            break
-        ious = box_iou(boxes[i : i + 1], boxes[order[1:]])[0]
-        order = order[1:][ious <= iou_thr]
-    return np.asarray(keep, dtype=np.int64)
-
-
-def _match(ref_boxes, ref_cls, cand_boxes, cand_cls, iou_thr: float = 0.5) -> int:
-    """Greedy one-to-one matches (same class, IoU >= thr), candidates taken in their given (score) order."""
-    if len(ref_boxes) == 0 or len(cand_boxes) == 0:
-        return 0
-    iou = box_iou(cand_boxes, ref_boxes)
-    iou[np.asarray(cand_cls)[:, None] != np.asarray(ref_cls)[None, :]] = 0.0
-    used = np.zeros(len(ref_boxes), bool)
-    tp = 0
-    for row in iou:
-        row = np.where(used, 0.0, row)
-        j = int(row.argmax())
-        if row[j] >= iou_thr:
-            used[j] = True
-            tp += 1
-    return tp
 
 
 def _f1(tp: int, n_ref: int, n_cand: int) -> float:
@@ -803,7 +764,7 @@ def ddet_evaluate(feeds: list[Feed], ref: list[Outputs], cand: list[Outputs]) ->
     rb = [yolox_boxes(o[0])[0] for o in ref]
     cb = [yolox_boxes(o[0])[0] for o in cand]
     zeros = [np.zeros(len(b), int) for b in rb], [np.zeros(len(b), int) for b in cb]
-    tp = sum(_match(r, zr, c, zc) for r, zr, c, zc in zip(rb, zeros[0], cb, zeros[1], strict=True))
+    tp = sum(match_boxes(r, zr, c, zc) for r, zr, c, zc in zip(rb, zeros[0], cb, zeros[1], strict=True))
     n_ref, n_cand = sum(map(len, rb)), sum(map(len, cb))
     out = {"box_f1": _f1(tp, n_ref, n_cand), "boxes_fp32": float(n_ref), "boxes": float(n_cand)}
     truth = _recall("ddet", feeds, "images", ddet_inputs)
@@ -811,7 +772,7 @@ def ddet_evaluate(feeds: list[Feed], ref: list[Outputs], cand: list[Outputs]) ->
         n_gt = sum(map(len, truth))
         for key, boxes in (("fp32_", rb), ("", cb)):
             hits = sum(
-                _match(g, np.zeros(len(g)), b, np.zeros(len(b))) for g, b in zip(truth, boxes, strict=True)
+                match_boxes(g, np.zeros(len(g)), b, np.zeros(len(b))) for g, b in zip(truth, boxes, strict=True)
             )
             out[f"{key}glyph_recall"] = hits / max(n_gt, 1)
             out[f"{key}glyph_precision"] = hits / max(sum(map(len, boxes)), 1)
@@ -866,7 +827,7 @@ def nude_evaluate(feeds: list[Feed], ref: list[Outputs], cand: list[Outputs]) ->
     _check(feeds, ref, cand)
     r = [yolov8_boxes(o[0]) for o in ref]
     c = [yolov8_boxes(o[0]) for o in cand]
-    tp = sum(_match(a[0], a[2], b[0], b[2]) for a, b in zip(r, c, strict=True))
+    tp = sum(match_boxes(a[0], a[2], b[0], b[2]) for a, b in zip(r, c, strict=True))
     n_ref, n_cand = sum(len(a[0]) for a in r), sum(len(b[0]) for b in c)
     return {"box_f1": _f1(tp, n_ref, n_cand), "boxes_fp32": float(n_ref), "boxes": float(n_cand)}
 
