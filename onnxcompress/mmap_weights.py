@@ -26,9 +26,12 @@ Byte sizes of a mapped model are the proto's plus the mapped lengths; nothing he
 
 from __future__ import annotations
 
+import atexit
 import mmap
 import os
+import shutil
 import sys
+import tempfile
 import weakref
 import zlib
 from pathlib import Path
@@ -384,10 +387,6 @@ _SCRATCH: list[Path] = []
 
 def _scratch_dir() -> Path:
     if not _SCRATCH:
-        import atexit
-        import shutil
-        import tempfile
-
         folder = Path(tempfile.mkdtemp(prefix="onnxcompress-spill-"))
         atexit.register(shutil.rmtree, folder, True)
         _SCRATCH.append(folder)
@@ -404,7 +403,7 @@ def spill(c) -> bool:
         return False
     if data_type not in _MAPPABLE or sys.byteorder != "little":
         return False
-    fd, path = __import__("tempfile").mkstemp(dir=_scratch_dir(), suffix=".bin")
+    fd, path = tempfile.mkstemp(dir=_scratch_dir(), suffix=".bin")
     with os.fdopen(fd, "wb") as f:
         arr.tofile(f)
     t = onnx.TensorProto(name=c.name, data_type=data_type, dims=list(arr.shape))
