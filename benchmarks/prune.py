@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -86,7 +87,7 @@ MINILM_UNITS = (12, 1536)
 CNN_GOAL = {"macs": 0.5, "latency": 0.6, "metric": 0.99}
 #: issue 11 (``distill{mode=train}``): at 0.5x MACs the ImageNet classifier keeps top-1 agreement >= 0.95, the
 #: large CNNs >= 0.97 of FP32's task metric; MiniLM with 30% of heads + FFN removed keeps cosine >= 0.985
-TRAIN_GOAL = {"imagenet": 0.95, "cnn": 0.97, "minilm": 0.985, "macs": 0.5}
+TRAIN_GOAL = {"imagenet": 0.95, "cnn": 0.97, "minilm": 0.985, "macs": 0.5, "latency": 0.6}
 #: the ``--train`` rows: every model with the closed-form refit and with training, same run, same feeds
 TRAIN_MODELS = ["ppocrv4_rec", "ppocrv4_det", "nudenet_320n", "ddddocr_det", "minilm_l3", "efficientnet_lite2"]
 #: the training variant (refit first, then train on the refit student within the time budget)
@@ -124,14 +125,34 @@ def variants(model: str, quick: bool = False) -> list[str]:
 
 
 def train_variants(model: str, minutes: float = 8.0, targets: tuple[float, ...] = (0.5,),
-                   refit: bool = True, mode: str = "refit+train") -> list[str]:
-    """The ``--train`` rows for one model: the cut, then closed-form ``distill`` and ``TRAIN_DISTILL``."""
+                   refit: bool = True, mode: str = "refit+train", samples: int | None = None,
+                   train_feeds: int | None = None, extra: tuple[str, ...] = ("",)) -> list[str]:
+    """The ``--train`` rows for one model: the cut, then closed-form ``distill`` and ``TRAIN_DISTILL`` (one
+    training row per ``extra`` option string, e.g. ``blockwise=true``).
+
+    ``samples``: the refit's calibration feeds (``distill{samples=K}``, in both rows); ``train_feeds``: the
+    training's (``train_samples=N``): the run then builds N calibration inputs, of which the refit reads the first
+    K, so the closed-form row is the same as in a run with K inputs and only the training sees more."""
     cuts = [MINILM_SPREAD] if model in TRANSFORMERS else [f"prune-channels{{target_macs={t}}}" for t in targets]
+    base = TRAIN_DISTILL.format(mode=mode, minutes=minutes)[:-1]
+    if samples:
+        base += f" samples={samples}"
+    if train_feeds:
+        base += f" train_samples={train_feeds}"
+    closed = f"distill{{samples={samples}}}" if samples else "distill"
     out = []
     for c in cuts:
-        out += ([f"cleanup,{c},distill"] if refit else []) + [
-            f"cleanup,{c},{TRAIN_DISTILL.format(mode=mode, minutes=minutes)}"]
+        out += ([f"cleanup,{c},{closed}"] if refit else []) + [
+            f"cleanup,{c},{base}{(' ' + e.strip()) if e.strip() else ''}}}" for e in extra]
     return out
+
+
+def train_options(pipeline: str) -> str:
+    """The options of the last ``distill{...}`` other than mode and max_minutes ('' for a bare ``distill``)."""
+    items = re.findall(r"distill\{([^}]*)\}", pipeline)
+    if not items or not pipeline.rstrip().endswith("}") or pipeline.rstrip().endswith(",distill"):
+        return ""
+    return " ".join(o for o in items[-1].split() if not o.startswith(("mode=", "max_minutes=")))
 
 
 def distill_mode(pipeline: str) -> str | None:
@@ -151,7 +172,9 @@ def train_goal(row: dict[str, Any]) -> bool | None:
     if row.get("macs_ratio") is None:
         return None
     bar = TRAIN_GOAL["imagenet"] if row["model"] in IMAGENET else TRAIN_GOAL["cnn"]
-    return row["macs_ratio"] <= TRAIN_GOAL["macs"] + 0.01 and row["metric"] >= bar
+    lat = row.get("latency_ratio")
+    fast = lat is None or lat <= TRAIN_GOAL["latency"]  # the latency is judged where it was measured
+    return row["macs_ratio"] <= TRAIN_GOAL["macs"] + 0.01 and row["metric"] >= bar and fast
 
 
 def describe(pipeline: str, model: str | None = None) -> dict[str, Any]:
@@ -165,7 +188,7 @@ def describe(pipeline: str, model: str | None = None) -> dict[str, Any]:
     targets = [float(t) for t in _TARGET.findall(pipeline)]
     ratios = [float(r) for r in _RATIO.findall(pipeline)]
     d: dict[str, Any] = {"distill": "distill" in pipeline, "stepwise": cuts > 1,
-                         "distill_mode": distill_mode(pipeline)}
+                         "distill_mode": distill_mode(pipeline), "train_options": train_options(pipeline)}
     lat = _LATENCY.findall(pipeline)
     if lat:
         d["target_latency"] = float(lat[0])
@@ -221,6 +244,7 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
 
     rows = variant_rows(record, lambda pipeline: describe(pipeline, record["model"]), extra)
     for row in rows:
+        row["load"] = record.get("load_average")
         if not row.get("error"):
             row["goal"] = goal(row)
             row["train_goal"] = train_goal(row)
@@ -378,7 +402,8 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
 def _mode(r: dict[str, Any]) -> str:
     if not r.get("distill"):
         return "no"
-    return "yes" if r.get("distill_mode") in (None, "refit") else r["distill_mode"]
+    mode = "yes" if r.get("distill_mode") in (None, "refit") else r["distill_mode"]
+    return f"{mode} ({r['train_options']})" if r.get("train_options") else mode
 
 
 def render_train(rows: list[dict[str, Any]]) -> list[str]:
@@ -392,16 +417,25 @@ def render_train(rows: list[dict[str, Any]]) -> list[str]:
              f"Goals (issue 11): at <= {TRAIN_GOAL['macs']}x MACs the ImageNet classifier keeps top-1 agreement >= "
              f"{TRAIN_GOAL['imagenet']}, the large CNNs >= {TRAIN_GOAL['cnn']} of FP32's task metric; MiniLM with "
              f"30% of heads + FFN removed keeps cosine >= {TRAIN_GOAL['minilm']}. Same run, same feeds per model.",
-             "", "| model | variant | distill | MACs | latency | metric | goal | tool s | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Rows of one model and one `samples=` come from the same run (same calibration and evaluation "
+             "feeds); `samples=K` is the refit's calibration feeds, `train_samples=N` the training's (the run "
+             "builds N, the refit reads the first K). *load*: the 1-minute load average when the model's run "
+             "ended (2 shared cores).",
+             "", "| model | variant | distill | options | MACs | latency | metric | vs ground truth | goal | tool s "
+             "| peak MB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sel:
+        opts = r.get("train_options") or ""
         if r.get("error"):
-            lines.append(f"| {r['model']} | {r['label']} | {_mode(r)} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['model']} | {r['label']} | {r.get('distill_mode')} | {opts} | error: {r['error']} "
+                         "| | | | | | | |")
             continue
         met = {True: "met", False: "not met"}.get(r.get("train_goal"), "-")
-        lines.append(f"| {r['model']} | {r['label']} | {r.get('distill_mode')} | {_f(r.get('macs_ratio'), '{:.2f}')} "
-                     f"| {_f(r.get('latency_ratio'), '{:.2f}')} | {r.get('metric_name')} {_f(r.get('metric'))} | "
-                     f"{met} | {_f(r.get('tool_s'), '{:.0f}')} | {_f(r.get('tool_peak_mb'), '{:.0f}')} |")
+        lines.append(f"| {r['model']} | {r['label']} | {r.get('distill_mode')} | {opts} | "
+                     f"{_f(r.get('macs_ratio'), '{:.2f}')} | {_f(r.get('latency_ratio'), '{:.2f}')} | "
+                     f"{r.get('metric_name')} {_f(r.get('metric'))} | {_truth_cell(r.get('truth'))} | {met} | "
+                     f"{_f(r.get('tool_s'), '{:.0f}')} | {_f(r.get('tool_peak_mb'), '{:.0f}')} | "
+                     f"{_f(r.get('load'), '{:.1f}')} |")
     return lines
 
 
@@ -426,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-mode", default="refit+train", choices=["train", "refit+train"],
                     help="with --train: the distill mode of the training rows")
     ap.add_argument("--targets", default="0.5", help="with --train: comma-separated target_macs of the CNN rows")
+    ap.add_argument("--train-feeds", type=int, default=None, metavar="N",
+                    help="with --train: build N calibration inputs; both rows refit on the first --n-calib (default "
+                    "64) and the training draws from all N (distill{samples=K train_samples=N})")
+    ap.add_argument("--train-opts", default="", help="with --train: ';'-separated extra distill options, one "
+                    "training row each (e.g. 'blockwise=true;')")
     args = ap.parse_args(argv)
     if args.render:
         out = args.out or RESULTS
@@ -450,18 +489,24 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     for name in names:
         if args.train:
+            feeds = args.train_feeds
             pipelines = train_variants(name, args.train, tuple(float(t) for t in args.targets.split(",")),
-                                       refit=not args.no_refit_rows, mode=args.train_mode)
+                                       refit=not args.no_refit_rows, mode=args.train_mode,
+                                       samples=(args.n_calib or n_calib_default) if feeds else None,
+                                       train_feeds=feeds, extra=tuple(args.train_opts.split(";")))
         elif args.pipelines:
             pipelines = [p.strip() for p in args.pipelines.split(";") if p.strip()]
         else:
             pipelines = variants(name, args.quick)
         methods = {"fp32": anchors.fp32_method} | {f"ours:{p}": anchors.ours(p) for p in pipelines}
         n_calib = args.n_calib or N_CALIB.get(name, n_calib_default)
+        if args.train and args.train_feeds:
+            n_calib = max(args.train_feeds, n_calib)
         cfg = RunConfig(methods=list(methods), n_calib=n_calib, n_eval=n_eval, threads=(1,),
                         latency_budget_s=args.latency_budget or (3.0 if args.quick else 8.0), session_rss=False)
         log.info("== %s (%d variants)", name, len(pipelines))
         records.append(benchmark_model(specs[name], cfg, methods))
+        records[-1]["load_average"] = round(os.getloadavg()[0], 2)
         meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": n_calib_default,
                 "n_calib_override": {k: v for k, v in N_CALIB.items() if not args.n_calib}, "n_eval": n_eval,
                 "versions": versions(), "seconds": time.perf_counter() - t0}

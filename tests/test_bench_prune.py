@@ -176,3 +176,41 @@ def test_merge_methods_adds_variants_and_keeps_the_fp32_row():
     merged = out[1]
     assert set(merged["methods"]) == {"fp32", a, b}
     assert merged["methods"]["fp32"]["latency"]["t1"]["ratio"] == 0.97  # the original run's noise band
+
+
+def test_train_variants_refit_on_k_feeds_train_on_n():
+    rows = prune.train_variants("ppocrv4_rec", 8, (0.5,), samples=64, train_feeds=1024,
+                                extra=("", "blockwise=true"))
+    assert rows == [
+        "cleanup,prune-channels{target_macs=0.5},distill{samples=64}",
+        "cleanup,prune-channels{target_macs=0.5},distill{mode=refit+train max_minutes=8 samples=64 train_samples=1024}",
+        "cleanup,prune-channels{target_macs=0.5},distill{mode=refit+train max_minutes=8 samples=64 train_samples=1024 "
+        "blockwise=true}"]
+    # the pass accepts every option the rows spell
+    from onnxcompress.pipeline import parse_pipeline
+
+    assert [p.name for p in parse_pipeline(rows[2])] == ["cleanup", "prune-channels", "distill"]
+    assert prune.train_variants("ppocrv4_rec", 8, (0.75,)) == [
+        "cleanup,prune-channels{target_macs=0.75},distill",
+        "cleanup,prune-channels{target_macs=0.75},distill{mode=refit+train max_minutes=8}"]
+    d = prune.describe(rows[2])
+    assert d["distill_mode"] == "refit+train" and d["train_options"] == "samples=64 train_samples=1024 blockwise=true"
+    assert prune.describe(rows[0])["distill_mode"] == "refit" and prune.describe(rows[0])["train_options"] == "samples=64"
+    assert prune.describe("cleanup,prune-channels{target_macs=0.5},distill")["train_options"] == ""
+
+
+def test_train_goal_needs_the_metric_the_macs_and_the_latency():
+    closed = "ours:cleanup,prune-channels{target_macs=0.5},distill{samples=64}"
+    train = "ours:cleanup,prune-channels{target_macs=0.5},distill{mode=refit+train max_minutes=8 samples=64}"
+    slow = "ours:cleanup,prune-channels{target_macs=0.5},distill{mode=refit+train max_minutes=8 blockwise=true}"
+    rec = _record("ddddocr_det", "box_f1", **{closed: _method(0.5, 0.58, 0.93, name="box_f1"),
+                                              train: _method(0.5, 0.58, 0.975, name="box_f1"),
+                                              slow: _method(0.5, 0.65, 0.99, name="box_f1")})
+    rec["load_average"] = 3.5
+    rows = {r["pipeline"]: r for r in prune.rows_of(rec)}
+    assert rows[closed[5:]]["train_goal"] is False  # 0.93 < 0.97
+    assert rows[train[5:]]["train_goal"] is True
+    assert rows[slow[5:]]["train_goal"] is False  # latency 0.65 > 0.6
+    md = "\n".join(prune.render_train(list(rows.values())))
+    assert "| ddddocr_det | macs 0.5 | refit+train | samples=64 | 0.50 | 0.58 | box_f1 0.975 |  | met | 3 |" in md
+    assert md.count("| 3.5 |") == 3  # the load column

@@ -107,6 +107,9 @@ class Distill(Pass):
     temperature: float = option(2.0, "train: KL temperature on class scores")
     features: float = option(0.0, "train: weight of normalized-MSE matching at block boundaries shared with the "
                                    "teacher (0: outputs only)")
+    train_samples: int = option(0, "train: calibration feeds training draws from (0: samples); the refit keeps "
+                                   "samples. The teacher labels every feed, so an unlabeled source larger than the "
+                                   "refit's (a generator, a bigger file) gives training more distinct inputs")
     max_minutes: float = option(15.0, "train: time budget; training stops (keeping the best weights) when it runs out")
     eval_every: int = option(25, "train: steps between held-out evaluations (every 4th calibration feed)")
     patience: int = option(4, "train: stop after this many held-out evaluations without improvement")
@@ -117,6 +120,8 @@ class Distill(Pass):
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.train_samples < 0:
+            raise ValueError(f"train_samples must be >= 0, got {self.train_samples}")
         if self.rows < 0 or self.max_inputs < 1:
             raise ValueError("rows must be >= 0 and max_inputs >= 1")
         if self.layers not in ("changed", "all"):

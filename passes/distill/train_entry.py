@@ -1,6 +1,7 @@
 """Entry point of ``distill{mode=train}``: torch is imported here, inside the call, never at module import.
 
-``train_student(graph, ctx, opts)`` reads the calibration feeds into memory (``opts.samples`` of them), builds the
+``train_student(graph, ctx, opts)`` reads the calibration feeds into memory (``opts.train_samples`` of them, or
+``opts.samples``), builds the
 ``Trainer`` (``train``) over the current graph and the original model, runs end-to-end or block-wise training and
 leaves the trained values written back into ``graph``. Without torch: ``PassError`` with one line naming the extra.
 """
@@ -20,7 +21,7 @@ def train_student(graph: Any, ctx: Any, opts: Any) -> dict:
     from .blocks import train_blockwise
     from .train import Trainer
 
-    feeds = [dict(f) for f in ctx.calibration.take(opts.samples)]
+    feeds = [dict(f) for f in ctx.calibration.take(opts.train_samples or opts.samples)]
     if not feeds:
         raise PassError("distill{mode=train} needs at least one calibration feed")
     teacher = ctx.original_model()

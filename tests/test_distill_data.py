@@ -1,0 +1,66 @@
+"""distill{mode=train}: the training draws from ``train_samples`` calibration feeds, the refit from ``samples``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnxcompress.passes.distill import Distill
+
+from onnxcompress.context import PassContext
+from onnxcompress.data import load_feeds
+from onnxcompress.manager import PassManager
+from onnxcompress.pipeline import parse_pipeline
+
+pytest.importorskip("torch", reason="distill{mode=train} needs torch (pip install onnxcompress[train])")
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+CALIB = ROOT / "models" / "digits_calib.npz"
+PRUNE = "cleanup,prune-channels{target_macs=0.4}"
+FAST = "steps=6 batch=8 eval_every=3"
+
+
+def _stats(model: onnx.ModelProto, pipeline: str, calib) -> dict:
+    res = PassManager(parse_pipeline(pipeline)).run(model, PassContext(calibration=load_feeds(calib, model)))
+    return {r.stage: r.pass_stats for r in res.ledger if r.stage.startswith("distill")}
+
+
+def _generator(n: int, seed: int):
+    """A re-iterable source of ``n`` distinct unlabeled digits-like inputs (a callable returning a fresh iterator),
+    as a user hands distill a generator: the same first feeds on every pass."""
+    base = np.load(CALIB)["image"].astype(np.float32)
+
+    def gen():
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+            x = base[i % len(base)][None]
+            yield {"image": (x + rng.normal(0, 0.05 * x.std(), x.shape)).astype(np.float32)}
+
+    return gen
+
+
+def test_train_samples_sets_the_training_feeds_and_the_refit_keeps_samples():
+    model = onnx.load(DIGITS)
+    st = _stats(model, f"{PRUNE},distill{{mode=refit+train samples=16 train_samples=120 {FAST}}}", str(CALIB))
+    train = next(iter(st.values()))["train"]
+    # 120 feeds: every 4th (30) is a held-out candidate, evenly capped at 32 -> 30 held out, 90 trained on
+    assert train["train_feeds"] + train["heldout_feeds"] == 120
+    assert train["heldout_feeds"] == 30
+    base = next(iter(_stats(model, f"{PRUNE},distill{{mode=train samples=16 {FAST}}}", str(CALIB)).values()))
+    assert base["train"]["train_feeds"] + base["train"]["heldout_feeds"] == 16  # 0: the refit's samples
+
+
+def test_train_samples_reads_a_generator_beyond_the_calibration_file():
+    model = onnx.load(DIGITS)
+    st = _stats(model, f"{PRUNE},distill{{mode=train samples=8 train_samples=400 {FAST}}}", _generator(400, 0))
+    train = next(iter(st.values()))["train"]
+    assert train["train_feeds"] + train["heldout_feeds"] == 400 and train["heldout_feeds"] == 32
+
+
+@pytest.mark.parametrize("bad", [-1, -64])
+def test_negative_train_samples_is_refused(bad):
+    with pytest.raises(ValueError, match="train_samples"):
+        Distill(train_samples=bad)
