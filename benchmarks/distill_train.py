@@ -68,9 +68,61 @@ def score(spec: Any, model: onnx.ModelProto, feeds: list[dict], ref: list) -> di
     return {"metric": metrics[spec.primary_metric], "metrics": metrics, "cosine": _cosine(ref, cand)}
 
 
+#: photos on this machine in neither of ``benchmarks.imagenet``'s pools (skimage.data, its files, matplotlib's
+#: sample data; not clock_motion.png nor color.png: the calibration pool's clock blurred and the evaluation pool's
+#: colorwheel): extra unlabeled training images for ``--extra-photos`` (the teacher labels them)
+EXTRA_PHOTOS = ("cell", "microaneurysms", "skfile:chessboard_RGB.png", "mpl:Minduka_Present_Blue_Pack.png", "lfw")
+
+
+def extra_photo(name: str) -> np.ndarray:
+    """uint8 H x W x 3 RGB of one ``EXTRA_PHOTOS`` entry (``lfw``: a 6 x 6 mosaic of the 100 LFW faces' first 36)."""
+    from PIL import Image
+
+    if name == "lfw":
+        import skimage.data
+
+        faces = (skimage.data.lfw_subset()[:36] * 255).round().astype(np.uint8)
+        a = np.concatenate([np.concatenate(list(faces[r * 6:(r + 1) * 6]), axis=1) for r in range(6)], axis=0)
+    elif name.startswith("skfile:"):
+        import skimage
+
+        a = np.asarray(Image.open(Path(skimage.__file__).parent / "data" / name.split(":", 1)[1]).convert("RGB"))
+    else:
+        from benchmarks.imagenet import photo
+
+        return photo(name)
+    a = np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a[:, :, :3]
+    return np.ascontiguousarray(a.astype(np.uint8))
+
+
+def extra_photo_feeds(n: int, seed: int = 11) -> list[dict]:
+    """``n`` crops of ``EXTRA_PHOTOS`` the way ``benchmarks.imagenet`` crops its pools: square, at its ``SCALES``
+    cycling, a random position, mirrored for odd samples, resized to the model's side (bilinear)."""
+    from PIL import Image
+
+    from benchmarks.imagenet import SCALES, SIZE, normalize
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        a = extra_photo(EXTRA_PHOTOS[i % len(EXTRA_PHOTOS)])
+        h, w = a.shape[:2]
+        side = max(16, int(min(h, w) * SCALES[(i // len(EXTRA_PHOTOS)) % len(SCALES)]))
+        y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        a = a[y0:y0 + side, x0:x0 + side]
+        a = a[:, ::-1] if i % 2 else a
+        out.append({"image": normalize(np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize(
+            (SIZE, SIZE), Image.BILINEAR)))})
+    return out
+
+
 def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, train_opts: str,
               train_only: bool, variants: list[str] | None = None, cache: Path | None = None,
-              refit_pipe: str = "distill") -> list[dict[str, Any]]:
+              refit_pipe: str = "distill", train_feeds: int = 0, extra_photos: int = 0) -> list[dict[str, Any]]:
+    """One model's rows. ``train_feeds``: build that many calibration inputs (the cache key stays ``n_calib``: the
+    refit reads a prefix, ``distill{samples=K}``, and ``make_inputs`` is prefix-stable); ``extra_photos``: append
+    that many crops of ``EXTRA_PHOTOS`` (image models) after them. Variants pick how many the training reads
+    (``train_samples=N``)."""
     from benchmarks.fetch import cache_dir
     from onnxcompress import io
     from onnxcompress.analyses.macs import count_macs
@@ -80,7 +132,8 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
     from onnxcompress.runtime import Session
 
     fp32 = onnx.load(str(spec.fetch(cache_dir())))
-    calib, evals = spec.make_inputs(n_calib, "calib"), spec.make_inputs(n_eval, "eval")
+    calib, evals = spec.make_inputs(max(n_calib, train_feeds), "calib"), spec.make_inputs(n_eval, "eval")
+    calib += extra_photo_feeds(extra_photos) if extra_photos else []
     with Session(fp32, threads=2) as s:
         ref = [s.run(f) for f in evals]
     shapes = feed_shapes(evals[0])
@@ -211,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refit", default="distill", help="the closed-form stage (e.g. distill{samples=64} to "
                                                          "refit on the first 64 calibration feeds only)")
     ap.add_argument("--cache", type=Path, default=None, help="keep / reuse the pruned and refit students here")
+    ap.add_argument("--train-feeds", type=int, default=0, help="build this many calibration inputs (>= --n-calib; "
+                    "the refit should read a prefix: --refit 'distill{samples=K}')")
+    ap.add_argument("--extra-photos", type=int, default=0, help="image models: append this many crops of photos "
+                    "in neither pool (EXTRA_PHOTOS) to the calibration inputs")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
@@ -227,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         n_calib = 550 if name.startswith("minilm") and args.n_calib == 64 else args.n_calib
         variants = [v.strip() for v in args.variants.split(";") if v.strip()]
         rows = run_model(specs[name], cut, args.minutes, n_calib, args.n_eval, args.train_opts, args.train_only,
-                         variants, args.cache, args.refit)
+                         variants, args.cache, args.refit, args.train_feeds, args.extra_photos)
         for r in rows:
             r["n_calib"], r["n_eval"] = n_calib, args.n_eval
+            r["calib_feeds"] = max(n_calib, args.train_feeds) + args.extra_photos
         keep = [r for r in saved["rows"] if (r["model"], r["stage"]) not in {(x["model"], x["stage"]) for x in rows}]
         meta = {**saved.get("meta", {}), "versions": versions()}
         meta["args"] = " ".join(argv if argv is not None else sys.argv[1:])

@@ -64,3 +64,21 @@ def test_train_samples_reads_a_generator_beyond_the_calibration_file():
 def test_negative_train_samples_is_refused(bad):
     with pytest.raises(ValueError, match="train_samples"):
         Distill(train_samples=bad)
+
+
+def test_extra_photos_are_new_images_in_the_imagenet_format():
+    pytest.importorskip("skimage", reason="the benchmark photos come from scikit-image")
+    from benchmarks import distill_train, imagenet
+
+    pools = set(imagenet.PHOTOS["calib"]) | set(imagenet.PHOTOS["eval"])
+    assert not pools & set(distill_train.EXTRA_PHOTOS)
+    feeds = distill_train.extra_photo_feeds(2 * len(distill_train.EXTRA_PHOTOS))
+    x = np.concatenate([f["image"] for f in feeds])
+    assert x.shape == (len(feeds), 3, imagenet.SIZE, imagenet.SIZE) and x.dtype == np.float32
+    assert np.isfinite(x).all() and x.min() >= -1.0 and x.max() <= 1.0
+    flat = x.reshape(len(x), -1)
+    assert len(np.unique(flat.round(3), axis=0)) == len(x)  # every crop differs
+    # none is one of the calibration or evaluation crops
+    ref = np.concatenate([imagenet.normalize(imagenet.crop(s, i)) for s in ("calib", "eval") for i in range(22)])
+    d = np.abs(flat[:, None, :] - ref.reshape(len(ref), -1)[None]).mean(-1)
+    assert d.min() > 0.01
