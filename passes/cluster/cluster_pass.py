@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
@@ -47,11 +48,11 @@ from .allocation import FLOAT, Trials, allocate
 from .cluster_tensor import Clustered, cluster_tensor, element_weights
 from .kmeans1d import INITS
 from .layouts import RECURRENT, WEIGHT_SLOTS, Use
-from .storage import DecodeBuilder
+from .storage import STREAMS, DecodeBuilder, index_bits
 
 log = logging.getLogger(__name__)
 
-STORAGES = ("auto", "codebook", "snap")
+STORAGES = ("auto", "codebook", "snap", "unpacked")
 
 
 @dataclass
@@ -88,8 +89,16 @@ class Cluster(Pass):
                                            "8 (mixed precision)")
     obs: bool = option(True, "with refit: assign the weights input by input, each rounding error moved onto the "
                              "weights not yet assigned through the layer's inverse Gram (GPTQ with the codebook)")
-    storage: str = option("auto", "auto (smaller on disk per tensor), codebook (packed indices + Gather) or snap "
-                                  "(values replaced in place)")
+    refit_rounds: int = option(1, "with refit: rounds of (least-squares shared values, channel scales, "
+                                  "re-assignment with error feedback) in the layer's output metric, the best kept; "
+                                  "stops when the output error improves by < 0.1%")
+    fit_scales: bool = option(False, "with refit and channel_scales: each output channel's scale refit by least "
+                                     "squares in the output metric (else the channel RMS)")
+    storage: str = option("auto", "auto (smaller on disk per tensor), codebook (packed indices + Gather), snap "
+                                  "(values replaced in place) or unpacked (codebook + int32 indices: what "
+                                  "distill{mode=train} trains; a later cluster packs them)")
+    pack_only: bool = option(False, "only pack the indices of existing unpacked codebook decodes (after "
+                                    "distill{mode=train}), cluster nothing new")
     exclude: tuple[str, ...] = option((), "tensor or node names (fnmatch patterns) left alone")
     min_size: int = option(1024, "tensors with fewer elements are left alone")
     embeddings: bool = option(True, "also cluster Gather tables (embeddings)")
@@ -118,8 +127,8 @@ class Cluster(Pass):
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.storage not in STORAGES:
             raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {self.storage!r}")
-        if self.min_size < 1 or self.samples < 1 or self.max_inputs < 1:
-            raise ValueError("min_size, samples and max_inputs must be >= 1")
+        if self.min_size < 1 or self.samples < 1 or self.max_inputs < 1 or self.refit_rounds < 1:
+            raise ValueError("min_size, samples, max_inputs and refit_rounds must be >= 1")
         if self.target_error is not None and not self.target_error > 0:
             raise ValueError(f"target_error must be > 0, got {self.target_error}")
         if self.size_budget is not None and not self.size_budget > 0:
@@ -128,6 +137,8 @@ class Cluster(Pass):
             raise ValueError("sensitivity_samples must be >= 1")
         if self.max_error is not None and not self.max_error > 0:
             raise ValueError(f"max_error must be > 0, got {self.max_error}")
+        if self.storage == "unpacked" and self.per_channel:
+            raise ValueError("storage=unpacked takes one codebook per tensor (per_channel=false)")
         if not 0.0 < self.zero_fraction <= 1.0:
             raise ValueError(f"zero_fraction must be in (0, 1], got {self.zero_fraction}")
 
@@ -228,7 +239,8 @@ class Cluster(Pass):
         scales = self.channel_scales and c.uses[0].op != "Gather" and w.shape[c.uses[0].channel_axis(w.ndim)] > 1
         return cluster_tensor(w, 1 << bits, use=c.uses[0], per_channel=self.per_channel, channel_scales=scales,
                               init=self.init, zero_fraction=self.zero_fraction, col_norms=norms,
-                              per_column=per_column, refit_gram=gram, obs=self.obs, storage=storage, rng=rng)
+                              per_column=per_column, refit_gram=gram, obs=self.obs, storage=storage, rng=rng,
+                              refit_rounds=self.refit_rounds if self.obs else 1, fit_scales=self.fit_scales)
 
     def _allocate(self, graph: gs.Graph, ctx: PassContext, chosen: list, stats_of: dict, storage: str, rng,
                   st: dict) -> list:
@@ -261,9 +273,35 @@ class Cluster(Pass):
                  done[c.tensor.name].get(pick[c.tensor.name])) for c, bits, _ in chosen]
 
     # ------------------------------------------------------------------------------------------------ run
+    def _pack_existing(self, graph: gs.Graph, builder: DecodeBuilder) -> tuple[int, int]:
+        """Pack the int indices of ``Gather(float codebook [k <= 256], constant indices)`` (an unpacked decode, e.g.
+        trained by ``distill``) into index_bits(k)-bit streams: exact. Returns (decodes packed, bytes saved)."""
+        packed: dict[int, gs.Tensor] = {}
+        saved = 0
+        for node in list(graph.nodes):
+            if node.op != "Gather" or len(node.inputs) < 2 or int(node.attrs.get("axis", 0)) != 0:
+                continue
+            book, idx = node.inputs[0], node.inputs[1]
+            if not (isinstance(book, gs.Constant) and isinstance(idx, gs.Constant)):
+                continue
+            b, i = np.asarray(book.values), np.asarray(idx.values)
+            if b.ndim != 1 or not 2 <= b.size <= 256 or not np.issubdtype(b.dtype, np.floating) or \
+                    not np.issubdtype(i.dtype, np.integer) or i.size < self.min_size or i.min() < 0 or \
+                    i.max() >= b.size:
+                continue
+            if id(idx) not in packed:
+                bits = index_bits(b.size)
+                packed[id(idx)] = builder.packed_indices(f"pk{len(packed) + 1}", i.astype(np.uint16), bits)
+                saved += int(i.nbytes) - sum(math.ceil(i.size * w / 8) for w in STREAMS[bits])
+            node.inputs[1] = packed[id(idx)]
+        return len(packed), saved
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         skipped: Counter = Counter()
-        cands = self._candidates(graph, skipped)
+        n_packed = saved = 0
+        if self.storage != "unpacked" and ctx.opset() >= 11:
+            n_packed, saved = self._pack_existing(graph, DecodeBuilder(graph, Namer(graph), ctx.opset()))
+        cands = [] if self.pack_only else self._candidates(graph, skipped)
         for c in cands:
             axis = c.uses[0].channel_axis(c.tensor.values.ndim)
             if self.per_channel and c.tensor.values.shape[axis] == 1:
@@ -321,17 +359,24 @@ class Cluster(Pass):
             st["max_unique_per_row"] = max(st["max_unique_per_row"], int(res.codebook.shape[1]))
             st["bytes_before"] += res.bytes_raw
             st["bytes_after"] += res.bytes_planned[res.storage]
-            st["storage"][res.storage] += 1
+            st["storage"]["unpacked" if storage == "unpacked" and res.storage != "snap" else res.storage] += 1
             st["tensors_clustered"] += 1
             if res.storage == "snap":
                 c.tensor.values = np.ascontiguousarray(res.snapped.astype(w.dtype))
+            elif storage == "unpacked":
+                out = builder.build_unpacked(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook,
+                                             res.labels, out_name=f"{c.tensor.name}_clustered", scale=res.scale,
+                                             scale_axis=res.scale_axis)
+                redirect_consumers(c.tensor, out)
             else:
                 out, _ = builder.build(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook, res.labels,
                                        axis=res.axis, out_name=f"{c.tensor.name}_clustered",
                                        scale=res.scale, scale_axis=res.scale_axis,
                                        sparse_zero=res.zero_label if res.storage == "sparse-codebook" else None)
                 redirect_consumers(c.tensor, out)
-        if st["tensors_clustered"]:
+        if n_packed:
+            st["decodes_packed"], st["bytes_saved_packing"] = n_packed, saved
+        if st["tensors_clustered"] or n_packed:
             graph.cleanup().toposort()
         st["storage"] = dict(st["storage"])
         st["bits"] = dict(sorted(st["bits"].items(), key=lambda kv: (len(kv[0]), kv[0])))
@@ -342,7 +387,7 @@ class Cluster(Pass):
             st["refit_objective_after"] = refit_after
         log.info("cluster: %d tensors to %d values (%s), %d -> %d bytes", st["tensors_clustered"], k,
                  st["storage"], st["bytes_before"], st["bytes_after"])
-        modified = st["tensors_clustered"] > 0
+        modified = st["tensors_clustered"] > 0 or n_packed > 0
         if not modified and not st["skipped"]:
             st["skipped"] = {"(model)": "no constant float weight of a Conv / ConvTranspose / Gemm / MatMul / "
                                         "embedding Gather / LSTM / GRU / RNN in the main graph"}

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .codebook_refit import refit_codebook
 from .kmeans1d import kmeans_1d
 from .layouts import Use
-from .obs_assign import obs_assign
+from .refine import refine
 from .storage import OVERHEAD_SCALE, plan_bytes
 
 
@@ -83,6 +82,8 @@ def cluster_tensor(
     refit_gram: np.ndarray | None,
     storage: str,
     obs: bool = True,
+    refit_rounds: int = 1,
+    fit_scales: bool = False,
     rng: np.random.Generator,
 ) -> Clustered:
     shape, dtype = w.shape, w.dtype
@@ -107,12 +108,19 @@ def cluster_tensor(
     rows_w = None if weights is None else to_rows(np.asarray(weights), axis)
     fixed_zero = zero_fraction < 1.0 and float(np.mean(w == 0)) >= zero_fraction
     cents, labels = kmeans_1d(rows_v, k, rows_w, init=init, fixed_zero=fixed_zero, rng=rng)
-    if refit_gram is not None and obs:  # re-assign with error feedback (cents are sorted per row here)
-        lab_m = obs_assign(use.to_matrix(w.astype(np.float64)), cents, refit_gram,
-                           row_scale=None if scale is None else scale.astype(np.float64),
-                           zero_mask=use.to_matrix(w == 0) if fixed_zero else None,
-                           zero_label=np.argmax(cents == 0.0, axis=1) if fixed_zero else None)
+    refit = None
+    if refit_gram is not None:
+        m = use.to_matrix(w.astype(np.float64))
+        zero_mask = use.to_matrix(w == 0) if fixed_zero else None
+        lab_m = None
+        if not obs:
+            lab_m = use.to_matrix(from_rows(labels, shape, axis))
+        cents, lab_m, sc, refit = refine(m, cents, refit_gram, lab_m, row_scale=None if scale is None else
+                                         scale.astype(np.float64), zero_mask=zero_mask, rounds=refit_rounds,
+                                         fit_scales=fit_scales)
         labels = to_rows(use.from_matrix(lab_m, shape), axis)
+        if scale is not None:
+            scale = sc.astype(dtype)
     if axis is None:  # drop unused entries: fewer entries may need fewer index bits
         used = np.unique(labels)
         remap = np.zeros(cents.shape[1], np.int64)
@@ -122,17 +130,6 @@ def cluster_tensor(
         cents, labels = _zero_first(cents, labels)
     codebook = cents.astype(dtype)
     labels = labels.astype(np.uint8)
-    refit = None
-    if refit_gram is not None:
-        lab_m = use.to_matrix(from_rows(labels, shape, axis))
-        fixed = (codebook == 0) if fixed_zero else None
-        row_scale = None
-        if scale is not None:  # the matrix view's rows are the output channels
-            row_scale = scale.astype(np.float64)
-        codebook, before, after = refit_codebook(codebook, lab_m, refit_gram, row_scale=row_scale,
-                                                 target=use.to_matrix(w.astype(np.float64)), fixed=fixed)
-        codebook = codebook.astype(dtype)
-        refit = (before, after)
     shared = from_rows(np.take_along_axis(codebook, labels.astype(np.int64), axis=1), shape, axis)
     if scale is not None:
         bshape = [1] * w.ndim
@@ -149,6 +146,7 @@ def cluster_tensor(
         plans["sparse-codebook"] = plan_bytes(n, rows, kk, nonzero=int(np.count_nonzero(labels)),
                                               itemsize=item) + extra
     out.bytes_planned = plans
-    allowed = {"snap": ["snap"], "codebook": [p for p in plans if p != "snap"], "auto": list(plans)}[storage]
+    allowed = {"snap": ["snap"], "codebook": [p for p in plans if p != "snap"], "auto": list(plans),
+               "unpacked": ["codebook"]}[storage]
     out.storage = min(allowed, key=lambda p: plans[p])
     return out

@@ -161,6 +161,35 @@ class DecodeBuilder:
             off += w
         return acc if wide else self._op("Cast", [acc], f"{base}_idx", np.int32, {"to": 6})
 
+    def packed_indices(self, base: str, idx: np.ndarray, bits: int) -> gs.Variable:
+        """int32 indices of ``idx``'s shape decoded from ``bits``-bit packed streams (exactly ``idx``)."""
+        flat = self._indices(base, pack_bits(idx, bits), bits, int(idx.size))
+        return self._op("Reshape", [flat, self._const(f"{base}_ishape", np.asarray(idx.shape, np.int64))],
+                        f"{base}_ix", np.int32)
+
+    def build_unpacked(self, base: str, shape: tuple[int, ...], codebook: np.ndarray, labels: np.ndarray, *,
+                       out_name: str | None = None, scale: np.ndarray | None = None,
+                       scale_axis: int | None = None) -> gs.Variable:
+        """``Gather(codebook [k], int32 indices) -> Reshape (-> Mul(scale))`` with the indices a plain constant: the
+        form ``distill{mode=train}`` trains (the codebook and the scales are its parameters, the indices fixed);
+        a later ``cluster`` packs the indices (``packed_indices``)."""
+        if codebook.shape[0] != 1:
+            raise ValueError("the unpacked form takes one codebook")
+        idx = self._const(f"{base}_idx", labels.reshape(-1).astype(np.int32))
+        values = self._op("Gather", [self._const(f"{base}_codebook", codebook.reshape(-1)), idx], f"{base}_values",
+                          codebook.dtype, {"axis": 0})
+        last = scale is None
+        name = (out_name or f"{base}_decoded") if last else f"{base}_shared"
+        out = self._op("Reshape", [values, self._const(f"{base}_shape", np.asarray(shape, np.int64))], name,
+                       codebook.dtype)
+        if not last:
+            bshape = [1] * len(shape)
+            bshape[scale_axis] = -1
+            out = self._op("Mul", [out, self._const(f"{base}_scale", scale.reshape(bshape))],
+                           out_name or f"{base}_decoded", codebook.dtype)
+        out.shape = list(shape)
+        return out
+
     def build(self, base: str, shape: tuple[int, ...], codebook: np.ndarray, labels: np.ndarray, *,
               axis: int | None, sparse_zero: int | None = None, out_name: str | None = None,
               scale: np.ndarray | None = None, scale_axis: int | None = None) -> tuple[gs.Variable, dict]:
