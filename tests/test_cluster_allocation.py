@@ -84,6 +84,19 @@ def test_size_budget_spends_the_bytes_where_the_error_is(rng):
     assert e[1] < 0.2 * e[0]
 
 
+def test_size_ratio_makes_the_file_that_much_smaller(rng):
+    model, feeds = _two_branches(rng, 512, 256)
+    calib = load_feeds(feeds, model)
+    size = model.ByteSize()
+    out, st = _run(model, "cluster{bits=2 channel_scales=false storage=codebook size_ratio=10}", calib)
+    assert out.ByteSize() <= size / 10 * 1.01  # the plan's decode overheads are measured, not exact
+    assert st["bits"]["2"] == 1 and len(st["bits"]) == 2 and st["size_ratio_budget_bits"] > 3.0
+    tight, st_t = _run(model, "cluster{bits=2 channel_scales=false storage=codebook size_ratio=14}", calib)
+    assert st_t["bits"] == {"2": 2} and tight.ByteSize() < out.ByteSize()  # nothing more fits
+    with pytest.raises(BadInputError):
+        parse_pipeline("cluster{size_ratio=12 size_budget=2}")
+
+
 class _Additive:
     """Trials whose error is the sum of known per-tensor errors of the level each tensor is given."""
 

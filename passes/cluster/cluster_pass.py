@@ -114,6 +114,9 @@ class Cluster(Pass):
                                              "codebooks, scales, decode), over the clustered tensors; tensors get "
                                              "more bits, most measured output error per byte first, while it fits "
                                              "(with target_error: until that is met; needs --calib)")
+    size_ratio: float | None = option(None, "mixed bit-widths for a file this many times smaller than the model "
+                                            "as it comes in: the clustered tensors get what the rest of the file "
+                                            "leaves of size / size_ratio, spent as size_budget (needs --calib)")
     sensitivity_samples: int = option(16, "calibration feeds for target_error's trials")
     samples: int = option(256, "calibration feeds for activation_aware / refit statistics")
     max_inputs: int = option(2304, "refit only layers with at most this many inputs per output (Gram size)")
@@ -131,6 +134,10 @@ class Cluster(Pass):
             raise ValueError("min_size, samples, max_inputs and refit_rounds must be >= 1")
         if self.target_error is not None and not self.target_error > 0:
             raise ValueError(f"target_error must be > 0, got {self.target_error}")
+        if self.size_ratio is not None and not self.size_ratio > 1:
+            raise ValueError(f"size_ratio must be > 1, got {self.size_ratio}")
+        if self.size_budget is not None and self.size_ratio is not None:
+            raise ValueError("give size_budget or size_ratio, not both")
         if self.size_budget is not None and not self.size_budget > 0:
             raise ValueError(f"size_budget must be > 0 bits per weight, got {self.size_budget}")
         if self.sensitivity_samples < 1:
@@ -144,7 +151,7 @@ class Cluster(Pass):
 
     def needs_calibration(self) -> bool:
         return self.activation_aware or self.refit or self.target_error is not None or \
-            self.size_budget is not None
+            self.size_budget is not None or self.size_ratio is not None
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if self.needs_calibration() and ctx.calibration is None:
@@ -262,9 +269,16 @@ class Cluster(Pass):
         trials = Trials(ctx.export(graph), list(by_name), feeds)
         try:
             budget = None
-            if self.size_budget is not None:
+            if self.size_budget is not None or self.size_ratio is not None:
                 n_weights = sum(int(np.asarray(c.tensor.values).size) for c, _, _ in chosen)
-                budget = max(int(self.size_budget * n_weights / 8), sum(v[min(v)][0] for v in levels.values()))
+                if self.size_ratio is not None:  # the file: the rest stays as it is, the tensors get what is left
+                    model_bytes = ctx.export(graph).ByteSize()
+                    rest = model_bytes - sum(int(np.asarray(c.tensor.values).nbytes) for c, _, _ in chosen)
+                    want = int(model_bytes / self.size_ratio) - rest
+                    st["size_ratio_budget_bits"] = round(8 * want / max(n_weights, 1), 3)
+                else:
+                    want = int(self.size_budget * n_weights / 8)
+                budget = max(want, sum(v[min(v)][0] for v in levels.values()))
             pick, a_st = allocate(trials, levels, make_level, self.target_error, budget)
         finally:
             trials.close()
@@ -339,7 +353,7 @@ class Cluster(Pass):
                     break
                 bits += 1
             chosen.append((c, bits, res))
-        if (self.target_error is not None or self.size_budget is not None) and chosen:
+        if (self.target_error is not None or self.size_budget is not None or self.size_ratio is not None) and chosen:
             chosen = self._allocate(graph, ctx, chosen, stats_of, storage, rng, st)
         for c, bits, res in chosen:
             st["bits"][str(bits) if res is not None else "float"] += 1
