@@ -15,6 +15,10 @@ of equal shape, removed by the bypass y := x; the nodes that die with it go, and
    latency, through ``ctx.latency``, is <= target x the input's), ``min_fidelity`` (never let the worst output's
    cosine against the input model drop below it; alone it removes while that holds, with another budget it is a
    floor). Removing every unit is refused: a budget that needs it is a ``BadInputError`` naming the maximum.
+   ``rank``: with a latency budget (``auto``) a step takes the unit with the least added error per MAC it removes,
+   (e(S + u) - e(S)) / max(MACs(u) / MACs(model), 1e-4) (the knapsack greedy: units differ 100x in cost, and the
+   least-error unit is often one that buys no time); otherwise the least error e(S + u). The pre-rank by block
+   influence is divided by the same MAC share.
 4. The chosen bypasses are applied to the graph and dead code is dropped (the removed units' weights are not in
    the file). Every entry tensor x that now feeds a bypassed unit's consumers is recorded in ``ctx.channel_map``
    with all its positions kept, so ``distill`` after this pass sees the layers after a removed unit as changed and
@@ -55,6 +59,10 @@ from .trials import batch_feeds, block_influence, latency_ratio, output_cosine, 
 
 log = logging.getLogger(__name__)
 
+RANKS = ("auto", "error", "per_mac")
+#: a unit's MAC share is floored at this (a unit of pooling / activations only is ranked by a tiny share, not 0)
+MIN_MAC_SHARE = 1e-4
+
 
 @register
 @dataclass(frozen=True)
@@ -79,6 +87,8 @@ class PruneLayers(Pass):
     exclude: tuple[str, ...] = option((), "units to keep: glob patterns on entry/exit tensor or node names")
     samples: int = option(16, "calibration feeds each trial is measured on")
     trials: int = option(12, "candidates measured per step (lowest block influence first); 0 = all")
+    rank: str = option("auto", "what a step minimises: error (output change), per_mac (output change per MAC the "
+                               "unit removes), auto (per_mac with target_latency, else error)")
 
     def __post_init__(self) -> None:
         if self.layers < 0:
@@ -96,6 +106,8 @@ class PruneLayers(Pass):
             raise ValueError(f"unknown kinds {bad}; known: {', '.join(KINDS)}")
         if self.samples < 1 or self.trials < 0:
             raise ValueError("samples must be >= 1 and trials >= 0")
+        if self.rank not in RANKS:
+            raise ValueError(f"rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
 
     def needs_calibration(self) -> bool:
         return self._budgeted()
@@ -162,7 +174,11 @@ class PruneLayers(Pass):
             if floor > self.target_latency:
                 raise BadInputError(f"prune-layers: target_latency={self.target_latency} is below what removing "
                                     f"every unit reaches ({floor:.3f} of the input's latency, measured)")
+        per_mac = self.rank == "per_mac" or (self.rank == "auto" and self.target_latency is not None)
+        total_macs = unit_mac_shares(model, [], feeds[0], None) if per_mac else None
+        stats["rank"] = "per_mac" if per_mac else "error"
         first = {}
+        prev_err = 0.0
         removed: list[tuple[str, str]] = []
         current = model
         while want is None or len(removed) < want:
@@ -172,7 +188,9 @@ class PruneLayers(Pass):
                 stats["stopped"] = "no candidate left" if not cands else f"at most {k_max} of the units may go"
                 break
             bi = block_influence(current, [(u.entry, u.exit) for u in cands], batches[:2])
-            order = np.argsort(bi, kind="stable")
+            share = (unit_mac_shares(current, cands, feeds[0], total_macs) if per_mac
+                     else np.ones(len(cands)))
+            order = np.argsort(np.asarray(bi) / share, kind="stable")
             measured = order[: self.trials] if self.trials else order
             best = None
             for j in measured.tolist():
@@ -181,9 +199,11 @@ class PruneLayers(Pass):
                 err, cos = output_error(base, outs), output_cosine(base, outs)
                 if not removed:
                     first[(u.kind, u.entry, u.exit)] = (bi[j], err, cos)
-                if best is None or err < best[1]:
-                    best = (u, err, cos)
-            u, err, cos = best
+                cost = (err - prev_err) / share[j]  # per_mac: the error this removal adds, per MAC share
+                if best is None or cost < best[4]:
+                    best = (u, err, cos, share[j], cost)
+            u, err, cos, sh, _ = best
+            prev_err = err
             if self.min_fidelity is not None and cos < self.min_fidelity:
                 stats["stopped"] = f"the next removal ({u.kind} {u.exit}) gives cosine {cos:.4f} < min_fidelity"
                 break
@@ -192,6 +212,8 @@ class PruneLayers(Pass):
             step = {"kind": u.kind, "role": u.role, "entry": u.entry, "exit": u.exit, "nodes": len(u.nodes),
                     "params": u.params, "error": round(err, 6), "cosine": round(cos, 6),
                     "trials": int(len(measured)), "candidates": len(cands)}
+            if per_mac:
+                step["mac_share"] = round(float(sh), 6)
             if self.target_latency is not None:
                 step["latency_ratio"] = latency_ratio(ctx.latency, model, current, lat_feed)
             step["seconds"] = round(time.perf_counter() - t0, 2)
@@ -214,6 +236,18 @@ class PruneLayers(Pass):
                                                                              round(m[2], 6))
         stats["removed"] = [f"{s['kind']}: {s['entry']} -> {s['exit']}" for s in stats["steps"]]
         return removed
+
+
+def unit_mac_shares(model, units: list[Unit], feed: dict, total: float | None) -> np.ndarray | float:
+    """Each unit's MACs (its nodes' sum at ``feed``'s shapes) over ``total`` (the input model's MACs), floored at
+    ``MIN_MAC_SHARE``; with ``total=None`` the model's own MAC total."""
+    from onnxcompress.analyses.macs import count_macs
+
+    mc = count_macs(model, {k: tuple(v.shape) for k, v in feed.items()}, feed)
+    if total is None:
+        return float(max(mc.total, 1))
+    macs = np.array([sum(mc.by_node.get(n, 0) for n in u.nodes) for u in units], dtype=np.float64)
+    return np.maximum(macs / total, MIN_MAC_SHARE)
 
 
 def _units(model, feed: dict) -> RemovableUnits:
