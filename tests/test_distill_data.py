@@ -82,3 +82,26 @@ def test_extra_photos_are_new_images_in_the_imagenet_format():
     ref = np.concatenate([imagenet.normalize(imagenet.crop(s, i)) for s in ("calib", "eval") for i in range(22)])
     d = np.abs(flat[:, None, :] - ref.reshape(len(ref), -1)[None]).mean(-1)
     assert d.min() > 0.01
+
+
+def test_augment_none_from_a_pipeline_string_means_no_augmentation():
+    from onnxcompress.passes.distill.train_losses import parse_augment
+
+    (p,) = parse_pipeline("distill{mode=train augment=none}")
+    assert parse_augment(p.augment) == ()
+
+
+@pytest.mark.parametrize(("tolerance", "dropped"), [(0.0, True), (1e9, False)])
+def test_auto_augmentation_is_kept_only_near_the_clean_loss(monkeypatch, tolerance, dropped):
+    from onnxcompress.passes.distill import train as train_mod
+
+    monkeypatch.setattr(train_mod, "AUGMENT_TOLERANCE", tolerance)
+    model = onnx.load(DIGITS)
+    st = next(iter(_stats(model, f"{PRUNE},distill{{mode=train samples=32 {FAST}}}", str(CALIB)).values()))
+    probe = st["train"]["augment_probe"]
+    assert probe["clean"] > 0 and probe["augmented"] > 0
+    assert probe.get("dropped", False) is dropped
+    # an explicit augmentation is never probed
+    st = next(iter(_stats(model, f"{PRUNE},distill{{mode=train samples=32 augment=noise {FAST}}}",
+                          str(CALIB)).values()))
+    assert st["train"]["augment_probe"] is None

@@ -99,7 +99,8 @@ class Distill(Pass):
     blockwise: bool = option(False, "train: block by block (BRECQ-style), each block from the current student's "
                                     "block input to the teacher's block output; else end-to-end")
     blocks: int = option(0, "train: blocks for blockwise / feature matching (0: 8)")
-    augment: str = option("auto", "train: augmentation, auto (crop+noise on images), none, or a '+'-joined subset "
+    augment: str = option("auto", "train: augmentation, auto (crop+noise on images, dropped when the student's loss "
+                                   "on augmented copies is > 3x its loss on the feeds), none, or a '+'-joined subset "
                                    "of crop, zoom, flip, noise, mix (images) and span, swap (token ids; never "
                                    "by default)")
     loss: str = option("auto", "train: per-output loss, auto (kl on class scores, cosine on [batch, dim] "

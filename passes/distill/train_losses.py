@@ -65,7 +65,7 @@ def parse_loss(spec: str) -> tuple[str | None, dict[str, str]]:
 def parse_augment(spec: str) -> tuple[str, ...]:
     if spec == "auto":
         return ("crop", "noise")
-    if spec in ("", "none"):
+    if spec.lower() in ("", "none"):  # a pipeline string's ``augment=none`` arrives as "None"
         return ()
     items = tuple(s.strip() for s in spec.split("+") if s.strip())
     bad = [s for s in items if s not in AUGMENTS]
