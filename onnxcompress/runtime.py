@@ -8,15 +8,21 @@ session wrapper, and ORT maps that file. Every session runs on the CPU execution
 optimizations and no weight pre-packing, so ORT does not build a second, packed copy of every MatMul weight; a model
 with ``LIGHT_VIA_FILE_BYTES`` of weights or more is written to a temporary file with external data first, and ORT
 maps that file and touches nothing.
+
+``staged`` + ``overrides``: trials that change one weight at a time (sensitivity curves) stage the model once and
+give each trial session the changed array as an initializer override (ORT's ``add_initializer``), so a model over
+2 GB is written once, not once per trial.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -51,9 +57,16 @@ class Session:
     """An ``InferenceSession`` built from a ModelProto, bytes or a path (temporary files cleaned up on close)."""
 
     def __init__(self, model: onnx.ModelProto | bytes | str | Path, threads: int = 1, optimize: bool = True,
-                 what: str = "model", spin: bool = True, light: bool = False):
+                 what: str = "model", spin: bool = True, light: bool = False,
+                 overrides: dict[str, np.ndarray] | None = None):
+        """``overrides``: initializer name -> array used instead of the model's (ORT reads the array in place; the
+        model itself is not rewritten, so one staged file serves many trial sessions, see ``staged``)."""
         self._tmpdir: str | None = None
         so = session_options(threads, optimize and not light, spin, prepack=not light)
+        #: the OrtValues must outlive the session: ORT uses their buffers without a copy
+        self._overrides = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in (overrides or {}).values()]
+        for name, value in zip(overrides or {}, self._overrides, strict=True):
+            so.add_initializer(name, value)
         try:
             if isinstance(model, onnx.ModelProto):
                 if io.needs_external_data(model) or mmap_weights.has_mapped(model) or (
@@ -79,6 +92,10 @@ class Session:
         return self.sess.run(outputs, {k: v for k, v in feed.items() if k in self.input_names})
 
     def close(self) -> None:
+        """Free ORT's session (its copy of the weights) now, not when the wrapper is collected, and remove the
+        temporary folder."""
+        self.sess = None
+        self._overrides = []
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
@@ -91,3 +108,20 @@ class Session:
 
     def __del__(self) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def staged(model: onnx.ModelProto):
+    """The model in the form a session loads fastest, made once for many sessions: its serialized bytes, or (weights
+    over the protobuf limit, or memory-mapped weights) the path of a temporary copy with external data, removed on
+    exit. Pair with ``Session(..., overrides=...)`` to run variants of one weight without writing the model again."""
+    if not (io.needs_external_data(model) or mmap_weights.has_mapped(model)):
+        yield model.SerializeToString()
+        return
+    tmpdir = tempfile.mkdtemp(prefix="onnxcompress-")
+    try:
+        path = Path(tmpdir) / "model.onnx"
+        io.save_model(model, path, external_data=True)
+        yield str(path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -6,6 +6,8 @@ same model read with its weights loaded into the proto).
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -183,3 +185,34 @@ def test_a_failed_write_leaves_nothing_and_the_model_unchanged(tmp_path, monkeyp
         result.save(out / "m.onnx")
     assert list(out.iterdir()) == []
     assert result.model.SerializeToString() == before
+
+
+def test_sensitivity_allocation_on_a_mapped_model_builds_one_layer_at_a_time(tmp_path, monkeypatch):
+    """allocation=sensitivity on mapped weights: each layer's state is built while it is measured and dropped
+    after (never all layers at once), the trial sessions override one initializer of a once-staged model, and the
+    zero counts equal the eager path's (same curves up to ORT's optimisation) and meet the budget exactly."""
+    from onnxcompress.passes.prune_weights import prune_weights_pass as pw
+
+    layers, peak = weakref.WeakSet(), [0]
+    init = pw._Layer.__init__
+
+    def counting_init(self, *a, **k):  # layers holding their float64 state when one more is built
+        init(self, *a, **k)
+        layers.add(self)
+        peak[0] = max(peak[0], sum(L.v is not None for L in layers))
+
+    monkeypatch.setattr(pw._Layer, "__init__", counting_init)
+    path = _mlp(tmp_path / "in", layers=5)  # the first and last layers stay dense: 3 targets
+    rng = np.random.default_rng(2)
+    calib = [{"x": rng.standard_normal((4, H)).astype(np.float32)} for _ in range(4)]
+    passes = "prune-weights{score=magnitude allocation=sensitivity sparsity=0.5}"
+    mapped = compress(path, passes, calibration=calib, seed=0, measure=False)
+    assert peak[0] == 1
+    peak[0] = 0
+    eager = compress(io.read_model(path), passes, calibration=calib, seed=0, measure=False)
+    assert peak[0] == 3  # the eager path holds every layer (its curves and the global allocations need them)
+    rows = mapped.ledger[-1].pass_stats["tensors"]
+    eager_rows = eager.ledger[-1].pass_stats["tensors"]
+    assert {k: v["zeros"] for k, v in rows.items()} == {k: v["zeros"] for k, v in eager_rows.items()}
+    assert len(rows) == 3 and sum(v["zeros"] for v in rows.values()) == round(0.5 * 3 * H * H)
+    assert len({v["zeros"] for v in rows.values()}) > 1  # the curves made the counts differ per layer

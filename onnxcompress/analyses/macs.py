@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxcompress import mmap_weights
+
 log = logging.getLogger(__name__)
 
 MAC_OPS = {
@@ -53,11 +55,39 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int] | None:
     return dims
 
 
+#: initializers up to this many elements keep their values in the shape-inference stand-in (shape vectors,
+#: Resize scales); integer tensors up to this size count as shape data
+SHAPE_DATA_MAX_ELEMENTS = 1024
+
+
+def _declare_value_free(graph: onnx.GraphProto) -> None:
+    """Main-graph initializers of more than ``SHAPE_DATA_MAX_ELEMENTS`` elements become typed graph inputs: shape
+    inference needs only their shapes (values matter for short vectors: Reshape targets, Resize scales)."""
+    keep = []
+    for t in graph.initializer:
+        if int(np.prod([int(d) for d in t.dims])) <= SHAPE_DATA_MAX_ELEMENTS:
+            keep.append(t)
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    if len(keep) < len(graph.initializer):
+        kept = [onnx.TensorProto() for _ in keep]
+        for dst, src in zip(kept, keep, strict=True):
+            dst.CopyFrom(src)
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+
+
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
-    """Static shapes of every tensor inferable from the given input shapes (initializers included)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    # no weights needed for shapes? Shape inference with data propagation may need small constant values; keep them.
+    """Static shapes of every tensor inferable from the given input shapes (initializers included).
+
+    Runs on a weightless stand-in (``mmap_weights.checkable``: large initializers become typed graph inputs; never
+    copies a weight). First without data propagation; only if some node output is still not static, again with it
+    (exported transformers compute Reshape targets from Shape), on a stand-in without the constant subgraphs whose
+    outputs the first run already sized and that cannot be shape data (``_without_constant_subgraphs``): onnx's data
+    propagation through a Gather of a codebook by millions of indices (a clustered weight's decode) builds one
+    shape dimension per element and took ~9 GB on a 0.27 GB model."""
+    m = mmap_weights.checkable(model)
+    _declare_value_free(m.graph)
     del m.graph.value_info[:]
     for vi in m.graph.input:
         if vi.name in input_shapes:
@@ -68,18 +98,71 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
     for vi in m.graph.output:  # declared output shapes can be wrong: let inference recompute them
         if vi.type.HasField("tensor_type"):
             vi.type.tensor_type.ClearField("shape")
+    first = _inferred(m, data_prop=False)
+    shapes, types = _static(first)
+    if all(o in shapes for n in m.graph.node for o in n.output if o):
+        return shapes
+    second, _ = _static(_inferred(_without_constant_subgraphs(m, shapes, types), data_prop=True))
+    return {**shapes, **second}
+
+
+def _inferred(m: onnx.ModelProto, data_prop: bool) -> onnx.ModelProto:
     try:
-        m = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False, data_prop=data_prop)
     except Exception as exc:  # inference is best-effort here
         log.debug("shape inference failed: %s", exc)
+        return m
+
+
+def _static(m: onnx.ModelProto) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Static shapes and element types of the value infos, inputs, outputs and initializers of ``m``."""
     shapes: dict[str, list[int]] = {}
+    types: dict[str, int] = {}
     for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
         d = _dims(vi)
         if d is not None:
             shapes[vi.name] = d
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
     for t in m.graph.initializer:
         shapes[t.name] = list(t.dims)
-    return shapes
+        types[t.name] = t.data_type
+    return shapes, types
+
+
+def _is_shape_data(shape: list[int], elem_type: int) -> bool:
+    return elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and int(np.prod(shape)) <= \
+        SHAPE_DATA_MAX_ELEMENTS
+
+
+def _without_constant_subgraphs(m: onnx.ModelProto, shapes: dict[str, list[int]],
+                                types: dict[str, int]) -> onnx.ModelProto:
+    """A copy of stand-in ``m`` whose constant nodes (every input an initializer or another constant node's output,
+    no subgraph) with statically sized outputs that are not shape data are removed, their outputs declared as typed
+    graph inputs of the sizes the first run found. One pass in topological order: O(nodes)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    constant = {t.name for t in out.graph.initializer}
+    keep = []
+    for n in out.graph.node:
+        has_subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
+        if has_subgraph or not all(i == "" or i in constant for i in n.input):
+            keep.append(n)
+            continue
+        constant.update(o for o in n.output if o)
+        outs = [o for o in n.output if o]
+        if outs and all(o in shapes and o in types and not _is_shape_data(shapes[o], types[o]) for o in outs):
+            for o in outs:
+                out.graph.input.append(onnx.helper.make_tensor_value_info(o, types[o], shapes[o]))
+        else:
+            keep.append(n)
+    if len(keep) < len(out.graph.node):
+        kept = [onnx.NodeProto() for _ in keep]
+        for dst, src in zip(kept, keep, strict=True):
+            dst.CopyFrom(src)
+        del out.graph.node[:]
+        out.graph.node.extend(kept)
+    return out
 
 
 def ort_shapes(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray]) -> dict[str, list[int]]:

@@ -30,15 +30,19 @@ import numpy as np
 
 
 def ranks(scores: np.ndarray, axis: int | None) -> np.ndarray:
-    """Rank of every entry among its row (axis=1) or the whole array (axis=None); 0 = smallest; stable."""
+    """Rank of every entry among its row (axis=1) or the whole array (axis=None); 0 = smallest; stable. int32 when
+    the ranks fit (half the memory of int64 on large layers)."""
+    n = scores.size if axis is None else scores.shape[axis]
+    dtype = np.int32 if n < 2**31 else np.int64
     if axis is None:
         flat = scores.reshape(-1)
-        r = np.empty(flat.size, dtype=np.int64)
-        r[np.argsort(flat, kind="stable")] = np.arange(flat.size)
+        r = np.empty(flat.size, dtype=dtype)
+        r[np.argsort(flat, kind="stable")] = np.arange(flat.size, dtype=dtype)
         return r.reshape(scores.shape)
     order = np.argsort(scores, axis=axis, kind="stable")
-    r = np.empty_like(order)
-    np.put_along_axis(r, order, np.arange(scores.shape[axis])[None, :].repeat(scores.shape[0], 0), axis=axis)
+    r = np.empty(order.shape, dtype=dtype)
+    np.put_along_axis(r, order, np.broadcast_to(np.arange(scores.shape[axis], dtype=dtype)[None, :], order.shape),
+                      axis=axis)
     return r
 
 
@@ -52,10 +56,15 @@ def row_counts(k: int, rows: int, cols: int) -> np.ndarray:
 
 def unstructured_mask(scores: np.ndarray, k: int, scope: str) -> np.ndarray:
     """True where an entry is zeroed: exactly ``k`` entries, the smallest scores per ``scope`` (row / layer)."""
+    return mask_from_ranks(ranks(scores, axis=1 if scope == "row" else None), k, scope)
+
+
+def mask_from_ranks(ranked: np.ndarray, k: int, scope: str) -> np.ndarray:
+    """``unstructured_mask`` from ranks computed once (``ranks`` with axis=1 for ``row``, None for ``layer``):
+    several sparsity levels of one layer cost one sort."""
     if scope == "row":
-        counts = row_counts(k, *scores.shape)
-        return ranks(scores, axis=1) < counts[:, None]
-    return ranks(scores, axis=None) < k
+        return ranked < row_counts(k, *ranked.shape)[:, None]
+    return ranked < k
 
 
 def nm_mask(scores: np.ndarray, n: int, m: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import onnx
 
-from onnxcompress.runtime import Session
+from onnxcompress.runtime import Session, staged
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +37,28 @@ def output_error(sess: Session, feeds: list[dict], base: list[list[np.ndarray]])
 
 
 def measure_curves(model: onnx.ModelProto, names: list[str], zeroed_at: list, levels: tuple[float, ...],
-                   feeds: list[dict]) -> np.ndarray:
-    """e[l, j]: the output error with tensor ``names[l]`` replaced by ``zeroed_at[l](levels[j])`` (a dense array),
-    every other weight untouched. ``model`` is the current graph exported (weights as initializers)."""
-    index = {t.name: i for i, t in enumerate(model.graph.initializer)}
-    with Session(model, what="model for sensitivity") as s:
-        base = [s.run(f) for f in feeds]
+                   feeds: list[dict], light: bool = False) -> np.ndarray:
+    """e[l, j]: the output error with tensor ``names[l]`` replaced by ``zeroed_at[l]()(levels[j])`` (a dense array),
+    every other weight untouched. ``model`` is the current graph exported (weights as initializers, or references
+    to memory-mapped files). ``zeroed_at[l]`` is called once, when layer l is measured, and its result dropped
+    after: the caller can build a layer's state there, so memory holds one layer's state at a time. The model is
+    staged once; each trial session gets the pruned array as an initializer override (``light``: no graph
+    optimisation or weight pre-packing, for models whose sessions would otherwise hold the weights twice)."""
+    initializers = {t.name for t in model.graph.initializer}
     curves = np.zeros((len(names), len(levels)))
-    for li, name in enumerate(names):
-        i = index.get(name)
-        if i is None:
-            curves[li] = np.inf
-            continue
-        original = onnx.TensorProto()
-        original.CopyFrom(model.graph.initializer[i])
-        for j, level in enumerate(levels):
-            model.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(zeroed_at[li](level), name))
-            with Session(model, what="sensitivity trial") as s:
-                curves[li, j] = output_error(s, feeds, base)
-        model.graph.initializer[i].CopyFrom(original)
+    with staged(model) as source:
+        with Session(source, what="model for sensitivity", light=light) as s:
+            base = [s.run(f) for f in feeds]
+        for li, name in enumerate(names):
+            if name not in initializers:
+                curves[li] = np.inf
+                continue
+            zeroed = zeroed_at[li]()
+            for j, level in enumerate(levels):
+                with Session(source, what="sensitivity trial", light=light,
+                             overrides={name: zeroed(level)}) as s:
+                    curves[li, j] = output_error(s, feeds, base)
+            del zeroed
     return curves
 
 
