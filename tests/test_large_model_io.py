@@ -216,3 +216,35 @@ def test_sensitivity_allocation_on_a_mapped_model_builds_one_layer_at_a_time(tmp
     assert {k: v["zeros"] for k, v in rows.items()} == {k: v["zeros"] for k, v in eager_rows.items()}
     assert len(rows) == 3 and sum(v["zeros"] for v in rows.values()) == round(0.5 * 3 * H * H)
     assert len({v["zeros"] for v in rows.values()}) > 1  # the curves made the counts differ per layer
+
+
+@pytest.mark.parametrize("allocation", ["sensitivity", "uniform", "global"])
+def test_obs_in_gram_groups_when_the_grams_outgrow_the_budget(tmp_path, monkeypatch, allocation):
+    """Grams over GRAM_BUDGET_BYTES: the layers go in groups, each group's statistics measured when it is reached
+    (one streaming run per group, never every Gram at once); the zeros still meet the budget exactly and the
+    OBS update still lowers each layer's calibration error against plain masking."""
+    from onnxcompress.passes.prune_weights import prune_weights_pass as pw
+
+    from onnxcompress.analyses.activation_stats import ActivationStatistics
+
+    monkeypatch.setattr(pw, "GRAM_BUDGET_BYTES", 8 * H * H)  # one layer's Gram per group
+    runs = [0]
+    compute = ActivationStatistics.compute.__func__
+
+    def counting(cls, *a, **k):
+        runs[0] += 1
+        return compute(cls, *a, **k)
+
+    monkeypatch.setattr(ActivationStatistics, "compute", classmethod(counting))
+    path = _mlp(tmp_path / "in", layers=5)  # 3 targets
+    rng = np.random.default_rng(3)
+    calib = [{"x": rng.standard_normal((8, H)).astype(np.float32)} for _ in range(8)]
+    res = compress(path, f"prune-weights{{score=obs allocation={allocation} sparsity=0.5}}", calibration=calib,
+                   seed=0, measure=False)
+    stats = res.ledger[-1].pass_stats
+    assert stats["gram_groups"] == 3
+    rows = stats["tensors"]
+    assert len(rows) == 3 and sum(r["zeros"] for r in rows.values()) == round(0.5 * 3 * H * H)
+    assert all(r["err_after"] < r["err_before"] for r in rows.values())
+    # pruning: one run per group; the allocations that score every layer first measure each group once more
+    assert runs[0] == (3 if allocation == "uniform" else 6)

@@ -168,41 +168,59 @@ class PruneWeights(Pass):
                                                "in the main graph"}
             return PassResult(False, stats, frozenset({"all"}))
         needs_h = score in ("wanda", "obs")
-        grams = self._grams(ctx.analysis(ActivationStatistics, graph), targets) if needs_h else {}
+        # the Gram matrices of every target at once can outgrow the model (33 layers of 4096 columns: 4.4 GB of
+        # float64 for a 2.2 GB file): then the layers go in groups whose Grams fit GRAM_BUDGET_BYTES, each group's
+        # statistics measured when it is reached (on the graph as it is then, as ``stages`` does)
+        by_memory = gram_groups(targets) if needs_h else 1
+        chunks = np.array_split(np.arange(len(targets)), max(min(self.stages, len(targets)) if needs_h else 1,
+                                                               by_memory))
+        grams = self._grams(ctx.analysis(ActivationStatistics, graph), targets) if needs_h and by_memory == 1 \
+            else {}
+        chunk_grams = _ChunkGrams(self, graph, ctx, targets, chunks) if by_memory > 1 else None
+
         def layer(t: Target, source: dict) -> _Layer:
             return _Layer(t, source.get(t.rows_key) if t.rows_key else None, score, self.damp)
 
+        def layer_at(i: int) -> _Layer:  # with its chunk's Grams when they are measured per group
+            return layer(targets[i], chunk_grams.of(i) if chunk_grams else grams)
+
         layers: list[_Layer | None]
         mapped = any(_is_mapped(t.const) for t in targets)
-        if allocation in ("uniform", "n:m") or (allocation == "sensitivity" and mapped):
+        if allocation in ("uniform", "n:m") or (allocation == "sensitivity" and (mapped or chunk_grams)):
             # each layer's float64 state is built when it is measured / pruned and released after, so memory
             # holds one layer at a time (models over 2 GB)
             layers = [None] * len(targets)
             sizes = [int(np.prod(t.const.shape)) for t in targets]
             if allocation == "sensitivity":
                 counts, curves = self._sensitivity_counts(
-                    targets, [lambda t=t: layer(t, grams).zeroed_at(self.scope) for t in targets], sizes, graph,
-                    ctx, light=True)
+                    targets, [lambda i=i: layer_at(i).zeroed_at(self.scope) for i in range(len(targets))], sizes,
+                    graph, ctx, light=True)
                 stats["sensitivity_curves"] = curves
             else:
                 counts = self._counts_by_size(sizes)
+        elif chunk_grams:  # global: one float32 comparable score per weight, the layers built group by group
+            layers = [None] * len(targets)
+            counts, _ = mk.global_counts([mk.comparable(layer_at(i).scores).astype(np.float32)
+                                          for i in range(len(targets))], self.sparsity)
         else:
             layers = [layer(t, grams) for t in targets]
             counts, curves = self._counts(layers, graph, ctx, allocation)
             if curves:
                 stats["sensitivity_curves"] = curves
         per_tensor: dict[str, dict] = {}
-        chunks = np.array_split(np.arange(len(layers)), min(self.stages, len(layers)) if needs_h else 1)
         for ci, chunk in enumerate(chunks):
-            if ci > 0:  # statistics of the graph as it is now: the earlier groups already pruned
+            if ci > 0 or chunk_grams:  # statistics of the graph as it is now: the earlier groups already pruned
                 fresh = self._grams(ActivationStatistics.compute(graph, ctx), [targets[i] for i in chunk])
                 for i in chunk:
                     layers[i] = layer(targets[i], fresh)
+                del fresh
             for i in chunk:
                 if layers[i] is None:
                     layers[i] = layer(targets[i], grams)
                 per_tensor[layers[i].t.name] = self._prune(layers[i], counts[i])
                 layers[i].release()
+        if chunk_grams:
+            stats["gram_groups"] = by_memory
         stats["stages"] = len(chunks)
         consts = [t.const for t in targets]
         stats["storage"] = store_sparse(graph, consts, self.storage) | {"mode": self.storage}
@@ -287,6 +305,47 @@ class PruneWeights(Pass):
             stats["calib_error_before_mean"] = round(float(np.mean([e[0] for e in errs])), 6)
             stats["calib_error_after_mean"] = round(float(np.mean([e[1] for e in errs])), 6)
         stats["tensors"] = per_tensor
+
+
+#: the Gram matrices (float64 X^T X) held at once; more, and the layers are pruned in groups (``gram_groups``)
+GRAM_BUDGET_BYTES = 512 << 20
+
+
+def gram_groups(targets: list[Target]) -> int:
+    """Groups of layers whose Grams (8 · cols² bytes each) fit ``GRAM_BUDGET_BYTES``: 1 for every usual model."""
+    total = sum(8 * reduction_cols(t) ** 2 for t in targets if t.rows_key)
+    return max(1, -(-total // GRAM_BUDGET_BYTES))
+
+
+def reduction_cols(t: Target) -> int:
+    """Columns of the target's matrix view V (the layer's reduction width), from its shape alone."""
+    shape = t.const.shape
+    if t.kind == "matmul" or t.kind == "convT":
+        return int(shape[0])
+    if t.kind == "gemm":
+        return int(shape[1] if t.extra.get("trans_b") else shape[0])
+    if t.kind == "conv":
+        return int(np.prod(shape[1:]))
+    return int(shape[-1])
+
+
+class _ChunkGrams:
+    """Grams measured one group of layers at a time (on the graph as it is when asked), the last group's kept."""
+
+    def __init__(self, owner: PruneWeights, graph: gs.Graph, ctx: PassContext, targets: list[Target],
+                 chunks: list[np.ndarray]):
+        self.owner, self.graph, self.ctx, self.targets = owner, graph, ctx, targets
+        self.chunk_of = {int(i): ci for ci, chunk in enumerate(chunks) for i in chunk}
+        self.chunks, self.current, self.grams = chunks, -1, {}
+
+    def of(self, i: int) -> dict:
+        ci = self.chunk_of[i]
+        if ci != self.current:
+            self.grams = {}  # release the previous group's first
+            self.grams = self.owner._grams(ActivationStatistics.compute(self.graph, self.ctx),
+                                           [self.targets[j] for j in self.chunks[ci]])
+            self.current = ci
+        return self.grams
 
 
 #: rows per block in ``_Layer.error``
