@@ -213,7 +213,8 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path) -> dict[str,
         return {"tool_seconds": time.perf_counter() - t0, "error": anchors.first_line(exc)}
     io.save_model(result.model, out)
     stats = result.ledger[-1].pass_stats
-    keep = ("kept_float", "weight_rounding", "auto_float", "calibration", "latency_ratio_measured", "skipped")
+    keep = ("kept_float", "weight_rounding", "auto_float", "calibration", "latency_ratio_measured", "skipped",
+            "empirical_bias")
     return {"tool_seconds": time.perf_counter() - t0, "error": None,
             "stats": {k: stats[k] for k in keep if k in stats}}
 

@@ -128,6 +128,11 @@ class Quantize(Pass):
         True,
         "correct per-channel output mean shifts measured on calibration data",
     )
+    explain: int = option(
+        0,
+        "report the N activation tensors whose int8 rounding costs the outputs most, and the SQNR with only the "
+        "weights int8 (leave-one-out on 8 evaluation feeds: one model run per quantized tensor; 0: off)",
+    )
     equalize: bool = option(False, "cross-layer equalization of Conv->Relu->Conv pairs before quantizing")
     smooth: Literal["auto", "all", "none"] = option(
         "none",
@@ -205,6 +210,8 @@ class Quantize(Pass):
             raise ValueError(f"weight_rounding must be auto, output or nearest, got {self.weight_rounding!r}")
         if self.rounding_samples < 1:
             raise ValueError(f"rounding_samples must be >= 1, got {self.rounding_samples}")
+        if self.explain < 0:
+            raise ValueError(f"explain must be >= 0, got {self.explain}")
         if self.auto_float_cost_per_db < 0:
             raise ValueError(f"auto_float_cost_per_db must be >= 0, got {self.auto_float_cost_per_db}")
         if self.mixed_range_ratio <= 1.0:

@@ -46,6 +46,7 @@ from .bias_correction import add_to_bias, bias_anchors, channel_axes, correct_bi
 from .calibrate import calibrate, calibrate_with_reference
 from .dynamic import quantize_float_op_weights, quantize_gathers
 from .equalization import equalize
+from .error_sources import explain
 from .float_layer_search import search_float_layers
 from .latency_guard import latency_guard
 from .mixed_precision import mixed_precision
@@ -228,6 +229,8 @@ class StaticRun:
                 return PassResult(prepared or "opset_upgrade" in stats, stats)
             built, sc = outcome
         self.adopt(built, sc, float_layers)
+        if p.explain:
+            explain(self, ref, self.ctx.export(self.graph))
         stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
         return PassResult(True, stats)
 
