@@ -4,6 +4,7 @@ metric, one row per quantization technique switched on alone, the default, and O
     python -m benchmarks.int8_margins                                  # every model below, every variant
     python -m benchmarks.int8_margins --models ppocrv4_rec --variants nearest,default
     python -m benchmarks.int8_margins --render                         # rewrite the Markdown from the JSON
+    python -m benchmarks.int8_margins --models ppocrv4_rec --variants default --explain 8 --merge
 
 Inputs per model (calibration and evaluation from disjoint seeds):
 
@@ -19,6 +20,11 @@ Inputs per model (calibration and evaluation from disjoint seeds):
 Per evaluation set and variant: the model's task metric (``ModelSpec.evaluate``: string agreement / CER for rec, box
 F1 / map IoU for detectors, embedding cosine for MiniLM), the SQNR and cosine of the logits (the worst float output;
 MiniLM: the sentence embedding), latency vs FP32 (1 thread, interleaved in one call), weight bytes, tool seconds.
+A model whose outputs are Softmax probabilities (rec) also gets the SQNR of the Softmax inputs (``logits SQNR``): the
+probabilities of a 6625-way softmax move far more than its logits when two classes are close.
+``--explain N`` adds, for the ``default`` variant on the last (hardest) set's first 8 feeds, where its error enters
+(``passes.quantize.error_sources``): each activation rounding taken out alone (leave-one-out gain), and the SQNR with
+only the weights int8.
 
 Variants (``VARIANTS``): ``before`` (the float-layer rule before issue 18: the gain alone decides, no cost),
 ``nearest`` (round-to-nearest weights, what the pass did before ``weight_rounding``),
@@ -197,6 +203,53 @@ def logit_fidelity(spec: ModelSpec, names: list[str], ref: list[Outputs], cand: 
     return {"sqnr_db": worst.get("sqnr_db"), "cosine": worst.get("cosine_min", worst.get("cosine"))}
 
 
+def softmax_logits(path: Path) -> list[str]:
+    """The inputs of the Softmax nodes that produce graph outputs: the logits of a model that outputs
+    probabilities (PP-OCRv4 rec), whose SQNR the issue's goals are stated on."""
+    from onnxcompress import io
+
+    g = io.read_model(path).graph
+    outs = {o.name for o in g.output}
+    return [n.input[0] for n in g.node if n.op_type == "Softmax" and n.output[0] in outs]
+
+
+def logits_sqnr(fp32: Path, cand: Path, feeds: list[Feed], tensors: list[str]) -> float | None:
+    """SQNR (dB) of ``tensors`` (pooled) of ``cand`` against ``fp32`` on ``feeds``; None when a model lacks one."""
+    from onnxcompress import io
+    from onnxcompress.analyses.activations import expose_outputs
+    from onnxcompress.runtime import Session
+
+    got = []
+    for path in (fp32, cand):
+        m = io.read_model(path)
+        known = {o for n in m.graph.node for o in n.output}
+        if any(t not in known for t in tensors):
+            return None
+        with Session(expose_outputs(m, tensors), threads=1, what=path.name) as s:
+            got.append([np.concatenate([np.asarray(a, np.float64).ravel() for a in s.run(f, tensors)])
+                        for f in feeds])
+    num = sum(float(np.sum(r * r)) for r in got[0])
+    den = sum(float(np.sum((r - c) ** 2)) for r, c in zip(got[0], got[1], strict=True))
+    return float(10 * np.log10(num / den)) if den > 0 else float("inf")
+
+
+def explain_errors(fp32: Path, cand: Path, feeds: list[Feed], top: int) -> dict[str, Any]:
+    """``passes.quantize.error_sources`` on ``cand`` (leave-one-out of each activation rounding, and the
+    weights-only bound) against the FP32 model on ``feeds``."""
+    import onnx_graphsurgeon as gs
+    from onnxcompress.passes.quantize import fidelity as fid
+    from onnxcompress.passes.quantize.error_sources import error_sources
+
+    from onnxcompress import io
+
+    model = io.read_model(fp32)
+    ref = fid.reference(model, feeds, fid.feature_nodes(gs.import_onnx(model)))
+    t0 = time.perf_counter()
+    out = error_sources(ref, io.read_model(cand), top)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------ variants
 def produce(variant: str, fp32: Path, calib: list[Feed], out: Path) -> dict[str, Any]:
     """Make one candidate at ``out``; {tool_seconds, quantize stats | error}."""
@@ -219,7 +272,7 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path) -> dict[str,
             "stats": {k: stats[k] for k in keep if k in stats}}
 
 
-def bench_model(spec: ModelSpec, variants: list[str], budget_s: float) -> dict[str, Any]:
+def bench_model(spec: ModelSpec, variants: list[str], budget_s: float, explain: int = 0) -> dict[str, Any]:
     from benchmarks.fetch import cache_dir
 
     t_model = time.perf_counter()
@@ -228,6 +281,7 @@ def bench_model(spec: ModelSpec, variants: list[str], budget_s: float) -> dict[s
     rec: dict[str, Any] = {"model": spec.name, "n_calib": len(calib), "commit": _commit(),
                            "sets": {k: len(v[0]) for k, v in sets.items()}, "variants": {}}
     refs = {k: measure.run_outputs(fp32, feeds) for k, (feeds, _) in sets.items()}
+    logits = softmax_logits(fp32)
     rec["fp32"] = {k: _set_truth(spec, k, sets[k], refs[k][1]) for k in sets}
     with tempfile.TemporaryDirectory(prefix=f"margins-{spec.name}-") as tmp:
         paths = {}
@@ -244,6 +298,11 @@ def bench_model(spec: ModelSpec, variants: list[str], budget_s: float) -> dict[s
                     _, cand = measure.run_outputs(out, feeds, names)
                     row["sets"][k] = {**logit_fidelity(spec, names, ref, cand), **_task(spec, k, feeds, truth, ref,
                                                                                          cand)}
+                    if logits:
+                        row["sets"][k]["logits_sqnr_db"] = logits_sqnr(fp32, out, feeds, logits)
+                if explain and v == "default":
+                    k = list(sets)[-1]
+                    row["error_sources"] = {"set": k, **explain_errors(fp32, out, sets[k][0][:8], explain)}
             rec["variants"][v] = row
         rec["fp32_weight_bytes"] = _weight_bytes(fp32)
         first = next(iter(sets.values()))[0][0]
@@ -380,8 +439,11 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append("")
         sets = list(rec["sets"])
         head = ["variant", "latency", "bytes", "tool s"]
+        has_logits = any("logits_sqnr_db" in (row.get("sets") or {}).get(k, {})
+                         for row in rec["variants"].values() for k in sets)
         for k in sets:
-            head += [f"{k}: SQNR dB", f"{k}: cosine"] + [f"{k}: {c}" for c in _task_cols(m, k)]
+            head += [f"{k}: SQNR dB"] + ([f"{k}: logits SQNR dB"] if has_logits else []) + [f"{k}: cosine"]
+            head += [f"{k}: {c}" for c in _task_cols(m, k)]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for v, row in rec["variants"].items():
             if row.get("error"):
@@ -391,7 +453,9 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                      _f(row["weight_bytes"] / rec["fp32_weight_bytes"], "{:.2f}x"), _f(row["tool_seconds"], "{:.0f}")]
             for k in sets:
                 r = row["sets"][k]
-                cells += [_f(r.get("sqnr_db"), "{:.1f}"), _f(r.get("cosine"), "{:.4f}")]
+                cells += [_f(r.get("sqnr_db"), "{:.1f}")]
+                cells += [_f(r.get("logits_sqnr_db"), "{:.1f}")] if has_logits else []
+                cells += [_f(r.get("cosine"), "{:.4f}")]
                 cells += [_f(r.get(c)) for c in _task_cols(m, k)]
             lines.append("| " + " | ".join(cells) + " |")
         notes = []
@@ -407,6 +471,9 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             for rj in (st.get("auto_float") or {}).get("rejected", []):
                 notes.append(f"- {v}: int8 `{rj['layer']}` ({rj.get('macs_share', 0):.1%} of MACs): {rj['reason']}")
         lines += ["", *notes, ""]
+        for v, row in rec["variants"].items():
+            if row.get("error_sources"):
+                lines += _explain_lines(v, row["error_sources"])
     if meta.get("int16_conv_speed"):
         lines += ["## 16-bit activations under ORT (`--int16`)", "",
                   "One Conv, latency over its float Conv (1 thread, interleaved): ORT's CPU EP has no 16-bit "
@@ -420,6 +487,25 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _explain_lines(variant: str, es: dict[str, Any]) -> list[str]:
+    """Markdown of one ``error_sources`` record."""
+    key = es["scored_by"]
+    what = "last layers' input features" if key == "feature_sqnr_db" else "outputs"
+    lines = [
+        f"Where the error of `{variant}` enters (``quantize{{explain}}``, {es['set']} set, {es['feeds']} feeds, "
+        f"{es['activation_tensors']} activation roundings, {es.get('seconds', '?')} s): SQNR of the {what} "
+        f"{es['int8'][key]:.1f} dB int8, {es['weights_only_int8'][key]:.1f} dB with only the weights int8 "
+        f"(outputs {es['int8']['sqnr_db']:.1f} / {es['weights_only_int8']['sqnr_db']:.1f} dB); the leave-one-out "
+        f"gains of all roundings add up to {es['sum_of_gains_db']:.1f} dB. Largest:",
+        "",
+        "| activation (producer) | gain dB | outputs gain dB |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{r['tensor']}` ({r['producer']}) | {r['gain_db']:+.2f} | {r['output_gain_db']:+.2f} |"
+              for r in es["top"]]
+    return [*lines, ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -429,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true", help="replace only these models/variants in the existing JSON")
     ap.add_argument("--render", action="store_true", help="rewrite the Markdown from the JSON")
     ap.add_argument("--int16", action="store_true", help="only time Convs with 8/16-bit QDQ activations")
+    ap.add_argument("--explain", type=int, default=0,
+                    help="for the default variant: the N activation roundings costing most (error_sources)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
@@ -448,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     records = {r["model"]: r for r in old["records"]} if args.merge else {}
     for name in [m for m in args.models.split(",") if m]:
-        rec = bench_model(specs[name], variants, args.latency_budget)
+        rec = bench_model(specs[name], variants, args.latency_budget, args.explain)
         if args.merge and name in records:
             records[name]["variants"].update(rec["variants"])
             for k in ("fp32", "fp32_ms", "sets", "n_calib", "fp32_weight_bytes"):
