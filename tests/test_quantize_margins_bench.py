@@ -28,3 +28,41 @@ def test_hard_line_metrics_compare_strings_with_fp32_and_truth():
     from benchmarks.int8_margins import cer
 
     assert cer(["abcd", "xy"], ["abcd", "xz"]) == pytest.approx(1 / 6)
+
+
+def _softmax_head(tmp_path, scale: float):
+    """x -> MatMul(W * scale) -> Softmax: the logits scale with ``scale``; saved to a file."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    w = (np.random.default_rng(0).standard_normal((8, 50)) * scale).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node("Softmax", ["logits"], ["p"])],
+        "head", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("p", onnx.TensorProto.FLOAT, [1, 50])], [numpy_helper.from_array(w, "w")])
+    path = tmp_path / f"head{scale}.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_logits_sqnr_is_measured_on_the_softmax_inputs(tmp_path):
+    from benchmarks.int8_margins import logits_sqnr, softmax_logits
+
+    ref, cand = _softmax_head(tmp_path, 1.0), _softmax_head(tmp_path, 1.1)
+    assert softmax_logits(ref) == ["logits"]
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 8)).astype(np.float32)} for i in range(3)]
+    # logits c = 1.1 r: SQNR = 10 log10(1 / 0.1^2) = 20 dB exactly
+    assert logits_sqnr(ref, cand, feeds, ["logits"]) == pytest.approx(20.0, abs=1e-3)
+    assert logits_sqnr(ref, cand, feeds, ["absent"]) is None
+
+
+def test_explain_record_renders_its_numbers():
+    from benchmarks.int8_margins import _explain_lines
+
+    es = {"set": "hard", "feeds": 8, "activation_tensors": 3, "seconds": 1.0, "scored_by": "feature_sqnr_db",
+          "int8": {"feature_sqnr_db": 9.0, "sqnr_db": 10.0}, "weights_only_int8": {"feature_sqnr_db": 22.0,
+                                                                                    "sqnr_db": 18.0},
+          "sum_of_gains_db": 2.5, "top": [{"tensor": "t1", "producer": "Conv", "gain_db": 1.25,
+                                           "output_gain_db": 1.5}]}
+    text = "\n".join(_explain_lines("default", es))
+    assert "9.0 dB int8, 22.0 dB with only the weights int8" in text and "| `t1` (Conv) | +1.25 | +1.50 |" in text
