@@ -236,7 +236,8 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
     fp32_macs = (record.get("fp32") or {}).get("macs")
 
     def extra(m: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-        more: dict[str, Any] = {"truth": truth_metrics(m.get("metrics") or {})}
+        more: dict[str, Any] = {"truth": truth_metrics(m.get("metrics") or {}),
+                                "load": m.get("load_average", record.get("load_average"))}
         figs = m.get("figures") or {}
         if fp32_macs and figs.get("macs") and row["macs_ratio"] is None:
             more["macs_ratio"] = figs["macs"] / fp32_macs
@@ -244,7 +245,6 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
 
     rows = variant_rows(record, lambda pipeline: describe(pipeline, record["model"]), extra)
     for row in rows:
-        row["load"] = record.get("load_average")
         if not row.get("error"):
             row["goal"] = goal(row)
             row["train_goal"] = train_goal(row)
@@ -506,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
                         latency_budget_s=args.latency_budget or (3.0 if args.quick else 8.0), session_rss=False)
         log.info("== %s (%d variants)", name, len(pipelines))
         records.append(benchmark_model(specs[name], cfg, methods))
-        records[-1]["load_average"] = round(os.getloadavg()[0], 2)
+        load = round(os.getloadavg()[0], 2)  # on each method too: merge_methods keeps the old record's header
+        records[-1]["load_average"] = load
+        for m in records[-1].get("methods", {}).values():
+            m.setdefault("load_average", load)
         meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": n_calib_default,
                 "n_calib_override": {k: v for k, v in N_CALIB.items() if not args.n_calib}, "n_eval": n_eval,
                 "versions": versions(), "seconds": time.perf_counter() - t0}
