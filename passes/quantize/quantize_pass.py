@@ -133,6 +133,12 @@ class Quantize(Pass):
         "report the N activation tensors whose int8 rounding costs the outputs most, and the SQNR with only the "
         "weights int8 (leave-one-out on 8 evaluation feeds: one model run per quantized tensor; 0: off)",
     )
+    depthwise_equalization: bool = option(
+        True,
+        "Conv -> (Relu) -> depthwise Conv: scale the first Conv's output channels to the widest one's range and the "
+        "depthwise weights back (exact in float, same integer weights), where the calibration ranges say the "
+        "depthwise output's rounding noise drops by >= 3 dB",
+    )
     equalize: bool = option(False, "cross-layer equalization of Conv->Relu->Conv pairs before quantizing")
     smooth: Literal["auto", "all", "none"] = option(
         "none",

@@ -44,6 +44,7 @@ from . import qparams_math as qm
 from . import subgraphs as sg
 from .bias_correction import add_to_bias, bias_anchors, channel_axes, correct_biases
 from .calibrate import calibrate, calibrate_with_reference
+from .depthwise_equalization import equalize_depthwise
 from .dynamic import quantize_float_op_weights, quantize_gathers
 from .equalization import equalize
 from .error_sources import explain
@@ -179,6 +180,11 @@ class StaticRun:
             k = equalize(graph, names)
             stats["cle_pairs"] = k
             prepared = prepared or bool(k)
+        if p.depthwise_equalization:
+            st = equalize_depthwise(self, graph, names)
+            if st["pairs"]:
+                stats["depthwise_equalization"] = st
+                prepared = prepared or bool(st["rewritten"])
         if p.smooth != "none":
             st = smooth(self, graph, names)
             stats["smoothing"] = st
