@@ -33,6 +33,7 @@ METHODS = {
     "ours:quantize{mode=weight_only weight_bits=4}": ["quantize{mode=weight_only weight_bits=4}"],
     "ours:quantize{mode=weight_only weight_bits=4 weight_format=matmulnbits}": [
         "quantize{mode=weight_only weight_bits=4 weight_format=matmulnbits}"],
+    "ours:prune-weights": ["prune-weights"],  # the default with --calib: obs scores, sensitivity allocation
     "ours:prune-weights{score=magnitude}": ["prune-weights{score=magnitude}"],
     # one sparsity for every tensor (allocation=uniform): no sensitivity trials, each layer pruned and spilled alone
     "ours:prune-weights{score=magnitude allocation=uniform}": ["prune-weights{score=magnitude allocation=uniform}"],

@@ -209,16 +209,17 @@ class PruneWeights(Pass):
                 stats["sensitivity_curves"] = curves
         per_tensor: dict[str, dict] = {}
         for ci, chunk in enumerate(chunks):
+            source = grams
             if ci > 0 or chunk_grams:  # statistics of the graph as it is now: the earlier groups already pruned
-                fresh = self._grams(ActivationStatistics.compute(graph, ctx), [targets[i] for i in chunk])
+                source = self._grams(ActivationStatistics.compute(graph, ctx), [targets[i] for i in chunk])
                 for i in chunk:
-                    layers[i] = layer(targets[i], fresh)
-                del fresh
+                    layers[i] = None  # rebuilt from these statistics, one layer at a time
             for i in chunk:
                 if layers[i] is None:
-                    layers[i] = layer(targets[i], grams)
+                    layers[i] = layer(targets[i], source)
                 per_tensor[layers[i].t.name] = self._prune(layers[i], counts[i])
                 layers[i].release()
+            del source
         if chunk_grams:
             stats["gram_groups"] = by_memory
         stats["stages"] = len(chunks)
@@ -308,7 +309,7 @@ class PruneWeights(Pass):
 
 
 #: the Gram matrices (float64 X^T X) held at once; more, and the layers are pruned in groups (``gram_groups``)
-GRAM_BUDGET_BYTES = 512 << 20
+GRAM_BUDGET_BYTES = 256 << 20
 
 
 def gram_groups(targets: list[Target]) -> int:
@@ -388,12 +389,15 @@ class _Layer:
         return s
 
     def zeroed_at(self, scope: str):
-        ranked = mk.ranks(self.scores, axis=1 if scope == "row" else None)  # one sort for every level
+        """level -> the weight with that share of its lowest scores zeroed. Holds only the ranks (one sort for
+        every level) and the weight: the layer's scores, Hessians and factors can be freed meanwhile."""
+        ranked = mk.ranks(self.scores, axis=1 if scope == "row" else None)
+        t, v, size = self.t, self.v, self.size
+        dtype = np.asarray(t.const.values).dtype
 
         def zeroed(level: float) -> np.ndarray:
-            mask = mk.mask_from_ranks(ranked, int(round(level * self.size)), scope)
-            dtype = np.asarray(self.t.const.values).dtype
-            return self.t.from_matrix(np.where(mask, 0.0, self.v)).astype(dtype)
+            mask = mk.mask_from_ranks(ranked, int(round(level * size)), scope)
+            return t.from_matrix(np.where(mask, 0.0, v)).astype(dtype)
         return zeroed
 
     def obs(self, k: int, scope: str, nm, block: int) -> tuple[np.ndarray, np.ndarray]:
