@@ -9,7 +9,7 @@ import pytest
 from conftest import ort_run
 from onnx import numpy_helper
 from onnxcompress.passes.quantize import Quantize
-from onnxcompress.passes.quantize.depthwise_equalization import factors, pairs
+from onnxcompress.passes.quantize.depthwise_equalization import HEADROOM, factors, pairs
 
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
@@ -80,9 +80,10 @@ def test_factors_equalize_ranges_and_estimate_the_noise_gain():
     lo, hi = np.array([-1.0, -0.1, 0.0, 0.0]), np.array([1.0, 0.1, 0.0, 0.5])
     w = np.ones((4, 1, 3, 3), np.float32)
     k, gain = factors(lo, hi, w)
-    np.testing.assert_allclose(k, [1.0, 10.0, 1.0, 2.0])
-    # step 2/255 before and after; weight energy 9 per channel: 4·9 -> 9·(1 + 0.01 + 1 + 0.25)
-    assert gain == pytest.approx(10 * np.log10(4 / 2.26), abs=1e-6)
+    h = HEADROOM
+    np.testing.assert_allclose(k, [1.0, 10.0 / h, 1.0, 2.0 / h])  # narrow channels reach 1/h of the widest
+    # step 2/255 before and after; weight energy 9 per channel: 4·9 -> 9·(1 + 1/k1² + 1 + 1/k3²)
+    assert gain == pytest.approx(10 * np.log10(4 / (2 + (h / 10) ** 2 + (h / 2) ** 2)), abs=1e-6)
     _, even = factors(np.full(4, -1.0), np.full(4, 1.0), w)
     assert even == pytest.approx(0.0)
 

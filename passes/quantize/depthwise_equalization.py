@@ -10,9 +10,11 @@ else reading ``P``'s output or ``t``, per channel ``c``::
 
     W_P[c] *= k_c;   b_P[c] *= k_c;   W_D[c] /= k_c          (exact in float: D(t) is unchanged)
 
-with ``k_c = R / r_c`` (``r_c = max(|lo_c|, |hi_c|)`` of ``t``'s channel on the calibration feeds, ``R = max_c
-r_c``; ``k_c`` within ``[1, K_LIMIT]``; 1 for a channel that never left 0): every channel of ``t`` then spans the
-range of the widest one. Both weights are quantized per output channel, so their integer values do not change
+with ``k_c = R / (H · r_c)`` (``r_c = max(|lo_c|, |hi_c|)`` of ``t``'s channel on the calibration feeds, ``R =
+max_c r_c``, ``H = HEADROOM``; ``k_c`` within ``[1, K_LIMIT]``; 1 for a channel that never left 0): every channel
+of ``t`` then spans at least ``1/H`` of the widest one's range. The headroom is measured, not a nicety: on
+PP-OCRv4 rec's stem, unseen easy lines exceeded the calibration maximum of single channels by up to 1.2x; without
+headroom (``H = 1``) those values were clipped and the easy lines' agreement fell from 0.969 to 0.891. Both weights are quantized per output channel, so their integer values do not change
 (``P``'s rows and ``D``'s channels are scaled as a whole); only ``t``'s rounding does.
 
 Applied where it pays, from the same statistics: ``t``'s rounding noise reaches ``D``'s output as
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 HOMOGENEOUS_OPS = frozenset({"Relu", "LeakyRelu", "Identity"})
 #: a channel is amplified at most this much
 K_LIMIT = 256.0
+#: an amplified channel spans at most 1/HEADROOM of the tensor's range (values beyond its calibration range fit)
+HEADROOM = 1.5
 #: the rewrite must lower the depthwise Conv's output noise from t's rounding by this much
 MIN_GAIN_DB = 3.0
 
@@ -87,7 +91,7 @@ def factors(lo: np.ndarray, hi: np.ndarray, w_d: np.ndarray) -> tuple[np.ndarray
     live = r > 0
     if big <= 0:
         return k, 0.0
-    k[live] = np.clip(big / r[live], 1.0, K_LIMIT)
+    k[live] = np.clip(big / (HEADROOM * r[live]), 1.0, K_LIMIT)
     energy = np.sum(w_d.reshape(w_d.shape[0], -1).astype(np.float64) ** 2, axis=1)
     before = (hi.max() - lo.min()) ** 2 * energy.sum()
     after = ((k * hi).max() - (k * lo).min()) ** 2 * np.sum(energy / k**2)
