@@ -116,3 +116,24 @@ def test_even_channels_are_left_alone():
     q_off, _ = quantize(model, depthwise_equalization=False)
     assert st["depthwise_equalization"]["rewritten"] == {}
     assert q_on.SerializeToString() == q_off.SerializeToString()
+
+
+def test_an_equalized_tensor_keeps_its_whole_range_under_a_clipping_range_rule():
+    from onnxcompress.passes.quantize.depthwise_equalization import equalize_depthwise
+    from onnxcompress.passes.quantize.static_run import StaticRun
+
+    from onnxcompress.analyses.activations import expose_outputs
+
+    model = stem("")
+    q, st = quantize(model, calibration="mse")
+    assert st["depthwise_equalization"]["rewritten"]
+    scale = next(numpy_helper.to_array(i) for i in q.graph.initializer if i.name == "a_scale")
+    # the rewritten graph's "a" over the calibration feeds: min/max -> uint8 scale
+    g = gs.import_onnx(model)
+    run = StaticRun(Quantize(), g, PassContext(calibration=load_feeds(feeds(16, 1), model)))
+    equalize_depthwise(run, g, set())
+    assert run.full_range == {"a"}
+    m = expose_outputs(gs.export_onnx(g), ["a"])
+    vals = [ort_run(m, f)[1] for f in feeds(16, 1)]
+    lo, hi = min(0.0, min(v.min() for v in vals)), max(0.0, max(v.max() for v in vals))
+    assert float(scale) == pytest.approx((hi - lo) / 255, rel=1e-4)

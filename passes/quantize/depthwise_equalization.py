@@ -14,7 +14,9 @@ with ``k_c = R / (H · r_c)`` (``r_c = max(|lo_c|, |hi_c|)`` of ``t``'s channel 
 max_c r_c``, ``H = HEADROOM``; ``k_c`` within ``[1, K_LIMIT]``; 1 for a channel that never left 0): every channel
 of ``t`` then spans at least ``1/H`` of the widest one's range. The headroom is measured, not a nicety: on
 PP-OCRv4 rec's stem, unseen easy lines exceeded the calibration maximum of single channels by up to 1.2x; without
-headroom (``H = 1``) those values were clipped and the easy lines' agreement fell from 0.969 to 0.891. Both weights are quantized per output channel, so their integer values do not change
+headroom (``H = 1``) those values were clipped and the easy lines' agreement fell from 0.969 to 0.891. For the
+same reason a rewritten ``t`` is quantized over its whole calibrated range (``StaticRun.full_range``), whatever
+range rule the other tensors use: a rule that clips the tensor's tail would clip the amplified channels first. Both weights are quantized per output channel, so their integer values do not change
 (``P``'s rows and ``D``'s channels are scaled as a whole); only ``t``'s rounding does.
 
 Applied where it pays, from the same statistics: ``t``'s rounding noise reaches ``D``'s output as
@@ -148,5 +150,6 @@ def equalize_depthwise(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict
         d.inputs[1] = gs.Constant(unique_name(f"{d.inputs[1].name}_dweq", names),
                                   (w_d / k.reshape((-1,) + (1,) * (w_d.ndim - 1))).astype(np.float32))
         done[d.name] = round(gain, 2)
+        run.full_range.add(t)
     log.info("depthwise equalization: %d of %d pairs rewritten %s", len(done), len(found), done)
     return {"pairs": len(found), "rewritten": done, "skipped_gain_db": skipped}

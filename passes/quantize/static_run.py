@@ -104,6 +104,8 @@ class StaticRun:
         self.tstats: dict[str, TensorStats] = {}
         self.minmax: dict[str, tuple[float, float]] = {}
         self.ranges: dict[str, tuple[float, float]] = {}
+        #: tensors quantized over their whole calibrated range whatever the range rule (``depthwise_equalization``)
+        self.full_range: set[str] = set()
         #: bias correction: anchor name -> shift added to its bias when it is quantized
         self.bias_shift: dict[str, np.ndarray] = {}
         #: float-layer search: anchor name -> reason; every build keeps these float
@@ -146,7 +148,10 @@ class StaticRun:
         missing = [n for n in plan.tensors if n not in self.ranges]
         if missing:
             calibrate(self, missing)
-        q, dq, rep = resolve_params(plan, self.ranges, self.qt, self.p.symmetric_activations)
+        ranges = self.ranges
+        if self.full_range:  # equalized into a depthwise Conv: its channels' headroom needs the whole range
+            ranges = {**ranges, **{n: self.minmax[n] for n in self.full_range if n in self.minmax}}
+        q, dq, rep = resolve_params(plan, ranges, self.qt, self.p.symmetric_activations)
         counters = insert_qdq(
             g, plan, q, dq, rep, self.qt, WeightOptions(per_channel=self.per_channel, qtype=qm.INT8, rounded=self.rounded)
         )
