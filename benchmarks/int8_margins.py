@@ -27,9 +27,10 @@ probabilities of a 6625-way softmax move far more than its logits when two class
 only the weights int8.
 
 Variants (``VARIANTS``): ``before`` (the float-layer rule before issue 18: the gain alone decides, no cost),
-``nearest`` (round-to-nearest weights, what the pass did before ``weight_rounding``), ``no-dweq`` (the default
-without ``depthwise_equalization``: the default before it), ``minmax`` / ``minmax+dweq`` (``calibration=minmax``
-without / with ``depthwise_equalization``: its effect with the range rule held fixed),
+``nearest`` (round-to-nearest weights, what the pass did before ``weight_rounding``), ``dweq`` (the default
+with ``depthwise_equalization``), ``no-dweq`` (an interim default without it: the default now), ``minmax`` /
+``minmax+dweq`` (``calibration=minmax`` without / with ``depthwise_equalization``: its effect with the range rule
+held fixed; with ``calibration=auto`` it flips the rule to mse on rec, which costs the easy lines),
 ``rounding`` (``weight_rounding=output``: scales and rounding fitted to each layer's output), ``smooth``
 (``smooth=all``: SmoothQuant factors on every MatMul input, round-to-nearest weights), ``smooth-auto``
 (``smooth=auto``: only inputs whose largest channel RMS is >= 8x the median), ``default`` (the pass's
@@ -62,8 +63,8 @@ MODELS = ["ppocrv4_rec", "minilm_l3", "nudenet_320n", "ddddocr_det", "ppocrv4_de
 VARIANTS: dict[str, str] = {
     "before": "cleanup,quantize{weight_rounding=nearest auto_float_cost_per_db=inf}",
     "nearest": "cleanup,quantize{weight_rounding=nearest}",
-    "no-dweq": "cleanup,quantize{depthwise_equalization=false}",
-    "minmax": "cleanup,quantize{calibration=minmax depthwise_equalization=false}",
+    "dweq": "cleanup,quantize{depthwise_equalization=true}",
+    "minmax": "cleanup,quantize{calibration=minmax}",
     "minmax+dweq": "cleanup,quantize{calibration=minmax depthwise_equalization=true}",
     "rounding": "cleanup,quantize{weight_rounding=output}",
     "smooth": "cleanup,quantize{smooth=all weight_rounding=nearest}",

@@ -134,10 +134,11 @@ class Quantize(Pass):
         "weights int8 (leave-one-out on 8 evaluation feeds: one model run per quantized tensor; 0: off)",
     )
     depthwise_equalization: bool = option(
-        True,
-        "Conv -> (Relu) -> depthwise Conv: scale the first Conv's output channels to the widest one's range and the "
-        "depthwise weights back (exact in float, same integer weights), where the calibration ranges say the "
-        "depthwise output's rounding noise drops by >= 3 dB",
+        False,
+        "Conv -> (Relu) -> depthwise Conv: scale the first Conv's output channels towards the widest one's range and "
+        "the depthwise weights back (exact in float, same integer weights) where the calibration ranges say the "
+        "depthwise output's rounding noise drops >= 3 dB; PP-OCRv4 rec hard lines +2.8 dB, easy lines' agreement "
+        "-0.03 (off by default: not better on every set)",
     )
     equalize: bool = option(False, "cross-layer equalization of Conv->Relu->Conv pairs before quantizing")
     smooth: Literal["auto", "all", "none"] = option(
