@@ -5,6 +5,11 @@
     python -m benchmarks.prune --models ppocr_cls,mtcnn_onet
     python -m benchmarks.prune --render                     # rewrite prune.md from prune.json
     python -m benchmarks.prune --models ppocrv4_det --pipelines "cleanup,prune-channels{target_macs=0.85},distill" --merge
+    python -m benchmarks.prune --models ppocrv4_rec --train 7 --targets 0.5 --train-feeds 1024 --merge
+
+``--train M``: issue 11's rows, the closed-form ``distill`` and ``distill{mode=refit+train max_minutes=M}`` in the
+same run; with ``--train-feeds N`` the run builds N calibration inputs (every benchmark input set is generated, so
+unlimited), both rows refit on the first 64 and the training draws from all N (``train_samples=N``).
 
 Every variant is an ``ours:<pipeline>`` method of the benchmark harness (``benchmarks.run.benchmark_model``): the
 candidate is produced in its own subprocess (tool time is the pass pipeline's wall time), measured on the model's
