@@ -432,7 +432,11 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "sentence embedding) against FP32 over the set; cosine: the lowest per-feed cosine (a near-empty detection "
         "map makes it small); bytes: initializers; `code at`: the commit the first rows of a model ran at; the `before` and `default` rows "
         "ran at e6b2c43 or later (ddddocr_det's `default` at edbe659, the greedy float set); `rounding-auto` is the "
-        "interim default that tried optimised rounding on every model. Variants: module docstring.",
+        "interim default that tried optimised rounding on every model. Variants: module docstring. The rows of "
+        "ppocrv4_rec, ppocrv4_det, minilm_l3 and efficientnet_lite2 named nearest, smooth, smooth-auto, ort_minmax, "
+        "default, dweq, no-dweq, minmax and minmax+dweq were re-run on 2026-12-06 09:00-10:10 UTC (code 8db3f7c + "
+        "this issue's commits) with the load average at 4-7 on the 2 shared cores: their latency ratios move by "
+        "~0.05-0.1 between runs.",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
         "",
