@@ -170,7 +170,8 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
         if train:
             row["train"] = {k: train.get(k) for k in ("steps", "stopped_by", "seconds", "cpu_seconds",
                                                       "heldout_loss_start", "heldout_loss_best", "losses",
-                                                      "loss_history", "train_feeds", "features")}
+                                                      "loss_history", "train_feeds", "features", "backoffs",
+                                                      "augment_probe", "blocks", "blocks_trained")}
             row["load_average"] = round(__import__("os").getloadavg()[0], 1)
         rows.append(row)
         log.info("%s %s: %s %.4f (cos %.4f), %.0f s wall, %.0f s cpu, peak %.0f MB", spec.name, stage,
@@ -237,8 +238,11 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tr = r.get("train") or {}
-        steps = f"{tr.get('steps')} ({tr.get('stopped_by')})" if tr else ""
-        held = f"{tr.get('heldout_loss_start'):.4g} -> {tr.get('heldout_loss_best'):.4g}" if tr else ""
+        steps = f"{tr.get('steps')} ({tr.get('stopped_by')})" if tr and tr.get("steps") is not None else ""
+        if tr.get("blocks_trained") is not None:
+            steps = f"block-wise: {tr['blocks_trained']} of {tr['blocks']} blocks"
+        held = (f"{tr['heldout_loss_start']:.4g} -> {tr['heldout_loss_best']:.4g}"
+                if tr.get("heldout_loss_start") is not None else "")
         lines.append(f"| {r['model']} | {r['stage']} | {r['macs_ratio']:.2f} | {r['metric_name']} {r['metric']:.3f} "
                      f"| {r['cosine']:.4f} | {steps} | {held} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} | "
                      f"{r['peak_mb']:.0f} | {r.get('load_average', '')} |")

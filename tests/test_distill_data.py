@@ -105,3 +105,17 @@ def test_auto_augmentation_is_kept_only_near_the_clean_loss(monkeypatch, toleran
     st = next(iter(_stats(model, f"{PRUNE},distill{{mode=train samples=32 augment=noise {FAST}}}",
                           str(CALIB)).values()))
     assert st["train"]["augment_probe"] is None
+
+
+def test_distill_train_table_shows_blockwise_and_end_to_end_rows():
+    from benchmarks import distill_train
+
+    base = {"model": "m", "macs_ratio": 0.5, "metric_name": "agreement", "metric": 0.9, "cosine": 0.97,
+            "seconds": 300.0, "cpu_seconds": 120.0, "peak_mb": 1600.0, "load_average": 5.1}
+    e2e = base | {"stage": "refit+train[a]", "train": {"steps": 80, "stopped_by": "early stop",
+                                                       "heldout_loss_start": 0.3, "heldout_loss_best": 0.25}}
+    bw = base | {"stage": "refit+train[b]", "train": {"steps": None, "heldout_loss_start": None, "blocks": 5,
+                                                      "blocks_trained": 4}}
+    md = distill_train.render([e2e, bw], {"args": "x"})
+    assert "| 80 (early stop) | 0.3 -> 0.25 |" in md
+    assert "| block-wise: 4 of 5 blocks |  |" in md
