@@ -91,8 +91,8 @@ def test_factors_equalize_ranges_and_estimate_the_noise_gain():
 @pytest.mark.parametrize("between", ["", "Relu"])
 def test_rewrite_is_exact_in_float_and_lifts_the_int8_sqnr(between):
     model = stem(between)
-    q_off, st_off = quantize(model, depthwise_equalization=False)
-    q_on, st_on = quantize(model)
+    q_off, st_off = quantize(model)  # off by default
+    q_on, st_on = quantize(model, depthwise_equalization=True)
     rec = st_on["depthwise_equalization"]
     assert rec["pairs"] == 1 and len(rec["rewritten"]) == 1 and next(iter(rec["rewritten"].values())) >= 3.0
     assert "depthwise_equalization" not in st_off
@@ -112,8 +112,8 @@ def test_rewrite_is_exact_in_float_and_lifts_the_int8_sqnr(between):
 
 def test_even_channels_are_left_alone():
     model = stem("Relu", spread=1.0)
-    q_on, st = quantize(model)
-    q_off, _ = quantize(model, depthwise_equalization=False)
+    q_on, st = quantize(model, depthwise_equalization=True)
+    q_off, _ = quantize(model)
     assert st["depthwise_equalization"]["rewritten"] == {}
     assert q_on.SerializeToString() == q_off.SerializeToString()
 
@@ -125,7 +125,7 @@ def test_an_equalized_tensor_keeps_its_whole_range_under_a_clipping_range_rule()
     from onnxcompress.analyses.activations import expose_outputs
 
     model = stem("")
-    q, st = quantize(model, calibration="mse")
+    q, st = quantize(model, calibration="mse", depthwise_equalization=True)
     assert st["depthwise_equalization"]["rewritten"]
     scale = next(numpy_helper.to_array(i) for i in q.graph.initializer if i.name == "a_scale")
     # the rewritten graph's "a" over the calibration feeds: min/max -> uint8 scale
