@@ -4,6 +4,7 @@
 - ``kmeans1d``: exact 1-D (weighted) k-means by Lloyd on sorted values, vectorised over rows;
 - ``cluster_tensor``: one tensor: rows, element weights, k-means, refit, storage choice;
 - ``obs_assign``: assignment with error feedback through the layer's inverse Gram (GPTQ with a codebook);
+- ``refine``: refit, channel scales and re-assignment alternated in the layer's output metric;
 - ``codebook_refit``: least squares over the shared values with the indices fixed (also for ``distill``);
 - ``storage``: bit packing and the integer decode subgraph (codebook + indices -> Gather -> Reshape);
 - ``layouts``: a weight's channel axis, matrix view and design rows in its consumer.

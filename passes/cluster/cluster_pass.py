@@ -11,8 +11,12 @@ table) / LSTM, GRU, RNN (W and R; no activation weights or refit) with at least 
    ``obs``) and the shared values refit by least squares with the assignment fixed (``codebook_refit``), both on
    the layer's Gram X^T X; with ``max_error`` a tensor whose relative output error stays above it is redone with
    one more bit (up to 8);
-3. stored as a codebook + packed indices decoded in the graph, or snapped in place, whichever is smaller on disk
-   (``storage=auto``; ``storage``).
+   ``refit_rounds`` / ``fit_scales`` alternate refit, channel-scale fit and re-assignment (``refine``);
+3. with ``target_error`` / ``size_budget`` / ``size_ratio``: bits per tensor from measured output errors
+   (``allocation``); ``size_ratio=R`` budgets the clustered tensors at (model bytes / R) minus the rest of the file;
+4. stored as a codebook + packed indices decoded in the graph, or snapped in place, whichever is smaller on disk
+   (``storage=auto``; ``storage``); ``storage=unpacked`` keeps int32 indices (what ``distill{mode=train}`` trains)
+   and every later ``cluster`` run packs such decodes exactly (``pack_only``: nothing else).
 
 A constant read by several nodes (tied weights) is clustered once and all its readers read the one decoded tensor.
 Statistics (Gram matrices of the layer inputs) come from the shared ``ActivationStatistics`` of the current graph,
