@@ -414,8 +414,8 @@ def _mode(r: dict[str, Any]) -> str:
 def render_train(rows: list[dict[str, Any]]) -> list[str]:
     """Issue 11's table: closed-form refit and training side by side, with tool time and peak memory."""
     sel = [r for r in rows if r["model"] in TRAIN_MODELS and r.get("distill") and not r.get("stepwise")
-           and (r.get("distill_mode") != "refit" or any(x["model"] == r["model"] and x.get("distill_mode", "refit")
-                                                         != "refit" for x in rows))]
+           and (r.get("distill_mode") != "refit" or any(x["model"] == r["model"] and x.get("distill_mode")
+                                                         not in (None, "refit") for x in rows))]
     if not any(r.get("distill_mode") not in (None, "refit") for r in sel):
         return []
     lines = ["", "## Distillation by training (`distill{mode=train}`) beside the closed-form refit", "",
