@@ -406,3 +406,43 @@ def test_minilm_obs_keeps_the_embeddings_closer_than_magnitude():
         b = np.stack([ort_run(res.model, f)[-1].reshape(-1) for f in evals])
         cos[score] = float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
     assert cos["obs"] > cos["magnitude"], cos
+
+
+def test_sensitivity_trials_see_the_override_of_a_conv_weight_fused_with_batchnorm():
+    """Trial sessions override one initializer of a once-staged model. ORT's optimiser folds a Conv weight into a
+    following BatchNorm before an override applies (the override was silently ignored: curves of 0.0); the trials
+    run unoptimised, so each curve point equals the error of the model with that weight replaced in the proto."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxcompress.passes.prune_weights.sensitivity import measure_curves, output_error
+
+    from onnxcompress.runtime import Session
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w")] + [
+        numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+            ("g", rng.uniform(0.5, 1.5, 8)), ("b", rng.standard_normal(8)), ("m", rng.standard_normal(8) * 0.1),
+            ("v", rng.uniform(0.5, 1.5, 8)))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])], "cbn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+
+    def zeroed(level):
+        out = w.copy().reshape(-1)
+        out[: int(level * out.size)] = 0.0
+        return out.reshape(w.shape)
+
+    curves = measure_curves(model, ["w"], [lambda: zeroed], (0.25, 0.5), feeds)
+    assert np.all(curves > 1e-3)
+    with Session(model, optimize=False) as s:
+        base = [s.run(f) for f in feeds]
+    for j, level in enumerate((0.25, 0.5)):
+        changed = onnx.ModelProto()
+        changed.CopyFrom(model)
+        changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(zeroed(level), "w"))
+        with Session(changed, optimize=False) as s:
+            np.testing.assert_allclose(curves[0, j], output_error(s, feeds, base), rtol=1e-6)

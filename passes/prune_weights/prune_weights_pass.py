@@ -194,7 +194,7 @@ class PruneWeights(Pass):
             if allocation == "sensitivity":
                 counts, curves = self._sensitivity_counts(
                     targets, [lambda i=i: layer_at(i).zeroed_at(self.scope) for i in range(len(targets))], sizes,
-                    graph, ctx, light=True)
+                    graph, ctx)
                 stats["sensitivity_curves"] = curves
             else:
                 counts = self._counts_by_size(sizes)
@@ -259,15 +259,15 @@ class PruneWeights(Pass):
         if allocation == "sensitivity":
             return self._sensitivity_counts([L.t for L in layers],
                                             [lambda L=L: L.zeroed_at(self.scope) for L in layers],
-                                            [L.size for L in layers], graph, ctx, light=False)
+                                            [L.size for L in layers], graph, ctx)
         return self._counts_by_size([L.size for L in layers]), {}
 
     def _sensitivity_counts(self, targets: list[Target], zeroed_at: list, sizes: list[int], graph: gs.Graph,
-                            ctx: PassContext, light: bool) -> tuple[list[int], dict]:
+                            ctx: PassContext) -> tuple[list[int], dict]:
         """Zeros per tensor from each layer's measured output-error curve (``sensitivity``), and the curves."""
         feeds = list(ctx.calibration.take(self.sensitivity_samples))
         levels = tuple(sorted(self.sensitivity_levels))
-        curves = measure_curves(ctx.export(graph), [t.name for t in targets], zeroed_at, levels, feeds, light=light)
+        curves = measure_curves(ctx.export(graph), [t.name for t in targets], zeroed_at, levels, feeds)
         named = {t.name: [round(float(e), 6) for e in c] for t, c in zip(targets, curves, strict=True)}
         return allocate(curves, levels, sizes, self.sparsity), named
 

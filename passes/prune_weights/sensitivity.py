@@ -37,17 +37,19 @@ def output_error(sess: Session, feeds: list[dict], base: list[list[np.ndarray]])
 
 
 def measure_curves(model: onnx.ModelProto, names: list[str], zeroed_at: list, levels: tuple[float, ...],
-                   feeds: list[dict], light: bool = False) -> np.ndarray:
+                   feeds: list[dict]) -> np.ndarray:
     """e[l, j]: the output error with tensor ``names[l]`` replaced by ``zeroed_at[l]()(levels[j])`` (a dense array),
     every other weight untouched. ``model`` is the current graph exported (weights as initializers, or references
     to memory-mapped files). ``zeroed_at[l]`` is called once, when layer l is measured, and its result dropped
     after: the caller can build a layer's state there, so memory holds one layer's state at a time. The model is
-    staged once; each trial session gets the pruned array as an initializer override (``light``: no graph
-    optimisation or weight pre-packing, for models whose sessions would otherwise hold the weights twice)."""
+    staged once; each trial session gets the pruned array as an initializer override. Every session runs without
+    graph optimisation (the base too, so the errors compare like with like): ORT's optimisations fold or fuse
+    initializers (a Conv weight with a following BatchNorm) before an override applies, which would silently
+    ignore it; unoptimised sessions also skip weight pre-packing (no second copy of the weights)."""
     initializers = {t.name for t in model.graph.initializer}
     curves = np.zeros((len(names), len(levels)))
     with staged(model) as source:
-        with Session(source, what="model for sensitivity", light=light) as s:
+        with Session(source, what="model for sensitivity", light=True) as s:
             base = [s.run(f) for f in feeds]
         for li, name in enumerate(names):
             if name not in initializers:
@@ -55,7 +57,7 @@ def measure_curves(model: onnx.ModelProto, names: list[str], zeroed_at: list, le
                 continue
             zeroed = zeroed_at[li]()
             for j, level in enumerate(levels):
-                with Session(source, what="sensitivity trial", light=light,
+                with Session(source, what="sensitivity trial", light=True,
                              overrides={name: zeroed(level)}) as s:
                     curves[li, j] = output_error(s, feeds, base)
             del zeroed
