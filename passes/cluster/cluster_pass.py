@@ -41,6 +41,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxcompress import mmap_weights
 from onnxcompress.analyses.activation_stats import ActivationStatistics, StatsRequest
 from onnxcompress.context import PassContext
 from onnxcompress.errors import BadInputError
@@ -338,28 +339,32 @@ class Cluster(Pass):
         st: dict = {"tensors_clustered": 0, "storage": Counter(), "bits": Counter(), "bytes_before": 0, "bytes_after": 0,
                     "max_unique_per_row": 0, "weighted": 0, "refit_layers": 0}
         errs, refit_before, refit_after = [], 0.0, 0.0
-        chosen: list[tuple[_Candidate, int, Clustered | None]] = []
-        for c in cands:
-            w = np.asarray(c.tensor.values)
-            norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
-            if self.activation_aware and norms is None:
-                skipped["activation_aware: no input statistics (unweighted)"] += 1
-            if self.refit and gram is None:
-                reason = c.uses[0].refit_reason(w.shape) or "inputs above max_inputs or tied across roles"
-                skipped[f"refit: {reason}"] += 1
-            bits, energy = self.bits, None
-            if self.embedding_bits is not None and c.uses[0].op == "Gather":
-                bits = self.embedding_bits
-            if self.max_error is not None and gram is not None:
-                m = c.uses[0].to_matrix(w.astype(np.float64))
-                energy = max(float(np.sum((m @ gram) * m)), 1e-30)
-            while True:
-                res = self._cluster_one(c, bits, stats_of, storage, rng)
-                if energy is None or res.refit is None or bits >= 8 or res.refit[1] / energy <= self.max_error:
-                    break
-                bits += 1
-            chosen.append((c, bits, res))
-        if (self.target_error is not None or self.size_budget is not None or self.size_ratio is not None) and chosen:
+        def clustered():  # lazily: without an allocation each tensor is applied before the next is clustered
+            for c in cands:
+                w = np.asarray(c.tensor.values)
+                norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
+                if self.activation_aware and norms is None:
+                    skipped["activation_aware: no input statistics (unweighted)"] += 1
+                if self.refit and gram is None:
+                    reason = c.uses[0].refit_reason(w.shape) or "inputs above max_inputs or tied across roles"
+                    skipped[f"refit: {reason}"] += 1
+                bits, energy = self.bits, None
+                if self.embedding_bits is not None and c.uses[0].op == "Gather":
+                    bits = self.embedding_bits
+                if self.max_error is not None and gram is not None:
+                    m = c.uses[0].to_matrix(w.astype(np.float64))
+                    energy = max(float(np.sum((m @ gram) * m)), 1e-30)
+                while True:
+                    res = self._cluster_one(c, bits, stats_of, storage, rng)
+                    if energy is None or res.refit is None or bits >= 8 or res.refit[1] / energy <= self.max_error:
+                        break
+                    bits += 1
+                yield c, bits, res
+
+        chosen = clustered()
+        if self.target_error is not None or self.size_budget is not None or self.size_ratio is not None:
+            chosen = list(chosen)
+        if isinstance(chosen, list) and chosen:
             chosen = self._allocate(graph, ctx, chosen, stats_of, storage, rng, st)
         for c, bits, res in chosen:
             st["bits"][str(bits) if res is not None else "float"] += 1
@@ -394,6 +399,7 @@ class Cluster(Pass):
                                        scale=res.scale, scale_axis=res.scale_axis,
                                        sparse_zero=res.zero_label if res.storage == "sparse-codebook" else None)
                 redirect_consumers(c.tensor, out)
+            mmap_weights.release_resident_pages()  # a model over 2 GB: one weight's pages resident
         if n_packed:
             st["decodes_packed"], st["bytes_saved_packing"] = n_packed, saved
         if st["tensors_clustered"] or n_packed:
