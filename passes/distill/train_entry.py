@@ -1,9 +1,8 @@
 """Entry point of ``distill{mode=train}``: torch is imported here, inside the call, never at module import.
 
 ``train_student(graph, ctx, opts)`` reads the calibration feeds into memory (``opts.train_samples`` of them, or
-``opts.samples``), builds the
-``Trainer`` (``train``) over the current graph and the original model, runs end-to-end or block-wise training and
-leaves the trained values written back into ``graph``. Without torch: ``PassError`` with one line naming the extra.
+``opts.samples``), builds the ``Trainer`` (``train``) over the current graph and the original model, runs end-to-end
+or block-wise training and leaves the trained values written back into ``graph``. Without torch: ``PassError`` with one line naming the extra.
 """
 
 from __future__ import annotations
