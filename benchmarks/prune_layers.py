@@ -206,7 +206,8 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
              f"`python -m benchmarks.prune_layers {meta.get('args', '')}`".replace(" `", "`")]
     for extra in meta.get("extra", []):
         lines.append(f"plus `python -m benchmarks.prune_layers {extra}`")
-    lines += ["", f"Calibration inputs: {meta.get('n_calib')} (MiniLM: {N_CALIB}); evaluation inputs: "
+    calib = {rec["model"]: rec.get("n_calib") for rec in records if rec.get("n_calib")}
+    lines += ["", f"Calibration inputs per model: {calib or meta.get('n_calib')}; evaluation inputs: "
               f"{meta.get('n_eval')} (disjoint). Latency: 1 intra-op thread, FP32 and every variant interleaved in "
               "one call (medians); *FP32 vs FP32* is that call's noise band (in brackets after a variant's latency when "
               "the variant had its own call). *metric*: the model's task metric vs "
