@@ -238,6 +238,9 @@ def ours(pipeline: str) -> Method:
             st = r.pass_stats or {}
             if st.get("mode") == "static":
                 info["quantize"] = {k: st[k] for k in _QUANT_STAT_KEYS if k in st}
+            if isinstance(st.get("train"), dict):  # distill's training: steps, stop reason, back-offs, lr
+                info["distill_train"] = {k: v for k, v in st["train"].items()
+                                         if isinstance(v, (int, float, str, bool)) or k == "augment_probe"}
         return MethodResult(f"ours:{pipeline}", str(out), info=info)
 
     run.pipeline = pipeline  # type: ignore[attr-defined]

@@ -41,6 +41,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from onnxcompress.errors import BadInputError
 from onnxcompress.model_safety import iter_graphs, iter_tensors, tensor_nbytes
 
 #: private external-data entry: the resolved path of the (checked) data file a mapped tensor reads
@@ -214,10 +215,15 @@ def copy_fields(dst, src, skip: tuple[str, ...] = ()) -> None:
 
 
 def shell(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose main graph has no initializers yet (the caller adds them as it needs)."""
+    """A copy of ``model`` whose main graph has no initializers yet (the caller adds them as it needs). Reading the
+    fields decodes their strings: a string that is not UTF-8 (a corrupt file) is bad input."""
     out = onnx.ModelProto()
-    copy_fields(out, model, ("graph",))
-    copy_fields(out.graph, model.graph, ("initializer",))
+    try:
+        copy_fields(out, model, ("graph",))
+        copy_fields(out.graph, model.graph, ("initializer",))
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"the model holds a string that is not valid UTF-8 (a corrupt file?): {exc.reason} "
+                            f"at byte {exc.start}") from exc
     return out
 
 
