@@ -264,10 +264,11 @@ def serialized_size(model: onnx.ModelProto) -> int:
     return out.ByteSize() - _varint_len(g_shell) - g_shell + _varint_len(g_real) + g_real
 
 
-def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+def checkable(model: onnx.ModelProto, strip=None) -> onnx.ModelProto:
     """A weightless copy for ``onnx.checker`` and shape inference: every mapped initializer, and every other one of at
-    least ``CHECK_STRIP_BYTES``, becomes a typed input of the main graph (names are unique across scopes, so
-    subgraphs still see it). The main graph's large weights are never copied."""
+    least ``CHECK_STRIP_BYTES`` (or for which ``strip(tensor)`` is true), becomes a typed input of the main graph
+    (names are unique across scopes, so subgraphs still see it). The main graph's large weights are never copied."""
+    strip = _heavy if strip is None else (lambda t, rule=strip: is_mapped(t) or rule(t))
     out = shell(model)
     declared = {vi.name for vi in out.graph.input}
 
@@ -277,7 +278,7 @@ def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
             declared.add(t.name)
 
     for t in model.graph.initializer:
-        if _heavy(t):
+        if strip(t):
             declare(t)
         else:
             out.graph.initializer.add().CopyFrom(t)
@@ -285,7 +286,7 @@ def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
         if g is out.graph:
             continue
         for i in reversed(range(len(g.initializer))):
-            if _heavy(g.initializer[i]):
+            if strip(g.initializer[i]):
                 declare(g.initializer[i])
                 del g.initializer[i]
     return out
@@ -343,6 +344,11 @@ class MappedValues(LazyValues):
         return MappedValues(t)
 
 
+def is_mapped_constant(c: gs.Constant) -> bool:
+    """The Constant's values are (still) a memory-mapped file region, loaded or not: a model over 2 GB."""
+    return isinstance(c._values, MappedValues | MappedArray)
+
+
 def _constants(graph) -> list:
     graphs = [graph, *graph.subgraphs(recursive=True)]
     seen: dict[int, object] = {}
@@ -373,7 +379,7 @@ def relazify(graph) -> int:
     large weights, and the pass's in-memory copy is freed. Returns how many Constants export as references."""
     n = 0
     constants = _constants(graph)
-    mapped_model = any(isinstance(c._values, MappedValues | MappedArray) for c in constants)
+    mapped_model = any(is_mapped_constant(c) for c in constants)
     for c in constants:
         v = c._values
         if getattr(c, "_export_dtype", None) not in (None, getattr(v, "dtype", None)):

@@ -71,10 +71,8 @@ class Session:
             if isinstance(model, onnx.ModelProto):
                 if io.needs_external_data(model) or mmap_weights.has_mapped(model) or (
                         light and io.weight_bytes(model) >= LIGHT_VIA_FILE_BYTES):
-                    self._tmpdir = tempfile.mkdtemp(prefix="onnxcompress-")
-                    path = Path(self._tmpdir) / "model.onnx"
-                    io.save_model(model, path, external_data=True)
-                    self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+                    self._tmpdir, path = _temporary_copy(model)
+                    self.sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
                 else:
                     self.sess = ort.InferenceSession(model.SerializeToString(), so,
                                                      providers=["CPUExecutionProvider"])
@@ -118,10 +116,21 @@ def staged(model: onnx.ModelProto):
     if not (io.needs_external_data(model) or mmap_weights.has_mapped(model)):
         yield model.SerializeToString()
         return
+    tmpdir, path = _temporary_copy(model)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _temporary_copy(model: onnx.ModelProto) -> tuple[str, str]:
+    """(folder, path) of ``model`` written with external data (mapped weights streamed) into a new temporary folder
+    (on failure nothing is left); the caller removes the folder."""
     tmpdir = tempfile.mkdtemp(prefix="onnxcompress-")
     try:
         path = Path(tmpdir) / "model.onnx"
         io.save_model(model, path, external_data=True)
-        yield str(path)
-    finally:
+    except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    return tmpdir, str(path)

@@ -60,34 +60,22 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int] | None:
 SHAPE_DATA_MAX_ELEMENTS = 1024
 
 
-def _declare_value_free(graph: onnx.GraphProto) -> None:
-    """Main-graph initializers of more than ``SHAPE_DATA_MAX_ELEMENTS`` elements become typed graph inputs: shape
-    inference needs only their shapes (values matter for short vectors: Reshape targets, Resize scales)."""
-    keep = []
-    for t in graph.initializer:
-        if int(np.prod([int(d) for d in t.dims])) <= SHAPE_DATA_MAX_ELEMENTS:
-            keep.append(t)
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    if len(keep) < len(graph.initializer):
-        kept = [onnx.TensorProto() for _ in keep]
-        for dst, src in zip(kept, keep, strict=True):
-            dst.CopyFrom(src)
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+def _valueless(t: onnx.TensorProto) -> bool:
+    """Initializers shape inference needs only the shape of: more than ``SHAPE_DATA_MAX_ELEMENTS`` elements (values
+    matter for short vectors only: Reshape targets, Resize scales)."""
+    return int(np.prod([int(d) for d in t.dims])) > SHAPE_DATA_MAX_ELEMENTS
 
 
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
     """Static shapes of every tensor inferable from the given input shapes (initializers included).
 
-    Runs on a weightless stand-in (``mmap_weights.checkable``: large initializers become typed graph inputs; never
-    copies a weight). First without data propagation; only if some node output is still not static, again with it
+    Runs on a weightless stand-in (``mmap_weights.checkable``: initializers that are not short vectors become typed
+    graph inputs; never copies a weight). First without data propagation; only if some node output is still not static, again with it
     (exported transformers compute Reshape targets from Shape), on a stand-in without the constant subgraphs whose
     outputs the first run already sized and that cannot be shape data (``_without_constant_subgraphs``): onnx's data
     propagation through a Gather of a codebook by millions of indices (a clustered weight's decode) builds one
     shape dimension per element and took ~9 GB on a 0.27 GB model."""
-    m = mmap_weights.checkable(model)
-    _declare_value_free(m.graph)
+    m = mmap_weights.checkable(model, strip=_valueless)
     del m.graph.value_info[:]
     for vi in m.graph.input:
         if vi.name in input_shapes:
@@ -141,10 +129,11 @@ def _without_constant_subgraphs(m: onnx.ModelProto, shapes: dict[str, list[int]]
     no subgraph) with statically sized outputs that are not shape data are removed, their outputs declared as typed
     graph inputs of the sizes the first run found. One pass in topological order: O(nodes)."""
     out = onnx.ModelProto()
-    out.CopyFrom(m)
-    constant = {t.name for t in out.graph.initializer}
+    mmap_weights.copy_fields(out, m, ("graph",))
+    mmap_weights.copy_fields(out.graph, m.graph, ("node",))
+    constant = {t.name for t in m.graph.initializer}
     keep = []
-    for n in out.graph.node:
+    for n in m.graph.node:
         has_subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
         if has_subgraph or not all(i == "" or i in constant for i in n.input):
             keep.append(n)
@@ -156,12 +145,7 @@ def _without_constant_subgraphs(m: onnx.ModelProto, shapes: dict[str, list[int]]
                 out.graph.input.append(onnx.helper.make_tensor_value_info(o, types[o], shapes[o]))
         else:
             keep.append(n)
-    if len(keep) < len(out.graph.node):
-        kept = [onnx.NodeProto() for _ in keep]
-        for dst, src in zip(kept, keep, strict=True):
-            dst.CopyFrom(src)
-        del out.graph.node[:]
-        out.graph.node.extend(kept)
+    out.graph.node.extend(keep)
     return out
 
 

@@ -339,6 +339,7 @@ class Cluster(Pass):
         st: dict = {"tensors_clustered": 0, "storage": Counter(), "bits": Counter(), "bytes_before": 0, "bytes_after": 0,
                     "max_unique_per_row": 0, "weighted": 0, "refit_layers": 0}
         errs, refit_before, refit_after = [], 0.0, 0.0
+
         def clustered():  # lazily: without an allocation each tensor is applied before the next is clustered
             for c in cands:
                 w = np.asarray(c.tensor.values)
@@ -363,9 +364,9 @@ class Cluster(Pass):
 
         chosen = clustered()
         if self.target_error is not None or self.size_budget is not None or self.size_ratio is not None:
-            chosen = list(chosen)
-        if isinstance(chosen, list) and chosen:
-            chosen = self._allocate(graph, ctx, chosen, stats_of, storage, rng, st)
+            chosen = list(chosen)  # the allocation weighs every tensor's results together
+            if chosen:
+                chosen = self._allocate(graph, ctx, chosen, stats_of, storage, rng, st)
         for c, bits, res in chosen:
             st["bits"][str(bits) if res is not None else "float"] += 1
             if res is None:

@@ -185,7 +185,7 @@ class PruneWeights(Pass):
             return layer(targets[i], chunk_grams.of(i) if chunk_grams else grams)
 
         layers: list[_Layer | None]
-        mapped = any(_is_mapped(t.const) for t in targets)
+        mapped = any(mmap_weights.is_mapped_constant(t.const) for t in targets)
         if allocation in ("uniform", "n:m") or (allocation == "sensitivity" and (mapped or chunk_grams)):
             # each layer's float64 state is built when it is measured / pruned and released after, so memory
             # holds one layer at a time (models over 2 GB)
@@ -282,7 +282,7 @@ class PruneWeights(Pass):
         before_zeros = int(np.count_nonzero(v == 0))
         dtype = np.asarray(L.t.const.values).dtype
         out = L.t.from_matrix(new).astype(dtype)
-        was_mapped = _is_mapped(L.t.const)
+        was_mapped = mmap_weights.is_mapped_constant(L.t.const)
         L.t.const.values = np.ascontiguousarray(out)  # a new array: never write into a Constant's values
         if was_mapped and out.nbytes >= mmap_weights.MAP_MIN_BYTES:
             mmap_weights.spill(L.t.const)  # a model over 2 GB: the pruned weight goes to a scratch file at once
@@ -351,11 +351,6 @@ class _ChunkGrams:
 
 #: rows per block in ``_Layer.error``
 ERROR_BLOCK_ROWS = 256
-
-
-def _is_mapped(const: gs.Constant) -> bool:
-    """The Constant's values are (still) a memory-mapped file region: a model over 2 GB."""
-    return isinstance(const._values, np.memmap | mmap_weights.MappedValues)
 
 
 class _Layer:
