@@ -386,17 +386,6 @@ def render(data: dict) -> None:
             f"{r['rss_ratio']:.2f}x | {was} | {r.get('output_bytes', 0) / 1e9:.2f} | {r.get('external_data', '-')} | "
             f"{r.get('ort_load', '-')} | {r.get('ort_load_rss', 0) / 1e9:.2f} | "
             f"{' '.join(x for x in (r.get('error', ''), row_notes.get(r['method'], '')) if x)} |")
-    small = data.get("small_rows")
-    if small:
-        lines += ["", f"## Not run on the {size / 1e9:.2f} GB model: measured on the "
-                  f"{small['file_bytes'] / 1e9:.2f} GB model of the same family ({small['layers']} layers)", "",
-                  "Same CLI command and RSS measurement; at this ratio the 2.2 GB run would pass the 10 GB guard on "
-                  "a machine shared with others, so it was not started.", "",
-                  "| method | exit | time (s) | peak RSS (GB) | RSS / file | where the memory goes |",
-                  "|---|---|---|---|---|---|"]
-        for r in small["rows"]:
-            lines.append(f"| `{r['method']}` | {r['code']} | {r['seconds']:.0f} | {r['peak_rss'] / 1e9:.2f} | "
-                         f"{r['peak_rss'] / small['file_bytes']:.1f}x | {r['why']} |")
     st = data.get("stages")
     if st:
         lines += ["", f"## Where the memory goes: `cleanup` on a {st['file_bytes'] / 1e9:.2f} GB model of the same "
@@ -431,7 +420,7 @@ def write_results(rows: list[dict], size: int, args, gen_s: float) -> None:
     rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     old = json.loads(path.read_text()) if path.exists() else {}
     data = {"input_bytes": size, "hidden": args.hidden, "layers": args.layers, "rows": rows}
-    for key in ("stages", "stages_before", "rows_before", "small_rows", "row_notes"):
+    for key in ("stages", "stages_before", "rows_before", "row_notes"):
         if key in old:
             data[key] = old[key]
     path.write_text(json.dumps(data, indent=2))
