@@ -446,3 +446,29 @@ def test_sensitivity_trials_see_the_override_of_a_conv_weight_fused_with_batchno
         changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(zeroed(level), "w"))
         with Session(changed, optimize=False) as s:
             np.testing.assert_allclose(curves[0, j], output_error(s, feeds, base), rtol=1e-6)
+
+
+def test_channel_sensitivity_error_sees_a_small_scale_channel_the_pooled_error_misses():
+    """A YOLO-like output [1, 2, A]: channel 0 in pixels (100), channel 1 a score (0.5). Moving every score by
+    0.25 is 6e-6 of the pooled output energy but half of the score channel's: ``error=channel`` averages 0 and
+    0.25 per channel."""
+    from onnxcompress.passes.prune_weights.sensitivity import output_error
+
+    from onnxcompress.runtime import Session
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ref = np.concatenate([np.full((1, 1, 5), 100.0), np.full((1, 1, 5), 0.5)], axis=1).astype(np.float32)
+    cand = ref.copy()
+    cand[0, 1] += 0.25
+    with Session(model, optimize=False) as s:
+        pooled = output_error(s, [{"x": cand}], [[ref]], "output")
+        channel = output_error(s, [{"x": cand}], [[ref]], "channel")
+        same = output_error(s, [{"x": ref}], [[ref]], "channel")
+    np.testing.assert_allclose(pooled, 5 * 0.0625 / (5 * 1e4 + 5 * 0.25), rtol=1e-6)
+    np.testing.assert_allclose(channel, 0.5 * 0.25, rtol=1e-6)
+    assert same == 0.0
+    with pytest.raises(BadInputError, match="sensitivity_error"):
+        parse_pipeline("prune-weights{sensitivity_error=anchor}")

@@ -42,7 +42,7 @@ from onnxcompress.pass_base import Pass, PassResult, option, register
 
 from . import masks as mk
 from .obs import damped, inverse_cholesky_upper, obs_prune, saliency
-from .sensitivity import allocate, measure_curves
+from .sensitivity import ERRORS, allocate, measure_curves
 from .storage import store_sparse
 from .targets import Target, find_targets
 
@@ -97,6 +97,10 @@ class PruneWeights(Pass):
     sensitivity_levels: tuple[float, ...] = option((0.3, 0.5, 0.7, 0.9), "sparsities each layer is measured at "
                                                                          "alone (allocation=sensitivity)")
     sensitivity_samples: int = option(4, "calibration feeds per sensitivity trial")
+    sensitivity_error: str = option("output", "output (relative squared error pooled over the outputs) or channel "
+                                              "(mean of each output channel's relative error: an output mixing "
+                                              "box coordinates and class scores is not judged by the coordinates "
+                                              "alone)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, int | float) or not 0.0 <= self.sparsity < 1.0:
@@ -114,6 +118,8 @@ class PruneWeights(Pass):
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.scope not in ("row", "layer"):
             raise ValueError(f"scope must be row or layer, got {self.scope!r}")
+        if self.sensitivity_error not in ERRORS:
+            raise ValueError(f"sensitivity_error must be one of {', '.join(ERRORS)}, got {self.sensitivity_error!r}")
         if self.storage not in ("dense", "sparse", "auto"):
             raise ValueError(f"storage must be dense, sparse or auto, got {self.storage!r}")
         if min(self.samples, self.rows_per_feed, self.sensitivity_samples, self.block, self.stages) < 1:
@@ -267,7 +273,8 @@ class PruneWeights(Pass):
         """Zeros per tensor from each layer's measured output-error curve (``sensitivity``), and the curves."""
         feeds = list(ctx.calibration.take(self.sensitivity_samples))
         levels = tuple(sorted(self.sensitivity_levels))
-        curves = measure_curves(ctx.export(graph), [t.name for t in targets], zeroed_at, levels, feeds)
+        curves = measure_curves(ctx.export(graph), [t.name for t in targets], zeroed_at, levels, feeds,
+                                self.sensitivity_error)
         named = {t.name: [round(float(e), 6) for e in c] for t, c in zip(targets, curves, strict=True)}
         return allocate(curves, levels, sizes, self.sparsity), named
 

@@ -3,7 +3,10 @@
 Curve: layer l alone is pruned at each of ``levels`` (its mask from the pass's own scores, no OBS update) and the
 model is run under ORT on a few calibration feeds; its error is the relative squared error of all outputs against
 the unpruned model, e_l(s) = Σ_feeds Σ_outputs ||y_s - y||² / Σ ||y||² (e_l(0) = 0; linear between the measured
-levels).
+levels). ``error=channel`` instead averages the relative error of every output channel (axis 1 of an output of rank
+>= 3; a lower-rank output is one channel), e_l(s) = mean_c Σ ||y_s,c - y_c||² / Σ ||y_c||²: an output that packs
+quantities of very different scale (a YOLO head [1, 4 + K, A]: box coordinates in pixels next to class scores in
+[0, 1], the scores 4e-8 of nudenet's output energy) is then not judged by its largest quantity alone.
 
 Allocation: minimise Σ_l e_l(s_l) subject to Σ_l n_l s_l = S · Σ_l n_l (n_l: the layer's elements, S the target
 sparsity). For a price λ each layer takes the s on a fine grid (0.01 steps up to the largest level) that minimises
@@ -23,21 +26,36 @@ from onnxcompress.runtime import Session, staged
 log = logging.getLogger(__name__)
 
 
-def output_error(sess: Session, feeds: list[dict], base: list[list[np.ndarray]]) -> float:
-    num = den = 0.0
+ERRORS = ("output", "channel")
+
+
+def output_error(sess: Session, feeds: list[dict], base: list[list[np.ndarray]], error: str = "output") -> float:
+    """Relative squared error of the session's outputs against ``base`` over ``feeds``: pooled over every output
+    (``output``) or the mean of the per-channel relative errors (``channel``, see the module docstring)."""
+    num: dict[int, np.ndarray] = {}
+    den: dict[int, np.ndarray] = {}
     for feed, ref in zip(feeds, base, strict=True):
-        for a, b in zip(ref, sess.run(feed), strict=True):
+        for o, (a, b) in enumerate(zip(ref, sess.run(feed), strict=True)):
             a = np.asarray(a, dtype=np.float64)
             b = np.asarray(b, dtype=np.float64)
             if a.shape != b.shape or a.dtype.kind not in "fc":
                 continue
-            num += float(np.sum(np.square(b - a)))
-            den += float(np.sum(np.square(a)))
-    return num / den if den > 0 else num
+            axes = tuple(i for i in range(a.ndim) if i != 1) if error == "channel" and a.ndim >= 3 else None
+            n, d = np.sum(np.square(b - a), axis=axes), np.sum(np.square(a), axis=axes)
+            num[o] = num.get(o, 0.0) + np.atleast_1d(n)
+            den[o] = den.get(o, 0.0) + np.atleast_1d(d)
+    if not num:
+        return 0.0
+    nums, dens = np.concatenate(list(num.values())), np.concatenate(list(den.values()))
+    if error == "channel":
+        live = dens > 0
+        return float(np.mean(nums[live] / dens[live])) if live.any() else float(nums.sum())
+    total = float(dens.sum())
+    return float(nums.sum()) / total if total > 0 else float(nums.sum())
 
 
 def measure_curves(model: onnx.ModelProto, names: list[str], zeroed_at: list, levels: tuple[float, ...],
-                   feeds: list[dict]) -> np.ndarray:
+                   feeds: list[dict], error: str = "output") -> np.ndarray:
     """e[l, j]: the output error with tensor ``names[l]`` replaced by ``zeroed_at[l]()(levels[j])`` (a dense array),
     every other weight untouched. ``model`` is the current graph exported (weights as initializers, or references
     to memory-mapped files). ``zeroed_at[l]`` is called once, when layer l is measured, and its result dropped
@@ -59,7 +77,7 @@ def measure_curves(model: onnx.ModelProto, names: list[str], zeroed_at: list, le
             for j, level in enumerate(levels):
                 with Session(source, what="sensitivity trial", light=True,
                              overrides={name: zeroed(level)}) as s:
-                    curves[li, j] = output_error(s, feeds, base)
+                    curves[li, j] = output_error(s, feeds, base, error)
             del zeroed
     return curves
 
