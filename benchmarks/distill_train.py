@@ -116,13 +116,41 @@ def extra_photo_feeds(n: int, seed: int = 11) -> list[dict]:
     return out
 
 
+def text_feeds_file(spec: Any, source: str, folder: Path) -> Path:
+    """An .npz of every sentence of ``benchmarks.text_corpus`` ``source`` tokenized for ``spec`` (a MiniLM), padded
+    to 128 ids with mask 0 (``distill`` trims and packs them), in the source's order; kept in ``folder``."""
+    from benchmarks.speech_text import tokenizer
+    from benchmarks.text_corpus import sentences
+
+    pool = sentences(source)
+    path = folder / f"text_{source}_{sys.version_info[0]}{sys.version_info[1]}_{len(pool)}_{spec.name}.npz"
+    if path.exists():
+        return path
+    tok = tokenizer()
+    ids = np.zeros((len(pool), 128), np.int64)
+    for i, sent in enumerate(pool):
+        row = tok.encode(sent, max_length=128)
+        ids[i, :len(row)] = row
+    arrays = {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
+    if "token_type_ids" in spec.input_shapes:
+        arrays["token_type_ids"] = np.zeros_like(ids)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(path.with_suffix(".tmp.npz"), **arrays)
+    path.with_suffix(".tmp.npz").rename(path)
+    log.info("%s: %d %s sentences tokenized -> %s", spec.name, len(pool), source, path)
+    return path
+
+
 def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, train_opts: str,
               train_only: bool, variants: list[str] | None = None, cache: Path | None = None,
-              refit_pipe: str = "distill", train_feeds: int = 0, extra_photos: int = 0) -> list[dict[str, Any]]:
+              refit_pipe: str = "distill", train_feeds: int = 0, extra_photos: int = 0,
+              train_text: str = "") -> list[dict[str, Any]]:
     """One model's rows. ``train_feeds``: build that many calibration inputs (the cache key stays ``n_calib``: the
     refit reads a prefix, ``distill{samples=K}``, and ``make_inputs`` is prefix-stable); ``extra_photos``: append
     that many crops of ``EXTRA_PHOTOS`` (image models) after them. Variants pick how many the training reads
-    (``train_samples=N``)."""
+    (``train_samples=N``). ``train_text`` (MiniLM): the training draws from that ``text_corpus`` source instead
+    (``distill{train_data=...}``: ``train_samples=N`` of its sentences plus the calibration sentences not held out;
+    early stopping on calibration sentences; the evaluation stays the pydoc evaluation half)."""
     from benchmarks.fetch import cache_dir
     from onnxcompress import io
     from onnxcompress.analyses.macs import count_macs
@@ -171,7 +199,8 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
             row["train"] = {k: train.get(k) for k in ("steps", "stopped_by", "seconds", "cpu_seconds",
                                                       "heldout_loss_start", "heldout_loss_best", "losses",
                                                       "loss_history", "train_feeds", "features", "backoffs",
-                                                      "augment_probe", "blocks", "blocks_trained")}
+                                                      "augment_probe", "blocks", "blocks_trained",
+                                                      "train_source", "packed", "lr_final")}
             row["load_average"] = round(__import__("os").getloadavg()[0], 1)
         rows.append(row)
         log.info("%s %s: %s %.4f (cos %.4f), %.0f s wall, %.0f s cpu, peak %.0f MB", spec.name, stage,
@@ -179,7 +208,11 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
                  row["peak_mb"])
         return model
 
-    train = f"distill{{mode=train max_minutes={minutes:g}{(' ' + train_opts) if train_opts else ''}}}"
+    text_opt, text_tag = "", ""
+    if train_text:
+        text_opt = f" train_data={text_feeds_file(spec, train_text, cache or Path('/tmp/distill_text'))}"
+        text_tag = f" text={train_text}"
+    train = f"distill{{mode=train max_minutes={minutes:g}{text_opt}{(' ' + train_opts) if train_opts else ''}}}"
     ctx, graph = context()
     key = None
     if cache is not None:
@@ -215,14 +248,15 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
             key.with_suffix(".cmap.pkl").write_bytes(pickle.dumps(ctx.channel_map.positions))
     if not variants:
         t0, c0 = time.perf_counter(), time.process_time()
-        record("refit+train", f"cleanup,{cut},{refit_pipe},{train}", graph, ctx, t0, c0, apply(train, graph, ctx))
+        record(f"refit+train{text_tag}", f"cleanup,{cut},{refit_pipe},{train}", graph, ctx, t0, c0,
+               apply(train, graph, ctx))
         return rows
     start = ctx.export(graph)
     for v in variants:
         g = io.to_graph(start)
-        pipe = f"distill{{mode=train max_minutes={minutes:g} {v}}}"
+        pipe = f"distill{{mode=train max_minutes={minutes:g}{text_opt} {v}}}"
         t0, c0 = time.perf_counter(), time.process_time()
-        record(f"refit+train[{v}]", f"cleanup,{cut},{refit_pipe},{pipe}", g, ctx, t0, c0, apply(pipe, g, ctx))
+        record(f"refit+train[{v}{text_tag}]", f"cleanup,{cut},{refit_pipe},{pipe}", g, ctx, t0, c0, apply(pipe, g, ctx))
     return rows
 
 
@@ -272,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                     "the refit should read a prefix: --refit 'distill{samples=K}')")
     ap.add_argument("--extra-photos", type=int, default=0, help="image models: append this many crops of photos "
                     "in neither pool (EXTRA_PHOTOS) to the calibration inputs")
+    ap.add_argument("--train-text", default="", help="MiniLM: train on this benchmarks.text_corpus source "
+                    "(stdlib: the standard library's docstring and comment sentences, disjoint from the pydoc "
+                    "ones); variants pick how many with train_samples=N")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
@@ -288,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         n_calib = 550 if name.startswith("minilm") and args.n_calib == 64 else args.n_calib
         variants = [v.strip() for v in args.variants.split(";") if v.strip()]
         rows = run_model(specs[name], cut, args.minutes, n_calib, args.n_eval, args.train_opts, args.train_only,
-                         variants, args.cache, args.refit, args.train_feeds, args.extra_photos)
+                         variants, args.cache, args.refit, args.train_feeds, args.extra_photos, args.train_text)
         for r in rows:
             r["n_calib"], r["n_eval"] = n_calib, args.n_eval
             r["calib_feeds"] = max(n_calib, args.train_feeds) + args.extra_photos

@@ -111,6 +111,11 @@ class Distill(Pass):
     train_samples: int = option(0, "train: calibration feeds training draws from (0: samples); the refit keeps "
                                    "samples. The teacher labels every feed, so an unlabeled source larger than the "
                                    "refit's (a generator, a bigger file) gives training more distinct inputs")
+    train_data: str = option("", "train: unlabeled feeds (.npz or a folder, like --calib) training draws "
+                                 "train_samples from (0: all), with the calibration feeds not held out; early "
+                                 "stopping then watches calibration feeds only (every 4th, <= 128)")
+    pack: bool = option(True, "train: token feeds with an attention mask are trimmed of padding and stacked "
+                              "batch at a time by length (one forward per step instead of one per sentence)")
     max_minutes: float = option(15.0, "train: time budget; training stops (keeping the best weights) when it runs out")
     eval_every: int = option(25, "train: steps between held-out evaluations (every 4th calibration feed)")
     patience: int = option(4, "train: stop after this many held-out evaluations without improvement")
