@@ -71,8 +71,13 @@ VARIANTS: dict[str, str] = {
     "smooth-auto": "cleanup,quantize{smooth=auto}",
     "default": "cleanup,quantize",
     "all-int8": "cleanup,quantize{auto_float_db=0}",
+    "qat": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
+    "qat-wonly": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "ort_minmax": "ort",
 }
+#: variants whose distill pass trains with the activation scales fixed (``train.LEARN_SCALES`` off): only the
+#: integer weights and biases train. The distill pass has no option for it (yet): set on the parsed pass
+FIXED_SCALES = {"qat-wonly"}
 #: calibration / evaluation feeds per set (2 shared cores: modest counts)
 N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16,
            "efficientnet_lite2": 32}
@@ -259,25 +264,77 @@ def explain_errors(fp32: Path, cand: Path, feeds: list[Feed], top: int) -> dict[
 
 
 # ------------------------------------------------------------------------------------------------------ variants
+class PeakRSS:
+    """Peak resident memory (MB) of this process while the block runs, sampled every 0.1 s from /proc."""
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        self.peak, self._stop = self.rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @staticmethod
+    def rss() -> float:
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            return 0.0
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _pipeline(variant: str) -> Any:
+    """The variant's pipeline text, or its passes when the text cannot say it (``FIXED_SCALES``)."""
+    if variant not in FIXED_SCALES:
+        return VARIANTS[variant]
+    from onnxcompress.pipeline import parse_pipeline
+
+    passes = parse_pipeline(VARIANTS[variant])
+    for p in passes:
+        if p.name == "distill":
+            object.__setattr__(p, "learn_scales", False)
+    return passes
+
+
 def produce(variant: str, fp32: Path, calib: list[Feed], out: Path) -> dict[str, Any]:
-    """Make one candidate at ``out``; {tool_seconds, quantize stats | error}."""
+    """Make one candidate at ``out``; {tool_seconds, peak_rss_mb, load, quantize / distill stats | error}."""
     t0 = time.perf_counter()
+    load = [round(v, 2) for v in os.getloadavg()]
     if VARIANTS[variant] == "ort":
-        res = anchors.run_method(variant, anchors.ort_static("MinMax"), fp32, calib, out)
-        return {"tool_seconds": time.perf_counter() - t0, "error": res.error}
+        with PeakRSS() as mem:
+            res = anchors.run_method(variant, anchors.ort_static("MinMax"), fp32, calib, out)
+        return {"tool_seconds": time.perf_counter() - t0, "error": res.error, "peak_rss_mb": round(mem.peak),
+                "load": load}
     from onnxcompress import io
     from onnxcompress.api import compress
 
     try:
-        result = compress(fp32, VARIANTS[variant], calibration=calib, validate=False, measure=False)
+        with PeakRSS() as mem:
+            result = compress(fp32, _pipeline(variant), calibration=calib, validate=False, measure=False)
     except Exception as exc:  # a failing variant becomes its row's error
-        return {"tool_seconds": time.perf_counter() - t0, "error": anchors.first_line(exc)}
+        return {"tool_seconds": time.perf_counter() - t0, "error": anchors.first_line(exc), "load": load}
     io.save_model(result.model, out)
-    stats = result.ledger[-1].pass_stats
+    stats = next((r.pass_stats for r in result.ledger if r.stage.startswith("quantize")), {})
     keep = ("kept_float", "weight_rounding", "auto_float", "calibration", "latency_ratio_measured", "skipped",
             "empirical_bias")
-    return {"tool_seconds": time.perf_counter() - t0, "error": None,
-            "stats": {k: stats[k] for k in keep if k in stats}}
+    kept = {k: stats[k] for k in keep if k in stats}
+    train = next((r.pass_stats.get("train") for r in result.ledger if r.stage.startswith("distill")), None)
+    if train:
+        kept["train"] = {k: train.get(k) for k in (
+            "steps", "stopped_by", "seconds", "cpu_seconds", "heldout_loss_start", "heldout_loss_best", "improved",
+            "backoffs", "lr_final", "fake_quant", "losses", "train_feeds", "heldout_feeds", "loss_history")}
+    return {"tool_seconds": time.perf_counter() - t0, "error": None, "stats": kept, "peak_rss_mb": round(mem.peak),
+            "load": load + [round(v, 2) for v in os.getloadavg()]}
 
 
 def bench_model(spec: ModelSpec, variants: list[str], budget_s: float, explain: int = 0) -> dict[str, Any]:
@@ -314,6 +371,7 @@ def bench_model(spec: ModelSpec, variants: list[str], budget_s: float, explain: 
             rec["variants"][v] = row
         rec["fp32_weight_bytes"] = _weight_bytes(fp32)
         first = next(iter(sets.values()))[0][0]
+        rec["latency_load"] = [round(v, 2) for v in os.getloadavg()]
         lat = measure.latency_ratios({"fp32": fp32, **paths}, "fp32", first, threads=1, budget_s=budget_s)
         for v, r in lat.items():
             if v in rec["variants"]:
@@ -444,13 +502,15 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for rec in records:
         m = rec["model"]
         lines += [f"## {m}", "", f"calibration feeds {rec['n_calib']}; evaluation sets {rec['sets']}; "
-                  f"FP32 {rec.get('fp32_ms', float('nan')):.1f} ms; code at {rec.get('commit') or '?'}"]
+                  f"FP32 {rec.get('fp32_ms', float('nan')):.1f} ms; code at {rec.get('commit') or '?'}"
+                  + (f"; load average {rec['latency_load'][0]:.1f} when the latencies were measured"
+                     if rec.get("latency_load") else "")]
         for k, v in rec.get("fp32", {}).items():
             if v:
                 lines.append(f"FP32 on the {k} set vs ground truth: " + ", ".join(f"{a} {b:.3f}" for a, b in v.items()))
         lines.append("")
         sets = list(rec["sets"])
-        head = ["variant", "latency", "bytes", "tool s"]
+        head = ["variant", "latency", "bytes", "tool s", "peak MB", "load"]
         has_logits = any("logits_sqnr_db" in (row.get("sets") or {}).get(k, {})
                          for row in rec["variants"].values() for k in sets)
         for k in sets:
@@ -462,7 +522,8 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 lines.append(f"| {v} | error: {row['error']} |")
                 continue
             cells = [v, _f(row.get("latency_ratio"), "{:.2f}x"),
-                     _f(row["weight_bytes"] / rec["fp32_weight_bytes"], "{:.2f}x"), _f(row["tool_seconds"], "{:.0f}")]
+                     _f(row["weight_bytes"] / rec["fp32_weight_bytes"], "{:.2f}x"), _f(row["tool_seconds"], "{:.0f}"),
+                     _f(row.get("peak_rss_mb"), "{:.0f}"), _load(row.get("load"))]
             for k in sets:
                 r = row["sets"][k]
                 cells += [_f(r.get("sqnr_db"), "{:.1f}")]
@@ -478,6 +539,17 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 notes.append(f"- {v}: weight_rounding {wr.get('layers')} layers "
                              f"(median per-layer output-error gain {wr.get('output_error_db_gain_median')} dB), "
                              f"kept={wr.get('kept')}, {wr.get('seconds')} s; skipped {len(wr.get('skipped', {}))}")
+            tr = st.get("train")
+            if tr:
+                fq = tr.get("fake_quant") or {}
+                notes.append(
+                    f"- {v}: distill train {tr.get('steps')} steps in {tr.get('seconds')} s ({tr.get('stopped_by')}, "
+                    f"{tr.get('backoffs')} back-offs, lr {tr.get('lr_final')}), held-out loss "
+                    f"{tr.get('heldout_loss_start')} -> {tr.get('heldout_loss_best')} ({tr.get('losses')}, "
+                    f"{tr.get('train_feeds')} training / {tr.get('heldout_feeds')} held-out feeds); trained "
+                    f"{fq.get('weights')} int8 weights, {fq.get('biases')} int32 biases, {fq.get('scales_learned')} "
+                    f"activation scales (+{fq.get('scales_tied')} tied); {fq.get('integers_changed')} integers "
+                    f"changed ({fq.get('integers_changed_share', 0):.2%})")
             for kf in st.get("kept_float", []):
                 notes.append(f"- {v}: float `{kf['layer']}` ({kf.get('macs_share', 0):.1%} of MACs): {kf['reason']}")
             for rj in (st.get("auto_float") or {}).get("rejected", []):
@@ -497,6 +569,13 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                          f"{r['uint8']:.2f}x | {r['uint16']:.2f}x |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _load(load: Any) -> str:
+    """The 1-minute load average when the variant started (and ended)."""
+    if not load:
+        return "—"
+    return f"{load[0]:.1f}" + (f"-{load[3]:.1f}" if len(load) > 3 else "")
 
 
 def _explain_lines(variant: str, es: dict[str, Any]) -> list[str]:

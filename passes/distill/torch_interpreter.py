@@ -10,7 +10,10 @@ written back. The float weights of weighted slots become ``Weight`` parameters k
 - ``Gather(codebook, constant indices)`` (a clustered tensor decoded by Gather): the codebook is the parameter;
 - a weight with few distinct values (<= 256, every value used >= 16 times on average: snapped clustering) is
   trained as its codebook: W = c[idx], so it keeps <= k distinct values;
-- exact zeros stay zero: W = P * M with the mask M = (W0 != 0) (pruned weights; their gradient is zero).
+- exact zeros stay zero: W = P * M with the mask M = (W0 != 0) (pruned weights; their gradient is zero);
+- a QDQ graph (``quantize``): QuantizeLinear / DequantizeLinear run as fake quantization with a straight-through
+  estimator; a quantized weight or int32 bias read through a DQ trains a float shadow of its integers, and with
+  ``learn_scales`` the activation scales train too (``fake_quant``).
 
 Shape arithmetic (Shape, Gather on shapes, Concat of dims) runs on int64 tensors, so dynamic shapes follow the feed.
 Ops outside the table, other domains and subgraph ops (If, Loop, Scan) are ``Unsupported``: listed up front by
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .fake_quant import attach
 from .torch_ops import MULTI_OUTPUT, OPS
 
 log = logging.getLogger(__name__)
@@ -117,7 +121,7 @@ class TorchGraph:
     """The graph as a torch forward; ``weights`` are its trainable parameters (by ONNX name)."""
 
     def __init__(self, graph: gs.Graph, torch: Any, train: bool = True, masks: bool = True,
-                 codebooks: bool = True) -> None:
+                 codebooks: bool = True, learn_scales: bool = False) -> None:
         self.torch = torch
         self.graph = graph
         self.nodes = [n for n in topo_order(graph) if n.op != "Constant"]
@@ -146,6 +150,9 @@ class TorchGraph:
                 del self.consts[name]
             else:
                 self.consts[name] = torch.from_numpy(np.array(v))
+        self.quant_stats: dict = {}
+        if train and any(n.op == "DequantizeLinear" for n in self.nodes):
+            self.quant_stats = attach(self, lambda n, i: i in WEIGHT_SLOTS.get(n.op, ()), learn_scales)
         # last use of every tensor: freed after its last consumer (bounded memory without autograd)
         self._last: dict[int, list[str]] = defaultdict(list)
         seen: dict[str, int] = {}
@@ -171,7 +178,8 @@ class TorchGraph:
         return Weight(name, v.dtype, v.shape, torch.nn.Parameter(torch.from_numpy(f.copy())), mask)
 
     def parameters(self, names: set[str] | None = None) -> list:
-        return [w.param for n, w in self.weights.items() if names is None or n in names]
+        return [w.param for n, w in self.weights.items()
+                if w.param is not None and (names is None or n in names)]
 
     def value(self, name: str, env: dict) -> Any:
         if name in env:

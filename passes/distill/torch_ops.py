@@ -6,6 +6,7 @@ shapes, indices or axes stay int64 tensors and are read with ``.tolist()`` where
 
 Not every attribute combination is implemented: an unsupported one raises ``NotImplementedError`` naming the op and
 the attribute, which the interpreter turns into a clear error (end-to-end) or a block left untrained (block-wise).
+QuantizeLinear / DequantizeLinear are fake quantization with a straight-through estimator (``fake_quant``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from .fake_quant import dequantize_linear, quantize_linear
 
 # ONNX TensorProto data types -> numpy dtypes (torch dtypes are derived from these)
 _ONNX_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
@@ -438,6 +441,7 @@ OPS: dict[str, Callable] = {
     "Tile": lambda torch, i, a: [i[0].repeat(*_ints(i[1]))],
     "ReduceMean": _reduce("mean"), "ReduceSum": _reduce("sum"), "ReduceMax": _reduce("max"),
     "ReduceMin": _reduce("min"), "ReduceL2": _reduce("l2"),
+    "QuantizeLinear": quantize_linear, "DequantizeLinear": dequantize_linear,
     "Max": _variadic("Max"), "Min": _variadic("Min"), "Sum": _variadic("Sum"),
     **{k: _binary(k) for k in ("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "LessOrEqual",
                                "GreaterOrEqual", "And", "Or")},

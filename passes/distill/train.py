@@ -29,6 +29,13 @@ with the larger of the step fraction and the time-budget fraction, and the held-
 sixth of the budget and when it runs out: a run cut by ``max_minutes`` keeps what it reached, but then depends on
 the machine's speed (only runs ended by ``steps`` or early stop are reproducible to the byte).
 
+Quantization-aware (a QDQ graph from ``quantize``): the student runs with fake quantization and a straight-through
+estimator (``fake_quant``); each quantized weight trains a float shadow of its integers, int32 biases likewise, and
+(``learn_scales``, on unless the options turn it off) the activation scales, LSQ-style. The teacher is still the
+float original. Written back: re-rounded integers (and scales), the same nodes, so the same integer kernels under ORT;
+``stats["fake_quant"]`` counts what trained and how many integers changed. Graphs with integer-kernel ops
+(QLinearConv, MatMulInteger, DynamicQuantizeLinear: dynamic mode) are refused.
+
 Feature tensors (``features`` > 0): graph tensors that exist in the teacher under the same name and whose values
 depend on trained weights, at the block boundaries ``blocks.partition`` finds (the residual stream / stage outputs
 the pruning kept); a channel-pruned tensor is compared with the teacher's kept channels (``ctx.channel_map``).
@@ -70,8 +77,10 @@ MAX_HELDOUT = 32
 #: loss on the feeds themselves (``Trainer.check_augment``)
 AUGMENT_TOLERANCE = 3.0
 
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                 "MatMulInteger", "DynamicQuantizeLinear"}
+#: integer-kernel ops the interpreter cannot train through (a QDQ graph's QuantizeLinear / DequantizeLinear it can)
+QUANTIZED_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
+#: learn the activation scales of a QDQ graph (LSQ) unless the options say otherwise (``learn_scales``)
+LEARN_SCALES = True
 
 
 def take_channels(value: np.ndarray, mapping: dict[int, np.ndarray] | None) -> np.ndarray:
@@ -89,12 +98,13 @@ class Trainer:
         self.torch = torch = require_torch()
         quantized = sorted({n.op for n in graph.nodes} & QUANTIZED_OPS)
         if quantized:
-            raise PassError(f"distill{{mode=train}} runs before quantize (the graph has {', '.join(quantized)}): "
-                            "put it before quantize in the pipeline")
+            raise PassError(f"distill{{mode=train}} trains float and QDQ graphs, not {', '.join(quantized)}: "
+                            "put it before quantize in the pipeline, or quantize in static or weight_only mode")
         self.graph, self.ctx, self.opts = graph, ctx, opts
         torch.manual_seed(int(ctx.rng("distill-train-torch").integers(0, 2**31 - 1)))
         self.rng = ctx.rng("distill-train")
-        self.tg = TorchGraph(graph, torch, masks=opts.masks, codebooks=True)
+        self.tg = TorchGraph(graph, torch, masks=opts.masks, codebooks=True,
+                             learn_scales=bool(getattr(opts, "learn_scales", LEARN_SCALES)))
         self.kinds = loss_kinds(student_model, opts.loss)
         self.probs = prob_outputs(student_model)
         self.teacher = teacher
@@ -272,6 +282,12 @@ class Trainer:
                 "improved": best_state is not None, "loss_history": history, "backoffs": backoffs,
                 "lr_final": opts.lr * lr_scale}
 
+    def integers(self) -> dict[str, np.ndarray]:
+        """The integer constants of the trained quantized weights and biases (for the stats)."""
+        tensors = self.graph.tensors()
+        return {n: np.asarray(tensors[n].values) for n, w in self.tg.weights.items()
+                if n in tensors and hasattr(w, "lo") and hasattr(tensors[n], "values")}
+
     # ------------------------------------------------------------------------------------------------ run
     def run(self, feeds: list[dict]) -> dict:
         """End-to-end: the whole student against the teacher's outputs (and features)."""
@@ -292,8 +308,15 @@ class Trainer:
 
             stats = self.fit(self.tg.parameters(), self.opts.steps, self.opts.max_minutes * 60.0, train, held,
                              lambda f: self.tg.forward(f, features), targets, features, "distill train")
+        before = self.integers() if self.tg.quant_stats else {}
         written = self.tg.write_back() if stats["improved"] else 0
         stats["augment_probe"] = getattr(self, "augment_probe", None)
+        if self.tg.quant_stats:
+            after = self.integers()
+            moved = sum(int(np.count_nonzero(after[k] != v)) for k, v in before.items())
+            total = max(1, sum(v.size for v in before.values()))
+            stats["fake_quant"] = {**self.tg.quant_stats, "integers_changed": moved,
+                                   "integers_changed_share": round(moved / total, 5)}
         return {"mode": "train", **stats, "weights_trained": len(self.tg.weights), "weights_written": written,
                 "features": len(features), "losses": {k: v[0] for k, v in self.kinds.items()},
                 "batched": self.batchable, "train_feeds": len(train), "heldout_feeds": len(held)}
