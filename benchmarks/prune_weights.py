@@ -212,6 +212,7 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
                          f"{_f(r['tool_s'], '{:.0f}')} |")
     lines += render_training(rows)
     lines += render_flips(rows)
+    lines += render_chain(meta.get("chain_rows", []))
     if meta.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]]
     lines += ["", f"Versions: {meta.get('versions')}. Total time {meta.get('seconds', 0):.0f} s."]
@@ -382,6 +383,130 @@ def flip_rows(spec, record: dict[str, Any], n_eval: int) -> None:
                 log.warning("%s: flip analysis failed (%s)", name, exc)
 
 
+# ----------------------------------------------------------------------------- one process: prune once, then recover
+def chain(spec: Any, prune: str, refit: str, trains: list[str], n_calib: int, n_eval: int, train_feeds: int,
+          then: str = "", keep: Path | None = None) -> list[dict[str, Any]]:
+    """``prune`` once, snapshot; ``refit`` on it, snapshot; each of ``trains`` (distill{mode=train ...}) from the
+    refit student, snapshot; ``then`` (e.g. ``quantize``) also applied to a copy of every snapshot. One process, one
+    context, the same calibration (``max(n_calib, train_feeds)`` built; the pruning and the refit read their
+    ``samples=`` prefix) and evaluation feeds for every stage: the training rows differ from the refit row by the
+    training alone. Per stage: task metric and worst-output cosine vs FP32 (``benchmarks.distill_train.score``),
+    raw / zipped bytes vs FP32, wall and CPU seconds of the stage, the process's peak RSS so far, load average."""
+    import resource
+
+    import onnx
+
+    from benchmarks.distill_train import score
+    from benchmarks.fetch import cache_dir
+    from benchmarks.measure import model_figures
+    from onnxcompress import io
+    from onnxcompress.context import PassContext
+    from onnxcompress.data import load_feeds
+    from onnxcompress.pipeline import parse_pipeline
+    from onnxcompress.runtime import Session
+
+    path = Path(spec.fetch(cache_dir()))
+    fp32 = onnx.load(str(path))
+    calib, evals = spec.make_inputs(max(n_calib, train_feeds), "calib"), spec.make_inputs(n_eval, "eval")
+    with Session(fp32, threads=2) as sess:
+        ref = [sess.run(f) for f in evals]
+    base = model_figures(path, evals[0])
+    working = onnx.ModelProto()
+    working.CopyFrom(fp32)
+    io.prepare_for_import(working)
+    ctx = PassContext(calibration=load_feeds(calib, fp32), original_bytes=fp32.SerializeToString(),
+                      model_template=working)
+    graph = io.to_graph(working)
+    scratch = keep or Path(tempfile.mkdtemp(prefix="pw-chain-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+
+    def apply(pipeline: str, g: Any) -> dict[str, Any]:
+        stats = {}
+        for ps in parse_pipeline(pipeline):
+            ps.requires(g, ctx)
+            res = ps.run(g, ctx)
+            g.cleanup().toposort()
+            ctx.invalidate(res.preserved)
+            stats[ps.name] = res.stats
+        return stats
+
+    def snapshot(stage: str, pipeline: str, model: Any, t0: float, c0: float, stats: dict) -> None:
+        out = scratch / f"{spec.name}_{len(rows)}.onnx"
+        io.save_model(model, out)
+        figs = model_figures(out, evals[0])
+        row = {"model": spec.name, "stage": stage, "pipeline": pipeline, "seconds": time.perf_counter() - t0,
+               "cpu_seconds": time.process_time() - c0,
+               "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+               "load_average": round(os.getloadavg()[0], 2), "n_calib": n_calib, "calib_built": len(calib),
+               "size_ratio": figs["bytes_raw"] / base["bytes_raw"], "zip_ratio": figs["bytes_zip"] / base["bytes_zip"],
+               **score(spec, model, evals, ref), "metric_name": spec.primary_metric}
+        train = (stats.get("distill") or {}).get("train")
+        if train:
+            row["train"] = {k: train.get(k) for k in ("steps", "stopped_by", "seconds", "heldout_loss_start",
+                                                      "heldout_loss_best", "train_feeds", "losses", "backoffs")}
+        pw = stats.get("prune-weights")
+        if pw:
+            row["sparsity"] = pw.get("sparsity_pruned_tensors")
+        if spec.name == "nudenet_320n":
+            row["flips"] = flip_analysis(path, out, evals)
+        if keep is None:
+            out.unlink(missing_ok=True)
+        rows.append(row)
+        log.info("%s %s: %s %.4f (cos %.5f), zip %.3f, %.0f s wall, %.0f s cpu, peak %.0f MB, load %.1f",
+                 spec.name, stage, spec.primary_metric, row["metric"], row["cosine"], row["zip_ratio"],
+                 row["seconds"], row["cpu_seconds"], row["peak_mb"], row["load_average"])
+
+    def stage(name: str, pipeline: str, g: Any, step: str) -> Any:
+        t0, c0 = time.perf_counter(), time.process_time()
+        stats = apply(step, g)
+        model = ctx.export(g)
+        snapshot(name, pipeline, model, t0, c0, stats)
+        if then:
+            g2 = io.to_graph(model)
+            t0, c0 = time.perf_counter(), time.process_time()
+            stats2 = apply(then, g2)
+            snapshot(f"{name}+{then}", f"{pipeline},{then}", ctx.export(g2), t0, c0, stats2)
+        return model
+
+    stage("pruned", prune, graph, prune)
+    refit_model = stage("refit", f"{prune},{refit}", graph, refit) if refit else ctx.export(graph)
+    for t in trains:
+        g = io.to_graph(refit_model)
+        stage("refit+train" if refit else "train", f"{prune},{refit + ',' if refit else ''}{t}", g, t)
+    if keep is None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def render_chain(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Recovery by training: prune once, then refit, then train (one process per model)", "",
+             "`python -m benchmarks.prune_weights --chain ...` (commands in the JSON's `chain_args`): the pruning runs "
+             "once, the closed-form refit (`distill{samples=K}`) on its result, and each training "
+             "(`distill{mode=train ...}`) from the refit student; every stage scored on the same evaluation inputs "
+             "against FP32 (task metric, worst-output cosine), same calibration inputs (the pruning and the refit "
+             "read the first K of the *calib* built, the training `train_samples=N`). *s*: the stage's own wall "
+             "seconds (CPU seconds in brackets); *peak MB*: the process's RSS high-water mark so far; *load*: "
+             "1-minute load average at the end of the stage (2 shared cores). Sizes vs FP32; training changes "
+             "values only (zeros stay zero: `masks=true`).", "",
+             "| model | stage | pipeline | metric | cos | zip | s (cpu) | peak MB | calib | load | training |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tr = r.get("train") or {}
+        steps = (f"{tr.get('steps')} steps ({tr.get('stopped_by')}), held-out {tr.get('heldout_loss_start'):.4g} "
+                 f"-> {tr.get('heldout_loss_best'):.4g}" if tr.get("heldout_loss_start") is not None else "")
+        lines.append(f"| {r['model']} | {r['stage']} | `{r['pipeline']}` | {r['metric_name']} {r['metric']:.3f} | "
+                     f"{r['cosine']:.5f} | {r['zip_ratio']:.3f} | {r['seconds']:.0f} ({r['cpu_seconds']:.0f}) | "
+                     f"{r['peak_mb']:.0f} | {r.get('calib_built')} | {r['load_average']:.1f} | {steps} |")
+    flips = [r for r in rows if r.get("flips")]
+    if flips:
+        lines += render_flips([{"model": r["model"], "pipeline": r["pipeline"], "flips": r["flips"]}
+                               for r in flips])
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.prune_weights", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", help=f"comma-separated (default: {','.join(MODELS)})")
@@ -406,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
                                                        "(beside its earlier rows) instead of replacing it")
     ap.add_argument("--keep", type=Path, default=None, help="keep the candidate models in this folder")
     ap.add_argument("--flips", action="store_true", help="nudenet: which boxes / classes each candidate loses")
+    ap.add_argument("--chain", help="one process: this prune-weights pipeline once, then --refit, then each "
+                                    "';'-separated --trains from the refit student (rows into the JSON's chain)")
+    ap.add_argument("--refit", default="distill{samples=32}", help="with --chain: the closed-form stage ('' none)")
+    ap.add_argument("--trains", default="", help="with --chain: ';'-separated training stages")
+    ap.add_argument("--then", default="", help="with --chain: also apply this to a copy of every stage (quantize)")
     ap.add_argument("--combine", help="comma-separated folders of earlier runs' prune_weights.json: merge their "
                                       "records (a model's variants from several runs side by side) into --out")
     args = ap.parse_args(argv)
@@ -430,6 +560,19 @@ def main(argv: list[str] | None = None) -> int:
     names = chosen_models(args.models, MODELS, specs)
     if names is None:
         return 2
+    if args.chain:
+        saved = json.loads((out / "prune_weights.json").read_text())
+        this = " ".join(argv if argv is not None else sys.argv[1:])
+        for name in names:
+            new = chain(specs[name], args.chain, args.refit, [t.strip() for t in args.trains.split(";") if t.strip()],
+                        N_CALIB.get(name, args.n_calib), args.n_eval, args.train_feeds or 0, args.then, args.keep)
+            old = [r for r in saved["meta"].get("chain_rows", [])
+                   if (r["model"], r["pipeline"]) not in {(x["model"], x["pipeline"]) for x in new}]
+            saved["meta"]["chain_rows"] = old + new
+            saved["meta"]["chain_args"] = saved["meta"].get("chain_args", []) + [this]
+            write(out, saved["records"], saved["meta"])
+        print(f"wrote {out}/prune_weights.md")
+        return 0
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     extra = f" {args.options}" if args.options else ""
     if args.pipelines:

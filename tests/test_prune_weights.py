@@ -472,3 +472,27 @@ def test_channel_sensitivity_error_sees_a_small_scale_channel_the_pooled_error_m
     assert same == 0.0
     with pytest.raises(BadInputError, match="sensitivity_error"):
         parse_pipeline("prune-weights{sensitivity_error=anchor}")
+
+
+def test_sensitivity_update_measures_what_the_obs_pruning_then_does():
+    """sensitivity_update=true: each curve point is the output error of the layer pruned with the OBS update of its
+    remaining weights (what the pass then does), not of its zeroing alone: at level 0.5 it equals the error of the
+    pass's own 50% uniform obs result on the same feeds, and the zeroing curve does not."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "lin",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [12, 8])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    mix = rng.standard_normal((16, 16)).astype(np.float32)  # correlated inputs: the update has work to do
+    feeds = [{"x": (rng.standard_normal((12, 16)) @ mix).astype(np.float32)} for _ in range(4)]
+    opts = f"score=obs sparsity=0.5 sensitivity_samples=4 {ALL}"
+    zeroing = _stats(_run(model, f"prune-weights{{{opts} allocation=sensitivity}}", feeds))["sensitivity_curves"]
+    updated = _stats(_run(model, f"prune-weights{{{opts} allocation=sensitivity sensitivity_update=true}}",
+                          feeds))["sensitivity_curves"]
+    pruned = _run(model, f"prune-weights{{{opts} allocation=uniform}}", feeds).model
+    num = sum(float(np.sum(np.square(ort_run(pruned, f)[0].astype(np.float64) - ort_run(model, f)[0]))) for f in feeds)
+    den = sum(float(np.sum(np.square(ort_run(model, f)[0].astype(np.float64)))) for f in feeds)
+    np.testing.assert_allclose(updated["w"][1], num / den, rtol=1e-3)
+    assert abs(zeroing["w"][1] - num / den) > 0.01 * num / den

@@ -97,6 +97,9 @@ class PruneWeights(Pass):
     sensitivity_levels: tuple[float, ...] = option((0.3, 0.5, 0.7, 0.9), "sparsities each layer is measured at "
                                                                          "alone (allocation=sensitivity)")
     sensitivity_samples: int = option(4, "calibration feeds per sensitivity trial")
+    sensitivity_update: bool = option(False, "score=obs: measure each sensitivity level with the OBS update of the "
+                                             "remaining weights (what the pruning does) instead of the zeroing "
+                                             "alone")
     sensitivity_error: str = option("output", "output (relative squared error pooled over the outputs) or channel "
                                               "(mean of each output channel's relative error: an output mixing "
                                               "box coordinates and class scores is not judged by the coordinates "
@@ -130,6 +133,11 @@ class PruneWeights(Pass):
             raise ValueError("sensitivity_levels must be sparsities in (0, 1)")
         if self.nm is not None and self.block % self.nm[1]:
             raise ValueError(f"block ({self.block}) must be a multiple of M ({self.nm[1]})")
+
+    @property
+    def update_block(self) -> int | None:
+        """The OBS block size the sensitivity trials update with (None: zeroing alone)."""
+        return self.block if self.sensitivity_update else None
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -199,7 +207,7 @@ class PruneWeights(Pass):
             sizes = [int(np.prod(t.const.shape)) for t in targets]
             if allocation == "sensitivity":
                 counts, curves = self._sensitivity_counts(
-                    targets, [lambda i=i: layer_at(i).zeroed_at(self.scope) for i in range(len(targets))], sizes,
+                    targets, [lambda i=i: layer_at(i).zeroed_at(self.scope, self.update_block) for i in range(len(targets))], sizes,
                     graph, ctx)
                 stats["sensitivity_curves"] = curves
             else:
@@ -264,7 +272,7 @@ class PruneWeights(Pass):
             return counts, {}
         if allocation == "sensitivity":
             return self._sensitivity_counts([L.t for L in layers],
-                                            [lambda L=L: L.zeroed_at(self.scope) for L in layers],
+                                            [lambda L=L: L.zeroed_at(self.scope, self.update_block) for L in layers],
                                             [L.size for L in layers], graph, ctx)
         return self._counts_by_size([L.size for L in layers]), {}
 
@@ -390,9 +398,18 @@ class _Layer:
                 s[rows] = np.sqrt(saliency(self.v[rows], self.u_groups[g]))  # |w| / sqrt([H^-1]_jj)
         return s
 
-    def zeroed_at(self, scope: str):
+    def zeroed_at(self, scope: str, update_block: int | None = None):
         """level -> the weight with that share of its lowest scores zeroed. Holds only the ranks (one sort for
-        every level) and the weight: the layer's scores, Hessians and factors can be freed meanwhile."""
+        every level) and the weight: the layer's scores, Hessians and factors can be freed meanwhile. With
+        ``update_block`` (score obs): the level's OBS pruning with the update of the remaining weights instead
+        (this holds the layer's factors)."""
+        if update_block is not None and self.score == "obs":
+            dtype_ = np.asarray(self.t.const.values).dtype
+
+            def pruned(level: float) -> np.ndarray:
+                new, _ = self.obs(int(round(level * self.size)), scope, None, update_block)
+                return self.t.from_matrix(new).astype(dtype_)
+            return pruned
         ranked = mk.ranks(self.scores, axis=1 if scope == "row" else None)
         t, v, size = self.t, self.v, self.size
         dtype = np.asarray(t.const.values).dtype
