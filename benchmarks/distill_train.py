@@ -273,6 +273,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in rows:
         tr = r.get("train") or {}
         steps = f"{tr.get('steps')} ({tr.get('stopped_by')})" if tr and tr.get("steps") is not None else ""
+        src = tr.get("train_source") or {}
+        if steps and src.get("train_data"):
+            steps += f"; {src['train_feeds']} feeds"
         if tr.get("blocks_trained") is not None:
             steps = f"block-wise: {tr['blocks_trained']} of {tr['blocks']} blocks"
         held = (f"{tr['heldout_loss_start']:.4g} -> {tr['heldout_loss_best']:.4g}"

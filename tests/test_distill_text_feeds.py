@@ -114,11 +114,11 @@ def _train(tmp_path, **opts) -> tuple[dict, onnx.ModelProto, list]:
     return res.stats["train"], ctx.export(graph), calib
 
 
-def test_train_data_trains_on_the_pool_and_holds_out_calibration_feeds(tmp_path):
+def test_train_data_trains_on_the_pool_and_holds_out_pool_feeds_it_does_not_read(tmp_path):
     stats, trained, calib = _train(tmp_path, train_samples=120)
     src = stats["train_source"]
-    assert src["train_feeds"] == 120 + 30 and src["heldout_feeds"] == 10  # 120 of the pool + 30 of 40 calib
-    assert stats["packed"]["packs"] == 19 and stats["packed"]["pad_fraction"] < 0.25
+    assert src["heldout"] == "pool" and src["train_feeds"] == 120 + 40 and src["heldout_feeds"] == 80
+    assert stats["packed"]["packs"] == 20 and stats["packed"]["pad_fraction"] < 0.25
     assert stats["improved"] and stats["heldout_loss_best"] < stats["heldout_loss_start"]
     teacher, student = _token_model(), _token_model(seed=1, noise=0.3)
 
@@ -131,12 +131,25 @@ def test_train_data_trains_on_the_pool_and_holds_out_calibration_feeds(tmp_path)
     assert cos_err(trained) < 0.8 * cos_err(student)
 
 
+def test_heldout_calibration_holds_out_every_fourth_calibration_feed(tmp_path):
+    src = _train(tmp_path, train_samples=120, heldout="calibration")[0]["train_source"]
+    assert src["heldout"] == "calibration" and src["train_feeds"] == 120 + 30 and src["heldout_feeds"] == 10
+    src = _train(tmp_path, train_samples=196)[0]["train_source"]  # < 8 pool feeds left: every 4th of the 196
+    assert src["heldout_feeds"] == 49 and src["train_feeds"] == 196 - 49 + 40
+
+
+@pytest.mark.parametrize("bad", [{"heldout": "eval"}, {"heldout": "pool"}])
+def test_bad_heldout_is_refused(bad):
+    with pytest.raises(ValueError, match="heldout"):
+        Distill(mode="train", **bad)
+
+
 def test_train_data_is_deterministic_and_pack_false_runs_sentence_by_sentence(tmp_path):
     a = _train(tmp_path, train_samples=60)[1]
     b = _train(tmp_path, train_samples=60)[1]
     assert a.SerializeToString() == b.SerializeToString()
     stats = _train(tmp_path, train_samples=60, pack=False)[0]
-    assert "packed" not in stats and stats["train_feeds"] == 60 + 30
+    assert "packed" not in stats and stats["train_feeds"] == 60 + 40
 
 
 def test_a_missing_train_data_file_is_one_clear_error(tmp_path):

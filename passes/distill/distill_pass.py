@@ -114,6 +114,9 @@ class Distill(Pass):
     train_data: str = option("", "train: unlabeled feeds (.npz or a folder, like --calib) training draws "
                                  "train_samples from (0: all), with the calibration feeds not held out; early "
                                  "stopping then watches calibration feeds only (every 4th, <= 128)")
+    heldout: str = option("auto", "train: early-stop feeds: calibration (every 4th), pool (train_data feeds the "
+                                  "training does not read) or auto (pool with train_data, else calibration). The "
+                                  "refit fits every calibration feed it reads: their loss is its training loss")
     pack: bool = option(True, "train: token feeds with an attention mask are trimmed of padding and stacked "
                               "batch at a time by length (one forward per step instead of one per sentence)")
     max_minutes: float = option(15.0, "train: time budget; training stops (keeping the best weights) when it runs out")
@@ -142,6 +145,10 @@ class Distill(Pass):
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.temperature <= 0 or self.features < 0 or self.max_minutes <= 0 or self.patience < 1:
             raise ValueError("temperature and max_minutes must be > 0, features >= 0, patience >= 1")
+        if self.heldout not in ("auto", "calibration", "pool"):
+            raise ValueError(f"heldout must be auto, calibration or pool, got {self.heldout!r}")
+        if self.heldout == "pool" and not self.train_data:
+            raise ValueError("heldout=pool needs train_data (the pool)")
         parse_loss(self.loss)
         parse_augment(self.augment)
 
