@@ -468,20 +468,21 @@ def test_end_to_end_names_an_unsupported_op_blockwise_leaves_its_block(digits):
         Distill(mode="train", steps=2).run(graph, ctx)
 
 
-def test_quantized_graph_is_refused_before_training(digits):
+def test_integer_op_graph_is_refused_before_training(digits):
+    """QDQ graphs train (tests/test_distill_qat.py); a graph of integer-only ops (dynamic quantization) is refused."""
     base = _run(digits, "cleanup").model
     graph = io.to_graph(base)
     conv = next(n for n in graph.nodes if n.op == "Conv")
-    w = conv.inputs[1]
-    q = gs.Constant("wq", np.zeros(w.shape, np.int8))
-    deq = gs.Variable("wdq", dtype=np.float32)
-    graph.nodes.append(gs.Node("DequantizeLinear", inputs=[q, gs.Constant("s", np.array(0.1, np.float32))],
-                               outputs=[deq]))
-    conv.inputs[1] = deq
+    x = conv.inputs[0]
+    xq, xs, xz = (gs.Variable(n, dtype=d) for n, d in (("xq", np.uint8), ("xs", np.float32), ("xz", np.uint8)))
+    graph.nodes.append(gs.Node("DynamicQuantizeLinear", inputs=[x], outputs=[xq, xs, xz]))
+    back = gs.Variable("xdq", dtype=np.float32)
+    graph.nodes.append(gs.Node("DequantizeLinear", inputs=[xq, xs, xz], outputs=[back]))
+    conv.inputs[0] = back
     graph.toposort()
     ctx = _ctx(digits)
     ctx.original_bytes = digits.SerializeToString()
-    with pytest.raises(PassError, match="before quantize"):
+    with pytest.raises(PassError, match="DynamicQuantizeLinear"):
         Distill(mode="train", steps=2).run(graph, ctx)
 
 
