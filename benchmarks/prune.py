@@ -99,6 +99,8 @@ TRAIN_MODELS = ["ppocrv4_rec", "ppocrv4_det", "nudenet_320n", "ddddocr_det", "mi
 TRAIN_DISTILL = "distill{{mode={mode} max_minutes={minutes:g}}}"
 _MODE = re.compile(r"distill\{[^}]*mode=([a-z+]+)")
 MINILM_GOAL = {"removed": 0.30, "cosine": 0.98}
+#: issue 14 on the CNNs: the best of prune-layers / prune-channels / both at measured latency <= 0.7x keeps >= 0.99
+LAYER_GOAL = {"latency": 0.7, "metric": 0.99}
 
 _TARGET = re.compile(r"target_macs=([0-9.]+)")
 _LATENCY = re.compile(r"target_latency=([0-9.]+)")
@@ -131,14 +133,19 @@ def variants(model: str, quick: bool = False) -> list[str]:
 
 def train_variants(model: str, minutes: float = 8.0, targets: tuple[float, ...] = (0.5,),
                    refit: bool = True, mode: str = "refit+train", samples: int | None = None,
-                   train_feeds: int | None = None, extra: tuple[str, ...] = ("",)) -> list[str]:
+                   train_feeds: int | None = None, extra: tuple[str, ...] = ("",),
+                   latency_targets: tuple[float, ...] = ()) -> list[str]:
     """The ``--train`` rows for one model: the cut, then closed-form ``distill`` and ``TRAIN_DISTILL`` (one
     training row per ``extra`` option string, e.g. ``blockwise=true``).
 
     ``samples``: the refit's calibration feeds (``distill{samples=K}``, in both rows); ``train_feeds``: the
     training's (``train_samples=N``): the run then builds N calibration inputs, of which the refit reads the first
-    K, so the closed-form row is the same as in a run with K inputs and only the training sees more."""
-    cuts = [MINILM_SPREAD] if model in TRANSFORMERS else [f"prune-channels{{target_macs={t}}}" for t in targets]
+    K, so the closed-form row is the same as in a run with K inputs and only the training sees more.
+    ``latency_targets``: CNN cuts by ``prune-channels{target_latency=X}`` (issue 14's budget is measured latency)
+    in addition to the ``target_macs`` ones."""
+    cuts = [MINILM_SPREAD] if model in TRANSFORMERS else (
+        [f"prune-channels{{target_macs={t}}}" for t in targets]
+        + [f"prune-channels{{target_latency={t}}}" for t in latency_targets])
     base = TRAIN_DISTILL.format(mode=mode, minutes=minutes)[:-1]
     if samples:
         base += f" samples={samples}"
@@ -242,7 +249,8 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
 
     def extra(m: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
         more: dict[str, Any] = {"truth": truth_metrics(m.get("metrics") or {}),
-                                "load": m.get("load_average", record.get("load_average"))}
+                                "load": m.get("load_average", record.get("load_average")),
+                                "train": train_stats((m.get("info") or {}).get("distill_train"))}
         figs = m.get("figures") or {}
         if fp32_macs and figs.get("macs") and row["macs_ratio"] is None:
             more["macs_ratio"] = figs["macs"] / fp32_macs
@@ -253,7 +261,36 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
         if not row.get("error"):
             row["goal"] = goal(row)
             row["train_goal"] = train_goal(row)
+            row["layer_goal"] = layer_goal(row)
     return rows
+
+
+def train_stats(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the training did (from the pass's stats the harness keeps): steps, why it stopped, held-out loss
+    start -> best, back-offs, the feeds it trained on / held out."""
+    if not info:
+        return None
+    keys = ("steps", "stopped_by", "seconds", "heldout_loss_start", "heldout_loss_best", "backoffs", "train_feeds",
+            "heldout_feeds", "improved")
+    return {k: info.get(k) for k in keys if info.get(k) is not None}
+
+
+def train_cell(t: dict[str, Any] | None) -> str:
+    if not t or t.get("steps") is None:
+        return ""
+    held = (f", held-out {t['heldout_loss_start']:.4g} -> {t['heldout_loss_best']:.4g}"
+            if t.get("heldout_loss_start") is not None else "")
+    feeds = f", {t['train_feeds']}+{t['heldout_feeds']} feeds" if t.get("train_feeds") else ""
+    return f"{t['steps']} ({t.get('stopped_by')}){held}{feeds}"
+
+
+def layer_goal(row: dict[str, Any]) -> bool | None:
+    """Issue 14's CNN goal for a distilled row: measured latency <= 0.7x and metric >= 0.99 of FP32's."""
+    if row["model"] in TRANSFORMERS or not row.get("distill") or row.get("error"):
+        return None
+    if row.get("latency_ratio") is None or row.get("metric") is None:
+        return None
+    return row["latency_ratio"] <= LAYER_GOAL["latency"] and row["metric"] >= LAYER_GOAL["metric"]
 
 
 def truth_metrics(metrics: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -426,19 +463,24 @@ def render_train(rows: list[dict[str, Any]]) -> list[str]:
              "feeds); `samples=K` is the refit's calibration feeds, `train_samples=N` the training's (the run "
              "builds N, the refit reads the first K). *load*: the 1-minute load average when the model's run "
              "ended (2 shared cores).",
-             "", "| model | variant | distill | options | MACs | latency | metric | vs ground truth | goal | tool s "
-             "| peak MB | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "*training*: optimizer steps (why it stopped), held-out loss at the start -> the best kept, training + "
+             f"held-out feeds. *issue 14*: measured latency <= {LAYER_GOAL['latency']}x and metric >= "
+             f"{LAYER_GOAL['metric']} (prune_layers.md has the layers / both rows).",
+             "", "| model | variant | distill | options | MACs | latency | metric | vs ground truth | goal | issue 14 "
+             "| training | tool s | peak MB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sel:
         opts = r.get("train_options") or ""
         if r.get("error"):
             lines.append(f"| {r['model']} | {r['label']} | {r.get('distill_mode')} | {opts} | error: {r['error']} "
-                         "| | | | | | | |")
+                         "| | | | | | | | | |")
             continue
         met = {True: "met", False: "not met"}.get(r.get("train_goal"), "-")
+        met14 = {True: "met", False: "not met"}.get(r.get("layer_goal"), "-")
         lines.append(f"| {r['model']} | {r['label']} | {r.get('distill_mode')} | {opts} | "
                      f"{_f(r.get('macs_ratio'), '{:.2f}')} | {_f(r.get('latency_ratio'), '{:.2f}')} | "
                      f"{r.get('metric_name')} {_f(r.get('metric'))} | {_truth_cell(r.get('truth'))} | {met} | "
+                     f"{met14} | {train_cell(r.get('train'))} | "
                      f"{_f(r.get('tool_s'), '{:.0f}')} | {_f(r.get('tool_peak_mb'), '{:.0f}')} | "
                      f"{_f(r.get('load'), '{:.1f}')} |")
     return lines
@@ -464,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-refit-rows", action="store_true", help="with --train: only the training rows")
     ap.add_argument("--train-mode", default="refit+train", choices=["train", "refit+train"],
                     help="with --train: the distill mode of the training rows")
-    ap.add_argument("--targets", default="0.5", help="with --train: comma-separated target_macs of the CNN rows")
+    ap.add_argument("--targets", default="0.5", help="with --train: comma-separated target_macs of the CNN rows "
+                    "('' for none)")
+    ap.add_argument("--latency-targets", default="", help="with --train: comma-separated target_latency cuts of the "
+                    "CNN rows (prune-channels{target_latency=X}), besides --targets")
     ap.add_argument("--train-feeds", type=int, default=None, metavar="N",
                     help="with --train: build N calibration inputs; both rows refit on the first --n-calib (default "
                     "64) and the training draws from all N (distill{samples=K train_samples=N})")
@@ -495,10 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if args.train:
             feeds = args.train_feeds
-            pipelines = train_variants(name, args.train, tuple(float(t) for t in args.targets.split(",")),
+            pipelines = train_variants(name, args.train, tuple(float(t) for t in args.targets.split(",") if t),
                                        refit=not args.no_refit_rows, mode=args.train_mode,
                                        samples=(args.n_calib or n_calib_default) if feeds else None,
-                                       train_feeds=feeds, extra=tuple(args.train_opts.split(";")))
+                                       train_feeds=feeds, extra=tuple(args.train_opts.split(";")),
+                                       latency_targets=tuple(float(t) for t in args.latency_targets.split(",")
+                                                             if t))
         elif args.pipelines:
             pipelines = [p.strip() for p in args.pipelines.split(";") if p.strip()]
         else:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import anchors
-from benchmarks.prune import noise_band, truth_metrics
+from benchmarks.prune import noise_band, train_cell, train_stats, truth_metrics
 from benchmarks.run import RESULTS, RunConfig, _json_default, benchmark_model, load_specs, versions
 from benchmarks.variant_rows import PREFIX, chosen_models, variant_rows
 
@@ -71,6 +71,8 @@ GOAL_MINILM = {"latency": 0.72, "cosine": 0.98}
 GOAL_CNN = {"latency": 0.7, "metric": 0.99}
 _LAYERS = re.compile(r"prune-layers\{[^}]*layers=(\d+)")
 _KINDS = re.compile(r"prune-layers\{[^}]*kinds=\[([^\]]*)\]")
+_DISTILL = re.compile(r"distill(\{([^}]*)\})?$")
+_BUDGET = re.compile(r"prune-(?:layers|channels)\{[^}]*target_latency=([0-9.]+)")
 
 
 def variants(model: str) -> list[str]:
@@ -91,7 +93,11 @@ def describe(pipeline: str) -> dict[str, Any]:
         kind = "both" if "prune-layers" in pipeline and "prune-channels" in pipeline else (
             "layers" if "prune-layers" in pipeline else "channels")
     m = _LAYERS.search(pipeline)
-    d: dict[str, Any] = {"distill": pipeline.endswith("distill"), "method": kind or "layers"}
+    dm = _DISTILL.search(pipeline)
+    opts = (dm.group(2) or "") if dm else ""
+    mode = next((o.split("=", 1)[1] for o in opts.split() if o.startswith("mode=")), "refit") if dm else None
+    d: dict[str, Any] = {"distill": dm is not None, "method": kind or "layers", "distill_mode": mode,
+                         "budget": [float(x) for x in _BUDGET.findall(pipeline)] or None}
     if m:
         d["layers"] = int(m.group(1))
         kinds = _KINDS.search(pipeline)
@@ -99,7 +105,9 @@ def describe(pipeline: str) -> dict[str, Any]:
                                                else "")
     else:
         d["label"] = LATENCY_LABELS.get(kind or "", pipeline) if pipeline in LATENCY_VARIANTS.values() else (
-            pipeline.replace("cleanup,", "").replace(f" {CNN_TRIALS}", "").replace(",distill", ""))
+            _DISTILL.sub("", pipeline.replace("cleanup,", "").replace(f" {CNN_TRIALS}", "")).rstrip(","))
+        if dm and mode != "refit" or opts:  # distill options (training) are part of the label
+            d["label"] += f" + distill{{{opts}}}"
     return d
 
 
@@ -124,7 +132,8 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
     return variant_rows(record, describe, lambda m, row: {
         "units_removed": m.get("units_removed"), "fp32_noise": m.get("fp32_noise"), "load": m.get("load"),
         "retimed": bool(((m.get("latency") or {}).get("t1") or {}).get("retimed")),
-        "steps": m.get("steps"), "truth": truth_metrics(m.get("metrics") or {})})
+        "steps": m.get("steps"), "truth": truth_metrics(m.get("metrics") or {}),
+        "train": train_stats((m.get("info") or {}).get("distill_train"))})
 
 
 def _latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -136,9 +145,12 @@ def _latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def equal_latency(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
-    """The latency-budget variants of a CNN (with distill), layers / channels / both in that order."""
-    by = {r["method"]: r for r in _latest(rows) if r["model"] == model and r["pipeline"] in LATENCY_VARIANTS.values()}
-    return [by[k] for k in LATENCY_VARIANTS if k in by]
+    """The latency-budget variants of a CNN (with distill), layers / channels / both in that order, then the
+    other latency-budget pipelines with distill (other budgets, distill options, training), in run order."""
+    mine = [r for r in _latest(rows) if r["model"] == model and r.get("distill")]
+    by = {r["method"]: r for r in mine if r["pipeline"] in LATENCY_VARIANTS.values()}
+    more = [r for r in mine if r["pipeline"] not in LATENCY_VARIANTS.values() and r.get("budget")]
+    return [by[k] for k in LATENCY_VARIANTS if k in by] + more
 
 
 def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -281,16 +293,20 @@ def _cnn_sections(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
     eq = [(m, equal_latency(rows, m)) for m in CNN_MODELS]
     if any(v for _, v in eq):
         lines += ["", "## CNNs at one latency budget (0.7x): layers vs channels vs both, all + distill", "",
-                  "| model | variant | units removed | MACs | latency | metric | cos | load |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "*training* (rows with `distill{mode=refit+train}`): optimizer steps (why it stopped), held-out "
+                  "loss start -> best kept, training + held-out feeds.", "",
+                  "| model | variant | units removed | MACs | latency | metric | cos | training | tool s | peak MB | "
+                  "load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for model, vs in eq:
             for r in vs:
                 if r.get("error"):
-                    lines.append(f"| {model} | {r['label']} | error: {r['error'][:220]} | | | | | |")
+                    lines.append(f"| {model} | {r['label']} | error: {r['error'][:220]} | | | | | | | | |")
                     continue
                 lines.append(f"| {model} | {r['label']} | {_f(r.get('units_removed'), '{}')} | "
                              f"{_f(r.get('macs_ratio'), '{:.2f}')} | {_lat(r)} | {_metric(r)} | "
-                             f"{_f(r.get('cosine'), '{:.4f}')} | {_f(r.get('load'), '{:.1f}')} |")
+                             f"{_f(r.get('cosine'), '{:.4f}')} | {train_cell(r.get('train'))} | "
+                             f"{_f(r.get('tool_s'), '{:.0f}')} | {_f(r.get('tool_peak_mb'), '{:.0f}')} | "
+                             f"{_f(r.get('load'), '{:.1f}')} |")
     return lines
 
 

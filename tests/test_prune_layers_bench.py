@@ -35,7 +35,8 @@ def test_labels_and_curve_variants():
     assert "cleanup,prune-layers{layers=3 trials=8 samples=8}" in vs
     assert "cleanup,prune-layers{layers=4 trials=8 samples=8},distill" in vs
     d = describe("cleanup,prune-layers{layers=4 trials=8 samples=8},distill")
-    assert d == {"distill": True, "method": "layers", "layers": 4, "label": "layers=4"}
+    assert d == {"distill": True, "method": "layers", "layers": 4, "label": "layers=4", "distill_mode": "refit",
+                 "budget": None}
     assert describe(LATENCY_VARIANTS["both"])["label"] == "layers @0.85 + channels @0.82"
     assert describe(LATENCY_VARIANTS["channels"])["method"] == "channels"
 
@@ -55,3 +56,27 @@ def test_cnn_goal_takes_the_best_variant_within_the_latency_budget():
     assert goals(rows)[0]["met"]
     md = render(recs, rows, {})
     assert "| nudenet_320n | layers @0.85 + channels @0.82 + distill | 0.69 | 0.992 | met |" in md
+
+
+def test_training_rows_at_a_latency_budget_enter_the_comparison():
+    train = ("cleanup,prune-channels{target_latency=0.7},distill{mode=refit+train max_minutes=12 samples=32 "
+             "train_samples=1024}")
+    d = describe(train)
+    assert d["distill"] and d["distill_mode"] == "refit+train" and d["budget"] == [0.7] and d["method"] == "channels"
+    assert d["label"].endswith("+ distill{mode=refit+train max_minutes=12 samples=32 train_samples=1024}")
+    plain = describe("cleanup,prune-channels{target_latency=0.7}")
+    assert not plain["distill"] and plain["distill_mode"] is None
+    recs = [_rec("ddddocr_det", [LATENCY_VARIANTS["channels"]], metric=0.974, lat=0.69),
+            _rec("ddddocr_det", [train], metric=0.992, lat=0.69),
+            _rec("ddddocr_det", ["cleanup,prune-channels{target_latency=0.7}"], metric=0.999, lat=0.6)]
+    recs[1]["methods"][f"ours:{train}"]["info"] = {"distill_train": {
+        "steps": 120, "stopped_by": "time budget", "heldout_loss_start": 0.5, "heldout_loss_best": 0.4,
+        "train_feeds": 992, "heldout_feeds": 32}}
+    from benchmarks.prune_layers import rows_of
+
+    rows = [r for rec in recs for r in rows_of(rec)]
+    assert [r["distill_mode"] for r in equal_latency(rows, "ddddocr_det")] == ["refit", "refit+train"]  # no undistilled
+    (g,) = goals(rows)
+    assert g["metric"] == 0.992 and g["met"] and "refit+train" in g["variant"]
+    md = render(recs, rows, {})
+    assert "120 (time budget), held-out 0.5 -> 0.4, 992+32 feeds" in md
