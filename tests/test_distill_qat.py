@@ -248,3 +248,64 @@ def test_integer_kernel_graph_is_refused(digits):
     ctx.original_bytes = digits.SerializeToString()
     with pytest.raises(PassError, match="QDQ graphs"):
         Distill(mode="train", steps=2).run(io.to_graph(dyn), ctx)
+
+
+def _clip_pool_model() -> tuple[onnx.ModelProto, dict]:
+    """x -> Q/DQ -> Conv -> Clip(0, 6) -> Q/DQ (s1) -> MaxPool -> Q/DQ (s2, a separate constant equal to s1) ->
+    Conv -> y: what ``quantize`` writes for ReLU6 and a pooled tensor."""
+    rng = np.random.default_rng(1)
+    s1 = np.float32(6.0 * (1 - 1e-6) / 255)
+    consts = {"sx": np.float32(4.0 / 255), "zx": np.array(128, np.uint8), "s1": s1, "z1": np.array(0, np.uint8),
+              "s2": s1.copy(), "z2": np.array(0, np.uint8), "sw": np.full(4, 0.01, np.float32),
+              "zw": np.zeros(4, np.int8), "w1": rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8),
+              "w2": rng.integers(-127, 128, (4, 4, 1, 1)).astype(np.int8), "sw2": np.full(4, 0.01, np.float32)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w1", "sw", "zw"], ["w1d"], axis=0),
+             helper.make_node("Conv", ["xd", "w1d"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
+             helper.make_node("QuantizeLinear", ["r1", "s1", "z1"], ["r1q"]),
+             helper.make_node("DequantizeLinear", ["r1q", "s1", "z1"], ["r1d"]),
+             helper.make_node("MaxPool", ["r1d"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("QuantizeLinear", ["p", "s2", "z2"], ["pq"]),
+             helper.make_node("DequantizeLinear", ["pq", "s2", "z2"], ["pd"]),
+             helper.make_node("DequantizeLinear", ["w2", "sw2", "zw"], ["w2d"], axis=0),
+             helper.make_node("Conv", ["pd", "w2d"], ["y"])]
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()]
+    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+              numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    g = helper.make_graph(nodes, "clip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model, {"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)}
+
+
+def _fused_ops(model: onnx.ModelProto, tmp_path: Path, name: str) -> list[str]:
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sorted(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_learned_scales_keep_ort_integer_kernels(tmp_path):
+    """Scales shared across MaxPool train as one, and a scale after Clip(0, 6) cannot grow past 6 / 255: however
+    the parameters move, ORT still folds the Clip and runs MaxPool on integers (the same fused graph)."""
+    model, feed = _clip_pool_model()
+    graph = io.to_graph(model)
+    tg = TorchGraph(graph, torch, learn_scales=True)
+    st = tg.quant_stats
+    assert st["scales_learned"] == 2 and st["scales_tied"] == 1 and st["scales_capped_by_clip"] == 1
+    with torch.no_grad():
+        for w in tg.weights.values():
+            if w.param is not None and w.name in ("sx", "s1", "s2"):
+                w.param.mul_(1.5)
+    tg.write_back()
+    trained = io.to_model(graph, model)
+    got = _inits(trained)
+    assert got["s1"] == got["s2"] and 255 * float(got["s1"]) <= 6.0 and float(got["sx"]) == pytest.approx(6.0 / 255)
+    assert _fused_ops(trained, tmp_path, "trained") == _fused_ops(model, tmp_path, "start")
+    with torch.no_grad():
+        out = tg.forward(feed)["y"].numpy()
+    (ref,) = _ort(trained, feed, optimized=False)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
