@@ -73,11 +73,18 @@ VARIANTS: dict[str, str] = {
     "all-int8": "cleanup,quantize{auto_float_db=0}",
     "qat": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "qat-wonly": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
+    "qat-data": "cleanup,quantize{calibration_samples=CALIB eval_samples=EVAL},"
+                "distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "ort_minmax": "ort",
 }
 #: variants whose distill pass trains with the activation scales fixed (``train.LEARN_SCALES`` off): only the
 #: integer weights and biases train. The distill pass has no option for it (yet): set on the parsed pass
 FIXED_SCALES = {"qat-wonly"}
+#: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),
+#: up to this many in all: quantize reads only the usual ones (``CALIB``/``EVAL`` = their count), distill's training
+#: draws from all (the teacher labels them)
+N_TRAIN = 256
+MORE_DATA = {"qat-data"}
 #: calibration / evaluation feeds per set (2 shared cores: modest counts)
 N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16,
            "efficientnet_lite2": 32}
@@ -293,21 +300,43 @@ class PeakRSS:
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _pipeline(variant: str) -> Any:
+def train_feeds(spec: ModelSpec, calib: list[Feed], n: int) -> list[Feed]:
+    """``calib`` followed by more calibration-split feeds of the same kinds, ``n`` in all (``MORE_DATA``)."""
+    more = n - len(calib)
+    if more <= 0:
+        return calib
+    if spec.name == "ppocrv4_rec":
+        hard, _ = hard_lines(len(calib) // 2 + more // 2, "calib")
+        easy = spec.make_inputs(len(calib) - len(calib) // 2 + more - more // 2, "calib")
+        extra = easy[len(calib) - len(calib) // 2:] + hard[len(calib) // 2:]
+    elif spec.name.startswith("minilm"):
+        extra = spec.make_inputs(len(calib) - len(calib) // 2 + more // 2, "calib")[len(calib) - len(calib) // 2:]
+        extra += long_sentences(len(calib) // 2 + more - more // 2, "calib")[len(calib) // 2:]
+    else:
+        extra = spec.make_inputs(n, "calib")[len(calib):]
+    return calib + extra
+
+
+def _pipeline(variant: str, n_calib: int = 0) -> Any:
     """The variant's pipeline text, or its passes when the text cannot say it (``FIXED_SCALES``)."""
+    text = VARIANTS[variant].replace("CALIB", str(n_calib)).replace("EVAL", str(min(32, n_calib)))
     if variant not in FIXED_SCALES:
-        return VARIANTS[variant]
+        return text
     from onnxcompress.pipeline import parse_pipeline
 
-    passes = parse_pipeline(VARIANTS[variant])
+    passes = parse_pipeline(text)
     for p in passes:
         if p.name == "distill":
             object.__setattr__(p, "learn_scales", False)
     return passes
 
 
-def produce(variant: str, fp32: Path, calib: list[Feed], out: Path) -> dict[str, Any]:
+def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelSpec | None = None
+            ) -> dict[str, Any]:
     """Make one candidate at ``out``; {tool_seconds, peak_rss_mb, load, quantize / distill stats | error}."""
+    n_calib = len(calib)
+    if variant in MORE_DATA and spec is not None:
+        calib = train_feeds(spec, calib, N_TRAIN)
     t0 = time.perf_counter()
     load = [round(v, 2) for v in os.getloadavg()]
     if VARIANTS[variant] == "ort":
@@ -320,7 +349,7 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path) -> dict[str,
 
     try:
         with PeakRSS() as mem:
-            result = compress(fp32, _pipeline(variant), calibration=calib, validate=False, measure=False)
+            result = compress(fp32, _pipeline(variant, n_calib), calibration=calib, validate=False, measure=False)
     except Exception as exc:  # a failing variant becomes its row's error
         return {"tool_seconds": time.perf_counter() - t0, "error": anchors.first_line(exc), "load": load}
     io.save_model(result.model, out)
@@ -352,7 +381,7 @@ def bench_model(spec: ModelSpec, variants: list[str], budget_s: float, explain: 
         paths = {}
         for v in variants:
             out = Path(tmp) / f"{v}.onnx"
-            row = produce(v, fp32, calib, out)
+            row = produce(v, fp32, calib, out, spec)
             log.info("%s / %s: %s (%.1f s)", spec.name, v, row["error"] or "ok", row["tool_seconds"])
             if row["error"] is None:
                 paths[v] = out
