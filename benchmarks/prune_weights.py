@@ -385,7 +385,7 @@ def flip_rows(spec, record: dict[str, Any], n_eval: int) -> None:
 
 # ----------------------------------------------------------------------------- one process: prune once, then recover
 def chain(spec: Any, prune: str, refit: str, trains: list[str], n_calib: int, n_eval: int, train_feeds: int,
-          then: str = "", keep: Path | None = None) -> list[dict[str, Any]]:
+          then: str = "", keep: Path | None = None, on_row: Any = None) -> list[dict[str, Any]]:
     """``prune`` once, snapshot; ``refit`` on it, snapshot; each of ``trains`` (distill{mode=train ...}) from the
     refit student, snapshot; ``then`` (e.g. ``quantize``) also applied to a copy of every snapshot. One process, one
     context, the same calibration (``max(n_calib, train_feeds)`` built; the pruning and the refit read their
@@ -453,6 +453,8 @@ def chain(spec: Any, prune: str, refit: str, trains: list[str], n_calib: int, n_
         if keep is None:
             out.unlink(missing_ok=True)
         rows.append(row)
+        if on_row is not None:  # written after every stage: a run cut short keeps its stages
+            on_row(rows)
         log.info("%s %s: %s %.4f (cos %.5f), zip %.3f, %.0f s wall, %.0f s cpu, peak %.0f MB, load %.1f",
                  spec.name, stage, spec.primary_metric, row["metric"], row["cosine"], row["zip_ratio"],
                  row["seconds"], row["cpu_seconds"], row["peak_mb"], row["load_average"])
@@ -563,14 +565,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.chain:
         saved = json.loads((out / "prune_weights.json").read_text())
         this = " ".join(argv if argv is not None else sys.argv[1:])
-        for name in names:
-            new = chain(specs[name], args.chain, args.refit, [t.strip() for t in args.trains.split(";") if t.strip()],
-                        N_CALIB.get(name, args.n_calib), args.n_eval, args.train_feeds or 0, args.then, args.keep)
-            old = [r for r in saved["meta"].get("chain_rows", [])
-                   if (r["model"], r["pipeline"]) not in {(x["model"], x["pipeline"]) for x in new}]
-            saved["meta"]["chain_rows"] = old + new
-            saved["meta"]["chain_args"] = saved["meta"].get("chain_args", []) + [this]
+        saved["meta"]["chain_args"] = saved["meta"].get("chain_args", []) + [this]
+        before = list(saved["meta"].get("chain_rows", []))
+
+        def on_row(new: list[dict[str, Any]]) -> None:
+            done = {(x["model"], x["pipeline"]) for x in new}
+            saved["meta"]["chain_rows"] = [r for r in before if (r["model"], r["pipeline"]) not in done] + new
             write(out, saved["records"], saved["meta"])
+
+        for name in names:
+            chain(specs[name], args.chain, args.refit, [t.strip() for t in args.trains.split(";") if t.strip()],
+                  N_CALIB.get(name, args.n_calib), args.n_eval, args.train_feeds or 0, args.then, args.keep, on_row)
+            before = list(saved["meta"]["chain_rows"])
         print(f"wrote {out}/prune_weights.md")
         return 0
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
