@@ -8,7 +8,13 @@ Per graph output o with teacher value t and student value s (``loss_kinds`` pick
   that already is a probability (a Softmax output) and z = the output for logits;
 - ``cosine`` (other rank-2 outputs [batch, dim]: embeddings): mean over rows of 1 - cos(t, s);
 - ``mse`` (everything else: maps, boxes, sequences): mean((s - t)^2) / (var(t) + eps), so outputs of any scale
-  weigh alike.
+  weigh alike;
+- ``fields`` (on request: ``loss=fields``): the normalized MSE of each slice along the field axis, averaged over the
+  slices, so fields of one output weigh alike whatever their scale. A YOLO-style output [N, 4+K, A] concatenates
+  box coordinates (0..image size) and K class probabilities (0..1): its whole-tensor variance is the coordinates'
+  (NudeNet 320n: the class scores are 4e-8 of its output energy), so ``mse`` hardly sees the scores the detections
+  are thresholded on. The field axis is the box/score axis of a detection layout
+  (``task_metrics.detection_layout``), else axis 1 (channels).
 
 Feature matching at intermediate tensors uses the normalized MSE too. Augmentation (images only: a float input of
 rank 4 with 1 or 3 channels on axis 1 or 3): ``crop`` (a random box of 80-100% of each side, resized back
@@ -43,10 +49,11 @@ import numpy as np
 import onnx
 
 from onnxcompress.errors import PassError
+from onnxcompress.task_metrics import detection_layout
 from onnxcompress.validate import class_score_outputs
 
 TRAIN_EXTRA = "distill{mode=train} needs PyTorch: pip install onnxcompress[train]  (torch==2.13.0, CPU)"
-KINDS = ("mse", "kl", "cosine")
+KINDS = ("mse", "kl", "cosine", "fields")
 #: a Gemm/MatMul class-score output this wide gets KL; narrower ones are as often regressions (MTCNN's 4 box and
 #: 10 landmark values) and get normalized MSE on the raw values (KL's high-temperature limit for real logits)
 WIDE_LOGITS = 100
@@ -101,6 +108,8 @@ def loss_kinds(model: onnx.ModelProto, spec: str) -> dict[str, tuple[str, int]]:
             kind = "kl" if probs or width >= WIDE_LOGITS else "mse"
         if kind is None:
             kind = "cosine" if rank == 2 else "mse"
+        if kind == "fields":
+            axis = field_axis(tuple(d.dim_value for d in o.type.tensor_type.shape.dim))
         out[o.name] = (kind, axis)
     return out
 
@@ -124,11 +133,30 @@ def output_loss(torch: Any, kind: str, s: Any, t: Any, axis: int, temperature: f
     if kind == "cosine":
         s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
         return (1 - torch.nn.functional.cosine_similarity(s2, t2, dim=-1, eps=1e-8)).mean()
+    if kind == "fields" and s.dim() > axis:
+        return fieldwise_mse(torch, s, t, axis)
     return normalized_mse(torch, s, t)
 
 
 def normalized_mse(torch: Any, s: Any, t: Any) -> Any:
     return ((s - t) ** 2).mean() / (t.var(unbiased=False) + 1e-8)
+
+
+def field_axis(shape: tuple[int, ...]) -> int:
+    """The axis ``fields`` normalizes along: a detection layout's box/score axis, else 1 (channels)."""
+    if len(shape) == 3 and all(shape[1:]):
+        first = detection_layout(shape)
+        if first is not None:
+            return 1 if first else 2
+    return 1
+
+
+def fieldwise_mse(torch: Any, s: Any, t: Any, axis: int) -> Any:
+    """mean over slices f along ``axis`` of mean((s_f - t_f)^2) / (var(t_f) + eps)."""
+    dims = [d for d in range(s.dim()) if d != axis]
+    err = ((s - t) ** 2).mean(dim=dims)
+    var = t.var(dim=dims, unbiased=False)
+    return (err / (var + 1e-8)).mean()
 
 
 def image_layout(arr: np.ndarray) -> tuple[int, int] | None:
