@@ -496,3 +496,24 @@ def test_sensitivity_update_measures_what_the_obs_pruning_then_does():
     den = sum(float(np.sum(np.square(ort_run(model, f)[0].astype(np.float64)))) for f in feeds)
     np.testing.assert_allclose(updated["w"][1], num / den, rtol=1e-3)
     assert abs(zeroing["w"][1] - num / den) > 0.01 * num / den
+
+
+def test_auto_sensitivity_error_judges_a_mixed_scale_output_by_its_channels():
+    """sensitivity_error=auto (default): channel when an output's per-channel energies differ by > 1e4x (a head
+    with pixel coordinates next to scores), else the pooled error; the choice and the spread are in the stats."""
+    rng = np.random.default_rng(5)
+    scale = np.array([1000.0] * 4 + [0.01] * 4, np.float32).reshape(1, 8, 1, 1)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32), "w"),
+             numpy_helper.from_array(scale, "s")]
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                               helper.make_node("Mul", ["c", "s"], ["y"])], "head",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], inits)
+    head = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = f"score=magnitude allocation=sensitivity sparsity=0.5 {ALL}"
+    mixed = _stats(_run(head, f"prune-weights{{{opts}}}", _feeds(head, 4)))["sensitivity_error"]
+    assert mixed["error"] == "channel" and mixed["channel_energy_spread"] > 1e8
+    flat = _stats(_run(_mlp(), f"prune-weights{{{opts}}}", _feeds(_mlp(), 4)))["sensitivity_error"]
+    assert flat == {"error": "output", "channel_energy_spread": 1.0}
+    forced = _stats(_run(head, f"prune-weights{{{opts} sensitivity_error=output}}", _feeds(head, 4)))
+    assert forced["sensitivity_error"]["error"] == "output"
