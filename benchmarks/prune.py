@@ -436,6 +436,8 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
                 f"{r.get('metric_name')} {_f(r.get('metric'))} | {_truth_cell(r.get('truth'))} | "
                 f"{_f(r.get('cosine'), '{:.4f}')} | {_f(r.get('sqnr_db'), '{:.1f}')} | {_f(r.get('tool_s'), '{:.0f}')} |")
     lines += render_train(rows)
+    if meta.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]]
     lines.append("")
     lines.append(f"Versions: {meta.get('versions')}. Total time {meta.get('seconds', 0):.0f} s.")
     return "\n".join(lines) + "\n"
@@ -449,10 +451,12 @@ def _mode(r: dict[str, Any]) -> str:
 
 
 def render_train(rows: list[dict[str, Any]]) -> list[str]:
-    """Issue 11's table: closed-form refit and training side by side, with tool time and peak memory."""
+    """Issue 11's table: closed-form refit and training side by side, with tool time and peak memory; the
+    closed-form rows of a model with training rows, and those with an explicit ``distill{samples=K}`` (the data
+    lever of the refit itself)."""
     sel = [r for r in rows if r["model"] in TRAIN_MODELS and r.get("distill") and not r.get("stepwise")
-           and (r.get("distill_mode") != "refit" or any(x["model"] == r["model"] and x.get("distill_mode")
-                                                         not in (None, "refit") for x in rows))]
+           and (r.get("distill_mode") != "refit" or "samples=" in (r.get("train_options") or "")
+                or any(x["model"] == r["model"] and x.get("distill_mode") not in (None, "refit") for x in rows))]
     if not any(r.get("distill_mode") not in (None, "refit") for r in sel):
         return []
     lines = ["", "## Distillation by training (`distill{mode=train}`) beside the closed-form refit", "",
