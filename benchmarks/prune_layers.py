@@ -168,7 +168,8 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         fast = [r for r in cands if r["latency_ratio"] <= GOAL_CNN["latency"]]
         best = max(fast or cands, key=lambda r: r.get("metric") or 0)
-        out.append({"model": model, "variant": best["label"] + " + distill", "latency": best["latency_ratio"],
+        label = best["label"] if "distill" in best["label"] else best["label"] + " + distill"
+        out.append({"model": model, "variant": label, "latency": best["latency_ratio"],
                     "metric": best.get("metric"),
                     "met": bool(fast) and (best.get("metric") or 0) >= GOAL_CNN["metric"]})
     return out
