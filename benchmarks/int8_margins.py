@@ -73,6 +73,7 @@ VARIANTS: dict[str, str] = {
     "all-int8": "cleanup,quantize{auto_float_db=0}",
     "qat": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "qat-wonly": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
+    "qat-lr1e-4": "cleanup,quantize,distill{mode=train lr=1e-4 steps=400 eval_every=10 max_minutes=8}",
     "qat-data": "cleanup,quantize{calibration_samples=CALIB eval_samples=EVAL},"
                 "distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "ort_minmax": "ort",
@@ -523,7 +524,10 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "ppocrv4_rec, ppocrv4_det, minilm_l3 and efficientnet_lite2 named nearest, smooth, smooth-auto, ort_minmax, "
         "default, dweq, no-dweq, minmax and minmax+dweq were re-run on 2026-12-06 09:00-10:10 UTC (code 8db3f7c + "
         "this issue's commits) with the load average at 4-7 on the 2 shared cores: their latency ratios move by "
-        "~0.05-0.1 between runs.",
+        "~0.05-0.1 between runs. The `qat*` rows (quantization-aware distillation: `distill{mode=train}` on the "
+        "QDQ graph, at most 8 minutes of training) ran from 2026-12-06 11:16 UTC, each model's `default` row "
+        "re-run in the same invocation; `peak MB`: the process's resident memory while the variant was made; "
+        "`load`: the 1-minute load average when it started and ended (2 shared cores).",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
         "",
