@@ -527,7 +527,10 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "~0.05-0.1 between runs. The `qat*` rows (quantization-aware distillation: `distill{mode=train}` on the "
         "QDQ graph, at most 8 minutes of training) ran from 2026-12-06 11:16 UTC, each model's `default` row "
         "re-run in the same invocation; `peak MB`: the process's resident memory while the variant was made; "
-        "`load`: the 1-minute load average when it started and ended (2 shared cores).",
+        "`load`: the 1-minute load average when it started and ended (2 shared cores). QAT in 8 minutes on 2 "
+        "loaded cores (46-330 steps) moved the SQNR by -1.2..+2.3 dB and the task metrics by -0.03..+0.06; "
+        "EfficientNet-Lite2's top-1 agreement fell (0.891 -> 0.875 / 0.859 on 64 crops) while its KL, SQNR "
+        "and cosine improved: not on by default, not in a recipe.",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
         "",
