@@ -72,15 +72,13 @@ VARIANTS: dict[str, str] = {
     "default": "cleanup,quantize",
     "all-int8": "cleanup,quantize{auto_float_db=0}",
     "qat": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
-    "qat-wonly": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
+    "qat-wonly": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8 "
+                 "learn_scales=false}",
     "qat-lr1e-4": "cleanup,quantize,distill{mode=train lr=1e-4 steps=400 eval_every=10 max_minutes=8}",
     "qat-data": "cleanup,quantize{calibration_samples=CALIB eval_samples=EVAL},"
                 "distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "ort_minmax": "ort",
 }
-#: variants whose distill pass trains with the activation scales fixed (``train.LEARN_SCALES`` off): only the
-#: integer weights and biases train. The distill pass has no option for it (yet): set on the parsed pass
-FIXED_SCALES = {"qat-wonly"}
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),
 #: up to this many in all: quantize reads only the usual ones (``CALIB``/``EVAL`` = their count), distill's training
 #: draws from all (the teacher labels them)
@@ -318,18 +316,9 @@ def train_feeds(spec: ModelSpec, calib: list[Feed], n: int) -> list[Feed]:
     return calib + extra
 
 
-def _pipeline(variant: str, n_calib: int = 0) -> Any:
-    """The variant's pipeline text, or its passes when the text cannot say it (``FIXED_SCALES``)."""
-    text = VARIANTS[variant].replace("CALIB", str(n_calib)).replace("EVAL", str(min(32, n_calib)))
-    if variant not in FIXED_SCALES:
-        return text
-    from onnxcompress.pipeline import parse_pipeline
-
-    passes = parse_pipeline(text)
-    for p in passes:
-        if p.name == "distill":
-            object.__setattr__(p, "learn_scales", False)
-    return passes
+def _pipeline(variant: str, n_calib: int = 0) -> str:
+    """The variant's pipeline text."""
+    return VARIANTS[variant].replace("CALIB", str(n_calib)).replace("EVAL", str(min(32, n_calib)))
 
 
 def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelSpec | None = None

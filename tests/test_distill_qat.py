@@ -21,7 +21,6 @@ from onnxcompress.pipeline import parse_pipeline
 
 torch = pytest.importorskip("torch", reason="distill{mode=train} needs torch (pip install onnxcompress[train])")
 
-from onnxcompress.passes.distill import train as train_mod  # noqa: E402
 from onnxcompress.passes.distill.fake_quant import dequantize_linear, quantize_linear  # noqa: E402
 from onnxcompress.passes.distill.torch_interpreter import TorchGraph  # noqa: E402
 from onnxcompress.passes.distill.train import Trainer  # noqa: E402
@@ -66,14 +65,9 @@ def _trainer(digits, quantized, learn_scales: bool = True, steps: int = 12) -> t
     ctx = _ctx(digits)
     ctx.original_bytes = digits.SerializeToString()
     graph = io.to_graph(quantized)
-    opts = replace(Distill(), mode="train", steps=steps, lr=1e-3, augment="none", eval_every=4)
-    old = train_mod.LEARN_SCALES
-    train_mod.LEARN_SCALES = learn_scales
-    try:
-        tr = Trainer(graph, ctx, quantized, ctx.original_model(), opts)
-    finally:
-        train_mod.LEARN_SCALES = old
-    return graph, ctx, tr
+    opts = replace(Distill(), mode="train", steps=steps, lr=1e-3, augment="none", eval_every=4,
+                   learn_scales=learn_scales)
+    return graph, ctx, Trainer(graph, ctx, quantized, ctx.original_model(), opts)
 
 
 def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:

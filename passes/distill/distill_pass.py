@@ -32,8 +32,10 @@ b += E[y_teacher - y_student] per channel.
 ``mode=train`` replaces the layer-wise solve by gradient descent on the whole student (or block by block) against
 the teacher's outputs (``train``: KL on class scores, cosine on embeddings, normalized MSE else), with PyTorch as
 an optional extra; ``mode=refit+train`` trains from the refit student. Training changes the values of the graph's
-float constants only; exact zeros stay zero, few-valued (clustered) weights train their codebook; a quantized graph
-is refused (run it before ``quantize``). The default stays ``refit``: see the pass's README section for the measured
+float constants only; exact zeros stay zero, few-valued (clustered) weights train their codebook; a QDQ graph from
+``quantize`` trains through fake quantization (straight-through; its integers, int32 biases and, with
+``learn_scales``, its activation scales; the same nodes are written back), a graph of integer kernels (dynamic
+mode) is refused. The default stays ``refit``: see the pass's README section for the measured
 comparison.
 """
 
@@ -125,6 +127,8 @@ class Distill(Pass):
     backoff: bool = option(True, "train: a held-out evaluation no better than the best restores the best weights "
                                  "and halves the lr (the lr that suits the model is found on it)")
     masks: bool = option(True, "train: exact zeros of a weight stay zero (pruned weights)")
+    learn_scales: bool = option(True, "train on a QDQ graph (after quantize): also learn the activation scales "
+                                      "(LSQ); false trains the integers of weights and biases only")
 
     def __post_init__(self) -> None:
         if self.ridge < 0:

@@ -31,7 +31,7 @@ the machine's speed (only runs ended by ``steps`` or early stop are reproducible
 
 Quantization-aware (a QDQ graph from ``quantize``): the student runs with fake quantization and a straight-through
 estimator (``fake_quant``); each quantized weight trains a float shadow of its integers, int32 biases likewise, and
-(``learn_scales``, on unless the options turn it off) the activation scales, LSQ-style. The teacher is still the
+(``learn_scales``, on by default) the activation scales, LSQ-style. The teacher is still the
 float original. Written back: re-rounded integers (and scales), the same nodes, so the same integer kernels under ORT;
 ``stats["fake_quant"]`` counts what trained and how many integers changed. Graphs with integer-kernel ops
 (QLinearConv, MatMulInteger, DynamicQuantizeLinear: dynamic mode) are refused.
@@ -79,8 +79,6 @@ AUGMENT_TOLERANCE = 3.0
 
 #: integer-kernel ops the interpreter cannot train through (a QDQ graph's QuantizeLinear / DequantizeLinear it can)
 QUANTIZED_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
-#: learn the activation scales of a QDQ graph (LSQ) unless the options say otherwise (``learn_scales``)
-LEARN_SCALES = True
 
 
 def take_channels(value: np.ndarray, mapping: dict[int, np.ndarray] | None) -> np.ndarray:
@@ -104,7 +102,7 @@ class Trainer:
         torch.manual_seed(int(ctx.rng("distill-train-torch").integers(0, 2**31 - 1)))
         self.rng = ctx.rng("distill-train")
         self.tg = TorchGraph(graph, torch, masks=opts.masks, codebooks=True,
-                             learn_scales=bool(getattr(opts, "learn_scales", LEARN_SCALES)))
+                             learn_scales=bool(opts.learn_scales))
         self.kinds = loss_kinds(student_model, opts.loss)
         self.probs = prob_outputs(student_model)
         self.teacher = teacher
