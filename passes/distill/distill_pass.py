@@ -114,8 +114,8 @@ class Distill(Pass):
                                    "samples. The teacher labels every feed, so an unlabeled source larger than the "
                                    "refit's (a generator, a bigger file) gives training more distinct inputs")
     train_data: str = option("", "train: unlabeled feeds (.npz or a folder, like --calib) training draws "
-                                 "train_samples from (0: all), with the calibration feeds not held out; early "
-                                 "stopping then watches calibration feeds only (every 4th, <= 128)")
+                                 "train_samples from (0: all), with the calibration feeds not held out (early "
+                                 "stopping: see heldout)")
     heldout: str = option("auto", "train: early-stop feeds: calibration (every 4th), pool (train_data feeds the "
                                   "training does not read) or auto (pool with train_data, else calibration). The "
                                   "refit fits every calibration feed it reads: their loss is its training loss")
