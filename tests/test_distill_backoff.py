@@ -51,3 +51,15 @@ def test_backoff_halves_the_lr_and_never_leaves_worse_weights():
         return float(np.mean((o - ref) ** 2) / np.mean(ref ** 2))
 
     assert err(trained) <= err(pruned) * 1.05
+
+
+def test_backoff_needs_a_rise_beyond_the_evaluations_noise():
+    from onnxcompress.passes.distill.train import NOISE_SIGMAS, clear_rise
+
+    assert clear_rise(1.0 + NOISE_SIGMAS * 0.01 + 1e-9, 1.0, 0.01)
+    assert not clear_rise(1.0 + NOISE_SIGMAS * 0.01 - 1e-9, 1.0, 0.01)
+    assert clear_rise(1.0 + 1e-12, 1.0, 0.0)  # one minibatch of held-out feeds: no noise estimate, any rise counts
+    # on the digits run every evaluation that neither improved nor backed off was held within the noise
+    _, on = _run(onnx.load(DIGITS), f"{PRUNE},distill{{{HOT}}}")
+    evals = len(on["loss_history"]) - 1
+    assert on["backoffs"] + on["backoffs_held"] <= evals

@@ -124,8 +124,9 @@ class Distill(Pass):
     max_minutes: float = option(15.0, "train: time budget; training stops (keeping the best weights) when it runs out")
     eval_every: int = option(25, "train: steps between held-out evaluations (every 4th calibration feed)")
     patience: int = option(4, "train: stop after this many held-out evaluations without improvement")
-    backoff: bool = option(True, "train: a held-out evaluation no better than the best restores the best weights "
-                                 "and halves the lr (the lr that suits the model is found on it)")
+    backoff: bool = option(True, "train: a held-out evaluation worse than the best by more than 2 standard errors "
+                                 "restores the best weights and halves the lr (the lr that suits the model is "
+                                 "found on it)")
     masks: bool = option(True, "train: exact zeros of a weight stay zero (pruned weights)")
     learn_scales: bool = option(True, "train on a QDQ graph (after quantize): also learn the activation scales "
                                       "(LSQ); false trains the integers of weights and biases only")
