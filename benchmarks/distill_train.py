@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from benchmarks.measure import run_passes_in_place
 from benchmarks.run import RESULTS, _json_default, load_specs, versions
 
 log = logging.getLogger("benchmarks.distill_train")
@@ -156,7 +157,6 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
     from onnxcompress.analyses.macs import count_macs
     from onnxcompress.context import PassContext
     from onnxcompress.data import feed_shapes, load_feeds
-    from onnxcompress.pipeline import parse_pipeline
     from onnxcompress.runtime import Session
 
     fp32 = onnx.load(str(spec.fetch(cache_dir())))
@@ -175,15 +175,7 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
                           model_template=working)
         return ctx, io.to_graph(working)
 
-    def apply(pipeline: str, graph: Any, ctx: PassContext) -> dict[str, Any]:
-        stats = {}
-        for p in parse_pipeline(pipeline):
-            p.requires(graph, ctx)
-            res = p.run(graph, ctx)
-            graph.cleanup().toposort()
-            ctx.invalidate(res.preserved)
-            stats[p.name] = res.stats
-        return stats
+    apply = run_passes_in_place
 
     rows: list[dict[str, Any]] = []
 

@@ -203,3 +203,18 @@ if __name__ == "__main__":
         sys.exit(_rss_worker(sys.argv[2:]))
     print(__doc__)
     sys.exit(2)
+
+
+def run_passes_in_place(pipeline: str, graph: Any, ctx: Any) -> dict[str, Any]:
+    """Run a pipeline's passes on ``graph`` in place with ``ctx`` (no export, no validation between passes: what a
+    benchmark stage needs when it keeps one working graph through prune -> refit -> train); the stats per pass."""
+    from onnxcompress.pipeline import parse_pipeline
+
+    stats: dict[str, Any] = {}
+    for p in parse_pipeline(pipeline):
+        p.requires(graph, ctx)
+        res = p.run(graph, ctx)
+        graph.cleanup().toposort()
+        ctx.invalidate(res.preserved)
+        stats[p.name] = res.stats
+    return stats

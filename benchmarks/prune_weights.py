@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import anchors
+from benchmarks.measure import run_passes_in_place
 from benchmarks.run import RESULTS, RunConfig, _json_default, benchmark_model, load_specs, versions
 from benchmarks.variant_rows import chosen_models, variant_rows
 
@@ -417,7 +418,6 @@ def chain(spec: Any, prune: str, refit: str, trains: list[str], n_calib: int, n_
     from onnxcompress import io
     from onnxcompress.context import PassContext
     from onnxcompress.data import load_feeds
-    from onnxcompress.pipeline import parse_pipeline
     from onnxcompress.runtime import Session
 
     path = Path(spec.fetch(cache_dir()))
@@ -437,14 +437,7 @@ def chain(spec: Any, prune: str, refit: str, trains: list[str], n_calib: int, n_
     rows: list[dict[str, Any]] = []
 
     def apply(pipeline: str, g: Any) -> dict[str, Any]:
-        stats = {}
-        for ps in parse_pipeline(pipeline):
-            ps.requires(g, ctx)
-            res = ps.run(g, ctx)
-            g.cleanup().toposort()
-            ctx.invalidate(res.preserved)
-            stats[ps.name] = res.stats
-        return stats
+        return run_passes_in_place(pipeline, g, ctx)
 
     def snapshot(stage: str, pipeline: str, model: Any, t0: float, c0: float, stats: dict) -> None:
         out = scratch / f"{spec.name}_{len(rows)}.onnx"
