@@ -53,6 +53,30 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[st
     return feeds
 
 
+def loss_around_one_step(tr, ctx, groups: list[dict], n_feeds: int = 16) -> tuple[float, float]:
+    """A distill ``Trainer``'s batch loss on ``n_feeds`` calibration feeds (teacher targets from ORT) before and
+    after one Adam step over the parameter ``groups`` (torch imported by the caller's test module)."""
+    import torch
+
+    from onnxcompress.runtime import Session
+
+    feeds = [dict(f) for f in ctx.calibration.take(n_feeds)]
+    with Session(ctx.original_model()) as t:
+        want = list(tr.kinds)
+
+        def targets(f):
+            return dict(zip(want, t.run(f, want), strict=True))
+
+        tr.batchable = True
+        before = tr.batch_loss(feeds, tr.tg.forward, targets, [])
+        opt = torch.optim.Adam(groups)
+        before.backward()
+        opt.step()
+        with torch.no_grad():
+            after = tr.batch_loss(feeds, tr.tg.forward, targets, [])
+    return float(before.detach()), float(after)
+
+
 def apply_passes(model: onnx.ModelProto, *passes, ctx=None) -> onnx.ModelProto:
     """Import -> run the passes through a PassManager -> export; returns the new ModelProto."""
     from onnxcompress.context import PassContext

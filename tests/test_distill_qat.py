@@ -25,6 +25,8 @@ from onnxcompress.passes.distill.fake_quant import dequantize_linear, quantize_l
 from onnxcompress.passes.distill.torch_interpreter import TorchGraph  # noqa: E402
 from onnxcompress.passes.distill.train import Trainer  # noqa: E402
 
+from tests.conftest import loss_around_one_step  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
 CALIB = ROOT / "models" / "digits_calib.npz"
@@ -151,26 +153,10 @@ def test_integer_range_from_zero_point_type():
 def test_one_training_step_lowers_the_loss(digits, quantized):
     graph, ctx, tr = _trainer(digits, quantized)
     assert tr.tg.quant_stats["weights"] >= 4 and tr.tg.quant_stats["biases"] >= 4
-    feeds = [dict(f) for f in ctx.calibration.take(16)]
-    from onnxcompress.runtime import Session
-
-    with Session(ctx.original_model()) as t:
-        want = list(tr.kinds)
-
-        def targets(f):
-            return dict(zip(want, t.run(f, want), strict=True))
-
-        tr.batchable = True
-        before = tr.batch_loss(feeds, tr.tg.forward, targets, [])
-        params = tr.tg.parameters()
-        # the Trainer's relative step: lr x each tensor's RMS (an absolute 1e-3 is 10% of an activation scale)
-        opt = torch.optim.Adam([{"params": [p], "lr": 1e-3 * float(p.detach().pow(2).mean().sqrt())}
-                                for p in params])
-        before.backward()
-        opt.step()
-        with torch.no_grad():
-            after = tr.batch_loss(feeds, tr.tg.forward, targets, [])
-    assert float(after) < float(before.detach())
+    # the Trainer's relative step: lr x each tensor's RMS (an absolute 1e-3 is 10% of an activation scale)
+    groups = [{"params": [p], "lr": 1e-3 * float(p.detach().pow(2).mean().sqrt())} for p in tr.tg.parameters()]
+    before, after = loss_around_one_step(tr, ctx, groups)
+    assert after < before
 
 
 @pytest.mark.parametrize("learn_scales", [True, False])

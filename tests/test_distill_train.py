@@ -20,7 +20,7 @@ from onnxcompress.errors import PassError
 from onnxcompress.manager import PassManager
 from onnxcompress.pass_base import Pass, PassResult, option, register
 from onnxcompress.pipeline import parse_pipeline
-from tests.conftest import ort_run
+from tests.conftest import loss_around_one_step, ort_run
 
 torch = pytest.importorskip("torch", reason="distill{mode=train} needs torch (pip install onnxcompress[train])")
 
@@ -320,23 +320,8 @@ def _pruned_setup(digits):
 
 def test_one_training_step_lowers_the_loss(digits):
     graph, ctx, tr = _pruned_setup(digits)
-    feeds = [dict(f) for f in ctx.calibration.take(16)]
-    from onnxcompress.runtime import Session
-
-    with Session(ctx.original_model()) as t:
-        want = list(tr.kinds)
-
-        def targets(f):
-            return dict(zip(want, t.run(f, want), strict=True))
-
-        tr.batchable = True
-        before = tr.batch_loss(feeds, tr.tg.forward, targets, [])
-        opt = torch.optim.Adam(tr.tg.parameters(), lr=1e-3)
-        before.backward()
-        opt.step()
-        with torch.no_grad():
-            after = tr.batch_loss(feeds, tr.tg.forward, targets, [])
-    assert float(after) < float(before.detach())
+    before, after = loss_around_one_step(tr, ctx, [{"params": tr.tg.parameters(), "lr": 1e-3}])
+    assert after < before
 
 
 def test_written_back_weights_give_ort_the_torch_forward(digits):
