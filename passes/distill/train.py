@@ -219,21 +219,20 @@ class Trainer:
             aug = self.check_augment(aug, train, forward, targets, features, desc)
         pool = token_pool(train) if "swap" in aug else None
 
-        noise = [0.0]  # the standard error of the last held-out evaluation
-
-        def held_loss() -> float:
+        def held_loss() -> tuple[float, float]:
+            """The held-out loss and its standard error (spread of the minibatch losses / sqrt(count))."""
             with torch.no_grad():
                 parts = [float(self.batch_loss(held[i:i + opts.batch], forward, targets, features))
                          for i in range(0, len(held), opts.batch)]
-            noise[0] = float(np.std(parts) / np.sqrt(len(parts))) if len(parts) > 1 else 0.0
-            return float(np.mean(parts))
+            error = float(np.std(parts) / np.sqrt(len(parts))) if len(parts) > 1 else 0.0
+            return float(np.mean(parts)), error
 
         # Adam moves every parameter by about lr per step whatever its scale: each tensor's step is made relative
         # to its own RMS (a 1e-3 relative change per step at lr=1e-3), so small biases and large kernels move alike
         scales = [max(float(p.detach().pow(2).mean().sqrt()), 1e-4) for p in params]
         opt = torch.optim.Adam([{"params": [p], "lr": opts.lr * s} for p, s in zip(params, scales, strict=True)])
         t0, c0 = time.perf_counter(), time.process_time()  # the budget counts the held-out evaluations too
-        start = held_loss()
+        start, _ = held_loss()
         best, best_state, bad, stop = start, None, 0, "steps"
         backoff = getattr(opts, "backoff", False)
         start_state = [p.detach().clone() for p in params] if backoff else None
@@ -264,7 +263,7 @@ class Trainer:
             now = time.perf_counter()
             out_of_time = now - t0 > budget_s
             if step % eval_every == 0 or step == steps or out_of_time or now - last_eval > budget_s / 6:
-                current = held_loss()
+                current, noise = held_loss()
                 last_eval = time.perf_counter()
                 history.append((step, round(current, 6)))
                 log.info("%s: step %d/%d, train loss %.5f, held-out %.5f (start %.5f)", desc, step, steps,
@@ -277,7 +276,7 @@ class Trainer:
                     if bad >= opts.patience:
                         stop = "early stop"
                         break
-                    if backoff and not clear_rise(current, best, noise[0]):
+                    if backoff and not clear_rise(current, best, noise):
                         holds += 1  # within the evaluation's noise of the best: no evidence of a too-large step
                     elif backoff:  # too large a step for this model: back to the best weights, half the lr
                         with torch.no_grad():
