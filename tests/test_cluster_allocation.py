@@ -97,6 +97,27 @@ def test_size_ratio_makes_the_file_that_much_smaller(rng):
         parse_pipeline("cluster{size_ratio=12 size_budget=2}")
 
 
+def test_size_ratio_counts_against_the_original_model_after_channel_pruning(rng):
+    # x -> MatMul w1 [512, 256] -> Relu -> MatMul w2 [256, 64]: prune-channels halves the hidden layer, so the
+    # clustered tensors may spend twice the bits per weight for the same ratio to the file the user gave
+    w1 = rng.standard_normal((512, 256)).astype(np.float32)
+    w2 = rng.standard_normal((256, 64)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    calib = load_feeds([{"x": rng.standard_normal((4, 512)).astype(np.float32)} for _ in range(8)], model)
+    out, st = _run(model, "prune-channels{ratio=0.5},cluster{bits=2 storage=codebook size_ratio=10}", calib)
+    assert st["size_ratio_of_bytes"] == model.ByteSize()  # the original, not the pruned model
+    assert out.ByteSize() <= model.ByteSize() / 10 * 1.01
+    assert out.ByteSize() > model.ByteSize() / 2 / 10 * 1.2  # well above a tenth of the pruned model
+    # the pruned weights alone at 2 bits would be 2 x 10x smaller: the budget bought more bits
+    assert st["size_ratio_budget_bits"] > 5.0 and min(int(b) for b in st["bits"]) > 2
+
+
 class _Additive:
     """Trials whose error is the sum of known per-tensor errors of the level each tensor is given."""
 

@@ -13,7 +13,8 @@ table) / LSTM, GRU, RNN (W and R; no activation weights or refit) with at least 
    one more bit (up to 8);
    ``refit_rounds`` / ``fit_scales`` alternate refit, channel-scale fit and re-assignment (``refine``);
 3. with ``target_error`` / ``size_budget`` / ``size_ratio``: bits per tensor from measured output errors
-   (``allocation``); ``size_ratio=R`` budgets the clustered tensors at (model bytes / R) minus the rest of the file;
+   (``allocation``); ``size_ratio=R`` budgets the clustered tensors at (the run's original model bytes / R) minus
+   the rest of the file (earlier passes that removed weights, e.g. ``prune-channels``, leave more per weight);
 4. stored as a codebook + packed indices decoded in the graph, or snapped in place, whichever is smaller on disk
    (``storage=auto``; ``storage``); ``storage=unpacked`` keeps int32 indices (what ``distill{mode=train}`` trains)
    and every later ``cluster`` run packs such decodes exactly (``pack_only``: nothing else).
@@ -121,8 +122,9 @@ class Cluster(Pass):
                                              "codebooks, scales, decode), over the clustered tensors; tensors get "
                                              "more bits, most measured output error per byte first, while it fits "
                                              "(with target_error: until that is met; needs --calib)")
-    size_ratio: float | None = option(None, "mixed bit-widths for a file this many times smaller than the model "
-                                            "as it comes in: the clustered tensors get what the rest of the file "
+    size_ratio: float | None = option(None, "mixed bit-widths for a file this many times smaller than the run's "
+                                            "original model (before any pass: after prune-channels the pruned "
+                                            "bytes count): the clustered tensors get what the rest of the file "
                                             "leaves of size / size_ratio, spent as size_budget (needs --calib)")
     sensitivity_samples: int = option(16, "calibration feeds for target_error's trials")
     samples: int = option(256, "calibration feeds for activation_aware / refit statistics")
@@ -280,8 +282,10 @@ class Cluster(Pass):
                 n_weights = sum(int(np.asarray(c.tensor.values).size) for c, _, _ in chosen)
                 if self.size_ratio is not None:  # the file: the rest stays as it is, the tensors get what is left
                     model_bytes = ctx.export(graph).ByteSize()
+                    ref_bytes = len(ctx.original_bytes) if ctx.original_bytes is not None else model_bytes
                     rest = model_bytes - sum(int(np.asarray(c.tensor.values).nbytes) for c, _, _ in chosen)
-                    want = int(model_bytes / self.size_ratio * RATIO_MARGIN) - rest
+                    want = int(ref_bytes / self.size_ratio * RATIO_MARGIN) - rest
+                    st["size_ratio_of_bytes"] = ref_bytes
                     st["size_ratio_budget_bits"] = round(8 * want / max(n_weights, 1), 3)
                 else:
                     want = int(self.size_budget * n_weights / 8)
