@@ -431,6 +431,109 @@ def _weight_bytes(path: Path) -> int:
     return io.weight_bytes(io.read_model(path))
 
 
+# ------------------------------------------------------------------------------------------ mixed-precision frontier
+#: float-set sizes at which each search order is built, scored on the evaluation sets and timed
+FRONTIER_POINTS = (0, 1, 2, 4, 8, 12, 16, 24, 32)
+
+
+def static_run(fp32: Path, calib: list[Feed], options: str = ""):
+    """(StaticRun after stages 1-4 and the automatic float-layer search, Reference, evaluation feeds) for the cleaned
+    ``fp32`` model: every later build shares calibration, ranges and bias correction, so frontier points differ
+    only in their float layers."""
+    from onnxcompress.passes.quantize.float_layer_search import search_float_layers
+    from onnxcompress.passes.quantize.static_run import StaticRun
+
+    from onnxcompress import io
+    from onnxcompress.api import compress, resolve_passes
+    from onnxcompress.context import PassContext
+    from onnxcompress.data_sources import feeds_from_any
+
+    cleaned = compress(fp32, "cleanup", calibration=calib, validate=False, measure=False).model
+    ctx = PassContext(calibration=feeds_from_any(calib, cleaned))
+    ctx.original_bytes = cleaned.SerializeToString()
+    working = cleaned
+    io.prepare_for_import(working)
+    ctx.model_template = working
+    (q,) = resolve_passes(f"quantize{{{options}}}" if options else "quantize")
+    run = StaticRun(q, io.to_graph(working), ctx)
+    ref, eval_feeds = run.setup()
+    if q.auto_float_db > 0:
+        search_float_layers(run, ref, eval_feeds)
+    return run, ref, eval_feeds
+
+
+def frontier(spec: ModelSpec, max_steps: int, budget_s: float, options: str = "", unit: str = "layer"
+             ) -> dict[str, Any]:
+    """The float-layer frontier of one model: the greedy path (``float_frontier``: measured gain per measured
+    latency cost, re-measured after each pick) and the leave-one-out order (gain alone, as the ``min_cosine`` search
+    ranks), each built at ``FRONTIER_POINTS`` float layers, scored on the evaluation sets, all timed with FP32 in
+    one interleaved call."""
+    from onnxcompress.passes.quantize.float_frontier import greedy_path
+
+    from benchmarks.fetch import cache_dir
+    from onnxcompress import io
+    from onnxcompress.latency_profile import MachineCache
+
+    fp32 = Path(spec.fetch(cache_dir()))
+    calib, sets = eval_sets(spec)
+    refs = {k: measure.run_outputs(fp32, feeds) for k, (feeds, _) in sets.items()}
+    logits = softmax_logits(fp32)
+    t0 = time.perf_counter()
+    load0 = [round(v, 2) for v in os.getloadavg()]
+    run, ref, _ = static_run(fp32, calib, options)
+    with run.ctx.latency.machine_cache(MachineCache.default()):
+        fr = greedy_path(run, ref, max_steps, unit=unit)
+    search_s = time.perf_counter() - t0
+    loo = sorted(fr.first_gains, key=lambda n: -fr.first_gains[n])
+    units = rounding_units_of(run, unit)
+    loo_sets = [list(dict.fromkeys(n for u in loo[:k] for n in units.get(u, [u]))) for k in range(len(loo) + 1)]
+    orders = {"greedy": [s.float_layers for s in fr.steps], "loo": loo_sets}
+    rec: dict[str, Any] = {"model": spec.name, "options": options, "unit": unit, "n_calib": len(calib),
+                           "sets": {k: len(v[0]) for k, v in sets.items()}, "commit": _commit(),
+                           "auto_float": list(run.auto_float), "scored_by": fr.scored_by,
+                           "search_seconds": round(search_s, 1), "evaluations": fr.evaluations, "load": load0,
+                           "costs": {n: round(c, 4) for n, c in fr.costs.items()},
+                           "first_gains_db": {n: round(g, 3) for n, g in fr.first_gains_db().items()},
+                           "greedy_steps": [{"layer": s.pick or None, "layers": len(s.float_layers),
+                                             "gain_db": s.gain_db, "cost": round(s.cost, 4),
+                                             "latency_est": round(s.latency_est, 3),
+                                             "calib_score": {k: round(v, 4) for k, v in s.score.items()}}
+                                            for s in fr.steps],
+                           "points": []}
+    with tempfile.TemporaryDirectory(prefix=f"frontier-{spec.name}-") as tmp:
+        paths: dict[str, Path] = {}
+        for order, prefixes in orders.items():
+            for k in FRONTIER_POINTS:
+                if k >= len(prefixes) or (order == "loo" and k == 0):
+                    continue
+                names = prefixes[k]
+                label = f"{order}-{k}" + ("r" if unit == "rounding" else "")
+                out = Path(tmp) / f"{label}.onnx"
+                io.save_model(run.export(run.build(names).graph), out)
+                paths[label] = out
+                row: dict[str, Any] = {"label": label, "order": order, "float_layers": names,
+                                       "est_cost": round(sum(fr.costs[n] for n in names), 4),
+                                       "weight_bytes": _weight_bytes(out), "sets": {}}
+                for sname, (feeds, truth) in sets.items():
+                    onames, r = refs[sname]
+                    _, cand = measure.run_outputs(out, feeds, onames)
+                    row["sets"][sname] = {**logit_fidelity(spec, onames, r, cand),
+                                          **_task(spec, sname, feeds, truth, r, cand)}
+                    if logits:
+                        row["sets"][sname]["logits_sqnr_db"] = logits_sqnr(fp32, out, feeds, logits)
+                rec["points"].append(row)
+                log.info("%s frontier %s: %s", spec.name, label, row["sets"])
+        first = next(iter(sets.values()))[0][0]
+        rec["latency_load"] = [round(v, 2) for v in os.getloadavg()]
+        lat = measure.latency_ratios({"fp32": fp32, **paths}, "fp32", first, threads=1, budget_s=budget_s)
+        rec["latency_load"] += [round(v, 2) for v in os.getloadavg()]
+        for row in rec["points"]:
+            row["latency_ratio"] = lat[row["label"]]["ratio"]
+        rec["fp32_ms"] = lat["fp32"]["ms"]
+        rec["fp32_weight_bytes"] = _weight_bytes(fp32)
+    return rec
+
+
 # ------------------------------------------------------------------------------------- 16-bit activations, measured
 #: Conv shapes timed with 8-bit and 16-bit QDQ activations: (C_in, C_out, H=W, group, kernel)
 INT16_CONVS = ((128, 256, 40, 1, 1), (64, 64, 80, 64, 3), (96, 96, 40, 1, 3))
@@ -499,7 +602,7 @@ def _task_cols(model: str, set_name: str) -> list[str]:
     return [specs[model].primary_metric] if model in specs else []
 
 
-def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dict[str, Any]] | None = None) -> str:
     lines = [
         "# int8 on thin margins (issue 12)",
         "",
@@ -593,7 +696,63 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             lines.append(f"| {c['cin']}, {c['cout']}, {c['hw']}x{c['hw']}, {c['group']}, {c['k']} | "
                          f"{r['uint8']:.2f}x | {r['uint16']:.2f}x |")
         lines.append("")
+    for fr in fronts or []:
+        lines += _frontier_lines(fr)
     return "\n".join(lines) + "\n"
+
+
+def rounding_units_of(run, unit: str) -> dict[str, list[str]]:
+    """The layers of each unit of the frontier search (``float_frontier.rounding_units``); {} for ``layer``."""
+    if unit != "rounding":
+        return {}
+    from onnxcompress.passes.quantize.float_frontier import rounding_units
+
+    b = run.build()
+    return rounding_units(run, run.export(b.graph), b.plan.int8_anchor_names())
+
+
+def _frontier_lines(fr: dict[str, Any]) -> list[str]:
+    """Markdown of one ``frontier`` record."""
+    sets = list(fr["sets"])
+    task = {k: _task_cols(fr["model"], k)[:1] for k in sets}
+    has_logits = any("logits_sqnr_db" in p["sets"][k] for p in fr["points"] for k in sets)
+    per = "activation rounding (every layer around it float)" if fr.get("unit") == "rounding" else "layer"
+    lines = [f"## Mixed-precision frontier: {fr['model']}, one {per} per pick", "",
+             f"`python -m benchmarks.int8_margins --models {fr['model']} --frontier {max(len(fr['greedy_steps']) - 1, 1)}"
+             + (f" --frontier-options '{fr['options']}'" if fr.get("options") else "")
+             + (f" --frontier-unit {fr['unit']}" if fr.get("unit", "layer") != "layer" else "") + "`; code at "
+             f"{fr.get('commit') or '?'}; calibration feeds {fr['n_calib']}, evaluation sets {fr['sets']}; FP32 "
+             f"{fr['fp32_ms']:.1f} ms; every point built from one calibration (same ranges, bias correction, "
+             f"automatic float layers {fr['auto_float'] or 'none'}) and timed with FP32 in one interleaved call "
+             f"(1 thread, load average {_load(fr.get('latency_load'))}); search {fr['search_seconds']:.0f} s "
+             f"({fr['evaluations']} patched evaluations, load {_load(fr.get('load'))}), scored by "
+             f"{fr['scored_by']}. `greedy-k`: the first k picks of the greedy path (measured gain per measured "
+             "latency cost, re-measured after each pick); `loo-k`: the k layers with the largest leave-one-out gain "
+             "in the all-int8 model (gain alone); `est cost`: the picked layers' isolated float-minus-int8 times over "
+             "the FP32 model's.", ""]
+    head = ["point", "float layers", "latency", "est cost", "bytes"]
+    for k in sets:
+        head += [f"{k}: SQNR dB"] + ([f"{k}: logits SQNR dB"] if has_logits else []) + [f"{k}: cosine"]
+        head += [f"{k}: {c}" for c in task[k]]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in sorted(fr["points"], key=lambda p: (p["order"] != "greedy", len(p["float_layers"]))):
+        cells = [p["label"], str(len(p["float_layers"])), _f(p.get("latency_ratio"), "{:.2f}x"),
+                 _f(p["est_cost"], "{:+.3f}"), _f(p["weight_bytes"] / fr["fp32_weight_bytes"], "{:.2f}x")]
+        for k in sets:
+            r = p["sets"][k]
+            cells += [_f(r.get("sqnr_db"), "{:.1f}")] + ([_f(r.get("logits_sqnr_db"), "{:.1f}")] if has_logits
+                                                         else [])
+            cells += [_f(r.get("cosine"), "{:.4f}")] + [_f(r.get(c)) for c in task[k]]
+        lines.append("| " + " | ".join(cells) + " |")
+    picks = [s for s in fr["greedy_steps"] if s["layer"]]
+    if picks:
+        lines += ["", "Greedy picks (gain on the calibration evaluation feeds; cost: isolated float-minus-int8 time "
+                  "over FP32):", ""]
+        lines += [f"{i}. `{s['layer']}`: {s['gain_db']:+.2f} dB for {s['cost']:+.3f}" for i, s in enumerate(picks, 1)]
+    top = sorted(fr["first_gains_db"].items(), key=lambda kv: -kv[1])[:8]
+    lines += ["", "Largest leave-one-out gains in the all-int8 model (dB, with the layer's cost): " + ", ".join(
+        f"`{n}` {g:+.2f} ({fr['costs'].get(n, float('nan')):+.3f})" for n, g in top), ""]
+    return lines
 
 
 def _load(load: Any) -> str:
@@ -631,6 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true", help="replace only these models/variants in the existing JSON")
     ap.add_argument("--render", action="store_true", help="rewrite the Markdown from the JSON")
     ap.add_argument("--int16", action="store_true", help="only time Convs with 8/16-bit QDQ activations")
+    ap.add_argument("--frontier", type=int, default=0,
+                    help="only the mixed-precision frontier of --models: greedy path of at most N float layers")
+    ap.add_argument("--frontier-options", default="", help="quantize options of the frontier runs")
+    ap.add_argument("--frontier-unit", choices=("layer", "rounding"), default="layer",
+                    help="what one greedy pick keeps float: a layer, or every layer around one activation rounding")
     ap.add_argument("--explain", type=int, default=0,
                     help="for the default variant: the N activation roundings costing most (error_sources)")
     args = ap.parse_args(argv)
@@ -638,14 +802,24 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
     old = json.loads(json_path.read_text()) if json_path.is_file() else {"records": [], "meta": {}}
     if args.render:
-        md_path.write_text(render(old["records"], old["meta"]))
+        md_path.write_text(render(old["records"], old["meta"], old.get("frontier")))
         return 0
     if args.int16:
         old["meta"]["int16_conv_speed"] = int16_conv_speed()
         json_path.write_text(json.dumps(old, indent=1, default=_json_default))
-        md_path.write_text(render(old["records"], old["meta"]))
+        md_path.write_text(render(old["records"], old["meta"], old.get("frontier")))
         return 0
     specs = load_specs()
+    if args.frontier:
+        fronts = {r["model"] + ("" if r.get("unit", "layer") == "layer" else "/" + r["unit"]): r
+                  for r in old.get("frontier", [])}
+        for name in [m for m in args.models.split(",") if m]:
+            fr = frontier(specs[name], args.frontier, args.latency_budget, args.frontier_options, args.frontier_unit)
+            fronts[f"{name}/{args.frontier_unit}" if args.frontier_unit != "layer" else name] = fr
+            old["frontier"] = list(fronts.values())
+            json_path.write_text(json.dumps(old, indent=1, default=_json_default))
+            md_path.write_text(render(old["records"], old["meta"], old["frontier"]))
+        return 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -661,9 +835,10 @@ def main(argv: list[str] | None = None) -> int:
             records[name] = rec
         meta = {**old.get("meta", {}), "versions": versions(),
                 "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-        json_path.write_text(json.dumps({"records": list(records.values()), "meta": meta}, indent=1,
+        json_path.write_text(json.dumps({"records": list(records.values()), "meta": meta,
+                                         **({"frontier": old["frontier"]} if old.get("frontier") else {})}, indent=1,
                                         default=_json_default))
-        md_path.write_text(render(list(records.values()), meta))
+        md_path.write_text(render(list(records.values()), meta, old.get("frontier")))
     return 0
 
 

@@ -13,7 +13,8 @@ model the per-step agreement — also reported: the fraction of feeds agreeing a
 last layers' input features, which (unlike softmax/argmax outputs) do not saturate under small perturbations.
 
 **Ranking** (``rank_key``, best first): feature SQNR, then agreement lost, then output SQNR. **Targets**
-(``meets``): ``cosine >= min_cosine`` and ``1 − agreement <= max_agreement_drop``.
+(``meets``): ``cosine >= min_cosine``, ``1 − agreement <= max_agreement_drop`` and ``SQNR >= min_sqnr_db`` (worst
+output).
 
 Bias correction, cross-layer equalization and the mixed-precision search that use these scores live in
 ``bias_correction``, ``equalization`` and ``mixed_precision``.
@@ -199,8 +200,11 @@ def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarr
     return out
 
 
-def meets(s: dict[str, float], min_cosine: float | None, max_agreement_drop: float | None) -> bool:
+def meets(s: dict[str, float], min_cosine: float | None, max_agreement_drop: float | None,
+          min_sqnr_db: float | None = None) -> bool:
     if min_cosine is not None and s["cosine"] < min_cosine:
+        return False
+    if min_sqnr_db is not None and s["sqnr_db"] < min_sqnr_db:
         return False
     if max_agreement_drop is not None and "agreement" in s and 1.0 - s["agreement"] > max_agreement_drop:
         return False

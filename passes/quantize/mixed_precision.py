@@ -1,4 +1,7 @@
-"""Mixed precision to a user target (``min_cosine``, ``max_agreement_drop``): which layers stay float.
+"""Mixed precision to a user target (``min_cosine``, ``max_agreement_drop``, ``min_sqnr_db``): which layers stay float.
+
+``sensitivity=greedy_cost`` hands the whole choice to ``float_frontier`` (noise removed per latency cost, one
+activation rounding's layers at a time, within ``max_latency``); the rest of this module is the per-layer search.
 
 **Sensitivity** of a layer (anchor node), one model per layer: *leave-one-out* (default) keeps that layer float in
 the otherwise quantized model and scores the outputs — the marginal gain at the operating point; *one-at-a-time*
@@ -42,9 +45,10 @@ def search_float_set(
     min_cosine: float | None,
     max_agreement_drop: float | None,
     first: dict[str, float],
+    min_sqnr_db: float | None = None,
 ) -> tuple[int, dict[str, float], int]:
     """Smallest k such that keeping ``order[:k]`` float meets the target; (k, score, evaluations)."""
-    if meets(first, min_cosine, max_agreement_drop):
+    if meets(first, min_cosine, max_agreement_drop, min_sqnr_db):
         return 0, first, 0
     scores: dict[int, dict[str, float]] = {0: first}
     evals = 0
@@ -55,7 +59,7 @@ def search_float_set(
         log.debug("mixed precision: %d float -> %s", k, s)
         evals += 1
         scores[k] = s
-        return meets(s, min_cosine, max_agreement_drop)
+        return meets(s, min_cosine, max_agreement_drop, min_sqnr_db)
 
     lo, hi = 0, None  # lo fails, hi meets
     k = 1
@@ -87,7 +91,11 @@ def mixed_precision(
     p = run.p
     float_layers: dict[str, str] = {}
     run.stats["score_all_int8"] = {k: round(v, 6) for k, v in sc.items()}
-    if meets(sc, p.min_cosine, p.max_agreement_drop):
+    if p.sensitivity == "greedy_cost":
+        from .float_frontier import greedy_mixed_precision
+
+        return greedy_mixed_precision(run, ref)
+    if meets(sc, p.min_cosine, p.max_agreement_drop, p.min_sqnr_db):
         return built, sc, float_layers
     layers = built.plan.int8_anchor_names()
     all_anchor_names = [n.name for n in built.plan.anchors]
@@ -112,7 +120,7 @@ def mixed_precision(
     run.stats["sensitivity_top"] = [
         {"layer": n, **{k: round(v, 5) for k, v in sens[n].items()}} for n in order[:10]
     ]
-    k, best, evals = search_float_set(order, evaluate, p.min_cosine, p.max_agreement_drop, sc)
+    k, best, evals = search_float_set(order, evaluate, p.min_cosine, p.max_agreement_drop, sc, p.min_sqnr_db)
     chosen = order[:k]
     for rank, n in enumerate(chosen, 1):
         s_ = sens[n]
@@ -123,9 +131,10 @@ def mixed_precision(
             f"mixed precision: sensitivity rank {rank} of {len(layers)} ({how} " + ", ".join(parts) + ")"
         )
     built = run.build(chosen, tuple(float_layers.items()))
-    met = meets(best, p.min_cosine, p.max_agreement_drop)
+    met = meets(best, p.min_cosine, p.max_agreement_drop, p.min_sqnr_db)
     run.stats["mixed_precision"] = {
-        "target": {"min_cosine": p.min_cosine, "max_agreement_drop": p.max_agreement_drop},
+        "target": {"min_cosine": p.min_cosine, "max_agreement_drop": p.max_agreement_drop,
+                   "min_sqnr_db": p.min_sqnr_db},
         "met": met,
         "layers_float": len(chosen),
         "layers_total": len(layers),

@@ -108,14 +108,22 @@ class Quantize(Pass):
         search=[None, 0.99, 0.995, 0.999],
     )
     max_agreement_drop: float | None = option(None, "mixed precision: ... until top-1 agreement drop <= this")
+    min_sqnr_db: float | None = option(None, "mixed precision: ... until the worst output's SQNR (dB) >= this")
+    max_latency: float | None = option(
+        None,
+        "mixed precision with sensitivity=greedy_cost: keep layers float only while the model's latency stays "
+        "<= this ratio of the float model's (measured under ORT); alone (no target): the best SQNR within it",
+    )
     eval_samples: int = option(
         32,
         "calibration feeds used to score candidates (mixed precision, sensitivity)",
     )
-    sensitivity: Literal["leave_one_out", "one_at_a_time"] = option(
+    sensitivity: Literal["leave_one_out", "one_at_a_time", "greedy_cost"] = option(
         "leave_one_out",
         "per-layer sensitivity for mixed precision: leave_one_out (gain of keeping the layer float in the "
-        "quantized model) | one_at_a_time (damage of quantizing the layer alone)",
+        "quantized model) | one_at_a_time (damage of quantizing the layer alone) | greedy_cost (the layers around "
+        "one activation rounding at a time, best measured noise removed per measured latency cost, re-measured "
+        "after each pick; EfficientNet-Lite2 18.4 -> 24.7 dB for +0.02x latency)",
     )
     weight_rounding: Literal["auto", "output", "nearest"] = option(
         "nearest",
@@ -223,8 +231,14 @@ class Quantize(Pass):
             raise ValueError(f"auto_float_cost_per_db must be >= 0, got {self.auto_float_cost_per_db}")
         if self.mixed_range_ratio <= 1.0:
             raise ValueError(f"mixed_range_ratio must be > 1, got {self.mixed_range_ratio}")
-        if self.sensitivity not in ("leave_one_out", "one_at_a_time"):
-            raise ValueError(f"sensitivity must be leave_one_out or one_at_a_time, got {self.sensitivity!r}")
+        if self.sensitivity not in ("leave_one_out", "one_at_a_time", "greedy_cost"):
+            raise ValueError(
+                f"sensitivity must be leave_one_out, one_at_a_time or greedy_cost, got {self.sensitivity!r}"
+            )
+        if self.max_latency is not None and not 0.0 < self.max_latency:
+            raise ValueError(f"max_latency must be > 0, got {self.max_latency}")
+        if self.max_latency is not None and self.sensitivity != "greedy_cost":
+            raise ValueError("max_latency needs sensitivity=greedy_cost (the search that measures latency)")
         if self.latency_cache not in ("use", "refresh", "off"):
             raise ValueError(f"latency_cache must be use, refresh or off, got {self.latency_cache!r}")
         if self.already_quantized not in ("refuse", "ignore"):

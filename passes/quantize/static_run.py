@@ -114,6 +114,8 @@ class StaticRun:
         self.float_details: dict[str, dict] = {}
         #: optimised rounding: anchor name -> integer weights every build uses for that layer (``rounding``)
         self.rounded: dict[str, qm.QuantizedWeight] = {}
+        #: set by ``setup``: whether preparing changed the graph
+        self.prepared = False
         #: calibration=auto: (method, plan, exported model) of the best all-int8 build, reused by the search
         self.all_int8: tuple[str, Plan, onnx.ModelProto] | None = None
 
@@ -200,20 +202,18 @@ class StaticRun:
         self.dtypes = probe_dtypes(self.base, self.float_model, ctx.calibration.first())
         return prepared
 
-    def run(self) -> PassResult:
-        p, stats = self.p, self.stats
-        t_start = time.perf_counter()
-        stats["weight_bytes_before"] = io.weight_bytes(self.ctx.export(self.graph))
-        prepared = self.prepare()
-
+    def setup(self) -> tuple[fid.Reference, list] | None:
+        """Stages 1-4 (prepare, calibration, bias correction, range choice, weight rounding): after it ``build``
+        makes any candidate. Returns the float reference and the evaluation feeds, or None when the main graph has
+        no layer to quantize (``stats["layers_kept_float"]`` says why)."""
+        p = self.p
+        self.stats["weight_bytes_before"] = io.weight_bytes(self.ctx.export(self.graph))
+        self.prepared = self.prepare()
         # calibrate everything the full placement needs (ranges of later, smaller placements are subsets)
         plan0 = plan_static(self.base.copy().toposort(), self.dtypes, self.placement_options())
         if not plan0.int8:
-            stats["layers_kept_float"] = dict(plan0.kept_float)
-            stats["skipped"] = "nothing to quantize in the main graph: no Conv/MatMul/Gemm with a constant float weight"
-            bodies_done = self.bodies_only()
-            stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
-            return PassResult(bodies_done or prepared or "opset_upgrade" in stats, stats)
+            self.stats["layers_kept_float"] = dict(plan0.kept_float)
+            return None
         anchors = bias_anchors(self.base, self.dtypes) if p.bias_correction else {}
         eval_feeds = list(self.feeds(p.eval_samples))
         ref = calibrate_with_reference(self, list(plan0.tensors), channel_axes(anchors), eval_feeds)
@@ -223,13 +223,27 @@ class StaticRun:
             choose_method(self, ref)
         if p.weight_rounding != "nearest" and self.per_channel:
             optimise_rounding(self, ref)
+        return ref, eval_feeds
+
+    def run(self) -> PassResult:
+        p, stats = self.p, self.stats
+        t_start = time.perf_counter()
+        ready = self.setup()
+        prepared = self.prepared
+        if ready is None:
+            stats["skipped"] = "nothing to quantize in the main graph: no Conv/MatMul/Gemm with a constant float weight"
+            bodies_done = self.bodies_only()
+            stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
+            return PassResult(bodies_done or prepared or "opset_upgrade" in stats, stats)
+        ref, eval_feeds = ready
         if p.auto_float_db > 0:
             search_float_layers(self, ref, eval_feeds)
 
         built = self.build()
         sc = fid.score_model(ref, self.export(built.graph))
         float_layers: dict[str, str] = dict(self.auto_float)
-        if p.min_cosine is not None or p.max_agreement_drop is not None:
+        if p.min_cosine is not None or p.max_agreement_drop is not None or p.min_sqnr_db is not None or (
+                p.max_latency is not None):
             built, sc, float_layers = mixed_precision(self, ref, built, sc)
         if p.latency_guard:
             outcome = latency_guard(self, built, sc, float_layers, ref, eval_feeds)
