@@ -42,7 +42,9 @@ from benchmarks.variant_rows import chosen_models, variant_rows
 log = logging.getLogger("benchmarks.cluster")
 
 MODELS = ["minilm_l3", "minilm_l6", "ppocrv4_rec", "nudenet_320n", "ddddocr_common"]
-CNNS = {"ppocrv4_rec", "nudenet_320n", "ddddocr_common"}
+#: every CNN of the corpus counts for the deep-compression goal (``--models`` runs any of them)
+CNNS = {"ppocrv4_rec", "nudenet_320n", "ddddocr_common", "ddddocr_det", "ppocrv4_det", "ppocr_cls", "mtcnn_onet",
+        "mtcnn_rnet", "mtcnn_pnet", "efficientnet_lite2", "ddddocr_old"}
 BITS = (2, 3, 4, 6, 8)
 RECIPES = ("int8", "int8-accurate", "fast", "small", "deep-compression")
 N_CALIB = {"minilm_l6": 256, "minilm_l3": 256}
@@ -67,6 +69,15 @@ def variants(which: str) -> list[str]:
         list(RECIPES) if which in ("recipes", "all") else [])
 
 
+def deep_pipeline() -> str:
+    """The deep-compression recipe's pipeline text as shipped (rows run with that text count as the recipe)."""
+    import tomllib
+
+    from onnxcompress.recipes import recipe_path
+
+    return str(tomllib.loads(recipe_path("deep-compression").read_text())["passes"])
+
+
 def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
     fp32 = record.get("fp32") or {}
     base_rss = (fp32.get("session_rss") or {}).get("delta_mb")
@@ -86,6 +97,7 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     four: dict[str, float] = {}
     uniform: dict[str, float] = {}
     deep: dict[str, tuple[float, float]] = {}
+    deep_names = {"deep-compression", deep_pipeline()}  # rows run by name or by the recipe's own text
     for r in rows:
         if r.get("error") or r.get("metric") is None:
             continue
@@ -93,7 +105,7 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
             four[r["model"]] = max(four.get(r["model"], 0.0), r["metric"])
             if "max_error" not in r["pipeline"] and "target_error" not in r["pipeline"]:
                 uniform[r["model"]] = max(uniform.get(r["model"], 0.0), r["metric"])
-        if r["pipeline"] == "deep-compression" and r.get("x_raw"):
+        if r["pipeline"] in deep_names and r.get("x_raw"):
             deep[r["model"]] = (r["x_raw"], r["metric"])
     deep_ok = {m: x >= GOAL_DEEP_X and v >= GOAL_METRIC for m, (x, v) in deep.items()}
     return {
@@ -178,8 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for cluster.md/json (default results/)")
     ap.add_argument("--merge", action="store_true", help="keep the other rows of an existing cluster.json")
     ap.add_argument("--render", action="store_true", help="only rewrite cluster.md from cluster.json")
+    ap.add_argument("--merge-from", nargs="+", type=Path, default=None, metavar="DIR",
+                    help="merge the rows of cluster.json files written elsewhere (--out DIR) into --out's, then render")
     args = ap.parse_args(argv)
     out = args.out or RESULTS
+    if args.merge_from:
+        saved = json.loads((out / "cluster.json").read_text())
+        records, meta = saved["records"], saved["meta"]
+        for d in args.merge_from:
+            other = json.loads((d / "cluster.json").read_text())
+            records = merge_methods(records, other["records"])
+            meta = meta | {"extra": meta.get("extra", []) + [other["meta"].get("args", str(d))]}
+        write(out, records, meta)
+        return 0
     if args.render:
         saved = json.loads((out / "cluster.json").read_text())
         write(out, saved["records"], saved["meta"])

@@ -117,7 +117,7 @@ MODES = {"tensor": "channel_scales=false", "scales": "channel_scales=true", "cha
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_codebook_decode_is_bit_exact_under_ort(rng, mode, bits):
     model = _model(rng)
     pipe = f"cluster{{bits={bits} {MODES[mode]} min_size=500"

@@ -39,6 +39,8 @@ def _two_branches(rng, n_in=64, n_out=48):
 
 def test_ladder():
     assert ladder(4) == [4, 5, 6, 8, FLOAT]
+    assert ladder(1) == [1, 2, 3, 4, 8, FLOAT]  # a 1-bit base still has the 4-bit rung before 8
+    assert ladder(2) == [2, 3, 4, 8, FLOAT]
     assert ladder(7) == [7, 8, FLOAT]
     assert ladder(8) == [8, FLOAT]
 

@@ -1,6 +1,6 @@
 """Mixed bit-widths from the measured sensitivity of the user's model (``cluster{target_error=...}``).
 
-Every clustered tensor t gets a level l_t from the ladder  b0 -> b0 + 2 -> 8 -> float  (b0: the pass's ``bits``, or
+Every clustered tensor t gets a level l_t from the ladder  b0 -> b0 + 1 -> b0 + 2 (-> 4) -> 8 -> float  (b0: the pass's ``bits``, or
 more where ``max_error`` already raised it), each level with its bytes on disk B_t(l) (the planned storage) and its
 measured effect on the model: e_t(l) = relative output error (``onnxcompress.output_error``) of the model with t
 alone at level l and every other tensor float, on a few calibration feeds. The model's error with every tensor at
@@ -34,9 +34,9 @@ FLOAT = 32  # the "level" of a tensor left float
 
 
 def ladder(b0: int) -> list[int]:
-    """Levels from b0 up, in order: b0 + 1, b0 + 2 (capped at 8), 8, then float."""
+    """Levels from b0 up, in order: b0 + 1, b0 + 2 (capped at 8), 4 (from a 1-bit base), 8, then float."""
     out = [b0]
-    for b in (min(b0 + 1, 8), min(b0 + 2, 8), 8, FLOAT):
+    for b in (min(b0 + 1, 8), min(b0 + 2, 8), 4, 8, FLOAT):
         if b > out[-1]:
             out.append(b)
     return out
