@@ -70,6 +70,9 @@ VARIANTS: dict[str, str] = {
     "smooth": "cleanup,quantize{smooth=all weight_rounding=nearest}",
     "smooth-auto": "cleanup,quantize{smooth=auto}",
     "default": "cleanup,quantize",
+    "default-layers": "cleanup,quantize{auto_float_units=false}",
+    "greedy-0.5x": "cleanup,quantize{sensitivity=greedy_cost max_latency=0.5}",
+    "greedy-25dB": "cleanup,quantize{sensitivity=greedy_cost min_sqnr_db=25 max_latency=0.6}",
     "all-int8": "cleanup,quantize{auto_float_db=0}",
     "qat": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "qat-wonly": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8 "

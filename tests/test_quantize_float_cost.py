@@ -134,10 +134,12 @@ def test_the_conv_that_holds_most_macs_is_not_kept_float_for_a_few_db(mac_latenc
     assert auto["kept_float"] == [] and stats["kept_float"] == []
     rej = next(r for r in auto["rejected"] if r["layer"] == top)
     assert rej["macs_share"] > 0.85 and rej["latency_cost"] > 0.5 and rej["reason"].startswith("kept int8")
-    assert top == next(n.name for n in q.graph.node if n.op_type == "Conv" and n.input[1] == "w2_dequantized")
+    conv2 = next(n.name for n in q.graph.node if n.op_type == "Conv" and n.input[1] == "w2_dequantized")
+    # the top candidate is the dominant Conv, alone or with its neighbour around one activation rounding
+    assert top == conv2 or conv2 in rej.get("layers", []), rej
     # the old rule (no cost weighed, the gain alone decides) keeps the dominant Conv float: 0.99x latency territory
     q_old, s_old, _ = _quantize(model, _feeds(), calibration="minmax", auto_float_cost_per_db=float("inf"))
-    assert _float_convs(q_old) == {"w2"} and s_old["kept_float"][0]["macs_share"] > 0.85
+    assert "w2" in _float_convs(q_old) and s_old["kept_float"][0]["macs_share"] > 0.85
     # latency went through the run's profile: all-int8 and the one-layer-float candidate (+ the guard's replay)
     assert ctx.latency.measured >= 2 and all(k.startswith("quantize/") for k in ctx.latency.entries)
 

@@ -137,15 +137,29 @@ def choose(
     all_int8: onnx.ModelProto,
     ref: fid.Reference,
     feed: Feed,
+    members: dict[str, list[str]] | None = None,
+    max_kept: int | None = None,
 ) -> tuple[list[str], list[dict], list[dict]]:
-    """The module rule on the layers of ``gains`` (each with feature-SQNR gain >= auto_float_db; ``builds``: their
-    one-layer-float models). Returns (chosen layers, kept records, rejected records); records are
-    ``{layer, reason, macs_share, fidelity_gain_db, latency_cost, size_cost}``."""
+    """The module rule on the candidates of ``gains`` (each with feature-SQNR gain >= auto_float_db; ``builds``:
+    their float models; a candidate is a layer, or in ``members`` a name for several layers kept float together —
+    the layers around one activation rounding). Returns (chosen candidates, kept records, rejected records); records
+    are ``{layer, reason, macs_share, fidelity_gain_db, latency_cost, size_cost}`` (+ ``layers`` for a group).
+    At most ``max_kept`` candidates are kept: one rejected for its cost leaves its place to the next."""
     p = run.p
+    members = members or {}
+
+    def layers_of(name: str) -> list[str]:
+        return members.get(name, [name])
+
+    def what(name: str) -> str:
+        return f"with {', '.join(layers_of(name))} ({name})" if name in members else ""
+
     if not np.isfinite(p.auto_float_cost_per_db):  # no limit: the gain alone decides, nothing is measured
-        kept = [{"layer": n, "fidelity_gain_db": round(g, 2),
-                 "reason": f"kept float automatically: alone it lifts the last layers' features by {g:.1f} dB "
-                           "(auto_float_cost_per_db=inf: cost not weighed)"} for n, g in gains.items()]
+        gains = dict(sorted(gains.items(), key=lambda kv: -kv[1])[:max_kept])
+        kept = [{"layer": n, "fidelity_gain_db": round(g, 2), **({"layers": layers_of(n)} if n in members else {}),
+                 "reason": f"kept float automatically{' ' + what(n) if n in members else ''}: alone it lifts the "
+                           f"last layers' features by {g:.1f} dB (auto_float_cost_per_db=inf: cost not weighed)"}
+                for n, g in gains.items()]
         return list(gains), kept, []
     float_bytes = io.weight_bytes(run.float_model)
     shares = macs_shares(run, feed)
@@ -159,12 +173,15 @@ def choose(
     rejected: list[dict] = []
     current, budget = base, 0.0
     for name in sorted(gains, key=lambda n: -gains[n]):
+        if max_kept is not None and len(kept) >= max_kept:
+            break
         g = gains[name]
         cand = measure(run, builds[name], ref, feed, against=all_int8)
         dt, ds = costs(cand, base, float_bytes)
         rec = {
             "layer": name,
-            "macs_share": round(shares.get(name, float("nan")), 4),
+            **({"layers": layers_of(name)} if name in members else {}),
+            "macs_share": round(sum(shares.get(n, float("nan")) for n in layers_of(name)), 4),
             "fidelity_gain_db": round(g, 2),
             "output_sqnr_gain_db": round(cand.score["sqnr_db"] - base.score["sqnr_db"], 2),
             "latency_cost": round(dt, 3),
@@ -186,12 +203,12 @@ def choose(
             rejected.append(rec)
             continue
         if kept:  # with the layers already kept float: effects are not additive, so the set is measured
-            names = [r["layer"] for r in kept] + [name]
+            names = [n for r in kept for n in layers_of(r["layer"])] + layers_of(name)
             cand = measure(run, run.export(run.build(names).graph), ref, feed, against=all_int8)
             dt_set, ds_set = costs(cand, base, float_bytes)
             if not outputs_better(cand.score, current.score) or max(dt_set, ds_set) > budget + allow:
                 rec["reason"] = (
-                    f"kept int8: with {', '.join(names[:-1])} float as well the outputs reach "
+                    f"kept int8: with {', '.join(r['layer'] for r in kept)} float as well the outputs reach "
                     f"{cand.score['sqnr_db']:.1f} dB SQNR (without it {current.score['sqnr_db']:.1f} dB) for "
                     f"{dt_set:+.1%} latency and {ds_set:+.1%} size (allowance {budget + allow:.1%})"
                 )
@@ -199,7 +216,8 @@ def choose(
                 continue
             rec["set_latency_cost"], rec["set_size_cost"] = round(dt_set, 3), round(ds_set, 4)
         rec["reason"] = (
-            f"kept float automatically: alone it lifts the last layers' features by {g:.1f} dB "
+            f"kept float automatically{' ' + what(name) if name in members else ''}: alone it lifts the last "
+            f"layers' features by {g:.1f} dB "
             f"(all-int8 outputs {base.score['sqnr_db']:.1f} dB SQNR, with it {cand.score['sqnr_db']:.1f} dB) for "
             f"{dt:+.1%} latency and {ds:+.1%} size"
         )
