@@ -348,6 +348,7 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelS
     io.save_model(result.model, out)
     stats = next((r.pass_stats for r in result.ledger if r.stage.startswith("quantize")), {})
     keep = ("kept_float", "weight_rounding", "auto_float", "calibration", "latency_ratio_measured", "skipped",
+            "mixed_precision",
             "empirical_bias")
     kept = {k: stats[k] for k in keep if k in stats}
     train = next((r.pass_stats.get("train") for r in result.ledger if r.stage.startswith("distill")), None)
@@ -832,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = bench_model(specs[name], variants, args.latency_budget, args.explain)
         if args.merge and name in records:
             records[name]["variants"].update(rec["variants"])
-            for k in ("fp32", "fp32_ms", "sets", "n_calib", "fp32_weight_bytes"):
+            for k in ("fp32", "fp32_ms", "sets", "n_calib", "fp32_weight_bytes", "latency_load"):
                 records[name][k] = rec[k]
         else:
             records[name] = rec
