@@ -28,8 +28,8 @@ def _own_latency_cache(tmp_path, monkeypatch):
 
 
 def stem_net(seed: int = 0) -> onnx.ModelProto:
-    """stem (4->8, 3x3) -> Clip(0, 6) -> Pad -> dw (8 channels, 3x3, no pads) -> proj (8->8) -> Relu -> head
-    (8->4): channel 0 of the stem output is 200x narrower than the others and dw amplifies it 200x."""
+    """stem (4->8, 3x3) -> Clip(0, 6) -> Pad -> dw (8 channels, 3x3, no pads) -> proj (8->128) -> Relu -> head
+    (128->4; with proj 81% of the weight bytes): channel 0 of the stem output is 200x narrower than the others and dw amplifies it 200x."""
     rng = np.random.default_rng(seed)
     m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 13]>
     g (float[1,4,20,20] x) => (float[1,4,20,20] y) {
@@ -50,8 +50,8 @@ def stem_net(seed: int = 0) -> onnx.ModelProto:
         "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32),
         "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
         "wd": wd, "bd": np.zeros(8, np.float32),
-        "wp": rng.standard_normal((8, 8, 1, 1)).astype(np.float32) * 0.4, "bp": np.zeros(8, np.float32),
-        "wh": rng.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.4, "bh": np.zeros(4, np.float32),
+        "wp": rng.standard_normal((128, 8, 1, 1)).astype(np.float32) * 0.4, "bp": np.zeros(128, np.float32),
+        "wh": rng.standard_normal((4, 128, 1, 1)).astype(np.float32) * 0.1, "bh": np.zeros(4, np.float32),
     }
     for name, a in arrays.items():
         m.graph.initializer.append(numpy_helper.from_array(a, name))
@@ -162,3 +162,41 @@ def test_targets_and_options():
         Quantize(sensitivity="greedy_cost", max_latency=0.0)
     with pytest.raises(ValueError, match="sensitivity"):
         Quantize(sensitivity="greedy")
+
+
+def _whole_model_times(free: frozenset[str]):
+    """A stub for ``measure_latency``: each Conv of a whole model costs 1 float, 0.3 int8 (weight read through a DQ),
+    and 0.3 either way for the Convs whose weight is in ``free``; layer pairs (``W``/``Wd``) cost 1 and 0.3."""
+
+    def fake(models, feed, **kw):
+        out = {}
+        for k, m in models.items():
+            t = 0.0
+            for n in m.graph.node:
+                if n.op_type != "Conv":
+                    continue
+                w = n.input[1].removesuffix("_dequantized")
+                t += 0.3 if n.input[1] != w or w in free or w == "Wd" else 1.0
+            out[k] = max(t, 1e-3)
+        return out
+
+    return fake
+
+
+@pytest.mark.parametrize("free", [frozenset(), frozenset({"ws", "wd"})])
+def test_the_default_search_keeps_a_group_float_only_when_it_costs_no_latency(monkeypatch, free):
+    import onnxcompress.latency as latency
+
+    monkeypatch.setattr(latency, "measure_latency", _whole_model_times(free))
+    model, feeds = stem_net(), _feeds()
+    q, stats = _quantize(model, feeds, auto_float_db=1.0)
+    auto = stats["auto_float"]
+    group = [r for r in auto["rejected"] + [k for k in stats["kept_float"]] if r.get("layers")]
+    assert group, auto  # the stem-output group was a candidate (ranked, built, measured)
+    if free:  # float stem + dw measured as fast as int8: kept, both layers, with the group's reason
+        assert {"ws", "wd"} <= _float_convs(q)
+        assert all("rounding of" in r["reason"] for r in stats["kept_float"] if r["layer"] in group[0]["layers"])
+        assert _sqnr(model, q, feeds) > _sqnr(model, _quantize(model, feeds)[0], feeds) + 3.0
+    else:  # +35% latency: within the per-dB allowance it would pass; a group is held to 2%
+        assert not ({"ws", "wd"} <= _float_convs(q))
+        assert any("layers around a rounding" in r["reason"] for r in auto["rejected"])

@@ -37,6 +37,13 @@ nudenet, MiniLM-L3 and 4 dB worse on ddddocr_det's, at 2x the tool time: activat
 ``smooth`` (SmoothQuant; MiniLM-L3's embedding 1 dB worse). A uint16 QDQ Conv runs as DQ -> float Conv -> Q on
 ORT's CPU EP (1.1-2.6x the float Conv), so 16-bit activations are no cheaper than a float layer there.
 
+Mixed precision is chosen by activation rounding, not by layer (issue 12): ORT needs integer input and output for an
+integer Conv, so a rounding goes away only when every layer around it runs float. On EfficientNet-Lite2 half of the
+layers float (picked one by one) left the logits at 18.2 dB (all-int8 18.4), while the stem and block 0's depthwise
+Conv together take out the stem output's rounding: 24.7 dB at the same latency (``float_layer_search`` groups, on by
+default when a group costs <= 2% latency; ``sensitivity=greedy_cost`` walks the frontier further within
+``max_latency``; ``benchmarks/int8_margins.py --frontier``).
+
 Modules:
 
 =======================  ================================================================================
@@ -46,7 +53,8 @@ Modules:
 ``range_choice``         stage: per-tensor ranges from the statistics; ``calibration=auto``
 ``rounding``             stage: weight scales and rounding chosen against each layer's output (closed form)
 ``bias_correction``      stage: ``b' = b − (Ŵ − W)·E[x]``
-``float_layer_search``   stage: automatic float layers (leave-one-out on the last layers' feature SQNR)
+``float_layer_search``   stage: automatic float layers and groups (leave-one-out on the last layers' feature SQNR)
+``float_frontier``       greedy mixed precision by noise removed per latency cost; rounding groups; ``greedy_cost``
 ``float_cost``           what a float layer costs (measured latency, bytes) against what it buys (dB)
 ``mixed_precision``      stage: sensitivity ranking and the float-layer count that meets a user target
 ``latency_guard``        stage: never slower than float under ORT; measurements through ``ctx.latency``

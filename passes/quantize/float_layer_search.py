@@ -3,8 +3,18 @@
 Rule: let ``S`` be the SQNR (dB) of the last layers' input features (``fidelity.feature_nodes``) of the all-int8
 model against the float one, and ``S_l`` the same with layer ``l`` alone kept float. The layers with the largest
 gain ``S_l − S >= auto_float_db`` stay float (1 dB: the layer contributes ~20% of all the quantization noise there),
-at most 5% of the layers, and only when the features are noisy at all (``S < AUTO_FLOAT_BELOW_DB``) and the model
+at most 5% of the layers (candidates), best gain first, a candidate rejected for its cost leaving its place to the
+next, and only when the features are noisy at all (``S < AUTO_FLOAT_BELOW_DB``) and the model
 has at most ``AUTO_FLOAT_MAX_LAYERS`` quantized layers.
+
+**Groups.** ORT runs a Conv on integers only with integer input and output, so one layer float takes out its
+weight rounding but not the activation roundings around it. With ``auto_float_units`` (default) the candidates also
+include, for every rounded activation, the layers around it together (``float_frontier.rounding_units``), ranked on
+all ``AUTO_FLOAT_FEEDS`` feeds by the model without the roundings they surround (``error_sources.without_rounding``),
+then re-scored with real builds like the layers. On EfficientNet-Lite2 the stem's output rounding costs 8 dB at the
+logits while each of its two layers alone gains < 0.5 dB: the group is the whole gain. A group is kept only at
+``float_cost.GROUP_MAX_LATENCY_COST`` measured latency or less; ``sensitivity=greedy_cost`` (``float_frontier``)
+trades further.
 
 Layers are left out one at a time: the effects are not additive (on PP-OCR's recognizer, keeping one early
 depthwise Conv float *lowers* the features' SQNR while keeping a later one float lifts it by 2 dB), so testing groups
@@ -78,11 +88,14 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
         return (base if s_ is None else s_) - base
 
     approx = _patched_gains(run, model, layers, ref, feeds[:AUTO_FLOAT_RANK_FEEDS], gain)
-    # multi-layer candidates are ranked on all the search's feeds: their gain can sit in a few inputs (EfficientNet-
-    # Lite2's stem rounding: +0.2 dB on the first 2 evaluation feeds, +5.3 dB on the first 4)
-    approx.update(_unit_gains(model, removed, ref, feeds))
     limit = max(1, len(layers) // 20)
     shortlist = sorted(approx, key=lambda n: -approx[n])[: limit + AUTO_FLOAT_VERIFY]
+    # groups are ranked on all the search's feeds (their gain can sit in a few inputs: EfficientNet-Lite2's stem
+    # rounding +0.2 dB on the first 2 evaluation feeds, +5.3 dB on the first 4) and join the layers' shortlist
+    # without taking their places (on PP-OCRv4 rec they would push out the one layer worth keeping float)
+    approx_units = _unit_gains(model, removed, ref, feeds)
+    shortlist += sorted(approx_units, key=lambda n: -approx_units[n])[:AUTO_FLOAT_VERIFY]
+    approx.update(approx_units)
     gains = {n: gain(n) for n in shortlist}
     ranked = sorted(gains, key=lambda n: -gains[n])
     worth = {n: gains[n] for n in ranked if gains[n] >= p.auto_float_db}
