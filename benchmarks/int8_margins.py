@@ -35,7 +35,17 @@ held fixed; with ``calibration=auto`` it flips the rule to mse on rec, which cos
 (``smooth=all``: SmoothQuant factors on every MatMul input, round-to-nearest weights), ``smooth-auto``
 (``smooth=auto``: only inputs whose largest channel RMS is >= 8x the median), ``default`` (the pass's
 defaults, ``weight_rounding=auto``), ``all-int8`` (no automatic float layers), and ``ort_minmax`` (ORT's
-``quantize_static``, QDQ, per channel, MinMax). Writes ``benchmarks/results/int8_margins.{json,md}``.
+``quantize_static``, QDQ, per channel, MinMax). Issue 12's mixed-precision rows: ``default-layers``
+(``auto_float_units=false``: the automatic float search over single layers only, the default before rounding
+groups), ``greedy-0.5x`` (``sensitivity=greedy_cost max_latency=0.5``: the best feature/output SQNR within 0.5x the
+float model's measured latency), ``greedy-25dB`` (``... min_sqnr_db=25 max_latency=0.6``), ``accurate``
+(the ``int8-accurate`` recipe: ``min_cosine=0.995``, per-layer leave-one-out) and ``accurate-greedy`` (the same
+target with ``sensitivity=greedy_cost``).
+
+``--frontier N`` (with ``--frontier-unit layer|rounding``) measures the mixed-precision frontier instead: one
+calibration, the greedy path of ``passes.quantize.float_frontier`` (at most N float layers) and the leave-one-out
+order, each built at ``FRONTIER_POINTS`` float-set sizes, scored on the evaluation sets and timed with FP32 in one
+interleaved call. Writes ``benchmarks/results/int8_margins.{json,md}``.
 """
 
 from __future__ import annotations
@@ -73,6 +83,8 @@ VARIANTS: dict[str, str] = {
     "default-layers": "cleanup,quantize{auto_float_units=false}",
     "greedy-0.5x": "cleanup,quantize{sensitivity=greedy_cost max_latency=0.5}",
     "greedy-25dB": "cleanup,quantize{sensitivity=greedy_cost min_sqnr_db=25 max_latency=0.6}",
+    "accurate": "cleanup,quantize{mode=static min_cosine=0.995}",
+    "accurate-greedy": "cleanup,quantize{mode=static min_cosine=0.995 sensitivity=greedy_cost}",
     "all-int8": "cleanup,quantize{auto_float_db=0}",
     "qat": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "qat-wonly": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8 "
@@ -498,6 +510,9 @@ def frontier(spec: ModelSpec, max_steps: int, budget_s: float, options: str = ""
                            "search_seconds": round(search_s, 1), "evaluations": fr.evaluations, "load": load0,
                            "costs": {n: round(c, 4) for n, c in fr.costs.items()},
                            "first_gains_db": {n: round(g, 3) for n, g in fr.first_gains_db().items()},
+                           "unit_costs": {u: round(sum(fr.costs.get(n, 0.0) for n in units.get(u, [u])), 4)
+                                          for u in fr.first_gains},
+                           "max_steps": max_steps,
                            "greedy_steps": [{"layer": s.pick or None, "layers": len(s.float_layers),
                                              "gain_db": s.gain_db, "cost": round(s.cost, 4),
                                              "latency_est": round(s.latency_est, 3),
@@ -722,18 +737,20 @@ def _frontier_lines(fr: dict[str, Any]) -> list[str]:
     has_logits = any("logits_sqnr_db" in p["sets"][k] for p in fr["points"] for k in sets)
     per = "activation rounding (every layer around it float)" if fr.get("unit") == "rounding" else "layer"
     lines = [f"## Mixed-precision frontier: {fr['model']}, one {per} per pick", "",
-             f"`python -m benchmarks.int8_margins --models {fr['model']} --frontier {max(len(fr['greedy_steps']) - 1, 1)}"
+             f"`python -m benchmarks.int8_margins --models {fr['model']} --frontier "
+             f"{fr.get('max_steps', len(fr['greedy_steps']) - 1)}"
              + (f" --frontier-options '{fr['options']}'" if fr.get("options") else "")
              + (f" --frontier-unit {fr['unit']}" if fr.get("unit", "layer") != "layer" else "") + "`; code at "
              f"{fr.get('commit') or '?'}; calibration feeds {fr['n_calib']}, evaluation sets {fr['sets']}; FP32 "
              f"{fr['fp32_ms']:.1f} ms; every point built from one calibration (same ranges, bias correction, "
              f"automatic float layers {fr['auto_float'] or 'none'}) and timed with FP32 in one interleaved call "
              f"(1 thread, load average {_load(fr.get('latency_load'))}); search {fr['search_seconds']:.0f} s "
-             f"({fr['evaluations']} patched evaluations, load {_load(fr.get('load'))}), scored by "
+             f"({fr['evaluations']} candidate builds scored, load {_load(fr.get('load'))}), scored by "
              f"{fr['scored_by']}. `greedy-k`: the first k picks of the greedy path (measured gain per measured "
              "latency cost, re-measured after each pick); `loo-k`: the k layers with the largest leave-one-out gain "
              "in the all-int8 model (gain alone); `est cost`: the picked layers' isolated float-minus-int8 times over "
-             "the FP32 model's.", ""]
+             "the FP32 model's; a `r` suffix: picks are activation roundings (every quantized layer around one).",
+             ""]
     head = ["point", "float layers", "latency", "est cost", "bytes"]
     for k in sets:
         head += [f"{k}: SQNR dB"] + ([f"{k}: logits SQNR dB"] if has_logits else []) + [f"{k}: cosine"]
@@ -755,7 +772,7 @@ def _frontier_lines(fr: dict[str, Any]) -> list[str]:
         lines += [f"{i}. `{s['layer']}`: {s['gain_db']:+.2f} dB for {s['cost']:+.3f}" for i, s in enumerate(picks, 1)]
     top = sorted(fr["first_gains_db"].items(), key=lambda kv: -kv[1])[:8]
     lines += ["", "Largest leave-one-out gains in the all-int8 model (dB, with the layer's cost): " + ", ".join(
-        f"`{n}` {g:+.2f} ({fr['costs'].get(n, float('nan')):+.3f})" for n, g in top), ""]
+        f"`{n}` {g:+.2f} ({fr.get('unit_costs', fr['costs']).get(n, float('nan')):+.3f})" for n, g in top), ""]
     return lines
 
 
