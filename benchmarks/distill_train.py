@@ -142,10 +142,22 @@ def text_feeds_file(spec: Any, source: str, folder: Path) -> Path:
     return path
 
 
+def text_calibration_feeds(spec: Any, source: str, n: int, cache: Path | None) -> list[dict]:
+    """The LAST ``n`` sentences of ``text_corpus`` ``source`` as calibration feeds (one sentence each, real length),
+    appended after the spec's calibration sentences: a user's larger unlabeled pool for the Gram matrices of
+    prune-weights / distill's refit. The last ones, so a ``train_samples`` prefix of the same pool for training
+    overlaps them only when it is larger than the pool minus ``n``."""
+    with np.load(text_feeds_file(spec, source, cache or Path("/tmp/distill_text"))) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    lengths = arrays["attention_mask"].sum(axis=1)
+    rows = range(max(0, len(lengths) - n), len(lengths))
+    return [{k: v[i:i + 1, :lengths[i]].copy() for k, v in arrays.items()} for i in rows]
+
+
 def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, train_opts: str,
               train_only: bool, variants: list[str] | None = None, cache: Path | None = None,
               refit_pipe: str = "distill", train_feeds: int = 0, extra_photos: int = 0,
-              train_text: str = "") -> list[dict[str, Any]]:
+              train_text: str = "", calib_text: str = "", calib_text_n: int = 0) -> list[dict[str, Any]]:
     """One model's rows. ``train_feeds``: build that many calibration inputs (the cache key stays ``n_calib``: the
     refit reads a prefix, ``distill{samples=K}``, and ``make_inputs`` is prefix-stable); ``extra_photos``: append
     that many crops of ``EXTRA_PHOTOS`` (image models) after them. Variants pick how many the training reads
@@ -162,6 +174,7 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
     fp32 = onnx.load(str(spec.fetch(cache_dir())))
     calib, evals = spec.make_inputs(max(n_calib, train_feeds), "calib"), spec.make_inputs(n_eval, "eval")
     calib += extra_photo_feeds(extra_photos) if extra_photos else []
+    calib += text_calibration_feeds(spec, calib_text, calib_text_n, cache) if calib_text_n else []
     with Session(fp32, threads=2) as s:
         ref = [s.run(f) for f in evals]
     shapes = feed_shapes(evals[0])
@@ -210,7 +223,8 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
     if cache is not None:
         import hashlib
 
-        key = cache / f"{spec.name}_{hashlib.sha256(f'{cut}|{n_calib}|{refit_pipe}'.encode()).hexdigest()[:10]}"
+        tag = f"{cut}|{n_calib}|{refit_pipe}" + (f"|{calib_text}:{calib_text_n}" if calib_text_n else "")
+        key = cache / f"{spec.name}_{hashlib.sha256(tag.encode()).hexdigest()[:10]}"
     t0, c0 = time.perf_counter(), time.process_time()
     if key is not None and key.with_suffix(".refit.onnx").exists():
         import pickle
@@ -304,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-text", default="", help="MiniLM: train on this benchmarks.text_corpus source "
                     "(stdlib: the standard library's docstring and comment sentences, disjoint from the pydoc "
                     "ones); variants pick how many with train_samples=N")
+    ap.add_argument("--calib-text", default="", help="MiniLM: append --calib-text-n sentences of this "
+                    "benchmarks.text_corpus source to the calibration inputs (for the Gram matrices of the cut and "
+                    "the refit: give them samples=K)")
+    ap.add_argument("--calib-text-n", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
@@ -320,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         n_calib = 550 if name.startswith("minilm") and args.n_calib == 64 else args.n_calib
         variants = [v.strip() for v in args.variants.split(";") if v.strip()]
         rows = run_model(specs[name], cut, args.minutes, n_calib, args.n_eval, args.train_opts, args.train_only,
-                         variants, args.cache, args.refit, args.train_feeds, args.extra_photos, args.train_text)
+                         variants, args.cache, args.refit, args.train_feeds, args.extra_photos, args.train_text,
+                         args.calib_text, args.calib_text_n)
         for r in rows:
             r["n_calib"], r["n_eval"] = n_calib, args.n_eval
-            r["calib_feeds"] = max(n_calib, args.train_feeds) + args.extra_photos
+            r["calib_feeds"] = max(n_calib, args.train_feeds) + args.extra_photos + args.calib_text_n
         keep = [r for r in saved["rows"] if (r["model"], r["stage"]) not in {(x["model"], x["stage"]) for x in rows}]
         meta = {**saved.get("meta", {}), "versions": versions()}
         meta["args"] = " ".join(argv if argv is not None else sys.argv[1:])
