@@ -66,3 +66,21 @@ def test_explain_record_renders_its_numbers():
                                            "output_gain_db": 1.5}]}
     text = "\n".join(_explain_lines("default", es))
     assert "9.0 dB int8, 22.0 dB with only the weights int8" in text and "| `t1` (Conv) | +1.25 | +1.50 |" in text
+
+
+def test_frontier_record_renders_each_point_and_pick():
+    from benchmarks.int8_margins import _frontier_lines
+
+    point = {"sets": {"easy": {"sqnr_db": 24.7, "cosine": 0.9948, "top1_agreement": 0.922}}, "weight_bytes": 27,
+             "latency_ratio": 0.47, "est_cost": 0.004}
+    fr = {"model": "efficientnet_lite2", "unit": "rounding", "options": "", "sets": {"easy": 64}, "n_calib": 32,
+          "commit": "abc", "fp32_ms": 25.0, "auto_float": [], "latency_load": [3.0, 3.1], "load": [2.0],
+          "search_seconds": 70.0, "evaluations": 178, "scored_by": "sqnr_db", "fp32_weight_bytes": 100,
+          "max_steps": 40, "costs": {"stem": 0.002, "dw0": 0.002},
+          "unit_costs": {"/Clip_output_0": 0.004}, "first_gains_db": {"/Clip_output_0": 5.28},
+          "greedy_steps": [{"layer": None}, {"layer": "/Clip_output_0", "gain_db": 8.0, "cost": 0.004}],
+          "points": [{"label": "greedy-1r", "order": "greedy", "float_layers": ["stem", "dw0"], **point}]}
+    text = "\n".join(_frontier_lines(fr))
+    assert "--frontier 40" in text and "--frontier-unit rounding" in text
+    assert "| greedy-1r | 2 | 0.47x | +0.004 | 0.27x | 24.7 | 0.9948 | 0.922 |" in text
+    assert "1. `/Clip_output_0`: +8.00 dB for +0.004" in text and "`/Clip_output_0` +5.28 (+0.004)" in text
