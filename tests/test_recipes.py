@@ -78,8 +78,13 @@ def test_every_recipe_runs_on_the_bundled_model(digits, name):
     (ref,), (got,) = ort_run(digits, {"image": x}), ort_run(result.model, {"image": x})
     assert float((ref.argmax(1) == got.argmax(1)).mean()) >= 0.95
     smaller = digits.ByteSize() / result.model.ByteSize()
-    if name in ("small", "deep-compression"):  # 4-bit codebooks (more bits where needed): the file really shrinks
+    if name == "small":  # 4-bit codebooks (more bits where needed): the file really shrinks
         stats = result.ledger[-1].pass_stats
         assert stats["tensors_clustered"] >= 3 and min(int(b) for b in stats["bits"]) == 4
         assert stats["max_unique_per_row"] <= 2 ** max(int(b) for b in stats["bits"])
         assert smaller >= 4.0
+    if name == "deep-compression":  # bits per tensor bought for a file 12x smaller than the input, raw
+        stats = result.ledger[-1].pass_stats
+        assert stats["tensors_clustered"] >= 3 and stats["size_ratio_of_bytes"] == digits.ByteSize()
+        assert stats["max_unique_per_row"] <= 2 ** max(int(b) for b in stats["bits"] if b != "float")
+        assert 11.8 <= smaller <= 13.0  # as asked: the plan's decode overheads are measured constants
