@@ -16,7 +16,7 @@ Variant sets (``--set``): ``cluster`` — ``cluster{bits=b}`` for b in ``BITS`` 
 calibration data: the codebook-preserving form of ``distill``), with both, with ``max_error`` (more bits for the
 tensors whose output error stays above it) and with ``target_error`` in ``TARGETS`` (mixed bit-widths from each
 tensor's measured effect on the model's outputs); ``recipes`` — every recipe in ``recipes/`` by name
-(``deep-compression`` is ``cluster{bits=2 ... size_ratio=12}``: bits per tensor bought for a 12x smaller file).
+(``deep-compression`` is ``cluster{bits=1 ... size_ratio=12}``: 1-8 bits per tensor bought for a 12x smaller file).
 
 Goals (``goals``): 4-bit clustering (+refit) keeps >= 0.99 of FP32's metric on every model; ``deep-compression``
 makes MiniLM and >= 2 CNNs >= 12x smaller on disk (raw) at >= 0.99 of FP32's metric.
