@@ -26,6 +26,7 @@ recorded as ``None`` (no verdict).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import onnx
@@ -107,24 +108,48 @@ def conv_speed_key(node: gs.Node, x_shape: tuple[int, ...], threads: int = LAYER
     return f"quantize/conv-int8-ratio/{digest}"
 
 
-def _measure_ratio(node: gs.Node, shape: tuple[int, ...], budget_s: float, seed: int) -> float | None:
-    """``t_int8 / t_float`` of the layer pair, or None when ORT does not run it (or the float time is 0)."""
+def _measure_pair(node: gs.Node, shape: tuple[int, ...], budget_s: float, seed: int) -> dict | None:
+    """Median latencies {"float", "int8"} of the layer pair, or None when ORT does not run it in isolation."""
     from onnxcompress.latency import measure_latency
 
     rng = np.random.default_rng(seed)
     try:
         f, q = conv_pair(node, shape)
-        feed = {
-            "x": rng.standard_normal(shape).astype(np.float32),
-            "xq": rng.integers(0, 256, size=shape, dtype=np.uint8),
-        }
-        lat = measure_latency(
-            {"float": f, "int8": q}, feed, threads=LAYER_THREADS, min_rounds=5, budget_s=budget_s
-        )
+        feed = {"x": rng.standard_normal(shape).astype(np.float32),
+                "xq": rng.integers(0, 256, size=shape, dtype=np.uint8)}
+        return measure_latency({"float": f, "int8": q}, feed, threads=LAYER_THREADS, min_rounds=5, budget_s=budget_s)
     except Exception as exc:  # an unusual Conv (attrs ORT rejects in isolation): no verdict for it
         log.debug("layer speed of %s not measured: %s", node.name, exc)
         return None
-    return float(lat["int8"] / lat["float"]) if lat["float"] > 0 else None
+
+
+def _measure_ratio(node: gs.Node, shape: tuple[int, ...], budget_s: float, seed: int) -> float | None:
+    """``t_int8 / t_float`` of the layer pair, or None when ORT does not run it (or the float time is 0)."""
+    lat = _measure_pair(node, shape, budget_s, seed)
+    return float(lat["int8"] / lat["float"]) if lat and lat["float"] > 0 else None
+
+
+def _measure_saving(node: gs.Node, shape: tuple[int, ...], budget_s: float, seed: int) -> float | None:
+    """``t_float − t_int8`` (ms, medians) of the layer pair, or None when ORT does not run it."""
+    lat = _measure_pair(node, shape, budget_s, seed)
+    return float(lat["float"] - lat["int8"]) if lat else None
+
+
+def _per_conv(nodes: list[gs.Node], shapes: dict[str, tuple[int, ...]], profile: LatencyProfile | None,
+              key: Any, measure: Any) -> dict[str, float]:
+    """``measure(node, shape)`` per Conv node with a constant weight whose input shape is in ``shapes``, through
+    ``profile`` (a fresh one when None) under ``key(node, shape)``; Convs ORT cannot run alone are left out."""
+    profile = profile if profile is not None else LatencyProfile()
+    out: dict[str, float] = {}
+    for n in nodes:
+        shape = shapes.get(n.inputs[0].name)
+        if n.op != "Conv" or shape is None or not isinstance(n.inputs[1], gs.Constant):
+            continue
+        shape = tuple(int(d) for d in shape)
+        value = profile.measure(key(n, shape), lambda n=n, shape=shape: measure(n, shape))
+        if value is not None:
+            out[n.name] = float(value)
+    return out
 
 
 def int8_speed_ratios(
@@ -136,38 +161,13 @@ def int8_speed_ratios(
 ) -> dict[str, float]:
     """``t_int8 / t_float`` per Conv node (by name) whose input shape is in ``shapes`` (keyed by input name), each
     measured through ``profile`` (a fresh one when None) under ``conv_speed_key``."""
-    profile = profile if profile is not None else LatencyProfile()
-    out: dict[str, float] = {}
-    for n in nodes:
-        shape = shapes.get(n.inputs[0].name)
-        if n.op != "Conv" or shape is None or not isinstance(n.inputs[1], gs.Constant):
-            continue
-        shape = tuple(int(d) for d in shape)
-        ratio = profile.measure(conv_speed_key(n, shape), lambda n=n, shape=shape: _measure_ratio(n, shape, budget_s, seed))
-        if ratio is not None:
-            out[n.name] = float(ratio)
-    return out
+    return _per_conv(nodes, shapes, profile, conv_speed_key,
+                     lambda n, shape: _measure_ratio(n, shape, budget_s, seed))
 
 
 def conv_saving_key(node: gs.Node, x_shape: tuple[int, ...], threads: int = LAYER_THREADS) -> str:
     """The latency-profile key of Conv ``node``'s ``t_float − t_int8`` (ms) for an input of ``x_shape``."""
     return conv_speed_key(node, x_shape, threads).replace("conv-int8-ratio", "conv-int8-saving-ms")
-
-
-def _measure_saving(node: gs.Node, shape: tuple[int, ...], budget_s: float, seed: int) -> float | None:
-    """``t_float − t_int8`` (ms, medians) of the layer pair, or None when ORT does not run it."""
-    from onnxcompress.latency import measure_latency
-
-    rng = np.random.default_rng(seed)
-    try:
-        f, q = conv_pair(node, shape)
-        feed = {"x": rng.standard_normal(shape).astype(np.float32),
-                "xq": rng.integers(0, 256, size=shape, dtype=np.uint8)}
-        lat = measure_latency({"float": f, "int8": q}, feed, threads=LAYER_THREADS, min_rounds=5, budget_s=budget_s)
-    except Exception as exc:  # an unusual Conv (attrs ORT rejects in isolation): no verdict for it
-        log.debug("layer saving of %s not measured: %s", node.name, exc)
-        return None
-    return float(lat["float"] - lat["int8"])
 
 
 def int8_savings_ms(
@@ -180,18 +180,8 @@ def int8_savings_ms(
     """``t_float − t_int8`` in ms per Conv node (by name) whose input shape is in ``shapes``: what keeping the layer
     float costs in isolation (negative where the integer kernel is the slower one), through ``profile`` under
     ``conv_saving_key``."""
-    profile = profile if profile is not None else LatencyProfile()
-    out: dict[str, float] = {}
-    for n in nodes:
-        shape = shapes.get(n.inputs[0].name)
-        if n.op != "Conv" or shape is None or not isinstance(n.inputs[1], gs.Constant):
-            continue
-        shape = tuple(int(d) for d in shape)
-        ms = profile.measure(conv_saving_key(n, shape),
-                             lambda n=n, shape=shape: _measure_saving(n, shape, budget_s, seed))
-        if ms is not None:
-            out[n.name] = float(ms)
-    return out
+    return _per_conv(nodes, shapes, profile, conv_saving_key,
+                     lambda n, shape: _measure_saving(n, shape, budget_s, seed))
 
 
 __all__ = ["conv_pair", "conv_saving_key", "conv_speed_key", "int8_savings_ms", "int8_speed_ratios"]
