@@ -161,7 +161,7 @@ def rounding_units(run: StaticRun, model: onnx.ModelProto, layers: list[str], de
         n = t.inputs[0]
         if n.name in layer_set:
             return {n.name}
-        return set().union(set(), *[up(x, d - 1) for x in n.inputs if not isinstance(x, gs.Constant)])
+        return set().union(*[up(x, d - 1) for x in n.inputs if not isinstance(x, gs.Constant)])
 
     def down(t, d: int) -> set[str]:
         if d < 0:
@@ -187,6 +187,18 @@ def rounding_units(run: StaticRun, model: onnx.ModelProto, layers: list[str], de
     return units
 
 
+def distinct_units(units: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``units`` with one entry per distinct layer set, named by its first rounded tensor: two roundings with the
+    same layers around them (Clip -> Pad -> Conv) are one unit."""
+    out: dict[str, list[str]] = {}
+    seen: set[tuple[str, ...]] = set()
+    for t, u in units.items():
+        if tuple(u) not in seen:
+            seen.add(tuple(u))
+            out[t] = u
+    return out
+
+
 def greedy_path(
     run: StaticRun,
     ref: fid.Reference,
@@ -210,13 +222,7 @@ def greedy_path(
     feed = ref.feeds[0]
     lat0 = latency_ratio(run, model, feed)
     fr.costs = layer_costs(run, layers, feed, lat0)
-    units = rounding_units(run, model, layers) if unit == "rounding" else {n: [n] for n in layers}
-    seen: set[tuple[str, ...]] = set()
-    for u in list(units):  # two roundings with the same layers around them (Clip -> Pad -> Conv): one unit
-        k = tuple(units[u])
-        if k in seen:
-            del units[u]
-        seen.add(k)
+    units = distinct_units(rounding_units(run, model, layers)) if unit == "rounding" else {n: [n] for n in layers}
     small = ref.head(min(GAIN_FEEDS, len(ref.feeds)))
     score = fid.score_model(ref, model)
     fr.steps.append(Step([], score, lat0))
@@ -338,5 +344,5 @@ def greedy_mixed_precision(run: StaticRun, ref: fid.Reference) -> tuple[Built, d
     return built, step.score, reasons
 
 
-__all__ = ["COST_FLOOR", "Frontier", "GAIN_FEEDS", "RESCORE", "Step", "float_model_ms", "greedy_mixed_precision", "greedy_path", "layer_costs",
+__all__ = ["COST_FLOOR", "Frontier", "GAIN_FEEDS", "RESCORE", "Step", "distinct_units", "float_model_ms", "greedy_mixed_precision", "greedy_path", "layer_costs",
            "noise", "probabilities", "rounding_units"]

@@ -143,15 +143,10 @@ def _rounding_units(run: StaticRun, model: onnx.ModelProto, layers: list[str]
     """Candidates of more than one layer: for each set of layers around activation roundings
     (``float_frontier.rounding_units``), ``"rounding of <first tensor>"`` -> the layers; and per candidate the
     rounded tensors whose layers are all in it (what keeping it float takes out)."""
-    from .float_frontier import rounding_units
+    from .float_frontier import distinct_units, rounding_units
 
     units = rounding_units(run, model, layers)
-    members: dict[str, list[str]] = {}
-    seen: set[tuple[str, ...]] = set()
-    for t, u in units.items():
-        if len(u) > 1 and tuple(u) not in seen:
-            seen.add(tuple(u))
-            members[f"rounding of {t}"] = u
+    members = {f"rounding of {t}": u for t, u in distinct_units(units).items() if len(u) > 1}
     removed = {c: {t for t, u in units.items() if set(u) <= set(m)} for c, m in members.items()}
     return members, removed
 
