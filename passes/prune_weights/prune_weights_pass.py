@@ -209,10 +209,9 @@ class PruneWeights(Pass):
             layers = [None] * len(targets)
             sizes = [int(np.prod(t.const.shape)) for t in targets]
             if allocation == "sensitivity":
-                counts, curves = self._sensitivity_counts(
+                counts = self._sensitivity_counts(
                     targets, [lambda i=i: layer_at(i).zeroed_at(self.scope, self.update_block)
-                              for i in range(len(targets))], sizes, graph, ctx)
-                put_curves(stats, curves)
+                              for i in range(len(targets))], sizes, graph, ctx, stats)
             else:
                 counts = self._counts_by_size(sizes)
         elif chunk_grams:  # global: one float32 comparable score per weight, the layers built group by group
@@ -221,9 +220,7 @@ class PruneWeights(Pass):
                                           for i in range(len(targets))], self.sparsity)
         else:
             layers = [layer(t, grams) for t in targets]
-            counts, curves = self._counts(layers, graph, ctx, allocation)
-            if curves:
-                put_curves(stats, curves)
+            counts = self._counts(layers, graph, ctx, allocation, stats)
         per_tensor: dict[str, dict] = {}
         for ci, chunk in enumerate(chunks):
             source = grams
@@ -265,30 +262,33 @@ class PruneWeights(Pass):
             return [size * (nm[1] - nm[0]) // nm[1] for size in sizes]
         return [int(round(self.sparsity * size)) for size in sizes]
 
-    def _counts(self, layers: list[_Layer], graph: gs.Graph, ctx: PassContext,
-                allocation: str) -> tuple[list[int], dict]:
-        """Zeros per tensor, and the measured sensitivity curves (allocation=sensitivity) for the stats."""
+    def _counts(self, layers: list[_Layer], graph: gs.Graph, ctx: PassContext, allocation: str,
+                stats: dict) -> list[int]:
+        """Zeros per tensor (allocation=sensitivity also puts its measured curves in ``stats``)."""
         if self.nm is not None:
-            return self._counts_by_size([L.size for L in layers]), {}
+            return self._counts_by_size([L.size for L in layers])
         if allocation == "global":
             counts, _ = mk.global_counts([mk.comparable(L.scores) for L in layers], self.sparsity)
-            return counts, {}
+            return counts
         if allocation == "sensitivity":
             return self._sensitivity_counts([L.t for L in layers],
                                             [lambda L=L: L.zeroed_at(self.scope, self.update_block) for L in layers],
-                                            [L.size for L in layers], graph, ctx)
-        return self._counts_by_size([L.size for L in layers]), {}
+                                            [L.size for L in layers], graph, ctx, stats)
+        return self._counts_by_size([L.size for L in layers])
 
     def _sensitivity_counts(self, targets: list[Target], zeroed_at: list, sizes: list[int], graph: gs.Graph,
-                            ctx: PassContext) -> tuple[list[int], dict]:
-        """Zeros per tensor from each layer's measured output-error curve (``sensitivity``), and the curves."""
+                            ctx: PassContext, stats: dict) -> list[int]:
+        """Zeros per tensor from each layer's measured output-error curve (``sensitivity``); the curves and the
+        error they were measured with (``sensitivity_error``) go into ``stats``."""
         feeds = list(ctx.calibration.take(self.sensitivity_samples))
         levels = tuple(sorted(self.sensitivity_levels))
         info: dict = {}
         curves = measure_curves(ctx.export(graph), [t.name for t in targets], zeroed_at, levels, feeds,
                                 self.sensitivity_error, info)
-        named = {t.name: [round(float(e), 6) for e in c] for t, c in zip(targets, curves, strict=True)}
-        return allocate(curves, levels, sizes, self.sparsity), named | {"(error)": info}
+        stats["sensitivity_error"] = info
+        stats["sensitivity_curves"] = {t.name: [round(float(e), 6) for e in c]
+                                       for t, c in zip(targets, curves, strict=True)}
+        return allocate(curves, levels, sizes, self.sparsity)
 
     def _prune(self, L: _Layer, k: int) -> dict:
         v = L.v
@@ -325,13 +325,6 @@ class PruneWeights(Pass):
             stats["calib_error_before_mean"] = round(float(np.mean([e[0] for e in errs])), 6)
             stats["calib_error_after_mean"] = round(float(np.mean([e[1] for e in errs])), 6)
         stats["tensors"] = per_tensor
-
-
-def put_curves(stats: dict, curves: dict) -> None:
-    """The measured curves into the stats, and the error they were measured with (``sensitivity_error``)."""
-    curves = dict(curves)
-    stats["sensitivity_error"] = curves.pop("(error)", {})
-    stats["sensitivity_curves"] = curves
 
 
 #: the Gram matrices (float64 X^T X) held at once; more, and the layers are pruned in groups (``gram_groups``)
