@@ -200,3 +200,26 @@ def test_the_default_search_keeps_a_group_float_only_when_it_costs_no_latency(mo
     else:  # +35% latency: within the per-dB allowance it would pass; a group is held to 2%
         assert not ({"ws", "wd"} <= _float_convs(q))
         assert any("layers around a rounding" in r["reason"] for r in auto["rejected"])
+
+
+def test_greedy_cost_without_a_target_is_refused_at_validation(tmp_path, capsys):
+    """Without max_latency or a fidelity target the greedy search has nothing to stop at or to fit in: it used to
+    run no search and say nothing; now the option check refuses it (exit 2 from the CLI, nothing written)."""
+    from pathlib import Path
+
+    from onnxcompress.cli import main
+
+    for sens in ("greedy_cost", "one_at_a_time"):
+        with pytest.raises(ValueError, match=f"sensitivity={sens} .*target"):
+            Quantize(sensitivity=sens)
+    Quantize(sensitivity="greedy_cost", max_latency=0.5)
+    Quantize(sensitivity="greedy_cost", min_sqnr_db=25.0)
+    Quantize(sensitivity="one_at_a_time", min_cosine=0.99)
+    root = Path(__file__).resolve().parents[1] / "models"
+    out = tmp_path / "q.onnx"
+    code = main(["compress", str(root / "digits_cnn.onnx"), "-o", str(out), "--passes",
+                 "quantize{sensitivity=greedy_cost}", "--calib", str(root / "digits_calib.npz"), "--no-latency"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and not out.exists(), err
+    assert len(lines) == 1 and "greedy_cost" in lines[0] and "max_latency" in lines[0], err

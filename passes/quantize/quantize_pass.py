@@ -123,7 +123,8 @@ class Quantize(Pass):
         "per-layer sensitivity for mixed precision: leave_one_out (gain of keeping the layer float in the "
         "quantized model) | one_at_a_time (damage of quantizing the layer alone) | greedy_cost (the layers around "
         "one activation rounding at a time, best measured noise removed per measured latency cost, re-measured "
-        "after each pick; EfficientNet-Lite2 18.4 -> 24.7 dB for +0.02x latency)",
+        "after each pick; EfficientNet-Lite2 18.4 -> 24.7 dB for +0.02x latency). The last two need a target or "
+        "max_latency (a one-line error otherwise)",
     )
     weight_rounding: Literal["auto", "output", "nearest"] = option(
         "nearest",
@@ -245,6 +246,12 @@ class Quantize(Pass):
             raise ValueError(f"max_latency must be > 0, got {self.max_latency}")
         if self.max_latency is not None and self.sensitivity != "greedy_cost":
             raise ValueError("max_latency needs sensitivity=greedy_cost (the search that measures latency)")
+        targets = (self.min_cosine, self.max_agreement_drop, self.min_sqnr_db, self.max_latency)
+        if self.sensitivity != "leave_one_out" and all(t is None for t in targets):
+            raise ValueError(
+                f"sensitivity={self.sensitivity} chooses float layers only for a target: give max_latency "
+                "(greedy_cost) and/or min_sqnr_db, min_cosine or max_agreement_drop"
+            )
         if self.latency_cache not in ("use", "refresh", "off"):
             raise ValueError(f"latency_cache must be use, refresh or off, got {self.latency_cache!r}")
         if self.already_quantized not in ("refuse", "ignore"):
