@@ -207,3 +207,28 @@ def marginal(plans: list[GroupPlan], curves: dict[int, np.ndarray], saves: dict[
         if meets(trial):
             kept = trial
     return kept
+
+
+def budget(cg: ChannelGroups, plans: list[GroupPlan], lat, macs_frac: float, lat_frac: float
+           ) -> Budget:
+    """True when kept counts leave <= ``macs_frac`` of the MACs and (with a latency model) <= ``lat_frac`` of the
+    estimated latency."""
+    target = macs_frac * cg.total_macs
+    lat_target = lat_frac * lat.estimate(cg, np.ones(cg.n_elements, bool)) if lat is not None else None
+
+    def meets(kept: dict[int, int]) -> bool:
+        keep_el = cg.keep_elements(removed_units(plans, kept))
+        if cg.macs_after(keep_el) > target * (1 + 1e-9):
+            return False
+        return lat is None or lat.estimate(cg, keep_el) <= lat_target
+
+    return meets
+
+
+def removal(cg: ChannelGroups, plans: list[GroupPlan], kept: dict[int, int]) -> np.ndarray:
+    """The units the kept counts remove, minus those the graph needs back (an empty Split part / Slice range)."""
+    removed = removed_units(plans, kept)
+    restore = cg.check_removal(removed.tolist())
+    if restore:
+        removed = np.setdiff1d(removed, np.asarray(restore, dtype=np.int64))
+    return removed

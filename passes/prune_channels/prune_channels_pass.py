@@ -48,10 +48,11 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress.analyses.channel_groups import ChannelGroups, ChannelGroupsAnalysis
 from onnxcompress.context import PassContext
-from onnxcompress.errors import PassError
+from onnxcompress.errors import BadInputError, PassError
 from onnxcompress.pass_base import Pass, PassResult, option, register
 
 from . import allocation as plan_mod
+from . import fidelity_floor as floor_mod
 from .importance import IMPORTANCES, ablation_scores, activation_stats, unit_scores
 from .mean_compensation import apply_after, apply_before, bias_deltas
 from .obs_importance import obs_scores
@@ -102,6 +103,14 @@ class PruneChannels(Pass):
     compensate: bool = option(True, "move the calibration mean of removed channels into the consumers' biases "
                                     "(needs data)")
     verify: bool = option(True, "run the pruned model once under ORT before returning")
+    min_fidelity: float | None = option(
+        None, "floor on the worst output's cosine against the input model, measured under ORT on held-out "
+              "calibration feeds before any later distill (which raises it again: the floor is conservative); "
+              "alone: the deepest cut (most MACs removed) that keeps it; with target_macs / target_latency: cut "
+              "toward that budget and stop before the floor breaks; needs calibration data")
+    fidelity_samples: int = option(32, "held-out calibration feeds min_fidelity is measured on (after the ones "
+                                       "that score the channels; the worst feeds dominate: measure many)")
+    fidelity_trials: int = option(6, "bisection steps of the min_fidelity search (each: one trial cut measured)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -126,13 +135,23 @@ class PruneChannels(Pass):
             raise ValueError("samples and sensitivity_samples must be >= 1")
         if not self.sensitivity_ratios or any(not 0.0 < r < 1.0 for r in self.sensitivity_ratios):
             raise ValueError("sensitivity_ratios must be in (0, 1)")
-        if self.allocation == "uniform" and (self.target_macs is not None or self.target_latency is not None):
-            raise ValueError("allocation=uniform takes ratio, not target_macs / target_latency")
+        if self.allocation == "uniform" and (self.target_macs is not None or self.target_latency is not None
+                                             or self.min_fidelity is not None):
+            raise ValueError("allocation=uniform takes ratio, not target_macs / target_latency / min_fidelity")
+        if self.min_fidelity is not None:
+            if not 0.0 < self.min_fidelity <= 1.0:
+                raise ValueError(f"min_fidelity must be in (0, 1] (a cosine), got {self.min_fidelity}")
+            if self.ratio or self.head_ratio is not None:
+                raise ValueError("min_fidelity goes alone or with target_macs / target_latency, not with ratio / "
+                                 "head_ratio")
+        if self.fidelity_samples < 1 or self.fidelity_trials < 1:
+            raise ValueError("fidelity_samples and fidelity_trials must be >= 1")
 
     def needs_calibration(self) -> bool:
-        """Only ``target_latency`` cannot run without data (one feed is profiled); the data-driven importances and
-        allocations fall back to weight norms / ``global`` with a warning, and ``compensate`` is skipped."""
-        return self.target_latency is not None
+        """Only ``target_latency`` (one feed is profiled) and ``min_fidelity`` (cuts are measured) cannot run
+        without data; the data-driven importances and allocations fall back to weight norms / ``global`` with a
+        warning, and ``compensate`` is skipped."""
+        return self.target_latency is not None or self.min_fidelity is not None
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -147,13 +166,16 @@ class PruneChannels(Pass):
             "not_prunable": dict(reasons.most_common(8)),
         }
         no_budget = (self.ratio == 0.0 and not self.head_ratio and self.target_macs in (None, 1.0)
-                     and self.target_latency in (None, 1.0))
+                     and self.target_latency in (None, 1.0) and self.min_fidelity is None)
         if not candidates or no_budget:
             stats["pruned_groups"] = 0
             stats["skipped"] = ("no budget given (ratio, head_ratio, target_macs, target_latency): nothing to remove"
                                 if no_budget else "no prunable channel group (see not_prunable)")
             return PassResult(False, stats, frozenset({"channel_groups"}))
         feeds = ctx.calibration
+        if self.min_fidelity is not None and feeds is None:
+            raise BadInputError("prune-channels: min_fidelity measures trial cuts and needs calibration data "
+                                "(--calib)")
         model = ctx.export(graph)
         progress = getattr(ctx, "progress", None)
         base_kind = "recon" if self.importance in ("ablation", "obs") else self.importance
@@ -179,15 +201,17 @@ class PruneChannels(Pass):
         plans = plan_mod.make_plans(cg, candidates, scores, self.min_keep, round_to)
         allocation = self._allocation(feeds is not None)
         lat = self._latency_model(cg, model, ctx)
-        kept = self._allocate(cg, plans, allocation, model, ctx, act_stats, lat)
-        removed = plan_mod.removed_units(plans, kept)
-        restore = cg.check_removal(removed.tolist())
-        if restore:
-            removed = np.setdiff1d(removed, np.asarray(restore, dtype=np.int64))
+        held = None
+        if self.min_fidelity is None:
+            kept = self._allocate(cg, plans, allocation, model, ctx, act_stats, lat)
+        else:
+            kept, held = floor_mod.floor_cut(self, cg, plans, allocation, model, ctx, act_stats, lat, stats)
+        removed = plan_mod.removal(cg, plans, kept)
         keep_el = cg.keep_elements(removed)
         if removed.size == 0:
             stats["pruned_groups"] = 0
-            stats["skipped"] = "the budget is met without removing a channel (or every removal was restored)"
+            stats.setdefault("skipped", "the budget is met without removing a channel (or every removal was "
+                                        "restored)")
             return PassResult(False, stats, frozenset({"channel_groups"}))
         kept_positions = cg.kept_positions(removed)
         ctx.channel_map.record(kept_positions)
@@ -219,6 +243,8 @@ class PruneChannels(Pass):
             stats["latency_model_mac_share"] = round(lat.share_of_macs, 3)
         if self.verify:
             _verify(graph, ctx)
+        if held is not None:  # the floor on the cut graph itself (the trial computed the same outputs)
+            stats["fidelity"] = round(floor_mod.measured_fidelity(ctx.export(graph), held), 6)
         log.info("prune-channels: removed %d units in %d groups, MACs x%.3f (estimate)", removed.size,
                  len(pruned_groups), stats["macs_ratio_estimate"])
         return PassResult(True, stats)
@@ -229,7 +255,7 @@ class PruneChannels(Pass):
                 log.warning("prune-channels: sensitivity allocation needs calibration data; using global")
                 return "global"
             return self.allocation
-        if self.target_macs is not None or self.target_latency is not None:
+        if self.target_macs is not None or self.target_latency is not None or self.min_fidelity is not None:
             return "sensitivity" if have_data else "global"
         return "uniform"
 
@@ -251,26 +277,22 @@ class PruneChannels(Pass):
             return plan_mod.uniform(plans, ratio)
         total_units = sum(p.n for p in plans)
         if self.target_macs is not None or lat is not None:
-            target = (self.target_macs or 1.0) * cg.total_macs
-            lat_target = (self.target_latency or 1.0) * lat.estimate(cg, np.ones(cg.n_elements, bool)) if lat \
-                else None
-
-            def meets(kept: dict[int, int]) -> bool:
-                keep_el = cg.keep_elements(plan_mod.removed_units(plans, kept))
-                if cg.macs_after(keep_el) > target * (1 + 1e-9):
-                    return False
-                return lat is None or lat.estimate(cg, keep_el) <= lat_target
+            meets = plan_mod.budget(cg, plans, lat, self.target_macs or 1.0, self.target_latency or 1.0)
         else:
             def meets(kept: dict[int, int]) -> bool:
                 return sum(p.n - kept[p.gid] for p in plans) >= ratio * total_units
 
         if allocation == "global":
             return plan_mod.global_threshold(plans, meets)
-        feeds = list(ctx.calibration.take(self.sensitivity_samples))
-        curves, saves = sensitivity_curves(cg, plans, model, feeds, self.sensitivity_ratios,
-                                           act_stats if self.compensate else None, lat,
-                                           by_macs=self.target_macs is not None)
+        curves, saves = self.curves(cg, plans, model, ctx, act_stats, lat)
         return plan_mod.marginal(plans, curves, saves, meets)
+
+    def curves(self, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], model, ctx, act_stats: dict | None, lat):
+        """Sensitivity curves and savings of every plan (measured once per run)."""
+        feeds = list(ctx.calibration.take(self.sensitivity_samples))
+        return sensitivity_curves(cg, plans, model, feeds, self.sensitivity_ratios,
+                                  act_stats if self.compensate else None, lat,
+                                  by_macs=self.target_macs is not None or self.min_fidelity is not None)
 
     def _latency_model(self, cg: ChannelGroups, model, ctx):
         if self.target_latency is None:
