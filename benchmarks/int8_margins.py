@@ -86,6 +86,8 @@ VARIANTS: dict[str, str] = {
     "accurate": "cleanup,quantize{mode=static min_cosine=0.995}",
     "accurate-greedy": "cleanup,quantize{mode=static min_cosine=0.995 sensitivity=greedy_cost}",
     "all-int8": "cleanup,quantize{auto_float_db=0}",
+    "distill": "cleanup,quantize,distill",
+    "refit": "cleanup,quantize{weight_rounding=refit}",
     "qat": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "qat-wonly": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8 "
                  "learn_scales=false}",

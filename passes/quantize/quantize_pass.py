@@ -126,11 +126,13 @@ class Quantize(Pass):
         "after each pick; EfficientNet-Lite2 18.4 -> 24.7 dB for +0.02x latency). The last two need a target or "
         "max_latency (a one-line error otherwise)",
     )
-    weight_rounding: Literal["auto", "output", "nearest"] = option(
+    weight_rounding: Literal["auto", "output", "refit", "nearest"] = option(
         "nearest",
         "weight scales and rounding: nearest | output (chosen per layer against its output on calibration "
         "inputs, closed form; per-layer output error -6..-9 dB, but on PP-OCRv4 rec, nudenet and MiniLM-L3 the "
-        "model's outputs moved < 0.2 dB: activation noise dominates) | auto (output where the outputs improve)",
+        "model's outputs moved < 0.2 dB: activation noise dominates) | auto (output where the outputs improve) | "
+        "refit (each layer refit, stage by stage, so that on its int8-model input it reproduces the float "
+        "layer's output, then rounded the same way: it also absorbs its input's error)",
     )
     rounding_samples: int = option(16, "calibration feeds whose layer inputs weight_rounding fits to")
     bias_correction: bool = option(
@@ -228,8 +230,8 @@ class Quantize(Pass):
             raise ValueError(f"smooth must be auto, all or none, got {self.smooth!r}")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
-        if self.weight_rounding not in ("auto", "output", "nearest"):
-            raise ValueError(f"weight_rounding must be auto, output or nearest, got {self.weight_rounding!r}")
+        if self.weight_rounding not in ("auto", "output", "refit", "nearest"):
+            raise ValueError(f"weight_rounding must be auto, output, refit or nearest, got {self.weight_rounding!r}")
         if self.rounding_samples < 1:
             raise ValueError(f"rounding_samples must be >= 1, got {self.rounding_samples}")
         if self.explain < 0:

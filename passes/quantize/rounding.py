@@ -140,15 +140,17 @@ def channel_scales(wm: np.ndarray, h: np.ndarray, grid=CLIP_GRID) -> np.ndarray:
     return scale
 
 
-def round_columns(wm: np.ndarray, h: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def round_columns(wm: np.ndarray, h: np.ndarray, scale: np.ndarray, free: int = 0) -> np.ndarray:
     """Integer weights [N, K] (−127..127) at per-row ``scale`` minimising ``Σ_o (w_o − ŵ_o) H (w_o − ŵ_o)^T`` column
-    by column with error feedback (module docstring)."""
+    by column with error feedback (module docstring). The last ``free`` columns (a bias column of ones) are not
+    rounded: they come last, take the feedback of every rounded column and are returned as ``w / scale``, unrounded."""
     n, k = wm.shape
     h = h.copy()
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += DAMP * float(np.mean(np.diag(h)))
-    order = np.argsort(-np.diag(h), kind="stable")
+    order = np.argsort(-np.diag(h)[: k - free], kind="stable")
+    order = np.concatenate([order, np.arange(k - free, k)])
     inv_order = np.argsort(order)
     w = wm[:, order].copy()
     hp = h[np.ix_(order, order)]
@@ -166,7 +168,7 @@ def round_columns(wm: np.ndarray, h: np.ndarray, scale: np.ndarray) -> np.ndarra
         ub = u[b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = wb[:, j]
-            qc = np.clip(np.rint(col / s[:, 0]), -127, 127)
+            qc = col / s[:, 0] if b0 + j >= k - free else np.clip(np.rint(col / s[:, 0]), -127, 127)
             q[:, b0 + j] = qc
             e = (col - qc * s[:, 0]) / ub[j, j]
             wb[:, j + 1 :] -= np.outer(e, ub[j, j + 1 :])
@@ -291,7 +293,12 @@ def optimise_rounding(run: StaticRun, ref) -> None:
         b = run.build()
         plan, model_rtn = b.plan, run.export(b.graph)
     saved_shift = dict(run.bias_shift)
-    stats = round_layers(run, model_rtn, plan.int8_anchor_names())
+    if run.p.weight_rounding == "refit":
+        from .refit import refit_layers
+
+        stats = refit_layers(run, plan.int8_anchor_names())
+    else:
+        stats = round_layers(run, model_rtn, plan.int8_anchor_names())
     run.stats["weight_rounding"] = stats
     if not run.rounded:
         stats["kept"] = False
@@ -301,7 +308,7 @@ def optimise_rounding(run: StaticRun, ref) -> None:
     sc_rtn, sc_r = fid.score_model(ref, model_rtn), fid.score_model(ref, model_r)
     stats["score_nearest"] = {k: round(v, 5) for k, v in sc_rtn.items()}
     stats["score_optimised"] = {k: round(v, 5) for k, v in sc_r.items()}
-    keep = bool(run.p.weight_rounding == "output" or outputs_better(sc_r, sc_rtn))
+    keep = bool(run.p.weight_rounding in ("output", "refit") or outputs_better(sc_r, sc_rtn))
     stats["kept"] = keep
     if keep:
         run.all_int8 = (run.method, b.plan, model_r)
