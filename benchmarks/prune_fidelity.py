@@ -40,15 +40,16 @@ MODELS = ["ppocr_cls", "ppocrv4_rec"]
 FLOORS = (0.99, 0.97, 0.95)
 PREFIX = "floor:"
 #: the pass's stats copied into a variant's info
-STAT_KEYS = ("min_fidelity", "fidelity", "macs_ratio_estimate", "stopped_by", "fidelity_feeds", "fidelity_trials",
+STAT_KEYS = ("min_fidelity", "fidelity_confidence", "fidelity", "macs_ratio_estimate", "stopped_by", "fidelity_feeds", "fidelity_trials",
              "skipped", "units_removed", "allocation")
 _FLOOR = re.compile(r"min_fidelity=([0-9.]+)")
+_CONF = re.compile(r"fidelity_confidence=([0-9.]+)")
 
 
-def variants(floors: tuple[float, ...]) -> list[str]:
+def variants(floors: tuple[float, ...], options: str = "") -> list[str]:
     out = []
     for f in floors:
-        cut = f"cleanup,prune-channels{{min_fidelity={f:g}}}"
+        cut = f"cleanup,prune-channels{{min_fidelity={f:g}{(' ' + options.strip()) if options.strip() else ''}}}"
         out += [cut, f"{cut},distill"]
     return out
 
@@ -80,6 +81,7 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
         fl = _FLOOR.search(pipeline)
         row: dict[str, Any] = {"model": record["model"], "pipeline": pipeline,
                                "floor": float(fl.group(1)) if fl else None, "distill": pipeline.endswith("distill"),
+                               "confidence": float(_CONF.search(pipeline).group(1)) if _CONF.search(pipeline) else None,
                                "fp32_noise": noise_band(record), "load": record.get("load")}
         if m.get("error"):
             rows.append(row | {"error": m["error"]})
@@ -125,7 +127,8 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             if p.get("skipped"):
                 stop = "unchanged: " + p["skipped"]
             lines.append(
-                f"| | {r['floor']} | {'yes' if r['distill'] else 'no'} | {_f(p.get('fidelity'), '{:.4f}')} | "
+                f"| | {r['floor']}{_f(r.get('confidence'), ' (lower bound {:g})')} | {'yes' if r['distill'] else 'no'} | "
+                f"{_f(p.get('fidelity'), '{:.4f}')} | "
                 f"{stop} | {_f(r.get('macs_ratio'), '{:.3f}')} | {_f(r.get('latency_ratio'), '{:.2f}')} | "
                 f"{r.get('metric_name')} {_f(r.get('metric'))} | {_f(r.get('cosine'), '{:.4f}')} | "
                 f"{len(p.get('fidelity_trials') or [])} | {_f(r.get('tool_s'), '{:.0f}')} |")
@@ -135,10 +138,12 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             p = r.get("prune") or {}
             if r.get("distill") or not p.get("fidelity_trials"):
                 continue
-            pts = ", ".join(f"{t['macs']:.3f} -> {t['fidelity']:.4f}{'' if t['holds'] else ' x'}"
-                            for t in p["fidelity_trials"])
-            lines.append(f"- {rec['model']} floor {r['floor']}: MACs kept -> worst cosine ({pts}); x: below the "
-                         f"floor; feeds: {p.get('fidelity_feeds')}")
+            pts = ", ".join(f"{t['macs']:.3f} -> {t['fidelity']:.4f}"
+                            + (f" [{t['lower_bound']:.4f}]" if t.get("lower_bound") is not None else "")
+                            + ("" if t["holds"] else " x") for t in p["fidelity_trials"])
+            conf = f" (lower bound {r['confidence']:g}: in brackets)" if r.get("confidence") else ""
+            lines.append(f"- {rec['model']} floor {r['floor']}{conf}: MACs kept -> worst cosine ({pts}); x: below "
+                         f"the floor; feeds: {p.get('fidelity_feeds')}")
     if meta.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]]
     lines += ["", f"Versions: {meta.get('versions')}. Total time {meta.get('seconds', 0):.0f} s."]
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.prune_fidelity", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", help=f"comma-separated (default: {','.join(MODELS)})")
     ap.add_argument("--floors", default=",".join(f"{f:g}" for f in FLOORS))
+    ap.add_argument("--options", default="", help="more prune-channels options, e.g. 'fidelity_confidence=0.95'")
     ap.add_argument("--no-distill", action="store_true", help="only the cuts")
     ap.add_argument("--only-distill", action="store_true", help="only the cuts followed by distill")
     ap.add_argument("--n-calib", type=int, default=64)
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if names is None:
         return 2
     floors = tuple(float(f) for f in args.floors.split(",") if f)
-    pipes = [p for p in variants(floors) if not (args.no_distill and p.endswith("distill"))
+    pipes = [p for p in variants(floors, args.options) if not (args.no_distill and p.endswith("distill"))
              and not (args.only_distill and not p.endswith("distill"))]
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = list(saved.get("records", [])) if args.merge else []

@@ -139,14 +139,14 @@ def test_too_few_calibration_feeds_are_said_to_overlap(digits):
 
 @pytest.mark.parametrize("opts", ["min_fidelity=0", "min_fidelity=1.5", "min_fidelity=-0.2",
                                   "min_fidelity=0.9 ratio=0.3", "min_fidelity=0.9 allocation=uniform",
-                                  "min_fidelity=0.9 fidelity_trials=0"])
+                                  "min_fidelity=0.9 fidelity_steps=0"])
 def test_bad_values_exit_2_and_write_nothing(tmp_path, capsys, opts):
     out = tmp_path / "small.onnx"
     code = main(["compress", str(DIGITS), "-o", str(out), "--passes", f"prune-channels{{{opts}}}", "--calib",
                  str(CALIB)])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
-    assert "min_fidelity" in err or "fidelity_trials" in err
+    assert "min_fidelity" in err or "fidelity_steps" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
@@ -157,3 +157,25 @@ def test_no_calibration_data_is_one_clear_error(tmp_path, capsys, digits):
     assert code == 2 and not out.exists() and "calibration" in err and "Traceback" not in err
     with pytest.raises(BadInputError, match="calibration"):  # the API, past the manager's check
         PruneChannels(min_fidelity=0.9).run(to_graph(digits), PassContext())
+
+
+def test_a_confidence_lower_bound_is_a_margin_below_the_measured_cosine(digits):
+    _, plain = _run(digits, "cleanup,prune-channels{min_fidelity=0.97 round_to=1}")
+    _, conf = _run(digits, "cleanup,prune-channels{min_fidelity=0.97 round_to=1 fidelity_confidence=0.95}")
+    assert conf["fidelity_confidence"] == 0.95 and plain["fidelity_confidence"] is None
+    trials = [t for t in conf["fidelity_trials"] if t["macs"] < 1.0]
+    assert trials and all(t["lower_bound"] <= t["fidelity"] + 1e-12 for t in trials)
+    assert all(t["holds"] == (t["lower_bound"] >= 0.97) for t in conf["fidelity_trials"])
+    assert conf["macs_ratio_estimate"] >= plain["macs_ratio_estimate"]  # the margin never cuts deeper
+
+
+def test_the_bootstrap_bound_of_identical_feeds_is_the_cosine_itself():
+    from onnxcompress.passes.prune_channels.fidelity_floor import lower_bound, worst_of
+
+    rng = np.random.default_rng(0)
+    same = np.tile(np.array([[[0.9, 1.0, 1.0]]]), (2, 16, 1))  # 2 outputs, 16 feeds with cosine 0.9 each
+    assert lower_bound(same, 0.95, rng) == pytest.approx(0.9)
+    spread = same.copy()
+    spread[1, :, 0] = np.linspace(0.5, 1.0, 16)  # output 1 varies from feed to feed
+    point = float(worst_of(spread)[0])
+    assert point == pytest.approx(0.75) and lower_bound(spread, 0.95, rng) < point - 0.02

@@ -1,7 +1,7 @@
 """``min_fidelity``: the deepest channel cut whose measured fidelity holds (``prune-channels``).
 
 Fidelity of a cut: F = min over the float outputs o of cos_o = <y_o, y0_o> / (||y_o|| ||y0_o||), the sums taken
-over all held-out feeds (``onnxcompress.validate.OutputFidelity``, ORT numerics), y0 the outputs of the model the
+over all held-out feeds (the cosine of ``onnxcompress.validate``, ORT numerics), y0 the outputs of the model the
 pass received and y those of the trial model (``sensitivity.removed_like_the_pass``: the chosen units zeroed and,
 with ``compensate``, their means moved into the biases — exactly the outputs of the cut graph). It is measured
 before any later ``distill``, which raises it again: the floor is conservative.
@@ -17,17 +17,18 @@ The cuts form a one-parameter family: s in [0, 1] moves the budget from the inpu
 ``target_macs`` / ``target_latency`` when given, else the deepest cut the per-group floors allow (``min_keep``,
 ``round_to``). kept(s) is the allocation at those targets (sensitivity's marginal frontier or the global
 threshold), from the scores and sensitivity curves computed once, so a trial costs one zeroed copy of the model
-and one ORT session. F is not monotone in s in general, but close to it (the frontier's prefixes are nested):
-``search`` measures s = 1 first (the bound holds: done, the bound stopped the cut), then bisects ``steps`` times and
-keeps the largest measured s whose F >= floor; trials are cached by their kept counts (nearby s often give the
-same cut). Only measured cuts are ever returned; none holding means the model stays unchanged.
+and one ORT session. F is not monotone in s (ppocr_cls: MACs x0.825 -> 0.974, x0.819 -> 0.995, x0.808 -> 0.969:
+the allocation picks other groups at other budgets), so ``search`` keeps only measured cuts: s = 1 first (it holds:
+done, the bound stopped the cut), then ``fidelity_steps`` bisection steps, keeping the largest measured s whose
+F >= floor (with ``fidelity_confidence`` c: its bootstrap lower bound, ``lower_bound``). Two floors share the bisection path until a trial lies between them, where the looser goes up and the
+tighter down, so a looser floor never ends at a smaller s. Trials are cached by their kept counts (nearby s often
+give the same cut). Only measured cuts are ever returned; none holding means the model stays unchanged.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +36,6 @@ import numpy as np
 
 from onnxcompress.analyses.channel_groups import ChannelGroups
 from onnxcompress.data import FeedSet
-from onnxcompress.validate import OutputFidelity
 
 from . import allocation as plan_mod
 from .sensitivity import removed_like_the_pass
@@ -52,11 +52,14 @@ class Trial:
     macs: float  # MAC fraction kept (estimate of the channel-group analysis)
     latency: float | None  # latency fraction kept (the latency model's estimate), with target_latency
     fidelity: float  # worst output cosine on the held-out feeds
+    lower: float | None  # its bootstrap lower bound, with fidelity_confidence
     holds: bool
 
     def as_dict(self) -> dict:
         d = {"s": round(self.s, 5), "macs": round(self.macs, 4), "fidelity": round(self.fidelity, 9),
              "holds": self.holds}
+        if self.lower is not None:
+            d["lower_bound"] = round(self.lower, 6)
         if self.latency is not None:
             d["latency"] = round(self.latency, 4)
         return d
@@ -78,26 +81,51 @@ def held_out(feeds: FeedSet, used: int, n: int) -> tuple[list[dict], str, bool]:
     return out, where, disjoint
 
 
-def worst_cosine(base: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float:
-    """min over float outputs of the cosine between ``cand`` and ``base`` over all feeds (0 when not finite)."""
-    worst = 1.0
+def cosine_terms(base: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> np.ndarray:
+    """(outputs, feeds, 3): <y, y0>, ||y0||^2, ||y||^2 of every float output on every feed (float64)."""
+    terms = []
     for o in range(len(base[0])):
         if not np.issubdtype(np.asarray(base[0][o]).dtype, np.floating):
             continue
-        acc = OutputFidelity(str(o))
+        rows = []
         for b, c in zip(base, cand, strict=True):
-            acc.update(np.asarray(b[o]), np.asarray(c[o]))
-        cos = acc.summary()["cosine"]
-        worst = min(worst, cos if math.isfinite(cos) else 0.0)
-    return float(worst)
+            r64, c64 = np.asarray(b[o], np.float64).ravel(), np.asarray(c[o], np.float64).ravel()
+            rows.append((float(r64 @ c64), float(r64 @ r64), float(c64 @ c64)))
+        terms.append(rows)
+    return np.asarray(terms, dtype=np.float64).reshape(len(terms), len(base), 3)
+
+
+def worst_of(terms: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """min over outputs of the cosine over the feeds (``validate``'s cosine: 1 when both are 0, 0 when one is),
+    for each row of feed ``weights`` (B, feeds); without weights, once with every feed counted once."""
+    w = np.ones((1, terms.shape[1])) if weights is None else weights
+    sums = np.einsum("bn,onk->bok", w, terms)  # (B, outputs, 3)
+    dot, rr, cc = sums[..., 0], sums[..., 1], sums[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where((rr == 0) & (cc == 0), 1.0, np.where((rr == 0) | (cc == 0), 0.0, dot / np.sqrt(rr * cc)))
+    cos = np.where(np.isfinite(cos), cos, 0.0)
+    return cos.min(axis=1) if cos.shape[1] else np.ones(len(w))
+
+
+def worst_cosine(base: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float:
+    """min over float outputs of the cosine between ``cand`` and ``base`` over all feeds (0 when not finite)."""
+    return float(worst_of(cosine_terms(base, cand))[0])
+
+
+def lower_bound(terms: np.ndarray, confidence: float, rng: np.random.Generator, resamples: int = 400) -> float:
+    """One-sided ``confidence`` lower bound of the worst cosine: the (1 - confidence) quantile over bootstrap
+    resamples of the feeds (each resample: feed counts drawn multinomially, the sums re-weighted)."""
+    n = terms.shape[1]
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    return float(np.quantile(worst_of(terms, weights), 1.0 - confidence))
 
 
 def search(alloc: Callable[[float], dict[int, int]],
-           measure: Callable[[dict[int, int]], tuple[float, float, float | None]],
+           measure: Callable[[dict[int, int]], tuple[float, float | None, float, float | None]],
            floor: float, steps: int) -> tuple[dict[int, int] | None, list[Trial], bool]:
-    """The kept counts of the deepest measured cut with fidelity >= ``floor`` (None: no cut holds), every trial,
-    and whether the bound itself (s = 1) held. ``alloc(s)``: kept counts at s; ``measure(kept)``: (fidelity, MAC
-    fraction, latency fraction or None)."""
+    """The kept counts of the deepest measured cut with fidelity (its lower bound, when measured) >= ``floor``
+    (None: no cut holds), every trial, and whether the bound itself (s = 1) held. ``alloc(s)``: kept counts at s;
+    ``measure(kept)``: (fidelity, lower bound or None, MAC fraction, latency fraction or None)."""
     cache: dict[tuple, Trial] = {}
     trials: list[Trial] = []
 
@@ -105,10 +133,11 @@ def search(alloc: Callable[[float], dict[int, int]],
         kept = alloc(s)
         key = tuple(sorted(kept.items()))
         if key not in cache:
-            fid, macs, lat = measure(kept)
-            cache[key] = Trial(s, macs, lat, fid, fid >= floor)
+            fid, lower, macs, lat = measure(kept)
+            cache[key] = Trial(s, macs, lat, fid, lower, (fid if lower is None else lower) >= floor)
             trials.append(cache[key])
-            log.info("prune-channels min_fidelity: s=%.4f MACs x%.3f -> worst cosine %.5f", s, macs, fid)
+            log.info("prune-channels min_fidelity: s=%.4f MACs x%.3f -> worst cosine %.5f (lower bound %s)", s,
+                     macs, fid, lower)
         return kept, cache[key]
 
     kept, t = at(1.0)
@@ -160,19 +189,23 @@ def floor_cut(pc, cg: ChannelGroups, plans: list[plan_mod.GroupPlan], allocation
             return plan_mod.global_threshold(plans, meets)
         return plan_mod.marginal(plans, curves[0], curves[1], meets)
 
-    def measure(kept: dict[int, int]) -> tuple[float, float, float | None]:
+    def measure(kept: dict[int, int]) -> tuple[float, float | None, float, float | None]:
         removed = plan_mod.removal(cg, plans, kept)
         macs, latency = fractions(removed)
         if removed.size == 0:
-            return 1.0, macs, latency
+            return 1.0, (1.0 if pc.fidelity_confidence else None), macs, latency
         zm = removed_like_the_pass(cg, model, removed, act_stats if pc.compensate else None)
         with Session(zm, what="min_fidelity trial") as s:
-            return worst_cosine(base, [s.run(f) for f in feeds]), macs, latency
+            terms = cosine_terms(base, [s.run(f) for f in feeds])
+        lower = (lower_bound(terms, pc.fidelity_confidence, ctx.rng("prune-channels min_fidelity"))
+                 if pc.fidelity_confidence else None)
+        return float(worst_of(terms)[0]), lower, macs, latency
 
-    kept, trials, bound_held = search(alloc, measure, pc.min_fidelity, pc.fidelity_trials)
+    kept, trials, bound_held = search(alloc, measure, pc.min_fidelity, pc.fidelity_steps)
     bounds = [n for n, v in (("target_macs", pc.target_macs), ("target_latency", pc.target_latency)) if v is not None]
     stats.update({
         "min_fidelity": pc.min_fidelity,
+        "fidelity_confidence": pc.fidelity_confidence or None,
         "fidelity_feeds": where,
         "stopped_by": ((" and ".join(bounds) if bounds else "min_keep (every group at its per-group floor)")
                        if bound_held else "min_fidelity"),

@@ -18,6 +18,11 @@ AVX-512), so ``round_to=0`` (default) rounds Conv channel groups to 16. MACs sti
 fitted to one ORT profile of the model (``latency_model``; taken through ``ctx.latency``, so a recorded profile
 replays the same cut) instead of, or with, ``target_macs``.
 
+Fidelity floor: ``min_fidelity=X`` searches the cut instead of taking a budget (``fidelity_floor``): the deepest
+cut whose worst output cosine against the input model, on held-out calibration feeds under ORT, stays >= X (alone:
+down to the per-group floors; with ``target_macs`` / ``target_latency``: toward that budget, stopping before the
+floor breaks). It is measured before any later ``distill`` (which raises it), so the floor is conservative.
+
 Large cuts work better in steps, each followed by ``distill`` (the next step's scores and sensitivities then see the
 refit model): ``prune-channels{target_macs=0.7},distill,prune-channels{target_macs=0.714},distill`` reaches 0.5x
 (``target_macs`` is relative to the graph the pass receives).
@@ -110,7 +115,10 @@ class PruneChannels(Pass):
               "toward that budget and stop before the floor breaks; needs calibration data")
     fidelity_samples: int = option(32, "held-out calibration feeds min_fidelity is measured on (after the ones "
                                        "that score the channels; the worst feeds dominate: measure many)")
-    fidelity_trials: int = option(6, "bisection steps of the min_fidelity search (each: one trial cut measured)")
+    fidelity_steps: int = option(6, "bisection steps of the min_fidelity search (each measures one trial cut)")
+    fidelity_confidence: float = option(
+        0.0, "0: min_fidelity must hold on the held-out feeds as measured; c in (0, 1): on the one-sided c lower "
+             "bound of the worst cosine (bootstrap over those feeds), a margin for data not seen")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -144,8 +152,10 @@ class PruneChannels(Pass):
             if self.ratio or self.head_ratio is not None:
                 raise ValueError("min_fidelity goes alone or with target_macs / target_latency, not with ratio / "
                                  "head_ratio")
-        if self.fidelity_samples < 1 or self.fidelity_trials < 1:
-            raise ValueError("fidelity_samples and fidelity_trials must be >= 1")
+        if not 0.0 <= self.fidelity_confidence < 1.0:
+            raise ValueError(f"fidelity_confidence must be in [0, 1), got {self.fidelity_confidence}")
+        if self.fidelity_samples < 1 or self.fidelity_steps < 1:
+            raise ValueError("fidelity_samples and fidelity_steps must be >= 1")
 
     def needs_calibration(self) -> bool:
         """Only ``target_latency`` (one feed is profiled) and ``min_fidelity`` (cuts are measured) cannot run
