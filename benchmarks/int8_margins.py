@@ -88,6 +88,7 @@ VARIANTS: dict[str, str] = {
     "all-int8": "cleanup,quantize{auto_float_db=0}",
     "distill": "cleanup,quantize,distill",
     "refit": "cleanup,quantize{weight_rounding=refit}",
+    "refit-data": "cleanup,quantize{weight_rounding=refit calibration_samples=CALIB eval_samples=EVAL}",
     "qat": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "qat-wonly": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8 "
                  "learn_scales=false}",
@@ -100,7 +101,7 @@ VARIANTS: dict[str, str] = {
 #: up to this many in all: quantize reads only the usual ones (``CALIB``/``EVAL`` = their count), distill's training
 #: draws from all (the teacher labels them)
 N_TRAIN = 256
-MORE_DATA = {"qat-data"}
+MORE_DATA = {"qat-data", "refit-data"}
 #: calibration / evaluation feeds per set (2 shared cores: modest counts)
 N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16,
            "efficientnet_lite2": 32}

@@ -110,5 +110,5 @@ def test_refit_beats_round_to_nearest_on_held_out_feeds_of_the_bundled_model():
         s = Session(r.model)
         scores[wr] = _sqnr(ref, [s.run(f, [out_name])[0] for f in feeds])
     wr_stats = stats["refit"]["weight_rounding"]
-    assert wr_stats["kept"] is True and wr_stats["layers"] >= 1 and wr_stats["stages"] >= 2, wr_stats
+    assert wr_stats["layers"] >= 1 and wr_stats["stages"] >= 2, wr_stats
     assert scores["refit"] > scores["nearest"] + 1.0, scores

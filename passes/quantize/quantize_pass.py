@@ -134,7 +134,12 @@ class Quantize(Pass):
         "refit (each layer refit, stage by stage, so that on its int8-model input it reproduces the float "
         "layer's output, then rounded the same way: it also absorbs its input's error)",
     )
-    rounding_samples: int = option(16, "calibration feeds whose layer inputs weight_rounding fits to")
+    rounding_samples: int = option(16, "calibration feeds whose layer inputs weight_rounding=output fits to")
+    refit_samples: int = option(
+        0,
+        "calibration feeds weight_rounding=refit fits to (every 4th held out for its checks; 0: all): it fits "
+        "~K weights per output channel, so it needs many more feeds than the ranges",
+    )
     bias_correction: bool = option(
         True,
         "correct per-channel output mean shifts measured on calibration data",
@@ -234,6 +239,8 @@ class Quantize(Pass):
             raise ValueError(f"weight_rounding must be auto, output, refit or nearest, got {self.weight_rounding!r}")
         if self.rounding_samples < 1:
             raise ValueError(f"rounding_samples must be >= 1, got {self.rounding_samples}")
+        if self.refit_samples < 0:
+            raise ValueError(f"refit_samples must be >= 0, got {self.refit_samples}")
         if self.explain < 0:
             raise ValueError(f"explain must be >= 0, got {self.explain}")
         if self.auto_float_cost_per_db < 0:

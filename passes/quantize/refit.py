@@ -13,7 +13,7 @@ every layer before it quantized). With a column of ones appended to both when th
 i.e. the float layer's output as the target, not the quantized weights' own (``weight_rounding=output`` fits
 ``X_q W^T``): ``C − H = −X_q^T (X_q − X_f)`` is how the input error correlates with the input, and the refit
 undoes the part of it a linear map can. λ is chosen per layer from ``RIDGES`` on held-out feeds (every 4th of the
-``rounding_samples`` feeds: the error ``Σ_o v_o H' v_o^T − 2 v_o C' w̄_o^T + w̄_o F' w̄_o^T`` from the held-out
+``refit_samples`` calibration feeds, all by default: the error ``Σ_o v_o H' v_o^T − 2 v_o C' w̄_o^T + w̄_o F' w̄_o^T`` from the held-out
 moments, F = X_f^T X_f). The integers are then chosen for V like ``rounding`` does (per-channel clip scale by the
 output error, columns rounded in order with error feedback, ``round_columns``), the bias column last and unrounded:
 it takes the feedback of every rounded column, so the bias absorbs the mean of the rounding error too. A layer keeps
@@ -25,7 +25,9 @@ same inputs (``paired_model``: the int8 model's tensors renamed) and concatenate
 (channels for Conv, the last axis for MatMul/Gemm), so the design rows are ``[x_f | x_q]`` and their Gram is
 ``[[F, C^T], [C, H]]``.
 
-**Stages**: the layers are taken in graph order in ``STAGES`` groups (fewer when the Gram matrices exceed
+**When**: after the automatic float-layer search, with its float layers in place (a refit made first compensates
+the very roundings that search would take out, and then hides them from it). **Stages**: the layers are taken in
+graph order in ``STAGES`` groups (fewer when the Gram matrices exceed
 ``rounding.GRAM_BUDGET_BYTES``); each group's inputs come from the int8 model with every earlier group's refit
 integers in place, so errors do not accumulate behind a refit layer.
 
@@ -69,7 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 #: ridge strengths tried per layer (times the mean diagonal of H), chosen on the held-out feeds
-RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 #: groups of layers refit in turn, each on the int8 model with the earlier groups' refits in place
 STAGES = 6
 #: every HOLDOUT-th feed of the refit's feeds scores the ridges and the refit against round-to-nearest
@@ -247,7 +249,7 @@ def refit_layers(run: StaticRun, layers: list[str]) -> dict:
             skipped[name] = f"{wmx[0].shape[1]} input columns: round-to-nearest"
         else:
             todo.append((name, node, wmx[0]))
-    fit_feeds, held_feeds = split_feeds(run.feeds(run.p.rounding_samples))
+    fit_feeds, held_feeds = split_feeds(run.feeds(run.p.refit_samples))
     results: dict[str, dict] = {}
     groups = stage_groups(todo, STAGES)
     for gi, group in enumerate(groups):
@@ -301,4 +303,20 @@ def refit_layers(run: StaticRun, layers: list[str]) -> dict:
     }
 
 
-__all__ = ["blocks", "heldout_error", "paired_model", "refit_layers", "ridge_fit", "split_feeds"]
+def refit_stage(run: StaticRun, ref) -> None:
+    """``weight_rounding=refit`` after the float-layer search: refit the int8 layers of the current build (the
+    automatically float layers in place, so no refit compensates an error that a float layer removes), record the
+    model's score before and after in ``run.stats["weight_rounding"]``."""
+    from . import fidelity as fid
+
+    b = run.build()
+    before = fid.score_model(ref, run.export(b.graph))
+    stats = refit_layers(run, b.plan.int8_anchor_names())
+    after = fid.score_model(ref, run.export(run.build().graph))
+    stats["score_nearest"] = {k: round(v, 5) for k, v in before.items()}
+    stats["score_refit"] = {k: round(v, 5) for k, v in after.items()}
+    stats["note"] = "scores on the evaluation feeds, which include the refit's feeds (in-sample)"
+    run.stats["weight_rounding"] = stats
+
+
+__all__ = ["blocks", "heldout_error", "paired_model", "refit_layers", "refit_stage", "ridge_fit", "split_feeds"]

@@ -293,12 +293,7 @@ def optimise_rounding(run: StaticRun, ref) -> None:
         b = run.build()
         plan, model_rtn = b.plan, run.export(b.graph)
     saved_shift = dict(run.bias_shift)
-    if run.p.weight_rounding == "refit":
-        from .refit import refit_layers
-
-        stats = refit_layers(run, plan.int8_anchor_names())
-    else:
-        stats = round_layers(run, model_rtn, plan.int8_anchor_names())
+    stats = round_layers(run, model_rtn, plan.int8_anchor_names())
     run.stats["weight_rounding"] = stats
     if not run.rounded:
         stats["kept"] = False
@@ -308,7 +303,7 @@ def optimise_rounding(run: StaticRun, ref) -> None:
     sc_rtn, sc_r = fid.score_model(ref, model_rtn), fid.score_model(ref, model_r)
     stats["score_nearest"] = {k: round(v, 5) for k, v in sc_rtn.items()}
     stats["score_optimised"] = {k: round(v, 5) for k, v in sc_r.items()}
-    keep = bool(run.p.weight_rounding in ("output", "refit") or outputs_better(sc_r, sc_rtn))
+    keep = bool(run.p.weight_rounding == "output" or outputs_better(sc_r, sc_rtn))
     stats["kept"] = keep
     if keep:
         run.all_int8 = (run.method, b.plan, model_r)

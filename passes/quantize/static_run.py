@@ -12,8 +12,9 @@
    percentile on the evaluation feeds. **Weight rounding** (``rounding``): per-layer scales and rounding chosen
    against each layer's output on the all-int8 model's inputs (``weight_rounding``; ``auto`` keeps it only when the
    outputs improve).
-5. **Float-layer search** (``float_layer_search``), then the **build** of the Q/DQ graph (``StaticRun.build``:
-   placement, bias shifts, Q/DQ parameters and insertion, ``qdq_insert``) and its score (``fidelity``).
+5. **Float-layer search** (``float_layer_search``); ``weight_rounding=refit`` (``refit``) then refits the int8
+   layers with that float set in place; the **build** of the Q/DQ graph (``StaticRun.build``: placement, bias
+   shifts, Q/DQ parameters and insertion, ``qdq_insert``) and its score (``fidelity``).
 6. **Mixed precision** to a user target (``mixed_precision``), **latency guard** (``latency_guard``).
 7. The chosen build replaces the pass's graph; ConvTranspose weights and embedding tables are stored int8 too
    (``dynamic``).
@@ -57,6 +58,7 @@ from .placement import PlacementOptions, Plan, plan_static
 from .prepare import fold_affine_into_conv, fold_offset_into_next_conv, name_unnamed_nodes
 from .qdq_insert import WeightOptions, insert_qdq, resolve_params
 from .range_choice import choose_method
+from .refit import refit_stage
 from .rounding import optimise_rounding
 from .smoothing import smooth
 from .tensor_types import probe_dtypes
@@ -221,7 +223,7 @@ class StaticRun:
             correct_biases(self, anchors)
         if p.calibration == "auto":
             choose_method(self, ref)
-        if p.weight_rounding != "nearest" and self.per_channel:
+        if p.weight_rounding in ("auto", "output") and self.per_channel:
             optimise_rounding(self, ref)
         return ref, eval_feeds
 
@@ -238,6 +240,8 @@ class StaticRun:
         ref, eval_feeds = ready
         if p.auto_float_db > 0:
             search_float_layers(self, ref, eval_feeds)
+        if p.weight_rounding == "refit" and self.per_channel:
+            refit_stage(self, ref)
 
         built = self.build()
         sc = fid.score_model(ref, self.export(built.graph))
