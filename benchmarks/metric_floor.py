@@ -7,9 +7,9 @@ model itself is run on its evaluation inputs plus Gaussian noise of sigma = k in
 own clean outputs exactly as a compressed candidate is.
 
 One input level: the inputs are 8-bit images mapped to floats ((p / 255 - mean) / std), so the distinct values of an
-input tensor lie on a grid; the level is the median gap between neighbouring distinct values of each channel (the
-smallest such grid step), measured on the first evaluation feed. The noise goes on the image only, not on the
-constant padding a pipeline adds (``content_mask``): real inputs have exact padding. Noise of sigma = 0.5 level changes a pixel by less
+input tensor lie on a grid (``onnxcompress.input_noise.pixel_level``, measured on the first evaluation feed). The
+noise goes on the image only, not on the constant padding a pipeline adds (``content_mask``): real inputs have
+exact padding. The compress report gives the same reference at sigma = 0.5 on the user's validation inputs. Noise of sigma = 0.5 level changes a pixel by less
 than the rounding of its 8-bit source; a JPEG re-encode moves it by several levels.
 
 Reported per model and sigma: the primary task metric vs clean FP32, the worst output's SQNR and cosine
@@ -34,6 +34,7 @@ import numpy as np
 from benchmarks import models
 from benchmarks.fetch import cache_dir
 from benchmarks.measure import run_outputs
+from onnxcompress.input_noise import content_mask, pixel_level
 
 log = logging.getLogger(__name__)
 
@@ -41,41 +42,6 @@ RESULTS = Path(__file__).parent / "results"
 DEFAULT_MODELS = ["nudenet_320n", "ddddocr_det", "ppocrv4_det", "ppocrv4_rec", "ppocrv4_rec:hard",
                   "efficientnet_lite2", "ppocr_cls"]
 SIGMAS = (0.25, 0.5, 1.0)
-
-
-def input_level(x: np.ndarray) -> float:
-    """The 8-bit grid step of an image input: per channel (axis 1) the median gap between neighbouring distinct
-    values, the smallest over the channels (0.0 when a channel has fewer than two distinct values)."""
-    x = np.asarray(x, np.float64)
-    steps = []
-    for c in range(x.shape[1] if x.ndim >= 2 else 1):
-        v = np.unique(x[:, c] if x.ndim >= 2 else x)
-        if v.size > 1:
-            steps.append(float(np.median(np.diff(v))))
-    return min(steps) if steps else 0.0
-
-
-def content_mask(x: np.ndarray) -> np.ndarray:
-    """1 on the image, 0 on its padding: the runs of rows / columns at the edges of an NCHW input whose every
-    value (all channels) equals the corner pixel of that edge. A pipeline pads with a constant (a rec line to its
-    width, a detector's letterbox), exactly: noise there would show the model texture it never sees."""
-    x = np.asarray(x)
-    mask = np.ones(x.shape[-2:], np.float32)
-    for axis in (0, 1):  # rows, then columns
-        n = x.shape[-2 + axis]
-        lines = [np.take(x[0], i, axis=1 + axis) for i in range(n)]  # [C, other]
-        for order, corner in ((range(n), lines[0]), (range(n - 1, -1, -1), lines[-1])):
-            value = corner[:, :1]
-            if not np.all(corner == value):
-                continue
-            for i in order:
-                if not np.all(lines[i] == value):
-                    break
-                if axis == 0:
-                    mask[i, :] = 0
-                else:
-                    mask[:, i] = 0
-    return mask
 
 
 def worst_fidelity(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> tuple[float, float]:
@@ -109,7 +75,9 @@ def floor_rows(name: str, n_eval: int, sigmas: tuple[float, ...], seed: int = 0)
     images = [k for k, v in feeds[0].items() if np.asarray(v).dtype.kind == "f" and np.ndim(v) == 4]
     if not images:
         raise SystemExit(f"{name}: no float image input (the noise floor is measured on image models)")
-    levels = {k: input_level(feeds[0][k]) for k in images}
+    levels = {k: pixel_level(feeds[0][k]) for k in images}
+    if any(v is None for v in levels.values()):
+        raise SystemExit(f"{name}: an image input is not on an 8-bit grid: {levels}")
     _, ref = run_outputs(path, feeds)
     rng = np.random.default_rng(seed)
     rows = []

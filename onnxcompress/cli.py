@@ -80,7 +80,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     """``onnxcompress compress``: run the pipeline, save model + reports, print the ledger and notes."""
     from onnxcompress.api import compress
-    from onnxcompress.report import ledger_rows, pass_reasons
+    from onnxcompress.report import ledger_rows, noise_reference_line, pass_reasons
     from onnxcompress.result import report_paths
 
     src, out = Path(args.input), Path(args.output)
@@ -125,6 +125,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
             if tm is not None and tm["metric"] != "top1_agreement":
                 parts.append(f"{tm['title']} {tm['value']:.4f}")
             print(f"fidelity ({result.fidelity.feeds} feeds, worst output): " + ", ".join(parts))
+            ref = report["fidelity"].get("input_noise_reference")
+            if ref:
+                print(noise_reference_line(report["fidelity"], ref))
             kinds = {n: m.get("metric_kind", "values") for n, m in result.fidelity.outputs.items()}
             print("metrics per output: " + ", ".join(f"{n}: {k}" + (" (top-1/top-5 agreement)"
                                                                     if k == "class scores" else "")

@@ -140,6 +140,9 @@ def to_markdown(report: dict) -> str:
                 "top5_agreement"]
         rows = [[name] + [fmt_metric(m[k]) if k in m else "-" for k in keys] for name, m in fid["outputs"].items()]
         lines.append(markdown_table(["output"] + keys, rows))
+        ref = fid.get("input_noise_reference")
+        if ref:
+            lines += ["", noise_reference_line(fid, ref)]
     reasons = pass_reasons(report)
     if reasons:
         lines += ["", "What the passes decided, with their reasons:", ""]
@@ -153,6 +156,25 @@ def to_markdown(report: dict) -> str:
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n"
+
+
+def noise_reference_line(fid: dict, ref: dict) -> str:
+    """One line setting the compressed model's fidelity beside the original's own under input noise below the
+    rounding of its pixels (``onnxcompress.input_noise``)."""
+    worst, ours, theirs = fid.get("worst", {}), [], []
+    for key, unit in (("sqnr_db", " dB"), ("cosine", "")):
+        if key in ref["worst"] and key in worst:
+            title = "SQNR" if key == "sqnr_db" else key
+            fmt = (lambda v: f"{v:.1f}") if key == "sqnr_db" else fmt_metric
+            theirs.append(f"{title} {fmt(ref['worst'][key])}{unit}")
+            ours.append(f"{fmt(worst[key])}{unit}")
+    task, own = ref.get("task_metric"), fid.get("task_metric")
+    if task and own:
+        theirs.append(f"{task['title']} {task['value']:.4f}")
+        ours.append(f"{own['value']:.4f}")
+    return (f"input-noise reference (the original on the same {ref['feeds']} inputs + noise of "
+            f"{ref['sigma_levels']:g} pixel level, below their rounding): " + ", ".join(theirs)
+            + "; compressed: " + ", ".join(ours))
 
 
 def _md(text: str) -> str:

@@ -31,7 +31,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from onnxcompress.report import fmt_metric, human_bytes, human_count
+from onnxcompress.report import fmt_metric, human_bytes, human_count, noise_reference_line
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,8 @@ def fidelity_html(fid: dict | None, table_id: str) -> str:
     # per-output labels kept beside the metrics, e.g. {"metric_kinds": {"logits": "class scores"}}
     labels = {k: v for k, v in fid.items() if k not in ("outputs", "worst") and isinstance(v, dict) and v
               and set(v) <= set(outputs)}
-    rest = {k: v for k, v in fid.items() if k not in ("outputs", "worst", "feeds", "source", "synthetic", *labels)}
+    rest = {k: v for k, v in fid.items() if k not in ("outputs", "worst", "feeds", "source", "synthetic",
+                                                      "input_noise_reference", *labels)}
     metrics = ordered_keys([m for m in outputs.values()] + [fid.get("worst") or {}], METRIC_ORDER)
     head = ["output", *labels, *metrics]
     out = [f"<p>{text}</p>", f"<table id=\"{esc(table_id)}\"><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head)
@@ -204,6 +205,8 @@ def fidelity_html(fid: dict | None, table_id: str) -> str:
         cells = ["<td>worst over outputs</td>"] + ["<td></td>" for _ in labels]
         out.append(f"<tr class=\"worst\">{''.join(cells + [metric_cell(fid['worst'], m) for m in metrics])}</tr>")
     out.append("</table>")
+    if fid.get("input_noise_reference"):
+        out.append(f"<p class=\"noise-reference\">{esc(noise_reference_line(fid, fid['input_noise_reference']))}</p>")
     if rest:
         out.append(render_mapping(rest))
     return "".join(out)

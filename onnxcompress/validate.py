@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,6 +180,8 @@ class FidelityReport:
     feeds: int = 0
     source: str = ""
     synthetic: bool = False
+    #: the original model against itself on noisy inputs (``onnxcompress.input_noise``), when measured
+    input_noise_reference: dict | None = None
 
     def worst(self) -> dict[str, float]:
         """The worst value of each metric over all outputs (max for errors, min for similarities)."""
@@ -208,8 +211,11 @@ class FidelityReport:
 
     def to_dict(self) -> dict:
         """JSON-ready form, with the worst value of each metric over the outputs and the task metric."""
-        return {"feeds": self.feeds, "source": self.source, "synthetic": self.synthetic, "outputs": self.outputs,
-                "worst": self.worst(), "task_metric": self.task_metric()}
+        out = {"feeds": self.feeds, "source": self.source, "synthetic": self.synthetic, "outputs": self.outputs,
+               "worst": self.worst(), "task_metric": self.task_metric()}
+        if self.input_noise_reference is not None:
+            out["input_noise_reference"] = self.input_noise_reference
+        return out
 
 
 _COUNTS = frozenset({"strings", "boxes_ref", "boxes"})  # sizes, not fidelity: no "worst" of them
@@ -298,12 +304,13 @@ def _as_proto(model: onnx.ModelProto | bytes | str) -> onnx.ModelProto | None:
 
 def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.ModelProto | bytes | str,
                    feeds: FeedSet, threads: int = 1, progress=None, *, task: str = "auto",
-                   optimize_original: bool = True) -> FidelityReport:
+                   optimize_original: bool = True, perturb: Callable[[dict], dict] | None = None) -> FidelityReport:
     """Run both models on every feed and accumulate the per-output metrics above.
 
     ``task``: one of ``TASKS`` (module docstring): "auto" (the kinds the graph shows), a kind for every float
     output that fits it, or "none" (no task metric). ``optimize_original=False`` runs the original without ORT's graph optimizations
-    (the exactness check compares that with the optimized original to measure ORT's own rounding)."""
+    (the exactness check compares that with the optimized original to measure ORT's own rounding). ``perturb``
+    changes the feed the candidate sees (``onnxcompress.input_noise``: the original against itself on noisy inputs)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     proto = _as_proto(original) if task == "auto" else None
@@ -322,7 +329,7 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
         iterator = progress(feeds, total=len(feeds), desc="validate") if progress else feeds
         for feed in iterator:
             ref = ref_s.run(feed, names)
-            cand = cand_s.run(feed, names)
+            cand = cand_s.run(perturb(feed) if perturb is not None else feed, names)
             for name, r, c in zip(names, ref, cand, strict=True):
                 acc[name].update(np.asarray(r), np.asarray(c))
             n_feeds += 1
@@ -334,6 +341,27 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
         if started:
             summaries[n]["task"] = a.task
     return FidelityReport(summaries, n_feeds, feeds.source, feeds.synthetic)
+
+
+def input_noise_reference(original: onnx.ModelProto | bytes | str, feeds: FeedSet, threads: int = 1, *,
+                          task: str = "auto") -> dict | None:
+    """The original model against itself on its validation inputs plus ``input_noise.SIGMA_LEVELS`` pixel levels of
+    noise (``onnxcompress.input_noise``), on the same feeds: the worst-output metrics and the task metric, as
+    ``compare_models`` reports them for a candidate. None when no input is an 8-bit image or the feeds
+    are synthetic."""
+    from onnxcompress import input_noise
+
+    if feeds.synthetic:
+        return None
+    perturb = input_noise.perturbation(feeds.first(), input_noise.SIGMA_LEVELS)
+    if perturb is None:
+        return None
+    rep = compare_models(original, original, feeds, threads, task=task, perturb=perturb)
+    worst = rep.worst()
+    return {"sigma_levels": input_noise.SIGMA_LEVELS, "feeds": rep.feeds,
+            "pixel_level": {k: float(v) for k, v in perturb.levels.items()},
+            "worst": {k: worst[k] for k in ("sqnr_db", "cosine", "cosine_min", "top1_agreement") if k in worst},
+            "task_metric": rep.task_metric()}
 
 
 # -------------------------------------------------------------------------------------------- structural gate
