@@ -88,6 +88,7 @@ VARIANTS: dict[str, str] = {
     "all-int8": "cleanup,quantize{auto_float_db=0}",
     "distill": "cleanup,quantize,distill",
     "refit": "cleanup,quantize{weight_rounding=refit}",
+    "streq": "cleanup,quantize{stream_equalization=true}",
     "refit-data": "cleanup,quantize{weight_rounding=refit calibration_samples=CALIB eval_samples=EVAL}",
     "qat": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "qat-wonly": "cleanup,quantize,distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8 "
@@ -691,7 +692,15 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
         for v, row in rec["variants"].items():
             st = row.get("stats") or {}
             wr = st.get("weight_rounding")
-            if wr:
+            if wr and "score_refit" in wr:
+                sn, sr = wr["score_nearest"], wr["score_refit"]
+                notes.append(f"- {v}: refit {wr.get('layers')} layers in {wr.get('stages')} stages on "
+                             f"{wr['samples']['fit']} feeds ({wr['samples']['held_out']} held out; median held-out "
+                             f"layer-output gain {wr.get('heldout_db_gain_median')} dB; ridges {wr.get('ridges')}), "
+                             f"{wr.get('seconds')} s; on the quantizer's evaluation feeds (in-sample) SQNR "
+                             f"{sn['sqnr_db']:.1f} -> {sr['sqnr_db']:.1f} dB; round-to-nearest kept "
+                             f"{len(wr.get('kept_nearest', []))}, skipped {len(wr.get('skipped', {}))}")
+            elif wr:
                 notes.append(f"- {v}: weight_rounding {wr.get('layers')} layers "
                              f"(median per-layer output-error gain {wr.get('output_error_db_gain_median')} dB), "
                              f"kept={wr.get('kept')}, {wr.get('seconds')} s; skipped {len(wr.get('skipped', {}))}")

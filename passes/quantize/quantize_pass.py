@@ -156,6 +156,12 @@ class Quantize(Pass):
         "depthwise output's rounding noise drops >= 3 dB; PP-OCRv4 rec hard lines +2.8 dB, easy lines' agreement "
         "-0.03 (off by default: not better on every set)",
     )
+    stream_equalization: bool = option(
+        False,
+        "linear streams (a Conv's output read only by group-1 Convs and residual Adds: inverted-residual "
+        "bottlenecks): scale their channels towards one range, folded exactly into the Convs writing and reading "
+        "them, where the predicted rounding noise at the readers drops >= 1 dB",
+    )
     equalize: bool = option(False, "cross-layer equalization of Conv->Relu->Conv pairs before quantizing")
     smooth: Literal["auto", "all", "none"] = option(
         "none",

@@ -2,7 +2,7 @@
 
 1. **Prepare** (exact): opset upgrade for per-channel Q/DQ (13; per tensor at 10 if that fails, ``opset_upgrade``),
    a name for every node, affine and offset folds into Convs (``prepare``), optional cross-layer equalization
-   (``equalization``), activation smoothing of MatMul inputs with outlier channels (``smoothing``). The result is copied once: the float graph every build starts from (``StaticRun.base``) and
+   (``equalization``), linear-stream equalization (``stream_equalization``), activation smoothing of MatMul inputs with outlier channels (``smoothing``). The result is copied once: the float graph every build starts from (``StaticRun.base``) and
    its export (``float_model``); ``tensor_types`` gives each tensor's element type.
 2. **Placement** of the full integer domain (``placement``), whose tensors are all calibrated at once; later, smaller
    placements need subsets of those ranges.
@@ -61,6 +61,7 @@ from .range_choice import choose_method
 from .refit import refit_stage
 from .rounding import optimise_rounding
 from .smoothing import smooth
+from .stream_equalization import equalize_streams
 from .tensor_types import probe_dtypes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -193,6 +194,11 @@ class StaticRun:
             st = equalize_depthwise(self, graph, names)
             if st["pairs"]:
                 stats["depthwise_equalization"] = st
+                prepared = prepared or bool(st["rewritten"])
+        if p.stream_equalization:
+            st = equalize_streams(self, graph, names)
+            if st["streams"]:
+                stats["stream_equalization"] = st
                 prepared = prepared or bool(st["rewritten"])
         if p.smooth != "none":
             st = smooth(self, graph, names)
