@@ -116,7 +116,9 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if rec.get("error"):
             lines.append(f"| **{rec['model']}** | error: {rec['error']} | | | | | | | | | |")
             continue
-        lines.append(f"| **{rec['model']}** | FP32 vs FP32 | | | | 1.00 | {_f(noise_band(rec), '{:.2f}')} | | | | |")
+        load = f" (load {rec['load']:.1f})" if rec.get("load") is not None else ""
+        lines.append(f"| **{rec['model']}** | FP32 vs FP32{load} | | | | 1.00 | {_f(noise_band(rec), '{:.2f}')} | | | "
+                     "| |")
         for r in rows_of(rec):
             if r.get("error"):
                 lines.append(f"| | {r['floor']} | {'yes' if r['distill'] else 'no'} | error: {r['error'][:200]} "
