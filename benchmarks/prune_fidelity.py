@@ -32,7 +32,7 @@ from typing import Any
 from benchmarks import anchors
 from benchmarks.prune import noise_band
 from benchmarks.run import RESULTS, RunConfig, _json_default, benchmark_model, load_specs, versions
-from benchmarks.variant_rows import chosen_models, measured_figures
+from benchmarks.variant_rows import chosen_models, variant_rows
 
 log = logging.getLogger("benchmarks.prune_fidelity")
 
@@ -72,25 +72,17 @@ def floor_method(pipeline: str) -> anchors.Method:
 
 
 def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
-    primary = record.get("primary_metric")
-    rows = []
-    for name, m in record.get("methods", {}).items():
-        if not name.startswith(PREFIX):
-            continue
-        pipeline = name[len(PREFIX):]
-        fl = _FLOOR.search(pipeline)
-        row: dict[str, Any] = {"model": record["model"], "pipeline": pipeline,
-                               "floor": float(fl.group(1)) if fl else None, "distill": pipeline.endswith("distill"),
-                               "confidence": float(_CONF.search(pipeline).group(1)) if _CONF.search(pipeline) else None,
-                               "fp32_noise": noise_band(record), "load": record.get("load")}
-        if m.get("error"):
-            rows.append(row | {"error": m["error"]})
-            continue
-        row.update(measured_figures(m, primary))
-        row["prune"] = (m.get("info") or {}).get("prune") or {}
-        row["stage_seconds"] = (m.get("info") or {}).get("stage_seconds")
-        rows.append(row)
-    return rows
+    def describe(pipeline: str) -> dict[str, Any]:
+        fl, conf = _FLOOR.search(pipeline), _CONF.search(pipeline)
+        return {"floor": float(fl.group(1)) if fl else None, "distill": pipeline.endswith("distill"),
+                "confidence": float(conf.group(1)) if conf else None, "fp32_noise": noise_band(record),
+                "load": record.get("load")}
+
+    def extra(m: dict[str, Any], _row: dict[str, Any]) -> dict[str, Any]:
+        info = m.get("info") or {}
+        return {"prune": info.get("prune") or {}, "stage_seconds": info.get("stage_seconds")}
+
+    return variant_rows(record, describe, extra, prefix=PREFIX)
 
 
 def _f(v: Any, fmt: str = "{:.3f}") -> str:

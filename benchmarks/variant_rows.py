@@ -35,16 +35,16 @@ def measured_figures(m: dict[str, Any], primary: str | None) -> dict[str, Any]:
 
 
 def variant_rows(record: dict[str, Any], describe: Callable[[str], dict[str, Any]],
-                 extra: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
-                 ) -> list[dict[str, Any]]:
-    """Rows of every ``ours:`` method: model, pipeline, ``describe(pipeline)``, then the error or the measured
-    figures and ``extra(method, row)`` (pass-specific columns)."""
+                 extra: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
+                 prefix: str = PREFIX) -> list[dict[str, Any]]:
+    """Rows of every ``<prefix><pipeline>`` method (``ours:`` by default): model, pipeline, ``describe(pipeline)``,
+    then the error or the measured figures and ``extra(method, row)`` (pass-specific columns)."""
     primary = record.get("primary_metric")
     rows = []
     for name, m in record.get("methods", {}).items():
-        if not name.startswith(PREFIX):
+        if not name.startswith(prefix):
             continue
-        pipeline = name[len(PREFIX):]
+        pipeline = name[len(prefix):]
         row: dict[str, Any] = {"model": record["model"], "pipeline": pipeline, **describe(pipeline)}
         if m.get("error"):
             rows.append(row | {"error": m["error"]})
