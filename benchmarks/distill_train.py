@@ -205,7 +205,7 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
                                                       "heldout_loss_start", "heldout_loss_best", "losses",
                                                       "loss_history", "train_feeds", "features", "backoffs",
                                                       "augment_probe", "blocks", "blocks_trained",
-                                                      "train_source", "packed", "lr_final")}
+                                                      "train_source", "packed", "lr_final", "teacher_cache")}
             row["load_average"] = round(__import__("os").getloadavg()[0], 1)
         rows.append(row)
         log.info("%s %s: %s %.4f (cos %.4f), %.0f s wall, %.0f s cpu, peak %.0f MB", spec.name, stage,
