@@ -40,7 +40,10 @@ defaults, ``weight_rounding=auto``), ``all-int8`` (no automatic float layers), a
 groups), ``greedy-0.5x`` (``sensitivity=greedy_cost max_latency=0.5``: the best feature/output SQNR within 0.5x the
 float model's measured latency), ``greedy-25dB`` (``... min_sqnr_db=25 max_latency=0.6``), ``accurate``
 (the ``int8-accurate`` recipe: ``min_cosine=0.995``, per-layer leave-one-out) and ``accurate-greedy`` (the same
-target with ``sensitivity=greedy_cost``).
+target with ``sensitivity=greedy_cost``). Ninth session: ``refit`` (``weight_rounding=refit``: each layer refit
+to the float layer's output on its int8-model input, ``passes.quantize.refit``), ``refit-data`` (the same on
+``N_TRAIN`` calibration feeds; the ranges from the usual ones), ``streq`` (``stream_equalization=true``) and
+``distill`` (``quantize,distill``: distill's layer-wise refit of the QDQ graph).
 
 ``--frontier N`` (with ``--frontier-unit layer|rounding``) measures the mixed-precision frontier instead: one
 calibration, the greedy path of ``passes.quantize.float_frontier`` (at most N float layers) and the leave-one-out
@@ -365,7 +368,7 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelS
     stats = next((r.pass_stats for r in result.ledger if r.stage.startswith("quantize")), {})
     keep = ("kept_float", "weight_rounding", "auto_float", "calibration", "latency_ratio_measured", "skipped",
             "mixed_precision",
-            "empirical_bias")
+            "empirical_bias", "stream_equalization")
     kept = {k: stats[k] for k in keep if k in stats}
     train = next((r.pass_stats.get("train") for r in result.ledger if r.stage.startswith("distill")), None)
     if train:
