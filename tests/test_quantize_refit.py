@@ -112,3 +112,25 @@ def test_refit_beats_round_to_nearest_on_held_out_feeds_of_the_bundled_model():
     wr_stats = stats["refit"]["weight_rounding"]
     assert wr_stats["layers"] >= 1 and wr_stats["stages"] >= 2, wr_stats
     assert scores["refit"] > scores["nearest"] + 1.0, scores
+
+
+def test_stages_follow_depth_so_no_layer_is_fit_before_a_refit_layer_upstream():
+    import onnx_graphsurgeon as gs
+    from onnxcompress.passes.quantize.refit import stage_groups
+
+    m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 13]>
+    g (float[1,2,4,4] x) => (float[1,2,4,4] y) {
+      a = Conv(x, w)
+      r = Relu(a)
+      b = Conv(r, w)
+      c = Conv(r, w)
+      s = Add(b, c)
+      y = Conv(s, w)
+    }""")
+    m.graph.initializer.append(numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w"))
+    g = gs.import_onnx(m)
+    g.toposort()
+    convs = [n for n in g.nodes if n.op == "Conv"]
+    todo = [(n.outputs[0].name, n, np.ones((2, 2))) for n in convs]
+    stages = [sorted(item[0] for item in st) for st in stage_groups(g, todo)]
+    assert stages == [["a"], ["b", "c"], ["y"]]
