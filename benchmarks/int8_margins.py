@@ -654,7 +654,11 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
         "<= 2% of the float model's measured latency; `default-layers` is the search over single layers (the "
         "default before). On every model but EfficientNet-Lite2 both kept the same float layers and gave the same "
         "outputs (their latency ratios differ by the measurement noise, ~0.05 at load 3-4); the extra tool time is "
-        "the ranking of the groups (one run per group on 4 feeds).",
+        "the ranking of the groups (one run per group on 4 feeds). Ninth session (2026-12-06 16:30-18:00 UTC, "
+        "code b5cd403 and later, see each model's `code at`): `refit` (`weight_rounding=refit`, layers refit to "
+        "the float layers' outputs on their int8 inputs, stage by depth), `refit-data` (the same on 256 "
+        "calibration feeds), `streq` (`stream_equalization`); the rows of one model that ran in different "
+        "invocations differ in latency by the run-to-run noise (~0.05).",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
         "",
