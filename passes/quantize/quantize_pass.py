@@ -131,8 +131,10 @@ class Quantize(Pass):
         "weight scales and rounding: nearest | output (chosen per layer against its output on calibration "
         "inputs, closed form; per-layer output error -6..-9 dB, but on PP-OCRv4 rec, nudenet and MiniLM-L3 the "
         "model's outputs moved < 0.2 dB: activation noise dominates) | auto (output where the outputs improve) | "
-        "refit (each layer refit, stage by stage, so that on its int8-model input it reproduces the float "
-        "layer's output, then rounded the same way: it also absorbs its input's error)",
+        "refit (each layer refit, stage by depth, so that on its int8-model input it reproduces the float "
+        "layer's output, then rounded the same way: it also absorbs its input's error; held-out logits "
+        "ddddocr_det 21.6 -> 25.3 dB, EfficientNet-Lite2 24.7 -> 25.6 dB, but box F1 / top-1 -0.007 / -0.03 "
+        "and 4-13x the tool time: not the default)",
     )
     rounding_samples: int = option(16, "calibration feeds whose layer inputs weight_rounding=output fits to")
     refit_samples: int = option(
