@@ -55,37 +55,11 @@ AUTO_FLOAT_VERIFY = 3
 AUTO_FLOAT_RANK_FEEDS = 2
 #: ... and only when the all-int8 model's last-layer features are noisier than this (SQNR, dB)
 AUTO_FLOAT_BELOW_DB = 30.0
-#: rounds of the search (each after the last one kept something float); 1 = the single search every benchmark row
-#: was measured with (more rounds are not measured on every model yet)
-AUTO_FLOAT_ROUNDS = 1
 
 
 def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Feed]) -> None:
-    """The module rule, in rounds: after a round that kept something float, the next one ranks and measures the
-    candidates again with those layers float (a rounding's share of the noise grows once a larger one is gone:
-    EfficientNet-Lite2's first bottleneck rounding gains 0.75 dB in the all-int8 model, 1.4 dB once the stem's is
-    gone), at most ``AUTO_FLOAT_ROUNDS``. The chosen layers go into ``run.auto_float`` (name -> reason, kept float
-    by every later build); the first round's figures into ``run.stats["auto_float"]``, later rounds' under its
-    ``"later_rounds"``."""
-    first: dict | None = None
-    for _ in range(AUTO_FLOAT_ROUNDS):
-        before = len(run.auto_float)
-        search_round(run, ref, eval_feeds)
-        st = run.stats.pop("auto_float", None)
-        if st is not None:
-            if first is None:
-                first = st
-            else:
-                first.setdefault("later_rounds", []).append(st)
-                first["rejected"] = [*first.get("rejected", []), *st.get("rejected", [])]
-        if len(run.auto_float) == before:
-            break
-    if first is not None:
-        run.stats["auto_float"] = first
-
-
-def search_round(run: StaticRun, ref: fid.Reference, eval_feeds: list[Feed]) -> None:
-    """One round of the module rule from the current build (``run.auto_float`` float)."""
+    """The module rule; the chosen layers go into ``run.auto_float`` (name -> reason, kept float by every later
+    build) and the search's figures into ``run.stats["auto_float"]``."""
     p = run.p
     cached = run.all_int8
     if cached is not None and cached[0] == run.method and not run.auto_float:
@@ -114,10 +88,7 @@ def search_round(run: StaticRun, ref: fid.Reference, eval_feeds: list[Feed]) -> 
         return (base if s_ is None else s_) - base
 
     approx = _patched_gains(run, model, layers, ref, feeds[:AUTO_FLOAT_RANK_FEEDS], gain)
-    # at most 5% of the layers as candidates over all rounds (a group counts once: its layers share one reason)
-    limit = max(1, (len(layers) + len(run.auto_float)) // 20) - len(set(run.auto_float.values()))
-    if limit <= 0:
-        return
+    limit = max(1, len(layers) // 20)
     shortlist = sorted(approx, key=lambda n: -approx[n])[: limit + AUTO_FLOAT_VERIFY]
     # groups are ranked on all the search's feeds (their gain can sit in a few inputs: EfficientNet-Lite2's stem
     # rounding +0.2 dB on the first 2 evaluation feeds, +5.3 dB on the first 4) and join the layers' shortlist
