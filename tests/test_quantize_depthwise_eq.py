@@ -10,10 +10,10 @@ from conftest import ort_run
 from onnx import numpy_helper
 from onnxcompress.passes.quantize import Quantize
 from onnxcompress.passes.quantize.depthwise_equalization import HEADROOM, factors, pairs
+from quantize_helpers import output_sqnr, quantize_on
 
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
-from onnxcompress.manager import PassManager
 
 C = 8
 
@@ -54,17 +54,10 @@ def feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
 
 
 def quantize(model, **options):
-    options = {"latency_guard": False, "auto_float_db": 0, "weight_rounding": "nearest", "calibration": "minmax",
-               **options}
-    ctx = PassContext(calibration=load_feeds(feeds(16, 1), model))
-    result = PassManager([Quantize(**options)], measure=False).run(model, ctx)
-    return result.model, result.ledger[-1].pass_stats
+    return quantize_on(model, feeds(16, 1), **{"weight_rounding": "nearest", **options})
 
 
-def sqnr(ref, cand, fs) -> float:
-    r = np.concatenate([ort_run(ref, f)[0].ravel() for f in fs]).astype(np.float64)
-    c = np.concatenate([ort_run(cand, f)[0].ravel() for f in fs]).astype(np.float64)
-    return float(10 * np.log10(np.sum(r * r) / np.sum((r - c) ** 2)))
+sqnr = output_sqnr
 
 
 def test_pairs_need_a_homogeneous_op_and_a_single_reader():

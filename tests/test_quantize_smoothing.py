@@ -8,12 +8,8 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import ort_run
 from onnx import numpy_helper
-from onnxcompress.passes.quantize import Quantize
 from onnxcompress.passes.quantize.smoothing import factors
-
-from onnxcompress.context import PassContext
-from onnxcompress.data import load_feeds
-from onnxcompress.manager import PassManager
+from quantize_helpers import output_sqnr, quantize_on
 
 K = 32
 
@@ -55,17 +51,10 @@ def feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
 
 
 def run(model, **options):
-    options = {"latency_guard": False, "auto_float_db": 0, "weight_rounding": "nearest", "calibration": "minmax",
-               **options}
-    ctx = PassContext(calibration=load_feeds(feeds(16, 1), model))
-    result = PassManager([Quantize(**options)], measure=False).run(model, ctx)
-    return result.model, result.ledger[-1].pass_stats
+    return quantize_on(model, feeds(16, 1), **{"weight_rounding": "nearest", **options})
 
 
-def sqnr(model, q, fs) -> float:
-    r = np.concatenate([ort_run(model, f)[0].ravel() for f in fs]).astype(np.float64)
-    c = np.concatenate([ort_run(q, f)[0].ravel() for f in fs]).astype(np.float64)
-    return float(10 * np.log10(np.sum(r * r) / np.sum((r - c) ** 2)))
+sqnr = output_sqnr
 
 
 def test_smoothing_is_exact_in_float_and_placed_where_the_consumers_allow():

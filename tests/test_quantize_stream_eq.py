@@ -17,10 +17,10 @@ from onnxcompress.passes.quantize.stream_equalization import (
     predicted_noise,
     streams,
 )
+from quantize_helpers import output_sqnr, quantize_on
 
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
-from onnxcompress.manager import PassManager
 
 C, E = 8, 32
 
@@ -64,16 +64,10 @@ def feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
 
 
 def quantize(model, **options):
-    options = {"latency_guard": False, "auto_float_db": 0, "calibration": "minmax", **options}
-    ctx = PassContext(calibration=load_feeds(feeds(16, 1), model))
-    result = PassManager([Quantize(**options)], measure=False).run(model, ctx)
-    return result.model, result.ledger[-1].pass_stats
+    return quantize_on(model, feeds(16, 1), **{**options})
 
 
-def sqnr(ref, cand, fs) -> float:
-    r = np.concatenate([ort_run(ref, f)[0].ravel() for f in fs]).astype(np.float64)
-    c = np.concatenate([ort_run(cand, f)[0].ravel() for f in fs]).astype(np.float64)
-    return float(10 * np.log10(np.sum(r * r) / np.sum((r - c) ** 2)))
+sqnr = output_sqnr
 
 
 def test_a_stream_is_the_bottleneck_and_its_residual_sum_with_their_writers_and_readers():
