@@ -74,10 +74,10 @@ def content_mask(x: np.ndarray) -> np.ndarray:
 
 
 def perturbation(feed: dict[str, np.ndarray], sigma_levels: float = SIGMA_LEVELS,
-                 seed: int = 0) -> Callable[[dict], dict] | None:
+                 seed: int | np.random.Generator = 0) -> Callable[[dict], dict] | None:
     """A function adding sigma_levels pixel levels of Gaussian noise to the 8-bit image inputs of a feed (on the
-    image, not its padding; a fixed seed: the same noise sequence every run), or None when ``feed`` has no such
-    input."""
+    image, not its padding; a fixed seed: the same noise sequence every run; a Generator: drawn from it), or None
+    when ``feed`` has no such input."""
     levels = {k: lv for k, v in feed.items() if (lv := pixel_level(v)) is not None}
     if not levels:
         return None
@@ -93,4 +93,5 @@ def perturbation(feed: dict[str, np.ndarray], sigma_levels: float = SIGMA_LEVELS
         return out
 
     add_noise.levels = levels  # type: ignore[attr-defined]
+    add_noise.sigma_levels = sigma_levels  # type: ignore[attr-defined]
     return add_noise

@@ -38,7 +38,7 @@ from onnxcompress.pass_base import Pass
 from onnxcompress.pipeline import format_pass, format_pipeline
 from onnxcompress.result import CompressResult, LedgerRow
 from onnxcompress.runtime import Session
-from onnxcompress.validate import compare_models, input_noise_reference, structural_gate, structural_problems
+from onnxcompress.validate import compare_models, input_noise_for, structural_gate, structural_problems
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,9 @@ class PassManager:
             tolerated = structural_gate(final, original_problems)
         fidelity = None
         if self.validation is not None:
+            lossy = not all(p.exact for p in self.passes)
             fidelity = compare_models(original_ref, final, self.validation, progress=self.progress,
-                                      task=self.task)
-            if not all(p.exact for p in self.passes):
-                fidelity.input_noise_reference = input_noise_reference(original_ref, self.validation,
-                                                                       task=self.task)
+                                      task=self.task, input_noise=input_noise_for(self.validation) if lossy else None)
             ledger[-1].fidelity = fidelity.to_dict()
             bad = {n: m["nonfinite_metrics"] for n, m in fidelity.outputs.items() if m.get("nonfinite_metrics")}
             if bad:

@@ -304,13 +304,15 @@ def _as_proto(model: onnx.ModelProto | bytes | str) -> onnx.ModelProto | None:
 
 def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.ModelProto | bytes | str,
                    feeds: FeedSet, threads: int = 1, progress=None, *, task: str = "auto",
-                   optimize_original: bool = True, perturb: Callable[[dict], dict] | None = None) -> FidelityReport:
+                   optimize_original: bool = True, input_noise: Callable[[dict], dict] | None = None
+                   ) -> FidelityReport:
     """Run both models on every feed and accumulate the per-output metrics above.
 
     ``task``: one of ``TASKS`` (module docstring): "auto" (the kinds the graph shows), a kind for every float
     output that fits it, or "none" (no task metric). ``optimize_original=False`` runs the original without ORT's graph optimizations
-    (the exactness check compares that with the optimized original to measure ORT's own rounding). ``perturb``
-    changes the feed the candidate sees (``onnxcompress.input_noise``: the original against itself on noisy inputs)."""
+    (the exactness check compares that with the optimized original to measure ORT's own rounding). ``input_noise``
+    (``input_noise_for``): the original also runs on each feed with that noise added, scored against its clean
+    outputs of the same pass like the candidate (``FidelityReport.input_noise_reference``)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     proto = _as_proto(original) if task == "auto" else None
@@ -323,16 +325,37 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
             raise ValidationError(f"the compressed model lost output {missing[0]!r}")
         kinds = {n: found.get(n, ("embed", None)) if task == "auto" else (task if task != "none" else "", None)
                  for n in names}
-        acc = {n: OutputFidelity(n, class_scores=k == "classify", task=k, channels_first=layout)
-               for n, (k, layout) in kinds.items()}
+
+        def accumulators() -> dict[str, OutputFidelity]:
+            return {n: OutputFidelity(n, class_scores=k == "classify", task=k, channels_first=layout)
+                    for n, (k, layout) in kinds.items()}
+
+        acc = accumulators()
+        noisy = accumulators() if input_noise is not None else None
         n_feeds = 0
         iterator = progress(feeds, total=len(feeds), desc="validate") if progress else feeds
         for feed in iterator:
             ref = ref_s.run(feed, names)
-            cand = cand_s.run(perturb(feed) if perturb is not None else feed, names)
-            for name, r, c in zip(names, ref, cand, strict=True):
-                acc[name].update(np.asarray(r), np.asarray(c))
+            runs = [(acc, cand_s.run(feed, names))]
+            if noisy is not None:
+                runs.append((noisy, ref_s.run(input_noise(feed), names)))
+            for target, cand in runs:
+                for name, r, c in zip(names, ref, cand, strict=True):
+                    target[name].update(np.asarray(r), np.asarray(c))
             n_feeds += 1
+    report = FidelityReport(_summaries(acc), n_feeds, feeds.source, feeds.synthetic)
+    if noisy is not None:
+        own = FidelityReport(_summaries(noisy), n_feeds, feeds.source, feeds.synthetic)
+        worst = own.worst()
+        report.input_noise_reference = {
+            "sigma_levels": input_noise.sigma_levels, "feeds": n_feeds,  # type: ignore[union-attr]
+            "pixel_level": {k: float(v) for k, v in input_noise.levels.items()},  # type: ignore[union-attr]
+            "worst": {k: worst[k] for k in ("sqnr_db", "cosine", "cosine_min", "top1_agreement") if k in worst},
+            "task_metric": own.task_metric()}
+    return report
+
+
+def _summaries(acc: dict[str, OutputFidelity]) -> dict[str, dict]:
     summaries = {}
     for n, a in acc.items():
         started = a.task_acc is not None
@@ -340,28 +363,16 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
         summaries[n] = {**a.summary(), "metric_kind": kind if started else "values"}
         if started:
             summaries[n]["task"] = a.task
-    return FidelityReport(summaries, n_feeds, feeds.source, feeds.synthetic)
+    return summaries
 
 
-def input_noise_reference(original: onnx.ModelProto | bytes | str, feeds: FeedSet, threads: int = 1, *,
-                          task: str = "auto") -> dict | None:
-    """The original model against itself on its validation inputs plus ``input_noise.SIGMA_LEVELS`` pixel levels of
-    noise (``onnxcompress.input_noise``), on the same feeds: the worst-output metrics and the task metric, as
-    ``compare_models`` reports them for a candidate. None when no input is an 8-bit image or the feeds
-    are synthetic."""
+def input_noise_for(feeds: FeedSet) -> Callable[[dict], dict] | None:
+    """The noise of the input-noise reference (``onnxcompress.input_noise``: ``SIGMA_LEVELS`` pixel levels on the
+    8-bit image inputs) for ``compare_models(input_noise=...)``, or None when no input is an 8-bit image or the
+    feeds are synthetic."""
     from onnxcompress import input_noise
 
-    if feeds.synthetic:
-        return None
-    perturb = input_noise.perturbation(feeds.first(), input_noise.SIGMA_LEVELS)
-    if perturb is None:
-        return None
-    rep = compare_models(original, original, feeds, threads, task=task, perturb=perturb)
-    worst = rep.worst()
-    return {"sigma_levels": input_noise.SIGMA_LEVELS, "feeds": rep.feeds,
-            "pixel_level": {k: float(v) for k, v in perturb.levels.items()},
-            "worst": {k: worst[k] for k in ("sqnr_db", "cosine", "cosine_min", "top1_agreement") if k in worst},
-            "task_metric": rep.task_metric()}
+    return None if feeds.synthetic else input_noise.perturbation(feeds.first(), input_noise.SIGMA_LEVELS)
 
 
 # -------------------------------------------------------------------------------------------- structural gate

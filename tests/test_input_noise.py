@@ -10,7 +10,7 @@ from onnxcompress.input_noise import content_mask, perturbation, pixel_level
 from onnxcompress.manager import PassManager
 from onnxcompress.pipeline import parse_pipeline
 from onnxcompress.report import to_markdown
-from onnxcompress.validate import compare_models, input_noise_reference
+from onnxcompress.validate import compare_models, input_noise_for
 from tests.conftest import ort_run
 from tests.test_manager import conv_gemm_model
 
@@ -64,7 +64,7 @@ def test_perturbation_adds_the_level_scaled_noise_on_the_image_only():
 def test_reference_equals_comparing_the_original_with_its_noisy_self():
     model = conv_gemm_model()
     val = load_feeds(pixel_feeds(), model)
-    ref = input_noise_reference(model, val)
+    ref = compare_models(model, model, val, input_noise=input_noise_for(val)).input_noise_reference
     assert ref is not None and ref["sigma_levels"] == 0.5 and ref["feeds"] == 6
     # by hand: the same noise sequence (seed 0), ORT outputs, pooled SQNR of the one output
     add = perturbation(val.first(), 0.5)
