@@ -13,7 +13,8 @@ exact padding. The compress report gives the same reference at sigma = 0.5 on th
 than the rounding of its 8-bit source; a JPEG re-encode moves it by several levels.
 
 Reported per model and sigma: the primary task metric vs clean FP32, the worst output's SQNR and cosine
-(``onnxcompress.validate`` accumulators, the same numbers the other benchmarks report). A compressed model whose
+(``benchmarks.measure.fidelity``: the ``onnxcompress.validate`` accumulators, the same numbers the other benchmarks
+report). A compressed model whose
 task metric is below the sigma = 0.5 row's loses more than sub-level noise; one above it is, on this metric,
 indistinguishable from FP32 run on a re-quantized copy of its own input.
 
@@ -33,8 +34,8 @@ import numpy as np
 
 from benchmarks import models
 from benchmarks.fetch import cache_dir
-from benchmarks.measure import run_outputs
-from onnxcompress.input_noise import content_mask, pixel_level
+from benchmarks.measure import fidelity, run_outputs
+from onnxcompress.input_noise import perturbation, pixel_level
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +43,6 @@ RESULTS = Path(__file__).parent / "results"
 DEFAULT_MODELS = ["nudenet_320n", "ddddocr_det", "ppocrv4_det", "ppocrv4_rec", "ppocrv4_rec:hard",
                   "efficientnet_lite2", "ppocr_cls"]
 SIGMAS = (0.25, 0.5, 1.0)
-
-
-def worst_fidelity(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> tuple[float, float]:
-    """(SQNR dB, cosine) of the worst float output, pooled over the feeds."""
-    sqnrs, coss = [], []
-    for o in range(len(ref[0])):
-        if np.asarray(ref[0][o]).dtype.kind != "f":
-            continue
-        a = np.concatenate([np.ravel(r[o]).astype(np.float64) for r in ref])
-        b = np.concatenate([np.ravel(c[o]).astype(np.float64) for c in cand])
-        noise = float(np.sum((a - b) ** 2))
-        sqnrs.append(10 * np.log10(float(np.sum(a * a)) / noise) if noise > 0 else float("inf"))
-        coss.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
-    return min(sqnrs), min(coss)
 
 
 def eval_feeds(name: str, n_eval: int) -> tuple[str, list]:
@@ -78,22 +65,17 @@ def floor_rows(name: str, n_eval: int, sigmas: tuple[float, ...], seed: int = 0)
     levels = {k: pixel_level(feeds[0][k]) for k in images}
     if any(v is None for v in levels.values()):
         raise SystemExit(f"{name}: an image input is not on an 8-bit grid: {levels}")
-    _, ref = run_outputs(path, feeds)
-    rng = np.random.default_rng(seed)
+    names, ref = run_outputs(path, feeds)
+    rng = np.random.default_rng(seed)  # one stream over the sigmas
     rows = []
     for sigma in sigmas:
-        noisy = []
-        for f in feeds:
-            g = dict(f)
-            for k in images:
-                x = np.asarray(f[k])
-                noise = rng.normal(0.0, sigma * levels[k], x.shape) * content_mask(x)
-                g[k] = (x + noise).astype(x.dtype)
-            noisy.append(g)
+        add_noise = perturbation(feeds[0], sigma, seed=rng)
+        noisy = [add_noise(f) for f in feeds]
         t0 = time.perf_counter()
         _, cand = run_outputs(path, noisy)
         metrics = spec.evaluate(feeds, ref, cand)
-        sqnr, cos = worst_fidelity(ref, cand)
+        worst = fidelity(names, ref, cand)["worst"]
+        sqnr, cos = worst["sqnr_db"], worst["cosine"]
         rows.append({"sigma_levels": sigma, "metric": spec.primary_metric,
                      "value": float(metrics[spec.primary_metric]), "sqnr_db": sqnr, "cosine": cos,
                      "all_metrics": {k: float(v) for k, v in metrics.items()},
