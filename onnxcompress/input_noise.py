@@ -54,22 +54,23 @@ def pixel_level(x: np.ndarray) -> float | None:
 
 def content_mask(x: np.ndarray) -> np.ndarray:
     """[H, W] float32: 1 on the image, 0 on the constant edge padding of ``x`` [N, C, H, W] (first sample)."""
-    x = np.asarray(x)
-    mask = np.ones(x.shape[-2:], np.float32)
-    for axis in (0, 1):  # rows, then columns
-        n = x.shape[-2 + axis]
-        lines = [np.take(x[0], i, axis=1 + axis) for i in range(n)]  # each [C, other]
-        for order, corner in ((range(n), lines[0]), (range(n - 1, -1, -1), lines[-1])):
-            value = corner[:, :1]
-            if not np.all(corner == value):
+    img = np.asarray(x)[0]  # [C, H, W]
+    mask = np.ones(img.shape[-2:], np.float32)
+    for axis, other in ((1, 2), (2, 1)):  # rows, then columns
+        n = img.shape[axis]
+        for first in (0, n - 1):
+            edge = np.take(img, first, axis=axis)  # [C, other]
+            value = edge[:, :1]
+            if not np.all(edge == value):
                 continue
-            for i in order:
-                if not np.all(lines[i] == value):
-                    break
-                if axis == 0:
-                    mask[i, :] = 0
-                else:
-                    mask[:, i] = 0
+            same = np.all(img == value[:, :, None], axis=(0, other))  # [n]: the line is the edge's value
+            run = same if first == 0 else same[::-1]
+            k = run.size if run.all() else int(np.argmin(run))  # lines from the edge up to the first image line
+            lines = slice(0, k) if first == 0 else slice(n - k, n)
+            if axis == 1:
+                mask[lines, :] = 0
+            else:
+                mask[:, lines] = 0
     return mask
 
 
