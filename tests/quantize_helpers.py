@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from conftest import ort_run
+from onnx import numpy_helper
 from onnxcompress.passes.quantize import Quantize
 
 from onnxcompress.context import PassContext
@@ -12,6 +13,18 @@ from onnxcompress.manager import PassManager
 
 #: what the technique tests hold fixed: no latency guard, no automatic float layers, min/max ranges
 FIXED = {"latency_guard": False, "auto_float_db": 0, "calibration": "minmax"}
+
+
+def add_initializers(model, arrays: dict[str, np.ndarray]) -> None:
+    """Append ``arrays`` to the model's initializers under their names."""
+    for name, a in arrays.items():
+        model.graph.initializer.append(numpy_helper.from_array(a, name))
+
+
+def normal_feeds(shape: tuple[int, ...], n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """``n`` feeds of one input ``x`` of standard normal float32 values of ``shape``."""
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
 
 
 def quantize_on(model, calib_feeds: list[dict], /, **options):

@@ -10,7 +10,7 @@ from conftest import ort_run
 from onnx import numpy_helper
 from onnxcompress.passes.quantize import Quantize
 from onnxcompress.passes.quantize.depthwise_equalization import HEADROOM, factors, pairs
-from quantize_helpers import output_sqnr, quantize_on
+from quantize_helpers import add_initializers, normal_feeds, output_sqnr, quantize_on
 
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
@@ -34,8 +34,7 @@ def stem(between: str = "", spread: float = 60.0, seed: int = 0) -> onnx.ModelPr
     wd = (rng.standard_normal((C, 1, 3, 3)) * 0.3 / gains[:, None, None, None]).astype(np.float32)
     arrays = {"w1": w1, "b1": (0.05 * gains).astype(np.float32), "wd": wd, "bd": np.full(C, 0.01, np.float32),
               "w3": (rng.standard_normal((C, C, 1, 1)) * 0.3).astype(np.float32)}
-    for name, a in arrays.items():
-        m.graph.initializer.append(numpy_helper.from_array(a, name))
+    add_initializers(m, arrays)
     if not between:  # no op between: the depthwise Conv reads the Conv's output directly
         g = gs.import_onnx(m)
         ident = next(n for n in g.nodes if n.op == "Identity")
@@ -49,8 +48,7 @@ def stem(between: str = "", spread: float = 60.0, seed: int = 0) -> onnx.ModelPr
 
 
 def feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(n)]
+    return normal_feeds((1, 3, 12, 12), n, seed)
 
 
 def quantize(model, **options):

@@ -9,7 +9,7 @@ import pytest
 from conftest import ort_run
 from onnx import numpy_helper
 from onnxcompress.passes.quantize.smoothing import factors
-from quantize_helpers import output_sqnr, quantize_on
+from quantize_helpers import add_initializers, normal_feeds, output_sqnr, quantize_on
 
 K = 32
 
@@ -39,15 +39,13 @@ def block(seed: int = 0) -> onnx.ModelProto:
         "wv": (rng.standard_normal((K, K)) / np.sqrt(K)).astype(np.float32),
         "wo": (rng.standard_normal((K, K)) / np.sqrt(K)).astype(np.float32),
     }
-    for name, a in arrays.items():
-        m.graph.initializer.append(numpy_helper.from_array(a, name))
+    add_initializers(m, arrays)
     onnx.checker.check_model(m)
     return m
 
 
 def feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((1, 16, K)).astype(np.float32)} for _ in range(n)]
+    return normal_feeds((1, 16, K), n, seed)
 
 
 def run(model, **options):

@@ -8,7 +8,6 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from conftest import ort_run
-from onnx import numpy_helper
 from onnxcompress.passes.quantize import Quantize
 from onnxcompress.passes.quantize.static_run import StaticRun
 from onnxcompress.passes.quantize.stream_equalization import (
@@ -17,7 +16,7 @@ from onnxcompress.passes.quantize.stream_equalization import (
     predicted_noise,
     streams,
 )
-from quantize_helpers import output_sqnr, quantize_on
+from quantize_helpers import add_initializers, normal_feeds, output_sqnr, quantize_on
 
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
@@ -52,15 +51,13 @@ def bottleneck(spread: float = 100.0, reader: str = "", seed: int = 0) -> onnx.M
         "wh": (rng.standard_normal((4, C, 1, 1)) * 0.3 / gains[None, :, None, None] / np.sqrt(C)).astype(np.float32),
         "bh": np.zeros(4, np.float32),
     }
-    for name, a in arrays.items():
-        m.graph.initializer.append(numpy_helper.from_array(a, name))
+    add_initializers(m, arrays)
     onnx.checker.check_model(m)
     return m
 
 
 def feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"x": rng.standard_normal((1, 3, 10, 10)).astype(np.float32)} for _ in range(n)]
+    return normal_feeds((1, 3, 10, 10), n, seed)
 
 
 def quantize(model, **options):
