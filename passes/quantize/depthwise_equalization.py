@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.analyses.calibration import collect_statistics
 from onnxcompress.naming import unique_name
 
 from .ort_int8_kernels import const_value, is_depthwise
+from .stream_equalization import channel_moments
 
 if TYPE_CHECKING:  # pragma: no cover
     from .static_run import StaticRun
@@ -103,21 +103,9 @@ def factors(lo: np.ndarray, hi: np.ndarray, w_d: np.ndarray) -> tuple[np.ndarray
 
 
 def channel_ranges(run: StaticRun, graph: gs.Graph, tensors: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-channel (axis 1) min and max of ``tensors`` over the calibration feeds (one pass, shared collector)."""
-    lo: dict[str, np.ndarray] = {}
-    hi: dict[str, np.ndarray] = {}
-
-    def on_feed(_: int, arrays: dict[str, np.ndarray]) -> None:
-        for n in tensors:
-            a = np.asarray(arrays[n], dtype=np.float64)
-            axes = tuple(i for i in range(a.ndim) if i != 1)
-            mn, mx = a.min(axis=axes), a.max(axis=axes)
-            lo[n] = mn if n not in lo else np.minimum(lo[n], mn)
-            hi[n] = mx if n not in hi else np.maximum(hi[n], mx)
-
-    collect_statistics(run.ctx.export(graph), tensors, run.feeds(run.p.calibration_samples), histograms=False,
-                       on_feed=on_feed)
-    return {n: (lo[n], hi[n]) for n in tensors if n in lo}
+    """Per-channel (axis 1) min and max of ``tensors`` over the calibration feeds (``channel_moments``: one pass,
+    shared collector)."""
+    return {n: (lo, hi) for n, (lo, hi, _) in channel_moments(run, graph, tensors).items()}
 
 
 def equalize_depthwise(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
