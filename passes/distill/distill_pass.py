@@ -129,6 +129,12 @@ class Distill(Pass):
                                  "restores the best weights and halves the lr (the lr that suits the model is "
                                  "found on it)")
     masks: bool = option(True, "train: exact zeros of a weight stay zero (pruned weights)")
+    learn_masks: bool = option(False, "train: a pruned MatMul/Gemm/Conv weight trains a dense shadow and which "
+                                      "entries are zero is re-chosen from it (the N largest of every M for an N:M "
+                                      "weight, the same count otherwise): pattern and sparsity kept, the pruning's "
+                                      "choice of zeros no longer final")
+    mask_every: int = option(20, "train with learn_masks: steps between mask updates (and before each held-out "
+                                 "evaluation)")
     learn_scales: bool = option(True, "train on a QDQ graph (after quantize): also learn the activation scales "
                                       "(LSQ); false trains the integers of weights and biases only")
 
@@ -151,6 +157,10 @@ class Distill(Pass):
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.temperature <= 0 or self.features < 0 or self.max_minutes <= 0 or self.patience < 1:
             raise ValueError("temperature and max_minutes must be > 0, features >= 0, patience >= 1")
+        if self.mask_every < 1:
+            raise ValueError(f"mask_every must be >= 1, got {self.mask_every}")
+        if self.learn_masks and not self.masks:
+            raise ValueError("learn_masks needs masks=true (with masks=false the zeros are not kept at all)")
         if self.heldout not in ("auto", "calibration", "pool"):
             raise ValueError(f"heldout must be auto, calibration or pool, got {self.heldout!r}")
         if self.heldout == "pool" and not self.train_data:

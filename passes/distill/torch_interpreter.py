@@ -10,7 +10,9 @@ written back. The float weights of weighted slots become ``Weight`` parameters k
 - ``Gather(codebook, constant indices)`` (a clustered tensor decoded by Gather): the codebook is the parameter;
 - a weight with few distinct values (<= 256, every value used >= 16 times on average: snapped clustering) is
   trained as its codebook: W = c[idx], so it keeps <= k distinct values;
-- exact zeros stay zero: W = P * M with the mask M = (W0 != 0) (pruned weights; their gradient is zero);
+- exact zeros stay zero: W = P * M with the mask M = (W0 != 0) (pruned weights; their gradient is zero); with
+  ``learn_masks`` a pruned MatMul / Gemm / Conv weight trains a dense shadow P and W = P * M(P), its N:M pattern or
+  non-zero count kept (``sparse_masks``);
 - a QDQ graph (``quantize``): QuantizeLinear / DequantizeLinear run as fake quantization with a straight-through
   estimator; a quantized weight or int32 bias read through a DQ trains a float shadow of its integers, and with
   ``learn_scales`` the activation scales train too (``fake_quant``).
@@ -32,6 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .fake_quant import attach
+from .sparse_masks import MaskRule, choose_mask, reduction_axis, rule_for, straight_through
 from .torch_ops import MULTI_OUTPUT, OPS
 
 log = logging.getLogger(__name__)
@@ -64,10 +67,23 @@ class Weight:
     param: Any
     mask: Any = None
     index: Any = None
+    #: learned mask (``sparse_masks``): ``mask`` is M(param), refreshed by ``refresh_mask``
+    rule: MaskRule | None = None
 
     def value(self) -> Any:
         v = self.param[self.index] if self.index is not None else self.param
-        return v * self.mask if self.mask is not None else v
+        if self.mask is None:
+            return v
+        return straight_through(v, self.mask) if self.rule is not None else v * self.mask
+
+    def refresh_mask(self, torch: Any) -> int:
+        """Recompute a learned mask from the current shadow; returns how many entries changed sides."""
+        if self.rule is None:
+            return 0
+        new = choose_mask(torch, self.param, self.rule)
+        changed = int((new != self.mask).sum()) // 2
+        self.mask = new
+        return changed
 
     def numpy(self) -> np.ndarray:
         return self.value().detach().cpu().numpy().astype(self.dtype).reshape(self.shape)
@@ -121,7 +137,7 @@ class TorchGraph:
     """The graph as a torch forward; ``weights`` are its trainable parameters (by ONNX name)."""
 
     def __init__(self, graph: gs.Graph, torch: Any, train: bool = True, masks: bool = True,
-                 codebooks: bool = True, learn_scales: bool = False) -> None:
+                 codebooks: bool = True, learn_scales: bool = False, learn_masks: bool = False) -> None:
         self.torch = torch
         self.graph = graph
         self.nodes = [n for n in topo_order(graph) if n.op != "Constant"]
@@ -131,6 +147,7 @@ class TorchGraph:
         self.weights: dict[str, Weight] = {}
         self.unsupported: list[tuple[str, str]] = []
         slots: set[str] = set()
+        axes: dict[str, int | None] = {}  # a weight's reduction axis at its first consumer (learned N:M masks)
         for node in self.nodes:
             if node.op not in OPS and node.op not in MULTI_OUTPUT or (node.domain or "") not in ("", "ai.onnx"):
                 self.unsupported.append((node.op, node.name))
@@ -142,11 +159,14 @@ class TorchGraph:
                     continue
                 if train and is_weight_slot(node, i, v):
                     slots.add(t.name)
+                    axes[t.name] = reduction_axis(node.op, i, node.attrs, v.ndim)
                 self.consts[t.name] = v
         for name in list(self.consts):
             v = self.consts[name]
             if name in slots:
                 self.weights[name] = self._weight(name, v, masks, codebooks)
+                if learn_masks and masks and axes.get(name) is not None:
+                    self._learn_mask(self.weights[name], v, axes[name])
                 del self.consts[name]
             else:
                 self.consts[name] = torch.from_numpy(np.array(v))
@@ -176,6 +196,21 @@ class TorchGraph:
                 idx = torch.from_numpy(inv.reshape(f.shape).astype(np.int64))
                 return Weight(name, v.dtype, v.shape, p, mask, idx)
         return Weight(name, v.dtype, v.shape, torch.nn.Parameter(torch.from_numpy(f.copy())), mask)
+
+    def _learn_mask(self, w: Weight, v: np.ndarray, axis: int | None) -> None:
+        """Give a pruned weight a learned mask (its shadow is the plain parameter; codebook weights keep theirs)."""
+        rule = rule_for(np.asarray(v, dtype=np.float32), axis) if w.index is None and w.mask is not None else None
+        if rule is not None:
+            w.rule = rule
+
+    def refresh_masks(self) -> int:
+        """Recompute every learned mask from its shadow; the number of entries that changed sides."""
+        return sum(w.refresh_mask(self.torch) for w in self.weights.values())
+
+    @property
+    def learned_masks(self) -> dict[str, str]:
+        """Weight name -> its learned mask rule (``2:4``, ``top-k``)."""
+        return {n: w.rule.describe() for n, w in self.weights.items() if w.rule is not None}
 
     def parameters(self, names: set[str] | None = None) -> list:
         return [w.param for n, w in self.weights.items()

@@ -115,8 +115,11 @@ class Trainer:
         self.graph, self.ctx, self.opts = graph, ctx, opts
         torch.manual_seed(int(ctx.rng("distill-train-torch").integers(0, 2**31 - 1)))
         self.rng = ctx.rng("distill-train")
+        learn_masks = bool(getattr(opts, "learn_masks", False))
         self.tg = TorchGraph(graph, torch, masks=opts.masks, codebooks=True,
-                             learn_scales=bool(opts.learn_scales))
+                             learn_scales=bool(opts.learn_scales), learn_masks=learn_masks)
+        self.mask_every = max(1, int(getattr(opts, "mask_every", 20)))
+        self.mask_flips = 0  # entries that changed sides over the whole run (learned masks)
         self.kinds = loss_kinds(student_model, opts.loss)
         self.probs = prob_outputs(student_model)
         self.teacher = teacher
@@ -220,8 +223,12 @@ class Trainer:
             aug = self.check_augment(aug, train, forward, targets, features, desc)
         pool = token_pool(train) if "swap" in aug else None
 
+        learned = bool(self.tg.learned_masks)
+
         def held_loss() -> tuple[float, float]:
             """The held-out loss and its standard error (spread of the minibatch losses / sqrt(count))."""
+            if learned:  # the mask evaluated is M(P) of the P that may be kept as the best
+                self.mask_flips += self.tg.refresh_masks()
             with torch.no_grad():
                 parts = [float(self.batch_loss(held[i:i + opts.batch], forward, targets, features))
                          for i in range(0, len(held), opts.batch)]
@@ -263,6 +270,8 @@ class Trainer:
             value.backward()
             opt.step()
             done = step
+            if learned and step % self.mask_every == 0:
+                self.mask_flips += self.tg.refresh_masks()
             train_losses.append(float(value.detach()))
             log.debug("%s: step %d train loss %.5f", desc, step, train_losses[-1])
             now = time.perf_counter()
@@ -287,6 +296,8 @@ class Trainer:
                         with torch.no_grad():
                             for p, v in zip(params, best_state or start_state, strict=True):
                                 p.copy_(v)
+                        if learned:
+                            self.tg.refresh_masks()
                         opt.state.clear()
                         lr_scale, backoffs = lr_scale * 0.5, backoffs + 1
                         log.info("%s: held-out loss rose: back to the best weights, lr x %.3g", desc, lr_scale)
@@ -297,6 +308,8 @@ class Trainer:
             with torch.no_grad():
                 for p, v in zip(params, best_state, strict=True):
                     p.copy_(v)
+        if learned:  # the masks of the weights kept (the best, or the last state when nothing improved)
+            self.tg.refresh_masks()
         return {"steps": done, "stopped_by": stop, "seconds": round(time.perf_counter() - t0, 1),
                 "cpu_seconds": round(time.process_time() - c0, 1),
                 "heldout_loss_start": round(start, 6), "heldout_loss_best": round(best, 6),
@@ -322,6 +335,7 @@ class Trainer:
         features = self.feature_tensors()
         train, held = self.split(feeds)
         want = list(self.kinds) + features
+        masks0 = {n: w.mask.clone() for n, w in self.tg.weights.items() if w.rule is not None}
         with Session(teacher_view(self.teacher, features), what="teacher") as t_sess:
             self.batchable = self.stackable(t_sess, feeds[0])
 
@@ -339,6 +353,18 @@ class Trainer:
             total = max(1, sum(v.size for v in before.values()))
             stats["fake_quant"] = {**self.tg.quant_stats, "integers_changed": moved,
                                    "integers_changed_share": round(moved / total, 5)}
+        learned = self.tg.learned_masks
+        if learned:
+            patterns: dict[str, int] = {}
+            for rule in learned.values():
+                kind = "unstructured" if rule.startswith("top-") else rule
+                patterns[kind] = patterns.get(kind, 0) + 1
+            kept = self.tg.weights
+            swapped = sum(int((kept[n].mask != m).sum()) // 2 for n, m in masks0.items()) if written else 0
+            total = sum(int(m.sum()) for m in masks0.values())
+            stats["learned_masks"] = {"weights": len(learned), "patterns": patterns, "every": self.mask_every,
+                                      "swaps_during_training": self.mask_flips, "swapped": swapped,
+                                      "swapped_share": round(swapped / max(total, 1), 5)}
         return {"mode": "train", **stats, "weights_trained": len(self.tg.weights), "weights_written": written,
                 "features": len(features), "losses": {k: v[0] for k, v in self.kinds.items()},
                 "batched": self.batchable, "train_feeds": len(train), "heldout_feeds": len(held)}
