@@ -86,6 +86,26 @@ def partition(tg: TorchGraph, teacher_names: set[str], n_blocks: int) -> list[Bl
     return blocks
 
 
+def last_boundary(tg: TorchGraph, teacher_names: set[str]) -> list[str]:
+    """The weight-dependent tensors live just after the student's last weighted node, when they all exist in the
+    teacher and are not graph outputs (MiniLM: the last LayerNorm's per-token hidden states, before the pooling);
+    else []. One pass over the nodes."""
+    nodes = tg.nodes
+    weighted = [k for k, node in enumerate(nodes) if any(t.name in tg.weights for t in node.inputs)]
+    if not weighted:
+        return []
+    k = weighted[-1]
+    later = {t.name for node in nodes[k + 1:] for t in node.inputs if t.name}
+    made = {t.name for node in nodes[: k + 1] for t in node.outputs if t.name}
+    live = sorted(x for x in made & later if x not in tg.outputs)
+    depends: set[str] = set()
+    for node in nodes[: k + 1]:
+        if any(t.name in tg.weights or t.name in depends for t in node.inputs):
+            depends.update(t.name for t in node.outputs if t.name)
+    dep = [x for x in live if x in depends]
+    return dep if dep and all(x in teacher_names for x in dep) else []
+
+
 def block_unsupported(tg: TorchGraph, b: Block) -> list[str]:
     return sorted({node.op for node in tg.nodes[b.start:b.end]
                    if (node.op not in OPS and node.op not in MULTI_OUTPUT)

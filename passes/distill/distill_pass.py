@@ -111,6 +111,9 @@ class Distill(Pass):
     temperature: float = option(2.0, "train: KL temperature on class scores")
     features: float = option(0.0, "train: weight of normalized-MSE matching at block boundaries shared with the "
                                    "teacher (0: outputs only)")
+    features_at: str = option("blocks", "train with features > 0: blocks (every block boundary shared with the "
+                                        "teacher) or last (only the tensors after the last weighted node: a "
+                                        "transformer's per-token hidden states before its pooling)")
     train_samples: int = option(0, "train: calibration feeds training draws from (0: samples); the refit keeps "
                                    "samples. The teacher labels every feed, so an unlabeled source larger than the "
                                    "refit's (a generator, a bigger file) gives training more distinct inputs")
@@ -157,6 +160,8 @@ class Distill(Pass):
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.temperature <= 0 or self.features < 0 or self.max_minutes <= 0 or self.patience < 1:
             raise ValueError("temperature and max_minutes must be > 0, features >= 0, patience >= 1")
+        if self.features_at not in ("blocks", "last"):
+            raise ValueError(f"features_at must be blocks or last, got {self.features_at!r}")
         if self.mask_every < 1:
             raise ValueError(f"mask_every must be >= 1, got {self.mask_every}")
         if self.learn_masks and not self.masks:

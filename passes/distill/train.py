@@ -167,9 +167,11 @@ class Trainer:
     def feature_tensors(self) -> list[str]:
         if self.opts.features <= 0:
             return []
-        from .blocks import partition
+        from .blocks import last_boundary, partition
 
         teacher_names = {v for n in self.teacher.graph.node for v in n.output}
+        if getattr(self.opts, "features_at", "blocks") == "last":
+            return [t for t in last_boundary(self.tg, teacher_names) if t not in self.kinds]
         cuts = partition(self.tg, teacher_names, self.opts.blocks or 8)
         names = [t for c in cuts for t in c.targets if t not in self.kinds]
         return list(dict.fromkeys(names))
