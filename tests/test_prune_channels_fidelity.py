@@ -170,7 +170,9 @@ def test_a_confidence_lower_bound_is_a_margin_below_the_measured_cosine(digits):
 
 
 def test_the_bootstrap_bound_of_identical_feeds_is_the_cosine_itself():
-    from onnxcompress.passes.prune_channels.fidelity_floor import lower_bound, worst_of
+    from onnxcompress.passes.prune_channels.fidelity_floor import lower_bound
+
+    from onnxcompress.output_cosine import worst_of
 
     rng = np.random.default_rng(0)
     same = np.tile(np.array([[[0.9, 1.0, 1.0]]]), (2, 16, 1))  # 2 outputs, 16 feeds with cosine 0.9 each

@@ -1,7 +1,8 @@
 """``min_fidelity``: the deepest channel cut whose measured fidelity holds (``prune-channels``).
 
 Fidelity of a cut: F = min over the float outputs o of cos_o = <y_o, y0_o> / (||y_o|| ||y0_o||), the sums taken
-over all held-out feeds (the cosine of ``onnxcompress.validate``, ORT numerics), y0 the outputs of the model the
+over all held-out feeds (``onnxcompress.output_cosine``, shared with ``prune-layers``; a non-finite output
+counts as 0; ORT numerics), y0 the outputs of the model the
 pass received and y those of the trial model (``sensitivity.removed_like_the_pass``: the chosen units zeroed and,
 with ``compensate``, their means moved into the biases — exactly the outputs of the cut graph). It is measured
 before any later ``distill``, which raises it again: the floor is conservative.
@@ -36,6 +37,7 @@ import numpy as np
 
 from onnxcompress.analyses.channel_groups import ChannelGroups
 from onnxcompress.data import FeedSet
+from onnxcompress.output_cosine import cosine_terms, worst_cosine, worst_of
 
 from . import allocation as plan_mod
 from .sensitivity import removed_like_the_pass
@@ -79,37 +81,6 @@ def held_out(feeds: FeedSet, used: int, n: int) -> tuple[list[dict], str, bool]:
         where += (f" (overlapping the first {used} that scored the channels: give at least "
                   f"{used + min(n, MIN_HELD_OUT)} calibration feeds for a held-out measurement)")
     return out, where, disjoint
-
-
-def cosine_terms(base: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> np.ndarray:
-    """(outputs, feeds, 3): <y, y0>, ||y0||^2, ||y||^2 of every float output on every feed (float64)."""
-    terms = []
-    for o in range(len(base[0])):
-        if not np.issubdtype(np.asarray(base[0][o]).dtype, np.floating):
-            continue
-        rows = []
-        for b, c in zip(base, cand, strict=True):
-            r64, c64 = np.asarray(b[o], np.float64).ravel(), np.asarray(c[o], np.float64).ravel()
-            rows.append((float(r64 @ c64), float(r64 @ r64), float(c64 @ c64)))
-        terms.append(rows)
-    return np.asarray(terms, dtype=np.float64).reshape(len(terms), len(base), 3)
-
-
-def worst_of(terms: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """min over outputs of the cosine over the feeds (``validate``'s cosine: 1 when both are 0, 0 when one is),
-    for each row of feed ``weights`` (B, feeds); without weights, once with every feed counted once."""
-    w = np.ones((1, terms.shape[1])) if weights is None else weights
-    sums = np.einsum("bn,onk->bok", w, terms)  # (B, outputs, 3)
-    dot, rr, cc = sums[..., 0], sums[..., 1], sums[..., 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.where((rr == 0) & (cc == 0), 1.0, np.where((rr == 0) | (cc == 0), 0.0, dot / np.sqrt(rr * cc)))
-    cos = np.where(np.isfinite(cos), cos, 0.0)
-    return cos.min(axis=1) if cos.shape[1] else np.ones(len(w))
-
-
-def worst_cosine(base: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float:
-    """min over float outputs of the cosine between ``cand`` and ``base`` over all feeds (0 when not finite)."""
-    return float(worst_of(cosine_terms(base, cand))[0])
 
 
 def lower_bound(terms: np.ndarray, confidence: float, rng: np.random.Generator, resamples: int = 400) -> float:

@@ -52,10 +52,11 @@ from onnxcompress.analyses.blocks import (
 from onnxcompress.analyses.blocks_graph import bypass_graph, bypass_model
 from onnxcompress.context import PassContext
 from onnxcompress.errors import BadInputError, PassError
+from onnxcompress.output_cosine import worst_cosine
 from onnxcompress.output_error import relative_output_error as output_error
 from onnxcompress.pass_base import Pass, PassResult, option, register
 
-from .trials import batch_feeds, block_influence, latency_ratio, output_cosine, run_outputs
+from .trials import batch_feeds, block_influence, latency_ratio, run_outputs
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +197,11 @@ class PruneLayers(Pass):
             for j in measured.tolist():
                 u = cands[j]
                 outs = run_outputs(bypass_model(current, [(u.entry, u.exit)]), batches)
-                err, cos = output_error(base, outs), output_cosine(base, outs)
+                err, cos = output_error(base, outs), worst_cosine(base, outs)
                 if not removed:
                     first[(u.kind, u.entry, u.exit)] = (bi[j], err, cos)
                 cost = (err - prev_err) / share[j]  # per_mac: the error this removal adds, per MAC share
+                cost = cost if np.isfinite(cost) else np.inf  # a non-finite output is the worst, never kept
                 if best is None or cost < best[4]:
                     best = (u, err, cos, share[j], cost)
             u, err, cos, sh, _ = best

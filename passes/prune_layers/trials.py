@@ -1,8 +1,9 @@
 """Measurements of ``prune-layers``: output change of single-unit bypass trials, the block-influence proxy, latency.
 
 Output change of a trial: ``onnxcompress.output_error.relative_output_error`` against the outputs y0 of the model
-the pass received, over the calibration feeds (the measure prune-channels' sensitivity uses too). ``output_cosine``:
-the worst output's cosine <y, y0> / (||y|| ||y0||) over all feeds (``min_fidelity``).
+the pass received, over the calibration feeds (the measure prune-channels' sensitivity uses too). Fidelity
+(``min_fidelity``): ``onnxcompress.output_cosine.worst_cosine``, the worst output's cosine <y, y0> / (||y|| ||y0||)
+pooled over all feeds, a non-finite output counting as 0 (the measure prune-channels' floor uses).
 
 Shared runs: feeds whose shapes agree are concatenated along the batch axis when every model input has a symbolic
 first dim (``batch_feeds``), so a trial is one session and a few runs, not one run per feed.
@@ -55,22 +56,6 @@ def batch_feeds(feeds: list[dict], model: onnx.ModelProto, max_batch: int = 16) 
 def run_outputs(model: onnx.ModelProto, feeds: list[dict]) -> list[Outputs]:
     with Session(model, what="prune-layers trial") as s:
         return [s.run(f) for f in feeds]
-
-
-def output_cosine(base: list[Outputs], cand: list[Outputs]) -> float:
-    worst = 1.0
-    for o in range(len(base[0])):
-        if not np.issubdtype(np.asarray(base[0][o]).dtype, np.floating):
-            continue
-        dot = rr = cc = 0.0
-        for b, c in zip(base, cand, strict=True):
-            r64, c64 = b[o].astype(np.float64).ravel(), c[o].astype(np.float64).ravel()
-            dot, rr, cc = dot + float(r64 @ c64), rr + float(r64 @ r64), cc + float(c64 @ c64)
-        if rr > 0 and cc > 0:
-            worst = min(worst, dot / np.sqrt(rr * cc))
-        elif rr != cc:
-            worst = 0.0
-    return float(worst)
 
 
 def block_influence(model: onnx.ModelProto, pairs: list[tuple[str, str]], feeds: list[dict]) -> list[float]:
