@@ -99,6 +99,11 @@ VARIANTS: dict[str, str] = {
     "qat-lr1e-4": "cleanup,quantize,distill{mode=train lr=1e-4 steps=400 eval_every=10 max_minutes=8}",
     "qat-data": "cleanup,quantize{calibration_samples=CALIB eval_samples=EVAL},"
                 "distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
+    "qat-lines": "cleanup,quantize,distill{mode=train train_data=POOL train_samples=NPOOL lr=2e-4 steps=100000 "
+                 "eval_every=20 patience=6 max_minutes=MINUTES augment=none}",
+    "refit+qat-lines": "cleanup,quantize{weight_rounding=refit},distill{mode=train train_data=POOL "
+                       "train_samples=NPOOL lr=2e-4 steps=100000 eval_every=20 patience=6 max_minutes=MINUTES "
+                       "augment=none}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),
@@ -106,6 +111,12 @@ VARIANTS: dict[str, str] = {
 #: draws from all (the teacher labels them)
 N_TRAIN = 256
 MORE_DATA = {"qat-data", "refit-data"}
+#: variants whose training draws from a pool of distinct generated inputs (``train_pool``, disjoint from the
+#: calibration and evaluation feeds: ``POOL``): ``NPOOL`` trained on, ``N_POOL_HELD`` more watched by the early
+#: stopping (distill's ``heldout=pool``); ``MINUTES`` of training
+N_POOL = int(os.environ.get("INT8_MARGINS_POOL", "2000"))
+N_POOL_HELD = 64
+QAT_MINUTES = float(os.environ.get("INT8_MARGINS_QAT_MINUTES", "20"))
 #: calibration / evaluation feeds per set (2 shared cores: modest counts)
 N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16,
            "efficientnet_lite2": 32}
@@ -122,7 +133,7 @@ HARD_FONTS = (
     "DejaVuSans-ExtraLight.ttf", "DejaVuSerifCondensed.ttf", "DejaVuSansCondensed-Oblique.ttf",
 )
 HARD_SIZES = (11, 22)
-_SPLIT_SEED = {"calib": 0, "eval": 1}
+_SPLIT_SEED = {"calib": 0, "eval": 1, "attr": 2}
 
 
 def _font(file: str, size: int):
@@ -338,9 +349,33 @@ def train_feeds(spec: ModelSpec, calib: list[Feed], n: int) -> list[Feed]:
     return calib + extra
 
 
-def _pipeline(variant: str, n_calib: int = 0) -> str:
+def train_pool(spec: ModelSpec, n_calib: int, n: int) -> list[Feed]:
+    """``n`` calibration-split feeds after the ``n_calib`` calibration ones (``eval_sets``), of the same kinds
+    alternating (rec: easy, hard; MiniLM: sentences, long inputs): distinct inputs for training."""
+    if spec.name == "ppocrv4_rec":
+        k, h = n_calib - n_calib // 2, n_calib // 2
+        a = spec.make_inputs(k + n - n // 2, "calib")[k:]
+        b = hard_lines(h + n // 2, "calib")[0][h:]
+    elif spec.name.startswith("minilm"):
+        k, h = n_calib - n_calib // 2, n_calib // 2
+        a = spec.make_inputs(k + n - n // 2, "calib")[k:]
+        b = long_sentences(h + n // 2, "calib")[h:]
+    else:
+        return spec.make_inputs(n_calib + n, "calib")[n_calib:]
+    return [f for pair in zip(a, b, strict=False) for f in pair] + a[len(b):]
+
+
+def write_pool(feeds: list[Feed], path: Path) -> Path:
+    """The feeds as one .npz (every input stacked on a new first axis, as ``--calib`` reads it)."""
+    np.savez(path, **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
+    return path
+
+
+def _pipeline(variant: str, n_calib: int = 0, pool: Path | None = None) -> str:
     """The variant's pipeline text."""
-    return VARIANTS[variant].replace("CALIB", str(n_calib)).replace("EVAL", str(min(32, n_calib)))
+    text = VARIANTS[variant].replace("CALIB", str(n_calib)).replace("EVAL", str(min(32, n_calib)))
+    return (text.replace("NPOOL", str(N_POOL)).replace("POOL", str(pool)).replace("MINUTES", str(QAT_MINUTES))
+            if pool is not None else text)
 
 
 def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelSpec | None = None
@@ -349,6 +384,9 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelS
     n_calib = len(calib)
     if variant in MORE_DATA and spec is not None:
         calib = train_feeds(spec, calib, N_TRAIN)
+    pool = None
+    if "POOL" in VARIANTS[variant] and spec is not None:
+        pool = write_pool(train_pool(spec, n_calib, N_POOL + N_POOL_HELD), out.with_suffix(".pool.npz"))
     t0 = time.perf_counter()
     load = [round(v, 2) for v in os.getloadavg()]
     if VARIANTS[variant] == "ort":
@@ -361,7 +399,7 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelS
 
     try:
         with PeakRSS() as mem:
-            result = compress(fp32, _pipeline(variant, n_calib), calibration=calib, validate=False, measure=False)
+            result = compress(fp32, _pipeline(variant, n_calib, pool), calibration=calib, validate=False, measure=False)
     except Exception as exc:  # a failing variant becomes its row's error
         return {"tool_seconds": time.perf_counter() - t0, "error": anchors.first_line(exc), "load": load}
     io.save_model(result.model, out)
@@ -374,7 +412,8 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelS
     if train:
         kept["train"] = {k: train.get(k) for k in (
             "steps", "stopped_by", "seconds", "cpu_seconds", "heldout_loss_start", "heldout_loss_best", "improved",
-            "backoffs", "lr_final", "fake_quant", "losses", "train_feeds", "heldout_feeds", "loss_history")}
+            "backoffs", "lr_final", "fake_quant", "losses", "train_feeds", "heldout_feeds", "loss_history",
+            "train_source")}
     return {"tool_seconds": time.perf_counter() - t0, "error": None, "stats": kept, "peak_rss_mb": round(mem.peak),
             "load": load + [round(v, 2) for v in os.getloadavg()]}
 
@@ -452,6 +491,151 @@ def _weight_bytes(path: Path) -> int:
     from onnxcompress import io
 
     return io.weight_bytes(io.read_model(path))
+
+
+# ------------------------------------------------------------------------------------ task-metric attribution (rec)
+#: numbers of activation roundings taken out (the largest leave-one-out gains first) at which the held-out hard
+#: lines are scored and the model timed
+ATTR_TOPS = (1, 2, 4, 8, 16, 32)
+REGIONS = ("backbone", "neck-in", "svtr", "neck-out", "head")
+
+
+def rec_regions(model: Any) -> dict[str, str]:
+    """Output tensor -> region of PP-OCRv4 rec (SVTR-LCNet) by graph position: ``svtr`` (the LayerNorm / attention
+    / MLP blocks: after the last Conv before the first ReduceMean or LayerNormalization, up to the next Conv after
+    the last one), ``neck-in`` (from the last pooling node before them: pool and Convs), ``neck-out`` (the Convs
+    after them), ``head`` (after the last Conv: its activation and the CTC projection), ``backbone`` (before)."""
+    nodes = list(model.graph.node)
+    norm = [i for i, n in enumerate(nodes) if n.op_type in ("ReduceMean", "LayerNormalization")]
+    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    pools = [i for i, n in enumerate(nodes) if n.op_type in ("AveragePool", "MaxPool") and i < norm[0]]
+    svtr0 = max(c for c in convs if c < norm[0]) + 1
+    neck0 = pools[-1] if pools else svtr0
+    svtr1, last_conv = min(c for c in convs if c > max(norm)) - 1, max(convs)
+
+    def region(i: int) -> str:
+        if i > last_conv:
+            return "head"
+        if i > svtr1:
+            return "neck-out"
+        if i >= svtr0:
+            return "svtr"
+        return "neck-in" if i >= neck0 else "backbone"
+
+    return {o: region(i) for i, n in enumerate(nodes) for o in n.output}
+
+
+def rec_scores(model: Any, feeds: list[Feed], ref: list[str], batch: int = 16) -> dict[str, float]:
+    """String agreement and CER of ``model``'s greedy CTC strings against ``ref`` (FP32's) on ``feeds``, run
+    ``batch`` lines at a time (1 thread)."""
+    from onnxcompress.runtime import Session
+
+    outs: list[Outputs] = []
+    with Session(model, threads=1, what="candidate") as s:
+        for i in range(0, len(feeds), batch):
+            y = np.asarray(s.run({"x": np.concatenate([f["x"] for f in feeds[i : i + batch]])})[0])
+            outs += [[y[j : j + 1]] for j in range(y.shape[0])]
+    hyp = rec_strings(outs)
+    return {"agreement": float(np.mean([a == b for a, b in zip(ref, hyp, strict=True)])),
+            "cer_vs_fp32": cer(ref, hyp)}
+
+
+def attribute(spec: ModelSpec, budget_s: float, pipeline: str = "cleanup,quantize", n_rank: int = 64
+              ) -> dict[str, Any]:
+    """Where the int8 model's hard-line damage comes from, scored on the task metric: each activation rounding
+    taken out alone (``error_sources.without_rounding``; leave-one-out, ranked on ``n_rank`` hard lines of a third
+    seed), then the largest ``k`` taken out together, each region's roundings taken out, each region's alone kept,
+    and every one taken out (only the weights int8), scored on the held-out evaluation hard lines."""
+    from onnxcompress.passes.quantize.error_sources import activation_roundings, without_rounding
+
+    from benchmarks.fetch import cache_dir
+    from onnxcompress import io
+    from onnxcompress.api import compress
+
+    t0 = time.perf_counter()
+    fp32 = Path(spec.fetch(cache_dir()))
+    calib, sets = eval_sets(spec)
+    held, _ = sets["hard"]
+    rank, _ = hard_lines(n_rank, "attr")
+    f32 = io.read_model(fp32)
+    ref = {k: rec_strings([[o] for o in _rec_batched(f32, feeds)]) for k, feeds in (("rank", rank), ("held", held))}
+    q = compress(fp32, pipeline, calibration=calib, validate=False, measure=False).model
+    tool = time.perf_counter() - t0
+    roundings = activation_roundings(q)
+    where = rec_regions(q)
+    region = {t: where.get(t, "backbone") for t in roundings}
+    base = {"rank": rec_scores(q, rank, ref["rank"]), "held": rec_scores(q, held, ref["held"])}
+    loo = {}
+    for t in roundings:
+        sc = rec_scores(without_rounding(q, {t}), rank, ref["rank"])
+        loo[t] = {"agreement_gain": sc["agreement"] - base["rank"]["agreement"],
+                  "cer_gain": base["rank"]["cer_vs_fp32"] - sc["cer_vs_fp32"], "region": region[t]}
+    order = sorted(roundings, key=lambda t: (-loo[t]["cer_gain"], -loo[t]["agreement_gain"]))
+    rec: dict[str, Any] = {"model": spec.name, "pipeline": pipeline, "commit": _commit(), "n_rank": n_rank,
+                           "n_held": len(held), "roundings": len(roundings), "quantize_seconds": round(tool, 1),
+                           "base": base, "loo": loo, "order": order, "points": [],
+                           "regions": {r: sum(v == r for v in region.values()) for r in REGIONS},
+                           "load": [round(v, 2) for v in os.getloadavg()]}
+    cands: dict[str, Any] = {"int8": q, "weights-only": without_rounding(q, set(roundings))}
+    for k in ATTR_TOPS:
+        if k <= len(order):
+            cands[f"top-{k}"] = without_rounding(q, set(order[:k]))
+    for r in REGIONS:
+        inside = {t for t in roundings if region[t] == r}
+        if inside:
+            cands[f"{r} float"] = without_rounding(q, inside)
+            cands[f"only {r} int8"] = without_rounding(q, set(roundings) - inside)
+    with tempfile.TemporaryDirectory(prefix="attr-") as tmp:
+        paths = {}
+        for name, m in cands.items():
+            paths[name] = Path(tmp) / f"{len(paths)}.onnx"
+            io.save_model(m, paths[name])
+            rec["points"].append({"name": name, **rec_scores(m, held, ref["held"]),
+                                  "taken_out": len(roundings) if name == "weights-only" else
+                                  int(name.split("-")[1]) if name.startswith("top-") else None})
+        rec["latency_load"] = [round(v, 2) for v in os.getloadavg()]
+        lat = measure.latency_ratios({"fp32": fp32, **paths}, "fp32", held[0], threads=1, budget_s=budget_s)
+    for pt in rec["points"]:
+        pt["latency_ratio"] = lat[pt["name"]]["ratio"]
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    return rec
+
+
+def _rec_batched(model: Any, feeds: list[Feed], batch: int = 16) -> list[np.ndarray]:
+    """The first output of ``model`` on every feed (one line each), run ``batch`` at a time."""
+    from onnxcompress.runtime import Session
+
+    outs = []
+    with Session(model, threads=1, what="fp32") as s:
+        for i in range(0, len(feeds), batch):
+            y = np.asarray(s.run({"x": np.concatenate([f["x"] for f in feeds[i : i + batch]])})[0])
+            outs += [y[j : j + 1] for j in range(y.shape[0])]
+    return outs
+
+
+def _attribution_lines(at: dict[str, Any]) -> list[str]:
+    """Markdown of one ``attribute`` record."""
+    b = at["base"]
+    lines = [f"## Where the hard-line damage enters: {at['model']}, scored on the task metric", "",
+             f"`python -m benchmarks.int8_margins --attribute` (`{at['pipeline']}`); code at {at.get('commit') or '?'};"
+             f" {at['roundings']} activation roundings ({', '.join(f'{r} {n}' for r, n in at['regions'].items())}); "
+             f"each taken out alone (its Q -> DQ removed, the rest of the int8 model unchanged: "
+             f"`error_sources.without_rounding`) and ranked by the CER-vs-FP32 gain on {at['n_rank']} hard lines of a "
+             f"third seed (int8 there: agreement {b['rank']['agreement']:.3f}, CER {b['rank']['cer_vs_fp32']:.3f});"
+             f" the rows are scored on the {at['n_held']} held-out evaluation hard lines (the table's `hard` set) "
+             f"and timed with FP32 in one interleaved call (1 thread, load {_load(at.get('latency_load'))}); "
+             f"{at['seconds']:.0f} s in all. `top-k`: the k largest leave-one-out gains taken out together; "
+             "`<region> float`: every rounding of the region taken out; `only <region> int8`: every rounding but the "
+             "region's taken out; `weights-only`: every activation rounding taken out.", "",
+             "| point | roundings taken out | latency | hard: agreement | hard: cer_vs_fp32 |", "|---|---|---|---|---|"]
+    for p in at["points"]:
+        lines.append(f"| {p['name']} | {p['taken_out'] if p['taken_out'] is not None else '—'} | "
+                     f"{_f(p.get('latency_ratio'), '{:.2f}x')} | {p['agreement']:.3f} | {p['cer_vs_fp32']:.3f} |")
+    top = at["order"][:12]
+    lines += ["", "Largest leave-one-out gains (rank set; agreement / CER points): " + ", ".join(
+        f"`{t}` ({at['loo'][t]['region']}) {at['loo'][t]['agreement_gain']:+.3f} / "
+        f"{at['loo'][t]['cer_gain']:+.3f}" for t in top), ""]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ mixed-precision frontier
@@ -745,6 +929,8 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
             lines.append(f"| {c['cin']}, {c['cout']}, {c['hw']}x{c['hw']}, {c['group']}, {c['k']} | "
                          f"{r['uint8']:.2f}x | {r['uint16']:.2f}x |")
         lines.append("")
+    for at in meta.get("attribution", []):
+        lines += _attribution_lines(at)
     for fr in fronts or []:
         lines += _frontier_lines(fr)
     return "\n".join(lines) + "\n"
@@ -846,6 +1032,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frontier-options", default="", help="quantize options of the frontier runs")
     ap.add_argument("--frontier-unit", choices=("layer", "rounding"), default="layer",
                     help="what one greedy pick keeps float: a layer, or every layer around one activation rounding")
+    ap.add_argument("--attribute", action="store_true",
+                    help="PP-OCRv4 rec only: where the int8 model's hard-line damage enters, scored on the task metric")
+    ap.add_argument("--attribute-pipeline", default="cleanup,quantize", help="the int8 model --attribute explains")
     ap.add_argument("--explain", type=int, default=0,
                     help="for the default variant: the N activation roundings costing most (error_sources)")
     args = ap.parse_args(argv)
@@ -861,6 +1050,13 @@ def main(argv: list[str] | None = None) -> int:
         md_path.write_text(render(old["records"], old["meta"], old.get("frontier")))
         return 0
     specs = load_specs()
+    if args.attribute:
+        at = attribute(specs["ppocrv4_rec"], args.latency_budget, args.attribute_pipeline)
+        old["meta"]["attribution"] = [a for a in old["meta"].get("attribution", [])
+                                      if a["pipeline"] != at["pipeline"]] + [at]
+        json_path.write_text(json.dumps(old, indent=1, default=_json_default))
+        md_path.write_text(render(old["records"], old["meta"], old.get("frontier")))
+        return 0
     if args.frontier:
         fronts = {r["model"] + ("" if r.get("unit", "layer") == "layer" else "/" + r["unit"]): r
                   for r in old.get("frontier", [])}

@@ -84,3 +84,62 @@ def test_frontier_record_renders_each_point_and_pick():
     assert "--frontier 40" in text and "--frontier-unit rounding" in text
     assert "| greedy-1r | 2 | 0.47x | +0.004 | 0.27x | 24.7 | 0.9948 | 0.922 |" in text
     assert "1. `/Clip_output_0`: +8.00 dB for +0.004" in text and "`/Clip_output_0` +5.28 (+0.004)" in text
+
+
+def test_train_pool_is_distinct_from_calibration_alternates_kinds_and_reads_back(tmp_path):
+    import onnx
+    from onnx import helper
+
+    from benchmarks.int8_margins import hard_lines, train_pool, write_pool
+    from benchmarks.run import load_specs
+    from onnxcompress.data import load_feeds
+
+    spec = load_specs()["ppocrv4_rec"]
+    try:
+        pool = train_pool(spec, 4, 6)
+        hard_calib, _ = hard_lines(2, "calib")
+    except OSError as exc:  # no DejaVu fonts on this machine
+        pytest.skip(f"fonts missing: {exc}")
+    easy_calib = spec.make_inputs(2, "calib")
+    assert len(pool) == 6 and all(f["x"].shape == (1, 3, 48, 320) for f in pool)
+    seen = [f["x"].tobytes() for f in easy_calib + hard_calib]
+    assert not {f["x"].tobytes() for f in pool} & set(seen)
+    # easy, hard, easy, ...: the next hard lines of the calibration seed after the 2 calibration ones
+    assert np.array_equal(pool[1]["x"], hard_lines(3, "calib")[0][2]["x"])
+    assert np.array_equal(pool[0]["x"], spec.make_inputs(3, "calib")[2]["x"])
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 48, "w"])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3, 48, "w"])])
+    back = list(load_feeds(write_pool(pool, tmp_path / "pool.npz"), helper.make_model(g)))
+    assert len(back) == 6 and all(np.array_equal(a["x"], b["x"]) for a, b in zip(back, pool, strict=True))
+
+
+def test_rec_regions_split_the_graph_at_pool_norms_and_last_conv():
+    import onnx
+    from onnx import helper
+
+    from benchmarks.int8_margins import rec_regions
+
+    ops = [("Conv", "c0"), ("AveragePool", "p"), ("Conv", "c1"), ("Transpose", "t"), ("ReduceMean", "m0"),
+           ("MatMul", "a"), ("ReduceMean", "m1"), ("Div", "ln"), ("Conv", "c2"), ("Conv", "c3"), ("Mul", "act"),
+           ("MatMul", "fc")]
+    nodes = [helper.make_node(op, ["x" if i == 0 else ops[i - 1][1]], [out]) for i, (op, out) in enumerate(ops)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("fc", onnx.TensorProto.FLOAT, None)])
+    r = rec_regions(helper.make_model(g))
+    assert [r[o] for _, o in ops] == ["backbone", "neck-in", "neck-in", "svtr", "svtr", "svtr", "svtr", "svtr",
+                                      "neck-out", "neck-out", "head", "head"]
+
+
+def test_attribution_record_renders_its_points():
+    from benchmarks.int8_margins import _attribution_lines
+
+    at = {"model": "ppocrv4_rec", "pipeline": "cleanup,quantize", "commit": "abc", "roundings": 3,
+          "regions": {"backbone": 2, "head": 1}, "n_rank": 64, "n_held": 64, "seconds": 100.0,
+          "latency_load": [2.0, 2.1, 2.2],
+          "base": {"rank": {"agreement": 0.25, "cer_vs_fp32": 0.2}, "held": {"agreement": 0.27, "cer_vs_fp32": 0.24}},
+          "points": [{"name": "top-1", "taken_out": 1, "latency_ratio": 0.42, "agreement": 0.5, "cer_vs_fp32": 0.1}],
+          "order": ["t1"], "loo": {"t1": {"region": "head", "agreement_gain": 0.125, "cer_gain": 0.05}}}
+    text = "\n".join(_attribution_lines(at))
+    assert "| top-1 | 1 | 0.42x | 0.500 | 0.100 |" in text
+    assert "`t1` (head) +0.125 / +0.050" in text and "backbone 2, head 1" in text

@@ -123,6 +123,8 @@ class QuantWeight:
     torch: Any = None
     mask: Any = None
     index: Any = None
+    #: no learned sparsity mask (``torch_interpreter.Weight.rule``: the trainer asks every trainable value)
+    rule: Any = None
 
     def value(self) -> Any:
         return self.torch.clamp(round_ste(self.torch, self.param / self.scale()) + self.zero, self.lo, self.hi)
@@ -144,6 +146,7 @@ class ScaleValue:
     dtype: np.dtype = np.dtype(np.float32)
     mask: Any = None
     index: Any = None
+    rule: Any = None  # as ``QuantWeight.rule``
 
     def value(self) -> Any:
         return self.fn()
