@@ -125,3 +125,44 @@ def test_learn_masks_needs_masks():
         Distill(learn_masks=True, masks=False)
     with pytest.raises(ValueError, match="mask_every"):
         Distill(mask_every=0)
+
+
+def test_pipeline_keeps_two_of_four_along_each_reduction_axis():
+    """prune-weights 2:4 then training with learned masks on the bundled CNN: every pruned Conv / Gemm weight is
+    still 2:4 along the axis its node sums over (Conv: input channels; Gemm transB: axis 1), same non-zero count,
+    and ORT runs the result."""
+    from pathlib import Path
+
+    from onnxcompress.manager import PassManager
+    from onnxcompress.pipeline import parse_pipeline
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    model = onnx.load(models / "digits_cnn.onnx")
+
+    def run(pipeline):
+        ctx = PassContext(calibration=load_feeds(str(models / "digits_calib.npz"), model), seed=0)
+        return PassManager(parse_pipeline(pipeline)).run(model, ctx)
+
+    prune = "cleanup,prune-weights{pattern=2:4 score=magnitude}"
+    pruned = run(prune).model
+    res = run(f"{prune},distill{{mode=train learn_masks=true mask_every=2 steps=12 batch=8 eval_every=4 "
+              "samples=64 lr=1e-2}")
+    stats = next(r.pass_stats for r in res.ledger if r.stage.startswith("distill"))["train"]
+    assert stats["improved"] and stats["learned_masks"]["patterns"] == {"2:4": 3}
+    before = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    axes = {n.input[1]: (1 if n.op_type == "Conv" else int(next((a.i for a in n.attribute if a.name == "transB"), 0)))
+            for n in res.model.graph.node if n.op_type in ("Conv", "Gemm")}
+    checked = 0
+    for name, w in before.items():
+        if (w == 0).mean() < 0.4:
+            continue
+        moved = np.moveaxis(after[name] != 0, axes[name], -1)
+        groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // 4, 4).sum(-1)
+        assert groups.max() <= 2 and int((after[name] != 0).sum()) == int((w != 0).sum()), name
+        assert not np.array_equal(after[name], w)
+        checked += 1
+    assert checked == 3
+    x = np.load(models / "digits_val.npz")["image"][:8]
+    (out,) = ort_run(res.model, {"image": x})
+    assert np.isfinite(out).all()
