@@ -205,12 +205,12 @@ class TorchGraph:
 
     def refresh_masks(self) -> int:
         """Recompute every learned mask from its shadow; the number of entries that changed sides."""
-        return sum(w.refresh_mask(self.torch) for w in self.weights.values())
+        return sum(w.refresh_mask(self.torch) for w in self.weights.values() if getattr(w, "rule", None))
 
     @property
     def learned_masks(self) -> dict[str, str]:
         """Weight name -> its learned mask rule (``2:4``, ``top-k``)."""
-        return {n: w.rule.describe() for n, w in self.weights.items() if w.rule is not None}
+        return {n: w.rule.describe() for n, w in self.weights.items() if getattr(w, "rule", None) is not None}
 
     def parameters(self, names: set[str] | None = None) -> list:
         return [w.param for n, w in self.weights.items()

@@ -337,7 +337,7 @@ class Trainer:
         features = self.feature_tensors()
         train, held = self.split(feeds)
         want = list(self.kinds) + features
-        masks0 = {n: w.mask.clone() for n, w in self.tg.weights.items() if w.rule is not None}
+        masks0 = {n: w.mask.clone() for n, w in self.tg.weights.items() if getattr(w, "rule", None) is not None}
         with Session(teacher_view(self.teacher, features), what="teacher") as t_sess:
             self.batchable = self.stackable(t_sess, feeds[0])
 
