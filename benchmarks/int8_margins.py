@@ -43,7 +43,19 @@ float model's measured latency), ``greedy-25dB`` (``... min_sqnr_db=25 max_laten
 target with ``sensitivity=greedy_cost``). Ninth session: ``refit`` (``weight_rounding=refit``: each layer refit
 to the float layer's output on its int8-model input, ``passes.quantize.refit``), ``refit-data`` (the same on
 ``N_TRAIN`` calibration feeds; the ranges from the usual ones), ``streq`` (``stream_equalization=true``) and
-``distill`` (``quantize,distill``: distill's layer-wise refit of the QDQ graph).
+``distill`` (``quantize,distill``: distill's layer-wise refit of the QDQ graph). Tenth session: ``qat-lines``
+(quantization-aware distillation at data scale: ``distill{mode=train}`` on the QDQ graph drawing from ``N_POOL``
+distinct generated inputs, ``train_pool``: rec half easy, half hard lines, disjoint from the calibration and
+evaluation ones, ``N_POOL_HELD`` more watching the early stopping; KL on the CTC softmax, ``QAT_MINUTES`` of
+training, 1 thread), ``qat-lines-lr5e-4`` (the same at a higher learning rate) and ``refit+qat-lines`` (the same
+from ``weight_rounding=refit``); PP-OCRv4 rec only: ``rec-stem-float`` (``exclude`` its stem Conv and the depthwise
+Conv after it: the rounding between them holds most of the hard-line damage, ``--attribute``) and
+``rec-stem-float+qat-lines``.
+
+``--attribute`` (PP-OCRv4 rec) says where the default int8 model's hard-line damage enters, on the task metric
+(``attribute``): each activation rounding taken out alone, ranked on hard lines of a third seed, then the largest
+k taken out together, each region's roundings (``rec_regions``), and the weights alone, scored on the held-out
+evaluation hard lines and timed.
 
 ``--frontier N`` (with ``--frontier-unit layer|rounding``) measures the mixed-precision frontier instead: one
 calibration, the greedy path of ``passes.quantize.float_frontier`` (at most N float layers) and the leave-one-out
@@ -101,6 +113,14 @@ VARIANTS: dict[str, str] = {
                 "distill{mode=train lr=1e-3 steps=400 eval_every=10 max_minutes=8}",
     "qat-lines": "cleanup,quantize,distill{mode=train train_data=POOL train_samples=NPOOL lr=2e-4 steps=100000 "
                  "eval_every=20 patience=6 max_minutes=MINUTES augment=none}",
+    "qat-lines-lr5e-4": "cleanup,quantize,distill{mode=train train_data=POOL train_samples=NPOOL lr=5e-4 "
+                        "steps=100000 eval_every=20 patience=6 max_minutes=MINUTES augment=none}",
+    # PP-OCRv4 rec only: the stem Conv and the depthwise Conv after it float (their rounding, batch_norm_2.tmp_2,
+    # holds most of the hard-line damage: ``--attribute``)
+    "rec-stem-float": "cleanup,quantize{exclude=[p2o.Conv.0,p2o.Conv.1]}",
+    "rec-stem-float+qat-lines": "cleanup,quantize{exclude=[p2o.Conv.0,p2o.Conv.1]},distill{mode=train "
+                                "train_data=POOL train_samples=NPOOL lr=2e-4 steps=100000 eval_every=20 patience=6 "
+                                "max_minutes=MINUTES augment=none}",
     "refit+qat-lines": "cleanup,quantize{weight_rounding=refit},distill{mode=train train_data=POOL "
                        "train_samples=NPOOL lr=2e-4 steps=100000 eval_every=20 patience=6 max_minutes=MINUTES "
                        "augment=none}",
@@ -437,6 +457,11 @@ def bench_model(spec: ModelSpec, variants: list[str], budget_s: float, explain: 
             log.info("%s / %s: %s (%.1f s)", spec.name, v, row["error"] or "ok", row["tool_seconds"])
             if row["error"] is None:
                 paths[v] = out
+                if os.environ.get("INT8_MARGINS_KEEP"):  # a folder the candidates are copied to (re-timing)
+                    import shutil
+
+                    Path(os.environ["INT8_MARGINS_KEEP"]).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(out, Path(os.environ["INT8_MARGINS_KEEP"]) / f"{spec.name}-{v}.onnx")
                 row["weight_bytes"] = _weight_bytes(out)
                 row["sets"] = {}
                 for k, (feeds, truth) in sets.items():
