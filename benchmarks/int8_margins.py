@@ -867,11 +867,14 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
         "code b5cd403 and later, see each model's `code at`): `refit` (`weight_rounding=refit`, layers refit to "
         "the float layers' outputs on their int8 inputs, stage by depth), `refit-data` (the same on 256 "
         "calibration feeds), `streq` (`stream_equalization`); the rows of one model that ran in different "
-        "invocations differ in latency by the run-to-run noise (~0.05).",
+        "invocations differ in latency by the run-to-run noise (~0.05). Tenth session (2026-12-06 18:50-20:40 UTC): "
+        "`qat-lines`, `rec-stem-float*`, `refit+qat-lines` and the task-metric attribution: see the summary below.",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
         "",
     ]
+    if meta.get("summary"):  # a session's findings, written beside the numbers they rest on (list of lines)
+        lines += [*meta["summary"], ""]
     for rec in records:
         m = rec["model"]
         lines += [f"## {m}", "", f"calibration feeds {rec['n_calib']}; evaluation sets {rec['sets']}; "

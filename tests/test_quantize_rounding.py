@@ -141,3 +141,18 @@ def test_auto_keeps_round_to_nearest_when_the_outputs_do_not_improve():
     q_nearest, _, _ = _quantize(m, calibration="minmax", weight_rounding="nearest")
     for f in _feeds(4, 8):  # the same integer weights and biases: the same outputs (names may differ)
         assert np.array_equal(ort_run(q, f)[0], ort_run(q_nearest, f)[0])
+
+
+def test_channel_scales_never_emit_a_scale_below_min_scale():
+    """A ~0 row (a dead channel after a ridge refit) gets the degenerate scale, all integers 0, not 1e-30 / 127:
+    its int32 bias scale squared would underflow float32 (inf gradients in distill's QAT)."""
+    from onnxcompress.passes.quantize import qparams_math as qm
+    from onnxcompress.passes.quantize.rounding import channel_scales, round_columns
+
+    wm = np.array([[1.0, -0.5, 0.25], [1e-30, -2e-31, 0.0], [0.0, 0.0, 0.0]])
+    h = np.eye(3) + 0.1
+    s = channel_scales(wm, h)
+    assert np.all(s > qm.MIN_SCALE)
+    assert s[0] <= 1.0 / 127 + 1e-12 and np.isclose(s[1], s[2])
+    q = round_columns(wm, h, s)
+    assert np.all(q[1:] == 0) and np.abs(q[0]).max() >= 80

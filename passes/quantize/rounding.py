@@ -124,9 +124,16 @@ def rows_fn(node: gs.Node, w_shape: tuple[int, ...], per_feed: int, seed: int):
 
 def channel_scales(wm: np.ndarray, h: np.ndarray, grid=CLIP_GRID) -> np.ndarray:
     """Per output channel, the symmetric int8 scale ``α · max|w| / 127`` (α in ``grid``) with the least output
-    error ``(w − ŵ) H (w − ŵ)^T`` of round-to-nearest."""
+    error ``(w − ŵ) H (w − ŵ)^T`` of round-to-nearest. A row whose scale would fall to ``qparams_math.MIN_SCALE``
+    or below (zero, or ~0 as a ridge refit leaves a dead channel) gets scale 1/127, all integers 0, as
+    ``scale_zero_point`` does: a scale of 1e-30 is a valid float32 whose int32 bias scale (s_x · s_w) squared
+    underflows, and distill's QAT gradients of it were inf (its loss NaN from the first steps on PP-OCRv4 rec)."""
     m = np.abs(wm).max(axis=1)
-    m = np.where(m > 0, m, 1.0)
+    tiny = m * min(grid) / 127.0 <= qm.MIN_SCALE
+    if np.any(tiny & (m > 0)):
+        log.info("channel_scales: %d of %d rows ~0 (max |w| %.3g): degenerate scale", int(np.sum(tiny & (m > 0))),
+                 m.size, float(m[tiny].max()))
+    m = np.where(tiny, 1.0, m)
     best = np.full(wm.shape[0], np.inf)
     scale = m / 127.0
     h32 = h.astype(np.float32)  # a ranking of a few candidates: float32 products are plenty
