@@ -210,6 +210,15 @@ def units_found(fp32: Path, feed: dict) -> dict[str, Any]:
     return {"kinds": kinds, "rejected": rejected}
 
 
+def _per_model(records: list[dict[str, Any]], key: str) -> dict[str, str]:
+    """model -> the distinct values of ``key`` over its runs, in run order ('32/128')."""
+    out: dict[str, list[Any]] = {}
+    for rec in records:
+        if rec.get(key) and rec[key] not in out.setdefault(rec["model"], []):
+            out[rec["model"]].append(rec[key])
+    return {m: "/".join(str(v) for v in vs) for m, vs in out.items() if vs}
+
+
 def _f(v: Any, fmt: str = "{:.3f}") -> str:
     return "" if v is None else fmt.format(v)
 
@@ -219,9 +228,10 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
              f"`python -m benchmarks.prune_layers {meta.get('args', '')}`".replace(" `", "`")]
     for extra in meta.get("extra", []):
         lines.append(f"plus `python -m benchmarks.prune_layers {extra}`")
-    calib = {rec["model"]: rec.get("n_calib") for rec in records if rec.get("n_calib")}
-    lines += ["", f"Calibration inputs per model: {calib or meta.get('n_calib')}; evaluation inputs: "
-              f"{meta.get('n_eval')} (disjoint). Latency: 1 intra-op thread, FP32 and every variant interleaved in "
+    calib = _per_model(records, "n_calib")
+    evals = _per_model(records, "n_eval")
+    lines += ["", f"Calibration inputs per model (per run): {calib or meta.get('n_calib')}; evaluation inputs: "
+              f"{evals or meta.get('n_eval')} (disjoint). Latency: 1 intra-op thread, FP32 and every variant interleaved in "
               "one call (medians); *FP32 vs FP32* is that call's noise band (in brackets after a variant's latency when "
               "the variant had its own call). *metric*: the model's task metric vs "
               "FP32; *cos*: the worst output's cosine; *vs ground truth*: the candidate's own task score (FP32's "
@@ -238,7 +248,8 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
               "| model | variant | distill | units removed | MACs | latency | size | metric | vs ground truth | cos | "
               "tool s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
-        head = f"| **{rec['model']}** | FP32 vs FP32 | | 0 | 1.00 | {_f(noise_band(rec), '{:.2f}')} | 1.00 | | | | |"
+        head = (f"| **{rec['model']}** | FP32 vs FP32 ({rec.get('n_calib')} calibration / {rec.get('n_eval')} evaluation "
+                f"inputs) | | 0 | 1.00 | {_f(noise_band(rec), '{:.2f}')} | 1.00 | | | | |")
         if rec.get("error"):
             head = f"| **{rec['model']}** | error: {rec['error']} | | | | | | | | | |"
         lines.append(head)
