@@ -131,6 +131,7 @@ def units_removed(fp32: Path, cand: Path) -> int | None:
 def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
     return variant_rows(record, describe, lambda m, row: {
         "units_removed": m.get("units_removed"), "fp32_noise": m.get("fp32_noise"), "load": m.get("load"),
+        "n_eval": record.get("n_eval"),
         "retimed": bool(((m.get("latency") or {}).get("t1") or {}).get("retimed")),
         "steps": m.get("steps"), "truth": truth_metrics(m.get("metrics") or {}),
         "train": train_stats((m.get("info") or {}).get("distill_train"))})
@@ -166,11 +167,13 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cands = [r for r in equal_latency(rows, model) if not r.get("error") and r.get("latency_ratio") is not None]
         if not cands:
             continue
+        most = max(r.get("n_eval") or 0 for r in cands)  # the largest evaluation set measured decides
+        cands = [r for r in cands if (r.get("n_eval") or 0) == most]
         fast = [r for r in cands if r["latency_ratio"] <= GOAL_CNN["latency"]]
         best = max(fast or cands, key=lambda r: r.get("metric") or 0)
         label = best["label"] if "distill" in best["label"] else best["label"] + " + distill"
         out.append({"model": model, "variant": label, "latency": best["latency_ratio"],
-                    "metric": best.get("metric"),
+                    "metric": best.get("metric"), "n_eval": best.get("n_eval"),
                     "met": bool(fast) and (best.get("metric") or 0) >= GOAL_CNN["metric"]})
     return out
 
@@ -239,10 +242,11 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
               f"MiniLM-L6, 2 of 6 layers removed + distill: latency <= {GOAL_MINILM['latency']}x, embedding "
               f"cosine >= {GOAL_MINILM['cosine']}. CNNs: the best of layers / channels / both at measured latency <= "
               f"{GOAL_CNN['latency']}x keeps >= {GOAL_CNN['metric']} of FP32's metric.", "",
-              "| model | variant | latency | metric | goal |", "|---|---|---|---|---|"]
+              "Per CNN the rows of its largest evaluation set decide (*eval*: inputs).", "",
+              "| model | variant | latency | metric | eval | goal |", "|---|---|---|---|---|---|"]
     for g in goals(rows):
         lines.append(f"| {g['model']} | {g['variant']} | {_f(g['latency'], '{:.2f}')} | {_f(g['metric'])} | "
-                     f"{'met' if g['met'] else 'not met'} |")
+                     f"{_f(g.get('n_eval'), '{}')} | {'met' if g['met'] else 'not met'} |")
     lines += _cnn_sections(records, rows)
     lines += ["", "## All variants", "",
               "| model | variant | distill | units removed | MACs | latency | size | metric | vs ground truth | cos | "

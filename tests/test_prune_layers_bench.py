@@ -14,11 +14,11 @@ from benchmarks.prune_layers import (
 )
 
 
-def _rec(model, pipelines, metric=0.9, lat=0.7):
+def _rec(model, pipelines, metric=0.9, lat=0.7, n_eval=32):
     methods = {"fp32": {"latency": {"t1": {"ratio": 1.0}}}}
     for p in pipelines:
         methods[f"ours:{p}"] = {"metrics": {"box_f1": metric}, "latency": {"t1": {"ratio": lat}}, "macs_ratio": lat}
-    return {"model": model, "primary_metric": "box_f1", "methods": methods}
+    return {"model": model, "primary_metric": "box_f1", "methods": methods, "n_eval": n_eval}
 
 
 def test_merge_keeps_other_models_and_drops_rerun_variants():
@@ -55,7 +55,13 @@ def test_cnn_goal_takes_the_best_variant_within_the_latency_budget():
     rows = [r for rec in recs for r in rows_of(rec)]
     assert goals(rows)[0]["met"]
     md = render(recs, rows, {})
-    assert "| nudenet_320n | layers @0.85 + channels @0.82 + distill | 0.69 | 0.992 | met |" in md
+    assert "| nudenet_320n | layers @0.85 + channels @0.82 + distill | 0.69 | 0.992 | 32 | met |" in md
+    # a variant measured on more evaluation inputs decides, even when a 32-input row scored higher
+    recs.append(_rec("nudenet_320n", ["cleanup,prune-channels{target_latency=0.66},distill{samples=64}"], metric=0.95,
+                     lat=0.65, n_eval=64))
+    rows = [r for rec in recs for r in rows_of(rec)]
+    (g,) = goals(rows)
+    assert g["metric"] == 0.95 and g["n_eval"] == 64 and not g["met"]
 
 
 def test_training_rows_at_a_latency_budget_enter_the_comparison():
