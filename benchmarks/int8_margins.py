@@ -626,6 +626,36 @@ def attribute(spec: ModelSpec, budget_s: float, pipeline: str = "cleanup,quantiz
     return rec
 
 
+def attribution_scores(spec: ModelSpec, top: str, n: int = 16) -> dict[str, Any]:
+    """Whether the quantizer's own scores (``fidelity.score_model``: feature / output SQNR pooled over the feeds,
+    cosine, per-step agreement) rank the rounding ``top`` (the task-metric attribution's first) first, each rounding
+    of the default int8 model taken out alone: on the first ``n`` calibration feeds (easy and hard alternating) and
+    on their hard half alone."""
+    import onnx_graphsurgeon as gs
+    from onnxcompress.passes.quantize import fidelity as fid
+    from onnxcompress.passes.quantize.error_sources import activation_roundings, without_rounding
+
+    from benchmarks.fetch import cache_dir
+    from onnxcompress import io
+    from onnxcompress.api import compress
+
+    fp32 = Path(spec.fetch(cache_dir()))
+    calib, _ = eval_sets(spec)
+    q = compress(fp32, "cleanup,quantize", calibration=calib, validate=False, measure=False).model
+    f32 = io.read_model(fp32)
+    out: dict[str, Any] = {"top": top, "commit": _commit(), "sets": {}}
+    for name, feeds in ((f"calibration {n} (easy + hard)", calib[:n]), (f"calibration {n // 2} hard", calib[1:n:2])):
+        ref = fid.reference(f32, feeds, fid.feature_nodes(gs.import_onnx(f32)))
+        base = fid.score_model(ref, q)
+        gains = {t: {k: float(v - base[k]) for k, v in fid.score_model(ref, without_rounding(q, {t})).items()
+                     if k in base} for t in activation_roundings(q)}
+        out["sets"][name] = {"base": {k: float(v) for k, v in base.items()}, "ranks": {
+            k: {"rank": 1 + sorted(gains, key=lambda t: -gains[t].get(k, 0.0)).index(top), "gain": gains[top].get(k),
+                "best": max(g.get(k, 0.0) for g in gains.values())}
+            for k in ("feature_sqnr_db", "sqnr_db", "cosine", "agreement")}, "roundings": len(gains)}
+    return out
+
+
 def _rec_batched(model: Any, feeds: list[Feed], batch: int = 16) -> list[np.ndarray]:
     """The first output of ``model`` on every feed (one line each), run ``batch`` at a time."""
     from onnxcompress.runtime import Session
@@ -1062,6 +1092,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="what one greedy pick keeps float: a layer, or every layer around one activation rounding")
     ap.add_argument("--attribute", action="store_true",
                     help="PP-OCRv4 rec only: where the int8 model's hard-line damage enters, scored on the task metric")
+    ap.add_argument("--attribute-scores", action="store_true",
+                    help="PP-OCRv4 rec: the quantizer's own scores' rank of the attribution's first rounding")
     ap.add_argument("--attribute-pipeline", default="cleanup,quantize", help="the int8 model --attribute explains")
     ap.add_argument("--explain", type=int, default=0,
                     help="for the default variant: the N activation roundings costing most (error_sources)")
@@ -1078,6 +1110,11 @@ def main(argv: list[str] | None = None) -> int:
         md_path.write_text(render(old["records"], old["meta"], old.get("frontier")))
         return 0
     specs = load_specs()
+    if args.attribute_scores:
+        at = next(a for a in old["meta"]["attribution"] if a["pipeline"] == "cleanup,quantize")
+        old["meta"]["attribution_scores"] = attribution_scores(specs["ppocrv4_rec"], at["order"][0])
+        json_path.write_text(json.dumps(old, indent=1, default=_json_default))
+        return 0
     if args.attribute:
         at = attribute(specs["ppocrv4_rec"], args.latency_budget, args.attribute_pipeline)
         old["meta"]["attribution"] = [a for a in old["meta"].get("attribution", [])
