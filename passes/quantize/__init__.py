@@ -35,7 +35,7 @@ Measured on real models (``benchmarks/int8_margins.py``, issue 12), off by defau
 ``weight_rounding=output`` (per-layer output error 6-9 dB lower, model outputs within ±0.2 dB on PP-OCRv4 rec,
 nudenet, MiniLM-L3 and 4 dB worse on ddddocr_det's, at 2x the tool time: activation noise dominates) and
 ``smooth`` (SmoothQuant; MiniLM-L3's embedding 1 dB worse), ``weight_rounding=refit`` (held-out, same latency:
-PP-OCRv4 rec hard-line agreement 0.27 -> 0.41, nudenet 30.4 -> 36.1 dB, ddddocr_det 21.6 -> 25.3 dB, EfficientNet-Lite2
+PP-OCRv4 rec hard-line agreement 0.27 -> 0.33, nudenet 30.4 -> 36.1 dB, ddddocr_det 21.6 -> 25.3 dB, EfficientNet-Lite2
 24.7 -> 25.6 dB, MiniLM-L3 +-0.5 dB; box F1 / top-1 agreement 0.007 / 0.03 lower on ddddocr_det / EfficientNet; 3-13x
 the tool time) and ``stream_equalization`` (EfficientNet-Lite2's bottleneck channels span < 2.3x: +0.0 dB). A uint16 QDQ Conv runs as DQ -> float Conv -> Q on
 ORT's CPU EP (1.1-2.6x the float Conv), so 16-bit activations are no cheaper than a float layer there.

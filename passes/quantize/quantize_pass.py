@@ -133,7 +133,7 @@ class Quantize(Pass):
         "model's outputs moved < 0.2 dB: activation noise dominates) | auto (output where the outputs improve) | "
         "refit (each layer refit, stage by depth, so that on its int8-model input it reproduces the float "
         "layer's output, then rounded the same way: it also absorbs its input's error; held-out, same latency: "
-        "PP-OCRv4 rec hard lines agreement 0.27 -> 0.41, logits 13.3 -> 16.2 dB, nudenet 30.4 -> 36.1 dB, "
+        "PP-OCRv4 rec hard lines agreement 0.27 -> 0.33, logits 13.3 -> 16.3 dB, nudenet 30.4 -> 36.1 dB, "
         "ddddocr_det 21.6 -> 25.3 dB, EfficientNet-Lite2 24.7 -> 25.6 dB, MiniLM-L3 +-0.5 dB, but box F1 / top-1 "
         "0.007 / 0.03 lower on the last two CNNs and 3-13x the tool time: not the default)",
     )
