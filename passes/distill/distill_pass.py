@@ -114,6 +114,9 @@ class Distill(Pass):
     features_at: str = option("blocks", "train with features > 0: blocks (every block boundary shared with the "
                                         "teacher) or last (only the tensors after the last weighted node: a "
                                         "transformer's per-token hidden states before its pooling)")
+    teacher: str = option("", "train: the teacher's ONNX file (default: the pipeline's input). Continue training "
+                              "an already compressed model against the float original: e.g. a second QAT run "
+                              "on the int8 output of the first; its outputs must match the student's")
     train_samples: int = option(0, "train: calibration feeds training draws from (0: samples); the refit keeps "
                                    "samples. The teacher labels every feed, so an unlabeled source larger than the "
                                    "refit's (a generator, a bigger file) gives training more distinct inputs")
@@ -160,6 +163,11 @@ class Distill(Pass):
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.temperature <= 0 or self.features < 0 or self.max_minutes <= 0 or self.patience < 1:
             raise ValueError("temperature and max_minutes must be > 0, features >= 0, patience >= 1")
+        if self.teacher and self.mode == "refit":
+            raise ValueError("teacher= is for mode=train / refit+train (the refit matches the pipeline's input)")
+        if self.teacher and self.features > 0:
+            raise ValueError("teacher= matches outputs only: features must be 0 (feature tensors and channel maps "
+                             "refer to the pipeline's input)")
         if self.features_at not in ("blocks", "last"):
             raise ValueError(f"features_at must be blocks or last, got {self.features_at!r}")
         if self.mask_every < 1:

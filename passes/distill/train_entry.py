@@ -28,6 +28,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxcompress import io
 from onnxcompress.data import load_feeds
@@ -40,6 +41,25 @@ MAX_HELDOUT = 32  # = train.MAX_HELDOUT (train imports torch-free modules only, 
 #: held-out calibration feeds when the training draws from ``train_data`` (the calibration feeds are not the
 #: training set then, so more of them can watch the training; an evaluation of 128 packed sentences takes ~1 s)
 MAX_HELDOUT_SOURCED = 128
+
+
+def teacher_model(ctx: Any, path: str, outputs: list[str]) -> onnx.ModelProto:
+    """The teacher: the pipeline's input, or the model file ``path`` (checked like any input model: a missing or
+    corrupt file, external data outside its folder, is one clear error; so is a teacher without the student's
+    ``outputs``)."""
+    if not path:
+        teacher = ctx.original_model()
+    else:
+        try:
+            teacher = io.read_model(path)
+        except BadInputError as exc:
+            raise BadInputError(f"distill teacher: {exc}") from None
+        missing = [o for o in outputs if o not in {t.name for t in teacher.graph.output}]
+        if missing:
+            raise BadInputError(f"distill teacher {path}: has no output {missing[0]!r} (the student's outputs: "
+                                f"{', '.join(outputs)})")
+    io.lift_constant_nodes(teacher)
+    return teacher
 
 
 def held_out(feeds: list[dict], cap: int) -> tuple[list[dict], list[dict]]:
@@ -98,8 +118,7 @@ def train_student(graph: Any, ctx: Any, opts: Any) -> dict:
         def split(self, feeds: list[dict]) -> tuple[list[dict], list[dict]]:
             return (feeds, self.held) if self.held is not None else super().split(feeds)
 
-    teacher = ctx.original_model()
-    io.lift_constant_nodes(teacher)
+    teacher = teacher_model(ctx, getattr(opts, "teacher", ""), [t.name for t in graph.outputs])
     source = getattr(opts, "train_data", "")
     if source:
         calib = [dict(f) for f in ctx.calibration.take(opts.samples)]
