@@ -553,14 +553,7 @@ def rec_regions(model: Any) -> dict[str, str]:
 def rec_scores(model: Any, feeds: list[Feed], ref: list[str], batch: int = 16) -> dict[str, float]:
     """String agreement and CER of ``model``'s greedy CTC strings against ``ref`` (FP32's) on ``feeds``, run
     ``batch`` lines at a time (1 thread)."""
-    from onnxcompress.runtime import Session
-
-    outs: list[Outputs] = []
-    with Session(model, threads=1, what="candidate") as s:
-        for i in range(0, len(feeds), batch):
-            y = np.asarray(s.run({"x": np.concatenate([f["x"] for f in feeds[i : i + batch]])})[0])
-            outs += [[y[j : j + 1]] for j in range(y.shape[0])]
-    hyp = rec_strings(outs)
+    hyp = rec_strings([[y] for y in rec_batched(model, feeds, batch)])
     return {"agreement": float(np.mean([a == b for a, b in zip(ref, hyp, strict=True)])),
             "cer_vs_fp32": cer(ref, hyp)}
 
@@ -583,7 +576,7 @@ def attribute(spec: ModelSpec, budget_s: float, pipeline: str = "cleanup,quantiz
     held, _ = sets["hard"]
     rank, _ = hard_lines(n_rank, "attr")
     f32 = io.read_model(fp32)
-    ref = {k: rec_strings([[o] for o in _rec_batched(f32, feeds)]) for k, feeds in (("rank", rank), ("held", held))}
+    ref = {k: rec_strings([[o] for o in rec_batched(f32, feeds)]) for k, feeds in (("rank", rank), ("held", held))}
     q = compress(fp32, pipeline, calibration=calib, validate=False, measure=False).model
     tool = time.perf_counter() - t0
     roundings = activation_roundings(q)
@@ -656,12 +649,12 @@ def attribution_scores(spec: ModelSpec, top: str, n: int = 16) -> dict[str, Any]
     return out
 
 
-def _rec_batched(model: Any, feeds: list[Feed], batch: int = 16) -> list[np.ndarray]:
-    """The first output of ``model`` on every feed (one line each), run ``batch`` at a time."""
+def rec_batched(model: Any, feeds: list[Feed], batch: int = 16) -> list[np.ndarray]:
+    """The first output of ``model`` on every feed (one line each), run ``batch`` at a time (1 thread)."""
     from onnxcompress.runtime import Session
 
     outs = []
-    with Session(model, threads=1, what="fp32") as s:
+    with Session(model, threads=1, what="model") as s:
         for i in range(0, len(feeds), batch):
             y = np.asarray(s.run({"x": np.concatenate([f["x"] for f in feeds[i : i + batch]])})[0])
             outs += [y[j : j + 1] for j in range(y.shape[0])]

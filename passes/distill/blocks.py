@@ -42,6 +42,15 @@ class Block:
     size: int = 0
 
 
+def weight_dependent(tg: TorchGraph, nodes: list) -> set[str]:
+    """Names of the tensors ``nodes`` (in topological order) produce whose values depend on a trainable weight."""
+    depends: set[str] = set()
+    for node in nodes:
+        if any(t.name in tg.weights or t.name in depends for t in node.inputs):
+            depends.update(t.name for t in node.outputs if t.name)
+    return depends
+
+
 def partition(tg: TorchGraph, teacher_names: set[str], n_blocks: int) -> list[Block]:
     """Cut the student's nodes into about ``n_blocks`` blocks at valid boundaries (see the module docstring)."""
     nodes = tg.nodes
@@ -53,13 +62,9 @@ def partition(tg: TorchGraph, teacher_names: set[str], n_blocks: int) -> list[Bl
                 last[t.name] = k
     for name in tg.outputs:
         last[name] = n
-    depends: set[str] = set()
-    sizes = []
-    for node in nodes:
-        w = {t.name for t in node.inputs if t.name in tg.weights}
-        sizes.append(sum(int(np.prod(tg.weights[x].shape)) for x in w))
-        if w or any(t.name in depends for t in node.inputs):
-            depends.update(t.name for t in node.outputs if t.name)
+    depends = weight_dependent(tg, nodes)
+    sizes = [sum(int(np.prod(tg.weights[x].shape)) for x in {t.name for t in node.inputs if t.name in tg.weights})
+             for node in nodes]
     total = max(1, sum(sizes))
     target = total / max(1, n_blocks)
     live = {name for name in tg.inputs if name in last}
@@ -98,10 +103,7 @@ def last_boundary(tg: TorchGraph, teacher_names: set[str]) -> list[str]:
     later = {t.name for node in nodes[k + 1:] for t in node.inputs if t.name}
     made = {t.name for node in nodes[: k + 1] for t in node.outputs if t.name}
     live = sorted(x for x in made & later if x not in tg.outputs)
-    depends: set[str] = set()
-    for node in nodes[: k + 1]:
-        if any(t.name in tg.weights or t.name in depends for t in node.inputs):
-            depends.update(t.name for t in node.outputs if t.name)
+    depends = weight_dependent(tg, nodes[: k + 1])
     dep = [x for x in live if x in depends]
     return dep if dep and all(x in teacher_names for x in dep) else []
 

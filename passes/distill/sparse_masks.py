@@ -53,7 +53,8 @@ class MaskRule:
         return self.m > 0
 
     def describe(self) -> str:
-        return f"{self.n}:{self.m}" if self.structured else f"top-{self.keep}"
+        """The pattern kept: ``N:M`` or ``unstructured``."""
+        return f"{self.n}:{self.m}" if self.structured else "unstructured"
 
 
 def reduction_axis(op: str, index: int, attrs: dict, ndim: int) -> int | None:

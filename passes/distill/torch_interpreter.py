@@ -209,7 +209,7 @@ class TorchGraph:
 
     @property
     def learned_masks(self) -> dict[str, str]:
-        """Weight name -> its learned mask rule (``2:4``, ``top-k``)."""
+        """Weight name -> the pattern its learned mask keeps (``2:4``, ``unstructured``)."""
         return {n: w.rule.describe() for n, w in self.weights.items() if getattr(w, "rule", None) is not None}
 
     def parameters(self, names: set[str] | None = None) -> list:

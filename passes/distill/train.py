@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -357,10 +358,7 @@ class Trainer:
                                    "integers_changed_share": round(moved / total, 5)}
         learned = self.tg.learned_masks
         if learned:
-            patterns: dict[str, int] = {}
-            for rule in learned.values():
-                kind = "unstructured" if rule.startswith("top-") else rule
-                patterns[kind] = patterns.get(kind, 0) + 1
+            patterns = dict(Counter(learned.values()))
             kept = self.tg.weights
             swapped = sum(int((kept[n].mask != m).sum()) // 2 for n, m in masks0.items()) if written else 0
             total = sum(int(m.sum()) for m in masks0.values())
