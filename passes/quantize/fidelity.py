@@ -12,6 +12,12 @@ model the per-step agreement — also reported: the fraction of feeds agreeing a
 ``10 log10(Σr² / Σ(r − c)²)``. The model's score is the worst output; ``feature_sqnr_db`` is the worst SQNR of the
 last layers' input features, which (unlike softmax/argmax outputs) do not saturate under small perturbations.
 
+**Across feeds** (``Reference.feed_score``, ``FEED_SCORES``): ``pooled`` sums signal and error over all feeds first
+(``Σ_f Σr² / Σ_f Σ(r − c)²``), which weighs each feed by its signal energy: a rounding that ruins the low-energy
+feeds (PP-OCRv4 rec's low-contrast lines) hardly moves it. ``worst_feed`` is the lowest per-feed SQNR
+``min_f 10 log10(Σr_f² / Σ(r_f − c_f)²)`` and ``mean_feed_db`` their mean in dB (each per-feed value clipped to
+±``FEED_DB_CLIP`` dB, so an exact or an empty feed does not decide alone): every feed counts whatever its energy.
+
 **Ranking** (``rank_key``, best first): feature SQNR, then agreement lost, then output SQNR. **Targets**
 (``meets``): ``cosine >= min_cosine``, ``1 − agreement <= max_agreement_drop`` and ``SQNR >= min_sqnr_db`` (worst
 output).
@@ -23,7 +29,7 @@ Bias correction, cross-layer equalization and the mixed-precision search that us
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -33,6 +39,11 @@ from onnxcompress.data import Feed
 from onnxcompress.runtime import Session
 
 log = logging.getLogger(__name__)
+
+#: how SQNRs combine the feeds (module doc)
+FEED_SCORES = ("pooled", "worst_feed", "mean_feed_db")
+#: a per-feed SQNR is clipped to +-this many dB before the feeds are combined
+FEED_DB_CLIP = 100.0
 
 
 @dataclass
@@ -46,11 +57,19 @@ class Reference:
     #: outputs that are class scores (``onnxcompress.validate.class_score_outputs``): the only ones top-1
     #: agreement is computed for; None: every output with a last axis >= 2
     class_outputs: frozenset[str] | None = None
+    #: how the SQNRs of ``score`` combine the feeds (``FEED_SCORES``)
+    feed_score: str = "pooled"
 
     def head(self, n: int) -> Reference:
         """The reference on its first ``n`` feeds."""
         return Reference(self.feeds[:n], self.outputs[:n], self.names, self.feature_nodes, self.features[:n],
-                         self.class_outputs)
+                         self.class_outputs, self.feed_score)
+
+    def scored_by(self, feed_score: str) -> Reference:
+        """The same reference, its SQNRs combining the feeds by ``feed_score``."""
+        if feed_score not in FEED_SCORES:
+            raise ValueError(f"feed_score must be one of {FEED_SCORES}, got {feed_score!r}")
+        return replace(self, feed_score=feed_score)
 
 
 def feature_nodes(graph: gs.Graph, max_walk: int = 64) -> list[str]:
@@ -108,11 +127,13 @@ def run_features(model: onnx.ModelProto, feeds: list[Feed], features: list[str])
         return [list(s.run(f, extra)) for f in feeds]
 
 
-def feature_sqnr_db(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]]) -> float | None:
-    """Worst SQNR over the feature tensors (``None`` when there are none or they do not line up)."""
+def feature_sqnr_db(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]], feed_score: str = "pooled"
+                    ) -> float | None:
+    """Worst SQNR over the feature tensors, the feeds combined by ``feed_score`` (``None`` when there are none or
+    they do not line up)."""
     if not ref or not ref[0] or not cand or len(cand[0]) != len(ref[0]):
         return None
-    return min(_sqnr([f[i] for f in ref], [f[i] for f in cand]) for i in range(len(ref[0])))
+    return min(_sqnr([f[i] for f in ref], [f[i] for f in cand], feed_score) for i in range(len(ref[0])))
 
 
 def reference(model: onnx.ModelProto, feeds: list[Feed], features: list[str] = ()) -> Reference:
@@ -129,19 +150,37 @@ def score_model(ref: Reference, model: onnx.ModelProto) -> dict[str, float]:
     return score(ref, run_model(model, ref.feeds, ref.feature_nodes))
 
 
-def _sqnr(refs: list[np.ndarray], cands: list[np.ndarray]) -> float:
-    sig = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in refs)
-    err = sum(
+def _sqnr(refs: list[np.ndarray], cands: list[np.ndarray], feed_score: str = "pooled") -> float:
+    sig = [float(np.sum(np.asarray(r, np.float64) ** 2)) for r in refs]
+    err = [
         float(np.sum((np.asarray(r, np.float64) - np.asarray(c, np.float64)) ** 2))
         for r, c in zip(refs, cands, strict=True)
-    )
-    if err == 0:
-        return float("inf")
-    return float(10 * np.log10(sig / err)) if sig > 0 else float("-inf")
+    ]
+    return combine_feeds(sig, err, feed_score)
+
+
+def combine_feeds(sig: list[float], err: list[float], feed_score: str = "pooled") -> float:
+    """SQNR (dB) from per-feed signal and error energies, the feeds combined by ``feed_score`` (module doc)."""
+    if feed_score == "pooled" or not sig:
+        s, e = float(sum(sig)), float(sum(err))
+        if e == 0:
+            return float("inf")
+        return float(10 * np.log10(s / e)) if s > 0 else float("-inf")
+    s_, e_ = np.asarray(sig, np.float64), np.asarray(err, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        db = 10 * np.log10(s_ / e_)
+    db = np.where(e_ == 0, FEED_DB_CLIP, np.where(s_ == 0, -FEED_DB_CLIP, db))
+    db = np.clip(db, -FEED_DB_CLIP, FEED_DB_CLIP)
+    if feed_score == "worst_feed":
+        return float(np.min(db))
+    if feed_score == "mean_feed_db":
+        return float(np.mean(db))
+    raise ValueError(f"feed_score must be one of {FEED_SCORES}, got {feed_score!r}")
 
 
 def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarray]]]) -> dict[str, float]:
-    """Worst-output cosine (mean over feeds), top-1 agreement (class-like outputs) and SQNR; worst feature SQNR."""
+    """Worst-output cosine (mean over feeds), top-1 agreement (class-like outputs) and SQNR; worst feature SQNR
+    (SQNRs: the feeds combined by ``ref.feed_score``)."""
     cand, cand_features = cand
     cos_by_out: list[float] = []
     agree_by_out: list[float] = []
@@ -149,7 +188,7 @@ def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarr
     exact_by_out: list[float] = []
     n_out = len(ref.names)
     for k in range(n_out):
-        cos, agree_hits, agree_total, sig, err = [], 0, 0, 0.0, 0.0
+        cos, agree_hits, agree_total, sig, err = [], 0, 0, [], []
         feeds_exact, feeds_seen = 0, 0
         for r_outs, c_outs in zip(ref.outputs, cand, strict=True):
             r = np.asarray(r_outs[k])
@@ -166,8 +205,8 @@ def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarr
                 cos.append(0.0)
             else:
                 cos.append(float(np.sum(r64 * c64)) / (nr * nc))
-            sig += rr
-            err += float(np.sum((r64 - c64) ** 2))
+            sig.append(rr)
+            err.append(float(np.sum((r64 - c64) ** 2)))
             is_class = ref.class_outputs is None or ref.names[k] in ref.class_outputs
             if is_class and r.ndim >= 1 and r.shape[-1] >= 2:
                 a = np.argmax(r.reshape(-1, r.shape[-1]), axis=1)
@@ -178,9 +217,7 @@ def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarr
                 feeds_seen += 1
         if cos:
             cos_by_out.append(float(np.mean(cos)))
-            sqnr_by_out.append(
-                float("inf") if err == 0 else (10 * np.log10(sig / err) if sig > 0 else -np.inf)
-            )
+            sqnr_by_out.append(combine_feeds(sig, err, ref.feed_score))
         if agree_total:
             agree_by_out.append(agree_hits / agree_total)
             exact_by_out.append(feeds_exact / feeds_seen)
@@ -190,7 +227,7 @@ def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarr
     }
     if ref.features and ref.features[0] and cand_features and len(cand_features[0]) == len(ref.features[0]):
         sq = [
-            _sqnr([f[i] for f in ref.features], [f[i] for f in cand_features])
+            _sqnr([f[i] for f in ref.features], [f[i] for f in cand_features], ref.feed_score)
             for i in range(len(ref.features[0]))
         ]
         out["feature_sqnr_db"] = min(sq)

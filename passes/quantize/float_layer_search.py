@@ -16,6 +16,11 @@ logits while each of its two layers alone gains < 0.5 dB: the group is the whole
 ``float_cost.GROUP_MAX_LATENCY_COST`` measured latency or less; ``sensitivity=greedy_cost`` (``float_frontier``)
 trades further.
 
+**Feeds** (``auto_float_score``, ``fidelity.FEED_SCORES``): every SQNR of the search and of ``float_cost`` combines
+the feeds ``pooled`` (one ratio of all their signal over all their error: a feed counts by its energy), by the
+``worst_feed``'s SQNR, or by the ``mean_feed_db``. On PP-OCRv4 rec, with easy and low-contrast lines mixed, the stem
+output's rounding ranks 119th of 129 pooled and 1st on the hard lines alone (``benchmarks/results/int8_margins.md``).
+
 Layers are left out one at a time: the effects are not additive (on PP-OCR's recognizer, keeping one early
 depthwise Conv float *lowers* the features' SQNR while keeping a later one float lifts it by 2 dB), so testing groups
 of layers misses the layers that matter. Each layer is ranked on a patched copy of the all-int8 model
@@ -61,6 +66,8 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
     """The module rule; the chosen layers go into ``run.auto_float`` (name -> reason, kept float by every later
     build) and the search's figures into ``run.stats["auto_float"]``."""
     p = run.p
+    ref = ref.scored_by(p.auto_float_score)  # every score below (and float_cost's) combines the feeds this way
+    how = ref.feed_score
     cached = run.all_int8
     if cached is not None and cached[0] == run.method and not run.auto_float:
         plan, model = cached[1], cached[2]
@@ -72,7 +79,7 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
         return
     feeds = eval_feeds[: min(len(eval_feeds), AUTO_FLOAT_FEEDS)]
     ref_features = ref.features[: len(feeds)]
-    base = fid.feature_sqnr_db(ref_features, fid.run_features(model, feeds, ref.feature_nodes))
+    base = fid.feature_sqnr_db(ref_features, fid.run_features(model, feeds, ref.feature_nodes), how)
     if base is None or not np.isfinite(base) or base >= AUTO_FLOAT_BELOW_DB:
         return  # already accurate: nothing worth a float layer
     t0 = time.perf_counter()
@@ -84,7 +91,7 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
     def gain(cand: str) -> float:  # a real build with the candidate's layers float
         m = run.export(run.build(members.get(cand, [cand])).graph)
         builds[cand] = m
-        s_ = fid.feature_sqnr_db(ref_features, fid.run_features(m, feeds, ref.feature_nodes))
+        s_ = fid.feature_sqnr_db(ref_features, fid.run_features(m, feeds, ref.feature_nodes), how)
         return (base if s_ is None else s_) - base
 
     approx = _patched_gains(run, model, layers, ref, feeds[:AUTO_FLOAT_RANK_FEEDS], gain)
@@ -109,6 +116,7 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
             run.auto_float[layer] = rec["reason"]
             run.float_details[layer] = rec
     run.stats["auto_float"] = {
+        "feed_score": how,
         "feature_sqnr_db_all_int8": round(base, 2),
         "top_gains_db": {n: round(gains[n], 2) for n in ranked[:5]},
         "ranking_gains_db": {n: round(approx[n], 2) for n in shortlist},
@@ -126,14 +134,15 @@ def _patched_gains(
     (a real build, ``gain(name)``, for a layer the patcher cannot patch)."""
     patcher = FloatPatcher(model, run.base)
     rank_features = ref.features[: len(rank_feeds)]
-    rank_base = fid.feature_sqnr_db(rank_features, fid.run_features(model, rank_feeds, ref.feature_nodes))
+    how = ref.feed_score
+    rank_base = fid.feature_sqnr_db(rank_features, fid.run_features(model, rank_feeds, ref.feature_nodes), how)
     approx: dict[str, float] = {}
     for name in layers:
         if not patcher.can_patch(name):
             approx[name] = gain(name)
             continue
         with patcher.float_layer(name) as m:
-            s_ = fid.feature_sqnr_db(rank_features, fid.run_features(m, rank_feeds, ref.feature_nodes))
+            s_ = fid.feature_sqnr_db(rank_features, fid.run_features(m, rank_feeds, ref.feature_nodes), how)
         approx[name] = (rank_base if s_ is None else s_) - rank_base
     return approx
 
@@ -160,10 +169,11 @@ def _unit_gains(model: onnx.ModelProto, removed: dict[str, set[str]], ref: fid.R
     if not removed:
         return {}
     rank_features = ref.features[: len(rank_feeds)]
-    rank_base = fid.feature_sqnr_db(rank_features, fid.run_features(model, rank_feeds, ref.feature_nodes))
+    how = ref.feed_score
+    rank_base = fid.feature_sqnr_db(rank_features, fid.run_features(model, rank_feeds, ref.feature_nodes), how)
     approx: dict[str, float] = {}
     for cand, ts in removed.items():
         s_ = fid.feature_sqnr_db(rank_features, fid.run_features(without_rounding(model, ts), rank_feeds,
-                                                                 ref.feature_nodes))
+                                                                 ref.feature_nodes), how)
         approx[cand] = 0.0 if s_ is None or rank_base is None else s_ - rank_base
     return approx

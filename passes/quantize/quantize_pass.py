@@ -188,6 +188,13 @@ class Quantize(Pass):
         "needs integer input and output for an integer Conv, so a rounding goes only when all its layers run "
         "float; EfficientNet-Lite2's stem output: +6 dB at the logits for ~+0.02x latency)",
     )
+    auto_float_score: Literal["pooled", "worst_feed", "mean_feed_db"] = option(
+        "pooled",
+        "how the automatic float-layer search scores a candidate over its evaluation feeds: pooled (SQNR of all "
+        "feeds' signal over all their error: high-energy feeds dominate) | worst_feed (the lowest per-feed SQNR: a "
+        "rounding that ruins the low-energy feeds, e.g. low-contrast text lines, ranks where it should) | "
+        "mean_feed_db (the mean of per-feed SQNRs in dB)",
+    )
     auto_float_cost_per_db: float = option(
         0.05,
         "a layer kept float automatically may cost this share of the float model's measured latency and of its "
@@ -252,6 +259,10 @@ class Quantize(Pass):
             raise ValueError(f"refit_samples must be >= 0, got {self.refit_samples}")
         if self.explain < 0:
             raise ValueError(f"explain must be >= 0, got {self.explain}")
+        if self.auto_float_score not in ("pooled", "worst_feed", "mean_feed_db"):
+            raise ValueError(
+                f"auto_float_score must be pooled, worst_feed or mean_feed_db, got {self.auto_float_score!r}"
+            )
         if self.auto_float_cost_per_db < 0:
             raise ValueError(f"auto_float_cost_per_db must be >= 0, got {self.auto_float_cost_per_db}")
         if self.mixed_range_ratio <= 1.0:
