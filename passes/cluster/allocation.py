@@ -77,24 +77,26 @@ class Trials:
         self.session.close()
 
 
-def allocate(trials: Trials, levels: dict[str, dict[int, tuple[int, np.ndarray | None]]], make_level,
-             target: float | None, budget: int | None = None) -> tuple[dict[str, int], dict]:
-    """Choose a level per tensor. ``levels[name][bits] = (bytes, snapped values or None for float)`` holds the
-    levels known so far (at least b0); ``make_level(name, bits)`` clusters a tensor at a new level and returns
-    (bytes, snapped). ``budget``: bytes the tensors may take in all; only upgrades that fit are made (without a
-    ``target``: until none fits). Returns ({name: level}, stats)."""
-    err: dict[str, dict[int, float]] = {}
+def allocate(trials: Trials, levels: dict[str, dict], make_level, target: float | None, budget: int | None = None,
+             rungs: dict[str, list] | None = None) -> tuple[dict[str, int | str], dict]:
+    """Choose a level per tensor. ``levels[name][level] = (bytes, snapped values or None for float)`` holds the
+    levels known so far (at least the first); ``make_level(name, level)`` clusters a tensor at a new level and returns
+    (bytes, snapped). ``rungs[name]``: the tensor's ladder, first level first (default ``ladder`` of its smallest
+    bits; a product-quantized table's levels are "v<d>" strings). ``budget``: bytes the tensors may take in all;
+    only upgrades that fit are made (without a ``target``: until none fits). Returns ({name: level}, stats)."""
+    rungs = rungs or {name: ladder(min(lv)) for name, lv in levels.items()}
+    err: dict[str, dict] = {}
     for name, lv in levels.items():
-        b0 = min(lv)
+        b0 = rungs[name][0]
         err[name] = {b0: trials.error({name: lv[b0][1]})}
-    cur = {name: min(lv) for name, lv in levels.items()}
+    cur = {name: rungs[name][0] for name in levels}
     work, measured, rounds = (0.0 if target is None else target), None, 0
     spent = sum(levels[n][b][0] for n, b in cur.items())
     while True:
         while sum(err[n][cur[n]] for n in cur) > work:
             best, best_gain = None, -1.0
             for n, b in cur.items():
-                rung = ladder(min(levels[n]))
+                rung = rungs[n]
                 nxt = rung[rung.index(b) + 1] if b != FLOAT else None
                 if nxt is None or err[n][b] <= 0:
                     continue

@@ -50,11 +50,12 @@ from onnxcompress.graph_utils import redirect_consumers
 from onnxcompress.naming import Namer
 from onnxcompress.pass_base import Pass, PassResult, option, register
 
-from .allocation import FLOAT, Trials, allocate
+from .allocation import FLOAT, Trials, allocate, ladder
 from .cluster_tensor import Clustered, cluster_tensor, element_weights
 from .kmeans1d import INITS
 from .layouts import RECURRENT, WEIGHT_SLOTS, Use
 from .storage import STREAMS, DecodeBuilder, index_bits
+from .vector_codebook import cluster_table, token_counts, vector_blocks, vector_codes
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,12 @@ class Cluster(Pass):
     exclude: tuple[str, ...] = option((), "tensor or node names (fnmatch patterns) left alone")
     min_size: int = option(1024, "tensors with fewer elements are left alone")
     embeddings: bool = option(True, "also cluster Gather tables (embeddings)")
-    embedding_bits: int | None = option(None, "index bits for Gather tables (default: bits)")
+    embedding_bits: int | None = option(None, "index bits for Gather tables (default: bits; with "
+                                              "embedding_vector: 8, i.e. 256 codes per block)")
+    embedding_vector: int = option(0, "Gather tables: product quantization, every row cut into blocks of this "
+                                      "many values that share 2^embedding_bits codes per block (log2(k) / d bits "
+                                      "per weight; weighted by token counts with activation_aware; under an "
+                                      "allocation the table's ladder halves d); 0: scalar like other weights")
     zero_fraction: float = option(0.05, "a tensor with at least this share of exact zeros (pruned) keeps 0 as a "
                                         "fixed centroid; 1 disables")
     target_error: float | None = option(None, "mixed bit-widths from measured sensitivity: each tensor's effect "
@@ -133,6 +139,8 @@ class Cluster(Pass):
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be an integer in 1..8, got {self.bits!r}")
+        if not isinstance(self.embedding_vector, int) or self.embedding_vector < 0 or self.embedding_vector == 1:
+            raise ValueError(f"embedding_vector must be 0 (off) or a block length >= 2, got {self.embedding_vector!r}")
         if self.embedding_bits is not None and not 1 <= self.embedding_bits <= 8:
             raise ValueError(f"embedding_bits must be in 1..8, got {self.embedding_bits!r}")
         if self.init not in INITS:
@@ -228,10 +236,17 @@ class Cluster(Pass):
                 chan_key = f"{x.name}:channels"
                 req.second_moments[chan_key] = (x.name, use.channel_rows())
             plan[id(c.tensor)] = (chan_key, design_key)
-        if not req.second_moments:
-            return {}
-        store = ctx.analysis(ActivationStatistics, graph).get(req)
         out = {}
+        if self.activation_aware and self.embedding_vector:
+            tables = {c.tensor.name: (c.uses[0].node.inputs[1], c.tensor.values.shape[0]) for c in cands
+                      if c.uses[0].op == "Gather" and len(c.uses) == 1 and self._vector_level(c) is not None}
+            counts = token_counts(graph, ctx, tables, self.samples) if tables else {}
+            for c in cands:  # a table's "input norms" are its token counts (the one-hot input's Gram diagonal)
+                if c.tensor.name in counts:
+                    out[id(c.tensor)] = (counts[c.tensor.name], False, None)
+        if not req.second_moments:
+            return out
+        store = ctx.analysis(ActivationStatistics, graph).get(req)
         for c in cands:
             keys = plan.get(id(c.tensor))
             if keys is None:
@@ -249,9 +264,32 @@ class Cluster(Pass):
         return out
 
     # ------------------------------------------------------------------------------------------- one tensor
-    def _cluster_one(self, c: _Candidate, bits: int, stats_of: dict, storage: str, rng) -> Clustered:
+    def _vector_level(self, c: _Candidate) -> str | None:
+        """The first level of a table that takes product quantization ("v<d>"), else None."""
+        if not self.embedding_vector or c.uses[0].op != "Gather" or self.storage == "snap":
+            return None
+        k = 1 << (self.embedding_bits or 8)
+        return None if vector_blocks(tuple(c.tensor.values.shape), self.embedding_vector, k) else \
+            f"v{self.embedding_vector}"
+
+    def _rungs(self, c: _Candidate, level) -> list:
+        """The allocation ladder of one tensor from its first level: scalar bits b0, b0 + 1, .. (``ladder``), or
+        for a product-quantized table v<d>, v<d/2>, .. v2 (twice the bits each), then 8 bits, then float."""
+        if not isinstance(level, str):
+            return ladder(level)
+        d, out = int(level[1:]), []
+        while d >= 2 and c.tensor.values.shape[1] % d == 0:
+            out.append(f"v{d}")
+            d //= 2
+        return out + [8, FLOAT]
+
+    def _cluster_one(self, c: _Candidate, bits, stats_of: dict, storage: str, rng) -> Clustered:
         w = np.asarray(c.tensor.values)
         norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
+        if isinstance(bits, str):  # "v<d>": product quantization of a Gather table
+            return cluster_table(w, int(bits[1:]), 1 << (self.embedding_bits or 8), norms, storage, rng)
+        if c.uses[0].op == "Gather":
+            norms = None  # token counts weight only the d-vectors (scalar codes: measured no better)
         scales = self.channel_scales and c.uses[0].op != "Gather" and w.shape[c.uses[0].channel_axis(w.ndim)] > 1
         return cluster_tensor(w, 1 << bits, use=c.uses[0], per_channel=self.per_channel, channel_scales=scales,
                               init=self.init, zero_fraction=self.zero_fraction, col_norms=norms,
@@ -265,8 +303,9 @@ class Cluster(Pass):
         by_name = {c.tensor.name: (c, bits, res) for c, bits, res in chosen}
         levels = {n: {bits: (res.bytes_planned[res.storage], res.snapped)} for n, (c, bits, res) in by_name.items()}
         done = {n: {bits: res} for n, (c, bits, res) in by_name.items()}
+        rungs = {n: self._rungs(c, bits) for n, (c, bits, _) in by_name.items()}
 
-        def make_level(name: str, bits: int):
+        def make_level(name: str, bits):
             c = by_name[name][0]
             if bits == FLOAT:
                 return int(np.asarray(c.tensor.values).nbytes), None
@@ -289,8 +328,8 @@ class Cluster(Pass):
                     st["size_ratio_budget_bits"] = round(8 * want / max(n_weights, 1), 3)
                 else:
                     want = int(self.size_budget * n_weights / 8)
-                budget = max(want, sum(v[min(v)][0] for v in levels.values()))
-            pick, a_st = allocate(trials, levels, make_level, self.target_error, budget)
+                budget = max(want, sum(levels[n][rungs[n][0]][0] for n in levels))
+            pick, a_st = allocate(trials, levels, make_level, self.target_error, budget, rungs)
         finally:
             trials.close()
         st.update(a_st)
@@ -300,7 +339,9 @@ class Cluster(Pass):
     # ------------------------------------------------------------------------------------------------ run
     def _pack_existing(self, graph: gs.Graph, builder: DecodeBuilder) -> tuple[int, int]:
         """Pack the int indices of ``Gather(float codebook [k <= 256], constant indices)`` (an unpacked decode, e.g.
-        trained by ``distill``) into index_bits(k)-bit streams: exact. Returns (decodes packed, bytes saved)."""
+        trained by ``distill``) into index_bits(k)-bit streams, and those of a product-quantized table
+        ``Gather(codebook [S·k, d], indices [V, S])`` (column s in [s·k, (s+1)·k)) as local indices + offsets:
+        exact. Returns (decodes packed, bytes saved)."""
         packed: dict[int, gs.Tensor] = {}
         saved = 0
         for node in list(graph.nodes):
@@ -310,6 +351,13 @@ class Cluster(Pass):
             if not (isinstance(book, gs.Constant) and isinstance(idx, gs.Constant)):
                 continue
             b, i = np.asarray(book.values), np.asarray(idx.values)
+            k = vector_codes(b, i)
+            if k and id(idx) not in packed:
+                packed[id(idx)] = builder.pack_vector_indices(f"pk{len(packed) + 1}", i, k)
+                saved += int(i.nbytes) - sum(math.ceil(i.size * w / 8) for w in STREAMS[index_bits(k)])
+            if k:
+                node.inputs[1] = packed[id(idx)]
+                continue
             if b.ndim != 1 or not 2 <= b.size <= 256 or not np.issubdtype(b.dtype, np.floating) or \
                     not np.issubdtype(i.dtype, np.integer) or i.size < self.min_size or i.min() < 0 or \
                     i.max() >= b.size:
@@ -356,6 +404,7 @@ class Cluster(Pass):
                 bits, energy = self.bits, None
                 if self.embedding_bits is not None and c.uses[0].op == "Gather":
                     bits = self.embedding_bits
+                bits = self._vector_level(c) or bits
                 if self.max_error is not None and gram is not None:
                     m = c.uses[0].to_matrix(w.astype(np.float64))
                     energy = max(float(np.sum((m @ gram) * m)), 1e-30)
@@ -386,13 +435,18 @@ class Cluster(Pass):
                 refit_before += res.refit[0]
                 refit_after += res.refit[1]
             st["weighted"] += int(res.weighted)
-            st["max_unique_per_row"] = max(st["max_unique_per_row"], int(res.codebook.shape[1]))
+            if res.vector is None:
+                st["max_unique_per_row"] = max(st["max_unique_per_row"], int(res.codebook.shape[1]))
             st["bytes_before"] += res.bytes_raw
             st["bytes_after"] += res.bytes_planned[res.storage]
             st["storage"]["unpacked" if storage == "unpacked" and res.storage != "snap" else res.storage] += 1
             st["tensors_clustered"] += 1
             if res.storage == "snap":
                 c.tensor.values = np.ascontiguousarray(res.snapped.astype(w.dtype))
+            elif res.vector is not None:
+                out = builder.build_vector(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook, res.labels,
+                                           out_name=f"{c.tensor.name}_clustered", unpacked=storage == "unpacked")
+                redirect_consumers(c.tensor, out)
             elif storage == "unpacked":
                 out = builder.build_unpacked(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook,
                                              res.labels, out_name=f"{c.tensor.name}_clustered", scale=res.scale,

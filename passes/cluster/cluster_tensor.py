@@ -40,6 +40,7 @@ class Clustered:
     refit: tuple[float, float] | None = None
     scale: np.ndarray | None = None  # per output channel (channel_scales), along scale_axis
     scale_axis: int | None = None
+    vector: int | None = None  # product-quantized table (``vector_codebook``): the sub-vector length d
 
 
 def to_rows(a: np.ndarray, axis: int | None) -> np.ndarray:

@@ -190,6 +190,32 @@ class DecodeBuilder:
         out.shape = list(shape)
         return out
 
+    def build_vector(self, base: str, shape: tuple[int, int], codebook: np.ndarray, labels: np.ndarray, *,
+                     out_name: str | None = None, unpacked: bool = False) -> gs.Variable:
+        """A product-quantized table [V, D]: ``codebook`` [S·k, d] (block s's codes at rows s·k ..), ``labels``
+        [V, S] local to each block. ``idx + s·k -> Gather -> Reshape [V, D]``; packed to log2(k) bits, or
+        ``unpacked``: int32 global indices as one constant (what distill trains; a later cluster packs them)."""
+        rows, blocks = labels.shape
+        k = codebook.shape[0] // blocks
+        offsets = (np.arange(blocks) * k).astype(np.int32)
+        if unpacked:
+            idx = self._const(f"{base}_idx", (labels.astype(np.int32) + offsets[None, :]))
+        else:
+            local = self.packed_indices(base, labels.astype(np.uint16), index_bits(k))
+            idx = self._op("Add", [local, self._const(f"{base}_off", offsets)], f"{base}_gidx", np.int32)
+        vecs = self._op("Gather", [self._const(f"{base}_codebook", codebook), idx], f"{base}_vecs", codebook.dtype,
+                        {"axis": 0})
+        out = self._op("Reshape", [vecs, self._const(f"{base}_shape", np.asarray(shape, np.int64))],
+                       out_name or f"{base}_decoded", codebook.dtype)
+        out.shape = list(shape)
+        return out
+
+    def pack_vector_indices(self, base: str, idx: np.ndarray, k: int) -> gs.Variable:
+        """int32 global indices [V, S] (block s in [s·k, (s+1)·k)) from packed local ones + the offsets."""
+        offsets = (np.arange(idx.shape[1]) * k).astype(np.int32)
+        local = self.packed_indices(base, (idx - offsets[None, :]).astype(np.uint16), index_bits(k))
+        return self._op("Add", [local, self._const(f"{base}_off", offsets)], f"{base}_gidx", np.int32)
+
     def build(self, base: str, shape: tuple[int, ...], codebook: np.ndarray, labels: np.ndarray, *,
               axis: int | None, sparse_zero: int | None = None, out_name: str | None = None,
               scale: np.ndarray | None = None, scale_axis: int | None = None) -> tuple[gs.Variable, dict]:

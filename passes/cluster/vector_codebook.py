@@ -1,0 +1,212 @@
+"""Product quantization of an embedding table: rows share d-vectors, not single values (``cluster{embedding_vector=d}``).
+
+A Gather table E [V, D] (V tokens of D features) is cut into S = D / d column blocks; block s of every row is one
+point x_vs in R^d. Each block has its own codebook of k d-vectors C_s [k, d] and every row stores one index per block:
+
+    E_v ≈ [C_1[i_v1], C_2[i_v2], ..., C_S[i_vS]]
+
+so a weight costs log2(k) / d bits plus the codebooks' k·D floats (the whole table shares them): k = 256, d = 8 is
+1 bit per weight + 32·256·D bits. Scalar clustering gives every weight its own index; here one index names d weights
+at once, and the d-vectors follow the joint distribution of the block (correlated features share an index).
+
+**Weighted k-means per block** (Lloyd, all S blocks at once): minimise sum_v w_v ||x_vs - C_s[i_vs]||^2 with row
+weights w_v; assignment by the nearest centroid (||c||^2 - 2 x·c, batched matmuls in chunks of rows), update by the
+weighted mean of each cluster (``bincount`` over the flat labels s·k + i); an empty cluster takes the block's point
+with the largest weighted error; stops when the objective improves by < ``TOL`` (relative) or after ``ITERS``.
+Init: weighted k-means++ per block (the next code drawn with probability ∝ w_v · D_v^2, D_v the distance to the
+nearest code so far), vectorised over the blocks: random rows as codes leave clusters of rows unserved.
+
+**Row weights** (``activation_aware``): the table's input is one-hot in the token: the Gram matrix of that input is
+diagonal with the token counts n_v on calibration data, so the error of row v costs n_v (the same ||x_j||^2 weighting as
+every other activation-aware weight); every row also gets a floor of ``FLOOR`` times the mean count, so tokens the
+calibration never saw still get a fitting code.
+
+**Storage**: indices [V, S] packed to log2(k) bits (``storage.pack_bits``), decoded in the graph as
+``idx + s·k -> Gather(codebook [S·k, d]) -> Reshape [V, D]``; ``unpacked``: int32 indices with the offsets added
+(what ``distill{mode=train}`` trains: the codebook is the parameter), packed exactly by a later ``cluster``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .cluster_tensor import Clustered
+from .storage import STREAMS, decode_overhead, index_bits
+
+ITERS = 20
+TOL = 1e-4
+FLOOR = 0.1
+#: elements of one chunk of the batched distance matrix [S, rows, k]
+CHUNK_ELEMENTS = 1 << 24
+#: serialized bytes of the decode's Add + offsets + 2-D Gather besides the index streams (measured like storage's)
+OVERHEAD_VECTOR = 200
+
+
+def row_weights(counts: np.ndarray | None, rows: int) -> np.ndarray:
+    """w_v = n_v + FLOOR · mean(n) (uniform without counts)."""
+    if counts is None or not np.any(counts > 0):
+        return np.ones(rows)
+    c = np.asarray(counts, np.float64)[:rows]
+    return c + FLOOR * max(float(c.mean()), 1e-12)
+
+
+def _assign(x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid per point: x [S, n, d], c [S, k, d] -> labels [S, n], squared distances [S, n]."""
+    s, n, _ = x.shape
+    k = c.shape[1]
+    cc = np.einsum("skd,skd->sk", c, c)
+    step = max(1, CHUNK_ELEMENTS // max(s * k, 1))
+    lab = np.empty((s, n), np.int64)
+    dist = np.empty((s, n), x.dtype)
+    xx = np.einsum("snd,snd->sn", x, x)
+    for a in range(0, n, step):
+        d2 = cc[:, None, :] - 2.0 * np.matmul(x[:, a:a + step], c.transpose(0, 2, 1))
+        lab[:, a:a + step] = np.argmin(d2, axis=2)
+        dist[:, a:a + step] = np.take_along_axis(d2, lab[:, a:a + step, None], 2)[..., 0] + xx[:, a:a + step]
+    return lab, np.maximum(dist, 0)
+
+
+def _init_plus_plus(x: np.ndarray, k: int, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Weighted k-means++ codes [S, k, d] for the points x [S, V, d], every block at once."""
+    s, n, d = x.shape
+    blocks = np.arange(s)
+    c = np.empty((s, k, d), x.dtype)
+    c[:, 0] = x[blocks, rng.choice(n, size=s, p=w / w.sum())]
+    best = np.einsum("snd,snd->sn", x - c[:, :1], x - c[:, :1])
+    for j in range(1, k):
+        cum = np.cumsum(best * w[None, :], axis=1)
+        r = rng.random(s) * cum[:, -1]
+        pick = np.minimum(np.sum(cum <= r[:, None], axis=1), n - 1)
+        pick = np.where(cum[:, -1] > 0, pick, rng.integers(0, n, s))  # every point already a code: any
+        c[:, j] = x[blocks, pick]
+        diff = x - c[:, j:j + 1]
+        best = np.minimum(best, np.einsum("snd,snd->sn", diff, diff))
+    return c
+
+
+def product_kmeans(table: np.ndarray, d: int, k: int, weights: np.ndarray,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Codebooks [S, k, d] and labels [V, S] of the table [V, D] (D divisible by d, V >= k)."""
+    v, dim = table.shape
+    s = dim // d
+    x = np.ascontiguousarray(table.astype(np.float32).reshape(v, s, d).transpose(1, 0, 2))  # [S, V, d]
+    w = np.asarray(weights, np.float64)
+    c = _init_plus_plus(x, k, w, rng)
+    flat_w = np.tile(w, s)
+    offsets = (np.arange(s) * k)[:, None]
+    prev = math.inf
+    for _ in range(ITERS):
+        lab, dist = _assign(x, c)
+        obj = float(np.sum(dist * w[None, :]))
+        flat = (lab + offsets).ravel()
+        wsum = np.bincount(flat, weights=flat_w, minlength=s * k)
+        sums = np.stack([np.bincount(flat, weights=(x[..., j] * w[None, :]).ravel(), minlength=s * k)
+                         for j in range(d)], axis=1)
+        full = wsum > 0
+        new = np.where(full[:, None], sums / np.maximum(wsum, 1e-300)[:, None], c.reshape(s * k, d))
+        empty = np.flatnonzero(~full)
+        if empty.size:  # the block's worst-fit points take the empty clusters
+            for blk in np.unique(empty // k):
+                gone = empty[empty // k == blk]
+                worst = np.argsort(dist[blk] * w)[::-1][:gone.size]
+                new[gone] = x[blk, worst]
+        c = new.reshape(s, k, d).astype(np.float32)
+        if prev - obj <= TOL * max(obj, 1e-30):
+            break
+        prev = obj
+    lab, _ = _assign(x, c)
+    return c, np.ascontiguousarray(lab.T)
+
+
+def decode(codebooks: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The table [V, S·d] from codebooks [S, k, d] and labels [V, S] (what the graph's decode computes)."""
+    s, k, d = codebooks.shape
+    flat = codebooks.reshape(s * k, d)
+    return flat[labels + (np.arange(s) * k)[None, :]].reshape(labels.shape[0], s * d)
+
+
+def plan_bytes(rows: int, blocks: int, k: int, d: int, itemsize: int, index_streams: tuple[int, ...],
+               stream_overhead: int) -> int:
+    """Bytes on disk: packed indices, codebooks, the decode nodes."""
+    data = sum(math.ceil(rows * blocks * w / 8) for w in index_streams)
+    return data + blocks * k * d * itemsize + stream_overhead + OVERHEAD_VECTOR
+
+
+def vector_blocks(shape: tuple[int, ...], d: int, k: int) -> str | None:
+    """Why a table of ``shape`` cannot take d-vectors with k codes (None: it can)."""
+    if len(shape) != 2:
+        return "not a 2-D table"
+    if shape[1] % d:
+        return f"row length {shape[1]} not divisible by embedding_vector={d}"
+    if shape[0] < k:
+        return f"fewer rows than {k} codes"
+    return None
+
+
+def cluster_table(w: np.ndarray, d: int, k: int, counts: np.ndarray | None, storage: str,
+                  rng: np.random.Generator) -> Clustered:
+    """The table ``w`` [V, D] product-quantized: codebook [S·k, d], labels [V, S] (``Clustered.vector`` = d)."""
+    books, labels = product_kmeans(w, d, k, row_weights(counts, w.shape[0]), rng)
+    s = books.shape[0]
+    snapped = decode(books, labels).astype(w.dtype)
+    bits = index_bits(k)
+    plans = {"snap": int(w.nbytes),
+             "vector-codebook": plan_bytes(w.shape[0], s, k, d, w.dtype.itemsize, STREAMS[bits],
+                                           decode_overhead(bits, False, False))}
+    out = Clustered(codebook=books.reshape(s * k, d).astype(w.dtype), labels=labels.astype(np.uint16), axis=None,
+                    zero_label=None, snapped=snapped, bytes_raw=int(w.nbytes), weighted=counts is not None,
+                    vector=d)
+    out.bytes_planned = plans
+    out.storage = "snap" if storage == "snap" else "vector-codebook"
+    return out
+
+
+def vector_codes(book: np.ndarray, idx: np.ndarray) -> int:
+    """k when ``Gather(book, idx)`` is an unpacked product-quantized table (book [S·k, d] float, idx [V, S] with
+    column s in [s·k, (s+1)·k), k <= 256), else 0."""
+    if book.ndim != 2 or idx.ndim != 2 or not np.issubdtype(book.dtype, np.floating) or \
+            not np.issubdtype(idx.dtype, np.integer) or book.shape[0] % idx.shape[1]:
+        return 0
+    k = book.shape[0] // idx.shape[1]
+    local = idx.astype(np.int64) - (np.arange(idx.shape[1]) * k)[None, :]
+    return k if 2 <= k <= 256 and local.min() >= 0 and local.max() < k else 0
+
+
+def token_counts(graph, ctx, tables: dict[str, tuple[object, int]], samples: int) -> dict[str, np.ndarray]:
+    """How often each row of each table is read on the first ``samples`` calibration feeds: ``tables`` maps a key to
+    (the Gather's index tensor, rows V). A constant index is counted directly, a graph input on the feeds, any other
+    tensor in one streaming run of the shared statistics (``capture``). Negative indices count as i + V."""
+    import onnx_graphsurgeon as gs
+
+    from onnxcompress.analyses.activation_stats import ActivationStatistics, StatsRequest
+
+    counts = {key: np.zeros(v, np.float64) for key, (_, v) in tables.items()}
+
+    def add(key: str, idx: np.ndarray) -> None:
+        v = counts[key].size
+        i = np.asarray(idx, np.int64).ravel()
+        i = np.where(i < 0, i + v, i)
+        counts[key] += np.bincount(i[(i >= 0) & (i < v)], minlength=v)[:v]
+
+    inputs = {t.name for t in graph.inputs}
+    fetched: dict[str, list[str]] = {}
+    for key, (t, _) in tables.items():
+        if isinstance(t, gs.Constant):
+            add(key, t.values)
+        elif t.name in inputs:
+            for feed in ctx.calibration.take(samples):
+                if t.name in feed:
+                    add(key, feed[t.name])
+        else:
+            fetched.setdefault(t.name, []).append(key)
+    if fetched:
+        def capture(_i: int, acts: dict[str, np.ndarray]) -> None:
+            for name, keys in fetched.items():
+                for key in keys:
+                    add(key, acts[name])
+
+        ctx.analysis(ActivationStatistics, graph).get(StatsRequest(fetch=list(fetched), capture=capture,
+                                                                     samples=samples))
+    return counts

@@ -1,0 +1,161 @@
+"""cluster{embedding_vector=d}: product quantization of Gather tables, its decode, token-count weights, allocation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes.cluster.vector_codebook import decode, product_kmeans, row_weights
+
+from onnxcompress.context import PassContext
+from onnxcompress.data import FeedSet, InputSpec
+from onnxcompress.errors import BadInputError
+from onnxcompress.manager import PassManager
+from onnxcompress.pipeline import parse_pipeline
+from tests.conftest import ort_run
+
+V, D = 600, 32
+
+
+def _table(rng, v=V, d=D):
+    """Rows drawn from 40 prototypes + noise: product quantization has real structure to find."""
+    protos = rng.standard_normal((40, d)).astype(np.float32)
+    return protos[rng.integers(0, 40, v)] + 0.05 * rng.standard_normal((v, d)).astype(np.float32)
+
+
+def _model(table, opset=17):
+    """ids [4] -> Gather E -> MatMul W [D, 8] -> y; the decoded table is exposed as output "e_all" by ``_expose``."""
+    w = np.random.default_rng(1).standard_normal((table.shape[1], 8)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+                          [numpy_helper.from_array(table, "emb"), numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _feeds(ids_list):
+    feeds = [{"ids": np.asarray(i, np.int64)} for i in ids_list]
+    return FeedSet(lambda: iter(feeds), [InputSpec("ids", np.dtype(np.int64), (4,))], "test", len(feeds))
+
+
+def _run(model, pipeline, calib=None):
+    res = PassManager(parse_pipeline(pipeline)).run(model, PassContext(calibration=calib))
+    return res.model, res.ledger[-1].pass_stats
+
+
+def _decoded(model):
+    """The table the graph feeds to its consumer (the clustered decode's output) under ORT."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    src = next(n.input[0] for n in m.graph.node if n.output[0] == "e")  # the model's own Gather reads it
+    m.graph.output.append(onnx.ValueInfoProto(name=src))
+    return ort_run(m, {"ids": np.zeros(4, np.int64)})[-1]
+
+
+def test_product_kmeans_finds_the_structure_and_decodes(rng):
+    table = _table(rng)
+    books, labels = product_kmeans(table, 8, 64, np.ones(V), rng)
+    assert books.shape == (4, 64, 8) and labels.shape == (V, 4) and labels.max() < 64
+    approx = decode(books, labels)
+    rel = np.sum((table - approx) ** 2) / np.sum(table ** 2)
+    assert rel < 0.01  # 40 prototypes per block, 64 codes: only the noise is left
+    for s in range(4):  # every block's d-vectors are codebook rows: <= k distinct
+        assert len(np.unique(approx[:, 8 * s:8 * s + 8], axis=0)) <= 64
+    # a code is the nearest of its block's codebook for every row
+    x = table[:, :8]
+    d2 = ((x[:, None, :] - books[0][None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels[:, 0], d2.argmin(1))
+
+
+def test_row_weights_favour_counted_rows(rng):
+    table = rng.standard_normal((V, 16)).astype(np.float32)  # no structure: codes must be spent somewhere
+    counts = np.zeros(V)
+    counts[:50] = 100.0
+    w = row_weights(counts, V)
+    assert w.min() > 0 and w[0] > 100 * w[-1]
+    err = {}
+    for name, ww in (("uniform", np.ones(V)), ("counts", w)):
+        books, labels = product_kmeans(table, 8, 32, ww, np.random.default_rng(0))
+        err[name] = float(np.mean((table[:50] - decode(books, labels)[:50]) ** 2))
+    assert err["counts"] < 0.5 * err["uniform"]
+
+
+def test_pass_decodes_exactly_and_shrinks_the_file(rng):
+    table = _table(rng)
+    model = _model(table)
+    out, st = _run(model, "cluster{embedding_vector=8 min_size=100}")
+    unpacked, st_u = _run(model, "cluster{embedding_vector=8 storage=unpacked min_size=100}")
+    assert st["bits"] == {"4": 1, "v8": 1} and st["storage"]["vector-codebook"] == 1
+    got = _decoded(out)
+    assert got.shape == (V, D)
+    np.testing.assert_array_equal(got, _decoded(unpacked))  # packed indices + offsets == the int32 indices
+    for s in range(D // 8):  # <= 256 distinct d-vectors per block
+        assert len(np.unique(got[:, 8 * s:8 * s + 8], axis=0)) <= 256
+    assert np.sum((got - table) ** 2) / np.sum(table ** 2) < 0.01
+    ids = np.array([0, 5, 599, 17])
+    only_table, st_t = _run(model, "cluster{embedding_vector=8 min_size=100 exclude=[w]}")
+    np.testing.assert_array_equal(ort_run(only_table, {"ids": ids})[0], ort_run(_swap(model, got), {"ids": ids})[0])
+    written = len(only_table.SerializeToString())
+    planned = len(model.SerializeToString()) - st_t["bytes_before"] + st_t["bytes_after"]
+    assert written < 0.5 * len(model.SerializeToString()) and abs(written - planned) < 0.01 * written
+    onnx.checker.check_model(out)
+
+
+def _swap(model, table):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.name == "emb":
+            t.CopyFrom(numpy_helper.from_array(table.astype(np.float32), "emb"))
+    return m
+
+
+def test_unpacked_vector_table_packs_exactly_later(rng):
+    table = _table(rng)
+    unpacked, _ = _run(_model(table), "cluster{embedding_vector=4 storage=unpacked min_size=100 exclude=[w]}")
+    books = [numpy_helper.to_array(t) for t in unpacked.graph.initializer if t.name.endswith("_codebook")]
+    assert len(books) == 1 and books[0].shape == (8 * 256, 4)
+    before = _decoded(unpacked)
+    for t in unpacked.graph.initializer:  # "training" moves the code vectors; the indices stay
+        if t.name.endswith("_codebook"):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5 + 0.1, t.name))
+    trained = _decoded(unpacked)
+    packed, st = _run(unpacked, "cluster{pack_only=true}")
+    assert st["decodes_packed"] == 1 and st["bytes_saved_packing"] > 0.5 * V * 8 * 4
+    np.testing.assert_array_equal(_decoded(packed), trained)
+    assert not np.array_equal(trained, before)
+    assert len(packed.SerializeToString()) < len(unpacked.SerializeToString()) - V * 8 * 2
+    onnx.checker.check_model(packed)
+
+
+def test_activation_aware_counts_tokens_of_calibration(rng):
+    table = rng.standard_normal((V, 16)).astype(np.float32)
+    frequent = [[1, 2, 3, 4], [2, 3, 4, 5], [1, 1, 2, 6]] * 4
+    calib = _feeds(frequent)
+    model = _model(table)
+    out_w, st_w = _run(model, "cluster{embedding_vector=8 embedding_bits=5 activation_aware=true min_size=100 "
+                              "exclude=[w]}", calib)
+    out_u, _ = _run(model, "cluster{embedding_vector=8 embedding_bits=5 min_size=100 exclude=[w]}")
+    assert st_w["weighted"] == 1
+    rows = [1, 2, 3, 4, 5, 6]
+    err_w = np.sum((_decoded(out_w)[rows] - table[rows]) ** 2)
+    err_u = np.sum((_decoded(out_u)[rows] - table[rows]) ** 2)
+    assert err_w < 0.2 * err_u
+
+
+def test_allocation_ladder_halves_the_block_length(rng):
+    table = _table(rng)
+    model = _model(table)
+    calib = _feeds([rng.integers(0, V, 4) for _ in range(8)])
+    out, st = _run(model, "cluster{embedding_vector=16 embedding_bits=6 target_error=0.00001 min_size=100 "
+                          "exclude=[w]}", calib)
+    level = next(iter(st["bits"]))
+    assert level in ("v8", "v4", "v2", "8", "float") and level != "v16"  # it had to climb from v16
+    assert st["output_error"] <= 0.00001
+
+
+@pytest.mark.parametrize("text", ["cluster{embedding_vector=1}", "cluster{embedding_vector=-2}"])
+def test_bad_block_length_is_rejected(text):
+    with pytest.raises(BadInputError, match="embedding_vector"):
+        parse_pipeline(text)
