@@ -159,3 +159,26 @@ def test_allocation_ladder_halves_the_block_length(rng):
 def test_bad_block_length_is_rejected(text):
     with pytest.raises(BadInputError, match="embedding_vector"):
         parse_pipeline(text)
+
+
+def test_distill_trains_the_code_vectors_and_keeps_the_codes(rng):
+    pytest.importorskip("torch", reason="distill{mode=train} needs torch (pip install onnxcompress[train])")
+    table = rng.standard_normal((V, 16)).astype(np.float32)  # no structure: 2 bits per weight loses a lot
+    model = _model(table)
+    calib = _feeds([rng.integers(0, 100, 4) for _ in range(64)])  # text reads a part of the vocabulary
+    pipe = "cluster{embedding_vector=4 storage=unpacked min_size=100 exclude=[w]}"
+    student, _ = _run(model, pipe, calib)
+    res = PassManager(parse_pipeline(pipe + ",distill{mode=train steps=60 batch=8 eval_every=10 lr=0.01}")).run(
+        model, PassContext(calibration=calib))
+    trained = res.model
+    idx = [next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith("_idx"))
+           for m in (student, trained)]
+    np.testing.assert_array_equal(idx[0], idx[1])  # the codes stay, the code vectors move
+    held_out = [{"ids": rng.integers(0, 100, 4)} for _ in range(16)]
+    err = [sum(float(np.mean((ort_run(m, f)[0] - ort_run(model, f)[0]) ** 2)) for f in held_out)
+           for m in (student, trained)]
+    assert err[1] < 0.8 * err[0]
+    ids = held_out[0]["ids"]
+    packed, st = _run(trained, "cluster{pack_only=true}")
+    assert st["decodes_packed"] == 1
+    np.testing.assert_array_equal(ort_run(packed, {"ids": ids})[0], ort_run(trained, {"ids": ids})[0])
