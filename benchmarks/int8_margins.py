@@ -50,7 +50,16 @@ evaluation ones, ``N_POOL_HELD`` more watching the early stopping; KL on the CTC
 training, 1 thread), ``qat-lines-lr5e-4`` (the same at a higher learning rate) and ``refit+qat-lines`` (the same
 from ``weight_rounding=refit``); PP-OCRv4 rec only: ``rec-stem-float`` (``exclude`` its stem Conv and the depthwise
 Conv after it: the rounding between them holds most of the hard-line damage, ``--attribute``) and
-``rec-stem-float+qat-lines``.
+``rec-stem-float+qat-lines``. Eleventh session: ``feed-worst`` / ``feed-mean`` (``auto_float_score=worst_feed`` /
+``mean_feed_db``: the automatic float-layer search scores each candidate feed by feed, by the worst feed's SQNR or
+the mean of per-feed SQNRs in dB, instead of one SQNR pooled over the feeds, on the search's usual 4 feeds),
+``feed-worst-16`` / ``feed-mean-16`` / ``feed-nsr-16`` (the same on 16 feeds, ``auto_float_feeds=16``; ``nsr``:
+``mean_feed_nsr``, the mean of per-feed noise-to-signal ratios), ``pooled-16`` (the pooled score on 16 feeds) and
+``feed-worst+qat-lines``.
+
+``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
+rounding of the default int8 model taken out alone, with the feeds combined each way of
+``fidelity.FEED_SCORES``, on the search's 4 feeds, 16 calibration feeds and their hard half.
 
 ``--attribute`` (PP-OCRv4 rec) says where the default int8 model's hard-line damage enters, on the task metric
 (``attribute``): each activation rounding taken out alone, ranked on hard lines of a third seed, then the largest
@@ -124,6 +133,16 @@ VARIANTS: dict[str, str] = {
     "refit+qat-lines": "cleanup,quantize{weight_rounding=refit},distill{mode=train train_data=POOL "
                        "train_samples=NPOOL lr=2e-4 steps=100000 eval_every=20 patience=6 max_minutes=MINUTES "
                        "augment=none}",
+    # eleventh session: the automatic float-layer search scored feed by feed (``auto_float_score``)
+    "feed-worst": "cleanup,quantize{auto_float_score=worst_feed}",
+    "feed-mean": "cleanup,quantize{auto_float_score=mean_feed_db}",
+    "feed-worst-16": "cleanup,quantize{auto_float_score=worst_feed auto_float_feeds=16}",
+    "feed-mean-16": "cleanup,quantize{auto_float_score=mean_feed_db auto_float_feeds=16}",
+    "feed-nsr-16": "cleanup,quantize{auto_float_score=mean_feed_nsr auto_float_feeds=16}",
+    "pooled-16": "cleanup,quantize{auto_float_feeds=16}",
+    "feed-worst+qat-lines": "cleanup,quantize{auto_float_score=worst_feed},distill{mode=train train_data=POOL "
+                            "train_samples=NPOOL lr=2e-4 steps=100000 eval_every=20 patience=6 max_minutes=MINUTES "
+                            "augment=none}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),
@@ -620,10 +639,11 @@ def attribute(spec: ModelSpec, budget_s: float, pipeline: str = "cleanup,quantiz
 
 
 def attribution_scores(spec: ModelSpec, top: str, n: int = 16) -> dict[str, Any]:
-    """Whether the quantizer's own scores (``fidelity.score_model``: feature / output SQNR pooled over the feeds,
-    cosine, per-step agreement) rank the rounding ``top`` (the task-metric attribution's first) first, each rounding
-    of the default int8 model taken out alone: on the first ``n`` calibration feeds (easy and hard alternating) and
-    on their hard half alone."""
+    """Whether the quantizer's own scores (``fidelity.score_model``: feature / output SQNR, cosine, per-step
+    agreement) rank the rounding ``top`` (the task-metric attribution's first) first, each rounding of the default
+    int8 model taken out alone: on the first 4 calibration feeds (what the float-layer search scores), the first
+    ``n`` (easy and hard alternating) and their hard half alone; the SQNRs with the feeds combined each way of
+    ``fidelity.FEED_SCORES`` (one model run per rounding, scored every way)."""
     import onnx_graphsurgeon as gs
     from onnxcompress.passes.quantize import fidelity as fid
     from onnxcompress.passes.quantize.error_sources import activation_roundings, without_rounding
@@ -636,16 +656,31 @@ def attribution_scores(spec: ModelSpec, top: str, n: int = 16) -> dict[str, Any]
     calib, _ = eval_sets(spec)
     q = compress(fp32, "cleanup,quantize", calibration=calib, validate=False, measure=False).model
     f32 = io.read_model(fp32)
+    full = fid.reference(f32, calib[:n], fid.feature_nodes(gs.import_onnx(f32)))
+    subsets = {"search 4 (easy, hard, easy, hard)": list(range(4)), "first 8 (easy + hard)": list(range(8)),
+               f"first {n} (easy + hard)": list(range(n)), f"first {n}: the {n // 2} hard": list(range(1, n, 2))}
+
+    def part(x: list, idx: list[int]) -> list:
+        return [x[i] for i in idx]
+
+    runs = {t: fid.run_model(without_rounding(q, {t}), full.feeds, full.feature_nodes) for t in activation_roundings(q)}
+    base_run = fid.run_model(q, full.feeds, full.feature_nodes)
     out: dict[str, Any] = {"top": top, "commit": _commit(), "sets": {}}
-    for name, feeds in ((f"calibration {n} (easy + hard)", calib[:n]), (f"calibration {n // 2} hard", calib[1:n:2])):
-        ref = fid.reference(f32, feeds, fid.feature_nodes(gs.import_onnx(f32)))
-        base = fid.score_model(ref, q)
-        gains = {t: {k: float(v - base[k]) for k, v in fid.score_model(ref, without_rounding(q, {t})).items()
-                     if k in base} for t in activation_roundings(q)}
-        out["sets"][name] = {"base": {k: float(v) for k, v in base.items()}, "ranks": {
-            k: {"rank": 1 + sorted(gains, key=lambda t: -gains[t].get(k, 0.0)).index(top), "gain": gains[top].get(k),
-                "best": max(g.get(k, 0.0) for g in gains.values())}
-            for k in ("feature_sqnr_db", "sqnr_db", "cosine", "agreement")}, "roundings": len(gains)}
+    for name, idx in subsets.items():
+        sub = fid.Reference(part(full.feeds, idx), part(full.outputs, idx), full.names, full.feature_nodes,
+                            part(full.features, idx), full.class_outputs)
+        out["sets"][name] = {"roundings": len(runs), "by_feed_score": {}}
+        for how in fid.FEED_SCORES:
+            ref = sub.scored_by(how)
+            base = fid.score(ref, (part(base_run[0], idx), part(base_run[1], idx)))
+            gains = {t: {k: float(v - base[k]) for k, v in fid.score(ref, (part(r[0], idx), part(r[1], idx))).items()
+                         if k in base} for t, r in runs.items()}
+            ranks = {}
+            for k in ("feature_sqnr_db", "sqnr_db", "cosine", "agreement"):
+                order = sorted(gains, key=lambda t, k=k: -gains[t].get(k, 0.0))
+                ranks[k] = {"rank": 1 + order.index(top), "gain": gains[top].get(k), "best": order[0],
+                            "best_gain": gains[order[0]].get(k)}
+            out["sets"][name]["by_feed_score"][how] = {"base": {k: float(v) for k, v in base.items()}, "ranks": ranks}
     return out
 
 
@@ -970,6 +1005,8 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
         for v, row in rec["variants"].items():
             if row.get("error_sources"):
                 lines += _explain_lines(v, row["error_sources"])
+    if meta.get("attribution_scores_by_feed"):
+        lines += _feed_score_lines(meta["attribution_scores_by_feed"])
     if meta.get("int16_conv_speed"):
         lines += ["## 16-bit activations under ORT (`--int16`)", "",
                   "One Conv, latency over its float Conv (1 thread, interleaved): ORT's CPU EP has no 16-bit "
@@ -1043,6 +1080,25 @@ def _frontier_lines(fr: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _feed_score_lines(at: dict[str, Any]) -> list[str]:
+    """The ranking of the attribution's first rounding by the quantizer's scores, the feeds combined each way."""
+    lines = ["## How the search's scores rank the rec stem rounding, the feeds combined each way (`--attribute-scores`)",
+             "", f"Each of the default int8 model's {next(iter(at['sets'].values()))['roundings']} activation "
+             f"roundings taken out alone (`error_sources.without_rounding`), scored by `fidelity.score` against "
+             f"FP32; rank of `{at['top']}` (the task-metric attribution's first) by the gain, and the best gain; "
+             f"code at {at.get('commit')}. `pooled`: SQNR of all feeds' signal over all their error; `worst_feed`: "
+             "the lowest per-feed SQNR; `mean_feed_db`: the mean of per-feed SQNRs (dB); `mean_feed_nsr`: the mean of "
+             "per-feed noise-to-signal ratios (in dB).", "",
+             "| feeds | feeds combined | feature SQNR: rank (gain dB) | best feature gain | output SQNR: rank "
+             "(gain dB) | best output gain |", "|---|---|---|---|---|---|"]
+    for name, st in at["sets"].items():
+        for how, r in st["by_feed_score"].items():
+            f, o = r["ranks"]["feature_sqnr_db"], r["ranks"]["sqnr_db"]
+            lines.append(f"| {name} | {how} | {f['rank']} ({f['gain']:+.2f}) | `{f['best']}` {f['best_gain']:+.2f} | "
+                         f"{o['rank']} ({o['gain']:+.2f}) | `{o['best']}` {o['best_gain']:+.2f} |")
+    return [*lines, ""]
+
+
 def _load(load: Any) -> str:
     """The 1-minute load average when the variant started (and ended)."""
     if not load:
@@ -1105,7 +1161,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = load_specs()
     if args.attribute_scores:
         at = next(a for a in old["meta"]["attribution"] if a["pipeline"] == "cleanup,quantize")
-        old["meta"]["attribution_scores"] = attribution_scores(specs["ppocrv4_rec"], at["order"][0])
+        old["meta"]["attribution_scores_by_feed"] = attribution_scores(specs["ppocrv4_rec"], at["order"][0])
         json_path.write_text(json.dumps(old, indent=1, default=_json_default))
         return 0
     if args.attribute:

@@ -96,6 +96,7 @@ def test_combine_feeds_weighs_every_feed_alike():
     assert fid.combine_feeds(sig, err, "pooled") == pytest.approx(10 * np.log10(201 / 3))
     assert fid.combine_feeds(sig, err, "worst_feed") == pytest.approx(0.0)
     assert fid.combine_feeds(sig, err, "mean_feed_db") == pytest.approx(40 / 3)
+    assert fid.combine_feeds(sig, err, "mean_feed_nsr") == pytest.approx(-10 * np.log10((0.01 + 0.01 + 1) / 3))
     # an exact feed or an empty one is clipped, not inf / -inf
     assert fid.combine_feeds([1.0, 1.0], [0.0, 1.0], "mean_feed_db") == pytest.approx(fid.FEED_DB_CLIP / 2)
     assert fid.combine_feeds([0.0, 1.0], [1.0, 0.01], "worst_feed") == -fid.FEED_DB_CLIP

@@ -15,8 +15,10 @@ last layers' input features, which (unlike softmax/argmax outputs) do not satura
 **Across feeds** (``Reference.feed_score``, ``FEED_SCORES``): ``pooled`` sums signal and error over all feeds first
 (``Σ_f Σr² / Σ_f Σ(r − c)²``), which weighs each feed by its signal energy: a rounding that ruins the low-energy
 feeds (PP-OCRv4 rec's low-contrast lines) hardly moves it. ``worst_feed`` is the lowest per-feed SQNR
-``min_f 10 log10(Σr_f² / Σ(r_f − c_f)²)`` and ``mean_feed_db`` their mean in dB (each per-feed value clipped to
-±``FEED_DB_CLIP`` dB, so an exact or an empty feed does not decide alone): every feed counts whatever its energy.
+``min_f 10 log10(Σr_f² / Σ(r_f − c_f)²)``, ``mean_feed_db`` their mean in dB (each per-feed value clipped to
+±``FEED_DB_CLIP`` dB, so an exact or an empty feed does not decide alone), and ``mean_feed_nsr``
+``−10 log10(mean_f Σ(r_f − c_f)² / Σr_f²)``: the per-feed noise-to-signal ratios averaged (linear, so the noisiest
+feeds weigh most, but every one counts): every feed counts whatever its energy.
 
 **Ranking** (``rank_key``, best first): feature SQNR, then agreement lost, then output SQNR. **Targets**
 (``meets``): ``cosine >= min_cosine``, ``1 − agreement <= max_agreement_drop`` and ``SQNR >= min_sqnr_db`` (worst
@@ -41,7 +43,7 @@ from onnxcompress.runtime import Session
 log = logging.getLogger(__name__)
 
 #: how SQNRs combine the feeds (module doc)
-FEED_SCORES = ("pooled", "worst_feed", "mean_feed_db")
+FEED_SCORES = ("pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr")
 #: a per-feed SQNR is clipped to +-this many dB before the feeds are combined
 FEED_DB_CLIP = 100.0
 
@@ -175,6 +177,8 @@ def combine_feeds(sig: list[float], err: list[float], feed_score: str = "pooled"
         return float(np.min(db))
     if feed_score == "mean_feed_db":
         return float(np.mean(db))
+    if feed_score == "mean_feed_nsr":
+        return float(-10 * np.log10(np.mean(10.0 ** (-db / 10))))
     raise ValueError(f"feed_score must be one of {FEED_SCORES}, got {feed_score!r}")
 
 

@@ -50,7 +50,7 @@ from .float_patch import FloatPatcher
 if TYPE_CHECKING:  # pragma: no cover
     from .static_run import StaticRun
 
-#: leave-one-out is skipped above this many layers, and scored on this many feeds
+#: leave-one-out is skipped above this many layers, and scored on this many feeds (``auto_float_feeds``'s default)
 AUTO_FLOAT_MAX_LAYERS = 256
 AUTO_FLOAT_FEEDS = 4
 #: ... ranked on patched models (``float_patch``); this many beyond the float-layer budget are re-scored with real
@@ -77,7 +77,7 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
     layers = plan.int8_anchor_names()
     if not ref.feature_nodes or not layers or len(layers) > AUTO_FLOAT_MAX_LAYERS:
         return
-    feeds = eval_feeds[: min(len(eval_feeds), AUTO_FLOAT_FEEDS)]
+    feeds = eval_feeds[: min(len(eval_feeds), p.auto_float_feeds)]
     ref_features = ref.features[: len(feeds)]
     base = fid.feature_sqnr_db(ref_features, fid.run_features(model, feeds, ref.feature_nodes), how)
     if base is None or not np.isfinite(base) or base >= AUTO_FLOAT_BELOW_DB:

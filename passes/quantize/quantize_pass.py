@@ -188,12 +188,17 @@ class Quantize(Pass):
         "needs integer input and output for an integer Conv, so a rounding goes only when all its layers run "
         "float; EfficientNet-Lite2's stem output: +6 dB at the logits for ~+0.02x latency)",
     )
-    auto_float_score: Literal["pooled", "worst_feed", "mean_feed_db"] = option(
+    auto_float_score: Literal["pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr"] = option(
         "pooled",
         "how the automatic float-layer search scores a candidate over its evaluation feeds: pooled (SQNR of all "
         "feeds' signal over all their error: high-energy feeds dominate) | worst_feed (the lowest per-feed SQNR: a "
         "rounding that ruins the low-energy feeds, e.g. low-contrast text lines, ranks where it should) | "
-        "mean_feed_db (the mean of per-feed SQNRs in dB)",
+        "mean_feed_db (the mean of per-feed SQNRs in dB) | mean_feed_nsr (the mean of per-feed noise-to-signal "
+        "ratios, in dB)",
+    )
+    auto_float_feeds: int = option(
+        4,
+        "calibration feeds the automatic float-layer search ranks and scores its candidates on (the first ones)",
     )
     auto_float_cost_per_db: float = option(
         0.05,
@@ -259,10 +264,13 @@ class Quantize(Pass):
             raise ValueError(f"refit_samples must be >= 0, got {self.refit_samples}")
         if self.explain < 0:
             raise ValueError(f"explain must be >= 0, got {self.explain}")
-        if self.auto_float_score not in ("pooled", "worst_feed", "mean_feed_db"):
+        if self.auto_float_score not in ("pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr"):
             raise ValueError(
-                f"auto_float_score must be pooled, worst_feed or mean_feed_db, got {self.auto_float_score!r}"
+                "auto_float_score must be pooled, worst_feed, mean_feed_db or mean_feed_nsr, got "
+                f"{self.auto_float_score!r}"
             )
+        if self.auto_float_feeds < 1:
+            raise ValueError(f"auto_float_feeds must be >= 1, got {self.auto_float_feeds}")
         if self.auto_float_cost_per_db < 0:
             raise ValueError(f"auto_float_cost_per_db must be >= 0, got {self.auto_float_cost_per_db}")
         if self.mixed_range_ratio <= 1.0:
