@@ -144,14 +144,14 @@ def test_activation_aware_counts_tokens_of_calibration(rng):
     assert err_w < 0.2 * err_u
 
 
-def test_allocation_ladder_halves_the_block_length(rng):
+def test_allocation_ladder_shortens_the_block_length(rng):
     table = _table(rng)
     model = _model(table)
     calib = _feeds([rng.integers(0, V, 4) for _ in range(8)])
     out, st = _run(model, "cluster{embedding_vector=16 embedding_bits=6 target_error=0.00001 min_size=100 "
                           "exclude=[w]}", calib)
     level = next(iter(st["bits"]))
-    assert level in ("v8", "v4", "v2", "8", "float") and level != "v16"  # it had to climb from v16
+    assert level in ("v8", "v4", "v2", "8", "float")  # it had to climb from v16 (32 = 16 * 2: v16, v8, v4, v2)
     assert st["output_error"] <= 0.00001
 
 

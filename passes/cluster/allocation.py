@@ -1,7 +1,7 @@
 """Mixed bit-widths from the measured sensitivity of the user's model (``cluster{target_error=...}``).
 
 Every clustered tensor t gets a level l_t from the ladder  b0 -> b0 + 1 -> b0 + 2 (-> 4) -> 8 -> float  (b0: the pass's ``bits``, or
-more where ``max_error`` already raised it), each level with its bytes on disk B_t(l) (the planned storage) and its
+more where ``max_error`` already raised it; a product-quantized table: v<d> -> v<d'> (shorter blocks) .. -> 8 -> float), each level with its bytes on disk B_t(l) (the planned storage) and its
 measured effect on the model: e_t(l) = relative output error (``onnxcompress.output_error``) of the model with t
 alone at level l and every other tensor float, on a few calibration feeds. The model's error with every tensor at
 its level is predicted additively, E = sum_t e_t(l_t) (small, independent perturbations; it is verified below).

@@ -13,11 +13,15 @@ table) / LSTM, GRU, RNN (W and R; no activation weights or refit) with at least 
    one more bit (up to 8);
    ``refit_rounds`` / ``fit_scales`` alternate refit, channel-scale fit and re-assignment (``refine``);
 3. with ``target_error`` / ``size_budget`` / ``size_ratio``: bits per tensor from measured output errors
-   (``allocation``); ``size_ratio=R`` budgets the clustered tensors at (the run's original model bytes / R) minus
+   (``allocation``; a product-quantized table climbs v<d> -> shorter blocks -> 8 bits -> float); ``size_ratio=R`` budgets the clustered tensors at (the run's original model bytes / R) minus
    the rest of the file (earlier passes that removed weights, e.g. ``prune-channels``, leave more per weight);
 4. stored as a codebook + packed indices decoded in the graph, or snapped in place, whichever is smaller on disk
    (``storage=auto``; ``storage``); ``storage=unpacked`` keeps int32 indices (what ``distill{mode=train}`` trains)
    and every later ``cluster`` run packs such decodes exactly (``pack_only``: nothing else).
+
+Gather tables with ``embedding_vector=d``: product quantization instead of step 1 (``vector_codebook``: rows cut into
+blocks of d values that share 2^embedding_bits d-vectors per block; token counts as row weights with
+``activation_aware``).
 
 A constant read by several nodes (tied weights) is clustered once and all its readers read the one decoded tensor.
 Statistics (Gram matrices of the layer inputs) come from the shared ``ActivationStatistics`` of the current graph,
@@ -116,7 +120,7 @@ class Cluster(Pass):
     embedding_vector: int = option(0, "Gather tables: product quantization, every row cut into blocks of this "
                                       "many values that share 2^embedding_bits codes per block (log2(k) / d bits "
                                       "per weight; weighted by token counts with activation_aware; under an "
-                                      "allocation the table's ladder halves d); 0: scalar like other weights")
+                                      "allocation the table's ladder shortens d); 0: scalar like other weights")
     zero_fraction: float = option(0.05, "a tensor with at least this share of exact zeros (pruned) keeps 0 as a "
                                         "fixed centroid; 1 disables")
     target_error: float | None = option(None, "mixed bit-widths from measured sensitivity: each tensor's effect "
@@ -274,14 +278,12 @@ class Cluster(Pass):
 
     def _rungs(self, c: _Candidate, level) -> list:
         """The allocation ladder of one tensor from its first level: scalar bits b0, b0 + 1, .. (``ladder``), or
-        for a product-quantized table v<d>, v<d/2>, .. v2 (twice the bits each), then 8 bits, then float."""
+        for a product-quantized table v<d> then every shorter block length that divides the row, down to 2 (more
+        bits per weight each: log2(k) / d), then 8 bits, then float."""
         if not isinstance(level, str):
             return ladder(level)
-        d, out = int(level[1:]), []
-        while d >= 2 and c.tensor.values.shape[1] % d == 0:
-            out.append(f"v{d}")
-            d //= 2
-        return out + [8, FLOAT]
+        row = c.tensor.values.shape[1]
+        return [f"v{d}" for d in range(int(level[1:]), 1, -1) if row % d == 0] + [8, FLOAT]
 
     def _cluster_one(self, c: _Candidate, bits, stats_of: dict, storage: str, rng) -> Clustered:
         w = np.asarray(c.tensor.values)
@@ -422,6 +424,8 @@ class Cluster(Pass):
                 chosen = self._allocate(graph, ctx, chosen, stats_of, storage, rng, st)
         for c, bits, res in chosen:
             st["bits"][str(bits) if res is not None else "float"] += 1
+            if c.uses[0].op == "Gather":  # embedding tables: the level each got (v<d>: product quantization)
+                st.setdefault("tables", {})[c.tensor.name] = str(bits) if res is not None else "float"
             if res is None:
                 skipped["kept float (target_error)"] += 1
                 continue
