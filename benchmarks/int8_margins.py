@@ -55,7 +55,8 @@ Conv after it: the rounding between them holds most of the hard-line damage, ``-
 the mean of per-feed SQNRs in dB, instead of one SQNR pooled over the feeds, on the search's usual 4 feeds),
 ``feed-worst-16`` / ``feed-mean-16`` / ``feed-nsr-16`` (the same on 16 feeds, ``auto_float_feeds=16``; ``nsr``:
 ``mean_feed_nsr``, the mean of per-feed noise-to-signal ratios), ``pooled-16`` (the pooled score on 16 feeds) and
-``feed-worst+qat-lines``.
+``feed-worst+qat-lines``; ``continue-qat-lines`` (the model in ``INT8_MARGINS_FROM``, a first QAT run's output,
+trained ``QAT_MINUTES`` more against the float model: ``distill{mode=train teacher=...}``).
 
 ``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
 rounding of the default int8 model taken out alone, with the feeds combined each way of
@@ -143,6 +144,10 @@ VARIANTS: dict[str, str] = {
     "feed-worst+qat-lines": "cleanup,quantize{auto_float_score=worst_feed},distill{mode=train train_data=POOL "
                             "train_samples=NPOOL lr=2e-4 steps=100000 eval_every=20 patience=6 max_minutes=MINUTES "
                             "augment=none}",
+    # QAT continued (``distill{teacher=}``): the model in ``INT8_MARGINS_FROM`` (a first QAT run's output, e.g.
+    # ``rec-stem-float+qat-lines`` kept with ``INT8_MARGINS_KEEP``) trained further against the float model
+    "continue-qat-lines": "distill{mode=train teacher=TEACHER train_data=POOL train_samples=NPOOL lr=2e-4 "
+                          "steps=100000 eval_every=20 patience=6 max_minutes=MINUTES augment=none}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),
@@ -436,9 +441,12 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelS
     from onnxcompress import io
     from onnxcompress.api import compress
 
+    source, text = fp32, _pipeline(variant, n_calib, pool)
+    if "TEACHER" in text:  # continue from an earlier run's output, against the float model
+        source, text = Path(os.environ["INT8_MARGINS_FROM"]), text.replace("TEACHER", str(fp32))
     try:
         with PeakRSS() as mem:
-            result = compress(fp32, _pipeline(variant, n_calib, pool), calibration=calib, validate=False, measure=False)
+            result = compress(source, text, calibration=calib, validate=False, measure=False)
     except Exception as exc:  # a failing variant becomes its row's error
         return {"tool_seconds": time.perf_counter() - t0, "error": anchors.first_line(exc), "load": load}
     io.save_model(result.model, out)

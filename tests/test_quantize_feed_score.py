@@ -99,7 +99,10 @@ def test_combine_feeds_weighs_every_feed_alike():
     assert fid.combine_feeds(sig, err, "mean_feed_nsr") == pytest.approx(-10 * np.log10((0.01 + 0.01 + 1) / 3))
     # an exact feed or an empty one is clipped, not inf / -inf
     assert fid.combine_feeds([1.0, 1.0], [0.0, 1.0], "mean_feed_db") == pytest.approx(fid.FEED_DB_CLIP / 2)
-    assert fid.combine_feeds([0.0, 1.0], [1.0, 0.01], "worst_feed") == -fid.FEED_DB_CLIP
+    assert fid.combine_feeds([0.0, 0.0], [1.0, 0.01], "worst_feed") == -fid.FEED_DB_CLIP
+    # a near-empty feed is measured against FEED_ENERGY_FLOOR of the mean feed's energy, not its own
+    near_empty = fid.combine_feeds([1e-9, 2.0], [1e-4, 0.02], "worst_feed")
+    assert near_empty == pytest.approx(10 * np.log10(fid.FEED_ENERGY_FLOOR * (1e-9 + 2.0) / 2 / 1e-4))
     with pytest.raises(ValueError):
         fid.combine_feeds(sig, err, "median")
 

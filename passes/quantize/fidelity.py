@@ -16,7 +16,8 @@ last layers' input features, which (unlike softmax/argmax outputs) do not satura
 (``Σ_f Σr² / Σ_f Σ(r − c)²``), which weighs each feed by its signal energy: a rounding that ruins the low-energy
 feeds (PP-OCRv4 rec's low-contrast lines) hardly moves it. ``worst_feed`` is the lowest per-feed SQNR
 ``min_f 10 log10(Σr_f² / Σ(r_f − c_f)²)``, ``mean_feed_db`` their mean in dB (each per-feed value clipped to
-±``FEED_DB_CLIP`` dB, so an exact or an empty feed does not decide alone), and ``mean_feed_nsr``
+±``FEED_DB_CLIP`` dB, so an exact feed does not decide alone; a feed's signal energy is floored at
+``FEED_ENERGY_FLOOR`` of the mean feed's, so a near-empty one does not either), and ``mean_feed_nsr``
 ``−10 log10(mean_f Σ(r_f − c_f)² / Σr_f²)``: the per-feed noise-to-signal ratios averaged (linear, so the noisiest
 feeds weigh most, but every one counts): every feed counts whatever its energy.
 
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 FEED_SCORES = ("pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr")
 #: a per-feed SQNR is clipped to +-this many dB before the feeds are combined
 FEED_DB_CLIP = 100.0
+#: ... and measured against at least this share of the mean feed's signal energy: a near-empty output (PP-OCRv4
+#: det's probability map of a line-free crop) has an SQNR of -100 dB for an error nobody sees
+FEED_ENERGY_FLOOR = 0.01
 
 
 @dataclass
@@ -169,6 +173,7 @@ def combine_feeds(sig: list[float], err: list[float], feed_score: str = "pooled"
             return float("inf")
         return float(10 * np.log10(s / e)) if s > 0 else float("-inf")
     s_, e_ = np.asarray(sig, np.float64), np.asarray(err, np.float64)
+    s_ = np.maximum(s_, FEED_ENERGY_FLOOR * float(np.mean(s_)))
     with np.errstate(divide="ignore", invalid="ignore"):
         db = 10 * np.log10(s_ / e_)
     db = np.where(e_ == 0, FEED_DB_CLIP, np.where(s_ == 0, -FEED_DB_CLIP, db))
