@@ -190,11 +190,11 @@ class Quantize(Pass):
     )
     auto_float_score: Literal["pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr"] = option(
         "pooled",
-        "how the automatic float-layer search scores a candidate over its evaluation feeds: pooled (SQNR of all "
-        "feeds' signal over all their error: high-energy feeds dominate) | worst_feed (the lowest per-feed SQNR: a "
-        "rounding that ruins the low-energy feeds, e.g. low-contrast text lines, ranks where it should) | "
-        "mean_feed_db (the mean of per-feed SQNRs in dB) | mean_feed_nsr (the mean of per-feed noise-to-signal "
-        "ratios, in dB)",
+        "how the automatic float-layer search (and its output checks) combines its evaluation feeds: pooled (one "
+        "SQNR of all feeds' signal over all their error) | worst_feed (the lowest per-feed SQNR) | mean_feed_db "
+        "(the mean of per-feed SQNRs, dB) | mean_feed_nsr (the mean of per-feed noise-to-signal ratios, dB). "
+        "Measured on 6 models: no per-feed score is better; worst_feed lowers PP-OCRv4 rec's hard-line agreement "
+        "0.27 -> 0.19, ddddocr_det 21.6 -> 15.1 dB, nudenet box F1 0.97 -> 0.91 (benchmarks/results/int8_margins)",
     )
     auto_float_feeds: int = option(
         4,
