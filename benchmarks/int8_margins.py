@@ -54,7 +54,9 @@ Conv after it: the rounding between them holds most of the hard-line damage, ``-
 ``mean_feed_db``: the automatic float-layer search scores each candidate feed by feed, by the worst feed's SQNR or
 the mean of per-feed SQNRs in dB, instead of one SQNR pooled over the feeds, on the search's usual 4 feeds),
 ``feed-worst-16`` / ``feed-mean-16`` / ``feed-nsr-16`` (the same on 16 feeds, ``auto_float_feeds=16``; ``nsr``:
-``mean_feed_nsr``, the mean of per-feed noise-to-signal ratios), ``pooled-16`` (the pooled score on 16 feeds) and
+``mean_feed_nsr``, the mean of per-feed noise-to-signal ratios), ``pooled-16`` (the pooled score on 16 feeds),
+``least-sure-8`` / ``least-sure-16`` (pooled over the half of the first 8 / 16 feeds where FP32's top-1 margin is
+smallest, ``least_sure_half``) and
 ``feed-worst+qat-lines``; ``continue-qat-lines`` (the model in ``INT8_MARGINS_FROM``, a first QAT run's output,
 trained ``QAT_MINUTES`` more against the float model: ``distill{mode=train teacher=...}``).
 
@@ -141,6 +143,8 @@ VARIANTS: dict[str, str] = {
     "feed-mean-16": "cleanup,quantize{auto_float_score=mean_feed_db auto_float_feeds=16}",
     "feed-nsr-16": "cleanup,quantize{auto_float_score=mean_feed_nsr auto_float_feeds=16}",
     "pooled-16": "cleanup,quantize{auto_float_feeds=16}",
+    "least-sure-8": "cleanup,quantize{auto_float_score=least_sure_half auto_float_feeds=8}",
+    "least-sure-16": "cleanup,quantize{auto_float_score=least_sure_half auto_float_feeds=16}",
     "feed-worst+qat-lines": "cleanup,quantize{auto_float_score=worst_feed},distill{mode=train train_data=POOL "
                             "train_samples=NPOOL lr=2e-4 steps=100000 eval_every=20 patience=6 max_minutes=MINUTES "
                             "augment=none}",

@@ -139,3 +139,24 @@ def test_worst_feed_search_keeps_the_stem_rounding_out():
 def test_auto_float_score_is_validated():
     with pytest.raises(ValueError, match="auto_float_score"):
         Quantize(auto_float_score="median")
+
+
+def test_least_sure_half_pools_the_feeds_with_the_smallest_float_margins():
+    """Three feeds of 4 class positions: the float model is sure on feeds 0 and 2 (margin 0.8), unsure on 1 and 3
+    (margins 0.1 and 0.05); a candidate's error sits on the unsure feeds."""
+    logits = [np.array([[0.9, 0.1]] * 4), np.array([[0.55, 0.45]] * 4), np.array([[0.9, 0.1]] * 4),
+              np.array([[0.525, 0.475]] * 4)]
+    ref = fid.Reference([{} for _ in logits], [[x] for x in logits], ["p"], class_outputs=frozenset({"p"}))
+    assert fid.feed_weights(ref) is None  # pooled: every feed
+    ls = ref.scored_by("least_sure_half")
+    assert fid.feed_weights(ls).tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert fid.feed_weights(ls, 2).tolist() == [0.0, 1.0]
+    noise = [[np.zeros_like(x) if i % 2 == 0 else x + 0.05] for i, x in enumerate(logits)]
+    pooled, least = fid.score(ref, (noise, [])), fid.score(ls, (noise, []))
+    sig_unsure = sum(float(np.sum(logits[i] ** 2)) for i in (1, 3))
+    assert least["sqnr_db"] == pytest.approx(10 * np.log10(sig_unsure / (2 * 8 * 0.05**2)))
+    # the sure feeds' zero outputs (error = their whole signal) are what pooled sees
+    assert pooled["sqnr_db"] < 3.0 < least["sqnr_db"]
+    # without class outputs the half cannot be told: every feed
+    assert fid.feed_weights(fid.Reference([{}], [[logits[0]]], ["p"], class_outputs=frozenset(),
+                                          feed_score="least_sure_half")) is None

@@ -19,7 +19,10 @@ feeds (PP-OCRv4 rec's low-contrast lines) hardly moves it. ``worst_feed`` is the
 ±``FEED_DB_CLIP`` dB, so an exact feed does not decide alone; a feed's signal energy is floored at
 ``FEED_ENERGY_FLOOR`` of the mean feed's, so a near-empty one does not either), and ``mean_feed_nsr``
 ``−10 log10(mean_f Σ(r_f − c_f)² / Σr_f²)``: the per-feed noise-to-signal ratios averaged (linear, so the noisiest
-feeds weigh most, but every one counts): every feed counts whatever its energy.
+feeds weigh most, but every one counts): every feed counts whatever its energy. ``least_sure_half`` pools only the
+half of the feeds on which the float model is least sure (``feed_weights``: the smallest lower-quartile top-1 - top-2
+margin of its class outputs over their positions; every feed when there are no class outputs): the inputs where a
+little noise flips a decision, found without labels.
 
 **Ranking** (``rank_key``, best first): feature SQNR, then agreement lost, then output SQNR. **Targets**
 (``meets``): ``cosine >= min_cosine``, ``1 − agreement <= max_agreement_drop`` and ``SQNR >= min_sqnr_db`` (worst
@@ -44,9 +47,13 @@ from onnxcompress.runtime import Session
 log = logging.getLogger(__name__)
 
 #: how SQNRs combine the feeds (module doc)
-FEED_SCORES = ("pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr")
+FEED_SCORES = ("pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr", "least_sure_half")
 #: a per-feed SQNR is clipped to +-this many dB before the feeds are combined
 FEED_DB_CLIP = 100.0
+#: ``least_sure_half`` ranks a feed by this percentile of its positions' top-1 - top-2 margins: a classifier has one
+#: position; a CTC recognizer's positions are mostly sure blanks (PP-OCRv4 rec: the mean margin picked 3 of its 4 hard
+#: lines among 8 mixed calibration feeds, the lower quartile all 8 of 16)
+MARGIN_QUANTILE = 25.0
 #: ... and measured against at least this share of the mean feed's signal energy: a near-empty output (PP-OCRv4
 #: det's probability map of a line-free crop) has an SQNR of -100 dB for an error nobody sees
 FEED_ENERGY_FLOOR = 0.01
@@ -133,13 +140,41 @@ def run_features(model: onnx.ModelProto, feeds: list[Feed], features: list[str])
         return [list(s.run(f, extra)) for f in feeds]
 
 
-def feature_sqnr_db(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]], feed_score: str = "pooled"
-                    ) -> float | None:
-    """Worst SQNR over the feature tensors, the feeds combined by ``feed_score`` (``None`` when there are none or
-    they do not line up)."""
+def feature_sqnr_db(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]], feed_score: str = "pooled",
+                    weights: np.ndarray | None = None) -> float | None:
+    """Worst SQNR over the feature tensors, the feeds combined by ``feed_score`` (``weights``: ``feed_weights``)
+    (``None`` when there are none or they do not line up)."""
     if not ref or not ref[0] or not cand or len(cand[0]) != len(ref[0]):
         return None
-    return min(_sqnr([f[i] for f in ref], [f[i] for f in cand], feed_score) for i in range(len(ref[0])))
+    return min(_sqnr([f[i] for f in ref], [f[i] for f in cand], feed_score, weights) for i in range(len(ref[0])))
+
+
+def feed_weights(ref: Reference, n: int | None = None) -> np.ndarray | None:
+    """For ``feed_score=least_sure_half``: 1 for the half of the first ``n`` feeds (at least one) whose float
+    outputs have the smallest top-1 - top-2 margin (the ``MARGIN_QUANTILE`` percentile over their positions, the
+    smallest over the class outputs), 0 for the others; None (every feed) for any other score or without class
+    outputs."""
+    if ref.feed_score != "least_sure_half":
+        return None
+    outputs = ref.outputs[: len(ref.outputs) if n is None else n]
+    margins = []
+    for outs in outputs:
+        m = []
+        for k, name in enumerate(ref.names):
+            r = np.asarray(outs[k])
+            if ref.class_outputs is not None and name not in ref.class_outputs:
+                continue
+            if not np.issubdtype(r.dtype, np.floating) or r.ndim < 1 or r.shape[-1] < 2:
+                continue
+            top2 = np.partition(r.reshape(-1, r.shape[-1]).astype(np.float64), -2, axis=1)[:, -2:]
+            m.append(float(np.percentile(top2[:, 1] - top2[:, 0], MARGIN_QUANTILE)))
+        margins.append(min(m) if m else np.nan)
+    mg = np.asarray(margins, np.float64)
+    if not mg.size or not np.all(np.isfinite(mg)):
+        return None
+    w = np.zeros(mg.size)
+    w[np.argsort(mg, kind="stable")[: max(1, mg.size // 2)]] = 1.0
+    return w
 
 
 def reference(model: onnx.ModelProto, feeds: list[Feed], features: list[str] = ()) -> Reference:
@@ -156,18 +191,25 @@ def score_model(ref: Reference, model: onnx.ModelProto) -> dict[str, float]:
     return score(ref, run_model(model, ref.feeds, ref.feature_nodes))
 
 
-def _sqnr(refs: list[np.ndarray], cands: list[np.ndarray], feed_score: str = "pooled") -> float:
+def _sqnr(refs: list[np.ndarray], cands: list[np.ndarray], feed_score: str = "pooled",
+          weights: np.ndarray | None = None) -> float:
     sig = [float(np.sum(np.asarray(r, np.float64) ** 2)) for r in refs]
     err = [
         float(np.sum((np.asarray(r, np.float64) - np.asarray(c, np.float64)) ** 2))
         for r, c in zip(refs, cands, strict=True)
     ]
-    return combine_feeds(sig, err, feed_score)
+    return combine_feeds(sig, err, feed_score, weights)
 
 
-def combine_feeds(sig: list[float], err: list[float], feed_score: str = "pooled") -> float:
-    """SQNR (dB) from per-feed signal and error energies, the feeds combined by ``feed_score`` (module doc)."""
-    if feed_score == "pooled" or not sig:
+def combine_feeds(sig: list[float], err: list[float], feed_score: str = "pooled",
+                  weights: np.ndarray | None = None) -> float:
+    """SQNR (dB) from per-feed signal and error energies, the feeds combined by ``feed_score`` (module doc;
+    ``least_sure_half`` pools the feeds ``weights`` selects, ``feed_weights``)."""
+    if feed_score == "least_sure_half" and weights is not None and len(weights) == len(sig):
+        sig = [x for x, w in zip(sig, weights, strict=True) if w > 0]
+        err = [x for x, w in zip(err, weights, strict=True) if w > 0]
+        feed_score = "pooled"
+    if feed_score in ("pooled", "least_sure_half") or not sig:
         s, e = float(sum(sig)), float(sum(err))
         if e == 0:
             return float("inf")
@@ -191,6 +233,7 @@ def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarr
     """Worst-output cosine (mean over feeds), top-1 agreement (class-like outputs) and SQNR; worst feature SQNR
     (SQNRs: the feeds combined by ``ref.feed_score``)."""
     cand, cand_features = cand
+    weights = feed_weights(ref, len(cand))
     cos_by_out: list[float] = []
     agree_by_out: list[float] = []
     sqnr_by_out: list[float] = []
@@ -226,7 +269,7 @@ def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarr
                 feeds_seen += 1
         if cos:
             cos_by_out.append(float(np.mean(cos)))
-            sqnr_by_out.append(combine_feeds(sig, err, ref.feed_score))
+            sqnr_by_out.append(combine_feeds(sig, err, ref.feed_score, weights))
         if agree_total:
             agree_by_out.append(agree_hits / agree_total)
             exact_by_out.append(feeds_exact / feeds_seen)
@@ -236,7 +279,7 @@ def score(ref: Reference, cand: tuple[list[list[np.ndarray]], list[list[np.ndarr
     }
     if ref.features and ref.features[0] and cand_features and len(cand_features[0]) == len(ref.features[0]):
         sq = [
-            _sqnr([f[i] for f in ref.features], [f[i] for f in cand_features], ref.feed_score)
+            _sqnr([f[i] for f in ref.features], [f[i] for f in cand_features], ref.feed_score, weights)
             for i in range(len(ref.features[0]))
         ]
         out["feature_sqnr_db"] = min(sq)

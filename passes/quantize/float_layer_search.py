@@ -18,7 +18,8 @@ trades further.
 
 **Feeds** (``auto_float_score``, ``fidelity.FEED_SCORES``): every SQNR of the search and of ``float_cost`` combines
 the feeds ``pooled`` (one ratio of all their signal over all their error: a feed counts by its energy), by the
-``worst_feed``'s SQNR, or by the ``mean_feed_db``. On PP-OCRv4 rec, with easy and low-contrast lines mixed, the stem
+``worst_feed``'s SQNR, the ``mean_feed_db``, the ``mean_feed_nsr``, or pooled over the ``least_sure_half`` (the
+feeds where the float model's top-1 margin is smallest). On PP-OCRv4 rec, with easy and low-contrast lines mixed, the stem
 output's rounding ranks 119th of 129 pooled and 1st on the hard lines alone; but per feed too it ranks 114th-122nd
 on mixed feeds (taking it out lowers the easy lines' SQNR while it lifts the hard ones': a trade, not an energy
 weighting), and every per-feed score measured was worse somewhere held-out (``benchmarks/results/int8_margins.md``),
@@ -82,7 +83,8 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
         return
     feeds = eval_feeds[: min(len(eval_feeds), p.auto_float_feeds)]
     ref_features = ref.features[: len(feeds)]
-    base = fid.feature_sqnr_db(ref_features, fid.run_features(model, feeds, ref.feature_nodes), how)
+    w = fid.feed_weights(ref, len(feeds))
+    base = fid.feature_sqnr_db(ref_features, fid.run_features(model, feeds, ref.feature_nodes), how, w)
     if base is None or not np.isfinite(base) or base >= AUTO_FLOAT_BELOW_DB:
         return  # already accurate: nothing worth a float layer
     t0 = time.perf_counter()
@@ -94,7 +96,7 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
     def gain(cand: str) -> float:  # a real build with the candidate's layers float
         m = run.export(run.build(members.get(cand, [cand])).graph)
         builds[cand] = m
-        s_ = fid.feature_sqnr_db(ref_features, fid.run_features(m, feeds, ref.feature_nodes), how)
+        s_ = fid.feature_sqnr_db(ref_features, fid.run_features(m, feeds, ref.feature_nodes), how, w)
         return (base if s_ is None else s_) - base
 
     approx = _patched_gains(run, model, layers, ref, feeds[:AUTO_FLOAT_RANK_FEEDS], gain)
@@ -137,15 +139,15 @@ def _patched_gains(
     (a real build, ``gain(name)``, for a layer the patcher cannot patch)."""
     patcher = FloatPatcher(model, run.base)
     rank_features = ref.features[: len(rank_feeds)]
-    how = ref.feed_score
-    rank_base = fid.feature_sqnr_db(rank_features, fid.run_features(model, rank_feeds, ref.feature_nodes), how)
+    how, w = ref.feed_score, fid.feed_weights(ref, len(rank_feeds))
+    rank_base = fid.feature_sqnr_db(rank_features, fid.run_features(model, rank_feeds, ref.feature_nodes), how, w)
     approx: dict[str, float] = {}
     for name in layers:
         if not patcher.can_patch(name):
             approx[name] = gain(name)
             continue
         with patcher.float_layer(name) as m:
-            s_ = fid.feature_sqnr_db(rank_features, fid.run_features(m, rank_feeds, ref.feature_nodes), how)
+            s_ = fid.feature_sqnr_db(rank_features, fid.run_features(m, rank_feeds, ref.feature_nodes), how, w)
         approx[name] = (rank_base if s_ is None else s_) - rank_base
     return approx
 
@@ -172,11 +174,11 @@ def _unit_gains(model: onnx.ModelProto, removed: dict[str, set[str]], ref: fid.R
     if not removed:
         return {}
     rank_features = ref.features[: len(rank_feeds)]
-    how = ref.feed_score
-    rank_base = fid.feature_sqnr_db(rank_features, fid.run_features(model, rank_feeds, ref.feature_nodes), how)
+    how, w = ref.feed_score, fid.feed_weights(ref, len(rank_feeds))
+    rank_base = fid.feature_sqnr_db(rank_features, fid.run_features(model, rank_feeds, ref.feature_nodes), how, w)
     approx: dict[str, float] = {}
     for cand, ts in removed.items():
         s_ = fid.feature_sqnr_db(rank_features, fid.run_features(without_rounding(model, ts), rank_feeds,
-                                                                 ref.feature_nodes), how)
+                                                                 ref.feature_nodes), how, w)
         approx[cand] = 0.0 if s_ is None or rank_base is None else s_ - rank_base
     return approx

@@ -188,11 +188,12 @@ class Quantize(Pass):
         "needs integer input and output for an integer Conv, so a rounding goes only when all its layers run "
         "float; EfficientNet-Lite2's stem output: +6 dB at the logits for ~+0.02x latency)",
     )
-    auto_float_score: Literal["pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr"] = option(
+    auto_float_score: Literal["pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr", "least_sure_half"] = option(
         "pooled",
         "how the automatic float-layer search (and its output checks) combines its evaluation feeds: pooled (one "
         "SQNR of all feeds' signal over all their error) | worst_feed (the lowest per-feed SQNR) | mean_feed_db "
-        "(the mean of per-feed SQNRs, dB) | mean_feed_nsr (the mean of per-feed noise-to-signal ratios, dB). "
+        "(the mean of per-feed SQNRs, dB) | mean_feed_nsr (the mean of per-feed noise-to-signal ratios, dB) | "
+        "least_sure_half (pooled over the half of the feeds where the float model's top-1 margin is smallest). "
         "Measured on 6 models: no per-feed score is better; worst_feed lowers PP-OCRv4 rec's hard-line agreement "
         "0.27 -> 0.19, ddddocr_det 21.6 -> 15.1 dB, nudenet box F1 0.97 -> 0.91 (benchmarks/results/int8_margins)",
     )
@@ -264,9 +265,9 @@ class Quantize(Pass):
             raise ValueError(f"refit_samples must be >= 0, got {self.refit_samples}")
         if self.explain < 0:
             raise ValueError(f"explain must be >= 0, got {self.explain}")
-        if self.auto_float_score not in ("pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr"):
+        if self.auto_float_score not in ("pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr", "least_sure_half"):
             raise ValueError(
-                "auto_float_score must be pooled, worst_feed, mean_feed_db or mean_feed_nsr, got "
+                "auto_float_score must be pooled, worst_feed, mean_feed_db, mean_feed_nsr or least_sure_half, got "
                 f"{self.auto_float_score!r}"
             )
         if self.auto_float_feeds < 1:
