@@ -243,7 +243,8 @@ class Cluster(Pass):
         out = {}
         if self.activation_aware and self.embedding_vector:
             tables = {c.tensor.name: (c.uses[0].node.inputs[1], c.tensor.values.shape[0]) for c in cands
-                      if c.uses[0].op == "Gather" and len(c.uses) == 1 and self._vector_level(c) is not None}
+                      if c.uses[0].op == "Gather" and len(c.uses) == 1 and self._vector_level(c) is not None
+                      and int(c.uses[0].node.attrs.get("axis", 0)) == 0}  # indices name rows
             counts = token_counts(graph, ctx, tables, self.samples) if tables else {}
             for c in cands:  # a table's "input norms" are its token counts (the one-hot input's Gram diagonal)
                 if c.tensor.name in counts:
