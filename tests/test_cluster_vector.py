@@ -182,3 +182,26 @@ def test_distill_trains_the_code_vectors_and_keeps_the_codes(rng):
     packed, st = _run(trained, "cluster{pack_only=true}")
     assert st["decodes_packed"] == 1
     np.testing.assert_array_equal(ort_run(packed, {"ids": ids})[0], ort_run(trained, {"ids": ids})[0])
+
+
+def test_token_counts_read_computed_and_constant_indices(rng):
+    """Indices that are a graph input, computed in the graph (fetched in the one statistics run) or a constant."""
+    import onnx_graphsurgeon as gs
+    from onnxcompress.passes.cluster.vector_codebook import token_counts
+
+    model = _model(rng.standard_normal((V, 16)).astype(np.float32))
+    model.graph.node.insert(0, helper.make_node("Add", ["ids", "one"], ["ids1"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1, np.int64), "one"))
+    model.graph.node[1].input[1] = "ids1"
+    graph = gs.import_onnx(model)
+    calib = _feeds([[1, 2, 3, -1], [2, 2, 5, 7]])
+    ctx = PassContext(calibration=calib)
+    gather = next(n for n in graph.nodes if n.op == "Gather")
+    const = gs.Constant("c", np.array([[0, 0, 9]], np.int64))
+    got = token_counts(graph, ctx, {"computed": (gather.inputs[1], V), "input": (graph.inputs[0], V),
+                                    "const": (const, V)}, samples=2)
+    want_in = np.bincount([1, 2, 3, V - 1, 2, 2, 5, 7], minlength=V)
+    np.testing.assert_array_equal(got["input"], want_in)
+    np.testing.assert_array_equal(got["computed"], np.bincount([2, 3, 4, 0, 3, 3, 6, 8], minlength=V))
+    np.testing.assert_array_equal(got["const"], np.bincount([0, 0, 9], minlength=V))
+    assert ctx.counters["calibration_runs"] == 1
