@@ -205,3 +205,19 @@ def test_token_counts_read_computed_and_constant_indices(rng):
     np.testing.assert_array_equal(got["computed"], np.bincount([2, 3, 4, 0, 3, 3, 6, 8], minlength=V))
     np.testing.assert_array_equal(got["const"], np.bincount([0, 0, 9], minlength=V))
     assert ctx.counters["calibration_runs"] == 1
+
+
+def test_large_tables_fit_on_a_weighted_sample_as_well(rng, monkeypatch):
+    import onnxcompress.passes.cluster.vector_codebook as vc
+
+    table = _table(rng, v=3000, d=16)
+    w = row_weights(rng.poisson(0.5, 3000).astype(np.float64), 3000)
+    full = vc.product_kmeans(table, 4, 32, w, np.random.default_rng(0))
+    monkeypatch.setattr(vc, "SAMPLE_ROWS", 400)
+    sampled = vc.product_kmeans(table, 4, 32, w, np.random.default_rng(0))
+
+    def err(res):
+        return float(np.sum(w[:, None] * (table - decode(*res)) ** 2))
+
+    assert err(sampled) < 1.15 * err(full)
+    assert sampled[1].shape == (3000, 4)

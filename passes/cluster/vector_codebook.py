@@ -13,6 +13,8 @@ at once, and the d-vectors follow the joint distribution of the block (correlate
 weights w_v; assignment by the nearest centroid (||c||^2 - 2 x·c, batched matmuls in chunks of rows), update by the
 weighted mean of each cluster (``bincount`` over the flat labels s·k + i); an empty cluster takes the block's point
 with the largest weighted error; stops when the objective improves by < ``TOL`` (relative) or after ``ITERS``.
+A table of more than ``SAMPLE_ROWS`` rows is fitted on that many rows drawn with probability ∝ w_v (each drawn row
+weighted by how often it was drawn: the same objective in expectation), then one Lloyd step on all rows.
 Init: weighted k-means++ per block (the next code drawn with probability ∝ w_v · D_v^2, D_v the distance to the
 nearest code so far), vectorised over the blocks: random rows as codes leave clusters of rows unserved.
 
@@ -36,6 +38,8 @@ from .cluster_tensor import Clustered
 from .storage import STREAMS, decode_overhead, index_bits
 
 ITERS = 20
+#: tables with more rows are fitted on this many rows drawn ∝ their weights, then one Lloyd step on every row
+SAMPLE_ROWS = 8192
 TOL = 1e-4
 FLOOR = 0.1
 #: elements of one chunk of the batched distance matrix [S, rows, k]
@@ -93,11 +97,27 @@ def product_kmeans(table: np.ndarray, d: int, k: int, weights: np.ndarray,
     s = dim // d
     x = np.ascontiguousarray(table.astype(np.float32).reshape(v, s, d).transpose(1, 0, 2))  # [S, V, d]
     w = np.asarray(weights, np.float64)
-    c = _init_plus_plus(x, k, w, rng)
+    fit_rows, fit_w = np.arange(v), w
+    if v > SAMPLE_ROWS:  # fit on SAMPLE_ROWS draws ∝ w (multiplicities as weights: unbiased), then all rows
+        drawn = np.bincount(rng.choice(v, size=SAMPLE_ROWS, p=w / w.sum()), minlength=v)
+        fit_rows = np.flatnonzero(drawn)
+        fit_w = drawn[fit_rows].astype(np.float64)
+    c = _init_plus_plus(x[:, fit_rows], k, fit_w, rng)
+    c = _lloyd(x[:, fit_rows], c, fit_w, ITERS)
+    if fit_rows.size < v:
+        c = _lloyd(x, c, w, 1)
+    lab, _ = _assign(x, c)
+    return c, np.ascontiguousarray(lab.T)
+
+
+def _lloyd(x: np.ndarray, c: np.ndarray, w: np.ndarray, iters: int) -> np.ndarray:
+    """``iters`` weighted Lloyd steps (fewer once the objective stops improving by TOL) from codes c [S, k, d]."""
+    s, _, d = x.shape
+    k = c.shape[1]
     flat_w = np.tile(w, s)
     offsets = (np.arange(s) * k)[:, None]
     prev = math.inf
-    for _ in range(ITERS):
+    for _ in range(iters):
         lab, dist = _assign(x, c)
         obj = float(np.sum(dist * w[None, :]))
         flat = (lab + offsets).ravel()
@@ -116,8 +136,7 @@ def product_kmeans(table: np.ndarray, d: int, k: int, weights: np.ndarray,
         if prev - obj <= TOL * max(obj, 1e-30):
             break
         prev = obj
-    lab, _ = _assign(x, c)
-    return c, np.ascontiguousarray(lab.T)
+    return c
 
 
 def decode(codebooks: np.ndarray, labels: np.ndarray) -> np.ndarray:
