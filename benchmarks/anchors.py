@@ -238,6 +238,8 @@ def ours(pipeline: str) -> Method:
             st = r.pass_stats or {}
             if st.get("mode") == "static":
                 info["quantize"] = {k: st[k] for k in _QUANT_STAT_KEYS if k in st}
+            if "bytes_after" in st and "bits" in st:  # cluster's choices: bits per tensor, tables' levels, storage
+                info["cluster"] = {k: st[k] for k in _CLUSTER_STAT_KEYS if k in st}
             if isinstance(st.get("train"), dict):  # distill's training: steps, stop reason, back-offs, lr
                 info["distill_train"] = {k: v for k, v in st["train"].items()
                                          if isinstance(v, (int, float, str, bool)) or k == "augment_probe"}
@@ -246,6 +248,10 @@ def ours(pipeline: str) -> Method:
     run.pipeline = pipeline  # type: ignore[attr-defined]
     return run
 
+
+#: stats of cluster copied into an ours_* result's info
+_CLUSTER_STAT_KEYS = ("bits", "tables", "storage", "output_error", "size_ratio_budget_bits", "floats_kept",
+                      "bytes_before", "bytes_after")
 
 #: stats of quantize{mode=static} copied into an ours_* result's info
 _QUANT_STAT_KEYS = (
