@@ -221,3 +221,16 @@ def test_large_tables_fit_on_a_weighted_sample_as_well(rng, monkeypatch):
 
     assert err(sampled) < 1.15 * err(full)
     assert sampled[1].shape == (3000, 4)
+
+
+def test_counts_of_computed_indices_share_the_one_statistics_run(rng):
+    model = _model(rng.standard_normal((V, 16)).astype(np.float32))
+    model.graph.node.insert(0, helper.make_node("Add", ["ids", "one"], ["ids1"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1, np.int64), "one"))
+    model.graph.node[1].input[1] = "ids1"
+    ctx = PassContext(calibration=_feeds([[1, 2, 3, 4], [2, 2, 5, 7]]))
+    res = PassManager(parse_pipeline("cluster{embedding_vector=8 embedding_bits=4 activation_aware=true "
+                                     "min_size=100}")).run(model, ctx)
+    st = res.ledger[-1].pass_stats
+    assert st["weighted"] == 2  # the table (token counts) and the MatMul weight (input norms)
+    assert ctx.counters["calibration_runs"] == 1

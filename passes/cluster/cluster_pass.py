@@ -245,11 +245,11 @@ class Cluster(Pass):
             tables = {c.tensor.name: (c.uses[0].node.inputs[1], c.tensor.values.shape[0]) for c in cands
                       if c.uses[0].op == "Gather" and len(c.uses) == 1 and self._vector_level(c) is not None
                       and int(c.uses[0].node.attrs.get("axis", 0)) == 0}  # indices name rows
-            counts = token_counts(graph, ctx, tables, self.samples) if tables else {}
+            counts = token_counts(graph, ctx, tables, self.samples, req) if tables else {}
             for c in cands:  # a table's "input norms" are its token counts (the one-hot input's Gram diagonal)
-                if c.tensor.name in counts:
+                if c.tensor.name in counts:  # (computed indices are counted during the run below)
                     out[id(c.tensor)] = (counts[c.tensor.name], False, None)
-        if not req.second_moments:
+        if not req.second_moments and req.capture is None:
             return out
         store = ctx.analysis(ActivationStatistics, graph).get(req)
         for c in cands:

@@ -193,10 +193,13 @@ def vector_codes(book: np.ndarray, idx: np.ndarray) -> int:
     return k if 2 <= k <= 256 and local.min() >= 0 and local.max() < k else 0
 
 
-def token_counts(graph, ctx, tables: dict[str, tuple[object, int]], samples: int) -> dict[str, np.ndarray]:
+def token_counts(graph, ctx, tables: dict[str, tuple[object, int]], samples: int,
+                 request=None) -> dict[str, np.ndarray]:
     """How often each row of each table is read on the first ``samples`` calibration feeds: ``tables`` maps a key to
     (the Gather's index tensor, rows V). A constant index is counted directly, a graph input on the feeds, any other
-    tensor in one streaming run of the shared statistics (``capture``). Negative indices count as i + V."""
+    tensor in a streaming run of the shared statistics (``capture``): in the caller's run when it hands its
+    ``StatsRequest`` as ``request`` (the counts are complete once that request ran), else in one of its own.
+    Negative indices count as i + V."""
     import onnx_graphsurgeon as gs
 
     from onnxcompress.analyses.activation_stats import ActivationStatistics, StatsRequest
@@ -226,6 +229,10 @@ def token_counts(graph, ctx, tables: dict[str, tuple[object, int]], samples: int
                 for key in keys:
                     add(key, acts[name])
 
-        ctx.analysis(ActivationStatistics, graph).get(StatsRequest(fetch=list(fetched), capture=capture,
-                                                                     samples=samples))
+        if request is None:
+            ctx.analysis(ActivationStatistics, graph).get(StatsRequest(fetch=list(fetched), capture=capture,
+                                                                         samples=samples))
+        else:
+            request.fetch.extend(fetched)
+            request.capture = capture
     return counts
