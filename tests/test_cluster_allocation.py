@@ -185,3 +185,14 @@ def test_lstm_weights_are_clustered_per_gate_row_and_decode_bit_exactly(rng):
     np.testing.assert_array_equal(got[2], s["R"])
     np.testing.assert_allclose(got[0], ort_run(snapped, feed)[0], rtol=1e-5, atol=1e-6)
     assert coded.ByteSize() < 0.5 * model.ByteSize()
+
+
+def test_allocation_logs_a_size_budget_round_without_a_logging_error(rng, caplog):
+    """A size budget has no target error: the round's log line must still format (it raised inside logging)."""
+    import logging
+
+    model, feeds = _two_branches(rng)
+    with caplog.at_level(logging.INFO, logger="onnxcompress.passes.cluster.allocation"):
+        _run(model, "cluster{bits=2 size_budget=4 min_size=100}", load_feeds(feeds, model))
+    lines = [r.getMessage() for r in caplog.records if "allocation round" in r.msg]
+    assert lines and "target none (a size)" in lines[0]

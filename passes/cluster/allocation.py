@@ -118,8 +118,8 @@ def allocate(trials: Trials, levels: dict[str, dict], make_level, target: float 
         measured = trials.error({n: levels[n][b][1] for n, b in cur.items() if b != FLOAT})
         rounds += 1
         predicted = sum(err[n][cur[n]] for n in cur)
-        log.info("cluster allocation round %d: predicted %.3g, measured %.3g, target %.3g", rounds, predicted,
-                 measured, target)
+        log.info("cluster allocation round %d: predicted %.3g, measured %.3g, target %s", rounds, predicted,
+                 measured, "none (a size)" if target is None else f"{target:.3g}")
         if target is None or measured <= target or rounds >= ROUNDS or all(b == FLOAT for b in cur.values()):
             break
         work = min(work, predicted) * target / measured
