@@ -234,3 +234,28 @@ def test_counts_of_computed_indices_share_the_one_statistics_run(rng):
     st = res.ledger[-1].pass_stats
     assert st["weighted"] == 2  # the table (token counts) and the MatMul weight (input norms)
     assert ctx.counters["calibration_runs"] == 1
+
+
+def test_half_tables_decode_exactly_and_odd_rows_fall_back_to_scalar(rng):
+    half = _model(_table(rng).astype(np.float16))
+    half.graph.initializer[1].CopyFrom(numpy_helper.from_array(
+        numpy_helper.to_array(half.graph.initializer[1]).astype(np.float16), "w"))
+    half.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    out, st = _run(half, "cluster{embedding_vector=8 min_size=100 exclude=[w]}")
+    assert st["tables"] == {"emb": "v8"}
+    got = _decoded(out)
+    assert got.dtype == np.float16 and len(np.unique(got[:, :8], axis=0)) <= 256
+    ids = np.array([1, 2, 3, 4])
+    np.testing.assert_array_equal(ort_run(out, {"ids": ids})[0], ort_run(_swap16(half, got), {"ids": ids})[0])
+    odd = _model(rng.standard_normal((V, 30)).astype(np.float32))  # 30 values per row: no blocks of 8
+    _, st = _run(odd, "cluster{embedding_vector=8 min_size=100 exclude=[w]}")
+    assert st["tables"] == {"emb": "4"} and "vector-codebook" not in st["storage"]
+
+
+def _swap16(model, table):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.name == "emb":
+            t.CopyFrom(numpy_helper.from_array(table, "emb"))
+    return m
