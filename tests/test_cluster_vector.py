@@ -15,7 +15,7 @@ from onnxcompress.manager import PassManager
 from onnxcompress.pipeline import parse_pipeline
 from tests.conftest import ort_run
 
-V, D = 600, 32
+V, D = 8192, 32  # 8192 rows: the codebooks of 256 codes of 8 values weigh no more than the codes
 
 
 def _table(rng, v=V, d=D):
@@ -93,7 +93,7 @@ def test_pass_decodes_exactly_and_shrinks_the_file(rng):
     for s in range(D // 8):  # <= 256 distinct d-vectors per block
         assert len(np.unique(got[:, 8 * s:8 * s + 8], axis=0)) <= 256
     assert np.sum((got - table) ** 2) / np.sum(table ** 2) < 0.01
-    ids = np.array([0, 5, 599, 17])
+    ids = np.array([0, 5, V - 1, 17])
     only_table, st_t = _run(model, "cluster{embedding_vector=8 min_size=100 exclude=[w]}")
     np.testing.assert_array_equal(ort_run(only_table, {"ids": ids})[0], ort_run(_swap(model, got), {"ids": ids})[0])
     written = len(only_table.SerializeToString())
@@ -236,7 +236,7 @@ def test_counts_of_computed_indices_share_the_one_statistics_run(rng):
     assert ctx.counters["calibration_runs"] == 1
 
 
-def test_half_tables_decode_exactly_and_odd_rows_fall_back_to_scalar(rng):
+def test_half_tables_decode_exactly_odd_and_small_tables_fall_back_to_scalar(rng):
     half = _model(_table(rng).astype(np.float16))
     half.graph.initializer[1].CopyFrom(numpy_helper.from_array(
         numpy_helper.to_array(half.graph.initializer[1]).astype(np.float16), "w"))
@@ -250,6 +250,9 @@ def test_half_tables_decode_exactly_and_odd_rows_fall_back_to_scalar(rng):
     odd = _model(rng.standard_normal((V, 30)).astype(np.float32))  # 30 values per row: no blocks of 8
     _, st = _run(odd, "cluster{embedding_vector=8 min_size=100 exclude=[w]}")
     assert st["tables"] == {"emb": "4"} and "vector-codebook" not in st["storage"]
+    small = _model(rng.standard_normal((512, 32)).astype(np.float32))  # 512 positions: codebooks > codes
+    _, st = _run(small, "cluster{embedding_vector=8 min_size=100 exclude=[w]}")
+    assert st["tables"] == {"emb": "4"}
 
 
 def _swap16(model, table):

@@ -274,7 +274,8 @@ class Cluster(Pass):
         if not self.embedding_vector or c.uses[0].op != "Gather" or self.storage == "snap":
             return None
         k = 1 << (self.embedding_bits or 8)
-        return None if vector_blocks(tuple(c.tensor.values.shape), self.embedding_vector, k) else \
+        w = c.tensor.values
+        return None if vector_blocks(tuple(w.shape), self.embedding_vector, k, w.dtype.itemsize) else \
             f"v{self.embedding_vector}"
 
     def _rungs(self, c: _Candidate, level) -> list:

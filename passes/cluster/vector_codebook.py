@@ -153,14 +153,17 @@ def plan_bytes(rows: int, blocks: int, k: int, d: int, itemsize: int, index_stre
     return data + blocks * k * d * itemsize + stream_overhead + OVERHEAD_VECTOR
 
 
-def vector_blocks(shape: tuple[int, ...], d: int, k: int) -> str | None:
-    """Why a table of ``shape`` cannot take d-vectors with k codes (None: it can)."""
+def vector_blocks(shape: tuple[int, ...], d: int, k: int, itemsize: int = 4) -> str | None:
+    """Why a table of ``shape`` should not take d-vectors with k codes (None: it can). The codebooks (k·D values)
+    must weigh no more than the codes (V·D/d indices of log2(k) bits): V >= 8·k·d·itemsize / log2(k) rows (8192 for
+    k = 256, d = 8, float32); a smaller table (e.g. 512 positions) keeps scalar codes."""
     if len(shape) != 2:
         return "not a 2-D table"
     if shape[1] % d:
         return f"row length {shape[1]} not divisible by embedding_vector={d}"
-    if shape[0] < k:
-        return f"fewer rows than {k} codes"
+    rows = math.ceil(8 * k * d * itemsize / max(math.log2(k), 1))
+    if shape[0] < rows:
+        return f"{shape[0]} rows: codebooks would outweigh the codes below {rows}"
     return None
 
 
