@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-eval", type=int, default=48, help="evaluation inputs")
     ap.add_argument("--latency-budget", type=float, default=4.0, help="seconds of latency timing per model")
     ap.add_argument("--no-rss", action="store_true", help="skip the ORT session memory measurement")
+    ap.add_argument("--tool-timeout", type=float, default=1800.0, help="seconds one pipeline may run (training rows)")
     ap.add_argument("--out", type=Path, default=None, help="folder for cluster.md/json (default results/)")
     ap.add_argument("--merge", action="store_true", help="keep the other rows of an existing cluster.json")
     ap.add_argument("--render", action="store_true", help="only rewrite cluster.md from cluster.json")
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         methods = {"fp32": anchors.fp32_method} | {f"ours:{p}": anchors.ours(p) for p in pipelines}
         cfg = RunConfig(methods=list(methods), n_calib=N_CALIB.get(name, args.n_calib), n_eval=args.n_eval,
-                        threads=(1,), latency_budget_s=args.latency_budget, session_rss=not args.no_rss)
+                        threads=(1,), latency_budget_s=args.latency_budget, session_rss=not args.no_rss,
+                        tool_timeout_s=args.tool_timeout)
         log.info("== %s (%d variants)", name, len(pipelines))
         records.append(benchmark_model(specs[name], cfg, methods))
         meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": args.n_calib,
