@@ -253,6 +253,11 @@ def test_half_tables_decode_exactly_odd_and_small_tables_fall_back_to_scalar(rng
     small = _model(rng.standard_normal((512, 32)).astype(np.float32))  # 512 positions: codebooks > codes
     _, st = _run(small, "cluster{embedding_vector=8 min_size=100 exclude=[w]}")
     assert st["tables"] == {"emb": "4"}
+    medium = _model(_table(rng, v=3000))  # too few rows for 256 codes of 8 values, enough for 64
+    out, st = _run(medium, "cluster{embedding_vector=8 min_size=100 exclude=[w]}")
+    assert st["tables"] == {"emb": "v8"}
+    books = next(numpy_helper.to_array(t) for t in out.graph.initializer if t.name.endswith("_codebook"))
+    assert books.shape == (4 * 64, 8)
 
 
 def _swap16(model, table):

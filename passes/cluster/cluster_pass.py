@@ -116,7 +116,8 @@ class Cluster(Pass):
     min_size: int = option(1024, "tensors with fewer elements are left alone")
     embeddings: bool = option(True, "also cluster Gather tables (embeddings)")
     embedding_bits: int | None = option(None, "index bits for Gather tables (default: bits; with "
-                                              "embedding_vector: 8, i.e. 256 codes per block)")
+                                              "embedding_vector: 8 (256 codes per block), fewer for a table "
+                                              "whose codebooks would outweigh its codes, down to 4)")
     embedding_vector: int = option(0, "Gather tables: product quantization, every row cut into blocks of this "
                                       "many values that share 2^embedding_bits codes per block (log2(k) / d bits "
                                       "per weight; weighted by token counts with activation_aware; under an "
@@ -273,10 +274,16 @@ class Cluster(Pass):
         """The first level of a table that takes product quantization ("v<d>"), else None."""
         if not self.embedding_vector or c.uses[0].op != "Gather" or self.storage == "snap":
             return None
-        k = 1 << (self.embedding_bits or 8)
+        return f"v{self.embedding_vector}" if self._codes(c) else None
+
+    def _codes(self, c: _Candidate) -> int:
+        """Codes per block of a table: 2^embedding_bits, or without it the most of 256, 128, .., 16 whose codebooks
+        weigh no more than the codes (``vector_blocks``); 0 when none does."""
         w = c.tensor.values
-        return None if vector_blocks(tuple(w.shape), self.embedding_vector, k, w.dtype.itemsize) else \
-            f"v{self.embedding_vector}"
+        for bits in ([self.embedding_bits] if self.embedding_bits else range(8, 3, -1)):
+            if not vector_blocks(tuple(w.shape), self.embedding_vector, 1 << bits, w.dtype.itemsize):
+                return 1 << bits
+        return 0
 
     def _rungs(self, c: _Candidate, level) -> list:
         """The allocation ladder of one tensor from its first level: scalar bits b0, b0 + 1, .. (``ladder``), or
@@ -291,7 +298,7 @@ class Cluster(Pass):
         w = np.asarray(c.tensor.values)
         norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
         if isinstance(bits, str):  # "v<d>": product quantization of a Gather table
-            return cluster_table(w, int(bits[1:]), 1 << (self.embedding_bits or 8), norms, storage, rng)
+            return cluster_table(w, int(bits[1:]), self._codes(c), norms, storage, rng)
         if c.uses[0].op == "Gather":
             norms = None  # token counts weight only the d-vectors (scalar codes: measured no better)
         scales = self.channel_scales and c.uses[0].op != "Gather" and w.shape[c.uses[0].channel_axis(w.ndim)] > 1
