@@ -938,7 +938,10 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
         "the float layers' outputs on their int8 inputs, stage by depth), `refit-data` (the same on 256 "
         "calibration feeds), `streq` (`stream_equalization`); the rows of one model that ran in different "
         "invocations differ in latency by the run-to-run noise (~0.05). Tenth session (2026-12-06 18:50-20:40 UTC): "
-        "`qat-lines`, `rec-stem-float*`, `refit+qat-lines` and the task-metric attribution: see the summary below.",
+        "`qat-lines`, `rec-stem-float*`, `refit+qat-lines` and the task-metric attribution: see the summary below. "
+        "Eleventh session (2026-12-06 21:26-23:02 UTC): `feed-*`, `least-sure-*`, `pooled-16`, `continue-qat-lines` "
+        "and the rankings by feed score: see its summary; each model's `default` row is the re-run beside "
+        "`least-sure-16`.",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
         "",
