@@ -22,8 +22,9 @@ the feeds ``pooled`` (one ratio of all their signal over all their error: a feed
 feeds where the float model's top-1 margin is smallest). On PP-OCRv4 rec, with easy and low-contrast lines mixed, the stem
 output's rounding ranks 119th of 129 pooled and 1st on the hard lines alone; but per feed too it ranks 114th-122nd
 on mixed feeds (taking it out lowers the easy lines' SQNR while it lifts the hard ones': a trade, not an energy
-weighting), and every per-feed score measured was worse somewhere held-out (``benchmarks/results/int8_margins.md``),
-so ``pooled`` stays the default.
+weighting); only ``least_sure_half`` on 16 feeds ranks it first (taken out of the default int8 model), and no score
+measured was better on every model held-out (``benchmarks/results/int8_margins.md``), so ``pooled`` stays the
+default.
 
 Layers are left out one at a time: the effects are not additive (on PP-OCR's recognizer, keeping one early
 depthwise Conv float *lowers* the features' SQNR while keeping a later one float lifts it by 2 dB), so testing groups
