@@ -149,6 +149,14 @@ def feature_sqnr_db(ref: list[list[np.ndarray]], cand: list[list[np.ndarray]], f
     return min(_sqnr([f[i] for f in ref], [f[i] for f in cand], feed_score, weights) for i in range(len(ref[0])))
 
 
+def model_feature_sqnr(ref: Reference, model: onnx.ModelProto, feeds: list[Feed]) -> float | None:
+    """``feature_sqnr_db`` of ``model`` against the reference on its first ``len(feeds)`` feeds (``feeds`` are those),
+    the feeds combined by ``ref.feed_score``."""
+    n = len(feeds)
+    return feature_sqnr_db(ref.features[:n], run_features(model, feeds, ref.feature_nodes), ref.feed_score,
+                           feed_weights(ref, n))
+
+
 def feed_weights(ref: Reference, n: int | None = None) -> np.ndarray | None:
     """For ``feed_score=least_sure_half``: 1 for the half of the first ``n`` feeds (at least one) whose float
     outputs have the smallest top-1 - top-2 margin (the ``MARGIN_QUANTILE`` percentile over their positions, the

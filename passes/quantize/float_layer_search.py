@@ -72,7 +72,6 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
     build) and the search's figures into ``run.stats["auto_float"]``."""
     p = run.p
     ref = ref.scored_by(p.auto_float_score)  # every score below (and float_cost's) combines the feeds this way
-    how = ref.feed_score
     cached = run.all_int8
     if cached is not None and cached[0] == run.method and not run.auto_float:
         plan, model = cached[1], cached[2]
@@ -83,9 +82,7 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
     if not ref.feature_nodes or not layers or len(layers) > AUTO_FLOAT_MAX_LAYERS:
         return
     feeds = eval_feeds[: min(len(eval_feeds), p.auto_float_feeds)]
-    ref_features = ref.features[: len(feeds)]
-    w = fid.feed_weights(ref, len(feeds))
-    base = fid.feature_sqnr_db(ref_features, fid.run_features(model, feeds, ref.feature_nodes), how, w)
+    base = fid.model_feature_sqnr(ref, model, feeds)
     if base is None or not np.isfinite(base) or base >= AUTO_FLOAT_BELOW_DB:
         return  # already accurate: nothing worth a float layer
     t0 = time.perf_counter()
@@ -97,7 +94,7 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
     def gain(cand: str) -> float:  # a real build with the candidate's layers float
         m = run.export(run.build(members.get(cand, [cand])).graph)
         builds[cand] = m
-        s_ = fid.feature_sqnr_db(ref_features, fid.run_features(m, feeds, ref.feature_nodes), how, w)
+        s_ = fid.model_feature_sqnr(ref, m, feeds)
         return (base if s_ is None else s_) - base
 
     approx = _patched_gains(run, model, layers, ref, feeds[:AUTO_FLOAT_RANK_FEEDS], gain)
@@ -106,7 +103,7 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
     # groups are ranked on all the search's feeds (their gain can sit in a few inputs: EfficientNet-Lite2's stem
     # rounding +0.2 dB on the first 2 evaluation feeds, +5.3 dB on the first 4) and join the layers' shortlist
     # without taking their places (on PP-OCRv4 rec they would push out the one layer worth keeping float)
-    approx_units = _unit_gains(model, removed, ref, feeds)
+    approx_units = _unit_gains(model, removed, ref, feeds, base)
     shortlist += sorted(approx_units, key=lambda n: -approx_units[n])[:AUTO_FLOAT_VERIFY]
     approx.update(approx_units)
     gains = {n: gain(n) for n in shortlist}
@@ -122,7 +119,7 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
             run.auto_float[layer] = rec["reason"]
             run.float_details[layer] = rec
     run.stats["auto_float"] = {
-        "feed_score": how,
+        "feed_score": ref.feed_score,
         "feature_sqnr_db_all_int8": round(base, 2),
         "top_gains_db": {n: round(gains[n], 2) for n in ranked[:5]},
         "ranking_gains_db": {n: round(approx[n], 2) for n in shortlist},
@@ -139,16 +136,14 @@ def _patched_gains(
     """Approximate feature-SQNR gain of each layer kept float, on patched copies of the all-int8 ``model``
     (a real build, ``gain(name)``, for a layer the patcher cannot patch)."""
     patcher = FloatPatcher(model, run.base)
-    rank_features = ref.features[: len(rank_feeds)]
-    how, w = ref.feed_score, fid.feed_weights(ref, len(rank_feeds))
-    rank_base = fid.feature_sqnr_db(rank_features, fid.run_features(model, rank_feeds, ref.feature_nodes), how, w)
+    rank_base = fid.model_feature_sqnr(ref, model, rank_feeds)
     approx: dict[str, float] = {}
     for name in layers:
         if not patcher.can_patch(name):
             approx[name] = gain(name)
             continue
         with patcher.float_layer(name) as m:
-            s_ = fid.feature_sqnr_db(rank_features, fid.run_features(m, rank_feeds, ref.feature_nodes), how, w)
+            s_ = fid.model_feature_sqnr(ref, m, rank_feeds)
         approx[name] = (rank_base if s_ is None else s_) - rank_base
     return approx
 
@@ -166,20 +161,17 @@ def _rounding_units(run: StaticRun, model: onnx.ModelProto, layers: list[str]
     return members, removed
 
 
-def _unit_gains(model: onnx.ModelProto, removed: dict[str, set[str]], ref: fid.Reference, rank_feeds: list[Feed]
-                ) -> dict[str, float]:
-    """Approximate feature-SQNR gain of each multi-layer candidate: the all-int8 ``model`` without the activation
-    roundings its layers surround (``error_sources.without_rounding``; the weights stay int8)."""
+def _unit_gains(model: onnx.ModelProto, removed: dict[str, set[str]], ref: fid.Reference, rank_feeds: list[Feed],
+                rank_base: float | None) -> dict[str, float]:
+    """Approximate feature-SQNR gain of each multi-layer candidate: the all-int8 ``model`` (its feature SQNR on
+    ``rank_feeds``: ``rank_base``) without the activation roundings its layers surround
+    (``error_sources.without_rounding``; the weights stay int8)."""
     from .error_sources import without_rounding
 
     if not removed:
         return {}
-    rank_features = ref.features[: len(rank_feeds)]
-    how, w = ref.feed_score, fid.feed_weights(ref, len(rank_feeds))
-    rank_base = fid.feature_sqnr_db(rank_features, fid.run_features(model, rank_feeds, ref.feature_nodes), how, w)
     approx: dict[str, float] = {}
     for cand, ts in removed.items():
-        s_ = fid.feature_sqnr_db(rank_features, fid.run_features(without_rounding(model, ts), rank_feeds,
-                                                                 ref.feature_nodes), how, w)
+        s_ = fid.model_feature_sqnr(ref, without_rounding(model, ts), rank_feeds)
         approx[cand] = 0.0 if s_ is None or rank_base is None else s_ - rank_base
     return approx

@@ -31,6 +31,7 @@ from onnxcompress.latency_profile import MachineCache
 from onnxcompress.pass_base import Pass, PassResult, option, register
 
 from .dynamic import run_dynamic, run_weight_only
+from .fidelity import FEED_SCORES
 from .static_run import run_static
 
 #: ops that mark a model as already quantized
@@ -267,11 +268,8 @@ class Quantize(Pass):
             raise ValueError(f"refit_samples must be >= 0, got {self.refit_samples}")
         if self.explain < 0:
             raise ValueError(f"explain must be >= 0, got {self.explain}")
-        if self.auto_float_score not in ("pooled", "worst_feed", "mean_feed_db", "mean_feed_nsr", "least_sure_half"):
-            raise ValueError(
-                "auto_float_score must be pooled, worst_feed, mean_feed_db, mean_feed_nsr or least_sure_half, got "
-                f"{self.auto_float_score!r}"
-            )
+        if self.auto_float_score not in FEED_SCORES:
+            raise ValueError(f"auto_float_score must be one of {', '.join(FEED_SCORES)}, got {self.auto_float_score!r}")
         if self.auto_float_feeds < 1:
             raise ValueError(f"auto_float_feeds must be >= 1, got {self.auto_float_feeds}")
         if self.auto_float_cost_per_db < 0:
