@@ -246,7 +246,7 @@ class Cluster(Pass):
             tables = {c.tensor.name: (c.uses[0].node.inputs[1], c.tensor.values.shape[0]) for c in cands
                       if c.uses[0].op == "Gather" and len(c.uses) == 1 and self._vector_level(c) is not None
                       and int(c.uses[0].node.attrs.get("axis", 0)) == 0}  # indices name rows
-            counts = token_counts(graph, ctx, tables, self.samples, req) if tables else {}
+            counts = token_counts(graph, ctx, tables, req) if tables else {}
             for c in cands:  # a table's "input norms" are its token counts (the one-hot input's Gram diagonal)
                 if c.tensor.name in counts:  # (computed indices are counted during the run below)
                     out[id(c.tensor)] = (counts[c.tensor.name], False, None)
@@ -300,7 +300,7 @@ class Cluster(Pass):
         if isinstance(bits, str):  # "v<d>": product quantization of a Gather table
             return cluster_table(w, int(bits[1:]), self._codes(c), norms, storage, rng)
         if c.uses[0].op == "Gather":
-            norms = None  # token counts weight only the d-vectors (scalar codes: measured no better)
+            norms = None  # token counts weight only the d-vectors (scalar codes weighted so: measured worse)
         scales = self.channel_scales and c.uses[0].op != "Gather" and w.shape[c.uses[0].channel_axis(w.ndim)] > 1
         return cluster_tensor(w, 1 << bits, use=c.uses[0], per_channel=self.per_channel, channel_scales=scales,
                               init=self.init, zero_fraction=self.zero_fraction, col_norms=norms,
@@ -362,20 +362,15 @@ class Cluster(Pass):
             if not (isinstance(book, gs.Constant) and isinstance(idx, gs.Constant)):
                 continue
             b, i = np.asarray(book.values), np.asarray(idx.values)
-            k = vector_codes(b, i)
-            if k and id(idx) not in packed:
-                packed[id(idx)] = builder.pack_vector_indices(f"pk{len(packed) + 1}", i, k)
-                saved += int(i.nbytes) - sum(math.ceil(i.size * w / 8) for w in STREAMS[index_bits(k)])
-            if k:
-                node.inputs[1] = packed[id(idx)]
-                continue
-            if b.ndim != 1 or not 2 <= b.size <= 256 or not np.issubdtype(b.dtype, np.floating) or \
-                    not np.issubdtype(i.dtype, np.integer) or i.size < self.min_size or i.min() < 0 or \
-                    i.max() >= b.size:
+            k = vector_codes(b, i)  # a product-quantized table's codes per block, else 0
+            if not k and (b.ndim != 1 or not 2 <= b.size <= 256 or not np.issubdtype(b.dtype, np.floating) or
+                          not np.issubdtype(i.dtype, np.integer) or i.size < self.min_size or i.min() < 0 or
+                          i.max() >= b.size):
                 continue
             if id(idx) not in packed:
-                bits = index_bits(b.size)
-                packed[id(idx)] = builder.packed_indices(f"pk{len(packed) + 1}", i.astype(np.uint16), bits)
+                bits, name = index_bits(k or b.size), f"pk{len(packed) + 1}"
+                packed[id(idx)] = builder.pack_vector_indices(name, i, k) if k else \
+                    builder.packed_indices(name, i.astype(np.uint16), bits)
                 saved += int(i.nbytes) - sum(math.ceil(i.size * w / 8) for w in STREAMS[bits])
             node.inputs[1] = packed[id(idx)]
         return len(packed), saved

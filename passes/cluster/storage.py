@@ -195,14 +195,9 @@ class DecodeBuilder:
         """A product-quantized table [V, D]: ``codebook`` [S·k, d] (block s's codes at rows s·k ..), ``labels``
         [V, S] local to each block. ``idx + s·k -> Gather -> Reshape [V, D]``; packed to log2(k) bits, or
         ``unpacked``: int32 global indices as one constant (what distill trains; a later cluster packs them)."""
-        rows, blocks = labels.shape
-        k = codebook.shape[0] // blocks
-        offsets = (np.arange(blocks) * k).astype(np.int32)
-        if unpacked:
-            idx = self._const(f"{base}_idx", (labels.astype(np.int32) + offsets[None, :]))
-        else:
-            local = self.packed_indices(base, labels.astype(np.uint16), index_bits(k))
-            idx = self._op("Add", [local, self._const(f"{base}_off", offsets)], f"{base}_gidx", np.int32)
+        k = codebook.shape[0] // labels.shape[1]
+        glob = labels.astype(np.int32) + (np.arange(labels.shape[1]) * k).astype(np.int32)[None, :]
+        idx = self._const(f"{base}_idx", glob) if unpacked else self.pack_vector_indices(base, glob, k)
         vecs = self._op("Gather", [self._const(f"{base}_codebook", codebook), idx], f"{base}_vecs", codebook.dtype,
                         {"axis": 0})
         out = self._op("Reshape", [vecs, self._const(f"{base}_shape", np.asarray(shape, np.int64))],

@@ -146,11 +146,11 @@ def decode(codebooks: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return flat[labels + (np.arange(s) * k)[None, :]].reshape(labels.shape[0], s * d)
 
 
-def plan_bytes(rows: int, blocks: int, k: int, d: int, itemsize: int, index_streams: tuple[int, ...],
-               stream_overhead: int) -> int:
-    """Bytes on disk: packed indices, codebooks, the decode nodes."""
-    data = sum(math.ceil(rows * blocks * w / 8) for w in index_streams)
-    return data + blocks * k * d * itemsize + stream_overhead + OVERHEAD_VECTOR
+def plan_bytes(rows: int, blocks: int, k: int, d: int, itemsize: int) -> int:
+    """Bytes on disk: indices packed to log2(k) bits, codebooks, the decode nodes."""
+    bits = index_bits(k)
+    data = sum(math.ceil(rows * blocks * w / 8) for w in STREAMS[bits])
+    return data + blocks * k * d * itemsize + decode_overhead(bits, False, False) + OVERHEAD_VECTOR
 
 
 def vector_blocks(shape: tuple[int, ...], d: int, k: int, itemsize: int = 4) -> str | None:
@@ -173,10 +173,7 @@ def cluster_table(w: np.ndarray, d: int, k: int, counts: np.ndarray | None, stor
     books, labels = product_kmeans(w, d, k, row_weights(counts, w.shape[0]), rng)
     s = books.shape[0]
     snapped = decode(books, labels).astype(w.dtype)
-    bits = index_bits(k)
-    plans = {"snap": int(w.nbytes),
-             "vector-codebook": plan_bytes(w.shape[0], s, k, d, w.dtype.itemsize, STREAMS[bits],
-                                           decode_overhead(bits, False, False))}
+    plans = {"snap": int(w.nbytes), "vector-codebook": plan_bytes(w.shape[0], s, k, d, w.dtype.itemsize)}
     out = Clustered(codebook=books.reshape(s * k, d).astype(w.dtype), labels=labels.astype(np.uint16), axis=None,
                     zero_label=None, snapped=snapped, bytes_raw=int(w.nbytes), weighted=counts is not None,
                     vector=d)
@@ -196,16 +193,12 @@ def vector_codes(book: np.ndarray, idx: np.ndarray) -> int:
     return k if 2 <= k <= 256 and local.min() >= 0 and local.max() < k else 0
 
 
-def token_counts(graph, ctx, tables: dict[str, tuple[object, int]], samples: int,
-                 request=None) -> dict[str, np.ndarray]:
-    """How often each row of each table is read on the first ``samples`` calibration feeds: ``tables`` maps a key to
-    (the Gather's index tensor, rows V). A constant index is counted directly, a graph input on the feeds, any other
-    tensor in a streaming run of the shared statistics (``capture``): in the caller's run when it hands its
-    ``StatsRequest`` as ``request`` (the counts are complete once that request ran), else in one of its own.
-    Negative indices count as i + V."""
+def token_counts(graph, ctx, tables: dict[str, tuple[object, int]], request) -> dict[str, np.ndarray]:
+    """How often each row of each table is read on the calibration feeds of ``request`` (a ``StatsRequest``: its
+    first ``samples``): ``tables`` maps a key to (the Gather's index tensor, rows V). A constant index is counted
+    directly, a graph input on the feeds, any other tensor during the caller's run of ``request`` (fetched, counted by
+    its ``capture``): the counts are complete once the caller has run it. Negative indices count as i + V."""
     import onnx_graphsurgeon as gs
-
-    from onnxcompress.analyses.activation_stats import ActivationStatistics, StatsRequest
 
     counts = {key: np.zeros(v, np.float64) for key, (_, v) in tables.items()}
 
@@ -221,21 +214,21 @@ def token_counts(graph, ctx, tables: dict[str, tuple[object, int]], samples: int
         if isinstance(t, gs.Constant):
             add(key, t.values)
         elif t.name in inputs:
-            for feed in ctx.calibration.take(samples):
+            feeds = ctx.calibration if request.samples is None else ctx.calibration.take(request.samples)
+            for feed in feeds:
                 if t.name in feed:
                     add(key, feed[t.name])
         else:
             fetched.setdefault(t.name, []).append(key)
     if fetched:
+        if request.capture is not None:
+            raise ValueError("token_counts: the request already has a capture")
+
         def capture(_i: int, acts: dict[str, np.ndarray]) -> None:
             for name, keys in fetched.items():
                 for key in keys:
                     add(key, acts[name])
 
-        if request is None:
-            ctx.analysis(ActivationStatistics, graph).get(StatsRequest(fetch=list(fetched), capture=capture,
-                                                                         samples=samples))
-        else:
-            request.fetch.extend(fetched)
-            request.capture = capture
+        request.fetch.extend(fetched)
+        request.capture = capture
     return counts
