@@ -453,7 +453,8 @@ class Cluster(Pass):
                 c.tensor.values = np.ascontiguousarray(res.snapped.astype(w.dtype))
             elif res.vector is not None:
                 out = builder.build_vector(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook, res.labels,
-                                           out_name=f"{c.tensor.name}_clustered", unpacked=storage == "unpacked")
+                                           out_name=f"{c.tensor.name}_clustered", unpacked=storage == "unpacked",
+                                           hot=res.hot)
                 redirect_consumers(c.tensor, out)
             elif storage == "unpacked":
                 out = builder.build_unpacked(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook,

@@ -41,6 +41,7 @@ class Clustered:
     scale: np.ndarray | None = None  # per output channel (channel_scales), along scale_axis
     scale_axis: int | None = None
     vector: int | None = None  # product-quantized table (``vector_codebook``): the sub-vector length d
+    hot: object | None = None  # a product-quantized table's residual rows (``hot_rows.HotRows``)
 
 
 def to_rows(a: np.ndarray, axis: int | None) -> np.ndarray:

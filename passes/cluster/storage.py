@@ -191,17 +191,30 @@ class DecodeBuilder:
         return out
 
     def build_vector(self, base: str, shape: tuple[int, int], codebook: np.ndarray, labels: np.ndarray, *,
-                     out_name: str | None = None, unpacked: bool = False) -> gs.Variable:
+                     out_name: str | None = None, unpacked: bool = False, hot=None) -> gs.Variable:
         """A product-quantized table [V, D]: ``codebook`` [S·k, d] (block s's codes at rows s·k ..), ``labels``
         [V, S] local to each block. ``idx + s·k -> Gather -> Reshape [V, D]``; packed to log2(k) bits, or
-        ``unpacked``: int32 global indices as one constant (what distill trains; a later cluster packs them)."""
+        ``unpacked``: int32 global indices as one constant (what distill trains; a later cluster packs them).
+        ``hot`` (``hot_rows.HotRows``): ``ScatterND(table, rows, GatherND(table, rows) + residual)`` on top."""
         k = codebook.shape[0] // labels.shape[1]
         glob = labels.astype(np.int32) + (np.arange(labels.shape[1]) * k).astype(np.int32)[None, :]
         idx = self._const(f"{base}_idx", glob) if unpacked else self.pack_vector_indices(base, glob, k)
         vecs = self._op("Gather", [self._const(f"{base}_codebook", codebook), idx], f"{base}_vecs", codebook.dtype,
                         {"axis": 0})
+        name = out_name or f"{base}_decoded"
         out = self._op("Reshape", [vecs, self._const(f"{base}_shape", np.asarray(shape, np.int64))],
-                       out_name or f"{base}_decoded", codebook.dtype)
+                       name if hot is None else f"{base}_base", codebook.dtype)
+        if hot is not None:
+            rows = self._const(f"{base}_hrows", hot.rows.reshape(-1, 1).astype(np.int64))
+            hshape = (hot.rows.size, shape[1])
+            book = hot.codebook.reshape(1, -1)
+            if unpacked:
+                res = self.build_unpacked(f"{base}h", hshape, book, hot.labels)
+            else:
+                res, _ = self.build(f"{base}h", hshape, book, hot.labels, axis=None)
+            cur = self._op("GatherND", [out, rows], f"{base}_hcur", codebook.dtype)
+            new = self._op("Add", [cur, res], f"{base}_hnew", codebook.dtype)
+            out = self._op("ScatterND", [out, rows, new], name, codebook.dtype)
         out.shape = list(shape)
         return out
 

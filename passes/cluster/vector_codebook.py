@@ -26,6 +26,9 @@ calibration never saw still get a fitting code.
 **Storage**: indices [V, S] packed to log2(k) bits (``storage.pack_bits``), decoded in the graph as
 ``idx + s·k -> Gather(codebook [S·k, d]) -> Reshape [V, D]``; ``unpacked``: int32 indices with the offsets added
 (what ``distill{mode=train}`` trains: the codebook is the parameter), packed exactly by a later ``cluster``.
+
+**Hot rows** (with token counts): the rows whose weighted error is worth more than the table's next level per byte get
+a scalar-coded residual on top (``hot_rows``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import math
 import numpy as np
 
 from .cluster_tensor import Clustered
+from .hot_rows import hot_rows
 from .storage import STREAMS, decode_overhead, index_bits
 
 ITERS = 20
@@ -170,13 +174,18 @@ def vector_blocks(shape: tuple[int, ...], d: int, k: int, itemsize: int = 4) -> 
 def cluster_table(w: np.ndarray, d: int, k: int, counts: np.ndarray | None, storage: str,
                   rng: np.random.Generator) -> Clustered:
     """The table ``w`` [V, D] product-quantized: codebook [S·k, d], labels [V, S] (``Clustered.vector`` = d)."""
-    books, labels = product_kmeans(w, d, k, row_weights(counts, w.shape[0]), rng)
+    weights = row_weights(counts, w.shape[0])
+    books, labels = product_kmeans(w, d, k, weights, rng)
     s = books.shape[0]
     snapped = decode(books, labels).astype(w.dtype)
     plans = {"snap": int(w.nbytes), "vector-codebook": plan_bytes(w.shape[0], s, k, d, w.dtype.itemsize)}
+    hot = hot_rows(w, snapped, weights, rng) if counts is not None else None
+    if hot is not None:
+        snapped = hot.apply(snapped)
+        plans["vector-codebook"] += hot.planned_bytes()
     out = Clustered(codebook=books.reshape(s * k, d).astype(w.dtype), labels=labels.astype(np.uint16), axis=None,
                     zero_label=None, snapped=snapped, bytes_raw=int(w.nbytes), weighted=counts is not None,
-                    vector=d)
+                    vector=d, hot=hot)
     out.bytes_planned = plans
     out.storage = "snap" if storage == "snap" else "vector-codebook"
     return out

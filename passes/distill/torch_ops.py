@@ -207,6 +207,17 @@ def gather_nd(torch: Any, inputs: list, attrs: dict) -> list:
     return [x[tuple(lead + [idx[..., j] for j in range(k)])]]
 
 
+def scatter_nd(torch: Any, inputs: list, attrs: dict) -> list:
+    """out = data with out[idx[..., :]] = updates (reduction none; negatives wrap); differentiable in both."""
+    if attrs.get("reduction", "none") not in ("none", b"none"):
+        raise NotImplementedError("ScatterND with a reduction")
+    x, idx, upd = inputs[0], inputs[1].long(), inputs[2]
+    k = idx.shape[-1]
+    sizes = torch.tensor(list(x.shape[:k]), dtype=torch.long)
+    idx = torch.where(idx < 0, idx + sizes, idx)
+    return [x.index_put(tuple(idx[..., j] for j in range(k)), upd)]
+
+
 def squeeze(torch: Any, inputs: list, attrs: dict) -> list:
     x = inputs[0]
     axes = _axes(inputs, attrs, 1)
@@ -419,7 +430,7 @@ OPS: dict[str, Callable] = {
     "Floor": _unary(lambda torch, x, a: torch.floor(x)),
     "Ceil": _unary(lambda torch, x, a: torch.ceil(x)),
     "Not": _unary(lambda torch, x, a: torch.logical_not(x)),
-    "IsNaN": _unary(lambda torch, x, a: torch.isnan(x)), "GatherND": gather_nd,
+    "IsNaN": _unary(lambda torch, x, a: torch.isnan(x)), "GatherND": gather_nd, "ScatterND": scatter_nd,
     "Identity": _unary(lambda torch, x, a: x),
     "Dropout": lambda torch, i, a: [i[0]],
     "HardSigmoid": _unary(_hard_sigmoid),

@@ -1,0 +1,112 @@
+"""Hot rows of a product-quantized table: residuals where the row weights say the bytes are worth it, decoded exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from onnxcompress.passes.cluster.hot_rows import hot_rows
+from onnxcompress.passes.cluster.vector_codebook import decode, product_kmeans, row_weights
+
+from onnxcompress.context import PassContext
+from onnxcompress.manager import PassManager
+from onnxcompress.pipeline import parse_pipeline
+from tests.conftest import ort_run
+from tests.test_cluster_vector import _decoded, _feeds, _model, _swap
+
+V, D = 2000, 32
+
+
+def _pq(table, w, d=8, k=32):
+    books, labels = product_kmeans(table, d, k, w, np.random.default_rng(0))
+    return decode(books, labels).astype(table.dtype)
+
+
+def test_residuals_go_to_the_heavy_rows_and_pay_for_themselves(rng):
+    table = rng.standard_normal((V, D)).astype(np.float32)  # no structure: every row keeps a large error
+    counts = np.zeros(V)
+    heavy = rng.choice(V, 40, replace=False)
+    counts[heavy] = rng.integers(20, 200, 40)
+    w = row_weights(counts, V)
+    snapped = _pq(table, w)
+    hot = hot_rows(table, snapped, w, np.random.default_rng(0))
+    assert hot is not None and set(hot.rows) <= set(heavy) and hot.rows.size >= 20
+    fixed = hot.apply(snapped)
+    cold = np.setdiff1d(np.arange(V), hot.rows)
+    np.testing.assert_array_equal(fixed[cold], snapped[cold])  # only the hot rows move
+    assert hot.codebook.size <= 1 << hot.bits and hot.labels.max() < hot.codebook.size
+    np.testing.assert_array_equal(fixed[hot.rows], snapped[hot.rows] + hot.codebook[hot.labels])
+
+    def werr(t):
+        return float(np.sum(w[:, None] * (table.astype(np.float64) - t) ** 2))
+
+    assert werr(fixed) < 0.6 * werr(snapped)
+    # the rule: each kept row's measured gain per byte beats the table's marginal rate 16 ln2 E / (V D)
+    slope = 16 * np.log(2) * werr(snapped) / (V * D)
+    gain = w[hot.rows] * (np.sum((table[hot.rows] - snapped[hot.rows]) ** 2, 1)
+                          - np.sum((table[hot.rows] - fixed[hot.rows]) ** 2, 1))
+    assert np.all(gain / (D * hot.bits / 8 + 8) > slope * 0.999)
+
+
+def test_no_residual_when_the_error_is_spread_evenly(rng):
+    table = rng.standard_normal((V, D)).astype(np.float32)
+    w = np.ones(V)
+    assert hot_rows(table, _pq(table, w), w, np.random.default_rng(0)) is None
+
+
+def _calib(rng):
+    """Text that reads 300 rows of the table most of the time and a few others once."""
+    common = rng.choice(2000, 300, replace=False)
+    return _feeds([np.concatenate([rng.choice(common, 3), rng.integers(0, 2000, 1)]) for _ in range(48)])
+
+
+def test_pass_decodes_hot_rows_exactly_packed_and_unpacked(rng):
+    table = rng.standard_normal((2000, 32)).astype(np.float32)
+    model = _model(table)
+    calib = _calib(rng)
+    pipe = "cluster{embedding_vector=8 embedding_bits=4 activation_aware=true min_size=100 exclude=[w]}"
+    packed, st = _run(model, pipe, calib)
+    unpacked, _ = _run(model, pipe.replace("}", " storage=unpacked}"), calib)
+    plain, _ = _run(model, pipe.replace("activation_aware=true", ""), calib)
+    assert any(n.op_type == "ScatterND" for n in packed.graph.node)
+    assert not any(n.op_type == "ScatterND" for n in plain.graph.node)
+    got = _decoded(packed)
+    np.testing.assert_array_equal(got, _decoded(unpacked))
+    ids = np.array([3, 7, 11, 1999])
+    np.testing.assert_array_equal(ort_run(packed, {"ids": ids})[0], ort_run(_swap(model, got), {"ids": ids})[0])
+    written = len(packed.SerializeToString())
+    planned = len(model.SerializeToString()) - st["bytes_before"] + st["bytes_after"]
+    assert abs(written - planned) < 0.02 * written
+    onnx.checker.check_model(packed)
+    # the rows the calibration reads are closer to the original than without the residuals
+    seen = np.unique(np.concatenate([f["ids"] for f in calib]))
+    err = [np.sum((_decoded(m)[seen] - table[seen]) ** 2) for m in (packed, plain)]
+    assert err[0] < 0.7 * err[1]
+    repacked, st_p = _run(unpacked, "cluster{pack_only=true}")
+    assert st_p["decodes_packed"] == 2  # the table's codes and the residual's
+    np.testing.assert_array_equal(_decoded(repacked), got)
+
+
+def test_distill_trains_through_the_scatter(rng):
+    pytest.importorskip("torch", reason="distill{mode=train} needs torch (pip install onnxcompress[train])")
+    table = rng.standard_normal((2000, 32)).astype(np.float32)
+    model = _model(table)
+    calib = _calib(rng)
+    pipe = "cluster{embedding_vector=8 embedding_bits=4 activation_aware=true storage=unpacked min_size=100 " \
+           "exclude=[w]}"
+    student, _ = _run(model, pipe, calib)
+    assert any(n.op_type == "ScatterND" for n in student.graph.node)
+    res = PassManager(parse_pipeline(pipe + ",distill{mode=train steps=40 batch=8 eval_every=10 lr=0.01}")).run(
+        model, PassContext(calibration=calib))
+    held = [f for f in _calib(np.random.default_rng(7))][:16]
+    err = [sum(float(np.mean((ort_run(m, f)[0] - ort_run(model, f)[0]) ** 2)) for f in held)
+           for m in (student, res.model)]
+    assert err[1] < err[0]
+    books = [numpy_helper.to_array(t) for t in res.model.graph.initializer if t.name.endswith("h_codebook")]
+    assert len(books) == 1 and books[0].size <= 16  # the residual's few values stay a codebook
+
+
+def _run(model, pipeline, calib=None):
+    res = PassManager(parse_pipeline(pipeline)).run(model, PassContext(calibration=calib))
+    return res.model, res.ledger[-1].pass_stats
