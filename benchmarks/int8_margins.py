@@ -96,7 +96,7 @@ from benchmarks.spec import Feed, ModelSpec, Outputs
 
 log = logging.getLogger("benchmarks.int8_margins")
 
-MODELS = ["ppocrv4_rec", "minilm_l3", "nudenet_320n", "ddddocr_det", "ppocrv4_det", "efficientnet_lite2"]
+MODELS = ["ppocrv4_rec", "minilm_l3", "minilm_l6", "nudenet_320n", "ddddocr_det", "ppocrv4_det", "efficientnet_lite2"]
 VARIANTS: dict[str, str] = {
     "before": "cleanup,quantize{weight_rounding=nearest auto_float_cost_per_db=inf}",
     "nearest": "cleanup,quantize{weight_rounding=nearest}",
@@ -106,6 +106,11 @@ VARIANTS: dict[str, str] = {
     "rounding": "cleanup,quantize{weight_rounding=output}",
     "smooth": "cleanup,quantize{smooth=all weight_rounding=nearest}",
     "smooth-auto": "cleanup,quantize{smooth=auto}",
+    # twelfth session: smoothing strength, and the smoothing decided by measurement (``smooth=auto`` since then)
+    "smooth-a0.65": "cleanup,quantize{smooth=all smooth_alpha=0.65}",
+    "smooth-a0.8": "cleanup,quantize{smooth=all smooth_alpha=0.8}",
+    "no-smooth": "cleanup,quantize{smooth=none}",
+    "smooth-all-int8": "cleanup,quantize{smooth=all auto_float_db=0}",
     "default": "cleanup,quantize",
     "default-layers": "cleanup,quantize{auto_float_units=false}",
     "greedy-0.5x": "cleanup,quantize{sensitivity=greedy_cost max_latency=0.5}",
@@ -166,9 +171,9 @@ N_POOL = int(os.environ.get("INT8_MARGINS_POOL", "2000"))
 N_POOL_HELD = 64
 QAT_MINUTES = float(os.environ.get("INT8_MARGINS_QAT_MINUTES", "20"))
 #: calibration / evaluation feeds per set (2 shared cores: modest counts)
-N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16,
+N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 64, "minilm_l6": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16,
            "efficientnet_lite2": 32}
-N_EVAL = {"ppocrv4_rec": 64, "minilm_l3": 48, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 12,
+N_EVAL = {"ppocrv4_rec": 64, "minilm_l3": 48, "minilm_l6": 48, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 12,
           "efficientnet_lite2": 64}
 #: the embedding output of paraphrase-MiniLM-L3 (speech_text.L3_EMBEDDING_OUTPUT)
 MINILM_L3_EMBEDDING = 3
@@ -261,8 +266,9 @@ def hard_rec_metrics(truth: list[str], ref: list[Outputs], cand: list[Outputs]) 
 
 
 # -------------------------------------------------------------------------------------------------- long sentences
-def long_sentences(n: int, split: str) -> list[Feed]:
-    """``n`` feeds of 4-8 consecutive sentences each (up to 128 tokens), for MiniLM-L3."""
+def long_sentences(n: int, split: str, token_types: bool = False) -> list[Feed]:
+    """``n`` feeds of 4-8 consecutive sentences each (up to 128 tokens), for MiniLM-L3 / L6 (``token_types``: with
+    an all-zero ``token_type_ids``, as L6's export reads)."""
     from benchmarks.speech_text import split_sentences, tokenizer
 
     tok = tokenizer()
@@ -274,7 +280,13 @@ def long_sentences(n: int, split: str) -> list[Feed]:
         i = int(rng.integers(0, len(sents) - k))
         ids = np.asarray([tok.encode(" ".join(sents[i : i + k]), max_length=128)], dtype=np.int64)
         feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        if token_types:
+            feeds[-1]["token_type_ids"] = np.zeros_like(ids)
     return feeds
+
+
+def _token_types(spec: ModelSpec) -> bool:
+    return "token_type_ids" in spec.make_inputs(1, "calib")[0]
 
 
 # ----------------------------------------------------------------------------------------------------- data sets
@@ -287,9 +299,11 @@ def eval_sets(spec: ModelSpec) -> tuple[list[Feed], dict[str, tuple[list[Feed], 
         calib = [f for pair in zip(spec.make_inputs(n_c - n_c // 2, "calib"), hard_c, strict=False) for f in pair]
         return calib, {"easy": (spec.make_inputs(n_e, "eval"), None), "hard": (hard_e, truth)}
     if spec.name.startswith("minilm"):
-        long_c = long_sentences(n_c // 2, "calib")
+        tt = _token_types(spec)
+        long_c = long_sentences(n_c // 2, "calib", tt)
         calib = [f for pair in zip(spec.make_inputs(n_c - n_c // 2, "calib"), long_c, strict=False) for f in pair]
-        return calib, {"easy": (spec.make_inputs(n_e, "eval"), None), "long": (long_sentences(n_e, "eval"), None)}
+        return calib, {"easy": (spec.make_inputs(n_e, "eval"), None),
+                       "long": (long_sentences(n_e, "eval", tt), None)}
     return spec.make_inputs(n_c, "calib"), {"easy": (spec.make_inputs(n_e, "eval"), None)}
 
 
@@ -391,7 +405,7 @@ def train_feeds(spec: ModelSpec, calib: list[Feed], n: int) -> list[Feed]:
         extra = easy[len(calib) - len(calib) // 2:] + hard[len(calib) // 2:]
     elif spec.name.startswith("minilm"):
         extra = spec.make_inputs(len(calib) - len(calib) // 2 + more // 2, "calib")[len(calib) - len(calib) // 2:]
-        extra += long_sentences(len(calib) // 2 + more - more // 2, "calib")[len(calib) // 2:]
+        extra += long_sentences(len(calib) // 2 + more - more // 2, "calib", _token_types(spec))[len(calib) // 2:]
     else:
         extra = spec.make_inputs(n, "calib")[len(calib):]
     return calib + extra
@@ -407,7 +421,7 @@ def train_pool(spec: ModelSpec, n_calib: int, n: int) -> list[Feed]:
     elif spec.name.startswith("minilm"):
         k, h = n_calib - n_calib // 2, n_calib // 2
         a = spec.make_inputs(k + n - n // 2, "calib")[k:]
-        b = long_sentences(h + n // 2, "calib")[h:]
+        b = long_sentences(h + n // 2, "calib", _token_types(spec))[h:]
     else:
         return spec.make_inputs(n_calib + n, "calib")[n_calib:]
     return [f for pair in zip(a, b, strict=False) for f in pair] + a[len(b):]
@@ -457,7 +471,7 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelS
     stats = next((r.pass_stats for r in result.ledger if r.stage.startswith("quantize")), {})
     keep = ("kept_float", "weight_rounding", "auto_float", "calibration", "latency_ratio_measured", "skipped",
             "mixed_precision",
-            "empirical_bias", "stream_equalization")
+            "empirical_bias", "stream_equalization", "smoothing")
     kept = {k: stats[k] for k in keep if k in stats}
     train = next((r.pass_stats.get("train") for r in result.ledger if r.stage.startswith("distill")), None)
     if train:
@@ -469,7 +483,8 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelS
             "load": load + [round(v, 2) for v in os.getloadavg()]}
 
 
-def bench_model(spec: ModelSpec, variants: list[str], budget_s: float, explain: int = 0) -> dict[str, Any]:
+def bench_model(spec: ModelSpec, variants: list[str], budget_s: float, explain: int = 0,
+                explain_variant: str = "default") -> dict[str, Any]:
     from benchmarks.fetch import cache_dir
 
     t_model = time.perf_counter()
@@ -502,7 +517,7 @@ def bench_model(spec: ModelSpec, variants: list[str], budget_s: float, explain: 
                                                                                          cand)}
                     if logits:
                         row["sets"][k]["logits_sqnr_db"] = logits_sqnr(fp32, out, feeds, logits)
-                if explain and v == "default":
+                if explain and v == explain_variant:
                     k = list(sets)[-1]
                     row["error_sources"] = {"set": k, **explain_errors(fp32, out, sets[k][0][:8], explain)}
             rec["variants"][v] = row
@@ -1161,6 +1176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attribute-pipeline", default="cleanup,quantize", help="the int8 model --attribute explains")
     ap.add_argument("--explain", type=int, default=0,
                     help="for the default variant: the N activation roundings costing most (error_sources)")
+    ap.add_argument("--explain-variant", default="default", help="the variant --explain explains")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
@@ -1202,7 +1218,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     records = {r["model"]: r for r in old["records"]} if args.merge else {}
     for name in [m for m in args.models.split(",") if m]:
-        rec = bench_model(specs[name], variants, args.latency_budget, args.explain)
+        rec = bench_model(specs[name], variants, args.latency_budget, args.explain, args.explain_variant)
         if args.merge and name in records:
             records[name]["variants"].update(rec["variants"])
             for k in ("fp32", "fp32_ms", "sets", "n_calib", "fp32_weight_bytes", "latency_load"):

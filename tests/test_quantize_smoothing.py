@@ -75,19 +75,67 @@ def test_smoothing_is_exact_in_float_and_placed_where_the_consumers_allow():
         np.testing.assert_allclose(ort_run(q_float, f)[0], ort_run(model, f)[0], rtol=1e-4, atol=1e-4)
 
 
-def test_smoothing_lifts_the_sqnr_of_outlier_channels_and_auto_leaves_even_channels_alone():
-    model = block()
-    held_out = feeds(8, 5)
-    q0, _ = run(model)
-    q1, s1 = run(model, smooth="auto")
-    assert s1["smoothing"]["smoothed"] == 2
-    assert sqnr(model, q1, held_out) > sqnr(model, q0, held_out) + 3.0
-    even = block()
-    for t in even.graph.initializer:
+def weight_spike(model: onnx.ModelProto, factor: float = 10.0) -> onnx.ModelProto:
+    """``block`` with even LayerNorm gammas and one weight entry per MatMul ``factor`` x the largest: smoothing then
+    amplifies the activation channel that entry reads (its row's max is large) for one output column's gain."""
+    for t in model.graph.initializer:
+        a = numpy_helper.to_array(t).copy()
         if t.name in ("g1", "g2"):
-            t.CopyFrom(numpy_helper.from_array(np.ones(K, np.float32), t.name))
-    _, s2 = run(even, smooth="auto")
-    assert s2["smoothing"]["smoothed"] == 0 and set(s2["smoothing"]["not_smoothed_ratio"]) == {"n1", "n2"}
+            a = np.ones(K, np.float32)
+        if t.name in ("wq", "wv", "wo"):
+            a[2, 5] = factor * np.abs(a).max()
+        t.CopyFrom(numpy_helper.from_array(a.astype(np.float32), t.name))
+    return model
+
+
+def test_auto_measures_both_and_smooths_where_outlier_channels_make_it_pay():
+    model = block()
+    held_out = feeds(16, 5)
+    q0, s0 = run(model)
+    q_all, _ = run(model, smooth="all")
+    q1, s1 = run(model, smooth="auto")
+    sm = s1["smoothing"]
+    assert "smoothing" not in s0  # smooth=none: no second quantization
+    assert sm["decision"] == "smoothed" and sm["smoothed"] == 2 and sm["candidates"] == 2
+    meas = sm["measured"]
+    assert meas["smoothed"]["sqnr_db"] > meas["not smoothed"]["sqnr_db"] + 3.0  # in-sample, what decided
+    assert set(sm["seconds"]) == {"not smoothed", "smoothed"}
+    assert q1.SerializeToString() == q_all.SerializeToString()  # the kept run is smooth=all's quantization
+    assert sqnr(model, q1, held_out) > sqnr(model, q0, held_out) + 3.0
+
+
+def test_auto_keeps_the_graph_unsmoothed_where_smoothing_measures_worse():
+    model = weight_spike(block())
+    held_out = feeds(16, 5)
+    q_none, _ = run(model, smooth="none")
+    q_all, _ = run(model, smooth="all")
+    q, st = run(model, smooth="auto")
+    sm = st["smoothing"]
+    assert sm["decision"] == "not smoothed" and sm["smoothed"] == 0 and sm["candidates"] == 2
+    assert sm["measured"]["not smoothed"]["sqnr_db"] > sm["measured"]["smoothed"]["sqnr_db"]
+    # held out too: smoothing every input is worse here, and auto is exactly smooth=none's quantization
+    assert sqnr(model, q_none, held_out) > sqnr(model, q_all, held_out) + 0.5
+    assert q.SerializeToString() == q_none.SerializeToString()
+    assert not any(i.name.endswith("_smooth") for i in q.graph.initializer)
+
+
+def test_auto_on_a_graph_without_matmul_candidates_is_one_quantization_identical_to_none():
+    rng = np.random.default_rng(3)
+    m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8,8] x) => (float[1,8,8,8] y) {
+      c = Conv<pads=[1,1,1,1]>(x, w1, b1)
+      r = Relu(c)
+      y = Conv<pads=[1,1,1,1]>(r, w2, b2)
+    }""")
+    add_initializers(m, {"w1": rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3,
+                         "b1": rng.standard_normal(8).astype(np.float32) * 0.1,
+                         "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2,
+                         "b2": rng.standard_normal(8).astype(np.float32) * 0.1})
+    fs = normal_feeds((1, 4, 8, 8), 8, 2)
+    q_none, s_none = quantize_on(m, fs, smooth="none")
+    q_auto, s_auto = quantize_on(m, fs, smooth="auto")
+    assert "smoothing" not in s_auto and s_auto["nodes_quantized"] == s_none["nodes_quantized"] == {"Conv": 2, "Relu": 1}
+    assert q_auto.SerializeToString() == q_none.SerializeToString()
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])

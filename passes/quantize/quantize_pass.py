@@ -170,7 +170,8 @@ class Quantize(Pass):
     smooth: Literal["auto", "all", "none"] = option(
         "none",
         "SmoothQuant: move MatMul inputs' channel outliers into the weights (exact in float): all | none | auto "
-        "(only activations whose largest channel RMS is >= 8x the median)",
+        "(quantize with and without smoothing every input, keep the better on the evaluation feeds' outputs; "
+        "twice the tool time on models with MatMul/Gemm inputs, nothing on others)",
     )
     smooth_alpha: float = option(0.5, "smoothing strength: s_j = rms_j^alpha / max|W_j|^(1-alpha)")
     fold_affine: bool = option(

@@ -17,8 +17,10 @@ Where ``diag(1/s)`` goes: into the LayerNormalization that produces ``X`` (``γ/
 ``X`` is one of these MatMuls; else a ``Mul(X, 1/s)`` node feeds the MatMuls (the other consumers — a residual Add —
 keep reading ``X``). New constants are named ``<name>_smooth``.
 
-``smooth=auto`` smooths an activation only when its channels are uneven: ``max_j a_j / median_j a_j >=
-SMOOTH_MIN_RATIO``; ``smooth=all`` smooths every candidate. Float outputs are unchanged up to rounding.
+``smooth=all`` smooths every candidate; ``smooth=auto`` quantizes the model with and without (every candidate)
+and keeps the better measured one (``smoothing_choice``). Float outputs are unchanged up to rounding. The stats keep
+each input's channel spread ``max_j a_j / median_j a_j`` (a rule on it, >= 8, was the old ``smooth=auto``: on
+MiniLM-L3 27.8 dB against 30.2 dB with every input smoothed).
 """
 
 from __future__ import annotations
@@ -39,8 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-#: smooth=auto: the largest channel RMS over the median one at least this
-SMOOTH_MIN_RATIO = 8.0
 #: rows (tokens) per feed whose squares estimate the channel RMS
 SMOOTH_ROWS_PER_FEED = 32
 #: factors are kept within [1/S_LIMIT, S_LIMIT]
@@ -102,7 +102,6 @@ def smooth(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
     req = StatsRequest(second_moments={f"{k}:smooth": (k, rows) for k in cands}, samples=len(feeds))
     store.get(req)
     done: dict[str, float] = {}
-    skipped: dict[str, float] = {}
     for name, (x, mms) in cands.items():
         g = store.gram(f"{name}:smooth", samples=len(feeds))
         if g is None or g.rows == 0:
@@ -110,15 +109,12 @@ def smooth(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
         rms = np.sqrt(np.maximum(np.diag(g.xtx), 0.0) / g.rows)
         med = float(np.median(rms))
         ratio = float(rms.max() / med) if med > 0 else float("inf")
-        if p.smooth == "auto" and ratio < SMOOTH_MIN_RATIO:
-            skipped[name] = round(ratio, 1)
-            continue
         w_max = np.max([np.abs(_weight_rows(n, x)).max(axis=1) for n in mms], axis=0).astype(np.float64)
         s = factors(rms, w_max, p.smooth_alpha)
         _apply(graph, x, mms, s, names)
         done[name] = round(ratio, 1)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return {"smoothed": len(done), "channel_ratio": done, "not_smoothed_ratio": skipped, "alpha": p.smooth_alpha}
+    return {"smoothed": len(done), "channel_ratio": done, "alpha": p.smooth_alpha}
 
 
 def _apply(graph: gs.Graph, x: gs.Variable, mms: list[gs.Node], s: np.ndarray, names: set[str]) -> None:
@@ -151,4 +147,4 @@ def _ln_last_axis(ln: gs.Node, k: int) -> bool:
     return gamma is not None and gamma.shape == (k,) and (beta is None or beta.shape == (k,))
 
 
-__all__ = ["SMOOTH_MIN_RATIO", "candidates", "factors", "smooth"]
+__all__ = ["candidates", "factors", "smooth"]

@@ -60,7 +60,8 @@ from .qdq_insert import WeightOptions, insert_qdq, resolve_params
 from .range_choice import choose_method
 from .refit import refit_stage
 from .rounding import optimise_rounding
-from .smoothing import smooth
+from .smoothing import candidates, smooth
+from .smoothing_choice import choose_smoothing
 from .stream_equalization import equalize_streams
 from .tensor_types import probe_dtypes
 
@@ -82,7 +83,10 @@ class Built(NamedTuple):
 
 
 def run_static(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """``quantize{mode=static}`` on ``graph`` (modified in place)."""
+    """``quantize{mode=static}`` on ``graph`` (modified in place); ``smooth=auto`` on a graph with smoothing
+    candidates: the better of the two quantizations, with and without smoothing (``smoothing_choice``)."""
+    if p.smooth == "auto" and candidates(graph):
+        return choose_smoothing(StaticRun, p, graph, ctx)
     return StaticRun(p, graph, ctx).run()
 
 
@@ -121,6 +125,8 @@ class StaticRun:
         self.prepared = False
         #: calibration=auto: (method, plan, exported model) of the best all-int8 build, reused by the search
         self.all_int8: tuple[str, Plan, onnx.ModelProto] | None = None
+        #: prepare smooths every smoothing candidate (``smooth=all``; ``smooth=auto``: the measured choice's run)
+        self.smooth_all = p.smooth == "all"
 
     # ----------------------------------------------------------------------------------------- shared helpers
     def feeds(self, n: int) -> FeedSet:
@@ -200,7 +206,7 @@ class StaticRun:
             if st["streams"]:
                 stats["stream_equalization"] = st
                 prepared = prepared or bool(st["rewritten"])
-        if p.smooth != "none":
+        if self.smooth_all:
             st = smooth(self, graph, names)
             stats["smoothing"] = st
             prepared = prepared or bool(st["smoothed"])
@@ -234,23 +240,37 @@ class StaticRun:
         return ref, eval_feeds
 
     def run(self) -> PassResult:
-        p, stats = self.p, self.stats
         t_start = time.perf_counter()
-        ready = self.setup()
-        prepared = self.prepared
-        if ready is None:
-            stats["skipped"] = "nothing to quantize in the main graph: no Conv/MatMul/Gemm with a constant float weight"
-            bodies_done = self.bodies_only()
-            stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
-            return PassResult(bodies_done or prepared or "opset_upgrade" in stats, stats)
-        ref, eval_feeds = ready
-        if p.auto_float_db > 0:
-            search_float_layers(self, ref, eval_feeds)
-        if p.weight_rounding == "refit" and self.per_channel:
-            refit_stage(self, ref)
+        got = self.candidate()
+        if got is None:
+            return self.nothing_to_quantize(t_start)
+        return self.finish(*got, t_start=t_start)
 
+    def candidate(self) -> tuple[fid.Reference, list, Built, dict[str, float]] | None:
+        """Stages 1-5: the quantized candidate before any user target or latency guard (``None``: nothing to
+        quantize in the main graph)."""
+        ready = self.setup()
+        if ready is None:
+            return None
+        ref, eval_feeds = ready
+        if self.p.auto_float_db > 0:
+            search_float_layers(self, ref, eval_feeds)
+        if self.p.weight_rounding == "refit" and self.per_channel:
+            refit_stage(self, ref)
         built = self.build()
-        sc = fid.score_model(ref, self.export(built.graph))
+        return ref, eval_feeds, built, fid.score_model(ref, self.export(built.graph))
+
+    def nothing_to_quantize(self, t_start: float) -> PassResult:
+        stats = self.stats
+        stats["skipped"] = "nothing to quantize in the main graph: no Conv/MatMul/Gemm with a constant float weight"
+        bodies_done = self.bodies_only()
+        stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
+        return PassResult(bodies_done or self.prepared or "opset_upgrade" in stats, stats)
+
+    def finish(self, ref: fid.Reference, eval_feeds: list, built: Built, sc: dict[str, float],
+               t_start: float) -> PassResult:
+        """Stages 6-7 on the candidate: mixed precision to a user target, the latency guard, adoption."""
+        p, stats = self.p, self.stats
         float_layers: dict[str, str] = dict(self.auto_float)
         if p.min_cosine is not None or p.max_agreement_drop is not None or p.min_sqnr_db is not None or (
                 p.max_latency is not None):
@@ -261,7 +281,7 @@ class StaticRun:
                 self.bodies_left_float(stats["skipped"])
                 stats["seconds_calibration"] = round(self.calib_seconds, 3)
                 stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
-                return PassResult(prepared or "opset_upgrade" in stats, stats)
+                return PassResult(self.prepared or "opset_upgrade" in stats, stats)
             built, sc = outcome
         self.adopt(built, sc, float_layers)
         if p.explain:
