@@ -110,3 +110,20 @@ def test_distill_trains_through_the_scatter(rng):
 def _run(model, pipeline, calib=None):
     res = PassManager(parse_pipeline(pipeline)).run(model, PassContext(calibration=calib))
     return res.model, res.ledger[-1].pass_stats
+
+
+def test_allocation_trial_feeds_are_held_out_of_the_token_counts(rng):
+    import onnx_graphsurgeon as gs
+    from onnxcompress.passes.cluster.vector_codebook import token_counts
+
+    from onnxcompress.analyses.activation_stats import StatsRequest
+
+    graph = gs.import_onnx(_model(rng.standard_normal((2000, 32)).astype(np.float32)))
+    ctx = PassContext(calibration=_feeds([[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]))
+    got = token_counts(graph, ctx, {"t": (graph.inputs[0], 2000)}, StatsRequest(samples=3), skip=1)["t"]
+    np.testing.assert_array_equal(np.flatnonzero(got), [5, 6, 7, 8, 9])  # the first feed is not counted
+    calib = _calib(rng)
+    pipe = "cluster{embedding_vector=8 embedding_bits=4 activation_aware=true min_size=100 exclude=[w] " \
+           "size_budget=3 sensitivity_samples=8}"
+    _, st = _run(_model(rng.standard_normal((2000, 32)).astype(np.float32)), pipe, calib)
+    assert st["token_counts_held_out"] == 8 and st["tables"]["emb"].startswith("v")

@@ -246,7 +246,9 @@ class Cluster(Pass):
             tables = {c.tensor.name: (c.uses[0].node.inputs[1], c.tensor.values.shape[0]) for c in cands
                       if c.uses[0].op == "Gather" and len(c.uses) == 1 and self._vector_level(c) is not None
                       and int(c.uses[0].node.attrs.get("axis", 0)) == 0}  # indices name rows
-            counts = token_counts(graph, ctx, tables, req) if tables else {}
+            # the allocation's trial feeds (the first sensitivity_samples) are held out of the counts: its measured
+            # table error then includes rows the counts never saw, as new text will (hot rows fit the counted ones)
+            counts = token_counts(graph, ctx, tables, req, skip=self._held_out(ctx)) if tables else {}
             for c in cands:  # a table's "input norms" are its token counts (the one-hot input's Gram diagonal)
                 if c.tensor.name in counts:  # (computed indices are counted during the run below)
                     out[id(c.tensor)] = (counts[c.tensor.name], False, None)
@@ -268,6 +270,14 @@ class Cluster(Pass):
             else:
                 out[id(c.tensor)] = (None, False, gram)
         return out
+
+    def _allocates(self) -> bool:
+        return self.target_error is not None or self.size_budget is not None or self.size_ratio is not None
+
+    def _held_out(self, ctx: PassContext) -> int:
+        """Calibration feeds left out of the token counts: the allocation's trial feeds, when at least as many remain."""
+        n_feeds = min(self.samples, len(ctx.calibration))
+        return self.sensitivity_samples if self._allocates() and n_feeds >= 2 * self.sensitivity_samples else 0
 
     # ------------------------------------------------------------------------------------------- one tensor
     def _vector_level(self, c: _Candidate) -> str | None:
@@ -422,10 +432,12 @@ class Cluster(Pass):
                 yield c, bits, res
 
         chosen = clustered()
-        if self.target_error is not None or self.size_budget is not None or self.size_ratio is not None:
+        if self._allocates():
             chosen = list(chosen)  # the allocation weighs every tensor's results together
             if chosen:
                 chosen = self._allocate(graph, ctx, chosen, stats_of, storage, rng, st)
+            if any(isinstance(b, str) and res is not None and res.weighted for _, b, res in chosen):
+                st["token_counts_held_out"] = self._held_out(ctx)  # feeds (the allocation's trials)
         for c, bits, res in chosen:
             st["bits"][str(bits) if res is not None else "float"] += 1
             if c.uses[0].op == "Gather":  # embedding tables: the level each got (v<d>: product quantization)

@@ -202,11 +202,13 @@ def vector_codes(book: np.ndarray, idx: np.ndarray) -> int:
     return k if 2 <= k <= 256 and local.min() >= 0 and local.max() < k else 0
 
 
-def token_counts(graph, ctx, tables: dict[str, tuple[object, int]], request) -> dict[str, np.ndarray]:
+def token_counts(graph, ctx, tables: dict[str, tuple[object, int]], request,
+                 skip: int = 0) -> dict[str, np.ndarray]:
     """How often each row of each table is read on the calibration feeds of ``request`` (a ``StatsRequest``: its
-    first ``samples``): ``tables`` maps a key to (the Gather's index tensor, rows V). A constant index is counted
-    directly, a graph input on the feeds, any other tensor during the caller's run of ``request`` (fetched, counted by
-    its ``capture``): the counts are complete once the caller has run it. Negative indices count as i + V."""
+    first ``samples``) after the first ``skip`` (held out): ``tables`` maps a key to (the Gather's index tensor,
+    rows V). A constant index is counted directly, a graph input on the feeds, any other tensor during the caller's
+    run of ``request`` (fetched, counted by its ``capture``): the counts are complete once the caller has run it.
+    Negative indices count as i + V."""
     import onnx_graphsurgeon as gs
 
     counts = {key: np.zeros(v, np.float64) for key, (_, v) in tables.items()}
@@ -224,8 +226,8 @@ def token_counts(graph, ctx, tables: dict[str, tuple[object, int]], request) -> 
             add(key, t.values)
         elif t.name in inputs:
             feeds = ctx.calibration if request.samples is None else ctx.calibration.take(request.samples)
-            for feed in feeds:
-                if t.name in feed:
+            for i, feed in enumerate(feeds):
+                if i >= skip and t.name in feed:
                     add(key, feed[t.name])
         else:
             fetched.setdefault(t.name, []).append(key)
@@ -233,7 +235,9 @@ def token_counts(graph, ctx, tables: dict[str, tuple[object, int]], request) -> 
         if request.capture is not None:
             raise ValueError("token_counts: the request already has a capture")
 
-        def capture(_i: int, acts: dict[str, np.ndarray]) -> None:
+        def capture(i: int, acts: dict[str, np.ndarray]) -> None:
+            if i < skip:
+                return
             for name, keys in fetched.items():
                 for key in keys:
                     add(key, acts[name])
