@@ -250,8 +250,8 @@ def ours(pipeline: str) -> Method:
 
 
 #: stats of cluster copied into an ours_* result's info
-_CLUSTER_STAT_KEYS = ("bits", "tables", "storage", "output_error", "size_ratio_budget_bits", "floats_kept",
-                      "bytes_before", "bytes_after")
+_CLUSTER_STAT_KEYS = ("bits", "tables", "hot_rows", "token_counts_held_out", "storage", "output_error",
+                      "size_ratio_budget_bits", "floats_kept", "bytes_before", "bytes_after")
 
 #: stats of quantize{mode=static} copied into an ours_* result's info
 _QUANT_STAT_KEYS = (

@@ -69,7 +69,7 @@ def test_pass_decodes_hot_rows_exactly_packed_and_unpacked(rng):
     packed, st = _run(model, pipe, calib)
     unpacked, _ = _run(model, pipe.replace("}", " storage=unpacked}"), calib)
     plain, _ = _run(model, pipe.replace("activation_aware=true", ""), calib)
-    assert any(n.op_type == "ScatterND" for n in packed.graph.node)
+    assert any(n.op_type == "ScatterND" for n in packed.graph.node) and "rows" in st["hot_rows"]["emb"]
     assert not any(n.op_type == "ScatterND" for n in plain.graph.node)
     got = _decoded(packed)
     np.testing.assert_array_equal(got, _decoded(unpacked))

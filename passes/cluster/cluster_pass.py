@@ -21,7 +21,8 @@ table) / LSTM, GRU, RNN (W and R; no activation weights or refit) with at least 
 
 Gather tables with ``embedding_vector=d``: product quantization instead of step 1 (``vector_codebook``: rows cut into
 blocks of d values that share 2^embedding_bits d-vectors per block; token counts as row weights with
-``activation_aware``).
+``activation_aware``, and a scalar-coded residual on the rows whose weighted error is worth it: ``hot_rows``). Under
+an allocation its trial feeds are held out of the token counts, so the measured table error includes unseen tokens.
 
 A constant read by several nodes (tied weights) is clustered once and all its readers read the one decoded tensor.
 Statistics (Gram matrices of the layer inputs) come from the shared ``ActivationStatistics`` of the current graph,
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
@@ -58,8 +58,9 @@ from .allocation import FLOAT, Trials, allocate, ladder
 from .cluster_tensor import Clustered, cluster_tensor, element_weights
 from .kmeans1d import INITS
 from .layouts import RECURRENT, WEIGHT_SLOTS, Use
-from .storage import STREAMS, DecodeBuilder, index_bits
-from .vector_codebook import cluster_table, token_counts, vector_blocks, vector_codes
+from .packing import pack_existing
+from .storage import DecodeBuilder
+from .vector_codebook import cluster_table, token_counts, vector_blocks
 
 log = logging.getLogger(__name__)
 
@@ -358,38 +359,11 @@ class Cluster(Pass):
                  done[c.tensor.name].get(pick[c.tensor.name])) for c, bits, _ in chosen]
 
     # ------------------------------------------------------------------------------------------------ run
-    def _pack_existing(self, graph: gs.Graph, builder: DecodeBuilder) -> tuple[int, int]:
-        """Pack the int indices of ``Gather(float codebook [k <= 256], constant indices)`` (an unpacked decode, e.g.
-        trained by ``distill``) into index_bits(k)-bit streams, and those of a product-quantized table
-        ``Gather(codebook [S·k, d], indices [V, S])`` (column s in [s·k, (s+1)·k)) as local indices + offsets:
-        exact. Returns (decodes packed, bytes saved)."""
-        packed: dict[int, gs.Tensor] = {}
-        saved = 0
-        for node in list(graph.nodes):
-            if node.op != "Gather" or len(node.inputs) < 2 or int(node.attrs.get("axis", 0)) != 0:
-                continue
-            book, idx = node.inputs[0], node.inputs[1]
-            if not (isinstance(book, gs.Constant) and isinstance(idx, gs.Constant)):
-                continue
-            b, i = np.asarray(book.values), np.asarray(idx.values)
-            k = vector_codes(b, i)  # a product-quantized table's codes per block, else 0
-            if not k and (b.ndim != 1 or not 2 <= b.size <= 256 or not np.issubdtype(b.dtype, np.floating) or
-                          not np.issubdtype(i.dtype, np.integer) or i.size < self.min_size or i.min() < 0 or
-                          i.max() >= b.size):
-                continue
-            if id(idx) not in packed:
-                bits, name = index_bits(k or b.size), f"pk{len(packed) + 1}"
-                packed[id(idx)] = builder.pack_vector_indices(name, i, k) if k else \
-                    builder.packed_indices(name, i.astype(np.uint16), bits)
-                saved += int(i.nbytes) - sum(math.ceil(i.size * w / 8) for w in STREAMS[bits])
-            node.inputs[1] = packed[id(idx)]
-        return len(packed), saved
-
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         skipped: Counter = Counter()
         n_packed = saved = 0
         if self.storage != "unpacked" and ctx.opset() >= 11:
-            n_packed, saved = self._pack_existing(graph, DecodeBuilder(graph, Namer(graph), ctx.opset()))
+            n_packed, saved = pack_existing(graph, DecodeBuilder(graph, Namer(graph), ctx.opset()), self.min_size)
         cands = [] if self.pack_only else self._candidates(graph, skipped)
         for c in cands:
             axis = c.uses[0].channel_axis(c.tensor.values.ndim)
@@ -442,6 +416,8 @@ class Cluster(Pass):
             st["bits"][str(bits) if res is not None else "float"] += 1
             if c.uses[0].op == "Gather":  # embedding tables: the level each got (v<d>: product quantization)
                 st.setdefault("tables", {})[c.tensor.name] = str(bits) if res is not None else "float"
+                if res is not None and res.hot is not None:
+                    st.setdefault("hot_rows", {})[c.tensor.name] = f"{res.hot.rows.size} rows, {res.hot.bits} bits"
             if res is None:
                 skipped["kept float (target_error)"] += 1
                 continue
