@@ -58,6 +58,8 @@ from .allocation import FLOAT, Trials, allocate, ladder
 from .cluster_tensor import Clustered, cluster_tensor, element_weights
 from .kmeans1d import INITS
 from .layouts import RECURRENT, WEIGHT_SLOTS, Use
+from .matrix_vector import OPS as MATRIX_OPS
+from .matrix_vector import cluster_matrix, vector_form
 from .packing import pack_existing
 from .storage import DecodeBuilder
 from .vector_codebook import cluster_table, token_counts, vector_blocks
@@ -123,6 +125,10 @@ class Cluster(Pass):
                                       "many values that share 2^embedding_bits codes per block (log2(k) / d bits "
                                       "per weight; weighted by token counts with activation_aware; under an "
                                       "allocation the table's ladder shortens d); 0: scalar like other weights")
+    matrix_vector: bool = option(False, "MatMul / Gemm weights at 1-4 bits in vector codes with error feedback "
+                                        "(GPTQ-VQ: groups of 8/4/2/2 inputs share 256/256/64/256 codes per tensor, "
+                                        "channel scales; needs refit=true for the layer Gram; other tensors, "
+                                        "pruned ones and 8 bits stay scalar)")
     zero_fraction: float = option(0.05, "a tensor with at least this share of exact zeros (pruned) keeps 0 as a "
                                         "fixed centroid; 1 disables")
     target_error: float | None = option(None, "mixed bit-widths from measured sensitivity: each tensor's effect "
@@ -167,6 +173,8 @@ class Cluster(Pass):
             raise ValueError("sensitivity_samples must be >= 1")
         if self.max_error is not None and not self.max_error > 0:
             raise ValueError(f"max_error must be > 0, got {self.max_error}")
+        if self.matrix_vector and not self.refit:
+            raise ValueError("matrix_vector needs refit=true (its error feedback uses the layer Gram)")
         if self.storage == "unpacked" and self.per_channel:
             raise ValueError("storage=unpacked takes one codebook per tensor (per_channel=false)")
         if not 0.0 < self.zero_fraction <= 1.0:
@@ -310,6 +318,9 @@ class Cluster(Pass):
         norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
         if isinstance(bits, str):  # "v<d>": product quantization of a Gather table
             return cluster_table(w, int(bits[1:]), self._codes(c), norms, storage, rng)
+        if self.matrix_vector and gram is not None and c.uses[0].op in MATRIX_OPS and w.ndim == 2 and \
+                vector_form(bits, gram.shape[0]) and np.mean(w == 0) < self.zero_fraction and storage != "snap":
+            return cluster_matrix(w, bits, c.uses[0], gram, storage, rng)
         if c.uses[0].op == "Gather":
             norms = None  # token counts weight only the d-vectors (scalar codes weighted so: measured worse)
         scales = self.channel_scales and c.uses[0].op != "Gather" and w.shape[c.uses[0].channel_axis(w.ndim)] > 1
@@ -439,6 +450,12 @@ class Cluster(Pass):
             st["tensors_clustered"] += 1
             if res.storage == "snap":
                 c.tensor.values = np.ascontiguousarray(res.snapped.astype(w.dtype))
+            elif res.matrix:
+                out = builder.build_matrix_vector(f"cl{st['tensors_clustered']}", tuple(w.shape),
+                                                  c.uses[0].op == "MatMul" or not c.uses[0].node.attrs.get("transB", 0),
+                                                  res.codebook, res.labels, res.scale,
+                                                  out_name=f"{c.tensor.name}_clustered", unpacked=storage == "unpacked")
+                redirect_consumers(c.tensor, out)
             elif res.vector is not None:
                 out = builder.build_vector(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook, res.labels,
                                            out_name=f"{c.tensor.name}_clustered", unpacked=storage == "unpacked",

@@ -42,6 +42,7 @@ class Clustered:
     scale_axis: int | None = None
     vector: int | None = None  # product-quantized table (``vector_codebook``): the sub-vector length d
     hot: object | None = None  # a product-quantized table's residual rows (``hot_rows.HotRows``)
+    matrix: bool = False  # vector codes of a weight matrix (``matrix_vector``): codebook [k, d], labels [out, in/d]
 
 
 def to_rows(a: np.ndarray, axis: int | None) -> np.ndarray:

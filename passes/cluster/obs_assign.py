@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _upper_inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
+def upper_inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     d = float(np.mean(np.diag(h))) or 1.0
     h = h.copy()
     dead = np.diag(h) <= 0
@@ -51,7 +51,7 @@ def obs_assign(
     sc = np.ones(out) if row_scale is None else np.asarray(row_scale, np.float64)
     rows = cents.shape[0]
     mids = (cents[:, 1:] + cents[:, :-1]) / 2.0
-    u = _upper_inverse_cholesky(np.asarray(gram, np.float64), damp)
+    u = upper_inverse_cholesky(np.asarray(gram, np.float64), damp)
     labels = np.zeros((out, n_in), np.int64)
 
     def nearest(col: np.ndarray) -> np.ndarray:

@@ -218,6 +218,28 @@ class DecodeBuilder:
         out.shape = list(shape)
         return out
 
+    def build_matrix_vector(self, base: str, w_shape: tuple[int, ...], transposed: bool, codebook: np.ndarray,
+                            labels: np.ndarray, scale: np.ndarray, *, out_name: str | None = None,
+                            unpacked: bool = False) -> gs.Variable:
+        """A weight in vector codes (``matrix_vector``): ``codebook`` [k, d] shared by every group, ``labels``
+        [out, in / d], ``scale`` [out]: ``Gather -> Reshape [out, in] -> Mul(scale) (-> Transpose)`` into the
+        weight's layout ``w_shape`` (``transposed``: the matrix view is the weight transposed, MatMul)."""
+        k = codebook.shape[0]
+        idx = self._const(f"{base}_idx", labels.astype(np.int32)) if unpacked else \
+            self.packed_indices(base, labels.astype(np.uint16), index_bits(k))
+        vecs = self._op("Gather", [self._const(f"{base}_codebook", codebook), idx], f"{base}_vecs", codebook.dtype,
+                        {"axis": 0})
+        out_n, n_in = labels.shape[0], labels.shape[1] * codebook.shape[1]
+        rows = self._op("Reshape", [vecs, self._const(f"{base}_mshape", np.array([out_n, n_in], np.int64))],
+                        f"{base}_rows", codebook.dtype)
+        name = out_name or f"{base}_decoded"
+        out = self._op("Mul", [rows, self._const(f"{base}_scale", scale.reshape(-1, 1))],
+                       f"{base}_scaled" if transposed else name, codebook.dtype)
+        if transposed:
+            out = self._op("Transpose", [out], name, codebook.dtype, {"perm": [1, 0]})
+        out.shape = list(w_shape)
+        return out
+
     def pack_vector_indices(self, base: str, idx: np.ndarray, k: int) -> gs.Variable:
         """int32 global indices [V, S] (block s in [s·k, (s+1)·k)) from packed local ones + the offsets."""
         offsets = (np.arange(idx.shape[1]) * k).astype(np.int32)

@@ -1,0 +1,120 @@
+"""cluster{matrix_vector=true}: weight matrices in vector codes with error feedback (GPTQ-VQ), decoded exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxcompress.passes.cluster.matrix_vector import LEVELS, gptq_vq
+
+from onnxcompress.context import PassContext
+from onnxcompress.data import FeedSet, InputSpec
+from onnxcompress.errors import BadInputError
+from onnxcompress.manager import PassManager
+from onnxcompress.pipeline import parse_pipeline
+from tests.conftest import ort_run
+
+N_IN, N_OUT = 64, 96
+
+
+def _model(w, gemm_trans_b=False):
+    """x [16, N_IN] (correlated features) -> MatMul W [N_IN, N_OUT] (or Gemm with W^T, transB=1) -> y."""
+    if gemm_trans_b:
+        node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
+        init = numpy_helper.from_array(np.ascontiguousarray(w.T), "w")
+    else:
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        init = numpy_helper.from_array(w, "w")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, N_IN])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, N_OUT])], [init])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _feeds(rng, n=24):
+    mix = rng.standard_normal((N_IN, N_IN)).astype(np.float32) / 4 + np.eye(N_IN, dtype=np.float32)
+    feeds = [{"x": (rng.standard_normal((16, N_IN)).astype(np.float32) @ mix) * np.linspace(0.2, 3, N_IN,
+                                                                                      dtype=np.float32)}
+             for _ in range(n)]
+    return FeedSet(lambda: iter(feeds), [InputSpec("x", np.dtype(np.float32), (16, N_IN))], "test", len(feeds))
+
+
+def _run(model, pipeline, calib):
+    res = PassManager(parse_pipeline(pipeline)).run(model, PassContext(calibration=calib))
+    return res.model, res.ledger[-1].pass_stats
+
+
+def _out_err(model, ref, feeds):
+    num = sum(float(np.sum((ort_run(model, f)[0] - ort_run(ref, f)[0]) ** 2)) for f in feeds)
+    return num / sum(float(np.sum(ort_run(ref, f)[0] ** 2)) for f in feeds)
+
+
+def _decoded_weight(model):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    src = next(n.input[1] for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[0] == "x")
+    m.graph.output.append(onnx.ValueInfoProto(name=src))
+    return ort_run(m, {"x": np.zeros((16, N_IN), np.float32)})[-1]
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_vector_codes_decode_exactly_and_beat_scalar_codes(rng, bits):
+    w = rng.standard_normal((N_IN, N_OUT)).astype(np.float32)
+    model, calib = _model(w), _feeds(rng)
+    base = f"cluster{{bits={bits} activation_aware=true refit=true min_size=100"
+    vec, st = _run(model, base + " matrix_vector=true}", calib)
+    scalar, _ = _run(model, base + "}", calib)
+    assert st["storage"] == {"matrix-vector": 1}
+    dw = _decoded_weight(vec)
+    d, k = LEVELS[bits]
+    inits = {t.name: numpy_helper.to_array(t) for t in vec.graph.initializer}
+    book = next(v for n, v in inits.items() if n.endswith("_codebook"))
+    scale = next(v for n, v in inits.items() if n.endswith("_scale"))
+    assert book.shape == (k, d) and scale.shape == (N_OUT, 1)
+    groups = (dw.T / scale).reshape(-1, d)  # every group of d inputs of a row is one code times the row's scale
+    assert np.abs(groups[:, None, :] - book[None]).max(-1).min(-1).max() < 1e-5
+    held = [{"x": f["x"]} for f in _feeds(np.random.default_rng(5), 8)]
+    swapped = _model(dw)
+    for f in held[:2]:  # the graph's decode is the weight it claims, bit for bit
+        np.testing.assert_array_equal(ort_run(vec, f)[0], ort_run(swapped, f)[0])
+    assert _out_err(vec, model, held) < 0.9 * _out_err(scalar, model, held)
+    written = len(vec.SerializeToString())
+    planned = len(model.SerializeToString()) - st["bytes_before"] + st["bytes_after"]
+    assert abs(written - planned) < 0.03 * written and written < 0.5 * len(model.SerializeToString())
+    onnx.checker.check_model(vec)
+
+
+def test_error_feedback_lowers_the_layer_error_at_the_same_codebook(rng):
+    m = rng.standard_normal((N_OUT, N_IN))
+    x = rng.standard_normal((512, N_IN)) @ (np.eye(N_IN) + rng.standard_normal((N_IN, N_IN)) / 3)
+    gram = x.T @ x / len(x)
+    scale = np.sqrt(np.mean(m ** 2, 1))
+    book = rng.standard_normal((64, 2))
+    fed = gptq_vq(m, scale, book, gram)
+    pts = (m / scale[:, None]).reshape(N_OUT, -1, 1, 2)
+    nearest = np.argmin(np.sum((pts - book[None, None]) ** 2, -1), -1)
+
+    def err(codes):
+        dm = m - book[codes].reshape(N_OUT, N_IN) * scale[:, None]
+        return float(np.trace(dm @ gram @ dm.T))
+
+    assert err(fed) < 0.8 * err(nearest)
+
+
+def test_gemm_transposed_unpacked_and_packed_later(rng):
+    w = rng.standard_normal((N_IN, N_OUT)).astype(np.float32)
+    model, calib = _model(w, gemm_trans_b=True), _feeds(rng)
+    pipe = "cluster{bits=2 activation_aware=true refit=true min_size=100 matrix_vector=true storage=unpacked}"
+    unpacked, st = _run(model, pipe, calib)
+    assert st["storage"] == {"unpacked": 1}
+    f = {"x": _feeds(rng, 1).take(1).__iter__().__next__()["x"]}
+    packed, st_p = _run(unpacked, "cluster{pack_only=true}", calib)
+    assert st_p["decodes_packed"] == 1
+    np.testing.assert_array_equal(ort_run(packed, f)[0], ort_run(unpacked, f)[0])
+    assert len(packed.SerializeToString()) < len(unpacked.SerializeToString()) - N_OUT * N_IN // 4 * 2
+    assert _out_err(packed, model, [f]) < 0.2
+
+
+def test_matrix_vector_needs_the_gram():
+    with pytest.raises(BadInputError, match="matrix_vector needs refit"):
+        parse_pipeline("cluster{bits=2 matrix_vector=true}")
