@@ -88,35 +88,54 @@ def weight_spike(model: onnx.ModelProto, factor: float = 10.0) -> onnx.ModelProt
     return model
 
 
-def test_auto_measures_both_and_smooths_where_outlier_channels_make_it_pay():
+def test_auto_measures_each_strength_and_smooths_where_outlier_channels_make_it_pay():
     model = block()
     held_out = feeds(16, 5)
     q0, s0 = run(model)
-    q_all, _ = run(model, smooth="all")
     q1, s1 = run(model, smooth="auto")
     sm = s1["smoothing"]
-    assert "smoothing" not in s0  # smooth=none: no second quantization
-    assert sm["decision"] == "smoothed" and sm["smoothed"] == 2 and sm["candidates"] == 2
+    assert "smoothing" not in s0  # smooth=none: one quantization
     meas = sm["measured"]
-    assert meas["smoothed"]["sqnr_db"] > meas["not smoothed"]["sqnr_db"] + 3.0  # in-sample, what decided
-    assert set(sm["seconds"]) == {"not smoothed", "smoothed"}
-    assert q1.SerializeToString() == q_all.SerializeToString()  # the kept run is smooth=all's quantization
+    assert list(meas) == ["not smoothed", "alpha=0.5", "alpha=0.65", "alpha=0.8"] and list(sm["seconds"]) == list(meas)
+    best = max(meas, key=lambda k: meas[k]["sqnr_db"])
+    assert sm["decision"] == "smoothed" and sm["smoothed"] == 2 and best == f"alpha={sm['alpha']:g}"
+    assert meas[best]["sqnr_db"] > meas["not smoothed"]["sqnr_db"] + 3.0  # in-sample: what decided
+    # the kept model is smooth=all's quantization at the chosen strength, and better held out
+    q_all, _ = run(model, smooth="all", smooth_alpha=sm["alpha"])
+    assert q1.SerializeToString() == q_all.SerializeToString()
     assert sqnr(model, q1, held_out) > sqnr(model, q0, held_out) + 3.0
 
 
 def test_auto_keeps_the_graph_unsmoothed_where_smoothing_measures_worse():
     model = weight_spike(block())
-    held_out = feeds(16, 5)
-    q_none, _ = run(model, smooth="none")
-    q_all, _ = run(model, smooth="all")
-    q, st = run(model, smooth="auto")
+    calib, held_out = feeds(32, 1), feeds(16, 5)
+    q_none, _ = quantize_on(model, calib, weight_rounding="nearest", smooth="none")
+    q_all, _ = quantize_on(model, calib, weight_rounding="nearest", smooth="all")  # alpha 0.5
+    q, st = quantize_on(model, calib, weight_rounding="nearest", smooth="auto", smooth_alphas=(0.5,))
     sm = st["smoothing"]
-    assert sm["decision"] == "not smoothed" and sm["smoothed"] == 0 and sm["candidates"] == 2
-    assert sm["measured"]["not smoothed"]["sqnr_db"] > sm["measured"]["smoothed"]["sqnr_db"]
-    # held out too: smoothing every input is worse here, and auto is exactly smooth=none's quantization
+    assert sm["decision"] == "not smoothed" and sm["smoothed"] == 0 and sm["alpha"] is None
+    assert sm["measured"]["not smoothed"]["sqnr_db"] > sm["measured"]["alpha=0.5"]["sqnr_db"] + 0.5
+    # held out too: smoothing at 0.5 is worse here, and auto is exactly smooth=none's quantization
     assert sqnr(model, q_none, held_out) > sqnr(model, q_all, held_out) + 0.5
     assert q.SerializeToString() == q_none.SerializeToString()
     assert not any(i.name.endswith("_smooth") for i in q.graph.initializer)
+
+
+def test_auto_measures_the_strength_where_it_decides_the_sign():
+    """The same weight spike: alpha 0.5 amplifies the spiked row's activation channel and loses; 0.8 divides the
+    channels by their own RMS almost alone, shrinks the spiked row less and wins. The grid's measurement finds it,
+    and held out agrees (64 calibration feeds: the amplified channel's range generalises)."""
+    model = weight_spike(block())
+    calib, held_out = feeds(64, 1), feeds(16, 5)
+    q, st = quantize_on(model, calib, weight_rounding="nearest", smooth="auto")
+    sm = st["smoothing"]
+    meas = {k: v["sqnr_db"] for k, v in sm["measured"].items()}
+    assert sm["alpha"] == 0.8 and meas["alpha=0.8"] == max(meas.values())
+    assert meas["alpha=0.5"] < meas["not smoothed"] < meas["alpha=0.8"]
+    held = {a: sqnr(model, quantize_on(model, calib, weight_rounding="nearest", smooth="all", smooth_alpha=a)[0],
+                    held_out) for a in (0.5, 0.8)}
+    q_none, _ = quantize_on(model, calib, weight_rounding="nearest", smooth="none")
+    assert held[0.5] < sqnr(model, q_none, held_out) < held[0.8] == pytest.approx(sqnr(model, q, held_out))
 
 
 def test_auto_on_a_graph_without_matmul_candidates_is_one_quantization_identical_to_none():

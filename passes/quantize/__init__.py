@@ -34,11 +34,16 @@ from ``Namer`` (base name, then the first free ``_k`` suffix, in graph order), n
 Measured on real models (``benchmarks/int8_margins.py``, issue 12), off by default because they did not pay:
 ``weight_rounding=output`` (per-layer output error 6-9 dB lower, model outputs within ±0.2 dB on PP-OCRv4 rec,
 nudenet, MiniLM-L3 and 4 dB worse on ddddocr_det's, at 2x the tool time: activation noise dominates) and
-``smooth`` (SmoothQuant; MiniLM-L3's embedding 1 dB worse), ``weight_rounding=refit`` (held-out, same latency:
+``weight_rounding=refit`` (held-out, same latency:
 PP-OCRv4 rec hard-line agreement 0.27 -> 0.33, nudenet 30.4 -> 36.1 dB, ddddocr_det 21.6 -> 25.3 dB, EfficientNet-Lite2
 24.7 -> 25.6 dB, MiniLM-L3 +-0.5 dB; box F1 / top-1 agreement 0.007 / 0.03 lower on ddddocr_det / EfficientNet; 3-13x
 the tool time) and ``stream_equalization`` (EfficientNet-Lite2's bottleneck channels span < 2.3x: +0.0 dB). A uint16 QDQ Conv runs as DQ -> float Conv -> Q on
 ORT's CPU EP (1.1-2.6x the float Conv), so 16-bit activations are no cheaper than a float layer there.
+
+SmoothQuant (``smooth``) is decided by measurement (``smooth=auto``, ``smoothing_choice``): a model with MatMul/Gemm
+inputs is quantized twice, with every such input smoothed and without, each through the float-layer search, and the
+better worst-output SQNR on the evaluation feeds is kept. MiniLM-L3's embedding: 23.5 -> 30.2 dB at the same
+latency (smoothing alone moved the all-int8 model by +0.2 dB; with it the search found a float layer worth +9.8 dB).
 
 Mixed precision is chosen by activation rounding, not by layer (issue 12): ORT needs integer input and output for an
 integer Conv, so a rounding goes away only when every layer around it runs float. On EfficientNet-Lite2 half of the
@@ -74,6 +79,7 @@ Modules:
 ``equalization``         cross-layer equalization
 ``stream_equalization``  per-channel scales of linear bottleneck streams folded into their Convs
 ``smoothing``            SmoothQuant: MatMul inputs' channel outliers moved into the weights
+``smoothing_choice``     ``smooth=auto``: the model quantized with and without smoothing, the better kept
 ``tensor_types``         element type of every tensor (inference, then a probe run)
 ``opset_upgrade``        opsets the formats need, and upgrading a graph to them
 ``dynamic``              dynamic and weight-only modes, embedding tables, weights of float-only ops

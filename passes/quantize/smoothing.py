@@ -9,7 +9,8 @@ every other channel keeps only a few integer levels. With per-channel factors ``
 
 so the activation's channels are divided by ``s`` and the weights' rows multiplied by it; the weights are quantized
 per output channel, which absorbs the larger rows. SmoothQuant's choice ``s_j = a_j^α / w_j^(1−α)`` balances the
-two (``a_j``: the channel's magnitude in the activation, ``w_j = max_m max_n |W_m[j, n]|``; α = ``smooth_alpha``).
+two (``a_j``: the channel's magnitude in the activation, ``w_j = max_m max_n |W_m[j, n]|``; α = ``smooth_alpha``, or
+each of ``smooth_alphas`` under ``smooth=auto``).
 ``a_j`` is the channel's root mean square on the calibration feeds, from the shared activation statistics (the
 diagonal of the Gram matrix of ``X``'s rows, ``onnxcompress.analyses.activation_stats``).
 
@@ -110,11 +111,11 @@ def smooth(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
         med = float(np.median(rms))
         ratio = float(rms.max() / med) if med > 0 else float("inf")
         w_max = np.max([np.abs(_weight_rows(n, x)).max(axis=1) for n in mms], axis=0).astype(np.float64)
-        s = factors(rms, w_max, p.smooth_alpha)
+        s = factors(rms, w_max, run.smooth_alpha)
         _apply(graph, x, mms, s, names)
         done[name] = round(ratio, 1)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return {"smoothed": len(done), "channel_ratio": done, "alpha": p.smooth_alpha}
+    return {"smoothed": len(done), "channel_ratio": done, "alpha": run.smooth_alpha}
 
 
 def _apply(graph: gs.Graph, x: gs.Variable, mms: list[gs.Node], s: np.ndarray, names: set[str]) -> None:

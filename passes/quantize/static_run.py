@@ -127,6 +127,8 @@ class StaticRun:
         self.all_int8: tuple[str, Plan, onnx.ModelProto] | None = None
         #: prepare smooths every smoothing candidate (``smooth=all``; ``smooth=auto``: the measured choice's run)
         self.smooth_all = p.smooth == "all"
+        #: ... with this strength (``smooth_alpha``; ``smooth=auto``: one of ``smooth_alphas`` per run)
+        self.smooth_alpha = p.smooth_alpha
 
     # ----------------------------------------------------------------------------------------- shared helpers
     def feeds(self, n: int) -> FeedSet:
