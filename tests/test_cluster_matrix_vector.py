@@ -15,7 +15,7 @@ from onnxcompress.manager import PassManager
 from onnxcompress.pipeline import parse_pipeline
 from tests.conftest import ort_run
 
-N_IN, N_OUT = 64, 96
+N_IN, N_OUT = 128, 256
 
 
 def _model(w, gemm_trans_b=False):
@@ -57,9 +57,17 @@ def _decoded_weight(model):
     return ort_run(m, {"x": np.zeros((16, N_IN), np.float32)})[-1]
 
 
+def _grouped(rng):
+    """Weights whose groups of 4 consecutive inputs move together (one factor per group + noise): joint codes fit
+    them, one-dimensional grids do not."""
+    f = rng.standard_normal((N_IN // 4, 1, N_OUT))
+    shape = np.array([1.0, 0.8, -0.6, 0.4])[None, :, None]
+    return (f * shape + 0.1 * rng.standard_normal((N_IN // 4, 4, N_OUT))).reshape(N_IN, N_OUT).astype(np.float32)
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_vector_codes_decode_exactly_and_beat_scalar_codes(rng, bits):
-    w = rng.standard_normal((N_IN, N_OUT)).astype(np.float32)
+    w = _grouped(rng)
     model, calib = _model(w), _feeds(rng)
     base = f"cluster{{bits={bits} activation_aware=true refit=true min_size=100"
     vec, st = _run(model, base + " matrix_vector=true}", calib)
@@ -102,7 +110,7 @@ def test_error_feedback_lowers_the_layer_error_at_the_same_codebook(rng):
 
 
 def test_gemm_transposed_unpacked_and_packed_later(rng):
-    w = rng.standard_normal((N_IN, N_OUT)).astype(np.float32)
+    w = _grouped(rng)
     model, calib = _model(w, gemm_trans_b=True), _feeds(rng)
     pipe = "cluster{bits=2 activation_aware=true refit=true min_size=100 matrix_vector=true storage=unpacked}"
     unpacked, st = _run(model, pipe, calib)
@@ -113,6 +121,14 @@ def test_gemm_transposed_unpacked_and_packed_later(rng):
     np.testing.assert_array_equal(ort_run(packed, f)[0], ort_run(unpacked, f)[0])
     assert len(packed.SerializeToString()) < len(unpacked.SerializeToString()) - N_OUT * N_IN // 4 * 2
     assert _out_err(packed, model, [f]) < 0.2
+
+
+def test_scalar_codes_stay_where_the_codebook_does_not_pay(rng):
+    """Unstructured weights at 1 bit: 256 codes of 8 floats (8 KB) for 4 KB of codes; the scalar form is kept."""
+    w = rng.standard_normal((N_IN, N_OUT)).astype(np.float32)
+    _, st = _run(_model(w), "cluster{bits=1 activation_aware=true refit=true min_size=100 matrix_vector=true}",
+                 _feeds(rng))
+    assert st["storage"] == {"codebook": 1}
 
 
 def test_matrix_vector_needs_the_gram():

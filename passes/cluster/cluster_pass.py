@@ -23,6 +23,8 @@ Gather tables with ``embedding_vector=d``: product quantization instead of step 
 blocks of d values that share 2^embedding_bits d-vectors per block; token counts as row weights with
 ``activation_aware``, and a scalar-coded residual on the rows whose weighted error is worth it: ``hot_rows``). Under
 an allocation its trial feeds are held out of the token counts, so the measured table error includes unseen tokens.
+MatMul / Gemm weights with ``matrix_vector`` (and the refit's Gram): vector codes with error feedback instead of step 1-2
+at 1-4 bits (``matrix_vector``: GPTQ-VQ).
 
 A constant read by several nodes (tied weights) is clustered once and all its readers read the one decoded tensor.
 Statistics (Gram matrices of the layer inputs) come from the shared ``ActivationStatistics`` of the current graph,
@@ -59,7 +61,7 @@ from .cluster_tensor import Clustered, cluster_tensor, element_weights
 from .kmeans1d import INITS
 from .layouts import RECURRENT, WEIGHT_SLOTS, Use
 from .matrix_vector import OPS as MATRIX_OPS
-from .matrix_vector import cluster_matrix, vector_form
+from .matrix_vector import cluster_matrix, pick_form, vector_form
 from .packing import pack_existing
 from .storage import DecodeBuilder
 from .vector_codebook import cluster_table, token_counts, vector_blocks
@@ -318,16 +320,17 @@ class Cluster(Pass):
         norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
         if isinstance(bits, str):  # "v<d>": product quantization of a Gather table
             return cluster_table(w, int(bits[1:]), self._codes(c), norms, storage, rng)
-        if self.matrix_vector and gram is not None and c.uses[0].op in MATRIX_OPS and w.ndim == 2 and \
-                vector_form(bits, gram.shape[0]) and np.mean(w == 0) < self.zero_fraction and storage != "snap":
-            return cluster_matrix(w, bits, c.uses[0], gram, storage, rng)
         if c.uses[0].op == "Gather":
             norms = None  # token counts weight only the d-vectors (scalar codes weighted so: measured worse)
         scales = self.channel_scales and c.uses[0].op != "Gather" and w.shape[c.uses[0].channel_axis(w.ndim)] > 1
-        return cluster_tensor(w, 1 << bits, use=c.uses[0], per_channel=self.per_channel, channel_scales=scales,
-                              init=self.init, zero_fraction=self.zero_fraction, col_norms=norms,
-                              per_column=per_column, refit_gram=gram, obs=self.obs, storage=storage, rng=rng,
-                              refit_rounds=self.refit_rounds if self.obs else 1, fit_scales=self.fit_scales)
+        res = cluster_tensor(w, 1 << bits, use=c.uses[0], per_channel=self.per_channel, channel_scales=scales,
+                             init=self.init, zero_fraction=self.zero_fraction, col_norms=norms,
+                             per_column=per_column, refit_gram=gram, obs=self.obs, storage=storage, rng=rng,
+                             refit_rounds=self.refit_rounds if self.obs else 1, fit_scales=self.fit_scales)
+        if self.matrix_vector and gram is not None and c.uses[0].op in MATRIX_OPS and w.ndim == 2 and \
+                vector_form(bits, gram.shape[0]) and np.mean(w == 0) < self.zero_fraction and storage != "snap":
+            res = pick_form(w, cluster_matrix(w, bits, c.uses[0], gram, storage, rng), res, c.uses[0], gram)
+        return res
 
     def _allocate(self, graph: gs.Graph, ctx: PassContext, chosen: list, stats_of: dict, storage: str, rng,
                   st: dict) -> list:

@@ -26,6 +26,9 @@ tr(ΔW^T H ΔW) / tr(W^T H W)): scalar codes + OBS + refit 2 / 3 bits 0.0313 / 0
 Decode: packed log2(k)-bit codes -> Gather(C [k, d]) -> Reshape [out, in] -> Mul(s [out, 1]) -> the weight's own
 layout (Transpose for MatMul and Gemm without transB) (``storage.DecodeBuilder.build_matrix_vector``); ``unpacked``:
 int32 codes as one constant, what ``distill{mode=train}`` trains (C and s move, the codes stay).
+
+**Which form**: the scalar codes (``cluster_tensor``) are made too, and the vector codes kept only when they beat them
+in the layer's output error after charging their larger codebook (``pick_form``).
 """
 
 from __future__ import annotations
@@ -128,4 +131,21 @@ def cluster_matrix(w: np.ndarray, bits: int, use, gram: np.ndarray, storage: str
     return res
 
 
-__all__ = ["LEVELS", "OPS", "cluster_matrix", "gptq_vq", "plan_bytes", "vector_form"]
+def layer_error(w: np.ndarray, snapped: np.ndarray, use, gram: np.ndarray) -> float:
+    """tr(ΔM H ΔM^T): the layer's output error on calibration data of the matrix view's change."""
+    dm = use.to_matrix(np.asarray(w, np.float64) - np.asarray(snapped, np.float64))
+    return float(np.einsum("oi,oi->", dm @ gram, dm))
+
+
+def pick_form(w: np.ndarray, vector: Clustered, scalar: Clustered, use, gram: np.ndarray) -> Clustered:
+    """The vector form when its layer error beats the scalar form's after charging its extra bytes ΔB (the larger
+    codebook): the scalar codes given those bytes as 8ΔB / n more bits per weight would lower their error by
+    2^(-16 ΔB / n) (high-rate slope), so vector wins iff e_vec < e_scalar · 2^(-16 ΔB / n). A small tensor's 256-code
+    codebook rarely pays for itself; the choice is measured on the user's layer."""
+    extra = vector.bytes_planned[vector.storage] - scalar.bytes_planned[scalar.storage]
+    charge = 2.0 ** (-16.0 * extra / max(w.size, 1))
+    e_vec, e_scalar = layer_error(w, vector.snapped, use, gram), layer_error(w, scalar.snapped, use, gram)
+    return vector if e_vec < e_scalar * charge else scalar
+
+
+__all__ = ["LEVELS", "OPS", "cluster_matrix", "gptq_vq", "layer_error", "pick_form", "plan_bytes", "vector_form"]
