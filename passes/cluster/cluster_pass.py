@@ -315,7 +315,9 @@ class Cluster(Pass):
         row = c.tensor.values.shape[1]
         return [f"v{d}" for d in range(int(level[1:]), 1, -1) if row % d == 0] + [8, FLOAT]
 
-    def _cluster_one(self, c: _Candidate, bits, stats_of: dict, storage: str, rng) -> Clustered:
+    def _cluster_one(self, c: _Candidate, bits, stats_of: dict, storage: str, rng, vector: bool = True) -> Clustered:
+        """One tensor at one level; ``vector``: matrix_vector may apply (not at an allocation's forced first level,
+        which stays the cheapest form: a 256-code codebook there is spent before any measurement weighs it)."""
         w = np.asarray(c.tensor.values)
         norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
         if isinstance(bits, str):  # "v<d>": product quantization of a Gather table
@@ -327,7 +329,7 @@ class Cluster(Pass):
                              init=self.init, zero_fraction=self.zero_fraction, col_norms=norms,
                              per_column=per_column, refit_gram=gram, obs=self.obs, storage=storage, rng=rng,
                              refit_rounds=self.refit_rounds if self.obs else 1, fit_scales=self.fit_scales)
-        if self.matrix_vector and gram is not None and c.uses[0].op in MATRIX_OPS and w.ndim == 2 and \
+        if vector and self.matrix_vector and gram is not None and c.uses[0].op in MATRIX_OPS and w.ndim == 2 and \
                 vector_form(bits, gram.shape[0]) and np.mean(w == 0) < self.zero_fraction and storage != "snap":
             res = pick_form(w, cluster_matrix(w, bits, c.uses[0], gram, storage, rng), res, c.uses[0], gram)
         return res
@@ -413,7 +415,7 @@ class Cluster(Pass):
                     m = c.uses[0].to_matrix(w.astype(np.float64))
                     energy = max(float(np.sum((m @ gram) * m)), 1e-30)
                 while True:
-                    res = self._cluster_one(c, bits, stats_of, storage, rng)
+                    res = self._cluster_one(c, bits, stats_of, storage, rng, vector=not self._allocates())
                     if energy is None or res.refit is None or bits >= 8 or res.refit[1] / energy <= self.max_error:
                         break
                     bits += 1
