@@ -12,7 +12,7 @@ Inputs per model (calibration and evaluation from disjoint seeds):
   (``hard_lines``): random characters (letters, digits, punctuation) 8-18 long in 12 DejaVu faces at 11-22 px
   (upscaled to the model's 48 px height), dim low-contrast ink, slight blur and pixel noise — lines where the FP32
   model's own exact match is about one half, so its logits' margins are thin. Calibration: half easy, half hard.
-* **MiniLM-L3**: the harness's sentences and **long inputs** (``long_sentences``): 4-8 consecutive sentences in one
+* **MiniLM-L3 / L6**: the harness's sentences and **long inputs** (``long_sentences``): 4-8 consecutive sentences in one
   feed, up to 128 tokens. Calibration: half each.
 * EfficientNet-Lite2 (ImageNet): the harness's photo crops at several scales (``benchmarks.imagenet``).
 * det / nudenet / ddddocr_det: the harness's inputs.
@@ -58,7 +58,14 @@ the mean of per-feed SQNRs in dB, instead of one SQNR pooled over the feeds, on 
 ``least-sure-8`` / ``least-sure-16`` (pooled over the half of the first 8 / 16 feeds where FP32's top-1 margin is
 smallest, ``least_sure_half``) and
 ``feed-worst+qat-lines``; ``continue-qat-lines`` (the model in ``INT8_MARGINS_FROM``, a first QAT run's output,
-trained ``QAT_MINUTES`` more against the float model: ``distill{mode=train teacher=...}``).
+trained ``QAT_MINUTES`` more against the float model: ``distill{mode=train teacher=...}``). Twelfth session
+(``smooth=auto`` decided by measurement, ``passes.quantize.smoothing_choice``): ``smooth-auto`` (from then on: the
+model quantized without smoothing and with every MatMul/Gemm input smoothed at each of ``smooth_alphas``, the best
+worst-output SQNR on the evaluation feeds kept; before: the 8x channel-ratio rule), ``no-smooth``
+(``smooth=none``), ``smooth-a0.65`` / ``smooth-a0.8`` (``smooth=all`` at that strength), ``smooth-all-int8``
+(``smooth=all auto_float_db=0``; ``-a0.65`` / ``-a0.8``: at that strength), ``smooth+rounding`` / ``smooth+refit`` (``smooth=all`` with
+``weight_rounding=output`` / ``refit``), ``smooth-a0.8+rounding``; MiniLM-L6 (all-MiniLM-L6-v2) joins with the
+same sentence and long-input sets. ``--explain-variant`` names the variant ``--explain`` explains.
 
 ``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
 rounding of the default int8 model taken out alone, with the feeds combined each way of
@@ -111,6 +118,11 @@ VARIANTS: dict[str, str] = {
     "smooth-a0.8": "cleanup,quantize{smooth=all smooth_alpha=0.8}",
     "no-smooth": "cleanup,quantize{smooth=none}",
     "smooth-all-int8": "cleanup,quantize{smooth=all auto_float_db=0}",
+    "smooth-all-int8-a0.65": "cleanup,quantize{smooth=all smooth_alpha=0.65 auto_float_db=0}",
+    "smooth-all-int8-a0.8": "cleanup,quantize{smooth=all smooth_alpha=0.8 auto_float_db=0}",
+    "smooth+rounding": "cleanup,quantize{smooth=all weight_rounding=output}",
+    "smooth+refit": "cleanup,quantize{smooth=all weight_rounding=refit}",
+    "smooth-a0.8+rounding": "cleanup,quantize{smooth=all smooth_alpha=0.8 weight_rounding=output}",
     "default": "cleanup,quantize",
     "default-layers": "cleanup,quantize{auto_float_units=false}",
     "greedy-0.5x": "cleanup,quantize{sensitivity=greedy_cost max_latency=0.5}",

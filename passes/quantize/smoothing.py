@@ -84,30 +84,44 @@ def factors(rms: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1.0 / S_LIMIT, S_LIMIT)
 
 
-def smooth(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
-    """Smooth the candidates of ``graph`` (modified in place; statistics from its current export); returns stats."""
-    p = run.p
-    cands = candidates(graph)
-    if not cands:
-        return {"smoothed": 0}
-    model = run.ctx.export(graph)
-    feeds = run.feeds(p.calibration_samples)
-    store = StatisticsStore(model, feeds, run.ctx, "float model (smoothing)")
-
+def channel_rms(run: StaticRun, graph: gs.Graph, cands: dict) -> dict[str, np.ndarray]:
+    """Each candidate's channel RMS on the calibration feeds (a sample of ``SMOOTH_ROWS_PER_FEED`` rows per feed),
+    from one run of the shared statistics collector on ``graph``'s export."""
+    feeds = run.feeds(run.p.calibration_samples)
+    store = StatisticsStore(run.ctx.export(graph), feeds, run.ctx, "float model (smoothing)")
     rng = run.ctx.rng("quantize/smoothing")
 
     def rows(x: np.ndarray) -> np.ndarray:  # only the diagonal is used: a sample of rows per feed is plenty
         r = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
         return r[rng.choice(r.shape[0], SMOOTH_ROWS_PER_FEED, replace=False)] if r.shape[0] > SMOOTH_ROWS_PER_FEED else r
 
-    req = StatsRequest(second_moments={f"{k}:smooth": (k, rows) for k in cands}, samples=len(feeds))
-    store.get(req)
+    store.get(StatsRequest(second_moments={f"{k}:smooth": (k, rows) for k in cands}, samples=len(feeds)))
+    out = {}
+    for name in cands:
+        g = store.gram(f"{name}:smooth", samples=len(feeds))
+        if g is not None and g.rows > 0:
+            out[name] = np.sqrt(np.maximum(np.diag(g.xtx), 0.0) / g.rows)
+    return out
+
+
+def smooth(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
+    """Smooth the candidates of ``graph`` (modified in place) at ``run.smooth_alpha``; returns stats. The channel
+    RMS comes from ``run.smooth_rms`` when given (``smooth=auto``'s trials share one measurement of the same float
+    graph), else it is measured (``channel_rms``) and stored there."""
+    cands = candidates(graph)
+    if not cands:
+        return {"smoothed": 0}
+    if run.smooth_rms is None or set(run.smooth_rms.get("names", ())) != set(cands):
+        rms_by = channel_rms(run, graph, cands)
+        if run.smooth_rms is not None:
+            run.smooth_rms.update(names=sorted(cands), rms=rms_by)
+    else:
+        rms_by = run.smooth_rms["rms"]
     done: dict[str, float] = {}
     for name, (x, mms) in cands.items():
-        g = store.gram(f"{name}:smooth", samples=len(feeds))
-        if g is None or g.rows == 0:
+        rms = rms_by.get(name)
+        if rms is None:
             continue
-        rms = np.sqrt(np.maximum(np.diag(g.xtx), 0.0) / g.rows)
         med = float(np.median(rms))
         ratio = float(rms.max() / med) if med > 0 else float("inf")
         w_max = np.max([np.abs(_weight_rows(n, x)).max(axis=1) for n in mms], axis=0).astype(np.float64)
@@ -148,4 +162,4 @@ def _ln_last_axis(ln: gs.Node, k: int) -> bool:
     return gamma is not None and gamma.shape == (k,) and (beta is None or beta.shape == (k,))
 
 
-__all__ = ["candidates", "factors", "smooth"]
+__all__ = ["candidates", "channel_rms", "factors", "smooth"]

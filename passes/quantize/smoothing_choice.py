@@ -60,12 +60,14 @@ def choose_smoothing(run_cls, p: Quantize, graph: gs.Graph, ctx: PassContext) ->
     measured: dict[str, dict] = {}
     seconds: dict[str, float] = {}
     outputs_only = None
+    shared_rms: dict = {}  # the float graph's channel RMS, measured by the first smoothed trial for all
     for alpha in trials:
         label = "not smoothed" if alpha is None else f"alpha={alpha:g}"
         t0 = time.perf_counter()
         r = run_cls(p, graph.copy(), ctx)
         r.smooth_all = alpha is not None
         r.smooth_alpha = p.smooth_alpha if alpha is None else alpha
+        r.smooth_rms = shared_rms
         got = r.candidate()
         if got is None:  # nothing to quantize in the main graph (exclusions): the unsmoothed run says why
             res = r.nothing_to_quantize(t_start)

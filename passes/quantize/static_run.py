@@ -129,6 +129,8 @@ class StaticRun:
         self.smooth_all = p.smooth == "all"
         #: ... with this strength (``smooth_alpha``; ``smooth=auto``: one of ``smooth_alphas`` per run)
         self.smooth_alpha = p.smooth_alpha
+        #: ``smooth=auto``: the channel RMS its trials share (``smoothing.smooth``); None: measured by this run
+        self.smooth_rms: dict | None = None
 
     # ----------------------------------------------------------------------------------------- shared helpers
     def feeds(self, n: int) -> FeedSet:
