@@ -95,10 +95,12 @@ def test_auto_measures_each_strength_and_smooths_where_outlier_channels_make_it_
     q1, s1 = run(model, smooth="auto")
     sm = s1["smoothing"]
     assert "smoothing" not in s0  # smooth=none: one quantization
-    meas = sm["measured"]
-    assert list(meas) == ["not smoothed", "alpha=0.5", "alpha=0.65", "alpha=0.8"] and list(sm["seconds"]) == list(meas)
-    best = max(meas, key=lambda k: meas[k]["sqnr_db"])
+    screen = {k: v["sqnr_db"] for k, v in sm["all_int8_by_strength"].items()}
+    assert list(screen) == ["alpha=0.5", "alpha=0.65", "alpha=0.8"]
+    best = max(screen, key=screen.get)
     assert sm["decision"] == "smoothed" and sm["smoothed"] == 2 and best == f"alpha={sm['alpha']:g}"
+    meas = sm["measured"]
+    assert list(meas) == ["not smoothed", best] and set(sm["seconds"]) == {"not smoothed", *screen}
     assert meas[best]["sqnr_db"] > meas["not smoothed"]["sqnr_db"] + 3.0  # in-sample: what decided
     # the kept model is smooth=all's quantization at the chosen strength, and better held out
     q_all, _ = run(model, smooth="all", smooth_alpha=sm["alpha"])
@@ -129,9 +131,9 @@ def test_auto_measures_the_strength_where_it_decides_the_sign():
     calib, held_out = feeds(64, 1), feeds(16, 5)
     q, st = quantize_on(model, calib, weight_rounding="nearest", smooth="auto")
     sm = st["smoothing"]
-    meas = {k: v["sqnr_db"] for k, v in sm["measured"].items()}
-    assert sm["alpha"] == 0.8 and meas["alpha=0.8"] == max(meas.values())
-    assert meas["alpha=0.5"] < meas["not smoothed"] < meas["alpha=0.8"]
+    screen = {k: v["sqnr_db"] for k, v in sm["all_int8_by_strength"].items()}
+    assert sm["alpha"] == 0.8 and screen["alpha=0.8"] == max(screen.values())
+    assert screen["alpha=0.5"] < sm["measured"]["not smoothed"]["sqnr_db"] < sm["measured"]["alpha=0.8"]["sqnr_db"]
     held = {a: sqnr(model, quantize_on(model, calib, weight_rounding="nearest", smooth="all", smooth_alpha=a)[0],
                     held_out) for a in (0.5, 0.8)}
     q_none, _ = quantize_on(model, calib, weight_rounding="nearest", smooth="none")

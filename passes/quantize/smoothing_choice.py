@@ -7,22 +7,28 @@ float-layer search found one layer worth +9.8 dB (worth +1.9 dB without smoothin
 No statistic of one activation (the old rule: largest channel RMS >= 8x the median) predicts that, so both
 quantizations are made in full and measured:
 
-* stages 1-5 of ``static_run`` (preparation, calibration, range choice, float-layer search, build) run from copies
-  of the graph, once without smoothing and once per strength α in ``smooth_alphas`` with every candidate smoothed
-  (the best α is the model's: held out, MiniLM-L3's embedding 30.2 / 31.0 / 30.3 dB at α = 0.5 / 0.65 / 0.8,
-  MiniLM-L6's 20.4 / 24.7 / 25.5 dB);
-* the builds are scored by ``fidelity.score`` against the unsmoothed run's float reference on the same evaluation
-  feeds, the feeds combined by ``auto_float_score``, on the graph outputs only (the last layers' input features of the
-  smoothed model are the smoothed tensors ``x/s``: not comparable with ``x``);
-* a smoothed one is kept only when it ranks strictly better than every earlier trial: a higher worst-output SQNR,
-  then less top-1 agreement lost (class outputs); a tie keeps the graph unsmoothed. SQNR first, unlike ``rank_key``'s agreement before it:
-  agreement over a few dozen feeds moves in steps of one feed, and on the tests' toys (a MatMul head read as class
-  scores) it picked the side that was worse on held-out feeds in 3 of 3 cases where the SQNR picked right;
+* stages 1-5 of ``static_run`` (preparation, calibration, range choice, float-layer search, build) run on a copy
+  of the graph without smoothing;
+* for each strength α in ``smooth_alphas`` a copy with every candidate smoothed goes through stages 1-4 only, and
+  its all-int8 model is scored; the best α's run alone goes on through the float-layer search and the build. The
+  strength is the model's (held out, MiniLM-L3's embedding 30.2 / 31.0 / 30.3 dB at α = 0.5 / 0.65 / 0.8,
+  MiniLM-L6's 20.4 / 24.7 / 25.5 dB), and on both the all-int8 models rank the strengths as the finished ones do
+  (L3 all-int8 21.1 / 27.1 / 27.7 easy and 19.6 / 25.6 / 23.9 long, L6 18.3 / 23.0 / 24.8 and 18.7 / 23.9 / 25.4 dB):
+  one float-layer search per strength would cost 2 more searches for the same pick;
+* the unsmoothed and the best smoothed builds are scored by ``fidelity.score`` against the unsmoothed run's float
+  reference on the same evaluation feeds, the feeds combined by ``auto_float_score``, on the graph outputs only (the
+  last layers' input features of the smoothed model are the smoothed tensors ``x/s``: not comparable with ``x``);
+* the smoothed one is kept only when it ranks strictly better: a higher worst-output SQNR, then less top-1 agreement
+  lost (class outputs); a tie keeps the graph unsmoothed. The unsmoothed model is not screened at all-int8: smoothing
+  can lose there and win after the search (MiniLM-L3 at α = 0.5: all-int8 21.1 / 19.6 dB against 22.0 / 22.4,
+  finished 30.2 / 30.0 against 23.5 / 23.8). SQNR first, unlike ``rank_key``'s agreement before it: agreement over
+  a few dozen feeds moves in steps of one feed, and on the tests' toys (a MatMul head read as class scores) it picked
+  the side that was worse on held-out feeds in 3 of 3 cases where the SQNR picked right;
 * the chosen run goes on alone (mixed precision to a user target, latency guard, adoption).
 
 A graph without candidates (no MatMul/Gemm reading an activation with a constant weight: most CNNs) is quantized
-once, exactly as with ``smooth=none``. Cost: stages 1-5 once per trial (``stats["smoothing"]["seconds"]``); only
-the best run so far is held in memory.
+once, exactly as with ``smooth=none``. Cost: stages 1-5 twice and stages 1-4 once more per further strength
+(``stats["smoothing"]["seconds"]``); only the best strength's run is held beside the unsmoothed one.
 """
 
 from __future__ import annotations
@@ -52,52 +58,78 @@ def decision_key(s: dict[str, float]) -> tuple[float, float]:
 
 
 def choose_smoothing(run_cls, p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """Quantize ``graph`` (modified in place) without smoothing and smoothed at each of ``smooth_alphas``
-    (``run_cls``: ``StaticRun``), keep the best measured one (module doc)."""
+    """Quantize ``graph`` (modified in place) without smoothing and smoothed at the strength of ``smooth_alphas``
+    whose all-int8 model measures best (``run_cls``: ``StaticRun``); keep the better (module doc)."""
     t_start = time.perf_counter()
-    trials: list[float | None] = [None, *dict.fromkeys(float(a) for a in p.smooth_alphas)]
-    best = None  # (key, label, run, candidate): only the best run so far is kept in memory
-    measured: dict[str, dict] = {}
     seconds: dict[str, float] = {}
-    outputs_only = None
-    shared_rms: dict = {}  # the float graph's channel RMS, measured by the first smoothed trial for all
-    for alpha in trials:
-        label = "not smoothed" if alpha is None else f"alpha={alpha:g}"
-        t0 = time.perf_counter()
+
+    def fresh(alpha: float | None):
         r = run_cls(p, graph.copy(), ctx)
         r.smooth_all = alpha is not None
         r.smooth_alpha = p.smooth_alpha if alpha is None else alpha
         r.smooth_rms = shared_rms
-        got = r.candidate()
-        if got is None:  # nothing to quantize in the main graph (exclusions): the unsmoothed run says why
-            res = r.nothing_to_quantize(t_start)
-            qo.transplant(graph, r.graph)
-            return res
-        if outputs_only is None:  # the unsmoothed run's float reference, graph outputs only
-            ref = got[0]
-            outputs_only = fid.Reference(ref.feeds, ref.outputs, ref.names, class_outputs=ref.class_outputs)
-            outputs_only = outputs_only.scored_by(p.auto_float_score)
-        sc = fid.score_model(outputs_only, r.export(got[2].graph))
+        return r
+
+    shared_rms: dict = {}  # the float graph's channel RMS, measured by the first smoothed trial for all
+    t0 = time.perf_counter()
+    plain = fresh(None)
+    got_plain = plain.candidate()
+    if got_plain is None:  # nothing to quantize in the main graph (exclusions): the unsmoothed run says why
+        res = plain.nothing_to_quantize(t_start)
+        qo.transplant(graph, plain.graph)
+        return res
+    seconds["not smoothed"] = round(time.perf_counter() - t0, 2)
+    ref = got_plain[0]
+    outputs_only = fid.Reference(ref.feeds, ref.outputs, ref.names, class_outputs=ref.class_outputs)
+    outputs_only = outputs_only.scored_by(p.auto_float_score)
+
+    def scored(model) -> dict:
+        sc = fid.score_model(outputs_only, model)
+        return {k: round(v, 4) for k, v in sc.items() if k in ("sqnr_db", "cosine", "agreement")}
+
+    # 1. each strength's all-int8 model (setup only: preparation, calibration, range choice)
+    screen: dict[str, dict] = {}
+    best = None  # (key, label, run, setup result): only the best strength's run is kept
+    for alpha in dict.fromkeys(float(a) for a in p.smooth_alphas):
+        label = f"alpha={alpha:g}"
+        t0 = time.perf_counter()
+        r = fresh(alpha)
+        ready = r.setup()
+        if ready is None:
+            continue
+        screen[label] = scored(r.all_int8_model())
         seconds[label] = round(time.perf_counter() - t0, 2)
-        measured[label] = {**{k: round(v, 4) for k, v in sc.items() if k in ("sqnr_db", "cosine", "agreement")},
-                           "float_layers": sorted(r.auto_float)}
-        key = decision_key(sc)
-        if best is None or key < best[0]:  # strictly better; the earlier (unsmoothed, weaker) wins a tie
-            best = (key, label, r, got)
-        r = got = None
-    _, label, win, got = best
+        key = decision_key(screen[label])
+        if best is None or key < best[0]:
+            best = (key, label, r, ready)
+        r = ready = None
+    # 2. the best strength through the float-layer search, against the unsmoothed quantization
+    measured = {"not smoothed": {**scored(plain.export(got_plain[2].graph)), "float_layers": sorted(plain.auto_float)}}
+    win, got, label = plain, got_plain, "not smoothed"
+    if best is not None:
+        _, s_label, smoothed_run, ready = best
+        t0 = time.perf_counter()
+        got_s = smoothed_run.complete(*ready)
+        seconds[s_label] = round(seconds[s_label] + time.perf_counter() - t0, 2)
+        measured[s_label] = {**scored(smoothed_run.export(got_s[2].graph)),
+                             "float_layers": sorted(smoothed_run.auto_float)}
+        if decision_key(measured[s_label]) < decision_key(measured["not smoothed"]):  # strictly better
+            win, got, label = smoothed_run, got_s, s_label
     smoothed = win.stats.get("smoothing", {})
     win.stats["smoothing"] = {
-        "decision": "smoothed" if label != "not smoothed" else "not smoothed",
-        "alpha": win.smooth_alpha if label != "not smoothed" else None,
+        "decision": "smoothed" if win is not plain else "not smoothed",
+        "alpha": win.smooth_alpha if win is not plain else None,
         "smoothed": smoothed.get("smoothed", 0),
         **({"channel_ratio": smoothed["channel_ratio"]} if "channel_ratio" in smoothed else {}),
+        "all_int8_by_strength": screen,
         "measured": measured,
         "feed_score": outputs_only.feed_score,
         "seconds": seconds,
     }
-    log.info("smooth=auto: %s (worst-output SQNR on the evaluation feeds: %s)", label,
-             ", ".join(f"{k} {v['sqnr_db']:.2f} dB" for k, v in measured.items()))
+    log.info("smooth=auto: %s (worst-output SQNR on the evaluation feeds: %s; all-int8 by strength: %s)", label,
+             ", ".join(f"{k} {v['sqnr_db']:.2f} dB" for k, v in measured.items()),
+             ", ".join(f"{k} {v['sqnr_db']:.2f} dB" for k, v in screen.items()))
+    plain = smoothed_run = best = got_plain = None  # the other run's graphs and statistics can go
     res = win.finish(*got, t_start=t_start)
     qo.transplant(graph, win.graph)
     return res

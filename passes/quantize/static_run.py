@@ -254,9 +254,16 @@ class StaticRun:
         """Stages 1-5: the quantized candidate before any user target or latency guard (``None``: nothing to
         quantize in the main graph)."""
         ready = self.setup()
-        if ready is None:
-            return None
-        ref, eval_feeds = ready
+        return None if ready is None else self.complete(*ready)
+
+    def all_int8_model(self) -> onnx.ModelProto:
+        """The all-int8 model after ``setup`` (``calibration=auto`` built it already while choosing the rule)."""
+        if self.all_int8 is not None and self.all_int8[0] == self.method and not self.auto_float:
+            return self.all_int8[2]
+        return self.export(self.build().graph)
+
+    def complete(self, ref: fid.Reference, eval_feeds: list) -> tuple[fid.Reference, list, Built, dict[str, float]]:
+        """Stage 5 after ``setup``: the float-layer search, refit, the build and its score."""
         if self.p.auto_float_db > 0:
             search_float_layers(self, ref, eval_feeds)
         if self.p.weight_rounding == "refit" and self.per_channel:
