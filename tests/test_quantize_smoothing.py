@@ -140,22 +140,34 @@ def test_auto_measures_the_strength_where_it_decides_the_sign():
     assert held[0.5] < sqnr(model, q_none, held_out) < held[0.8] == pytest.approx(sqnr(model, q, held_out))
 
 
-def test_auto_on_a_graph_without_matmul_candidates_is_one_quantization_identical_to_none():
+def test_auto_on_a_cnn_with_a_pooled_gemm_head_is_one_quantization_identical_to_none():
+    """Convs are no candidates, and a classifier head's pooled features ([batch, K]: one row per input) are not
+    either (``positional``): smooth=auto quantizes once, byte for byte as smooth=none."""
+    from onnxcompress.passes.quantize.smoothing import candidates, tensor_ranks
+
     rng = np.random.default_rng(3)
     m = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
-    g (float[1,4,8,8] x) => (float[1,8,8,8] y) {
+    g (float[1,4,8,8] x) => (float[1,10] y) {
       c = Conv<pads=[1,1,1,1]>(x, w1, b1)
       r = Relu(c)
-      y = Conv<pads=[1,1,1,1]>(r, w2, b2)
+      c2 = Conv<pads=[1,1,1,1]>(r, w2, b2)
+      p = GlobalAveragePool(c2)
+      f = Flatten<axis=1>(p)
+      y = Gemm<transB=1>(f, wg, bg)
     }""")
     add_initializers(m, {"w1": rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3,
                          "b1": rng.standard_normal(8).astype(np.float32) * 0.1,
                          "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2,
-                         "b2": rng.standard_normal(8).astype(np.float32) * 0.1})
+                         "b2": rng.standard_normal(8).astype(np.float32) * 0.1,
+                         "wg": rng.standard_normal((10, 8)).astype(np.float32) * 0.3,
+                         "bg": rng.standard_normal(10).astype(np.float32) * 0.1})
+    g = gs.import_onnx(m)
+    assert set(candidates(g)) == {"f"} and candidates(g, tensor_ranks(m)) == {}  # rank 2: one row per input
     fs = normal_feeds((1, 4, 8, 8), 8, 2)
     q_none, s_none = quantize_on(m, fs, smooth="none")
     q_auto, s_auto = quantize_on(m, fs, smooth="auto")
-    assert "smoothing" not in s_auto and s_auto["nodes_quantized"] == s_none["nodes_quantized"] == {"Conv": 2, "Relu": 1}
+    assert "smoothing" not in s_auto and s_auto["nodes_quantized"] == s_none["nodes_quantized"]
+    assert s_auto["nodes_quantized"]["Conv"] == 2
     assert q_auto.SerializeToString() == q_none.SerializeToString()
 
 

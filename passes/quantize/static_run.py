@@ -60,7 +60,7 @@ from .qdq_insert import WeightOptions, insert_qdq, resolve_params
 from .range_choice import choose_method
 from .refit import refit_stage
 from .rounding import optimise_rounding
-from .smoothing import candidates, smooth
+from .smoothing import candidates, smooth, tensor_ranks
 from .smoothing_choice import choose_smoothing
 from .stream_equalization import equalize_streams
 from .tensor_types import probe_dtypes
@@ -85,7 +85,7 @@ class Built(NamedTuple):
 def run_static(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
     """``quantize{mode=static}`` on ``graph`` (modified in place); ``smooth=auto`` on a graph with smoothing
     candidates: the better of the two quantizations, with and without smoothing (``smoothing_choice``)."""
-    if p.smooth == "auto" and candidates(graph):
+    if p.smooth == "auto" and candidates(graph, tensor_ranks(ctx.export(graph))):
         return choose_smoothing(StaticRun, p, graph, ctx)
     return StaticRun(p, graph, ctx).run()
 
