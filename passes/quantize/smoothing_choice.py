@@ -10,25 +10,27 @@ quantizations are made in full and measured:
 * stages 1-5 of ``static_run`` (preparation, calibration, range choice, float-layer search, build) run on a copy
   of the graph without smoothing;
 * for each strength α in ``smooth_alphas`` a copy with every candidate smoothed goes through stages 1-4 only, and
-  its all-int8 model is scored; the best α's run alone goes on through the float-layer search and the build. The
-  strength is the model's (held out, MiniLM-L3's embedding 30.2 / 31.0 / 30.3 dB at α = 0.5 / 0.65 / 0.8,
-  MiniLM-L6's 20.4 / 24.7 / 25.5 dB), and on both the all-int8 models rank the strengths as the finished ones do
-  (L3 all-int8 21.1 / 27.1 / 27.7 easy and 19.6 / 25.6 / 23.9 long, L6 18.3 / 23.0 / 24.8 and 18.7 / 23.9 / 25.4 dB):
-  one float-layer search per strength would cost 2 more searches for the same pick;
+  its all-int8 model is scored; the best α's run alone goes on through the float-layer search and the build, and
+  only when its all-int8 model beats the unsmoothed all-int8 model (else the unsmoothed quantization is kept: one
+  float-layer search). The strength is the model's (held out, MiniLM-L3's embedding 30.2 / 31.0 / 30.3 dB at
+  α = 0.5 / 0.65 / 0.8, MiniLM-L6's 20.4 / 24.7 / 25.5 dB), and on both the all-int8 models rank the strengths as
+  the finished ones do (L3 all-int8 21.1 / 27.1 / 27.7 easy and 19.6 / 25.6 / 23.9 long, L6 18.3 / 23.0 / 24.8 and
+  18.7 / 23.9 / 25.4 dB): one float-layer search per strength would cost more searches for the same pick. The
+  screen against the unsmoothed all-int8 model needs a strong enough strength on the grid: MiniLM-L3 at α = 0.5
+  loses at all-int8 (21.1 / 19.6 dB against 22.0 / 22.4) and wins finished (30.2 / 30.0 against 23.5 / 23.8);
 * the unsmoothed and the best smoothed builds are scored by ``fidelity.score`` against the unsmoothed run's float
   reference on the same evaluation feeds, the feeds combined by ``auto_float_score``, on the graph outputs only (the
   last layers' input features of the smoothed model are the smoothed tensors ``x/s``: not comparable with ``x``);
 * the smoothed one is kept only when it ranks strictly better: a higher worst-output SQNR, then less top-1 agreement
-  lost (class outputs); a tie keeps the graph unsmoothed. The unsmoothed model is not screened at all-int8: smoothing
-  can lose there and win after the search (MiniLM-L3 at α = 0.5: all-int8 21.1 / 19.6 dB against 22.0 / 22.4,
-  finished 30.2 / 30.0 against 23.5 / 23.8). SQNR first, unlike ``rank_key``'s agreement before it: agreement over
+  lost (class outputs); a tie keeps the graph unsmoothed. SQNR first, unlike ``rank_key``'s agreement before it: agreement over
   a few dozen feeds moves in steps of one feed, and on the tests' toys (a MatMul head read as class scores) it picked
   the side that was worse on held-out feeds in 3 of 3 cases where the SQNR picked right;
 * the chosen run goes on alone (mixed precision to a user target, latency guard, adoption).
 
 A graph without candidates (no MatMul/Gemm reading an activation with a constant weight: most CNNs) is quantized
-once, exactly as with ``smooth=none``. Cost: stages 1-5 twice and stages 1-4 once more per further strength
-(``stats["smoothing"]["seconds"]``); only the best strength's run is held beside the unsmoothed one.
+once, exactly as with ``smooth=none``. Cost: stages 1-5 once, stages 1-4 once per strength, and the float-layer
+search once more when a strength passes the screen (``stats["smoothing"]["seconds"]``); only the best strength's
+run is held beside the unsmoothed one.
 """
 
 from __future__ import annotations
@@ -73,13 +75,12 @@ def choose_smoothing(run_cls, p: Quantize, graph: gs.Graph, ctx: PassContext) ->
     shared_rms: dict = {}  # the float graph's channel RMS, measured by the first smoothed trial for all
     t0 = time.perf_counter()
     plain = fresh(None)
-    got_plain = plain.candidate()
-    if got_plain is None:  # nothing to quantize in the main graph (exclusions): the unsmoothed run says why
+    ready_plain = plain.setup()
+    if ready_plain is None:  # nothing to quantize in the main graph (exclusions): the unsmoothed run says why
         res = plain.nothing_to_quantize(t_start)
         qo.transplant(graph, plain.graph)
         return res
-    seconds["not smoothed"] = round(time.perf_counter() - t0, 2)
-    ref = got_plain[0]
+    ref = ready_plain[0]
     outputs_only = fid.Reference(ref.feeds, ref.outputs, ref.names, class_outputs=ref.class_outputs)
     outputs_only = outputs_only.scored_by(p.auto_float_score)
 
@@ -87,8 +88,11 @@ def choose_smoothing(run_cls, p: Quantize, graph: gs.Graph, ctx: PassContext) ->
         sc = fid.score_model(outputs_only, model)
         return {k: round(v, 4) for k, v in sc.items() if k in ("sqnr_db", "cosine", "agreement")}
 
+    screen: dict[str, dict] = {"not smoothed": scored(plain.all_int8_model())}
+    got_plain = plain.complete(*ready_plain)
+    seconds["not smoothed"] = round(time.perf_counter() - t0, 2)
+
     # 1. each strength's all-int8 model (setup only: preparation, calibration, range choice)
-    screen: dict[str, dict] = {}
     best = None  # (key, label, run, setup result): only the best strength's run is kept
     for alpha in dict.fromkeys(float(a) for a in p.smooth_alphas):
         label = f"alpha={alpha:g}"
@@ -103,10 +107,12 @@ def choose_smoothing(run_cls, p: Quantize, graph: gs.Graph, ctx: PassContext) ->
         if best is None or key < best[0]:
             best = (key, label, r, ready)
         r = ready = None
-    # 2. the best strength through the float-layer search, against the unsmoothed quantization
+    # 2. the best strength through the float-layer search, against the unsmoothed quantization, when its all-int8
+    # model beats the unsmoothed all-int8 model
     measured = {"not smoothed": {**scored(plain.export(got_plain[2].graph)), "float_layers": sorted(plain.auto_float)}}
     win, got, label = plain, got_plain, "not smoothed"
-    if best is not None:
+    smoothed_run = None
+    if best is not None and best[0] < decision_key(screen["not smoothed"]):
         _, s_label, smoothed_run, ready = best
         t0 = time.perf_counter()
         got_s = smoothed_run.complete(*ready)
