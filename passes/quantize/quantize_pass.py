@@ -168,11 +168,12 @@ class Quantize(Pass):
     )
     equalize: bool = option(False, "cross-layer equalization of Conv->Relu->Conv pairs before quantizing")
     smooth: Literal["auto", "all", "none"] = option(
-        "none",
+        "auto",
         "SmoothQuant: move MatMul inputs' channel outliers into the weights (exact in float): all | none | auto "
-        "(quantize without smoothing and with every input smoothed at each of smooth_alphas, each through the "
-        "float-layer search; keep the best worst-output SQNR on the evaluation feeds. Models without MatMul/Gemm "
-        "inputs: one quantization, as none)",
+        "(measured: the model quantized without smoothing, each of smooth_alphas screened by its all-int8 model, "
+        "the best through the float-layer search too when it beats the unsmoothed all-int8 model, the better "
+        "worst-output SQNR on the evaluation feeds kept; held out MiniLM-L3 embedding 23.5 -> 31.0 dB, MiniLM-L6 "
+        "18.4 -> 25.5 dB at the same latency, 1.6-4x the tool time; inputs with positions only: nothing on CNNs)",
     )
     smooth_alpha: float = option(0.5, "smooth=all's strength: s_j = rms_j^alpha / max|W_j|^(1-alpha)")
     smooth_alphas: tuple[float, ...] = option(
