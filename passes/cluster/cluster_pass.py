@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
@@ -331,7 +332,8 @@ class Cluster(Pass):
                              refit_rounds=self.refit_rounds if self.obs else 1, fit_scales=self.fit_scales)
         if vector and self.matrix_vector and gram is not None and c.uses[0].op in MATRIX_OPS and w.ndim == 2 and \
                 vector_form(bits, gram.shape[0]) and np.mean(w == 0) < self.zero_fraction and storage != "snap":
-            res = pick_form(w, cluster_matrix(w, bits, c.uses[0], gram, storage, rng), res, c.uses[0], gram)
+            own = np.random.default_rng(zlib.crc32(f"{c.tensor.name}:{bits}".encode()))  # the shared stream stays
+            res = pick_form(w, cluster_matrix(w, bits, c.uses[0], gram, storage, own), res, c.uses[0], gram)
         return res
 
     def _allocate(self, graph: gs.Graph, ctx: PassContext, chosen: list, stats_of: dict, storage: str, rng,
