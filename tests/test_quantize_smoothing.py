@@ -186,3 +186,11 @@ def test_factors_balance_activation_and_weight_ranges(alpha):
     np.testing.assert_allclose(s[ok], expect)
     if alpha == 0.5:  # the activation's channel spread shrinks from 100x to 10x
         assert (rms[1] / s[1]) / (rms[0] / s[0]) == pytest.approx(10.0)
+
+
+def test_smooth_none_from_a_pipeline_text_turns_smoothing_off():
+    from onnxcompress.pipeline import parse_pipeline
+
+    (q,) = parse_pipeline("quantize{smooth=none}")
+    assert q.smooth == "none"
+    assert parse_pipeline("quantize")[0].smooth == "auto"

@@ -167,7 +167,7 @@ class Quantize(Pass):
         "them, where the predicted rounding noise at the readers drops >= 1 dB",
     )
     equalize: bool = option(False, "cross-layer equalization of Conv->Relu->Conv pairs before quantizing")
-    smooth: Literal["auto", "all", "none"] = option(
+    smooth: Literal["auto", "all", "none"] | None = option(
         "auto",
         "SmoothQuant: move MatMul inputs' channel outliers into the weights (exact in float): all | none | auto "
         "(measured: the model quantized without smoothing, each of smooth_alphas screened by its all-int8 model, "
@@ -264,6 +264,8 @@ class Quantize(Pass):
             raise ValueError("calibration_samples must be >= 0 and eval_samples >= 1")
         if self.auto_float_db < 0:
             raise ValueError(f"auto_float_db must be >= 0, got {self.auto_float_db}")
+        if self.smooth is None:  # the pipeline parser reads an unquoted ``smooth=none`` as None
+            object.__setattr__(self, "smooth", "none")
         if self.smooth not in ("auto", "all", "none"):
             raise ValueError(f"smooth must be auto, all or none, got {self.smooth!r}")
         if not 0.0 <= self.smooth_alpha <= 1.0:
