@@ -968,7 +968,10 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
         "`qat-lines`, `rec-stem-float*`, `refit+qat-lines` and the task-metric attribution: see the summary below. "
         "Eleventh session (2026-12-06 21:26-23:02 UTC): `feed-*`, `least-sure-*`, `pooled-16`, `continue-qat-lines` "
         "and the rankings by feed score: see its summary; each model's `default` row is the re-run beside "
-        "`least-sure-16`.",
+        "`least-sure-16`. Twelfth session (2026-12-07 00:00-02:10 UTC): `smooth=auto` measured and on by default; "
+        "`default` rows of MiniLM-L3/L6, EfficientNet-Lite2 and PP-OCRv4 rec are the new default beside "
+        "`no-smooth` (the old default) in one invocation; the detectors' `default` / `smooth-auto` pairs are the "
+        "old default beside the measured smoothing (no candidates there): see its summary.",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
         "",
@@ -1023,6 +1026,14 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
                 notes.append(f"- {v}: weight_rounding {wr.get('layers')} layers "
                              f"(median per-layer output-error gain {wr.get('output_error_db_gain_median')} dB), "
                              f"kept={wr.get('kept')}, {wr.get('seconds')} s; skipped {len(wr.get('skipped', {}))}")
+            sm = st.get("smoothing") or {}
+            if sm.get("measured"):
+                scr = ", ".join(f"{k} {x['sqnr_db']:.2f}" for k, x in (sm.get("all_int8_by_strength") or {}).items())
+                notes.append(f"- {v}: smooth=auto {sm.get('decision')}"
+                             + (f" at alpha {sm['alpha']:g}" if sm.get("alpha") is not None else "")
+                             + " (in-sample worst-output SQNR dB: "
+                             + ", ".join(f"{k} {x['sqnr_db']:.2f}" for k, x in sm["measured"].items())
+                             + (f"; all-int8 by strength: {scr}" if scr else "") + f"; seconds {sm.get('seconds')})")
             tr = st.get("train")
             if tr:
                 fq = tr.get("fake_quant") or {}
