@@ -361,17 +361,21 @@ def logits_sqnr(fp32: Path, cand: Path, feeds: list[Feed], tensors: list[str]) -
 
 def explain_errors(fp32: Path, cand: Path, feeds: list[Feed], top: int) -> dict[str, Any]:
     """``passes.quantize.error_sources`` on ``cand`` (leave-one-out of each activation rounding, and the
-    weights-only bound) against the FP32 model on ``feeds``."""
+    weights-only bound) against the FP32 model on ``feeds``; by the outputs when ``cand``'s last layers read other
+    tensors than FP32's (smoothing divided them by its factors)."""
     import onnx_graphsurgeon as gs
     from onnxcompress.passes.quantize import fidelity as fid
     from onnxcompress.passes.quantize.error_sources import error_sources
 
     from onnxcompress import io
 
-    model = io.read_model(fp32)
-    ref = fid.reference(model, feeds, fid.feature_nodes(gs.import_onnx(model)))
+    model, quant = io.read_model(fp32), io.read_model(cand)
+    nodes = fid.feature_nodes(gs.import_onnx(model))
+    if fid.feature_tensor_names(quant, nodes) != fid.feature_tensor_names(model, nodes):
+        nodes = []  # the candidate's last layers read other tensors (smoothed ``x/s``): score the outputs
+    ref = fid.reference(model, feeds, nodes)
     t0 = time.perf_counter()
-    out = error_sources(ref, io.read_model(cand), top)
+    out = error_sources(ref, quant, top)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
