@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kmeans1d import kmeans_1d
-from .storage import STREAMS, decode_overhead
+from .storage import plan_bytes
 
 BITS = (1, 2, 3, 4)
 #: serialized bytes of the GatherND + Add + ScatterND nodes and their names besides the codes and the row index
@@ -52,10 +52,9 @@ class HotRows:
         return out
 
     def planned_bytes(self) -> int:
-        n = self.labels.size
-        data = sum(math.ceil(n * w / 8) for w in STREAMS[self.bits])
-        return data + 8 * self.rows.size + self.codebook.nbytes + decode_overhead(self.bits, False, False) + \
-            OVERHEAD_HOT
+        """The residual's codebook form (``storage.plan_bytes``) + the int64 row index + the scatter nodes."""
+        codes = plan_bytes(self.labels.size, 1, self.codebook.size, itemsize=self.codebook.itemsize)
+        return codes + 8 * self.rows.size + OVERHEAD_HOT
 
 
 def _fit(residual: np.ndarray, w: np.ndarray, bits: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
