@@ -8,7 +8,11 @@ channel sums on axis 1 for Conv inputs, the last axis for Gemm). The shift is su
 the integer build then quantizes: ``b' = b − (Ŵ − W)·E[x]`` (a Conv without a bias gets one). The weights are
 quantized like the build does (int8 symmetric, per channel when ``per_channel``).
 
-Anchors: Conv and Gemm with a constant weight and a float32 input (MatMul has no bias slot).
+Anchors: Conv and Gemm with a constant weight and a float32 input; a MatMul with a constant 2-D weight whose output
+only one ``Add`` reads, with a constant ``[N]`` bias as its other input (how transformer exports write a linear
+layer): that Add's bias absorbs the shift (``matmul_bias``). Measured on MiniLM-L6 (smoothed at alpha 0.8, all-int8,
+8 long inputs): embedding 25.3 -> 26.0 dB, weights-only 27.9 -> 28.1 dB; without it output-fitted rounding
+(``rounding``) left its own weights' mean shift in the output (weights-only 27.5 dB, with the correction 30.7).
 """
 
 from __future__ import annotations
@@ -27,15 +31,37 @@ if TYPE_CHECKING:  # pragma: no cover
     from .static_run import StaticRun
 
 
-def bias_anchors(base: gs.Graph, dtypes: dict[str, np.dtype]) -> dict[str, gs.Node]:
-    """Layers whose bias absorbs the weight error: Conv/Gemm with a constant weight and a float input."""
+def bias_anchors(base: gs.Graph, dtypes: dict[str, np.dtype], matmul: bool = True) -> dict[str, gs.Node]:
+    """Layers whose bias absorbs the weight error: Conv/Gemm with a constant weight and a float input; with
+    ``matmul``, also a MatMul read by one Add of a constant bias (``bias_add``)."""
     anchors = {}
     for n in base.nodes:
         if n.op in ("Conv", "Gemm") and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant):
             x = n.inputs[0]
             if dtypes.get(x.name) == np.float32:
                 anchors[n.name] = n
+        elif matmul and n.op == "MatMul" and bias_add(n) is not None and dtypes.get(n.inputs[0].name) == np.float32:
+            anchors[n.name] = n
     return anchors
+
+
+def bias_add(node: gs.Node) -> tuple[gs.Node, int] | None:
+    """(the Add, the slot of its constant ``[N]`` bias) when a MatMul with a constant 2-D weight ``[K, N]`` is read
+    by one Add alone whose other input is that bias (transformer exports: ``MatMul -> Add(b)``), else None."""
+    if node.op != "MatMul" or len(node.inputs) < 2 or len(node.outputs) != 1:
+        return None
+    w = const_value(node.inputs[1])
+    y = node.outputs[0]
+    if w is None or w.ndim != 2 or len(y.outputs) != 1 or y.outputs[0].op != "Add" or len(y.outputs[0].inputs) != 2:
+        return None
+    add = y.outputs[0]
+    slot = 1 if add.inputs[0] is y else 0
+    if add.inputs[1 - slot] is not y:
+        return None
+    b = const_value(add.inputs[slot])
+    if b is None or b.dtype != np.float32 or b.shape != (w.shape[1],):
+        return None
+    return add, slot
 
 
 def channel_axes(anchors: dict[str, gs.Node]) -> dict[str, int]:
@@ -89,7 +115,8 @@ def weight_error_shift(node: gs.Node, mean_x: np.ndarray, per_channel: bool) -> 
 
 
 def add_to_bias(node: gs.Node, delta: np.ndarray, names: set[str]) -> bool:
-    """Add ``delta`` to a Conv/Gemm bias (creating one for Conv if absent). MatMul: no bias slot -> False."""
+    """Add ``delta`` to a Conv/Gemm bias (creating one for Conv if absent), or to the bias of the Add after a MatMul
+    (``bias_add``); False where there is no bias to change."""
     delta = np.asarray(delta, dtype=np.float64)
     if node.op == "Conv":
         if len(node.inputs) > 2 and node.inputs[2].name:
@@ -109,5 +136,11 @@ def add_to_bias(node: gs.Node, delta: np.ndarray, names: set[str]) -> bool:
         node.inputs[2] = gs.Constant(
             unique_name(f"{node.inputs[2].name}_bc", names), (c + delta).astype(np.float32)
         )
+        return True
+    found = bias_add(node) if node.op == "MatMul" else None
+    if found is not None:
+        add, slot = found
+        b = const_value(add.inputs[slot])
+        add.inputs[slot] = gs.Constant(unique_name(f"{add.inputs[slot].name}_bc", names), (b + delta).astype(np.float32))
         return True
     return False

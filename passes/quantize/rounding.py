@@ -43,7 +43,9 @@ from onnxcompress.analyses.activation_stats import StatisticsStore, StatsRequest
 from onnxcompress.analyses.conv_rows import conv_output_spatial, conv_rows
 
 from . import qparams_math as qm
+from .bias_correction import bias_add
 from .ort_int8_kernels import attr, const_value, weight_axis, weight_slot
+from .smoothing import positional, tensor_ranks
 
 if TYPE_CHECKING:  # pragma: no cover
     from .static_run import StaticRun
@@ -282,9 +284,22 @@ def solve_layer(
     s32 = scale.astype(np.float32)
     run.rounded[name] = qm.QuantizedWeight(q_stored, s32, np.zeros(s32.shape, np.int8), axis)
     shift = (wq - wm) @ mean_row  # the output mean the new weights move, per output channel
-    if node.op in ("Conv", "Gemm") and run.p.bias_correction:
+    if run.p.bias_correction and (node.op in ("Conv", "Gemm") or (run.p.matmul_bias and bias_add(node) is not None)):
         run.bias_shift[name] = -shift
 
+
+
+def positional_matmuls(run: StaticRun, layers: list[str]) -> list[str]:
+    """The MatMul/Gemm layers of ``layers`` whose input has positions (rank >= 3: a transformer's tokens; see
+    ``smoothing.positional``): many rows per feed, so their H is well sampled on the calibration feeds."""
+    ranks = tensor_ranks(run.float_model)
+    nodes = {n.name: n for n in run.base.nodes if n.name}
+    keep = []
+    for name in layers:
+        n = nodes.get(name)
+        if n is not None and n.op in ("MatMul", "Gemm") and n.inputs and positional(n.inputs[0], ranks.get(n.inputs[0].name)):
+            keep.append(name)
+    return keep
 
 
 def optimise_rounding(run: StaticRun, ref) -> None:
@@ -300,8 +315,13 @@ def optimise_rounding(run: StaticRun, ref) -> None:
     else:
         b = run.build()
         plan, model_rtn = b.plan, run.export(b.graph)
+    layers = plan.int8_anchor_names()
+    if run.p.weight_rounding == "matmul":
+        layers = positional_matmuls(run, layers)
+        if not layers:  # nothing to round (CNNs): the model is quantized exactly as with nearest
+            return
     saved_shift = dict(run.bias_shift)
-    stats = round_layers(run, model_rtn, plan.int8_anchor_names())
+    stats = round_layers(run, model_rtn, layers)
     run.stats["weight_rounding"] = stats
     if not run.rounded:
         stats["kept"] = False
@@ -312,6 +332,7 @@ def optimise_rounding(run: StaticRun, ref) -> None:
     stats["score_nearest"] = {k: round(v, 5) for k, v in sc_rtn.items()}
     stats["score_optimised"] = {k: round(v, 5) for k, v in sc_r.items()}
     keep = bool(run.p.weight_rounding == "output" or outputs_better(sc_r, sc_rtn))
+    stats["mode"] = run.p.weight_rounding
     stats["kept"] = keep
     if keep:
         run.all_int8 = (run.method, b.plan, model_r)

@@ -37,6 +37,7 @@ from onnxcompress.analyses.activation_stats import StatisticsStore, StatsRequest
 from onnxcompress.naming import unique_name
 
 from .ort_int8_kernels import attr, const_value
+from .smoothing_strength import choose_strengths
 
 if TYPE_CHECKING:  # pragma: no cover
     from .static_run import StaticRun
@@ -111,51 +112,86 @@ def factors(rms: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def channel_rms(run: StaticRun, graph: gs.Graph, cands: dict) -> dict[str, np.ndarray]:
-    """Each candidate's channel RMS on the calibration feeds (a sample of ``SMOOTH_ROWS_PER_FEED`` rows per feed),
-    from one run of the shared statistics collector on ``graph``'s export."""
+    """Each candidate's channel RMS on the calibration feeds (``channel_stats``)."""
+    return {k: v["rms"] for k, v in channel_stats(run, graph, cands).items()}
+
+
+def channel_stats(run: StaticRun, graph: gs.Graph, cands: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Per candidate, from one run of the shared statistics collector on ``graph``'s export over the calibration
+    feeds: ``rms`` (channel RMS), ``sigma`` (E[x xᵀ], both from a sample of ``SMOOTH_ROWS_PER_FEED`` rows per
+    feed) and ``lo`` / ``hi`` (each channel's extremes over every row)."""
     feeds = run.feeds(run.p.calibration_samples)
     store = StatisticsStore(run.ctx.export(graph), feeds, run.ctx, "float model (smoothing)")
     rng = run.ctx.rng("quantize/smoothing")
+    ext: dict[str, list[np.ndarray]] = {}
 
-    def rows(x: np.ndarray) -> np.ndarray:  # only the diagonal is used: a sample of rows per feed is plenty
-        r = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
-        return r[rng.choice(r.shape[0], SMOOTH_ROWS_PER_FEED, replace=False)] if r.shape[0] > SMOOTH_ROWS_PER_FEED else r
+    def rows_of(name: str):
+        def rows(x: np.ndarray) -> np.ndarray:  # a sample of rows per feed for the moments; extremes of all
+            r = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+            lo, hi = r.min(axis=0), r.max(axis=0)
+            if name in ext:
+                lo, hi = np.minimum(lo, ext[name][0]), np.maximum(hi, ext[name][1])
+            ext[name] = [lo, hi]
+            if r.shape[0] > SMOOTH_ROWS_PER_FEED:
+                r = r[rng.choice(r.shape[0], SMOOTH_ROWS_PER_FEED, replace=False)]
+            return r
+        return rows
 
-    store.get(StatsRequest(second_moments={f"{k}:smooth": (k, rows) for k in cands}, samples=len(feeds)))
+    store.get(StatsRequest(second_moments={f"{k}:smooth": (k, rows_of(k)) for k in cands}, samples=len(feeds)))
     out = {}
     for name in cands:
         g = store.gram(f"{name}:smooth", samples=len(feeds))
         if g is not None and g.rows > len(feeds):  # more than one row per feed (``positional``)
-            out[name] = np.sqrt(np.maximum(np.diag(g.xtx), 0.0) / g.rows)
+            sigma = g.xtx / g.rows
+            out[name] = {"rms": np.sqrt(np.maximum(np.diag(sigma), 0.0)), "sigma": sigma}
+            if name in ext:
+                out[name].update(lo=ext[name][0].astype(np.float64), hi=ext[name][1].astype(np.float64))
     return out
 
 
 def smooth(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
-    """Smooth the candidates of ``graph`` (modified in place) at ``run.smooth_alpha``; returns stats. The channel
-    RMS comes from ``run.smooth_rms`` when given (``smooth=auto``'s trials share one measurement of the same float
-    graph), else it is measured (``channel_rms``) and stored there."""
+    """Smooth the candidates of ``graph`` (modified in place) at ``run.smooth_alpha`` (None: a strength per input,
+    ``smoothing_strength``); returns stats. The channel statistics come from ``run.smooth_rms`` when given
+    (``smooth=auto``'s trials share one measurement of the same float graph), else they are measured
+    (``channel_stats``) and stored there."""
     cands = candidates(graph, tensor_ranks(run.ctx.export(graph)))
     if not cands:
         return {"smoothed": 0}
     if run.smooth_rms is None or set(run.smooth_rms.get("names", ())) != set(cands):
-        rms_by = channel_rms(run, graph, cands)
+        stats_by = channel_stats(run, graph, cands)
         if run.smooth_rms is not None:
-            run.smooth_rms.update(names=sorted(cands), rms=rms_by)
+            run.smooth_rms.update(names=sorted(cands), stats=stats_by)
     else:
-        rms_by = run.smooth_rms["rms"]
+        stats_by = run.smooth_rms["stats"]
+    per_input = None
+    if run.smooth_alpha is None:
+        ws = {k: [_weight_rows(n, x) for n in mms] for k, (x, mms) in cands.items() if k in stats_by}
+        per_input = choose_strengths(ws, stats_by, factors)
     done: dict[str, float] = {}
+    chosen: dict[str, float | None] = {}
     for name, (x, mms) in cands.items():
-        rms = rms_by.get(name)
-        if rms is None:
+        st = stats_by.get(name)
+        if st is None:
             continue
+        rms = st["rms"]
+        if per_input is not None:
+            if name not in per_input:
+                continue
+            chosen[name], s, _ = per_input[name]
+            if chosen[name] is None:
+                continue
+        else:
+            w_max = np.max([np.abs(_weight_rows(n, x)).max(axis=1) for n in mms], axis=0).astype(np.float64)
+            s = factors(rms, w_max, run.smooth_alpha)
         med = float(np.median(rms))
-        ratio = float(rms.max() / med) if med > 0 else float("inf")
-        w_max = np.max([np.abs(_weight_rows(n, x)).max(axis=1) for n in mms], axis=0).astype(np.float64)
-        s = factors(rms, w_max, run.smooth_alpha)
         _apply(graph, x, mms, s, names)
-        done[name] = round(ratio, 1)
+        done[name] = round(float(rms.max() / med) if med > 0 else float("inf"), 1)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return {"smoothed": len(done), "channel_ratio": done, "alpha": run.smooth_alpha}
+    out = {"smoothed": len(done), "channel_ratio": done, "alpha": run.smooth_alpha if per_input is None else "per-input"}
+    if per_input is not None:
+        out["alphas"] = {k: v for k, v in chosen.items()}
+        out["predicted_nsr_db"] = {k: v[2] for k, v in per_input.items()}
+    return out
 
 
 def _apply(graph: gs.Graph, x: gs.Variable, mms: list[gs.Node], s: np.ndarray, names: set[str]) -> None:
@@ -188,4 +224,4 @@ def _ln_last_axis(ln: gs.Node, k: int) -> bool:
     return gamma is not None and gamma.shape == (k,) and (beta is None or beta.shape == (k,))
 
 
-__all__ = ["candidates", "channel_rms", "factors", "positional", "smooth", "tensor_ranks"]
+__all__ = ["candidates", "channel_rms", "channel_stats", "factors", "positional", "smooth", "tensor_ranks"]

@@ -53,6 +53,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+#: the screen's trial with a strength per input (``smoothing_strength``)
+PER_INPUT = "per input"
+
 
 def decision_key(s: dict[str, float]) -> tuple[float, float]:
     """Sort key of an outputs-only score, best first: the worst output's SQNR, then agreement lost."""
@@ -65,10 +68,10 @@ def choose_smoothing(run_cls, p: Quantize, graph: gs.Graph, ctx: PassContext) ->
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
 
-    def fresh(alpha: float | None):
+    def fresh(alpha: float | str | None):  # None: not smoothed; PER_INPUT: a strength per input
         r = run_cls(p, graph.copy(), ctx)
         r.smooth_all = alpha is not None
-        r.smooth_alpha = p.smooth_alpha if alpha is None else alpha
+        r.smooth_alpha = p.smooth_alpha if alpha is None else None if alpha == PER_INPUT else alpha
         r.smooth_rms = shared_rms
         return r
 
@@ -94,8 +97,11 @@ def choose_smoothing(run_cls, p: Quantize, graph: gs.Graph, ctx: PassContext) ->
 
     # 1. each strength's all-int8 model (setup only: preparation, calibration, range choice)
     best = None  # (key, label, run, setup result): only the best strength's run is kept
-    for alpha in dict.fromkeys(float(a) for a in p.smooth_alphas):
-        label = f"alpha={alpha:g}"
+    trials: list[float | str] = list(dict.fromkeys(float(a) for a in p.smooth_alphas))
+    if p.smooth_per_input:
+        trials.append(PER_INPUT)
+    for alpha in trials:
+        label = f"alpha={alpha:g}" if alpha != PER_INPUT else "alpha per input"
         t0 = time.perf_counter()
         r = fresh(alpha)
         ready = r.setup()
@@ -124,7 +130,8 @@ def choose_smoothing(run_cls, p: Quantize, graph: gs.Graph, ctx: PassContext) ->
     smoothed = win.stats.get("smoothing", {})
     win.stats["smoothing"] = {
         "decision": "smoothed" if win is not plain else "not smoothed",
-        "alpha": win.smooth_alpha if win is not plain else None,
+        "alpha": (win.smooth_alpha if win.smooth_alpha is not None else PER_INPUT) if win is not plain else None,
+        **({"alphas": smoothed["alphas"]} if "alphas" in smoothed else {}),
         "smoothed": smoothed.get("smoothed", 0),
         **({"channel_ratio": smoothed["channel_ratio"]} if "channel_ratio" in smoothed else {}),
         "all_int8_by_strength": screen,

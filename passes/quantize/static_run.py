@@ -126,9 +126,10 @@ class StaticRun:
         #: calibration=auto: (method, plan, exported model) of the best all-int8 build, reused by the search
         self.all_int8: tuple[str, Plan, onnx.ModelProto] | None = None
         #: prepare smooths every smoothing candidate (``smooth=all``; ``smooth=auto``: the measured choice's run)
-        self.smooth_all = p.smooth == "all"
-        #: ... with this strength (``smooth_alpha``; ``smooth=auto``: one of ``smooth_alphas`` per run)
-        self.smooth_alpha = p.smooth_alpha
+        self.smooth_all = p.smooth in ("all", "per_input")
+        #: ... with this strength (``smooth_alpha``; ``smooth=auto``: one of ``smooth_alphas`` per run; None: one
+        #: per input, ``smoothing_strength``)
+        self.smooth_alpha: float | None = None if p.smooth == "per_input" else p.smooth_alpha
         #: ``smooth=auto``: the channel RMS its trials share (``smoothing.smooth``); None: measured by this run
         self.smooth_rms: dict | None = None
 
@@ -232,14 +233,14 @@ class StaticRun:
         if not plan0.int8:
             self.stats["layers_kept_float"] = dict(plan0.kept_float)
             return None
-        anchors = bias_anchors(self.base, self.dtypes) if p.bias_correction else {}
+        anchors = bias_anchors(self.base, self.dtypes, p.matmul_bias) if p.bias_correction else {}
         eval_feeds = list(self.feeds(p.eval_samples))
         ref = calibrate_with_reference(self, list(plan0.tensors), channel_axes(anchors), eval_feeds)
         if anchors:
             correct_biases(self, anchors)
         if p.calibration == "auto":
             choose_method(self, ref)
-        if p.weight_rounding in ("auto", "output") and self.per_channel:
+        if p.weight_rounding in ("matmul", "auto", "output") and self.per_channel:
             optimise_rounding(self, ref)
         return ref, eval_feeds
 
