@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-rss", action="store_true", help="skip the ORT session memory measurement")
     ap.add_argument("--tool-timeout", type=float, default=1800.0, help="seconds one pipeline may run (training rows)")
     ap.add_argument("--out", type=Path, default=None, help="folder for cluster.md/json (default results/)")
+    ap.add_argument("--keep-models", type=Path, default=None, help="keep the compressed models in this folder")
     ap.add_argument("--merge", action="store_true", help="keep the other rows of an existing cluster.json")
     ap.add_argument("--render", action="store_true", help="only rewrite cluster.md from cluster.json")
     ap.add_argument("--merge-from", nargs="+", type=Path, default=None, metavar="DIR",
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = {"fp32": anchors.fp32_method} | {f"ours:{p}": anchors.ours(p) for p in pipelines}
         cfg = RunConfig(methods=list(methods), n_calib=N_CALIB.get(name, args.n_calib), n_eval=args.n_eval,
                         threads=(1,), latency_budget_s=args.latency_budget, session_rss=not args.no_rss,
-                        tool_timeout_s=args.tool_timeout)
+                        tool_timeout_s=args.tool_timeout, keep_models=args.keep_models)
         log.info("== %s (%d variants)", name, len(pipelines))
         records.append(benchmark_model(specs[name], cfg, methods))
         meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": args.n_calib,

@@ -133,7 +133,8 @@ def test_codebook_decode_is_bit_exact_under_ort(rng, mode, bits):
         if mode == "tensor" or (mode == "scales" and name == "emb"):  # tables take no channel scales
             assert np.unique(w[name]).size <= k
         elif mode == "scales":  # one shared codebook: every channel is its RMS times values from k shared ones
-            scale = next(v for n, v in _inits(coded).items() if n.endswith("_scale") and v.size == rows.shape[0]
+            scale = next(v.astype(np.float32) for n, v in _inits(coded).items()
+                         if n.endswith(("_scale", "_scale16")) and v.size == rows.shape[0]
                          and v.shape[axis] == rows.shape[0])
             u = rows / scale.reshape(-1, 1)
             assert np.unique(np.round(u, 5)).size <= k

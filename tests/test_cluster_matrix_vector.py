@@ -76,8 +76,8 @@ def test_vector_codes_decode_exactly_and_beat_scalar_codes(rng, bits):
     dw = _decoded_weight(vec)
     d, k = LEVELS[bits]
     inits = {t.name: numpy_helper.to_array(t) for t in vec.graph.initializer}
-    book = next(v for n, v in inits.items() if n.endswith("_codebook"))
-    scale = next(v for n, v in inits.items() if n.endswith("_scale"))
+    book = next(v.astype(np.float32) for n, v in inits.items() if n.endswith(("_codebook", "_codebook16")))
+    scale = next(v.astype(np.float32) for n, v in inits.items() if n.endswith(("_scale", "_scale16")))
     assert book.shape == (k, d) and scale.shape == (N_OUT, 1)
     groups = (dw.T / scale).reshape(-1, d)  # every group of d inputs of a row is one code times the row's scale
     assert np.abs(groups[:, None, :] - book[None]).max(-1).min(-1).max() < 1e-5
@@ -134,3 +134,65 @@ def test_scalar_codes_stay_where_the_codebook_does_not_pay(rng):
 def test_matrix_vector_needs_the_gram():
     with pytest.raises(BadInputError, match="matrix_vector needs refit"):
         parse_pipeline("cluster{bits=2 matrix_vector=true}")
+
+
+class _MatMulUse:
+    def to_matrix(self, w):
+        return np.asarray(w).T
+
+    def from_matrix(self, m, shape):
+        return np.asarray(m).T.reshape(shape)
+
+
+def _decaying_inputs(rng, n):
+    """Correlated inputs whose energies span 10x in a shuffled order: act-order's case."""
+    mix = rng.standard_normal((N_IN, N_IN)) / 2 + np.eye(N_IN)
+    return (rng.standard_normal((n, N_IN)) @ mix) * np.geomspace(0.3, 3, N_IN)[rng.permutation(N_IN)][None, :]
+
+
+def _decaying_feeds(rng, n=32):
+    x = _decaying_inputs(rng, 16 * n).astype(np.float32)
+    feeds = [{"x": x[16 * i:16 * (i + 1)]} for i in range(n)]
+    return FeedSet(lambda: iter(feeds), [InputSpec("x", np.dtype(np.float32), (16, N_IN))], "test", len(feeds))
+
+
+def test_act_order_is_measured_per_tensor(rng):
+    """Correlated inputs of unequal energy, unstructured weights: act-order (largest H_jj first) codes them with
+    less output error and is kept; weights whose neighbouring inputs move together keep their natural groups. The
+    choice is the measured one: act-order iff its error beats the natural order's after the order's bytes."""
+    from onnxcompress.passes.cluster.matrix_vector import OVERHEAD_ORDER, _coded, cluster_matrix
+
+    x = _decaying_inputs(np.random.default_rng(1), 4096)
+    gram = x.T @ x / len(x)
+    w = rng.standard_normal((N_IN, N_OUT)).astype(np.float32)
+    res = cluster_matrix(w, 3, _MatMulUse(), gram, "matrix-vector", np.random.default_rng(0))
+    m = w.T.astype(np.float64)
+    scale = np.sqrt(np.mean(m ** 2, 1))
+    d, k = LEVELS[3]
+    natural = _coded(m, scale, gram, d, k, None, np.float32, np.random.default_rng(0))[3]
+    dm = m - res.snapped.T
+    err = float(np.einsum("oi,oi->", dm @ gram, dm))
+    assert res.inputs_order is not None
+    assert err < natural * 2.0 ** (-16.0 * (2 * N_IN + OVERHEAD_ORDER) / w.size)
+    assert res.bytes_planned["matrix-vector"] > 2 * N_IN  # the order is paid for
+    grouped = cluster_matrix(_grouped(rng), 2, _MatMulUse(), np.eye(N_IN), "matrix-vector",
+                             np.random.default_rng(0))
+    assert grouped.inputs_order is None
+
+
+def test_act_order_decodes_exactly_packed_and_unpacked(rng):
+    w = rng.standard_normal((N_IN, N_OUT)).astype(np.float32)
+    model, calib = _model(w), _decaying_feeds(np.random.default_rng(1))
+    pipe = "cluster{bits=3 activation_aware=true refit=true min_size=100 matrix_vector=true%s}"
+    packed, st = _run(model, pipe % "", calib)
+    assert st["storage"] == {"matrix-vector": 1}
+    assert any(n.op_type == "Gather" and n.attribute and n.attribute[0].i == 1 for n in packed.graph.node)
+    unpacked, _ = _run(model, pipe % " storage=unpacked", calib)
+    repacked, _ = _run(unpacked, "cluster{pack_only=true}", calib)
+    f = {"x": _decaying_inputs(np.random.default_rng(3), 16).astype(np.float32)}
+    dw = _decoded_weight(packed)
+    np.testing.assert_array_equal(ort_run(packed, f)[0], ort_run(_model(dw), f)[0])
+    np.testing.assert_array_equal(ort_run(repacked, f)[0], ort_run(packed, f)[0])
+    written = len(packed.SerializeToString())
+    planned = len(model.SerializeToString()) - st["bytes_before"] + st["bytes_after"]
+    assert abs(written - planned) < 0.03 * written

@@ -121,9 +121,12 @@ def test_unpacked_vector_table_packs_exactly_later(rng):
         if t.name.endswith("_codebook"):
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5 + 0.1, t.name))
     trained = _decoded(unpacked)
-    packed, st = _run(unpacked, "cluster{pack_only=true}")
+    packed, st = _run(unpacked, "cluster{pack_only=true half_codebooks=false}")
     assert st["decodes_packed"] == 1 and st["bytes_saved_packing"] > 0.5 * V * 8 * 4
     np.testing.assert_array_equal(_decoded(packed), trained)
+    half, st_h = _run(unpacked, "cluster{pack_only=true}")  # the trained code vectors rounded to float16
+    assert st_h["bytes_saved_packing"] == st["bytes_saved_packing"] + 8 * 256 * 4 * 2
+    np.testing.assert_allclose(_decoded(half), trained, rtol=2.0 ** -10, atol=0)
     assert not np.array_equal(trained, before)
     assert len(packed.SerializeToString()) < len(unpacked.SerializeToString()) - V * 8 * 2
     onnx.checker.check_model(packed)
@@ -179,7 +182,7 @@ def test_distill_trains_the_code_vectors_and_keeps_the_codes(rng):
            for m in (student, trained)]
     assert err[1] < 0.8 * err[0]
     ids = held_out[0]["ids"]
-    packed, st = _run(trained, "cluster{pack_only=true}")
+    packed, st = _run(trained, "cluster{pack_only=true half_codebooks=false}")
     assert st["decodes_packed"] == 1
     np.testing.assert_array_equal(ort_run(packed, {"ids": ids})[0], ort_run(trained, {"ids": ids})[0])
 
@@ -260,7 +263,8 @@ def test_half_tables_decode_exactly_odd_and_small_tables_fall_back_to_scalar(rng
     medium = _model(_table(rng, v=3000))  # too few rows for 256 codes of 8 values, enough for 64
     out, st = _run(medium, "cluster{embedding_vector=8 min_size=100 exclude=[w]}")
     assert st["tables"] == {"emb": "v8"}
-    books = next(numpy_helper.to_array(t) for t in out.graph.initializer if t.name.endswith("_codebook"))
+    books = next(numpy_helper.to_array(t) for t in out.graph.initializer if t.name.endswith(("_codebook",
+                                                                                             "_codebook16")))
     assert books.shape == (4 * 64, 8)
 
 

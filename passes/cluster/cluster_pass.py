@@ -53,12 +53,13 @@ from onnxcompress import mmap_weights
 from onnxcompress.analyses.activation_stats import ActivationStatistics, StatsRequest
 from onnxcompress.context import PassContext
 from onnxcompress.errors import BadInputError
-from onnxcompress.graph_utils import redirect_consumers
 from onnxcompress.naming import Namer
 from onnxcompress.pass_base import Pass, PassResult, option, register
 
 from .allocation import FLOAT, Trials, allocate, ladder
 from .cluster_tensor import Clustered, cluster_tensor, element_weights
+from .emit import write_clustered
+from .half_books import halve
 from .kmeans1d import INITS
 from .layouts import RECURRENT, WEIGHT_SLOTS, Use
 from .matrix_vector import OPS as MATRIX_OPS
@@ -116,6 +117,8 @@ class Cluster(Pass):
     storage: str = option("auto", "auto (smaller on disk per tensor), codebook (packed indices + Gather), snap "
                                   "(values replaced in place) or unpacked (codebook + int32 indices: what "
                                   "distill{mode=train} trains; a later cluster packs them)")
+    half_codebooks: bool = option(True, "store codebooks and channel scales as float16 (cast back at load) where "
+                                        "that adds <= 1% to the tensor's measured clustering error")
     pack_only: bool = option(False, "only pack the indices of existing unpacked codebook decodes (after "
                                     "distill{mode=train}), cluster nothing new")
     exclude: tuple[str, ...] = option((), "tensor or node names (fnmatch patterns) left alone")
@@ -322,7 +325,8 @@ class Cluster(Pass):
         w = np.asarray(c.tensor.values)
         norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
         if isinstance(bits, str):  # "v<d>": product quantization of a Gather table
-            return cluster_table(w, int(bits[1:]), self._codes(c), norms, storage, rng)
+            res = cluster_table(w, int(bits[1:]), self._codes(c), norms, storage, rng)
+            return halve(res, w, c.uses[0]) if self.half_codebooks else res
         if c.uses[0].op == "Gather":
             norms = None  # token counts weight only the d-vectors (scalar codes weighted so: measured worse)
         scales = self.channel_scales and c.uses[0].op != "Gather" and w.shape[c.uses[0].channel_axis(w.ndim)] > 1
@@ -334,7 +338,7 @@ class Cluster(Pass):
                 vector_form(bits, gram.shape[0]) and np.mean(w == 0) < self.zero_fraction and storage != "snap":
             own = np.random.default_rng(zlib.crc32(f"{c.tensor.name}:{bits}".encode()))  # the shared stream stays
             res = pick_form(w, cluster_matrix(w, bits, c.uses[0], gram, storage, own), res, c.uses[0], gram)
-        return res
+        return halve(res, w, c.uses[0]) if self.half_codebooks else res
 
     def _allocate(self, graph: gs.Graph, ctx: PassContext, chosen: list, stats_of: dict, storage: str, rng,
                   st: dict) -> list:
@@ -381,7 +385,8 @@ class Cluster(Pass):
         skipped: Counter = Counter()
         n_packed = saved = 0
         if self.storage != "unpacked" and ctx.opset() >= 11:
-            n_packed, saved = pack_existing(graph, DecodeBuilder(graph, Namer(graph), ctx.opset()), self.min_size)
+            n_packed, saved = pack_existing(graph, DecodeBuilder(graph, Namer(graph), ctx.opset()), self.min_size,
+                                            self.half_codebooks)
         cands = [] if self.pack_only else self._candidates(graph, skipped)
         for c in cands:
             axis = c.uses[0].channel_axis(c.tensor.values.ndim)
@@ -455,30 +460,8 @@ class Cluster(Pass):
             st["bytes_after"] += res.bytes_planned[res.storage]
             st["storage"]["unpacked" if storage == "unpacked" and res.storage != "snap" else res.storage] += 1
             st["tensors_clustered"] += 1
-            if res.storage == "snap":
-                c.tensor.values = np.ascontiguousarray(res.snapped.astype(w.dtype))
-            elif res.matrix:
-                out = builder.build_matrix_vector(f"cl{st['tensors_clustered']}", tuple(w.shape),
-                                                  c.uses[0].op == "MatMul" or not c.uses[0].node.attrs.get("transB", 0),
-                                                  res.codebook, res.labels, res.scale,
-                                                  out_name=f"{c.tensor.name}_clustered", unpacked=storage == "unpacked")
-                redirect_consumers(c.tensor, out)
-            elif res.vector is not None:
-                out = builder.build_vector(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook, res.labels,
-                                           out_name=f"{c.tensor.name}_clustered", unpacked=storage == "unpacked",
-                                           hot=res.hot)
-                redirect_consumers(c.tensor, out)
-            elif storage == "unpacked":
-                out = builder.build_unpacked(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook,
-                                             res.labels, out_name=f"{c.tensor.name}_clustered", scale=res.scale,
-                                             scale_axis=res.scale_axis)
-                redirect_consumers(c.tensor, out)
-            else:
-                out, _ = builder.build(f"cl{st['tensors_clustered']}", tuple(w.shape), res.codebook, res.labels,
-                                       axis=res.axis, out_name=f"{c.tensor.name}_clustered",
-                                       scale=res.scale, scale_axis=res.scale_axis,
-                                       sparse_zero=res.zero_label if res.storage == "sparse-codebook" else None)
-                redirect_consumers(c.tensor, out)
+            write_clustered(builder, c.tensor, c.uses[0], res, storage, f"cl{st['tensors_clustered']}")
+            st["half_codebooks"] = st.get("half_codebooks", 0) + int(res.half)
             mmap_weights.release_resident_pages()  # a model over 2 GB: one weight's pages resident
         if n_packed:
             st["decodes_packed"], st["bytes_saved_packing"] = n_packed, saved

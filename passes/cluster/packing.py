@@ -5,6 +5,11 @@ constants. ``Gather(float codebook [k <= 256], constant indices)`` takes index_b
 product-quantized table ``Gather(codebook [S·k, d], indices [V, S])`` (column s in [s·k, (s+1)·k)) its local indices
 i - s·k in log2(k)-bit streams + the offsets, and a weight in vector codes ``Gather(codebook [k <= 256, d], codes)``
 its codes in index_bits(k)-bit streams (``storage.DecodeBuilder``): the decoded values are unchanged bit for bit.
+
+With ``half`` (``half_codebooks``) the codebook and the channel scales (the constant of the ``Mul`` after the
+decode's Reshape, through an act-order Gather) are stored as float16 and cast back (``half_books.rounded``; values
+outside float16's normal range, and tables too small to pay for the Cast, stay float32): a training run moved them off the float16 grid the cluster pass
+planned, so they are rounded here once, by at most 2^-11 of each value.
 """
 
 from __future__ import annotations
@@ -14,13 +19,36 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .half_books import OVERHEAD_CAST, rounded
 from .storage import STREAMS, DecodeBuilder, index_bits
 from .vector_codebook import vector_codes
 
 
-def pack_existing(graph: gs.Graph, builder: DecodeBuilder, min_size: int) -> tuple[int, int]:
-    """Pack every unpacked decode of ``graph`` with at least ``min_size`` indices. Returns (decodes packed, bytes
-    saved)."""
+def _scale_of(gather: gs.Node) -> gs.Constant | None:
+    """The channel-scale constant of a decode: Gather -> Reshape (-> Gather axis 1) -> Mul(constant)."""
+    nxt = [n for n in gather.outputs[0].outputs if n.op == "Reshape"]
+    while len(nxt) == 1:
+        node = nxt[0]
+        if node.op == "Mul":
+            return next((t for t in node.inputs if isinstance(t, gs.Constant)), None)
+        nxt = [n for n in node.outputs[0].outputs if n.op in ("Mul", "Gather")]
+    return None
+
+
+def _halve_constant(builder: DecodeBuilder, node: gs.Node, slot: int, name: str) -> int:
+    """Input ``slot`` of ``node`` (a float32 constant) as float16 + Cast; returns the bytes saved (0: kept)."""
+    t = node.inputs[slot]
+    values = np.asarray(t.values)
+    half = rounded(values) if values.dtype == np.float32 and values.nbytes // 2 > OVERHEAD_CAST else None
+    if half is None:  # not float32, outside float16's range, or too small to pay for its Cast
+        return 0
+    node.inputs[slot] = builder.table(name, half, True)
+    return values.nbytes // 2
+
+
+def pack_existing(graph: gs.Graph, builder: DecodeBuilder, min_size: int, half: bool = False) -> tuple[int, int]:
+    """Pack every unpacked decode of ``graph`` with at least ``min_size`` indices (``half``: its codebook and
+    scales as float16). Returns (decodes packed, bytes saved)."""
     packed: dict[int, gs.Tensor] = {}
     saved = 0
     for node in list(graph.nodes):
@@ -41,6 +69,12 @@ def pack_existing(graph: gs.Graph, builder: DecodeBuilder, min_size: int) -> tup
             packed[id(idx)] = builder.pack_vector_indices(name, i, k) if k else \
                 builder.packed_indices(name, i.astype(np.uint16), bits)
             saved += int(i.nbytes) - sum(math.ceil(i.size * w / 8) for w in STREAMS[bits])
+            if half:
+                saved += _halve_constant(builder, node, 0, f"{name}_codebook")
+                scale = _scale_of(node)
+                mul = scale.outputs[0] if scale is not None and len(scale.outputs) == 1 else None
+                if mul is not None:
+                    saved += _halve_constant(builder, mul, mul.inputs.index(scale), f"{name}_scale")
         node.inputs[1] = packed[id(idx)]
     return len(packed), saved
 

@@ -119,6 +119,14 @@ class DecodeBuilder:
     def _const(self, base: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(self.namer(base), np.asarray(value))
 
+    def table(self, base: str, value: np.ndarray, half: bool) -> gs.Tensor:
+        """A codebook or scale constant; ``half``: stored as float16 and cast back (values on the float16 grid,
+        ``half_books``), exact."""
+        if not half:
+            return self._const(base, value)
+        return self._op("Cast", [self._const(f"{base}16", np.asarray(value).astype(np.float16))], base,
+                        np.asarray(value).dtype, {"to": 1})
+
     def _op(self, op: str, inputs: list, base: str, dtype=None, attrs: dict | None = None) -> gs.Variable:
         out = gs.Variable(self.namer(base), dtype=dtype)
         self.graph.nodes.append(gs.Node(op, name=self.namer(f"{base}_{op}"), inputs=inputs, outputs=[out],
@@ -169,15 +177,15 @@ class DecodeBuilder:
 
     def build_unpacked(self, base: str, shape: tuple[int, ...], codebook: np.ndarray, labels: np.ndarray, *,
                        out_name: str | None = None, scale: np.ndarray | None = None,
-                       scale_axis: int | None = None) -> gs.Variable:
+                       scale_axis: int | None = None, half: bool = False) -> gs.Variable:
         """``Gather(codebook [k], int32 indices) -> Reshape (-> Mul(scale))`` with the indices a plain constant: the
         form ``distill{mode=train}`` trains (the codebook and the scales are its parameters, the indices fixed);
         a later ``cluster`` packs the indices (``packed_indices``)."""
         if codebook.shape[0] != 1:
             raise ValueError("the unpacked form takes one codebook")
         idx = self._const(f"{base}_idx", labels.reshape(-1).astype(np.int32))
-        values = self._op("Gather", [self._const(f"{base}_codebook", codebook.reshape(-1)), idx], f"{base}_values",
-                          codebook.dtype, {"axis": 0})
+        values = self._op("Gather", [self.table(f"{base}_codebook", codebook.reshape(-1), half), idx],
+                          f"{base}_values", codebook.dtype, {"axis": 0})
         last = scale is None
         name = (out_name or f"{base}_decoded") if last else f"{base}_shared"
         out = self._op("Reshape", [values, self._const(f"{base}_shape", np.asarray(shape, np.int64))], name,
@@ -185,13 +193,14 @@ class DecodeBuilder:
         if not last:
             bshape = [1] * len(shape)
             bshape[scale_axis] = -1
-            out = self._op("Mul", [out, self._const(f"{base}_scale", scale.reshape(bshape))],
+            out = self._op("Mul", [out, self.table(f"{base}_scale", scale.reshape(bshape), half)],
                            out_name or f"{base}_decoded", codebook.dtype)
         out.shape = list(shape)
         return out
 
     def build_vector(self, base: str, shape: tuple[int, int], codebook: np.ndarray, labels: np.ndarray, *,
-                     out_name: str | None = None, unpacked: bool = False, hot=None) -> gs.Variable:
+                     out_name: str | None = None, unpacked: bool = False, hot=None,
+                     half: bool = False) -> gs.Variable:
         """A product-quantized table [V, D]: ``codebook`` [S·k, d] (block s's codes at rows s·k ..), ``labels``
         [V, S] local to each block. ``idx + s·k -> Gather -> Reshape [V, D]``; packed to log2(k) bits, or
         ``unpacked``: int32 global indices as one constant (what distill trains; a later cluster packs them).
@@ -199,8 +208,8 @@ class DecodeBuilder:
         k = codebook.shape[0] // labels.shape[1]
         glob = labels.astype(np.int32) + (np.arange(labels.shape[1]) * k).astype(np.int32)[None, :]
         idx = self._const(f"{base}_idx", glob) if unpacked else self.pack_vector_indices(base, glob, k)
-        vecs = self._op("Gather", [self._const(f"{base}_codebook", codebook), idx], f"{base}_vecs", codebook.dtype,
-                        {"axis": 0})
+        vecs = self._op("Gather", [self.table(f"{base}_codebook", codebook, half), idx], f"{base}_vecs",
+                        codebook.dtype, {"axis": 0})
         name = out_name or f"{base}_decoded"
         out = self._op("Reshape", [vecs, self._const(f"{base}_shape", np.asarray(shape, np.int64))],
                        name if hot is None else f"{base}_base", codebook.dtype)
@@ -219,21 +228,30 @@ class DecodeBuilder:
         return out
 
     def build_matrix_vector(self, base: str, w_shape: tuple[int, ...], transposed: bool, codebook: np.ndarray,
-                            labels: np.ndarray, scale: np.ndarray, *, out_name: str | None = None,
-                            unpacked: bool = False) -> gs.Variable:
+                            labels: np.ndarray, scale: np.ndarray, *, inputs_order: np.ndarray | None = None,
+                            out_name: str | None = None, unpacked: bool = False, half: bool = False) -> gs.Variable:
         """A weight in vector codes (``matrix_vector``): ``codebook`` [k, d] shared by every group, ``labels``
-        [out, in / d], ``scale`` [out]: ``Gather -> Reshape [out, in] -> Mul(scale) (-> Transpose)`` into the
-        weight's layout ``w_shape`` (``transposed``: the matrix view is the weight transposed, MatMul)."""
+        [out, in / d], ``scale`` [out]: ``Gather -> Reshape [out, in] (-> Gather(axis 1, inputs_order)) ->
+        Mul(scale) (-> Transpose)`` into the weight's layout ``w_shape`` (``transposed``: the matrix view is the
+        weight transposed, MatMul). ``inputs_order`` (act-order codes): matrix column j is coded column
+        inputs_order[j], stored as uint16 and cast (folded at session start) or int32 when ``unpacked``."""
         k = codebook.shape[0]
         idx = self._const(f"{base}_idx", labels.astype(np.int32)) if unpacked else \
             self.packed_indices(base, labels.astype(np.uint16), index_bits(k))
-        vecs = self._op("Gather", [self._const(f"{base}_codebook", codebook), idx], f"{base}_vecs", codebook.dtype,
-                        {"axis": 0})
+        vecs = self._op("Gather", [self.table(f"{base}_codebook", codebook, half), idx], f"{base}_vecs",
+                        codebook.dtype, {"axis": 0})
         out_n, n_in = labels.shape[0], labels.shape[1] * codebook.shape[1]
         rows = self._op("Reshape", [vecs, self._const(f"{base}_mshape", np.array([out_n, n_in], np.int64))],
                         f"{base}_rows", codebook.dtype)
+        if inputs_order is not None:
+            if unpacked:
+                cols = self._const(f"{base}_cols", inputs_order.astype(np.int32))
+            else:
+                cols = self._op("Cast", [self._const(f"{base}_cols", inputs_order.astype(np.uint16))],
+                                f"{base}_colx", np.int32, {"to": 6})
+            rows = self._op("Gather", [rows, cols], f"{base}_ordered", codebook.dtype, {"axis": 1})
         name = out_name or f"{base}_decoded"
-        out = self._op("Mul", [rows, self._const(f"{base}_scale", scale.reshape(-1, 1))],
+        out = self._op("Mul", [rows, self.table(f"{base}_scale", scale.reshape(-1, 1), half)],
                        f"{base}_scaled" if transposed else name, codebook.dtype)
         if transposed:
             out = self._op("Transpose", [out], name, codebook.dtype, {"perm": [1, 0]})
@@ -248,7 +266,8 @@ class DecodeBuilder:
 
     def build(self, base: str, shape: tuple[int, ...], codebook: np.ndarray, labels: np.ndarray, *,
               axis: int | None, sparse_zero: int | None = None, out_name: str | None = None,
-              scale: np.ndarray | None = None, scale_axis: int | None = None) -> tuple[gs.Variable, dict]:
+              scale: np.ndarray | None = None, scale_axis: int | None = None,
+              half: bool = False) -> tuple[gs.Variable, dict]:
         """Decode subgraph for a tensor of ``shape``: ``codebook`` [C, k] (C = 1 unless per channel along
         ``axis``), ``labels`` in the tensor's own layout. ``sparse_zero``: the label of the zero entry (one codebook
         only) for the sparse form. ``base`` prefixes the internal names (keep it short: every name is stored in the
@@ -268,7 +287,7 @@ class DecodeBuilder:
             zero = self._const(f"{base}_zero", np.zeros(1, dt))
             if mask.any():
                 nz_idx = self._indices(f"{base}n", nz, bits, int(mask.sum()))
-                vals = self._op("Gather", [self._const(f"{base}_codebook", codebook.reshape(-1)), nz_idx],
+                vals = self._op("Gather", [self.table(f"{base}_codebook", codebook.reshape(-1), half), nz_idx],
                                 f"{base}_nzv", dt, {"axis": 0})
                 table = self._op("Concat", [zero, vals], f"{base}_tab", dt, {"axis": 0})
             else:
@@ -281,7 +300,7 @@ class DecodeBuilder:
         elif rows == 1:
             streams = pack_bits(labels, bits)
             idx = self._indices(base, streams, bits, n)
-            values = self._op("Gather", [self._const(f"{base}_codebook", codebook.reshape(-1)), idx],
+            values = self._op("Gather", [self.table(f"{base}_codebook", codebook.reshape(-1), half), idx],
                               f"{base}_values", dt, {"axis": 0})
             info.update(form="codebook", data_bytes=int(sum(x.nbytes for x in streams)))
         else:  # per channel: channel-major indices, GatherElements on the [C, k] table, transposed back
@@ -290,7 +309,7 @@ class DecodeBuilder:
             idx = self._indices(base, streams, bits, n)
             idx = self._op("Reshape", [idx, self._const(f"{base}_ck", np.array([rows, -1], np.int64))],
                            f"{base}_idx2", np.int32)
-            g = self._op("GatherElements", [self._const(f"{base}_codebook", codebook), idx], f"{base}_g", dt,
+            g = self._op("GatherElements", [self.table(f"{base}_codebook", codebook, half), idx], f"{base}_g", dt,
                          {"axis": 1})
             values = self._op("Reshape", [g, self._const(f"{base}_mshape", np.asarray(moved.shape, np.int64))],
                               f"{base}_moved", dt)
@@ -304,8 +323,9 @@ class DecodeBuilder:
         if not last:  # per-output-channel scales: w = s_c * codebook[idx]
             bshape = [1] * len(shape)
             bshape[scale_axis] = -1
-            out = self._op("Mul", [out, self._const(f"{base}_scale", scale.reshape(bshape))],
+            out = self._op("Mul", [out, self.table(f"{base}_scale", scale.reshape(bshape), half)],
                            out_name or f"{base}_decoded", dt)
         out.shape = list(shape)
-        info["stored_bytes"] = int(info["data_bytes"] + codebook.nbytes + (0 if scale is None else scale.nbytes))
+        info["stored_bytes"] = int(info["data_bytes"] + (codebook.nbytes + (0 if scale is None else scale.nbytes)) //
+                                   (2 if half else 1))
         return out, info
