@@ -23,8 +23,7 @@ def write_clustered(builder: DecodeBuilder, tensor: gs.Constant, use, res: Clust
     unpacked = storage == "unpacked"
     out_name, half = f"{tensor.name}_clustered", res.half and not unpacked  # trainable: float32 (on the grid)
     if res.matrix:
-        transposed = use.op == "MatMul" or not use.node.attrs.get("transB", 0)
-        out = builder.build_matrix_vector(base, tuple(w.shape), transposed, res.codebook, res.labels, res.scale,
+        out = builder.build_matrix_vector(base, tuple(w.shape), use.matrix_is_transposed, res.codebook, res.labels, res.scale,
                                           inputs_order=res.inputs_order, out_name=out_name, unpacked=unpacked,
                                           half=half)
     elif res.vector is not None:

@@ -51,19 +51,25 @@ class Use:
             return ndim - 1
         return 0
 
+    @property
+    def matrix_is_transposed(self) -> bool:
+        """A MatMul / Gemm weight whose matrix view [out, in] is the weight transposed (MatMul; Gemm without
+        transB): ``to_matrix`` is ``w.T`` and a decode of the matrix view ends in a Transpose."""
+        return self.op == "MatMul" or (self.op == "Gemm" and not self.node.attrs.get("transB", 0))
+
     def to_matrix(self, w: np.ndarray) -> np.ndarray:
         if self.op in RECURRENT:  # [directions, gates x hidden, in] -> one row per gate unit
             return w.reshape(-1, w.shape[-1])
         if self.op == "Conv":
             return w.reshape(w.shape[0], -1)
-        if self.op == "Gemm" and self.node.attrs.get("transB", 0):
+        if self.op == "Gemm" and not self.matrix_is_transposed:
             return w
         return w.T
 
     def from_matrix(self, m: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
         if self.op == "Conv" or self.op in RECURRENT:
             return m.reshape(w_shape)
-        if self.op == "Gemm" and self.node.attrs.get("transB", 0):
+        if self.op == "Gemm" and not self.matrix_is_transposed:
             return m
         return m.T
 
