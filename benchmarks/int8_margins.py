@@ -169,6 +169,13 @@ VARIANTS: dict[str, str] = {
     # ``rec-stem-float+qat-lines`` kept with ``INT8_MARGINS_KEEP``) trained further against the float model
     "continue-qat-lines": "distill{mode=train teacher=TEACHER train_data=POOL train_samples=NPOOL lr=2e-4 "
                           "steps=100000 eval_every=20 patience=6 max_minutes=MINUTES augment=none}",
+    # thirteenth session: the weights of smoothed transformers (issue 12, MiniLM-L6): the twelfth session's default
+    # spelt out, and each lever of this session on its own and together
+    "s12-default": "cleanup,quantize{weight_rounding=nearest matmul_bias=false smooth_per_input=false}",
+    "s13-bias": "cleanup,quantize{weight_rounding=nearest matmul_bias=true smooth_per_input=false}",
+    "s13-gptq": "cleanup,quantize{weight_rounding=matmul matmul_bias=true smooth_per_input=false}",
+    "s13-per-input": "cleanup,quantize{weight_rounding=nearest matmul_bias=false smooth_per_input=true}",
+    "s13-all": "cleanup,quantize{weight_rounding=matmul matmul_bias=true smooth_per_input=true}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),

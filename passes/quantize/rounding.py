@@ -309,17 +309,18 @@ def optimise_rounding(run: StaticRun, ref) -> None:
     from . import fidelity as fid
     from .float_cost import outputs_better
 
+    only = None
+    if run.p.weight_rounding == "matmul":
+        only = set(positional_matmuls(run, [n.name for n in run.base.nodes if n.name]))
+        if not only:  # nothing to round (CNNs): no build, the model is quantized exactly as with nearest
+            return
     cached = run.all_int8
     if cached is not None and cached[0] == run.method and not run.auto_float:
         plan, model_rtn = cached[1], cached[2]
     else:
         b = run.build()
         plan, model_rtn = b.plan, run.export(b.graph)
-    layers = plan.int8_anchor_names()
-    if run.p.weight_rounding == "matmul":
-        layers = positional_matmuls(run, layers)
-        if not layers:  # nothing to round (CNNs): the model is quantized exactly as with nearest
-            return
+    layers = [n for n in plan.int8_anchor_names() if only is None or n in only]
     saved_shift = dict(run.bias_shift)
     stats = round_layers(run, model_rtn, layers)
     run.stats["weight_rounding"] = stats
