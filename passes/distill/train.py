@@ -70,6 +70,7 @@ from .train_losses import (
     teacher_view,
     token_pool,
 )
+from .train_speed import WeightAverage, autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,8 @@ class Trainer:
             opt = torch.optim.Adam(groups, fused=True)
         except (RuntimeError, TypeError):  # a torch without the fused CPU Adam
             opt = torch.optim.Adam(groups)
+        precision = resolve_precision(getattr(opts, "precision", "fp32"))
+        average = WeightAverage(torch, params, getattr(opts, "ema", 0.0))
         t0, c0 = time.perf_counter(), time.process_time()  # the budget counts the held-out evaluations too
         start, _ = held_loss()
         best, best_state, bad, stop = start, None, 0, "steps"
@@ -269,9 +272,11 @@ class Trainer:
             if "mix" in aug:
                 batch = mix_feeds(batch, self.rng)
             opt.zero_grad(set_to_none=True)
-            value = self.batch_loss(batch, forward, targets, features)
+            with autocast(torch, precision):
+                value = self.batch_loss(batch, forward, targets, features)
             value.backward()
             opt.step()
+            average.update()
             done = step
             if learned and step % self.mask_every == 0:
                 self.mask_flips += self.tg.refresh_masks()
@@ -280,14 +285,16 @@ class Trainer:
             now = time.perf_counter()
             out_of_time = now - t0 > budget_s
             if step % eval_every == 0 or step == steps or out_of_time or now - last_eval > budget_s / 6:
-                current, noise = held_loss()
+                with average.applied():  # the weight average is what is scored and kept (ema > 0)
+                    current, noise = held_loss()
+                    if current < best:
+                        best_state = [p.detach().clone() for p in params]
                 last_eval = time.perf_counter()
                 history.append((step, round(current, 6)))
                 log.info("%s: step %d/%d, train loss %.5f, held-out %.5f (start %.5f)", desc, step, steps,
                          float(np.mean(train_losses[-eval_every:])), current, start)
                 if current < best:
                     best, bad = current, 0
-                    best_state = [p.detach().clone() for p in params]
                 else:
                     bad += 1
                     if bad >= opts.patience:
@@ -301,6 +308,7 @@ class Trainer:
                                 p.copy_(v)
                         if learned:
                             self.tg.refresh_masks()
+                        average.reset()
                         opt.state.clear()
                         lr_scale, backoffs = lr_scale * 0.5, backoffs + 1
                         log.info("%s: held-out loss rose: back to the best weights, lr x %.3g", desc, lr_scale)
@@ -317,7 +325,7 @@ class Trainer:
                 "cpu_seconds": round(time.process_time() - c0, 1),
                 "heldout_loss_start": round(start, 6), "heldout_loss_best": round(best, 6),
                 "improved": best_state is not None, "loss_history": history, "backoffs": backoffs,
-                "backoffs_held": holds,
+                "backoffs_held": holds, "precision": precision, "ema": average.decay,
                 "lr_final": opts.lr * lr_scale}
 
     def integers(self) -> dict[str, np.ndarray]:
