@@ -118,7 +118,8 @@ class Cluster(Pass):
                                   "(values replaced in place) or unpacked (codebook + int32 indices: what "
                                   "distill{mode=train} trains; a later cluster packs them)")
     half_codebooks: bool = option(True, "store codebooks and channel scales as float16 (cast back at load) where "
-                                        "that adds <= 1% to the tensor's measured clustering error")
+                                        "that adds <= 1% to the tensor's measured clustering error; with "
+                                        "pack_only: round the trained tables to float16 when packing them")
     pack_only: bool = option(False, "only pack the indices of existing unpacked codebook decodes (after "
                                     "distill{mode=train}), cluster nothing new")
     exclude: tuple[str, ...] = option((), "tensor or node names (fnmatch patterns) left alone")
@@ -386,7 +387,7 @@ class Cluster(Pass):
         n_packed = saved = 0
         if self.storage != "unpacked" and ctx.opset() >= 11:
             n_packed, saved = pack_existing(graph, DecodeBuilder(graph, Namer(graph), ctx.opset()), self.min_size,
-                                            self.half_codebooks)
+                                            self.half_codebooks and self.pack_only)  # asked: round trained tables
         cands = [] if self.pack_only else self._candidates(graph, skipped)
         for c in cands:
             axis = c.uses[0].channel_axis(c.tensor.values.ndim)
