@@ -57,6 +57,8 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path):
     assert not native_bf16(str(tmp_path / "missing"))
     assert resolve_precision("auto") == ("bf16" if native_bf16() else "fp32")
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto", fake_quant=True) == "fp32"  # QAT mirrors ORT's integer products
+    assert resolve_precision("bf16", fake_quant=True) == "bf16"  # asked for: given
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp16")
 

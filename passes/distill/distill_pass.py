@@ -98,7 +98,7 @@ class Distill(Pass):
     warmup: float = option(0.1, "train: fraction of the steps (or of the time budget) with a linear lr warmup "
                                 "from 0: Adam's first steps move every weight by the full lr")
     batch: int = option(8, "train: calibration feeds per step (stacked when their shapes agree)")
-    precision: str = option("fp32", "train: auto (bf16 autocast where the CPU has native bf16), fp32 or bf16")
+    precision: str = option("auto", "train: auto (bf16 autocast where the CPU has native bf16), fp32 or bf16")
     ema: float = option(0.0, "train: decay of the weight average scored and kept (0: off; e.g. 0.995)")
     blockwise: bool = option(False, "train: block by block (BRECQ-style), each block from the current student's "
                                     "block input to the teacher's block output; else end-to-end")

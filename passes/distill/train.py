@@ -247,7 +247,7 @@ class Trainer:
             opt = torch.optim.Adam(groups, fused=True)
         except (RuntimeError, TypeError):  # a torch without the fused CPU Adam
             opt = torch.optim.Adam(groups)
-        precision = resolve_precision(getattr(opts, "precision", "fp32"))
+        precision = resolve_precision(getattr(opts, "precision", "fp32"), bool(self.tg.quant_stats))
         average = WeightAverage(torch, params, getattr(opts, "ema", 0.0))
         t0, c0 = time.perf_counter(), time.process_time()  # the budget counts the held-out evaluations too
         start, _ = held_loss()

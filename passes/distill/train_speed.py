@@ -7,8 +7,9 @@ each bf16 product is a bf16 product too. On a CPU with native bf16 dot products 
 about half or less (measured on this machine, 1 thread: a [600 x 384] x [384 x 1536] product 13.0 -> 4.1 ms), and
 products are ~70% of a MiniLM training step (``torch.profiler``). Without them bf16 is emulated and slower, so
 ``auto`` picks bf16 only when the CPU flags (``/proc/cpuinfo``) name ``avx512_bf16`` or ``amx_bf16``: a property of
-the machine, not of timing, so the same seed still gives the same bytes on the same machine. The held-out
-evaluations that choose the kept weights run in fp32.
+the machine, not of timing, so the same seed still gives the same bytes on the same machine (and ``fp32`` for a
+QDQ graph: fake quantization mirrors ORT's integer products). The held-out evaluations that choose the kept
+weights run in fp32.
 
 **Weight average** (``ema`` = d > 0): after every optimizer step the average A <- d_t A + (1 - d_t) W with
 d_t = min(d, (1 + t) / (10 + t)) (the ramp keeps early averages from remembering the start), Polyak / EMA
@@ -43,12 +44,14 @@ def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
-def resolve_precision(spec: str) -> str:
-    """``auto`` -> ``bf16`` on a CPU with native bf16 dot products, else ``fp32``; the others as given."""
+def resolve_precision(spec: str, fake_quant: bool = False) -> str:
+    """``auto`` -> ``bf16`` on a CPU with native bf16 dot products, else ``fp32``, and ``fp32`` for a QDQ graph
+    (``fake_quant``: quantization-aware training mirrors ORT's integer products, which bf16 would round); the
+    others as given."""
     if spec not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {spec!r}")
     if spec == "auto":
-        return "bf16" if native_bf16() else "fp32"
+        return "bf16" if native_bf16() and not fake_quant else "fp32"
     return spec
 
 
