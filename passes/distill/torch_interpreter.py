@@ -69,10 +69,12 @@ class Weight:
     index: Any = None
     #: learned mask (``sparse_masks``): ``mask`` is M(param), refreshed by ``refresh_mask``
     rule: MaskRule | None = None
+    #: the mask is folded into the parameter: its masked entries are 0 and its gradient is masked by a hook
+    folded: bool = False
 
     def value(self) -> Any:
         v = self.param[self.index] if self.index is not None else self.param
-        if self.mask is None:
+        if self.mask is None or self.folded:
             return v
         return straight_through(v, self.mask) if self.rule is not None else v * self.mask
 
@@ -167,6 +169,7 @@ class TorchGraph:
                 self.weights[name] = self._weight(name, v, masks, codebooks)
                 if learn_masks and masks and axes.get(name) is not None:
                     self._learn_mask(self.weights[name], v, axes[name])
+                self._fold_mask(self.weights[name])
                 del self.consts[name]
             else:
                 self.consts[name] = torch.from_numpy(np.array(v))
@@ -202,6 +205,17 @@ class TorchGraph:
         rule = rule_for(np.asarray(v, dtype=np.float32), axis) if w.index is None and w.mask is not None else None
         if rule is not None:
             w.rule = rule
+
+    def _fold_mask(self, w: Weight) -> None:
+        """A fixed mask of a plain weight: the parameter already holds 0 where the mask is 0, so the forward uses
+        it as is and a gradient hook zeroes those entries' gradient instead (Adam then never moves them: zero
+        moments, zero step). The same values as ``param * mask`` and the same gradient, one multiply fewer per
+        forward (the masked MatMul weights of a 50%-sparse MiniLM-L6: 10.6M products a step)."""
+        if w.mask is None or w.index is not None or w.rule is not None:
+            return
+        mask = w.mask
+        w.param.register_hook(lambda g, m=mask: g * m)
+        w.folded = True
 
     def refresh_masks(self) -> int:
         """Recompute every learned mask from its shadow; the number of entries that changed sides."""
