@@ -132,7 +132,8 @@ class Cluster(Pass):
                                       "many values that share 2^embedding_bits codes per block (log2(k) / d bits "
                                       "per weight; weighted by token counts with activation_aware; under an "
                                       "allocation the table's ladder shortens d); 0: scalar like other weights")
-    matrix_vector: bool = option(False, "MatMul / Gemm weights at 1-4 bits in vector codes with error feedback "
+    matrix_vector: bool = option(False, "MatMul / Gemm weights and Conv kernels at 1-4 bits in vector codes with "
+                                        "error feedback "
                                         "(GPTQ-VQ: groups of 8/4/2/2 inputs share 256/256/64/256 codes per tensor, "
                                         "channel scales; needs refit=true for the layer Gram; other tensors, "
                                         "pruned ones and 8 bits stay scalar)")
@@ -335,7 +336,7 @@ class Cluster(Pass):
                              init=self.init, zero_fraction=self.zero_fraction, col_norms=norms,
                              per_column=per_column, refit_gram=gram, obs=self.obs, storage=storage, rng=rng,
                              refit_rounds=self.refit_rounds if self.obs else 1, fit_scales=self.fit_scales)
-        if vector and self.matrix_vector and gram is not None and c.uses[0].op in MATRIX_OPS and w.ndim == 2 and \
+        if vector and self.matrix_vector and gram is not None and c.uses[0].op in MATRIX_OPS and (w.ndim == 2 or c.uses[0].op == "Conv") and \
                 vector_form(bits, gram.shape[0]) and np.mean(w == 0) < self.zero_fraction and storage != "snap":
             own = np.random.default_rng(zlib.crc32(f"{c.tensor.name}:{bits}".encode()))  # the shared stream stays
             res = pick_form(w, cluster_matrix(w, bits, c.uses[0], gram, storage, own), res, c.uses[0], gram)

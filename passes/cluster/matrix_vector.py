@@ -1,6 +1,7 @@
 """Vector codes for weight matrices with error feedback (GPTQ-VQ): ``cluster{matrix_vector=true}``.
 
-A MatMul / Gemm weight in its matrix view M [out, in] (``layouts.Use``; ``in`` is the reduction) is stored as
+A MatMul / Gemm weight or a Conv kernel (group 1) in its matrix view M [out, in] (``layouts.Use``; ``in`` is the
+reduction: a Conv's in·kh·kw im2col columns, its Gram the refit's im2col Gram) is stored as
 channel scales s_o (the row's RMS) times d-vectors of one shared codebook C [k, d]: every row is cut along ``in``
 into groups of d consecutive inputs and each group names one code,
 
@@ -31,7 +32,7 @@ FFN2 0.0007 / 0.0002 -> 0.0004 / 0.0001, attention query 0.0341 / 0.0100 -> 0.03
 columns back with one Gather along the inputs (the order stored as uint16, 2 bytes per input, cast at load).
 
 Decode: packed log2(k)-bit codes -> Gather(C [k, d]) -> Reshape [out, in] -> Gather(order, axis 1) -> Mul(s [out, 1])
--> the weight's own layout (Transpose for MatMul and Gemm without transB)
+-> the weight's own layout (Transpose for MatMul and Gemm without transB, Reshape for a Conv kernel)
 (``storage.DecodeBuilder.build_matrix_vector``); ``unpacked``: int32 codes as one constant, what
 ``distill{mode=train}`` trains (C and s move, the codes stay).
 
@@ -58,7 +59,7 @@ DAMP = 0.01
 OVERHEAD_MATRIX = 160
 #: the act-order Gather + Cast besides its uint16 order
 OVERHEAD_ORDER = 120
-OPS = ("MatMul", "Gemm")
+OPS = ("MatMul", "Gemm", "Conv")
 
 
 def vector_form(bits: int, n_in: int) -> tuple[int, int] | None:

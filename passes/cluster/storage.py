@@ -232,8 +232,8 @@ class DecodeBuilder:
                             out_name: str | None = None, unpacked: bool = False, half: bool = False) -> gs.Variable:
         """A weight in vector codes (``matrix_vector``): ``codebook`` [k, d] shared by every group, ``labels``
         [out, in / d], ``scale`` [out]: ``Gather -> Reshape [out, in] (-> Gather(axis 1, inputs_order)) ->
-        Mul(scale) (-> Transpose)`` into the weight's layout ``w_shape`` (``transposed``: the matrix view is the
-        weight transposed, MatMul). ``inputs_order`` (act-order codes): matrix column j is coded column
+        Mul(scale) (-> Transpose, or Reshape of a Conv kernel)`` into the weight's layout ``w_shape``
+        (``transposed``: the matrix view is the weight transposed, MatMul). ``inputs_order`` (act-order codes): matrix column j is coded column
         inputs_order[j], stored as uint16 and cast (folded at session start) or int32 when ``unpacked``."""
         k = codebook.shape[0]
         idx = self._const(f"{base}_idx", labels.astype(np.int32)) if unpacked else \
@@ -251,10 +251,14 @@ class DecodeBuilder:
                                 f"{base}_colx", np.int32, {"to": 6})
             rows = self._op("Gather", [rows, cols], f"{base}_ordered", codebook.dtype, {"axis": 1})
         name = out_name or f"{base}_decoded"
+        reshaped = len(w_shape) != 2  # a Conv kernel [out, in, kh, kw]: the matrix view is [out, in·kh·kw]
         out = self._op("Mul", [rows, self.table(f"{base}_scale", scale.reshape(-1, 1), half)],
-                       f"{base}_scaled" if transposed else name, codebook.dtype)
+                       f"{base}_scaled" if transposed or reshaped else name, codebook.dtype)
         if transposed:
             out = self._op("Transpose", [out], name, codebook.dtype, {"perm": [1, 0]})
+        elif reshaped:
+            out = self._op("Reshape", [out, self._const(f"{base}_wshape", np.asarray(w_shape, np.int64))], name,
+                           codebook.dtype)
         out.shape = list(w_shape)
         return out
 
