@@ -177,11 +177,12 @@ def render(rows: list[dict], meta: dict) -> str:
              "Each row trains the same cached student from the same start with the same seed for the same minutes "
              "(one process, variants one after another, `nice -n 10`, OMP_NUM_THREADS=1 unless `threads=2`); "
              "metric against FP32 on the evaluation inputs. Load: 1-minute load average at the start / end.", "",
-             "| model | student | base options | variant | min | steps | s/step | held-out loss | metric | cos | "
-             "cpu s | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | student | base options | variant | min | steps | wall s/step | train cpu s/step | held-out loss | "
+             "metric | cos | cpu s | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r.get('student', '')} | {r['base']} | {r['variant']} | {r['minutes']:g} | "
                      f"{r['steps']} ({r['stopped_by']}) | {r['s_per_step']:.3f} | "
+                     f"{r['train_cpu_seconds'] / max(1, r['steps']):.3f} | "
                      f"{r['heldout_start']:.4g} -> {r['heldout_best']:.4g} | {r['metric_name']} {r['metric']:.4f} | "
                      f"{r['cosine']:.4f} | {r['cpu_seconds']:.0f} | {r['load_start']}-{r['load_end']} |")
     if meta.get("notes"):

@@ -30,6 +30,12 @@ with the larger of the step fraction and the time-budget fraction, and the held-
 sixth of the budget and when it runs out: a run cut by ``max_minutes`` keeps what it reached, but then depends on
 the machine's speed (only runs ended by ``steps`` or early stop are reproducible to the byte).
 
+Precision and averaging (``train_speed``): ``precision=auto`` (default) runs the student's forward/backward under
+bf16 autocast on a CPU with native bf16 dot products (master weights, Adam and the held-out evaluations stay
+fp32; QDQ graphs stay fp32): MiniLM-L6 50% obs, 1 thread, 0.49 -> 0.38 CPU s per step of 16 sentences and a lower
+held-out loss at equal minutes. ``ema=d`` scores and keeps an exponential average of the weights instead of the
+last iterate (measured: no gain over the cosine decay to 0 in an 8-minute MiniLM-L6 run; off by default).
+
 Quantization-aware (a QDQ graph from ``quantize``): the student runs with fake quantization and a straight-through
 estimator (``fake_quant``); each quantized weight trains a float shadow of its integers, int32 biases likewise, and
 (``learn_scales``, on by default) the activation scales, LSQ-style. The teacher is still the
