@@ -201,16 +201,16 @@ def test_act_order_decodes_exactly_packed_and_unpacked(rng):
 def test_conv_kernels_take_vector_codes_decoded_exactly(rng):
     """A Conv kernel's matrix view is [out, in·kh·kw] with the im2col Gram: pairs of neighbouring taps that move
     together take vector codes, decoded back to [out, in, kh, kw] by a Reshape, bit for bit."""
-    f = rng.standard_normal((32, 16 * 9 // 4, 1))
+    f = rng.standard_normal((64, 32 * 9 // 4, 1))
     shape = np.array([1.0, 0.8, -0.6, 0.4])[None, None, :]
-    w = (f * shape + 0.1 * rng.standard_normal((32, 36, 4))).reshape(32, 16, 3, 3).astype(np.float32)
+    w = (f * shape + 0.1 * rng.standard_normal((64, 72, 4))).reshape(64, 32, 3, 3).astype(np.float32)
     node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 8, 8])],
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 8, 8])],
                           [numpy_helper.from_array(w, "w")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    feeds = [{"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32)} for _ in range(8)]
-    calib = FeedSet(lambda: iter(feeds), [InputSpec("x", np.dtype(np.float32), (1, 16, 8, 8))], "test", 8)
+    feeds = [{"x": rng.standard_normal((1, 32, 8, 8)).astype(np.float32)} for _ in range(8)]
+    calib = FeedSet(lambda: iter(feeds), [InputSpec("x", np.dtype(np.float32), (1, 32, 8, 8))], "test", 8)
     pipe = "cluster{bits=3 activation_aware=true refit=true min_size=100 matrix_vector=%s}"
     vec, st = _run(model, pipe % "true", calib)
     scalar, _ = _run(model, pipe % "false", calib)
@@ -218,7 +218,7 @@ def test_conv_kernels_take_vector_codes_decoded_exactly(rng):
     m = onnx.ModelProto()
     m.CopyFrom(vec)
     m.graph.output.append(onnx.ValueInfoProto(name="w_clustered"))
-    x = {"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32)}
+    x = {"x": rng.standard_normal((1, 32, 8, 8)).astype(np.float32)}
     y, dw = ort_run(m, x)
     assert dw.shape == w.shape
     swapped = onnx.ModelProto()
@@ -228,3 +228,6 @@ def test_conv_kernels_take_vector_codes_decoded_exactly(rng):
     ref = ort_run(model, x)[0]
     err = [float(np.sum((ort_run(q, x)[0] - ref) ** 2)) for q in (vec, scalar)]
     assert err[0] < 0.9 * err[1]
+    written = len(vec.SerializeToString())  # the plan (what size_ratio spends) is the file, to ~1%
+    planned = len(model.SerializeToString()) - st["bytes_before"] + st["bytes_after"]
+    assert abs(written - planned) < 0.01 * written

@@ -71,6 +71,17 @@ from .vector_codebook import cluster_table, token_counts, vector_blocks
 log = logging.getLogger(__name__)
 
 STORAGES = ("auto", "codebook", "snap", "unpacked")
+#: serialized bytes per character of a tensor's name beyond the first, in a decode (the decoded "<name>_clustered"
+#: is a node output, a consumer input and a value_info; the constant it replaces was named once): the storage
+#: constants are measured with one-character names
+NAME_BYTES = 1.45
+
+
+def _named(res: Clustered, name: str) -> Clustered:
+    """``res`` with the name-dependent bytes of its decode added to every planned storage but ``snap``."""
+    extra = int(NAME_BYTES * max(len(name) - 1, 0))
+    res.bytes_planned = {k: v + (0 if k == "snap" else extra) for k, v in res.bytes_planned.items()}
+    return res
 #: size_ratio plans 0.5% under the asked size: the decode overheads of ``storage.plan_bytes`` are measured constants
 RATIO_MARGIN = 0.995
 
@@ -328,7 +339,7 @@ class Cluster(Pass):
         norms, per_column, gram = stats_of.get(id(c.tensor), (None, False, None))
         if isinstance(bits, str):  # "v<d>": product quantization of a Gather table
             res = cluster_table(w, int(bits[1:]), self._codes(c), norms, storage, rng)
-            return halve(res, w, c.uses[0]) if self.half_codebooks else res
+            return _named(halve(res, w, c.uses[0]) if self.half_codebooks else res, c.tensor.name)
         if c.uses[0].op == "Gather":
             norms = None  # token counts weight only the d-vectors (scalar codes weighted so: measured worse)
         scales = self.channel_scales and c.uses[0].op != "Gather" and w.shape[c.uses[0].channel_axis(w.ndim)] > 1
@@ -340,7 +351,7 @@ class Cluster(Pass):
                 vector_form(bits, gram.shape[0]) and np.mean(w == 0) < self.zero_fraction and storage != "snap":
             own = np.random.default_rng(zlib.crc32(f"{c.tensor.name}:{bits}".encode()))  # the shared stream stays
             res = pick_form(w, cluster_matrix(w, bits, c.uses[0], gram, storage, own), res, c.uses[0], gram)
-        return halve(res, w, c.uses[0]) if self.half_codebooks else res
+        return _named(halve(res, w, c.uses[0]) if self.half_codebooks else res, c.tensor.name)
 
     def _allocate(self, graph: gs.Graph, ctx: PassContext, chosen: list, stats_of: dict, storage: str, rng,
                   st: dict) -> list:

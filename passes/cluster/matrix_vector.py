@@ -55,10 +55,13 @@ from .vector_codebook import product_kmeans
 LEVELS = {1: (8, 256), 2: (4, 256), 3: (2, 64), 4: (2, 256)}
 BLOCK = 128
 DAMP = 0.01
-#: serialized bytes of the decode's Mul + Transpose + shapes besides the codes, codebook and scales
-OVERHEAD_MATRIX = 160
+#: serialized bytes of the decode's Gather + Reshape + Mul + Transpose (nodes, value_info, shapes) besides the codes,
+#: codebook and scales (measured by serializing decodes: tests check plans against written files)
+OVERHEAD_MATRIX = 340
 #: the act-order Gather + Cast besides its uint16 order
-OVERHEAD_ORDER = 120
+OVERHEAD_ORDER = 205
+#: a Conv kernel's Reshape back to [out, in, kh, kw] instead of the Transpose
+OVERHEAD_RESHAPE = 50
 OPS = ("MatMul", "Gemm", "Conv")
 
 
@@ -70,11 +73,13 @@ def vector_form(bits: int, n_in: int) -> tuple[int, int] | None:
     return form
 
 
-def plan_bytes(out: int, n_in: int, d: int, k: int, itemsize: int, ordered: bool = False) -> int:
+def plan_bytes(out: int, n_in: int, d: int, k: int, itemsize: int, ordered: bool = False,
+               reshaped: bool = False) -> int:
     bits = index_bits(k)
     data = sum(math.ceil(out * (n_in // d) * w / 8) for w in STREAMS[bits])
     order = (2 * n_in + OVERHEAD_ORDER) if ordered else 0
-    return data + k * d * itemsize + out * itemsize + order + decode_overhead(bits, False, False) + OVERHEAD_MATRIX
+    return data + k * d * itemsize + out * itemsize + order + decode_overhead(bits, False, False) + \
+        OVERHEAD_MATRIX + OVERHEAD_RESHAPE * reshaped
 
 
 def _codebook(m: np.ndarray, scale: np.ndarray, hdiag: np.ndarray, d: int, k: int,
@@ -156,7 +161,8 @@ def cluster_matrix(w: np.ndarray, bits: int, use, gram: np.ndarray, storage: str
     charge = 2.0 ** (-16.0 * (2 * n_in + OVERHEAD_ORDER) / max(w.size, 1))
     use_order = ordered[3] < natural[3] * charge
     book_t, codes, decoded, _ = ordered if use_order else natural
-    plans = {"snap": int(w.nbytes), "matrix-vector": plan_bytes(out, n_in, d, k, w.dtype.itemsize, use_order)}
+    plans = {"snap": int(w.nbytes),
+             "matrix-vector": plan_bytes(out, n_in, d, k, w.dtype.itemsize, use_order, w.ndim != 2)}
     res = Clustered(codebook=book_t, labels=codes.astype(np.uint16), axis=None, zero_label=None,
                     snapped=use.from_matrix(decoded, w.shape), bytes_raw=int(w.nbytes), weighted=True,
                     scale=scale.astype(w.dtype), scale_axis=0, vector=d, matrix=True,
