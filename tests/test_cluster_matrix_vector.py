@@ -228,6 +228,6 @@ def test_conv_kernels_take_vector_codes_decoded_exactly(rng):
     ref = ort_run(model, x)[0]
     err = [float(np.sum((ort_run(q, x)[0] - ref) ** 2)) for q in (vec, scalar)]
     assert err[0] < 0.9 * err[1]
-    written = len(vec.SerializeToString())  # the plan (what size_ratio spends) is the file, to ~1%
+    written = len(vec.SerializeToString())  # the plan (what size_ratio spends) is the file: never under by > 0.5%
     planned = len(model.SerializeToString()) - st["bytes_before"] + st["bytes_after"]
-    assert abs(written - planned) < 0.01 * written
+    assert -0.005 * written < planned - written < 0.02 * written
