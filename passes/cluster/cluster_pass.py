@@ -480,6 +480,8 @@ class Cluster(Pass):
             st["decodes_packed"], st["bytes_saved_packing"] = n_packed, saved
         if st["tensors_clustered"] or n_packed:
             graph.cleanup().toposort()
+        if "size_ratio_of_bytes" in st:  # what the plan bought, measured on the written graph
+            st["size_ratio_reached"] = round(st["size_ratio_of_bytes"] / max(ctx.export(graph).ByteSize(), 1), 3)
         st["storage"] = dict(st["storage"])
         st["bits"] = dict(sorted(st["bits"].items(), key=lambda kv: (len(kv[0]), kv[0])))
         st["skipped"] = dict(skipped.most_common(12))
