@@ -106,7 +106,7 @@ def _sqnr(model, q, feeds) -> float:
 
 def test_optimised_rounding_lifts_the_model_sqnr_under_ort_and_uses_the_shared_statistics():
     model = _net()
-    q0, s0, _ = _quantize(model, calibration="minmax")  # the default: round to nearest
+    q0, s0, _ = _quantize(model, calibration="minmax", weight_rounding="nearest")
     q1, s1, ctx = _quantize(model, weight_rounding="output", calibration="minmax")
     wr = s1["weight_rounding"]
     assert wr["layers"] == 3 and wr["kept"] and wr["skipped"] == {}

@@ -82,6 +82,7 @@ Modules:
 ``stream_equalization``  per-channel scales of linear bottleneck streams folded into their Convs
 ``smoothing``            SmoothQuant: MatMul inputs' channel outliers moved into the weights
 ``smoothing_choice``     ``smooth=auto``: the model quantized with and without smoothing, the better kept
+``smoothing_strength``   a smoothing strength per input by the predicted joint rounding error at its outputs
 ``tensor_types``         element type of every tensor (inference, then a probe run)
 ``opset_upgrade``        opsets the formats need, and upgrading a graph to them
 ``dynamic``              dynamic and weight-only modes, embedding tables, weights of float-only ops

@@ -18,6 +18,9 @@ quantizations are made in full and measured:
   18.7 / 23.9 / 25.4 dB): one float-layer search per strength would cost more searches for the same pick. The
   screen against the unsmoothed all-int8 model needs a strong enough strength on the grid: MiniLM-L3 at α = 0.5
   loses at all-int8 (21.1 / 19.6 dB against 22.0 / 22.4) and wins finished (30.2 / 30.0 against 23.5 / 23.8);
+* with ``smooth_per_input`` one more trial joins the screen: every input at its own strength (or unsmoothed),
+  chosen by the predicted joint weight + activation rounding error at its layers' outputs
+  (``smoothing_strength``); it is screened and kept exactly like a global strength;
 * the unsmoothed and the best smoothed builds are scored by ``fidelity.score`` against the unsmoothed run's float
   reference on the same evaluation feeds, the feeds combined by ``auto_float_score``, on the graph outputs only (the
   last layers' input features of the smoothed model are the smoothed tensors ``x/s``: not comparable with ``x``);
