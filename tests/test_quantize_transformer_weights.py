@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from conftest import ort_run
 from onnxcompress.passes.quantize.smoothing import factors
 from onnxcompress.passes.quantize.smoothing_strength import choose_strengths, joint_error
 from quantize_helpers import add_initializers, normal_feeds, output_sqnr, quantize_on
@@ -151,3 +152,17 @@ def test_smooth_auto_screens_the_per_input_strengths_beside_the_global_ones():
     assert s_pi["smoothing"]["alpha"] == "per-input" and set(s_pi["smoothing"]["alphas"]) == {"n1", "n2"}
     if best == "alpha per input":
         assert sm["alpha"] == "per input" and q.SerializeToString() == q_pi.SerializeToString()
+
+
+def test_weight_rounding_matmul_not_kept_takes_the_matmul_bias_correction_back():
+    """White inputs (H diagonal: the fitted rounding is round-to-nearest's, no gain at the outputs): not kept, and
+    the MatMul bias corrections go with it, so the model computes what round-to-nearest without them does."""
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
+    model = linear(w, (rng.standard_normal(N) * 0.1).astype(np.float32))
+    calib, held = normal_feeds((1, T, K), 32, 1), normal_feeds((1, T, K), 4, 2)
+    q, st = quantize_on(model, calib, smooth="none", weight_rounding="matmul", matmul_bias=True)
+    q_old, _ = quantize_on(model, calib, smooth="none", weight_rounding="nearest", matmul_bias=False)
+    assert st["weight_rounding"]["kept"] is False and st["bias_corrected_layers"] == 1
+    for f in held:
+        np.testing.assert_array_equal(ort_run(q, f)[0], ort_run(q_old, f)[0])
