@@ -65,7 +65,10 @@ worst-output SQNR on the evaluation feeds kept; before: the 8x channel-ratio rul
 (``smooth=none``), ``smooth-a0.65`` / ``smooth-a0.8`` (``smooth=all`` at that strength), ``smooth-all-int8``
 (``smooth=all auto_float_db=0``; ``-a0.65`` / ``-a0.8``: at that strength), ``smooth+rounding`` / ``smooth+refit`` (``smooth=all`` with
 ``weight_rounding=output`` / ``refit``), ``smooth-a0.8+rounding``; MiniLM-L6 (all-MiniLM-L6-v2) joins with the
-same sentence and long-input sets. ``--explain-variant`` names the variant ``--explain`` explains.
+same sentence and long-input sets. Thirteenth session (the weights of smoothed transformers): ``s12-default`` (the
+twelfth session's default: ``weight_rounding=nearest matmul_bias=false smooth_per_input=false``), ``s13-bias``
+(MatMul bias correction alone), ``s13-per-input`` (the per-input strength trial alone), ``s13-gptq``
+(``weight_rounding=matmul matmul_bias=true``: the new default) and ``s13-all`` (that with ``smooth_per_input``). ``--explain-variant`` names the variant ``--explain`` explains.
 
 ``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
 rounding of the default int8 model taken out alone, with the feeds combined each way of
@@ -982,7 +985,10 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
         "`least-sure-16`. Twelfth session (2026-12-07 00:00-02:10 UTC): `smooth=auto` measured and on by default; "
         "`default` rows of MiniLM-L3/L6, EfficientNet-Lite2 and PP-OCRv4 rec are the new default beside "
         "`no-smooth` (the old default) in one invocation; the detectors' `default` / `smooth-auto` pairs are the "
-        "old default beside the measured smoothing (no candidates there): see its summary.",
+        "old default beside the measured smoothing (no candidates there): see its summary. Thirteenth session "
+        "(2026-12-07 02:54-04:10 UTC): `s12-default` (the twelfth session's default spelt out) beside the new "
+        "default (`s13-gptq` / `s13-all` for MiniLM, `default` for PP-OCRv4 rec) and `s13-bias` / `s13-per-input` "
+        "(each lever alone), one invocation per model: see its summary.",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
         "",

@@ -18,7 +18,8 @@ Where ``diag(1/s)`` goes: into the LayerNormalization that produces ``X`` (``γ/
 ``X`` is one of these MatMuls; else a ``Mul(X, 1/s)`` node feeds the MatMuls (the other consumers — a residual Add —
 keep reading ``X``). New constants are named ``<name>_smooth``.
 
-``smooth=all`` smooths every candidate; ``smooth=auto`` quantizes the model with and without (every candidate)
+``smooth=all`` smooths every candidate; ``smooth=per_input`` every candidate at its own strength
+(``smoothing_strength``); ``smooth=auto`` quantizes the model with and without (every candidate)
 and keeps the better measured one (``smoothing_choice``). Float outputs are unchanged up to rounding. The stats keep
 each input's channel spread ``max_j a_j / median_j a_j`` (a rule on it, >= 8, was the old ``smooth=auto``: on
 MiniLM-L3 27.8 dB against 30.2 dB with every input smoothed).
