@@ -120,3 +120,32 @@ def test_bf16_and_ema_train_same_seed_same_bytes_and_improve(digits):
     assert runs["precision=bf16 ema=0.9"][1]["ema"] == 0.9
     # each switch changes the trained weights (bf16 rounds the products; the average is what is written)
     assert len({v[0] for v in runs.values()}) == 3
+
+
+def test_folded_masks_give_the_bytes_of_multiplied_masks(digits, monkeypatch):
+    """A fixed pruning mask folded into its parameter (gradient hook) trains to the same bytes as W = P * M, and
+    the pruned zeros stay zero."""
+    from onnxcompress.passes.distill.torch_interpreter import TorchGraph
+
+    import tests.test_distill_train  # noqa: F401  (registers test-train-sparsify)
+
+    pipe = f"cleanup,test-train-sparsify,distill{{mode=train {FAST} precision=fp32}}"
+    folded = _run(digits, pipe)
+    assert _train_stats(folded)["improved"]
+    monkeypatch.setattr(TorchGraph, "_fold_mask", lambda self, w: None)
+    multiplied = _run(digits, pipe)
+    assert folded.model.SerializeToString() == multiplied.model.SerializeToString()
+    sparse = _run(digits, "cleanup,test-train-sparsify").model
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in folded.model.graph.initializer}
+    zeros = 0
+    for t in sparse.graph.initializer:
+        w = onnx.numpy_helper.to_array(t)
+        if w.ndim >= 2:
+            assert np.all(after[t.name][w == 0] == 0), t.name
+            zeros += int((w == 0).sum())
+    assert zeros > 0
+    monkeypatch.undo()
+    from onnxcompress import io
+
+    tg = TorchGraph(io.to_graph(sparse), torch)
+    assert sum(w.folded for w in tg.weights.values()) >= 2  # the masks were folded in the first run
