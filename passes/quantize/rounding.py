@@ -27,7 +27,7 @@ the same statistics), replaces the round-to-nearest bias correction of the layer
 it goes into the bias of the ``Add`` after it (``bias_correction.bias_add``, ``matmul_bias``). Without it the rounding
 left its own shift in MiniLM-L6's outputs: weights-only embedding 27.5 dB, with it 30.7 (round-to-nearest 28.1).
 
-**Which layers**: ``weight_rounding=output`` / ``auto``: every int8 anchor; ``matmul`` (the default): only the
+**Which layers**: ``weight_rounding=output`` / ``auto``: every int8 anchor; ``matmul``: only the
 MatMul/Gemm layers whose input has positions (rank >= 3, ``smoothing.positional``: a transformer's tokens, many rows
 per feed), kept by the same measured outputs as ``auto``; a graph without one is left to round-to-nearest with no
 build and no statistics run (a CNN's bytes do not change). Their H needs many rows per column: 16 MiniLM feeds
