@@ -149,3 +149,12 @@ def test_folded_masks_give_the_bytes_of_multiplied_masks(digits, monkeypatch):
 
     tg = TorchGraph(io.to_graph(sparse), torch)
     assert sum(w.folded for w in tg.weights.values()) >= 2  # the masks were folded in the first run
+
+
+@pytest.mark.parametrize("opts", ["precision=fp16", "ema=1.0", "ema=-0.1"])
+def test_bad_precision_or_ema_is_one_error_at_parse_time(opts):
+    from onnxcompress.errors import BadInputError
+    from onnxcompress.pipeline import parse_pipeline
+
+    with pytest.raises(BadInputError, match="precision must be auto, fp32 or bf16 and ema in"):
+        parse_pipeline(f"distill{{mode=train {opts}}}")

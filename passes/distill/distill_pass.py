@@ -174,6 +174,9 @@ class Distill(Pass):
             raise ValueError(f"features_at must be blocks or last, got {self.features_at!r}")
         if self.mask_every < 1:
             raise ValueError(f"mask_every must be >= 1, got {self.mask_every}")
+        if self.precision not in ("auto", "fp32", "bf16") or not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"precision must be auto, fp32 or bf16 and ema in [0, 1), got {self.precision!r}, "
+                             f"{self.ema}")
         if self.learn_masks and not self.masks:
             raise ValueError("learn_masks needs masks=true (with masks=false the zeros are not kept at all)")
         if self.heldout not in ("auto", "calibration", "pool"):
