@@ -23,8 +23,9 @@ Gather tables with ``embedding_vector=d``: product quantization instead of step 
 blocks of d values that share 2^embedding_bits d-vectors per block; token counts as row weights with
 ``activation_aware``, and a scalar-coded residual on the rows whose weighted error is worth it: ``hot_rows``). Under
 an allocation its trial feeds are held out of the token counts, so the measured table error includes unseen tokens.
-MatMul / Gemm weights with ``matrix_vector`` (and the refit's Gram): vector codes with error feedback instead of step 1-2
-at 1-4 bits (``matrix_vector``: GPTQ-VQ).
+MatMul / Gemm weights and Conv kernels with ``matrix_vector`` (and the refit's Gram): vector codes with error feedback
+instead of step 1-2 at 1-4 bits (``matrix_vector``: GPTQ-VQ, natural or act-order inputs as measured). Codebooks and
+channel scales are stored as float16 where that rounding costs <= 1% of the tensor's error (``half_books``).
 
 A constant read by several nodes (tied weights) is clustered once and all its readers read the one decoded tensor.
 Statistics (Gram matrices of the layer inputs) come from the shared ``ActivationStatistics`` of the current graph,
