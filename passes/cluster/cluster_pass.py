@@ -72,6 +72,8 @@ from .vector_codebook import cluster_table, token_counts, vector_blocks
 log = logging.getLogger(__name__)
 
 STORAGES = ("auto", "codebook", "snap", "unpacked")
+#: size_ratio plans 0.5% under the asked size: the decode overheads of ``storage.plan_bytes`` are measured constants
+RATIO_MARGIN = 0.995
 #: serialized bytes per character of a tensor's name beyond the first, in a decode (the decoded "<name>_clustered"
 #: is a node output, a consumer input and a value_info; the constant it replaces was named once): the storage
 #: constants are measured with one-character names
@@ -83,8 +85,6 @@ def _named(res: Clustered, name: str) -> Clustered:
     extra = int(NAME_BYTES * max(len(name) - 1, 0))
     res.bytes_planned = {k: v + (0 if k == "snap" else extra) for k, v in res.bytes_planned.items()}
     return res
-#: size_ratio plans 0.5% under the asked size: the decode overheads of ``storage.plan_bytes`` are measured constants
-RATIO_MARGIN = 0.995
 
 
 @dataclass
@@ -348,8 +348,9 @@ class Cluster(Pass):
                              init=self.init, zero_fraction=self.zero_fraction, col_norms=norms,
                              per_column=per_column, refit_gram=gram, obs=self.obs, storage=storage, rng=rng,
                              refit_rounds=self.refit_rounds if self.obs else 1, fit_scales=self.fit_scales)
-        if vector and self.matrix_vector and gram is not None and c.uses[0].op in MATRIX_OPS and (w.ndim == 2 or c.uses[0].op == "Conv") and \
-                vector_form(bits, gram.shape[0]) and np.mean(w == 0) < self.zero_fraction and storage != "snap":
+        op = c.uses[0].op
+        if vector and self.matrix_vector and gram is not None and op in MATRIX_OPS and (w.ndim == 2 or op == "Conv") \
+                and vector_form(bits, gram.shape[0]) and np.mean(w == 0) < self.zero_fraction and storage != "snap":
             own = np.random.default_rng(zlib.crc32(f"{c.tensor.name}:{bits}".encode()))  # the shared stream stays
             res = pick_form(w, cluster_matrix(w, bits, c.uses[0], gram, storage, own), res, c.uses[0], gram)
         return _named(halve(res, w, c.uses[0]) if self.half_codebooks else res, c.tensor.name)

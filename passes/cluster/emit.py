@@ -23,9 +23,9 @@ def write_clustered(builder: DecodeBuilder, tensor: gs.Constant, use, res: Clust
     unpacked = storage == "unpacked"
     out_name, half = f"{tensor.name}_clustered", res.half and not unpacked  # trainable: float32 (on the grid)
     if res.matrix:
-        out = builder.build_matrix_vector(base, tuple(w.shape), use.matrix_is_transposed, res.codebook, res.labels, res.scale,
-                                          inputs_order=res.inputs_order, out_name=out_name, unpacked=unpacked,
-                                          half=half)
+        out = builder.build_matrix_vector(base, tuple(w.shape), use.matrix_is_transposed, res.codebook, res.labels,
+                                          res.scale, inputs_order=res.inputs_order, out_name=out_name,
+                                          unpacked=unpacked, half=half)
     elif res.vector is not None:
         out = builder.build_vector(base, tuple(w.shape), res.codebook, res.labels, out_name=out_name,
                                    unpacked=unpacked, hot=res.hot, half=half)

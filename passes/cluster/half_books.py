@@ -18,8 +18,8 @@ saving would not pay for their Cast nodes (a 16-value codebook), keep float32.
 ``halve`` rounds the tables of a ``Clustered`` result (scalar, product-quantized table, vector codes), recomputes its
 snapped values exactly as the graph's float math will, and charges the bytes (-2 per value, + a Cast node each).
 The values do not depend on the storage: ``storage=snap`` writes the same rounded values in place (no bytes saved).
-``half_tables`` (``pack_only``): the codebooks and scales of unpacked decodes trained by ``distill`` are rounded
-when they are packed (the training moved them off the float16 grid: the same rounding, once).
+With ``pack_only`` (``packing.pack_existing``) the codebooks and scales of unpacked decodes trained by ``distill`` are
+rounded when they are packed (the training moved them off the float16 grid: the same rounding, once).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import dataclasses
 import numpy as np
 
 from .cluster_tensor import Clustered, from_rows, to_rows
+from .vector_codebook import decode as decode_table
 
 MAX_SHARE = 0.01
 #: serialized bytes of one Cast node and its output name
@@ -56,10 +57,7 @@ def decode(res: Clustered, shape: tuple[int, ...], use=None) -> np.ndarray:
             values = values[:, res.inputs_order]
         return use.from_matrix(values * res.scale[:, None], shape)
     if res.vector is not None:
-        s = res.labels.shape[1]
-        k = book.shape[0] // s
-        glob = res.labels.astype(np.int64) + (np.arange(s) * k)[None, :]
-        base = book[glob].reshape(res.labels.shape[0], -1)
+        base = decode_table(book.reshape(res.labels.shape[1], -1, book.shape[1]), res.labels.astype(np.int64))
         return base if res.hot is None else res.hot.apply(base)
     lab = to_rows(res.labels, res.axis).astype(np.int64)
     out = from_rows(np.take_along_axis(book, lab, axis=1), shape, res.axis)

@@ -125,6 +125,13 @@ def gptq_vq(m: np.ndarray, scale: np.ndarray, book: np.ndarray, gram: np.ndarray
     return codes
 
 
+def byte_charge(extra_bytes: int, n: int) -> float:
+    """The factor by which an n-weight tensor's output error would fall if given ``extra_bytes`` more as
+    8·extra / n more bits per weight (high-rate slope 2^(-2R)): a form that costs those bytes must beat the other's
+    error times this."""
+    return 2.0 ** (-16.0 * extra_bytes / max(n, 1))
+
+
 def _coded(m: np.ndarray, scale: np.ndarray, gram: np.ndarray, d: int, k: int, order: np.ndarray | None,
            dtype, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Codebook, codes and the decoded matrix (in the graph's float math) of M coded in input ``order`` (None: the
@@ -158,8 +165,7 @@ def cluster_matrix(w: np.ndarray, bits: int, use, gram: np.ndarray, storage: str
     act = np.argsort(-np.diag(gram), kind="stable")
     natural = _coded(m, scale, gram, d, k, None, w.dtype, rng)
     ordered = _coded(m, scale, gram, d, k, act, w.dtype, rng)
-    charge = 2.0 ** (-16.0 * (2 * n_in + OVERHEAD_ORDER) / max(w.size, 1))
-    use_order = ordered[3] < natural[3] * charge
+    use_order = ordered[3] < natural[3] * byte_charge(2 * n_in + OVERHEAD_ORDER, w.size)
     book_t, codes, decoded, _ = ordered if use_order else natural
     plans = {"snap": int(w.nbytes),
              "matrix-vector": plan_bytes(out, n_in, d, k, w.dtype.itemsize, use_order, w.ndim != 2)}
@@ -184,9 +190,9 @@ def pick_form(w: np.ndarray, vector: Clustered, scalar: Clustered, use, gram: np
     2^(-16 ΔB / n) (high-rate slope), so vector wins iff e_vec < e_scalar · 2^(-16 ΔB / n). A small tensor's 256-code
     codebook rarely pays for itself; the choice is measured on the user's layer."""
     extra = vector.bytes_planned[vector.storage] - scalar.bytes_planned[scalar.storage]
-    charge = 2.0 ** (-16.0 * extra / max(w.size, 1))
+    charge = byte_charge(extra, w.size)
     e_vec, e_scalar = layer_error(w, vector.snapped, use, gram), layer_error(w, scalar.snapped, use, gram)
     return vector if e_vec < e_scalar * charge else scalar
 
 
-__all__ = ["LEVELS", "OPS", "cluster_matrix", "gptq_vq", "layer_error", "pick_form", "plan_bytes", "vector_form"]
+__all__ = ["LEVELS", "OPS", "byte_charge", "cluster_matrix", "gptq_vq", "layer_error", "pick_form", "plan_bytes", "vector_form"]
