@@ -8,8 +8,8 @@ its codes in index_bits(k)-bit streams (``storage.DecodeBuilder``): the decoded 
 
 With ``half`` (``half_codebooks``) the codebook and the channel scales (the constant of the ``Mul`` after the
 decode's Reshape, through an act-order Gather) are stored as float16 and cast back (``half_books.rounded``; values
-outside float16's normal range, and tables too small to pay for the Cast, stay float32): a training run moved them off the float16 grid the cluster pass
-planned, so they are rounded here once, by at most 2^-11 of each value.
+outside float16's normal range, and tables too small to pay for the Cast, stay float32): a training run moved them
+off the float16 grid the cluster pass planned, so they are rounded here once, by at most 2^-11 of each value.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ from .storage import STREAMS, DecodeBuilder, index_bits
 from .vector_codebook import vector_codes
 
 
-def _scale_of(gather: gs.Node) -> gs.Constant | None:
-    """The channel-scale constant of a decode: Gather -> Reshape (-> Gather axis 1) -> Mul(constant)."""
+def _scale_mul(gather: gs.Node) -> tuple[gs.Node, int] | None:
+    """The channel-scale Mul of a decode and the slot of its constant (read by that Mul alone):
+    Gather -> Reshape (-> Gather axis 1) -> Mul(constant)."""
     nxt = [n for n in gather.outputs[0].outputs if n.op == "Reshape"]
     while len(nxt) == 1:
         node = nxt[0]
         if node.op == "Mul":
-            return next((t for t in node.inputs if isinstance(t, gs.Constant)), None)
+            slot = next((i for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)), None)
+            return None if slot is None or len(node.inputs[slot].outputs) != 1 else (node, slot)
         nxt = [n for n in node.outputs[0].outputs if n.op in ("Mul", "Gather")]
     return None
 
@@ -71,10 +73,9 @@ def pack_existing(graph: gs.Graph, builder: DecodeBuilder, min_size: int, half: 
             saved += int(i.nbytes) - sum(math.ceil(i.size * w / 8) for w in STREAMS[bits])
             if half:
                 saved += _halve_constant(builder, node, 0, f"{name}_codebook")
-                scale = _scale_of(node)
-                mul = scale.outputs[0] if scale is not None and len(scale.outputs) == 1 else None
-                if mul is not None:
-                    saved += _halve_constant(builder, mul, mul.inputs.index(scale), f"{name}_scale")
+                scale = _scale_mul(node)
+                if scale is not None:
+                    saved += _halve_constant(builder, *scale, f"{name}_scale")
         node.inputs[1] = packed[id(idx)]
     return len(packed), saved
 

@@ -233,8 +233,9 @@ class DecodeBuilder:
         """A weight in vector codes (``matrix_vector``): ``codebook`` [k, d] shared by every group, ``labels``
         [out, in / d], ``scale`` [out]: ``Gather -> Reshape [out, in] (-> Gather(axis 1, inputs_order)) ->
         Mul(scale) (-> Transpose, or Reshape of a Conv kernel)`` into the weight's layout ``w_shape``
-        (``transposed``: the matrix view is the weight transposed, MatMul). ``inputs_order`` (act-order codes): matrix column j is coded column
-        inputs_order[j], stored as uint16 and cast (folded at session start) or int32 when ``unpacked``."""
+        (``transposed``: the matrix view is the weight transposed, MatMul). ``inputs_order`` (act-order codes):
+        matrix column j is coded column inputs_order[j], stored as uint16 and cast (folded at session start) or
+        int32 when ``unpacked``."""
         k = codebook.shape[0]
         idx = self._const(f"{base}_idx", labels.astype(np.int32)) if unpacked else \
             self.packed_indices(base, labels.astype(np.uint16), index_bits(k))
