@@ -58,6 +58,7 @@ from .layers import find_layers
 from .stage_statistics import stream_stage_statistics
 from .train_entry import require_torch, train_student
 from .train_losses import parse_augment, parse_loss
+from .train_speed import PRECISIONS
 
 MODES = ("refit", "train", "refit+train")
 
@@ -174,7 +175,7 @@ class Distill(Pass):
             raise ValueError(f"features_at must be blocks or last, got {self.features_at!r}")
         if self.mask_every < 1:
             raise ValueError(f"mask_every must be >= 1, got {self.mask_every}")
-        if self.precision not in ("auto", "fp32", "bf16") or not 0.0 <= self.ema < 1.0:
+        if self.precision not in PRECISIONS or not 0.0 <= self.ema < 1.0:
             raise ValueError(f"precision must be auto, fp32 or bf16 and ema in [0, 1), got {self.precision!r}, "
                              f"{self.ema}")
         if self.learn_masks and not self.masks:
