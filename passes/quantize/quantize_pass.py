@@ -158,6 +158,14 @@ class Quantize(Pass):
         True,
         "correct per-channel output mean shifts measured on calibration data",
     )
+    empirical_bias: bool = option(
+        False,
+        "after the float-layer search, match each int8 layer's per-channel output mean to the float layer's on "
+        "calibration feeds, stage by depth, through its bias (the mean shifts the activation roundings and the "
+        "nonlinearities after them leave; kept where the evaluation feeds' score improves; no latency cost)",
+    )
+    empirical_bias_samples: int = option(
+        32, "calibration feeds empirical_bias measures the channel means on (0: all)")
     matmul_bias: bool = option(
         False,
         "bias correction also for a MatMul read by one Add of a constant bias (transformer exports): the Add's "
@@ -303,6 +311,8 @@ class Quantize(Pass):
                 f"weight_rounding must be matmul, auto, output, refit or nearest, got {self.weight_rounding!r}")
         if self.rounding_samples < 1:
             raise ValueError(f"rounding_samples must be >= 1, got {self.rounding_samples}")
+        if self.empirical_bias_samples < 0:
+            raise ValueError(f"empirical_bias_samples must be >= 0, got {self.empirical_bias_samples}")
         if self.refit_samples < 0:
             raise ValueError(f"refit_samples must be >= 0, got {self.refit_samples}")
         if self.explain < 0:

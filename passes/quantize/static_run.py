@@ -13,7 +13,8 @@
    against each layer's output on the all-int8 model's inputs (``weight_rounding``; ``auto`` keeps it only when the
    outputs improve).
 5. **Float-layer search** (``float_layer_search``); ``weight_rounding=refit`` (``refit``) then refits the int8
-   layers with that float set in place; the **build** of the Q/DQ graph (``StaticRun.build``: placement, bias
+   layers with that float set in place; ``empirical_bias`` (``empirical_bias``) matches their output means to the
+   float layers', stage by depth; the **build** of the Q/DQ graph (``StaticRun.build``: placement, bias
    shifts, Q/DQ parameters and insertion, ``qdq_insert``) and its score (``fidelity``).
 6. **Mixed precision** to a user target (``mixed_precision``), **latency guard** (``latency_guard``).
 7. The chosen build replaces the pass's graph; ConvTranspose weights and embedding tables are stored int8 too
@@ -47,6 +48,7 @@ from .bias_correction import add_to_bias, bias_anchors, channel_axes, correct_bi
 from .calibrate import calibrate, calibrate_with_reference
 from .depthwise_equalization import equalize_depthwise
 from .dynamic import quantize_float_op_weights, quantize_gathers
+from .empirical_bias import empirical_bias_stage
 from .equalization import equalize
 from .error_sources import explain
 from .float_layer_search import search_float_layers
@@ -269,6 +271,8 @@ class StaticRun:
             search_float_layers(self, ref, eval_feeds)
         if self.p.weight_rounding == "refit" and self.per_channel:
             refit_stage(self, ref)
+        if self.p.empirical_bias:
+            empirical_bias_stage(self, ref)
         built = self.build()
         return ref, eval_feeds, built, fid.score_model(ref, self.export(built.graph))
 
