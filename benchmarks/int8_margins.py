@@ -181,6 +181,7 @@ VARIANTS: dict[str, str] = {
     "s13-all": "cleanup,quantize{weight_rounding=matmul matmul_bias=true smooth_per_input=true}",
     # fourteenth session: the int8 layers' output means matched to the float layers' (empirical bias correction)
     "ebc": "cleanup,quantize{empirical_bias=true}",
+    "ebc-gain": "cleanup,quantize{empirical_bias=true empirical_gain=true}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),

@@ -164,6 +164,11 @@ class Quantize(Pass):
         "calibration feeds, stage by depth, through its bias (the mean shifts the activation roundings and the "
         "nonlinearities after them leave; kept where the evaluation feeds' score improves; no latency cost)",
     )
+    empirical_gain: bool = option(
+        False,
+        "with empirical_bias: also a per-channel gain, the least-squares fit of the float layer's output on the int8 "
+        "one (one paired float/int8 run per stage), folded into the weights' per-channel scales and the bias",
+    )
     empirical_bias_samples: int = option(
         32, "calibration feeds empirical_bias measures the channel means on (0: all)")
     matmul_bias: bool = option(

@@ -48,7 +48,7 @@ from .bias_correction import add_to_bias, bias_anchors, channel_axes, correct_bi
 from .calibrate import calibrate, calibrate_with_reference
 from .depthwise_equalization import equalize_depthwise
 from .dynamic import quantize_float_op_weights, quantize_gathers
-from .empirical_bias import empirical_bias_stage
+from .empirical_bias import empirical_bias_stage, scale_output_channels
 from .equalization import equalize
 from .error_sources import explain
 from .float_layer_search import search_float_layers
@@ -117,6 +117,8 @@ class StaticRun:
         self.full_range: set[str] = set()
         #: bias correction: anchor name -> shift added to its bias when it is quantized
         self.bias_shift: dict[str, np.ndarray] = {}
+        #: empirical gain: anchor name -> per-output-channel factor folded into its weight and bias (before the shift)
+        self.channel_gain: dict[str, np.ndarray] = {}
         #: float-layer search: anchor name -> reason; every build keeps these float
         self.auto_float: dict[str, str] = {}
         #: anchor name -> what the float-layer search measured for it (``float_cost`` record)
@@ -160,7 +162,9 @@ class StaticRun:
         g.toposort()
         main_uses = sg.main_readers_of_body_weights(g)
         plan = plan_static(g, self.dtypes, self.placement_options(float_nodes, reasons), self.minmax)
-        for n in plan.anchors:  # bias correction applies to the layers that are quantized
+        for n in plan.anchors:  # bias correction (and the empirical gains) apply to the layers that are quantized
+            if id(n) in plan.int8 and n.name in self.channel_gain:
+                scale_output_channels(n, self.channel_gain[n.name], self.names)
             if id(n) in plan.int8 and n.name in self.bias_shift:
                 add_to_bias(n, self.bias_shift[n.name], self.names)
         missing = [n for n in plan.tensors if n not in self.ranges]
