@@ -27,6 +27,7 @@ Writes ``benchmarks/results/cluster.json`` (harness records + table rows) and ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -181,12 +182,31 @@ def write(out: Path, records: list[dict[str, Any]], meta: dict[str, Any]) -> Non
     (out / "cluster.md").write_text(render(records, rows, meta))
 
 
+def with_text_pool(spec, extra: int):
+    """``spec`` whose calibration feeds (split "calib") end with ``extra`` stdlib sentences (MiniLM only)."""
+    if not extra or spec.name not in N_CALIB:
+        return spec
+    from benchmarks.distill_train import text_calibration_feeds
+
+    def make_inputs(n: int, split: str, base=spec.make_inputs):
+        feeds = base(n, split)
+        return feeds + text_calibration_feeds(spec, "stdlib", extra, None) if split == "calib" else feeds
+
+    return dataclasses.replace(spec, make_inputs=make_inputs)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cluster", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", help=f"comma-separated (default: {','.join(MODELS)})")
     ap.add_argument("--set", default="all", choices=("cluster", "recipes", "all"), help="variant set")
     ap.add_argument("--pipelines", help="';'-separated pipelines (or recipe names) instead of --set")
     ap.add_argument("--n-calib", type=int, default=64, help="calibration inputs (MiniLM: N_CALIB)")
+    ap.add_argument("--calib-text-extra", type=int, default=0,
+                    help="MiniLM: append this many stdlib sentences (benchmarks.text_corpus, the pool's last ones) "
+                         "to the calibration feeds: a user's larger unlabeled text, which cluster counts tokens on")
+    ap.add_argument("--n-calib-text", type=int, default=0,
+                    help="calibration sentences for the MiniLM models instead of N_CALIB (beyond 256 the split's "
+                         "other sentences are appended: the first 256 stay the same)")
     ap.add_argument("--n-eval", type=int, default=48, help="evaluation inputs")
     ap.add_argument("--latency-budget", type=float, default=4.0, help="seconds of latency timing per model")
     ap.add_argument("--no-rss", action="store_true", help="skip the ORT session memory measurement")
@@ -226,11 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for name in names:
         methods = {"fp32": anchors.fp32_method} | {f"ours:{p}": anchors.ours(p) for p in pipelines}
-        cfg = RunConfig(methods=list(methods), n_calib=N_CALIB.get(name, args.n_calib), n_eval=args.n_eval,
+        cfg = RunConfig(methods=list(methods), n_calib=args.n_calib_text if name in N_CALIB and args.n_calib_text else N_CALIB.get(name, args.n_calib), n_eval=args.n_eval,
                         threads=(1,), latency_budget_s=args.latency_budget, session_rss=not args.no_rss,
                         tool_timeout_s=args.tool_timeout, keep_models=args.keep_models)
         log.info("== %s (%d variants)", name, len(pipelines))
-        records.append(benchmark_model(specs[name], cfg, methods))
+        records.append(benchmark_model(with_text_pool(specs[name], args.calib_text_extra), cfg, methods))
         meta = {"args": " ".join(argv if argv is not None else sys.argv[1:]), "n_calib": args.n_calib,
                 "n_eval": args.n_eval, "versions": versions(), "seconds": time.perf_counter() - t0}
         merged = merge_methods(old, records) if args.merge else merge_records(old, records)

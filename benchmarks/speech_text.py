@@ -255,11 +255,25 @@ def _evenly(total: int, n: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, total - 1, n)).astype(np.int64))
 
 
+#: the evenly spread sentences every MiniLM row has used first; asking for more appends the split's other sentences
+#: in order, so the first SPREAD feeds (what a pass with ``samples`` <= SPREAD reads) stay the same set
+SPREAD = 256
+
+
+def _sentence_order(total: int, n: int) -> np.ndarray:
+    """Indices of ``min(n, total)`` sentences: evenly spread up to SPREAD, then the remaining ones in order."""
+    first = _evenly(total, min(n, SPREAD))
+    if n <= SPREAD:
+        return first
+    rest = np.setdiff1d(np.arange(total), first)[: n - first.size]
+    return np.concatenate([first, rest])
+
+
 def _sentence_feeds(n: int, split: str, token_types: bool) -> list[Feed]:
     tok = tokenizer()
     sents = split_sentences(split)
     feeds = []
-    for i in _evenly(len(sents), n):
+    for i in _sentence_order(len(sents), n):
         ids = np.asarray([tok.encode(sents[i], max_length=128)], dtype=np.int64)
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         if token_types:

@@ -122,6 +122,10 @@ def test_allocation_trial_feeds_are_held_out_of_the_token_counts(rng):
     ctx = PassContext(calibration=_feeds([[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]))
     got = token_counts(graph, ctx, {"t": (graph.inputs[0], 2000)}, StatsRequest(samples=3), skip=1)["t"]
     np.testing.assert_array_equal(np.flatnonzero(got), [5, 6, 7, 8, 9])  # the first feed is not counted
+    assert got[9] == 4
+    # ids that are a graph input are counted on every calibration feed, not only the statistics' first `samples`
+    more = token_counts(graph, ctx, {"t": (graph.inputs[0], 2000)}, StatsRequest(samples=2), skip=1)["t"]
+    np.testing.assert_array_equal(more, got)
     calib = _calib(rng)
     pipe = "cluster{embedding_vector=8 embedding_bits=4 activation_aware=true min_size=100 exclude=[w] " \
            "size_budget=3 sensitivity_samples=8}"
