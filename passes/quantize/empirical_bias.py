@@ -41,6 +41,7 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.analyses.activation_stats import StatisticsStore, StatsRequest
@@ -139,7 +140,7 @@ def paired_moments(run: StaticRun, model, tensors: dict[str, int], samples: int)
         paired.graph.node.append(helper.make_node("Mul", [t, q], [f"{t}::yq"], name=f"{t}::yq"))
         paired.graph.node.append(helper.make_node("Mul", [q, q], [f"{t}::qq"], name=f"{t}::qq"))
         req.update({t: axis, q: axis, f"{t}::yq": axis, f"{t}::qq": axis})
-    store = StatisticsStore(paired, run.feeds(samples), run.ctx, "paired float/int8 model (empirical gain)")
+    store = StatisticsStore(upstream(paired, req), run.feeds(samples), run.ctx, "paired float/int8 model (empirical gain)")
     store.get(StatsRequest(channel_means=req, samples=samples))
     out = {}
     for t, axis in tensors.items():
@@ -159,10 +160,36 @@ def affine_fit(ey: np.ndarray, eq: np.ndarray, eyq: np.ndarray, eqq: np.ndarray)
     return a, ey - a * eq
 
 
+def upstream(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
+    """A copy of ``model`` holding only the nodes ``tensors`` depend on, with no graph outputs (the statistics run
+    exposes ``tensors``): a stage's run stops at the stage. A model with control-flow bodies is copied whole."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return m
+    needed = set(tensors)
+    keep = []
+    for n in reversed(g.node):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(x for x in n.input if x)
+    nodes = [onnx.NodeProto() for _ in keep]
+    for dst, src in zip(nodes, reversed(keep), strict=True):
+        dst.CopyFrom(src)
+    del g.node[:]
+    g.node.extend(nodes)
+    inits = [i for i in g.initializer if i.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    del g.output[:]
+    return m
+
+
 def channel_means(run: StaticRun, model, label: str, tensors: dict[str, int], samples: int) -> dict[str, np.ndarray]:
     """Per-channel means of ``tensors`` (name -> channel axis) of ``model`` on the first ``samples`` calibration
-    feeds (one streaming statistics run)."""
-    store = StatisticsStore(model, run.feeds(samples), run.ctx, label)
+    feeds (one streaming statistics run of the part of ``model`` they depend on)."""
+    store = StatisticsStore(upstream(model, tensors), run.feeds(samples), run.ctx, label)
     store.get(StatsRequest(channel_means=dict(tensors), samples=samples))
     out = {}
     for t, axis in tensors.items():
