@@ -132,3 +132,32 @@ def test_affine_fit_recovers_gain_and_offset():
     a, c = affine_fit(y.mean(1), yq.mean(1), (y * yq).mean(1), (yq * yq).mean(1))
     np.testing.assert_allclose(a, [0.8, 1.2, 1.0], rtol=1e-9)
     np.testing.assert_allclose(c, [0.1, -0.2, 0.0], atol=1e-9)
+
+
+def test_a_classifier_over_pooled_features_is_not_corrected():
+    """Gemm over [batch, features]: one row per feed, so its per-class means would be fitted to the feeds."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("GlobalAveragePool", ["r1"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="fc", transB=1)]
+    model = helper.make_model(helper.make_graph(nodes, "cls", [x], [y]), opset_imports=[helper.make_opsetid("", 13)])
+    add_initializers(model, {"w1": rng.standard_normal((8, 4, 1, 1)).astype(np.float32),
+                             "b1": np.zeros(8, np.float32),
+                             "w2": rng.standard_normal((5, 8)).astype(np.float32),
+                             "b2": np.zeros(5, np.float32)})
+    _, stats = quantize_on(model, normal_feeds((1, 4, 8, 8), 8, seed=7), empirical_bias=True,
+                           calibration="percentile", percentile=90.0)
+    eb = stats["empirical_bias"]
+    assert list(eb["not_corrected"]) == ["fc"] and eb["layers"] == 1, eb
+
+
+def test_upstream_keeps_only_what_the_tensors_need():
+    from onnxcompress.passes.quantize.empirical_bias import upstream
+
+    m = upstream(_conv_chain(), ["r1"])
+    assert [n.name for n in m.graph.node] == ["conv1", "relu1"]
+    assert sorted(i.name for i in m.graph.initializer) == ["b1", "w1"] and not m.graph.output

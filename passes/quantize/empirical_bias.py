@@ -26,8 +26,9 @@ folded exactly into the layer (``W_o ← a_o·W_o``, ``b_o ← a_o·b_o + c_o``:
 (``refit.paired_model``) per stage. Clipped ranges and the rounding of a layer's inputs change the gain of its
 channels, not only their mean (PP-OCRv4 det, in-process: output SQNR 14.8 dB, means alone 18.0, means and gains 18.8).
 
-Layers: the int8 anchors whose bias ``bias_correction.add_to_bias`` can move (Conv, Gemm with a 1-D bias, a MatMul
-read by one ``Add`` of a constant bias); the shift goes into ``run.bias_shift``, which every later build adds to the
+Layers: Conv and Gemm (not yet a transformer's ``MatMul -> Add(bias)``: not measured), those that are int8 in the
+build and whose output holds at least ``MIN_POSITIONS`` values per channel per feed (not a classifier over pooled
+features, whose per-class means over a few dozen calibration images would be fitted to those images); the shift goes into ``run.bias_shift``, which every later build adds to the
 float bias before it is quantized (int32, ``s_b = s_x · s_w``). Kept only when the model's score on the evaluation
 feeds (``fidelity.rank_key``: feature SQNR first) improves; these feeds overlap the measured ones (in-sample), but
 the correction fits one number per channel from every position of every feed. Costs one statistics run of the
@@ -45,22 +46,27 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.analyses.activation_stats import StatisticsStore, StatsRequest
+from onnxcompress.naming import unique_name
 
 from . import fidelity as fid
 from .bias_correction import bias_add
-from .ort_int8_kernels import const_value
+from .ort_int8_kernels import const_value, weight_axis, weight_slot
 
 if TYPE_CHECKING:  # pragma: no cover
     from .static_run import StaticRun
 
 log = logging.getLogger(__name__)
 
+#: a layer is corrected only where each feed gives at least this many values per channel (positions): a classifier
+#: over pooled features has one row per feed, and its per-class means would be fitted to the calibration images
+MIN_POSITIONS = 8
 #: a fitted per-channel gain is kept within these bounds (a channel with almost no variance gives a wild ratio)
 GAIN_MIN, GAIN_MAX = 0.5, 2.0
 
 
 def has_movable_bias(node: gs.Node) -> bool:
-    """Whether ``add_to_bias`` can move this layer's output mean (Conv always: a bias is created if absent)."""
+    """Whether this layer of the float graph is corrected: Conv (a bias is created if absent) and Gemm with a 1-D
+    bias. Not MatMul -> Add(bias) (transformers): measured on no model yet."""
     if node.op == "Conv":
         return True
     if node.op == "Gemm":
@@ -68,7 +74,7 @@ def has_movable_bias(node: gs.Node) -> bool:
             return False
         c = const_value(node.inputs[2])
         return c is not None and c.ndim == 1
-    return node.op == "MatMul" and bias_add(node) is not None
+    return False
 
 
 def output_axis(node: gs.Node) -> int:
@@ -97,11 +103,6 @@ def scale_output_channels(node: gs.Node, gain: np.ndarray, names: set[str]) -> b
     """``y_o -> gain_o · y_o`` folded into the layer: its weight along the output axis and its bias (the Add's bias
     after a MatMul) scaled by ``gain``, as new constants (shared ones are not written into). False where the layer
     has no constant weight of that width."""
-    from onnxcompress.naming import unique_name
-
-    from .bias_correction import bias_add
-    from .ort_int8_kernels import weight_axis, weight_slot
-
     ws = weight_slot(node)
     if ws is None:
         return False
@@ -186,6 +187,23 @@ def upstream(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
     return m
 
 
+def float_channel_means(run: StaticRun, tensors: dict[str, int], samples: int
+                        ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """(per-channel means, values per channel per feed) of ``tensors`` in the float model, one streaming run."""
+    from onnxcompress.analyses.calibration import collect_statistics
+
+    stats = collect_statistics(run.float_model, [], run.feeds(samples), histograms=False,
+                               channel_sums=dict(tensors))
+    run.ctx.counters["calibration_runs"] += 1
+    means, positions = {}, {}
+    for t, st in stats.items():
+        m = st.channel_mean
+        if m is not None and st.samples:
+            means[t] = np.asarray(m, dtype=np.float64)
+            positions[t] = st.channel_count / st.samples
+    return means, positions
+
+
 def channel_means(run: StaticRun, model, label: str, tensors: dict[str, int], samples: int) -> dict[str, np.ndarray]:
     """Per-channel means of ``tensors`` (name -> channel axis) of ``model`` on the first ``samples`` calibration
     feeds (one streaming statistics run of the part of ``model`` they depend on)."""
@@ -205,20 +223,22 @@ def empirical_bias_stage(run: StaticRun, ref: fid.Reference) -> None:
     ``run.stats["empirical_bias"]`` says what was done."""
     t0 = time.perf_counter()
     built = run.build()
-    layers = [n for n in built.plan.anchors if id(n) in built.plan.int8 and has_movable_bias(n)]
-    if not layers:
+    int8_names = set(built.plan.int8_anchor_names())
+    # the float graph's nodes: in the build the weights and biases are already behind DequantizeLinear
+    base_layers = [n for n in run.base.nodes if n.name in int8_names and has_movable_bias(n)]
+    if not base_layers:
         run.stats["empirical_bias"] = {"layers": 0, "note": "no int8 layer with a bias to move"}
         return
     samples = min(run.p.empirical_bias_samples, len(run.ctx.calibration)) if run.p.empirical_bias_samples else (
         len(run.ctx.calibration))
     before = fid.score_model(ref, run.export(built.graph))
-    names = {n.name for n in layers}
-    base_layers = [n for n in run.base.nodes if n.name in names]
     # the float graph's names: a layer writing a graph output has its output renamed in the build (the DQ after it
     # takes the output's name); measured there, the int8 mean includes that rounding's mean, which is ~0
     outputs = {n.name: (n.outputs[0].name, output_axis(n)) for n in base_layers}
-    float_means = channel_means(run, run.float_model, "float model (empirical bias)",
-                                dict(outputs.values()), samples)
+    float_means, positions = float_channel_means(run, dict(outputs.values()), samples)
+    few = sorted(n for n, (t, _) in outputs.items() if positions.get(t, 0) < MIN_POSITIONS)
+    for n in few:  # one row per feed (a classifier over pooled features): a mean over the feeds, not positions
+        float_means.pop(outputs[n][0], None)
     saved = {k: np.array(v, copy=True) for k, v in run.bias_shift.items()}
     saved_gain = dict(run.channel_gain)
     gains: list[float] = []
@@ -269,6 +289,8 @@ def empirical_bias_stage(run: StaticRun, ref: fid.Reference) -> None:
         "layers": moved,
         "stages": len(stages),
         "feeds": samples,
+        **({"not_corrected": {n: f"{positions.get(outputs[n][0], 0):.0f} value(s) per channel per feed"
+                              for n in few}} if few else {}),
         "median_abs_shift": round(float(np.median(mean_abs)), 6) if mean_abs else 0.0,
         **({"median_abs_gain_change": round(float(np.median(gains)), 6)} if gains else {}),
         "kept": kept,
