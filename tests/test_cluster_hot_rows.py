@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from onnxcompress.passes.cluster.hot_rows import hot_rows
+from onnxcompress.passes.cluster.hot_rows import apply_stages, hot_rows, hot_stages, table_slope
 from onnxcompress.passes.cluster.vector_codebook import decode, product_kmeans, row_weights
 
 from onnxcompress.context import PassContext
@@ -47,6 +47,33 @@ def test_residuals_go_to_the_heavy_rows_and_pay_for_themselves(rng):
     gain = w[hot.rows] * (np.sum((table[hot.rows] - snapped[hot.rows]) ** 2, 1)
                           - np.sum((table[hot.rows] - fixed[hot.rows]) ** 2, 1))
     assert np.all(gain / (D * hot.bits / 8 + 8) > slope * 0.999)
+
+
+def test_stages_give_the_heaviest_rows_more_bits_and_each_pays_for_itself(rng):
+    v, d = 4000, 128  # wide enough rows that a stage's fixed bytes are small beside its codes
+    table = rng.standard_normal((v, d)).astype(np.float32)
+    counts = np.zeros(v)
+    rows = rng.choice(v, 1000, replace=False)  # weights over four decades: one residual's bits cannot suit all
+    counts[rows] = np.exp(rng.uniform(np.log(2), np.log(20000), rows.size))
+    w = row_weights(counts, v)
+    snapped = _pq(table, w)
+    stages = hot_stages(table, snapped, w, np.random.default_rng(0))
+    assert len(stages) >= 2
+
+    def werr(t):
+        return float(np.sum(w[:, None] * (table.astype(np.float64) - t) ** 2))
+
+    cur = snapped
+    for stage in stages:  # each stage removes more weighted error than its bytes buy in the table it refines
+        nxt = stage.apply(cur)
+        assert werr(cur) - werr(nxt) > table_slope(table, cur, w) * stage.planned_bytes()
+        cur = nxt
+    np.testing.assert_array_equal(apply_stages(stages, snapped), cur)
+    twice = np.intersect1d(stages[0].rows, np.concatenate([s.rows for s in stages[1:]]))
+    assert twice.size and np.median(counts[twice]) > np.median(counts[stages[0].rows])  # more bits: heavier rows
+    assert set(np.concatenate([s.rows for s in stages])) <= set(rows)  # never a row the counts did not read
+    one = hot_rows(table, snapped, w, np.random.default_rng(0))
+    assert werr(cur) < 0.8 * werr(one.apply(snapped))
 
 
 def test_no_residual_when_the_error_is_spread_evenly(rng):

@@ -455,7 +455,8 @@ class Cluster(Pass):
             if c.uses[0].op == "Gather":  # embedding tables: the level each got (v<d>: product quantization)
                 st.setdefault("tables", {})[c.tensor.name] = str(bits) if res is not None else "float"
                 if res is not None and res.hot is not None:
-                    st.setdefault("hot_rows", {})[c.tensor.name] = f"{res.hot.rows.size} rows, {res.hot.bits} bits"
+                    st.setdefault("hot_rows", {})[c.tensor.name] = " + ".join(
+                        f"{h.rows.size} rows, {h.bits} bits" for h in res.hot)
             if res is None:
                 skipped["kept float (target_error)"] += 1
                 continue

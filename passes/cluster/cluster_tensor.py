@@ -41,7 +41,7 @@ class Clustered:
     scale: np.ndarray | None = None  # per output channel (channel_scales), along scale_axis
     scale_axis: int | None = None
     vector: int | None = None  # product-quantized table (``vector_codebook``): the sub-vector length d
-    hot: object | None = None  # a product-quantized table's residual rows (``hot_rows.HotRows``)
+    hot: tuple | None = None  # a product-quantized table's residual stages (``hot_rows.HotRows``, in order)
     matrix: bool = False  # vector codes of a weight matrix (``matrix_vector``): codebook [k, d], labels [out, in/d]
     inputs_order: np.ndarray | None = None  # matrix_vector's act-order: column j of the matrix is coded column [j]
     half: bool = False  # codebook and scales on the float16 grid, stored as float16 (``half_books``)

@@ -29,6 +29,7 @@ import dataclasses
 import numpy as np
 
 from .cluster_tensor import Clustered, from_rows, to_rows
+from .hot_rows import apply_stages
 from .vector_codebook import decode as decode_table
 
 MAX_SHARE = 0.01
@@ -58,7 +59,7 @@ def decode(res: Clustered, shape: tuple[int, ...], use=None) -> np.ndarray:
         return use.from_matrix(values * res.scale[:, None], shape)
     if res.vector is not None:
         base = decode_table(book.reshape(res.labels.shape[1], -1, book.shape[1]), res.labels.astype(np.int64))
-        return base if res.hot is None else res.hot.apply(base)
+        return apply_stages(res.hot, base)
     lab = to_rows(res.labels, res.axis).astype(np.int64)
     out = from_rows(np.take_along_axis(book, lab, axis=1), shape, res.axis)
     if res.scale is not None:

@@ -13,12 +13,19 @@ the whole table (a finer level): at the high-rate limit the error falls as 2^(-2
 byte spread over the table buys  s = -dE/dB = 16 ln2 · E / (V·D). Row v takes a residual when gain_v / c_b > s: a
 better use of the byte than the table's next level. Rows are pre-selected by the upper bound g_v / c_b > s (a
 residual removes at most g_v), the codes fitted on them, the rows re-selected by their measured gains and the codes
-refitted on the kept rows. Of b = 1..4 the one with the largest net gain sum_v (gain_v - s·c_b) is kept; no row
-passing means no residual (uniform weights, or a table whose error is spread evenly over its rows).
+refitted on the kept rows. Of b = 1..4 the one with the largest net gain sum_v gain_v - s·B is kept (B: the
+residual's planned bytes, its codebook and decode nodes included); no net gain means no residual (uniform weights, or a table whose error is spread evenly over its rows).
+
+**Stages** (``hot_stages``): one residual gives every hot row the same b bits, while the row weights span decades
+(MiniLM-L6 with 4,000 more calibration sentences: the 633 rows read 21+ times carry 82% of new text's tokens and kept
+a 1.7% relative error at the 2 bits the other 1,300 hot rows also got). The rule is applied again to the table with
+the residual added: its slope s is now that table's (a finer level refines what the residuals left, so its value per
+byte falls with E), and the rows that still lose more per byte than s take a second residual on top, then a third,
+up to ``STAGES``. Bits per row then grow with log w_v, as reverse water-filling over the rows asks.
 
 In the graph (``storage.DecodeBuilder.build_vector``): ``ScatterND(Ê, rows [H, 1], GatherND(Ê, rows) + R̂)``, R̂
 decoded from packed b-bit codes like any scalar-clustered tensor; the sum is computed in the table's dtype, so the
-snapped table here equals the graph's output bit for bit.
+snapped table here equals the graph's output bit for bit; stages chain one ScatterND each.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from .kmeans1d import kmeans_1d
 from .storage import plan_bytes
 
 BITS = (1, 2, 3, 4)
+#: residual stages on top of each other at most (each must pay for itself at the first stage's slope)
+STAGES = 3
 #: serialized bytes of the GatherND + Add + ScatterND nodes and their names besides the codes and the row index
 OVERHEAD_HOT = 160
 
@@ -64,17 +73,44 @@ def _fit(residual: np.ndarray, w: np.ndarray, bits: int, rng: np.random.Generato
     return cents[0], labels.reshape(residual.shape)
 
 
+def table_slope(table: np.ndarray, snapped: np.ndarray, weights: np.ndarray) -> float:
+    """s = 16 ln2 · E / (V·D): what one byte spread over the whole table's next level removes (high-rate limit)."""
+    resid = table.astype(np.float64) - snapped.astype(np.float64)
+    total = float(np.sum(weights * np.einsum("vd,vd->v", resid, resid)))
+    return 16.0 * math.log(2.0) * total / resid.size
+
+
+def hot_stages(table: np.ndarray, snapped: np.ndarray, weights: np.ndarray,
+               rng: np.random.Generator) -> tuple[HotRows, ...]:
+    """Up to STAGES residuals, each on the table with the earlier ones added, at that table's slope."""
+    stages: list[HotRows] = []
+    while len(stages) < STAGES:
+        stage = hot_rows(table, snapped, weights, rng)
+        if stage is None:
+            break
+        stages.append(stage)
+        snapped = stage.apply(snapped)
+    return tuple(stages)
+
+
+def apply_stages(stages, snapped: np.ndarray) -> np.ndarray:
+    """The table with every stage's residuals added in order (what the graph's chained scatters compute)."""
+    for stage in stages or ():
+        snapped = stage.apply(snapped)
+    return snapped
+
+
 def hot_rows(table: np.ndarray, snapped: np.ndarray, weights: np.ndarray,
-             rng: np.random.Generator) -> HotRows | None:
-    """The residual rows of ``snapped`` (the product-quantized ``table`` [V, D]) worth their bytes, or None."""
+             rng: np.random.Generator, slope: float | None = None) -> HotRows | None:
+    """The residual rows of ``snapped`` (the product-quantized ``table`` [V, D]) worth their bytes at ``slope`` (by
+    default the table's own, ``table_slope``), or None."""
     v, dim = table.shape
     resid = table.astype(np.float64) - snapped.astype(np.float64)
     err = np.einsum("vd,vd->v", resid, resid)
     g = weights * err
-    total = float(g.sum())
-    if total <= 0:
+    if float(g.sum()) <= 0:
         return None
-    slope = 16.0 * math.log(2.0) * total / (v * dim)
+    slope = table_slope(table, snapped, weights) if slope is None else slope
     best, best_net = None, 0.0
     for bits in BITS:
         cost = dim * bits / 8 + 8
@@ -89,15 +125,13 @@ def hot_rows(table: np.ndarray, snapped: np.ndarray, weights: np.ndarray,
             if refit or keep.all() or not keep.any():
                 break
             rows = rows[keep]
-        rows, lab, gain = rows[keep], lab[keep], gain[keep]
-        net = float(np.sum(gain - slope * cost))
-        if rows.size and net > best_net:
-            best_net, best = net, (rows, book, lab, bits)
-    if best is None:
-        return None
-    rows, book, lab, bits = best
-    dtype = table.dtype
-    return HotRows(rows.astype(np.int64), book.astype(dtype), lab.astype(np.uint8), bits)
+        if not keep.any():
+            continue
+        cand = HotRows(rows[keep].astype(np.int64), book.astype(table.dtype), lab[keep].astype(np.uint8), bits)
+        net = float(np.sum(gain[keep])) - slope * cand.planned_bytes()  # the stage's fixed bytes paid too
+        if net > best_net:
+            best_net, best = net, cand
+    return best
 
 
-__all__ = ["HotRows", "hot_rows"]
+__all__ = ["HotRows", "apply_stages", "hot_rows", "hot_stages", "table_slope"]

@@ -204,26 +204,30 @@ class DecodeBuilder:
         """A product-quantized table [V, D]: ``codebook`` [S·k, d] (block s's codes at rows s·k ..), ``labels``
         [V, S] local to each block. ``idx + s·k -> Gather -> Reshape [V, D]``; packed to log2(k) bits, or
         ``unpacked``: int32 global indices as one constant (what distill trains; a later cluster packs them).
-        ``hot`` (``hot_rows.HotRows``): ``ScatterND(table, rows, GatherND(table, rows) + residual)`` on top."""
+        ``hot`` (``hot_rows.HotRows`` stages): ``ScatterND(table, rows, GatherND(table, rows) + residual)`` on top,
+        one per stage in order."""
         k = codebook.shape[0] // labels.shape[1]
         glob = labels.astype(np.int32) + (np.arange(labels.shape[1]) * k).astype(np.int32)[None, :]
         idx = self._const(f"{base}_idx", glob) if unpacked else self.pack_vector_indices(base, glob, k)
         vecs = self._op("Gather", [self.table(f"{base}_codebook", codebook, half), idx], f"{base}_vecs",
                         codebook.dtype, {"axis": 0})
         name = out_name or f"{base}_decoded"
+        stages = tuple(hot or ())
         out = self._op("Reshape", [vecs, self._const(f"{base}_shape", np.asarray(shape, np.int64))],
-                       name if hot is None else f"{base}_base", codebook.dtype)
-        if hot is not None:
-            rows = self._const(f"{base}_hrows", hot.rows.reshape(-1, 1).astype(np.int64))
-            hshape = (hot.rows.size, shape[1])
-            book = hot.codebook.reshape(1, -1)
+                       f"{base}_base" if stages else name, codebook.dtype)
+        for i, stage in enumerate(stages):
+            sb, tag = (f"{base}h", "") if i == 0 else (f"{base}h{i}", str(i))
+            rows = self._const(f"{base}_hrows{tag}", stage.rows.reshape(-1, 1).astype(np.int64))
+            hshape = (stage.rows.size, shape[1])
+            book = stage.codebook.reshape(1, -1)
             if unpacked:
-                res = self.build_unpacked(f"{base}h", hshape, book, hot.labels)
+                res = self.build_unpacked(sb, hshape, book, stage.labels)
             else:
-                res, _ = self.build(f"{base}h", hshape, book, hot.labels, axis=None)
-            cur = self._op("GatherND", [out, rows], f"{base}_hcur", codebook.dtype)
-            new = self._op("Add", [cur, res], f"{base}_hnew", codebook.dtype)
-            out = self._op("ScatterND", [out, rows, new], name, codebook.dtype)
+                res, _ = self.build(sb, hshape, book, stage.labels, axis=None)
+            cur = self._op("GatherND", [out, rows], f"{base}_hcur{tag}", codebook.dtype)
+            new = self._op("Add", [cur, res], f"{base}_hnew{tag}", codebook.dtype)
+            last = i == len(stages) - 1
+            out = self._op("ScatterND", [out, rows, new], name if last else f"{base}_hout{tag}", codebook.dtype)
         out.shape = list(shape)
         return out
 
