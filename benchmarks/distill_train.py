@@ -157,7 +157,8 @@ def text_calibration_feeds(spec: Any, source: str, n: int, cache: Path | None) -
 def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, train_opts: str,
               train_only: bool, variants: list[str] | None = None, cache: Path | None = None,
               refit_pipe: str = "distill", train_feeds: int = 0, extra_photos: int = 0,
-              train_text: str = "", calib_text: str = "", calib_text_n: int = 0) -> list[dict[str, Any]]:
+              train_text: str = "", calib_text: str = "", calib_text_n: int = 0,
+              keep: Path | None = None) -> list[dict[str, Any]]:
     """One model's rows. ``train_feeds``: build that many calibration inputs (the cache key stays ``n_calib``: the
     refit reads a prefix, ``distill{samples=K}``, and ``make_inputs`` is prefix-stable); ``extra_photos``: append
     that many crops of ``EXTRA_PHOTOS`` (image models) after them. Variants pick how many the training reads
@@ -208,6 +209,11 @@ def run_model(spec: Any, cut: str, minutes: float, n_calib: int, n_eval: int, tr
                                                       "train_source", "packed", "lr_final", "teacher_cache")}
             row["load_average"] = round(__import__("os").getloadavg()[0], 1)
         rows.append(row)
+        if keep is not None:
+            import re
+
+            keep.mkdir(parents=True, exist_ok=True)
+            onnx.save(model, str(keep / f"{spec.name}_{re.sub(r'[^A-Za-z0-9=.+-]+', '_', stage)[:120]}.onnx"))
         log.info("%s %s: %s %.4f (cos %.4f), %.0f s wall, %.0f s cpu, peak %.0f MB", spec.name, stage,
                  spec.primary_metric, row["metric"], row["cosine"], row["seconds"], row["cpu_seconds"],
                  row["peak_mb"])
@@ -322,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                     "benchmarks.text_corpus source to the calibration inputs (for the Gram matrices of the cut and "
                     "the refit: give them samples=K)")
     ap.add_argument("--calib-text-n", type=int, default=0)
+    ap.add_argument("--keep", type=Path, default=None, help="save every stage's model in this folder")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
@@ -339,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = [v.strip() for v in args.variants.split(";") if v.strip()]
         rows = run_model(specs[name], cut, args.minutes, n_calib, args.n_eval, args.train_opts, args.train_only,
                          variants, args.cache, args.refit, args.train_feeds, args.extra_photos, args.train_text,
-                         args.calib_text, args.calib_text_n)
+                         args.calib_text, args.calib_text_n, args.keep)
         for r in rows:
             r["n_calib"], r["n_eval"] = n_calib, args.n_eval
             r["calib_feeds"] = max(n_calib, args.train_feeds) + args.extra_photos + args.calib_text_n

@@ -58,7 +58,7 @@ from .layers import find_layers
 from .stage_statistics import stream_stage_statistics
 from .train_entry import require_torch, train_student
 from .train_losses import parse_augment, parse_loss
-from .train_speed import PRECISIONS
+from .train_speed import PRECISIONS, STEP_SCALES
 
 MODES = ("refit", "train", "refit+train")
 
@@ -100,12 +100,15 @@ class Distill(Pass):
                                 "from 0: Adam's first steps move every weight by the full lr")
     batch: int = option(8, "train: calibration feeds per step (stacked when their shapes agree)")
     precision: str = option("auto", "train: auto (bf16 autocast where the CPU has native bf16), fp32 or bf16")
+    step_scale: str = option("tensor", "train: the lr is relative to each tensor's RMS (tensor) or, for Conv "
+                                       "weights, to each output channel's (channel: BN-folded channels differ in "
+                                       "scale by orders of magnitude)")
     ema: float = option(0.0, "train: decay of the weight average scored and kept (0: off; e.g. 0.995)")
     blockwise: bool = option(False, "train: block by block (BRECQ-style), each block from the current student's "
                                     "block input to the teacher's block output; else end-to-end")
     blocks: int = option(0, "train: blocks for blockwise / feature matching (0: 8)")
     augment: str = option("auto", "train: augmentation, auto (crop+noise on images, dropped when the student's loss "
-                                   "on augmented copies is > 3x its loss on the feeds), none, or a '+'-joined subset "
+                                   "on augmented copies is > 2x its loss on the feeds), none, or a '+'-joined subset "
                                    "of crop, zoom, flip, noise, mix (images) and span, swap (token ids; never "
                                    "by default)")
     loss: str = option("auto", "train: per-output loss, auto (kl on class scores, cosine on [batch, dim] "
@@ -178,6 +181,8 @@ class Distill(Pass):
         if self.precision not in PRECISIONS or not 0.0 <= self.ema < 1.0:
             raise ValueError(f"precision must be auto, fp32 or bf16 and ema in [0, 1), got {self.precision!r}, "
                              f"{self.ema}")
+        if self.step_scale not in STEP_SCALES:
+            raise ValueError(f"step_scale must be one of {', '.join(STEP_SCALES)}, got {self.step_scale!r}")
         if self.learn_masks and not self.masks:
             raise ValueError("learn_masks needs masks=true (with masks=false the zeros are not kept at all)")
         if self.heldout not in ("auto", "calibration", "pool"):

@@ -3,8 +3,9 @@
     min_W  sum_o w_o L_o(student_W(x), teacher(x)) + features * sum_f nmse(student_W(x)_f, teacher(x)_f)
 
 over the calibration feeds x (augmented, ``train_losses``), with Adam at ``lr`` x each tensor's RMS (a relative
-step), a linear warmup over the first ``warmup`` fraction of the steps (or of the time budget), then a cosine
-decay, a minibatch of ``batch`` feeds per step. Without warmup Adam's first steps are sign steps: every weight
+step; ``step_scale=channel``: x each output channel's RMS for Conv weights), a linear warmup over the first
+``warmup`` fraction of the steps (or of the time budget) and never fewer than ``MIN_WARMUP_STEPS`` steps (again
+after every back-off, which clears Adam's moments), then a cosine decay, a minibatch of ``batch`` feeds per step. Without warmup Adam's first steps are sign steps: every weight
 moves by the full lr at once, and on EfficientNet-Lite2 (BN folded, depthwise) that raised the loss it was
 descending (measured: the same batch's loss 1.554 -> 2.19 after one plain Adam step at lr 1e-4; at a relative
 lr 1e-4 with a 5-step ramp it falls 1.554 -> 1.460 in 10 steps). The teacher runs in onnxruntime (the original model, with the matched
@@ -33,7 +34,8 @@ the machine's speed (only runs ended by ``steps`` or early stop are reproducible
 Precision and averaging (``train_speed``): ``precision=auto`` (default) runs the student's forward/backward under
 bf16 autocast on a CPU with native bf16 dot products (master weights, Adam and the held-out evaluations stay
 fp32; QDQ graphs stay fp32): MiniLM-L6 50% obs, 1 thread, 0.49 -> 0.38 CPU s per step of 16 sentences and a lower
-held-out loss at equal minutes. ``ema=d`` scores and keeps an exponential average of the weights instead of the
+held-out loss at equal minutes. Convolutional networks (Conv weights > half of the trained weights) stay fp32:
+bf16 Conv kernels were slower there (``train_speed.CONV_SHARE_FP32``). ``ema=d`` scores and keeps an exponential average of the weights instead of the
 last iterate (measured: no gain over the cosine decay to 0 in an 8-minute MiniLM-L6 run; off by default).
 
 Quantization-aware (a QDQ graph from ``quantize``): the student runs with fake quantization and a straight-through
@@ -76,7 +78,7 @@ from .train_losses import (
     teacher_view,
     token_pool,
 )
-from .train_speed import WeightAverage, autocast, resolve_precision
+from .train_speed import ChannelSteps, WeightAverage, autocast, channel_rms, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +87,20 @@ MAX_HELDOUT = 32
 
 #: ``augment=auto`` drops the augmentation when the student's loss on augmented copies exceeds this multiple of its
 #: loss on the feeds themselves (``Trainer.check_augment``)
-AUGMENT_TOLERANCE = 3.0
+AUGMENT_TOLERANCE = 2.0
 
 #: integer-kernel ops the interpreter cannot train through (a QDQ graph's QuantizeLinear / DequantizeLinear it can)
 #: ``backoff`` acts on a held-out rise larger than this many standard errors of the evaluation (``clear_rise``)
 NOISE_SIGMAS = 2.0
+
+#: the warmup lasts at least this many optimizer steps, however fast the time budget runs: Adam's first steps are
+#: sign steps (every weight moves by the full lr), and a time-based ramp on a slow model gave them the full lr at
+#: once (ddddocr_det at 0.65x MACs, 3 s a step under load: the ramp reached 1 by step 3 and the held-out loss went
+#: 0.0077 -> 0.0141; one Adam step of relative lr 1e-4 on a clean batch: 0.0077 -> 0.0107, with a 10-step ramp
+#: it stays within 0.0078-0.0083 over 15 steps)
+MIN_WARMUP_STEPS = 20
+#: held-out evaluations during a warmup (with ``backoff``), every this many steps
+WARMUP_EVAL_EVERY = 5
 
 QUANTIZED_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
 
@@ -207,7 +218,10 @@ class Trainer:
         """``augment=auto``: keep the augmentation only if the student's loss on augmented copies of a few training
         feeds is within ``AUGMENT_TOLERANCE`` x its loss on the feeds themselves. Far above it the augmented inputs
         are off the data the model sees (PP-OCRv4 rec, refit at 0.5x: loss 0.1 on the text lines, ~1.0 on copies
-        with 3% noise: training then fits the noise and the held-out loss never fell)."""
+        with 3% noise: training then fits the noise and the held-out loss never fell). At 2.1x it still hurt:
+        ddddocr_det refit at 0.65x MACs, crop+noise 0.0184 vs 0.0086 clean: the held-out loss rose 0.0077 -> 0.0108
+        within 7 warmup steps (lr <= 0.35e-4), where the same run without augmentation held 0.0077 through 16 steps
+        and then fell to 0.0076 (kept by nudenet at 1.08x, EfficientNet-Lite2 at 1.2-1.6x)."""
         torch = self.torch
         rng = np.random.default_rng(0)  # a fixed probe: does not move the training's random stream
         picks = np.sort(rng.choice(len(train), size=min(self.opts.batch, len(train)), replace=False))
@@ -248,12 +262,17 @@ class Trainer:
         # Adam moves every parameter by about lr per step whatever its scale: each tensor's step is made relative
         # to its own RMS (a 1e-3 relative change per step at lr=1e-3), so small biases and large kernels move alike
         scales = [max(float(p.detach().pow(2).mean().sqrt()), 1e-4) for p in params]
+        axes = self.channel_axes() if getattr(opts, "step_scale", "tensor") == "channel" else {}
+        scaled = [(p, channel_rms(torch, p, axes[id(p)])) for p in params if id(p) in axes]
+        scales = [1.0 if id(p) in axes else s for p, s in zip(params, scales, strict=True)]
+        channel_steps = ChannelSteps(torch, scaled)
         groups = [{"params": [p], "lr": opts.lr * s} for p, s in zip(params, scales, strict=True)]
         try:  # one fused kernel per group: 5.6x faster than the per-tensor loop on MiniLM-L6's weights (1 thread)
             opt = torch.optim.Adam(groups, fused=True)
         except (RuntimeError, TypeError):  # a torch without the fused CPU Adam
             opt = torch.optim.Adam(groups)
-        precision = resolve_precision(getattr(opts, "precision", "fp32"), bool(self.tg.quant_stats))
+        precision = resolve_precision(getattr(opts, "precision", "fp32"), bool(self.tg.quant_stats),
+                                      self.conv_share())
         average = WeightAverage(torch, params, getattr(opts, "ema", 0.0))
         t0, c0 = time.perf_counter(), time.process_time()  # the budget counts the held-out evaluations too
         start, _ = held_loss()
@@ -261,6 +280,7 @@ class Trainer:
         backoff = getattr(opts, "backoff", False)
         start_state = [p.detach().clone() for p in params] if backoff else None
         lr_scale, backoffs, holds = 1.0, 0, 0
+        restarted = 0  # the step Adam's moments were last cleared at (a back-off): its ramp starts again there
         history, train_losses, done = [(0, round(start, 6))], [], 0
         last_eval = t0
         eval_every = max(1, min(opts.eval_every, steps))
@@ -269,7 +289,8 @@ class Trainer:
         for step in progress(range(1, steps + 1), total=steps, desc=desc) if progress else range(1, steps + 1):
             # linear warmup, then cosine decay over the steps, or over the time budget when that runs out first
             frac = max((step - 1) / steps, (time.perf_counter() - t0) / budget_s)
-            ramp = 1.0 if warmup <= 0 else min(1.0, max(step / (warmup * steps), frac / warmup))
+            ramp = 1.0 if warmup <= 0 else min(1.0, (step - restarted) / MIN_WARMUP_STEPS,
+                                               max(step / (warmup * steps), frac / warmup))
             rate = opts.lr * lr_scale * ramp * 0.5 * (1 + float(np.cos(np.pi * min(frac, 1.0))))
             for group, scale in zip(opt.param_groups, scales, strict=True):
                 group["lr"] = rate * scale
@@ -281,7 +302,9 @@ class Trainer:
             with autocast(torch, precision):
                 value = self.batch_loss(batch, forward, targets, features)
             value.backward()
+            channel_steps.before()
             opt.step()
+            channel_steps.after()
             average.update()
             done = step
             if learned and step % self.mask_every == 0:
@@ -290,7 +313,11 @@ class Trainer:
             log.debug("%s: step %d train loss %.5f", desc, step, train_losses[-1])
             now = time.perf_counter()
             out_of_time = now - t0 > budget_s
-            if step % eval_every == 0 or step == steps or out_of_time or now - last_eval > budget_s / 6:
+            # during a warmup the held-out loss is also measured every WARMUP_EVAL_EVERY steps (with backoff): a
+            # clear rise there caps the lr at half the ramped lr that caused it (the warmup doubles as an lr search)
+            warming = warmup > 0 and step - restarted <= MIN_WARMUP_STEPS
+            early = backoff and warming and (step - restarted) % WARMUP_EVAL_EVERY == 0
+            if step % eval_every == 0 or step == steps or out_of_time or now - last_eval > budget_s / 6 or early:
                 with average.applied():  # the weight average is what is scored and kept (ema > 0)
                     current, noise = held_loss()
                     if current < best:
@@ -302,11 +329,12 @@ class Trainer:
                 if current < best:
                     best, bad = current, 0
                 else:
-                    bad += 1
+                    rose = clear_rise(current, best, noise)
+                    bad += 0 if warming and not rose else 1  # a flat warmup is not a stall
                     if bad >= opts.patience:
                         stop = "early stop"
                         break
-                    if backoff and not clear_rise(current, best, noise):
+                    if backoff and not rose:
                         holds += 1  # within the evaluation's noise of the best: no evidence of a too-large step
                     elif backoff:  # too large a step for this model: back to the best weights, half the lr
                         with torch.no_grad():
@@ -316,7 +344,7 @@ class Trainer:
                             self.tg.refresh_masks()
                         average.reset()
                         opt.state.clear()
-                        lr_scale, backoffs = lr_scale * 0.5, backoffs + 1
+                        lr_scale, backoffs, restarted = lr_scale * ramp * 0.5, backoffs + 1, step
                         log.info("%s: held-out loss rose: back to the best weights, lr x %.3g", desc, lr_scale)
             if out_of_time:
                 stop = "time budget"
@@ -333,6 +361,27 @@ class Trainer:
                 "improved": best_state is not None, "loss_history": history, "backoffs": backoffs,
                 "backoffs_held": holds, "precision": precision, "ema": average.decay,
                 "lr_final": opts.lr * lr_scale}
+
+    def conv_share(self) -> float:
+        """Conv / ConvTranspose weights' share of the trained weight elements (``precision=auto``)."""
+        conv = {n.inputs[1].name for n in self.graph.nodes if n.op in ("Conv", "ConvTranspose") and len(n.inputs) > 1}
+        sizes = {name: int(np.prod(w.shape)) for name, w in self.tg.weights.items()}
+        return sum(v for k, v in sizes.items() if k in conv) / max(1, sum(sizes.values()))
+
+    def channel_axes(self) -> dict[int, int]:
+        """id(parameter) -> output-channel axis, for plain (not codebook, not fake-quantized) Conv and
+        ConvTranspose weights of rank >= 3 (``step_scale=channel``)."""
+        axes: dict[int, int] = {}
+        for node in self.graph.nodes:
+            if node.op not in ("Conv", "ConvTranspose") or len(node.inputs) < 2:
+                continue
+            w = self.tg.weights.get(node.inputs[1].name)
+            if w is None or w.param is None or w.index is not None or w.param.dim() < 3:
+                continue
+            if tuple(w.param.shape) != tuple(w.shape):
+                continue
+            axes[id(w.param)] = 0 if node.op == "Conv" else 1
+        return axes
 
     def integers(self) -> dict[str, np.ndarray]:
         """The integer constants of the trained quantized weights and biases (for the stats)."""

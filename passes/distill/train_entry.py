@@ -7,7 +7,8 @@ into ``graph``. Without torch: ``PassError`` with one line naming the extra.
 Where the feeds come from:
 
 - without ``train_data``: ``opts.train_samples`` (or ``opts.samples``) calibration feeds; every 4th is held out for
-  early stopping (at most 32, ``Trainer.split``), the rest are trained on;
+  early stopping (at most 32, ``Trainer.split``), the rest are trained on; when ``train_samples`` > ``samples``
+  the held-out feeds come from after the first ``samples`` (the refit's: ``refit_aware_split``);
 - with ``train_data`` (an .npz or a folder, read like ``--calib``): the user's unlabeled pool — the teacher labels
   it. Training draws from its first ``train_samples`` feeds (0: all) plus the first ``samples`` calibration feeds.
   Early stopping (``heldout``) watches, by default, up to ``MAX_HELDOUT_SOURCED`` pool feeds the training does not
@@ -80,6 +81,20 @@ def pool_split(items: list[dict], n: int, cap: int) -> tuple[list[dict], list[di
     return held_out(items[:n], cap)
 
 
+def refit_aware_split(feeds: list[dict], fitted: int) -> tuple[list[dict], list[dict]]:
+    """(train, held) for calibration feeds of which the first ``fitted`` are the refit's (``train_samples`` >
+    ``samples``): up to ``MAX_HELDOUT`` held out evenly from the feeds after them, all others trained on; else
+    ``held_out`` (every 4th). The refit fits its feeds, so their loss is its training loss and any move away from
+    it raises them (measured, PP-OCRv4 rec at 0.55x MACs, refit on the first 256 of 1024 lines: the held-out loss of
+    32 lines spread over all 1024 stayed at 0.184-0.189 while the minibatch loss on lines the training had not
+    seen yet fell from ~0.20 to 0.14)."""
+    if fitted <= 0 or len(feeds) - fitted < 8:
+        return held_out(feeds, MAX_HELDOUT)
+    held = _evenly(feeds[fitted:], MAX_HELDOUT)
+    ids = {id(f) for f in held}
+    return [f for f in feeds if id(f) not in ids], held
+
+
 def _evenly(items: list[dict], cap: int) -> list[dict]:
     pick = np.unique(np.round(np.linspace(0, len(items) - 1, min(cap, len(items)))).astype(int))
     return [items[i] for i in pick]
@@ -138,7 +153,7 @@ def train_student(graph: Any, ctx: Any, opts: Any) -> dict:
         feeds = [dict(f) for f in ctx.calibration.take(opts.train_samples or opts.samples)]
         if not feeds:
             raise PassError("distill{mode=train} needs at least one calibration feed")
-        train, held = held_out(feeds, MAX_HELDOUT)  # what ``Trainer.split`` does
+        train, held = refit_aware_split(feeds, opts.samples if opts.train_samples > opts.samples else 0)
     packed = None
     if getattr(opts, "pack", False) and batched_input(teacher):
         train, packed = pack_tokens(train, opts.batch)
