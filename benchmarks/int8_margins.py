@@ -68,7 +68,10 @@ worst-output SQNR on the evaluation feeds kept; before: the 8x channel-ratio rul
 same sentence and long-input sets. Thirteenth session (the weights of smoothed transformers): ``s12-default`` (the
 twelfth session's default: ``weight_rounding=nearest matmul_bias=false smooth_per_input=false``), ``s13-bias``
 (MatMul bias correction alone), ``s13-per-input`` (the per-input strength trial alone), ``s13-gptq``
-(``weight_rounding=matmul matmul_bias=true``: the new default) and ``s13-all`` (that with ``smooth_per_input``). ``--explain-variant`` names the variant ``--explain`` explains.
+(``weight_rounding=matmul matmul_bias=true``: the new default) and ``s13-all`` (that with ``smooth_per_input``). Fourteenth
+session (the CNNs' activation noise): ``ebc`` (``empirical_bias=true``: each int8 Conv's per-channel output mean
+matched to the float Conv's on the calibration feeds, stage by depth, through its bias; ``passes.quantize.empirical_bias``)
+and ``ebc-gain`` (``empirical_gain=true`` too: a per-channel gain and offset fitted to the float output). ``--explain-variant`` names the variant ``--explain`` explains.
 
 ``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
 rounding of the default int8 model taken out alone, with the feeds combined each way of
@@ -991,7 +994,10 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
         "old default beside the measured smoothing (no candidates there): see its summary. Thirteenth session "
         "(2026-12-07 02:54-04:10 UTC): `s12-default` (the twelfth session's default spelt out) beside the new "
         "default (`s13-gptq` / `s13-all` for MiniLM, `default` for PP-OCRv4 rec) and `s13-bias` / `s13-per-input` "
-        "(each lever alone), one invocation per model: see its summary.",
+        "(each lever alone), one invocation per model: see its summary. Fourteenth session (2026-12-07 05:27-06:40 "
+        "UTC, code de1b809 and later): `ebc` (`empirical_bias=true`) and `ebc-gain` (`empirical_gain=true` too) "
+        "beside a re-run `default` in one invocation per model (`ebc-gain` in a second invocation with its own "
+        "`default`, same outputs): see its summary.",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
         "",

@@ -80,6 +80,8 @@ Modules:
 ``refit``                stage (``weight_rounding=refit``): layers refit to the float layers' outputs on their
                          int8 inputs, by depth, from a paired float/int8 model's Gram matrices
 ``bias_correction``      stage: ``b' = b − (Ŵ − W)·E[x]``
+``empirical_bias``       stage (``empirical_bias``): int8 layers' output means (and gains) matched to the float
+                         layers' on calibration feeds, stage by depth, through their biases
 ``float_layer_search``   stage: automatic float layers and groups (leave-one-out on the last layers' feature SQNR)
 ``float_frontier``       greedy mixed precision by noise removed per latency cost; rounding groups; ``greedy_cost``
 ``float_cost``           what a float layer costs (measured latency, bytes) against what it buys (dB)
