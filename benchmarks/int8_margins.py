@@ -1060,6 +1060,23 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
                              + " (in-sample worst-output SQNR dB: "
                              + ", ".join(f"{k} {x['sqnr_db']:.2f}" for k, x in sm["measured"].items())
                              + (f"; all-int8 by strength: {scr}" if scr else "") + f"; seconds {sm.get('seconds')})")
+            eb = st.get("empirical_bias")
+            if eb and eb.get("layers"):
+                b, a = eb["score_before"], eb["score_after"]
+                notes.append(f"- {v}: empirical bias{' and gain' if 'median_abs_gain_change' in eb else ''} on "
+                             f"{eb['layers']} layers in {eb['stages']} stages ({eb['feeds']} feeds, "
+                             f"{len(eb.get('not_corrected', {}))} with one value per channel per feed not corrected), "
+                             f"kept={eb['kept']}, {eb['seconds']} s; in-sample output SQNR {b['sqnr_db']:.2f} -> "
+                             f"{a['sqnr_db']:.2f} dB, features {b.get('feature_sqnr_db', 0):.2f} -> "
+                             f"{a.get('feature_sqnr_db', 0):.2f} dB")
+            same = row.get("same_call_default")
+            if same:
+                got = "; ".join(f"{k}: SQNR {x.get('sqnr_db', float('nan')):.1f} dB, cosine "
+                                f"{x.get('cosine', float('nan')):.4f}" + "".join(
+                                    f", {c} {x[c]:.3f}" for c in _task_cols(m, k) if c in x)
+                                for k, x in (same.get("sets") or {}).items())
+                notes.append(f"- {v}: ran in its own invocation; the `default` of that call: "
+                             f"{_f(same.get('latency_ratio'), '{:.2f}x')}, {got}")
             tr = st.get("train")
             if tr:
                 fq = tr.get("fake_quant") or {}
