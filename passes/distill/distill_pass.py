@@ -112,8 +112,9 @@ class Distill(Pass):
                                    "of crop, zoom, flip, noise, mix (images) and span, swap (token ids; never "
                                    "by default)")
     loss: str = option("auto", "train: per-output loss, auto (kl on class scores, cosine on [batch, dim] "
-                                "embeddings, normalized mse else), one of mse/kl/cosine/fields (fields: mse per slice of a "
-                                "detection output's box/score axis), or 'out:kind;out:kind'")
+                                "embeddings, normalized mse else), one of mse/kl/cosine/fields/detect (fields: mse per slice of a "
+                                "detection output's box/score axis; detect: Bernoulli KL on its probability scores, "
+                                "box mse weighted by the teacher's score), or 'out:kind;out:kind'")
     temperature: float = option(2.0, "train: KL temperature on class scores")
     features: float = option(0.0, "train: weight of normalized-MSE matching at block boundaries shared with the "
                                    "teacher (0: outputs only)")

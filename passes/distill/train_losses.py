@@ -14,7 +14,8 @@ Per graph output o with teacher value t and student value s (``loss_kinds`` pick
   box coordinates (0..image size) and K class probabilities (0..1): its whole-tensor variance is the coordinates'
   (NudeNet 320n: the class scores are 4e-8 of its output energy), so ``mse`` hardly sees the scores the detections
   are thresholded on. The field axis is the box/score axis of a detection layout
-  (``task_metrics.detection_layout``), else axis 1 (channels).
+  (``task_metrics.detection_layout``), else axis 1 (channels). ``detect`` (on request): Bernoulli KL on the score
+  fields, confidence-weighted normalized MSE on the box (``detection_loss``).
 
 Feature matching at intermediate tensors uses the normalized MSE too. Augmentation (images only: a float input of
 rank 4 with 1 or 3 channels on axis 1 or 3): ``crop`` (a random box of 80-100% of each side, resized back
@@ -53,7 +54,7 @@ from onnxcompress.task_metrics import detection_layout
 from onnxcompress.validate import class_score_outputs
 
 TRAIN_EXTRA = "distill{mode=train} needs PyTorch: pip install onnxcompress[train]  (torch==2.13.0, CPU)"
-KINDS = ("mse", "kl", "cosine", "fields")
+KINDS = ("mse", "kl", "cosine", "fields", "detect")
 #: a Gemm/MatMul class-score output this wide gets KL; narrower ones are as often regressions (MTCNN's 4 box and
 #: 10 landmark values) and get normalized MSE on the raw values (KL's high-temperature limit for real logits)
 WIDE_LOGITS = 100
@@ -108,7 +109,7 @@ def loss_kinds(model: onnx.ModelProto, spec: str) -> dict[str, tuple[str, int]]:
             kind = "kl" if probs or width >= WIDE_LOGITS else "mse"
         if kind is None:
             kind = "cosine" if rank == 2 else "mse"
-        if kind == "fields":
+        if kind in ("fields", "detect"):
             axis = field_axis(tuple(d.dim_value for d in o.type.tensor_type.shape.dim))
         out[o.name] = (kind, axis)
     return out
@@ -135,6 +136,8 @@ def output_loss(torch: Any, kind: str, s: Any, t: Any, axis: int, temperature: f
         return (1 - torch.nn.functional.cosine_similarity(s2, t2, dim=-1, eps=1e-8)).mean()
     if kind == "fields" and s.dim() > axis:
         return fieldwise_mse(torch, s, t, axis)
+    if kind == "detect" and s.dim() > axis and s.shape[axis] > 4:
+        return detection_loss(torch, s, t, axis)
     return normalized_mse(torch, s, t)
 
 
@@ -157,6 +160,25 @@ def fieldwise_mse(torch: Any, s: Any, t: Any, axis: int) -> Any:
     err = ((s - t) ** 2).mean(dim=dims)
     var = t.var(dim=dims, unbiased=False)
     return (err / (var + 1e-8)).mean()
+
+
+def detection_loss(torch: Any, s: Any, t: Any, axis: int) -> Any:
+    """``detect``: fields 0-3 are the box, the rest scores. Scores that are probabilities (the teacher's within
+    [0, 1]) get the Bernoulli KL sum KL(t || s) / sum H(t) (an error relative to the teacher's own uncertainty, so
+    classes that never fire weigh nothing); the box fields the normalized MSE weighted per anchor by the teacher's
+    highest score (background boxes are never drawn). Other score fields: normalized MSE."""
+    s, t = s.movedim(axis, 0).flatten(1), t.movedim(axis, 0).flatten(1)
+    box_s, box_t, sc_s, sc_t = s[:4], t[:4], s[4:], t[4:]
+    if float(sc_t.min()) < 0.0 or float(sc_t.max()) > 1.0:
+        score = fieldwise_mse(torch, sc_s, sc_t, 0)
+    else:
+        q, p = sc_s.clamp(1e-6, 1 - 1e-6), sc_t.clamp(1e-6, 1 - 1e-6)
+        entropy = -(p * p.log() + (1 - p) * (1 - p).log())
+        kl = p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())
+        score = kl.sum() / entropy.sum().clamp_min(1e-12)
+    weight = sc_t.clamp(0.0, 1.0).amax(dim=0) + 1e-3
+    err = ((box_s - box_t) ** 2 * weight).sum(dim=1) / weight.sum()
+    return score + (err / (box_t.var(dim=1, unbiased=False) + 1e-8)).mean()
 
 
 def image_layout(arr: np.ndarray) -> tuple[int, int] | None:
