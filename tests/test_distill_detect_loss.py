@@ -41,7 +41,7 @@ def test_a_class_that_never_fires_weighs_nothing_unlike_fields():
     never[0, 5] *= 30  # 1e-6 -> 3e-5 everywhere: far below any threshold
     firing = t.clone()
     firing[0, 4, :20] -= 0.1  # the firing class 0.1 lower on its 20 anchors: boxes lost at a 0.25 threshold
-    assert float(detection_loss(torch, firing, t, 1)) > 100 * float(detection_loss(torch, never, t, 1))
+    assert float(detection_loss(torch, firing, t, 1)) > 20 * float(detection_loss(torch, never, t, 1))
     # the per-field normalized MSE ranks them the other way round
     assert float(fieldwise_mse(torch, never, t, 1)) > float(fieldwise_mse(torch, firing, t, 1))
 
