@@ -5,8 +5,8 @@
 over the calibration feeds x (augmented, ``train_losses``), with Adam at ``lr`` x each tensor's RMS (a relative
 step; ``step_scale=channel``: x each output channel's RMS for Conv weights), a linear warmup over the first
 ``warmup`` fraction of the steps (or of the time budget) and never fewer than ``MIN_WARMUP_STEPS`` steps (again
-after every back-off, which clears Adam's moments), then a cosine decay, a minibatch of ``batch`` feeds per step. Without warmup Adam's first steps are sign steps: every weight
-moves by the full lr at once, and on EfficientNet-Lite2 (BN folded, depthwise) that raised the loss it was
+after every back-off, which clears Adam's moments), then a cosine decay, a minibatch of ``batch`` feeds per step.
+Without warmup Adam's first steps are sign steps: every weight moves by the full lr at once, and on EfficientNet-Lite2 (BN folded, depthwise) that raised the loss it was
 descending (measured: the same batch's loss 1.554 -> 2.19 after one plain Adam step at lr 1e-4; at a relative
 lr 1e-4 with a 5-step ramp it falls 1.554 -> 1.460 in 10 steps). The teacher runs in onnxruntime (the original model, with the matched
 feature tensors exposed); the student is the current graph run by ``torch_interpreter.TorchGraph``, whose float
@@ -35,8 +35,8 @@ Precision and averaging (``train_speed``): ``precision=auto`` (default) runs the
 bf16 autocast on a CPU with native bf16 dot products (master weights, Adam and the held-out evaluations stay
 fp32; QDQ graphs stay fp32): MiniLM-L6 50% obs, 1 thread, 0.49 -> 0.38 CPU s per step of 16 sentences and a lower
 held-out loss at equal minutes. Convolutional networks (Conv weights > half of the trained weights) stay fp32:
-bf16 Conv kernels were slower there (``train_speed.CONV_SHARE_FP32``). ``ema=d`` scores and keeps an exponential average of the weights instead of the
-last iterate (measured: no gain over the cosine decay to 0 in an 8-minute MiniLM-L6 run; off by default).
+bf16 Conv kernels were slower there (``train_speed.CONV_SHARE_FP32``). ``ema=d`` scores and keeps an exponential
+average of the weights instead of the last iterate (measured: no gain over the cosine decay to 0 in an 8-minute MiniLM-L6 run; off by default).
 
 Quantization-aware (a QDQ graph from ``quantize``): the student runs with fake quantization and a straight-through
 estimator (``fake_quant``); each quantized weight trains a float shadow of its integers, int32 biases likewise, and
