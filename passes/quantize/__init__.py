@@ -62,6 +62,14 @@ keeps node_MatMul_229 float; L3 0.9991 -> 0.9989). What limits L6 is now the act
 ``smoothing_strength``: the closed-form joint error predicts the NumPy rounding within 1-10%) lost the screen to one
 global alpha on both MiniLMs: off.
 
+The CNNs' activation noise (issue 12, fourteenth session), opt-in: ``empirical_bias`` matches each int8 Conv's
+per-channel output mean to the float Conv's on calibration feeds, stage by depth, through its bias (rounding a
+ReLU/SiLU output, clipping a range, a gate on a noisy input all move channel means, and later layers amplify them);
+``empirical_gain`` also fits a per-channel gain into the weight scales. Same graph and latency; reverted where the
+calibration score does not improve. Held out: PP-OCRv4 det 14.8 -> 17.4 dB, ddddocr_det 25.2 -> 26.9 dB (gain:
+27.3), PP-OCRv4 rec hard-line agreement 0.27 -> 0.38; not the default because det's lowest per-feed cosine (a
+near-empty map) and one easy rec line got worse (``benchmarks/results/int8_margins.md``).
+
 Mixed precision is chosen by activation rounding, not by layer (issue 12): ORT needs integer input and output for an
 integer Conv, so a rounding goes away only when every layer around it runs float. On EfficientNet-Lite2 half of the
 layers float (picked one by one) left the logits at 18.2 dB (all-int8 18.4), while the stem and block 0's depthwise

@@ -160,9 +160,13 @@ class Quantize(Pass):
     )
     empirical_bias: bool = option(
         False,
-        "after the float-layer search, match each int8 layer's per-channel output mean to the float layer's on "
+        "after the float-layer search, match each int8 Conv's per-channel output mean to the float layer's on "
         "calibration feeds, stage by depth, through its bias (the mean shifts the activation roundings and the "
-        "nonlinearities after them leave; kept where the evaluation feeds' score improves; no latency cost)",
+        "nonlinearities after them leave; kept where the evaluation feeds' score improves; no latency cost). Held "
+        "out: PP-OCRv4 det 14.8 -> 17.4 dB (map IoU 0.954 -> 0.970), ddddocr_det 25.2 -> 26.9 dB (box F1 0.993 -> "
+        "1.000), PP-OCRv4 rec hard lines 0.27 -> 0.38 agreement, logits 13.3 -> 14.4 dB; nudenet, EfficientNet-Lite2 "
+        "reverted (same outputs, +110 / +440 s tool time); not the default: det's lowest per-feed cosine (a near-empty "
+        "map) 0.23 -> 0.02 and one of rec's 64 easy lines flips",
     )
     empirical_gain: bool = option(
         False,
