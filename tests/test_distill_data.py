@@ -46,9 +46,9 @@ def test_train_samples_sets_the_training_feeds_and_the_refit_keeps_samples():
     model = onnx.load(DIGITS)
     st = _stats(model, f"{PRUNE},distill{{mode=refit+train samples=16 train_samples=120 {FAST}}}", str(CALIB))
     train = next(iter(st.values()))["train"]
-    # 120 feeds: every 4th (30) is a held-out candidate, evenly capped at 32 -> 30 held out, 90 trained on
+    # 120 feeds, the first 16 the refit's: 32 held out evenly from the 104 after them, 88 trained on
     assert train["train_feeds"] + train["heldout_feeds"] == 120
-    assert train["heldout_feeds"] == 30
+    assert train["heldout_feeds"] == 32
     base = next(iter(_stats(model, f"{PRUNE},distill{{mode=train samples=16 {FAST}}}", str(CALIB)).values()))
     assert base["train"]["train_feeds"] + base["train"]["heldout_feeds"] == 16  # 0: the refit's samples
 
