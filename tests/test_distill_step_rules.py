@@ -97,6 +97,10 @@ def test_channel_axes_are_the_conv_weights(digits):
     assert conv and {names[i] for i in axes} == conv
     assert set(axes.values()) == {0}
     assert 0.0 < tr.conv_share() <= 1.0
+    # on a feed: Conv's share of the MACs (the digits CNN does nearly all of its products in Convs)
+    feed = dict(next(iter(_ctx(digits).calibration.take(1))))
+    by_macs = tr.conv_share(feed)
+    assert by_macs > 0.5 and resolve_precision("auto", conv_share=by_macs) == "fp32"
 
 
 def test_step_scale_channel_trains_and_lowers_the_held_out_loss(digits):

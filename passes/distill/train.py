@@ -142,6 +142,7 @@ class Trainer:
         self.kinds = loss_kinds(student_model, opts.loss)
         self.probs = prob_outputs(student_model)
         self.teacher = teacher
+        self.student_model = student_model
         self.positions = ctx.channel_map.positions
         self.batchable = False
         self.feature_weight = opts.features
@@ -272,7 +273,7 @@ class Trainer:
         except (RuntimeError, TypeError):  # a torch without the fused CPU Adam
             opt = torch.optim.Adam(groups)
         precision = resolve_precision(getattr(opts, "precision", "fp32"), bool(self.tg.quant_stats),
-                                      self.conv_share())
+                                      self.conv_share(train[0] if train else None))
         average = WeightAverage(torch, params, getattr(opts, "ema", 0.0))
         t0, c0 = time.perf_counter(), time.process_time()  # the budget counts the held-out evaluations too
         start, _ = held_loss()
@@ -362,8 +363,20 @@ class Trainer:
                 "backoffs_held": holds, "precision": precision, "ema": average.decay,
                 "lr_final": opts.lr * lr_scale}
 
-    def conv_share(self) -> float:
-        """Conv / ConvTranspose weights' share of the trained weight elements (``precision=auto``)."""
+    def conv_share(self, feed: dict | None = None) -> float:
+        """Conv / ConvTranspose share of the student's multiply-accumulates on ``feed`` (``precision=auto``); without
+        a feed, or where the MACs cannot be counted, their share of the trained weight elements."""
+        if feed is not None:
+            try:
+                from onnxcompress.analyses.macs import count_macs
+                from onnxcompress.data import feed_shapes
+
+                macs = count_macs(self.student_model, feed_shapes(feed), feed)
+                conv = sum(v for k, v in macs.by_op.items() if k in ("Conv", "ConvTranspose"))
+                if macs.total > 0:
+                    return conv / macs.total
+            except Exception as exc:  # a graph the MAC counter does not follow: the weights decide
+                log.debug("distill train: MACs not counted (%s)", str(exc)[:120])
         conv = {n.inputs[1].name for n in self.graph.nodes if n.op in ("Conv", "ConvTranspose") and len(n.inputs) > 1}
         sizes = {name: int(np.prod(w.shape)) for name, w in self.tg.weights.items()}
         return sum(v for k, v in sizes.items() if k in conv) / max(1, sum(sizes.values()))

@@ -44,7 +44,8 @@ def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
-#: ``precision=auto`` keeps fp32 when Conv weights hold more than this share of the trained weights: measured at
+#: ``precision=auto`` keeps fp32 when Conv does more than this share of the student's multiply-accumulates (on the
+#: first training feed; the share of the trained weights where MACs cannot be counted): measured at
 #: 1 thread (fwd + bwd CPU s), PP-OCRv4 rec at 0.55x MACs 0.107 fp32 vs 0.175 bf16 per line, 0.354 vs 0.405 per
 #: stack of 4; ddddocr_det at 0.65x 0.249 vs 0.336 per image (its batch is fixed at 1: feeds are not stacked)
 CONV_SHARE_FP32 = 0.5
@@ -53,7 +54,7 @@ CONV_SHARE_FP32 = 0.5
 def resolve_precision(spec: str, fake_quant: bool = False, conv_share: float = 0.0) -> str:
     """``auto`` -> ``bf16`` on a CPU with native bf16 dot products, else ``fp32``, and ``fp32`` for a QDQ graph
     (``fake_quant``: quantization-aware training mirrors ORT's integer products, which bf16 would round) and for a
-    convolutional network (``conv_share``: Conv weights' share of the trained weights above ``CONV_SHARE_FP32``:
+    convolutional network (``conv_share``: Conv's share of the MACs above ``CONV_SHARE_FP32``:
     bf16 Conv kernels were slower than fp32 ones on the measured CNNs); the others as given."""
     if spec not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {spec!r}")
