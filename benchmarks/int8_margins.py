@@ -994,7 +994,7 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
         "old default beside the measured smoothing (no candidates there): see its summary. Thirteenth session "
         "(2026-12-07 02:54-04:10 UTC): `s12-default` (the twelfth session's default spelt out) beside the new "
         "default (`s13-gptq` / `s13-all` for MiniLM, `default` for PP-OCRv4 rec) and `s13-bias` / `s13-per-input` "
-        "(each lever alone), one invocation per model: see its summary. Fourteenth session (2026-12-07 05:27-06:40 "
+        "(each lever alone), one invocation per model: see its summary. Fourteenth session (2026-12-07 05:27-06:50 "
         "UTC, code de1b809 and later): `ebc` (`empirical_bias=true`) and `ebc-gain` (`empirical_gain=true` too) "
         "beside a re-run `default` in one invocation per model (`ebc-gain` in a second invocation with its own "
         "`default`, same outputs): see its summary.",

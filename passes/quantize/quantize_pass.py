@@ -171,7 +171,10 @@ class Quantize(Pass):
     empirical_gain: bool = option(
         False,
         "with empirical_bias: also a per-channel gain, the least-squares fit of the float layer's output on the int8 "
-        "one (one paired float/int8 run per stage), folded into the weights' per-channel scales and the bias",
+        "one (one paired float/int8 run per stage), folded into the weights' per-channel scales and the bias. Held "
+        "out: PP-OCRv4 det 14.8 -> 19.2 dB, ddddocr_det 25.2 -> 27.3 dB, nudenet 36.2 -> 37.7 dB (every metric "
+        "better on the three detectors), EfficientNet-Lite2 24.7 -> 25.3 dB (top-5 overlap 0.966 -> 0.953), "
+        "PP-OCRv4 rec hard lines 0.27 -> 0.36 (2 of 64 easy lines flip): not the default",
     )
     empirical_bias_samples: int = option(
         32, "calibration feeds empirical_bias measures the channel means on (0: all)")
