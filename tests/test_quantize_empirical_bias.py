@@ -105,6 +105,8 @@ def test_bad_sample_count_is_refused():
 
     with pytest.raises(ValueError, match="empirical_bias_samples"):
         Quantize(empirical_bias_samples=-1)
+    with pytest.raises(ValueError, match="empirical_gain needs empirical_bias"):
+        Quantize(empirical_gain=True)
 
 
 def test_empirical_gain_fits_the_float_output_better_than_the_means_alone():

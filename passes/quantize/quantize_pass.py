@@ -323,6 +323,8 @@ class Quantize(Pass):
                 f"weight_rounding must be matmul, auto, output, refit or nearest, got {self.weight_rounding!r}")
         if self.rounding_samples < 1:
             raise ValueError(f"rounding_samples must be >= 1, got {self.rounding_samples}")
+        if self.empirical_gain and not self.empirical_bias:
+            raise ValueError("empirical_gain needs empirical_bias=true (the gain is fitted with the means)")
         if self.empirical_bias_samples < 0:
             raise ValueError(f"empirical_bias_samples must be >= 0, got {self.empirical_bias_samples}")
         if self.refit_samples < 0:
