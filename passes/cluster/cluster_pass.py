@@ -19,10 +19,9 @@ table) / LSTM, GRU, RNN (W and R; no activation weights or refit) with at least 
    (``storage=auto``; ``storage``); ``storage=unpacked`` keeps int32 indices (what ``distill{mode=train}`` trains)
    and every later ``cluster`` run packs such decodes exactly (``pack_only``: nothing else).
 
-Gather tables with ``embedding_vector=d``: product quantization instead of step 1 (``vector_codebook``: rows cut into
-blocks of d values that share 2^embedding_bits d-vectors per block; token counts as row weights with
-``activation_aware``, and a scalar-coded residual on the rows whose weighted error is worth it: ``hot_rows``). Under
-an allocation its trial feeds are held out of the token counts, so the measured table error includes unseen tokens.
+Gather tables with ``embedding_vector=d``: product quantization (``vector_codebook``: blocks of d values share
+2^embedding_bits d-vectors; token counts on every calibration feed as row weights, and scalar residuals in stages on
+the rows worth it: ``hot_rows``); an allocation's trial feeds are held out of the counts (unseen tokens measured).
 MatMul / Gemm weights and Conv kernels with ``matrix_vector`` (and the refit's Gram): vector codes with error feedback
 instead of step 1-2 at 1-4 bits (``matrix_vector``: GPTQ-VQ, natural or act-order inputs as measured). Codebooks and
 channel scales are stored as float16 where that rounding costs <= 1% of the tensor's error (``half_books``).
@@ -61,6 +60,7 @@ from .allocation import FLOAT, Trials, allocate, ladder
 from .cluster_tensor import Clustered, cluster_tensor, element_weights
 from .emit import write_clustered
 from .half_books import halve
+from .hot_rows import describe_stages
 from .kmeans1d import INITS
 from .layouts import RECURRENT, WEIGHT_SLOTS, Use
 from .matrix_vector import OPS as MATRIX_OPS
@@ -455,8 +455,7 @@ class Cluster(Pass):
             if c.uses[0].op == "Gather":  # embedding tables: the level each got (v<d>: product quantization)
                 st.setdefault("tables", {})[c.tensor.name] = str(bits) if res is not None else "float"
                 if res is not None and res.hot is not None:
-                    st.setdefault("hot_rows", {})[c.tensor.name] = " + ".join(
-                        f"{h.rows.size} rows, {h.bits} bits" for h in res.hot)
+                    st.setdefault("hot_rows", {})[c.tensor.name] = describe_stages(res.hot)
             if res is None:
                 skipped["kept float (target_error)"] += 1
                 continue

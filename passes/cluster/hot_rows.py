@@ -100,6 +100,11 @@ def apply_stages(stages, snapped: np.ndarray) -> np.ndarray:
     return snapped
 
 
+def describe_stages(stages) -> str:
+    """'1923 rows, 2 bits + 770 rows, 2 bits' (the pass's stats)."""
+    return " + ".join(f"{h.rows.size} rows, {h.bits} bits" for h in stages)
+
+
 def hot_rows(table: np.ndarray, snapped: np.ndarray, weights: np.ndarray,
              rng: np.random.Generator, slope: float | None = None) -> HotRows | None:
     """The residual rows of ``snapped`` (the product-quantized ``table`` [V, D]) worth their bytes at ``slope`` (by
@@ -134,4 +139,4 @@ def hot_rows(table: np.ndarray, snapped: np.ndarray, weights: np.ndarray,
     return best
 
 
-__all__ = ["HotRows", "apply_stages", "hot_rows", "hot_stages", "table_slope"]
+__all__ = ["HotRows", "apply_stages", "describe_stages", "hot_rows", "hot_stages", "table_slope"]
