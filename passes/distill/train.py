@@ -34,7 +34,7 @@ the machine's speed (only runs ended by ``steps`` or early stop are reproducible
 Precision and averaging (``train_speed``): ``precision=auto`` (default) runs the student's forward/backward under
 bf16 autocast on a CPU with native bf16 dot products (master weights, Adam and the held-out evaluations stay
 fp32; QDQ graphs stay fp32): MiniLM-L6 50% obs, 1 thread, 0.49 -> 0.38 CPU s per step of 16 sentences and a lower
-held-out loss at equal minutes. Convolutional networks (Conv weights > half of the trained weights) stay fp32:
+held-out loss at equal minutes. Convolutional networks (Conv > half of the MACs on a training feed) stay fp32:
 bf16 Conv kernels were slower there (``train_speed.CONV_SHARE_FP32``). ``ema=d`` scores and keeps an exponential
 average of the weights instead of the last iterate (measured: no gain over the cosine decay to 0 in an 8-minute MiniLM-L6 run; off by default).
 
