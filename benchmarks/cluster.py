@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for name in names:
         methods = {"fp32": anchors.fp32_method} | {f"ours:{p}": anchors.ours(p) for p in pipelines}
-        cfg = RunConfig(methods=list(methods), n_calib=args.n_calib_text if name in N_CALIB and args.n_calib_text else N_CALIB.get(name, args.n_calib), n_eval=args.n_eval,
+        n_calib = args.n_calib_text if name in N_CALIB and args.n_calib_text else N_CALIB.get(name, args.n_calib)
+        cfg = RunConfig(methods=list(methods), n_calib=n_calib, n_eval=args.n_eval,
                         threads=(1,), latency_budget_s=args.latency_budget, session_rss=not args.no_rss,
                         tool_timeout_s=args.tool_timeout, keep_models=args.keep_models)
         log.info("== %s (%d variants)", name, len(pipelines))

@@ -57,7 +57,7 @@ def test_stages_give_the_heaviest_rows_more_bits_and_each_pays_for_itself(rng):
     counts[rows] = np.exp(rng.uniform(np.log(2), np.log(20000), rows.size))
     w = row_weights(counts, v)
     snapped = _pq(table, w)
-    stages = hot_stages(table, snapped, w, np.random.default_rng(0))
+    stages, staged = hot_stages(table, snapped, w, np.random.default_rng(0))
     assert len(stages) >= 2
 
     def werr(t):
@@ -69,6 +69,7 @@ def test_stages_give_the_heaviest_rows_more_bits_and_each_pays_for_itself(rng):
         assert werr(cur) - werr(nxt) > table_slope(table, cur, w) * stage.planned_bytes()
         cur = nxt
     np.testing.assert_array_equal(apply_stages(stages, snapped), cur)
+    np.testing.assert_array_equal(staged, cur)
     twice = np.intersect1d(stages[0].rows, np.concatenate([s.rows for s in stages[1:]]))
     assert twice.size and np.median(counts[twice]) > np.median(counts[stages[0].rows])  # more bits: heavier rows
     assert set(np.concatenate([s.rows for s in stages])) <= set(rows)  # never a row the counts did not read

@@ -38,7 +38,7 @@ import math
 import numpy as np
 
 from .cluster_tensor import Clustered
-from .hot_rows import apply_stages, hot_stages
+from .hot_rows import hot_stages
 from .storage import STREAMS, decode_overhead, index_bits
 
 ITERS = 20
@@ -179,9 +179,9 @@ def cluster_table(w: np.ndarray, d: int, k: int, counts: np.ndarray | None, stor
     s = books.shape[0]
     snapped = decode(books, labels).astype(w.dtype)
     plans = {"snap": int(w.nbytes), "vector-codebook": plan_bytes(w.shape[0], s, k, d, w.dtype.itemsize)}
-    hot = hot_stages(w, snapped, weights, rng) if counts is not None else ()
-    if hot:
-        snapped = apply_stages(hot, snapped)
+    hot: tuple = ()
+    if counts is not None:
+        hot, snapped = hot_stages(w, snapped, weights, rng)
         plans["vector-codebook"] += sum(stage.planned_bytes() for stage in hot)
     out = Clustered(codebook=books.reshape(s * k, d).astype(w.dtype), labels=labels.astype(np.uint16), axis=None,
                     zero_label=None, snapped=snapped, bytes_raw=int(w.nbytes), weighted=counts is not None,
