@@ -59,10 +59,21 @@ def test_half_tables_decode_exactly_and_shrink_the_file(rng):
 def test_values_outside_float16_and_cheap_errors_stay_float32(rng):
     tiny = (rng.standard_normal((N_IN, N_OUT)) * 1e-6).astype(np.float32)  # below float16's normal range
     _, st = _run(_model(tiny), "cluster{bits=4 min_size=100 storage=codebook}")
-    assert st["half_codebooks"] == 0
+    assert st["half_codebooks"] == 0  # subnormal steps (2^-24) are ~6% of these values: the measured share refuses
     # 8 bits on values that sit on 200 levels: the clustering is nearly exact, float16 rounding would dominate it
     levels = np.linspace(-1, 1, 200).astype(np.float32)
     exact = levels[rng.integers(0, 200, (N_IN, N_OUT))]
     _, st = _run(_model(exact), "cluster{bits=8 min_size=100 storage=codebook channel_scales=false}")
     assert st["half_codebooks"] == 0
     assert rounded(np.array([70000.0], np.float32)) is None and rounded(np.zeros(3, np.float32)) is not None
+
+
+def test_a_few_subnormal_codebook_values_do_not_keep_the_table_float32(rng):
+    # a table of normal values with a few below 2^-14 (MiniLM-L6's word-table codebook: 99 of 98,304) rounds to
+    # float16 subnormals, within 2^-25 absolute: the codebook is halved when the measured share allows it
+    book = rng.standard_normal(4096).astype(np.float32)
+    book[:5] = np.array([3e-5, -1e-6, 7e-8, 2e-7, -5e-5], np.float32)
+    half = rounded(book)
+    assert half is not None and half.dtype == np.float32
+    assert np.max(np.abs(half[:5] - book[:5])) <= 2.0 ** -25
+    assert np.all(np.abs(half[5:] - book[5:]) <= 2.0 ** -11 * np.abs(book[5:]))
