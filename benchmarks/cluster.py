@@ -133,7 +133,7 @@ def render(records: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict
         f"Run: `python -m benchmarks.cluster {meta.get('args', '')}`"
         + "".join(f"; `{e}`" for e in meta.get("extra", [])) + ".",
         f"Versions: {json.dumps(meta.get('versions', {}))}. Calibration inputs: {meta.get('n_calib')} "
-        f"(MiniLM: {N_CALIB}); evaluation inputs: {meta.get('n_eval')} (disjoint).", "",
+        f"(MiniLM: {N_CALIB} sentences unless the row names more); evaluation inputs: {meta.get('n_eval')} (disjoint).", "",
         "x raw / x zip: FP32 bytes / candidate bytes on disk (raw file, zip -9). session: RSS an ORT session adds "
         "after load + 3 runs, vs FP32's (the codebook decode is constant-folded at load, so the session holds float "
         "weights). latency: 1 thread, interleaved with FP32 (fp32 vs fp32 noise band in brackets). metric: the "

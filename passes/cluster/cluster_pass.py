@@ -39,7 +39,6 @@ under zip and feed a later ``quantize`` (which then quantizes the snapped values
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import zlib
 from collections import Counter
@@ -57,12 +56,14 @@ from onnxcompress.naming import Namer
 from onnxcompress.pass_base import Pass, PassResult, option, register
 
 from .allocation import FLOAT, Trials, allocate, ladder
+from .candidates import Candidate, find_candidates
 from .cluster_tensor import Clustered, cluster_tensor, element_weights
 from .emit import write_clustered
+from .gram_rows import RowNeed, feeds_for_rows
 from .half_books import halve
 from .hot_rows import describe_stages
 from .kmeans1d import INITS
-from .layouts import RECURRENT, WEIGHT_SLOTS, Use
+from .layouts import RECURRENT
 from .matrix_vector import OPS as MATRIX_OPS
 from .matrix_vector import cluster_matrix, pick_form, vector_form
 from .packing import pack_existing
@@ -85,12 +86,6 @@ def _named(res: Clustered, name: str) -> Clustered:
     extra = int(NAME_BYTES * max(len(name) - 1, 0))
     res.bytes_planned = {k: v + (0 if k == "snap" else extra) for k, v in res.bytes_planned.items()}
     return res
-
-
-@dataclass
-class _Candidate:
-    tensor: gs.Constant
-    uses: list[Use]
 
 
 @register
@@ -165,7 +160,10 @@ class Cluster(Pass):
                                             "bytes count): the clustered tensors get what the rest of the file "
                                             "leaves of size / size_ratio, spent as size_budget (needs --calib)")
     sensitivity_samples: int = option(16, "calibration feeds for target_error's trials")
-    samples: int = option(256, "calibration feeds for activation_aware / refit statistics")
+    samples: int = option(256, "calibration feeds for activation_aware / refit statistics (more where a layer's "
+                               "feeds give fewer than gram_rows rows per input: gram_rows)")
+    gram_rows: float = option(32.0, "layer Gram rows per input wanted: a layer whose feeds give all their rows "
+                                    "(tokens) and fall short reads more calibration feeds (0: off)")
     max_inputs: int = option(2304, "refit only layers with at most this many inputs per output (Gram size)")
 
     def __post_init__(self) -> None:
@@ -208,48 +206,13 @@ class Cluster(Pass):
         if self.needs_calibration() and ctx.calibration is None:
             raise BadInputError("cluster{activation_aware/refit/target_error/size_budget} needs calibration data (--calib)")
 
-    # ------------------------------------------------------------------------------------------ candidates
-    def _candidates(self, graph: gs.Graph, skipped: Counter) -> list[_Candidate]:
-        found: dict[int, _Candidate] = {}
-        outputs = {id(t) for t in graph.outputs}
-        for node, slot in ((n, s) for n in graph.nodes for s in WEIGHT_SLOTS.get(n.op, ())):
-            if len(node.inputs) <= slot or not isinstance(node.inputs[slot], gs.Constant):
-                continue
-            if node.op == "Gather" and not self.embeddings:
-                continue
-            t = node.inputs[slot]
-            if id(t) in found:
-                found[id(t)].uses.append(Use(node, slot))
-                continue
-            v = t.values
-            reason = None
-            if not np.issubdtype(np.dtype(v.dtype), np.floating):
-                reason = "not a float tensor"
-            elif v.size < self.min_size:
-                reason = f"fewer than {self.min_size} elements"
-            elif any(fnmatch.fnmatchcase(t.name, p) or fnmatch.fnmatchcase(node.name or "", p)
-                     for p in self.exclude):
-                reason = "excluded by name"
-            elif id(t) in outputs:
-                reason = "a graph output"
-            elif v.ndim < 1 or (node.op == "Gather" and v.ndim != 2):
-                reason = "not a weight matrix"
-            elif self.skip_depthwise and node.op == "Conv" and v.ndim >= 3 and v.shape[1] == 1 and \
-                    int(node.attrs.get("group", 1)) > 1:
-                reason = "depthwise Conv (skip_depthwise)"
-            if reason:
-                skipped[reason] += 1
-                found[id(t)] = None  # type: ignore[assignment]
-                continue
-            found[id(t)] = _Candidate(t, [Use(node, slot)])
-        return [c for c in found.values() if c is not None]
-
     # ------------------------------------------------------------------------------------------ statistics
-    def _statistics(self, graph: gs.Graph, ctx: PassContext, cands: list[_Candidate]) -> dict[int, tuple]:
+    def _statistics(self, graph: gs.Graph, ctx: PassContext, cands: list[Candidate]) -> dict[int, tuple]:
         """Per candidate: (norms, per_column, refit Gram or None) from ONE streaming run of the current graph."""
         rng = ctx.rng("cluster")
         n_feeds = min(self.samples, len(ctx.calibration))
         plan: dict[int, tuple[str, str | None]] = {}
+        needs: dict[str, RowNeed] = {}
         req = StatsRequest(samples=self.samples)
         for c in cands:
             use = c.uses[0]
@@ -266,6 +229,7 @@ class Cluster(Pass):
                     per_feed = max(64, -(-8 * n_in // max(n_feeds, 1)))
                     design_key = f"{x.name}:cluster-rows:{use.node.name}"
                     req.second_moments[design_key] = (x.name, use.design_rows(shape, per_feed, rng))
+                    needs[design_key] = RowNeed(n_in, per_feed)
             if self.activation_aware and design_key is None:
                 chan_key = f"{x.name}:channels"
                 req.second_moments[chan_key] = (x.name, use.channel_rows())
@@ -284,13 +248,17 @@ class Cluster(Pass):
         if not req.second_moments and req.capture is None:
             return out
         store = ctx.analysis(ActivationStatistics, graph).get(req)
+        rows = {k: g.rows for k in needs if (g := store.gram(k, n_feeds)) is not None}
+        n_used = out["gram_feeds"] = feeds_for_rows(rows, needs, n_feeds, len(ctx.calibration), self.gram_rows)
+        if n_used > n_feeds:  # token feeds: few rows each (``gram_rows``), every Gram again over more feeds
+            store.get(StatsRequest(second_moments=dict(req.second_moments), samples=n_used))
         for c in cands:
             keys = plan.get(id(c.tensor))
             if keys is None:
                 continue
             chan_key, design_key = keys
-            design = store.gram(design_key, self.samples) if design_key else None
-            chan = store.gram(chan_key, self.samples) if chan_key else None
+            design = store.gram(design_key, n_used) if design_key else None
+            chan = store.gram(chan_key, n_used) if chan_key else None
             gram = None if design is None else design.xtx / max(design.rows, 1)
             if self.activation_aware and design is not None:
                 out[id(c.tensor)] = (np.diag(gram).copy(), True, gram)
@@ -309,13 +277,13 @@ class Cluster(Pass):
         return self.sensitivity_samples if self._allocates() and n_feeds >= 2 * self.sensitivity_samples else 0
 
     # ------------------------------------------------------------------------------------------- one tensor
-    def _vector_level(self, c: _Candidate) -> str | None:
+    def _vector_level(self, c: Candidate) -> str | None:
         """The first level of a table that takes product quantization ("v<d>"), else None."""
         if not self.embedding_vector or c.uses[0].op != "Gather" or self.storage == "snap":
             return None
         return f"v{self.embedding_vector}" if self._codes(c) else None
 
-    def _codes(self, c: _Candidate) -> int:
+    def _codes(self, c: Candidate) -> int:
         """Codes per block of a table: 2^embedding_bits, or without it the most of 256, 128, .., 16 whose codebooks
         weigh no more than the codes (``vector_blocks``); 0 when none does."""
         w = c.tensor.values
@@ -324,7 +292,7 @@ class Cluster(Pass):
                 return 1 << bits
         return 0
 
-    def _rungs(self, c: _Candidate, level) -> list:
+    def _rungs(self, c: Candidate, level) -> list:
         """The allocation ladder of one tensor from its first level: scalar bits b0, b0 + 1, .. (``ladder``), or
         for a product-quantized table v<d> then every shorter block length that divides the row, down to 2 (more
         bits per weight each: log2(k) / d), then 8 bits, then float."""
@@ -333,7 +301,7 @@ class Cluster(Pass):
         row = c.tensor.values.shape[1]
         return [f"v{d}" for d in range(int(level[1:]), 1, -1) if row % d == 0] + [8, FLOAT]
 
-    def _cluster_one(self, c: _Candidate, bits, stats_of: dict, storage: str, rng, vector: bool = True) -> Clustered:
+    def _cluster_one(self, c: Candidate, bits, stats_of: dict, storage: str, rng, vector: bool = True) -> Clustered:
         """One tensor at one level; ``vector``: matrix_vector may apply (not at an allocation's forced first level,
         which stays the cheapest form: a 256-code codebook there is spent before any measurement weighs it)."""
         w = np.asarray(c.tensor.values)
@@ -402,13 +370,14 @@ class Cluster(Pass):
         if self.storage != "unpacked" and ctx.opset() >= 11:
             n_packed, saved = pack_existing(graph, DecodeBuilder(graph, Namer(graph), ctx.opset()), self.min_size,
                                             self.half_codebooks and self.pack_only)  # asked: round trained tables
-        cands = [] if self.pack_only else self._candidates(graph, skipped)
+        cands = [] if self.pack_only else find_candidates(graph, self, skipped)
         for c in cands:
             axis = c.uses[0].channel_axis(c.tensor.values.ndim)
             if self.per_channel and c.tensor.values.shape[axis] == 1:
                 raise BadInputError(f"cluster{{per_channel=true}}: {c.tensor.name} has a single output channel "
                                     f"(shape {list(c.tensor.values.shape)}); exclude it or cluster per tensor")
         stats_of = self._statistics(graph, ctx, cands) if self.needs_calibration() and cands else {}
+        gram_feeds = stats_of.pop("gram_feeds", None)
         storage = self.storage
         if ctx.opset() < 11 and storage != "snap":
             storage = "snap"
@@ -418,6 +387,8 @@ class Cluster(Pass):
         k = 1 << self.bits
         st: dict = {"tensors_clustered": 0, "storage": Counter(), "bits": Counter(), "bytes_before": 0, "bytes_after": 0,
                     "max_unique_per_row": 0, "weighted": 0, "refit_layers": 0}
+        if gram_feeds:
+            st["gram_feeds"] = gram_feeds
         errs, refit_before, refit_after = [], 0.0, 0.0
 
         def clustered():  # lazily: without an allocation each tensor is applied before the next is clustered
