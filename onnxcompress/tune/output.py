@@ -18,9 +18,10 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from onnxcompress.tune.study import TuneResult
+if TYPE_CHECKING:  # type hints only: study imports this module to write its result
+    from onnxcompress.tune.study import TuneResult
 
 log = logging.getLogger(__name__)
 COLUMNS = ("latency", "size", "zip", "macs", "metric", "cosine")
