@@ -28,7 +28,8 @@ channel scales are stored as float16 where that rounding costs <= 1% of the tens
 
 A constant read by several nodes (tied weights) is clustered once and all its readers read the one decoded tensor.
 Statistics (Gram matrices of the layer inputs) come from the shared ``ActivationStatistics`` of the current graph,
-all in one streaming run.
+in one streaming run over the first ``samples`` feeds, and one more over more feeds where a layer's feeds gave all
+their rows and fell short of ``gram_rows`` x its inputs (token models: ``gram_rows``).
 
 Stats: tensors clustered / skipped (with reasons), storage per tensor kind, bits per tensor, bytes of the clustered
 tensors before and after (as planned: data + decode overhead), the largest codebook row, the weighted relative error
