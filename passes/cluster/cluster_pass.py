@@ -188,8 +188,9 @@ class Cluster(Pass):
             raise ValueError("give size_budget or size_ratio, not both")
         if self.size_budget is not None and not self.size_budget > 0:
             raise ValueError(f"size_budget must be > 0 bits per weight, got {self.size_budget}")
-        if self.sensitivity_samples < 1:
-            raise ValueError("sensitivity_samples must be >= 1")
+        if self.sensitivity_samples < 1 or not self.gram_rows >= 0:
+            raise ValueError(f"sensitivity_samples must be >= 1 and gram_rows >= 0 (0: off), got "
+                             f"{self.sensitivity_samples} and {self.gram_rows}")
         if self.max_error is not None and not self.max_error > 0:
             raise ValueError(f"max_error must be > 0, got {self.max_error}")
         if self.matrix_vector and not self.refit:
@@ -209,7 +210,8 @@ class Cluster(Pass):
 
     # ------------------------------------------------------------------------------------------ statistics
     def _statistics(self, graph: gs.Graph, ctx: PassContext, cands: list[Candidate]) -> dict[int, tuple]:
-        """Per candidate: (norms, per_column, refit Gram or None) from ONE streaming run of the current graph."""
+        """Per candidate: (norms, per_column, refit Gram or None) from one streaming run of the current graph (two
+        when ``gram_rows`` asks for more feeds; ``out["gram_feeds"]``: the feeds the Grams are over)."""
         rng = ctx.rng("cluster")
         n_feeds = min(self.samples, len(ctx.calibration))
         plan: dict[int, tuple[str, str | None]] = {}
