@@ -18,10 +18,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # type hints only: study imports this module to write its result
-    from onnxcompress.tune.study import TuneResult
+from onnxcompress.tune.result import TuneResult
 
 log = logging.getLogger(__name__)
 COLUMNS = ("latency", "size", "zip", "macs", "metric", "cosine")

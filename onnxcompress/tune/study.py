@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,33 +34,13 @@ from onnxcompress.latency_profile import LatencyProfile
 from onnxcompress.tune import plan
 from onnxcompress.tune.executor import default_workers, make_executor
 from onnxcompress.tune.journal import Journal
-from onnxcompress.tune.space import Space, build_space
+from onnxcompress.tune.result import TuneResult
+from onnxcompress.tune.space import build_space
 from onnxcompress.tune.targets import Target
 from onnxcompress.tune.trial import TrialTask, run_trial
 
 log = logging.getLogger(__name__)
 SAMPLERS = ("auto", "cheap", "optuna", "nsga2")
-
-
-@dataclass
-class TuneResult:
-    target: Target
-    records: list[dict]
-    best: dict | None
-    closest: dict | None
-    pareto: list[dict]
-    wall_seconds: float
-    new_trials: int
-    workers: int
-    executor: str
-    retried: int
-    sampler: str
-    space: Space
-    best_model: bytes | None = None
-    paths: dict[str, str] = field(default_factory=dict)
-    #: what ``metric`` is for this model (e.g. "CTC string agreement of output 'y'")
-    metric_name: str = ""
-    profile: dict[str, Any] = field(default_factory=dict)
 
 
 def study_paths(output: str | Path) -> dict[str, Path]:
