@@ -93,6 +93,12 @@ def rows_of(record: dict[str, Any]) -> list[dict[str, Any]]:
     return variant_rows(record, lambda pipeline: {}, extra)
 
 
+def _keep_best(best: dict[str, tuple[float, float, str]], row: dict[str, Any], label: str) -> None:
+    """``best[model]`` = (x raw, metric, the row's label) of the highest-metric row at >= GOAL_DEEP_X."""
+    if row.get("x_raw", 0) >= GOAL_DEEP_X and (row["model"] not in best or row["metric"] > best[row["model"]][1]):
+        best[row["model"]] = (row["x_raw"], row["metric"], label.rstrip(")"))
+
+
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's two goals, from the table rows."""
     four: dict[str, float] = {}
@@ -113,15 +119,10 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 uniform[r["model"]] = max(uniform.get(r["model"], 0.0), r["metric"])
         if (r["pipeline"] in deep_names or r["model"] in CNNS and r["pipeline"] == no_tables) and r.get("x_raw"):
             deep[r["model"]] = (r["x_raw"], r["metric"])
-        elif r["model"].startswith("minilm") and r["pipeline"].startswith("deep-compression (") \
-                and r.get("x_raw", 0) >= GOAL_DEEP_X:  # the recipe on more calibration text (labelled rows)
-            best = more_text.get(r["model"])
-            if best is None or r["metric"] > best[1]:
-                more_text[r["model"]] = (r["x_raw"], r["metric"], r["pipeline"].split(" (", 1)[1].rstrip(")"))
-        if r["model"].startswith("minilm") and "distill{mode=train" in r["pipeline"] and r.get("x_raw", 0) >= GOAL_DEEP_X:
-            best = trained.get(r["model"])
-            if best is None or r["metric"] > best[1]:
-                trained[r["model"]] = (r["x_raw"], r["metric"], r["pipeline"].rsplit(" (", 1)[-1].rstrip(")"))
+        elif r["model"].startswith("minilm") and r["pipeline"].startswith("deep-compression ("):
+            _keep_best(more_text, r, r["pipeline"].split(" (", 1)[1])  # the recipe on more calibration text
+        if r["model"].startswith("minilm") and "distill{mode=train" in r["pipeline"]:
+            _keep_best(trained, r, r["pipeline"].rsplit(" (", 1)[-1])
     deep_ok = {m: x >= GOAL_DEEP_X and v >= GOAL_METRIC for m, (x, v) in deep.items()}
     return {
         "cluster4_best_metric": four,

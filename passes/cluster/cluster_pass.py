@@ -209,9 +209,10 @@ class Cluster(Pass):
             raise BadInputError("cluster{activation_aware/refit/target_error/size_budget} needs calibration data (--calib)")
 
     # ------------------------------------------------------------------------------------------ statistics
-    def _statistics(self, graph: gs.Graph, ctx: PassContext, cands: list[Candidate]) -> dict[int, tuple]:
+    def _statistics(self, graph: gs.Graph, ctx: PassContext,
+                    cands: list[Candidate]) -> tuple[dict[int, tuple], int | None]:
         """Per candidate: (norms, per_column, refit Gram or None) from one streaming run of the current graph (two
-        when ``gram_rows`` asks for more feeds; ``out["gram_feeds"]``: the feeds the Grams are over)."""
+        when ``gram_rows`` asks for more feeds); and the feeds the Grams are over (None: no Gram)."""
         rng = ctx.rng("cluster")
         n_feeds = min(self.samples, len(ctx.calibration))
         plan: dict[int, tuple[str, str | None]] = {}
@@ -249,10 +250,10 @@ class Cluster(Pass):
                 if c.tensor.name in counts:  # (computed indices are counted during the run below)
                     out[id(c.tensor)] = (counts[c.tensor.name], False, None)
         if not req.second_moments and req.capture is None:
-            return out
+            return out, None
         store = ctx.analysis(ActivationStatistics, graph).get(req)
         rows = {k: g.rows for k in needs if (g := store.gram(k, n_feeds)) is not None}
-        n_used = out["gram_feeds"] = feeds_for_rows(rows, needs, n_feeds, len(ctx.calibration), self.gram_rows)
+        n_used = feeds_for_rows(rows, needs, n_feeds, len(ctx.calibration), self.gram_rows)
         if n_used > n_feeds:  # token feeds: few rows each (``gram_rows``), every Gram again over more feeds
             store.get(StatsRequest(second_moments=dict(req.second_moments), samples=n_used))
         for c in cands:
@@ -269,7 +270,7 @@ class Cluster(Pass):
                 out[id(c.tensor)] = (chan.channel_sq_norms / max(chan.rows, 1), False, None)
             else:
                 out[id(c.tensor)] = (None, False, gram)
-        return out
+        return out, n_used
 
     def _allocates(self) -> bool:
         return self.target_error is not None or self.size_budget is not None or self.size_ratio is not None
@@ -379,8 +380,8 @@ class Cluster(Pass):
             if self.per_channel and c.tensor.values.shape[axis] == 1:
                 raise BadInputError(f"cluster{{per_channel=true}}: {c.tensor.name} has a single output channel "
                                     f"(shape {list(c.tensor.values.shape)}); exclude it or cluster per tensor")
-        stats_of = self._statistics(graph, ctx, cands) if self.needs_calibration() and cands else {}
-        gram_feeds = stats_of.pop("gram_feeds", None)
+        stats_of, gram_feeds = self._statistics(graph, ctx, cands) if self.needs_calibration() and cands \
+            else ({}, None)
         storage = self.storage
         if ctx.opset() < 11 and storage != "snap":
             storage = "snap"

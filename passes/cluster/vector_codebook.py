@@ -185,13 +185,13 @@ def cluster_table(w: np.ndarray, d: int, k: int, counts: np.ndarray | None, stor
     weights = row_weights(counts, w.shape[0])
     books, labels = product_kmeans(w, d, k, weights, rng)
     s = books.shape[0]
-    snapped = decode(books, labels).astype(w.dtype)
+    base = snapped = decode(books, labels).astype(w.dtype)
     plans = {"snap": int(w.nbytes), "vector-codebook": plan_bytes(w.shape[0], s, k, d, w.dtype.itemsize)}
     hot: tuple = ()
     if counts is not None:
-        hot, snapped = hot_stages(w, snapped, weights, rng)
+        hot, snapped = hot_stages(w, base, weights, rng)
         if hot and refit_base:  # the base fitted for what the stages leave of each row's error
-            base_err = np.sum((w.astype(np.float64) - decode(books, labels)) ** 2, axis=1)
+            base_err = np.sum((w.astype(np.float64) - base) ** 2, axis=1)
             kept = np.sum((w.astype(np.float64) - snapped) ** 2, axis=1)
             gamma = np.clip(kept / np.maximum(base_err, np.finfo(np.float64).tiny), 0.0, 1.0)
             books, labels = product_kmeans(w, d, k, weights * gamma, rng)
