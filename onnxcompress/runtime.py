@@ -53,6 +53,11 @@ def session_options(threads: int = 1, optimize: bool = True, spin: bool = True,
     return so
 
 
+#: run options for a probe whose failure the caller expects: ORT's own error log of the failed kernel is not printed
+_QUIET_RUN = ort.RunOptions()
+_QUIET_RUN.log_severity_level = 4
+
+
 class Session:
     """An ``InferenceSession`` built from a ModelProto, bytes or a path (temporary files cleaned up on close)."""
 
@@ -86,8 +91,11 @@ class Session:
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.input_names = [i.name for i in self.sess.get_inputs()]
 
-    def run(self, feed: dict, outputs: list[str] | None = None) -> list:
-        return self.sess.run(outputs, {k: v for k, v in feed.items() if k in self.input_names})
+    def run(self, feed: dict, outputs: list[str] | None = None, quiet: bool = False) -> list:
+        """Outputs for ``feed``. ``quiet``: a failure is expected and handled by the caller (a probe): onnxruntime
+        does not log it to stderr; the exception still carries its message."""
+        return self.sess.run(outputs, {k: v for k, v in feed.items() if k in self.input_names},
+                             _QUIET_RUN if quiet else None)
 
     def close(self) -> None:
         """Free ORT's session (its copy of the weights) now, not when the wrapper is collected, and remove the

@@ -78,7 +78,7 @@ def accepted_random_feeds(model: onnx.ModelProto, dims: dict[str, int] | None, s
                 feeds = random_feeds(model, dims, n=n, seed=seed, shapes=shapes, free_dim=free_dim,
                                      int_values=pinned, guesses=guesses, quiet=True)
                 try:
-                    sess.run(feeds.first())
+                    sess.run(feeds.first(), quiet=True)
                 except Exception as exc:  # the model rejects this made-up input: try the next candidate
                     errors.append(io.first_line(exc))
                     continue
