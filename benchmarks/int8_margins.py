@@ -460,8 +460,13 @@ def train_pool(spec: ModelSpec, n_calib: int, n: int) -> list[Feed]:
 
 
 def write_pool(feeds: list[Feed], path: Path) -> Path:
-    """The feeds as one .npz (every input stacked on a new first axis, as ``--calib`` reads it)."""
-    np.savez(path, **{k: np.stack([f[k] for f in feeds]) for k in feeds[0]})
+    """The feeds as one .npz (every input stacked on a new first axis, as ``--calib`` reads it). Token inputs of
+    different lengths (MiniLM sentences) are padded on the last axis with id 0 / mask 0, which ``distill`` trims."""
+    def stacked(arrays: list[np.ndarray]) -> np.ndarray:
+        longest = max(a.shape[-1] for a in arrays)
+        return np.stack([np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, longest - a.shape[-1])]) for a in arrays])
+
+    np.savez(path, **{k: stacked([f[k] for f in feeds]) for k in feeds[0]})
     return path
 
 

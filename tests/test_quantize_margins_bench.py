@@ -114,6 +114,19 @@ def test_train_pool_is_distinct_from_calibration_alternates_kinds_and_reads_back
     assert len(back) == 6 and all(np.array_equal(a["x"], b["x"]) for a, b in zip(back, pool, strict=True))
 
 
+def test_a_pool_of_sentences_of_different_lengths_is_padded_with_mask_zero(tmp_path):
+    """MiniLM's pool holds sentences of every length: stacked as they are they raised (every QAT row of a MiniLM
+    failed before training); padded with id 0 / mask 0, every feed reads back with its tokens and mask in place."""
+    from benchmarks.int8_margins import write_pool
+
+    feeds = [{"input_ids": np.array([[101, 7, 8, 102]]), "attention_mask": np.ones((1, 4), np.int64)},
+             {"input_ids": np.array([[101, 102]]), "attention_mask": np.ones((1, 2), np.int64)}]
+    z = np.load(write_pool(feeds, tmp_path / "pool.npz"))
+    assert z["input_ids"].shape == (2, 1, 4)
+    assert z["input_ids"][1].tolist() == [[101, 102, 0, 0]] and z["attention_mask"][1].tolist() == [[1, 1, 0, 0]]
+    assert z["input_ids"][0].tolist() == [[101, 7, 8, 102]] and z["attention_mask"][0].sum() == 4
+
+
 def test_rec_regions_split_the_graph_at_pool_norms_and_last_conv():
     import onnx
     from onnx import helper
