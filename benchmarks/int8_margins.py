@@ -71,7 +71,10 @@ twelfth session's default: ``weight_rounding=nearest matmul_bias=false smooth_pe
 (``weight_rounding=matmul matmul_bias=true``: the new default) and ``s13-all`` (that with ``smooth_per_input``). Fourteenth
 session (the CNNs' activation noise): ``ebc`` (``empirical_bias=true``: each int8 Conv's per-channel output mean
 matched to the float Conv's on the calibration feeds, stage by depth, through its bias; ``passes.quantize.empirical_bias``)
-and ``ebc-gain`` (``empirical_gain=true`` too: a per-channel gain and offset fitted to the float output). ``--explain-variant`` names the variant ``--explain`` explains.
+and ``ebc-gain`` (``empirical_gain=true`` too: a per-channel gain and offset fitted to the float output). Sixteenth
+session: ``qat-text`` (MiniLM: quantization-aware distillation on the unlabeled sentences of Python's standard library,
+``benchmarks.distill_train.text_feeds_file``, kept in ``INT8_MARGINS_TEXT_CACHE``; cosine on the sentence embedding,
+``QAT_MINUTES`` of training). ``--explain-variant`` names the variant ``--explain`` explains.
 
 ``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
 rounding of the default int8 model taken out alone, with the feeds combined each way of
@@ -185,6 +188,10 @@ VARIANTS: dict[str, str] = {
     # fourteenth session: the int8 layers' output means matched to the float layers' (empirical bias correction)
     "ebc": "cleanup,quantize{empirical_bias=true}",
     "ebc-gain": "cleanup,quantize{empirical_bias=true empirical_gain=true}",
+    # sixteenth session: MiniLM's QAT on 22,000 unlabeled stdlib sentences (``STDLIB_TEXT``: their .npz) instead of
+    # the 2,000 feeds cut from the calibration split's 550 sentences
+    "qat-text": "cleanup,quantize,distill{mode=train train_data=STDLIB_TEXT train_samples=22000 batch=16 lr=2e-4 "
+                "steps=100000 eval_every=50 patience=12 max_minutes=MINUTES}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),
@@ -198,6 +205,8 @@ MORE_DATA = {"qat-data", "refit-data"}
 N_POOL = int(os.environ.get("INT8_MARGINS_POOL", "2000"))
 N_POOL_HELD = 64
 QAT_MINUTES = float(os.environ.get("INT8_MARGINS_QAT_MINUTES", "20"))
+#: where ``qat-text``'s tokenized stdlib sentences are kept (made there on first use)
+TEXT_CACHE = Path(os.environ.get("INT8_MARGINS_TEXT_CACHE", str(Path(tempfile.gettempdir()) / "distill_text")))
 #: calibration / evaluation feeds per set (2 shared cores: modest counts)
 N_CALIB = {"ppocrv4_rec": 64, "minilm_l3": 64, "minilm_l6": 64, "nudenet_320n": 32, "ddddocr_det": 32, "ppocrv4_det": 16,
            "efficientnet_lite2": 32}
@@ -497,6 +506,11 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelS
     from onnxcompress.api import compress
 
     source, text = fp32, _pipeline(variant, n_calib, pool)
+    if "STDLIB_TEXT" in text and spec is not None:
+        from benchmarks.distill_train import text_feeds_file
+
+        text = text.replace("STDLIB_TEXT", str(text_feeds_file(spec, "stdlib", TEXT_CACHE))).replace(
+            "MINUTES", str(QAT_MINUTES))
     if "TEACHER" in text:  # continue from an earlier run's output, against the float model
         source, text = Path(os.environ["INT8_MARGINS_FROM"]), text.replace("TEACHER", str(fp32))
     try:
