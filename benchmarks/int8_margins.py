@@ -1016,7 +1016,9 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
         "(each lever alone), one invocation per model: see its summary. Fourteenth session (2026-12-07 05:27-06:50 "
         "UTC, code de1b809 and later): `ebc` (`empirical_bias=true`) and `ebc-gain` (`empirical_gain=true` too) "
         "beside a re-run `default` in one invocation per model (`ebc-gain` in a second invocation with its own "
-        "`default`, same outputs): see its summary.",
+        "`default`, same outputs): see its summary. Sixteenth session (2026-12-07 10:47-12:26 UTC): MiniLM-L6 "
+        "`qat-lines` and `qat-text` (QAT on the embedding), each in its own invocation beside a `default`: see its "
+        "summary.",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta.get('versions', {}).items())}",
         "",
