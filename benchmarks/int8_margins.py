@@ -472,6 +472,8 @@ def write_pool(feeds: list[Feed], path: Path) -> Path:
     """The feeds as one .npz (every input stacked on a new first axis, as ``--calib`` reads it). Token inputs of
     different lengths (MiniLM sentences) are padded on the last axis with id 0 / mask 0, which ``distill`` trims."""
     def stacked(arrays: list[np.ndarray]) -> np.ndarray:
+        if not np.issubdtype(arrays[0].dtype, np.integer):  # images, audio: stacked as they are
+            return np.stack(arrays)
         longest = max(a.shape[-1] for a in arrays)
         return np.stack([np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, longest - a.shape[-1])]) for a in arrays])
 
@@ -481,9 +483,9 @@ def write_pool(feeds: list[Feed], path: Path) -> Path:
 
 def _pipeline(variant: str, n_calib: int = 0, pool: Path | None = None) -> str:
     """The variant's pipeline text."""
-    text = VARIANTS[variant].replace("CALIB", str(n_calib)).replace("EVAL", str(min(32, n_calib)))
-    return (text.replace("NPOOL", str(N_POOL)).replace("POOL", str(pool)).replace("MINUTES", str(QAT_MINUTES))
-            if pool is not None else text)
+    text = VARIANTS[variant].replace("CALIB", str(n_calib)).replace("EVAL", str(min(32, n_calib))).replace(
+        "MINUTES", str(QAT_MINUTES))
+    return text.replace("NPOOL", str(N_POOL)).replace("POOL", str(pool)) if pool is not None else text
 
 
 def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelSpec | None = None
@@ -509,8 +511,7 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelS
     if "STDLIB_TEXT" in text and spec is not None:
         from benchmarks.distill_train import text_feeds_file
 
-        text = text.replace("STDLIB_TEXT", str(text_feeds_file(spec, "stdlib", TEXT_CACHE))).replace(
-            "MINUTES", str(QAT_MINUTES))
+        text = text.replace("STDLIB_TEXT", str(text_feeds_file(spec, "stdlib", TEXT_CACHE)))
     if "TEACHER" in text:  # continue from an earlier run's output, against the float model
         source, text = Path(os.environ["INT8_MARGINS_FROM"]), text.replace("TEACHER", str(fp32))
     try:
