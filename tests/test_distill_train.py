@@ -485,3 +485,30 @@ def test_without_torch_train_mode_names_the_extra(digits, monkeypatch):
 def test_bad_train_options(bad):
     with pytest.raises(ValueError):
         Distill(**bad)
+
+
+def test_bytes_do_not_depend_on_the_clock_far_from_the_budget(digits, monkeypatch):
+    """Two runs of one seed on clocks of very different speeds (both far inside max_minutes) give the same bytes:
+    the lr reads the time budget only in 1/64 steps (unrounded, step 1 carried the start evaluation's seconds)."""
+    import onnxcompress.passes.distill.train as train_module
+    from onnxcompress.passes.distill.train import time_fraction
+
+    assert time_fraction(0.05, 900.0) == 0.0 and time_fraction(450.0, 900.0) == 0.5
+    assert time_fraction(900.0 * 63.9 / 64, 900.0) == 63 / 64
+
+    class Clock:
+        def __init__(self, tick: float) -> None:
+            self.now, self.tick = 0.0, tick
+
+        def perf_counter(self) -> float:
+            self.now += self.tick
+            return self.now
+
+        def process_time(self) -> float:
+            return self.now
+
+    def trained(tick: float) -> bytes:
+        monkeypatch.setattr(train_module, "time", Clock(tick))
+        return _run(digits, f"{PRUNE},distill{{mode=train {FAST}}}").model.SerializeToString()
+
+    assert trained(1e-4) == trained(0.37)

@@ -27,7 +27,8 @@ student's held-out loss (otherwise the graph is left as it was).
 
 Deterministic given the seed: the minibatches and augmentation come from ``ctx.rng``, torch is seeded from it, and
 the ops run on CPU in a fixed order (same machine, same thread count -> the same bytes). The learning rate decays
-with the larger of the step fraction and the time-budget fraction, and the held-out loss is also measured every
+with the larger of the step fraction and the time-budget fraction (rounded down to 1/64, so a run far from its
+budget never reads the clock into its lr), and the held-out loss is also measured every
 sixth of the budget and when it runs out: a run cut by ``max_minutes`` keeps what it reached, but then depends on
 the machine's speed (only runs ended by ``steps`` or early stop are reproducible to the byte).
 
@@ -119,6 +120,17 @@ def take_channels(value: np.ndarray, mapping: dict[int, np.ndarray] | None) -> n
     for axis, idx in (mapping or {}).items():
         value = np.take(value, idx, axis=axis)
     return value
+
+
+#: the time-budget fraction is rounded down to this step before it enters the lr schedule
+TIME_FRACTION_STEP = 1 / 64
+
+
+def time_fraction(elapsed_s: float, budget_s: float) -> float:
+    """The spent share of the time budget, rounded down to ``TIME_FRACTION_STEP``: a run far from its budget sees
+    exactly 0, so its lr (and its bytes) never depend on the wall clock. Unrounded, step 1's lr carried the start
+    evaluation's seconds / budget (~1e-4): two runs of one seed differed by an ulp in a few weights."""
+    return float(np.floor(elapsed_s / budget_s / TIME_FRACTION_STEP) * TIME_FRACTION_STEP)
 
 
 class Trainer:
@@ -289,7 +301,7 @@ class Trainer:
         progress = getattr(self.ctx, "progress", None)
         for step in progress(range(1, steps + 1), total=steps, desc=desc) if progress else range(1, steps + 1):
             # linear warmup, then cosine decay over the steps, or over the time budget when that runs out first
-            frac = max((step - 1) / steps, (time.perf_counter() - t0) / budget_s)
+            frac = max((step - 1) / steps, time_fraction(time.perf_counter() - t0, budget_s))
             ramp = 1.0 if warmup <= 0 else min(1.0, (step - restarted) / MIN_WARMUP_STEPS,
                                                max(step / (warmup * steps), frac / warmup))
             rate = opts.lr * lr_scale * ramp * 0.5 * (1 + float(np.cos(np.pi * min(frac, 1.0))))
