@@ -28,7 +28,7 @@ from . import qparams_math as qm
 from .ort_int8_kernels import const_value, weight_axis
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 
 def bias_anchors(base: gs.Graph, dtypes: dict[str, np.dtype], matmul: bool = True) -> dict[str, gs.Node]:
@@ -69,7 +69,7 @@ def channel_axes(anchors: dict[str, gs.Node]) -> dict[str, int]:
     return {n.inputs[0].name: (1 if n.op == "Conv" else -1) for n in anchors.values()}
 
 
-def correct_biases(run: StaticRun, anchors: dict[str, gs.Node]) -> None:
+def correct_biases(run: QuantizeRun, anchors: dict[str, gs.Node]) -> None:
     """Record ``−(Ŵ − W)·E[x]`` per anchor in ``run.bias_shift`` (applied by every build to the layers it
     quantizes), from the input means of ``run.tstats``."""
     means = {n: st.channel_mean for n, st in run.tstats.items() if st.channel_mean is not None}

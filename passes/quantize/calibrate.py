@@ -30,11 +30,11 @@ from . import fidelity as fid
 from .range_choice import activation_range
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 
 def collect_activation_statistics(
-    run: StaticRun, names: list[str], channel_sums: dict[str, int] | None = None, **capture
+    run: QuantizeRun, names: list[str], channel_sums: dict[str, int] | None = None, **capture
 ) -> dict[str, TensorStats]:
     """Statistics of the float model's tensors ``names`` on the calibration feeds (per-channel sums on the given
     axes for ``channel_sums``); ``capture``: ``fetch`` / ``on_feed`` of ``collect_statistics``."""
@@ -49,7 +49,7 @@ def collect_activation_statistics(
     )
 
 
-def calibrate(run: StaticRun, names: list[str], channel_sums: dict[str, int] | None = None, **capture) -> None:
+def calibrate(run: QuantizeRun, names: list[str], channel_sums: dict[str, int] | None = None, **capture) -> None:
     """Ranges of ``names`` (and the per-channel means of ``channel_sums``) in one pass over the feeds, recorded in
     ``run.tstats`` / ``run.minmax`` / ``run.ranges``."""
     t0 = time.perf_counter()
@@ -62,7 +62,7 @@ def calibrate(run: StaticRun, names: list[str], channel_sums: dict[str, int] | N
 
 
 def calibrate_with_reference(
-    run: StaticRun, names: list[str], channel_sums: dict[str, int], eval_feeds: list[Feed]
+    run: QuantizeRun, names: list[str], channel_sums: dict[str, int], eval_feeds: list[Feed]
 ) -> fid.Reference:
     """The first calibration pass; it also keeps the float model's outputs and last-layer features on
     ``eval_feeds`` and returns them as the reference."""

@@ -40,7 +40,7 @@ from .ort_int8_kernels import const_value, is_depthwise
 from .stream_equalization import channel_moments
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,13 @@ def factors(lo: np.ndarray, hi: np.ndarray, w_d: np.ndarray) -> tuple[np.ndarray
     return k, float(10 * np.log10(before / after))
 
 
-def channel_ranges(run: StaticRun, graph: gs.Graph, tensors: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def channel_ranges(run: QuantizeRun, graph: gs.Graph, tensors: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (axis 1) min and max of ``tensors`` over the calibration feeds (``channel_moments``: one pass,
     shared collector)."""
     return {n: (lo, hi) for n, (lo, hi, _) in channel_moments(run, graph, tensors).items()}
 
 
-def equalize_depthwise(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
+def equalize_depthwise(run: QuantizeRun, graph: gs.Graph, names: set[str]) -> dict:
     """Rewrite the pairs that pay (module docstring); returns the stats record."""
     found = pairs(graph)
     if not found:

@@ -46,7 +46,7 @@ from .prepare import name_unnamed_nodes
 if TYPE_CHECKING:  # pragma: no cover
     from onnxcompress.context import PassContext
 
-    from .quantize_pass import Quantize
+    from .options import QuantizeOptions
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _matmul_weight(n: gs.Node) -> tuple[np.ndarray, float, bool] | None:
     return None
 
 
-def _scoped(p: Quantize, graph: gs.Graph, ops: tuple[str, ...]):
+def _scoped(p: QuantizeOptions, graph: gs.Graph, ops: tuple[str, ...]):
     """Every scope, a model-wide namer, candidates of ``ops`` in all scopes, skips, weight readers."""
     all_scopes = sg.scopes(graph)
     namer = sg.namer(all_scopes)
@@ -82,7 +82,7 @@ def _scoped(p: Quantize, graph: gs.Graph, ops: tuple[str, ...]):
     return all_scopes, namer, nodes, skipped, sg.readers(all_scopes)
 
 
-def _allowed_readers(p: Quantize, all_scopes: list[sg.Scope], nodes: list) -> set[tuple[int, int]]:
+def _allowed_readers(p: QuantizeOptions, all_scopes: list[sg.Scope], nodes: list) -> set[tuple[int, int]]:
     """(node, slot) readers a quantized weight may have: the candidates' weight slots, and embedding lookups
     (``Gather`` data) when tables are quantized too (a tied embedding / output projection: two int8 copies,
     2 bytes per value instead of float's 4)."""
@@ -106,7 +106,7 @@ def _note_other_layers(all_scopes: list[sg.Scope], ops: tuple[str, ...], reason:
 
 
 def _finish(
-    p: Quantize,
+    p: QuantizeOptions,
     graph: gs.Graph,
     ctx: PassContext,
     all_scopes: list[sg.Scope],
@@ -131,7 +131,7 @@ def _finish(
 
 
 # ------------------------------------------------------------------------------------------------- dynamic
-def run_dynamic(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
+def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassResult:
     """MatMul/Gemm of every scope (main graph and If/Loop/Scan bodies); one ``W_q`` per weight, shared."""
     stats: dict = {"mode": "dynamic", "weight_bytes_before": _weight_bytes(graph, ctx)}
     per_channel = p.per_channel
@@ -210,7 +210,7 @@ def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Const
 
 
 # --------------------------------------------------------------------------------------------- weight-only
-def _weight_only_skip(p: Quantize, n: gs.Node, int4: bool) -> str | None:
+def _weight_only_skip(p: QuantizeOptions, n: gs.Node, int4: bool) -> str | None:
     """Why ``n``'s weight cannot be stored weight-only (None: it can)."""
     if n.op in ("MatMul", "Gemm"):
         return None if _matmul_weight(n) is not None else "no constant 2-D float weight"
@@ -221,7 +221,7 @@ def _weight_only_skip(p: Quantize, n: gs.Node, int4: bool) -> str | None:
     return "not a MatMul/Gemm/Conv"
 
 
-def run_weight_only(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
+def run_weight_only(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Weights of every scope (main graph and bodies) stored as integers; one DequantizeLinear per weight, in the
     innermost scope enclosing all its readers (``subgraphs``)."""
     stats: dict = {

@@ -53,7 +53,7 @@ from .bias_correction import bias_add
 from .ort_int8_kernels import const_value, weight_axis, weight_slot
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def scale_output_channels(node: gs.Node, gain: np.ndarray, names: set[str]) -> b
     return True
 
 
-def paired_moments(run: StaticRun, model, tensors: dict[str, int], samples: int) -> dict[str, tuple] | None:
+def paired_moments(run: QuantizeRun, model, tensors: dict[str, int], samples: int) -> dict[str, tuple] | None:
     """Per tensor (name -> channel axis) the channel means of y (float model), ŷ (``model``), y·ŷ and ŷ² on the same
     feeds, from one run of the two models side by side; None for a model the pairing cannot take."""
     from onnx import helper
@@ -189,7 +189,7 @@ def upstream(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
     return m
 
 
-def float_channel_means(run: StaticRun, tensors: dict[str, int], samples: int
+def float_channel_means(run: QuantizeRun, tensors: dict[str, int], samples: int
                         ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """(per-channel means, values per channel per feed) of ``tensors`` in the float model, one streaming run."""
     from onnxcompress.analyses.calibration import collect_statistics
@@ -206,7 +206,7 @@ def float_channel_means(run: StaticRun, tensors: dict[str, int], samples: int
     return means, positions
 
 
-def channel_means(run: StaticRun, model, label: str, tensors: dict[str, int], samples: int) -> dict[str, np.ndarray]:
+def channel_means(run: QuantizeRun, model, label: str, tensors: dict[str, int], samples: int) -> dict[str, np.ndarray]:
     """Per-channel means of ``tensors`` (name -> channel axis) of ``model`` on the first ``samples`` calibration
     feeds (one streaming statistics run of the part of ``model`` they depend on)."""
     store = StatisticsStore(upstream(model, tensors), run.feeds(samples), run.ctx, label)
@@ -219,7 +219,7 @@ def channel_means(run: StaticRun, model, label: str, tensors: dict[str, int], sa
     return out
 
 
-def empirical_bias_stage(run: StaticRun, ref: fid.Reference) -> None:
+def empirical_bias_stage(run: QuantizeRun, ref: fid.Reference) -> None:
     """``quantize{empirical_bias=true}`` after the float-layer search (and refit): the module docstring's staged
     correction of the current build's int8 layers into ``run.bias_shift``, reverted unless the score improves;
     ``run.stats["empirical_bias"]`` says what was done."""

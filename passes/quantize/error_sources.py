@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 from . import fidelity as fid
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 
 def activation_roundings(model: onnx.ModelProto) -> list[str]:
@@ -134,6 +134,6 @@ def error_sources(ref: fid.Reference, model: onnx.ModelProto, top: int) -> dict:
 EXPLAIN_FEEDS = 8
 
 
-def explain(run: StaticRun, ref: fid.Reference, model: onnx.ModelProto) -> None:
+def explain(run: QuantizeRun, ref: fid.Reference, model: onnx.ModelProto) -> None:
     """``quantize{explain=N}``: ``run.stats["error_sources"]`` for the model the pass returns."""
     run.stats["error_sources"] = error_sources(ref.head(EXPLAIN_FEEDS), model, run.p.explain)

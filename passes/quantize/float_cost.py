@@ -44,7 +44,7 @@ from onnxcompress.data import Feed
 from . import fidelity as fid
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def outputs_better(cand: dict[str, float], base: dict[str, float], min_db: float
     return a_c >= a_b - AGREEMENT_TOLERANCE and cand["sqnr_db"] >= base["sqnr_db"] + min_db
 
 
-def macs_shares(run: StaticRun, feed: Feed) -> dict[str, float]:
+def macs_shares(run: QuantizeRun, feed: Feed) -> dict[str, float]:
     """MACs of each node of the prepared float model / all its MACs (empty when they cannot be counted)."""
     from onnxcompress.analyses.macs import count_macs
 
@@ -92,7 +92,7 @@ def macs_shares(run: StaticRun, feed: Feed) -> dict[str, float]:
     return {n: m / total for n, m in mc.by_node.items()}
 
 
-def measure(run: StaticRun, model: onnx.ModelProto, ref: fid.Reference, feed: Feed,
+def measure(run: QuantizeRun, model: onnx.ModelProto, ref: fid.Reference, feed: Feed,
             against: onnx.ModelProto | None = None) -> Candidate:
     """Score ``model`` on the reference feeds, measure its latency ratio to the float model (through
     ``ctx.latency``), count bytes. With ``against`` (the all-int8 model) the ratio is the all-int8 model's measured
@@ -107,7 +107,7 @@ def measure(run: StaticRun, model: onnx.ModelProto, ref: fid.Reference, feed: Fe
     return Candidate(fid.score_model(ref, model), ratio, io.weight_bytes(model))
 
 
-def paired_difference(run: StaticRun, base: onnx.ModelProto, cand: onnx.ModelProto, feed: Feed) -> float:
+def paired_difference(run: QuantizeRun, base: onnx.ModelProto, cand: onnx.ModelProto, feed: Feed) -> float:
     """``(t_cand − t_base) / t_float`` from ONE interleaved measurement of the three models (1 thread), through
     the run's latency profile."""
     from onnxcompress.latency_profile import fingerprint
@@ -138,7 +138,7 @@ def allowance(gain_db: float, per_db: float) -> float:
 
 
 def choose(
-    run: StaticRun,
+    run: QuantizeRun,
     gains: dict[str, float],
     builds: dict[str, onnx.ModelProto],
     all_int8: onnx.ModelProto,

@@ -48,7 +48,7 @@ from . import layer_speed
 if TYPE_CHECKING:  # pragma: no cover
     from onnxcompress.data import Feed
 
-    from .static_run import Built, StaticRun
+    from .run_view import Built, QuantizeRun
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def noise(score: dict[str, float], key: str) -> float:
     return float(10 ** (-s / 10)) if np.isfinite(s) else 0.0
 
 
-def float_model_ms(run: StaticRun, feed: Feed) -> float:
+def float_model_ms(run: QuantizeRun, feed: Feed) -> float:
     """The float model's latency (ms, 1 thread, median) on a feed shaped like ``feed``, through the run's latency
     profile."""
     from onnxcompress.latency import measure_latency
@@ -127,7 +127,7 @@ def float_model_ms(run: StaticRun, feed: Feed) -> float:
     return float(run.ctx.latency.measure(key, fn))
 
 
-def layer_costs(run: StaticRun, layers: list[str], feed: Feed, all_int8_ratio: float) -> dict[str, float]:
+def layer_costs(run: QuantizeRun, layers: list[str], feed: Feed, all_int8_ratio: float) -> dict[str, float]:
     """``c_l`` of the module docstring for every layer, as a share of the float model's latency."""
     from .float_cost import macs_shares
     from .latency_guard import input_shapes
@@ -145,7 +145,7 @@ def layer_costs(run: StaticRun, layers: list[str], feed: Feed, all_int8_ratio: f
             for n in layers}
 
 
-def rounding_units(run: StaticRun, model: onnx.ModelProto, layers: list[str], depth: int = 3) -> dict[str, list[str]]:
+def rounding_units(run: QuantizeRun, model: onnx.ModelProto, layers: list[str], depth: int = 3) -> dict[str, list[str]]:
     """For every activation tensor ``t`` the all-int8 ``model`` rounds: the quantized layers next to it (the nearest
     anchor upstream and every nearest anchor downstream, through at most ``depth`` other ops, in the float graph).
     ORT runs a Conv on integers only with integer input *and* output, so ``t``'s rounding goes away only when all of
@@ -200,7 +200,7 @@ def distinct_units(units: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 def greedy_path(
-    run: StaticRun,
+    run: QuantizeRun,
     ref: fid.Reference,
     max_steps: int,
     max_latency: float | None = None,
@@ -286,7 +286,7 @@ def greedy_path(
     return fr
 
 
-def greedy_mixed_precision(run: StaticRun, ref: fid.Reference) -> tuple[Built, dict[str, float], dict[str, str]]:
+def greedy_mixed_precision(run: QuantizeRun, ref: fid.Reference) -> tuple[Built, dict[str, float], dict[str, str]]:
     """``sensitivity=greedy_cost``: the path of ``greedy_path`` (one activation rounding's layers per pick) up to the
     first step that meets the target (``min_cosine``, ``max_agreement_drop``, ``min_sqnr_db``), or the best-scored
     step within ``max_latency`` when no target is set; then the chosen build's latency is measured and steps are

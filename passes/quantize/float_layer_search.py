@@ -53,7 +53,7 @@ from . import float_cost
 from .float_patch import FloatPatcher
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 #: leave-one-out is skipped above this many layers, and scored on this many feeds (``auto_float_feeds``'s default)
 AUTO_FLOAT_MAX_LAYERS = 256
@@ -67,7 +67,7 @@ AUTO_FLOAT_RANK_FEEDS = 2
 AUTO_FLOAT_BELOW_DB = 30.0
 
 
-def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Feed]) -> None:
+def search_float_layers(run: QuantizeRun, ref: fid.Reference, eval_feeds: list[Feed]) -> None:
     """The module rule; the chosen layers go into ``run.auto_float`` (name -> reason, kept float by every later
     build) and the search's figures into ``run.stats["auto_float"]``."""
     p = run.p
@@ -131,7 +131,7 @@ def search_float_layers(run: StaticRun, ref: fid.Reference, eval_feeds: list[Fee
 
 
 def _patched_gains(
-    run: StaticRun, model: onnx.ModelProto, layers: list[str], ref: fid.Reference, rank_feeds: list[Feed], gain
+    run: QuantizeRun, model: onnx.ModelProto, layers: list[str], ref: fid.Reference, rank_feeds: list[Feed], gain
 ) -> dict[str, float]:
     """Approximate feature-SQNR gain of each layer kept float, on patched copies of the all-int8 ``model``
     (a real build, ``gain(name)``, for a layer the patcher cannot patch)."""
@@ -148,7 +148,7 @@ def _patched_gains(
     return approx
 
 
-def _rounding_units(run: StaticRun, model: onnx.ModelProto, layers: list[str]
+def _rounding_units(run: QuantizeRun, model: onnx.ModelProto, layers: list[str]
                     ) -> tuple[dict[str, list[str]], dict[str, set[str]]]:
     """Candidates of more than one layer: for each set of layers around activation roundings
     (``float_frontier.rounding_units``), ``"rounding of <first tensor>"`` -> the layers; and per candidate the

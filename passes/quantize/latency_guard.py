@@ -32,7 +32,7 @@ from . import fidelity as fid
 from . import layer_speed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import Built, StaticRun
+    from .run_view import Built, QuantizeRun
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def model_ratio_key(
     return f"quantize/model-ratio/{digest}"
 
 
-def latency_ratio(run: StaticRun, cand: onnx.ModelProto, feed: Feed) -> float:
+def latency_ratio(run: QuantizeRun, cand: onnx.ModelProto, feed: Feed) -> float:
     """int8 / float latency of ``cand``, through the run's latency profile."""
 
     def measure() -> float:
@@ -84,7 +84,7 @@ def input_shapes(float_model: onnx.ModelProto, names: list[str], feed: Feed) -> 
 
 
 def latency_guard(
-    run: StaticRun,
+    run: QuantizeRun,
     built: Built,
     sc: dict[str, float],
     float_layers: dict[str, str],
@@ -106,7 +106,7 @@ def latency_guard(
 
 
 def _guard(
-    run: StaticRun,
+    run: QuantizeRun,
     built: Built,
     sc: dict[str, float],
     float_layers: dict[str, str],
@@ -151,7 +151,7 @@ def _guard(
 
 
 def _try(
-    run: StaticRun, float_nodes: list[str], reasons: dict[str, str], ref: fid.Reference, feed: Feed, stat: str
+    run: QuantizeRun, float_nodes: list[str], reasons: dict[str, str], ref: fid.Reference, feed: Feed, stat: str
 ) -> tuple[Built, dict[str, float]] | None:
     """Build a fallback with ``float_nodes`` float, measure it (``run.stats[stat]``); it and its score if faster."""
     b = run.build(float_nodes, tuple(reasons.items()))

@@ -26,7 +26,7 @@ from . import fidelity as fid
 from .fidelity import meets
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import Built, StaticRun
+    from .run_view import Built, QuantizeRun
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def search_float_set(
 
 
 def mixed_precision(
-    run: StaticRun, ref: fid.Reference, built: Built, sc: dict[str, float]
+    run: QuantizeRun, ref: fid.Reference, built: Built, sc: dict[str, float]
 ) -> tuple[Built, dict[str, float], dict[str, str]]:
     """The search of the module docstring from the all-int8 ``built`` (scored ``sc``); returns the chosen build,
     its score and the float layers with their reasons."""

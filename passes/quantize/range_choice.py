@@ -21,16 +21,16 @@ from onnxcompress.analyses.calibration import TensorStats, choose_range
 from . import fidelity as fid
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .options import QuantizeOptions
     from .qparams_math import QType
-    from .quantize_pass import Quantize
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 #: range rules tried by calibration=auto, scored on this many evaluation feeds
 AUTO_METHODS = ("minmax", "mse", "percentile")
 AUTO_METHOD_FEEDS = 16
 
 
-def activation_range(s: TensorStats, method: str, qt: QType, p: Quantize) -> tuple[float, float]:
+def activation_range(s: TensorStats, method: str, qt: QType, p: QuantizeOptions) -> tuple[float, float]:
     """The range of one tensor with statistics ``s`` by ``method`` for activations of type ``qt``."""
     if not np.isfinite(s.min):
         return 0.0, 0.0
@@ -38,7 +38,7 @@ def activation_range(s: TensorStats, method: str, qt: QType, p: Quantize) -> tup
     return choose_range(s, method, levels=levels, symmetric=p.symmetric_activations, percentile=p.percentile)
 
 
-def choose_method(run: StaticRun, ref: fid.Reference) -> None:
+def choose_method(run: QuantizeRun, ref: fid.Reference) -> None:
     """calibration=auto: score the ranges of every rule of ``AUTO_METHODS`` on the first ``AUTO_METHOD_FEEDS``
     evaluation feeds and keep the best (``run.method``, ``run.ranges``, ``run.all_int8``)."""
     results, built = {}, {}

@@ -65,7 +65,7 @@ from .rounding import (
 if TYPE_CHECKING:  # pragma: no cover
     from onnxcompress.data import FeedSet
 
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def ridge_fit(wbar: np.ndarray, h: np.ndarray, c: np.ndarray, lam: float) -> np.
     return wbar + np.linalg.solve(a, (c - h) @ wbar.T).T
 
 
-def solve_layer(run: StaticRun, name: str, node: gs.Node, wm: np.ndarray, fit, held, out: dict) -> None:
+def solve_layer(run: QuantizeRun, name: str, node: gs.Node, wm: np.ndarray, fit, held, out: dict) -> None:
     """One layer: ridge chosen on ``held``, integers for the refit weights, kept when they beat round-to-nearest
     on ``held``; records ``run.rounded`` / ``run.bias_shift`` and ``out[name]`` (held-out dB gain, ridge)."""
     k = wm.shape[1]
@@ -244,7 +244,7 @@ def split_feeds(feeds: FeedSet) -> tuple[FeedSet, FeedSet]:
             FeedSet(pick(True), feeds.inputs, feeds.source, n_held, feeds.synthetic))
 
 
-def refit_layers(run: StaticRun, layers: list[str]) -> dict:
+def refit_layers(run: QuantizeRun, layers: list[str]) -> dict:
     """The stage (module docstring) for ``layers`` (int8 anchors of ``run.base``, in graph order); fills
     ``run.rounded`` / ``run.bias_shift`` and returns its stats."""
     t0 = time.perf_counter()
@@ -314,7 +314,7 @@ def refit_layers(run: StaticRun, layers: list[str]) -> dict:
     }
 
 
-def refit_stage(run: StaticRun, ref) -> None:
+def refit_stage(run: QuantizeRun, ref) -> None:
     """``weight_rounding=refit`` after the float-layer search: refit the int8 layers of the current build (the
     automatically float layers in place, so no refit compensates an error that a float layer removes), record the
     model's score before and after in ``run.stats["weight_rounding"]``."""

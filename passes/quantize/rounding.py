@@ -56,7 +56,7 @@ from .ort_int8_kernels import attr, const_value, weight_axis, weight_slot
 from .smoothing import positional, tensor_ranks
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def output_error(wm: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     return float(np.einsum("ok,ok->", e @ h, e))
 
 
-def round_layers(run: StaticRun, model: onnx.ModelProto, layers: list[str]) -> dict:
+def round_layers(run: QuantizeRun, model: onnx.ModelProto, layers: list[str]) -> dict:
     """Optimised rounding of ``layers`` (anchor names of the prepared float graph ``run.base``, all quantized in the
     exported all-int8 ``model``); fills ``run.rounded`` (name -> ``QuantizedWeight``) and the bias shifts, returns
     the stage's stats."""
@@ -273,7 +273,7 @@ def round_layers(run: StaticRun, model: onnx.ModelProto, layers: list[str]) -> d
 
 
 def solve_layer(
-    run: StaticRun, name: str, node: gs.Node, wm: np.ndarray, h: np.ndarray, mean_row: np.ndarray,
+    run: QuantizeRun, name: str, node: gs.Node, wm: np.ndarray, h: np.ndarray, mean_row: np.ndarray,
     improved: dict[str, float],
 ) -> None:
     """Scales and rounding of one layer from its H; kept only when its output error beats round-to-nearest."""
@@ -297,7 +297,7 @@ def solve_layer(
 
 
 
-def positional_matmuls(run: StaticRun, layers: list[str]) -> list[str]:
+def positional_matmuls(run: QuantizeRun, layers: list[str]) -> list[str]:
     """The MatMul/Gemm layers of ``layers`` whose input has positions (rank >= 3: a transformer's tokens; see
     ``smoothing.positional``): many rows per feed, so their H is well sampled on the calibration feeds."""
     ranks = tensor_ranks(run.float_model)
@@ -310,7 +310,7 @@ def positional_matmuls(run: StaticRun, layers: list[str]) -> list[str]:
     return keep
 
 
-def optimise_rounding(run: StaticRun, ref) -> None:
+def optimise_rounding(run: QuantizeRun, ref) -> None:
     """The stage: round the all-int8 model's layers against their outputs; with ``weight_rounding=auto`` keep it only
     when the model's outputs on the evaluation feeds are better than with round-to-nearest
     (``float_cost.outputs_better``). Stats under ``run.stats["weight_rounding"]``."""
@@ -355,7 +355,7 @@ def optimise_rounding(run: StaticRun, ref) -> None:
             drop_matmul_shifts(run)
 
 
-def drop_matmul_shifts(run: StaticRun) -> None:
+def drop_matmul_shifts(run: QuantizeRun) -> None:
     """``weight_rounding=matmul`` without a kept rounding: the MatMul bias corrections (``matmul_bias``) go too, so
     the model is the round-to-nearest one of the twelfth session's default (PP-OCRv4 rec, rounding not kept: with
     them its hard-line agreement moved 0.266 -> 0.234, 2 of 64 lines, for +0.0 dB). The cached all-int8 model

@@ -41,7 +41,7 @@ from .ort_int8_kernels import attr, const_value
 from .smoothing_strength import choose_strengths
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,12 @@ def factors(rms: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1.0 / S_LIMIT, S_LIMIT)
 
 
-def channel_rms(run: StaticRun, graph: gs.Graph, cands: dict) -> dict[str, np.ndarray]:
+def channel_rms(run: QuantizeRun, graph: gs.Graph, cands: dict) -> dict[str, np.ndarray]:
     """Each candidate's channel RMS on the calibration feeds (``channel_stats``)."""
     return {k: v["rms"] for k, v in channel_stats(run, graph, cands).items()}
 
 
-def channel_stats(run: StaticRun, graph: gs.Graph, cands: dict) -> dict[str, dict[str, np.ndarray]]:
+def channel_stats(run: QuantizeRun, graph: gs.Graph, cands: dict) -> dict[str, dict[str, np.ndarray]]:
     """Per candidate, from one run of the shared statistics collector on ``graph``'s export over the calibration
     feeds: ``rms`` (channel RMS), ``sigma`` (E[x xᵀ], both from a sample of ``SMOOTH_ROWS_PER_FEED`` rows per
     feed) and ``lo`` / ``hi`` (each channel's extremes over every row)."""
@@ -150,7 +150,7 @@ def channel_stats(run: StaticRun, graph: gs.Graph, cands: dict) -> dict[str, dic
     return out
 
 
-def smooth(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
+def smooth(run: QuantizeRun, graph: gs.Graph, names: set[str]) -> dict:
     """Smooth the candidates of ``graph`` (modified in place) at ``run.smooth_alpha`` (None: a strength per input,
     ``smoothing_strength``); returns stats. The channel statistics come from ``run.smooth_rms`` when given
     (``smooth=auto``'s trials share one measurement of the same float graph), else they are measured

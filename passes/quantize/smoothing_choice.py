@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from onnxcompress.context import PassContext
 
-    from .quantize_pass import Quantize
+    from .options import QuantizeOptions
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def decision_key(s: dict[str, float]) -> tuple[float, float]:
     return (-s["sqnr_db"], 1.0 - s.get("agreement", 1.0))
 
 
-def choose_smoothing(run_cls, p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
+def choose_smoothing(run_cls, p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Quantize ``graph`` (modified in place) without smoothing and smoothed at the strength of ``smooth_alphas``
     whose all-int8 model measures best (``run_cls``: ``StaticRun``); keep the better (module doc)."""
     t_start = time.perf_counter()

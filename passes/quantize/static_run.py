@@ -28,7 +28,7 @@ the sequence of builds, which is deterministic.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -62,6 +62,7 @@ from .qdq_insert import WeightOptions, insert_qdq, resolve_params
 from .range_choice import choose_method
 from .refit import refit_stage
 from .rounding import optimise_rounding
+from .run_view import Built
 from .smoothing import candidates, smooth, tensor_ranks
 from .smoothing_choice import choose_smoothing
 from .stream_equalization import equalize_streams
@@ -71,20 +72,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from onnxcompress.analyses.calibration import TensorStats
     from onnxcompress.context import PassContext
 
-    from .quantize_pass import Quantize
+    from .options import QuantizeOptions
 
 
-class Built(NamedTuple):
-    """One quantized candidate: the Q/DQ graph, the placement it realises, and the insertion counters."""
-
-    graph: gs.Graph
-    plan: Plan
-    counters: dict[str, int]
-    #: per If/Loop/Scan body: what was stored int8 there and what stayed float (``subgraphs.body_stats``)
-    bodies: dict[str, str] = {}
-
-
-def run_static(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
+def run_static(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassResult:
     """``quantize{mode=static}`` on ``graph`` (modified in place); ``smooth=auto`` on a graph with smoothing
     candidates: the better of the two quantizations, with and without smoothing (``smoothing_choice``)."""
     if p.smooth == "auto" and candidates(graph, tensor_ranks(ctx.export(graph))):
@@ -95,7 +86,7 @@ def run_static(p: Quantize, graph: gs.Graph, ctx: PassContext) -> PassResult:
 class StaticRun:
     """One static quantization of one graph: the prepared float graph and what the stages learn about it."""
 
-    def __init__(self, p: Quantize, graph: gs.Graph, ctx: PassContext):
+    def __init__(self, p: QuantizeOptions, graph: gs.Graph, ctx: PassContext):
         self.p, self.graph, self.ctx = p, graph, ctx
         self.qt = qm.qtype(p.activation_type)
         self.stats: dict = {"mode": "static"}

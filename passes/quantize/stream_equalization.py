@@ -43,7 +43,7 @@ from onnxcompress.naming import unique_name
 from .ort_int8_kernels import const_value
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .static_run import StaticRun
+    from .run_view import QuantizeRun
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def streams(graph: gs.Graph) -> list[Stream]:
     return found
 
 
-def channel_moments(run: StaticRun, graph: gs.Graph, tensors: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
+def channel_moments(run: QuantizeRun, graph: gs.Graph, tensors: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
     """Per-channel (axis 1) min, max and mean square of ``tensors`` on the calibration feeds (one pass)."""
     acc: dict[str, list] = {}
 
@@ -194,7 +194,7 @@ def choose(ranges: list[tuple[np.ndarray, np.ndarray]], ms: np.ndarray, consumer
     return best[0], best[1], float(10 * np.log10(base / best[2]))
 
 
-def equalize_streams(run: StaticRun, graph: gs.Graph, names: set[str]) -> dict:
+def equalize_streams(run: QuantizeRun, graph: gs.Graph, names: set[str]) -> dict:
     """Rewrite the streams that pay (module docstring); returns the stats record."""
     found = streams(graph)
     if not found:
