@@ -82,6 +82,22 @@ def test_statistics_over_fewer_feeds_are_kept_apart():
     assert store.range_of("h", samples=2).max == pytest.approx(float(two.max()))
 
 
+def test_dropped_grams_free_their_bytes_and_only_their_feed_count():
+    model = _mlp()
+    ctx, graph, feeds = _ctx(model)
+    store = ctx.analysis(ActivationStatistics, graph)
+    req = {"r:rows": ("r", lambda a: a.reshape(-1, a.shape[-1]))}
+    store.get(StatsRequest(second_moments=req, samples=2))
+    store.get(StatsRequest(second_moments=req, samples=4))
+    two = store.gram("r:rows", samples=2)
+    assert store.drop_grams(["r:rows", "absent"], samples=2) == two.xtx.nbytes + two.row_sum.nbytes == 8 * 8 * 8 + 8 * 8
+    assert store.gram("r:rows", samples=2) is None and store.drop_grams(["r:rows"], samples=2) == 0
+    rs = np.concatenate([a.reshape(-1, 8) for a in _exposed(model, feeds[:4], "r")]).astype(np.float64)
+    np.testing.assert_allclose(store.gram("r:rows", samples=4).xtx, rs.T @ rs, rtol=1e-6, atol=1e-6)
+    store.get(StatsRequest(second_moments=req, samples=2))  # asked again: collected again
+    assert ctx.counters["calibration_runs"] == 3 and store.gram("r:rows", samples=2).rows == 2 * 4
+
+
 def test_current_graph_statistics_are_dropped_when_a_pass_changes_the_graph_teacher_ones_are_not():
     model = _mlp()
     ctx, graph, _ = _ctx(model)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -157,6 +157,16 @@ class StatisticsStore:
 
     def gram(self, key: str, samples: int | None = None) -> Gram | None:
         return self.grams.get((self._n(samples), key))
+
+    def drop_grams(self, keys: Iterable[str], samples: int | None = None) -> int:
+        """Forget the Grams of ``keys`` over ``samples`` feeds (a pass that moves on to more feeds no longer needs
+        the first ones: MiniLM-L6's cluster Grams are ~150 MB a set); returns the bytes freed."""
+        n, freed = self._n(samples), 0
+        for key in keys:
+            g = self.grams.pop((n, key), None)
+            if g is not None:
+                freed += g.xtx.nbytes + g.row_sum.nbytes
+        return freed
 
 
 def model_fingerprint(model: onnx.ModelProto) -> str:

@@ -255,6 +255,7 @@ class Cluster(Pass):
         rows = {k: g.rows for k in needs if (g := store.gram(k, n_feeds)) is not None}
         n_used = feeds_for_rows(rows, needs, n_feeds, len(ctx.calibration), self.gram_rows)
         if n_used > n_feeds:  # token feeds: few rows each (``gram_rows``), every Gram again over more feeds
+            store.drop_grams(req.second_moments, n_feeds)  # only their row counts were needed: freed before the run
             store.get(StatsRequest(second_moments=dict(req.second_moments), samples=n_used))
         for c in cands:
             keys = plan.get(id(c.tensor))
