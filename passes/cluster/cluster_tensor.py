@@ -58,6 +58,18 @@ def from_rows(r: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np.nda
     return np.moveaxis(r.reshape(moved), 0, axis)
 
 
+def decode_scalar(codebook: np.ndarray, row_labels: np.ndarray, shape: tuple[int, ...], axis: int | None,
+                  scale: np.ndarray | None, scale_axis: int | None) -> np.ndarray:
+    """W = c[labels] laid back in ``shape``, times the output channel's scale when there is one: the graph's decode,
+    in the codebook's (the tensor's) dtype, as its Gather and Mul compute it. ``row_labels``: per ``to_rows`` row."""
+    out = from_rows(np.take_along_axis(codebook, row_labels.astype(np.int64), axis=1), shape, axis)
+    if scale is not None:
+        bshape = [1] * len(shape)
+        bshape[scale_axis] = -1
+        out = out * scale.reshape(bshape)
+    return out
+
+
 def element_weights(use: Use, shape: tuple[int, ...], norms: np.ndarray, per_column: bool) -> np.ndarray:
     """Tensor-layout weights from norms per column of the matrix view (``per_column``) or per input channel."""
     m_shape = use.to_matrix(np.empty(shape, np.uint8)).shape
@@ -135,11 +147,7 @@ def cluster_tensor(
         cents, labels = _zero_first(cents, labels)
     codebook = cents.astype(dtype)
     labels = labels.astype(np.uint8)
-    shared = from_rows(np.take_along_axis(codebook, labels.astype(np.int64), axis=1), shape, axis)
-    if scale is not None:
-        bshape = [1] * w.ndim
-        bshape[ch_axis] = -1
-        shared = shared * scale.reshape(bshape)  # in the tensor's dtype, as the graph's Mul computes it
+    shared = decode_scalar(codebook, labels, shape, axis, scale, ch_axis)
     out = Clustered(codebook=codebook, labels=from_rows(labels, shape, axis), axis=axis,
                     zero_label=0 if fixed_zero else None, snapped=shared.astype(dtype),
                     bytes_raw=int(w.nbytes), weighted=col_norms is not None, refit=refit,

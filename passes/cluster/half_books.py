@@ -31,7 +31,7 @@ import dataclasses
 
 import numpy as np
 
-from .cluster_tensor import Clustered, from_rows, to_rows
+from .cluster_tensor import Clustered, decode_scalar, to_rows
 from .hot_rows import apply_stages
 from .vector_codebook import decode as decode_table
 
@@ -61,13 +61,7 @@ def decode(res: Clustered, shape: tuple[int, ...], use=None) -> np.ndarray:
     if res.vector is not None:
         base = decode_table(book.reshape(res.labels.shape[1], -1, book.shape[1]), res.labels.astype(np.int64))
         return apply_stages(res.hot, base)
-    lab = to_rows(res.labels, res.axis).astype(np.int64)
-    out = from_rows(np.take_along_axis(book, lab, axis=1), shape, res.axis)
-    if res.scale is not None:
-        bshape = [1] * len(shape)
-        bshape[res.scale_axis] = -1
-        out = out * res.scale.reshape(bshape)
-    return out
+    return decode_scalar(book, to_rows(res.labels, res.axis), shape, res.axis, res.scale, res.scale_axis)
 
 
 def halve(res: Clustered, w: np.ndarray, use=None) -> Clustered:
