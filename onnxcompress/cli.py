@@ -231,12 +231,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     problems = structural_problems(b)
     size_a, size_b = io.file_size_on_disk(args.a), io.file_size_on_disk(args.b)
     lat = measure_latency({"a": a, "b": b}, feeds.first(), budget_s=args.latency_budget)
+    for n, m in rep.outputs.items():  # NaN/inf: say whose, the metrics alone read "nan"
+        bad = m.get("nonfinite_values")
+        if bad:
+            notes.append(f"output {n!r}: {args.a} produced {bad['original']} and {args.b} {bad['compressed']} "
+                         "non-finite value(s) (NaN/inf) on these feeds")
     out = {"fidelity": rep.to_dict(), "bytes": {"a": size_a, "b": size_b}, "latency_ms": lat,
            "problems_b": problems, "notes": notes}
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
-    for note in notes:  # what was made up: random values, guessed dims, pinned integer inputs
+    for note in notes:  # what was made up (random values, guessed dims, pinned integer inputs), NaN/inf outputs
         print(f"warning: {note}", file=sys.stderr)
     keys = ["max_abs", "rel_max_abs", "mean_abs", "cosine", "cosine_min", "sqnr_db", "top1_agreement",
             "top5_agreement"]

@@ -27,7 +27,9 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxcompress import io, mmap_weights, progress
 from onnxcompress.analyses.model_stats import model_stats
@@ -41,6 +43,39 @@ from onnxcompress.runtime import Session
 from onnxcompress.validate import compare_models, input_noise_for, structural_gate, structural_problems
 
 log = logging.getLogger(__name__)
+
+
+def nonfinite_error(name: str, keys: list[str], metrics: dict, original: onnx.ModelProto | bytes
+                    ) -> OnnxCompressError:
+    """The one error when an output's fidelity is not a number: which model produced the NaN/inf values, and the
+    original's weights that hold some. An original that already does is bad input (exit 2), not a failed pass."""
+    counts = metrics.get("nonfinite_values", {})
+    head = f"fidelity of output {name!r} is not a number ({', '.join(keys)}): "
+    if counts.get("original"):
+        model = original if isinstance(original, onnx.ModelProto) else onnx.ModelProto.FromString(original)
+        weights = nonfinite_initializers(model)
+        where = f" (NaN/inf in its weights: {', '.join(weights)})" if weights else ""
+        return BadInputError(head + f"the original model itself produced {counts['original']} non-finite value(s) "
+                             f"(NaN/inf) on the validation feeds{where}, so nothing can be checked against it")
+    if counts.get("compressed"):
+        return ValidationError(head + f"the compressed model produced {counts['compressed']} non-finite value(s) "
+                               "(NaN/inf) on the validation feeds where the original did not")
+    return ValidationError(head + "the outputs overflow float64 sums on the validation feeds")
+
+
+def nonfinite_initializers(model: onnx.ModelProto, most: int = 3) -> list[str]:
+    """Up to ``most`` float initializers (main graph) holding NaN/inf, as "'name' (N values)"."""
+    found = []
+    for t in model.graph.initializer:
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                               onnx.TensorProto.BFLOAT16) or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        bad = int(np.count_nonzero(~np.isfinite(numpy_helper.to_array(t).astype(np.float32))))
+        if bad:
+            found.append(f"{t.name!r} ({bad} values)")
+            if len(found) == most:
+                break
+    return found
 
 
 class PassManager:
@@ -165,9 +200,7 @@ class PassManager:
             bad = {n: m["nonfinite_metrics"] for n, m in fidelity.outputs.items() if m.get("nonfinite_metrics")}
             if bad:
                 name, keys = next(iter(bad.items()))
-                raise ValidationError(f"fidelity of output {name!r} is not a number ({', '.join(keys)}): the "
-                                      "compressed or the original model produced non-finite values on the "
-                                      "validation feeds")
+                raise nonfinite_error(name, keys, fidelity.outputs[name], original_ref)
             if all(p.exact for p in self.passes):
                 notes.extend(self._check_exact(original_ref, fidelity))
         return CompressResult(final, format_pipeline(self.passes), ledger, fidelity, shapes, tolerated,

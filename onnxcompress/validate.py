@@ -69,6 +69,9 @@ class OutputFidelity:
     classifier: bool = False
     class_scores: bool = False  # whether this output gets top-k agreement
     exact_mismatch: int = 0  # for non-float outputs: elements that differ
+    #: NaN/inf elements the original (reference) and the candidate produced
+    ref_nonfinite: int = 0
+    cand_nonfinite: int = 0
     #: "ctc", "detect", "classify", "embed" or "" (none); the detection layout: [N, 4+K, A] is channels first
     task: str = ""
     channels_first: bool | None = None
@@ -85,8 +88,11 @@ class OutputFidelity:
         self._update_task(r, c)
         r64 = r.astype(np.float64).ravel()
         c64 = c.astype(np.float64).ravel()
-        diff = np.abs(r64 - c64)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, counted below and named by the caller
+            diff = np.abs(r64 - c64)
         self.count += r64.size
+        self.ref_nonfinite += int(r64.size - np.count_nonzero(np.isfinite(r64)))
+        self.cand_nonfinite += int(c64.size - np.count_nonzero(np.isfinite(c64)))
         if r64.size:
             # NaN-ignoring max with no warning on all-NaN (the NaN itself shows in cosine/SQNR: nonfinite_metrics)
             self.max_abs = max(self.max_abs, float(np.fmax.reduce(diff, initial=0.0)))
@@ -154,6 +160,8 @@ class OutputFidelity:
         nonfinite = [k for k in ("max_abs", "mean_abs", "cosine", "cosine_min") if not math.isfinite(out[k])]
         if nonfinite or math.isnan(out["sqnr_db"]):
             out["nonfinite_metrics"] = nonfinite or ["sqnr_db"]
+        if self.ref_nonfinite or self.cand_nonfinite:
+            out["nonfinite_values"] = {"original": self.ref_nonfinite, "compressed": self.cand_nonfinite}
         if self.classifier and self.rows:
             out["top1_agreement"] = self.top1_hits / self.rows
             out["top5_agreement"] = self.top5_hits / self.rows
