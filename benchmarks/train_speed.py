@@ -3,6 +3,7 @@
     python -m benchmarks.train_speed profile --model minilm_l6 --student /tmp/lead/l6pw/cache/minilm_l6_0e8eba4786
     python -m benchmarks.train_speed compare --model minilm_l6 --student ... --minutes 5 \
         --variants "base;precision=bf16;ema=0.999"
+    python -m benchmarks.train_speed layout --models efficientnet_lite2,nudenet_320n --batch 8 --rounds 4
 
 Both start from a cached student (``benchmarks.distill_train --cache``: ``<key>.refit.onnx`` + ``<key>.cmap.pkl``)
 and train it the way ``benchmarks.distill_train`` does (MiniLM: the 26k stdlib sentences as ``train_data``, packs of
@@ -172,6 +173,53 @@ def compare(setup: Setup, minutes: float, base: str, variants: list[str]) -> lis
     return rows
 
 
+def _step(torch: Any, tg: Any, feed: dict) -> None:
+    """One forward + backward of the interpreter (loss: mean square of the float outputs)."""
+    outs = tg.forward(feed)
+    loss = sum(v.float().pow(2).mean() for v in outs.values() if torch.is_tensor(v) and v.is_floating_point())
+    loss.backward()
+
+
+def conv_layout(models: list[str], batch: int, rounds: int) -> list[dict]:
+    """Seconds per forward + backward step (1 torch thread, the first calibration input repeated ``batch`` times, loss = mean square
+    of the float outputs) of each FP32 model in the training interpreter, its 2-D Conv inputs NCHW and channels-last
+    (``torch_ops.CHANNELS_LAST``), the two interleaved ``rounds`` times after a warm-up step each; medians."""
+    import numpy as np
+    import torch
+    from onnxcompress.passes.distill import torch_ops
+    from onnxcompress.passes.distill.torch_interpreter import TorchGraph
+
+    from benchmarks.fetch import cache_dir
+    from onnxcompress import io
+
+    torch.set_num_threads(1)
+    specs, out = load_specs(), []
+    for name in models:
+        spec = specs[name]
+        graph = io.to_graph(onnx.load(str(spec.fetch(cache_dir()))))
+        tg = TorchGraph(graph, torch)
+        first = spec.make_inputs(1, "calib")[0]  # repeated: some models' inputs differ in size
+        feed = {k: np.concatenate([v] * batch) for k, v in first.items()}
+
+        times: dict[str, list[float]] = {"nchw": [], "channels_last": []}
+        try:
+            for _ in range(rounds):
+                for layout in times:
+                    torch_ops.CHANNELS_LAST = layout == "channels_last"
+                    _step(torch, tg, feed)  # warm-up: oneDNN picks and caches its kernels per layout
+                    t = time.perf_counter()
+                    _step(torch, tg, feed)
+                    times[layout].append(time.perf_counter() - t)
+        finally:
+            torch_ops.CHANNELS_LAST = True
+        nchw, last = (float(np.median(times[k])) for k in ("nchw", "channels_last"))
+        out.append({"model": name, "batch": batch, "rounds": rounds, "nchw_s": round(nchw, 3),
+                    "channels_last_s": round(last, 3), "speedup": round(nchw / last, 2),
+                    "load": round(os.getloadavg()[0], 1)})
+        log.info("%s: NCHW %.3f s, channels-last %.3f s per step (%.2fx)", name, nchw, last, nchw / last)
+    return out
+
+
 def render(rows: list[dict], meta: dict) -> str:
     lines = ["# distill{mode=train}: throughput and quality per minute (`benchmarks.train_speed`)", "",
              "Each row trains the same cached student from the same start with the same seed for the same minutes "
@@ -185,6 +233,14 @@ def render(rows: list[dict], meta: dict) -> str:
                      f"{r['train_cpu_seconds'] / max(1, r['steps']):.3f} | "
                      f"{r['heldout_start']:.4g} -> {r['heldout_best']:.4g} | {r['metric_name']} {r['metric']:.4f} | "
                      f"{r['cosine']:.4f} | {r['cpu_seconds']:.0f} | {r['load_start']}-{r['load_end']} |")
+    if meta.get("layout"):
+        lines += ["", "## Conv layout of the training interpreter (`python -m benchmarks.train_speed layout`)", "",
+                  "One forward + backward step of the FP32 model (1 torch thread, the first calibration input x batch), "
+                  "NCHW and channels-last interleaved, medians; the interpreter makes 2-D Conv inputs channels-last.",
+                  "", "| model | batch | rounds | NCHW s/step | channels-last s/step | speed-up | load |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['batch']} | {r['rounds']} | {r['nchw_s']:.3f} | {r['channels_last_s']:.3f} | "
+                  f"{r['speedup']:.2f}x | {r['load']} |" for r in meta["layout"]]
     if meta.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in meta["notes"]]
     lines += ["", f"Versions: {meta.get('versions')}."]
@@ -193,7 +249,7 @@ def render(rows: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("profile", "compare", "render"))
+    ap.add_argument("what", choices=("profile", "compare", "render", "layout"))
     ap.add_argument("--model", default="minilm_l6")
     ap.add_argument("--student", type=Path, help="cached student key (path without .refit.onnx)")
     ap.add_argument("--tag", default="", help="a short name of the student for the table")
@@ -206,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="profile: steps")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--models", default="efficientnet_lite2,ddddocr_det,ppocrv4_det,nudenet_320n,ppocrv4_rec",
+                    help="layout: the models timed")
+    ap.add_argument("--batch", type=int, default=8, help="layout: inputs per step")
+    ap.add_argument("--rounds", type=int, default=4, help="layout: interleaved rounds")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnxcompress").setLevel(logging.WARNING)
@@ -214,6 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     saved = json.loads(path.read_text()) if path.exists() else {"rows": [], "meta": {}}
     if args.what == "render":
         (args.out / "train_speed.md").write_text(render(saved["rows"], saved.get("meta", {})))
+        return 0
+    if args.what == "layout":
+        rows = conv_layout([m.strip() for m in args.models.split(",") if m.strip()], args.batch, args.rounds)
+        done = {r["model"] for r in rows}
+        meta = {**saved.get("meta", {}), "versions": versions()}
+        meta["layout"] = [r for r in meta.get("layout", []) if r["model"] not in done] + rows
+        saved["meta"] = meta
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(saved, indent=1, default=_json_default))
+        (args.out / "train_speed.md").write_text(render(saved["rows"], meta))
         return 0
     setup = Setup(args.model, args.student, args.n_calib, args.n_eval, args.text)
     if args.what == "profile":

@@ -137,3 +137,13 @@ def test_method_list_keeps_pipeline_commas():
         "ort_dynamic",
         "ours:cleanup",
     ]
+
+
+def test_train_speed_renders_the_conv_layout_rows():
+    from benchmarks.train_speed import render
+
+    row = {"model": "m", "batch": 8, "rounds": 4, "nchw_s": 2.65, "channels_last_s": 2.279, "speedup": 1.16,
+           "load": 4.1}
+    text = render([], {"layout": [row], "versions": {}})
+    assert "| m | 8 | 4 | 2.650 | 2.279 | 1.16x | 4.1 |" in text
+    assert "Conv layout" not in render([], {"versions": {}})

@@ -512,3 +512,23 @@ def test_bytes_do_not_depend_on_the_clock_far_from_the_budget(digits, monkeypatc
         return _run(digits, f"{PRUNE},distill{{mode=train {FAST}}}").model.SerializeToString()
 
     assert trained(1e-4) == trained(0.37)
+
+
+def test_channels_last_convs_compute_the_same_values_and_gradients(digits, monkeypatch):
+    """2-D Conv inputs are made channels-last for speed (torch_ops.CHANNELS_LAST): outputs and gradients equal
+    the NCHW run's to float rounding."""
+    from onnxcompress.passes.distill import torch_ops
+
+    assert torch_ops.CHANNELS_LAST
+    x = np.load(VAL)["image"][:8]
+    runs = {}
+    for layout in (False, True):
+        monkeypatch.setattr(torch_ops, "CHANNELS_LAST", layout)
+        tg = TorchGraph(io.to_graph(digits), torch)
+        out = tg.forward({"image": x})[tg.outputs[0]]
+        out.pow(2).mean().backward()
+        runs[layout] = (out.detach().numpy(), {n: w.param.grad.numpy().copy() for n, w in tg.weights.items()})
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-5)
+    assert runs[True][1].keys() == runs[False][1].keys() and len(runs[True][1]) >= 4
+    for name, g in runs[False][1].items():
+        np.testing.assert_allclose(runs[True][1][name], g, rtol=1e-4, atol=1e-5)

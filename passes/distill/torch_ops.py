@@ -9,10 +9,10 @@ the attribute, which the interpreter turns into a clear error (end-to-end) or a 
 QuantizeLinear / DequantizeLinear are fake quantization with a straight-through estimator (``fake_quant``).
 
 A 2-D Conv's input is made channels-last (NHWC strides; the values are the same and every later op reads them
-through their strides): a forward + backward step of 8 inputs, 1 thread, medians of 4 interleaved rounds under load,
-NCHW -> channels-last: EfficientNet-Lite2 (260 px) 2.54 -> 1.84 s, ddddocr_det 1.54 -> 1.38 s, PP-OCRv4 det
-0.60 -> 0.51 s (4 inputs, 2 rounds), nudenet 320n 0.81 -> 0.79 s, PP-OCRv4 rec 1.17 -> 1.17 s (never slower).
-Weights made channels-last as well bought nothing more.
+through their strides). Measured (``benchmarks.train_speed layout``: a forward + backward step of 8 inputs, 1 thread,
+NCHW and channels-last interleaved, medians of 4 rounds, load 4): ddddocr_det 1.16x faster, PP-OCRv4 rec 1.09x,
+PP-OCRv4 det 1.05x, nudenet 320n 1.01x, EfficientNet-Lite2 0.98x (an earlier, noisier run: 1.12x, 1.00x, 1.17x,
+1.02x, 1.38x): never clearly slower, clearly faster on ddddocr_det. Weights made channels-last too bought nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from typing import Any
 import numpy as np
 
 from .fake_quant import dequantize_linear, quantize_linear
+
+#: 2-D Conv inputs made channels-last (module doc; ``benchmarks.train_speed layout`` times both layouts)
+CHANNELS_LAST = True
 
 # ONNX TensorProto data types -> numpy dtypes (torch dtypes are derived from these)
 _ONNX_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64, 9: np.bool_,
@@ -85,7 +88,7 @@ def conv(torch: Any, inputs: list, attrs: dict) -> list:
     strides = list(attrs.get("strides", [1] * nd))
     dil = list(attrs.get("dilations", [1] * nd))
     x, pad = _pads_2d(torch, x, attrs, kernel, strides, dil)
-    if nd == 2:  # channels-last activations (module doc): oneDNN's NHWC kernels, forward and backward
+    if nd == 2 and CHANNELS_LAST:  # channels-last activations (module doc): oneDNN's NHWC kernels, both ways
         x = x.contiguous(memory_format=torch.channels_last)
     fn = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[nd]
     return [fn(x, w, b, strides, pad, dil, int(attrs.get("group", 1)))]
