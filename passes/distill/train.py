@@ -28,9 +28,10 @@ student's held-out loss (otherwise the graph is left as it was).
 Deterministic given the seed: the minibatches and augmentation come from ``ctx.rng``, torch is seeded from it, and
 the ops run on CPU in a fixed order (same machine, same thread count -> the same bytes). The learning rate decays
 with the larger of the step fraction and the time-budget fraction (rounded down to 1/64, so a run far from its
-budget never reads the clock into its lr), and the held-out loss is also measured every
-sixth of the budget and when it runs out: a run cut by ``max_minutes`` keeps what it reached, but then depends on
-the machine's speed (only runs ended by ``steps`` or early stop are reproducible to the byte).
+budget never reads the clock into its lr), and the held-out loss is also measured every sixth of the budget and
+when it runs out: a run cut by ``max_minutes`` keeps what it reached, but then depends on the machine's speed. Runs
+reproducible to the byte: ended by ``steps`` or early stop, at a pace that keeps the step fraction ahead of the
+(rounded) time fraction, each ``eval_every`` steps within a sixth of the budget.
 
 Precision and averaging (``train_speed``): ``precision=auto`` (default) runs the student's forward/backward under
 bf16 autocast on a CPU with native bf16 dot products (master weights, Adam and the held-out evaluations stay
