@@ -10,9 +10,9 @@ QuantizeLinear / DequantizeLinear are fake quantization with a straight-through 
 
 A 2-D Conv's input is made channels-last (NHWC strides; the values are the same and every later op reads them
 through their strides). Measured (``benchmarks.train_speed layout``: a forward + backward step of 8 inputs, 1 thread,
-NCHW and channels-last interleaved, medians of 4 rounds, load 4): ddddocr_det 1.16x faster, PP-OCRv4 rec 1.09x,
-PP-OCRv4 det 1.05x, nudenet 320n 1.01x, EfficientNet-Lite2 0.98x (an earlier, noisier run: 1.12x, 1.00x, 1.17x,
-1.02x, 1.38x): never clearly slower, clearly faster on ddddocr_det. Weights made channels-last too bought nothing.
+NCHW and channels-last interleaved, medians of 4 rounds) on an idle machine: ddddocr_det 1.11x faster, PP-OCRv4 rec
+1.08x, PP-OCRv4 det, nudenet 320n and EfficientNet-Lite2 1.00-1.01x (under load 4: 1.16x, 1.09x, 1.05x, 1.01x,
+0.98x): never slower beyond the noise. Weights made channels-last too bought nothing.
 """
 
 from __future__ import annotations
