@@ -70,6 +70,11 @@ def model_inputs(model: onnx.ModelProto, tensors_only: bool = False) -> list[Inp
     return specs
 
 
+def count_nonfinite(a: np.ndarray) -> int:
+    """How many elements of ``a`` are NaN or +-inf."""
+    return int(a.size - np.count_nonzero(np.isfinite(a)))
+
+
 def check_feed(feed: Feed, inputs: list[InputSpec], where: str = "feed") -> Feed:
     """Check names, dtypes and static dims; cast float64->float32 style widenings. Returns the checked feed."""
     out: Feed = {}
@@ -100,7 +105,7 @@ def check_feed(feed: Feed, inputs: list[InputSpec], where: str = "feed") -> Feed
             raise BadInputError(f"{where}: input {spec.name!r} has a zero-size axis {list(arr.shape)}: a sample "
                                 "must hold data")
         if np.issubdtype(arr.dtype, np.floating) and arr.size:
-            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            bad = count_nonfinite(arr)
             if bad:
                 raise BadInputError(f"{where}: input {spec.name!r} holds {bad} non-finite value(s) (NaN/inf) of "
                                     f"{arr.size}: calibration and validation data must be finite")

@@ -34,7 +34,7 @@ from onnx import numpy_helper
 from onnxcompress import io, mmap_weights, progress
 from onnxcompress.analyses.model_stats import model_stats
 from onnxcompress.context import PassContext
-from onnxcompress.data import FeedSet, bind_dims, feed_shapes, model_inputs
+from onnxcompress.data import FeedSet, bind_dims, count_nonfinite, feed_shapes, model_inputs
 from onnxcompress.errors import BadInputError, OnnxCompressError, PassError, ValidationError
 from onnxcompress.pass_base import Pass
 from onnxcompress.pipeline import format_pass, format_pipeline
@@ -70,7 +70,7 @@ def nonfinite_initializers(model: onnx.ModelProto, most: int = 3) -> list[str]:
         if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                                onnx.TensorProto.BFLOAT16) or t.data_location == onnx.TensorProto.EXTERNAL:
             continue
-        bad = int(np.count_nonzero(~np.isfinite(numpy_helper.to_array(t).astype(np.float32))))
+        bad = count_nonfinite(numpy_helper.to_array(t).astype(np.float32))
         if bad:
             found.append(f"{t.name!r} ({bad} values)")
             if len(found) == most:

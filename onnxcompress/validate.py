@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 
 from onnxcompress import io, task_metrics
-from onnxcompress.data import FeedSet
+from onnxcompress.data import FeedSet, count_nonfinite
 from onnxcompress.errors import ValidationError
 from onnxcompress.runtime import Session
 
@@ -91,8 +91,8 @@ class OutputFidelity:
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, counted below and named by the caller
             diff = np.abs(r64 - c64)
         self.count += r64.size
-        self.ref_nonfinite += int(r64.size - np.count_nonzero(np.isfinite(r64)))
-        self.cand_nonfinite += int(c64.size - np.count_nonzero(np.isfinite(c64)))
+        self.ref_nonfinite += count_nonfinite(r64)
+        self.cand_nonfinite += count_nonfinite(c64)
         if r64.size:
             # NaN-ignoring max with no warning on all-NaN (the NaN itself shows in cosine/SQNR: nonfinite_metrics)
             self.max_abs = max(self.max_abs, float(np.fmax.reduce(diff, initial=0.0)))
