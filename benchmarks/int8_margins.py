@@ -74,7 +74,9 @@ matched to the float Conv's on the calibration feeds, stage by depth, through it
 and ``ebc-gain`` (``empirical_gain=true`` too: a per-channel gain and offset fitted to the float output). Sixteenth
 session: ``qat-text`` (MiniLM: quantization-aware distillation on the unlabeled sentences of Python's standard library,
 ``benchmarks.distill_train.text_feeds_file``, kept in ``INT8_MARGINS_TEXT_CACHE``; cosine on the sentence embedding,
-``QAT_MINUTES`` of training). ``--explain-variant`` names the variant ``--explain`` explains.
+``QAT_MINUTES`` of training). Eighteenth session: ``dynamic`` (``mode=dynamic``: per-tensor activation ranges
+measured at run time, ``DynamicQuantizeLinear`` + ``MatMulInteger``; no calibration).
+``--explain-variant`` names the variant ``--explain`` explains.
 
 ``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
 rounding of the default int8 model taken out alone, with the feeds combined each way of
@@ -192,6 +194,8 @@ VARIANTS: dict[str, str] = {
     # the 2,000 feeds cut from the calibration split's 550 sentences
     "qat-text": "cleanup,quantize,distill{mode=train train_data=STDLIB_TEXT train_samples=22000 batch=16 lr=2e-4 "
                 "steps=100000 eval_every=50 patience=12 max_minutes=MINUTES}",
+    # eighteenth session: runtime (dynamic) activation ranges, per inference, instead of calibrated ones
+    "dynamic": "cleanup,quantize{mode=dynamic}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),
