@@ -194,3 +194,65 @@ def test_smooth_none_from_a_pipeline_text_turns_smoothing_off():
     (q,) = parse_pipeline("quantize{smooth=none}")
     assert q.smooth == "none"
     assert parse_pipeline("quantize")[0].smooth == "auto"
+
+
+# ------------------------------------------------------------------------------- dynamic mode with calibration
+def dynamic(model, calib=None, **options):
+    """quantize{mode=dynamic} of ``model``; ``calib``: calibration feeds (None: the pass gets no data)."""
+    from onnxcompress.passes.quantize import Quantize
+
+    from onnxcompress.context import PassContext
+    from onnxcompress.data import load_feeds
+    from onnxcompress.manager import PassManager
+
+    ctx = PassContext(calibration=load_feeds(calib, model) if calib is not None else None)
+    result = PassManager([Quantize(mode="dynamic", **options)], measure=False).run(model, ctx)
+    return result.model, result.ledger[-1].pass_stats
+
+
+def test_dynamic_mode_smooths_by_measurement_when_given_calibration_data():
+    model = block()
+    calib, held_out = feeds(16, 1), feeds(16, 5)
+    q_plain, s_plain = dynamic(model)  # no data: dynamic quantization as always, nothing smoothed
+    assert "smoothing" not in s_plain
+    q_none, _ = dynamic(model, calib, smooth="none")
+    assert q_none.SerializeToString() == q_plain.SerializeToString()
+    q, st = dynamic(model, calib)  # smooth=auto, the default
+    sm = st["smoothing"]
+    trials = {k: v["sqnr_db"] for k, v in sm["dynamic_by_strength"].items()}
+    assert list(trials) == ["not smoothed", "alpha=0.5", "alpha=0.65", "alpha=0.8"]
+    best = max(trials, key=trials.get)
+    assert sm["decision"] == "smoothed" and best == f"alpha={sm['alpha']:g}" and sm["smoothed"] == 2
+    assert trials[best] > trials["not smoothed"] + 3.0  # in-sample: what decided
+    # every MatMul is still quantized dynamically; the kept model is smooth=all's at the chosen strength
+    c = [n.op_type for n in q.graph.node]
+    assert c.count("MatMul") == 0 and c.count("DynamicQuantizeLinear") == 3
+    q_all, st_all = dynamic(model, calib, smooth="all", smooth_alpha=sm["alpha"])
+    assert st_all["smoothing"]["decision"] == "smoothed" and "dynamic_by_strength" not in st_all["smoothing"]
+    assert q.SerializeToString() == q_all.SerializeToString()
+    assert sqnr(model, q, held_out) > sqnr(model, q_plain, held_out) + 3.0  # held out too
+
+
+def test_dynamic_smoothing_keeps_the_graph_where_no_strength_measures_better():
+    """Even gammas (no activation outliers) and a weak strength, which moves the weights' spread into the
+    activations: every trial measures worse than the plain dynamic model, which is kept."""
+    model = weight_spike(block())
+    calib = feeds(32, 1)
+    q_plain, _ = dynamic(model)
+    q, st = dynamic(model, calib, smooth_alphas=(0.1, 0.25))
+    sm = st["smoothing"]
+    trials = {k: v["sqnr_db"] for k, v in sm["dynamic_by_strength"].items()}
+    assert max(trials["alpha=0.1"], trials["alpha=0.25"]) < trials["not smoothed"] - 1.0
+    assert sm["decision"] == "not smoothed" and sm["alpha"] is None
+    assert q.SerializeToString() == q_plain.SerializeToString()
+
+
+def test_dynamic_smoothing_needs_inputs_with_positions():
+    """A classifier head reads [batch, K]: one row per feed, no smoothing candidate; quantized as without data."""
+    rng = np.random.default_rng(0)
+    m = onnx.parser.parse_model(f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,{K}] x) => (float[1,8] y) {{ y = MatMul(x, w) }}""")
+    add_initializers(m, {"w": (rng.standard_normal((K, 8)) / np.sqrt(K)).astype(np.float32)})
+    q, st = dynamic(m, normal_feeds((1, K), 8, 1))
+    assert st["smoothing"]["decision"] == "not smoothed" and "positions" in st["smoothing"]["reason"]
+    assert q.SerializeToString() == dynamic(m)[0].SerializeToString()

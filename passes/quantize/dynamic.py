@@ -36,6 +36,7 @@ from onnxcompress.errors import PassError
 from onnxcompress.naming import Namer
 from onnxcompress.pass_base import PassResult
 
+from . import dynamic_smoothing
 from . import opset_upgrade as qo
 from . import qparams_math as qm
 from . import subgraphs as sg
@@ -132,8 +133,18 @@ def _finish(
 
 # ------------------------------------------------------------------------------------------------- dynamic
 def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """MatMul/Gemm of every scope (main graph and If/Loop/Scan bodies); one ``W_q`` per weight, shared."""
+    """MatMul/Gemm of every scope (main graph and If/Loop/Scan bodies); one ``W_q`` per weight, shared. With
+    calibration data the MatMul inputs are first smoothed at the measured best strength (``dynamic_smoothing``)."""
     stats: dict = {"mode": "dynamic", "weight_bytes_before": _weight_bytes(graph, ctx)}
+    if dynamic_smoothing.wanted(p, ctx):
+        stats["smoothing"] = dynamic_smoothing.choose(p, graph, ctx, lambda g: quantize_dynamic(p, g, ctx, {}))
+    done = quantize_dynamic(p, graph, ctx, stats)
+    return PassResult(bool(done) or stats.get("smoothing", {}).get("decision") == "smoothed", stats)
+
+
+def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stats: dict) -> Counter:
+    """Quantize ``graph`` dynamically in place (``run_dynamic``'s work, without smoothing); the quantized layers
+    by op type. ``stats`` gets the per-scope details."""
     per_channel = p.per_channel
     if not ensure_opset(graph, ctx, qo.PER_TENSOR_OPSET, stats):
         raise PassError("dynamic quantization needs opset >= 10 and the upgrade failed")
@@ -173,7 +184,7 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
         done[n.op] += 1
         scope.done[f"{n.op} dynamic-int8"] += 1
     _finish(p, graph, ctx, all_scopes, new_nodes, done, skipped, stats)
-    return PassResult(bool(done), stats)
+    return done
 
 
 def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Constant, gs.Constant]) -> list[gs.Node]:

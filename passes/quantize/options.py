@@ -154,7 +154,9 @@ class QuantizeOptions:
         "(measured: the model quantized without smoothing, each of smooth_alphas screened by its all-int8 model, "
         "the best through the float-layer search too when it beats the unsmoothed all-int8 model, the better "
         "worst-output SQNR on the evaluation feeds kept; held out MiniLM-L3 embedding 23.5 -> 31.0 dB, MiniLM-L6 "
-        "18.4 -> 25.5 dB at the same latency, 1.6-4x the tool time; inputs with positions only: nothing on CNNs)",
+        "18.4 -> 25.5 dB at the same latency, 1.6-4x the tool time; inputs with positions only: nothing on CNNs). "
+        "mode=dynamic given calibration data: the same choice measured on the dynamic models "
+        "(passes.quantize.dynamic_smoothing); without data, dynamic mode does not smooth",
     )
     smooth_alpha: float = option(0.5, "smooth=all's strength: s_j = rms_j^alpha / max|W_j|^(1-alpha)")
     smooth_alphas: tuple[float, ...] = option(
