@@ -36,7 +36,7 @@ from onnxcompress.errors import PassError
 from onnxcompress.naming import Namer
 from onnxcompress.pass_base import PassResult
 
-from . import dynamic_smoothing
+from . import dynamic_rounding, dynamic_smoothing
 from . import opset_upgrade as qo
 from . import qparams_math as qm
 from . import subgraphs as sg
@@ -138,13 +138,19 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
     stats: dict = {"mode": "dynamic", "weight_bytes_before": _weight_bytes(graph, ctx)}
     if dynamic_smoothing.wanted(p, ctx):
         stats["smoothing"] = dynamic_smoothing.choose(p, graph, ctx, lambda g: quantize_dynamic(p, g, ctx, {}))
-    done = quantize_dynamic(p, graph, ctx, stats)
+    rounded: dict[str, qm.QuantizedWeight] = {}
+    if dynamic_rounding.wanted(p, ctx):
+        rounded, stats["weight_rounding"] = dynamic_rounding.round_weights(
+            p, graph, ctx, lambda g, r: quantize_dynamic(p, g, ctx, {}, r))
+    done = quantize_dynamic(p, graph, ctx, stats, rounded)
     return PassResult(bool(done) or stats.get("smoothing", {}).get("decision") == "smoothed", stats)
 
 
-def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stats: dict) -> Counter:
+def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stats: dict,
+                     rounded: dict[str, qm.QuantizedWeight] | None = None) -> Counter:
     """Quantize ``graph`` dynamically in place (``run_dynamic``'s work, without smoothing); the quantized layers
-    by op type. ``stats`` gets the per-scope details."""
+    by op type. ``stats`` gets the per-scope details; ``rounded``: int8 weights by weight name used instead of
+    round-to-nearest (``dynamic_rounding``: MatMul [K, N], per column)."""
     per_channel = p.per_channel
     if not ensure_opset(graph, ctx, qo.PER_TENSOR_OPSET, stats):
         raise PassError("dynamic quantization needs opset >= 10 and the upgrade failed")
@@ -172,7 +178,8 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
         w, alpha, trans = got
         key = (n.inputs[1].name, trans, alpha, per_channel)
         if key not in shared:
-            qw = qm.quantize_weight(w, qm.INT8, 1 if per_channel else None)
+            given = (rounded or {}).get(n.inputs[1].name) if (n.op == "MatMul" and per_channel) else None
+            qw = given if given is not None else qm.quantize_weight(w, qm.INT8, 1 if per_channel else None)
             s_w = (np.asarray(qw.scale, np.float64) * alpha).astype(np.float32)
             wbase = n.inputs[1].name
             shared[key] = (
