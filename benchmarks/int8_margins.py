@@ -75,7 +75,10 @@ and ``ebc-gain`` (``empirical_gain=true`` too: a per-channel gain and offset fit
 session: ``qat-text`` (MiniLM: quantization-aware distillation on the unlabeled sentences of Python's standard library,
 ``benchmarks.distill_train.text_feeds_file``, kept in ``INT8_MARGINS_TEXT_CACHE``; cosine on the sentence embedding,
 ``QAT_MINUTES`` of training). Eighteenth session: ``dynamic`` (``mode=dynamic``: per-tensor activation ranges
-measured at run time, ``DynamicQuantizeLinear`` + ``MatMulInteger``; no calibration).
+measured at run time, ``DynamicQuantizeLinear`` + ``MatMulInteger``; given the calibration feeds it smooths by
+measurement, ``passes.quantize.dynamic_smoothing``), ``dynamic-plain`` (``smooth=none``: dynamic quantization as
+without data) and ``dynamic-matmul`` (``weight_rounding=matmul``: the weights rounded against the layer outputs,
+``passes.quantize.dynamic_rounding``).
 ``--explain-variant`` names the variant ``--explain`` explains.
 
 ``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
@@ -196,6 +199,8 @@ VARIANTS: dict[str, str] = {
                 "steps=100000 eval_every=50 patience=12 max_minutes=MINUTES}",
     # eighteenth session: runtime (dynamic) activation ranges, per inference, instead of calibrated ones
     "dynamic": "cleanup,quantize{mode=dynamic}",
+    "dynamic-plain": "cleanup,quantize{mode=dynamic smooth=none}",
+    "dynamic-matmul": "cleanup,quantize{mode=dynamic weight_rounding=matmul}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),
