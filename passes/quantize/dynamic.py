@@ -136,10 +136,16 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
     """MatMul/Gemm of every scope (main graph and If/Loop/Scan bodies); one ``W_q`` per weight, shared. With
     calibration data the MatMul inputs are first smoothed at the measured best strength (``dynamic_smoothing``)."""
     stats: dict = {"mode": "dynamic", "weight_bytes_before": _weight_bytes(graph, ctx)}
+    rounding = dynamic_rounding.wanted(p, ctx)
+
+    def as_built(g: gs.Graph) -> None:  # a smoothing trial: the dynamic model as it would be built (rounding too)
+        r = dynamic_rounding.round_weights(p, g, ctx, None)[0] if rounding else {}
+        quantize_dynamic(p, g, ctx, {}, r)
+
     if dynamic_smoothing.wanted(p, ctx):
-        stats["smoothing"] = dynamic_smoothing.choose(p, graph, ctx, lambda g: quantize_dynamic(p, g, ctx, {}))
+        stats["smoothing"] = dynamic_smoothing.choose(p, graph, ctx, as_built)
     rounded: dict[str, qm.QuantizedWeight] = {}
-    if dynamic_rounding.wanted(p, ctx):
+    if rounding:
         rounded, stats["weight_rounding"] = dynamic_rounding.round_weights(
             p, graph, ctx, lambda g, r: quantize_dynamic(p, g, ctx, {}, r))
     done = quantize_dynamic(p, graph, ctx, stats, rounded)

@@ -79,10 +79,11 @@ def solve(w: np.ndarray, h: np.ndarray) -> qm.QuantizedWeight:
 
 
 def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
-                  quantize: Callable[[gs.Graph, dict[str, qm.QuantizedWeight]], object]) -> tuple[
+                  quantize: Callable[[gs.Graph, dict[str, qm.QuantizedWeight]], object] | None) -> tuple[
                       dict[str, qm.QuantizedWeight], dict]:
     """(weight name -> rounded int8 weight, stats). ``graph``'s bias Adds are shifted in place when the rounding is
-    kept; ``quantize(g, rounded)`` quantizes a copy dynamically with those weights (for the keep decision)."""
+    kept; ``quantize(g, rounded)`` quantizes a copy dynamically with those weights (for the keep decision); None:
+    kept without a decision (a smoothing trial scores the model as it would be built)."""
     t0 = time.perf_counter()
     ranks = smoothing.tensor_ranks(ctx.export(graph))
     todo = layers(graph, ranks, tuple(p.exclude))
@@ -112,7 +113,7 @@ def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
     stats: dict = {"layers": len(rounded), "rows": min(row_counts, default=0), "feeds": len(feeds)}
     if not rounded:
         return {}, {**stats, "kept": False, "reason": "no input with more than one row per feed"}
-    keep = p.weight_rounding == "output"
+    keep = p.weight_rounding == "output" or quantize is None
     if not keep:
         eval_feeds = list(ctx.calibration.take(min(p.eval_samples, len(ctx.calibration))))
         ref = fid.reference(ctx.export(graph), eval_feeds).scored_by(p.auto_float_score)

@@ -15,6 +15,9 @@ the graph is quantized dynamically without smoothing and with every candidate in
 ``smooth_alphas``, and each dynamic model is scored on the first ``eval_samples`` calibration feeds against the
 float model's outputs (``fidelity.score``, feeds combined by ``auto_float_score``). The smoothed graph is kept only
 when its worst-output SQNR is strictly higher (``smoothing_choice.decision_key``); a tie keeps the graph as it was.
+With ``weight_rounding`` other than nearest each trial's weights are rounded against its own layer outputs
+(``dynamic_rounding``) before it is scored: smoothing moves error from the activations into the weights, and the
+rounding takes back part of the weights' share, so the best strength is the one of the model as it will be built.
 ``smooth=all`` smooths at ``smooth_alpha`` (``per_input``: each input at its predicted strength) without a trial;
 ``smooth=none`` or no calibration data: nothing is smoothed (dynamic quantization needs no data).
 
