@@ -144,7 +144,7 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
 
     if dynamic_smoothing.wanted(p, ctx):
         stats["smoothing"] = dynamic_smoothing.choose(p, graph, ctx, as_built)
-    rounded: dict[str, qm.QuantizedWeight] = {}
+    rounded: dict[str, dynamic_rounding.RoundedWeight] = {}
     if rounding:
         rounded, stats["weight_rounding"] = dynamic_rounding.round_weights(
             p, graph, ctx, lambda g, r: quantize_dynamic(p, g, ctx, {}, r))
@@ -153,10 +153,10 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
 
 
 def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stats: dict,
-                     rounded: dict[str, qm.QuantizedWeight] | None = None) -> Counter:
+                     rounded: dict[str, dynamic_rounding.RoundedWeight] | None = None) -> Counter:
     """Quantize ``graph`` dynamically in place (``run_dynamic``'s work, without smoothing); the quantized layers
     by op type. ``stats`` gets the per-scope details; ``rounded``: int8 weights by weight name used instead of
-    round-to-nearest (``dynamic_rounding``: MatMul [K, N], per column)."""
+    round-to-nearest, each with the shift its bias Add loses (``dynamic_rounding``: MatMul [K, N], per column)."""
     per_channel = p.per_channel
     if not ensure_opset(graph, ctx, qo.PER_TENSOR_OPSET, stats):
         raise PassError("dynamic quantization needs opset >= 10 and the upgrade failed")
@@ -183,9 +183,11 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
             continue
         w, alpha, trans = got
         key = (n.inputs[1].name, trans, alpha, per_channel)
+        given = (rounded or {}).get(n.inputs[1].name) if (n.op == "MatMul" and per_channel) else None
+        if given is not None:
+            dynamic_rounding.shift_bias(n, given.shift, namer.taken)
         if key not in shared:
-            given = (rounded or {}).get(n.inputs[1].name) if (n.op == "MatMul" and per_channel) else None
-            qw = given if given is not None else qm.quantize_weight(w, qm.INT8, 1 if per_channel else None)
+            qw = given.weight if given is not None else qm.quantize_weight(w, qm.INT8, 1 if per_channel else None)
             s_w = (np.asarray(qw.scale, np.float64) * alpha).astype(np.float32)
             wbase = n.inputs[1].name
             shared[key] = (

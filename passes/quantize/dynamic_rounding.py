@@ -25,6 +25,7 @@ Measured on MiniLM-L6 (smoothed at α = 0.8; 48 held-out sentences / 48 long inp
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,6 +48,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from onnxcompress.context import PassContext
 
     from .options import QuantizeOptions
+
+
+@dataclass
+class RoundedWeight:
+    """A MatMul's int8 weight rounded against its outputs, and the mean output shift its bias Add must lose."""
+
+    weight: qm.QuantizedWeight
+    shift: np.ndarray
 
 
 def wanted(p: QuantizeOptions, ctx: PassContext) -> bool:
@@ -79,17 +88,15 @@ def solve(w: np.ndarray, h: np.ndarray) -> qm.QuantizedWeight:
 
 
 def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
-                  quantize: Callable[[gs.Graph, dict[str, qm.QuantizedWeight]], object] | None) -> tuple[
-                      dict[str, qm.QuantizedWeight], dict]:
-    """(weight name -> rounded int8 weight, stats). ``graph``'s bias Adds are shifted in place when the rounding is
-    kept; ``quantize(g, rounded)`` quantizes a copy dynamically with those weights (for the keep decision); None:
-    kept without a decision (a smoothing trial scores the model as it would be built)."""
+                  quantize: Callable[[gs.Graph, dict[str, RoundedWeight]], object] | None) -> tuple[
+                      dict[str, RoundedWeight], dict]:
+    """(weight name -> rounded weight and bias shift, stats); ``graph`` is not changed (the quantizer applies a
+    weight's shift where it uses that weight, ``shift_bias``). ``quantize(g, rounded)`` quantizes a copy dynamically
+    with those weights (for the keep decision); None: kept without a decision (a smoothing trial scores the model as
+    it would be built)."""
     t0 = time.perf_counter()
     ranks = smoothing.tensor_ranks(ctx.export(graph))
     todo = layers(graph, ranks, tuple(p.exclude))
-    taken = set(graph.tensors()) | {n.name for n in graph.nodes if n.name}
-    for n in todo:  # the bias shifts are keyed by node name, on the graph and on its copies alike
-        n.name = n.name or unique_name("MatMul_dynamic_rounding", taken)
     if not todo:
         return {}, {"kept": False, "reason": "no MatMul with a bias Add, its own weight and an input with positions"}
     feeds = ctx.calibration.take(p.rounding_samples) if 0 < p.rounding_samples < len(ctx.calibration) \
@@ -98,8 +105,7 @@ def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
     inputs = sorted({n.inputs[0].name for n in todo})
     rows = {x: (x, lambda a: np.asarray(a, np.float32).reshape(-1, a.shape[-1])) for x in inputs}
     store.get(StatsRequest(second_moments={f"{x}:dynamic_rounding": rows[x] for x in inputs}, samples=len(feeds)))
-    rounded: dict[str, qm.QuantizedWeight] = {}
-    shifts: dict[str, np.ndarray] = {}
+    rounded: dict[str, RoundedWeight] = {}
     row_counts = []
     for n in todo:
         g = store.gram(f"{n.inputs[0].name}:dynamic_rounding", samples=len(feeds))
@@ -107,8 +113,7 @@ def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
             continue
         w = const_value(n.inputs[1]).astype(np.float64)
         qw = solve(w, g.xtx)
-        rounded[n.inputs[1].name] = qw
-        shifts[n.name] = (qw.dequantized().astype(np.float64) - w).T @ (g.row_sum / g.rows)
+        rounded[n.inputs[1].name] = RoundedWeight(qw, (qw.dequantized().astype(np.float64) - w).T @ (g.row_sum / g.rows))
         row_counts.append(g.rows)
     stats: dict = {"layers": len(rounded), "rows": min(row_counts, default=0), "feeds": len(feeds)}
     if not rounded:
@@ -124,23 +129,15 @@ def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
             return {k: round(v, 4) for k, v in sc.items() if k in ("sqnr_db", "cosine", "agreement")}
 
         stats["score_nearest"] = scored(graph.copy(), {})
-        stats["score_rounded"] = scored(_apply_shifts(graph.copy(), shifts), rounded)
+        stats["score_rounded"] = scored(graph.copy(), rounded)
         keep = decision_key(stats["score_rounded"]) < decision_key(stats["score_nearest"])
     stats["kept"] = bool(keep)
-    if keep:
-        _apply_shifts(graph, shifts)
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     return (rounded if keep else {}), stats
 
 
-def _apply_shifts(graph: gs.Graph, shifts: dict[str, np.ndarray]) -> gs.Graph:
-    """``graph`` (changed in place, returned) with each rounded layer's mean output shift taken out of its bias."""
-    names = set(graph.tensors()) | {n.name for n in graph.nodes if n.name}
-    for n in graph.nodes:
-        if n.name not in shifts:
-            continue
-        add, slot = bias_add(n)
-        b = const_value(add.inputs[slot]).astype(np.float64)
-        add.inputs[slot] = gs.Constant(unique_name(f"{add.inputs[slot].name}_rounded", names),
-                                       (b - shifts[n.name]).astype(np.float32))
-    return graph
+def shift_bias(node: gs.Node, shift: np.ndarray, names: set[str]) -> None:
+    """Take ``shift`` [N] out of the bias of the Add after the MatMul ``node`` (``bias_correction.bias_add``)."""
+    add, slot = bias_add(node)
+    b = const_value(add.inputs[slot]).astype(np.float64)
+    add.inputs[slot] = gs.Constant(unique_name(f"{add.inputs[slot].name}_rounded", names), (b - shift).astype(np.float32))
