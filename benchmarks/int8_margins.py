@@ -78,7 +78,9 @@ session: ``qat-text`` (MiniLM: quantization-aware distillation on the unlabeled 
 measured at run time, ``DynamicQuantizeLinear`` + ``MatMulInteger``; given the calibration feeds it smooths by
 measurement, ``passes.quantize.dynamic_smoothing``), ``dynamic-plain`` (``smooth=none``: dynamic quantization as
 without data) and ``dynamic-matmul`` (``weight_rounding=matmul``: the weights rounded against the layer outputs,
-``passes.quantize.dynamic_rounding``).
+``passes.quantize.dynamic_rounding``), ``dynamic-matmul-30db`` / ``-31db`` (the same with ``min_sqnr_db``: layers kept
+float, most sensitive first, until the calibration feeds' embedding SQNR reaches the target,
+``passes.quantize.dynamic_mixed``).
 ``--explain-variant`` names the variant ``--explain`` explains.
 
 ``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
@@ -201,6 +203,8 @@ VARIANTS: dict[str, str] = {
     "dynamic": "cleanup,quantize{mode=dynamic}",
     "dynamic-plain": "cleanup,quantize{mode=dynamic smooth=none}",
     "dynamic-matmul": "cleanup,quantize{mode=dynamic weight_rounding=matmul}",
+    "dynamic-matmul-30db": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=30}",
+    "dynamic-matmul-31db": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=31}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),

@@ -320,3 +320,27 @@ def test_dynamic_weight_rounding_against_outputs_lowers_the_layer_error_and_shif
     assert st_auto["weight_rounding"]["kept"]
     assert st_auto["weight_rounding"]["score_rounded"]["sqnr_db"] > st_auto["weight_rounding"]["score_nearest"]["sqnr_db"]
     assert q_auto.SerializeToString() == q.SerializeToString()
+
+
+def test_dynamic_mixed_precision_keeps_the_most_sensitive_layers_float_until_the_target():
+    from onnxcompress.errors import PassError
+
+    model = block()
+    calib, held_out = feeds(16, 1), feeds(16, 5)
+    q0, s0 = dynamic(model, calib, smooth="none")
+    base = sqnr(model, q0, calib)
+    q_easy, s_easy = dynamic(model, calib, smooth="none", min_sqnr_db=base - 3.0)  # met by the all-int8 model
+    mp = s_easy["mixed_precision"]
+    assert mp["met"] and mp["float_layers"] == [] and mp["builds"] == 1
+    assert q_easy.SerializeToString() == q0.SerializeToString()
+    q, st = dynamic(model, calib, smooth="none", min_sqnr_db=base + 6.0)
+    mp = st["mixed_precision"]
+    assert mp["met"] and 1 <= len(mp["float_layers"]) < 3 and mp["score"]["sqnr_db"] >= base + 6.0
+    # the first layer kept float is the one whose float version alone gains most
+    assert mp["float_layers"][0] == max(mp["gains_db"], key=mp["gains_db"].get)
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 3 - len(mp["float_layers"]) and ops.count("MatMul") == len(
+        mp["float_layers"])
+    assert sqnr(model, q, held_out) > sqnr(model, q0, held_out) + 3.0
+    with pytest.raises(PassError, match="calibration data"):
+        dynamic(model, None, min_cosine=0.999)

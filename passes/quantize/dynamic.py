@@ -23,6 +23,7 @@ ConvInteger path is several times slower than float Conv on CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -36,7 +37,7 @@ from onnxcompress.errors import PassError
 from onnxcompress.naming import Namer
 from onnxcompress.pass_base import PassResult
 
-from . import dynamic_rounding, dynamic_smoothing
+from . import dynamic_mixed, dynamic_rounding, dynamic_smoothing
 from . import opset_upgrade as qo
 from . import qparams_math as qm
 from . import subgraphs as sg
@@ -135,6 +136,7 @@ def _finish(
 def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassResult:
     """MatMul/Gemm of every scope (main graph and If/Loop/Scan bodies); one ``W_q`` per weight, shared. With
     calibration data the MatMul inputs are first smoothed at the measured best strength (``dynamic_smoothing``)."""
+    dynamic_mixed.check(p, ctx)
     stats: dict = {"mode": "dynamic", "weight_bytes_before": _weight_bytes(graph, ctx)}
     rounding = dynamic_rounding.wanted(p, ctx)
 
@@ -148,6 +150,10 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
     if rounding:
         rounded, stats["weight_rounding"] = dynamic_rounding.round_weights(
             p, graph, ctx, lambda g, r: quantize_dynamic(p, g, ctx, {}, r))
+    if dynamic_mixed.targets(p):
+        float_layers, stats["mixed_precision"] = dynamic_mixed.choose(
+            p, graph, ctx, lambda q, g: quantize_dynamic(q, g, ctx, {}, rounded))
+        p = dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers)
     done = quantize_dynamic(p, graph, ctx, stats, rounded)
     return PassResult(bool(done) or stats.get("smoothing", {}).get("decision") == "smoothed", stats)
 
