@@ -1084,9 +1084,12 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
                              f"{sn['sqnr_db']:.1f} -> {sr['sqnr_db']:.1f} dB; round-to-nearest kept "
                              f"{len(wr.get('kept_nearest', []))}, skipped {len(wr.get('skipped', {}))}")
             elif wr:
-                notes.append(f"- {v}: weight_rounding {wr.get('layers')} layers "
-                             f"(median per-layer output-error gain {wr.get('output_error_db_gain_median')} dB), "
-                             f"kept={wr.get('kept')}, {wr.get('seconds')} s; skipped {len(wr.get('skipped', {}))}")
+                gain = wr.get("output_error_db_gain_median")
+                gain = f" (median per-layer output-error gain {gain} dB)" if gain is not None else ""
+                sc = (f"; in-sample SQNR {wr['score_nearest']['sqnr_db']:.1f} -> {wr['score_rounded']['sqnr_db']:.1f} dB"
+                      if wr.get("score_nearest") and wr.get("score_rounded") else "")
+                notes.append(f"- {v}: weight_rounding {wr.get('layers')} layers{gain}, kept={wr.get('kept')}, "
+                             f"{wr.get('seconds')} s{sc}; skipped {len(wr.get('skipped', {}))}")
             sm = st.get("smoothing") or {}
             if sm.get("measured"):
                 scr = ", ".join(f"{k} {x['sqnr_db']:.2f}" for k, x in (sm.get("all_int8_by_strength") or {}).items())
@@ -1095,6 +1098,18 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any], fronts: list[dic
                              + " (in-sample worst-output SQNR dB: "
                              + ", ".join(f"{k} {x['sqnr_db']:.2f}" for k, x in sm["measured"].items())
                              + (f"; all-int8 by strength: {scr}" if scr else "") + f"; seconds {sm.get('seconds')})")
+            if sm.get("dynamic_by_strength"):
+                notes.append(f"- {v}: dynamic smoothing {sm.get('decision')}"
+                             + (f" at alpha {sm['alpha']:g}" if sm.get("alpha") is not None else "")
+                             + " (in-sample worst-output SQNR dB: "
+                             + ", ".join(f"{k} {x['sqnr_db']:.2f}" for k, x in sm["dynamic_by_strength"].items())
+                             + f"; {sm.get('seconds')} s)")
+            mp = st.get("mixed_precision") or {}
+            if "float_layers" in mp:  # dynamic mode's mixed precision (``dynamic_mixed``)
+                notes.append(f"- {v}: mixed precision to {mp.get('target')}: {len(mp['float_layers'])} layers float "
+                             f"({', '.join(f'`{x}`' for x in mp['float_layers'])}), in-sample SQNR "
+                             f"{mp['all_int8']['sqnr_db']:.2f} -> {mp['score']['sqnr_db']:.2f} dB, met={mp.get('met')}, "
+                             f"{mp.get('builds')} builds in {mp.get('seconds')} s")
             eb = st.get("empirical_bias")
             if eb and eb.get("layers"):
                 b, a = eb["score_before"], eb["score_after"]

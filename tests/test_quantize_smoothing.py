@@ -344,3 +344,8 @@ def test_dynamic_mixed_precision_keeps_the_most_sensitive_layers_float_until_the
     assert sqnr(model, q, held_out) > sqnr(model, q0, held_out) + 3.0
     with pytest.raises(PassError, match="calibration data"):
         dynamic(model, None, min_cosine=0.999)
+
+
+def test_dynamic_rounding_reports_the_layer_output_error_it_removed():
+    _, st = dynamic(ffn(), ffn_feeds(32, 1), smooth="none", weight_rounding="output")
+    assert st["weight_rounding"]["output_error_db_gain_median"] > 1.0

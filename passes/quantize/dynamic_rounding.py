@@ -79,6 +79,12 @@ def layers(graph: gs.Graph, ranks: dict[str, int], exclude: tuple[str, ...]) -> 
     return out
 
 
+def output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
+    """``Σ_n (w_n − ŵ_n)^T H (w_n − ŵ_n)`` for W [K, N] (the layer's output error on the rows H was built from)."""
+    e = np.asarray(w_hat, np.float64) - np.asarray(w, np.float64)
+    return float(np.einsum("kn,kn->", h @ e, e))
+
+
 def solve(w: np.ndarray, h: np.ndarray) -> qm.QuantizedWeight:
     """W [K, N] -> int8 ``q`` [K, N] with per-column scales [N] (axis 1, zero points 0) minimising E (module doc)."""
     wm = np.asarray(w, np.float64).T  # [N, K]: one row per output column
@@ -107,15 +113,19 @@ def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
     store.get(StatsRequest(second_moments={f"{x}:dynamic_rounding": rows[x] for x in inputs}, samples=len(feeds)))
     rounded: dict[str, RoundedWeight] = {}
     row_counts = []
+    gains: list[float] = []  # per layer: output error of round-to-nearest over the rounded one, dB
     for n in todo:
         g = store.gram(f"{n.inputs[0].name}:dynamic_rounding", samples=len(feeds))
         if g is None or g.rows <= len(feeds):  # one row per feed: too few for H
             continue
         w = const_value(n.inputs[1]).astype(np.float64)
         qw = solve(w, g.xtx)
+        gains.append(10.0 * np.log10(output_error(w, qm.quantize_weight(w.astype(np.float32), qm.INT8, 1).dequantized(),
+                                                  g.xtx) / max(output_error(w, qw.dequantized(), g.xtx), 1e-30)))
         rounded[n.inputs[1].name] = RoundedWeight(qw, (qw.dequantized().astype(np.float64) - w).T @ (g.row_sum / g.rows))
         row_counts.append(g.rows)
-    stats: dict = {"layers": len(rounded), "rows": min(row_counts, default=0), "feeds": len(feeds)}
+    stats: dict = {"layers": len(rounded), "rows": min(row_counts, default=0), "feeds": len(feeds),
+                   "output_error_db_gain_median": round(float(np.median(gains)), 2) if gains else None}
     if not rounded:
         return {}, {**stats, "kept": False, "reason": "no input with more than one row per feed"}
     keep = p.weight_rounding == "output" or quantize is None
