@@ -349,3 +349,10 @@ def test_dynamic_mixed_precision_keeps_the_most_sensitive_layers_float_until_the
 def test_dynamic_rounding_reports_the_layer_output_error_it_removed():
     _, st = dynamic(ffn(), ffn_feeds(32, 1), smooth="none", weight_rounding="output")
     assert st["weight_rounding"]["output_error_db_gain_median"] > 1.0
+
+
+def test_dynamic_weight_rounding_without_data_says_it_rounded_to_nearest(caplog):
+    q, st = dynamic(ffn(), None, weight_rounding="matmul")
+    assert st["weight_rounding"] == {"kept": False, "reason": "no calibration data: round-to-nearest"}
+    assert "no calibration data" in caplog.text
+    assert q.SerializeToString() == dynamic(ffn(), None)[0].SerializeToString()

@@ -139,6 +139,10 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
     dynamic_mixed.check(p, ctx)
     stats: dict = {"mode": "dynamic", "weight_bytes_before": _weight_bytes(graph, ctx)}
     rounding = dynamic_rounding.wanted(p, ctx)
+    if p.weight_rounding != "nearest" and not rounding:
+        stats["weight_rounding"] = {"kept": False, "reason": "no calibration data: round-to-nearest"}
+        log.warning("quantize{mode=dynamic weight_rounding=%s}: no calibration data (--calib), the weights are "
+                    "rounded to nearest", p.weight_rounding)
 
     def as_built(g: gs.Graph) -> None:  # a smoothing trial: the dynamic model as it would be built (rounding too)
         r = dynamic_rounding.round_weights(p, g, ctx, None)[0] if rounding else {}
