@@ -344,6 +344,8 @@ def test_dynamic_mixed_precision_keeps_the_most_sensitive_layers_float_until_the
     assert sqnr(model, q, held_out) > sqnr(model, q0, held_out) + 3.0
     with pytest.raises(PassError, match="calibration data"):
         dynamic(model, None, min_cosine=0.999)
+    with pytest.raises(PassError, match="leave_one_out only"):  # a search dynamic mode does not have
+        dynamic(model, calib, sensitivity="greedy_cost", max_latency=0.5)
 
 
 def test_dynamic_rounding_reports_the_layer_output_error_it_removed():

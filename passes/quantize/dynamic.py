@@ -135,7 +135,9 @@ def _finish(
 # ------------------------------------------------------------------------------------------------- dynamic
 def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassResult:
     """MatMul/Gemm of every scope (main graph and If/Loop/Scan bodies); one ``W_q`` per weight, shared. With
-    calibration data the MatMul inputs are first smoothed at the measured best strength (``dynamic_smoothing``)."""
+    calibration data, first: the MatMul inputs smoothed at the measured best strength (``dynamic_smoothing``), the
+    weights rounded against the layer outputs (``weight_rounding``: ``dynamic_rounding``), layers kept float to a
+    target (``dynamic_mixed``); each kept only where measured better."""
     dynamic_mixed.check(p, ctx)
     stats: dict = {"mode": "dynamic", "weight_bytes_before": _weight_bytes(graph, ctx)}
     rounding = dynamic_rounding.wanted(p, ctx)
