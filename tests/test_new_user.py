@@ -388,6 +388,12 @@ def test_needs_are_checked_before_any_pass_runs(tmp_path, capsys):
     assert "pass 1/2" not in err
     with pytest.raises(BadInputError, match="distill"):
         api.compress(MODEL, "cleanup,distill")
+    # dynamic mode needs no data, unless a fidelity target is to be measured on it
+    code, _, err = run(capsys, "compress", MODEL, "-o", tmp_path / "o.onnx", "--passes",
+                       "cleanup,quantize{mode=dynamic min_cosine=0.99}")
+    assert code == 2 and "needs calibration data" in err and "pass 1/2" not in err
+    code, _, _ = run(capsys, "compress", MODEL, "-o", tmp_path / "o.onnx", "--passes", "cleanup,quantize{mode=dynamic}")
+    assert code == 0
 
 
 def test_sigterm_exits_with_one_line_and_no_output(tmp_path, capsys, monkeypatch):

@@ -1,9 +1,10 @@
 """The ``quantize`` pass class: what it needs and preserves, its contract, and the dispatch to the mode that does the
 work (its options, with their help and validation, are ``options.QuantizeOptions``).
 
-* ``mode=static`` (``static_run``) needs calibration feeds: ``needs_calibration()`` is True only for it, so the
-  pipeline refuses to start without ``--calib`` before any pass runs; ``dynamic`` and ``weight_only``
-  (``dynamic``) need no data.
+* ``mode=static`` (``static_run``) needs calibration feeds, and so does ``mode=dynamic`` given a fidelity target
+  (``min_cosine`` ...: ``dynamic_mixed``): ``needs_calibration()`` is True for them, so the pipeline refuses to start
+  without ``--calib`` before any pass runs; otherwise ``dynamic`` and ``weight_only`` (``dynamic``) need no data
+  (dynamic mode uses it when given: ``dynamic_smoothing``, ``dynamic_rounding``).
 * Preserves no analysis: every mode rewrites weights into integer initializers behind DequantizeLinear (and static
   folds affine ops into Convs), so channel groups and activation statistics of the float graph no longer hold.
 * Determinism: static mode's latency decisions (guard, float-layer costs, per-Conv speeds) are measured once per
@@ -29,6 +30,7 @@ from onnxcompress.errors import PassError
 from onnxcompress.latency_profile import MachineCache
 from onnxcompress.pass_base import Pass, PassResult, register
 
+from . import dynamic_mixed
 from .dynamic import run_dynamic, run_weight_only
 from .options import QuantizeOptions
 from .static_run import run_static
@@ -81,7 +83,8 @@ class Quantize(QuantizeOptions, Pass):
 
     # ------------------------------------------------------------------------------------------ contract
     def needs_calibration(self) -> bool:
-        return self.mode == "static"
+        """Static mode, and dynamic mode with a fidelity target (``dynamic_mixed`` measures it on the feeds)."""
+        return self.mode == "static" or (self.mode == "dynamic" and bool(dynamic_mixed.targets(self)))
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         found = sorted(
