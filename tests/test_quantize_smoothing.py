@@ -323,7 +323,7 @@ def test_dynamic_weight_rounding_against_outputs_lowers_the_layer_error_and_shif
 
 
 def test_dynamic_mixed_precision_keeps_the_most_sensitive_layers_float_until_the_target():
-    from onnxcompress.errors import PassError
+    from onnxcompress.errors import BadInputError, PassError
 
     model = block()
     calib, held_out = feeds(16, 1), feeds(16, 5)
@@ -342,7 +342,7 @@ def test_dynamic_mixed_precision_keeps_the_most_sensitive_layers_float_until_the
     assert ops.count("DynamicQuantizeLinear") == 3 - len(mp["float_layers"]) and ops.count("MatMul") == len(
         mp["float_layers"])
     assert sqnr(model, q, held_out) > sqnr(model, q0, held_out) + 3.0
-    with pytest.raises(PassError, match="calibration data"):
+    with pytest.raises(BadInputError, match="needs calibration data"):  # refused before the pass runs
         dynamic(model, None, min_cosine=0.999)
     with pytest.raises(PassError, match="leave_one_out only"):  # a search dynamic mode does not have
         dynamic(model, calib, sensitivity="greedy_cost", max_latency=0.5)
