@@ -38,6 +38,7 @@ from onnxcompress.naming import Namer
 from onnxcompress.pass_base import PassResult
 
 from . import dynamic_mixed, dynamic_rounding, dynamic_smoothing
+from . import fidelity as fid
 from . import opset_upgrade as qo
 from . import qparams_math as qm
 from . import subgraphs as sg
@@ -141,6 +142,9 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
     dynamic_mixed.check(p, ctx)
     stats: dict = {"mode": "dynamic", "weight_bytes_before": _weight_bytes(graph, ctx)}
     rounding = dynamic_rounding.wanted(p, ctx)
+    # the decisions below score their dynamic models against the float graph's outputs, computed once
+    score = fid.GraphScorer(graph, ctx.export, ctx.calibration.take(min(p.eval_samples, len(ctx.calibration))),
+                            p.auto_float_score) if ctx.calibration is not None else None
     if p.weight_rounding != "nearest" and not rounding:
         stats["weight_rounding"] = {"kept": False, "reason": "no calibration data: round-to-nearest"}
         log.warning("quantize{mode=dynamic weight_rounding=%s}: no calibration data (--calib), the weights are "
@@ -151,14 +155,14 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
         quantize_dynamic(p, g, ctx, {}, r)
 
     if dynamic_smoothing.wanted(p, ctx):
-        stats["smoothing"] = dynamic_smoothing.choose(p, graph, ctx, as_built)
+        stats["smoothing"] = dynamic_smoothing.choose(p, graph, ctx, as_built, score)
     rounded: dict[str, dynamic_rounding.RoundedWeight] = {}
     if rounding:
         rounded, stats["weight_rounding"] = dynamic_rounding.round_weights(
-            p, graph, ctx, lambda g, r: quantize_dynamic(p, g, ctx, {}, r))
+            p, graph, ctx, lambda g, r: quantize_dynamic(p, g, ctx, {}, r), score)
     if dynamic_mixed.targets(p):
         float_layers, stats["mixed_precision"] = dynamic_mixed.choose(
-            p, graph, ctx, lambda q, g: quantize_dynamic(q, g, ctx, {}, rounded))
+            p, graph, lambda q, g: quantize_dynamic(q, g, ctx, {}, rounded), score)
         p = dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers)
     done = quantize_dynamic(p, graph, ctx, stats, rounded)
     return PassResult(bool(done) or stats.get("smoothing", {}).get("decision") == "smoothed", stats)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import onnx_graphsurgeon as gs
 
 from onnxcompress.errors import PassError
+from onnxcompress.naming import graph_names
 
 from . import fidelity as fid
 from .prepare import name_unnamed_nodes
@@ -61,13 +62,12 @@ def check(p: QuantizeOptions, ctx: PassContext) -> None:
                         "data: give --calib FILE.npz or a folder of feeds, or drop the target")
 
 
-def choose(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
-           quantize: Callable[[QuantizeOptions, gs.Graph], object]) -> tuple[tuple[str, ...], dict]:
-    """(the layers kept float, stats); ``quantize(options, g)`` quantizes a copy dynamically in place."""
+def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOptions, gs.Graph], object],
+           score: fid.GraphScorer) -> tuple[tuple[str, ...], dict]:
+    """(the layers kept float, stats); ``quantize(options, g)`` quantizes a copy dynamically in place, ``score(g)``
+    scores it."""
     t0 = time.perf_counter()
-    name_unnamed_nodes(graph, set(graph.tensors()) | {n.name for n in graph.nodes if n.name})
-    eval_feeds = list(ctx.calibration.take(min(p.eval_samples, len(ctx.calibration))))
-    ref = fid.reference(ctx.export(graph), eval_feeds).scored_by(p.auto_float_score)
+    name_unnamed_nodes(graph, graph_names(graph))
     want = targets(p)
     builds = 0
 
@@ -76,14 +76,13 @@ def choose(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
         g = graph.copy()
         quantize(dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers), g)
         builds += 1
-        sc = fid.score_model(ref, ctx.export(g))
-        return {k: round(v, 4) for k, v in sc.items() if k in ("sqnr_db", "cosine", "agreement")}
+        return score(g)
 
     def meets(s: dict[str, float]) -> bool:
         return fid.meets(s, p.min_cosine, p.max_agreement_drop, p.min_sqnr_db)
 
     base = scored(())
-    stats: dict = {"target": want, "all_int8": base, "eval_feeds": len(eval_feeds)}
+    stats: dict = {"target": want, "all_int8": base, "eval_feeds": len(score.feeds)}
     chosen: tuple[str, ...] = ()
     final, met = base, meets(base)
     if not met:

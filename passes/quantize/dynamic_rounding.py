@@ -94,12 +94,12 @@ def solve(w: np.ndarray, h: np.ndarray) -> qm.QuantizedWeight:
 
 
 def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
-                  quantize: Callable[[gs.Graph, dict[str, RoundedWeight]], object] | None) -> tuple[
-                      dict[str, RoundedWeight], dict]:
+                  quantize: Callable[[gs.Graph, dict[str, RoundedWeight]], object] | None,
+                  score: fid.GraphScorer | None = None) -> tuple[dict[str, RoundedWeight], dict]:
     """(weight name -> rounded weight and bias shift, stats); ``graph`` is not changed (the quantizer applies a
     weight's shift where it uses that weight, ``shift_bias``). ``quantize(g, rounded)`` quantizes a copy dynamically
-    with those weights (for the keep decision); None: kept without a decision (a smoothing trial scores the model as
-    it would be built)."""
+    with those weights and ``score(g)`` scores it (the keep decision); ``quantize`` None: kept without a decision (a
+    smoothing trial scores the model as it would be built)."""
     t0 = time.perf_counter()
     ranks = smoothing.tensor_ranks(ctx.export(graph))
     todo = layers(graph, ranks, tuple(p.exclude))
@@ -130,13 +130,9 @@ def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
         return {}, {**stats, "kept": False, "reason": "no input with more than one row per feed"}
     keep = p.weight_rounding == "output" or quantize is None
     if not keep:
-        eval_feeds = list(ctx.calibration.take(min(p.eval_samples, len(ctx.calibration))))
-        ref = fid.reference(ctx.export(graph), eval_feeds).scored_by(p.auto_float_score)
-
         def scored(g: gs.Graph, weights: dict) -> dict[str, float]:
             quantize(g, weights)
-            sc = fid.score_model(ref, ctx.export(g))
-            return {k: round(v, 4) for k, v in sc.items() if k in ("sqnr_db", "cosine", "agreement")}
+            return score(g)
 
         stats["score_nearest"] = scored(graph.copy(), {})
         stats["score_rounded"] = scored(graph.copy(), rounded)

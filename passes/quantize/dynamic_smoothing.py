@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
 
+from onnxcompress.naming import graph_names
+
 from . import fidelity as fid
 from . import smoothing
 from .smoothing_choice import decision_key
@@ -67,46 +69,38 @@ def wanted(p: QuantizeOptions, ctx: PassContext) -> bool:
     return ctx.calibration is not None and len(ctx.calibration) > 0 and p.smooth not in (None, "none")
 
 
-def taken_names(graph: gs.Graph) -> set[str]:
-    """Every tensor and node name of ``graph`` (new constants must not reuse one)."""
-    return set(graph.tensors()) | {n.name for n in graph.nodes if n.name}
-
-
-def choose(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
-           quantize: Callable[[gs.Graph], object]) -> dict:
-    """Smooth ``graph`` (in place) as the module doc says; ``quantize(g)`` quantizes a copy dynamically in place.
-    Returns the stats (decision, strength, the scores of every trial, seconds)."""
+def choose(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, quantize: Callable[[gs.Graph], object],
+           score: fid.GraphScorer) -> dict:
+    """Smooth ``graph`` (in place) as the module doc says; ``quantize(g)`` quantizes a copy dynamically in place,
+    ``score(g)`` scores it. Returns the stats (decision, strength, the scores of every trial, seconds)."""
     t0 = time.perf_counter()
     ranks = smoothing.tensor_ranks(ctx.export(graph))
     if not smoothing.candidates(graph, ranks):
         return {"decision": "not smoothed", "reason": "no MatMul/Gemm input with positions and a constant weight"}
     if p.smooth in ("all", "per_input"):
         alpha = None if p.smooth == "per_input" else float(p.smooth_alpha)
-        done = smoothing.smooth(SmoothingView(p, ctx, alpha), graph, taken_names(graph))
+        done = smoothing.smooth(SmoothingView(p, ctx, alpha), graph, graph_names(graph))
         return {"decision": "smoothed", "alpha": alpha if alpha is not None else "per input",
                 "smoothed": done["smoothed"], "seconds": round(time.perf_counter() - t0, 2)}
-    eval_feeds = list(ctx.calibration.take(min(p.eval_samples, len(ctx.calibration))))
-    ref = fid.reference(ctx.export(graph), eval_feeds).scored_by(p.auto_float_score)
     shared: dict = {}
 
     def scored(g: gs.Graph) -> dict[str, float]:
         quantize(g)
-        sc = fid.score_model(ref, ctx.export(g))
-        return {k: round(v, 4) for k, v in sc.items() if k in ("sqnr_db", "cosine", "agreement")}
+        return score(g)
 
     trials: dict[str, dict[str, float]] = {"not smoothed": scored(graph.copy())}
     best_label, best_alpha = "not smoothed", None
     for alpha in dict.fromkeys(float(a) for a in p.smooth_alphas):
         g = graph.copy()
-        smoothing.smooth(SmoothingView(p, ctx, alpha, shared), g, taken_names(g))
+        smoothing.smooth(SmoothingView(p, ctx, alpha, shared), g, graph_names(g))
         label = f"alpha={alpha:g}"
         trials[label] = scored(g)
         if decision_key(trials[label]) < decision_key(trials[best_label]):
             best_label, best_alpha = label, alpha
     stats: dict = {"decision": "not smoothed" if best_alpha is None else "smoothed", "alpha": best_alpha,
-                   "dynamic_by_strength": trials, "eval_feeds": len(eval_feeds)}
+                   "dynamic_by_strength": trials, "eval_feeds": len(score.feeds)}
     if best_alpha is not None:
-        done = smoothing.smooth(SmoothingView(p, ctx, best_alpha, shared), graph, taken_names(graph))
+        done = smoothing.smooth(SmoothingView(p, ctx, best_alpha, shared), graph, graph_names(graph))
         stats["smoothed"] = done["smoothed"]
         stats["channel_ratio"] = done.get("channel_ratio", {})
     stats["seconds"] = round(time.perf_counter() - t0, 2)

@@ -199,6 +199,31 @@ def score_model(ref: Reference, model: onnx.ModelProto) -> dict[str, float]:
     return score(ref, run_model(model, ref.feeds, ref.feature_nodes))
 
 
+#: the scores an outputs-only decision reads and its stats report
+OUTPUT_KEYS = ("sqnr_db", "cosine", "agreement")
+
+
+def outputs_summary(ref: Reference, model: onnx.ModelProto) -> dict[str, float]:
+    """``score_model`` on the graph outputs: the worst output's SQNR, cosine and agreement, rounded to 4 places."""
+    return {k: round(v, 4) for k, v in score_model(ref, model).items() if k in OUTPUT_KEYS}
+
+
+class GraphScorer:
+    """``scorer(g)``: ``outputs_summary`` of the graph ``g`` against the float graph given at construction, on
+    ``feeds``. The float outputs are computed on first use and kept, so the decisions of one run share them and a
+    run that decides nothing never computes them."""
+
+    def __init__(self, graph: gs.Graph, export, feeds, feed_score: str):
+        self.float_graph, self.export, self.feed_score = graph.copy(), export, feed_score
+        self.feeds = feeds
+        self._ref: Reference | None = None
+
+    def __call__(self, g: gs.Graph) -> dict[str, float]:
+        if self._ref is None:
+            self._ref = reference(self.export(self.float_graph), list(self.feeds)).scored_by(self.feed_score)
+        return outputs_summary(self._ref, self.export(g))
+
+
 def _sqnr(refs: list[np.ndarray], cands: list[np.ndarray], feed_score: str = "pooled",
           weights: np.ndarray | None = None) -> float:
     sig = [float(np.sum(np.asarray(r, np.float64) ** 2)) for r in refs]

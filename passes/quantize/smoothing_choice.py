@@ -91,8 +91,7 @@ def choose_smoothing(run_cls, p: QuantizeOptions, graph: gs.Graph, ctx: PassCont
     outputs_only = outputs_only.scored_by(p.auto_float_score)
 
     def scored(model) -> dict:
-        sc = fid.score_model(outputs_only, model)
-        return {k: round(v, 4) for k, v in sc.items() if k in ("sqnr_db", "cosine", "agreement")}
+        return fid.outputs_summary(outputs_only, model)
 
     screen: dict[str, dict] = {"not smoothed": scored(plain.all_int8_model())}
     got_plain = plain.complete(*ready_plain)
