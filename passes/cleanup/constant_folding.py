@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+from onnxcompress.analyses.channel_groups import toposort
 from onnxcompress.graph_utils import all_graphs, detach, graph_output_ids, redirect_consumers
 
 from .rewrite_env import DEFAULT_DOMAINS, is_default, purge
@@ -66,6 +67,33 @@ def fold_constants(
     if folded_total:
         stats["constants_folded"] += folded_total
     return folded_total > 0
+
+
+def integer_constant_values(graph: gs.Graph) -> dict[str, np.ndarray]:
+    """Values of the tensors ``graph`` computes from integer constants alone (bit-packed indices unpacked by
+    integer ops, shape arithmetic on constants), by name: every default-domain node whose inputs are integer/bool
+    constants or such values, evaluated once with onnxruntime exactly as a fold would. Float constants are never
+    roots, so a weight and everything computed from it stay live. The graph itself is not changed."""
+    known: set[str] = set()
+    nodes: list[gs.Node] = []
+    for node in toposort(graph):
+        if not is_default(node) or node.op in _NO_FOLD or any(True for _ in node.subgraphs()):
+            continue
+        ins = [t for t in node.inputs if not t.is_empty()]
+        outs = [t for t in node.outputs if not t.is_empty()]
+        if outs and ins and all(t.name in known or _integer_constant(t) for t in ins):
+            nodes.append(node)
+            known.update(t.name for t in outs)
+    imports = [onnx.helper.make_opsetid("", int(graph.opset or 13))]
+    return {k: v for k, v in _evaluate(nodes, {}, imports).items() if k in known}
+
+
+def _integer_constant(t: gs.Tensor) -> bool:
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values).dtype.kind in "biu"
+    node = t.inputs[0] if len(t.inputs) == 1 else None
+    value = node.attrs.get("value") if node is not None and node.op == "Constant" else None
+    return isinstance(value, gs.Constant) and np.asarray(value.values).dtype.kind in "biu"
 
 
 def _fold_candidates(

@@ -232,8 +232,10 @@ class Distill(Pass):
                 if result is None:
                     continue
                 kind, before, after = result
-                if kind == "ls":
+                if kind in ("ls", "ls shared"):
                     stats["layers_refit"] += 1
+                    if kind == "ls shared":  # a clustered weight: its shared values and scales, the indices kept
+                        stats["layers_refit_shared"] = stats.get("layers_refit_shared", 0) + 1
                     fit_before.append(before)
                     fit_after.append(after)
                 elif kind == "bias":

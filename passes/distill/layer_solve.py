@@ -11,7 +11,11 @@
 - bias correction (``bias``): b += mean(y_teacher - y_student) per output channel.
 
 A Conv / ConvTranspose / Gemm without a bias is given a zero one (``<output>_bias``) to hold the fitted bias.
-Returns (what was done, relative residual before, after): "ls", "bias", or the reason the layer was skipped.
+- a clustered weight (``cluster``'s scalar decode): its shared values and channel scales (``_solve_shared``), the
+  indices kept, so the file keeps its size and each tensor its k values.
+
+Returns (what was done, relative residual before, after): "ls", "ls shared" (a clustered weight), "bias", or the
+reason the layer was skipped.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from onnxcompress.passes.cluster.codebook_refit import refit_codebook
 
 from .layers import Layer
 from .normal_equations import Normal
@@ -56,6 +62,8 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
     hold, L.hold = L.hold, None
     w = L.w.get()
     has_bias = L.b is not None or L.kind in ("conv", "dwconv")
+    if L.w.decode is not None:
+        return _solve_shared(L, st.merged(hold), w, has_bias, max_inputs)
     if L.kind == "dwconv":
         cur = w.reshape(w.shape[0], -1)
         b_cur = L.b.get().reshape(-1) if L.b is not None else np.zeros(w.shape[0])
@@ -115,6 +123,63 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
     return ("ls", _rel(st, before), _rel(st, objective(st, final)))
 
 
+def _solve_shared(L: Layer, st: Normal, w: np.ndarray, has_bias: bool, max_inputs: int) -> tuple[str, float, float]:
+    """A clustered weight M = C[L] * s (``cluster.decode_view``) refit in its shared values: with the bias row
+    eliminated (G' = G - g g^T / n, B' = B - g y_b^T / n: the bias is free at every C), the codebook C by
+    ``refit_codebook`` (conjugate gradients, labels fixed, zero centroids fixed), then each output's scale s_o =
+    (u_o^T B'_o) / (u_o^T G' u_o) with u_o = C[L_o], then C again; the bias b = (y_b - g^T M) / n. Kept only if
+    ||X [M; b] - Y||^2 falls."""
+    dec = L.w.decode
+    wm = _to_matrix(L, w)  # [K, N], alpha folded in
+    k = wm.shape[0]
+    if k > max_inputs:
+        return (f"more than {max_inputs} inputs", 0.0, 0.0)
+    labels = _to_matrix(L, dec.labels.astype(np.float64)).astype(np.int64) if L.kind != "gemm" else \
+        (dec.labels.T if L.trans_b else dec.labels)
+    scale_m = _to_matrix(L, dec.scales())
+    if not np.allclose(scale_m, scale_m[:1]):
+        return ("clustered weight with scales along its inputs", 0.0, 0.0)
+    a, b = st.xtx, st.xty
+    if has_bias:
+        g, n, y_b = a[:k, k], max(float(a[k, k]), 1.0), b[k]
+        gram, xty = a[:k, :k] - np.outer(g, g) / n, b[:k] - np.outer(g, y_b) / n
+    else:
+        gram, xty = a, b
+    book = dec.codebook()
+    fixed = (book == 0)[None, :]
+    scale = scale_m[0].copy()  # per output; alpha included
+    wb_cur = np.concatenate([wm, _bias_vector(L, wm.shape[1])[None, :]], axis=0) if has_bias else wm
+    before = objective(st, wb_cur)
+    stored_scale = dec.scale_holder is not None and \
+        np.asarray(dec.scale_holder[0].inputs[dec.scale_holder[1]].values).size == scale.size
+    for rnd in range(2):
+        book = refit_codebook(book[None, :], labels.T, gram, xty=xty, fixed=fixed, row_scale=scale)[0][0]
+        if rnd == 0 and stored_scale:
+            u = book[labels]  # [K, N]
+            den = np.sum(u * (gram @ u), axis=0)
+            num = np.sum(u * xty, axis=0)
+            scale = np.where(den > 0, num / np.where(den > 0, den, 1.0), scale)
+    m_new = book[labels] * scale[None, :]
+    final = m_new
+    if has_bias:
+        b_new = (y_b - g @ m_new) / n
+        final = np.concatenate([m_new, b_new[None, :]], axis=0)
+    after = objective(st, final)
+    if not after < before:
+        return ("no improvement", 0.0, 0.0)
+    alpha = L.alpha if L.kind == "gemm" else 1.0
+    stored = None
+    if stored_scale:
+        holder = dec.scale_holder
+        stored = (scale / alpha).reshape(np.asarray(holder[0].inputs[holder[1]].values).shape)
+    m_eff = _to_matrix(L, dec.set(book, stored))
+    if has_bias:
+        b_eff = (y_b - g @ m_eff) / n  # for the stored (rounded) values
+        _set_bias(L, b_eff)
+        m_eff = np.concatenate([m_eff, b_eff[None, :]], axis=0)
+    return ("ls shared", _rel(st, before), _rel(st, objective(st, m_eff)))
+
+
 def _rel(st: Normal, obj: float) -> float:
     """Residual energy relative to the target's: (||XW - Y||^2) / ||Y||^2."""
     return max(0.0, (obj + st.yty) / st.yty) if st.yty > 0 else 0.0
@@ -166,7 +231,7 @@ def _add_bias(L: Layer) -> WeightRef | None:
         "ConvTranspose": w.shape[1] * int(node.attrs.get("group", 1)),
         "Gemm": w.shape[0] if L.trans_b else w.shape[1],
     }[node.op]
-    dtype = np.float32 if L.w.quantized else np.asarray(node.inputs[1].values).dtype
+    dtype = np.float32 if L.w.quantized or L.w.decode is not None else np.asarray(node.inputs[1].values).dtype
     const = gs.Constant(f"{node.outputs[0].name}_bias", np.zeros(n, dtype=dtype))
     while len(node.inputs) < 3:
         node.inputs.append(const)

@@ -2,7 +2,9 @@
 
 A layer is a weighted node whose output the teacher has under the same name: Conv (``conv``), depthwise Conv
 (``dwconv``: one small system per channel), Gemm (``gemm``), MatMul with a constant 2-D weight (``matmul``, with the
-bias of the Add that follows it); grouped Conv and ConvTranspose get bias correction only (``bias``). A layer is
+bias of the Add that follows it); grouped Conv and ConvTranspose get bias correction only (``bias``). A weight
+``cluster`` stores as shared values (a scalar decode, ``cluster.decode_view``) counts as the layer's weight: its
+shared values and channel scales are refit (``layer_solve``); a clustered depthwise kernel gets bias correction. A layer is
 refit when its input differs from the teacher's (downstream of a cut or of modified weights: "changed" tensors
 propagate through the graph in topological order) or its own weights differ beyond the slicing the channel map
 describes (pruned, quantized); ``layers=all`` refits every layer.
@@ -25,6 +27,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.analyses.channel_groups import toposort
+from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
+from onnxcompress.passes.cluster.decode_view import scalar_decode
 
 from .normal_equations import Normal
 from .weight_refs import WeightRef
@@ -68,11 +72,12 @@ def find_layers(graph: gs.Graph, teacher: onnx.ModelProto, cmap: dict, *, layers
     depth: dict[str, int] = {}
     found: list[Layer] = []
     tensors = graph.tensors()
+    decodes = _decode_reader(graph)
     graph_out = {id(t) for t in graph.outputs}
     for node in toposort(graph):
         d_in = max((depth.get(t.name, 0) for t in node.inputs), default=0)
         in_changed = any(t.name in changed for t in node.inputs if isinstance(t, gs.Variable))
-        L = _make_layer(node)
+        L = _make_layer(node, decodes)
         node_changed = in_changed
         refit = False
         if L is not None:
@@ -101,7 +106,21 @@ def find_layers(graph: gs.Graph, teacher: onnx.ModelProto, cmap: dict, *, layers
     return found, skipped
 
 
-def _make_layer(node: gs.Node) -> Layer | None:
+def _decode_reader(graph: gs.Graph):
+    """Reads a clustered weight's scalar decode (``cluster.decode_view``); the integer constants of the graph (the
+    unpacked indices) are evaluated once, on the first weight that is not a constant."""
+    folded: dict | None = None
+
+    def read(t: gs.Tensor):
+        nonlocal folded
+        if folded is None:
+            folded = integer_constant_values(graph)
+        return scalar_decode(graph, t, folded)
+
+    return read
+
+
+def _make_layer(node: gs.Node, decodes=None) -> Layer | None:
     op = node.op
     if (
         node.domain not in (None, "", "ai.onnx")
@@ -111,7 +130,7 @@ def _make_layer(node: gs.Node) -> Layer | None:
         return None
     x = node.inputs[0].name
     if op == "Conv":
-        w = WeightRef.resolve(node, 1)
+        w = WeightRef.resolve(node, 1, decodes)
         if w is None:
             return None
         wv = w.get()
@@ -119,7 +138,7 @@ def _make_layer(node: gs.Node) -> Layer | None:
         b = WeightRef.resolve(node, 2)
         if group == 1:
             kind = "conv"
-        elif wv.shape[1] == 1:
+        elif wv.shape[1] == 1 and w.decode is None:  # a clustered depthwise kernel: bias correction only
             kind = "dwconv"
         else:
             kind = "bias"
@@ -130,7 +149,7 @@ def _make_layer(node: gs.Node) -> Layer | None:
             return None
         return Layer(node, "bias", x, node.outputs[0].name, 1, w, WeightRef.resolve(node, 2))
     if op == "Gemm":
-        w = WeightRef.resolve(node, 1)
+        w = WeightRef.resolve(node, 1, decodes)
         if w is None:
             return None
         b = WeightRef.resolve(node, 2)
@@ -151,7 +170,7 @@ def _make_layer(node: gs.Node) -> Layer | None:
             trans_b=bool(node.attrs.get("transB", 0)),
         )
     if op == "MatMul":
-        w = WeightRef.resolve(node, 1)
+        w = WeightRef.resolve(node, 1, decodes)
         if w is None or w.get().ndim != 2:
             return None
         y = node.outputs[0]
@@ -215,7 +234,7 @@ def _teacher_weights(teacher: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def _weights_modified(L: Layer, teacher_weights: dict, cmap: dict) -> bool:
     """Whether the layer's weights differ from the teacher's beyond slicing (pruned weights, quantization...)."""
-    if L.w.quantized:
+    if L.w.quantized or L.w.decode is not None:
         return True
     t = teacher_weights.get(L.node.outputs[0].name)
     if t is None:

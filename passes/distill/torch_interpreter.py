@@ -13,6 +13,11 @@ written back. The float weights of weighted slots become ``Weight`` parameters k
 - exact zeros stay zero: W = P * M with the mask M = (W0 != 0) (pruned weights; their gradient is zero); with
   ``learn_masks`` a pruned MatMul / Gemm / Conv weight trains a dense shadow P and W = P * M(P), its N:M pattern or
   non-zero count kept (``sparse_masks``);
+- a clustered weight as ``cluster`` stores it (``storage=codebook``: indices in bit streams unpacked by integer ops):
+  every tensor computed from integer constants alone is evaluated once up front
+  (``constant_folding.integer_constant_values``), so the decode's Gather reads constant indices and its codebook
+  and channel scales train while the packed streams stay as they are; a weight stored as float16 and cast
+  (``Cast(float16 constant)``: half codebooks and scales) trains in float32 and is written back rounded to float16;
 - a QDQ graph (``quantize``): QuantizeLinear / DequantizeLinear run as fake quantization with a straight-through
   estimator; a quantized weight or int32 bias read through a DQ trains a float shadow of its integers, and with
   ``learn_scales`` the activation scales train too (``fake_quant``).
@@ -31,7 +36,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+
+from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
 
 from .fake_quant import attach
 from .sparse_masks import MaskRule, choose_mask, reduction_axis, rule_for, straight_through
@@ -91,7 +99,9 @@ class Weight:
         return self.value().detach().cpu().numpy().astype(self.dtype).reshape(self.shape)
 
 
-def _const_value(t: gs.Tensor) -> np.ndarray | None:
+def _const_value(t: gs.Tensor, folded: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
+    if folded and t.name in folded:
+        return folded[t.name]
     if isinstance(t, gs.Constant):
         return np.asarray(t.values)
     if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
@@ -127,11 +137,14 @@ def topo_order(graph: gs.Graph) -> list[gs.Node]:
     return out
 
 
-def is_weight_slot(node: gs.Node, index: int, value: np.ndarray) -> bool:
+def is_weight_slot(node: gs.Node, index: int, value: np.ndarray,
+                   folded: dict[str, np.ndarray] | None = None) -> bool:
     if not np.issubdtype(value.dtype, np.floating) or value.size <= 1:
         return False
     if node.op == "Gather":
-        return index == 0 and len(node.inputs) > 1 and _const_value(node.inputs[1]) is not None
+        return index == 0 and len(node.inputs) > 1 and _const_value(node.inputs[1], folded) is not None
+    if node.op == "Cast":  # a weight stored in half precision, cast to float32 where it is used
+        return value.dtype == np.float16 and int(node.attrs.get("to", 0)) == onnx.TensorProto.FLOAT
     return index in WEIGHT_SLOTS.get(node.op, ())
 
 
@@ -142,7 +155,9 @@ class TorchGraph:
                  codebooks: bool = True, learn_scales: bool = False, learn_masks: bool = False) -> None:
         self.torch = torch
         self.graph = graph
-        self.nodes = [n for n in topo_order(graph) if n.op != "Constant"]
+        folded = integer_constant_values(graph)  # e.g. a clustered weight's bit-packed indices, unpacked
+        self.nodes = [n for n in topo_order(graph) if n.op != "Constant"
+                      and not all(t.name in folded for t in n.outputs if t.name)]
         self.inputs = [t.name for t in graph.inputs]
         self.outputs = [t.name for t in graph.outputs]
         self.consts: dict[str, Any] = {}
@@ -156,10 +171,10 @@ class TorchGraph:
             for i, t in enumerate(node.inputs):
                 if not t.name or t.name in self.consts:
                     continue
-                v = _const_value(t)
+                v = _const_value(t, folded)
                 if v is None:
                     continue
-                if train and is_weight_slot(node, i, v):
+                if train and t.name not in folded and is_weight_slot(node, i, v, folded):
                     slots.add(t.name)
                     axes[t.name] = reduction_axis(node.op, i, node.attrs, v.ndim)
                 self.consts[t.name] = v

@@ -1,18 +1,24 @@
-"""Float weights of a layer as distill reads and writes them: a constant, or DequantizeLinear(integer constant).
+"""Float weights of a layer as distill reads and writes them: a constant, DequantizeLinear(integer constant), or a
+clustered weight decoded from shared values (``cluster``'s scalar decode: ``cluster.decode_view``).
 
 ``WeightRef.get`` gives the float weight (quantized: (q - z) * s on the per-tensor or per-axis grid). ``set`` writes a
 float64 solution back: a constant takes the weight's own float type; a quantized weight is re-quantized on its
 existing grid, q = clip(round(w / s) + z, int range), so the graph keeps its integer kernels; the returned value is
 what the graph now computes with. A constant shared with other nodes is copied (``<name>_distilled_<n>``) rather
-than changed under them. Never writes into a Constant's array in place (graphsurgeon copies share them).
+than changed under them. Never writes into a Constant's array in place (graphsurgeon copies share them). A
+clustered weight (``decode``) is not set as raw values: ``layer_solve`` refits its shared values and scales and
+writes them with ``decode.set``, so the indices, the sharing, stay.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from onnxcompress.passes.cluster.decode_view import ScalarDecode
 
 
 @dataclass
@@ -22,9 +28,12 @@ class WeightRef:
     node: gs.Node
     index: int
     dq: gs.Node | None = None
+    decode: ScalarDecode | None = None
 
     @staticmethod
-    def resolve(node: gs.Node, index: int) -> WeightRef | None:
+    def resolve(node: gs.Node, index: int,
+                decodes: Callable[[gs.Tensor], ScalarDecode | None] | None = None) -> WeightRef | None:
+        """The weight at ``node.inputs[index]``; ``decodes`` reads a clustered weight's decode (None: not one)."""
         if len(node.inputs) <= index or not node.inputs[index].name:
             return None
         t = node.inputs[index]
@@ -34,7 +43,8 @@ class WeightRef:
             dq = t.inputs[0]
             if all(isinstance(x, gs.Constant) for x in dq.inputs if x.name) and "block_size" not in dq.attrs:
                 return WeightRef(node, index, dq)
-        return None
+        dec = decodes(t) if decodes is not None and len(t.outputs) == 1 else None  # tied weights stay as they are
+        return WeightRef(node, index, decode=dec) if dec is not None else None
 
     @property
     def quantized(self) -> bool:
@@ -59,6 +69,8 @@ class WeightRef:
         return v.reshape(shape)
 
     def get(self) -> np.ndarray:
+        if self.decode is not None:
+            return self.decode.weight()
         if self.dq is None:
             return np.asarray(self.node.inputs[self.index].values).astype(np.float64)
         q, scale, zp, axis = self._qparams()
@@ -68,6 +80,8 @@ class WeightRef:
 
     def set(self, value: np.ndarray) -> np.ndarray:
         """Write ``value`` (float64); returns what the graph now computes with (re-quantized when quantized)."""
+        if self.decode is not None:
+            raise TypeError("a clustered weight is refit through its shared values (decode.set)")
         if self.dq is None:
             t = self.node.inputs[self.index]
             new = value.astype(np.asarray(t.values).dtype)
