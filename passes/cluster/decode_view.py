@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
 from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
 
 

@@ -24,7 +24,6 @@ import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
 from onnxcompress.passes.cluster.codebook_refit import refit_codebook
 
 from .layers import Layer

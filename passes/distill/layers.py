@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
-from onnxcompress.analyses.channel_groups import toposort
 from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
 from onnxcompress.passes.cluster.decode_view import scalar_decode
+
+from onnxcompress.analyses.channel_groups import toposort
 
 from .normal_equations import Normal
 from .weight_refs import WeightRef

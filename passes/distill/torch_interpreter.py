@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
 from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
 
 from .fake_quant import attach

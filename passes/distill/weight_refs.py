@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
 from onnxcompress.passes.cluster.decode_view import ScalarDecode
 
 
