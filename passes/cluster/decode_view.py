@@ -91,11 +91,13 @@ def scalar_decode(graph: gs.Graph, t: gs.Tensor, folded: dict[str, np.ndarray] |
     scale_holder = None
     mul = _producer(t, "Mul")
     if mul is not None:
-        slots = [i for i, x in enumerate(mul.inputs) if isinstance(x, gs.Constant)]
-        if len(slots) != 1:
+        if len(mul.inputs) != 2:
             return None
-        scale_holder = (mul, slots[0])
-        t = mul.inputs[1 - slots[0]]
+        slot = next((i for i in (1, 0) if _producer(mul.inputs[1 - i], "Reshape") is not None), None)
+        scale_holder = _float_constant_holder(mul, slot) if slot is not None else None
+        if scale_holder is None:
+            return None
+        t = mul.inputs[1 - slot]
         if len(t.outputs) != 1:
             return None
     reshape = _producer(t, "Reshape")
