@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
-from onnxcompress.passes.cluster.decode_view import scalar_decode
+from onnxcompress.passes.cluster.decode_view import read_decode
 
 from onnxcompress.context import PassContext
 from onnxcompress.data import FeedSet, InputSpec
@@ -99,7 +99,7 @@ def test_shared_solve_is_the_least_squares_optimum_over_the_codebook(rng):
     calib = _feeds(rng, 64)
     distilled, _ = _run(model, "cluster{bits=2 min_size=100 exclude=[w1]},distill{select_ridge=false}", calib)
     g = gs.import_onnx(distilled)
-    dec = scalar_decode(g, g.tensors()["w2_clustered"])
+    dec = read_decode(g, g.tensors()["w2_clustered"])
     assert dec is not None
     labels, s = dec.labels, dec.scales()[:, 0]  # w2 [out, in] (transB): a scale per output row
     h = [ort_run(_expose(model, "h"), f)[-1] for f in calib]  # the layer's input (w1 is not clustered)
@@ -169,7 +169,7 @@ def test_integer_constant_values_unpacks_the_streams_to_the_labels(rng):
     for m in (packed, unpacked):
         g = gs.import_onnx(m)
         folded = integer_constant_values(g)
-        dec = scalar_decode(g, g.tensors()["w1_clustered"], folded)
+        dec = read_decode(g, g.tensors()["w1_clustered"], folded)
         assert dec is not None and dec.labels.shape == (N_IN, N_HID)
         np.testing.assert_allclose(dec.weight(), _decoded(m, "w1_clustered"), rtol=1e-6, atol=1e-7)
         if m is packed:
@@ -178,3 +178,55 @@ def test_integer_constant_values_unpacks_the_streams_to_the_labels(rng):
             labels_packed = dec.labels
         else:
             np.testing.assert_array_equal(dec.labels, labels_packed)
+
+
+def _vector_coded(model, rng, k=16, d=4):
+    """``model`` with w1 [64, 48] (MatMul: matrix view W^T [48, 64]) replaced by a packed vector-code decode with an
+    act-order column permutation and float16 scales: Gather(C [k, d]) -> Reshape -> Gather(axis 1) -> Mul ->
+    Transpose, written by the cluster pass's own builder."""
+    from onnxcompress.passes.cluster.storage import DecodeBuilder
+
+    from onnxcompress.naming import Namer
+
+    g = gs.import_onnx(model)
+    w1 = np.asarray(g.tensors()["w1"].values)
+    m = w1.T  # [out, in]
+    order = rng.permutation(N_IN)
+    scale = np.sqrt(np.mean(m ** 2, axis=1)).astype(np.float32)
+    groups = (m[:, order] / scale[:, None]).reshape(N_HID, N_IN // d, d)
+    book = groups.reshape(-1, d)[rng.choice(N_HID * N_IN // d, k, replace=False)].astype(np.float32)
+    codes = np.argmin(((groups[:, :, None, :] - book[None, None]) ** 2).sum(-1), axis=-1)
+    # the builder's act-order: matrix column j reads coded column order[j]; ours coded column c is input order[c]
+    cols = np.argsort(order)
+    out = DecodeBuilder(g, Namer(g)).build_matrix_vector("v1", w1.shape, True, book, codes, scale,
+                                                         inputs_order=cols, out_name="w1_clustered", half=True)
+    node = next(n for n in g.nodes if n.op == "MatMul")
+    node.inputs[1] = out
+    g.cleanup().toposort()
+    return gs.export_onnx(g), codes
+
+
+def test_vector_codes_with_act_order_refit_in_their_code_vectors(rng):
+    model = _mlp(rng)
+    coded, codes = _vector_coded(model, rng)
+    g = gs.import_onnx(coded)
+    dec = read_decode(g, g.tensors()["w1_clustered"])
+    assert dec is not None and dec.codebook().size == 16 * 4
+    np.testing.assert_allclose(dec.weight(), _decoded(coded, "w1_clustered"), rtol=1e-6, atol=1e-7)
+    calib = _feeds(rng, 64)
+    # the float model teaches the coded one (as if a cluster pass had coded it): the pass run on the coded graph
+    ctx = PassContext(calibration=calib, original_bytes=model.SerializeToString(), model_template=coded)
+    graph = gs.import_onnx(coded)
+    st = parse_pipeline("distill{select_ridge=false}")[0].run(graph, ctx).stats
+    distilled = ctx.export(graph)
+    assert st["layers_refit_shared"] == 1
+    assert _storage(distilled) == _storage(coded)
+    a, b = _ints(coded), _ints(distilled)
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # codes and column order stay
+    g2 = gs.import_onnx(distilled)
+    dec2 = read_decode(g2, g2.tensors()["w1_clustered"])
+    np.testing.assert_array_equal(dec2.labels, dec.labels)
+    assert not np.allclose(dec2.codebook(), dec.codebook())  # the 16 shared 4-vectors moved
+    np.testing.assert_allclose(dec2.weight(), _decoded(distilled, "w1_clustered"), rtol=1e-6, atol=1e-7)
+    held = _held(np.random.default_rng(7))
+    assert _error(distilled, model, held) < 0.9 * _error(coded, model, held)

@@ -1,17 +1,23 @@
 """A clustered weight read back from its decode subgraph, and new shared values written into it (for ``distill``).
 
-``cluster`` stores a weight W of shape ``shape`` as scalar shared values decoded in the graph:
+``cluster`` stores a weight W as shared values decoded in the graph. Every form it writes for a MatMul / Gemm /
+Conv weight is a chain
 
-    W = reshape(c[idx], shape) * s
+    Gather(axis 0: codebook T, idx) -> Reshape / Transpose / Gather(axis 1: act-order columns) -> Mul(scales s) -> ...
 
-with c the codebook (float32, or float16 + Cast: ``half_books``), idx integers computed from constants alone (an
-int32 constant with ``storage=unpacked``, bit streams unpacked by integer ops with ``storage=codebook``; a per-channel
-codebook uses global indices into one flat c) and s the channel scales broadcast over W (absent without scales).
-``scalar_decode(t)`` recognises that chain ending at the weight tensor ``t`` and returns a ``ScalarDecode``:
-``labels`` (idx in W's shape), ``codebook()``, ``scales()`` (s broadcast to W), ``weight()`` = c[labels] * s, and
-``set(c', s')`` writes new values into the stored constants (their own dtype; a constant read elsewhere is copied
-first), so the packed indices — the sharing — never change. Vector codes, act-order and hot-row decodes are not
-scalar: None (their layers are left to ``distill{mode=train}``, which trains any decode).
+with T a scalar codebook [n] (per tensor, or per channel with global indices into one flat T) or a vector codebook
+[k, d] (``matrix_vector``), float32 or float16 + Cast (``half_books``); idx and the column order integers computed
+from constants alone (int32 constants with ``storage=unpacked``, bit streams unpacked by integer ops otherwise); s
+the channel scales (absent without scales). Whatever the layout steps, W is linear in T for fixed s:
+
+    W[p] = s[p] · T_flat[labels[p]]          (every position p of W)
+
+``labels`` and s (broadcast to W's shape) are found by replaying the chain in NumPy on probes: T_flat = 0, 1, 2, ..
+with s = 1 gives the labels (exact in float64), T = 1 gives s. So one least-squares refit over T (``codebook_refit``,
+vector codebooks included: their k·d values are the unknowns) serves every form. ``read_decode(graph, t)``
+returns that ``Decode`` for the weight tensor ``t`` (None for anything else: hot-row table stages, tied decodes),
+``set(T', s')`` writes new values into the stored constants (their own dtype; a constant read elsewhere is copied
+first), so the indices — the sharing — never change.
 """
 
 from __future__ import annotations
@@ -21,39 +27,71 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+
 from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
+
+#: layout steps a decode may take between its codebook Gather and the weight
+LAYOUT_OPS = ("Reshape", "Transpose", "Gather", "Mul")
 
 
 @dataclass
-class ScalarDecode:
-    """W = reshape(c[labels], shape) * s, read from the graph (see the module docstring)."""
+class Decode:
+    """W = s · T_flat[labels] (module docstring): the stored codebook and scale constants and how to replay them."""
 
-    gather: gs.Node
     book_holder: tuple[gs.Node, int]  # (node, input slot) holding the stored codebook constant
-    labels: np.ndarray  # int64, W's shape
-    scale_holder: tuple[gs.Node, int] | None  # (Mul, slot) holding the scale constant
+    scale_holder: tuple[gs.Node, int] | None  # (node, slot) holding the stored scale constant
+    steps: list  # replay: ("gather0", idx) then ("reshape", shape) / ("transpose", perm) / ("gather", idx, axis) /
+    #              ("mul",) in order from the codebook to the weight
+    labels: np.ndarray  # int64 in W's shape: the flat codebook entry of every weight
+
+    @staticmethod
+    def _read(holder: tuple[gs.Node, int]) -> np.ndarray:
+        node, slot = holder
+        return np.asarray(node.inputs[slot].values)
 
     def codebook(self) -> np.ndarray:
-        node, slot = self.book_holder
-        return np.asarray(node.inputs[slot].values).astype(np.float64).reshape(-1)
+        """T flattened (float64)."""
+        return self._read(self.book_holder).astype(np.float64).reshape(-1)
 
     def scales(self) -> np.ndarray:
+        """s broadcast to W's shape (ones without scales)."""
         if self.scale_holder is None:
             return np.ones(self.labels.shape)
-        node, slot = self.scale_holder
-        s = np.asarray(node.inputs[slot].values).astype(np.float64)
-        return np.broadcast_to(s, self.labels.shape)
+        book = np.ones(self._read(self.book_holder).shape)
+        return replay(self.steps, book, self._read(self.scale_holder).astype(np.float64))
+
+    def scale_shape(self) -> tuple[int, ...] | None:
+        return None if self.scale_holder is None else self._read(self.scale_holder).shape
 
     def weight(self) -> np.ndarray:
-        return self.codebook()[self.labels] * self.scales()
+        scale = None if self.scale_holder is None else self._read(self.scale_holder).astype(np.float64)
+        return replay(self.steps, self._read(self.book_holder).astype(np.float64), scale)
 
     def set(self, codebook: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
-        """Store new shared values (and scales, given the stored scale's shape); returns the decoded weight the
-        graph now computes with (after rounding to the stored dtypes)."""
-        _store(*self.book_holder, np.asarray(codebook).reshape(-1))
+        """Store new shared values T (flat) and, given, scales in the stored scale's shape; returns the decoded
+        weight the graph now computes with (after rounding to the stored dtypes)."""
+        _store(*self.book_holder, np.asarray(codebook))
         if scale is not None and self.scale_holder is not None:
             _store(*self.scale_holder, scale)
         return self.weight()
+
+
+def replay(steps: list, book: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """The decode chain evaluated in NumPy (float64) on codebook ``book`` and scales ``scale``."""
+    out = book
+    for step in steps:
+        kind = step[0]
+        if kind == "gather0":
+            out = np.take(out, step[1], axis=0)
+        elif kind == "reshape":
+            out = out.reshape(step[1])
+        elif kind == "transpose":
+            out = np.transpose(out, step[1])
+        elif kind == "gather":
+            out = np.take(out, step[1], axis=step[2])
+        elif kind == "mul" and scale is not None:
+            out = out * scale
+    return out
 
 
 def _store(node: gs.Node, slot: int, value: np.ndarray) -> None:
@@ -66,70 +104,91 @@ def _store(node: gs.Node, slot: int, value: np.ndarray) -> None:
         t.values = new
 
 
-def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
-    return t.inputs[0] if len(t.inputs) == 1 and t.inputs[0].op == op else None
+def _producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if len(t.inputs) == 1 else None
 
 
 def _float_constant_holder(node: gs.Node, slot: int) -> tuple[gs.Node, int] | None:
     """Where the float constant read at ``node.inputs[slot]`` is stored: that slot, or the float16 constant behind a
-    Cast to float32."""
+    Cast to float32 read by this node alone."""
     t = node.inputs[slot]
     if isinstance(t, gs.Constant):
         return (node, slot) if np.asarray(t.values).dtype.kind == "f" else None
-    cast = _producer(t, "Cast")
-    if cast is not None and int(cast.attrs.get("to", 0)) == onnx.TensorProto.FLOAT and len(t.outputs) == 1 \
-            and isinstance(cast.inputs[0], gs.Constant) and np.asarray(cast.inputs[0].values).dtype == np.float16:
+    cast = _producer(t)
+    if cast is not None and cast.op == "Cast" and int(cast.attrs.get("to", 0)) == onnx.TensorProto.FLOAT \
+            and len(t.outputs) == 1 and isinstance(cast.inputs[0], gs.Constant) \
+            and np.asarray(cast.inputs[0].values).dtype == np.float16:
         return (cast, 0)
     return None
 
 
-def scalar_decode(graph: gs.Graph, t: gs.Tensor, folded: dict[str, np.ndarray] | None = None) -> ScalarDecode | None:
-    """The scalar decode that computes ``t``, or None. ``folded``: ``integer_constant_values(graph)`` when the caller
-    reads several weights (evaluated here otherwise)."""
+def _integers(t: gs.Tensor, folded: dict[str, np.ndarray]) -> np.ndarray | None:
+    v = np.asarray(t.values) if isinstance(t, gs.Constant) else folded.get(t.name)
+    return v.astype(np.int64) if v is not None and v.dtype.kind in "iu" else None
+
+
+def _step(node: gs.Node, folded: dict[str, np.ndarray]) -> tuple[tuple | None, gs.Tensor | None, tuple | None]:
+    """One layout step read backwards: (replay step, the tensor it reads, the scale holder of a Mul); None: not a
+    decode step."""
+    if node.op == "Reshape" and len(node.inputs) == 2:
+        shape = _integers(node.inputs[1], folded)
+        if shape is None or (shape == 0).any():
+            return None, None, None
+        return ("reshape", tuple(int(v) for v in shape)), node.inputs[0], None
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm")
+        return (("transpose", tuple(perm)) if perm is not None else None), node.inputs[0], None
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) != 0:
+        idx = _integers(node.inputs[1], folded)
+        return (("gather", idx, int(node.attrs["axis"])) if idx is not None else None), node.inputs[0], None
+    if node.op == "Mul" and len(node.inputs) == 2:
+        for slot in (1, 0):
+            holder = _float_constant_holder(node, slot)
+            if holder is not None and not isinstance(node.inputs[1 - slot], gs.Constant):
+                return ("mul",), node.inputs[1 - slot], holder
+    return None, None, None
+
+
+def read_decode(graph: gs.Graph, t: gs.Tensor, folded: dict[str, np.ndarray] | None = None) -> Decode | None:
+    """The decode that computes weight ``t`` from shared values, or None. ``folded``:
+    ``integer_constant_values(graph)`` when the caller reads several weights (evaluated here otherwise)."""
     if isinstance(t, gs.Constant):
         return None
+    folded = integer_constant_values(graph) if folded is None else folded
+    steps: list = []
     scale_holder = None
-    mul = _producer(t, "Mul")
-    if mul is not None:
-        if len(mul.inputs) != 2:
+    cur = t
+    for _ in range(8):
+        node = _producer(cur)
+        if node is None:
             return None
-        slot = next((i for i in (1, 0) if _producer(mul.inputs[1 - i], "Reshape") is not None), None)
-        scale_holder = _float_constant_holder(mul, slot) if slot is not None else None
-        if scale_holder is None:
-            return None
-        t = mul.inputs[1 - slot]
-        if len(t.outputs) != 1:
-            return None
-    reshape = _producer(t, "Reshape")
-    if reshape is None or not isinstance(reshape.inputs[1], gs.Constant) or len(reshape.inputs[0].outputs) != 1:
-        return None
-    gather = _producer(reshape.inputs[0], "Gather")
-    if gather is None or int(gather.attrs.get("axis", 0)) != 0:
-        return None
-    book_holder = _float_constant_holder(gather, 0)
-    if book_holder is None or np.asarray(book_holder[0].inputs[book_holder[1]].values).ndim != 1:
-        return None
-    idx = gather.inputs[1]
-    if isinstance(idx, gs.Constant):
-        flat = np.asarray(idx.values)
-    else:
-        folded = integer_constant_values(graph) if folded is None else folded
-        flat = folded.get(idx.name)
-    if flat is None or flat.dtype.kind not in "iu":
-        return None
-    try:
-        labels = np.reshape(flat.astype(np.int64), np.asarray(reshape.inputs[1].values).astype(np.int64))
-    except ValueError:
-        return None
-    dec = ScalarDecode(gather, book_holder, labels, scale_holder)
-    if scale_holder is not None:
-        s = np.asarray(scale_holder[0].inputs[scale_holder[1]].values)
-        try:
-            if np.broadcast_shapes(s.shape, labels.shape) != labels.shape:
+        if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
+            book_holder = _float_constant_holder(node, 0)
+            idx = _integers(node.inputs[1], folded)
+            if book_holder is None or idx is None:
                 return None
-        except ValueError:
+            steps.append(("gather0", idx))
+            steps.reverse()
+            book = np.asarray(book_holder[0].inputs[book_holder[1]].values)
+            if book.ndim not in (1, 2) or book.size >= 1 << 50:
+                return None
+            try:
+                probe = replay(steps, np.arange(book.size, dtype=np.float64).reshape(book.shape), None)
+                dec = Decode(book_holder, scale_holder, steps, probe.astype(np.int64))
+                if dec.scales().shape != probe.shape:
+                    return None
+            except (ValueError, IndexError):
+                return None
+            return dec
+        if node.op not in LAYOUT_OPS or len(cur.outputs) != 1:
             return None
-    return dec
+        step, src, holder = _step(node, folded)
+        if step is None or (holder is not None and scale_holder is not None):
+            return None  # not a layout step, or a second scale
+        scale_holder = holder or scale_holder
+        steps.append(step)
+        cur = src
+    return None
 
 
-__all__ = ["ScalarDecode", "scalar_decode"]
+__all__ = ["Decode", "read_decode", "replay"]

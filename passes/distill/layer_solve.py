@@ -123,7 +123,8 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
 
 
 def _solve_shared(L: Layer, st: Normal, w: np.ndarray, has_bias: bool, max_inputs: int) -> tuple[str, float, float]:
-    """A clustered weight M = C[L] * s (``cluster.decode_view``) refit in its shared values: with the bias row
+    """A clustered weight M = s * T[L] (``cluster.decode_view``: T the flat codebook, scalar or vector codes) refit
+    in its shared values: with the bias row
     eliminated (G' = G - g g^T / n, B' = B - g y_b^T / n: the bias is free at every C), the codebook C by
     ``refit_codebook`` (conjugate gradients, labels fixed, zero centroids fixed), then each output's scale s_o =
     (u_o^T B'_o) / (u_o^T G' u_o) with u_o = C[L_o], then C again; the bias b = (y_b - g^T M) / n. Kept only if
@@ -138,13 +139,15 @@ def _solve_shared(L: Layer, st: Normal, w: np.ndarray, has_bias: bool, max_input
     scale_m = _to_matrix(L, dec.scales())
     if not np.allclose(scale_m, scale_m[:1]):
         return ("clustered weight with scales along its inputs", 0.0, 0.0)
+    book = dec.codebook()
+    if labels.shape != wm.shape or not np.allclose(book[labels] * scale_m, wm, rtol=1e-5, atol=1e-7):
+        return ("clustered weight in a layout not understood", 0.0, 0.0)
     a, b = st.xtx, st.xty
     if has_bias:
         g, n, y_b = a[:k, k], max(float(a[k, k]), 1.0), b[k]
         gram, xty = a[:k, :k] - np.outer(g, g) / n, b[:k] - np.outer(g, y_b) / n
     else:
         gram, xty = a, b
-    book = dec.codebook()
     fixed = (book == 0)[None, :]
     scale = scale_m[0].copy()  # per output; alpha included
     wb_cur = np.concatenate([wm, _bias_vector(L, wm.shape[1])[None, :]], axis=0) if has_bias else wm

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
-from onnxcompress.passes.cluster.decode_view import scalar_decode
+from onnxcompress.passes.cluster.decode_view import read_decode
 
 from onnxcompress.analyses.channel_groups import toposort
 
@@ -115,7 +115,7 @@ def _decode_reader(graph: gs.Graph):
         nonlocal folded
         if folded is None:
             folded = integer_constant_values(graph)
-        return scalar_decode(graph, t, folded)
+        return read_decode(graph, t, folded)
 
     return read
 

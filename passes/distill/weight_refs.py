@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxcompress.passes.cluster.decode_view import ScalarDecode
+from onnxcompress.passes.cluster.decode_view import Decode
 
 
 @dataclass
@@ -27,11 +27,11 @@ class WeightRef:
     node: gs.Node
     index: int
     dq: gs.Node | None = None
-    decode: ScalarDecode | None = None
+    decode: Decode | None = None
 
     @staticmethod
     def resolve(node: gs.Node, index: int,
-                decodes: Callable[[gs.Tensor], ScalarDecode | None] | None = None) -> WeightRef | None:
+                decodes: Callable[[gs.Tensor], Decode | None] | None = None) -> WeightRef | None:
         """The weight at ``node.inputs[index]``; ``decodes`` reads a clustered weight's decode (None: not one)."""
         if len(node.inputs) <= index or not node.inputs[index].name:
             return None
