@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
 from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
 
 #: layout steps a decode may take between its codebook Gather and the weight
