@@ -230,3 +230,57 @@ def test_vector_codes_with_act_order_refit_in_their_code_vectors(rng):
     np.testing.assert_allclose(dec2.weight(), _decoded(distilled, "w1_clustered"), rtol=1e-6, atol=1e-7)
     held = _held(np.random.default_rng(7))
     assert _error(distilled, model, held) < 0.9 * _error(coded, model, held)
+
+
+def _depthwise(rng):
+    """x [B, 8, 12, 12] -> depthwise 3x3 Conv (group 8, bias) -> Relu -> 1x1 Conv (8 -> 4) -> y."""
+    dw = (rng.standard_normal((8, 1, 3, 3)) / 3).astype(np.float32)
+    pw = (rng.standard_normal((4, 8, 1, 1)) / 3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "dw", "dwb"], ["h0"], group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h0"], ["h"]), helper.make_node("Conv", ["h", "pw"], ["y"])]
+    g = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8, 12, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, 12, 12])],
+                          [numpy_helper.from_array(dw, "dw"), numpy_helper.from_array(np.zeros(8, np.float32), "dwb"),
+                           numpy_helper.from_array(pw, "pw")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_clustered_depthwise_kernels_refit_with_a_gram_per_channel(rng):
+    model = _depthwise(rng)
+    base = rng.standard_normal((12, 12))  # spatially correlated images: each channel's 3x3 Gram differs
+    feeds = [{"x": (np.stack([np.roll(base, (i, j), (0, 1)) for j in range(8)])[None]
+                    + 0.3 * rng.standard_normal((1, 8, 12, 12))).astype(np.float32)} for i in range(40)]
+    calib = FeedSet(lambda: iter(feeds[:32]), [InputSpec("x", np.dtype(np.float32), ("b", 8, 12, 12))], "t", 32)
+    pipe = "cluster{bits=2 min_size=16 skip_depthwise=false storage=codebook exclude=[pw]}"
+    clustered, _ = _run(model, pipe, calib)
+    distilled, st = _run(model, pipe + ",distill", calib)
+    assert st["layers_refit_shared"] == 1
+    decode = {k: v for k, v in _storage(clustered).items() if k.startswith("cl")}  # the decode's stored tensors
+    assert decode and all(_storage(distilled).get(k) == v for k, v in decode.items())  # (pw gains a bias)
+    a, b = _ints(clustered), _ints(distilled)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    err = [float(np.mean([np.mean((ort_run(m, f)[0] - ort_run(model, f)[0]) ** 2) for f in feeds[32:]]))
+           for m in (clustered, distilled)]
+    assert err[1] < 0.9 * err[0]
+
+
+@pytest.mark.parametrize("scales", ["true", "false"])
+def test_snapped_weights_keep_their_values_per_channel(rng, scales):
+    """storage=snap leaves few distinct values per output channel (per tensor without channel scales); the refit
+    moves those values, not the weights one by one, so the counts stay."""
+    model = _mlp(rng)
+    calib = _feeds(rng, 64)
+    pipe = f"cluster{{bits=2 min_size=100 storage=snap channel_scales={scales}}}"
+    snapped, _ = _run(model, pipe, calib)
+    distilled, st = _run(model, pipe + ",distill", calib)
+    assert st["layers_refit_shared"] == 2
+    w = [{t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in (snapped, distilled)]
+    for name, axis in (("w1", 1), ("w2", 0)):  # MatMul [in, out]; Gemm transB [out, in]
+        before, after = w[0][name], w[1][name]
+        assert not np.array_equal(before, after)
+        rows = np.moveaxis(after, axis, 0)
+        assert max(len(np.unique(r)) for r in rows) <= 4
+        if scales == "false":
+            assert len(np.unique(after)) <= 4
+    held = _held(np.random.default_rng(7))
+    assert _error(distilled, model, held) < 0.9 * _error(snapped, model, held)

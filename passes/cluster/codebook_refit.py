@@ -15,8 +15,10 @@ step, so the refit never ends worse than k-means on the calibration objective; i
 Fixed entries (the exact zero of a pruned tensor) and unused entries are not unknowns. The labels do not change,
 so the result still has at most k distinct values per codebook row.
 
-``distill`` can call ``refit_codebook`` with its own X^T X and X^T Y of the student's input and the teacher's output
-(``xty``) to refit the shared values instead of the raw weights.
+``distill`` calls ``refit_codebook`` with its own X^T X and X^T Y of the student's input and the teacher's output
+(``xty``) to refit the shared values instead of the raw weights. A depthwise layer has one Gram per output row
+(G [out, in, in]: each channel sees its own input channel): the same quadratic with m̂_o^T G_o m̂_o, the
+Hessian-vector product one batched [in] x [in, in] product per row.
 """
 
 from __future__ import annotations
@@ -28,13 +30,18 @@ def _scatter(a: np.ndarray, flat_idx: np.ndarray, size: int) -> np.ndarray:
     return np.bincount(flat_idx, weights=a.reshape(-1), minlength=size)
 
 
+def _gram_product(m: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Rows of ``m`` [out, in] times the Gram: one shared [in, in], or one per row [out, in, in]."""
+    return np.einsum("oi,oij->oj", m, gram) if gram.ndim == 3 else m @ gram
+
+
 def objective(m_hat: np.ndarray, gram: np.ndarray, target: np.ndarray | None = None,
               xty: np.ndarray | None = None) -> float:
     """sum_o (m̂_o - m_o)^T G (m̂_o - m_o) (``target``) or sum_o m̂_o^T G m̂_o - 2 m̂_o^T (X^T Y)_o (``xty``)."""
     if xty is not None:
-        return float(np.sum((m_hat @ gram) * m_hat) - 2.0 * np.sum(m_hat * xty.T))
+        return float(np.sum(_gram_product(m_hat, gram) * m_hat) - 2.0 * np.sum(m_hat * xty.T))
     d = m_hat - target
-    return float(np.sum((d @ gram) * d))
+    return float(np.sum(_gram_product(d, gram) * d))
 
 
 def refit_codebook(
@@ -49,7 +56,8 @@ def refit_codebook(
     iters: int = 50,
     tol: float = 1e-10,
 ) -> tuple[np.ndarray, float, float]:
-    """Refit ``codebook`` [R, k] for the matrix-view labels [out, in] (R = 1 or R = out) on Gram [in, in].
+    """Refit ``codebook`` [R, k] for the matrix-view labels [out, in] (R = 1 or R = out) on Gram [in, in] (or one
+    per row, [out, in, in]: depthwise).
 
     ``target`` [out, in] (the weights to reproduce) or ``xty`` [in, out] (X^T Y of the teacher's outputs);
     ``fixed`` [R, k] bool marks entries that keep their value; ``row_scale`` [out]: m̂_oi = s_o C[r(o), L_oi] (channel
@@ -64,16 +72,17 @@ def refit_codebook(
     size = rows * k
     c0 = codebook.astype(np.float64).reshape(-1)
     sc = np.ones((out, 1)) if row_scale is None else np.asarray(row_scale, np.float64).reshape(out, 1)
-    b = _scatter(sc * (target @ g), flat, size) if xty is None else \
+    b = _scatter(sc * _gram_product(target, g), flat, size) if xty is None else \
         _scatter(sc * np.asarray(xty, np.float64).T, flat, size)
     # unknowns: used, not fixed entries
     used = np.bincount(flat, minlength=size) > 0
     free = used & ~(fixed.reshape(-1) if fixed is not None else np.zeros(size, bool))
-    diag = _scatter(sc**2 * np.diag(g)[None, :], flat, size)
+    gdiag = np.einsum("oii->oi", g) if g.ndim == 3 else np.diag(g)[None, :]
+    diag = _scatter(sc**2 * gdiag, flat, size)
     precond = np.where(free & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
 
     def hv(v: np.ndarray) -> np.ndarray:
-        return _scatter(sc * ((sc * v.reshape(rows, k)[row_of[:, None], labels]) @ g), flat, size)
+        return _scatter(sc * _gram_product(sc * v.reshape(rows, k)[row_of[:, None], labels], g), flat, size)
 
     def obj(c: np.ndarray) -> float:
         m_hat = sc * c.reshape(rows, k)[row_of[:, None], labels]

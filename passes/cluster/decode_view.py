@@ -17,7 +17,8 @@ with s = 1 gives the labels (exact in float64), T = 1 gives s. So one least-squa
 vector codebooks included: their k·d values are the unknowns) serves every form. ``read_decode(graph, t)``
 returns that ``Decode`` for the weight tensor ``t`` (None for anything else: hot-row table stages, tied decodes),
 ``set(T', s')`` writes new values into the stored constants (their own dtype; a constant read elsewhere is copied
-first), so the indices — the sharing — never change.
+first), so the indices — the sharing — never change. A weight clustered with ``storage=snap`` (values replaced in
+place) is viewed the same way by ``snapped_values``: T its distinct values, no scales.
 """
 
 from __future__ import annotations
@@ -73,6 +74,75 @@ class Decode:
         if scale is not None and self.scale_holder is not None:
             _store(*self.scale_holder, scale)
         return self.weight()
+
+
+class SnappedValues:
+    """A weight clustered with ``storage=snap`` (its values replaced in place): a constant with few distinct values
+    in the whole tensor (one codebook) or in each output row (channel scales or per-channel codebooks make the rows'
+    values differ), viewed as T = those values (per row: the rows' value sets one after the other), labels = which
+    one each weight is, no scales. ``set`` writes T[labels] back into the constant (its dtype; copied first if read
+    elsewhere), so each tensor, or each row, keeps at most as many values as it had."""
+
+    def __init__(self, node: gs.Node, slot: int, book: np.ndarray, labels: np.ndarray):
+        self.holder = (node, slot)
+        self._book, self.labels = book.astype(np.float64), labels.astype(np.int64)
+        self.scale_holder = None
+
+    def codebook(self) -> np.ndarray:
+        return self._book.copy()
+
+    def scales(self) -> np.ndarray:
+        return np.ones(self.labels.shape)
+
+    def scale_shape(self) -> None:
+        return None
+
+    def weight(self) -> np.ndarray:
+        return self._book[self.labels]
+
+    def set(self, codebook: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+        node, slot = self.holder
+        dtype = np.asarray(node.inputs[slot].values).dtype
+        self._book = np.asarray(codebook, np.float64).reshape(-1).astype(dtype).astype(np.float64)
+        _store(node, slot, self._book[self.labels])
+        return self.weight()
+
+
+def _row_values(v: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each row's distinct values along ``axis`` (rows = positions on that axis), flattened row after row, the
+    flat index of every weight, and the most values a row has."""
+    moved = np.moveaxis(v, axis, 0)
+    m = moved.reshape(moved.shape[0], -1)
+    order = np.argsort(m, axis=1, kind="stable")
+    srt = np.take_along_axis(m, order, axis=1)
+    first = np.ones(srt.shape, bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    counts = first.sum(axis=1)
+    ids_sorted = np.cumsum(first, axis=1) - 1 + (np.cumsum(counts) - counts)[:, None]
+    ids = np.empty_like(ids_sorted)
+    np.put_along_axis(ids, order, ids_sorted, axis=1)
+    return srt[first], np.moveaxis(ids.reshape(moved.shape), 0, axis), int(counts.max())
+
+
+def snapped_values(node: gs.Node, slot: int, axis: int, max_values: int = 256, min_use: int = 16,
+                   min_row_use: int = 4) -> SnappedValues | None:
+    """The ``SnappedValues`` view of the float constant at ``node.inputs[slot]`` (output rows along ``axis``) when
+    the tensor has at most ``max_values`` distinct values, each used ``min_use`` times on average, else when every
+    row has at most ``max_values``, each used ``min_row_use`` times in its row on average (what ``storage=snap``
+    leaves; a trained float weight has as many values as weights), else None."""
+    t = node.inputs[slot]
+    if not isinstance(t, gs.Constant):
+        return None
+    v = np.asarray(t.values)
+    if v.dtype.kind != "f" or v.ndim < 2 or v.size < 2 * min_use:
+        return None
+    uniq, inv = np.unique(v, return_inverse=True)
+    if len(uniq) <= max_values and v.size >= min_use * len(uniq):
+        return SnappedValues(node, slot, uniq, inv.reshape(v.shape))
+    book, labels, most = _row_values(v, axis)
+    if most <= max_values and v.size >= min_row_use * book.size:
+        return SnappedValues(node, slot, book, labels)
+    return None
 
 
 def replay(steps: list, book: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
@@ -190,4 +260,4 @@ def read_decode(graph: gs.Graph, t: gs.Tensor, folded: dict[str, np.ndarray] | N
     return None
 
 
-__all__ = ["Decode", "read_decode", "replay"]
+__all__ = ["Decode", "SnappedValues", "read_decode", "replay", "snapped_values"]

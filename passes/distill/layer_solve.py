@@ -62,6 +62,8 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
     w = L.w.get()
     has_bias = L.b is not None or L.kind in ("conv", "dwconv")
     if L.w.decode is not None:
+        if L.kind == "dwconv":
+            return _solve_shared_depthwise(L, st.merged(hold), w)
         return _solve_shared(L, st.merged(hold), w, has_bias, max_inputs)
     if L.kind == "dwconv":
         cur = w.reshape(w.shape[0], -1)
@@ -152,8 +154,7 @@ def _solve_shared(L: Layer, st: Normal, w: np.ndarray, has_bias: bool, max_input
     scale = scale_m[0].copy()  # per output; alpha included
     wb_cur = np.concatenate([wm, _bias_vector(L, wm.shape[1])[None, :]], axis=0) if has_bias else wm
     before = objective(st, wb_cur)
-    stored_scale = dec.scale_holder is not None and \
-        np.asarray(dec.scale_holder[0].inputs[dec.scale_holder[1]].values).size == scale.size
+    stored_scale = dec.scale_shape() is not None and int(np.prod(dec.scale_shape())) == scale.size
     for rnd in range(2):
         book = refit_codebook(book[None, :], labels.T, gram, xty=xty, fixed=fixed, row_scale=scale)[0][0]
         if rnd == 0 and stored_scale:
@@ -170,16 +171,56 @@ def _solve_shared(L: Layer, st: Normal, w: np.ndarray, has_bias: bool, max_input
     if not after < before:
         return ("no improvement", 0.0, 0.0)
     alpha = L.alpha if L.kind == "gemm" else 1.0
-    stored = None
-    if stored_scale:
-        holder = dec.scale_holder
-        stored = (scale / alpha).reshape(np.asarray(holder[0].inputs[holder[1]].values).shape)
+    stored = (scale / alpha).reshape(dec.scale_shape()) if stored_scale else None
     m_eff = _to_matrix(L, dec.set(book, stored))
     if has_bias:
         b_eff = (y_b - g @ m_eff) / n  # for the stored (rounded) values
         _set_bias(L, b_eff)
         m_eff = np.concatenate([m_eff, b_eff[None, :]], axis=0)
     return ("ls shared", _rel(st, before), _rel(st, objective(st, m_eff)))
+
+
+def _solve_shared_depthwise(L: Layer, st: Normal, w: np.ndarray) -> tuple[str, float, float]:
+    """``_solve_shared`` for a clustered depthwise kernel: channel c has its own Gram G_c [K+1, K+1] (its input
+    channel's kh·kw patch and the bias), the codebook is shared by all channels, so ``refit_codebook`` runs on the
+    per-channel Grams (bias eliminated per channel), then the channel scales, then the codebook again, then each
+    channel's bias. Kept only if the objective falls."""
+    dec = L.w.decode
+    c = w.shape[0]
+    wm = w.reshape(c, -1)  # [C, K]
+    labels = dec.labels.reshape(c, -1)
+    scale_m = dec.scales().reshape(c, -1)
+    if not np.allclose(scale_m, scale_m[:, :1]):
+        return ("clustered weight with scales along its inputs", 0.0, 0.0)
+    book = dec.codebook()
+    if not np.allclose(book[labels] * scale_m, wm, rtol=1e-5, atol=1e-7):
+        return ("clustered weight in a layout not understood", 0.0, 0.0)
+    a, b = st.xtx, st.xty  # [C, K+1, K+1], [C, K+1]
+    k = wm.shape[1]
+    g, n, y_b = a[:, :k, k], np.maximum(a[:, k, k], 1.0), b[:, k]
+    gram = a[:, :k, :k] - np.einsum("ci,cj->cij", g, g) / n[:, None, None]
+    xty = b[:, :k] - g * (y_b / n)[:, None]  # [C, K]
+    b_cur = L.b.get().reshape(-1) if L.b is not None else np.zeros(c)
+    before = objective(st, np.concatenate([wm, b_cur[:, None]], axis=1))
+    scale = scale_m[:, 0].copy()
+    stored_scale = dec.scale_shape() is not None and int(np.prod(dec.scale_shape())) == c
+    fixed = (book == 0)[None, :]
+    for rnd in range(2):
+        book = refit_codebook(book[None, :], labels, gram, xty=xty.T, fixed=fixed, row_scale=scale)[0][0]
+        if rnd == 0 and stored_scale:
+            u = book[labels]
+            den = np.einsum("ci,cij,cj->c", u, gram, u)
+            scale = np.where(den > 0, np.sum(u * xty, axis=1) / np.where(den > 0, den, 1.0), scale)
+    m_new = book[labels] * scale[:, None]
+    b_new = (y_b - np.sum(g * m_new, axis=1)) / n
+    if not objective(st, np.concatenate([m_new, b_new[:, None]], axis=1)) < before:
+        return ("no improvement", 0.0, 0.0)
+    m_eff = dec.set(book, scale.reshape(dec.scale_shape()) if stored_scale else None).reshape(c, -1)
+    b_eff = (y_b - np.sum(g * m_eff, axis=1)) / n
+    b_ref = L.b or _add_bias(L)
+    b_ref.set(b_eff.reshape(b_ref.get().shape))
+    final = np.concatenate([m_eff, b_eff[:, None]], axis=1)
+    return ("ls shared", _rel(st, before), _rel(st, objective(st, final)))
 
 
 def _rel(st: Normal, obj: float) -> float:

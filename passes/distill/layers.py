@@ -4,7 +4,7 @@ A layer is a weighted node whose output the teacher has under the same name: Con
 (``dwconv``: one small system per channel), Gemm (``gemm``), MatMul with a constant 2-D weight (``matmul``, with the
 bias of the Add that follows it); grouped Conv and ConvTranspose get bias correction only (``bias``). A weight
 ``cluster`` stores as shared values (a scalar decode, ``cluster.decode_view``) counts as the layer's weight: its
-shared values and channel scales are refit (``layer_solve``); a clustered depthwise kernel gets bias correction. A layer is
+shared values and channel scales are refit (``layer_solve``), a depthwise one with a Gram per channel. A layer is
 refit when its input differs from the teacher's (downstream of a cut or of modified weights: "changed" tensors
 propagate through the graph in topological order) or its own weights differ beyond the slicing the channel map
 describes (pruned, quantized); ``layers=all`` refits every layer.
@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
-from onnxcompress.passes.cluster.decode_view import read_decode
+from onnxcompress.passes.cluster.decode_view import SnappedValues, read_decode
 
 from onnxcompress.analyses.channel_groups import toposort
 
@@ -138,7 +138,7 @@ def _make_layer(node: gs.Node, decodes=None) -> Layer | None:
         b = WeightRef.resolve(node, 2)
         if group == 1:
             kind = "conv"
-        elif wv.shape[1] == 1 and w.decode is None:  # a clustered depthwise kernel: bias correction only
+        elif wv.shape[1] == 1:
             kind = "dwconv"
         else:
             kind = "bias"
@@ -234,8 +234,8 @@ def _teacher_weights(teacher: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def _weights_modified(L: Layer, teacher_weights: dict, cmap: dict) -> bool:
     """Whether the layer's weights differ from the teacher's beyond slicing (pruned weights, quantization...)."""
-    if L.w.quantized or L.w.decode is not None:
-        return True
+    if L.w.quantized or L.w.decode is not None and not isinstance(L.w.decode, SnappedValues):
+        return True  # a decode in the graph: the teacher's weight is a plain constant
     t = teacher_weights.get(L.node.outputs[0].name)
     if t is None:
         return False

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxcompress.passes.cluster.decode_view import Decode
+from onnxcompress.passes.cluster.decode_view import Decode, SnappedValues, snapped_values
+
+
+def _output_axis(node: gs.Node) -> int:
+    """The output-channel axis of a layer's weight (input 1)."""
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    return 1 if node.op in ("MatMul", "ConvTranspose") else 0
 
 
 @dataclass
@@ -27,7 +34,7 @@ class WeightRef:
     node: gs.Node
     index: int
     dq: gs.Node | None = None
-    decode: Decode | None = None
+    decode: Decode | SnappedValues | None = None
 
     @staticmethod
     def resolve(node: gs.Node, index: int,
@@ -37,7 +44,9 @@ class WeightRef:
             return None
         t = node.inputs[index]
         if isinstance(t, gs.Constant):
-            return WeightRef(node, index)
+            snapped = snapped_values(node, index, _output_axis(node)) if decodes is not None and index == 1 \
+                else None  # storage=snap clustering: its values refit, the sharing kept
+            return WeightRef(node, index, decode=snapped)
         if t.inputs and t.inputs[0].op == "DequantizeLinear":
             dq = t.inputs[0]
             if all(isinstance(x, gs.Constant) for x in dq.inputs if x.name) and "block_size" not in dq.attrs:
@@ -79,7 +88,7 @@ class WeightRef:
 
     def set(self, value: np.ndarray) -> np.ndarray:
         """Write ``value`` (float64); returns what the graph now computes with (re-quantized when quantized)."""
-        if self.decode is not None:
+        if self.decode is not None and not isinstance(self.decode, SnappedValues):
             raise TypeError("a clustered weight is refit through its shared values (decode.set)")
         if self.dq is None:
             t = self.node.inputs[self.index]
