@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from onnxcompress.passes.cluster.codebook_refit import objective, refit_codebook
 from onnxcompress.passes.cluster.kmeans1d import kmeans_1d, snap
 from onnxcompress.passes.cluster.storage import pack_bits, unpack_bits
 
+from onnxcompress.codebook_refit import objective, refit_codebook
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
 from onnxcompress.errors import BadInputError

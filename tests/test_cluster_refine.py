@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from onnxcompress.passes.cluster.codebook_refit import objective
 from onnxcompress.passes.cluster.kmeans1d import kmeans_1d
 from onnxcompress.passes.cluster.refine import fit_row_scales, refine
+
+from onnxcompress.codebook_refit import objective
 
 
 def _layer(rng, out=24, n_in=40, rows=400, sparse=False):

@@ -8,9 +8,9 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
-from onnxcompress.passes.cluster.decode_view import read_decode
 
+from onnxcompress.analyses.shared_values import read_decode
+from onnxcompress.constant_eval import integer_constant_values
 from onnxcompress.context import PassContext
 from onnxcompress.data import FeedSet, InputSpec
 from onnxcompress.manager import PassManager

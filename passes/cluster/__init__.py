@@ -10,12 +10,12 @@
 - ``cluster_tensor``: one tensor: rows, element weights, k-means, refit, storage choice;
 - ``obs_assign``: assignment with error feedback through the layer's inverse Gram (GPTQ with a codebook);
 - ``refine``: refit, channel scales and re-assignment alternated in the layer's output metric;
-- ``codebook_refit``: least squares over the shared values with the indices fixed (also for ``distill``);
 - ``storage``: bit packing and the integer decode subgraph (codebook + indices -> Gather -> Reshape);
 - ``layouts``: a weight's channel axis, matrix view and design rows in its consumer.
 """
 
 from onnxcompress.passes.cluster.cluster_pass import Cluster
-from onnxcompress.passes.cluster.codebook_refit import refit_codebook
+
+from onnxcompress.codebook_refit import refit_codebook
 
 __all__ = ["Cluster", "refit_codebook"]

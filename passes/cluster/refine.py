@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codebook_refit import objective, refit_codebook
+from onnxcompress.codebook_refit import objective, refit_codebook
+
 from .obs_assign import obs_assign
 
 

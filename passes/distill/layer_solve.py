@@ -24,7 +24,8 @@ import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxcompress.passes.cluster.codebook_refit import refit_codebook
+
+from onnxcompress.codebook_refit import refit_codebook
 
 from .layers import Layer
 from .normal_equations import Normal
@@ -125,7 +126,7 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
 
 
 def _solve_shared(L: Layer, st: Normal, w: np.ndarray, has_bias: bool, max_inputs: int) -> tuple[str, float, float]:
-    """A clustered weight M = s * T[L] (``cluster.decode_view``: T the flat codebook, scalar or vector codes) refit
+    """A clustered weight M = s * T[L] (``analyses.shared_values``: T the flat codebook, scalar or vector codes) refit
     in its shared values: with the bias row
     eliminated (G' = G - g g^T / n, B' = B - g y_b^T / n: the bias is free at every C), the codebook C by
     ``refit_codebook`` (conjugate gradients, labels fixed, zero centroids fixed), then each output's scale s_o =

@@ -3,7 +3,7 @@
 A layer is a weighted node whose output the teacher has under the same name: Conv (``conv``), depthwise Conv
 (``dwconv``: one small system per channel), Gemm (``gemm``), MatMul with a constant 2-D weight (``matmul``, with the
 bias of the Add that follows it); grouped Conv and ConvTranspose get bias correction only (``bias``). A weight
-``cluster`` stores as shared values (a scalar decode, ``cluster.decode_view``) counts as the layer's weight: its
+``cluster`` stores as shared values (a scalar decode, ``analyses.shared_values``) counts as the layer's weight: its
 shared values and channel scales are refit (``layer_solve``), a depthwise one with a Gram per channel. A layer is
 refit when its input differs from the teacher's (downstream of a cut or of modified weights: "changed" tensors
 propagate through the graph in topological order) or its own weights differ beyond the slicing the channel map
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
-from onnxcompress.passes.cluster.decode_view import SnappedValues, read_decode
 
 from onnxcompress.analyses.channel_groups import toposort
+from onnxcompress.analyses.shared_values import SnappedValues, read_decode
+from onnxcompress.constant_eval import integer_constant_values
 
 from .normal_equations import Normal
 from .weight_refs import WeightRef
@@ -107,7 +107,7 @@ def find_layers(graph: gs.Graph, teacher: onnx.ModelProto, cmap: dict, *, layers
 
 
 def _decode_reader(graph: gs.Graph):
-    """Reads a clustered weight's scalar decode (``cluster.decode_view``); the integer constants of the graph (the
+    """Reads a clustered weight's scalar decode (``analyses.shared_values``); the integer constants of the graph (the
     unpacked indices) are evaluated once, on the first weight that is not a constant."""
     folded: dict | None = None
 

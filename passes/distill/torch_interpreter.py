@@ -15,7 +15,7 @@ written back. The float weights of weighted slots become ``Weight`` parameters k
   non-zero count kept (``sparse_masks``);
 - a clustered weight as ``cluster`` stores it (``storage=codebook``: indices in bit streams unpacked by integer ops):
   every tensor computed from integer constants alone is evaluated once up front
-  (``constant_folding.integer_constant_values``), so the decode's Gather reads constant indices and its codebook
+  (``constant_eval.integer_constant_values``), so the decode's Gather reads constant indices and its codebook
   and channel scales train while the packed streams stay as they are; a weight stored as float16 and cast
   (``Cast(float16 constant)``: half codebooks and scales) trains in float32 and is written back rounded to float16;
 - a QDQ graph (``quantize``): QuantizeLinear / DequantizeLinear run as fake quantization with a straight-through
@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
+
+from onnxcompress.constant_eval import integer_constant_values
 
 from .fake_quant import attach
 from .sparse_masks import MaskRule, choose_mask, reduction_axis, rule_for, straight_through

@@ -1,5 +1,5 @@
 """Float weights of a layer as distill reads and writes them: a constant, DequantizeLinear(integer constant), or a
-clustered weight decoded from shared values (``cluster``'s scalar decode: ``cluster.decode_view``).
+clustered weight decoded from shared values (``cluster``'s scalar decode: ``analyses.shared_values``).
 
 ``WeightRef.get`` gives the float weight (quantized: (q - z) * s on the per-tensor or per-axis grid). ``set`` writes a
 float64 solution back: a constant takes the weight's own float type; a quantized weight is re-quantized on its
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxcompress.passes.cluster.decode_view import Decode, SnappedValues, snapped_values
+
+from onnxcompress.analyses.shared_values import Decode, SnappedValues, snapped_values
 
 
 def _output_axis(node: gs.Node) -> int:

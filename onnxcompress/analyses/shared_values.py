@@ -13,7 +13,7 @@ the channel scales (absent without scales). Whatever the layout steps, W is line
     W[p] = s[p] · T_flat[labels[p]]          (every position p of W)
 
 ``labels`` and s (broadcast to W's shape) are found by replaying the chain in NumPy on probes: T_flat = 0, 1, 2, ..
-with s = 1 gives the labels (exact in float64), T = 1 gives s. So one least-squares refit over T (``codebook_refit``,
+with s = 1 gives the labels (exact in float64), T = 1 gives s. So one least-squares refit over T (``onnxcompress.codebook_refit``,
 vector codebooks included: their k·d values are the unknowns) serves every form. ``read_decode(graph, t)``
 returns that ``Decode`` for the weight tensor ``t`` (None for anything else: hot-row table stages, tied decodes),
 ``set(T', s')`` writes new values into the stored constants (their own dtype; a constant read elsewhere is copied
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxcompress.passes.cleanup.constant_folding import integer_constant_values
+
+from onnxcompress.constant_eval import integer_constant_values
 
 #: layout steps a decode may take between its codebook Gather and the weight
 LAYOUT_OPS = ("Reshape", "Transpose", "Gather", "Mul")
