@@ -358,3 +358,18 @@ def test_dynamic_weight_rounding_without_data_says_it_rounded_to_nearest(caplog)
     assert st["weight_rounding"] == {"kept": False, "reason": "no calibration data: round-to-nearest"}
     assert "no calibration data" in caplog.text
     assert q.SerializeToString() == dynamic(ffn(), None)[0].SerializeToString()
+
+
+def test_dynamic_rounding_reuses_the_chosen_smoothing_trial():
+    """With smoothing trials, the graph ends equal to the chosen trial's, so its rounded weights and rounded score
+    are reused (no second statistics run); the model is byte-equal to rounding the chosen strength from scratch."""
+    model = ffn()
+    calib = ffn_feeds(32, 1)
+    q, st = dynamic(model, calib, weight_rounding="auto")
+    sm, wr = st["smoothing"], st["weight_rounding"]
+    assert wr.get("reused_from_smoothing") and wr["score_rounded"] == sm["dynamic_by_strength"][sm["chosen"]]
+    fixed = {"smooth": "none"} if sm["alpha"] is None else {"smooth": "all", "smooth_alpha": sm["alpha"]}
+    q_fresh, st_fresh = dynamic(model, calib, weight_rounding="auto", **fixed)
+    assert "reused_from_smoothing" not in st_fresh["weight_rounding"]
+    assert st_fresh["weight_rounding"]["kept"] == wr["kept"]
+    assert q.SerializeToString() == q_fresh.SerializeToString()

@@ -150,16 +150,23 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
         log.warning("quantize{mode=dynamic weight_rounding=%s}: no calibration data (--calib), the weights are "
                     "rounded to nearest", p.weight_rounding)
 
-    def as_built(g: gs.Graph) -> None:  # a smoothing trial: the dynamic model as it would be built (rounding too)
-        r = dynamic_rounding.round_weights(p, g, ctx, None)[0] if rounding else {}
-        quantize_dynamic(p, g, ctx, {}, r)
+    trial_rounding: dict[str, tuple[dict, dict]] = {}  # smoothing trial -> its rounded weights and their stats
+
+    def as_built(g: gs.Graph, label: str) -> None:  # a smoothing trial: the dynamic model as it would be built
+        r = dynamic_rounding.round_weights(p, g, ctx, None) if rounding else ({}, {})
+        trial_rounding[label] = r
+        quantize_dynamic(p, g, ctx, {}, r[0])
 
     if dynamic_smoothing.wanted(p, ctx):
         stats["smoothing"] = dynamic_smoothing.choose(p, graph, ctx, as_built, score)
     rounded: dict[str, dynamic_rounding.RoundedWeight] = {}
     if rounding:
+        chosen = stats.get("smoothing", {}).get("chosen")
+        # the graph now equals the chosen trial's (smoothing is deterministic): its rounding and rounded score serve
+        reuse = (*trial_rounding[chosen], stats["smoothing"]["dynamic_by_strength"][chosen]) \
+            if chosen in trial_rounding else None
         rounded, stats["weight_rounding"] = dynamic_rounding.round_weights(
-            p, graph, ctx, lambda g, r: quantize_dynamic(p, g, ctx, {}, r), score)
+            p, graph, ctx, lambda g, r: quantize_dynamic(p, g, ctx, {}, r), score, reuse)
     if dynamic_mixed.targets(p):
         float_layers, stats["mixed_precision"] = dynamic_mixed.choose(
             p, graph, lambda q, g: quantize_dynamic(q, g, ctx, {}, rounded), score)

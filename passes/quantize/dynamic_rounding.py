@@ -95,12 +95,20 @@ def solve(w: np.ndarray, h: np.ndarray) -> qm.QuantizedWeight:
 
 def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
                   quantize: Callable[[gs.Graph, dict[str, RoundedWeight]], object] | None,
-                  score: fid.GraphScorer | None = None) -> tuple[dict[str, RoundedWeight], dict]:
+                  score: fid.GraphScorer | None = None,
+                  reuse: tuple[dict[str, RoundedWeight], dict, dict[str, float]] | None = None,
+                  ) -> tuple[dict[str, RoundedWeight], dict]:
     """(weight name -> rounded weight and bias shift, stats); ``graph`` is not changed (the quantizer applies a
     weight's shift where it uses that weight, ``shift_bias``). ``quantize(g, rounded)`` quantizes a copy dynamically
     with those weights and ``score(g)`` scores it (the keep decision); ``quantize`` None: kept without a decision (a
-    smoothing trial scores the model as it would be built)."""
+    smoothing trial scores the model as it would be built). ``reuse``: (rounded, stats, its score) of a smoothing
+    trial ``graph`` equals: no statistics run nor solve again, only the round-to-nearest model is scored."""
     t0 = time.perf_counter()
+    names = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    if reuse is not None and reuse[0] and set(reuse[0]) <= names and quantize is not None:
+        rounded, stats, score_rounded = reuse[0], dict(reuse[1]), reuse[2]
+        return _decide(p, graph, quantize, score, rounded, {**stats, "reused_from_smoothing": True},
+                       t0, score_rounded)
     ranks = smoothing.tensor_ranks(ctx.export(graph))
     todo = layers(graph, ranks, tuple(p.exclude))
     if not todo:
@@ -128,6 +136,13 @@ def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
                    "output_error_db_gain_median": round(float(np.median(gains)), 2) if gains else None}
     if not rounded:
         return {}, {**stats, "kept": False, "reason": "no input with more than one row per feed"}
+    return _decide(p, graph, quantize, score, rounded, stats, t0)
+
+
+def _decide(p: QuantizeOptions, graph: gs.Graph, quantize, score, rounded: dict[str, RoundedWeight], stats: dict,
+            t0: float, score_rounded: dict[str, float] | None = None) -> tuple[dict[str, RoundedWeight], dict]:
+    """Keep ``rounded`` when asked (``weight_rounding=output``, or no ``quantize``: a trial) or when the rounded
+    dynamic model scores better than the round-to-nearest one (``score_rounded``: already measured)."""
     keep = p.weight_rounding == "output" or quantize is None
     if not keep:
         def scored(g: gs.Graph, weights: dict) -> dict[str, float]:
@@ -135,7 +150,7 @@ def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
             return score(g)
 
         stats["score_nearest"] = scored(graph.copy(), {})
-        stats["score_rounded"] = scored(graph.copy(), rounded)
+        stats["score_rounded"] = score_rounded if score_rounded is not None else scored(graph.copy(), rounded)
         keep = decision_key(stats["score_rounded"]) < decision_key(stats["score_nearest"])
     stats["kept"] = bool(keep)
     stats["seconds"] = round(time.perf_counter() - t0, 2)

@@ -69,10 +69,11 @@ def wanted(p: QuantizeOptions, ctx: PassContext) -> bool:
     return ctx.calibration is not None and len(ctx.calibration) > 0 and p.smooth not in (None, "none")
 
 
-def choose(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, quantize: Callable[[gs.Graph], object],
+def choose(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, quantize: Callable[[gs.Graph, str], object],
            score: fid.GraphScorer) -> dict:
-    """Smooth ``graph`` (in place) as the module doc says; ``quantize(g)`` quantizes a copy dynamically in place,
-    ``score(g)`` scores it. Returns the stats (decision, strength, the scores of every trial, seconds)."""
+    """Smooth ``graph`` (in place) as the module doc says; ``quantize(g, label)`` quantizes a copy dynamically in
+    place (``label``: the trial, e.g. ``alpha=0.8``), ``score(g)`` scores it. Returns the stats (decision, strength,
+    ``chosen``: the label of the trial the graph now equals, the scores of every trial, seconds)."""
     t0 = time.perf_counter()
     ranks = smoothing.tensor_ranks(ctx.export(graph))
     if not smoothing.candidates(graph, ranks):
@@ -84,21 +85,21 @@ def choose(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, quantize: Call
                 "smoothed": done["smoothed"], "seconds": round(time.perf_counter() - t0, 2)}
     shared: dict = {}
 
-    def scored(g: gs.Graph) -> dict[str, float]:
-        quantize(g)
+    def scored(g: gs.Graph, label: str) -> dict[str, float]:
+        quantize(g, label)
         return score(g)
 
-    trials: dict[str, dict[str, float]] = {"not smoothed": scored(graph.copy())}
+    trials: dict[str, dict[str, float]] = {"not smoothed": scored(graph.copy(), "not smoothed")}
     best_label, best_alpha = "not smoothed", None
     for alpha in dict.fromkeys(float(a) for a in p.smooth_alphas):
         g = graph.copy()
         smoothing.smooth(SmoothingView(p, ctx, alpha, shared), g, graph_names(g))
         label = f"alpha={alpha:g}"
-        trials[label] = scored(g)
+        trials[label] = scored(g, label)
         if decision_key(trials[label]) < decision_key(trials[best_label]):
             best_label, best_alpha = label, alpha
     stats: dict = {"decision": "not smoothed" if best_alpha is None else "smoothed", "alpha": best_alpha,
-                   "dynamic_by_strength": trials, "eval_feeds": len(score.feeds)}
+                   "chosen": best_label, "dynamic_by_strength": trials, "eval_feeds": len(score.feeds)}
     if best_alpha is not None:
         done = smoothing.smooth(SmoothingView(p, ctx, best_alpha, shared), graph, graph_names(graph))
         stats["smoothed"] = done["smoothed"]
