@@ -284,3 +284,20 @@ def test_snapped_weights_keep_their_values_per_channel(rng, scales):
             assert len(np.unique(after)) <= 4
     held = _held(np.random.default_rng(7))
     assert _error(distilled, model, held) < 0.9 * _error(snapped, model, held)
+
+
+def test_train_mode_keeps_snapped_values_per_channel(rng):
+    """storage=snap with channel scales leaves <= k values per output row: training moves each row's set."""
+    pytest.importorskip("torch", reason="distill{mode=train} needs torch (pip install onnxcompress[train])")
+    model = _mlp(rng)
+    calib = _feeds(rng, 64)
+    pipe = "cluster{bits=2 min_size=100 storage=snap}"
+    snapped, _ = _run(model, pipe, calib)
+    trained, st = _run(model, pipe + ",distill{mode=train steps=120 batch=8 eval_every=20 lr=0.003}", calib)
+    assert st["train"]["steps"] > 0
+    w = [{t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in (snapped, trained)]
+    for name, axis in (("w1", 1), ("w2", 0)):
+        assert not np.array_equal(w[0][name], w[1][name])
+        assert max(len(np.unique(r)) for r in np.moveaxis(w[1][name], axis, 0)) <= 4
+    held = _held(np.random.default_rng(7))
+    assert _error(trained, model, held) < 0.9 * _error(snapped, model, held)

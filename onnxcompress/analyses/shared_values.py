@@ -125,6 +125,13 @@ def _row_values(v: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, int]:
     return srt[first], np.moveaxis(ids.reshape(moved.shape), 0, axis), int(counts.max())
 
 
+def weight_output_axis(node: gs.Node) -> int:
+    """The output-channel axis of a layer's weight (input 1): Conv 0, MatMul / ConvTranspose 1, Gemm by transB."""
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    return 1 if node.op in ("MatMul", "ConvTranspose") else 0
+
+
 def snapped_values(node: gs.Node, slot: int, axis: int, max_values: int = 256, min_use: int = 16,
                    min_row_use: int = 4) -> SnappedValues | None:
     """The ``SnappedValues`` view of the float constant at ``node.inputs[slot]`` (output rows along ``axis``) when
@@ -261,4 +268,4 @@ def read_decode(graph: gs.Graph, t: gs.Tensor, folded: dict[str, np.ndarray] | N
     return None
 
 
-__all__ = ["Decode", "SnappedValues", "read_decode", "replay", "snapped_values"]
+__all__ = ["Decode", "SnappedValues", "read_decode", "replay", "snapped_values", "weight_output_axis"]

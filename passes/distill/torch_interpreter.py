@@ -9,7 +9,8 @@ written back. The float weights of weighted slots become ``Weight`` parameters k
   LayerNormalization scale and bias, PRelu slope, the constant (non-scalar) operand of Add / Sub / Mul;
 - ``Gather(codebook, constant indices)`` (a clustered tensor decoded by Gather): the codebook is the parameter;
 - a weight with few distinct values (<= 256, every value used >= 16 times on average: snapped clustering) is
-  trained as its codebook: W = c[idx], so it keeps <= k distinct values;
+  trained as its codebook: W = c[idx], so it keeps <= k distinct values; a Conv / Gemm / MatMul weight with few
+  values in each output row (snapped with channel scales: ``shared_values.snapped_values``) trains each row's set;
 - exact zeros stay zero: W = P * M with the mask M = (W0 != 0) (pruned weights; their gradient is zero); with
   ``learn_masks`` a pruned MatMul / Gemm / Conv weight trains a dense shadow P and W = P * M(P), its N:M pattern or
   non-zero count kept (``sparse_masks``);
@@ -39,6 +40,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcompress.analyses.shared_values import snapped_values, weight_output_axis
 from onnxcompress.constant_eval import integer_constant_values
 
 from .fake_quant import attach
@@ -165,6 +167,7 @@ class TorchGraph:
         self.unsupported: list[tuple[str, str]] = []
         slots: set[str] = set()
         axes: dict[str, int | None] = {}  # a weight's reduction axis at its first consumer (learned N:M masks)
+        owner: dict[str, tuple[gs.Node, int]] = {}  # a weight's first consumer and slot
         for node in self.nodes:
             if node.op not in OPS and node.op not in MULTI_OUTPUT or (node.domain or "") not in ("", "ai.onnx"):
                 self.unsupported.append((node.op, node.name))
@@ -177,11 +180,12 @@ class TorchGraph:
                 if train and t.name not in folded and is_weight_slot(node, i, v, folded):
                     slots.add(t.name)
                     axes[t.name] = reduction_axis(node.op, i, node.attrs, v.ndim)
+                    owner.setdefault(t.name, (node, i))
                 self.consts[t.name] = v
         for name in list(self.consts):
             v = self.consts[name]
             if name in slots:
-                self.weights[name] = self._weight(name, v, masks, codebooks)
+                self.weights[name] = self._weight(name, v, masks, codebooks, owner.get(name))
                 if learn_masks and masks and axes.get(name) is not None:
                     self._learn_mask(self.weights[name], v, axes[name])
                 self._fold_mask(self.weights[name])
@@ -201,7 +205,8 @@ class TorchGraph:
         for name, k in seen.items():
             self._last[k].append(name)
 
-    def _weight(self, name: str, v: np.ndarray, masks: bool, codebooks: bool) -> Weight:
+    def _weight(self, name: str, v: np.ndarray, masks: bool, codebooks: bool,
+                owner: tuple[gs.Node, int] | None = None) -> Weight:
         torch = self.torch
         f = v.astype(np.float32)
         mask = None
@@ -213,6 +218,12 @@ class TorchGraph:
                 p = torch.nn.Parameter(torch.from_numpy(uniq.astype(np.float32)))
                 idx = torch.from_numpy(inv.reshape(f.shape).astype(np.int64))
                 return Weight(name, v.dtype, v.shape, p, mask, idx)
+            node, slot = owner if owner is not None else (None, -1)
+            rows = snapped_values(node, slot, weight_output_axis(node), CODEBOOK_MAX, CODEBOOK_USE) \
+                if node is not None and slot == 1 and node.op in ("Conv", "Gemm", "MatMul") else None
+            if rows is not None:  # few values per output row (snapped with channel scales): each row's set trains
+                p = torch.nn.Parameter(torch.from_numpy(rows.codebook().astype(np.float32)))
+                return Weight(name, v.dtype, v.shape, p, mask, torch.from_numpy(rows.labels))
         return Weight(name, v.dtype, v.shape, torch.nn.Parameter(torch.from_numpy(f.copy())), mask)
 
     def _learn_mask(self, w: Weight, v: np.ndarray, axis: int | None) -> None:

@@ -18,14 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.analyses.shared_values import Decode, SnappedValues, snapped_values
-
-
-def _output_axis(node: gs.Node) -> int:
-    """The output-channel axis of a layer's weight (input 1)."""
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return 1 if node.op in ("MatMul", "ConvTranspose") else 0
+from onnxcompress.analyses.shared_values import Decode, SnappedValues, snapped_values, weight_output_axis
 
 
 @dataclass
@@ -45,7 +38,7 @@ class WeightRef:
             return None
         t = node.inputs[index]
         if isinstance(t, gs.Constant):
-            snapped = snapped_values(node, index, _output_axis(node)) if decodes is not None and index == 1 \
+            snapped = snapped_values(node, index, weight_output_axis(node)) if decodes is not None and index == 1 \
                 else None  # storage=snap clustering: its values refit, the sharing kept
             return WeightRef(node, index, decode=snapped)
         if t.inputs and t.inputs[0].op == "DequantizeLinear":
