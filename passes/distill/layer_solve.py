@@ -125,6 +125,18 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
     return ("ls", _rel(st, before), _rel(st, objective(st, final)))
 
 
+def _fit_kept(fit, st: Normal, hold: Normal | None, wb_cur: np.ndarray):
+    """``fit(stats) -> (codebook, scales, [M; b])`` on the training feeds, kept only if the held-out feeds'
+    objective falls below the current weights' too; then fitted on all feeds and kept only if the objective falls.
+    Returns (all feeds' statistics, the current objective, the fit), or the reason it was not kept."""
+    if hold is not None and hold.rows and not objective(hold, fit(st)[2]) < objective(hold, wb_cur):
+        return HELD_OUT
+    st = st.merged(hold)
+    before = objective(st, wb_cur)
+    fitted = fit(st)
+    return (st, before, fitted) if objective(st, fitted[2]) < before else "no improvement"
+
+
 def _solve_shared(L: Layer, st: Normal, hold: Normal | None, w: np.ndarray, has_bias: bool,
                   max_inputs: int) -> tuple[str, float, float]:
     """A clustered weight M = s * T[L] (``analyses.shared_values``: T the flat codebook, scalar or vector codes) refit
@@ -167,13 +179,10 @@ def _solve_shared(L: Layer, st: Normal, hold: Normal | None, w: np.ndarray, has_
         m = book[labels] * scale[None, :]
         return book, scale, np.concatenate([m, ((y_b - g @ m) / n)[None, :]], axis=0) if has_bias else m
 
-    if hold is not None and hold.rows and not objective(hold, fit(st)[2]) < objective(hold, wb_cur):
-        return (HELD_OUT, 0.0, 0.0)
-    st = st.merged(hold)
-    before = objective(st, wb_cur)
-    book, scale, final = fit(st)
-    if not objective(st, final) < before:
-        return ("no improvement", 0.0, 0.0)
+    kept = _fit_kept(fit, st, hold, wb_cur)
+    if isinstance(kept, str):
+        return (kept, 0.0, 0.0)
+    st, before, (book, scale, _) = kept
     alpha = L.alpha if L.kind == "gemm" else 1.0
     m_eff = _to_matrix(L, dec.set(book, (scale / alpha).reshape(dec.scale_shape()) if stored_scale else None))
     if has_bias:
@@ -220,13 +229,10 @@ def _solve_shared_depthwise(L: Layer, st: Normal, hold: Normal | None, w: np.nda
         m = book[labels] * scale[:, None]
         return book, scale, np.concatenate([m, ((y_b - np.sum(g * m, axis=1)) / n)[:, None]], axis=1)
 
-    if hold is not None and hold.rows and not objective(hold, fit(st)[2]) < objective(hold, wb_cur):
-        return (HELD_OUT, 0.0, 0.0)
-    st = st.merged(hold)
-    before = objective(st, wb_cur)
-    book, scale, final = fit(st)
-    if not objective(st, final) < before:
-        return ("no improvement", 0.0, 0.0)
+    kept = _fit_kept(fit, st, hold, wb_cur)
+    if isinstance(kept, str):
+        return (kept, 0.0, 0.0)
+    st, before, (book, scale, _) = kept
     m_eff = dec.set(book, scale.reshape(dec.scale_shape()) if stored_scale else None).reshape(c, -1)
     a, b = st.xtx, st.xty
     b_eff = (b[:, k] - np.sum(a[:, :k, k] * m_eff, axis=1)) / np.maximum(a[:, k, k], 1.0)
