@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxcompress.constant_eval import DEFAULT_DOMAINS
 from onnxcompress.graph_utils import (
     all_graphs,
     all_tensor_names,
@@ -28,8 +29,6 @@ from onnxcompress.naming import unique_name
 
 from .shape_facts import Facts, RoundFacts
 from .symbolic_values import SymVal, const_ints
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass
