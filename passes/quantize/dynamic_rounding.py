@@ -104,8 +104,8 @@ def round_weights(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext,
     smoothing trial scores the model as it would be built). ``reuse``: (rounded, stats, its score) of a smoothing
     trial ``graph`` equals: no statistics run nor solve again, only the round-to-nearest model is scored."""
     t0 = time.perf_counter()
-    names = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
-    if reuse is not None and reuse[0] and set(reuse[0]) <= names and quantize is not None:
+    if reuse is not None and reuse[0] and quantize is not None and \
+            set(reuse[0]) <= {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}:
         rounded, stats, score_rounded = reuse[0], dict(reuse[1]), reuse[2]
         return _decide(p, graph, quantize, score, rounded, {**stats, "reused_from_smoothing": True},
                        t0, score_rounded)
