@@ -132,25 +132,45 @@ def weight_output_axis(node: gs.Node) -> int:
     return 1 if node.op in ("MatMul", "ConvTranspose") else 0
 
 
-def snapped_values(node: gs.Node, slot: int, axis: int, max_values: int = 256, min_use: int = 16,
-                   min_row_use: int = 4) -> SnappedValues | None:
-    """The ``SnappedValues`` view of the float constant at ``node.inputs[slot]`` (output rows along ``axis``) when
-    the tensor has at most ``max_values`` distinct values, each used ``min_use`` times on average, else when every
-    row has at most ``max_values``, each used ``min_row_use`` times in its row on average (what ``storage=snap``
-    leaves; a trained float weight has as many values as weights), else None."""
+def _few_valued_candidate(node: gs.Node, slot: int, axis: int, max_values: int, min_size: int) -> np.ndarray | None:
+    """The float constant at ``node.inputs[slot]`` if it can hold few values per row: at least 2-D, ``min_size``
+    elements, and its first row along ``axis`` has at most ``max_values`` distinct values (a row with more rules out
+    both the tensor's and every row's limit, without sorting the whole tensor); else None."""
     t = node.inputs[slot]
     if not isinstance(t, gs.Constant):
         return None
     v = np.asarray(t.values)
-    if v.dtype.kind != "f" or v.ndim < 2 or v.size < 2 * min_use:
+    if v.dtype.kind != "f" or v.ndim < 2 or v.size < min_size:
+        return None
+    return v if len(np.unique(np.moveaxis(v, axis, 0)[0])) <= max_values else None
+
+
+def snapped_rows(node: gs.Node, slot: int, axis: int, max_values: int = 256, min_row_use: int = 4,
+                 min_size: int = 32) -> SnappedValues | None:
+    """The ``SnappedValues`` view of the float constant at ``node.inputs[slot]`` when every output row (along
+    ``axis``) has at most ``max_values`` distinct values, each used ``min_row_use`` times in its row on average
+    (``storage=snap`` with channel scales), else None."""
+    v = _few_valued_candidate(node, slot, axis, max_values, min_size)
+    if v is None:
+        return None
+    book, labels, most = _row_values(v, axis)
+    return SnappedValues(node, slot, book, labels) if most <= max_values and v.size >= min_row_use * book.size \
+        else None
+
+
+def snapped_values(node: gs.Node, slot: int, axis: int, max_values: int = 256, min_use: int = 16,
+                   min_row_use: int = 4) -> SnappedValues | None:
+    """The ``SnappedValues`` view of the float constant at ``node.inputs[slot]`` (output rows along ``axis``) when
+    the tensor has at most ``max_values`` distinct values, each used ``min_use`` times on average, else when every
+    row has (``snapped_rows``) (what ``storage=snap`` leaves; a trained float weight has as many values as
+    weights), else None."""
+    v = _few_valued_candidate(node, slot, axis, max_values, 2 * min_use)
+    if v is None:
         return None
     uniq, inv = np.unique(v, return_inverse=True)
     if len(uniq) <= max_values and v.size >= min_use * len(uniq):
         return SnappedValues(node, slot, uniq, inv.reshape(v.shape))
-    book, labels, most = _row_values(v, axis)
-    if most <= max_values and v.size >= min_row_use * book.size:
-        return SnappedValues(node, slot, book, labels)
-    return None
+    return snapped_rows(node, slot, axis, max_values, min_row_use, 2 * min_use)
 
 
 def replay(steps: list, book: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
@@ -268,4 +288,4 @@ def read_decode(graph: gs.Graph, t: gs.Tensor, folded: dict[str, np.ndarray] | N
     return None
 
 
-__all__ = ["Decode", "SnappedValues", "read_decode", "replay", "snapped_values", "weight_output_axis"]
+__all__ = ["Decode", "SnappedValues", "read_decode", "replay", "snapped_rows", "snapped_values", "weight_output_axis"]

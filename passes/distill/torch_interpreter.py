@@ -10,7 +10,7 @@ written back. The float weights of weighted slots become ``Weight`` parameters k
 - ``Gather(codebook, constant indices)`` (a clustered tensor decoded by Gather): the codebook is the parameter;
 - a weight with few distinct values (<= 256, every value used >= 16 times on average: snapped clustering) is
   trained as its codebook: W = c[idx], so it keeps <= k distinct values; a Conv / Gemm / MatMul weight with few
-  values in each output row (snapped with channel scales: ``shared_values.snapped_values``) trains each row's set;
+  values in each output row (snapped with channel scales: ``shared_values.snapped_rows``) trains each row's set;
 - exact zeros stay zero: W = P * M with the mask M = (W0 != 0) (pruned weights; their gradient is zero); with
   ``learn_masks`` a pruned MatMul / Gemm / Conv weight trains a dense shadow P and W = P * M(P), its N:M pattern or
   non-zero count kept (``sparse_masks``);
@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress.analyses.shared_values import snapped_values, weight_output_axis
+from onnxcompress.analyses.shared_values import snapped_rows, weight_output_axis
 from onnxcompress.constant_eval import integer_constant_values
 
 from .fake_quant import attach
@@ -219,7 +219,7 @@ class TorchGraph:
                 idx = torch.from_numpy(inv.reshape(f.shape).astype(np.int64))
                 return Weight(name, v.dtype, v.shape, p, mask, idx)
             node, slot = owner if owner is not None else (None, -1)
-            rows = snapped_values(node, slot, weight_output_axis(node), CODEBOOK_MAX, CODEBOOK_USE) \
+            rows = snapped_rows(node, slot, weight_output_axis(node), CODEBOOK_MAX, min_size=CODEBOOK_USE * 2) \
                 if node is not None and slot == 1 and node.op in ("Conv", "Gemm", "MatMul") else None
             if rows is not None:  # few values per output row (snapped with channel scales): each row's set trains
                 p = torch.nn.Parameter(torch.from_numpy(rows.codebook().astype(np.float32)))
