@@ -30,7 +30,7 @@ def _scatter(a: np.ndarray, flat_idx: np.ndarray, size: int) -> np.ndarray:
     return np.bincount(flat_idx, weights=a.reshape(-1), minlength=size)
 
 
-def _gram_product(m: np.ndarray, gram: np.ndarray) -> np.ndarray:
+def gram_product(m: np.ndarray, gram: np.ndarray) -> np.ndarray:
     """Rows of ``m`` [out, in] times the Gram: one shared [in, in], or one per row [out, in, in]."""
     return np.einsum("oi,oij->oj", m, gram) if gram.ndim == 3 else m @ gram
 
@@ -39,9 +39,9 @@ def objective(m_hat: np.ndarray, gram: np.ndarray, target: np.ndarray | None = N
               xty: np.ndarray | None = None) -> float:
     """sum_o (m̂_o - m_o)^T G (m̂_o - m_o) (``target``) or sum_o m̂_o^T G m̂_o - 2 m̂_o^T (X^T Y)_o (``xty``)."""
     if xty is not None:
-        return float(np.sum(_gram_product(m_hat, gram) * m_hat) - 2.0 * np.sum(m_hat * xty.T))
+        return float(np.sum(gram_product(m_hat, gram) * m_hat) - 2.0 * np.sum(m_hat * xty.T))
     d = m_hat - target
-    return float(np.sum(_gram_product(d, gram) * d))
+    return float(np.sum(gram_product(d, gram) * d))
 
 
 def refit_codebook(
@@ -72,7 +72,7 @@ def refit_codebook(
     size = rows * k
     c0 = codebook.astype(np.float64).reshape(-1)
     sc = np.ones((out, 1)) if row_scale is None else np.asarray(row_scale, np.float64).reshape(out, 1)
-    b = _scatter(sc * _gram_product(target, g), flat, size) if xty is None else \
+    b = _scatter(sc * gram_product(target, g), flat, size) if xty is None else \
         _scatter(sc * np.asarray(xty, np.float64).T, flat, size)
     # unknowns: used, not fixed entries
     used = np.bincount(flat, minlength=size) > 0
@@ -82,7 +82,7 @@ def refit_codebook(
     precond = np.where(free & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
 
     def hv(v: np.ndarray) -> np.ndarray:
-        return _scatter(sc * _gram_product(sc * v.reshape(rows, k)[row_of[:, None], labels], g), flat, size)
+        return _scatter(sc * gram_product(sc * v.reshape(rows, k)[row_of[:, None], labels], g), flat, size)
 
     def obj(c: np.ndarray) -> float:
         m_hat = sc * c.reshape(rows, k)[row_of[:, None], labels]

@@ -25,7 +25,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcompress.codebook_refit import refit_codebook
+from onnxcompress.codebook_refit import gram_product, refit_codebook
 
 from .layers import Layer
 from .normal_equations import Normal
@@ -63,8 +63,6 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
     w = L.w.get()
     has_bias = L.b is not None or L.kind in ("conv", "dwconv")
     if L.w.decode is not None:
-        if L.kind == "dwconv":
-            return _solve_shared_depthwise(L, st, hold, w)
         return _solve_shared(L, st, hold, w, has_bias, max_inputs)
     if L.kind == "dwconv":
         cur = w.reshape(w.shape[0], -1)
@@ -137,108 +135,88 @@ def _fit_kept(fit, st: Normal, hold: Normal | None, wb_cur: np.ndarray):
     return (st, before, fitted) if objective(st, fitted[2]) < before else "no improvement"
 
 
+def _bias_rows(a: np.ndarray, b_rows: np.ndarray, k: int):
+    """The bias row of the statistics in rows form: g = X^T 1 [K] (shared) or [C, K] (per row), n = 1^T 1, y_b =
+    1^T Y per output row; ``a`` is X^T X [K+1, K+1] or [C, K+1, K+1], ``b_rows`` X^T Y per output row [N, K+1]."""
+    return a[..., :k, k], np.maximum(a[..., k, k], 1.0), b_rows[:, k]
+
+
 def _solve_shared(L: Layer, st: Normal, hold: Normal | None, w: np.ndarray, has_bias: bool,
                   max_inputs: int) -> tuple[str, float, float]:
-    """A clustered weight M = s * T[L] (``analyses.shared_values``: T the flat codebook, scalar or vector codes) refit
-    in its shared values: with the bias row eliminated (G' = G - g g^T / n, B' = B - g y_b^T / n: the bias is free at
-    every T), the codebook T by ``refit_codebook`` (conjugate gradients, labels fixed, zero centroids fixed), then
-    each output's scale s_o = (u_o^T B'_o) / (u_o^T G' u_o) with u_o = T[L_o], then T again; the bias
-    b = (y_b - g^T M) / n. Fitted on the training feeds first and kept only if ||X [M; b] - Y||^2 falls on the
+    """A clustered weight, each output row m_o = s_o T[L_o] (``analyses.shared_values``: T the flat codebook, scalar
+    or vector codes), refit in its shared values. With G the rows' Gram (one [K, K], or one per channel for a
+    depthwise kernel) and B the rows' X^T Y, the bias row eliminated (G' = G - g g^T / n, B'_o = B_o - g y_b,o / n:
+    the bias is free at every T): T by ``refit_codebook`` (conjugate gradients, labels fixed, zero centroids fixed),
+    then each output's scale s_o = (u_o^T B'_o) / (u_o^T G'_o u_o) with u_o = T[L_o], then T again; the bias
+    b_o = (y_b,o - g^T m_o) / n. Fitted on the training feeds first and kept only if ||X [M; b] - Y||^2 falls on the
     held-out feeds (``hold``) too, then fitted on all of them."""
     dec = L.w.decode
-    wm = _to_matrix(L, w)  # [K, N], alpha folded in
-    k = wm.shape[0]
-    if k > max_inputs:
+    depthwise = L.kind == "dwconv"
+
+    def rows_of(m: np.ndarray) -> np.ndarray:
+        """W-shaped ``m`` as rows [N, K]: a depthwise kernel's channels (its statistics are per channel: X^T X
+        [C, K+1, K+1], X^T Y [C, K+1]), else the columns of y = x @ W's matrix (X^T X [K, K], X^T Y [K, N])."""
+        return m.reshape(w.shape[0], -1) if depthwise else _to_matrix(L, m).T
+
+    labels = dec.labels.reshape(w.shape[0], -1) if depthwise else \
+        (dec.labels if L.trans_b else dec.labels.T) if L.kind == "gemm" else \
+        _to_matrix(L, dec.labels.astype(np.float64)).astype(np.int64).T  # not rows_of: Gemm's alpha
+    m_cur, scale_rows = rows_of(w), rows_of(dec.scales())  # [N, K]; gemm: alpha folded into both
+    k = m_cur.shape[1]
+    if not depthwise and k > max_inputs:
         return (f"more than {max_inputs} inputs", 0.0, 0.0)
-    labels = _to_matrix(L, dec.labels.astype(np.float64)).astype(np.int64) if L.kind != "gemm" else \
-        (dec.labels.T if L.trans_b else dec.labels)
-    scale_m = _to_matrix(L, dec.scales())
-    if not np.allclose(scale_m, scale_m[:1]):
+    if not np.allclose(scale_rows, scale_rows[:, :1]):
         return ("clustered weight with scales along its inputs", 0.0, 0.0)
     book0 = dec.codebook()
-    if labels.shape != wm.shape or not np.allclose(book0[labels] * scale_m, wm, rtol=1e-5, atol=1e-7):
+    if labels.shape != m_cur.shape or not np.allclose(book0[labels] * scale_rows, m_cur, rtol=1e-5, atol=1e-7):
         return ("clustered weight in a layout not understood", 0.0, 0.0)
-    stored_scale = dec.scale_shape() is not None and int(np.prod(dec.scale_shape())) == wm.shape[1]
-    wb_cur = np.concatenate([wm, _bias_vector(L, wm.shape[1])[None, :]], axis=0) if has_bias else wm
+    has_bias = has_bias or depthwise
+    stored_scale = dec.scale_shape() is not None and int(np.prod(dec.scale_shape())) == m_cur.shape[0]
+
+    def stats_rows(stats: Normal) -> tuple[np.ndarray, np.ndarray]:
+        return stats.xtx, (stats.xty if depthwise else stats.xty.T)
+
+    def as_wb(m: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+        """Rows [N, K] (+ bias [N]) in the statistics' own layout (``ridge.objective``)."""
+        if depthwise:
+            return np.concatenate([m, bias[:, None]], axis=1)
+        return m.T if bias is None else np.concatenate([m.T, bias[None, :]], axis=0)
+
+    b_cur = (L.b.get().reshape(-1) if L.b is not None else np.zeros(m_cur.shape[0])) if depthwise else \
+        (_bias_vector(L, m_cur.shape[0]) if has_bias else None)
+    wb_cur = as_wb(m_cur, b_cur)
 
     def fit(stats: Normal) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        a, b = stats.xtx, stats.xty
+        a, b_rows = stats_rows(stats)
         if has_bias:
-            g, n, y_b = a[:k, k], max(float(a[k, k]), 1.0), b[k]
-            gram, xty = a[:k, :k] - np.outer(g, g) / n, b[:k] - np.outer(g, y_b) / n
+            g, n, y_b = _bias_rows(a, b_rows, k)
+            gram = a[..., :k, :k] - np.einsum("...i,...j->...ij", g, g) / np.asarray(n)[..., None, None]
+            xty = b_rows[:, :k] - (y_b / n)[:, None] * g
         else:
-            gram, xty = a, b
-        book, scale = book0.copy(), scale_m[0].copy()  # scale per output, alpha included
+            gram, xty = a, b_rows
+        book, scale = book0.copy(), scale_rows[:, 0].copy()  # scale per output row, alpha included
         for rnd in range(2):
-            book = refit_codebook(book[None, :], labels.T, gram, xty=xty, fixed=(book0 == 0)[None, :],
+            book = refit_codebook(book[None, :], labels, gram, xty=xty.T, fixed=(book0 == 0)[None, :],
                                   row_scale=scale)[0][0]
             if rnd == 0 and stored_scale:
-                u = book[labels]  # [K, N]
-                den = np.sum(u * (gram @ u), axis=0)
-                scale = np.where(den > 0, np.sum(u * xty, axis=0) / np.where(den > 0, den, 1.0), scale)
-        m = book[labels] * scale[None, :]
-        return book, scale, np.concatenate([m, ((y_b - g @ m) / n)[None, :]], axis=0) if has_bias else m
+                u = book[labels]
+                den = np.sum(gram_product(u, gram) * u, axis=1)
+                scale = np.where(den > 0, np.sum(u * xty, axis=1) / np.where(den > 0, den, 1.0), scale)
+        m = book[labels] * scale[:, None]
+        return book, scale, as_wb(m, (y_b - np.sum(g * m, axis=1)) / n if has_bias else None)
 
     kept = _fit_kept(fit, st, hold, wb_cur)
     if isinstance(kept, str):
         return (kept, 0.0, 0.0)
     st, before, (book, scale, _) = kept
     alpha = L.alpha if L.kind == "gemm" else 1.0
-    m_eff = _to_matrix(L, dec.set(book, (scale / alpha).reshape(dec.scale_shape()) if stored_scale else None))
-    if has_bias:
-        a, b = st.xtx, st.xty
-        b_eff = (b[k] - a[:k, k] @ m_eff) / max(float(a[k, k]), 1.0)  # for the stored (rounded) values
+    m_eff = rows_of(dec.set(book, (scale / alpha).reshape(dec.scale_shape()) if stored_scale else None))
+    b_eff = None
+    if has_bias:  # the bias for the stored (rounded) values
+        g, n, y_b = _bias_rows(*stats_rows(st), k)
+        b_eff = (y_b - np.sum(g * m_eff, axis=1)) / n
         _set_bias(L, b_eff)
-        m_eff = np.concatenate([m_eff, b_eff[None, :]], axis=0)
-    return ("ls shared", _rel(st, before), _rel(st, objective(st, m_eff)))
-
-
-def _solve_shared_depthwise(L: Layer, st: Normal, hold: Normal | None, w: np.ndarray) -> tuple[str, float, float]:
-    """``_solve_shared`` for a clustered depthwise kernel: channel c has its own Gram G_c [K+1, K+1] (its input
-    channel's kh·kw patch and the bias), the codebook is shared by all channels, so ``refit_codebook`` runs on the
-    per-channel Grams (bias eliminated per channel), then the channel scales, then the codebook again, then each
-    channel's bias. Kept only if the objective falls on the held-out feeds, then fitted on all of them."""
-    dec = L.w.decode
-    c = w.shape[0]
-    wm = w.reshape(c, -1)  # [C, K]
-    labels = dec.labels.reshape(c, -1)
-    scale_m = dec.scales().reshape(c, -1)
-    if not np.allclose(scale_m, scale_m[:, :1]):
-        return ("clustered weight with scales along its inputs", 0.0, 0.0)
-    book0 = dec.codebook()
-    if not np.allclose(book0[labels] * scale_m, wm, rtol=1e-5, atol=1e-7):
-        return ("clustered weight in a layout not understood", 0.0, 0.0)
-    k = wm.shape[1]
-    b_cur = L.b.get().reshape(-1) if L.b is not None else np.zeros(c)
-    wb_cur = np.concatenate([wm, b_cur[:, None]], axis=1)
-    stored_scale = dec.scale_shape() is not None and int(np.prod(dec.scale_shape())) == c
-
-    def fit(stats: Normal) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        a, b = stats.xtx, stats.xty  # [C, K+1, K+1], [C, K+1]
-        g, n, y_b = a[:, :k, k], np.maximum(a[:, k, k], 1.0), b[:, k]
-        gram = a[:, :k, :k] - np.einsum("ci,cj->cij", g, g) / n[:, None, None]
-        xty = b[:, :k] - g * (y_b / n)[:, None]  # [C, K]
-        book, scale = book0.copy(), scale_m[:, 0].copy()
-        for rnd in range(2):
-            book = refit_codebook(book[None, :], labels, gram, xty=xty.T, fixed=(book0 == 0)[None, :],
-                                  row_scale=scale)[0][0]
-            if rnd == 0 and stored_scale:
-                u = book[labels]
-                den = np.einsum("ci,cij,cj->c", u, gram, u)
-                scale = np.where(den > 0, np.sum(u * xty, axis=1) / np.where(den > 0, den, 1.0), scale)
-        m = book[labels] * scale[:, None]
-        return book, scale, np.concatenate([m, ((y_b - np.sum(g * m, axis=1)) / n)[:, None]], axis=1)
-
-    kept = _fit_kept(fit, st, hold, wb_cur)
-    if isinstance(kept, str):
-        return (kept, 0.0, 0.0)
-    st, before, (book, scale, _) = kept
-    m_eff = dec.set(book, scale.reshape(dec.scale_shape()) if stored_scale else None).reshape(c, -1)
-    a, b = st.xtx, st.xty
-    b_eff = (b[:, k] - np.sum(a[:, :k, k] * m_eff, axis=1)) / np.maximum(a[:, k, k], 1.0)
-    b_ref = L.b or _add_bias(L)
-    b_ref.set(b_eff.reshape(b_ref.get().shape))
-    return ("ls shared", _rel(st, before), _rel(st, objective(st, np.concatenate([m_eff, b_eff[:, None]], axis=1))))
+    return ("ls shared", _rel(st, before), _rel(st, objective(st, as_wb(m_eff, b_eff))))
 
 
 def _rel(st: Normal, obj: float) -> float:
