@@ -4,7 +4,9 @@
 folds into the weight scale, ``beta·C`` is added after). The activation's range is measured at run time::
 
     x_q, s_x, z_x = DynamicQuantizeLinear(x)              # uint8, asymmetric over [min(x, 0), max(x, 0)]
-    acc = MatMulInteger(x_q, W_q, z_x, 0)                 # int32; W_q int8 symmetric per column n: s_w[n]
+    acc = MatMulInteger(x_q, W_q, z_x, z_w)               # int32; W_q int8 symmetric per column n: s_w[n], z_w 0
+                                                          # (uint8 codes, z_w 128, where ORT saturates u8 x s8:
+                                                          # ``u8s8_saturation``)
     y = Cast(acc, float) · (s_x · s_w)  (+ beta·C)
 
 ORT fuses the chain into ``DynamicQuantizeMatMul``. Conv is not quantized dynamically by default (ORT's
@@ -42,6 +44,7 @@ from . import fidelity as fid
 from . import opset_upgrade as qo
 from . import qparams_math as qm
 from . import subgraphs as sg
+from . import u8s8_saturation as u8s8
 from .opset_upgrade import ensure_opset
 from .ort_int8_kernels import const_value, weight_axis
 from .prepare import name_unnamed_nodes
@@ -181,9 +184,11 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
     by op type. ``stats`` gets the per-scope details; ``rounded``: int8 weights by weight name used instead of
     round-to-nearest, each with the shift its bias Add loses (``dynamic_rounding``: MatMul [K, N], per column)."""
     per_channel = p.per_channel
-    if not ensure_opset(graph, ctx, qo.PER_TENSOR_OPSET, stats):
-        raise PassError("dynamic quantization needs opset >= 10 and the upgrade failed")
+    if not ensure_opset(graph, ctx, qo.DYNAMIC_OPSET, stats):
+        raise PassError(f"dynamic quantization needs opset >= {qo.DYNAMIC_OPSET} (DynamicQuantizeLinear) and the "
+                        "upgrade failed")
     ops = tuple(op for op in p.dynamic_ops if op in ("MatMul", "Gemm"))
+    unsigned = _unsigned_weights(p, stats)
     all_scopes, namer, nodes, skipped, uses = _scoped(p, graph, ops)
     _note_other_layers(all_scopes, ops, "dynamic mode quantizes MatMul/Gemm only")
     allowed = _allowed_readers(p, all_scopes, nodes)
@@ -213,9 +218,12 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
             qw = given.weight if given is not None else qm.quantize_weight(w, qm.INT8, 1 if per_channel else None)
             s_w = (np.asarray(qw.scale, np.float64) * alpha).astype(np.float32)
             wbase = n.inputs[1].name
+            codes, zero_point = np.asarray(qw.q), np.asarray(qw.zero_point)
+            if unsigned:
+                codes, zero_point = u8s8.unsigned_codes(codes, zero_point)
             shared[key] = (
-                gs.Constant(namer(f"{wbase}_quantized"), qw.q),
-                gs.Constant(namer(f"{wbase}_zero_point"), np.asarray(qw.zero_point)),
+                gs.Constant(namer(f"{wbase}_quantized"), codes),
+                gs.Constant(namer(f"{wbase}_zero_point"), zero_point),
                 gs.Constant(namer(f"{wbase}_scale"), np.asarray(s_w)),
             )
         new_nodes.setdefault(id(scope), []).extend(_dynamic_chain(n, namer, shared[key]))
@@ -223,6 +231,18 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
         scope.done[f"{n.op} dynamic-int8"] += 1
     _finish(p, graph, ctx, all_scopes, new_nodes, done, skipped, stats)
     return done
+
+
+def _unsigned_weights(p: QuantizeOptions, stats: dict) -> bool:
+    """Whether the weight codes are stored uint8 (``dynamic_weight_type``; auto: the ``u8s8_saturation`` probe)."""
+    if p.dynamic_weight_type == "auto":
+        unsigned = u8s8.saturates()
+        stats["weight_type"] = ("uint8: this machine's onnxruntime saturates uint8 x int8 products (probed)"
+                                if unsigned else "int8")
+    else:
+        unsigned = p.dynamic_weight_type == "uint8"
+        stats["weight_type"] = p.dynamic_weight_type
+    return unsigned
 
 
 def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Constant, gs.Constant]) -> list[gs.Node]:

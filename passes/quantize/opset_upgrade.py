@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 PER_TENSOR_OPSET = 10
+#: DynamicQuantizeLinear is opset 11 (MatMulInteger / ConvInteger are 10)
+DYNAMIC_OPSET = 11
 PER_CHANNEL_OPSET = 13
 BLOCKED_OPSET = 21
 
