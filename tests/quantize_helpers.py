@@ -40,3 +40,16 @@ def output_sqnr(ref, cand, fs) -> float:
     r = np.concatenate([ort_run(ref, f)[0].ravel() for f in fs]).astype(np.float64)
     c = np.concatenate([ort_run(cand, f)[0].ravel() for f in fs]).astype(np.float64)
     return float(10 * np.log10(np.sum(r * r) / np.sum((r - c) ** 2)))
+
+
+#: 8-bit weight codes: int8, or uint8 where this machine's onnxruntime saturates u8 x s8 (``u8s8_saturation``)
+WEIGHT_CODES = (np.int8, np.uint8)
+
+
+def signed_codes(codes: np.ndarray, zero_point: np.ndarray | None = None) -> np.ndarray:
+    """Weight codes on the signed grid, q - z (uint8 codes carry z + 128): the same integers whichever type."""
+    z = np.zeros((), np.int64) if zero_point is None else np.asarray(zero_point, np.int64)
+    if codes.dtype == np.uint8 and zero_point is None:
+        z = np.asarray(128, np.int64)
+    return codes.astype(np.int64) - z
+

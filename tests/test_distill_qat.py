@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes.distill import Distill
+from onnxcompress.passes.quantize import u8s8_saturation as u8s8
 
 from onnxcompress import io
 from onnxcompress.context import PassContext
@@ -125,7 +126,8 @@ def test_qdq_forward_matches_ort(act, per_channel):
             got = tg.forward(feed)["y"].numpy()
         diff = np.abs(got - ref)
         assert diff.max() <= step * 1.01 and np.mean(diff > 1e-6) < 0.01
-        assert np.abs(got - fused).max() <= step * 1.01
+        if not u8s8.saturates():  # where ORT clamps u8 x s8 product pairs its fused kernel is not the QDQ maths
+            assert np.abs(got - fused).max() <= step * 1.01
 
 
 def test_straight_through_and_lsq_gradients():

@@ -12,6 +12,7 @@ import pytest
 from conftest import ort_run
 from onnx import TensorProto, helper, numpy_helper
 from onnxcompress.passes.quantize import Quantize
+from quantize_helpers import WEIGHT_CODES, signed_codes
 
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
@@ -152,7 +153,10 @@ def test_static_structure_weights_bias_and_numerics(tmp_path):
         if node.op_type == "Conv":
             dq_w = next(n for n in q.graph.node if n.output[0] == node.input[1])
             assert dq_w.op_type == "DequantizeLinear"
-            assert initializer(q, dq_w.input[0]).dtype == np.int8
+            codes = initializer(q, dq_w.input[0])
+            assert codes.dtype in WEIGHT_CODES
+            zp = initializer(q, dq_w.input[2]).reshape(-1, 1, 1, 1)
+            assert np.abs(signed_codes(codes, zp)).max() <= 127  # symmetric
             assert onnx.helper.get_attribute_value(dq_w.attribute[0]) == 0
             # bias: int32 with scale = s_x * s_w
             dq_b = next(n for n in q.graph.node if n.output[0] == node.input[2])

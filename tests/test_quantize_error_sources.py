@@ -8,6 +8,7 @@ from conftest import ort_run
 from onnx import helper, numpy_helper
 from onnxcompress.passes.quantize import Quantize
 from onnxcompress.passes.quantize.error_sources import activation_roundings, without_rounding
+from quantize_helpers import signed_codes
 
 from onnxcompress.context import PassContext
 from onnxcompress.data import load_feeds
@@ -105,7 +106,8 @@ def test_without_every_activation_rounding_only_the_weights_differ_from_float():
     for n in q.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in vals and vals[n.input[0]].ndim == 4:
             s = vals[n.input[1]].reshape(-1, 1, 1, 1)
-            deq[n.output[0]] = (vals[n.input[0]].astype(np.float32) * s).astype(np.float32)
+            z = vals[n.input[2]].reshape(-1, 1, 1, 1) if len(n.input) > 2 and n.input[2] in vals else None
+            deq[n.output[0]] = (signed_codes(vals[n.input[0]], z).astype(np.float32) * s).astype(np.float32)
     assert len(deq) == 3
     ref = onnx.ModelProto()
     ref.CopyFrom(model)

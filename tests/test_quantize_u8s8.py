@@ -78,7 +78,7 @@ def test_dynamic_weights_follow_the_option_and_unsigned_ones_compute_exactly(wei
     model = wide_mlp()
     rng = np.random.default_rng(2)
     calib = [{"x": rng.uniform(0.0, 1.0, (1, 8, K)).astype(np.float32)} for _ in range(4)]
-    q, st = quantize_on(model, calib, mode="dynamic", smooth="none", dynamic_weight_type=weight_type)
+    q, st = quantize_on(model, calib, mode="dynamic", smooth="none", weight_type=weight_type)
     unsigned = weight_type == "uint8" or (weight_type == "auto" and u8s8.saturates())
     mm = next(n for n in q.graph.node if n.op_type == "MatMulInteger")
     codes = next(t for t in q.graph.initializer if t.name == mm.input[1])

@@ -312,7 +312,7 @@ def test_quantize_silero_op18_if_branches_reading_outer_weights(mode):
     before = {t.name for t in _all_initializers(model) if int(np.prod(t.dims)) >= big}
     after = [t for t in _all_initializers(out) if int(np.prod(t.dims)) >= big]
     assert len({t.name for t in after}) == len(after), "a weight stored twice"
-    n_int = sum(t.data_type == TensorProto.INT8 for t in after)
+    n_int = sum(t.data_type in (TensorProto.INT8, TensorProto.UINT8) for t in after)  # uint8: u8s8_saturation
     assert n_int == (len(before) if mode == "weight_only" else 4)  # dynamic: the 2 Gemm weights of each branch
     for f in feeds:
         (prob, state), (prob_ref, state_ref) = ort_run(out, f), ort_run(model, f)

@@ -188,7 +188,7 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
         raise PassError(f"dynamic quantization needs opset >= {qo.DYNAMIC_OPSET} (DynamicQuantizeLinear) and the "
                         "upgrade failed")
     ops = tuple(op for op in p.dynamic_ops if op in ("MatMul", "Gemm"))
-    unsigned = _unsigned_weights(p, stats)
+    unsigned = u8s8.unsigned_weights(p.weight_type, stats)
     all_scopes, namer, nodes, skipped, uses = _scoped(p, graph, ops)
     _note_other_layers(all_scopes, ops, "dynamic mode quantizes MatMul/Gemm only")
     allowed = _allowed_readers(p, all_scopes, nodes)
@@ -231,18 +231,6 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
         scope.done[f"{n.op} dynamic-int8"] += 1
     _finish(p, graph, ctx, all_scopes, new_nodes, done, skipped, stats)
     return done
-
-
-def _unsigned_weights(p: QuantizeOptions, stats: dict) -> bool:
-    """Whether the weight codes are stored uint8 (``dynamic_weight_type``; auto: the ``u8s8_saturation`` probe)."""
-    if p.dynamic_weight_type == "auto":
-        unsigned = u8s8.saturates()
-        stats["weight_type"] = ("uint8: this machine's onnxruntime saturates uint8 x int8 products (probed)"
-                                if unsigned else "int8")
-    else:
-        unsigned = p.dynamic_weight_type == "uint8"
-        stats["weight_type"] = p.dynamic_weight_type
-    return unsigned
 
 
 def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Constant, gs.Constant]) -> list[gs.Node]:

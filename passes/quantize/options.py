@@ -229,19 +229,19 @@ class QuantizeOptions:
         ("MatMul", "Gemm", "Gather"),
         "op types quantized by mode=dynamic / weight_only (Gather: embedding tables, all modes)",
     )
-    dynamic_weight_type: Literal["auto", "int8", "uint8"] = option(
+    weight_type: Literal["auto", "int8", "uint8"] = option(
         "auto",
-        "mode=dynamic weight codes: int8 | uint8 (code + 128, zero point 128: the same values, onnxruntime's "
-        "uint8 x uint8 kernel) | auto (uint8 where this machine's onnxruntime saturates uint8 x int8 products, "
-        "probed once: AVX2 without VNNI clamps pairs of products to 16 bits; MiniLM-L6 held out 22.6 -> 25.9 dB "
-        "on such a machine at the same speed; else int8)",
+        "integer weight codes of dynamic and static int8 layers: int8 | uint8 (code + 128, zero point 128: the "
+        "same values, onnxruntime's uint8 x uint8 kernels) | auto (uint8 where this machine's onnxruntime "
+        "saturates uint8 x int8 products, probed once: AVX2 without VNNI clamps pairs of products to 16 bits; "
+        "held out on such a machine at the same speed, MiniLM-L6 dynamic 22.6 -> 25.9 dB; else int8)",
     )
 
     def __post_init__(self) -> None:
         if self.mode not in ("static", "dynamic", "weight_only"):
             raise ValueError(f"mode must be static, dynamic or weight_only, got {self.mode!r}")
-        if self.dynamic_weight_type not in ("auto", "int8", "uint8"):
-            raise ValueError(f"dynamic_weight_type must be auto, int8 or uint8, got {self.dynamic_weight_type!r}")
+        if self.weight_type not in ("auto", "int8", "uint8"):
+            raise ValueError(f"weight_type must be auto, int8 or uint8, got {self.weight_type!r}")
         if self.activation_type not in ("uint8", "int8"):
             raise ValueError(f"activation_type must be uint8 or int8, got {self.activation_type!r}")
         if self.calibration not in ("auto", *METHODS):

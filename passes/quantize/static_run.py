@@ -44,6 +44,7 @@ from . import fidelity as fid
 from . import opset_upgrade as qo
 from . import qparams_math as qm
 from . import subgraphs as sg
+from . import u8s8_saturation as u8s8
 from .bias_correction import add_to_bias, bias_anchors, channel_axes, correct_biases
 from .calibrate import calibrate, calibrate_with_reference
 from .depthwise_equalization import equalize_depthwise
@@ -90,6 +91,8 @@ class StaticRun:
         self.p, self.graph, self.ctx = p, graph, ctx
         self.qt = qm.qtype(p.activation_type)
         self.stats: dict = {"mode": "static"}
+        #: weight codes stored uint8 in every build (``u8s8_saturation``: where ORT clamps uint8 x int8 products)
+        self.unsigned = u8s8.unsigned_weights(p.weight_type, self.stats)
         self.per_channel = p.per_channel
         self.depthwise = p.depthwise
         #: the range rule the ranges are computed with (calibration=auto: the one being tried, then the best)
@@ -169,6 +172,8 @@ class StaticRun:
             g, plan, q, dq, rep, self.qt, WeightOptions(per_channel=self.per_channel, qtype=qm.INT8, rounded=self.rounded)
         )
         bodies = sg.static_body_weights(g, main_uses, self.per_channel, tuple(self.p.exclude), self.names)
+        if self.unsigned:
+            u8s8.unsign_weight_dequantizers(g)
         return Built(g, plan, counters, bodies)
 
     def export(self, g: gs.Graph) -> onnx.ModelProto:
