@@ -205,6 +205,11 @@ VARIANTS: dict[str, str] = {
     "dynamic-matmul": "cleanup,quantize{mode=dynamic weight_rounding=matmul}",
     "dynamic-matmul-30db": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=30}",
     "dynamic-matmul-31db": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=31}",
+    # twentieth session: the same with int8 weight codes forced (weight_type=int8), beside the default (auto: uint8
+    # where this machine's onnxruntime clamps uint8 x int8 product pairs, passes.quantize.u8s8_saturation)
+    "default-int8w": "cleanup,quantize{weight_type=int8}",
+    "dynamic-int8w": "cleanup,quantize{mode=dynamic weight_type=int8}",
+    "dynamic-matmul-int8w": "cleanup,quantize{mode=dynamic weight_rounding=matmul weight_type=int8}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),
