@@ -135,6 +135,7 @@ def compress(
     ``PassError`` (a pass failed; names it and the passes before), ``ValidationError`` (the result is invalid, an
     exact pipeline changed the outputs, or a fidelity metric is not a number). Nothing is written: call
     ``result.save(path)``."""
+    from onnxcompress.feed_ranges import check_index_ranges
     from onnxcompress.validate import TASKS
 
     if task not in TASKS:
@@ -148,6 +149,9 @@ def compress(
     check_loads(source if mapped else proto)
     calib = feeds_from_any(calibration, proto, preprocess, tokenizer, max_length)
     valid = feeds_from_any(validation, proto, preprocess, tokenizer, max_length) if validation is not None else calib
+    check_index_ranges(proto, calib)
+    if valid is not calib:
+        check_index_ranges(proto, valid)
     made_up_notes: list[str] = []
     if valid is None and (validate or latency):
         valid, made_up_notes = accepted_random_feeds(proto, dims, shapes, n=4, seed=seed)

@@ -295,7 +295,11 @@ def hoist_shared_initializers(model: onnx.ModelProto, template: onnx.ModelProto 
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import into graphsurgeon (weights as ``gs.Constant``; subgraphs as Graph attributes)."""
+    """Import into graphsurgeon (weights as ``gs.Constant``; subgraphs as Graph attributes). A subgraph initializer
+    that reuses an outer name is renamed first (``scopes``): graphsurgeon keeps one tensor per name."""
+    from onnxcompress.scopes import unshadow_initializers
+
+    model, _ = unshadow_initializers(model)
     try:
         graph = gs.import_onnx(model)
     except Exception as exc:

@@ -54,3 +54,105 @@ def test_dynamic_int8_upgrades_an_opset_9_model_to_opset_11(tmp_path, capsys):
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     a, b = ref.run(None, {"x": x[:, 0]})[0], got.run(None, {"x": x[:, 0]})[0]
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()  # int8 rounding, not a different function
+
+
+def shadowing_if_model() -> onnx.ModelProto:
+    """y = If(true){x + k_branch} + k, the branch's own initializer named ``k`` like the outer one (checker and ORT
+    accept it; inside the branch ORT reads the branch's ``k`` = 2, outside the outer ``k`` = -1)."""
+    def vi(n):
+        return helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3])
+
+    then_g = helper.make_graph([helper.make_node("Add", ["x", "k"], ["o_then"])], "then", [], [vi("o_then")],
+                               [nh.from_array(np.full((3,), 2.0, np.float32), "k")])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["o_else"])], "else", [], [vi("o_else")])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["r"], then_branch=then_g, else_branch=else_g),
+                           helper.make_node("Add", ["r", "k"], ["y"])], "g", [vi("x")], [vi("y")],
+                          [nh.from_array(np.array(True), "c"), nh.from_array(np.full((3,), -1.0, np.float32), "k")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_branch_initializer_named_like_an_outer_one_keeps_its_own_values(tmp_path, capsys):
+    """graphsurgeon keeps one tensor per name across scopes: the branch read the outer k and cleanup's exact check
+    failed (exit 4, relative error 0.85). The inner initializer is renamed before import (onnxcompress.scopes)."""
+    from onnxcompress import io
+    from onnxcompress.scopes import unshadow_initializers
+
+    model = shadowing_if_model()
+    onnx.checker.check_model(model, full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(want, x + 2.0 - 1.0, rtol=1e-6)  # ORT: the branch's own k
+    renamed, count = unshadow_initializers(model)
+    assert count == 1 and renamed is not model
+    then_g = next(a.g for a in model.graph.node[0].attribute if a.name == "then_branch")
+    assert [i.name for i in then_g.initializer] == ["k"]  # the caller's model is not modified
+    back = io.to_model(io.to_graph(model), model)
+    got = ort.InferenceSession(back.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    src = tmp_path / "if.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "c.npz", x=np.stack([x, -x]))
+    code, _, err = run(capsys, "compress", src, "-o", tmp_path / "o.onnx", "--passes", "cleanup", "--calib",
+                       tmp_path / "c.npz", "--no-latency")
+    assert code == 0, err
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    assert not any(n.op_type == "If" for n in out.graph.node)  # inlined: the condition is constant
+    got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_static_int8_of_a_model_that_also_outputs_its_input(tmp_path, capsys):
+    """A graph input listed as a graph output too: the quantize pass renamed the input to 'x_float' (to give the
+    output's name to the dequantized copy) and its own calibration run failed on the missing feed (exit 3)."""
+    rng = np.random.default_rng(0)
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8])  # noqa: E731
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [vi("x")], [vi("y"), vi("x")],
+                          [nh.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    src = tmp_path / "pass.onnx"
+    onnx.save(model, src)
+    x = rng.standard_normal((16, 1, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    out = tmp_path / "o.onnx"
+    code, _, err = run(capsys, "compress", src, "-o", out, "--passes", "quantize{latency_guard=false}", "--calib",
+                       tmp_path / "c.npz", "--no-latency")
+    assert code == 0, err
+    q = onnx.load(str(out))
+    assert [i.name for i in q.graph.input] == ["x"] and [o.name for o in q.graph.output] == ["y", "x"]
+    assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+    y, x_out = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x[0]})
+    np.testing.assert_array_equal(x_out, x[0])  # the passthrough output is the input itself
+    ref = x[0] @ nh.to_array(g.initializer[0])
+    assert np.abs(y - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_token_ids_past_the_table_are_bad_data_not_a_pass_failure(tmp_path, capsys):
+    """ids >= the vocabulary: the original model cannot run; this failed inside quantize's calibration (exit 3,
+    'pass quantize failed') or as an internal error. Now exit 2 naming the data, the sample and the table."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
+                           helper.make_node("Gather", ["emb", "ids64"], ["e"]),
+                           helper.make_node("MatMul", ["e", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT32, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])],
+                          [nh.from_array(rng.standard_normal((10, 8)).astype(np.float32), "emb"),
+                           nh.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
+    src = tmp_path / "emb.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
+    ids = rng.integers(0, 10, (8, 1, 4)).astype(np.int32)
+    np.savez(tmp_path / "ok.npz", ids=ids)
+    ids[5, 0, 2] = 12
+    np.savez(tmp_path / "bad.npz", ids=ids)
+    for passes in ("cleanup", "cleanup,quantize"):
+        out = tmp_path / "o.onnx"
+        code, _, err = run(capsys, "compress", src, "-o", out, "--passes", passes, "--calib", tmp_path / "bad.npz",
+                           "--no-latency")
+        assert code == 2 and not out.exists(), err
+        assert err.strip().splitlines()[-1] == (f"onnxcompress: error: {tmp_path / 'bad.npz'} sample 5: input 'ids' "
+                                                "holds 12, outside the 10 entries of 'emb' it indexes (Gather): the "
+                                                "original model cannot run on it")
+    code, _, err = run(capsys, "compress", src, "-o", tmp_path / "o.onnx", "--passes", "cleanup", "--calib",
+                       tmp_path / "ok.npz", "--no-latency")
+    assert code == 0, err

@@ -190,8 +190,9 @@ def insert_qdq(
             for i, x in enumerate(consumer.inputs):
                 if x is target:
                     consumer.inputs[i] = t_dq
-        if id(target) in out_index:
-            # the graph output keeps its name: the dequantized value takes it
+        if id(target) in out_index and not any(target is x for x in graph.inputs):
+            # the graph output keeps its name: the dequantized value takes it (a graph input that is also an output
+            # keeps both roles: it stays the exact float input, nothing renamed)
             old = target.name
             target.name = namer(f"{old}_float")
             t_dq.name = old
