@@ -31,7 +31,7 @@ import onnx
 
 from onnxcompress import io, mmap_weights
 from onnxcompress.context import PassContext
-from onnxcompress.data import Feed, FeedSet, feed_shapes
+from onnxcompress.data import Feed, FeedSet, check_dim_names, feed_shapes, model_inputs
 from onnxcompress.data_sources import feeds_from_any
 from onnxcompress.image_feeds import Preprocess
 from onnxcompress.latency_profile import LatencyProfile
@@ -147,6 +147,7 @@ def compress(
     mapped = mmap_weights.has_mapped(proto)  # large external weights stay in their file (memory-mapped)
     pass_list = resolve_passes(passes)
     check_loads(source if mapped else proto)
+    check_dim_names(model_inputs(proto, tensors_only=True), dims)
     calib = feeds_from_any(calibration, proto, preprocess, tokenizer, max_length)
     valid = feeds_from_any(validation, proto, preprocess, tokenizer, max_length) if validation is not None else calib
     check_index_ranges(proto, calib)

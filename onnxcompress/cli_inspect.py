@@ -57,11 +57,12 @@ def cmd_inspect(args: argparse.Namespace, dims: dict[str, int], shapes_arg: dict
     from onnxcompress.analyses import sparsity
     from onnxcompress.analyses.channel_groups import describe_groups
     from onnxcompress.analyses.model_stats import model_stats
-    from onnxcompress.data import bind_dims, model_inputs
+    from onnxcompress.data import bind_dims, check_dim_names, model_inputs
     from onnxcompress.report import human_bytes, human_count
 
     model = io.read_model(args.input)
     inputs = model_inputs(model, tensors_only=True)
+    check_dim_names(inputs, dims)
     shapes = bind_dims(inputs, dims, shapes_arg)
     st = model_stats(model, shapes)
     weights = _weights(model)

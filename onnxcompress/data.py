@@ -259,6 +259,15 @@ def load_feeds(source: str | Path | Iterable[Feed] | FeedSet | None, model: onnx
     return FeedSet(lambda: iter(items), inputs, "calibration data", len(items))
 
 
+def check_dim_names(inputs: list[InputSpec], dims: dict[str, int] | None) -> None:
+    """A ``--dim`` name that no input's shape uses is a typo, not a no-op: one clear error naming the real ones."""
+    symbolic = {d for spec in inputs for d in spec.shape if isinstance(d, str) and d}
+    unknown = sorted(set(dims or {}) - symbolic)
+    if unknown:
+        raise BadInputError(f"--dim names no symbolic input dim: {', '.join(unknown)} (the model's symbolic dims: "
+                            f"{', '.join(sorted(symbolic)) or 'none'})")
+
+
 def bind_dims(inputs: list[InputSpec], dims: dict[str, int],
               shapes: dict[str, tuple[int, ...]] | None = None, *, free_dim: int | dict[str, int] = DEFAULT_FREE_DIM,
               guesses: list[str] | None = None) -> dict[str, tuple[int, ...]]:

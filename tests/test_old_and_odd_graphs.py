@@ -156,3 +156,21 @@ def test_token_ids_past_the_table_are_bad_data_not_a_pass_failure(tmp_path, caps
     code, _, err = run(capsys, "compress", src, "-o", tmp_path / "o.onnx", "--passes", "cleanup", "--calib",
                        tmp_path / "ok.npz", "--no-latency")
     assert code == 0, err
+
+
+def test_a_dim_name_no_input_uses_is_an_error_not_a_silent_no_op(tmp_path, capsys):
+    """--dim nosuch=4 (or a wrong case, Seq for seq) was ignored with exit 0 while --shape nosuch=... exited 2."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])],
+                          [nh.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
+    for cmd in (["compress", src, "-o", tmp_path / "o.onnx", "--passes", "cleanup", "--no-latency"], ["inspect", src]):
+        code, _, err = run(capsys, *cmd, "--dim", "Seq=8")
+        assert code == 2, err
+        assert err.strip().splitlines()[-1] == ("onnxcompress: error: --dim names no symbolic input dim: Seq (the "
+                                                "model's symbolic dims: batch, seq)")
+        code, out, err = run(capsys, *cmd, "--dim", "seq=8")
+        assert code == 0, err

@@ -220,8 +220,9 @@ class PruneChannels(Pass):
         keep_el = cg.keep_elements(removed)
         if removed.size == 0:
             stats["pruned_groups"] = 0
-            stats.setdefault("skipped", "the budget is met without removing a channel (or every removal was "
-                                        "restored)")
+            stats.setdefault("skipped", "no channel was removed: the budget was already met, or every prunable "
+                                        "group is at its minimum (min_keep, round_to), or every removal was "
+                                        "restored; a budget not met shows in the MACs column")
             return PassResult(False, stats, frozenset({"channel_groups"}))
         kept_positions = cg.kept_positions(removed)
         ctx.channel_map.record(kept_positions)
