@@ -91,8 +91,11 @@ class StaticRun:
         self.p, self.graph, self.ctx = p, graph, ctx
         self.qt = qm.qtype(p.activation_type)
         self.stats: dict = {"mode": "static"}
-        #: weight codes stored uint8 in every build (``u8s8_saturation``: where ORT clamps uint8 x int8 products)
-        self.unsigned = u8s8.unsigned_weights(p.weight_type, self.stats)
+        #: weight codes stored uint8 in every build (``u8s8_saturation``: where ORT clamps uint8 x int8 products;
+        #: weight_type=auto measures it in ``setup``)
+        self.unsigned = p.weight_type == "uint8"
+        if p.weight_type != "auto":
+            self.stats["weight_type"] = p.weight_type
         self.per_channel = p.per_channel
         self.depthwise = p.depthwise
         #: the range rule the ranges are computed with (calibration=auto: the one being tried, then the best)
@@ -240,11 +243,25 @@ class StaticRun:
         ref = calibrate_with_reference(self, list(plan0.tensors), channel_axes(anchors), eval_feeds)
         if anchors:
             correct_biases(self, anchors)
+        if p.weight_type == "auto":
+            self.choose_weight_type(eval_feeds)
         if p.calibration == "auto":
             choose_method(self, ref)
         if p.weight_rounding in ("matmul", "auto", "output") and self.per_channel:
             optimise_rounding(self, ref)
         return ref, eval_feeds
+
+    def choose_weight_type(self, feeds: list) -> None:
+        """weight_type=auto: int8 codes unless this machine's ORT clamps u8 x s8 products and, measured on this
+        model's all-int8 build, uint8 codes bring its fused kernels closer to its QDQ maths (``u8s8_saturation``)."""
+        self.unsigned = False
+        if not u8s8.saturates():
+            self.stats["weight_type"] = "int8"
+            return
+        self.unsigned, scores = u8s8.static_choice(self.export(self.build().graph), feeds)
+        self.stats["weight_type"] = (f"{'uint8' if self.unsigned else 'int8'}: this machine's ORT clamps uint8 x int8 "
+                                     f"products; fused kernels vs the QDQ maths, int8 codes {scores['int8']} dB, "
+                                     f"uint8 codes {scores['uint8']} dB")
 
     def run(self) -> PassResult:
         t_start = time.perf_counter()
