@@ -174,3 +174,24 @@ def test_a_dim_name_no_input_uses_is_an_error_not_a_silent_no_op(tmp_path, capsy
                                                 "model's symbolic dims: batch, seq)")
         code, out, err = run(capsys, *cmd, "--dim", "seq=8")
         assert code == 0, err
+
+
+def test_a_model_whose_only_layers_have_no_integer_kernel_says_why_nothing_was_quantized(tmp_path):
+    """Conv3d: the skip reason said 'no Conv/MatMul/Gemm with a constant float weight' although it has two."""
+    from onnxcompress import api
+
+    rng = np.random.default_rng(0)
+    w1 = nh.from_array(rng.standard_normal((4, 2, 3, 3, 3)).astype(np.float32) * 0.2, "w1")
+    w2 = nh.from_array(rng.standard_normal((2, 4, 3, 3, 3)).astype(np.float32) * 0.2, "w2")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1] * 6),
+                           helper.make_node("Relu", ["h"], ["r"]),
+                           helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1] * 6)], "c3",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6, 6])], [w1, w2])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    calib = {"x": rng.standard_normal((4, 1, 2, 6, 6, 6)).astype(np.float32)}
+    res = api.compress(model, "quantize{latency_guard=false}", calibration=calib, validate=False, measure=False)
+    st = res.ledger[-1].pass_stats
+    assert st["skipped"].startswith("nothing to quantize in the main graph: every candidate layer kept float (")
+    assert "rank" in st["skipped"] and ": 2)" in st["skipped"]
+    assert [n.op_type for n in res.model.graph.node] == ["Conv", "Relu", "Conv"]

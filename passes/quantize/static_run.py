@@ -28,6 +28,7 @@ the sequence of builds, which is deterministic.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -295,7 +296,14 @@ class StaticRun:
 
     def nothing_to_quantize(self, t_start: float) -> PassResult:
         stats = self.stats
-        stats["skipped"] = "nothing to quantize in the main graph: no Conv/MatMul/Gemm with a constant float weight"
+        kept = stats.get("layers_kept_float") or {}
+        if kept:  # candidate layers exist, each kept float for its own reason (rank, dtype, exclusions...)
+            why = Counter(str(v) for v in kept.values())
+            stats["skipped"] = ("nothing to quantize in the main graph: every candidate layer kept float ("
+                                + "; ".join(f"{r}: {c}" for r, c in why.most_common()) + ")")
+        else:
+            stats["skipped"] = ("nothing to quantize in the main graph: no Conv/MatMul/Gemm with a constant float "
+                                "weight")
         bodies_done = self.bodies_only()
         stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
         return PassResult(bodies_done or self.prepared or "opset_upgrade" in stats, stats)
