@@ -21,6 +21,16 @@ def run(capsys, *argv):
     return code, out, err
 
 
+def compressed(capsys, tmp_path, model: onnx.ModelProto, x: np.ndarray, *pipeline: str):
+    """(source path, written model) of ``onnxcompress compress`` on ``model`` with calibration {"x": x}."""
+    src, out = tmp_path / "in.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "calib.npz", x=x)
+    code, _, err = run(capsys, "compress", src, "-o", out, *pipeline, "--calib", tmp_path / "calib.npz", "--no-latency")
+    assert code == 0, err
+    return src, onnx.load(str(out))
+
+
 def opset9_mlp(rng: np.random.Generator) -> onnx.ModelProto:
     """x [N, 32] -> Gemm -> Relu -> Gemm -> y [N, 10], opset 9 (as old exporters wrote it)."""
     w1 = nh.from_array(rng.standard_normal((64, 32)).astype(np.float32) * 0.2, "w1")
@@ -38,15 +48,9 @@ def opset9_mlp(rng: np.random.Generator) -> onnx.ModelProto:
 def test_dynamic_int8_upgrades_an_opset_9_model_to_opset_11(tmp_path, capsys):
     """DynamicQuantizeLinear is opset 11: the pass upgraded to 10 and the checker refused the result (exit 4)."""
     rng = np.random.default_rng(0)
-    src = tmp_path / "mlp9.onnx"
-    onnx.save(opset9_mlp(rng), src)
     x = rng.standard_normal((16, 1, 32)).astype(np.float32)
-    np.savez(tmp_path / "calib.npz", x=x)
+    src, model = compressed(capsys, tmp_path, opset9_mlp(rng), x, "--recipe", "int8-dynamic")
     out = tmp_path / "o.onnx"
-    code, _, err = run(capsys, "compress", src, "-o", out, "--recipe", "int8-dynamic", "--calib",
-                       tmp_path / "calib.npz", "--no-latency")
-    assert code == 0, err
-    model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     assert {o.domain: o.version for o in model.opset_import}[""] >= 11
     assert any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node)
@@ -110,16 +114,9 @@ def test_static_int8_of_a_model_that_also_outputs_its_input(tmp_path, capsys):
     vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8])  # noqa: E731
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [vi("x")], [vi("y"), vi("x")],
                           [nh.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    src = tmp_path / "pass.onnx"
-    onnx.save(model, src)
     x = rng.standard_normal((16, 1, 8)).astype(np.float32)
-    np.savez(tmp_path / "c.npz", x=x)
-    out = tmp_path / "o.onnx"
-    code, _, err = run(capsys, "compress", src, "-o", out, "--passes", "quantize{latency_guard=false}", "--calib",
-                       tmp_path / "c.npz", "--no-latency")
-    assert code == 0, err
-    q = onnx.load(str(out))
+    _, q = compressed(capsys, tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), x,
+                      "--passes", "quantize{latency_guard=false}")
     assert [i.name for i in q.graph.input] == ["x"] and [o.name for o in q.graph.output] == ["y", "x"]
     assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
     y, x_out = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x[0]})
