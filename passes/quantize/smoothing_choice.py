@@ -76,9 +76,11 @@ def choose_smoothing(run_cls, p: QuantizeOptions, graph: gs.Graph, ctx: PassCont
         r.smooth_all = alpha is not None
         r.smooth_alpha = p.smooth_alpha if alpha is None else None if alpha == PER_INPUT else alpha
         r.smooth_rms = shared_rms
+        r.weight_type_choice = shared_weight_type  # measured once, by the unsmoothed run (``u8s8_saturation``)
         return r
 
     shared_rms: dict = {}  # the float graph's channel RMS, measured by the first smoothed trial for all
+    shared_weight_type: dict = {}  # weight_type=auto: the unsmoothed run's measured choice, for every trial
     t0 = time.perf_counter()
     plain = fresh(None)
     ready_plain = plain.setup()

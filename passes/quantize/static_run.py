@@ -97,6 +97,8 @@ class StaticRun:
         self.unsigned = p.weight_type == "uint8"
         if p.weight_type != "auto":
             self.stats["weight_type"] = p.weight_type
+        #: weight_type=auto: the measured choice, shared by the runs of one pass (smoothing trials)
+        self.weight_type_choice: dict = {}
         self.per_channel = p.per_channel
         self.depthwise = p.depthwise
         #: the range rule the ranges are computed with (calibration=auto: the one being tried, then the best)
@@ -255,14 +257,19 @@ class StaticRun:
     def choose_weight_type(self, feeds: list) -> None:
         """weight_type=auto: int8 codes unless this machine's ORT clamps u8 x s8 products and, measured on this
         model's all-int8 build, uint8 codes bring its fused kernels closer to its QDQ maths (``u8s8_saturation``)."""
+        shared = self.weight_type_choice
+        if "unsigned" in shared:  # another run of the same pass measured it (smoothing trials)
+            self.unsigned, self.stats["weight_type"] = shared["unsigned"], shared["label"]
+            return
         self.unsigned = False
         if not u8s8.saturates():
             self.stats["weight_type"] = "int8"
-            return
-        self.unsigned, scores = u8s8.static_choice(self.export(self.build().graph), feeds)
-        self.stats["weight_type"] = (f"{'uint8' if self.unsigned else 'int8'}: this machine's ORT clamps uint8 x int8 "
-                                     f"products; fused kernels vs the QDQ maths, int8 codes {scores['int8']} dB, "
-                                     f"uint8 codes {scores['uint8']} dB")
+        else:
+            self.unsigned, scores = u8s8.static_choice(self.export(self.build().graph), feeds)
+            self.stats["weight_type"] = (f"{'uint8' if self.unsigned else 'int8'}: this machine's ORT clamps uint8 x "
+                                         f"int8 products; fused kernels vs the QDQ maths, int8 codes "
+                                         f"{scores['int8']} dB, uint8 codes {scores['uint8']} dB")
+        shared.update(unsigned=self.unsigned, label=self.stats["weight_type"])
 
     def run(self) -> PassResult:
         t_start = time.perf_counter()
