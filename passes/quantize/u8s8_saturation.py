@@ -11,17 +11,16 @@ stored unsigned (below).
 An unsigned weight code u = b + 128 (0..255) with zero point 128 dequantizes to exactly the same value,
 (u - 128) · s = b · s, and takes the uint8 x uint8 kernel, which widens to 16 bits before multiplying and cannot
 saturate. So where the probe finds saturation the weights are stored unsigned: the same model in exact arithmetic,
-the arithmetic onnxruntime actually does made exact. Static QDQ layers take the same kernels once ORT fuses
-``DQ(x_q) -> MatMul <- DQ(W_q)``: a toy with one weight entry 10x the others (``tests/test_quantize_smoothing``)
-held 23.3 dB fused against 32.2 dB in float simulation, 32.2 dB fused with its weights unsigned; so static
-whether a static model's weights are stored unsigned is measured on it (``static_choice``): its all-int8 build run
-by ORT's fused kernels with int8 codes and with uint8 codes, each against the same model's QDQ maths (ORT with
-graph optimizations off) on a few calibration feeds; uint8 only where it is closer by ``STATIC_MARGIN_DB``. Conv
-kernels clamp less often than MatMul's: PP-OCRv4 rec's int8-code model was 18.3 dB from its QDQ maths, 18.6 dB with
-uint8 codes (no clamp to undo: kept int8), the digits CNN's were far apart. The choice then holds for every build
-(``unsign_weight_dequantizers``). (Measured on the same machine: the same speed as int8 weights,
-MiniLM-L6 0.96-1.00x of the int8-weight model's latency.) Where it does not saturate (VNNI: 32-bit accumulation)
-int8 weights are kept, the kernel ORT favours there.
+the arithmetic onnxruntime actually does made exact (the same speed here: MiniLM-L6 0.96-1.00x of the int8-code
+model's latency). Where it does not saturate (VNNI: 32-bit accumulation) int8 codes are kept, the kernel ORT favours.
+
+Static QDQ layers take the same kernels once ORT fuses ``DQ(x_q) -> MatMul/Conv <- DQ(W_q)``: a toy with one weight
+entry 10x the others (``tests/test_quantize_smoothing``) held 23.3 dB fused against 32.2 dB in float simulation,
+32.2 dB fused with its codes unsigned. Whether a static model's codes are stored unsigned is measured on it
+(``static_choice``): its all-int8 build run by ORT's fused kernels with int8 and with uint8 codes, each against the
+same model's QDQ maths (ORT with graph optimizations off) on a few calibration feeds; uint8 only where it is closer
+by ``STATIC_MARGIN_DB`` (MiniLM-L6 15.9 -> 24.0 dB, PP-OCRv4 rec 14.6 -> 34.3 dB: both clamp). The choice then holds
+for every build the pass measures (``unsign_weight_dequantizers``).
 
 The probe is the chain the pass emits, DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul, on an input whose
 codes are all 255 and weights all 127 in one column: exactly 64 in real arithmetic, about half of it when pairs
