@@ -10,10 +10,8 @@ nested subgraphs that read a branch value read it from the parent scope afterwar
 * anything else (an outer value, a constant, an output repeated): ``y_k = Identity(branch output)``, which the
   Identity rewrite then removes where it can.
 
-A branch constant with a parent constant's name is the parent's copy when it holds the same array (graphsurgeon
-imports an outer value read in a branch once per scope) and is replaced by it; a branch initializer that shadows an
-outer one with other values (onnx.checker and ORT accept it) is renamed, so the parent graph never holds two
-constants of one name and each reader keeps its own values.
+A branch constant that shadows a parent constant of the same name (graphsurgeon imports one copy per scope) is
+replaced by the parent's copy, so the parent graph never holds two constants of one name.
 """
 
 from __future__ import annotations
@@ -41,16 +39,6 @@ def constant_condition(node: gs.Node) -> bool | None:
     if arr.size != 1:
         return None
     return bool(arr.reshape(-1)[0])
-
-
-def _same_values(a: gs.Constant, b: gs.Constant) -> bool:
-    """Whether two constants of one name hold the same array (an outer value read in a branch, imported once per
-    scope) rather than a branch initializer that shadows the outer one (checker and ORT accept both)."""
-    try:
-        va, vb = np.asarray(a.values), np.asarray(b.values)
-    except Exception:
-        return False
-    return va.dtype == vb.dtype and va.shape == vb.shape and bool(np.array_equal(va, vb, equal_nan=True))
 
 
 def inline_constant_ifs(graphs: list[gs.Graph], taken: set[str], stats: Counter) -> int:
@@ -95,13 +83,8 @@ def _inline(
             if not isinstance(t, gs.Constant):
                 continue
             canon = parent_consts.setdefault(t.name, t)
-            if canon is t:
-                continue
-            if _same_values(canon, t):
+            if canon is not t:
                 n.inputs[i] = canon
-            else:  # the branch's own constant under an outer name: it keeps its values under a new name
-                t.name = unique_name(f"{t.name}_branch", taken)
-                parent_consts[t.name] = t
     local = {id(n) for n in moved}
     outs = list(node.outputs)
     b_outs = list(branch.outputs)
