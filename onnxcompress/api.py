@@ -150,9 +150,7 @@ def compress(
     check_dim_names(model_inputs(proto, tensors_only=True), dims)
     calib = feeds_from_any(calibration, proto, preprocess, tokenizer, max_length)
     valid = feeds_from_any(validation, proto, preprocess, tokenizer, max_length) if validation is not None else calib
-    check_index_ranges(proto, calib)
-    if valid is not calib:
-        check_index_ranges(proto, valid)
+    check_index_ranges(proto, calib, valid)
     made_up_notes: list[str] = []
     if valid is None and (validate or latency):
         valid, made_up_notes = accepted_random_feeds(proto, dims, shapes, n=4, seed=seed)

@@ -41,25 +41,28 @@ def index_limits(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
     return limits
 
 
-def check_index_ranges(model: onnx.ModelProto, feeds: FeedSet | None) -> None:
-    """``BadInputError`` at the first feed whose index input lies outside its table (``index_limits``)."""
-    if feeds is None or feeds.synthetic:
-        return
-    limits = index_limits(model)
+def check_index_ranges(model: onnx.ModelProto, *feed_sets: FeedSet | None) -> None:
+    """``BadInputError`` at the first feed whose index input lies outside its table (``index_limits``); each
+    distinct, real (not made-up) feed set is read once."""
+    sets = [f for i, f in enumerate(feed_sets) if f is not None and not f.synthetic
+            and not any(f is g for g in feed_sets[:i])]
+    limits = index_limits(model) if sets else {}
     if not limits:
         return
-    for i, feed in enumerate(feeds):
-        for name, (rows, table) in limits.items():
-            if name not in feed or not np.issubdtype(np.asarray(feed[name]).dtype, np.integer):
-                continue
-            ids = np.asarray(feed[name])
-            if ids.size == 0:
-                continue
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < -rows or hi >= rows:
-                bad = hi if hi >= rows else lo
-                raise BadInputError(f"{feeds.source} sample {i}: input '{name}' holds {bad}, outside the {rows} "
-                                    f"entries of '{table}' it indexes (Gather): the original model cannot run on it")
+    for feeds in sets:
+        for i, feed in enumerate(feeds):
+            for name, (rows, table) in limits.items():
+                if name not in feed or not np.issubdtype(np.asarray(feed[name]).dtype, np.integer):
+                    continue
+                ids = np.asarray(feed[name])
+                if ids.size == 0:
+                    continue
+                lo, hi = int(ids.min()), int(ids.max())
+                if lo < -rows or hi >= rows:
+                    bad = hi if hi >= rows else lo
+                    raise BadInputError(f"{feeds.source} sample {i}: input '{name}' holds {bad}, outside the {rows} "
+                                        f"entries of '{table}' it indexes (Gather): the original model cannot run "
+                                        "on it")
 
 
 __all__ = ["check_index_ranges", "index_limits"]

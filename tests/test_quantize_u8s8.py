@@ -110,7 +110,9 @@ def test_static_weight_codes_are_chosen_by_how_close_ort_comes_to_the_qdq_maths(
         assert st["weight_type"] == "int8"
         return
     q8, _ = quantize_on(model, calib, weight_rounding="nearest", smooth="none", weight_type="int8")
-    take, scores = u8s8.static_choice(q8, calib)
+    from onnxcompress import io
+
+    take, scores = u8s8.static_choice(io.to_graph(q8), lambda g: io.to_model(g, q8), calib)
     assert take and scores["uint8"] > scores["int8"] + u8s8.STATIC_MARGIN_DB
     assert st["weight_type"].startswith("uint8: ") and TensorProto.UINT8 in codes
     qu, _ = quantize_on(model, calib, weight_rounding="nearest", smooth="none", weight_type="uint8")

@@ -265,7 +265,7 @@ class StaticRun:
         if not u8s8.saturates():
             self.stats["weight_type"] = "int8"
         else:
-            self.unsigned, scores = u8s8.static_choice(self.export(self.build().graph), feeds)
+            self.unsigned, scores = u8s8.static_choice(self.build().graph, self.export, feeds)
             self.stats["weight_type"] = (f"{'uint8' if self.unsigned else 'int8'}: this machine's ORT clamps uint8 x "
                                          f"int8 products; fused kernels vs the QDQ maths, int8 codes "
                                          f"{scores['int8']} dB, uint8 codes {scores['uint8']} dB")

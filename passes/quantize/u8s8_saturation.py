@@ -96,8 +96,8 @@ def unsign_weight_dequantizers(graph) -> int:
     a constant read by several dequantizers moves once."""
     import onnx_graphsurgeon as gs
 
-    done: dict[int, gs.Constant] = {}
-    zeros: dict[int, gs.Constant] = {}
+    done: dict[int, gs.Constant] = {}  # int8 codes -> their uint8 copy
+    zeros: dict[object, gs.Constant] = {}  # zero point (or, absent, the scale it goes with) -> its uint8 copy
     count = 0
 
     def walk(g: gs.Graph) -> None:
@@ -109,25 +109,20 @@ def unsign_weight_dequantizers(graph) -> int:
             if n.op != "DequantizeLinear" or not isinstance(n.inputs[0], gs.Constant):
                 continue
             x = n.inputs[0]
-            if id(x) in done:
-                n.inputs[0] = done[id(x)]
-            elif np.asarray(x.values).dtype == np.int8:
-                has_zp = len(n.inputs) > 2 and isinstance(n.inputs[2], gs.Constant)
-                if len(n.inputs) > 2 and not has_zp and n.inputs[2].name:
-                    continue  # a computed zero point: left as it is
-                zp = np.asarray(n.inputs[2].values) if has_zp else np.zeros(np.shape(n.inputs[1].values), np.int8)
-                u, uz = unsigned_codes(np.asarray(x.values), zp)
-                done[id(x)] = gs.Constant(x.name, u)
-                n.inputs[0] = done[id(x)]
+            z_in = n.inputs[2] if len(n.inputs) > 2 and n.inputs[2].name else None
+            if z_in is not None and not isinstance(z_in, gs.Constant):
+                continue  # a computed zero point: left as it is
+            if id(x) not in done:
+                if np.asarray(x.values).dtype != np.int8:
+                    continue
+                done[id(x)] = gs.Constant(x.name, unsigned_codes(np.asarray(x.values), np.zeros((), np.int8))[0])
                 count += 1
-            else:
-                continue
-            z_old = n.inputs[2] if len(n.inputs) > 2 and isinstance(n.inputs[2], gs.Constant) else None
-            key = id(z_old) if z_old is not None else ("none", n.inputs[1].name)
+            n.inputs[0] = done[id(x)]
+            key = id(z_in) if z_in is not None else ("none", n.inputs[1].name)
             if key not in zeros:
-                zp = np.asarray(z_old.values) if z_old is not None else np.zeros(np.shape(n.inputs[1].values), np.int8)
-                zeros[key] = gs.Constant(z_old.name if z_old is not None else f"{x.name}_zero_point_u8",
-                                         unsigned_codes(np.zeros(1, np.int8), zp)[1])
+                zp = np.asarray(z_in.values) if z_in is not None else np.zeros(np.shape(n.inputs[1].values), np.int8)
+                zeros[key] = gs.Constant(z_in.name if z_in is not None else f"{x.name}_zero_point_u8",
+                                         unsigned_codes(np.zeros((), np.int8), zp)[1])
             if len(n.inputs) > 2:
                 n.inputs[2] = zeros[key]
             else:
@@ -143,15 +138,15 @@ STATIC_MARGIN_DB = 1.0
 STATIC_FEEDS = 4
 
 
-def static_choice(model_int8: onnx.ModelProto, feeds: list) -> tuple[bool, dict]:
-    """(store uint8 codes?, the measurement): ``model_int8`` (a QDQ model with int8 weight codes) run fused with int8
-    and with uint8 codes, each scored against its QDQ maths (ORT without graph optimizations) on ``feeds``."""
-    from onnxcompress import io
+def static_choice(graph, export, feeds: list) -> tuple[bool, dict]:
+    """(store uint8 codes?, the measurement): the QDQ ``graph`` (int8 weight codes; rewritten in place to uint8
+    codes) exported by ``export`` both ways, run fused, each scored against its QDQ maths (ORT without graph
+    optimizations) on ``feeds``."""
     from onnxcompress.runtime import Session
 
-    graph = io.to_graph(model_int8)
+    model_int8 = export(graph)
     unsign_weight_dequantizers(graph)
-    model_uint8 = io.to_model(graph, model_int8)
+    model_uint8 = export(graph)
     feeds = list(feeds)[:STATIC_FEEDS]
 
     def outputs(model: onnx.ModelProto, optimize: bool) -> np.ndarray:
