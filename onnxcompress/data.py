@@ -76,8 +76,12 @@ def count_nonfinite(a: np.ndarray) -> int:
 
 
 def check_feed(feed: Feed, inputs: list[InputSpec], where: str = "feed") -> Feed:
-    """Check names, dtypes and static dims; cast float64->float32 style widenings. Returns the checked feed."""
+    """Check names, dtypes, static dims and that every axis named by the same symbolic dim has one size in the feed
+    (ONNX: a dim_param denotes one value throughout the graph; ``input_ids`` [batch, seq] with 8 tokens beside an
+    ``attention_mask`` of 16 is data the original model cannot run on); cast float64->float32 style widenings.
+    Returns the checked feed."""
     out: Feed = {}
+    bound: dict[str, tuple[int, str, int]] = {}  # symbolic dim -> (size, input, axis) of its first binding
     for spec in inputs:
         if spec.name not in feed:
             have = ", ".join(sorted(feed)) or "nothing"
@@ -100,6 +104,15 @@ def check_feed(feed: Feed, inputs: list[InputSpec], where: str = "feed") -> Feed
                 raise BadInputError(
                     f"{where}: input {spec.name!r} has shape {list(arr.shape)}, the model expects "
                     f"{_fmt_shape(spec.shape)} (axis {axis})"
+                )
+        for axis, (have_dim, want) in enumerate(zip(arr.shape, spec.shape, strict=False)):
+            if not isinstance(want, str):
+                continue
+            size, first, first_axis = bound.setdefault(want, (int(have_dim), spec.name, axis))
+            if size != have_dim:
+                raise BadInputError(
+                    f"{where}: input {spec.name!r} has {want}={have_dim} (axis {axis}), input {first!r} has "
+                    f"{want}={size} (axis {first_axis}): axes named by one symbolic dim must have one size"
                 )
         if arr.ndim and 0 in arr.shape:
             raise BadInputError(f"{where}: input {spec.name!r} has a zero-size axis {list(arr.shape)}: a sample "

@@ -44,7 +44,7 @@ import onnx
 
 from onnxcompress import io, task_metrics
 from onnxcompress.data import FeedSet, count_nonfinite
-from onnxcompress.errors import ValidationError
+from onnxcompress.errors import BadInputError, ValidationError
 from onnxcompress.runtime import Session
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,8 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
     output that fits it, or "none" (no task metric). ``optimize_original=False`` runs the original without ORT's graph optimizations
     (the exactness check compares that with the optimized original to measure ORT's own rounding). ``input_noise``
     (``input_noise_for``): the original also runs on each feed with that noise added, scored against its clean
-    outputs of the same pass like the candidate (``FidelityReport.input_noise_reference``)."""
+    outputs of the same pass like the candidate (``FidelityReport.input_noise_reference``). A feed the original
+    itself cannot run on (onnxruntime refuses it) is bad data: ``BadInputError`` naming the feed."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     proto = _as_proto(original) if task == "auto" else None
@@ -343,7 +344,11 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
         n_feeds = 0
         iterator = progress(feeds, total=len(feeds), desc="validate") if progress else feeds
         for feed in iterator:
-            ref = ref_s.run(feed, names)
+            try:
+                ref = ref_s.run(feed, names)
+            except Exception as exc:  # onnxruntime's Fail / InvalidArgument: the reference cannot run on this feed
+                raise BadInputError(f"{feeds.source} sample {n_feeds}: the original model cannot run on it: "
+                                    f"{io.first_line(exc)}") from exc
             runs = [(acc, cand_s.run(feed, names))]
             if noisy is not None:
                 runs.append((noisy, ref_s.run(input_noise(feed), names)))

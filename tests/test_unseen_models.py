@@ -1,0 +1,84 @@
+"""Failures found by running every pass and recipe over small random-init transformers/torch models the project had
+not seen (GPT-2, DistilBERT, ALBERT, ViT, ConvNeXt, T5, Whisper, wav2vec2, MobileViT, GRU, ConvTranspose nets, fp16
+models, external data): each test rebuilds the failing shape as a tiny hand-made graph and runs it through the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+from onnxcompress.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_line(err: str) -> str:
+    return err.strip().splitlines()[-1]
+
+
+def ids_and_mask_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """GPT-2's inputs: ids [batch, seq] and mask [batch, seq] -> Gather(emb, ids) * mask -> MatMul."""
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
+         helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+         helper.make_node("Unsqueeze", ["m", "axis"], ["m3"]),
+         helper.make_node("Mul", ["e", "m3"], ["em"]),
+         helper.make_node("MatMul", ["em", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])],
+        [nh.from_array(rng.standard_normal((20, 8)).astype(np.float32), "emb"),
+         nh.from_array(np.array([-1], np.int64), "axis"),
+         nh.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_inputs_that_share_a_symbolic_dim_must_agree_on_its_size(tmp_path, capsys):
+    """input_ids with 8 tokens beside an attention_mask of 16 (both [batch, seq]): cleanup crashed in the final
+    validation ('internal error', exit 1, onnxruntime's broadcast message) and quantize failed as a pass (exit 3).
+    It is data the original cannot run on: exit 2 naming both inputs and the dim."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "m.onnx"
+    onnx.save(ids_and_mask_model(rng), src)
+    ids = rng.integers(0, 20, (4, 1, 16)).astype(np.int64)
+    np.savez(tmp_path / "ok.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    np.savez(tmp_path / "bad.npz", input_ids=ids[..., :8], attention_mask=np.ones_like(ids))
+    for i, passes in enumerate(("cleanup", "quantize{latency_guard=false}")):
+        out = tmp_path / f"o{i}.onnx"
+        code, _, err = run(capsys, "compress", src, "-o", out, "--passes", passes, "--calib", tmp_path / "bad.npz",
+                           "--no-latency")
+        assert code == 2 and not out.exists(), err
+        assert last_line(err) == (f"onnxcompress: error: {tmp_path / 'bad.npz'} sample 0: input 'attention_mask' has "
+                                  "seq=16 (axis 1), input 'input_ids' has seq=8 (axis 1): axes named by one symbolic "
+                                  "dim must have one size")
+        code, _, err = run(capsys, "compress", src, "-o", out, "--passes", passes, "--calib", tmp_path / "ok.npz",
+                           "--no-latency")
+        assert code == 0, err
+
+
+def test_a_feed_the_original_cannot_run_on_is_bad_data_not_an_internal_error(tmp_path, capsys):
+    """x [1, k] reshaped to [2, 4]: a feed with k=6 passes every static check but onnxruntime refuses it when it runs
+    the original. That was 'internal error' (exit 1); now exit 2 naming the data and the sample."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["r"]),
+                           helper.make_node("MatMul", ["r", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "k"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                          [nh.from_array(np.array([2, 4], np.int64), "shape"),
+                           nh.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w")])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
+    np.savez(tmp_path / "bad.npz", x=rng.standard_normal((3, 1, 6)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    code, _, err = run(capsys, "compress", src, "-o", out, "--passes", "cleanup", "--calib", tmp_path / "bad.npz",
+                       "--no-latency")
+    assert code == 2 and not out.exists(), err
+    assert last_line(err).startswith(f"onnxcompress: error: {tmp_path / 'bad.npz'} sample 0: the original model "
+                                     "cannot run on it: ")
+    assert "Traceback" not in err
