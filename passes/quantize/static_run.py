@@ -16,7 +16,10 @@
    layers with that float set in place; ``empirical_bias`` (``empirical_bias``) matches their output means to the
    float layers', stage by depth; the **build** of the Q/DQ graph (``StaticRun.build``: placement, bias
    shifts, Q/DQ parameters and insertion, ``qdq_insert``) and its score (``fidelity``).
-6. **Mixed precision** to a user target (``mixed_precision``), **latency guard** (``latency_guard``).
+6. **Mixed precision** to a user target (``mixed_precision``), **latency guard** (``latency_guard``). A graph
+   that stays float (the guard rejects every candidate, or no layer can be quantized) is returned as it came in:
+   stage 1's rewrites serve the int8 graph only (smoothing adds a Mul per input and unshares the weights it
+   scales: a float transformer's file grew 1.8x with nothing quantized), so they are undone with it.
 7. The chosen build replaces the pass's graph; ConvTranspose weights and embedding tables are stored int8 too
    (``dynamic``).
 
@@ -127,6 +130,8 @@ class StaticRun:
         self.rounded: dict[str, qm.QuantizedWeight] = {}
         #: set by ``setup``: whether preparing changed the graph
         self.prepared = False
+        #: the graph as the pass received it (``prepare``'s first act); restored when it stays float
+        self.untouched: gs.Graph | None = None
         #: calibration=auto: (method, plan, exported model) of the best all-int8 build, reused by the search
         self.all_int8: tuple[str, Plan, onnx.ModelProto] | None = None
         #: prepare smooths every smoothing candidate (``smooth=all``; ``smooth=auto``: the measured choice's run)
@@ -189,6 +194,7 @@ class StaticRun:
     def prepare(self) -> bool:
         """Stage 1; True when it changed the graph (an opset upgrade is recorded in the stats instead)."""
         p, graph, ctx, stats = self.p, self.graph, self.ctx, self.stats
+        self.untouched = graph.copy()  # shares the weight arrays: stage 1 assigns new ones, never writes in place
         if self.per_channel and not ensure_opset(graph, ctx, qo.PER_CHANNEL_OPSET, stats):
             self.per_channel = False
             stats["per_channel"] = "off: the opset upgrade to 13 failed"
@@ -313,7 +319,7 @@ class StaticRun:
                                 "weight")
         bodies_done = self.bodies_only()
         stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
-        return PassResult(bodies_done or self.prepared or "opset_upgrade" in stats, stats)
+        return PassResult(bodies_done or self.left_float(), stats)
 
     def finish(self, ref: fid.Reference, eval_feeds: list, built: Built, sc: dict[str, float],
                t_start: float) -> PassResult:
@@ -329,13 +335,22 @@ class StaticRun:
                 self.bodies_left_float(stats["skipped"])
                 stats["seconds_calibration"] = round(self.calib_seconds, 3)
                 stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
-                return PassResult(self.prepared or "opset_upgrade" in stats, stats)
+                return PassResult(self.left_float(), stats)
             built, sc = outcome
         self.adopt(built, sc, float_layers)
         if p.explain:
             explain(self, ref, self.ctx.export(self.graph))
         stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
         return PassResult(True, stats)
+
+    def left_float(self) -> bool:
+        """Nothing is quantized: put back the graph as the pass received it (module doc, stage 6). Returns whether
+        the pass changed the graph (False)."""
+        if self.untouched is not None:
+            qo.transplant(self.graph, self.untouched)
+            if "opset_upgrade" in self.stats:
+                self.stats["opset_upgrade"] += " (undone: the graph stays float)"
+        return False
 
     def bodies_left_float(self, reason: str) -> None:
         """Stats: every If/Loop/Scan body left as it was, and why."""
