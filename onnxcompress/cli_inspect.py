@@ -1,7 +1,7 @@
 """``onnxcompress inspect`` and ``onnxcompress recipes``: what a model holds, what a shipped recipe does (CLI only).
 
 inspect prints: opset, inputs/outputs, nodes, parameters (float and integer), bytes raw and zipped, MACs at the
-bound input shapes, the op histogram, the largest weight tensors, per-tensor sparsity (zeros / elements, storage,
+bound input shapes (shape inference, else one onnxruntime run on all-zero inputs), the op histogram, the largest weight tensors, per-tensor sparsity (zeros / elements, storage,
 N:M pattern when the non-zeros form one), the channel groups prune-channels can cut (or why not), and the units
 prune-layers can remove (residual blocks, transformer layers, stages, no-op layers; or why a candidate is not
 removable). ``--json`` prints all of it as one JSON document.
@@ -54,6 +54,8 @@ def _removable_units(model, shapes) -> list[dict] | str:
 
 def cmd_inspect(args: argparse.Namespace, dims: dict[str, int], shapes_arg: dict[str, tuple[int, ...]]) -> int:
     """``onnxcompress inspect``: see the module docstring."""
+    import numpy as np
+
     from onnxcompress.analyses import sparsity
     from onnxcompress.analyses.channel_groups import describe_groups
     from onnxcompress.analyses.model_stats import model_stats
@@ -64,7 +66,10 @@ def cmd_inspect(args: argparse.Namespace, dims: dict[str, int], shapes_arg: dict
     inputs = model_inputs(model, tensors_only=True)
     check_dim_names(inputs, dims)
     shapes = bind_dims(inputs, dims, shapes_arg)
-    st = model_stats(model, shapes)
+    # where shape inference stops (attention masks, computed Reshape targets), MACs come from one ORT run on zeros
+    # at those shapes: index 0 is in every table, so token-id inputs run too
+    zeros = {s.name: np.zeros(shapes[s.name], s.dtype) for s in inputs if s.name in shapes}
+    st = model_stats(model, shapes, zeros if len(zeros) == len(inputs) else None)
     weights = _weights(model)
     sparse = [e for e in sparsity.sparsity_table(model, min_elements=16)]
     groups = describe_groups(model)
