@@ -334,7 +334,7 @@ def test_dynamic_mixed_precision_keeps_the_most_sensitive_layers_float_until_the
     mp = s_easy["mixed_precision"]
     assert mp["met"] and mp["float_layers"] == [] and mp["builds"] == 1
     assert q_easy.SerializeToString() == q0.SerializeToString()
-    q, st = dynamic(model, calib, smooth="none", min_sqnr_db=base + 6.0)
+    q, st = dynamic(model, calib, smooth="none", min_sqnr_db=base + 6.0, lift_to="float")
     mp = st["mixed_precision"]
     assert mp["met"] and 1 <= len(mp["float_layers"]) < 3 and mp["score"]["sqnr_db"] >= base + 6.0
     # the first layer kept float is the one whose float version alone gains most

@@ -36,10 +36,11 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress import io
 from onnxcompress.errors import PassError
+from onnxcompress.latency_profile import fingerprint
 from onnxcompress.naming import Namer
 from onnxcompress.pass_base import PassResult
 
-from . import dynamic_mixed, dynamic_rounding, dynamic_smoothing
+from . import dynamic_mixed, dynamic_rounding, dynamic_smoothing, latency_guard, two_pass
 from . import fidelity as fid
 from . import opset_upgrade as qo
 from . import qparams_math as qm
@@ -171,11 +172,46 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
         rounded, stats["weight_rounding"] = dynamic_rounding.round_weights(
             p, graph, ctx, lambda g, r: quantize_dynamic(p, g, ctx, {}, r), score, reuse)
     if dynamic_mixed.targets(p):
-        float_layers, stats["mixed_precision"] = dynamic_mixed.choose(
-            p, graph, lambda q, g: quantize_dynamic(q, g, ctx, {}, rounded), score)
-        p = dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers)
+        feed = next(iter(score.feeds))
+        float_model = ctx.export(graph)
+        float_layers, two, stats["mixed_precision"] = dynamic_mixed.choose(
+            p, graph, lambda q, g: quantize_dynamic(q, g, ctx, {}, rounded), score,
+            two_pass_pays=lambda: _two_pass_pays(p, graph, ctx, float_model, feed),
+            latency=lambda gs_: _latency_ratios(ctx, float_model, {k: ctx.export(g) for k, g in gs_.items()}, feed))
+        p = dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers, two_pass=(*p.two_pass, *two))
     done = quantize_dynamic(p, graph, ctx, stats, rounded)
     return PassResult(bool(done) or stats.get("smoothing", {}).get("decision") == "smoothed", stats)
+
+
+def _two_pass_pays(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, float_model: onnx.ModelProto,
+                   feed) -> dict:
+    """``two_pass.pays`` for the largest dynamic MatMul/Gemm (K·N) at its input's shape on ``feed``."""
+    units = [(n, w[0].shape) for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops
+             and (w := _matmul_weight(n)) is not None]
+    if not units:
+        return {"pays": False, "reason": "no MatMul/Gemm with a constant weight"}
+    n, (k, cols) = max(units, key=lambda u: u[1][0] * u[1][1])
+    shape = latency_guard.input_shapes(float_model, [n.inputs[0].name], feed)[n.inputs[0].name]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return {"layer": n.name, **two_pass.pays(ctx, max(rows, 1), int(k), int(cols))}
+
+
+def _latency_ratios(ctx: PassContext, float_model: onnx.ModelProto, cands: dict[str, onnx.ModelProto],
+                    feed) -> dict[str, float]:
+    """Each candidate's latency over the float model's, all timed in one interleaved call (1 thread, 3 s), so
+    the candidates compare under the same load; through ``ctx.latency`` (cached per machine, replayable)."""
+    names = sorted(cands)
+    shapes = sorted((k, tuple(int(d) for d in np.shape(a))) for k, a in feed.items())
+    key = "quantize/dynamic-candidates/" + fingerprint(
+        float_model.SerializeToString(), *(cands[k].SerializeToString() for k in names), str(shapes), "threads=1")
+
+    def measure() -> dict[str, float]:
+        from onnxcompress.latency import measure_latency
+
+        lat = measure_latency({" float model": float_model, **cands}, feed, threads=1, budget_s=3.0)
+        return {k: float(lat[k] / lat[" float model"]) for k in names}
+
+    return ctx.latency.measure(key, measure)
 
 
 def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stats: dict,
@@ -193,6 +229,7 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
     _note_other_layers(all_scopes, ops, "dynamic mode quantizes MatMul/Gemm only")
     allowed = _allowed_readers(p, all_scopes, nodes)
     shared: dict[tuple, tuple[gs.Constant, gs.Constant, gs.Constant]] = {}
+    two_pass_names, two_pass_done = set(p.two_pass), []
     done: Counter = Counter()
     new_nodes: dict[int, list[gs.Node]] = {}
     for scope, n in nodes:
@@ -226,34 +263,32 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
                 gs.Constant(namer(f"{wbase}_zero_point"), zero_point),
                 gs.Constant(namer(f"{wbase}_scale"), np.asarray(s_w)),
             )
-        new_nodes.setdefault(id(scope), []).extend(_dynamic_chain(n, namer, shared[key]))
+        two = n.name in two_pass_names
+        new_nodes.setdefault(id(scope), []).extend(_dynamic_chain(n, namer, shared[key], two))
         done[n.op] += 1
-        scope.done[f"{n.op} dynamic-int8"] += 1
+        scope.done[f"{n.op} dynamic-int8" + (" two-pass" if two else "")] += 1
+        if two:
+            two_pass_done.append(n.name)
+    missing = sorted(two_pass_names - set(two_pass_done))
+    if missing:
+        raise PassError(f"quantize{{two_pass=...}}: no dynamically quantized MatMul/Gemm named {', '.join(missing)} "
+                        "(names of MatMul/Gemm nodes with a constant weight; `onnxcompress inspect` lists them)")
+    if two_pass_done:
+        stats["two_pass_layers"] = two_pass_done
     _finish(p, graph, ctx, all_scopes, new_nodes, done, skipped, stats)
     return done
 
 
-def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Constant, gs.Constant]) -> list[gs.Node]:
-    """``n`` (MatMul/Gemm) as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (+ beta·C); ``n`` is emptied."""
-    w_q, w_zp, w_scale = weight
+def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Constant, gs.Constant],
+                   two: bool = False) -> list[gs.Node]:
+    """``n`` (MatMul/Gemm) as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (+ beta·C), or with ``two`` as
+    a two-pass chain (``two_pass``); ``n`` is emptied."""
     x = n.inputs[0]
     base = n.name or x.name
-    xq = gs.Variable(namer(f"{base}_input_quantized"), dtype=np.uint8)
-    xs = gs.Variable(namer(f"{base}_input_scale"), dtype=np.float32)
-    xz = gs.Variable(namer(f"{base}_input_zero_point"), dtype=np.uint8)
-    acc = gs.Variable(namer(f"{base}_acc"), dtype=np.int32)
-    accf = gs.Variable(namer(f"{base}_acc_float"), dtype=np.float32)
-    scale = gs.Variable(namer(f"{base}_scale"), dtype=np.float32)
     y = n.outputs[0]
     has_c = n.op == "Gemm" and len(n.inputs) > 2 and n.inputs[2].name
     y_mm = gs.Variable(namer(f"{base}_matmul"), dtype=np.float32) if has_c else y
-    chain = [
-        gs.Node("DynamicQuantizeLinear", namer(f"{base}_DynamicQuantizeLinear"), inputs=[x], outputs=[xq, xs, xz]),
-        gs.Node("MatMulInteger", namer(f"{base}_MatMulInteger"), inputs=[xq, w_q, xz, w_zp], outputs=[acc]),
-        gs.Node("Cast", namer(f"{base}_Cast"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[acc], outputs=[accf]),
-        gs.Node("Mul", namer(f"{base}_scale_Mul"), inputs=[xs, w_scale], outputs=[scale]),
-        gs.Node("Mul", namer(f"{base}_Mul"), inputs=[accf, scale], outputs=[y_mm]),
-    ]
+    chain = two_pass.chain(x, weight, y_mm, base, namer) if two else _one_pass(x, weight, y_mm, base, namer)
     if has_c:
         c = n.inputs[2]
         beta = float(n.attrs.get("beta", 1.0))
@@ -264,6 +299,25 @@ def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Const
     n.inputs.clear()
     n.outputs.clear()
     return chain
+
+
+def _one_pass(x: gs.Variable, weight: tuple[gs.Constant, gs.Constant, gs.Constant], y: gs.Variable, base: str,
+              namer: Namer) -> list[gs.Node]:
+    """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul: ``y = s_x s_w · (x_q - z_x) W_q``."""
+    w_q, w_zp, w_scale = weight
+    xq = gs.Variable(namer(f"{base}_input_quantized"), dtype=np.uint8)
+    xs = gs.Variable(namer(f"{base}_input_scale"), dtype=np.float32)
+    xz = gs.Variable(namer(f"{base}_input_zero_point"), dtype=np.uint8)
+    acc = gs.Variable(namer(f"{base}_acc"), dtype=np.int32)
+    accf = gs.Variable(namer(f"{base}_acc_float"), dtype=np.float32)
+    scale = gs.Variable(namer(f"{base}_scale"), dtype=np.float32)
+    return [
+        gs.Node("DynamicQuantizeLinear", namer(f"{base}_DynamicQuantizeLinear"), inputs=[x], outputs=[xq, xs, xz]),
+        gs.Node("MatMulInteger", namer(f"{base}_MatMulInteger"), inputs=[xq, w_q, xz, w_zp], outputs=[acc]),
+        gs.Node("Cast", namer(f"{base}_Cast"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[acc], outputs=[accf]),
+        gs.Node("Mul", namer(f"{base}_scale_Mul"), inputs=[xs, w_scale], outputs=[scale]),
+        gs.Node("Mul", namer(f"{base}_Mul"), inputs=[accf, scale], outputs=[y]),
+    ]
 
 
 # --------------------------------------------------------------------------------------------- weight-only

@@ -62,46 +62,100 @@ def check(p: QuantizeOptions, ctx: PassContext) -> None:
                         "data: give --calib FILE.npz or a folder of feeds, or drop the target")
 
 
+@dataclasses.dataclass
+class Ladder:
+    """One search's outcome: the layers lifted, the score, whether it met the target."""
+
+    float_layers: tuple[str, ...]
+    two_pass: tuple[str, ...]
+    score: dict[str, float]
+    met: bool
+    gains_db: dict[str, float]
+
+
 def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOptions, gs.Graph], object],
-           score: fid.GraphScorer) -> tuple[tuple[str, ...], dict]:
-    """(the layers kept float, stats); ``quantize(options, g)`` quantizes a copy dynamically in place, ``score(g)``
-    scores it."""
+           score: fid.GraphScorer, two_pass_pays: Callable[[], dict] | None = None,
+           latency: Callable[[dict[str, gs.Graph]], dict[str, float]] | None = None) -> tuple[tuple[str, ...], tuple[str, ...], dict]:
+    """(the layers kept float, the layers made two-pass, stats); ``quantize(options, g)`` quantizes a copy
+    dynamically in place, ``score(g)`` scores it, ``two_pass_pays()`` measures whether a two-pass layer is faster
+    than a float one here (``lift_to=auto``), ``latency({name: g})`` times candidates against the float model
+    in one interleaved measurement."""
     t0 = time.perf_counter()
     name_unnamed_nodes(graph, graph_names(graph))
     want = targets(p)
     builds = 0
 
-    def scored(float_layers: tuple[str, ...]) -> dict[str, float]:
+    def built(float_layers: tuple[str, ...], two: tuple[str, ...] = ()) -> gs.Graph:
         nonlocal builds
         g = graph.copy()
-        quantize(dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers), g)
+        quantize(dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers,
+                                     two_pass=tuple(u for u in (*p.two_pass, *two) if u not in float_layers)), g)
         builds += 1
-        return score(g)
+        return g
+
+    def scored(float_layers: tuple[str, ...], two: tuple[str, ...] = ()) -> dict[str, float]:
+        return score(built(float_layers, two))
 
     def meets(s: dict[str, float]) -> bool:
         return fid.meets(s, p.min_cosine, p.max_agreement_drop, p.min_sqnr_db)
 
     base = scored(())
     stats: dict = {"target": want, "all_int8": base, "eval_feeds": len(score.feeds)}
-    chosen: tuple[str, ...] = ()
-    final, met = base, meets(base)
-    if not met:
+    chosen = Ladder((), (), base, meets(base), {})
+    if not chosen.met:
         excluded = set(p.exclude)
         units = [n.name for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops
                  and n.name not in excluded and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
-        gains = {u: round(scored((u,))["sqnr_db"] - base["sqnr_db"], 3) for u in units}
-        order = sorted(units, key=lambda u: -gains[u])
-        stats["gains_db"] = {u: gains[u] for u in order[:REPORTED]}
-        best = (base, ())
-        for k in range(1, len(order) + 1):
-            s = scored(tuple(order[:k]))
-            if s["sqnr_db"] > best[0]["sqnr_db"]:
-                best = (s, tuple(order[:k]))
-            if meets(s):
-                final, chosen, met = s, tuple(order[:k]), True
-                break
-        if not met:
-            final, chosen = best
-    stats.update({"met": met, "float_layers": list(chosen), "score": final, "builds": builds,
+        levels = ["float"] if p.lift_to == "float" else ["two_pass"] if p.lift_to == "two_pass" else ["float"]
+        if p.lift_to == "auto" and two_pass_pays is not None:
+            stats["two_pass_speed"] = two_pass_pays()
+            if stats["two_pass_speed"]["pays"]:
+                levels.append("two_pass")
+        ladders = {lv: _ladder(lv, units, base, scored, meets) for lv in levels}
+        stats["ladders"] = {lv: _ladder_stats(r) for lv, r in ladders.items()}
+        met = {lv: r for lv, r in ladders.items() if r.met}
+        if len(met) > 1 and latency is not None:  # both meet the target: the faster model, measured
+            ratios = latency({lv: built(r.float_layers, r.two_pass) for lv, r in met.items()})
+            stats["latency_ratio"] = {lv: round(v, 3) for lv, v in ratios.items()}
+            chosen = met[min(ratios, key=lambda lv: ratios[lv])]
+        elif met:
+            chosen = next(iter(met.values()))
+        else:
+            chosen = max(ladders.values(), key=lambda r: r.score["sqnr_db"])
+        stats["gains_db"] = chosen.gains_db
+    stats.update({"met": chosen.met, "float_layers": list(chosen.float_layers), "two_pass_layers":
+                  list(chosen.two_pass), "score": chosen.score, "builds": builds,
                   "seconds": round(time.perf_counter() - t0, 2)})
-    return chosen, stats
+    return chosen.float_layers, chosen.two_pass, stats
+
+
+def _ladder(level: str, units: list[str], base: dict[str, float],
+            scored: Callable[..., dict[str, float]], meets: Callable[[dict[str, float]], bool]) -> Ladder:
+    """Units lifted in the order of their leave-one-out gains at ``level``, until the target is met. ``float``:
+    the first k float; ``two_pass``: the first k two-pass, then (all two-pass not enough) the first j float and
+    the rest two-pass, so the ladder ends where the float one does (every unit float)."""
+    if level == "float":
+        gains = {u: round(scored((u,))["sqnr_db"] - base["sqnr_db"], 3) for u in units}
+    else:
+        gains = {u: round(scored((), (u,))["sqnr_db"] - base["sqnr_db"], 3) for u in units}
+    order = sorted(units, key=lambda u: -gains[u])
+    steps: list[tuple[tuple[str, ...], tuple[str, ...]]]
+    if level == "float":
+        steps = [(tuple(order[:k]), ()) for k in range(1, len(order) + 1)]
+    else:
+        steps = [((), tuple(order[:k])) for k in range(1, len(order) + 1)]
+        steps += [(tuple(order[:j]), tuple(order[j:])) for j in range(1, len(order) + 1)]
+    top = {u: gains[u] for u in order[:REPORTED]}
+    best = Ladder((), (), base, False, top)
+    for float_layers, two in steps:
+        s = scored(float_layers, two)
+        if s["sqnr_db"] > best.score["sqnr_db"]:
+            best = Ladder(float_layers, two, s, False, top)
+        if meets(s):
+            return Ladder(float_layers, two, s, True, top)
+    return best
+
+
+def _ladder_stats(r: Ladder) -> dict:
+    return {"met": r.met, "float_layers": len(r.float_layers), "two_pass_layers": len(r.two_pass),
+            "sqnr_db": round(r.score["sqnr_db"], 2)}

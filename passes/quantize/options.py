@@ -229,6 +229,17 @@ class QuantizeOptions:
         ("MatMul", "Gemm", "Gather"),
         "op types quantized by mode=dynamic / weight_only (Gather: embedding tables, all modes)",
     )
+    two_pass: tuple[str, ...] = option(
+        (),
+        "mode=dynamic: MatMul/Gemm node names whose input is quantized twice (8 bits, then the rounding error in "
+        "8 more: ~16-bit activations, two integer products; passes.quantize.two_pass)",
+    )
+    lift_to: Literal["auto", "float", "two_pass"] = option(
+        "auto",
+        "mode=dynamic with a target (min_sqnr_db, ...): what a layer the mixed-precision search lifts above int8 "
+        "becomes: float | two_pass | auto (both searches where a two-pass layer measured faster than a float one "
+        "on this machine, the faster model that meets the target kept; else float)",
+    )
     weight_type: Literal["auto", "int8", "uint8"] = option(
         "auto",
         "integer weight codes of dynamic and static int8 layers: int8 | uint8 (code + 128, zero point 128: the "
@@ -314,8 +325,15 @@ class QuantizeOptions:
             raise ValueError(f"latency_cache must be use, refresh or off, got {self.latency_cache!r}")
         if self.already_quantized not in ("refuse", "ignore"):
             raise ValueError(f"already_quantized must be refuse or ignore, got {self.already_quantized!r}")
-        if isinstance(self.exclude, str) or isinstance(self.dynamic_ops, str):
-            raise ValueError("exclude and dynamic_ops must be lists of names")
+        if isinstance(self.exclude, str) or isinstance(self.dynamic_ops, str) or isinstance(self.two_pass, str):
+            raise ValueError("exclude, dynamic_ops and two_pass must be lists of names")
+        if self.lift_to not in ("auto", "float", "two_pass"):
+            raise ValueError(f"lift_to must be auto, float or two_pass, got {self.lift_to!r}")
+        if set(self.two_pass) & set(self.exclude):
+            raise ValueError(f"a layer cannot be both excluded (float) and two_pass: "
+                             f"{', '.join(sorted(set(self.two_pass) & set(self.exclude)))}")
+        if self.two_pass and self.mode != "dynamic":
+            raise ValueError("two_pass layers need mode=dynamic (run-time activation ranges)")
 
 
 __all__ = ["QuantizeOptions"]

@@ -109,13 +109,11 @@ class Quantize(QuantizeOptions, Pass):
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if self.mode == "dynamic":
-            return run_dynamic(self, graph, ctx)
         if self.mode == "weight_only":
             return run_weight_only(self, graph, ctx)
         cache = None if self.latency_cache == "off" else MachineCache.default(refresh=self.latency_cache == "refresh")
         with ctx.latency.machine_cache(cache):
-            result = run_static(self, graph, ctx)
+            result = (run_dynamic if self.mode == "dynamic" else run_static)(self, graph, ctx)
         if cache is not None and (cache.hits or cache.stored):
             result.stats["latency_cache"] = {
                 str(cache.path): f"{cache.hits} latency decisions read from this machine's cache, {cache.stored} "

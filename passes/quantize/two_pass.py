@@ -1,0 +1,115 @@
+"""Two-pass dynamic layers: ~16-bit activations on onnxruntime's 8-bit integer kernels (``quantize{two_pass=[...]}``).
+
+A dynamic layer rounds its input once: ``x̂1 = s1 (q1 - z1)`` with ``(q1, s1, z1) = DynamicQuantizeLinear(x)``, an
+error of up to s1 / 2 per value. A two-pass layer quantizes that rounding error again::
+
+    r  = x - x̂1                          |r| <= s1 / 2
+    x̂2 = s2 (q2 - z2), (q2, s2, z2) = DynamicQuantizeLinear(r)     s2 ≈ s1 / 255
+    y  = x̂1 W + x̂2 W = s1 s_w · MatMulInteger(q1, W_q) + s2 s_w · MatMulInteger(q2, W_q)
+
+so the activation keeps an error of at most s2 / 2 ≈ s1 / 510 (about 16 bits over the tensor's range) while every
+product still runs on the integer kernels (ORT fuses the second ``DynamicQuantizeLinear -> MatMulInteger`` into
+``DynamicQuantizeMatMul``; the first becomes ``MatMulIntegerToFloat``). The weight is the layer's int8 weight
+(rounded like every other dynamic layer): a two-pass layer removes the activation's rounding, not the weight's.
+Cost: two integer products instead of one plus an element-wise DequantizeLinear and Sub on the input; where the
+integer kernels are several times faster than float (AVX-512 VNNI: MiniLM-L3 with one FFN projection two-pass
+0.436x against 0.476x float, same run) that is cheaper than keeping the layer float. Where they are not (AVX2
+without VNNI) it is slower; ``pays`` measures it on this machine.
+
+``pays`` times one layer shaped like the model's largest candidate (its real input shape on the first evaluation
+feed) as a float MatMul and as a two-pass chain, 1 thread, interleaved (``onnxcompress.latency``), through the run's
+latency profile (cached per machine, replayable like every latency decision).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcompress.data import Feed
+from onnxcompress.latency_profile import fingerprint
+from onnxcompress.naming import Namer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from onnxcompress.context import PassContext
+
+#: a two-pass layer is worth offering where it measured below this fraction of its float MatMul's time
+PAYS_BELOW = 0.9
+#: the micro-benchmark: threads and seconds per model
+THREADS = 1
+BUDGET_S = 0.5
+
+
+def chain(x: gs.Variable, weight: tuple[gs.Constant, gs.Constant, gs.Constant], y: gs.Variable, base: str,
+          namer: Namer) -> list[gs.Node]:
+    """Nodes computing ``y = x̂1 W + x̂2 W`` (module doc) from ``weight = (W_q, zero point, s_w)``."""
+    w_q, w_zp, w_scale = weight
+
+    def var(suffix: str, dtype) -> gs.Variable:
+        return gs.Variable(namer(f"{base}_{suffix}"), dtype=dtype)
+
+    def node(op: str, suffix: str, inputs: list, outputs: list, **attrs) -> gs.Node:
+        return gs.Node(op, namer(f"{base}_{suffix}"), attrs=attrs, inputs=inputs, outputs=outputs)
+
+    nodes: list[gs.Node] = []
+    terms = []
+    source = x
+    for k in (1, 2):
+        q, s, z = var(f"pass{k}_quantized", np.uint8), var(f"pass{k}_scale", np.float32), var(
+            f"pass{k}_zero_point", np.uint8)
+        acc, accf = var(f"pass{k}_acc", np.int32), var(f"pass{k}_acc_float", np.float32)
+        scale, term = var(f"pass{k}_out_scale", np.float32), var(f"pass{k}_out", np.float32)
+        nodes += [
+            node("DynamicQuantizeLinear", f"pass{k}_DynamicQuantizeLinear", [source], [q, s, z]),
+            node("MatMulInteger", f"pass{k}_MatMulInteger", [q, w_q, z, w_zp], [acc]),
+            node("Cast", f"pass{k}_Cast", [acc], [accf], to=onnx.TensorProto.FLOAT),
+            node("Mul", f"pass{k}_scale_Mul", [s, w_scale], [scale]),
+            node("Mul", f"pass{k}_Mul", [accf, scale], [term]),
+        ]
+        terms.append(term)
+        if k == 1:  # the first pass's rounding error is the second pass's input
+            x1, r = var("pass1_dequantized", np.float32), var("residual", np.float32)
+            nodes += [node("DequantizeLinear", "pass1_DequantizeLinear", [q, s, z], [x1]),
+                      node("Sub", "residual_Sub", [x, x1], [r])]
+            source = r
+    nodes.append(node("Add", "passes_Add", terms, [y]))
+    return nodes
+
+
+def _layer_models(m: int, k: int, n: int, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(float MatMul, two-pass chain) of one [m, k] x [k, n] layer with random weights."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x_in = gs.Variable("x", dtype=np.float32, shape=(m, k))
+    graphs = []
+    for two in (False, True):
+        y = gs.Variable("y", dtype=np.float32, shape=(m, n))
+        if two:
+            codes = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
+            weight = (gs.Constant("w_q", codes), gs.Constant("w_zp", np.zeros(n, np.int8)),
+                      gs.Constant("w_s", np.full(n, 0.01, np.float32)))
+            nodes = chain(x_in, weight, y, "layer", Namer(gs.Graph()))
+        else:
+            nodes = [gs.Node("MatMul", "layer", inputs=[x_in, gs.Constant("w", w)], outputs=[y])]
+        graphs.append(gs.Graph(nodes=nodes, inputs=[x_in], outputs=[y], opset=13))
+    return tuple(gs.export_onnx(g) for g in graphs)  # type: ignore[return-value]
+
+
+def pays(ctx: PassContext, m: int, k: int, n: int) -> dict:
+    """{"ratio": two-pass / float time of one [m, k] x [k, n] layer on this machine, "pays": ratio < PAYS_BELOW}."""
+    key = f"quantize/two-pass-ratio/{fingerprint(str((m, k, n)), f'threads={THREADS}')}"
+
+    def measure() -> float:
+        from onnxcompress.latency import measure_latency
+
+        float_model, two_model = _layer_models(m, k, n)
+        feed: Feed = {"x": np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)}
+        lat = measure_latency({"float": float_model, "two_pass": two_model}, feed, threads=THREADS,
+                              budget_s=BUDGET_S)
+        return float(lat["two_pass"] / lat["float"])
+
+    ratio = float(ctx.latency.measure(key, measure))
+    return {"ratio": round(ratio, 3), "shape": [m, k, n], "pays": ratio < PAYS_BELOW}
