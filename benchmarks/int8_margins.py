@@ -80,7 +80,9 @@ measurement, ``passes.quantize.dynamic_smoothing``), ``dynamic-plain`` (``smooth
 without data) and ``dynamic-matmul`` (``weight_rounding=matmul``: the weights rounded against the layer outputs,
 ``passes.quantize.dynamic_rounding``), ``dynamic-matmul-30db`` / ``-31db`` (the same with ``min_sqnr_db``: layers kept
 float, most sensitive first, until the calibration feeds' embedding SQNR reaches the target,
-``passes.quantize.dynamic_mixed``).
+``passes.quantize.dynamic_mixed``). Twenty-first session: ``dynamic-matmul-30db-float`` (the layers lifted stay float,
+as the eighteenth session's ``-30db``), ``-30db-2p`` / ``-31db-2p`` (lifted to two-pass: the input quantized twice,
+``passes.quantize.two_pass``); ``-30db`` / ``-31db`` are now ``lift_to=auto``.
 ``--explain-variant`` names the variant ``--explain`` explains.
 
 ``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
@@ -210,6 +212,12 @@ VARIANTS: dict[str, str] = {
     "default-int8w": "cleanup,quantize{weight_type=int8}",
     "dynamic-int8w": "cleanup,quantize{mode=dynamic weight_type=int8}",
     "dynamic-matmul-int8w": "cleanup,quantize{mode=dynamic weight_rounding=matmul weight_type=int8}",
+    # twenty-first session: the layers the search lifts become two-pass (passes.quantize.two_pass: the input
+    # quantized twice, int8 weights) or float; ``-30db`` / ``-31db`` above are now lift_to=auto (both searched where
+    # a two-pass layer measured faster than float, the faster model that meets the target kept)
+    "dynamic-matmul-30db-float": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=30 lift_to=float}",
+    "dynamic-matmul-30db-2p": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=30 lift_to=two_pass}",
+    "dynamic-matmul-31db-2p": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=31 lift_to=two_pass}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),
