@@ -106,8 +106,8 @@ def check_feed(feed: Feed, inputs: list[InputSpec], where: str = "feed") -> Feed
                     f"{_fmt_shape(spec.shape)} (axis {axis})"
                 )
         for axis, (have_dim, want) in enumerate(zip(arr.shape, spec.shape, strict=False)):
-            if not isinstance(want, str):
-                continue
+            if not isinstance(want, str) or not any(c.isalpha() for c in want):
+                continue  # "?" / "-1" (Paddle, some converters): a placeholder for "unknown", not a name
             size, first, first_axis = bound.setdefault(want, (int(have_dim), spec.name, axis))
             if size != have_dim:
                 raise BadInputError(
