@@ -15,6 +15,8 @@ Rules (X: data input with layout L; a channel axis is an axis in L.axes):
 - Producers with constant weights start new elements: Conv/ConvTranspose (group 1) output axis 1, Gemm output axis 1,
   MatMul with a constant 2-D right operand output axis -1. Their weights are sliced on the output axis (and bias);
   their input-side weight axis (Conv W axis 1, ConvTranspose W axis 0, Gemm/MatMul the K axis) is sliced by L.
+- A weight read by several of those producers/consumers (tied layers) is one tensor cut once: the elements its
+  readers give one position along one axis are unioned (biases equal by chance are not tied: they get copies).
 - Depthwise Conv/ConvTranspose (group == C_in, multiplier m): output channel o is input channel o // m; ``group``
   becomes the kept input count. Other grouped convs block their input channels.
 - Elementwise ops (unary and broadcasting n-ary: Add/Sub/Mul/Div/Max/Min/Pow/Where/PRelu/comparisons...) union
