@@ -212,3 +212,36 @@ def test_a_placeholder_dim_like_question_mark_is_not_a_shared_name(tmp_path, cap
     code, _, err = run(capsys, "compress", src, "-o", tmp_path / "o.onnx", "--passes", "cleanup", "--calib",
                        tmp_path / "c.npz", "--no-latency")
     assert code == 0, err
+
+
+def test_an_activations_own_x_plus_f_x_is_not_a_removable_layer(tmp_path, capsys):
+    """tanh-GELU computes h + 0.044715 h^3: an Add whose operand feeds the other branch. It was a 'residual/block'
+    unit, and prune-layers{layers=1} on GPT-2 and ALBERT removed that cubic term (the cheapest 'layer': no MACs
+    saved, another activation) instead of a transformer layer. A residual's branch must hold a layer. (The nodes
+    here are unnamed on purpose: a unit's nodes were looked up by name, so every unnamed node counted as its.)"""
+    import json
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return nh.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "wa"], ["a"]), helper.make_node("Relu", ["a"], ["ar"]),
+         helper.make_node("MatMul", ["ar", "wb"], ["b"]), helper.make_node("Add", ["x", "b"], ["r"]),  # a layer
+         helper.make_node("MatMul", ["r", "w1"], ["h"]),
+         helper.make_node("Mul", ["h", "h"], ["h2"]), helper.make_node("Mul", ["h2", "h"], ["h3"]),
+         helper.make_node("Mul", ["h3", "c"], ["h3c"]), helper.make_node("Add", ["h", "h3c"], ["g"]),  # GELU's cube
+         helper.make_node("Tanh", ["g"], ["t"]), helper.make_node("MatMul", ["t", "w2"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])],
+        [w("wa", 8, 16), w("wb", 16, 8), w("w1", 8, 8), w("w2", 8, 3), nh.from_array(np.array(0.044715, np.float32), "c")])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
+    code, out, err = run(capsys, "inspect", src, "--json")
+    assert code == 0, err
+    units = json.loads(out)["removable_units"]
+    residuals = [(u["entry"], u["exit"]) for u in units if u["removable"] and u["kind"] == "residual"]
+    assert residuals == [("x", "r")]
+    assert {"where": "g", "kind": "residual", "reason": "the branch holds no layer (no weighted op, no attention): "
+            "part of an activation such as tanh-GELU's x + 0.044715 x^3", "removable": False} in units

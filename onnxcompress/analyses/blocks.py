@@ -7,7 +7,9 @@ propagation, O(unit) each). Kinds, each found by one linear walk over the main g
 - ``residual``: y = Add(x, b) where x feeds the branch b (some consumer of x dies with the bypass) and x, b, y have
   the same static shape (no broadcast): y := x is the skip path exactly (ResNet, MobileNetV2/V3 inverted residuals,
   YOLOv8 C2f bottlenecks with shortcut, SVTR/ViT blocks). Role ``attention`` when the branch holds a Softmax or a
-  MatMul of two activations, ``ffn`` when it holds >= 2 weighted MatMul/Gemm/Conv and no attention, else ``block``.
+  MatMul of two activations, ``ffn`` when it holds >= 2 weighted MatMul/Gemm/Conv and no attention, else ``block``
+  (which needs one weighted op: a branch of elementwise ops alone is part of an activation, tanh-GELU's
+  x + 0.044715 x^3, whose bypass removes no layer and no MACs).
   An Add of two activations that is neither is listed as not removable with the reason (broadcast or a projection
   shortcut: no identity skip; parallel branches: no operand feeds the other).
 - ``transformer``: an attention residual A followed by an FFN residual F whose entry is A's exit, directly (pre-LN:
@@ -131,8 +133,9 @@ def _static_inputs(graph: gs.Graph) -> bool:
 
 
 def _nodes(ix: GraphIndex, u: Unit) -> list[gs.Node]:
-    names = set(u.nodes)
-    return [n for n in ix.nodes if n.name in names]
+    """The unit's nodes, found again by index (``Unit.nodes`` holds names, and unnamed nodes all share "": matched
+    by name, every unnamed node of the graph counted as the unit's)."""
+    return [ix.nodes[i] for i in ix.dead_set(u.exit, u.entry) or []]
 
 
 def _unit(ix: GraphIndex, kind: str, role: str, x: str, y: str, reason: str,
@@ -195,6 +198,11 @@ def _residuals(ix: GraphIndex, shapes: dict[str, list[int]], found: list[Unit],
                                                                       "branches: no skip path)"})
             continue
         unit.role = _role(unit.ops, ix, unit)
+        if unit.role == "block" and not any(_weighted(n) for n in _nodes(ix, unit)):
+            rejected.append({"where": y, "kind": "residual", "reason": "the branch holds no layer (no weighted op, no "
+                                                                      "attention): part of an activation such as "
+                                                                      "tanh-GELU's x + 0.044715 x^3"})
+            continue
         unit.reason = f"y = x + f(x), f = {unit.role}: bypass to the skip input"
         out.append(unit)
         found.append(unit)
