@@ -127,6 +127,15 @@ def read_region(t: onnx.TensorProto) -> bytes:
     return data
 
 
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """``numpy_helper.to_array`` that also reads a mapped tensor (onnx's own reader would look for its file in the
+    working directory and fail); the array of a mapped tensor is read-only."""
+    if not is_mapped(t):
+        return onnx.numpy_helper.to_array(t)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.frombuffer(read_region(t), dtype=dtype).reshape(tuple(t.dims))
+
+
 def load_into(t: onnx.TensorProto) -> None:
     """In place: the mapped tensor's bytes as raw_data, as onnx's external-data loader leaves a tensor."""
     t.raw_data = read_region(t)

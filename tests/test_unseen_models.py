@@ -245,3 +245,30 @@ def test_an_activations_own_x_plus_f_x_is_not_a_removable_layer(tmp_path, capsys
     assert residuals == [("x", "r")]
     assert {"where": "g", "kind": "residual", "reason": "the branch holds no layer (no weighted op, no attention): "
             "part of an activation such as tanh-GELU's x + 0.044715 x^3", "removable": False} in units
+
+
+def test_prune_channels_and_distill_on_a_model_with_memory_mapped_weights(tmp_path, capsys):
+    """Weights >= 1 MB in an external data file are memory-mapped, not loaded; prune-channels' sensitivity (the
+    zeroed model) and distill's teacher weights read them with onnx's own reader, which looked for the data file in
+    the working directory: exit 3 'should be stored in model.onnx.data, but it is not regular file'."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [nh.from_array(rng.standard_normal((4096, 64)).astype(np.float32) * 0.1, "w1"),  # 1 MB: mapped
+         nh.from_array(np.zeros(4096, np.float32), "b1"),
+         nh.from_array(rng.standard_normal((8, 4096)).astype(np.float32) * 0.1, "w2"),
+         nh.from_array(np.zeros(8, np.float32), "b2")])
+    src = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src, save_as_external_data=True,
+              location="model.onnx.data", size_threshold=1024)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((24, 1, 64)).astype(np.float32))
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    code, _, err = run(capsys, "compress", src, "-o", out, "--passes", "prune-channels{target_macs=0.7},distill",
+                       "--calib", tmp_path / "c.npz", "--no-latency")
+    assert code == 0, err
+    w1 = next(t for t in onnx.load(str(out)).graph.initializer if t.name.startswith("w1"))
+    assert w1.dims[0] < 4096 and w1.dims[1] == 64

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcompress import mmap_weights
 from onnxcompress.analyses.channel_groups import toposort
 from onnxcompress.analyses.shared_values import SnappedValues, read_decode
 from onnxcompress.constant_eval import integer_constant_values
@@ -239,7 +240,7 @@ def _weights_modified(L: Layer, teacher_weights: dict, cmap: dict) -> bool:
     t = teacher_weights.get(L.node.outputs[0].name)
     if t is None:
         return False
-    tw = onnx.numpy_helper.to_array(t)
+    tw = mmap_weights.tensor_array(t)
     sw = np.asarray(L.node.inputs[1].values)
     if tw.shape == sw.shape:
         return not np.array_equal(tw, sw)

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcompress import mmap_weights
 from onnxcompress.analyses.channel_groups.layout import AxisSpec, Layout, axis_elements, part_bounds
 from onnxcompress.naming import unique_name
 
@@ -293,7 +294,7 @@ class ChannelGroups:
                 continue
             arr = new_values.get(name)
             if arr is None:
-                arr = onnx.numpy_helper.to_array(inits[name]).copy()
+                arr = mmap_weights.tensor_array(inits[name]).copy()
             for spec in s.specs:
                 k = spec.keep(keep_el)
                 if not k.all():
