@@ -272,3 +272,21 @@ def test_prune_channels_and_distill_on_a_model_with_memory_mapped_weights(tmp_pa
     assert code == 0, err
     w1 = next(t for t in onnx.load(str(out)).graph.initializer if t.name.startswith("w1"))
     assert w1.dims[0] < 4096 and w1.dims[1] == 64
+
+
+def test_static_int8_of_a_float16_model_says_its_weights_are_float16():
+    """model.half() exported: 'no Conv/MatMul/Gemm with a constant float weight' read as if the model had none."""
+    from onnxcompress import api
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["h"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8, 8, 8])],
+                          [nh.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float16), "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    calib = {"x": rng.standard_normal((4, 1, 3, 8, 8)).astype(np.float16)}
+    res = api.compress(model, "quantize{latency_guard=false}", calibration=calib, validate=False, measure=False)
+    assert res.ledger[-1].pass_stats["skipped"] == (
+        "nothing to quantize in the main graph: no Conv/MatMul/Gemm with a constant float32 weight (1 with float16 "
+        "weights: static int8 reads float32 tensors; export the model in float32)")

@@ -315,8 +315,14 @@ class StaticRun:
             stats["skipped"] = ("nothing to quantize in the main graph: every candidate layer kept float ("
                                 + "; ".join(f"{r}: {c}" for r, c in why.most_common()) + ")")
         else:
-            stats["skipped"] = ("nothing to quantize in the main graph: no Conv/MatMul/Gemm with a constant float "
-                                "weight")
+            other = Counter(str(n.inputs[1].values.dtype) for n in self.graph.nodes
+                            if n.op in ("Conv", "MatMul", "Gemm") and len(n.inputs) > 1
+                            and isinstance(n.inputs[1], gs.Constant) and n.inputs[1].values.dtype != np.float32
+                            and n.inputs[1].values.dtype.kind == "f")
+            stats["skipped"] = ("nothing to quantize in the main graph: no Conv/MatMul/Gemm with a constant float32 "
+                                "weight" + (" (" + ", ".join(f"{c} with {d} weights" for d, c in other.items())
+                                            + ": static int8 reads float32 tensors; export the model in float32)"
+                                            if other else ""))
         bodies_done = self.bodies_only()
         stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
         return PassResult(bodies_done or self.left_float(), stats)
