@@ -36,11 +36,10 @@ import onnx_graphsurgeon as gs
 
 from onnxcompress import io
 from onnxcompress.errors import PassError
-from onnxcompress.latency_profile import fingerprint
 from onnxcompress.naming import Namer
 from onnxcompress.pass_base import PassResult
 
-from . import dynamic_mixed, dynamic_rounding, dynamic_smoothing, latency_guard, two_pass
+from . import dynamic_mixed, dynamic_rounding, dynamic_smoothing, two_pass
 from . import fidelity as fid
 from . import opset_upgrade as qo
 from . import qparams_math as qm
@@ -176,42 +175,14 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
         float_model = ctx.export(graph)
         float_layers, two, stats["mixed_precision"] = dynamic_mixed.choose(
             p, graph, lambda q, g: quantize_dynamic(q, g, ctx, {}, rounded), score,
-            two_pass_pays=lambda: _two_pass_pays(p, graph, ctx, float_model, feed),
-            latency=lambda gs_: _latency_ratios(ctx, float_model, {k: ctx.export(g) for k, g in gs_.items()}, feed))
+            two_pass_pays=lambda: two_pass.pays_for_largest(ctx, float_model, feed, [
+                (n, w[0].shape) for n in graph.nodes
+                if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops and (w := _matmul_weight(n)) is not None]),
+            latency=lambda gs_: two_pass.latency_ratios(ctx, float_model, {k: ctx.export(g) for k, g in gs_.items()},
+                                                        feed))
         p = dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers, two_pass=(*p.two_pass, *two))
     done = quantize_dynamic(p, graph, ctx, stats, rounded)
     return PassResult(bool(done) or stats.get("smoothing", {}).get("decision") == "smoothed", stats)
-
-
-def _two_pass_pays(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, float_model: onnx.ModelProto,
-                   feed) -> dict:
-    """``two_pass.pays`` for the largest dynamic MatMul/Gemm (K·N) at its input's shape on ``feed``."""
-    units = [(n, w[0].shape) for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops
-             and (w := _matmul_weight(n)) is not None]
-    if not units:
-        return {"pays": False, "reason": "no MatMul/Gemm with a constant weight"}
-    n, (k, cols) = max(units, key=lambda u: u[1][0] * u[1][1])
-    shape = latency_guard.input_shapes(float_model, [n.inputs[0].name], feed)[n.inputs[0].name]
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    return {"layer": n.name, **two_pass.pays(ctx, max(rows, 1), int(k), int(cols))}
-
-
-def _latency_ratios(ctx: PassContext, float_model: onnx.ModelProto, cands: dict[str, onnx.ModelProto],
-                    feed) -> dict[str, float]:
-    """Each candidate's latency over the float model's, all timed in one interleaved call (1 thread, 3 s), so
-    the candidates compare under the same load; through ``ctx.latency`` (cached per machine, replayable)."""
-    names = sorted(cands)
-    shapes = sorted((k, tuple(int(d) for d in np.shape(a))) for k, a in feed.items())
-    key = "quantize/dynamic-candidates/" + fingerprint(
-        float_model.SerializeToString(), *(cands[k].SerializeToString() for k in names), str(shapes), "threads=1")
-
-    def measure() -> dict[str, float]:
-        from onnxcompress.latency import measure_latency
-
-        lat = measure_latency({" float model": float_model, **cands}, feed, threads=1, budget_s=3.0)
-        return {k: float(lat[k] / lat[" float model"]) for k in names}
-
-    return ctx.latency.measure(key, measure)
 
 
 def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stats: dict,

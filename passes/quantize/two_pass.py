@@ -35,6 +35,8 @@ from onnxcompress.data import Feed
 from onnxcompress.latency_profile import fingerprint
 from onnxcompress.naming import Namer
 
+from .latency_guard import input_shapes
+
 if TYPE_CHECKING:  # pragma: no cover
     from onnxcompress.context import PassContext
 
@@ -115,3 +117,33 @@ def pays(ctx: PassContext, m: int, k: int, n: int) -> dict:
 
     ratio = float(ctx.latency.measure(key, measure))
     return {"ratio": round(ratio, 3), "shape": [m, k, n], "pays": ratio < PAYS_BELOW}
+
+
+def pays_for_largest(ctx: PassContext, float_model: onnx.ModelProto, feed: Feed,
+                     layers: list[tuple[gs.Node, tuple[int, int]]]) -> dict:
+    """``pays`` for the largest of ``layers`` ((node, weight shape [K, N]), by K·N) at its input's shape on
+    ``feed``."""
+    if not layers:
+        return {"pays": False, "reason": "no MatMul/Gemm with a constant weight"}
+    n, (k, cols) = max(layers, key=lambda u: u[1][0] * u[1][1])
+    shape = input_shapes(float_model, [n.inputs[0].name], feed)[n.inputs[0].name]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return {"layer": n.name, **pays(ctx, max(rows, 1), int(k), int(cols))}
+
+
+def latency_ratios(ctx: PassContext, float_model: onnx.ModelProto, cands: dict[str, onnx.ModelProto],
+                   feed: Feed) -> dict[str, float]:
+    """Each candidate's latency over the float model's, all timed in one interleaved call (1 thread, 3 s), so
+    the candidates compare under the same load; through ``ctx.latency`` (cached per machine, replayable)."""
+    names = sorted(cands)
+    shapes = sorted((k, tuple(int(d) for d in np.shape(a))) for k, a in feed.items())
+    key = "quantize/dynamic-candidates/" + fingerprint(
+        float_model.SerializeToString(), *(cands[k].SerializeToString() for k in names), str(shapes), "threads=1")
+
+    def measure() -> dict[str, float]:
+        from onnxcompress.latency import measure_latency
+
+        lat = measure_latency({" float model": float_model, **cands}, feed, threads=THREADS, budget_s=3.0)
+        return {k: float(lat[k] / lat[" float model"]) for k in names}
+
+    return ctx.latency.measure(key, measure)
