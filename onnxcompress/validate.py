@@ -6,6 +6,9 @@ Per output, accumulated over all feeds in one streaming pass (no output is kept 
 - cosine   = <r, c> / (||r|| ||c||) over all elements of all feeds; ``cosine_min`` is the worst single feed
 - SQNR dB  = 10 log10( sum r^2 / sum (r - c)^2 )   (inf when identical)
 - rel_max_abs = max-abs / max |r|  (the scale-free form of max-abs)
+- integer / bool outputs (labels, masks, ids): ``exact_agreement`` = the fraction of elements equal (and
+  ``mismatched_elements``); the numeric metrics above are computed on their values too, so none claims identity
+  where labels changed
 - top-1 / top-5 agreement, for outputs that ARE class scores: produced (through shape-only ops: Reshape, Flatten,
   Squeeze, Transpose, Identity, Cast) by Softmax / LogSoftmax, by Gemm, or by a MatMul(+constant Add) head, with a
   last axis 2..100000 wide (or every output when the user says ``task="classify"``): the fraction of rows (all
@@ -68,7 +71,8 @@ class OutputFidelity:
     rows: int = 0
     classifier: bool = False
     class_scores: bool = False  # whether this output gets top-k agreement
-    exact_mismatch: int = 0  # for non-float outputs: elements that differ
+    exact_mismatch: int = 0  # for non-float outputs: elements that differ, of ``exact_count``
+    exact_count: int = 0
     #: NaN/inf elements the original (reference) and the candidate produced
     ref_nonfinite: int = 0
     cand_nonfinite: int = 0
@@ -81,11 +85,13 @@ class OutputFidelity:
         """Add one feed's reference ``r`` and candidate ``c`` outputs (same shape) to the sums."""
         if r.shape != c.shape:
             raise ValidationError(f"output {self.name!r}: shape {list(c.shape)} differs from the original {list(r.shape)}")
-        if not np.issubdtype(r.dtype, np.floating):
+        exact = not np.issubdtype(r.dtype, np.floating)
+        if exact:  # labels, masks, ids: how many elements differ, and the numeric metrics of their values (an
+            # argmax output whose labels changed claimed cosine 1.0 and SQNR inf while the logits' agreement fell)
             self.exact_mismatch += int(np.count_nonzero(r != c))
-            self.count += r.size
-            return
-        self._update_task(r, c)
+            self.exact_count += r.size
+        else:
+            self._update_task(r, c)
         r64 = r.astype(np.float64).ravel()
         c64 = c.astype(np.float64).ravel()
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, counted below and named by the caller
@@ -104,7 +110,7 @@ class OutputFidelity:
         self.cand_sq += cc
         self.err_sq += float(diff @ diff)
         self.cosine_min = min(self.cosine_min, _cos(dot, rr, cc))
-        if self.class_scores and r.ndim >= 2 and 2 <= r.shape[-1] <= 100_000:
+        if self.class_scores and not exact and r.ndim >= 2 and 2 <= r.shape[-1] <= 100_000:
             self.classifier = True
             rr2 = r.reshape(-1, r.shape[-1])
             cc2 = c.reshape(-1, c.shape[-1])
@@ -157,6 +163,8 @@ class OutputFidelity:
         }
         if self.exact_mismatch:
             out["mismatched_elements"] = self.exact_mismatch
+        if self.exact_count:
+            out["exact_agreement"] = 1.0 - self.exact_mismatch / self.exact_count
         nonfinite = [k for k in ("max_abs", "mean_abs", "cosine", "cosine_min") if not math.isfinite(out[k])]
         if nonfinite or math.isnan(out["sqnr_db"]):
             out["nonfinite_metrics"] = nonfinite or ["sqnr_db"]

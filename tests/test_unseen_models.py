@@ -290,3 +290,34 @@ def test_static_int8_of_a_float16_model_says_its_weights_are_float16():
     assert res.ledger[-1].pass_stats["skipped"] == (
         "nothing to quantize in the main graph: no Conv/MatMul/Gemm with a constant float32 weight (1 with float16 "
         "weights: static int8 reads float32 tensors; export the model in float32)")
+
+
+def test_an_integer_output_whose_labels_changed_does_not_claim_cosine_1():
+    """A model that also outputs argmax(logits): its report said cosine 1.0 and SQNR inf for the labels while one
+    label in 8 had changed (only 'mismatched_elements' showed it)."""
+    from onnxcompress.data import load_feeds
+    from onnxcompress.validate import compare_models
+
+    rng = np.random.default_rng(0)
+
+    def model(w: np.ndarray) -> onnx.ModelProto:
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["logits"]),
+                               helper.make_node("ArgMax", ["logits"], ["label"], axis=-1, keepdims=0)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5]),
+                               helper.make_tensor_value_info("label", TensorProto.INT64, [1])],
+                              [nh.from_array(w, "w")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+    w = rng.standard_normal((8, 5)).astype(np.float32)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    noisy = w + 0.3 * rng.standard_normal(w.shape).astype(np.float32)
+    changed = int(np.count_nonzero((x @ w).argmax(1) != (x @ noisy).argmax(1)))
+    assert 0 < changed < 64
+    feeds = load_feeds([{"x": x[i:i + 1]} for i in range(64)], model(w))
+    label = compare_models(model(w), model(noisy), feeds).outputs["label"]
+    assert label["mismatched_elements"] == changed
+    assert label["exact_agreement"] == 1 - changed / 64
+    assert label["cosine"] < 1.0 and label["sqnr_db"] < 100
+    same = compare_models(model(w), model(w), feeds).outputs["label"]
+    assert same["exact_agreement"] == 1.0 and same["cosine"] == 1.0 and same["sqnr_db"] == float("inf")
