@@ -128,6 +128,9 @@ def test_mixed_precision_lifts_layers_to_two_pass_and_meets_the_target():
     ops = [n.op_type for n in q.graph.node]
     assert ops.count("MatMulInteger") == 3 + len(mp["two_pass_layers"]) and "MatMul" not in ops
     assert output_sqnr(model, q, held_out) > output_sqnr(model, q0, held_out) + 3.0
+    # the report says why each lifted layer was lifted
+    assert set(st["layers_lifted"]) == set(mp["two_pass_layers"])
+    assert all(r.startswith("two-pass") and "met" in r for r in st["layers_lifted"].values())
     # float only: the same target met by float layers
     qf, sf = dynamic(model, calib, min_sqnr_db=target, lift_to="float")
     assert sf["mixed_precision"]["met"] and sf["mixed_precision"]["two_pass_layers"] == []

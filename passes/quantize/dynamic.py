@@ -180,6 +180,7 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
                 if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops and (w := _matmul_weight(n)) is not None]),
             latency=lambda gs_: two_pass.latency_ratios(ctx, float_model, {k: ctx.export(g) for k, g in gs_.items()},
                                                         feed))
+        stats["layers_lifted"] = stats["mixed_precision"].pop("lifted")  # name -> why, listed in the report
         p = dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers, two_pass=(*p.two_pass, *two))
     done = quantize_dynamic(p, graph, ctx, stats, rounded)
     return PassResult(bool(done) or stats.get("smoothing", {}).get("decision") == "smoothed", stats)

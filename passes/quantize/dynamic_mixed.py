@@ -71,6 +71,8 @@ class Ladder:
     score: dict[str, float]
     met: bool
     gains_db: dict[str, float]
+    #: every unit's leave-one-out gain at the ladder's level (``gains_db``: the largest ``REPORTED``)
+    all_gains: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOptions, gs.Graph], object],
@@ -126,7 +128,25 @@ def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOpti
     stats.update({"met": chosen.met, "float_layers": list(chosen.float_layers), "two_pass_layers":
                   list(chosen.two_pass), "score": chosen.score, "builds": builds,
                   "seconds": round(time.perf_counter() - t0, 2)})
+    stats["lifted"] = _reasons(chosen, stats)
     return chosen.float_layers, chosen.two_pass, stats
+
+
+def _reasons(chosen: Ladder, stats: dict) -> dict[str, str]:
+    """Each lifted layer -> why, for the run's report (``onnxcompress.report.pass_reasons``)."""
+    target = ", ".join(f"{k} {v}" for k, v in stats["target"].items())
+    outcome = (f"target {target} {'met' if chosen.met else 'not met (best prefix kept)'}: worst-output SQNR "
+               f"{chosen.score['sqnr_db']:.1f} dB on {stats['eval_feeds']} calibration feeds")
+    if "latency_ratio" in stats:
+        outcome += "; models meeting it timed " + ", ".join(
+            f"{lv} lift {r:.3f}x" for lv, r in sorted(stats["latency_ratio"].items())) + ", the faster kept"
+    out = {}
+    for name in chosen.two_pass:
+        out[name] = (f"two-pass (input quantized twice, ~16-bit, int8 kernels): +{chosen.all_gains.get(name, 0):.2f} "
+                     f"dB alone; {outcome}")
+    for name in chosen.float_layers:
+        out[name] = f"kept float: +{chosen.all_gains.get(name, 0):.2f} dB alone; {outcome}"
+    return out
 
 
 def _ladder(level: str, units: list[str], base: dict[str, float],
@@ -146,13 +166,13 @@ def _ladder(level: str, units: list[str], base: dict[str, float],
         steps = [((), tuple(order[:k])) for k in range(1, len(order) + 1)]
         steps += [(tuple(order[:j]), tuple(order[j:])) for j in range(1, len(order) + 1)]
     top = {u: gains[u] for u in order[:REPORTED]}
-    best = Ladder((), (), base, False, top)
+    best = Ladder((), (), base, False, top, gains)
     for float_layers, two in steps:
         s = scored(float_layers, two)
         if s["sqnr_db"] > best.score["sqnr_db"]:
-            best = Ladder(float_layers, two, s, False, top)
+            best = Ladder(float_layers, two, s, False, top, gains)
         if meets(s):
-            return Ladder(float_layers, two, s, True, top)
+            return Ladder(float_layers, two, s, True, top, gains)
     return best
 
 
