@@ -177,7 +177,8 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
             p, graph, lambda q, g: quantize_dynamic(q, g, ctx, {}, rounded), score,
             two_pass_pays=lambda: two_pass.pays_for_largest(ctx, float_model, feed, [
                 (n, w[0].shape) for n in graph.nodes
-                if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops and (w := _matmul_weight(n)) is not None]),
+                if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops and (w := _matmul_weight(n)) is not None],
+                u8s8.unsigned_weights(p.weight_type, {})),
             latency=lambda gs_: two_pass.latency_ratios(ctx, float_model, {k: ctx.export(g) for k, g in gs_.items()},
                                                         feed))
         stats["layers_lifted"] = stats["mixed_precision"].pop("lifted")  # name -> why, listed in the report

@@ -83,8 +83,10 @@ def chain(x: gs.Variable, weight: tuple[gs.Constant, gs.Constant, gs.Constant], 
     return nodes
 
 
-def _layer_models(m: int, k: int, n: int, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """(float MatMul, two-pass chain) of one [m, k] x [k, n] layer with random weights."""
+def _layer_models(m: int, k: int, n: int, unsigned: bool = False, seed: int = 0
+                  ) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(float MatMul, two-pass chain) of one [m, k] x [k, n] layer with random weights (``unsigned``: uint8 codes,
+    zero point 128, as ``u8s8_saturation`` stores them)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((k, n)).astype(np.float32)
     x_in = gs.Variable("x", dtype=np.float32, shape=(m, k))
@@ -93,8 +95,10 @@ def _layer_models(m: int, k: int, n: int, seed: int = 0) -> tuple[onnx.ModelProt
         y = gs.Variable("y", dtype=np.float32, shape=(m, n))
         if two:
             codes = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
-            weight = (gs.Constant("w_q", codes), gs.Constant("w_zp", np.zeros(n, np.int8)),
-                      gs.Constant("w_s", np.full(n, 0.01, np.float32)))
+            zero = np.zeros(n, np.int8)
+            if unsigned:
+                codes, zero = (codes.astype(np.int16) + 128).astype(np.uint8), np.full(n, 128, np.uint8)
+            weight = (gs.Constant("w_q", codes), gs.Constant("w_zp", zero), gs.Constant("w_s", np.full(n, 0.01, np.float32)))
             nodes = chain(x_in, weight, y, "layer", Namer(gs.Graph()))
         else:
             nodes = [gs.Node("MatMul", "layer", inputs=[x_in, gs.Constant("w", w)], outputs=[y])]
@@ -102,14 +106,15 @@ def _layer_models(m: int, k: int, n: int, seed: int = 0) -> tuple[onnx.ModelProt
     return tuple(gs.export_onnx(g) for g in graphs)  # type: ignore[return-value]
 
 
-def pays(ctx: PassContext, m: int, k: int, n: int) -> dict:
-    """{"ratio": two-pass / float time of one [m, k] x [k, n] layer on this machine, "pays": ratio < PAYS_BELOW}."""
-    key = f"quantize/two-pass-ratio/{fingerprint(str((m, k, n)), f'threads={THREADS}')}"
+def pays(ctx: PassContext, m: int, k: int, n: int, unsigned: bool = False) -> dict:
+    """{"ratio": two-pass / float time of one [m, k] x [k, n] layer on this machine (weight codes as the run stores
+    them), "pays": ratio < PAYS_BELOW}."""
+    key = f"quantize/two-pass-ratio/{fingerprint(str((m, k, n)), f'threads={THREADS}', f'unsigned={unsigned}')}"
 
     def measure() -> float:
         from onnxcompress.latency import measure_latency
 
-        float_model, two_model = _layer_models(m, k, n)
+        float_model, two_model = _layer_models(m, k, n, unsigned)
         feed: Feed = {"x": np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)}
         lat = measure_latency({"float": float_model, "two_pass": two_model}, feed, threads=THREADS,
                               budget_s=BUDGET_S)
@@ -120,7 +125,7 @@ def pays(ctx: PassContext, m: int, k: int, n: int) -> dict:
 
 
 def pays_for_largest(ctx: PassContext, float_model: onnx.ModelProto, feed: Feed,
-                     layers: list[tuple[gs.Node, tuple[int, int]]]) -> dict:
+                     layers: list[tuple[gs.Node, tuple[int, int]]], unsigned: bool = False) -> dict:
     """``pays`` for the largest of ``layers`` ((node, weight shape [K, N]), by K·N) at its input's shape on
     ``feed``."""
     if not layers:
@@ -128,7 +133,7 @@ def pays_for_largest(ctx: PassContext, float_model: onnx.ModelProto, feed: Feed,
     n, (k, cols) = max(layers, key=lambda u: u[1][0] * u[1][1])
     shape = input_shapes(float_model, [n.inputs[0].name], feed)[n.inputs[0].name]
     rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    return {"layer": n.name, **pays(ctx, max(rows, 1), int(k), int(cols))}
+    return {"layer": n.name, **pays(ctx, max(rows, 1), int(k), int(cols), unsigned)}
 
 
 def latency_ratios(ctx: PassContext, float_model: onnx.ModelProto, cands: dict[str, onnx.ModelProto],
