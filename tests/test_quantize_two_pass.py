@@ -155,3 +155,22 @@ def test_lift_to_auto_measures_the_layer_and_keeps_the_faster_model_that_meets_t
         faster = min(ratios, key=ratios.get)
         lifted = mp["two_pass_layers"] if faster == "two_pass" else mp["float_layers"]
         assert len(lifted) == mp["ladders"][faster]["two_pass_layers" if faster == "two_pass" else "float_layers"]
+
+
+def test_two_pass_gemm_keeps_alpha_transb_and_the_scaled_bias():
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)  # [N, K]: transB
+    c = rng.standard_normal(N).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="gemm", transB=1, alpha=0.5, beta=2.0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, N])], [nh.from_array(w, "w"), nh.from_array(c, "c")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    one, _ = dynamic(model)
+    two, st = dynamic(model, two_pass=["gemm"])
+    assert st["two_pass_layers"] == ["gemm"]
+    fs = [{"x": f["x"][0]} for f in feeds(8, 2)]
+    err_one = max(np.abs(ort_run(one, f)[0] - ort_run(model, f)[0]).max() for f in fs)
+    err_two = max(np.abs(ort_run(two, f)[0] - ort_run(model, f)[0]).max() for f in fs)
+    assert err_two < err_one / 2  # what is left is the int8 weight's error
+    assert output_sqnr(model, two, fs) > output_sqnr(model, one, fs) + 3.0
