@@ -174,3 +174,15 @@ def test_two_pass_gemm_keeps_alpha_transb_and_the_scaled_bias():
     err_two = max(np.abs(ort_run(two, f)[0] - ort_run(model, f)[0]).max() for f in fs)
     assert err_two < err_one / 2  # what is left is the int8 weight's error
     assert output_sqnr(model, two, fs) > output_sqnr(model, one, fs) + 3.0
+
+
+def test_a_float16_weight_is_named_in_the_skip_reason():
+    model = chain_model(layers=1)
+    w = model.graph.initializer[0]
+    model.graph.initializer[0].CopyFrom(nh.from_array(nh.to_array(w).astype(np.float16), w.name))
+    cast = helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16)
+    model.graph.node[0].input[0] = "x16"
+    model.graph.node.insert(0, cast)
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    _, st = dynamic(model)
+    assert "float16" in st["layers_kept_float"]["mm0"] and "float32" in st["layers_kept_float"]["mm0"]

@@ -78,6 +78,14 @@ def _matmul_weight(n: gs.Node) -> tuple[np.ndarray, float, bool] | None:
     return None
 
 
+def _no_weight_reason(n: gs.Node) -> str:
+    """Why ``_matmul_weight`` found no weight: a float16/float64 constant is named as such (export in float32)."""
+    w = const_value(n.inputs[1]) if len(n.inputs) > 1 else None
+    if w is not None and w.dtype.kind == "f" and w.dtype != np.float32:
+        return f"its constant weight is {w.dtype}: int8 is made from float32 weights (export the model in float32)"
+    return "no constant 2-D float weight"
+
+
 def _scoped(p: QuantizeOptions, graph: gs.Graph, ops: tuple[str, ...]):
     """Every scope, a model-wide namer, candidates of ``ops`` in all scopes, skips, weight readers."""
     all_scopes = sg.scopes(graph)
@@ -208,7 +216,7 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
     for scope, n in nodes:
         got = _matmul_weight(n)
         if got is None:
-            _keep(scope, skipped, n, "no constant 2-D float weight")
+            _keep(scope, skipped, n, _no_weight_reason(n))
             continue
         has_c = n.op == "Gemm" and len(n.inputs) > 2 and n.inputs[2].name
         beta = float(n.attrs.get("beta", 1.0))
@@ -261,7 +269,7 @@ def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Const
     y = n.outputs[0]
     has_c = n.op == "Gemm" and len(n.inputs) > 2 and n.inputs[2].name
     y_mm = gs.Variable(namer(f"{base}_matmul"), dtype=np.float32) if has_c else y
-    chain = two_pass.chain(x, weight, y_mm, base, namer) if two else _one_pass(x, weight, y_mm, base, namer)
+    chain = two_pass.chain(x, weight, y_mm, base, namer) if two else two_pass.product(x, weight, y_mm, base, namer)[0]
     if has_c:
         c = n.inputs[2]
         beta = float(n.attrs.get("beta", 1.0))
@@ -274,30 +282,11 @@ def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Const
     return chain
 
 
-def _one_pass(x: gs.Variable, weight: tuple[gs.Constant, gs.Constant, gs.Constant], y: gs.Variable, base: str,
-              namer: Namer) -> list[gs.Node]:
-    """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul: ``y = s_x s_w · (x_q - z_x) W_q``."""
-    w_q, w_zp, w_scale = weight
-    xq = gs.Variable(namer(f"{base}_input_quantized"), dtype=np.uint8)
-    xs = gs.Variable(namer(f"{base}_input_scale"), dtype=np.float32)
-    xz = gs.Variable(namer(f"{base}_input_zero_point"), dtype=np.uint8)
-    acc = gs.Variable(namer(f"{base}_acc"), dtype=np.int32)
-    accf = gs.Variable(namer(f"{base}_acc_float"), dtype=np.float32)
-    scale = gs.Variable(namer(f"{base}_scale"), dtype=np.float32)
-    return [
-        gs.Node("DynamicQuantizeLinear", namer(f"{base}_DynamicQuantizeLinear"), inputs=[x], outputs=[xq, xs, xz]),
-        gs.Node("MatMulInteger", namer(f"{base}_MatMulInteger"), inputs=[xq, w_q, xz, w_zp], outputs=[acc]),
-        gs.Node("Cast", namer(f"{base}_Cast"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[acc], outputs=[accf]),
-        gs.Node("Mul", namer(f"{base}_scale_Mul"), inputs=[xs, w_scale], outputs=[scale]),
-        gs.Node("Mul", namer(f"{base}_Mul"), inputs=[accf, scale], outputs=[y]),
-    ]
-
-
 # --------------------------------------------------------------------------------------------- weight-only
 def _weight_only_skip(p: QuantizeOptions, n: gs.Node, int4: bool) -> str | None:
     """Why ``n``'s weight cannot be stored weight-only (None: it can)."""
     if n.op in ("MatMul", "Gemm"):
-        return None if _matmul_weight(n) is not None else "no constant 2-D float weight"
+        return None if _matmul_weight(n) is not None else _no_weight_reason(n)
     if n.op in ("Conv", "ConvTranspose"):
         if sg.float_weight(n, 1) is None:
             return "no constant float weight"

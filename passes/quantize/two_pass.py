@@ -47,40 +47,39 @@ THREADS = 1
 BUDGET_S = 0.5
 
 
-def chain(x: gs.Variable, weight: tuple[gs.Constant, gs.Constant, gs.Constant], y: gs.Variable, base: str,
-          namer: Namer) -> list[gs.Node]:
-    """Nodes computing ``y = x̂1 W + x̂2 W`` (module doc) from ``weight = (W_q, zero point, s_w)``."""
+def product(x: gs.Variable, weight: tuple[gs.Constant, gs.Constant, gs.Constant], y: gs.Variable, base: str,
+            namer: Namer, tag: str = "") -> tuple[list[gs.Node], tuple[gs.Variable, gs.Variable, gs.Variable]]:
+    """One dynamic integer product ``y = s_x s_w · (x_q - z_x) W_q`` (DynamicQuantizeLinear -> MatMulInteger ->
+    Cast -> Mul): its nodes and ``(x_q, s_x, z_x)``; names ``{base}_{tag}...``."""
     w_q, w_zp, w_scale = weight
 
     def var(suffix: str, dtype) -> gs.Variable:
-        return gs.Variable(namer(f"{base}_{suffix}"), dtype=dtype)
+        return gs.Variable(namer(f"{base}_{tag}{suffix}"), dtype=dtype)
 
-    def node(op: str, suffix: str, inputs: list, outputs: list, **attrs) -> gs.Node:
-        return gs.Node(op, namer(f"{base}_{suffix}"), attrs=attrs, inputs=inputs, outputs=outputs)
+    xq, xs, xz = var("input_quantized", np.uint8), var("input_scale", np.float32), var("input_zero_point", np.uint8)
+    acc, accf, scale = var("acc", np.int32), var("acc_float", np.float32), var("scale", np.float32)
+    nodes = [
+        gs.Node("DynamicQuantizeLinear", namer(f"{base}_{tag}DynamicQuantizeLinear"), inputs=[x], outputs=[xq, xs, xz]),
+        gs.Node("MatMulInteger", namer(f"{base}_{tag}MatMulInteger"), inputs=[xq, w_q, xz, w_zp], outputs=[acc]),
+        gs.Node("Cast", namer(f"{base}_{tag}Cast"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[acc], outputs=[accf]),
+        gs.Node("Mul", namer(f"{base}_{tag}scale_Mul"), inputs=[xs, w_scale], outputs=[scale]),
+        gs.Node("Mul", namer(f"{base}_{tag}Mul"), inputs=[accf, scale], outputs=[y]),
+    ]
+    return nodes, (xq, xs, xz)
 
-    nodes: list[gs.Node] = []
-    terms = []
-    source = x
-    for k in (1, 2):
-        q, s, z = var(f"pass{k}_quantized", np.uint8), var(f"pass{k}_scale", np.float32), var(
-            f"pass{k}_zero_point", np.uint8)
-        acc, accf = var(f"pass{k}_acc", np.int32), var(f"pass{k}_acc_float", np.float32)
-        scale, term = var(f"pass{k}_out_scale", np.float32), var(f"pass{k}_out", np.float32)
-        nodes += [
-            node("DynamicQuantizeLinear", f"pass{k}_DynamicQuantizeLinear", [source], [q, s, z]),
-            node("MatMulInteger", f"pass{k}_MatMulInteger", [q, w_q, z, w_zp], [acc]),
-            node("Cast", f"pass{k}_Cast", [acc], [accf], to=onnx.TensorProto.FLOAT),
-            node("Mul", f"pass{k}_scale_Mul", [s, w_scale], [scale]),
-            node("Mul", f"pass{k}_Mul", [accf, scale], [term]),
-        ]
-        terms.append(term)
-        if k == 1:  # the first pass's rounding error is the second pass's input
-            x1, r = var("pass1_dequantized", np.float32), var("residual", np.float32)
-            nodes += [node("DequantizeLinear", "pass1_DequantizeLinear", [q, s, z], [x1]),
-                      node("Sub", "residual_Sub", [x, x1], [r])]
-            source = r
-    nodes.append(node("Add", "passes_Add", terms, [y]))
-    return nodes
+
+def chain(x: gs.Variable, weight: tuple[gs.Constant, gs.Constant, gs.Constant], y: gs.Variable, base: str,
+          namer: Namer) -> list[gs.Node]:
+    """Nodes computing ``y = x̂1 W + x̂2 W`` (module doc) from ``weight = (W_q, zero point, s_w)``."""
+    y1, y2 = (gs.Variable(namer(f"{base}_pass{k}_out"), dtype=np.float32) for k in (1, 2))
+    first, (q1, s1, z1) = product(x, weight, y1, base, namer, "pass1_")
+    x1, r = (gs.Variable(namer(f"{base}_{s}"), dtype=np.float32) for s in ("pass1_dequantized", "residual"))
+    second, _ = product(r, weight, y2, base, namer, "pass2_")
+    return [*first,  # the first pass's rounding error is the second pass's input
+            gs.Node("DequantizeLinear", namer(f"{base}_pass1_DequantizeLinear"), inputs=[q1, s1, z1], outputs=[x1]),
+            gs.Node("Sub", namer(f"{base}_residual_Sub"), inputs=[x, x1], outputs=[r]),
+            *second,
+            gs.Node("Add", namer(f"{base}_passes_Add"), inputs=[y1, y2], outputs=[y])]
 
 
 def _layer_models(m: int, k: int, n: int, unsigned: bool = False, seed: int = 0
