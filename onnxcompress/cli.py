@@ -82,6 +82,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from onnxcompress.api import compress
     from onnxcompress.report import ledger_rows, noise_reference_line, pass_reasons
     from onnxcompress.result import report_paths
+    from onnxcompress.validate import constant_outputs_note
 
     src, out = Path(args.input), Path(args.output)
     if args.passes and args.recipe:
@@ -128,6 +129,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             ref = report["fidelity"].get("input_noise_reference")
             if ref:
                 print(noise_reference_line(report["fidelity"], ref))
+            if (note := constant_outputs_note(report["fidelity"])) is not None:
+                print(f"warning: {note}", file=sys.stderr)
             kinds = {n: m.get("metric_kind", "values") for n, m in result.fidelity.outputs.items()}
             print("metrics per output: " + ", ".join(f"{n}: {k}" + (" (top-1/top-5 agreement)"
                                                                     if k == "class scores" else "")
@@ -236,6 +239,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if bad:
             notes.append(f"output {n!r}: {args.a} produced {bad['original']} and {args.b} {bad['compressed']} "
                          "non-finite value(s) (NaN/inf) on these feeds")
+    from onnxcompress.validate import constant_outputs_note
+
+    if (const := constant_outputs_note(rep.to_dict())) is not None:
+        notes.append(const)
     out = {"fidelity": rep.to_dict(), "bytes": {"a": size_a, "b": size_b}, "latency_ms": lat,
            "problems_b": problems, "notes": notes}
     if args.json:

@@ -143,6 +143,10 @@ def to_markdown(report: dict) -> str:
         ref = fid.get("input_noise_reference")
         if ref:
             lines += ["", noise_reference_line(fid, ref)]
+        from onnxcompress.validate import constant_outputs_note
+
+        if (note := constant_outputs_note(fid)) is not None:
+            lines += ["", f"**Warning**: {note}."]
     reasons = pass_reasons(report)
     if reasons:
         lines += ["", "What the passes decided, with their reasons:", ""]

@@ -198,6 +198,8 @@ class FidelityReport:
     synthetic: bool = False
     #: the original model against itself on noisy inputs (``onnxcompress.input_noise``), when measured
     input_noise_reference: dict | None = None
+    #: outputs the original computed identically on every feed (2+ feeds): agreeing with them says nothing
+    constant_outputs: list[str] = field(default_factory=list)
 
     def worst(self) -> dict[str, float]:
         """The worst value of each metric over all outputs (max for errors, min for similarities)."""
@@ -231,6 +233,8 @@ class FidelityReport:
                "worst": self.worst(), "task_metric": self.task_metric()}
         if self.input_noise_reference is not None:
             out["input_noise_reference"] = self.input_noise_reference
+        if self.constant_outputs:
+            out["constant_outputs"] = list(self.constant_outputs)
         return out
 
 
@@ -350,6 +354,8 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
         acc = accumulators()
         noisy = accumulators() if input_noise is not None else None
         n_feeds = 0
+        first: dict[str, np.ndarray] = {}  # the original's outputs on the first feed
+        varies: set[str] = set()  # outputs that differed from them on some later feed
         iterator = progress(feeds, total=len(feeds), desc="validate") if progress else feeds
         for feed in iterator:
             try:
@@ -357,6 +363,11 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
             except Exception as exc:  # onnxruntime's Fail / InvalidArgument: the reference cannot run on this feed
                 raise BadInputError(f"{feeds.source} sample {n_feeds}: the original model cannot run on it: "
                                     f"{io.first_line(exc)}") from exc
+            for name, r in zip(names, ref, strict=True):
+                if not n_feeds:
+                    first[name] = np.array(r, copy=True)
+                elif name not in varies and not np.array_equal(first[name], r):
+                    varies.add(name)
             runs = [(acc, cand_s.run(feed, names))]
             if noisy is not None:
                 runs.append((noisy, ref_s.run(input_noise(feed), names)))
@@ -365,6 +376,8 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
                     target[name].update(np.asarray(r), np.asarray(c))
             n_feeds += 1
     report = FidelityReport(_summaries(acc), n_feeds, feeds.source, feeds.synthetic)
+    if n_feeds >= 2:
+        report.constant_outputs = [n for n in names if n not in varies]
     if noisy is not None:
         own = FidelityReport(_summaries(noisy), n_feeds, feeds.source, feeds.synthetic)
         worst = own.worst()
@@ -374,6 +387,16 @@ def compare_models(original: onnx.ModelProto | bytes | str, candidate: onnx.Mode
             "worst": {k: worst[k] for k in ("sqnr_db", "cosine", "cosine_min", "top1_agreement") if k in worst},
             "task_metric": own.task_metric()}
     return report
+
+
+def constant_outputs_note(fid: dict) -> str | None:
+    """A warning line when the original computed some outputs identically on every feed (``to_dict`` form)."""
+    const = fid.get("constant_outputs")
+    if not const:
+        return None
+    return (f"the original model's output{'s' if len(const) > 1 else ''} {', '.join(const)} "
+            f"{'are' if len(const) > 1 else 'is'} the same on all {fid['feeds']} feeds: agreement with "
+            f"{'them' if len(const) > 1 else 'it'} says nothing about the inputs (a constant or untrained model?)")
 
 
 def _summaries(acc: dict[str, OutputFidelity]) -> dict[str, dict]:
