@@ -34,6 +34,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -136,13 +137,15 @@ class PruneLayers(Pass):
                             + "): model unchanged")
             log.info("prune-layers: %s", stats["skipped"])
             return PassResult(bool(noops), stats)
-        n_all = len([u for u in ru.units if u.kind != "noop" and u.kind in self.kinds])
+        found = Counter(u.kind for u in ru.units if u.kind != "noop" and u.kind in self.kinds)
+        n_all = sum(found.values())
         k_max = min(len(cands), n_all - 1)  # excluded units stay, so all candidates may go when there are some
         want = self.layers or (round(self.ratio * len(cands)) if self.ratio else None)
         if want is not None and want > k_max:
             raise BadInputError(f"prune-layers: removing {want} units would remove every unit; the model has "
-                                f"{n_all} removable units of kinds {','.join(self.kinds)} ({len(cands)} not "
-                                f"excluded): at most {k_max}")
+                                f"{n_all} removable unit{'s' if n_all != 1 else ''} ("
+                                + ", ".join(f"{c} {k}" for k, c in sorted(found.items()))
+                                + f"; {len(cands)} not excluded): at most {k_max}")
         if ctx.calibration is None:
             raise PassError("prune-layers: measuring units needs calibration data (--calib)")
         removed = self._greedy(graph, ctx, want, k_max, stats)
