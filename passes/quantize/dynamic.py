@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress import io
+from onnxcompress import io, ort_layernorm
 from onnxcompress.errors import PassError
 from onnxcompress.naming import Namer
 from onnxcompress.pass_base import PassResult
@@ -45,6 +45,7 @@ from . import opset_upgrade as qo
 from . import qparams_math as qm
 from . import subgraphs as sg
 from . import u8s8_saturation as u8s8
+from .latency_guard import input_shapes
 from .opset_upgrade import ensure_opset
 from .ort_int8_kernels import const_value, weight_axis
 from .prepare import name_unnamed_nodes
@@ -192,7 +193,26 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
         stats["layers_lifted"] = stats["mixed_precision"].pop("lifted")  # name -> why, listed in the report
         p = dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers, two_pass=(*p.two_pass, *two))
     done = quantize_dynamic(p, graph, ctx, stats, rounded)
+    if done and p.unfuse_skip_layernorm:
+        stats["skip_layernorm"] = ort_layernorm.unfuse_if_faster(graph, ctx, _rows(graph, ctx, score))
     return PassResult(bool(done) or stats.get("smoothing", {}).get("decision") == "smoothed", stats)
+
+
+def _rows(graph: gs.Graph, ctx: PassContext, score: fid.GraphScorer | None) -> int | None:
+    """Rows (all axes but the last) of the first residual Add -> LayerNormalization: its static shape, else its
+    shape on the first calibration feed, else None."""
+    pairs = ort_layernorm.candidates(graph)
+    if not pairs:
+        return None
+    name = pairs[0][0].outputs[0].name
+    static = ort_layernorm.static_shape(ctx.export(graph), name)
+    if static is not None:
+        shape = static
+    elif score is not None:
+        shape = input_shapes(ctx.export(score.float_graph), [name], next(iter(score.feeds)))[name]
+    else:
+        return None
+    return int(np.prod(shape[:-1])) if len(shape) > 1 else None
 
 
 def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stats: dict,
