@@ -672,6 +672,36 @@ def test_latency_guard_keeps_float_the_convs_whose_int8_kernel_is_slower(monkeyp
     assert cosine(ref, ort_run(q, feeds_for(model, 1)[0])[0]) > 0.99
 
 
+@pytest.mark.parametrize("all_int8, fallback, kept", [(0.93, 0.7, "fallback"), (0.93, 0.96, "all"),
+                                                       (0.8, 0.5, "all")])
+def test_latency_guard_compares_a_not_clearly_faster_model_with_its_slow_convs_float(monkeypatch, all_int8,
+                                                                                     fallback, kept):
+    from onnxcompress.passes.quantize import layer_speed as speed
+
+    import onnxcompress.latency as latency
+
+    by_input = {"x": 2.5, "r1": 0.4, "r2": 0.5}
+    monkeypatch.setattr(
+        speed, "int8_speed_ratios", lambda convs, shapes, **kw: {n.name: by_input[n.inputs[0].name] for n in convs}
+    )
+
+    def fake(models, feed, **kw):
+        m = models["int8"]
+        quantized = {n.input[0] for n in m.graph.node if n.op_type == "Conv" and n.input[1].endswith("dequantized")}
+        return {"float": 1.0, "int8": all_int8 if len(quantized) == 3 else fallback}
+
+    monkeypatch.setattr(latency, "measure_latency", fake)
+    model = conv_net()
+    q, stats = quantize(model, feeds_for(model), latency_guard=True)
+    conv_w = [n.input[1] for n in q.graph.node if n.op_type == "Conv"]
+    if all_int8 < 0.85:  # clearly faster: kept without looking at the layers
+        assert "latency_ratio_slow_layers_float" not in stats and "w1" not in conv_w
+    elif kept == "fallback":
+        assert stats["latency_ratio_slow_layers_float"] == fallback and "w1" in conv_w and "w2" not in conv_w
+    else:  # the fallback measured no faster than the all-int8 model, which beats float: all int8
+        assert stats["latency_ratio_slow_layers_float"] == fallback and "w1" not in conv_w
+
+
 def test_layer_speed_pair_is_one_qlinearconv_and_ratios_are_measured(tmp_path):
     import onnx_graphsurgeon as gs
     from onnxcompress.passes.quantize.layer_speed import conv_pair, int8_speed_ratios
