@@ -10,7 +10,8 @@ modified weights) or whose own weights were modified, the weights and bias are r
 that, on the calibration data, the layer maps the *student's* input to the *teacher's* output
 (He et al. 2017, ThiNet): see ``ridge`` for the maths. Layers are processed in stages by depth — a layer is
 refit only after every refit layer upstream of it, on inputs produced by the already refit student — so errors do
-not accumulate. Each stage streams the calibration feeds once through the student (its layer inputs) and the teacher
+not accumulate. A weight read by several layers (tied) is refit once, from the sum of its readers' normal equations
+at the stage of its last reader (``tied_solve``), and stays one tensor. Each stage streams the calibration feeds once through the student (its layer inputs) and the teacher
 (the targets), keeping only X^T X and X^T Y per layer (``rows`` random rows in all; ``stage_statistics``).
 
 Each layer's ridge is chosen on held-out calibration feeds (every 4th; ``select_ridge``), and a layer keeps its
@@ -56,6 +57,7 @@ from onnxcompress.pass_base import Pass, PassResult, option, register
 from .layer_solve import solve_layer
 from .layers import find_layers
 from .stage_statistics import stream_stage_statistics
+from .tied_solve import solve_tied
 from .train_entry import require_torch, train_student
 from .train_losses import parse_augment, parse_loss
 from .train_speed import PRECISIONS, STEP_SCALES
@@ -227,13 +229,23 @@ class Distill(Pass):
             stream_stage_statistics(ctx.export(graph), teacher, todo, feeds, rng, rows=self.rows,
                                     select_ridge=self.select_ridge)
             for L in todo:
-                result = solve_layer(L, ridge=self.ridge, max_inputs=self.max_inputs,
-                                     bias_correction=self.bias_correction, choose_ridge=self.select_ridge)
+                if L.tied and L is not L.tied[0]:
+                    continue  # refit with the first reader of its tied weight
+                if L.tied:
+                    result = solve_tied(L.tied, ridge=self.ridge, max_inputs=self.max_inputs,
+                                        choose_ridge=self.select_ridge)
+                else:
+                    result = solve_layer(L, ridge=self.ridge, max_inputs=self.max_inputs,
+                                         bias_correction=self.bias_correction, choose_ridge=self.select_ridge)
+                for M in L.tied or [L]:
+                    M.stats = M.hold = None
                 if result is None:
                     continue
                 kind, before, after = result
                 if kind in ("ls", "ls shared"):
-                    stats["layers_refit"] += 1
+                    stats["layers_refit"] += len(L.tied or [L])
+                    if L.tied:  # one weight read by several layers, refit once: it stays one tensor
+                        stats["tied_weights_refit"] = stats.get("tied_weights_refit", 0) + 1
                     if kind == "ls shared":  # a clustered weight: its shared values and scales, the indices kept
                         stats["layers_refit_shared"] = stats.get("layers_refit_shared", 0) + 1
                     fit_before.append(before)
@@ -241,8 +253,7 @@ class Distill(Pass):
                 elif kind == "bias":
                     stats["layers_bias_corrected"] += 1
                 else:
-                    skipped[kind] += 1
-                L.stats = L.hold = None
+                    skipped[kind] += len(L.tied or [L])
             stats["stages"] += 1
         stats["skipped"] = dict(skipped.most_common(8))
         if fit_before:

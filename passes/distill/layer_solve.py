@@ -249,14 +249,15 @@ def _bias_vector(L: Layer, n: int) -> np.ndarray:
     return b * L.beta if L.kind == "gemm" else b
 
 
-def _set_bias(L: Layer, b: np.ndarray) -> None:
+def _set_bias(L: Layer, b: np.ndarray, tied: bool = False) -> None:
+    """Write the layer's bias (``tied``: in place, for every reader of a shared bias: ``tied_solve``)."""
     ref = L.b or _add_bias(L)
     if ref is None:
         return
     shape = ref.get().shape
     if L.kind == "gemm":
         b = b / L.beta
-    ref.set(b.reshape(shape))
+    ref.set(b.reshape(shape), tied)
 
 
 def _add_bias(L: Layer) -> WeightRef | None:

@@ -15,12 +15,22 @@ only after every earlier one, on inputs the already refit student produces, so e
 Residual targets (``compensate``): a layer whose output only feeds Add(y, other), other an activation, is fit to
 teacher(Add) - student(other); when every consumer of that sum is a LayerNormalization over the last axis, the
 rows are weighted by 1 / std of the teacher's sum (``ln_weight``; see ``stage_statistics``).
+
+Tied weights (``_tie``): the refit layers that read one weight tensor (ALBERT's shared layers) form a group
+(``Layer.tied``) refit once, at the stage of its last reader, from the sum of its readers' normal equations
+(``tied_solve``); a reader that is unchanged on its own is refit with them. Each reader fits the teacher's own
+output, not a residual target: the teacher's weight meets all its readers' own targets at once, while the error
+each residual target asks a reader to absorb is its block's own (one matrix cannot supply a different correction
+per block) and moves as the shared weight upstream changes. A small ALBERT (3 layers sharing 6 weights) after
+prune-channels{target_macs=0.7}: SQNR 30.0 dB pruned, 30.7 refit on residual targets, 41.4 on plain ones (41.7
+untied, at 1.6x the parameters). A weight also read by something that is
+not such a layer keeps its values (refitting it for one reader would copy it: the file would grow back).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -60,18 +70,35 @@ class Layer:
     hold: Normal | None = None  # statistics of the held-out feeds (ridge selection)
     bias_sum: np.ndarray | None = None
     bias_count: int = 0
+    tied: list[Layer] | None = field(default=None, compare=False, repr=False)  # every reader of this layer's (tied) weight, refit together (``tied_solve``)
 
 
 def find_layers(graph: gs.Graph, teacher: onnx.ModelProto, cmap: dict, *, layers: str = "changed",
                 compensate: bool = True, ln_weight: bool = True) -> tuple[list[Layer], Counter]:
     """The layers to refit, each with its stage, and why others were skipped (reason -> count). ``cmap``: the
-    run's channel map (tensor -> axis -> kept teacher positions)."""
+    run's channel map (tensor -> axis -> kept teacher positions). Readers of one tied weight are grouped
+    (``Layer.tied``, see ``_tie``); a reader that would not be refit on its own is refit with the others (and what
+    follows it counts as changed)."""
+    forced: set[int] = set()
+    while True:
+        found, skipped, candidates = _discover(graph, teacher, cmap, layers, compensate, ln_weight, forced)
+        more = _tie(found, candidates)
+        if not more - forced:
+            return found, skipped
+        forced |= more
+
+
+def _discover(graph: gs.Graph, teacher: onnx.ModelProto, cmap: dict, layers: str, compensate: bool,
+              ln_weight: bool, forced: set[int]) -> tuple[list[Layer], Counter, dict[int, Layer]]:
+    """One walk of the graph: the refit layers with their stages, the skip reasons, and every layer the teacher
+    has an output for (node id -> Layer, refit or not); nodes in ``forced`` (ids) are refit whatever they read."""
     teacher_outputs = {o for n in teacher.graph.node for o in n.output if o}
     teacher_weights = _teacher_weights(teacher)
     skipped: Counter = Counter()
     changed: set[str] = set(cmap)
     depth: dict[str, int] = {}
     found: list[Layer] = []
+    candidates: dict[int, Layer] = {}
     tensors = graph.tensors()
     decodes = _decode_reader(graph)
     graph_out = {id(t) for t in graph.outputs}
@@ -86,10 +113,11 @@ def find_layers(graph: gs.Graph, teacher: onnx.ModelProto, cmap: dict, *, layers
                 skipped["output not in the teacher"] += 1
                 L = None
         if L is not None:
+            candidates[id(node)] = L
             L.kept_out = _kept(cmap, L.y, L.out_axis)
             if compensate:
                 _residual_target(L, tensors, graph_out, teacher_outputs, ln_weight)
-            modified = _weights_modified(L, teacher_weights, cmap)
+            modified = _weights_modified(L, teacher_weights, cmap) or id(node) in forced
             node_changed = node_changed or modified
             if layers == "all" or in_changed or modified:
                 L.stage = d_in + 1
@@ -104,7 +132,61 @@ def find_layers(graph: gs.Graph, teacher: onnx.ModelProto, cmap: dict, *, layers
             depth[L.y] = out_depth
             if node_changed:
                 changed.add(L.y)
-    return found, skipped
+    return found, skipped, candidates
+
+
+TIED_KINDS = ("conv", "gemm", "matmul")
+
+
+def _tie(found: list[Layer], candidates: dict[int, Layer]) -> set[int]:
+    """Group the refit layers that read one weight (a constant, or one DequantizeLinear of an integer constant,
+    read by several nodes: ALBERT's shared layers, tied projections) into ``Layer.tied`` (readers in graph order),
+    all at the stage of the last reader, so the weight is refit once from its readers' summed normal equations
+    (``tied_solve``) and stays one tensor. A group every reader of which is a layer of one kind and layout
+    (conv, gemm, matmul) is refit; otherwise its readers keep their weights (``Layer.reason``: refitting one of
+    them would untie it). Returns the ids of readers that are layers but not refit yet (to be forced)."""
+    by_key: dict[int, list[Layer]] = {}
+    for L in found:
+        if L.kind == "bias":
+            continue  # bias correction only: the weight is never written
+        t = L.node.inputs[L.w.index]
+        users = [(n, i) for n in t.outputs for i, x in enumerate(n.inputs) if x is t]
+        shared_q = L.w.dq is not None and len({id(n) for n in L.w.dq.inputs[0].outputs}) > 1
+        if len(users) > 1 or shared_q:
+            by_key.setdefault(id(t), []).append(L)
+    force: set[int] = set()
+    for group in by_key.values():
+        t = group[0].node.inputs[group[0].w.index]
+        users = [(n, i) for n in t.outputs for i, x in enumerate(n.inputs) if x is t]
+        readers = [candidates.get(id(n)) for n, _ in users]
+        why = _untieable(group[0], users, readers)
+        if why is None:
+            missing = {id(n) for n, _ in users} - {id(L.node) for L in group}
+            if missing:
+                force |= missing
+                continue
+            stage = max(L.stage for L in group)
+            for L in group:  # the teacher's own outputs as targets: see the module docstring
+                L.stage, L.tied = stage, group
+                L.res_out = L.res_other = L.ln_axis = None
+        else:
+            for L in group:
+                L.reason = f"tied weight {why}: kept"
+    return force
+
+
+def _untieable(first: Layer, users: list, readers: list) -> str | None:
+    """Why a tied weight's readers cannot be refit together (None: they can)."""
+    if first.w.dq is not None and len({id(n) for n in first.w.dq.inputs[0].outputs}) > 1:
+        return "read through several DequantizeLinear"
+    for (n, i), R in zip(users, readers, strict=True):
+        if R is None or R.w is None or R.w.index != i:
+            return f"also read by {n.op} {n.name!r}"
+        if R.kind not in TIED_KINDS or R.w.decode is not None:
+            return f"read by a {R.kind} layer{' (clustered)' if R.w.decode is not None else ''}"
+        if R.kind != first.kind or (R.alpha, R.trans_b) != (first.alpha, first.trans_b):
+            return "read in different layouts"
+    return None
 
 
 def _decode_reader(graph: gs.Graph):

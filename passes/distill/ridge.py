@@ -42,18 +42,19 @@ from .normal_equations import Normal
 def solve(
     stats: Normal,
     ridge: float,
-    has_bias: bool,
+    has_bias: bool | int,
     mask: np.ndarray | None = None,
     prior: np.ndarray | None = None,
     columns: np.ndarray | None = None,
 ) -> np.ndarray:
     """Ridge solution of the accumulated system, shrunk towards ``prior`` (the current weights) rather than 0:
     (X^T X + lambda I') W = X^T Y + lambda I' W_prior. A weight whose input never fires on the calibration data keeps
-    its value. ``mask`` [K(+1), N] restricts each column's support (zeros stay zeros); with a mask, ``columns`` solves
+    its value. ``has_bias``: the last row is a bias, not penalised (an int: that many last rows, the biases of a tied
+    weight's readers, ``tied_solve``). ``mask`` [K(+1), N] restricts each column's support (zeros stay zeros); with a mask, ``columns`` solves
     only those output columns (the rest of the result is 0)."""
     a = stats.xtx
     b = stats.xty
-    k = a.shape[-1] - (1 if has_bias else 0)
+    k = a.shape[-1] - int(has_bias)  # a count of free rows is accepted too: one bias row per tied reader
     if stats.per_channel:
         diag = np.einsum("ckk->ck", a)[:, :k]
         lam = ridge * np.maximum(diag.mean(axis=1), 1e-12)

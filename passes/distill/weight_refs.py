@@ -5,7 +5,7 @@ clustered weight decoded from shared values (``cluster``'s scalar decode: ``anal
 float64 solution back: a constant takes the weight's own float type; a quantized weight is re-quantized on its
 existing grid, q = clip(round(w / s) + z, int range), so the graph keeps its integer kernels; the returned value is
 what the graph now computes with. A constant shared with other nodes is copied (``<name>_distilled_<n>``) rather
-than changed under them. Never writes into a Constant's array in place (graphsurgeon copies share them). A
+than changed under them, unless all its readers are refit together (``tied``: tied weights stay tied). Never writes into a Constant's array in place (graphsurgeon copies share them). A
 clustered weight (``decode``) is not set as raw values: ``layer_solve`` refits its shared values and scales and
 writes them with ``decode.set``, so the indices, the sharing, stay.
 """
@@ -80,14 +80,16 @@ class WeightRef:
             q, scale, axis
         )
 
-    def set(self, value: np.ndarray) -> np.ndarray:
-        """Write ``value`` (float64); returns what the graph now computes with (re-quantized when quantized)."""
+    def set(self, value: np.ndarray, tied: bool = False) -> np.ndarray:
+        """Write ``value`` (float64); returns what the graph now computes with (re-quantized when quantized).
+        ``tied``: every reader of the constant is refit together (``tied_solve``): it is written in place (a new
+        array), so they all keep reading the one tensor."""
         if self.decode is not None and not isinstance(self.decode, SnappedValues):
             raise TypeError("a clustered weight is refit through its shared values (decode.set)")
         if self.dq is None:
             t = self.node.inputs[self.index]
             new = value.astype(np.asarray(t.values).dtype)
-            if len({id(c) for c in t.outputs}) > 1:
+            if not tied and len({id(c) for c in t.outputs}) > 1:
                 self.node.inputs[self.index] = gs.Constant(
                     f"{t.name}_distilled_{id(self.node) % 100000}", new
                 )
@@ -100,7 +102,7 @@ class WeightRef:
         z = self._bshape(q, zp.astype(np.float64), axis)
         new_q = np.clip(np.round(value / s) + z, info.min, info.max).astype(q.dtype)
         qt = self.dq.inputs[0]
-        if len({id(c) for c in qt.outputs}) > 1:
+        if not tied and len({id(c) for c in qt.outputs}) > 1:
             self.dq.inputs[0] = gs.Constant(f"{qt.name}_distilled_{id(self.dq) % 100000}", new_q)
         else:
             qt.values = new_q
