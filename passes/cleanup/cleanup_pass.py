@@ -2,7 +2,7 @@
 
 One round applies every enabled rewrite once, in this order: dead code, Identity/Dropout, constant (and shape)
 folding, constant If, BN folding, Conv-affine folding, Reshape targets, no-op nodes, chains, duplicate
-initializers, common subexpressions. Shapes are computed once per round, after the Identity/Dropout bypass
+initializers, GELU operand order, common subexpressions. Shapes are computed once per round, after the Identity/Dropout bypass
 (``RoundFacts``; valid by name for the rest of the round, since rewrites replace values by equal ones). Rounds repeat
 until one changes nothing, at most ``max_rounds`` (a warning says when that bound stopped it). Then declared shapes
 that contradict the computed ones are corrected (a rewrite can let inference see through to a declared shape that
@@ -32,6 +32,7 @@ from .constant_folding import fold_constants
 from .conv_affine_folding import fold_conv_affine
 from .cse import eliminate_common
 from .dedup_initializers import dedup_initializers
+from .gelu_order import order_gelus
 from .if_inlining import inline_constant_ifs
 from .noops import bypass_identities, remove_noops
 from .reshape_targets import simplify_reshape_shapes
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _BOOL_OPTIONS = (
     "remove_dead", "remove_identity", "remove_dropout", "fold_constants", "fold_shapes", "inline_if",
-    "fold_batchnorm", "fold_conv_affine", "remove_noops", "merge_chains", "cse", "dedup_initializers",
+    "fold_batchnorm", "fold_conv_affine", "remove_noops", "merge_chains", "cse", "dedup_initializers", "order_gelu",
 )  # fmt: skip
 
 
@@ -82,6 +83,9 @@ class Cleanup(Pass):
     merge_chains: bool = option(True, "merge Reshape/Unsqueeze/Transpose/Slice chains")
     cse: bool = option(True, "merge nodes with the same op, attributes and inputs")
     dedup_initializers: bool = option(True, "merge initializers with equal dtype, shape and bytes")
+    order_gelu: bool = option(
+        True, "write x*(0.5*(1+erf(x/sqrt2))) as (x*(1+erf))*0.5, the operand order onnxruntime fuses into Gelu"
+    )
     fold_size_limit: int = option(65536, "bytes a folded result may exceed its inputs by (else not folded)")
     max_rounds: int = option(8, "upper bound on rewrite rounds before giving up on a fixed point")
 
@@ -199,6 +203,8 @@ class Cleanup(Pass):
             changed |= self._apply(env, merge_chains(env, stats))
         if self.dedup_initializers:
             changed |= dedup_initializers(graph, stats)
+        if self.order_gelu:
+            changed |= order_gelus(graph, stats)
         if self.cse:
             env = Env.build(graph, an)
             changed |= self._apply(env, eliminate_common(env, stats))
