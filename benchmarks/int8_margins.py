@@ -218,6 +218,8 @@ VARIANTS: dict[str, str] = {
     "dynamic-matmul-30db-float": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=30 lift_to=float}",
     "dynamic-matmul-30db-2p": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=30 lift_to=two_pass}",
     "dynamic-matmul-31db-2p": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=31 lift_to=two_pass}",
+    # twenty-first session: element-wise Add/Mul join the integer domain when any input is integer
+    "binary-any": "cleanup,quantize{binary_join=any}",
     "ort_minmax": "ort",
 }
 #: variants whose calibration list is the usual one followed by more feeds of the same kinds (``train_feeds``),

@@ -229,6 +229,12 @@ class QuantizeOptions:
         ("MatMul", "Gemm", "Gather"),
         "op types quantized by mode=dynamic / weight_only (Gather: embedding tables, all modes)",
     )
+    binary_join: Literal["all", "any"] = option(
+        "all",
+        "static placement: an element-wise Add/Mul becomes integer when all its activation inputs are integer (all) "
+        "or any of them (any: the float inputs get their own Q/DQ; an unseen PP-OCRv6 detector 0.67x -> 0.59x of "
+        "FP32 at -0.8 dB, fewer DequantizeLinear at float/integer borders)",
+    )
     two_pass: tuple[str, ...] = option(
         (),
         "mode=dynamic: MatMul/Gemm node names whose input is quantized twice (8 bits, then the rounding error in "
@@ -333,6 +339,8 @@ class QuantizeOptions:
             raise ValueError(f"already_quantized must be refuse or ignore, got {self.already_quantized!r}")
         if isinstance(self.exclude, str) or isinstance(self.dynamic_ops, str) or isinstance(self.two_pass, str):
             raise ValueError("exclude, dynamic_ops and two_pass must be lists of names")
+        if self.binary_join not in ("all", "any"):
+            raise ValueError(f"binary_join must be all or any, got {self.binary_join!r}")
         if self.lift_to not in ("auto", "float", "two_pass"):
             raise ValueError(f"lift_to must be auto, float or two_pass, got {self.lift_to!r}")
         if set(self.two_pass) & set(self.exclude):

@@ -89,6 +89,9 @@ class PlacementOptions:
     mixed_range_ratio: float = 16.0
     float_nodes: frozenset[str] = frozenset()  # anchors kept float by mixed precision
     float_reasons: tuple[tuple[str, str], ...] = ()
+    #: an Add/Mul joins the integer domain when all its activation inputs are integer ("all"), or any ("any": the
+    #: float ones get their own Q/DQ; fewer DequantizeLinear at float/integer borders)
+    binary_join: str = "all"
 
 
 def _is_anchor(node: gs.Node, dtypes: dict[str, np.dtype], opts: PlacementOptions) -> tuple[bool, str]:
@@ -199,7 +202,8 @@ def plan_static(
                 if n.op == "Div":
                     continue  # no integer Div: stays float
                 kind = "binary"
-        if all(available(t) for t in acts):
+        joins = any if kind == "binary" and opts.binary_join == "any" else all
+        if joins(available(t) for t in acts):
             plan.int8.add(id(n))
             flexible_kind[id(n)] = kind
 

@@ -153,6 +153,7 @@ class StaticRun:
             exclude=tuple(self.p.exclude),
             depthwise=self.depthwise,
             mixed_range_ratio=self.p.mixed_range_ratio,
+            binary_join=self.p.binary_join,
             float_nodes=frozenset(float_nodes),
             float_reasons=tuple(reasons),
         )
