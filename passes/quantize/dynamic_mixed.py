@@ -1,4 +1,4 @@
-"""Mixed precision for ``quantize{mode=dynamic}``: layers kept float until a fidelity target is met.
+"""Mixed precision for ``quantize{mode=dynamic}``: layers lifted above int8 until a fidelity target is met.
 
 The targets are static mode's (``min_cosine``, ``min_sqnr_db``, ``max_agreement_drop``: the worst graph output's
 cosine / SQNR / top-1 agreement lost, ``fidelity.meets``), measured the same way: against the float model's
@@ -6,18 +6,23 @@ outputs on the first ``eval_samples`` calibration feeds, the feeds combined by `
 therefore needs calibration data (one clear error without it).
 
 Units: the main graph's MatMul/Gemm layers the dynamic pass quantizes; each has its own
-``DynamicQuantizeLinear -> MatMulInteger`` (fused by ORT into ``DynamicQuantizeMatMul``), so any subset can stay
-float without changing the others. Search (``sensitivity=leave_one_out``, the only one dynamic mode has):
+``DynamicQuantizeLinear -> MatMulInteger`` (fused by ORT into ``DynamicQuantizeMatMul``), so any subset can be
+lifted without changing the others. A lifted unit becomes float, or two-pass (``two_pass``: its input quantized
+twice, ~16-bit, on the int8 kernels), as ``lift_to`` says. One search (a *ladder*, ``sensitivity=leave_one_out``):
 
 1. the model with every unit dynamic (after smoothing and weight rounding, when kept) is scored; if it meets the
-   target nothing stays float;
-2. each unit alone kept float: its gain is the rise of the worst-output SQNR over the all-int8 model (N builds);
-3. units go float in the order of their gains, largest first, the model re-measured after each, until it meets
-   the target. When no prefix does, the best-scoring one is kept and the stats say the target was not met.
+   target nothing is lifted;
+2. each unit alone lifted: its gain is the rise of the worst-output SQNR over the all-int8 model (N builds);
+3. units are lifted in the order of their gains, largest first, the model re-measured after each, until it meets
+   the target (two-pass ladder: all units two-pass not enough, the same order then goes float one by one). When no
+   step does, the best-scoring one is kept and the stats say the target was not met.
 
-Cost: N + k dynamic quantizations (no calibration of ranges: about a second each on MiniLM-L6) and as many runs
-of the evaluation feeds. Float layers cost latency (MiniLM-L6: four FFN projections float, 0.50x -> 0.62x): the
-run's report measures it; the search does not weigh it.
+``lift_to=auto``: where a two-pass layer measured faster than its float MatMul on this machine
+(``two_pass.pays``) both ladders run, and when both meet the target the two models are timed in one interleaved
+call and the faster kept (MiniLM-L3 at 30 dB: two-pass, 0.46x against 0.49x; MiniLM-L6: float, 4 float layers
+against 12 two-pass); elsewhere the float ladder alone. Cost: N + k quantizations per ladder (about a second each
+on MiniLM-L6) and as many runs of the evaluation feeds. Each lifted layer's reason goes in the stats
+(``layers_lifted``).
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOpti
         excluded = set(p.exclude)
         units = [n.name for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops
                  and n.name not in excluded and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
-        levels = ["float"] if p.lift_to == "float" else ["two_pass"] if p.lift_to == "two_pass" else ["float"]
+        levels = ["two_pass"] if p.lift_to == "two_pass" else ["float"]
         if p.lift_to == "auto" and two_pass_pays is not None:
             stats["two_pass_speed"] = two_pass_pays()
             if stats["two_pass_speed"]["pays"]:
