@@ -86,14 +86,14 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
         b_ref.set(new[:, -1].reshape(b_ref.get().shape))
         return (
             "ls",
-            _rel(st, before),
-            _rel(st, objective(st, np.concatenate([w_eff, new[:, -1:]], axis=1))),
+            relative_error(st, before),
+            relative_error(st, objective(st, np.concatenate([w_eff, new[:, -1:]], axis=1))),
         )
-    wm = _to_matrix(L, w)  # [K, N]
+    wm = to_matrix(L, w)  # [K, N]
     k = wm.shape[0]
     if k > max_inputs:
         return (f"more than {max_inputs} inputs", 0.0, 0.0)
-    b_cur = _bias_vector(L, wm.shape[1]) if has_bias else None
+    b_cur = bias_vector(L, wm.shape[1]) if has_bias else None
     wb_cur = np.concatenate([wm, b_cur[None, :]], axis=0) if has_bias else wm
     mask = None
     if np.any(wm == 0):  # pruned weights (any exact zero): keep the support, the zeros stay zeros
@@ -109,18 +109,18 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
             "distill: %s: refit does not lower the objective (%.4g >= %.4g)", L.node.name, after, before
         )
         return ("no improvement", 0.0, 0.0)
-    w_eff = _from_matrix(L, new[:k], w.shape)
-    w_eff_m = _to_matrix(L, L.w.set(w_eff))
+    w_eff = from_matrix(L, new[:k], w.shape)
+    w_eff_m = to_matrix(L, L.w.set(w_eff))
     if has_bias:
         b_new = new[k]
         if L.w.quantized:
             a, b = st.xtx, st.xty
             b_new = (b[k] - a[k, :k] @ w_eff_m) / max(a[k, k], 1.0)
-        _set_bias(L, b_new)
+        set_bias(L, b_new)
         final = np.concatenate([w_eff_m, b_new[None, :]], axis=0)
     else:
         final = w_eff_m
-    return ("ls", _rel(st, before), _rel(st, objective(st, final)))
+    return ("ls", relative_error(st, before), relative_error(st, objective(st, final)))
 
 
 def _fit_kept(fit, st: Normal, hold: Normal | None, wb_cur: np.ndarray):
@@ -156,11 +156,11 @@ def _solve_shared(L: Layer, st: Normal, hold: Normal | None, w: np.ndarray, has_
     def rows_of(m: np.ndarray) -> np.ndarray:
         """W-shaped ``m`` as rows [N, K]: a depthwise kernel's channels (its statistics are per channel: X^T X
         [C, K+1, K+1], X^T Y [C, K+1]), else the columns of y = x @ W's matrix (X^T X [K, K], X^T Y [K, N])."""
-        return m.reshape(w.shape[0], -1) if depthwise else _to_matrix(L, m).T
+        return m.reshape(w.shape[0], -1) if depthwise else to_matrix(L, m).T
 
     labels = dec.labels.reshape(w.shape[0], -1) if depthwise else \
         (dec.labels if L.trans_b else dec.labels.T) if L.kind == "gemm" else \
-        _to_matrix(L, dec.labels.astype(np.float64)).astype(np.int64).T  # not rows_of: Gemm's alpha
+        to_matrix(L, dec.labels.astype(np.float64)).astype(np.int64).T  # not rows_of: Gemm's alpha
     m_cur, scale_rows = rows_of(w), rows_of(dec.scales())  # [N, K]; gemm: alpha folded into both
     k = m_cur.shape[1]
     if not depthwise and k > max_inputs:
@@ -183,7 +183,7 @@ def _solve_shared(L: Layer, st: Normal, hold: Normal | None, w: np.ndarray, has_
         return m.T if bias is None else np.concatenate([m.T, bias[None, :]], axis=0)
 
     b_cur = (L.b.get().reshape(-1) if L.b is not None else np.zeros(m_cur.shape[0])) if depthwise else \
-        (_bias_vector(L, m_cur.shape[0]) if has_bias else None)
+        (bias_vector(L, m_cur.shape[0]) if has_bias else None)
     wb_cur = as_wb(m_cur, b_cur)
 
     def fit(stats: Normal) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -215,16 +215,16 @@ def _solve_shared(L: Layer, st: Normal, hold: Normal | None, w: np.ndarray, has_
     if has_bias:  # the bias for the stored (rounded) values
         g, n, y_b = _bias_rows(*stats_rows(st), k)
         b_eff = (y_b - np.sum(g * m_eff, axis=1)) / n
-        _set_bias(L, b_eff)
-    return ("ls shared", _rel(st, before), _rel(st, objective(st, as_wb(m_eff, b_eff))))
+        set_bias(L, b_eff)
+    return ("ls shared", relative_error(st, before), relative_error(st, objective(st, as_wb(m_eff, b_eff))))
 
 
-def _rel(st: Normal, obj: float) -> float:
+def relative_error(st: Normal, obj: float) -> float:
     """Residual energy relative to the target's: (||XW - Y||^2) / ||Y||^2."""
     return max(0.0, (obj + st.yty) / st.yty) if st.yty > 0 else 0.0
 
 
-def _to_matrix(L: Layer, w: np.ndarray) -> np.ndarray:
+def to_matrix(L: Layer, w: np.ndarray) -> np.ndarray:
     """The layer's weight as [K, N] with y = x @ W (Gemm: alpha folded in)."""
     if L.kind == "conv":
         return w.reshape(w.shape[0], -1).T
@@ -233,7 +233,7 @@ def _to_matrix(L: Layer, w: np.ndarray) -> np.ndarray:
     return w
 
 
-def _from_matrix(L: Layer, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def from_matrix(L: Layer, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if L.kind == "conv":
         return m.T.reshape(shape)
     if L.kind == "gemm":
@@ -242,14 +242,14 @@ def _from_matrix(L: Layer, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return m
 
 
-def _bias_vector(L: Layer, n: int) -> np.ndarray:
+def bias_vector(L: Layer, n: int) -> np.ndarray:
     if L.b is None:
         return np.zeros(n)
     b = L.b.get().reshape(-1)
     return b * L.beta if L.kind == "gemm" else b
 
 
-def _set_bias(L: Layer, b: np.ndarray, tied: bool = False) -> None:
+def set_bias(L: Layer, b: np.ndarray, tied: bool = False) -> None:
     """Write the layer's bias (``tied``: in place, for every reader of a shared bias: ``tied_solve``)."""
     ref = L.b or _add_bias(L)
     if ref is None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layer_solve import HELD_OUT, _bias_vector, _from_matrix, _rel, _set_bias, _to_matrix
+from .layer_solve import HELD_OUT, bias_vector, from_matrix, relative_error, set_bias, to_matrix
 from .layers import Layer
 from .normal_equations import Normal
 from .ridge import objective, select_ridge, solve
@@ -41,7 +41,7 @@ def solve_tied(group: list[Layer], *, ridge: float, max_inputs: int,
         return (why, 0.0, 0.0)
     first = group[0]
     w = first.w.get()
-    wm = _to_matrix(first, w)  # [K, N], y = x @ W for every reader (one kind and layout: ``layers._tie``)
+    wm = to_matrix(first, w)  # [K, N], y = x @ W for every reader (one kind and layout: ``layers._tie``)
     k = wm.shape[0]
     if k > max_inputs:
         return (f"more than {max_inputs} inputs", 0.0, 0.0)
@@ -53,7 +53,7 @@ def solve_tied(group: list[Layer], *, ridge: float, max_inputs: int,
     if st is None:
         return ("no rows", 0.0, 0.0)
     nb = len(biases)
-    wb_cur = np.concatenate([wm] + [_bias_vector(R, wm.shape[1])[None, :] for R, _ in biases], axis=0)
+    wb_cur = np.concatenate([wm] + [bias_vector(R, wm.shape[1])[None, :] for R, _ in biases], axis=0)
     mask = None
     if np.any(wm == 0):  # pruned weights: the support is kept
         mask = np.concatenate([wm != 0, np.ones((nb, wm.shape[1]), bool)], axis=0)
@@ -65,15 +65,15 @@ def solve_tied(group: list[Layer], *, ridge: float, max_inputs: int,
     before, after = objective(st, wb_cur), objective(st, new)
     if not after < before:
         return ("no improvement", 0.0, 0.0)
-    w_eff_m = _to_matrix(first, first.w.set(_from_matrix(first, new[:k], w.shape), tied=True))
+    w_eff_m = to_matrix(first, first.w.set(from_matrix(first, new[:k], w.shape), tied=True))
     rows = [w_eff_m]
     for j, (R, in_place) in enumerate(biases):
         b_new = new[k + j]
         if first.w.quantized:  # the bias for the re-quantized weight
             b_new = (st.xty[k + j] - st.xtx[k + j, :k] @ w_eff_m) / max(st.xtx[k + j, k + j], 1.0)
-        _set_bias(R, b_new, tied=in_place)
+        set_bias(R, b_new, tied=in_place)
         rows.append(b_new[None, :])
-    return ("ls", _rel(st, before), _rel(st, objective(st, np.concatenate(rows, axis=0))))
+    return ("ls", relative_error(st, before), relative_error(st, objective(st, np.concatenate(rows, axis=0))))
 
 
 def _bias_keys(group: list[Layer]) -> tuple[list[int | None], list[tuple[Layer, bool]]]:

@@ -202,17 +202,11 @@ def _rows(graph: gs.Graph, ctx: PassContext, score: fid.GraphScorer | None) -> i
     """Rows (all axes but the last) of the first residual Add -> LayerNormalization: its static shape, else its
     shape on the first calibration feed, else None."""
     pairs = ort_layernorm.candidates(graph)
-    if not pairs:
-        return None
-    name = pairs[0][0].outputs[0].name
-    static = ort_layernorm.static_shape(ctx.export(graph), name)
-    if static is not None:
-        shape = static
-    elif score is not None:
+    name = pairs[0][0].outputs[0].name if pairs else None
+    shape = ort_layernorm.static_shape(ctx.export(graph), name) if name else None
+    if shape is None and name and score is not None:
         shape = input_shapes(ctx.export(score.float_graph), [name], next(iter(score.feeds)))[name]
-    else:
-        return None
-    return int(np.prod(shape[:-1])) if len(shape) > 1 else None
+    return int(np.prod(shape[:-1])) if shape is not None and len(shape) > 1 else None
 
 
 def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stats: dict,
