@@ -86,3 +86,20 @@ def detach(node: gs.Node) -> None:
     """Disconnect a node from all its tensors; ``Graph.cleanup`` then drops it."""
     node.inputs.clear()
     node.outputs.clear()
+
+
+def bypass_constant_identities(graph: gs.Graph) -> int:
+    """Readers of ``Identity(constant)`` in the main graph read the constant itself (an exporter ties weights that
+    way: ALBERT's shared layers); the Identity is dropped unless its output is a graph output. Exact. Returns how
+    many were bypassed."""
+    outs = {id(t) for t in graph.outputs}
+    done = 0
+    for n in list(graph.nodes):
+        if (n.op == "Identity" and len(n.inputs) == 1 and isinstance(n.inputs[0], gs.Constant)
+                and len(n.outputs) == 1 and id(n.outputs[0]) not in outs):
+            redirect_consumers(n.outputs[0], n.inputs[0])
+            detach(n)
+            done += 1
+    if done:
+        graph.cleanup(remove_unused_graph_inputs=False)
+    return done

@@ -346,3 +346,47 @@ def test_cluster_size_ratio_counts_memory_mapped_weights(tmp_path):
     st = res.ledger[-1].pass_stats
     assert st["size_ratio_of_bytes"] > 1 << 20 and st["size_ratio_budget_bits"] < 8, st
     assert st["size_ratio_reached"] >= 6, st
+
+
+def test_prune_channels_cuts_a_weight_tied_through_identity_once(tmp_path, capsys):
+    """Layers 2 and 3 read layer 1's weight through Identity nodes (a torch export of shared layers): the readers
+    read the constant itself and it is cut once, so the model shrinks instead of growing a pruned copy per reader."""
+    import onnx_graphsurgeon as gs
+
+    from onnxcompress.graph_utils import bypass_constant_identities
+
+    rng = np.random.default_rng(0)
+    w_in = nh.from_array(rng.standard_normal((8, 32)).astype(np.float32), "w_in")
+    w = nh.from_array((rng.standard_normal((32, 64)) / 6).astype(np.float32), "w")
+    v = nh.from_array((rng.standard_normal((64, 32)) / 8).astype(np.float32), "v")
+    w_out = nh.from_array(rng.standard_normal((32, 4)).astype(np.float32), "w_out")
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["h0"], name="in")]
+    cur = "h0"
+    for i in range(3):
+        wi, vi = ("w", "v") if i == 0 else (f"w_id{i}", f"v_id{i}")
+        if i:
+            nodes += [helper.make_node("Identity", ["w"], [wi], name=f"idw{i}"),
+                      helper.make_node("Identity", ["v"], [vi], name=f"idv{i}")]
+        nodes += [helper.make_node("MatMul", [cur, wi], [f"u{i}"], name=f"up{i}"),
+                  helper.make_node("Relu", [f"u{i}"], [f"r{i}"], name=f"relu{i}"),
+                  helper.make_node("MatMul", [f"r{i}", vi], [f"d{i}"], name=f"down{i}"),
+                  helper.make_node("Add", [cur, f"d{i}"], [f"h{i + 1}"], name=f"res{i}")]
+        cur = f"h{i + 1}"
+    nodes.append(helper.make_node("MatMul", [cur, "w_out"], ["y"], name="out"))
+    g = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w_in, w, v, w_out])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    gg = gs.import_onnx(model)
+    assert bypass_constant_identities(gg) == 4 and not any(n.op == "Identity" for n in gg.nodes)
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((64, 1, 8)).astype(np.float32))
+    code = main(["compress", str(src), "-o", str(out), "--passes", "prune-channels{target_macs=0.7}", "--calib",
+                 str(tmp_path / "c.npz"), "--no-latency"])
+    capsys.readouterr()
+    assert code == 0
+    params = lambda m: sum(int(np.prod(i.dims)) for i in m.graph.initializer)  # noqa: E731
+    pruned = onnx.load(str(out))
+    assert params(pruned) < params(model)  # before: a pruned copy for layer 1, the originals kept for 2 and 3
+    weight_of = {n.name: n.input[1] for n in pruned.graph.node if n.op_type == "MatMul"}
+    assert len({weight_of[f"up{i}"] for i in range(3)}) == 1 and len({weight_of[f"down{i}"] for i in range(3)}) == 1

@@ -54,6 +54,7 @@ import onnx_graphsurgeon as gs
 from onnxcompress.analyses.channel_groups import ChannelGroups, ChannelGroupsAnalysis
 from onnxcompress.context import PassContext
 from onnxcompress.errors import BadInputError, PassError
+from onnxcompress.graph_utils import bypass_constant_identities
 from onnxcompress.pass_base import Pass, PassResult, option, register
 
 from . import allocation as plan_mod
@@ -165,6 +166,9 @@ class PruneChannels(Pass):
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        tied = bypass_constant_identities(graph)  # weights shared through Identity: one tensor, cut once
+        if tied:
+            ctx.invalidate()
         cg: ChannelGroups = ctx.analysis(ChannelGroupsAnalysis, graph)
         excluded = cg.group_of_name(self.exclude)
         candidates = [g.id for g in cg.groups if g.prunable and g.id not in excluded]
@@ -175,13 +179,15 @@ class PruneChannels(Pass):
             "excluded_groups": len(excluded),
             "not_prunable": dict(reasons.most_common(8)),
         }
+        if tied:
+            stats["constant_identities_bypassed"] = tied
         no_budget = (self.ratio == 0.0 and not self.head_ratio and self.target_macs in (None, 1.0)
                      and self.target_latency in (None, 1.0) and self.min_fidelity is None)
         if not candidates or no_budget:
             stats["pruned_groups"] = 0
             stats["skipped"] = ("no budget given (ratio, head_ratio, target_macs, target_latency): nothing to remove"
                                 if no_budget else "no prunable channel group (see not_prunable)")
-            return PassResult(False, stats, frozenset({"channel_groups"}))
+            return PassResult(bool(tied), stats, frozenset({"channel_groups"}))
         feeds = ctx.calibration
         if self.min_fidelity is not None and feeds is None:
             raise BadInputError("prune-channels: min_fidelity measures trial cuts and needs calibration data "
