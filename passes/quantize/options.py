@@ -232,8 +232,8 @@ class QuantizeOptions:
     binary_join: Literal["all", "any"] = option(
         "all",
         "static placement: an element-wise Add/Mul becomes integer when all its activation inputs are integer (all) "
-        "or any of them (any: the float inputs get their own Q/DQ; an unseen PP-OCRv6 detector 0.67x -> 0.59x of "
-        "FP32 at -0.8 dB, fewer DequantizeLinear at float/integer borders)",
+        "or any of them (any: the float inputs get their own Q/DQ; an unseen PP-OCRv6 detector 0.65-0.68x -> "
+        "0.55-0.57x of FP32 at -0.8 dB, fewer DequantizeLinear at float/integer borders)",
     )
     two_pass: tuple[str, ...] = option(
         (),
