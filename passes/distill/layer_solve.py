@@ -68,14 +68,10 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
         cur = w.reshape(w.shape[0], -1)
         b_cur = L.b.get().reshape(-1) if L.b is not None else np.zeros(w.shape[0])
         wb_cur = np.concatenate([cur, b_cur[:, None]], axis=1)
-        ridge_used = select_ridge(st, hold, ridge, True, wb_cur) if choose_ridge else ridge
-        if ridge_used is None:
-            return (HELD_OUT, 0.0, 0.0)
-        st = st.merged(hold)
-        new = solve(st, ridge_used, True, prior=wb_cur)
-        before, after = objective(st, wb_cur), objective(st, new)
-        if not after < before:
-            return ("no improvement", 0.0, 0.0)
+        fit = ridge_refit(st, hold, wb_cur, ridge, True, None, choose_ridge, L.node.name)
+        if isinstance(fit, str):
+            return (fit, 0.0, 0.0)
+        new, st, before = fit
         w_eff = L.w.set(new[:, :-1].reshape(w.shape)).reshape(w.shape[0], -1)
         if L.w.quantized:  # bias for the re-quantized weights, per channel
             a, b = st.xtx, st.xty
@@ -98,24 +94,14 @@ def solve_layer(L: Layer, *, ridge: float, max_inputs: int, bias_correction: boo
     mask = None
     if np.any(wm == 0):  # pruned weights (any exact zero): keep the support, the zeros stay zeros
         mask = np.concatenate([wm != 0, np.ones((1, wm.shape[1]), bool)], axis=0) if has_bias else wm != 0
-    ridge_used = select_ridge(st, hold, ridge, has_bias, wb_cur, mask) if choose_ridge else ridge
-    if ridge_used is None:
-        return (HELD_OUT, 0.0, 0.0)
-    st = st.merged(hold)
-    new = solve(st, ridge_used, has_bias, mask, prior=wb_cur)
-    before, after = objective(st, wb_cur), objective(st, new)
-    if not after < before:
-        log.debug(
-            "distill: %s: refit does not lower the objective (%.4g >= %.4g)", L.node.name, after, before
-        )
-        return ("no improvement", 0.0, 0.0)
+    fit = ridge_refit(st, hold, wb_cur, ridge, has_bias, mask, choose_ridge, L.node.name)
+    if isinstance(fit, str):
+        return (fit, 0.0, 0.0)
+    new, st, before = fit
     w_eff = from_matrix(L, new[:k], w.shape)
     w_eff_m = to_matrix(L, L.w.set(w_eff))
     if has_bias:
-        b_new = new[k]
-        if L.w.quantized:
-            a, b = st.xtx, st.xty
-            b_new = (b[k] - a[k, :k] @ w_eff_m) / max(a[k, k], 1.0)
+        b_new = requantized_bias(st, k, w_eff_m) if L.w.quantized else new[k]
         set_bias(L, b_new)
         final = np.concatenate([w_eff_m, b_new[None, :]], axis=0)
     else:
@@ -217,6 +203,30 @@ def _solve_shared(L: Layer, st: Normal, hold: Normal | None, w: np.ndarray, has_
         b_eff = (y_b - np.sum(g * m_eff, axis=1)) / n
         set_bias(L, b_eff)
     return ("ls shared", relative_error(st, before), relative_error(st, objective(st, as_wb(m_eff, b_eff))))
+
+
+def ridge_refit(st: Normal, hold: Normal | None, wb_cur: np.ndarray, ridge: float, n_bias: bool | int,
+                mask: np.ndarray | None, choose_ridge: bool, label: str = "") -> tuple[np.ndarray, Normal, float] | str:
+    """The ridge refit of the current rows ``wb_cur`` (weights, then ``n_bias`` bias rows): the ridge chosen on
+    ``hold`` (or ``ridge``), solved on all feeds, kept only when it lowers the objective there. Returns (the new
+    rows, the merged statistics, the objective before) or the reason it is not kept."""
+    ridge_used = select_ridge(st, hold, ridge, n_bias, wb_cur, mask) if choose_ridge else ridge
+    if ridge_used is None:
+        return HELD_OUT
+    st = st.merged(hold)
+    new = solve(st, ridge_used, n_bias, mask, prior=wb_cur)
+    before, after = objective(st, wb_cur), objective(st, new)
+    if not after < before:
+        log.debug("distill: %s: refit does not lower the objective (%.4g >= %.4g)", label, after, before)
+        return "no improvement"
+    return new, st, before
+
+
+def requantized_bias(st: Normal, row: int, w_q: np.ndarray) -> np.ndarray:
+    """The bias row ``row`` re-solved for the re-quantized weights ``w_q`` [K, N] (the weight rows fixed):
+    b = (X^T Y[row] - X^T X[row, :K] W_q) / n."""
+    k = w_q.shape[0]
+    return (st.xty[row] - st.xtx[row, :k] @ w_q) / max(st.xtx[row, row], 1.0)
 
 
 def relative_error(st: Normal, obj: float) -> float:

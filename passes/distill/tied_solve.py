@@ -23,10 +23,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layer_solve import HELD_OUT, bias_vector, from_matrix, relative_error, set_bias, to_matrix
+from .layer_solve import (
+    bias_vector,
+    from_matrix,
+    relative_error,
+    requantized_bias,
+    ridge_refit,
+    set_bias,
+    to_matrix,
+)
 from .layers import Layer
 from .normal_equations import Normal
-from .ridge import objective, select_ridge, solve
+from .ridge import objective
 
 
 def solve_tied(group: list[Layer], *, ridge: float, max_inputs: int,
@@ -57,20 +65,14 @@ def solve_tied(group: list[Layer], *, ridge: float, max_inputs: int,
     mask = None
     if np.any(wm == 0):  # pruned weights: the support is kept
         mask = np.concatenate([wm != 0, np.ones((nb, wm.shape[1]), bool)], axis=0)
-    ridge_used = select_ridge(st, hold, ridge, nb, wb_cur, mask) if choose_ridge else ridge
-    if ridge_used is None:
-        return (HELD_OUT, 0.0, 0.0)
-    st = st.merged(hold)
-    new = solve(st, ridge_used, nb, mask, prior=wb_cur)
-    before, after = objective(st, wb_cur), objective(st, new)
-    if not after < before:
-        return ("no improvement", 0.0, 0.0)
+    fit = ridge_refit(st, hold, wb_cur, ridge, nb, mask, choose_ridge, first.node.name)
+    if isinstance(fit, str):
+        return (fit, 0.0, 0.0)
+    new, st, before = fit
     w_eff_m = to_matrix(first, first.w.set(from_matrix(first, new[:k], w.shape), tied=True))
     rows = [w_eff_m]
     for j, (R, in_place) in enumerate(biases):
-        b_new = new[k + j]
-        if first.w.quantized:  # the bias for the re-quantized weight
-            b_new = (st.xty[k + j] - st.xtx[k + j, :k] @ w_eff_m) / max(st.xtx[k + j, k + j], 1.0)
+        b_new = requantized_bias(st, k + j, w_eff_m) if first.w.quantized else new[k + j]
         set_bias(R, b_new, tied=in_place)
         rows.append(b_new[None, :])
     return ("ls", relative_error(st, before), relative_error(st, objective(st, np.concatenate(rows, axis=0))))
