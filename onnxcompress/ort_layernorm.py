@@ -55,17 +55,12 @@ def candidates(graph: gs.Graph) -> list[tuple[gs.Node, int]]:
 
 
 def static_shape(model: onnx.ModelProto, name: str) -> tuple[int, ...] | None:
-    """``name``'s shape by ONNX shape inference when every dim is a number, else None."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 (shape inference refuses some graphs; the caller measures instead)
-        return None
-    for vi in inferred.graph.value_info:
-        if vi.name == name and vi.type.HasField("tensor_type"):
-            dims = vi.type.tensor_type.shape.dim
-            if dims and all(d.HasField("dim_value") for d in dims):
-                return tuple(int(d.dim_value) for d in dims)
-    return None
+    """``name``'s shape when shape inference (``analyses.macs.infer_shapes``, on a weightless stand-in) makes every
+    dim a number, else None."""
+    from onnxcompress.analyses.macs import infer_shapes
+
+    shape = infer_shapes(model, {}).get(name)
+    return tuple(int(d) for d in shape) if shape else None
 
 
 def _pair_models(rows: int, width: int) -> tuple[bytes, bytes]:
