@@ -9,7 +9,9 @@ pairs vanish (see ``ort_int8_kernels``). Rules, in order (all linear in the grap
 2. **Forward** (topological order): an int8-capable op (binary, unary lookup/pooling, Concat, transparent, Relu/Clip,
    positive-scalar Mul/Div) joins the integer domain when *every* float data input is already available as
    integers — produced by an integer node. A new Q is never inserted just to feed such an op: the float op costs
-   the same and is exact. ``Add`` of a MatMul/Gemm output and a constant stays float (ORT fuses the bias into
+   the same and is exact. With ``binary_join="any"`` an Add/Mul joins when *any* activation input is integer, the
+   float ones quantized (a gate ``conv * HardSigmoid(...)`` then leaves no DequantizeLinear at the border, which
+   ORT copies per reader). ``Add`` of a MatMul/Gemm output and a constant stays float (ORT fuses the bias into
    MatMulIntegerToFloat / QGemm).
 3. **Backward** (reverse topological order): an int8-capable op none of whose consumers is integer goes back to
    float, except Relu/Clip right after a Conv (the Q after them is fused into QLinearConv anyway). This keeps

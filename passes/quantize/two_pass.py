@@ -36,6 +36,7 @@ from onnxcompress.latency_profile import fingerprint
 from onnxcompress.naming import Namer
 
 from .latency_guard import input_shapes
+from .u8s8_saturation import unsigned_codes
 
 if TYPE_CHECKING:  # pragma: no cover
     from onnxcompress.context import PassContext
@@ -96,7 +97,7 @@ def _layer_models(m: int, k: int, n: int, unsigned: bool = False, seed: int = 0
             codes = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
             zero = np.zeros(n, np.int8)
             if unsigned:
-                codes, zero = (codes.astype(np.int16) + 128).astype(np.uint8), np.full(n, 128, np.uint8)
+                codes, zero = unsigned_codes(codes, zero)
             weight = (gs.Constant("w_q", codes), gs.Constant("w_zp", zero), gs.Constant("w_s", np.full(n, 0.01, np.float32)))
             nodes = chain(x_in, weight, y, "layer", Namer(gs.Graph()))
         else:
@@ -142,7 +143,7 @@ def latency_ratios(ctx: PassContext, float_model: onnx.ModelProto, cands: dict[s
     names = sorted(cands)
     shapes = sorted((k, tuple(int(d) for d in np.shape(a))) for k, a in feed.items())
     key = "quantize/dynamic-candidates/" + fingerprint(
-        float_model.SerializeToString(), *(cands[k].SerializeToString() for k in names), str(shapes), "threads=1")
+        float_model.SerializeToString(), *(cands[k].SerializeToString() for k in names), str(shapes), f"threads={THREADS}")
 
     def measure() -> dict[str, float]:
         from onnxcompress.latency import measure_latency
