@@ -25,7 +25,6 @@ ConvInteger path is several times slower than float Conv on CPU).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -34,18 +33,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcompress import io, ort_layernorm
+from onnxcompress import io
 from onnxcompress.errors import PassError
 from onnxcompress.naming import Namer
 from onnxcompress.pass_base import PassResult
 
-from . import dynamic_mixed, dynamic_rounding, dynamic_smoothing, two_pass
-from . import fidelity as fid
+from . import dynamic_rounding, row_ranges, two_pass
 from . import opset_upgrade as qo
 from . import qparams_math as qm
 from . import subgraphs as sg
 from . import u8s8_saturation as u8s8
-from .latency_guard import input_shapes
 from .opset_upgrade import ensure_opset
 from .ort_int8_kernels import const_value, weight_axis
 from .prepare import name_unnamed_nodes
@@ -58,11 +55,11 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
-def _weight_bytes(graph: gs.Graph, ctx: PassContext) -> int:
+def weight_bytes(graph: gs.Graph, ctx: PassContext) -> int:
     return io.weight_bytes(ctx.export(graph))
 
 
-def _matmul_weight(n: gs.Node) -> tuple[np.ndarray, float, bool] | None:
+def matmul_weight(n: gs.Node) -> tuple[np.ndarray, float, bool] | None:
     """(W as [K, N] float32, alpha, transposed_from_transB) for MatMul/Gemm with a constant 2-D weight."""
     if len(n.inputs) < 2:
         return None
@@ -80,7 +77,7 @@ def _matmul_weight(n: gs.Node) -> tuple[np.ndarray, float, bool] | None:
 
 
 def _no_weight_reason(n: gs.Node) -> str:
-    """Why ``_matmul_weight`` found no weight: a float16/float64 constant is named as such (export in float32)."""
+    """Why ``matmul_weight`` found no weight: a float16/float64 constant is named as such (export in float32)."""
     w = const_value(n.inputs[1]) if len(n.inputs) > 1 else None
     if w is not None and w.dtype.kind == "f" and w.dtype != np.float32:
         return f"its constant weight is {w.dtype}: int8 is made from float32 weights (export the model in float32)"
@@ -142,73 +139,10 @@ def _finish(
     stats["layers_kept_float"] = skipped
     if len(all_scopes) > 1:
         stats["subgraphs"] = sg.body_stats(all_scopes)
-    stats["weight_bytes_after"] = _weight_bytes(graph, ctx)
+    stats["weight_bytes_after"] = weight_bytes(graph, ctx)
 
 
 # ------------------------------------------------------------------------------------------------- dynamic
-def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """MatMul/Gemm of every scope (main graph and If/Loop/Scan bodies); one ``W_q`` per weight, shared. With
-    calibration data, first: the MatMul inputs smoothed at the measured best strength (``dynamic_smoothing``), the
-    weights rounded against the layer outputs (``weight_rounding``: ``dynamic_rounding``), layers kept float to a
-    target (``dynamic_mixed``); each kept only where measured better."""
-    dynamic_mixed.check(p, ctx)
-    stats: dict = {"mode": "dynamic", "weight_bytes_before": _weight_bytes(graph, ctx)}
-    rounding = dynamic_rounding.wanted(p, ctx)
-    # the decisions below score their dynamic models against the float graph's outputs, computed once
-    score = fid.GraphScorer(graph, ctx.export, ctx.calibration.take(min(p.eval_samples, len(ctx.calibration))),
-                            p.auto_float_score) if ctx.calibration is not None else None
-    if p.weight_rounding != "nearest" and not rounding:
-        stats["weight_rounding"] = {"kept": False, "reason": "no calibration data: round-to-nearest"}
-        log.warning("quantize{mode=dynamic weight_rounding=%s}: no calibration data (--calib), the weights are "
-                    "rounded to nearest", p.weight_rounding)
-
-    trial_rounding: dict[str, tuple[dict, dict]] = {}  # smoothing trial -> its rounded weights and their stats
-
-    def as_built(g: gs.Graph, label: str) -> None:  # a smoothing trial: the dynamic model as it would be built
-        r = dynamic_rounding.round_weights(p, g, ctx, None) if rounding else ({}, {})
-        trial_rounding[label] = r
-        quantize_dynamic(p, g, ctx, {}, r[0])
-
-    if dynamic_smoothing.wanted(p, ctx):
-        stats["smoothing"] = dynamic_smoothing.choose(p, graph, ctx, as_built, score)
-    rounded: dict[str, dynamic_rounding.RoundedWeight] = {}
-    if rounding:
-        chosen = stats.get("smoothing", {}).get("chosen")
-        # the graph now equals the chosen trial's (smoothing is deterministic): its rounding and rounded score serve
-        reuse = (*trial_rounding[chosen], stats["smoothing"]["dynamic_by_strength"][chosen]) \
-            if chosen in trial_rounding else None
-        rounded, stats["weight_rounding"] = dynamic_rounding.round_weights(
-            p, graph, ctx, lambda g, r: quantize_dynamic(p, g, ctx, {}, r), score, reuse)
-    if dynamic_mixed.targets(p):
-        feed = next(iter(score.feeds))
-        float_model = ctx.export(graph)
-        float_layers, two, stats["mixed_precision"] = dynamic_mixed.choose(
-            p, graph, lambda q, g: quantize_dynamic(q, g, ctx, {}, rounded), score,
-            two_pass_pays=lambda: two_pass.pays_for_largest(ctx, float_model, feed, [
-                (n, w[0].shape) for n in graph.nodes
-                if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops and (w := _matmul_weight(n)) is not None],
-                u8s8.unsigned_weights(p.weight_type, {})),
-            latency=lambda gs_: two_pass.latency_ratios(ctx, float_model, {k: ctx.export(g) for k, g in gs_.items()},
-                                                        feed))
-        stats["layers_lifted"] = stats["mixed_precision"].pop("lifted")  # name -> why, listed in the report
-        p = dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers, two_pass=(*p.two_pass, *two))
-    done = quantize_dynamic(p, graph, ctx, stats, rounded)
-    if done and p.unfuse_skip_layernorm:
-        stats["skip_layernorm"] = ort_layernorm.unfuse_if_faster(graph, ctx, _rows(graph, ctx, score))
-    return PassResult(bool(done) or stats.get("smoothing", {}).get("decision") == "smoothed", stats)
-
-
-def _rows(graph: gs.Graph, ctx: PassContext, score: fid.GraphScorer | None) -> int | None:
-    """Rows (all axes but the last) of the first residual Add -> LayerNormalization: its static shape, else its
-    shape on the first calibration feed, else None."""
-    pairs = ort_layernorm.candidates(graph)
-    name = pairs[0][0].outputs[0].name if pairs else None
-    shape = ort_layernorm.static_shape(ctx.export(graph), name) if name else None
-    if shape is None and name and score is not None:
-        shape = input_shapes(ctx.export(score.float_graph), [name], next(iter(score.feeds)))[name]
-    return int(np.prod(shape[:-1])) if shape is not None and len(shape) > 1 else None
-
-
 def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stats: dict,
                      rounded: dict[str, dynamic_rounding.RoundedWeight] | None = None) -> Counter:
     """Quantize ``graph`` dynamically in place (``run_dynamic``'s work, without smoothing); the quantized layers
@@ -225,10 +159,12 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
     allowed = _allowed_readers(p, all_scopes, nodes)
     shared: dict[tuple, tuple[gs.Constant, gs.Constant, gs.Constant]] = {}
     two_pass_names, two_pass_done = set(p.two_pass), []
+    row_names, row_done = set(p.row_ranges), []
+    row_inputs: dict[int, row_ranges.RowInputs] = {}  # per scope: each input's row quantization, made once
     done: Counter = Counter()
     new_nodes: dict[int, list[gs.Node]] = {}
     for scope, n in nodes:
-        got = _matmul_weight(n)
+        got = matmul_weight(n)
         if got is None:
             _keep(scope, skipped, n, _no_weight_reason(n))
             continue
@@ -259,31 +195,40 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
                 gs.Constant(namer(f"{wbase}_scale"), np.asarray(s_w)),
             )
         two = n.name in two_pass_names
-        new_nodes.setdefault(id(scope), []).extend(_dynamic_chain(n, namer, shared[key], two))
+        rows = None if two or not (p.activation_ranges == "row" or n.name in row_names) else \
+            row_inputs.setdefault(id(scope), row_ranges.RowInputs(namer, int(graph.opset)))
+        new_nodes.setdefault(id(scope), []).extend(_dynamic_chain(n, namer, shared[key], two, rows))
         done[n.op] += 1
-        scope.done[f"{n.op} dynamic-int8" + (" two-pass" if two else "")] += 1
-        if two:
-            two_pass_done.append(n.name)
-    missing = sorted(two_pass_names - set(two_pass_done))
-    if missing:
-        raise PassError(f"quantize{{two_pass=...}}: no dynamically quantized MatMul/Gemm named {', '.join(missing)} "
-                        "(names of MatMul/Gemm nodes with a constant weight; `onnxcompress inspect` lists them)")
+        scope.done[f"{n.op} dynamic-int8" + (" two-pass" if two else " row ranges" if rows else "")] += 1
+        (two_pass_done if two else row_done if rows else []).append(n.name)
+    for option, names, made in (("two_pass", two_pass_names, two_pass_done), ("row_ranges", row_names, row_done)):
+        if missing := sorted(names - set(made)):
+            raise PassError(f"quantize{{{option}=...}}: no dynamically quantized MatMul/Gemm named "
+                            f"{', '.join(missing)} (names of MatMul/Gemm nodes with a constant weight; `onnxcompress "
+                            "inspect` lists them)")
     if two_pass_done:
         stats["two_pass_layers"] = two_pass_done
+    if row_done:
+        stats["row_range_layers"] = len(row_done)
     _finish(p, graph, ctx, all_scopes, new_nodes, done, skipped, stats)
     return done
 
 
 def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Constant, gs.Constant],
-                   two: bool = False) -> list[gs.Node]:
+                   two: bool = False, rows: row_ranges.RowInputs | None = None) -> list[gs.Node]:
     """``n`` (MatMul/Gemm) as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (+ beta·C), or with ``two`` as
-    a two-pass chain (``two_pass``); ``n`` is emptied."""
+    a two-pass chain (``two_pass``), or with ``rows`` its input in row ranges (``row_ranges``); ``n`` is emptied."""
     x = n.inputs[0]
     base = n.name or x.name
     y = n.outputs[0]
     has_c = n.op == "Gemm" and len(n.inputs) > 2 and n.inputs[2].name
     y_mm = gs.Variable(namer(f"{base}_matmul"), dtype=np.float32) if has_c else y
-    chain = two_pass.chain(x, weight, y_mm, base, namer) if two else two_pass.product(x, weight, y_mm, base, namer)[0]
+    if two:
+        chain = two_pass.chain(x, weight, y_mm, base, namer)
+    elif rows is not None:
+        chain = row_ranges.row_product(x, weight, y_mm, base, namer, rows)
+    else:
+        chain = two_pass.product(x, weight, y_mm, base, namer)[0]
     if has_c:
         c = n.inputs[2]
         beta = float(n.attrs.get("beta", 1.0))
@@ -300,7 +245,7 @@ def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Const
 def _weight_only_skip(p: QuantizeOptions, n: gs.Node, int4: bool) -> str | None:
     """Why ``n``'s weight cannot be stored weight-only (None: it can)."""
     if n.op in ("MatMul", "Gemm"):
-        return None if _matmul_weight(n) is not None else _no_weight_reason(n)
+        return None if matmul_weight(n) is not None else _no_weight_reason(n)
     if n.op in ("Conv", "ConvTranspose"):
         if sg.float_weight(n, 1) is None:
             return "no constant float weight"
@@ -314,7 +259,7 @@ def run_weight_only(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> Pa
     stats: dict = {
         "mode": "weight_only",
         "weight_bits": p.weight_bits,
-        "weight_bytes_before": _weight_bytes(graph, ctx),
+        "weight_bytes_before": weight_bytes(graph, ctx),
     }
     int4 = p.weight_bits == 4
     per_channel = p.per_channel

@@ -78,12 +78,14 @@ class Ladder:
     gains_db: dict[str, float]
     #: every unit's leave-one-out gain at the ladder's level (``gains_db``: the largest ``REPORTED``)
     all_gains: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: the layers given row ranges (``row_ranges``)
+    rows: tuple[str, ...] = ()
 
 
 def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOptions, gs.Graph], object],
            score: fid.GraphScorer, two_pass_pays: Callable[[], dict] | None = None,
-           latency: Callable[[dict[str, gs.Graph]], dict[str, float]] | None = None) -> tuple[tuple[str, ...], tuple[str, ...], dict]:
-    """(the layers kept float, the layers made two-pass, stats); ``quantize(options, g)`` quantizes a copy
+           latency: Callable[[dict[str, gs.Graph]], dict[str, float]] | None = None) -> tuple[Ladder, dict]:
+    """(the chosen layers: float, two-pass, row ranges; stats); ``quantize(options, g)`` quantizes a copy
     dynamically in place, ``score(g)`` scores it, ``two_pass_pays()`` measures whether a two-pass layer is faster
     than a float one here (``lift_to=auto``), ``latency({name: g})`` times candidates against the float model
     in one interleaved measurement."""
@@ -92,16 +94,16 @@ def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOpti
     want = targets(p)
     builds = 0
 
-    def built(float_layers: tuple[str, ...], two: tuple[str, ...] = ()) -> gs.Graph:
+    def built(float_layers: tuple[str, ...], two: tuple[str, ...] = (), rows: tuple[str, ...] = ()) -> gs.Graph:
         nonlocal builds
         g = graph.copy()
-        quantize(dataclasses.replace(p, exclude=tuple(p.exclude) + float_layers,
-                                     two_pass=tuple(u for u in (*p.two_pass, *two) if u not in float_layers)), g)
+        quantize(lifted(p, Ladder(float_layers, two, {}, False, {}, rows=rows)), g)
         builds += 1
         return g
 
-    def scored(float_layers: tuple[str, ...], two: tuple[str, ...] = ()) -> dict[str, float]:
-        return score(built(float_layers, two))
+    def scored(float_layers: tuple[str, ...], two: tuple[str, ...] = (), rows: tuple[str, ...] = ()
+               ) -> dict[str, float]:
+        return score(built(float_layers, two, rows))
 
     def meets(s: dict[str, float]) -> bool:
         return fid.meets(s, p.min_cosine, p.max_agreement_drop, p.min_sqnr_db)
@@ -113,7 +115,7 @@ def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOpti
         excluded = set(p.exclude)
         units = [n.name for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops
                  and n.name not in excluded and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
-        levels = ["two_pass"] if p.lift_to == "two_pass" else ["float"]
+        levels = [p.lift_to] if p.lift_to in ("two_pass", "row") else ["float"]
         if p.lift_to == "auto" and two_pass_pays is not None:
             stats["two_pass_speed"] = two_pass_pays()
             if stats["two_pass_speed"]["pays"]:
@@ -122,7 +124,7 @@ def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOpti
         stats["ladders"] = {lv: _ladder_stats(r) for lv, r in ladders.items()}
         met = {lv: r for lv, r in ladders.items() if r.met}
         if len(met) > 1 and latency is not None:  # both meet the target: the faster model, measured
-            ratios = latency({lv: built(r.float_layers, r.two_pass) for lv, r in met.items()})
+            ratios = latency({lv: built(r.float_layers, r.two_pass, r.rows) for lv, r in met.items()})
             stats["latency_ratio"] = {lv: round(v, 3) for lv, v in ratios.items()}
             chosen = met[min(ratios, key=lambda lv: ratios[lv])]
         elif met:
@@ -131,10 +133,19 @@ def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOpti
             chosen = max(ladders.values(), key=lambda r: r.score["sqnr_db"])
         stats["gains_db"] = chosen.gains_db
     stats.update({"met": chosen.met, "float_layers": list(chosen.float_layers), "two_pass_layers":
-                  list(chosen.two_pass), "score": chosen.score, "builds": builds,
-                  "seconds": round(time.perf_counter() - t0, 2)})
+                  list(chosen.two_pass), "row_range_layers": list(chosen.rows), "score": chosen.score,
+                  "builds": builds, "seconds": round(time.perf_counter() - t0, 2)})
     stats["lifted"] = _reasons(chosen, stats)
-    return chosen.float_layers, chosen.two_pass, stats
+    return chosen, stats
+
+
+def lifted(p: QuantizeOptions, chosen: Ladder) -> QuantizeOptions:
+    """``p`` with ``chosen``'s layers float, two-pass and in row ranges (a float layer is nothing else)."""
+    def kept(names) -> tuple[str, ...]:
+        return tuple(u for u in names if u not in chosen.float_layers)
+    return dataclasses.replace(p, exclude=tuple(p.exclude) + chosen.float_layers,
+                               two_pass=kept((*p.two_pass, *chosen.two_pass)),
+                               row_ranges=kept((*p.row_ranges, *chosen.rows)))
 
 
 def _reasons(chosen: Ladder, stats: dict) -> dict[str, str]:
@@ -149,6 +160,9 @@ def _reasons(chosen: Ladder, stats: dict) -> dict[str, str]:
     for name in chosen.two_pass:
         out[name] = (f"two-pass (input quantized twice, ~16-bit, int8 kernels): +{chosen.all_gains.get(name, 0):.2f} "
                      f"dB alone; {outcome}")
+    for name in chosen.rows:
+        out[name] = (f"row ranges (one activation range per row, int8 kernels): +{chosen.all_gains.get(name, 0):.2f} "
+                     f"dB alone; {outcome}")
     for name in chosen.float_layers:
         out[name] = f"kept float: +{chosen.all_gains.get(name, 0):.2f} dB alone; {outcome}"
     return out
@@ -157,12 +171,20 @@ def _reasons(chosen: Ladder, stats: dict) -> dict[str, str]:
 def _ladder(level: str, units: list[str], base: dict[str, float],
             scored: Callable[..., dict[str, float]], meets: Callable[[dict[str, float]], bool]) -> Ladder:
     """Units lifted in the order of their leave-one-out gains at ``level``, until the target is met. ``float``:
-    the first k float; ``two_pass``: the first k two-pass, then (all two-pass not enough) the first j float and
-    the rest two-pass, so the ladder ends where the float one does (every unit float)."""
+    the first k float; ``two_pass`` / ``row``: the first k at that level, then (all of them not enough) the first j
+    float and the rest at the level, so the ladder ends where the float one does (every unit float)."""
+    def at_level(float_layers: tuple[str, ...], up: tuple[str, ...]) -> Ladder:
+        return Ladder(float_layers, up if level == "two_pass" else (), {}, False, {},
+                      rows=up if level == "row" else ())
+
+    def scored_at(float_layers: tuple[str, ...], up: tuple[str, ...]) -> dict[str, float]:
+        step = at_level(float_layers, up)
+        return scored(step.float_layers, step.two_pass, step.rows)
+
     if level == "float":
-        gains = {u: round(scored((u,))["sqnr_db"] - base["sqnr_db"], 3) for u in units}
+        gains = {u: round(scored_at((u,), ())["sqnr_db"] - base["sqnr_db"], 3) for u in units}
     else:
-        gains = {u: round(scored((), (u,))["sqnr_db"] - base["sqnr_db"], 3) for u in units}
+        gains = {u: round(scored_at((), (u,))["sqnr_db"] - base["sqnr_db"], 3) for u in units}
     order = sorted(units, key=lambda u: -gains[u])
     steps: list[tuple[tuple[str, ...], tuple[str, ...]]]
     if level == "float":
@@ -172,15 +194,16 @@ def _ladder(level: str, units: list[str], base: dict[str, float],
         steps += [(tuple(order[:j]), tuple(order[j:])) for j in range(1, len(order) + 1)]
     top = {u: gains[u] for u in order[:REPORTED]}
     best = Ladder((), (), base, False, top, gains)
-    for float_layers, two in steps:
-        s = scored(float_layers, two)
+    for float_layers, up in steps:
+        s = scored_at(float_layers, up)
+        step = dataclasses.replace(at_level(float_layers, up), score=s, gains_db=top, all_gains=gains)
         if s["sqnr_db"] > best.score["sqnr_db"]:
-            best = Ladder(float_layers, two, s, False, top, gains)
+            best = step
         if meets(s):
-            return Ladder(float_layers, two, s, True, top, gains)
+            return dataclasses.replace(step, met=True)
     return best
 
 
 def _ladder_stats(r: Ladder) -> dict:
     return {"met": r.met, "float_layers": len(r.float_layers), "two_pass_layers": len(r.two_pass),
-            "sqnr_db": round(r.score["sqnr_db"], 2)}
+            "row_range_layers": len(r.rows), "sqnr_db": round(r.score["sqnr_db"], 2)}

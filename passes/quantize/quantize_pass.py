@@ -31,7 +31,8 @@ from onnxcompress.latency_profile import MachineCache
 from onnxcompress.pass_base import Pass, PassResult, register
 
 from . import dynamic_mixed
-from .dynamic import run_dynamic, run_weight_only
+from .dynamic import run_weight_only
+from .dynamic_run import run_dynamic
 from .options import QuantizeOptions
 from .static_run import run_static
 
