@@ -82,7 +82,10 @@ without data) and ``dynamic-matmul`` (``weight_rounding=matmul``: the weights ro
 float, most sensitive first, until the calibration feeds' embedding SQNR reaches the target,
 ``passes.quantize.dynamic_mixed``). Twenty-first session: ``dynamic-matmul-30db-float`` (the layers lifted stay float,
 as the eighteenth session's ``-30db``), ``-30db-2p`` / ``-31db-2p`` (lifted to two-pass: the input quantized twice,
-``passes.quantize.two_pass``); ``-30db`` / ``-31db`` are now ``lift_to=auto``.
+``passes.quantize.two_pass``); ``-30db`` / ``-31db`` are now ``lift_to=auto``. Twenty-second session:
+``dynamic-matmul-rows`` (``activation_ranges=row``: every layer's input one range per row,
+``passes.quantize.row_ranges``), ``-30db-row`` / ``-31db-row`` (``lift_to=row``: the row pipeline alone);
+``-30db`` / ``-31db`` (``lift_to=auto``) now also run the row pipeline and keep the faster model meeting the target.
 ``--explain-variant`` names the variant ``--explain`` explains.
 
 ``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
@@ -218,6 +221,9 @@ VARIANTS: dict[str, str] = {
     "dynamic-matmul-30db-float": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=30 lift_to=float}",
     "dynamic-matmul-30db-2p": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=30 lift_to=two_pass}",
     "dynamic-matmul-31db-2p": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=31 lift_to=two_pass}",
+    "dynamic-matmul-rows": "cleanup,quantize{mode=dynamic weight_rounding=matmul activation_ranges=row}",
+    "dynamic-matmul-30db-row": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=30 lift_to=row}",
+    "dynamic-matmul-31db-row": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=31 lift_to=row}",
     # twenty-first session: element-wise Add/Mul join the integer domain when any input is integer
     "binary-any": "cleanup,quantize{binary_join=any}",
     "ort_minmax": "ort",
@@ -550,7 +556,7 @@ def produce(variant: str, fp32: Path, calib: list[Feed], out: Path, spec: ModelS
     io.save_model(result.model, out)
     stats = next((r.pass_stats for r in result.ledger if r.stage.startswith("quantize")), {})
     keep = ("kept_float", "weight_rounding", "auto_float", "calibration", "latency_ratio_measured", "skipped",
-            "mixed_precision",
+            "mixed_precision", "ranges_search", "row_range_layers",
             "empirical_bias", "stream_equalization", "smoothing")
     kept = {k: stats[k] for k in keep if k in stats}
     train = next((r.pass_stats.get("train") for r in result.ledger if r.stage.startswith("distill")), None)

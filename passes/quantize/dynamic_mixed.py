@@ -116,7 +116,9 @@ def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOpti
         units = [n.name for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops
                  and n.name not in excluded and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
         levels = [p.lift_to] if p.lift_to in ("two_pass", "row") else ["float"]
-        if p.lift_to == "auto" and two_pass_pays is not None:
+        if p.activation_ranges == "row":  # every layer already in rows: float is the level above
+            levels = ["float"]
+        elif p.lift_to == "auto" and two_pass_pays is not None:
             stats["two_pass_speed"] = two_pass_pays()
             if stats["two_pass_speed"]["pays"]:
                 levels.append("two_pass")

@@ -75,6 +75,7 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
     summary["chosen"] = chosen
     g, stats = results[chosen]
     stats["ranges_search"] = summary
+    stats["ranges_decision"] = {f"{k} ranges": _decision(k, summary) for k in results}
     _adopt(graph, g)
     return _result(stats)
 
@@ -111,7 +112,7 @@ def pipeline(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, score: fid.G
             if chosen in trial_rounding else None
         rounded, stats["weight_rounding"] = dynamic_rounding.round_weights(
             p, graph, ctx, lambda g, r: quantize_dynamic(trial_p, g, ctx, {}, r), score, reuse)
-    if dynamic_mixed.targets(p) and p.activation_ranges == "tensor":
+    if dynamic_mixed.targets(p):
         feed = next(iter(score.feeds))
         float_model = ctx.export(graph)
         chosen_layers, stats["mixed_precision"] = dynamic_mixed.choose(
@@ -141,6 +142,16 @@ def _summary(stats: dict) -> dict:
     return {"met": m["met"], "sqnr_db": round(m["score"]["sqnr_db"], 2), "float_layers": len(m["float_layers"]),
             "two_pass_layers": len(m["two_pass_layers"]), "row_range_layers": len(m["row_range_layers"]),
             "smoothing": stats.get("smoothing", {}).get("chosen", stats.get("smoothing", {}).get("decision"))}
+
+
+def _decision(kind: str, summary: dict) -> str:
+    """One line for the report: what the ``kind`` pipeline reached and whether it was kept."""
+    s = summary[kind]
+    lifted = ", ".join(f"{s[k]} {k.removesuffix('_layers').replace('_', ' ')}" for k in
+                       ("row_range_layers", "two_pass_layers", "float_layers") if s[k]) or "none lifted"
+    timed = f", {summary['latency_ratio'][kind]:.3f}x of the float model" if "latency_ratio" in summary else ""
+    return (f"{'kept' if summary['chosen'] == kind else 'not kept'}: target {'met' if s['met'] else 'not met'} at "
+            f"{s['sqnr_db']:.1f} dB ({lifted}; smoothing {s['smoothing']}){timed}")
 
 
 def _adopt(graph: gs.Graph, built: gs.Graph) -> None:
