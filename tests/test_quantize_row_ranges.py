@@ -111,8 +111,9 @@ def test_row_ranges_on_a_gemm_with_transb_alpha_and_bias():
 
 
 def test_row_range_options_are_checked():
-    from onnxcompress.errors import PassError
     from onnxcompress.passes.quantize import Quantize
+
+    from onnxcompress.errors import PassError
 
     model = chain_model(layers=2)
     with pytest.raises(PassError, match="row_ranges=.*no dynamically quantized MatMul/Gemm named nope"):
