@@ -84,7 +84,7 @@ float, most sensitive first, until the calibration feeds' embedding SQNR reaches
 as the eighteenth session's ``-30db``), ``-30db-2p`` / ``-31db-2p`` (lifted to two-pass: the input quantized twice,
 ``passes.quantize.two_pass``); ``-30db`` / ``-31db`` are now ``lift_to=auto``. Twenty-second session:
 ``dynamic-matmul-rows`` (``activation_ranges=row``: every layer's input one range per row,
-``passes.quantize.row_ranges``), ``-30db-row`` / ``-31db-row`` (``lift_to=row``: the row pipeline alone);
+``passes.quantize.row_ranges``), ``-30db-row`` / ``-31db-row`` / ``-32db-row`` (``lift_to=row``: the row pipeline alone);
 ``-30db`` / ``-31db`` (``lift_to=auto``) now also run the row pipeline and keep the faster model meeting the target.
 ``--explain-variant`` names the variant ``--explain`` explains.
 
@@ -224,6 +224,7 @@ VARIANTS: dict[str, str] = {
     "dynamic-matmul-rows": "cleanup,quantize{mode=dynamic weight_rounding=matmul activation_ranges=row}",
     "dynamic-matmul-30db-row": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=30 lift_to=row}",
     "dynamic-matmul-31db-row": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=31 lift_to=row}",
+    "dynamic-matmul-32db-row": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=32 lift_to=row}",
     # twenty-first session: element-wise Add/Mul join the integer domain when any input is integer
     "binary-any": "cleanup,quantize{binary_join=any}",
     "ort_minmax": "ort",

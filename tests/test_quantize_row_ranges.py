@@ -168,3 +168,24 @@ def test_every_layer_in_rows_with_a_target_lifts_to_float():
     assert st["row_range_layers"] == 3 - len(mp["float_layers"])
     assert [n.op_type for n in q.graph.node].count("MatMul") == len(mp["float_layers"])
     assert output_sqnr(model, q, calib) >= target - 0.01
+
+
+def test_a_matmul_bias_add_joins_the_row_sum():
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((K, N)) / 8).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm0"),
+                           helper.make_node("Add", ["h", "b"], ["y"], name="bias")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, N])],
+                          [nh.from_array(w, "w0"), nh.from_array(b, "b")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    q, st = dynamic(model, activation_ranges="row")
+    ops = [n.op_type for n in q.graph.node]
+    assert st["row_range_layers"] == 1 and ops.count("Sum") == 1 and ops.count("Add") == 0
+    w_hat = weight_of(q)
+    for seed in range(3):
+        f = outlier_feed(seed)
+        want = row_reference(f["x"].astype(np.float64), w_hat) + b
+        got = ort_all(q, f)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())

@@ -43,6 +43,7 @@ from . import opset_upgrade as qo
 from . import qparams_math as qm
 from . import subgraphs as sg
 from . import u8s8_saturation as u8s8
+from .bias_correction import bias_add
 from .opset_upgrade import ensure_opset
 from .ort_int8_kernels import const_value, weight_axis
 from .prepare import name_unnamed_nodes
@@ -226,7 +227,13 @@ def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Const
     if two:
         chain = two_pass.chain(x, weight, y_mm, base, namer)
     elif rows is not None:
-        chain = row_ranges.row_product(x, weight, y_mm, base, namer, rows)
+        bias = bias_add(n)  # MatMul -> Add(b): the bias joins the row chain's last sum, the Add goes
+        if bias is not None:
+            add, slot = bias
+            b, y_mm = add.inputs[slot], add.outputs[0]
+            add.inputs.clear()
+            add.outputs.clear()
+        chain = row_ranges.row_product(x, weight, y_mm, base, namer, rows, b if bias is not None else None)
     else:
         chain = two_pass.product(x, weight, y_mm, base, namer)[0]
     if has_c:

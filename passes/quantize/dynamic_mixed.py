@@ -7,20 +7,23 @@ therefore needs calibration data (one clear error without it).
 
 Units: the main graph's MatMul/Gemm layers the dynamic pass quantizes; each has its own
 ``DynamicQuantizeLinear -> MatMulInteger`` (fused by ORT into ``DynamicQuantizeMatMul``), so any subset can be
-lifted without changing the others. A lifted unit becomes float, or two-pass (``two_pass``: its input quantized
-twice, ~16-bit, on the int8 kernels), as ``lift_to`` says. One search (a *ladder*, ``sensitivity=leave_one_out``):
+lifted without changing the others. A lifted unit becomes float, two-pass (``two_pass``: its input quantized
+twice, ~16-bit, on the int8 kernels) or row-ranged (``row_ranges``: one input range per row), as ``lift_to`` says;
+with ``activation_ranges=row`` every unit starts row-ranged and float is the level above. One search (a *ladder*,
+``sensitivity=leave_one_out``):
 
 1. the model with every unit dynamic (after smoothing and weight rounding, when kept) is scored; if it meets the
    target nothing is lifted;
 2. each unit alone lifted: its gain is the rise of the worst-output SQNR over the all-int8 model (N builds);
 3. units are lifted in the order of their gains, largest first, the model re-measured after each, until it meets
-   the target (two-pass ladder: all units two-pass not enough, the same order then goes float one by one). When no
-   step does, the best-scoring one is kept and the stats say the target was not met.
+   the target (two-pass and row ladders: all units at that level not enough, the same order then goes float one by
+   one). When no step does, the best-scoring one is kept and the stats say the target was not met.
 
 ``lift_to=auto``: where a two-pass layer measured faster than its float MatMul on this machine
 (``two_pass.pays``) both ladders run, and when both meet the target the two models are timed in one interleaved
 call and the faster kept (MiniLM-L3 at 30 dB: two-pass, 0.46x against 0.49x; MiniLM-L6: float, 4 float layers
-against 12 two-pass); elsewhere the float ladder alone. Cost: N + k quantizations per ladder (about a second each
+against 12 two-pass); elsewhere the float ladder alone. The row ladder runs in a pipeline of its own
+(``dynamic_run``: the smoothing strength depends on it). Cost: N + k quantizations per ladder (about a second each
 on MiniLM-L6) and as many runs of the evaluation feeds. Each lifted layer's reason goes in the stats
 (``layers_lifted``).
 """
