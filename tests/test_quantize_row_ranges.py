@@ -189,3 +189,20 @@ def test_a_matmul_bias_add_joins_the_row_sum():
         want = row_reference(f["x"].astype(np.float64), w_hat) + b
         got = ort_all(q, f)[0]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+
+
+def test_a_named_layer_kept_float_for_a_reason_is_not_an_unknown_name():
+    """Two layers read one weight; the ladder lifting one to float keeps the other float too (one copy), and a
+    row or two-pass request for it is reported, not an error (an unseen torch TransformerEncoder export)."""
+    rng = np.random.default_rng(5)
+    w = nh.from_array((rng.standard_normal((K, K)) / 8).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm0"),
+                           helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                           helper.make_node("MatMul", ["r", "w"], ["y"], name="mm1")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, K])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    for option in ("row_ranges", "two_pass"):
+        q, st = dynamic(model, exclude=["mm0"], **{option: ["mm1"]})
+        assert "also read by" in st["layers_kept_float"]["mm1"]
+        assert [n.op_type for n in q.graph.node].count("MatMul") == 2

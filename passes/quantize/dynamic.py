@@ -203,7 +203,7 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
         scope.done[f"{n.op} dynamic-int8" + (" two-pass" if two else " row ranges" if rows else "")] += 1
         (two_pass_done if two else row_done if rows else []).append(n.name)
     for option, names, made in (("two_pass", two_pass_names, two_pass_done), ("row_ranges", row_names, row_done)):
-        if missing := sorted(names - set(made)):
+        if missing := sorted(names - set(made) - set(skipped)):  # a layer kept float says why in the stats
             raise PassError(f"quantize{{{option}=...}}: no dynamically quantized MatMul/Gemm named "
                             f"{', '.join(missing)} (names of MatMul/Gemm nodes with a constant weight; `onnxcompress "
                             "inspect` lists them)")

@@ -85,10 +85,10 @@ class Ladder:
     rows: tuple[str, ...] = ()
 
 
-def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOptions, gs.Graph], object],
+def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOptions, gs.Graph, dict], object],
            score: fid.GraphScorer, two_pass_pays: Callable[[], dict] | None = None,
            latency: Callable[[dict[str, gs.Graph]], dict[str, float]] | None = None) -> tuple[Ladder, dict]:
-    """(the chosen layers: float, two-pass, row ranges; stats); ``quantize(options, g)`` quantizes a copy
+    """(the chosen layers: float, two-pass, row ranges; stats); ``quantize(options, g, stats)`` quantizes a copy
     dynamically in place, ``score(g)`` scores it, ``two_pass_pays()`` measures whether a two-pass layer is faster
     than a float one here (``lift_to=auto``), ``latency({name: g})`` times candidates against the float model
     in one interleaved measurement."""
@@ -97,10 +97,11 @@ def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOpti
     want = targets(p)
     builds = 0
 
-    def built(float_layers: tuple[str, ...], two: tuple[str, ...] = (), rows: tuple[str, ...] = ()) -> gs.Graph:
+    def built(float_layers: tuple[str, ...], two: tuple[str, ...] = (), rows: tuple[str, ...] = (),
+              stats: dict | None = None) -> gs.Graph:
         nonlocal builds
         g = graph.copy()
-        quantize(lifted(p, Ladder(float_layers, two, {}, False, {}, rows=rows)), g)
+        quantize(lifted(p, Ladder(float_layers, two, {}, False, {}, rows=rows)), g, {} if stats is None else stats)
         builds += 1
         return g
 
@@ -111,11 +112,13 @@ def choose(p: QuantizeOptions, graph: gs.Graph, quantize: Callable[[QuantizeOpti
     def meets(s: dict[str, float]) -> bool:
         return fid.meets(s, p.min_cosine, p.max_agreement_drop, p.min_sqnr_db)
 
-    base = scored(())
+    base_stats: dict = {}
+    base = score(built((), stats=base_stats))
+    not_quantized = set(base_stats.get("layers_kept_float", {}))  # e.g. a weight another node reads too
     stats: dict = {"target": want, "all_int8": base, "eval_feeds": len(score.feeds)}
     chosen = Ladder((), (), base, meets(base), {})
     if not chosen.met:
-        excluded = set(p.exclude)
+        excluded = set(p.exclude) | not_quantized
         units = [n.name for n in graph.nodes if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops
                  and n.name not in excluded and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
         levels = [p.lift_to] if p.lift_to in ("two_pass", "row") else ["float"]

@@ -116,7 +116,7 @@ def pipeline(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, score: fid.G
         feed = next(iter(score.feeds))
         float_model = ctx.export(graph)
         chosen_layers, stats["mixed_precision"] = dynamic_mixed.choose(
-            p, graph, lambda q, g: quantize_dynamic(q, g, ctx, {}, rounded), score,
+            p, graph, lambda q, g, st: quantize_dynamic(q, g, ctx, st, rounded), score,
             two_pass_pays=lambda: two_pass.pays_for_largest(ctx, float_model, feed, [
                 (n, w[0].shape) for n in graph.nodes
                 if n.op in ("MatMul", "Gemm") and n.op in p.dynamic_ops and (w := matmul_weight(n)) is not None],
