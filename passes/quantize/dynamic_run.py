@@ -126,6 +126,9 @@ def pipeline(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, score: fid.G
         stats["layers_lifted"] = stats["mixed_precision"].pop("lifted")  # name -> why, listed in the report
         p = dynamic_mixed.lifted(p, chosen_layers)
     done = quantize_dynamic(p, graph, ctx, stats, rounded)
+    for name in stats.get("layers_lifted", {}):  # the search's float layers reached the build as exclusions
+        if name in stats.get("layers_kept_float", {}):
+            stats["layers_kept_float"][name] = "lifted to float by the target search (see layers lifted)"
     stats["_done"] = bool(done)
     if done and p.unfuse_skip_layernorm:
         stats["skip_layernorm"] = ort_layernorm.unfuse_if_faster(graph, ctx, _rows(graph, ctx, score))
@@ -147,8 +150,9 @@ def _summary(stats: dict) -> dict:
 def _decision(kind: str, summary: dict) -> str:
     """One line for the report: what the ``kind`` pipeline reached and whether it was kept."""
     s = summary[kind]
-    lifted = ", ".join(f"{s[k]} {k.removesuffix('_layers').replace('_', ' ')}" for k in
-                       ("row_range_layers", "two_pass_layers", "float_layers") if s[k]) or "none lifted"
+    kinds = {"row_range_layers": "row-range", "two_pass_layers": "two-pass", "float_layers": "float"}
+    lifted = ", ".join(f"{s[k]} {kind}" for k, kind in kinds.items() if s[k]) + " layers" if any(
+        s[k] for k in kinds) else "none lifted"
     timed = f", {summary['latency_ratio'][kind]:.3f}x of the float model" if "latency_ratio" in summary else ""
     return (f"{'kept' if summary['chosen'] == kind else 'not kept'}: target {'met' if s['met'] else 'not met'} at "
             f"{s['sqnr_db']:.1f} dB ({lifted}; smoothing {s['smoothing']}){timed}")
