@@ -11,7 +11,7 @@ from conftest import ort_run
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 from quantize_helpers import output_sqnr, signed_codes
-from test_quantize_two_pass import K, N, chain_model, dynamic, feeds
+from test_quantize_two_pass import K, N, chain_model, dynamic, feeds, gemm_model
 
 
 def ort_all(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -93,14 +93,7 @@ def test_a_constant_row_is_exact_and_rows_share_one_quantization_per_input():
 
 
 def test_row_ranges_on_a_gemm_with_transb_alpha_and_bias():
-    rng = np.random.default_rng(4)
-    w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)
-    c = rng.standard_normal(N).astype(np.float32)
-    g = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="gemm", transB=1, alpha=0.5, beta=2.0)], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, N])], [nh.from_array(w, "w"), nh.from_array(c, "c")])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model = gemm_model()
     tensor_q, _ = dynamic(model)
     row_q, st = dynamic(model, row_ranges=["gemm"])
     assert st["row_range_layers"] == 1

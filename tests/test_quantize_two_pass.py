@@ -157,7 +157,8 @@ def test_lift_to_auto_measures_the_layer_and_keeps_the_faster_model_that_meets_t
         assert len(lifted) == mp["ladders"][faster]["two_pass_layers" if faster == "two_pass" else "float_layers"]
 
 
-def test_two_pass_gemm_keeps_alpha_transb_and_the_scaled_bias():
+def gemm_model() -> onnx.ModelProto:
+    """One Gemm named ``gemm``: x [16, K], W [N, K] with transB, alpha 0.5, beta 2 on a bias C."""
     rng = np.random.default_rng(4)
     w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)  # [N, K]: transB
     c = rng.standard_normal(N).astype(np.float32)
@@ -165,7 +166,11 @@ def test_two_pass_gemm_keeps_alpha_transb_and_the_scaled_bias():
         [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="gemm", transB=1, alpha=0.5, beta=2.0)], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, K])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, N])], [nh.from_array(w, "w"), nh.from_array(c, "c")])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_two_pass_gemm_keeps_alpha_transb_and_the_scaled_bias():
+    model = gemm_model()
     one, _ = dynamic(model)
     two, st = dynamic(model, two_pass=["gemm"])
     assert st["two_pass_layers"] == ["gemm"]
