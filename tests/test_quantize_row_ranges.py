@@ -81,13 +81,17 @@ def test_a_constant_row_is_exact_and_rows_share_one_quantization_per_input():
         q, st = dynamic(model, activation_ranges="row")
         ops = [n.op_type for n in q.graph.node]
         assert st["row_range_layers"] == 3 and ops.count("QuantizeLinear") == 1 and ops.count("ReduceMin") == 1
+        # the three readers: one product over the joined weights, then a Split
+        assert ops.count("MatMulInteger") == 1 and ops.count("Split") == 1 and ops.count("Mul") == 4
+        joined = weight_of(q, "mm0_row_joined", "mm0")
         x = rng.standard_normal((1, 4, K)).astype(np.float32)
         x[0, 1] = 0.75  # a constant row: its offset carries it
         x[0, 2] = 0.0
         outs = ort_all(q, {"x": x})
         for i, y in enumerate(outs):
             assert np.isfinite(y).all()
-            w_hat = weight_of(q, f"w{i}", f"mm{i}")
+            w_hat = joined[:, i * K:(i + 1) * K]
+            np.testing.assert_allclose(w_hat, nh.to_array(ws[i]), atol=np.abs(nh.to_array(ws[i])).max() / 127)
             np.testing.assert_allclose(y[0, 1], x[0, 1].astype(np.float64) @ w_hat, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(y[0, 2], 0.0, atol=1e-6)
 
@@ -199,3 +203,25 @@ def test_a_named_layer_kept_float_for_a_reason_is_not_an_unknown_name():
         q, st = dynamic(model, exclude=["mm0"], **{option: ["mm1"]})
         assert "also read by" in st["layers_kept_float"]["mm1"]
         assert [n.op_type for n in q.graph.node].count("MatMul") == 2
+
+
+def test_readers_of_one_input_with_different_widths_and_biases_share_one_product():
+    rng = np.random.default_rng(8)
+    w0, w1 = (rng.standard_normal((K, n)).astype(np.float32) / 8 for n in (N, 2 * N))
+    b0 = rng.standard_normal(N).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w0"], ["h0"], name="mm0"),
+                           helper.make_node("Add", ["h0", "b0"], ["y0"], name="bias0"),
+                           helper.make_node("MatMul", ["x", "w1"], ["y1"], name="mm1")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, K])],
+                          [helper.make_tensor_value_info("y0", TensorProto.FLOAT, [2, 16, N]),
+                           helper.make_tensor_value_info("y1", TensorProto.FLOAT, [2, 16, 2 * N])],
+                          [nh.from_array(w0, "w0"), nh.from_array(b0, "b0"), nh.from_array(w1, "w1")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    q, st = dynamic(model, activation_ranges="row")
+    ops = [n.op_type for n in q.graph.node]
+    assert st["row_range_layers"] == 2 and ops.count("MatMulInteger") == 1 and ops.count("Split") == 1
+    joined = weight_of(q, "mm0_row_joined", "mm0")
+    x = np.concatenate([outlier_feed(s)["x"] for s in (1, 2)])  # batch 2: each row its own range
+    y0, y1 = ort_all(q, {"x": x})
+    np.testing.assert_allclose(y0, row_reference(x.astype(np.float64), joined[:, :N]) + b0, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(y1, row_reference(x.astype(np.float64), joined[:, N:]), rtol=1e-4, atol=1e-3)

@@ -202,6 +202,8 @@ def quantize_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, stat
         done[n.op] += 1
         scope.done[f"{n.op} dynamic-int8" + (" two-pass" if two else " row ranges" if rows else "")] += 1
         (two_pass_done if two else row_done if rows else []).append(n.name)
+    for scope_id, rows in row_inputs.items():
+        new_nodes[scope_id].extend(rows.products())
     for option, names, made in (("two_pass", two_pass_names, two_pass_done), ("row_ranges", row_names, row_done)):
         if missing := sorted(names - set(made) - set(skipped)):  # a layer kept float says why in the stats
             raise PassError(f"quantize{{{option}=...}}: no dynamically quantized MatMul/Gemm named "
@@ -233,7 +235,8 @@ def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Const
             b, y_mm = add.inputs[slot], add.outputs[0]
             add.inputs.clear()
             add.outputs.clear()
-        chain = row_ranges.row_product(x, weight, y_mm, base, namer, rows, b if bias is not None else None)
+        rows.add(x, weight, y_mm, b if bias is not None else None, base)  # made with its input's other readers
+        chain = []
     else:
         chain = two_pass.product(x, weight, y_mm, base, namer)[0]
     if has_c:
