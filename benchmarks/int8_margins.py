@@ -85,7 +85,7 @@ as the eighteenth session's ``-30db``), ``-30db-2p`` / ``-31db-2p`` (lifted to t
 ``passes.quantize.two_pass``); ``-30db`` / ``-31db`` are now ``lift_to=auto``. Twenty-second session:
 ``dynamic-matmul-rows`` (``activation_ranges=row``: every layer's input one range per row,
 ``passes.quantize.row_ranges``), ``-30db-row`` / ``-31db-row`` / ``-32db-row`` (``lift_to=row``: the row pipeline alone);
-``-30db`` / ``-31db`` (``lift_to=auto``) now also run the row pipeline and keep the faster model meeting the target.
+``-30db`` / ``-31db`` / ``-32db`` (``lift_to=auto``) now also run the row pipeline and keep the faster model meeting the target.
 ``--explain-variant`` names the variant ``--explain`` explains.
 
 ``--attribute-scores`` (PP-OCRv4 rec) ranks the attribution's first rounding by the quantizer's own scores, each
@@ -210,6 +210,7 @@ VARIANTS: dict[str, str] = {
     "dynamic-matmul": "cleanup,quantize{mode=dynamic weight_rounding=matmul}",
     "dynamic-matmul-30db": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=30}",
     "dynamic-matmul-31db": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=31}",
+    "dynamic-matmul-32db": "cleanup,quantize{mode=dynamic weight_rounding=matmul min_sqnr_db=32}",
     # twentieth session: the same with int8 weight codes forced (weight_type=int8), beside the default (auto: uint8
     # where this machine's onnxruntime clamps uint8 x int8 product pairs, passes.quantize.u8s8_saturation)
     "default-int8w": "cleanup,quantize{weight_type=int8}",
