@@ -225,3 +225,20 @@ def test_readers_of_one_input_with_different_widths_and_biases_share_one_product
     y0, y1 = ort_all(q, {"x": x})
     np.testing.assert_allclose(y0, row_reference(x.astype(np.float64), joined[:, :N]) + b0, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(y1, row_reference(x.astype(np.float64), joined[:, N:]), rtol=1e-4, atol=1e-3)
+
+
+def test_a_bias_held_by_a_constant_node_joins_the_sum_too():
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((K, N)) / 8).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Constant", [], ["b"], value=nh.from_array(b, "bv"), name="bconst"),
+                           helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm0"),
+                           helper.make_node("Add", ["h", "b"], ["y"], name="bias")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, N])], [nh.from_array(w, "w0")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    q, _ = dynamic(model, activation_ranges="row")
+    assert [n.op_type for n in q.graph.node].count("Add") == 0
+    f = outlier_feed(3)
+    np.testing.assert_allclose(ort_all(q, f)[0], row_reference(f["x"].astype(np.float64), weight_of(q)) + b,
+                               rtol=1e-4, atol=1e-3)

@@ -233,6 +233,8 @@ def _dynamic_chain(n: gs.Node, namer: Namer, weight: tuple[gs.Constant, gs.Const
         if bias is not None:
             add, slot = bias
             b, y_mm = add.inputs[slot], add.outputs[0]
+            if not isinstance(b, gs.Constant):  # a Constant node's output (no cleanup before)
+                b = gs.Constant(namer(f"{base}_bias"), const_value(b))
             add.inputs.clear()
             add.outputs.clear()
         rows.add(x, weight, y_mm, b if bias is not None else None, base)  # made with its input's other readers
