@@ -242,3 +242,15 @@ def test_a_bias_held_by_a_constant_node_joins_the_sum_too():
     f = outlier_feed(3)
     np.testing.assert_allclose(ort_all(q, f)[0], row_reference(f["x"].astype(np.float64), weight_of(q)) + b,
                                rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("weight_type", ["int8", "uint8"])
+def test_row_ranges_with_either_weight_code_type(weight_type):
+    """uint8 codes (zero point 128) are what AVX2 machines without VNNI get: the offsets use the codes minus it."""
+    q, st = dynamic(chain_model(layers=1), activation_ranges="row", weight_type=weight_type)
+    assert st["weight_type"] == weight_type
+    w_hat = weight_of(q)
+    for seed in range(3):
+        f = outlier_feed(seed)
+        want = row_reference(f["x"].astype(np.float64), w_hat)
+        np.testing.assert_allclose(ort_all(q, f)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
