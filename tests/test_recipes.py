@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
 CALIB = ROOT / "models" / "digits_calib.npz"
 VAL = ROOT / "models" / "digits_val.npz"
-SHIPPED = ("int8", "int8-accurate", "int8-dynamic", "fast", "small", "deep-compression")
+SHIPPED = ("int8", "int8-accurate", "int8-dynamic", "int8-dynamic-accurate", "fast", "small", "deep-compression")
 
 #: fewer calibration feeds and trials than the recipes' defaults so the whole set runs in the test suite's budget;
 #: the recipes' own settings are what benchmarks/results/cluster.md measures
