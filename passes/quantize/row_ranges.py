@@ -27,10 +27,11 @@ sum), so rows are a mixed-precision level (``lift_to``), chosen per layer by mea
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcompress.naming import Namer
+
+from .two_pass import integer_product
 
 #: a constant row's range: its offsets carry it exactly, the quotient (x - m) / d is 0
 TINY = np.float32(1e-30)
@@ -154,15 +155,10 @@ def row_product(x: gs.Variable, weight: tuple[gs.Constant, gs.Constant, gs.Const
                        (np.asarray(w_scale.values, np.float64) / 255).astype(np.float32))
     column = gs.Constant(namer(f"{base}_row_offsets"), offsets(w_q.values, w_zp.values, w_scale.values))
     zero = gs.Constant(namer(f"{base}_row_input_zero"), np.asarray(np.uint8(0)))
-    acc, accf, scale, y_top, y_rows, y_off = (var(s) for s in ("acc", "acc_float", "scale", "top", "rows", "off"))
-    acc.dtype = np.int32
+    y_top, y_rows, y_off = (var(s) for s in ("top", "rows", "off"))
     return [
         *made,
-        gs.Node("MatMulInteger", namer(f"{base}_row_MatMulInteger"), inputs=[q, w_q, zero, w_zp], outputs=[acc]),
-        gs.Node("Cast", namer(f"{base}_row_Cast"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[acc],
-                outputs=[accf]),
-        gs.Node("Mul", namer(f"{base}_row_scale"), inputs=[top, step], outputs=[scale]),
-        gs.Node("Mul", namer(f"{base}_row_Mul"), inputs=[accf, scale], outputs=[y_top]),
+        *integer_product(q, zero, top, (w_q, w_zp, step), y_top, base, namer, "row_"),
         gs.Node("Mul", namer(f"{base}_row_share"), inputs=[y_top, t], outputs=[y_rows]),
         gs.Node("Mul", namer(f"{base}_row_offset"), inputs=[lo, column], outputs=[y_off]),
         gs.Node("Add", namer(f"{base}_row_Add"), inputs=[y_rows, y_off], outputs=[y]) if bias is None else

@@ -48,25 +48,34 @@ THREADS = 1
 BUDGET_S = 0.5
 
 
-def product(x: gs.Variable, weight: tuple[gs.Constant, gs.Constant, gs.Constant], y: gs.Variable, base: str,
-            namer: Namer, tag: str = "") -> tuple[list[gs.Node], tuple[gs.Variable, gs.Variable, gs.Variable]]:
-    """One dynamic integer product ``y = s_x s_w · (x_q - z_x) W_q`` (DynamicQuantizeLinear -> MatMulInteger ->
-    Cast -> Mul): its nodes and ``(x_q, s_x, z_x)``; names ``{base}_{tag}...``."""
+def integer_product(xq: gs.Variable, xz: gs.Tensor, xs: gs.Tensor, weight: tuple[gs.Constant, gs.Constant, gs.Constant],
+                    y: gs.Variable, base: str, namer: Namer, tag: str = "") -> list[gs.Node]:
+    """``y = s_x s_w · (x_q - z_x) W_q`` from codes already made (MatMulInteger -> Cast -> Mul(s_x · s_w)), the
+    chain onnxruntime fuses into ``MatMulIntegerToFloat`` (``s_x`` must be a scalar there: ``row_ranges``); names
+    ``{base}_{tag}...``."""
     w_q, w_zp, w_scale = weight
 
     def var(suffix: str, dtype) -> gs.Variable:
         return gs.Variable(namer(f"{base}_{tag}{suffix}"), dtype=dtype)
 
-    xq, xs, xz = var("input_quantized", np.uint8), var("input_scale", np.float32), var("input_zero_point", np.uint8)
     acc, accf, scale = var("acc", np.int32), var("acc_float", np.float32), var("scale", np.float32)
-    nodes = [
-        gs.Node("DynamicQuantizeLinear", namer(f"{base}_{tag}DynamicQuantizeLinear"), inputs=[x], outputs=[xq, xs, xz]),
+    return [
         gs.Node("MatMulInteger", namer(f"{base}_{tag}MatMulInteger"), inputs=[xq, w_q, xz, w_zp], outputs=[acc]),
         gs.Node("Cast", namer(f"{base}_{tag}Cast"), attrs={"to": onnx.TensorProto.FLOAT}, inputs=[acc], outputs=[accf]),
         gs.Node("Mul", namer(f"{base}_{tag}scale_Mul"), inputs=[xs, w_scale], outputs=[scale]),
         gs.Node("Mul", namer(f"{base}_{tag}Mul"), inputs=[accf, scale], outputs=[y]),
     ]
-    return nodes, (xq, xs, xz)
+
+
+def product(x: gs.Variable, weight: tuple[gs.Constant, gs.Constant, gs.Constant], y: gs.Variable, base: str,
+            namer: Namer, tag: str = "") -> tuple[list[gs.Node], tuple[gs.Variable, gs.Variable, gs.Variable]]:
+    """One dynamic integer product ``y = s_x s_w · (x_q - z_x) W_q`` (DynamicQuantizeLinear, then
+    ``integer_product``): its nodes and ``(x_q, s_x, z_x)``; names ``{base}_{tag}...``."""
+    xq, xs, xz = (gs.Variable(namer(f"{base}_{tag}input_{s}"), dtype=dt) for s, dt in
+                  (("quantized", np.uint8), ("scale", np.float32), ("zero_point", np.uint8)))
+    quantize = gs.Node("DynamicQuantizeLinear", namer(f"{base}_{tag}DynamicQuantizeLinear"), inputs=[x],
+                       outputs=[xq, xs, xz])
+    return [quantize, *integer_product(xq, xz, xs, weight, y, base, namer, tag)], (xq, xs, xz)
 
 
 def chain(x: gs.Variable, weight: tuple[gs.Constant, gs.Constant, gs.Constant], y: gs.Variable, base: str,
