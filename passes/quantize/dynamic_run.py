@@ -50,18 +50,18 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
                             p.auto_float_score) if ctx.calibration is not None else None
     searched = bool(dynamic_mixed.targets(p)) and p.activation_ranges == "tensor"
     if not (searched and p.lift_to == "auto"):
-        stats = pipeline(p, graph, ctx, score)
-        return _result(stats)
+        return pipeline(p, graph, ctx, score)
     tensor_graph = graph.copy()
-    stats = pipeline(p, tensor_graph, ctx, score)
-    mixed = stats["mixed_precision"]
+    tensor = pipeline(p, tensor_graph, ctx, score)
+    mixed = tensor.stats["mixed_precision"]
     if mixed["met"] and not mixed["float_layers"] and not mixed["two_pass_layers"]:
         _adopt(graph, tensor_graph)  # all-int8 with tensor ranges meets the target: nothing is faster
-        return _result(stats)
-    row_stats = pipeline(dataclasses.replace(p, lift_to="row"), row_graph := graph.copy(), ctx, score)
-    results = {"tensor": (tensor_graph, stats), "row": (row_graph, row_stats)}
-    met = [k for k, (_, s) in results.items() if s["mixed_precision"]["met"]]
-    summary: dict = {k: _summary(s) for k, (_, s) in results.items()}
+        return tensor
+    row_graph = graph.copy()
+    results = {"tensor": (tensor_graph, tensor),
+               "row": (row_graph, pipeline(dataclasses.replace(p, lift_to="row"), row_graph, ctx, score))}
+    met = [k for k, (_, r) in results.items() if r.stats["mixed_precision"]["met"]]
+    summary: dict = {k: _summary(r.stats) for k, (_, r) in results.items()}
     if len(met) == 2:
         feed = next(iter(score.feeds))
         ratios = two_pass.latency_ratios(ctx, ctx.export(score.float_graph),
@@ -71,17 +71,18 @@ def run_dynamic(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext) -> PassRe
     elif met:
         chosen = met[0]
     else:
-        chosen = max(results, key=lambda k: results[k][1]["mixed_precision"]["score"]["sqnr_db"])
+        chosen = max(results, key=lambda k: results[k][1].stats["mixed_precision"]["score"]["sqnr_db"])
     summary["chosen"] = chosen
-    g, stats = results[chosen]
-    stats["ranges_search"] = summary
-    stats["ranges_decision"] = {f"{k} ranges": _decision(k, summary) for k in results}
+    g, result = results[chosen]
+    result.stats["ranges_search"] = summary
+    result.stats["ranges_decision"] = {f"{k} ranges": _decision(k, summary) for k in results}
     _adopt(graph, g)
-    return _result(stats)
+    return result
 
 
-def pipeline(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, score: fid.GraphScorer | None) -> dict:
-    """Smoothing, weight rounding, mixed precision and the quantization of ``graph`` in place; the stats. With
+def pipeline(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, score: fid.GraphScorer | None) -> PassResult:
+    """Smoothing, weight rounding, mixed precision and the quantization of ``graph`` in place (modified: layers
+    quantized or the graph smoothed; the stats). With
     ``lift_to=row`` or ``activation_ranges=row`` the smoothing and rounding trials are built with every layer in
     row ranges."""
     stats: dict = {"mode": "dynamic", "weight_bytes_before": weight_bytes(graph, ctx)}
@@ -129,15 +130,9 @@ def pipeline(p: QuantizeOptions, graph: gs.Graph, ctx: PassContext, score: fid.G
     for name in stats.get("layers_lifted", {}):  # the search's float layers reached the build as exclusions
         if name in stats.get("layers_kept_float", {}):
             stats["layers_kept_float"][name] = "lifted to float by the target search (see layers lifted)"
-    stats["_done"] = bool(done)
     if done and p.unfuse_skip_layernorm:
         stats["skip_layernorm"] = ort_layernorm.unfuse_if_faster(graph, ctx, _rows(graph, ctx, score))
-    return stats
-
-
-def _result(stats: dict) -> PassResult:
-    done = stats.pop("_done")
-    return PassResult(done or stats.get("smoothing", {}).get("decision") == "smoothed", stats)
+    return PassResult(bool(done) or stats.get("smoothing", {}).get("decision") == "smoothed", stats)
 
 
 def _summary(stats: dict) -> dict:
