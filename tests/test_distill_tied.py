@@ -141,6 +141,12 @@ def _error(teacher: onnx.ModelProto, student: onnx.ModelProto, names: list[str],
     return err / ref
 
 
+def _without_and_with_distill(model, passes, x):
+    """(the model after ``passes``, the result of ``passes`` then ``distill``), both on the calibration ``x``."""
+    before = api.compress(model, passes, calibration={"x": x}, validate=False).model
+    return before, api.compress(model, [*passes, Distill()], calibration={"x": x}, validate=False)
+
+
 def _distill_stats(res):
     return next(r.pass_stats for r in res.ledger if r.stage.startswith("distill"))
 
@@ -148,8 +154,7 @@ def _distill_stats(res):
 def test_pruned_tied_weights_stay_tied_and_the_error_falls():
     model, x = _albert_like(), _feeds((1, 4, 8))
     prune = [PruneChannels(ratio=0.5, round_to=1)]
-    pruned = api.compress(model, prune, calibration={"x": x}, validate=False).model
-    res = api.compress(model, prune + [Distill()], calibration={"x": x}, validate=False)
+    pruned, res = _without_and_with_distill(model, prune, x)
     out = res.model
     names = [t.name for t in out.graph.initializer]
     assert sorted(names) == ["b1", "w1", "w2", "w3"], names  # no '<name>_distilled_<n>' copies
@@ -163,8 +168,7 @@ def test_pruned_tied_weights_stay_tied_and_the_error_falls():
 
 def test_perturbed_tied_conv_kernel_is_refit_once_and_its_readers_error_falls():
     model, x = _tied_convs(), _feeds((1, 4, 6, 6))
-    noisy = api.compress(model, [_TiedNoise()], calibration={"x": x}, validate=False).model
-    res = api.compress(model, [_TiedNoise(), Distill()], calibration={"x": x}, validate=False)
+    noisy, res = _without_and_with_distill(model, [_TiedNoise()], x)
     out = res.model
     assert [t.name for t in out.graph.initializer if t.name.startswith("wc")] == ["wc"]
     assert len(_readers(out, "wc")) == 3
@@ -178,8 +182,7 @@ def test_perturbed_tied_conv_kernel_is_refit_once_and_its_readers_error_falls():
 
 def test_a_quantized_tied_kernel_stays_one_dequantize_and_its_readers_error_falls():
     model, x = _tied_convs(), _feeds((1, 4, 6, 6))
-    q8 = api.compress(model, [_TiedInt8()], calibration={"x": x}, validate=False).model
-    res = api.compress(model, [_TiedInt8(), Distill()], calibration={"x": x}, validate=False)
+    q8, res = _without_and_with_distill(model, [_TiedInt8()], x)
     out = res.model
     assert [t.name for t in out.graph.initializer if t.name.startswith("wc")] == ["wc_q", "wc_s", "wc_z"]
     assert [n.op_type for n in out.graph.node].count("DequantizeLinear") == 1
@@ -196,8 +199,7 @@ def test_a_quantized_tied_kernel_stays_one_dequantize_and_its_readers_error_fall
 def test_a_kernel_also_read_by_a_non_layer_keeps_its_values():
     """Refitting it for its Conv readers would change the Transpose's output (or, copied, untie it): kept."""
     model, x = _tied_convs(extra_reader=True), _feeds((1, 4, 6, 6), n=16)
-    noisy = api.compress(model, [_TiedNoise()], calibration={"x": x}, validate=False).model
-    res = api.compress(model, [_TiedNoise(), Distill()], calibration={"x": x}, validate=False)
+    noisy, res = _without_and_with_distill(model, [_TiedNoise()], x)
     kernel = {t.name: nh.to_array(t) for t in res.model.graph.initializer if t.name.startswith("wc")}
     assert list(kernel) == ["wc"]
     np.testing.assert_array_equal(kernel["wc"], next(nh.to_array(t) for t in noisy.graph.initializer
